@@ -1,0 +1,153 @@
+"""Engine configuration: the user-facing `EngineConfig` and the resolved configs the engine hands down.
+
+`EngineConfig` is checked once, at the edge (Python API, CLI, Serve args), with pydantic; a bad value
+raises `ConfigError` naming the field, the value and the allowed range. Values left on "auto" (`None`)
+are resolved by the engine once the model is loaded, into the frozen `SchedulerConfig` and
+`CacheConfig` dataclasses that inner layers receive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+AttentionBackendName = Literal["auto", "reference", "triton", "flex", "flash_paged"]
+SchedulingPolicy = Literal["fifo", "prefill_first"]
+Quantization = Literal["none", "bnb-4bit", "bnb-8bit"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or inconsistent; the message names the field."""
+
+
+class EngineConfig(BaseModel):
+    """Every knob of the engine, under the names that transformers' continuous batching and vLLM use.
+
+    `None` means "auto": resolved from the model and the free device memory at start-up.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    # Model
+    model: str | None = Field(None, description="Hub id or local path; None serves the built-in demo model.")
+    tokenizer: str | None = Field(None, description="Tokenizer hub id or path; defaults to the model's.")
+    revision: str | None = Field(None, description="Model revision (branch, tag or commit) on the hub.")
+    trust_remote_code: bool = Field(False, description="Allow custom modeling code from the hub.")
+    dtype: DType = Field("auto", description="Weights and KV dtype; auto is bfloat16 on GPU, float32 on CPU.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the engine runs.")
+    quantization: Quantization = Field("none", description="bitsandbytes weight quantization.")
+    bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype of bnb-4bit layers; auto follows dtype."
+    )
+
+    # KV cache
+    block_size: int = Field(16, ge=1, le=512, description="Tokens per KV-cache block.")
+    num_blocks: int | None = Field(None, ge=1, description="KV-cache blocks per layer group; auto sizes from memory.")
+    max_memory_percent: float = Field(
+        0.9, gt=0.0, le=1.0, description="Share of device memory the engine may use (weights + activations + KV)."
+    )
+    max_cpu_kv_cache_gib: float = Field(
+        4.0, gt=0.0, description="Upper bound of the KV cache on CPU, where RAM is shared with everything else."
+    )
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
+
+    # Scheduler
+    max_batch_tokens: int | None = Field(None, ge=1, description="Token budget of one step; auto from memory.")
+    max_num_seqs: int = Field(256, ge=1, le=65536, description="Most requests running at once.")
+    max_model_len: int | None = Field(None, ge=1, description="Longest prompt + output; auto from the model config.")
+    enable_chunked_prefill: bool = Field(True, description="Split long prompts across steps.")
+    scheduling_policy: SchedulingPolicy = Field("fifo", description="fifo: decodes first; prefill_first: prompts first.")
+
+    # Execution
+    attention_backend: AttentionBackendName = Field("auto", description="Paged attention implementation.")
+    enable_cuda_graphs: bool = Field(True, description="Capture decode steps in CUDA graphs (GPU only).")
+    cuda_graph_max_batch_size: int = Field(256, ge=1, le=4096, description="Largest decode batch captured.")
+    compile: bool = Field(False, description="torch.compile the model forward.")
+    compile_fullgraph: bool = Field(False, description="torch.compile fullgraph.")
+    compile_dynamic: bool | None = Field(None, description="torch.compile dynamic shapes (None: torch decides).")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = Field(
+        None, description="torch.compile mode."
+    )
+    compile_backend: str = Field("inductor", description="torch.compile backend.")
+    tp_size: int = Field(1, ge=1, le=64, description="Tensor-parallel ranks per replica.")
+    seed: int = Field(0, ge=0, description="Seed of unseeded sampling.")
+
+    @field_validator("scheduling_policy", mode="before")
+    @classmethod
+    def _accept_hyphenated_policy(cls, value: Any) -> Any:
+        return value.replace("-", "_") if isinstance(value, str) else value
+
+    @field_validator("tp_size")
+    @classmethod
+    def _tp_size_power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"must be a power of two (1, 2, 4, 8, ...), got {value}")
+        return value
+
+    @classmethod
+    def create(cls, **kwargs: Any) -> "EngineConfig":
+        """Validate keyword arguments; raise `ConfigError` with one line per bad field."""
+        try:
+            return cls(**kwargs)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, cls.__name__)) from None
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return list(cls.model_fields)
+
+
+def format_validation_error(exc: ValidationError, owner: str) -> str:
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "<root>"
+        value = error.get("input")
+        lines.append(f"{owner}.{field}={value!r}: {error['msg']}")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Resolved scheduler limits (no auto values left)."""
+
+    max_num_seqs: int
+    max_batch_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool = True
+    policy: SchedulingPolicy = "fifo"
+
+    def __post_init__(self) -> None:
+        if not self.enable_chunked_prefill and self.max_batch_tokens < self.max_model_len:
+            raise ConfigError(
+                f"max_batch_tokens={self.max_batch_tokens} must be >= max_model_len={self.max_model_len} "
+                "when chunked prefill is off (a whole prompt must fit in one step)"
+            )
+
+
+@dataclass(frozen=True)
+class LayerGroupSpec:
+    """Layers that share one attention kind and therefore one block pool and one allocator."""
+
+    layer_indices: tuple[int, ...]
+    sliding_window: int | None  # None: full attention
+
+    @property
+    def kind(self) -> str:
+        return "full" if self.sliding_window is None else f"sliding({self.sliding_window})"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Resolved KV-cache geometry: one entry of `num_blocks` per layer group."""
+
+    block_size: int
+    groups: tuple[LayerGroupSpec, ...]
+    num_blocks: tuple[int, ...]
+    enable_prefix_caching: bool
+
+    def __post_init__(self) -> None:
+        if len(self.groups) != len(self.num_blocks):
+            raise ConfigError(f"{len(self.groups)} layer groups but {len(self.num_blocks)} block counts")

@@ -1,0 +1,94 @@
+"""The seam between the engine and its attention kernels.
+
+One step runs one packed batch: `T` new query tokens from `B` sequences laid end to end, described by
+explicit metadata (no module globals). Sequence `b` owns query tokens
+`query_start_loc[b]:query_start_loc[b+1]`; after this step its context is `seq_lens[b]` tokens long,
+so its new tokens sit at positions `seq_lens[b] - query_len[b] ... seq_lens[b] - 1`.
+
+KV-cache layout, per layer: `key_cache` and `value_cache` of shape
+`[num_blocks, block_size, num_kv_heads, head_dim]`. Token at position `p` of sequence `b` lives in
+block `block_tables[b, p // block_size]`, row `p % block_size`; `slot_mapping[t]` is the flat slot
+(`block * block_size + row`) where new token `t` is written. For sliding-window layers, table entries
+of blocks that fell out of the window are stale (the allocator recycled them) and must not be read:
+a backend reads only positions inside the window.
+
+Semantics every backend matches (the reference backend is the oracle): query at position `q` attends
+to keys at positions `k` with `k <= q` and, with a sliding window `W`, `k > q - W`; scores are
+`q.k * scale`, soft-capped as `softcap * tanh(score / softcap)` when `softcap` is set, then a softmax
+in float32. Grouped-query attention maps query head `h` to KV head `h // (H / KVH)`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class GroupAttentionMetadata:
+    """Block addressing of one layer group (layers that share a block pool)."""
+
+    block_tables: torch.Tensor  # [B, max_blocks_per_seq] int32, on device
+    slot_mapping: torch.Tensor  # [T] int64, on device
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything a backend needs about the packed batch of one step."""
+
+    query_start_loc: torch.Tensor  # [B + 1] int32, on device (cu_seqlens_q)
+    seq_lens: torch.Tensor  # [B] int32, on device: context length after this step
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+    groups: list[GroupAttentionMetadata]
+    # Host copies, so that backends that loop or size buffers need no device sync.
+    query_lens_cpu: list[int] = field(default_factory=list)
+    seq_lens_cpu: list[int] = field(default_factory=list)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend(ABC):
+    """Writes new K/V into the paged cache and computes attention for the packed queries."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def write_kv(
+        self,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        key: torch.Tensor,  # [T, KVH, D]
+        value: torch.Tensor,  # [T, KVH, D]
+        slot_mapping: torch.Tensor,  # [T] int64
+    ) -> None:
+        """Store the step's new keys and values at their slots."""
+
+    @abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,  # [T, H, D]
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        group: GroupAttentionMetadata,
+        *,
+        scale: float,
+        sliding_window: int | None,
+        softcap: float | None,
+    ) -> torch.Tensor:  # [T, H, D]
+        """Attention of every query token over its sequence's cached context (new tokens included)."""
+
+    @classmethod
+    def is_available(cls, device: torch.device) -> tuple[bool, str]:
+        """(True, "") where the backend can run on `device`, else (False, reason)."""
+        return True, ""

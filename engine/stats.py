@@ -1,0 +1,47 @@
+"""Snapshots of engine state for routing, health checks and metrics. Plain data: no engine references."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What a replica reports upward. Block counts are those of the most constrained layer group."""
+
+    num_free_blocks: int
+    num_total_blocks: int
+    block_size: int
+    num_running: int
+    num_waiting: int
+    num_preempted_waiting: int
+    max_model_len: int
+    kv_cache_usage: float  # fraction of blocks in use, 0..1
+    kv_cache_bytes_total: int
+    kv_cache_bytes_used: int
+    # Counters since start.
+    num_prompt_tokens_total: int = 0
+    num_generation_tokens_total: int = 0
+    num_preemptions_total: int = 0
+    num_prefix_cache_queries_total: int = 0  # prompt tokens looked up
+    num_prefix_cache_hits_total: int = 0  # prompt tokens served from cache
+    finished_by_reason: dict[str, int] = field(default_factory=dict)
+    # Recent steps.
+    last_step_num_prefill_tokens: int = 0
+    last_step_num_decode_tokens: int = 0
+    max_batch_tokens: int = 0
+
+    @property
+    def num_free_tokens(self) -> int:
+        return self.num_free_blocks * self.block_size
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One engine step, for histograms (step time, tokens per step) and the decode/prefill ratio."""
+
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_seqs: int
+    step_time_s: float
+    num_preempted: int = 0
