@@ -1,0 +1,147 @@
+"""Serve application arguments: one dict (YAML `args` or `serve run ... key=value`) validated once.
+
+`ServeArgs.from_args` splits the flat dict into serving knobs (replicas, router, API key, HTTP limits)
+and engine knobs: every `EngineConfig` field may be given at the top level (`num_blocks=64`) or under
+`engine:`. Values from the command line arrive as strings; pydantic's lax mode converts them. A bad or
+unknown key raises `ConfigError` naming the field, the value and the rule.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from .engine import ConfigError, EngineConfig, format_validation_error
+
+API_KEY_ENV = "PAGEDSERVE_API_KEY"
+
+
+class RouterSettings(BaseModel):
+    """The free-blocks router (serve_app/router.py) and its admission queue."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_queued_requests: int = Field(
+        64, ge=0, description="Requests that may wait for a replica with room; past it, 429."
+    )
+    queue_timeout_s: float = Field(
+        30.0, gt=0.0, description="Longest a request waits for a replica with room before 429."
+    )
+    retry_after_s: int = Field(1, ge=1, description="Retry-After header of a 429.")
+    stats_period_s: float = Field(1.0, gt=0.0, description="How often replicas report free blocks.")
+    affinity_tolerance: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="A replica holding the prompt's prefix wins if its headroom is within this share of "
+        "its total blocks of the best replica's headroom.",
+    )
+    initial_backoff_s: float = Field(0.02, gt=0.0, description="First retry delay while no replica has room.")
+    max_backoff_s: float = Field(0.2, gt=0.0, description="Longest retry delay while no replica has room.")
+
+
+class AutoscalingSettings(BaseModel):
+    """Replica autoscaling on ongoing requests (Ray Serve's autoscaling_config)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(16.0, gt=0.0)
+    upscale_delay_s: float = Field(10.0, ge=0.0)
+    downscale_delay_s: float = Field(60.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> "AutoscalingSettings":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        return self
+
+
+class ServeArgs(BaseModel):
+    """Everything `build_app` needs. Frozen; build with `ServeArgs.from_args(dict)`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    num_replicas: int = Field(1, ge=1, le=1024, description="Fixed replica count (ignored with autoscaling).")
+    autoscaling: AutoscalingSettings | None = Field(None, description="Scale replicas on ongoing requests.")
+    max_ongoing_requests: int = Field(
+        256, ge=1, description="Requests one replica accepts at once; the engine queues past its batch."
+    )
+    num_cpus_per_replica: float = Field(1.0, ge=0.0, description="Logical CPUs of a replica on CPU nodes.")
+    use_gpu: bool | None = Field(None, description="Reserve tp_size GPUs per replica; None: if the cluster has GPUs.")
+    engine_overrides_by_rank: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Per-replica EngineConfig overrides, replica rank i takes entry i modulo the length "
+        "(e.g. different num_blocks per replica).",
+    )
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    api_key: SecretStr | None = Field(None, description=f"Bearer token; default from ${API_KEY_ENV}.")
+    max_request_body_bytes: int = Field(1 << 20, ge=1024, description="Larger bodies get 413.")
+    request_timeout_s: float = Field(600.0, gt=0.0, description="Longest a non-streaming request may run.")
+    served_model_name: str | None = Field(None, description="Model id in the API; default the engine's.")
+    host: str = Field("127.0.0.1", description="HTTP bind address when started with `python -m pagedserve.serve_app`.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port when started with `python -m pagedserve.serve_app`.")
+    ingress_num_replicas: int = Field(1, ge=1, le=64)
+    name_prefix: str = Field("", description="Prefix of the deployment names (two apps on one cluster).")
+
+    @field_validator("engine_overrides_by_rank")
+    @classmethod
+    def _overrides_are_engine_fields(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        allowed = set(EngineConfig.field_names())
+        for overrides in value:
+            unknown = sorted(set(overrides) - allowed)
+            if unknown:
+                raise ValueError(f"unknown EngineConfig fields {unknown}")
+        return value
+
+    @model_validator(mode="after")
+    def _overrides_valid(self) -> "ServeArgs":
+        for overrides in self.engine_overrides_by_rank:
+            self.engine_config_for_rank_overrides(overrides)
+        return self
+
+    @property
+    def model(self) -> str | None:
+        return self.engine.model
+
+    @property
+    def tp_size(self) -> int:
+        return self.engine.tp_size
+
+    def engine_config_for_rank_overrides(self, overrides: dict[str, Any]) -> EngineConfig:
+        return EngineConfig.create(**{**self.engine.model_dump(), **overrides})
+
+    def engine_config_for_rank(self, rank: int) -> EngineConfig:
+        if not self.engine_overrides_by_rank:
+            return self.engine
+        return self.engine_config_for_rank_overrides(
+            self.engine_overrides_by_rank[rank % len(self.engine_overrides_by_rank)]
+        )
+
+    def resolved_api_key(self) -> str | None:
+        if self.api_key is not None and self.api_key.get_secret_value():
+            return self.api_key.get_secret_value()
+        return os.environ.get(API_KEY_ENV) or None
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None) -> "ServeArgs":
+        """Validate a flat or nested args dict; engine fields may sit at the top level."""
+        args = dict(args or {})
+        engine_fields = set(EngineConfig.field_names())
+        engine_args = dict(args.pop("engine", None) or {})
+        for key in list(args):
+            if key in engine_fields and key not in cls.model_fields:
+                engine_args[key] = args.pop(key)
+        try:
+            engine = EngineConfig(**engine_args)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, "EngineConfig")) from None
+        try:
+            return cls(engine=engine, **args)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, cls.__name__)) from None
+

@@ -1,0 +1,97 @@
+"""`build_app(args)`: validate the args dict once, bind the engine replicas and the OpenAI ingress.
+
+`app` is the Ray Serve application builder (`serve run pagedserve.serve_app:app model=... num_replicas=2`
+or the `import_path` of config/serve.yaml); Serve calls it with the args dict.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+
+from pagedserve.config.serve import ServeArgs
+
+from .ingress import OpenAIIngress
+from .replica import EngineReplica
+
+ROUTER_CLASS_PATH = "pagedserve.serve_app.router.FreeBlocksRequestRouter"
+
+
+def _cluster_has_gpus() -> bool:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.cluster_resources().get("GPU", 0) > 0
+    except Exception:
+        pass
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def replica_options(serve_args: ServeArgs) -> dict[str, Any]:
+    """Deployment options of `EngineReplica`: resources, concurrency, router, replicas or autoscaling."""
+    use_gpu = _cluster_has_gpus() if serve_args.use_gpu is None else serve_args.use_gpu
+    actor_options: dict[str, Any] = {"num_cpus": serve_args.num_cpus_per_replica}
+    if use_gpu:
+        actor_options["num_gpus"] = serve_args.tp_size
+    router = serve_args.router
+    options: dict[str, Any] = {
+        "name": f"{serve_args.name_prefix}EngineReplica",
+        "ray_actor_options": actor_options,
+        "max_ongoing_requests": serve_args.max_ongoing_requests,
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 60,
+        "graceful_shutdown_timeout_s": 5,
+        "request_router_config": RequestRouterConfig(
+            request_router_class=ROUTER_CLASS_PATH,
+            request_router_kwargs={
+                "max_queued_requests": router.max_queued_requests,
+                "queue_timeout_s": router.queue_timeout_s,
+                "retry_after_s": router.retry_after_s,
+                "affinity_tolerance": router.affinity_tolerance,
+            },
+            request_routing_stats_period_s=router.stats_period_s,
+            request_routing_stats_timeout_s=max(5.0, 5 * router.stats_period_s),
+            initial_backoff_s=router.initial_backoff_s,
+            max_backoff_s=router.max_backoff_s,
+        ),
+    }
+    if serve_args.autoscaling is not None:
+        scaling = serve_args.autoscaling
+        options["autoscaling_config"] = AutoscalingConfig(
+            min_replicas=scaling.min_replicas,
+            initial_replicas=max(scaling.min_replicas, 1),
+            max_replicas=scaling.max_replicas,
+            target_ongoing_requests=scaling.target_ongoing_requests,
+            upscale_delay_s=scaling.upscale_delay_s,
+            downscale_delay_s=scaling.downscale_delay_s,
+        )
+    else:
+        options["num_replicas"] = serve_args.num_replicas
+    return options
+
+
+def build_app(args: dict[str, Any] | ServeArgs | None = None) -> Application:
+    serve_args = args if isinstance(args, ServeArgs) else ServeArgs.from_args(args)
+    replica = serve.deployment(EngineReplica).options(**replica_options(serve_args))
+    ingress = serve.deployment(OpenAIIngress).options(
+        name=f"{serve_args.name_prefix}OpenAIIngress",
+        num_replicas=serve_args.ingress_num_replicas,
+        # The ingress only parses and forwards; many requests wait on replicas at once.
+        max_ongoing_requests=4096,
+        ray_actor_options={"num_cpus": 0.5},
+    )
+    return ingress.bind(replica.bind(serve_args), serve_args)
+
+
+def app(args: dict[str, Any]) -> Application:
+    """Ray Serve application builder."""
+    return build_app(args)

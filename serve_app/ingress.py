@@ -1,0 +1,559 @@
+"""OpenAI-compatible HTTP front: FastAPI routes, SSE streaming, and every error mapped to an OpenAI body.
+
+The ingress never touches the engine: it validates bodies (`openai_protocol`), tokenizes with the
+tokenizer fetched once from a replica (for the context check and the router's block demand), sends
+`GenerateRequest`s through the replica handle (routed by `FreeBlocksRequestRouter`), and formats the
+replicas' deltas. Streaming sends each delta once, so a token costs the same at any length. Leaving a
+stream early (client gone) cancels the replica call, which aborts the engine request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from pagedserve.config.serve import ServeArgs
+from pagedserve.engine.errors import InvalidRequestError, RequestTooLargeError
+from pagedserve.engine.request import RequestOutput, SamplingParams
+
+from . import openai_protocol as oai
+from .replica import GenerateRequest, ModelInfo, ReplicaError
+from .router import ServiceOverloadedError
+
+logger = logging.getLogger("ray.serve")
+
+fastapi_app = FastAPI(title="pagedserve", openapi_url=None, docs_url=None, redoc_url=None)
+
+
+class APIError(Exception):
+    """Raised anywhere in a route; the handler below renders it as an OpenAI error body."""
+
+    def __init__(
+        self, status_code: int, message: str, error_type: str, param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.error_type = error_type
+        self.param = param
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            oai.error_body(self.message, self.error_type, self.status_code, self.param),
+            status_code=self.status_code,
+            headers=self.headers,
+        )
+
+
+@fastapi_app.exception_handler(APIError)
+async def _api_error_handler(_: Request, exc: APIError) -> JSONResponse:
+    return exc.response()
+
+
+def _bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """Ray may wrap an error raised in another process; find the typed cause."""
+    seen = 0
+    while seen < 5:
+        cause = getattr(exc, "cause", None) or exc.__cause__
+        if isinstance(exc, (ServiceOverloadedError, InvalidRequestError)) or cause is None:
+            return exc
+        exc = cause
+        seen += 1
+    return exc
+
+
+def _routing_error(exc: BaseException) -> APIError:
+    exc = _unwrap(exc)
+    if isinstance(exc, ServiceOverloadedError):
+        return APIError(429, f"service overloaded: {exc.message}", "rate_limit_exceeded",
+                        headers={"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, InvalidRequestError):
+        return _bad_request(exc.message, exc.param)
+    logger.warning("replica call failed: %s: %s", type(exc).__name__, exc)
+    return APIError(503, f"no replica could serve the request: {type(exc).__name__}", "service_unavailable")
+
+
+def _replica_error(error: ReplicaError) -> APIError:
+    return APIError(error.status_code, error.message, error.error_type, error.param)
+
+
+@dataclass
+class _Choice:
+    """What one completion has produced so far (non-streaming responses accumulate into this)."""
+
+    text_parts: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Any]] = field(default_factory=list)
+
+
+@serve.ingress(fastapi_app)
+class OpenAIIngress:
+    """Routes of the OpenAI API over one `EngineReplica` deployment handle."""
+
+    def __init__(self, replica: DeploymentHandle, serve_args: ServeArgs) -> None:
+        self.replica = replica
+        self.args = serve_args
+        self._api_key = serve_args.resolved_api_key()
+        self._info: ModelInfo | None = None
+        self._info_lock = asyncio.Lock()
+
+    # Plumbing ----------------------------------------------------------------------------------------
+
+    async def model_info(self) -> ModelInfo:
+        if self._info is None:
+            async with self._info_lock:
+                if self._info is None:
+                    try:
+                        self._info = await self.replica.model_info.remote()
+                    except Exception as exc:
+                        raise _routing_error(exc) from None
+        return self._info
+
+    async def served_model_name(self) -> str:
+        return self.args.served_model_name or (await self.model_info()).model_name
+
+    def authorize(self, request: Request) -> None:
+        """401 unless the bearer token matches; compared in constant time and never logged."""
+        if self._api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._api_key.encode()):
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)", "authentication_error")
+
+    async def parse_body(self, request: Request, model_cls: type[BaseModel]) -> Any:
+        limit = self.args.max_request_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body of {declared} bytes is over the limit of {limit}", "invalid_request_error")
+        body = bytearray()
+        async for piece in request.stream():
+            body.extend(piece)
+            if len(body) > limit:
+                raise APIError(413, f"request body is over the limit of {limit} bytes", "invalid_request_error")
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise _bad_request(f"malformed JSON body: {exc}") from None
+        if not isinstance(payload, dict):
+            raise _bad_request("the JSON body must be an object")
+        try:
+            return model_cls.model_validate(payload)
+        except ValidationError as exc:
+            errors = exc.errors()
+            first = errors[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            details = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']} (got {e.get('input')!r:.80})" for e in errors
+            )
+            raise _bad_request(details, param) from None
+
+    async def check_model(self, model: str | None) -> str:
+        served = await self.served_model_name()
+        if model is not None and model != served:
+            raise APIError(404, f"the model `{model}` does not exist; this server serves `{served}`",
+                           "model_not_found", "model")
+        return served
+
+    def check_length(self, info: ModelInfo, num_prompt_tokens: int, max_tokens: int | None) -> int:
+        """Resolve max_tokens (None: the rest of the context) and reject what cannot fit the context."""
+        if num_prompt_tokens >= info.max_model_len:
+            raise _bad_request(
+                f"this model's maximum context length is {info.max_model_len} tokens, but the prompt has "
+                f"{num_prompt_tokens} tokens", "prompt")
+        if max_tokens is None:
+            return info.max_model_len - num_prompt_tokens
+        if num_prompt_tokens + max_tokens > info.max_model_len:
+            raise _bad_request(
+                f"this model's maximum context length is {info.max_model_len} tokens, but you requested "
+                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} "
+                f"for the completion); reduce the prompt or max_tokens", "max_tokens")
+        return max_tokens
+
+    def make_request(
+        self, info: ModelInfo, request_id: str, prompt: str | list[int], token_ids: list[int],
+        sampling_params: SamplingParams,
+    ) -> GenerateRequest:
+        block = info.block_size
+        prefix_key = hash(tuple(token_ids[:block])) if len(token_ids) >= block else None
+        return GenerateRequest(
+            request_id=request_id, prompt=prompt, sampling_params=sampling_params,
+            num_prompt_tokens=len(token_ids), prefix_key=prefix_key,
+            max_new_tokens=sampling_params.n * (sampling_params.max_tokens or 0),
+        )
+
+    def start(self, request: GenerateRequest) -> Any:
+        return self.replica.options(stream=True).generate.remote(request)
+
+    async def first_items(self, streams: list[Any]) -> list[Any]:
+        """Wait for each stream's first item so routing refusals and bad requests become HTTP errors."""
+
+        async def first(stream: Any) -> Any:
+            try:
+                return await stream.__anext__()
+            except StopAsyncIteration:
+                return None
+
+        results = await asyncio.gather(*(first(s) for s in streams), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise _routing_error(result)
+            if isinstance(result, ReplicaError):
+                raise _replica_error(result)
+        return results
+
+    @staticmethod
+    def cancel(streams: list[Any]) -> None:
+        for stream in streams:
+            try:
+                stream.cancel()
+            except Exception:
+                pass
+
+    @staticmethod
+    async def merged(streams: list[Any], firsts: list[Any]) -> AsyncIterator[tuple[int, Any]]:
+        """Yield (prompt index, item) from several replica streams as items arrive."""
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        done = object()
+
+        async def pump(index: int, stream: Any, first: Any) -> None:
+            try:
+                if first is not None:
+                    await queue.put((index, first))
+                    async for item in stream:
+                        await queue.put((index, item))
+            except Exception as exc:
+                await queue.put((index, exc))
+            finally:
+                await queue.put((index, done))
+
+        tasks = [asyncio.create_task(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                index, item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                    continue
+                yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    # Token and logprob formatting --------------------------------------------------------------------
+
+    def token_text(self, info: ModelInfo, token_id: int, logprob: Any) -> str:
+        decoded = getattr(logprob, "decoded_token", None)
+        return decoded if decoded is not None else info.tokenizer.decode([token_id])
+
+    def completion_logprobs(
+        self, info: ModelInfo, token_ids: list[int], logprobs: list[dict[int, Any]], text_offset: int
+    ) -> oai.CompletionLogprobs:
+        result = oai.CompletionLogprobs()
+        for token_id, entry in zip(token_ids, logprobs):
+            sampled = entry.get(token_id)
+            token = self.token_text(info, token_id, sampled)
+            result.tokens.append(token)
+            result.token_logprobs.append(None if sampled is None else sampled.logprob)
+            result.top_logprobs.append({self.token_text(info, t, lp): lp.logprob for t, lp in entry.items()})
+            result.text_offset.append(text_offset)
+            text_offset += len(token)
+        return result
+
+    def chat_logprobs(
+        self, info: ModelInfo, token_ids: list[int], logprobs: list[dict[int, Any]], num_top: int
+    ) -> oai.ChatLogprobs:
+        content = []
+        for token_id, entry in zip(token_ids, logprobs):
+            sampled = entry.get(token_id)
+            token = self.token_text(info, token_id, sampled)
+            top = sorted(entry.items(), key=lambda item: -item[1].logprob)[:num_top]
+            content.append(oai.ChatTokenLogprob(
+                token=token, logprob=-9999.0 if sampled is None else sampled.logprob,
+                bytes=list(token.encode("utf-8")),
+                top_logprobs=[
+                    oai.TopLogprob(token=(t := self.token_text(info, tid, lp)), logprob=lp.logprob,
+                                   bytes=list(t.encode("utf-8")))
+                    for tid, lp in top
+                ],
+            ))
+        return oai.ChatLogprobs(content=content)
+
+    # Routes ------------------------------------------------------------------------------------------
+
+    @fastapi_app.get("/health")
+    async def health(self) -> Response:
+        try:
+            await asyncio.wait_for(self.replica.health.remote(), timeout=30)
+        except Exception as exc:
+            return JSONResponse(oai.error_body(f"unhealthy: {type(exc).__name__}", "service_unavailable", 503), 503)
+        return JSONResponse({"status": "ok"})
+
+    @fastapi_app.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        self.authorize(request)
+        info = await self.model_info()
+        card = oai.ModelCard(id=await self.served_model_name(), created=oai.now_s(), max_model_len=info.max_model_len)
+        return JSONResponse(oai.ModelList(data=[card]).model_dump())
+
+    @fastapi_app.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        self.authorize(request)
+        body: oai.TokenizeRequest = await self.parse_body(request, oai.TokenizeRequest)
+        await self.check_model(body.model)
+        info = await self.model_info()
+        if body.messages is not None:
+            tokens = self.chat_token_ids(info, body.messages, body.add_generation_prompt, None)
+        else:
+            tokens = info.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+        return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": info.max_model_len})
+
+    @fastapi_app.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        self.authorize(request)
+        body: oai.DetokenizeRequest = await self.parse_body(request, oai.DetokenizeRequest)
+        await self.check_model(body.model)
+        info = await self.model_info()
+        vocab_size = len(info.tokenizer)
+        bad = [t for t in body.tokens if t >= vocab_size]
+        if bad:
+            raise _bad_request(f"token ids {bad[:8]} are outside the vocabulary of {vocab_size}", "tokens")
+        return JSONResponse({"prompt": info.tokenizer.decode(body.tokens)})
+
+    def chat_token_ids(
+        self, info: ModelInfo, messages: list[oai.ChatMessage], add_generation_prompt: bool,
+        template_kwargs: dict[str, Any] | None,
+    ) -> list[int]:
+        try:
+            conversation = [{"role": m.role, "content": m.text_content()} for m in messages]
+        except ValueError as exc:
+            raise _bad_request(str(exc), "messages") from None
+        if getattr(info.tokenizer, "chat_template", None) is None:
+            raise _bad_request("this model has no chat template; use /v1/completions", "messages")
+        try:
+            text = info.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt, tokenize=False, **(template_kwargs or {})
+            )
+        except Exception as exc:
+            raise _bad_request(f"cannot apply the chat template: {exc}", "messages") from None
+        return info.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def sampling_params(self, body: Any, max_tokens: int) -> SamplingParams:
+        try:
+            return body.to_sampling_params(max_tokens)
+        except InvalidRequestError as exc:
+            raise _bad_request(exc.message, exc.param) from None
+
+    @fastapi_app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        self.authorize(request)
+        body: oai.CompletionRequest = await self.parse_body(request, oai.CompletionRequest)
+        model = await self.check_model(body.model)
+        info = await self.model_info()
+        request_id = oai.new_id("cmpl")
+        requests = []
+        for i, prompt in enumerate(body.prompts()):
+            if isinstance(prompt, str):
+                token_ids = info.tokenizer(prompt)["input_ids"]
+            else:
+                token_ids = list(prompt)
+                if any(t >= len(info.tokenizer) for t in token_ids):
+                    raise _bad_request("prompt token ids are outside the vocabulary", "prompt")
+            max_tokens = self.check_length(info, len(token_ids), body.max_tokens)
+            params = self.sampling_params(body, max_tokens)
+            requests.append(self.make_request(info, f"{request_id}-{i}", prompt, token_ids, params))
+        if body.stream:
+            return await self.stream_response(info, model, request_id, requests, body, chat=False)
+        return await self.full_response(info, model, request_id, requests, body, chat=False)
+
+    @fastapi_app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        self.authorize(request)
+        body: oai.ChatCompletionRequest = await self.parse_body(request, oai.ChatCompletionRequest)
+        model = await self.check_model(body.model)
+        info = await self.model_info()
+        request_id = oai.new_id("chatcmpl")
+        token_ids = self.chat_token_ids(info, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        try:
+            max_tokens = self.check_length(info, len(token_ids), body.requested_max_tokens)
+        except APIError as exc:
+            exc.param = param if exc.param == "max_tokens" else exc.param
+            raise
+        params = self.sampling_params(body, max_tokens)
+        requests = [self.make_request(info, f"{request_id}-0", token_ids, token_ids, params)]
+        if body.stream:
+            return await self.stream_response(info, model, request_id, requests, body, chat=True)
+        return await self.full_response(info, model, request_id, requests, body, chat=True)
+
+    # Responses ---------------------------------------------------------------------------------------
+
+    async def full_response(
+        self, info: ModelInfo, model: str, request_id: str, requests: list[GenerateRequest], body: Any, chat: bool
+    ) -> Response:
+        streams = [self.start(r) for r in requests]
+        n = requests[0].sampling_params.n
+        choices: dict[int, _Choice] = {}
+        num_prompt_tokens = 0
+        try:
+            firsts = await self.first_items(streams)
+
+            async def collect() -> None:
+                nonlocal num_prompt_tokens
+                async for prompt_index, item in self.merged(streams, firsts):
+                    if isinstance(item, BaseException):
+                        raise _routing_error(item)
+                    if isinstance(item, ReplicaError):
+                        raise _replica_error(item)
+                    output: RequestOutput = item
+                    for completion in output.outputs:
+                        choice = choices.setdefault(prompt_index * n + completion.index, _Choice())
+                        choice.text_parts.append(completion.text)
+                        choice.token_ids.extend(completion.token_ids)
+                        if completion.logprobs:
+                            choice.logprobs.extend(completion.logprobs)
+                        if completion.finish_reason is not None:
+                            choice.finish_reason = completion.finish_reason
+                            choice.stop_reason = completion.stop_reason
+                    if output.finished:
+                        num_prompt_tokens += len(output.prompt_token_ids)
+                        if output.error:
+                            raise APIError(500, f"request failed in the engine: {output.error}", "internal_server_error")
+
+            await asyncio.wait_for(collect(), timeout=self.args.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"request took longer than {self.args.request_timeout_s:g}s", "timeout") from None
+        finally:
+            self.cancel(streams)
+
+        usage = oai.UsageInfo(prompt_tokens=num_prompt_tokens,
+                              completion_tokens=sum(len(c.token_ids) for c in choices.values()))
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        ordered = [(index, choices[index]) for index in sorted(choices)]
+        if chat:
+            response = oai.ChatCompletionResponse(
+                id=request_id, created=oai.now_s(), model=model, usage=usage,
+                choices=[
+                    oai.ChatChoice(
+                        index=index, message=oai.ChatResponseMessage(content="".join(c.text_parts)),
+                        finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                        logprobs=self.chat_logprobs(info, c.token_ids, c.logprobs, body.top_logprobs or 0)
+                        if body.logprobs else None,
+                    )
+                    for index, c in ordered
+                ],
+            )
+        else:
+            response = oai.CompletionResponse(
+                id=request_id, created=oai.now_s(), model=model, usage=usage,
+                choices=[
+                    oai.CompletionChoice(
+                        index=index, text="".join(c.text_parts), finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason,
+                        logprobs=self.completion_logprobs(info, c.token_ids, c.logprobs, 0)
+                        if body.logprobs is not None else None,
+                    )
+                    for index, c in ordered
+                ],
+            )
+        return Response(response.model_dump_json(), media_type="application/json")
+
+    async def stream_response(
+        self, info: ModelInfo, model: str, request_id: str, requests: list[GenerateRequest], body: Any, chat: bool
+    ) -> Response:
+        streams = [self.start(r) for r in requests]
+        try:
+            firsts = await self.first_items(streams)
+        except BaseException:
+            self.cancel(streams)
+            raise
+        n = requests[0].sampling_params.n
+        created = oai.now_s()
+        include_usage = body.include_usage_in_stream
+
+        def sse(chunk: BaseModel) -> str:
+            return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            text_offsets: dict[int, int] = {}
+            num_prompt_tokens = 0
+            num_completion_tokens = 0
+            try:
+                if chat:  # OpenAI sends the role once per choice, before any content
+                    for index in range(len(requests) * n):
+                        yield sse(oai.ChatCompletionChunk(
+                            id=request_id, created=created, model=model,
+                            choices=[oai.ChatChunkChoice(index=index, delta=oai.ChatDelta(role="assistant", content=""))],
+                        ))
+                async for prompt_index, item in self.merged(streams, firsts):
+                    if isinstance(item, (BaseException, ReplicaError)):
+                        error = _routing_error(item) if isinstance(item, BaseException) else _replica_error(item)
+                        yield "data: " + json.dumps(oai.error_body(error.message, error.error_type,
+                                                                   error.status_code, error.param)) + "\n\n"
+                        break
+                    output: RequestOutput = item
+                    for completion in output.outputs:
+                        index = prompt_index * n + completion.index
+                        num_completion_tokens += len(completion.token_ids)
+                        if chat:
+                            chunk: BaseModel = oai.ChatCompletionChunk(
+                                id=request_id, created=created, model=model,
+                                choices=[oai.ChatChunkChoice(
+                                    index=index, delta=oai.ChatDelta(content=completion.text),
+                                    finish_reason=completion.finish_reason,
+                                    logprobs=self.chat_logprobs(info, completion.token_ids, completion.logprobs or [],
+                                                                body.top_logprobs or 0) if body.logprobs else None,
+                                )],
+                            )
+                        else:
+                            offset = text_offsets.get(index, 0)
+                            chunk = oai.CompletionChunk(
+                                id=request_id, created=created, model=model,
+                                choices=[oai.CompletionChoice(
+                                    index=index, text=completion.text, finish_reason=completion.finish_reason,
+                                    stop_reason=completion.stop_reason,
+                                    logprobs=self.completion_logprobs(info, completion.token_ids,
+                                                                      completion.logprobs or [], offset)
+                                    if body.logprobs is not None else None,
+                                )],
+                            )
+                            text_offsets[index] = offset + len(completion.text)
+                        yield sse(chunk)
+                    if output.finished:
+                        num_prompt_tokens += len(output.prompt_token_ids)
+                        if output.error:
+                            yield "data: " + json.dumps(oai.error_body(
+                                f"request failed in the engine: {output.error}", "internal_server_error", 500)) + "\n\n"
+                if include_usage:
+                    usage = oai.UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=num_completion_tokens,
+                                          total_tokens=num_prompt_tokens + num_completion_tokens)
+                    cls = oai.ChatCompletionChunk if chat else oai.CompletionChunk
+                    yield sse(cls(id=request_id, created=created, model=model, choices=[], usage=usage))
+                yield "data: [DONE]\n\n"
+            finally:
+                # Runs on normal end and when the client disconnects (the generator is closed/cancelled).
+                self.cancel(streams)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+

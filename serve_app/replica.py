@@ -1,0 +1,147 @@
+"""`EngineReplica`: the deployment that owns one `AsyncLLMEngine` (one per GPU, or per CPU slot).
+
+It streams the engine's deltas to the ingress unchanged (each yield carries only new tokens), turns
+engine errors into `ReplicaError` items so a failed request never breaks the replica, aborts a request
+whose consumer went away (the engine frees its blocks), and publishes free/total KV blocks and queue
+sizes through Ray Serve's `record_routing_stats` hook for `serve_app/router.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from pagedserve.config.serve import ServeArgs
+from pagedserve.engine.errors import EngineDeadError, InvalidRequestError, RequestTooLargeError
+from pagedserve.engine.request import RequestOutput, SamplingParams
+
+from .metrics import ReplicaMetrics
+from .router import RoutingDemand
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One prompt for the engine, plus what the router needs to place it."""
+
+    request_id: str
+    prompt: str | list[int]
+    sampling_params: SamplingParams
+    num_prompt_tokens: int
+    prefix_key: int | None = None
+    max_new_tokens: int = 0  # n * max_tokens as resolved by the ingress
+
+    @property
+    def routing_demand(self) -> RoutingDemand:
+        return RoutingDemand(self.num_prompt_tokens, self.max_new_tokens, self.prefix_key)
+
+
+@dataclass(frozen=True)
+class ReplicaError:
+    """A request that failed on the replica; the ingress turns it into an OpenAI error body."""
+
+    status_code: int
+    error_type: str
+    message: str
+    param: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_name: str
+    max_model_len: int
+    block_size: int
+    num_total_blocks: int
+    tokenizer: Any  # HF tokenizer; pickles across processes
+
+
+class EngineReplica:
+    """Owns one engine. Methods are called through a DeploymentHandle routed by `FreeBlocksRequestRouter`."""
+
+    def __init__(self, serve_args: ServeArgs) -> None:
+        from pagedserve.engine.async_engine import AsyncLLMEngine  # heavy: torch, transformers
+
+        context = serve.get_replica_context()
+        rank = context.rank.rank if context is not None and context.rank is not None else 0
+        self.engine_config = serve_args.engine_config_for_rank(rank)
+        self.engine = AsyncLLMEngine.from_config(self.engine_config)
+        self.replica_tag = context.replica_tag if context is not None else "local"
+        self.metrics = ReplicaMetrics(model_name=self.engine.model_name, replica=self.replica_tag)
+        stats = self.engine.get_stats()
+        logger.info(
+            "replica %s (rank %d) serving %s: %d KV blocks of %d tokens, max_model_len %d",
+            self.replica_tag, rank, self.engine.model_name, stats.num_total_blocks, stats.block_size,
+            self.engine.max_model_len,
+        )
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput | ReplicaError]:
+        """Stream the engine's deltas; on any exit before the end, abort so the blocks return."""
+        is_finished = False
+        stream = self.engine.generate(request.prompt, request.sampling_params, request.request_id)
+        try:
+            async with contextlib.aclosing(stream):
+                async for output in stream:
+                    is_finished = output.finished
+                    yield output
+        except RequestTooLargeError as exc:
+            yield ReplicaError(400, "invalid_request_error", exc.message, exc.param)
+        except InvalidRequestError as exc:
+            yield ReplicaError(400, "invalid_request_error", exc.message, exc.param)
+        except EngineDeadError as exc:
+            yield ReplicaError(503, "service_unavailable", f"engine is not running: {exc}")
+        except Exception as exc:  # one request's failure must not take the replica down
+            logger.exception("request %s failed", request.request_id)
+            yield ReplicaError(500, "internal_server_error", f"request failed: {type(exc).__name__}: {exc}")
+        finally:
+            if not is_finished:
+                # The consumer left (client disconnect, cancellation): free the request's blocks now.
+                with contextlib.suppress(Exception):
+                    await self.engine.abort(request.request_id)
+
+    def model_info(self) -> ModelInfo:
+        stats = self.engine.get_stats()
+        return ModelInfo(
+            model_name=self.engine.model_name,
+            max_model_len=self.engine.max_model_len,
+            block_size=stats.block_size,
+            num_total_blocks=stats.num_total_blocks,
+            tokenizer=self.engine.tokenizer,
+        )
+
+    def get_stats(self) -> Any:
+        return self.engine.get_stats()
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Ray Serve calls this every `request_routing_stats_period_s`; routers read the result."""
+        stats = self.engine.get_stats()
+        self.metrics.observe(stats)
+        return {
+            "num_free_blocks": stats.num_free_blocks,
+            "num_total_blocks": stats.num_total_blocks,
+            "block_size": stats.block_size,
+            "num_running": stats.num_running,
+            "num_waiting": stats.num_waiting,
+            "report_time_s": time.time(),
+        }
+
+    async def check_health(self) -> None:
+        """Ray Serve's health check: an exception marks the replica unhealthy and it is replaced."""
+        await self.engine.check_health()
+
+    async def health(self) -> dict[str, Any]:
+        await self.engine.check_health()
+        stats = self.engine.get_stats()
+        return {"replica": self.replica_tag, "num_free_blocks": stats.num_free_blocks,
+                "num_total_blocks": stats.num_total_blocks}
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            with contextlib.suppress(Exception):
+                engine.shutdown()

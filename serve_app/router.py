@@ -1,0 +1,351 @@
+"""Route each request to the replica with the most free KV blocks that can hold it.
+
+Two parts, split so the policy is testable without Ray:
+
+- `FreeBlocksPolicy`: plain Python. Replicas report free/total blocks every few seconds
+  (`record_routing_stats`); between reports the policy keeps optimistic local accounting: every request
+  it sends reserves `ceil((prompt + n * max_tokens) / block_size)` blocks on its replica until a report
+  taken after the send arrives (the engine then counts the request itself) or the request finishes.
+  Among replicas with room it prefers the most headroom; a replica that recently served the same
+  prompt prefix wins when its headroom is within `affinity_tolerance` of the best (its prefix cache
+  hits). When no replica has room the request waits in a bounded queue (`AdmissionQueue`); past the
+  bound or the timeout it is refused with `ServiceOverloadedError` (the ingress answers 429).
+- `FreeBlocksRequestRouter`: the thin adapter on Ray Serve's `RequestRouter` extension point
+  (`request_router_config.request_router_class`). It reads the replicas' routing stats, asks the policy,
+  and fails a request's routing future with a typed error when it must be refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Literal
+
+from pagedserve.engine.errors import RequestTooLargeError
+
+logger = logging.getLogger("ray.serve")
+
+ReplicaKey = Hashable
+
+
+class ServiceOverloadedError(Exception):
+    """No replica has room and the wait queue is full or the wait timed out; retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class RoutingDemand:
+    """What a request will need: tokens it may hold at most, and a key of its first prompt block."""
+
+    num_prompt_tokens: int
+    max_new_tokens: int  # n * max_tokens: every completion grows its own blocks
+    prefix_key: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + self.max_new_tokens
+
+
+@dataclass(frozen=True)
+class ReplicaReport:
+    """One replica's routing stats as published by `EngineReplica.record_routing_stats`."""
+
+    num_free_blocks: int
+    num_total_blocks: int
+    block_size: int
+    num_running: int = 0
+    num_waiting: int = 0
+    report_time_s: float = 0.0  # wall clock of the replica when the snapshot was taken
+
+    @classmethod
+    def from_routing_stats(cls, stats: dict[str, Any] | None) -> "ReplicaReport | None":
+        if not stats or "num_free_blocks" not in stats:
+            return None
+        return cls(
+            num_free_blocks=int(stats["num_free_blocks"]),
+            num_total_blocks=int(stats["num_total_blocks"]),
+            block_size=int(stats["block_size"]),
+            num_running=int(stats.get("num_running", 0)),
+            num_waiting=int(stats.get("num_waiting", 0)),
+            report_time_s=float(stats.get("report_time_s", 0.0)),
+        )
+
+
+@dataclass
+class _Reservation:
+    replica: ReplicaKey
+    num_blocks: int
+    sent_time_s: float
+    is_counted_by_report: bool = False
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """`route`: try `replicas` in order; `wait`: none has room now; `too_large`: none ever could."""
+
+    kind: Literal["route", "wait", "too_large"]
+    replicas: list[ReplicaKey] = field(default_factory=list)
+    message: str = ""
+
+
+class FreeBlocksPolicy:
+    """Most-free-blocks placement with optimistic accounting between replica reports. No Ray inside."""
+
+    def __init__(
+        self,
+        affinity_tolerance: float = 0.1,
+        max_affinity_entries: int = 4096,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.affinity_tolerance = affinity_tolerance
+        self.max_affinity_entries = max_affinity_entries
+        self._clock = clock
+        self._reports: dict[ReplicaKey, ReplicaReport] = {}
+        self._reservations: dict[str, _Reservation] = {}
+        self._prefix_owner: OrderedDict[int, ReplicaKey] = OrderedDict()
+
+    # Reports and replica set -------------------------------------------------------------------------
+
+    def update_report(self, replica: ReplicaKey, report: ReplicaReport) -> None:
+        """Take a fresh report; reservations sent before it was taken are now part of its counts."""
+        previous = self._reports.get(replica)
+        if previous is not None and previous.report_time_s >= report.report_time_s:
+            return
+        self._reports[replica] = report
+        for reservation in self._reservations.values():
+            if reservation.replica == replica and reservation.sent_time_s < report.report_time_s:
+                reservation.is_counted_by_report = True
+
+    def remove_replicas_except(self, live: set[ReplicaKey]) -> None:
+        for replica in list(self._reports):
+            if replica not in live:
+                del self._reports[replica]
+        for request_id in [rid for rid, r in self._reservations.items() if r.replica not in live]:
+            del self._reservations[request_id]
+        for key in [k for k, r in self._prefix_owner.items() if r not in live]:
+            del self._prefix_owner[key]
+
+    def report(self, replica: ReplicaKey) -> ReplicaReport | None:
+        return self._reports.get(replica)
+
+    # Accounting --------------------------------------------------------------------------------------
+
+    def blocks_needed(self, replica: ReplicaKey, demand: RoutingDemand) -> int | None:
+        report = self._reports.get(replica)
+        if report is None:
+            return None
+        return math.ceil(demand.num_tokens / report.block_size)
+
+    def estimated_free_blocks(self, replica: ReplicaKey) -> int | None:
+        """Reported free blocks minus what was sent since that report (never below zero)."""
+        report = self._reports.get(replica)
+        if report is None:
+            return None
+        pending = sum(
+            r.num_blocks for r in self._reservations.values() if r.replica == replica and not r.is_counted_by_report
+        )
+        return max(0, report.num_free_blocks - pending)
+
+    def num_in_flight(self, replica: ReplicaKey) -> int:
+        return sum(1 for r in self._reservations.values() if r.replica == replica)
+
+    def reserve(self, replica: ReplicaKey, request_id: str, demand: RoutingDemand | None) -> None:
+        """Record a request sent to `replica` (re-routing the same id moves its reservation)."""
+        num_blocks = 0
+        if demand is not None:
+            num_blocks = self.blocks_needed(replica, demand) or 0
+            if demand.prefix_key is not None:
+                self._prefix_owner[demand.prefix_key] = replica
+                self._prefix_owner.move_to_end(demand.prefix_key)
+                while len(self._prefix_owner) > self.max_affinity_entries:
+                    self._prefix_owner.popitem(last=False)
+        self._reservations[request_id] = _Reservation(replica, num_blocks, self._clock())
+
+    def reserved_replica(self, request_id: str) -> ReplicaKey | None:
+        reservation = self._reservations.get(request_id)
+        return None if reservation is None else reservation.replica
+
+    def release(self, request_id: str) -> None:
+        self._reservations.pop(request_id, None)
+
+    # Placement ---------------------------------------------------------------------------------------
+
+    def decide(self, candidates: list[ReplicaKey], demand: RoutingDemand | None) -> RouteDecision:
+        """Rank `candidates` for `demand`; replicas without a report yet are tried after those with room."""
+        if not candidates:
+            return RouteDecision("wait")
+        unknown = sorted((c for c in candidates if c not in self._reports), key=self.num_in_flight)
+        known = [c for c in candidates if c in self._reports]
+        if demand is None:  # not a generation call (model info, tokenize, health): least in flight
+            return RouteDecision("route", sorted(candidates, key=self.num_in_flight))
+
+        fits_ever = [c for c in known if self.blocks_needed(c, demand) <= self._reports[c].num_total_blocks]
+        if known and not fits_ever and not unknown:
+            largest = max(known, key=lambda c: self._reports[c].num_total_blocks)
+            report = self._reports[largest]
+            return RouteDecision(
+                "too_large",
+                message=(
+                    f"prompt ({demand.num_prompt_tokens} tokens) + max new tokens ({demand.max_new_tokens}) = "
+                    f"{demand.num_tokens} tokens needs {self.blocks_needed(largest, demand)} KV blocks of "
+                    f"{report.block_size} tokens, more than the largest replica's whole cache "
+                    f"({report.num_total_blocks} blocks)"
+                ),
+            )
+
+        headroom: dict[ReplicaKey, int] = {}
+        for replica in fits_ever:
+            free = self.estimated_free_blocks(replica)
+            needed = self.blocks_needed(replica, demand)
+            if free is not None and needed is not None and free >= needed:
+                headroom[replica] = free - needed
+        ranked = sorted(headroom, key=lambda c: (-headroom[c], self.num_in_flight(c)))
+        if ranked and demand.prefix_key is not None:
+            owner = self._prefix_owner.get(demand.prefix_key)
+            if owner in headroom and owner != ranked[0]:
+                tolerance = self.affinity_tolerance * self._reports[owner].num_total_blocks
+                if headroom[owner] >= headroom[ranked[0]] - tolerance:
+                    ranked.remove(owner)
+                    ranked.insert(0, owner)
+        ranked.extend(unknown)
+        if not ranked:
+            return RouteDecision("wait")
+        return RouteDecision("route", ranked)
+
+
+class AdmissionQueue:
+    """Bounded wait for requests no replica has room for. Plain Python; ids come from the caller."""
+
+    def __init__(
+        self, max_queued_requests: int, queue_timeout_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_queued_requests = max_queued_requests
+        self.queue_timeout_s = queue_timeout_s
+        self._clock = clock
+        self._waiting_since: dict[str, float] = {}
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting_since)
+
+    def wait(self, request_id: str) -> Literal["wait", "full", "timed_out"]:
+        """Called each time `request_id` finds no room: queue it, or say why it must be refused."""
+        since = self._waiting_since.get(request_id)
+        if since is None:
+            if len(self._waiting_since) >= self.max_queued_requests:
+                return "full"
+            self._waiting_since[request_id] = self._clock()
+            return "wait"
+        if self._clock() - since > self.queue_timeout_s:
+            del self._waiting_since[request_id]
+            return "timed_out"
+        return "wait"
+
+    def leave(self, request_id: str) -> None:
+        self._waiting_since.pop(request_id, None)
+
+    def waiting_ids(self) -> list[str]:
+        return list(self._waiting_since)
+
+
+def _ray_request_router_base() -> type:
+    from ray.serve.request_router import RequestRouter
+
+    return RequestRouter
+
+
+class FreeBlocksRequestRouter(_ray_request_router_base()):  # type: ignore[misc]
+    """Ray Serve adapter: routing stats in, `FreeBlocksPolicy` decisions out, 429/400 via typed errors.
+
+    Runs inside the caller's process (the ingress), once per deployment handle. Configure through
+    `request_router_config.request_router_kwargs` (keys of `initialize_state`).
+    """
+
+    def initialize_state(
+        self,
+        max_queued_requests: int = 64,
+        queue_timeout_s: float = 30.0,
+        retry_after_s: int = 1,
+        affinity_tolerance: float = 0.1,
+        **_: Any,
+    ) -> None:
+        self.policy = FreeBlocksPolicy(affinity_tolerance=affinity_tolerance)
+        self.admission = AdmissionQueue(max_queued_requests, queue_timeout_s)
+        self.retry_after_s = retry_after_s
+        self._waiting_futures: dict[str, Any] = {}
+
+    def _sync_reports(self, candidates: list[Any]) -> None:
+        self.policy.remove_replicas_except({r.replica_id for r in self._replicas.values()})
+        for replica in candidates:
+            report = ReplicaReport.from_routing_stats(replica.routing_stats)
+            if report is not None:
+                self.policy.update_report(replica.replica_id, report)
+
+    def _forget_abandoned_waiters(self) -> None:
+        for request_id in self.admission.waiting_ids():
+            future = self._waiting_futures.get(request_id)
+            if future is None or future.done():
+                self.admission.leave(request_id)
+                self._waiting_futures.pop(request_id, None)
+
+    def _refuse(self, pending_request: Any, error: Exception) -> list:
+        request_id = pending_request.metadata.internal_request_id
+        self.admission.leave(request_id)
+        self._waiting_futures.pop(request_id, None)
+        if not pending_request.future.done():
+            pending_request.future.set_exception(error)
+        return []
+
+    async def choose_replicas(self, candidate_replicas: list[Any], pending_request: Any = None) -> list[list[Any]]:
+        if not hasattr(self, "policy"):  # initialize_state not called (no kwargs configured)
+            self.initialize_state()
+        self._sync_reports(candidate_replicas)
+        self._forget_abandoned_waiters()
+        demand = None
+        if pending_request is not None and pending_request.args:
+            demand = getattr(pending_request.args[0], "routing_demand", None)
+        by_id = {r.replica_id: r for r in candidate_replicas}
+        decision = self.policy.decide(list(by_id), demand)
+        if pending_request is None:
+            return [[by_id[key] for key in decision.replicas]] if decision.kind == "route" else []
+        # Without this flag Ray's retry loop would spin without sleeping between our "no room" answers.
+        pending_request.routing_context.should_backoff = True
+        request_id = pending_request.metadata.internal_request_id
+
+        if decision.kind == "too_large":
+            return self._refuse(pending_request, RequestTooLargeError(decision.message, param="max_tokens"))
+        if decision.kind == "wait":
+            verdict = self.admission.wait(request_id)
+            if verdict == "wait":
+                self._waiting_futures[request_id] = pending_request.future
+                return []
+            reason = (
+                f"all replicas are full and {self.admission.max_queued_requests} requests are already waiting"
+                if verdict == "full"
+                else f"no replica had room within {self.admission.queue_timeout_s:g}s"
+            )
+            return self._refuse(pending_request, ServiceOverloadedError(reason, self.retry_after_s))
+
+        self.admission.leave(request_id)
+        self._waiting_futures.pop(request_id, None)
+        best = decision.replicas[0]
+        # Reserve before Ray's send: the next request routed in this loop must already see these blocks.
+        self.policy.reserve(best, request_id, demand)
+        return [[by_id[best]]] + ([[by_id[key] for key in decision.replicas[1:]]] if len(decision.replicas) > 1 else [])
+
+    def on_request_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:
+        demand = getattr(pending_request.args[0], "routing_demand", None) if pending_request.args else None
+        request_id = pending_request.metadata.internal_request_id
+        if self.policy.reserved_replica(request_id) != replica_id:
+            self.policy.reserve(replica_id, request_id, demand)
+
+    def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
+        if hasattr(self, "policy"):
+            self.policy.release(internal_request_id)

@@ -1,0 +1,135 @@
+"""Pure router policy: placement by free blocks, optimistic accounting, affinity, admission queue. No Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedserve.serve_app.router import AdmissionQueue, FreeBlocksPolicy, ReplicaReport, RoutingDemand
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def report(free: int, total: int, at: float, block_size: int = 16) -> ReplicaReport:
+    return ReplicaReport(num_free_blocks=free, num_total_blocks=total, block_size=block_size, report_time_s=at)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def test_prefers_most_free_blocks(clock: FakeClock) -> None:
+    policy = FreeBlocksPolicy(clock=clock)
+    policy.update_report("a", report(10, 100, clock.now))
+    policy.update_report("b", report(50, 100, clock.now))
+    decision = policy.decide(["a", "b"], RoutingDemand(32, 16))
+    assert decision.kind == "route"
+    assert decision.replicas == ["b", "a"]
+
+
+def test_skips_replica_without_room(clock: FakeClock) -> None:
+    policy = FreeBlocksPolicy(clock=clock)
+    policy.update_report("small", report(4, 8, clock.now))
+    policy.update_report("big", report(2, 64, clock.now))
+    # 100 tokens = 7 blocks: only "small" has 4 free... neither has room right now.
+    assert policy.decide(["small", "big"], RoutingDemand(80, 20)).kind == "wait"
+    # 48 tokens = 3 blocks: only "small" has room.
+    assert policy.decide(["small", "big"], RoutingDemand(40, 8)).replicas == ["small"]
+
+
+def test_too_large_for_every_replica_names_the_numbers(clock: FakeClock) -> None:
+    policy = FreeBlocksPolicy(clock=clock)
+    policy.update_report("a", report(8, 8, clock.now))
+    policy.update_report("b", report(16, 16, clock.now))
+    decision = policy.decide(["a", "b"], RoutingDemand(300, 100))
+    assert decision.kind == "too_large"
+    assert "400 tokens" in decision.message and "16 blocks" in decision.message
+
+
+def test_optimistic_accounting_between_reports(clock: FakeClock) -> None:
+    policy = FreeBlocksPolicy(clock=clock)
+    policy.update_report("a", report(10, 10, clock.now))
+    clock.now += 0.1
+    policy.reserve("a", "r1", RoutingDemand(64, 16))  # 5 blocks
+    assert policy.estimated_free_blocks("a") == 5
+    policy.reserve("a", "r2", RoutingDemand(64, 16))
+    assert policy.estimated_free_blocks("a") == 0
+    assert policy.decide(["a"], RoutingDemand(10, 6)).kind == "wait"
+    policy.release("r2")  # finished before any report saw it
+    assert policy.estimated_free_blocks("a") == 5
+    # A report taken after r1 was sent counts r1 itself: no double subtraction.
+    clock.now += 1.0
+    policy.update_report("a", report(7, 10, clock.now - 0.5))
+    assert policy.estimated_free_blocks("a") == 7
+    # An older report is ignored.
+    policy.update_report("a", report(1, 10, clock.now - 0.9))
+    assert policy.estimated_free_blocks("a") == 7
+
+
+def test_report_older_than_send_keeps_reservation(clock: FakeClock) -> None:
+    policy = FreeBlocksPolicy(clock=clock)
+    policy.update_report("a", report(10, 10, clock.now - 2))
+    policy.reserve("a", "r1", RoutingDemand(32, 0))  # 2 blocks
+    policy.update_report("a", report(10, 10, clock.now - 1))  # taken before the send
+    assert policy.estimated_free_blocks("a") == 8
+
+
+def test_prefix_affinity_breaks_near_ties(clock: FakeClock) -> None:
+    policy = FreeBlocksPolicy(affinity_tolerance=0.1, clock=clock)
+    policy.update_report("a", report(100, 100, clock.now - 1))
+    policy.update_report("b", report(100, 100, clock.now - 1))
+    policy.reserve("b", "first", RoutingDemand(16, 16, prefix_key=42))  # b now has 2 fewer blocks
+    decision = policy.decide(["a", "b"], RoutingDemand(16, 16, prefix_key=42))
+    assert decision.replicas[0] == "b"
+    # Without the prefix the emptier replica wins.
+    assert policy.decide(["a", "b"], RoutingDemand(16, 16)).replicas[0] == "a"
+    # Far from a tie, headroom wins over affinity.
+    policy.update_report("b", report(30, 100, clock.now + 1))
+    assert policy.decide(["a", "b"], RoutingDemand(16, 16, prefix_key=42)).replicas[0] == "a"
+
+
+def test_unknown_replicas_are_tried_after_known_ones_with_room(clock: FakeClock) -> None:
+    policy = FreeBlocksPolicy(clock=clock)
+    policy.update_report("a", report(5, 10, clock.now))
+    assert policy.decide(["new", "a"], RoutingDemand(16, 0)).replicas == ["a", "new"]
+    # A full known replica still leaves the unknown one to try.
+    assert policy.decide(["new", "a"], RoutingDemand(160, 0)).replicas == ["new"]
+
+
+def test_calls_without_demand_go_to_least_loaded(clock: FakeClock) -> None:
+    policy = FreeBlocksPolicy(clock=clock)
+    policy.reserve("a", "x", None)
+    assert policy.decide(["a", "b"], None).replicas == ["b", "a"]
+
+
+def test_removed_replicas_are_forgotten(clock: FakeClock) -> None:
+    policy = FreeBlocksPolicy(clock=clock)
+    policy.update_report("a", report(5, 10, clock.now))
+    policy.reserve("a", "r", RoutingDemand(16, 0, prefix_key=1))
+    policy.remove_replicas_except({"b"})
+    assert policy.report("a") is None and policy.num_in_flight("a") == 0
+
+
+def test_admission_queue_bound_and_timeout() -> None:
+    clock = FakeClock()
+    queue = AdmissionQueue(max_queued_requests=2, queue_timeout_s=5.0, clock=clock)
+    assert queue.wait("r1") == "wait"
+    assert queue.wait("r2") == "wait"
+    assert queue.wait("r3") == "full"
+    assert queue.wait("r1") == "wait"  # the same request retrying is not a new entry
+    clock.now += 6
+    assert queue.wait("r1") == "timed_out"
+    assert queue.num_waiting == 1
+    queue.leave("r2")
+    assert queue.num_waiting == 0
+    assert queue.wait("r3") == "wait"
+
+
+def test_zero_queue_refuses_at_once() -> None:
+    assert AdmissionQueue(0, 1.0).wait("r") == "full"
