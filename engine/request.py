@@ -195,6 +195,15 @@ class Request:
         """True once every prompt token is in the cache (the request now decodes)."""
         return self.num_computed_tokens >= self.num_prompt_tokens
 
+    def token_ids_between(self, start: int, end: int) -> list[int]:
+        """Tokens at positions [start, end) of prompt + output, without copying the whole sequence."""
+        num_prompt = len(self.prompt_token_ids)
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
+
     def max_total_tokens(self, max_model_len: int) -> int:
         """Upper bound of prompt + output tokens this request may reach."""
         max_tokens = self.sampling_params.max_tokens

@@ -1,0 +1,185 @@
+"""KV-cache bookkeeping for all layer groups of a model: block tables per request, prefix reuse, forks.
+
+One `BlockPool` and one allocator per layer group (hybrid models such as Gemma-2 have a full-attention
+group and a sliding-window group, each with its own cache tensors). Requests are plain ids and token
+lists here: this layer knows nothing of the engine's request objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .allocators import BlockCopy, FullAttentionCacheAllocator, SlidingAttentionCacheAllocator
+from .block_pool import BlockHash, BlockPool
+from .prefix_cache import extend_block_hashes, longest_cached_prefix
+
+
+class KVCacheManager:
+    def __init__(
+        self,
+        block_size: int,
+        sliding_windows: Sequence[int | None],
+        num_blocks: Sequence[int],
+        enable_prefix_caching: bool,
+    ) -> None:
+        if len(sliding_windows) != len(num_blocks):
+            raise ValueError("one block count per layer group is required")
+        self.block_size = block_size
+        # Prefix reuse needs every position of the prefix; sliding groups recycle theirs, so caching is
+        # only offered when all groups attend fully.
+        self.enable_prefix_caching = enable_prefix_caching and all(w is None for w in sliding_windows)
+        self.pools = [BlockPool(n, enable_caching=self.enable_prefix_caching) for n in num_blocks]
+        self.allocators: list[FullAttentionCacheAllocator] = [
+            FullAttentionCacheAllocator(pool, block_size)
+            if window is None
+            else SlidingAttentionCacheAllocator(pool, block_size, window)
+            for pool, window in zip(self.pools, sliding_windows)
+        ]
+        self._tables: dict[str, list[list[int | None]]] = {}
+        self._hashes: dict[str, list[BlockHash]] = {}
+        self._pending_copies: list[BlockCopy] = []
+        self.num_prefix_queries_tokens = 0
+        self.num_prefix_hit_tokens = 0
+
+    # ---- queries -------------------------------------------------------------------------------
+    @property
+    def num_groups(self) -> int:
+        return len(self.pools)
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Free blocks of the most constrained group (what routing and admission should look at)."""
+        return min(pool.num_free_blocks for pool in self.pools)
+
+    @property
+    def num_total_blocks(self) -> int:
+        return min(pool.num_blocks for pool in self.pools)
+
+    @property
+    def usage(self) -> float:
+        return max(pool.num_used_blocks / pool.num_blocks for pool in self.pools)
+
+    def block_tables(self, request_id: str) -> list[list[int | None]]:
+        return self._tables[request_id]
+
+    def has_blocks(self, request_id: str) -> bool:
+        return request_id in self._tables
+
+    def can_ever_fit(self, num_total_tokens: int, max_chunk_tokens: int) -> bool:
+        """False if a request of this length could not fit even in an otherwise empty cache."""
+        return all(
+            alloc.max_blocks_held(num_total_tokens, max_chunk_tokens) <= pool.num_blocks
+            for alloc, pool in zip(self.allocators, self.pools)
+        )
+
+    # ---- prefix cache --------------------------------------------------------------------------
+    def find_cached_prefix(self, request_id: str, prompt_token_ids: Sequence[int]) -> tuple[list[int], int]:
+        """(block ids, tokens) of the longest cached prefix of a prompt that has no blocks yet.
+
+        Never the whole prompt: the last prompt token must be recomputed to get the logits of the
+        first output token, and a block being written must not be a shared cached one.
+        """
+        if not self.enable_prefix_caching:
+            return [], 0
+        hashes = self._hashes.setdefault(request_id, [])
+        extend_block_hashes(hashes, prompt_token_ids, self.block_size)
+        block_ids = longest_cached_prefix(self.pools[0], hashes)
+        if len(block_ids) * self.block_size >= len(prompt_token_ids):
+            block_ids = block_ids[:-1]
+        return block_ids, len(block_ids) * self.block_size
+
+    def record_prefix_query(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
+        """Count one admitted prompt's lookup (counted once, not per retry)."""
+        if self.enable_prefix_caching:
+            self.num_prefix_queries_tokens += num_prompt_tokens
+            self.num_prefix_hit_tokens += num_hit_tokens
+
+    def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
+        """Register the blocks that are now full of computed tokens, so later prompts can reuse them."""
+        if not self.enable_prefix_caching or request_id not in self._tables:
+            return
+        hashes = self._hashes.setdefault(request_id, [])
+        extend_block_hashes(hashes, token_ids[:num_computed_tokens], self.block_size)
+        table = self._tables[request_id][0]
+        for index in range(min(len(hashes), len(table))):
+            block_id = table[index]
+            if block_id is not None:
+                self.pools[0].register(block_id, hashes[index])
+
+    # ---- allocation ----------------------------------------------------------------------------
+    def allocate_slots(
+        self,
+        request_id: str,
+        num_computed_tokens: int,
+        num_new_tokens: int,
+        cached_block_ids: Sequence[int] = (),
+    ) -> bool:
+        """Make room to write `num_new_tokens` after `num_computed_tokens`; False (no change) if full.
+
+        `cached_block_ids` (from `find_cached_prefix`, only for a request without blocks) are taken
+        by reference as the start of the table.
+        """
+        tables = self._tables.get(request_id)
+        is_new = tables is None
+        if is_new:
+            tables = [[] for _ in self.pools]
+        num_total = num_computed_tokens + num_new_tokens
+        for alloc, table in zip(self.allocators, tables):
+            alloc.release_unneeded(table, num_computed_tokens)
+
+        revived = sum(1 for block_id in cached_block_ids if self.pools[0].ref_count(block_id) == 0)
+        for group, (alloc, table, pool) in enumerate(zip(self.allocators, tables, self.pools)):
+            base = len(cached_block_ids) if group == 0 else 0
+            padded = table if not base else [None] * base  # table length the cached blocks will give
+            need = alloc.num_blocks_to_allocate(padded, num_computed_tokens, num_total)
+            if group == 0:
+                need += revived
+            if not pool.can_allocate(need):
+                return False
+
+        if cached_block_ids:
+            for block_id in cached_block_ids:
+                self.pools[0].share(block_id)
+            tables[0].extend(cached_block_ids)
+        for group, (alloc, table) in enumerate(zip(self.allocators, tables)):
+            self._pending_copies.extend(alloc.allocate(table, num_computed_tokens, num_total, group))
+        self._tables[request_id] = tables
+        return True
+
+    def fork(self, parent_id: str, child_id: str) -> None:
+        """Give `child_id` the parent's blocks by reference (n > 1 completions share the prompt)."""
+        tables = []
+        for pool, table in zip(self.pools, self._tables[parent_id]):
+            for block_id in table:
+                if block_id is not None:
+                    pool.share(block_id)
+            tables.append(list(table))
+        self._tables[child_id] = tables
+        self._hashes[child_id] = list(self._hashes.get(parent_id, []))
+
+    def free(self, request_id: str) -> None:
+        tables = self._tables.pop(request_id, None)
+        self._hashes.pop(request_id, None)
+        if tables is None:
+            return
+        for alloc, table in zip(self.allocators, tables):
+            alloc.free(table)
+
+    def take_pending_copies(self) -> list[BlockCopy]:
+        copies, self._pending_copies = self._pending_copies, []
+        return copies
+
+    def check_invariants(self) -> None:
+        for pool in self.pools:
+            pool.check_invariants()
+        for group, pool in enumerate(self.pools):
+            counts = [0] * pool.num_blocks
+            for tables in self._tables.values():
+                for block_id in tables[group]:
+                    if block_id is not None:
+                        counts[block_id] += 1
+            for block_id, count in enumerate(counts):
+                if count != pool.ref_count(block_id):
+                    raise AssertionError(
+                        f"group {group} block {block_id}: {count} table references, ref count {pool.ref_count(block_id)}"
+                    )

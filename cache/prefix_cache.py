@@ -1,0 +1,42 @@
+"""Prefix caching: full blocks are named by a hash chained over every token before them.
+
+Block `i` of a sequence is keyed by `H(key(i-1), tokens of block i)`, so equal keys mean equal whole
+prefixes, not only equal blocks. blake2b keeps collisions out of reach (Python's `hash()` of tuples is
+not collision resistant, and a collision would serve one user another's KV).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Sequence
+
+from .block_pool import BlockHash, BlockPool
+
+_ROOT_HASH: BlockHash = b"pagedserve-prefix-root"
+
+
+def hash_block(parent_hash: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
+    digest = hashlib.blake2b(parent_hash or _ROOT_HASH, digest_size=16)
+    digest.update(array("q", token_ids).tobytes())
+    return digest.digest()
+
+
+def extend_block_hashes(hashes: list[BlockHash], token_ids: Sequence[int], block_size: int) -> None:
+    """Append the hashes of the full blocks of `token_ids` not yet in `hashes` (incremental, O(new))."""
+    num_full = len(token_ids) // block_size
+    for block_index in range(len(hashes), num_full):
+        start = block_index * block_size
+        parent = hashes[-1] if hashes else None
+        hashes.append(hash_block(parent, token_ids[start : start + block_size]))
+
+
+def longest_cached_prefix(pool: BlockPool, hashes: Sequence[BlockHash]) -> list[int]:
+    """Block ids of the longest run of leading blocks found in the pool's cache (not yet shared)."""
+    block_ids = []
+    for block_hash in hashes:
+        block_id = pool.lookup(block_hash)
+        if block_id is None:
+            break
+        block_ids.append(block_id)
+    return block_ids

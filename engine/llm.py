@@ -1,0 +1,82 @@
+"""The offline API: `LLM(model, **config).generate(prompts, SamplingParams)`, as vLLM users know it."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pagedserve.config.engine import EngineConfig
+
+from .llm_engine import LLMEngine
+from .request import CompletionOutput, RequestOutput, SamplingParams
+
+
+def merge_delta(full: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Fold one streamed delta into the accumulated output of its request."""
+    if full is None:
+        full = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids, [], False)
+    by_index = {c.index: c for c in full.outputs}
+    for piece in delta.outputs:
+        done = by_index.get(piece.index)
+        if done is None:
+            done = by_index[piece.index] = CompletionOutput(piece.index, "", [], logprobs=None)
+        done.text += piece.text
+        done.token_ids.extend(piece.token_ids)
+        if piece.logprobs is not None:
+            done.logprobs = (done.logprobs or []) + piece.logprobs
+        done.cumulative_logprob = piece.cumulative_logprob
+        done.finish_reason = piece.finish_reason
+        done.stop_reason = piece.stop_reason
+    full.outputs = [by_index[i] for i in sorted(by_index)]
+    full.finished = delta.finished
+    full.metrics = delta.metrics
+    full.num_cached_tokens = delta.num_cached_tokens
+    full.error = delta.error
+    return full
+
+
+class LLM:
+    """Generate for many prompts at once with continuous batching over a paged KV cache."""
+
+    def __init__(self, model: str | None = None, **config: Any) -> None:
+        self.config = EngineConfig.create(model=model, **config)
+        self.engine = LLMEngine(self.config)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Outputs in the order of `prompts`. Prompts may be strings or lists of token ids."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params_list = (
+            [sampling_params or SamplingParams()] * len(prompts)
+            if not isinstance(sampling_params, Sequence)
+            else list(sampling_params)
+        )
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        request_ids = []
+        for prompt, params in zip(prompts, params_list):
+            request_id = f"llm-{next(self._ids)}"
+            prompt_input = prompt if isinstance(prompt, str) else list(prompt)
+            self.engine.add_request(request_id, prompt_input, params)
+            request_ids.append(request_id)
+        results: dict[str, RequestOutput] = {}
+        progress = tqdm(total=len(request_ids), desc="generate", disable=not use_tqdm, unit="req")
+        while self.engine.has_unfinished_requests():
+            for delta in self.engine.step():
+                results[delta.request_id] = merge_delta(results.get(delta.request_id), delta)
+                if delta.finished:
+                    progress.update(1)
+        progress.close()
+        return [results[request_id] for request_id in request_ids]

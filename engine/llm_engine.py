@@ -1,0 +1,386 @@
+"""The synchronous engine: add_request / step / abort over the scheduler, model runner and sampler.
+
+One user request with `n` completions is one `_RequestGroup` of `n` sequences (`Request`s); the
+children share the parent's prompt blocks. `step()` returns `RequestOutput` deltas: for each group
+with news, the completions that changed, holding only their new text, token ids and logprobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pagedserve.cache.kv_cache_manager import KVCacheManager
+from pagedserve.config.engine import EngineConfig, SchedulerConfig
+
+from .detokenizer import IncrementalDetokenizer
+from .errors import InvalidRequestError, RequestTooLargeError
+from .loader import load_model
+from .model_runner import ModelRunner, StepInput
+from .request import (
+    CompletionOutput,
+    FinishReason,
+    Logprob,
+    Request,
+    RequestOutput,
+    SamplingParams,
+)
+from .sampler import Sampler
+from .scheduler import Scheduler, SchedulerOutput
+from .stats import EngineStats, StepStats
+
+logger = logging.getLogger(__name__)
+
+_CPU_MAX_BATCH_TOKENS = 2048
+_GPU_MAX_BATCH_TOKENS = 8192
+_DEFAULT_MAX_MODEL_LEN = 4096
+
+
+@dataclass
+class _Delta:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+
+
+@dataclass
+class _RequestGroup:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sequences: list[Request]
+    detokenizers: list[IncrementalDetokenizer]
+    deltas: dict[int, _Delta] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return all(seq.is_finished for seq in self.sequences)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        loaded = load_model(config)
+        self.model_name = loaded.served_name
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        self.runner = ModelRunner(loaded, config)
+        shape = self.runner.shape
+        self.max_model_len = config.max_model_len or min(
+            shape.max_position_embeddings or _DEFAULT_MAX_MODEL_LEN, 32768
+        )
+        default_tokens = _GPU_MAX_BATCH_TOKENS if self.device.type == "cuda" else _CPU_MAX_BATCH_TOKENS
+        max_batch_tokens = config.max_batch_tokens or default_tokens
+        if not config.enable_chunked_prefill:
+            max_batch_tokens = max(max_batch_tokens, self.max_model_len)
+        self.scheduler_config = SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_batch_tokens=max_batch_tokens,
+            max_model_len=self.max_model_len,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            policy=config.scheduling_policy,
+        )
+        self.memory_plan = self.runner.plan_memory(config.max_num_seqs, self.max_model_len, max_batch_tokens)
+        logger.info(self.memory_plan.describe())
+        self.runner.allocate_kv_cache(self.memory_plan.num_blocks)
+        self.kv_cache = KVCacheManager(
+            config.block_size,
+            [g.sliding_window for g in shape.groups],
+            self.memory_plan.num_blocks,
+            config.enable_prefix_caching,
+        )
+        if config.enable_prefix_caching and not self.kv_cache.enable_prefix_caching:
+            logger.info("prefix caching is off: sliding-window layers recycle their blocks")
+        self.scheduler = Scheduler(self.scheduler_config, self.kv_cache)
+        self.sampler = Sampler(self.device, seed=config.seed)
+        self.eos_token_ids = self._eos_token_ids(loaded.model)
+        self._groups: dict[str, _RequestGroup] = {}
+        self._finished_outputs: list[RequestOutput] = []
+        self._num_prompt_tokens_total = 0
+        self._num_generation_tokens_total = 0
+        self._finished_by_reason: dict[str, int] = {}
+        self.last_step: StepStats | None = None
+
+    def _eos_token_ids(self, model) -> frozenset[int]:
+        ids: set[int] = set()
+        generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        for value in (generation_eos, self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif value:
+                ids.update(value)
+        return frozenset(ids)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt))
+        return list(prompt)
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise `InvalidRequestError` / `RequestTooLargeError` for a request that can never run."""
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        vocab = self.runner.shape.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+        max_tokens = params.max_tokens if params.max_tokens is not None else 1
+        if num_prompt + max_tokens > self.max_model_len:
+            raise RequestTooLargeError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request has "
+                f"{num_prompt} prompt tokens + {max_tokens} max_tokens = {num_prompt + max_tokens} tokens",
+                param="max_tokens" if num_prompt < self.max_model_len else "prompt",
+            )
+        total = num_prompt + (params.max_tokens or self.max_model_len - num_prompt)
+        if not self.kv_cache.can_ever_fit(total, self.scheduler_config.max_batch_tokens):
+            capacity = self.kv_cache.num_total_blocks * self.kv_cache.block_size
+            raise RequestTooLargeError(
+                f"the request needs up to {total} tokens of KV cache but the whole cache holds {capacity} tokens",
+                param="max_tokens",
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        if request_id in self._groups:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        prompt_token_ids = self.encode_prompt(prompt)
+        self.validate_request(prompt_token_ids, params)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        sequences = [
+            Request(
+                request_id=request_id if index == 0 else f"{request_id}#{index}",
+                prompt_token_ids=prompt_token_ids,
+                sampling_params=params,
+                eos_token_ids=self.eos_token_ids,
+                arrival_time=arrival,
+                parent_id=request_id,
+                completion_index=index,
+            )
+            for index in range(params.n)
+        ]
+        group = _RequestGroup(
+            request_id=request_id,
+            prompt=prompt if isinstance(prompt, str) else None,
+            prompt_token_ids=prompt_token_ids,
+            params=params,
+            sequences=sequences,
+            detokenizers=[IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params) for _ in sequences],
+        )
+        self._groups[request_id] = group
+        self.scheduler.add_request(sequences[0], children=sequences[1:])
+        self._num_prompt_tokens_total += len(prompt_token_ids)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks. False if it is unknown or already finished."""
+        group = self._groups.get(request_id)
+        if group is None:
+            return False
+        self._finish_group(group, FinishReason.ABORT)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups) or bool(self._finished_outputs)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
+        output = self.scheduler.schedule()
+        if not output.is_empty:
+            try:
+                self._run(output)
+            except Exception as exc:  # a failed forward fails the requests of this step, not the engine
+                logger.exception("step failed; failing its %d requests", len(output.chunks))
+                for chunk in output.chunks:
+                    group = self._groups.get(chunk.request.parent_id or chunk.request.request_id)
+                    if group is not None:
+                        group.error = f"engine error: {type(exc).__name__}: {exc}"
+                        self._finish_group(group, FinishReason.ERROR)
+            num_decode = sum(1 for c in output.chunks if c.request.is_prefill_done and c.num_new_tokens == 1)
+            self.last_step = StepStats(
+                num_prefill_tokens=output.num_batched_tokens - num_decode,
+                num_decode_tokens=num_decode,
+                num_seqs=len(output.chunks),
+                step_time_s=time.perf_counter() - started,
+                num_preempted=len(output.preempted),
+            )
+        return self._collect_outputs()
+
+    def _run(self, output: SchedulerOutput) -> None:
+        step_input = self._build_step_input(output)
+        logits = self.runner.execute(step_input)
+        self.scheduler.finish_step(output)
+        rows: list[int] = []
+        row_requests: list[Request] = []
+        sample_index = 0
+        for chunk in output.chunks:
+            if not chunk.samples:
+                continue
+            for request in [chunk.request, *output.forks.get(chunk.request.request_id, [])]:
+                rows.append(sample_index)
+                row_requests.append(request)
+            sample_index += 1
+        if not row_requests:
+            return
+        if len(rows) != logits.shape[0]:
+            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        sampled = self.sampler.sample(logits, row_requests)
+        now = time.monotonic()
+        for row, request in enumerate(row_requests):
+            if request.is_finished:
+                continue
+            logprob = sampled.logprobs[row] if sampled.logprobs is not None else None
+            top = sampled.top_logprobs[row] if sampled.top_logprobs is not None else []
+            self._append_token(request, sampled.token_ids[row], logprob, top, now)
+
+    def _build_step_input(self, output: SchedulerOutput) -> StepInput:
+        token_ids: list[int] = []
+        positions: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        logits_indices: list[int] = []
+        tables: list[list[list[int]]] = [[] for _ in range(self.kv_cache.num_groups)]
+        for chunk in output.chunks:
+            start = chunk.num_computed_tokens
+            end = start + chunk.num_new_tokens
+            token_ids.extend(chunk.request.token_ids_between(start, end))
+            positions.extend(range(start, end))
+            query_lens.append(chunk.num_new_tokens)
+            seq_lens.append(end)
+            if chunk.samples:
+                logits_indices.append(len(token_ids) - 1)
+            for group, table in enumerate(self.kv_cache.block_tables(chunk.request.request_id)):
+                tables[group].append([0 if block is None else block for block in table])
+        return StepInput(token_ids, positions, query_lens, seq_lens, tables, logits_indices, output.block_copies)
+
+    def _append_token(
+        self, request: Request, token_id: int, logprob: float | None, top: list[tuple[int, float]], now: float
+    ) -> None:
+        group = self._groups[request.parent_id or request.request_id]
+        params = request.sampling_params
+        request.output_token_ids.append(token_id)
+        self._num_generation_tokens_total += 1
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+        request.metrics.last_token_time = now
+        delta = group.deltas.setdefault(request.completion_index, _Delta())
+        delta.token_ids.append(token_id)
+        if params.logprobs is not None and logprob is not None:
+            request.cumulative_logprob += logprob
+            entry = {token_id: Logprob(logprob)}
+            for rank, (top_id, top_logprob) in enumerate(top[: params.logprobs], start=1):
+                entry.setdefault(top_id, Logprob(top_logprob, rank=rank))
+            for tid, value in entry.items():
+                value.decoded_token = self.tokenizer.decode([tid])
+            delta.logprobs.append(entry)
+        text, stop_string = group.detokenizers[request.completion_index].append(token_id)
+        delta.text += text
+
+        reason: FinishReason | None = None
+        stop_reason: int | str | None = None
+        num_out = request.num_output_tokens
+        can_stop = num_out >= params.min_tokens
+        if stop_string is not None:
+            reason, stop_reason = FinishReason.STOP, stop_string
+        elif can_stop and not params.ignore_eos and token_id in request.eos_token_ids:
+            reason = FinishReason.STOP
+        elif can_stop and token_id in params.stop_token_ids:
+            reason, stop_reason = FinishReason.STOP, token_id
+        elif params.max_tokens is not None and num_out >= params.max_tokens:
+            reason = FinishReason.LENGTH
+        elif request.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            if stop_string is None:
+                delta.text += group.detokenizers[request.completion_index].flush()
+            request.stop_reason = stop_reason
+            self._finish_sequence(request, reason)
+
+    def _finish_sequence(self, request: Request, reason: FinishReason) -> None:
+        self.scheduler.finish_request(request, reason)
+        request.metrics.finished_time = time.monotonic()
+        self.sampler.forget(request.request_id)
+        self._finished_by_reason[reason.value] = self._finished_by_reason.get(reason.value, 0) + 1
+        group = self._groups.get(request.parent_id or request.request_id)
+        if group is not None:
+            group.deltas.setdefault(request.completion_index, _Delta())
+
+    def _finish_group(self, group: _RequestGroup, reason: FinishReason) -> None:
+        for request in group.sequences:
+            if not request.is_finished:
+                self._finish_sequence(request, reason)
+
+    def _collect_outputs(self) -> list[RequestOutput]:
+        outputs, self._finished_outputs = self._finished_outputs, []
+        for request_id in [rid for rid, group in self._groups.items() if group.deltas]:
+            group = self._groups[request_id]
+            completions = []
+            for index in sorted(group.deltas):
+                delta = group.deltas[index]
+                seq = group.sequences[index]
+                completions.append(
+                    CompletionOutput(
+                        index=index,
+                        text=delta.text,
+                        token_ids=delta.token_ids,
+                        cumulative_logprob=seq.cumulative_logprob if group.params.logprobs is not None else None,
+                        logprobs=delta.logprobs if group.params.logprobs is not None else None,
+                        finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+                        stop_reason=seq.stop_reason,
+                    )
+                )
+            group.deltas = {}
+            finished = group.is_finished
+            outputs.append(
+                RequestOutput(
+                    request_id=request_id,
+                    prompt=group.prompt,
+                    prompt_token_ids=group.prompt_token_ids,
+                    outputs=completions,
+                    finished=finished,
+                    metrics=group.sequences[0].metrics,
+                    num_cached_tokens=group.sequences[0].num_cached_prompt_tokens,
+                    error=group.error,
+                )
+            )
+            if finished:
+                del self._groups[request_id]
+        return outputs
+
+    # ---- state ---------------------------------------------------------------------------------
+    def get_stats(self) -> EngineStats:
+        kv = self.kv_cache
+        plan = self.memory_plan
+        usage = kv.usage
+        return EngineStats(
+            num_free_blocks=kv.num_free_blocks,
+            num_total_blocks=kv.num_total_blocks,
+            block_size=kv.block_size,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_preempted_waiting=self.scheduler.num_preempted_waiting,
+            max_model_len=self.max_model_len,
+            kv_cache_usage=usage,
+            kv_cache_bytes_total=plan.kv_bytes,
+            kv_cache_bytes_used=int(plan.kv_bytes * usage),
+            num_prompt_tokens_total=self._num_prompt_tokens_total,
+            num_generation_tokens_total=self._num_generation_tokens_total,
+            num_preemptions_total=self.scheduler.num_preemptions_total,
+            num_prefix_cache_queries_total=kv.num_prefix_queries_tokens,
+            num_prefix_cache_hits_total=kv.num_prefix_hit_tokens,
+            finished_by_reason=dict(self._finished_by_reason),
+            last_step_num_prefill_tokens=self.last_step.num_prefill_tokens if self.last_step else 0,
+            last_step_num_decode_tokens=self.last_step.num_decode_tokens if self.last_step else 0,
+            max_batch_tokens=self.scheduler_config.max_batch_tokens,
+        )

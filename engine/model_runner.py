@@ -1,0 +1,273 @@
+"""The model runner: owns the device, the model, the KV-cache tensors, and runs one packed step.
+
+A step arrives as a `StepInput` of plain Python lists (token ids, positions, block tables), so that a
+tensor-parallel group can receive the same object on every rank in one broadcast. The runner turns it
+into device tensors, writes new K/V into the paged cache through the attention backend, and returns
+logits only at the positions that are sampled.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from pagedserve.cache.allocators import BlockCopy, cdiv
+from pagedserve.cache.sizing import (
+    GIB,
+    GroupShape,
+    MemoryPlan,
+    cpu_available_bytes,
+    kv_budget_bytes,
+    plan_num_blocks,
+)
+from pagedserve.config.engine import ConfigError, EngineConfig, LayerGroupSpec
+
+from .attention import get_attention_backend
+from .attention.base import AttentionMetadata, GroupAttentionMetadata
+from .attention.hf_integration import LayerProbe, PagedForwardContext
+from .loader import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInput:
+    """One step's batch as plain data: broadcastable to every rank of a TP group."""
+
+    token_ids: list[int]
+    positions: list[int]
+    query_lens: list[int]
+    seq_lens: list[int]  # context length after this step, per sequence
+    block_tables: list[list[list[int]]]  # [group][sequence] -> block ids (released entries as 0)
+    logits_indices: list[int]  # packed-token index of each sampled position
+    block_copies: list[BlockCopy] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int | None
+    groups: tuple[LayerGroupSpec, ...]
+    layer_groups: tuple[int, ...]  # layer index -> group index
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.model = loaded.model
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.config = config
+        self.backend = get_attention_backend(config.attention_backend, self.device)
+        self.shape = self._probe_shape()
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.block_size = config.block_size
+        self._supports_logits_to_keep = hasattr(self.model, "_supports_logits_to_keep") and bool(
+            self.model._supports_logits_to_keep()
+        )
+        logger.info("attention backend: %s; layer groups: %s", self.backend.name, [g.kind for g in self.shape.groups])
+
+    # ---- model geometry ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _probe_shape(self) -> ModelShape:
+        """Run one token through the model to learn each attention layer's KV geometry and window."""
+        probe = LayerProbe()
+        ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        self.model(input_ids=ids, position_ids=torch.zeros_like(ids), paged_context=probe, use_cache=False)
+        if not probe.layers:
+            raise ConfigError("the model ran no attention layer through the paged attention registry")
+        layer_ids = sorted(probe.layers)
+        first = probe.layers[layer_ids[0]]
+        windows: list[int | None] = []
+        layer_groups = []
+        for layer_idx in layer_ids:
+            info = probe.layers[layer_idx]
+            if (info["num_kv_heads"], info["head_dim"]) != (first["num_kv_heads"], first["head_dim"]):
+                raise ConfigError("layers with different KV head counts or head sizes are not supported yet")
+            window = info["sliding_window"]
+            if window not in windows:
+                windows.append(window)
+            layer_groups.append(windows.index(window))
+        groups = tuple(
+            LayerGroupSpec(tuple(i for i, g in zip(layer_ids, layer_groups) if g == group), window)
+            for group, window in enumerate(windows)
+        )
+        text_config = self.model.config.get_text_config()
+        return ModelShape(
+            num_layers=len(layer_ids),
+            num_heads=first["num_heads"],
+            num_kv_heads=first["num_kv_heads"],
+            head_dim=first["head_dim"],
+            vocab_size=self.model.get_output_embeddings().weight.shape[0],
+            max_position_embeddings=getattr(text_config, "max_position_embeddings", None),
+            groups=groups,
+            layer_groups=tuple(layer_groups),
+        )
+
+    # ---- memory --------------------------------------------------------------------------------
+    def weights_bytes(self) -> int:
+        """Measured footprint of parameters and buffers (quantized weights counted as stored)."""
+        total = sum(t.numel() * t.element_size() for t in self.model.parameters())
+        total += sum(t.numel() * t.element_size() for t in self.model.buffers())
+        return total
+
+    def plan_memory(self, max_num_seqs: int, max_model_len: int, max_batch_tokens: int) -> MemoryPlan:
+        config = self.config
+        dtype_bytes = torch.empty((), dtype=self.dtype).element_size()
+        group_shapes = [
+            GroupShape(len(g.layer_indices), self.shape.num_kv_heads, self.shape.head_dim, g.sliding_window)
+            for g in self.shape.groups
+        ]
+        weights = self.weights_bytes()
+        if self.device.type == "cuda":
+            activation_peak = self._profile_activation_bytes(max_batch_tokens, max_num_seqs)
+            free, total = torch.cuda.mem_get_info(self.device)
+        else:
+            # CPU: no allocator statistics; estimate the step's working set from the model's widths.
+            hidden = self.model.config.get_text_config().hidden_size
+            intermediate = getattr(self.model.config.get_text_config(), "intermediate_size", 4 * hidden)
+            activation_peak = max_batch_tokens * (4 * hidden + 3 * intermediate) * 4
+            activation_peak += max_num_seqs * self.shape.vocab_size * 4 * 3
+            total = free = cpu_available_bytes()
+        budget, kv_bytes = kv_budget_bytes(
+            is_gpu=self.device.type == "cuda",
+            device_total_bytes=total,
+            device_free_bytes=free,
+            max_memory_percent=config.max_memory_percent,
+            weights_bytes=weights,
+            activation_peak_bytes=activation_peak,
+            max_cpu_kv_bytes=int(config.max_cpu_kv_cache_gib * GIB),
+        )
+        if config.num_blocks is not None:
+            num_blocks = tuple(config.num_blocks for _ in group_shapes)
+            needed = sum(n * g.bytes_per_block(self.block_size, dtype_bytes) for n, g in zip(num_blocks, group_shapes))
+            if needed > max(kv_bytes, 0) and self.device.type == "cuda":
+                raise ConfigError(
+                    f"EngineConfig.num_blocks={config.num_blocks} needs {needed / GIB:.2f} GiB of KV cache, "
+                    f"but only {kv_bytes / GIB:.2f} GiB fit within max_memory_percent={config.max_memory_percent}"
+                )
+        else:
+            num_blocks = plan_num_blocks(
+                kv_bytes,
+                group_shapes,
+                self.block_size,
+                dtype_bytes,
+                max_num_seqs=max_num_seqs,
+                max_model_len=max_model_len,
+                max_batch_tokens=max_batch_tokens,
+            )
+        kv_total = sum(n * g.bytes_per_block(self.block_size, dtype_bytes) for n, g in zip(num_blocks, group_shapes))
+        return MemoryPlan(total, budget, weights, activation_peak, kv_total, tuple(num_blocks), self.block_size)
+
+    @torch.inference_mode()
+    def _profile_activation_bytes(self, max_batch_tokens: int, max_num_seqs: int) -> int:
+        """Peak extra memory of one forward at `max_batch_tokens`, measured with a throwaway cache."""
+        num_seqs = max(1, min(max_num_seqs, max_batch_tokens // 512 or 1))
+        per_seq = max_batch_tokens // num_seqs
+        query_lens = [per_seq] * num_seqs
+        blocks_per_seq = cdiv(per_seq, self.block_size)
+        self.allocate_kv_cache(tuple(blocks_per_seq * num_seqs for _ in self.shape.groups))
+        tables = [[list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(num_seqs)]
+                  for _ in self.shape.groups]
+        step = StepInput(
+            token_ids=[0] * (per_seq * num_seqs),
+            positions=[p for _ in range(num_seqs) for p in range(per_seq)],
+            query_lens=query_lens,
+            seq_lens=query_lens,
+            block_tables=tables,
+            logits_indices=list(range(min(max_num_seqs, per_seq * num_seqs))),
+        )
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self.execute(step)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        self.kv_caches = []
+        torch.cuda.empty_cache()
+        return int(peak)
+
+    def allocate_kv_cache(self, num_blocks: tuple[int, ...]) -> None:
+        shape = self.shape
+        self.kv_caches = []
+        group_tensors = [
+            torch.zeros(
+                (len(g.layer_indices), 2, n, self.block_size, shape.num_kv_heads, shape.head_dim),
+                dtype=self.dtype,
+                device=self.device,
+            )
+            for g, n in zip(shape.groups, num_blocks)
+        ]
+        position_in_group = [0] * len(shape.groups)
+        for group in shape.layer_groups:
+            tensor = group_tensors[group][position_in_group[group]]
+            position_in_group[group] += 1
+            self.kv_caches.append((tensor[0], tensor[1]))
+        self._group_tensors = group_tensors
+
+    # ---- one step ------------------------------------------------------------------------------
+    def _build_metadata(self, step: StepInput) -> AttentionMetadata:
+        device = self.device
+        query_lens = torch.tensor(step.query_lens, dtype=torch.int32)
+        query_start_loc = torch.zeros(len(step.query_lens) + 1, dtype=torch.int32)
+        torch.cumsum(query_lens, 0, out=query_start_loc[1:])
+        positions = torch.tensor(step.positions, dtype=torch.long)
+        seq_index = torch.repeat_interleave(torch.arange(len(step.query_lens)), query_lens.long())
+        groups = []
+        for tables in step.block_tables:
+            width = max(len(t) for t in tables)
+            table = torch.zeros((len(tables), width), dtype=torch.int32)
+            for row, blocks in enumerate(tables):
+                table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            blocks = table[seq_index, positions // self.block_size].long()
+            slots = blocks * self.block_size + positions % self.block_size
+            groups.append(
+                GroupAttentionMetadata(
+                    block_tables=table.to(device, non_blocking=True),
+                    slot_mapping=slots.to(device, non_blocking=True),
+                )
+            )
+        return AttentionMetadata(
+            query_start_loc=query_start_loc.to(device, non_blocking=True),
+            seq_lens=torch.tensor(step.seq_lens, dtype=torch.int32).to(device, non_blocking=True),
+            max_query_len=max(step.query_lens),
+            max_seq_len=max(step.seq_lens),
+            block_size=self.block_size,
+            groups=groups,
+            query_lens_cpu=list(step.query_lens),
+            seq_lens_cpu=list(step.seq_lens),
+        )
+
+    def _copy_blocks(self, copies: list[BlockCopy]) -> None:
+        for copy in copies:
+            tensor = self._group_tensors[copy.group]  # [layers, 2, blocks, ...]
+            tensor[:, :, copy.dst].copy_(tensor[:, :, copy.src])
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> torch.Tensor:
+        """Run one packed step; returns float32 logits [len(logits_indices), vocab]."""
+        if step.block_copies:
+            self._copy_blocks(step.block_copies)
+        metadata = self._build_metadata(step)
+        context = PagedForwardContext(
+            metadata=metadata,
+            backend=self.backend,
+            kv_caches=self.kv_caches,
+            layer_groups=list(self.shape.layer_groups),
+            sliding_windows=[g.sliding_window for g in self.shape.groups],
+        )
+        input_ids = torch.tensor(step.token_ids, dtype=torch.long).to(self.device, non_blocking=True)[None]
+        position_ids = torch.tensor(step.positions, dtype=torch.long).to(self.device, non_blocking=True)[None]
+        logits_indices = torch.tensor(step.logits_indices, dtype=torch.long).to(self.device, non_blocking=True)
+        kwargs = {"logits_to_keep": logits_indices} if self._supports_logits_to_keep else {}
+        logits = self.model(
+            input_ids=input_ids, position_ids=position_ids, paged_context=context, use_cache=False, **kwargs
+        ).logits[0]
+        if not self._supports_logits_to_keep:
+            logits = logits[logits_indices]
+        return logits.float()
