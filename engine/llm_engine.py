@@ -152,7 +152,9 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams,
         arrival_time: float | None = None,
+        prompt_text: str | None = None,
     ) -> None:
+        """Queue a request; `prompt_text` names the prompt in outputs when `prompt` is already tokenized."""
         if request_id in self._groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         prompt_token_ids = self.encode_prompt(prompt)
@@ -172,7 +174,7 @@ class LLMEngine:
         ]
         group = _RequestGroup(
             request_id=request_id,
-            prompt=prompt if isinstance(prompt, str) else None,
+            prompt=prompt if isinstance(prompt, str) else prompt_text,
             prompt_token_ids=prompt_token_ids,
             params=params,
             sequences=sequences,
@@ -196,6 +198,7 @@ class LLMEngine:
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         started = time.perf_counter()
+        self.last_step = None
         output = self.scheduler.schedule()
         if not output.is_empty:
             try:
