@@ -1,0 +1,29 @@
+# pagedserve image for KubeRay (k8s/rayservice.yaml, k8s/raycluster.yaml): the official Ray GPU image
+# with the project installed into its Python. Build from the repository root:
+#
+#   docker build -t registry.example.com/pagedserve:0.1.0 .
+#
+# The Ray version here must equal `rayVersion` in k8s/*.yaml (tests/k8s checks it). The base image
+# brings the CUDA user-space libraries and Python 3.12; the torch wheel from PyPI brings its own CUDA
+# runtime, so the node needs only an NVIDIA driver recent enough for that wheel.
+FROM rayproject/ray:2.60.0-py312-gpu
+
+# Same two steps as the README's install (and `make install`), in the same order: torch first, pinned
+# by TORCH_SPEC (a separate layer, rebuilt only when the pin changes), then the project with its
+# extras. Unlike the README, the project is installed as a regular, non-editable package: the image
+# keeps no source tree to point at.
+ARG TORCH_SPEC="torch==2.13.0"
+# DL3013 (pin versions in pip): TORCH_SPEC is the pin; hadolint cannot see through the variable.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir "${TORCH_SPEC}"
+
+WORKDIR /tmp/pagedserve
+COPY --chown=ray:users . .
+# DL3013: "." is this project at the commit being built; its dependencies are ranged in pyproject.toml.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[serve,quant,gpu]" \
+    && python -c "import pagedserve.serve_app, pagedserve.engine"
+
+# Ray starts workers in the container's working directory; keep it off the (unused) source copy so
+# `config/`, `cache/`, `engine/` there never shadow anything.
+WORKDIR /home/ray

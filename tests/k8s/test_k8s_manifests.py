@@ -1,0 +1,271 @@
+"""k8s/*.yaml against KubeRay's CRD schemas and Kubernetes' own, plus the rules no schema states.
+
+Schemas say a manifest is well-formed; the second half checks that it is what docs/deploy.md
+promises: one replica per GPU pod, probes that cannot deadlock, the API key from a Secret, one model
+cache volume, one Ray version everywhere.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from typing import Any
+
+import pytest
+import yaml
+from k8s_schema import (
+    K8S_DIR,
+    REPO_ROOT,
+    SKIPPED_KINDS,
+    crd_errors,
+    documents_of_kind,
+    load_documents,
+    load_manifest,
+    pod_templates,
+    ray_cluster_spec,
+    uncomment_options,
+)
+
+RAY_MANIFESTS = ["rayservice.yaml", "raycluster.yaml"]
+ALL_MANIFESTS = [*RAY_MANIFESTS, "secret.example.yaml"]
+RAY_KINDS = {"RayService", "RayCluster"}
+# RayServiceUpgradeType in ray-operator/apis/ray/v1/rayservice_types.go; the CRD has no enum for it.
+UPGRADE_TYPES = {"NewCluster", "NewClusterWithIncrementalUpgrade", "None"}
+# KubeRay names the serve Service "<name>-serve-svc": 63 characters - len("-serve-svc").
+MAX_RAY_CR_NAME = 53
+API_KEY_ENV = "PAGEDSERVE_API_KEY"
+CACHE_ENVS = ("HF_HOME", "PAGEDSERVE_CACHE")
+
+
+def _validate_document(document: dict[str, Any], crd_validators: Any, k8s_validate: Any) -> list[str]:
+    kind = document.get("kind")
+    if kind in RAY_KINDS:
+        errors = crd_errors(crd_validators, document)
+        # The CRDs leave metadata open; check it as the ObjectMeta it is, through a kind that has one.
+        errors += k8s_validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": document["metadata"]})
+        for where, template in pod_templates(ray_cluster_spec(document)):
+            pod = {"apiVersion": "v1", "kind": "Pod", "metadata": template.get("metadata", {}), "spec": template["spec"]}
+            errors += [f"{where} pod template: {error}" for error in k8s_validate(pod)]
+        if kind == "RayService" and "serveService" in document["spec"]:
+            service = {"apiVersion": "v1", "kind": "Service", **document["spec"]["serveService"]}
+            errors += [f"serveService: {error}" for error in k8s_validate(service)]
+        return errors
+    return k8s_validate(document)
+
+
+@pytest.mark.parametrize("manifest", ALL_MANIFESTS)
+def test_manifest_validates_against_schemas(manifest: str, crd_validators: Any, k8s_validate: Any) -> None:
+    documents = load_manifest(manifest)
+    assert documents, f"{manifest} is empty"
+    for document in documents:
+        if document.get("kind") in SKIPPED_KINDS:
+            continue  # Prometheus operator CRDs are not vendored in ../shared
+        errors = _validate_document(document, crd_validators, k8s_validate)
+        assert not errors, f"{manifest} {document.get('kind')}/{document['metadata'].get('name')}:\n" + "\n".join(errors)
+
+
+@pytest.mark.parametrize("manifest", RAY_MANIFESTS)
+def test_documented_options_validate_when_uncommented(manifest: str, crd_validators: Any, k8s_validate: Any) -> None:
+    text, names = uncomment_options((K8S_DIR / manifest).read_text())
+    assert names, f"{manifest} documents no `# >>> option:` block (node selector / tolerations)"
+    for document in load_documents(text):
+        errors = _validate_document(document, crd_validators, k8s_validate)
+        assert not errors, f"{manifest} with options {names} uncommented:\n" + "\n".join(errors)
+
+
+def test_strict_schema_catches_a_misspelt_field(crd_validators: Any) -> None:
+    """The API server would silently prune an unknown field; the test must not let one through."""
+    (rayservice,) = documents_of_kind(load_manifest("rayservice.yaml"), "RayService")
+    rayservice["spec"]["rayClusterConfig"]["enableInTreeAutoscalling"] = True
+    rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"].append(
+        {"name": API_KEY_ENV, "value": "duplicate"}
+    )
+    # Kubernetes' own JSON schema leaves quantities unchecked; the CRD's pattern catches them.
+    rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"][
+        "memory"
+    ] = "8 gigs"
+    errors = "\n".join(crd_errors(crd_validators, rayservice))
+    assert "enableInTreeAutoscalling" in errors
+    assert "x-kubernetes-list-type map" in errors
+    assert "8 gigs" in errors
+
+
+@pytest.fixture(scope="module")
+def rayservice() -> dict[str, Any]:
+    (document,) = documents_of_kind(load_manifest("rayservice.yaml"), "RayService")
+    return document
+
+
+@pytest.fixture(scope="module")
+def raycluster() -> dict[str, Any]:
+    (document,) = documents_of_kind(load_manifest("raycluster.yaml"), "RayCluster")
+    return document
+
+
+@pytest.fixture(scope="module")
+def serve_config(rayservice: dict[str, Any]) -> dict[str, Any]:
+    return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+def test_raycluster_spec_is_the_rayservice_cluster(rayservice: dict[str, Any], raycluster: dict[str, Any]) -> None:
+    assert raycluster["spec"] == rayservice["spec"]["rayClusterConfig"], (
+        "k8s/raycluster.yaml's spec must equal rayClusterConfig of k8s/rayservice.yaml; edit both"
+    )
+
+
+@pytest.mark.parametrize("manifest", RAY_MANIFESTS)
+def test_names_fit_kuberay_service_names(manifest: str) -> None:
+    for document in load_manifest(manifest):
+        name = document["metadata"]["name"]
+        assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), name
+        if document["kind"] in RAY_KINDS:
+            assert len(name) <= MAX_RAY_CR_NAME, f"{name}: KubeRay appends -serve-svc; keep it <= {MAX_RAY_CR_NAME}"
+
+
+def test_upgrade_strategy_is_known(rayservice: dict[str, Any]) -> None:
+    assert rayservice["spec"]["upgradeStrategy"]["type"] in UPGRADE_TYPES
+
+
+def test_autoscaling_on_both_levels(rayservice: dict[str, Any], serve_config: dict[str, Any]) -> None:
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    (group,) = cluster["workerGroupSpecs"]
+    for app in serve_config["applications"]:
+        scaling = app["args"]["autoscaling"]
+        # One replica per pod: the pod bounds are the replica bounds.
+        assert (group["minReplicas"], group["maxReplicas"]) == (scaling["min_replicas"], scaling["max_replicas"])
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+
+def _container(template: dict[str, Any]) -> dict[str, Any]:
+    return template["spec"]["containers"][0]
+
+
+def test_head_has_no_gpu_and_no_work(rayservice: dict[str, Any]) -> None:
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
+    container = _container(head["template"])
+    for section in ("requests", "limits"):
+        assert "nvidia.com/gpu" not in container["resources"][section]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    # KubeRay deploys serveConfigV2 only once the head is Ready: a /health readiness probe would deadlock.
+    assert "readinessProbe" not in container
+
+
+def test_one_replica_per_gpu_pod(rayservice: dict[str, Any], serve_config: dict[str, Any]) -> None:
+    (group,) = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    resources = _container(group["template"])["resources"]
+    gpus_requested = int(resources["requests"]["nvidia.com/gpu"])
+    assert gpus_requested == int(resources["limits"]["nvidia.com/gpu"]), "extended resources need requests == limits"
+    for app in serve_config["applications"]:
+        args = app["args"]
+        tp_size = int(args.get("engine", args).get("tp_size", args.get("tp_size", 1)))
+        assert args["use_gpu"] is True
+        assert gpus_requested == tp_size, f"worker pods hold {gpus_requested} GPUs but a replica takes tp_size={tp_size}"
+
+
+@pytest.mark.parametrize("manifest", RAY_MANIFESTS)
+def test_every_container_has_requests_and_limits(manifest: str) -> None:
+    for document in documents_of_kind(load_manifest(manifest), "RayService") + documents_of_kind(
+        load_manifest(manifest), "RayCluster"
+    ):
+        cluster = ray_cluster_spec(document)
+        for where, template in pod_templates(cluster):
+            resources = _container(template)["resources"]
+            for section in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(resources[section]), f"{manifest} {where}: {section} lacks cpu/memory"
+        assert {"requests", "limits"} <= set(cluster["autoscalerOptions"]["resources"])
+
+
+def test_worker_readiness_is_the_ingress_health_route(rayservice: dict[str, Any], serve_config: dict[str, Any]) -> None:
+    (group,) = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    container = _container(group["template"])
+    probe = container["readinessProbe"]["httpGet"]
+    (app,) = [app for app in serve_config["applications"] if app["import_path"].startswith("pagedserve.")]
+    assert probe["path"] == posixpath.join(app.get("route_prefix", "/"), "health")
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports[probe["port"]] == serve_config["http_options"]["port"] == 8000
+    assert "livenessProbe" in container
+
+
+def test_serve_service_exposes_the_api_port(rayservice: dict[str, Any]) -> None:
+    service = rayservice["spec"]["serveService"]
+    assert [(port["port"], port["targetPort"]) for port in service["spec"]["ports"]] == [(8000, 8000)]
+    head_ports = {port["name"]: port["containerPort"] for port in _container(rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"])["ports"]}
+    assert head_ports["serve"] == 8000
+
+
+def test_raycluster_service_selects_the_worker_pods() -> None:
+    documents = load_manifest("raycluster.yaml")
+    (service,) = documents_of_kind(documents, "Service")
+    (cluster,) = documents_of_kind(documents, "RayCluster")
+    assert service["spec"]["selector"] == {"ray.io/cluster": cluster["metadata"]["name"], "ray.io/node-type": "worker"}
+    assert service["spec"]["ports"][0]["port"] == 8000
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {entry["name"]: entry for entry in container.get("env", [])}
+
+
+@pytest.mark.parametrize("manifest", RAY_MANIFESTS)
+def test_api_key_comes_from_the_example_secret(manifest: str) -> None:
+    secrets = {doc["metadata"]["name"]: doc for doc in documents_of_kind(load_manifest("secret.example.yaml"), "Secret")}
+    for document in load_manifest(manifest):
+        if document["kind"] not in RAY_KINDS:
+            continue
+        for where, template in pod_templates(ray_cluster_spec(document)):
+            entry = _env(_container(template))[API_KEY_ENV]
+            assert "value" not in entry, f"{where}: never a literal key in a manifest"
+            reference = entry["valueFrom"]["secretKeyRef"]
+            assert reference["key"] in secrets[reference["name"]]["stringData"], where
+            assert not reference.get("optional", False), f"{where}: a missing API key Secret must stop the pod"
+            # Every other Secret a pod reads is documented in the example too.
+            for other in _env(_container(template)).values():
+                other_reference = other.get("valueFrom", {}).get("secretKeyRef")
+                if other_reference:
+                    assert other_reference["key"] in secrets[other_reference["name"]]["stringData"], where
+
+
+@pytest.mark.parametrize("manifest", RAY_MANIFESTS)
+def test_model_cache_volume_is_the_claim_and_the_cache_dirs(manifest: str) -> None:
+    documents = load_manifest(manifest)
+    (claim,) = documents_of_kind(documents, "PersistentVolumeClaim")
+    for document in documents:
+        if document["kind"] not in RAY_KINDS:
+            continue
+        for where, template in pod_templates(ray_cluster_spec(document)):
+            volumes = {volume["name"]: volume for volume in template["spec"]["volumes"]}
+            container = _container(template)
+            (mount,) = [m for m in container["volumeMounts"] if "persistentVolumeClaim" in volumes[m["name"]]]
+            assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"], where
+            env = _env(container)
+            for name in CACHE_ENVS:
+                assert env[name]["value"].startswith(mount["mountPath"].rstrip("/") + "/"), f"{where}: {name}"
+
+
+def _dockerfile_ray_version() -> str:
+    text = (REPO_ROOT / "Dockerfile").read_text()
+    (image,) = re.findall(r"^FROM\s+(\S+)", text, flags=re.MULTILINE)
+    match = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py3\d+-gpu", image)
+    assert match, f"Dockerfile FROM {image}: expected the official rayproject/ray:<x.y.z>-py3XX-gpu family"
+    return match[1]
+
+
+@pytest.mark.parametrize("manifest", RAY_MANIFESTS)
+def test_one_ray_version_and_one_image(manifest: str) -> None:
+    ray_version = _dockerfile_ray_version()
+    for document in load_manifest(manifest):
+        if document["kind"] not in RAY_KINDS:
+            continue
+        cluster = ray_cluster_spec(document)
+        assert cluster["rayVersion"] == ray_version, "rayVersion must be the Ray of the Dockerfile's base image"
+        images = {_container(template)["image"] for _, template in pod_templates(cluster)}
+        assert len(images) == 1, f"head and workers must run one image: {images}"
+
+
+def test_builtin_schema_catches_a_bad_pod_template(k8s_validate: Any) -> None:
+    (rayservice,) = documents_of_kind(load_manifest("rayservice.yaml"), "RayService")
+    (group,) = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    spec = group["template"]["spec"]
+    spec["tolerations"] = [{"key": "nvidia.com/gpu", "operater": "Exists"}]
+    errors = "\n".join(k8s_validate({"apiVersion": "v1", "kind": "Pod", "metadata": {}, "spec": spec}))
+    assert "operater" in errors
