@@ -1,0 +1,203 @@
+"""Paged attention timings: Triton vs the reference backend (and dense SDPA as a no-paging comparator).
+
+Llama-3-8B attention shape (32 query heads, 8 KV heads, head_dim 128), block size 16, bf16, over a
+shuffled block table. Cases: decode of 256 sequences with ~600-token contexts (memory-bound: reported
+as GB/s of K/V read against the measured copy bandwidth), a 2048-token prefill chunk over 512 cached
+tokens (compute-bound: TFLOP/s), small decode batches over long contexts (the split-KV path), and the
+fused K/V write. `--sweep` also times a few tile shapes per kernel. Prints a markdown table last, for
+docs/kernels.md. Usage: python bench/attention_bench.py [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import triton.testing
+
+from pagedserve.engine.attention.base import AttentionMetadata, GroupAttentionMetadata
+from pagedserve.engine.attention.reference import ReferenceAttentionBackend
+from pagedserve.engine.attention.triton import TileConfig, TritonAttentionBackend
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+
+
+@dataclass
+class PagedBatch:
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    metadata: AttentionMetadata
+    group: GroupAttentionMetadata
+
+
+def make_batch(query_lens: list[int], seq_lens: list[int], device: torch.device, seed: int = 0) -> PagedBatch:
+    generator = torch.Generator().manual_seed(seed)
+    blocks_needed = [-(-seq_len // BLOCK_SIZE) for seq_len in seq_lens]
+    num_blocks = sum(blocks_needed) + 16
+    permutation = torch.randperm(num_blocks, generator=generator)
+    block_tables = torch.zeros(len(seq_lens), max(blocks_needed), dtype=torch.int32)
+    cursor = 0
+    for seq, count in enumerate(blocks_needed):
+        block_tables[seq, :count] = permutation[cursor : cursor + count].to(torch.int32)
+        cursor += count
+    slots = []
+    for seq, (seq_len, query_len) in enumerate(zip(seq_lens, query_lens)):
+        positions = torch.arange(seq_len - query_len, seq_len)
+        slots.append(block_tables[seq, positions // BLOCK_SIZE].long() * BLOCK_SIZE + positions % BLOCK_SIZE)
+    query_start_loc = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
+    query_start_loc[1:] = torch.cumsum(torch.tensor(query_lens), 0)
+    num_tokens = sum(query_lens)
+    group = GroupAttentionMetadata(block_tables=block_tables.to(device), slot_mapping=torch.cat(slots).to(device))
+    metadata = AttentionMetadata(
+        query_start_loc=query_start_loc.to(device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        block_size=BLOCK_SIZE,
+        groups=[group],
+        query_lens_cpu=list(query_lens),
+        seq_lens_cpu=list(seq_lens),
+    )
+    cache_shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    return PagedBatch(
+        query=torch.randn(num_tokens, NUM_HEADS, HEAD_DIM, device=device, dtype=DTYPE),
+        key=torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, device=device, dtype=DTYPE),
+        value=torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, device=device, dtype=DTYPE),
+        key_cache=torch.randn(cache_shape, device=device, dtype=DTYPE),
+        value_cache=torch.randn(cache_shape, device=device, dtype=DTYPE),
+        metadata=metadata,
+        group=group,
+    )
+
+
+def kv_bytes_read(batch: PagedBatch) -> int:
+    element = torch.finfo(DTYPE).bits // 8
+    kv = sum(batch.metadata.seq_lens_cpu) * NUM_KV_HEADS * HEAD_DIM * 2 * element
+    return kv + 2 * batch.query.numel() * element  # plus the queries in and the outputs out
+
+
+def attention_flops(batch: PagedBatch) -> int:
+    pairs = 0
+    for seq_len, query_len in zip(batch.metadata.seq_lens_cpu, batch.metadata.query_lens_cpu):
+        prefix = seq_len - query_len
+        pairs += query_len * prefix + query_len * (query_len + 1) // 2
+    return 4 * HEAD_DIM * NUM_HEADS * pairs
+
+
+def median_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def run_forward(backend, batch: PagedBatch):
+    return lambda: backend.forward(
+        batch.query, batch.key_cache, batch.value_cache, batch.metadata, batch.group,
+        scale=HEAD_DIM**-0.5, sliding_window=None, softcap=None,
+    )
+
+
+def dense_sdpa(batch: PagedBatch):
+    """Dense, unpaged SDPA over the same contexts pre-gathered (padded): what paging must compete with."""
+    device = batch.query.device
+    lens, qlens = batch.metadata.seq_lens_cpu, batch.metadata.query_lens_cpu
+    max_len, max_q = max(lens), max(qlens)
+    keys = torch.randn(len(lens), NUM_KV_HEADS, max_len, HEAD_DIM, device=device, dtype=DTYPE)
+    values = torch.randn_like(keys)
+    queries = torch.randn(len(lens), NUM_HEADS, max_q, HEAD_DIM, device=device, dtype=DTYPE)
+    q_pos = torch.tensor([s - q for s, q in zip(lens, qlens)], device=device)[:, None] + torch.arange(max_q, device=device)
+    k_pos = torch.arange(max_len, device=device)
+    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < torch.tensor(lens, device=device)[:, None, None])
+    mask = mask[:, None]
+    return lambda: torch.nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, enable_gqa=True)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    source = torch.randn(256 * 1024 * 1024, device=device, dtype=DTYPE)  # 512 MiB
+    target = torch.empty_like(source)
+    ms = median_ms(lambda: target.copy_(source))
+    return 2 * source.numel() * source.element_size() / ms / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true", help="also time alternative tile shapes")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    rows: list[tuple[str, str, float, str, str]] = []
+    reference, fast = ReferenceAttentionBackend(), TritonAttentionBackend()
+
+    copy_gbs = copy_bandwidth_gbs(device)
+    decode_lens = torch.randint(500, 701, (256,), generator=generator).tolist()
+    cases = {
+        "decode B=256 ctx~600": make_batch([1] * 256, decode_lens, device),
+        "prefill 2048 new + 512 cached": make_batch([2048], [2560], device),
+        "decode B=8 ctx 8192": make_batch([1] * 8, [8192] * 8, device),
+        "decode B=64 ctx 2048": make_batch([1] * 64, [2048] * 64, device),
+        "mixed 255 decode ctx~600 + 512-chunk over 1024": make_batch([1] * 255 + [512], decode_lens[:255] + [1536], device),
+    }
+    for case_name, batch in cases.items():
+        is_decode = batch.metadata.max_query_len == 1
+        ref = run_forward(reference, batch)()
+        contenders = [("triton", fast), ("reference", reference)]
+        if args.sweep and case_name.startswith(("decode B=256", "prefill")):
+            configs = (
+                [TileConfig(16, n, w, s) for n in (32, 64, 128) for w, s in ((2, 3), (4, 2), (4, 3))]
+                if is_decode
+                else [TileConfig(m, n, w, s) for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
+            )
+            for config in configs:
+                label = f"triton m{config.block_m} n{config.block_n} w{config.num_warps} s{config.num_stages}"
+                backend = TritonAttentionBackend(**({"decode_config": config} if is_decode else {"prefill_config": config}))
+                contenders.append((label, backend))
+        if args.sweep and case_name.startswith(("decode B=8 ", "decode B=64")):
+            contenders += [(f"triton splits={n}", TritonAttentionBackend(num_kv_splits=n)) for n in (1, 2, 4, 8, 16)]
+        for label, backend in contenders:
+            try:
+                fn = run_forward(backend, batch)
+                error = relative_error(fn(), ref)
+                ms = median_ms(fn)
+            except Exception as failure:  # a tile shape that does not compile (e.g. out of shared memory)
+                rows.append((case_name, label, float("nan"), f"failed: {type(failure).__name__}", ""))
+                continue
+            rate = (f"{kv_bytes_read(batch) / ms / 1e6:.0f} GB/s ({kv_bytes_read(batch) / ms / 1e6 / copy_gbs:.0%} of copy)"
+                    if is_decode else f"{attention_flops(batch) / ms / 1e9:.0f} TFLOP/s")
+            rows.append((case_name, label, ms, rate, f"{error:.1e}"))
+        if case_name.startswith(("decode B=256", "prefill")):
+            try:
+                ms = median_ms(dense_sdpa(batch))
+                rows.append((case_name, "dense SDPA, unpaged, masked", ms, "", ""))
+            except Exception as failure:
+                rows.append((case_name, "dense SDPA, unpaged, masked", float("nan"), f"failed: {failure}"[:80], ""))
+        for label, backend in (("triton", fast), ("reference", reference)):
+            slot_mapping = batch.group.slot_mapping
+            ms = median_ms(lambda: backend.write_kv(batch.key_cache, batch.value_cache, batch.key, batch.value, slot_mapping))
+            moved = 4 * batch.key.numel() * batch.key.element_size()
+            rows.append((case_name, f"write_kv {label}", ms, f"{moved / ms / 1e6:.0f} GB/s", ""))
+
+    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    print(f"\n{torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"commit {commit or 'unknown'}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+          f"device-to-device copy {copy_gbs:.0f} GB/s (read + write)")
+    print("| case | backend | median ms | rate | rel err vs reference |")
+    print("|---|---|---|---|---|")
+    for case_name, label, ms, rate, error in rows:
+        print(f"| {case_name} | {label} | {ms:.4f} | {rate} | {error} |")
+
+
+if __name__ == "__main__":
+    main()
