@@ -55,6 +55,10 @@ class BlockPool:
     def is_shared(self, block_id: int) -> bool:
         return self._ref_counts[block_id] > 1
 
+    def lookup_hash_of(self, block_id: int) -> BlockHash | None:
+        """The hash a block is cached under, or None."""
+        return self._hashes[block_id]
+
     def lookup(self, block_hash: BlockHash) -> int | None:
         """The block holding the tokens of `block_hash`, whether in use or free, or None."""
         return self._cached.get(block_hash)

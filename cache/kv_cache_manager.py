@@ -101,7 +101,9 @@ class KVCacheManager:
         hashes = self._hashes.setdefault(request_id, [])
         extend_block_hashes(hashes, token_ids[:num_computed_tokens], self.block_size)
         table = self._tables[request_id][0]
-        for index in range(min(len(hashes), len(table))):
+        # `hashes` may run ahead (the prompt's, from the lookup); only blocks full of computed tokens count.
+        num_full = min(num_computed_tokens // self.block_size, len(hashes), len(table))
+        for index in range(num_full):
             block_id = table[index]
             if block_id is not None:
                 self.pools[0].register(block_id, hashes[index])

@@ -26,11 +26,8 @@ class ScheduledChunk:
     request: Request
     num_computed_tokens: int  # before this step
     num_new_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the end of the known tokens: its last logits give a new token."""
-        return self.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    # True when this chunk reaches the end of the known tokens: its last logits give a new token.
+    samples: bool
 
 
 @dataclass
@@ -152,7 +149,7 @@ class Scheduler:
         return budget
 
     def _add_chunk(self, output: SchedulerOutput, request: Request, num_computed: int, num_new: int) -> None:
-        chunk = ScheduledChunk(request, num_computed, num_new)
+        chunk = ScheduledChunk(request, num_computed, num_new, samples=num_computed + num_new == request.num_tokens)
         output.chunks.append(chunk)
         children = self._awaiting_fork.get(request.request_id)
         if children and chunk.samples and request.num_output_tokens == 0:

@@ -1,0 +1,35 @@
+# pagedserve: the two commands a new user runs are `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU host gets the CPU build of torch; on a GPU host the same pin takes the CUDA build from PyPI.
+# Any torch in the project's range works: make TORCH_SPEC='torch>=2.6,<2.15' ...
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= test
+
+.PHONY: install test generate bench bench-gpu demo-model clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed-$(EXTRAS)
+
+test: install
+	$(BIN)/python -m pytest tests
+
+generate: install
+	$(BIN)/pagedserve generate --prompt "The meaning of a module is" --prompt "A function returns" --max-tokens 48 --temperature 0.7 --seed 0
+
+demo-model: install
+	$(BIN)/python -m pagedserve.engine.demo_model
+
+bench: install
+	$(BIN)/python bench/engine_bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

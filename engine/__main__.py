@@ -1,0 +1,5 @@
+"""`python -m pagedserve.engine generate ...`"""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""Property-based tests of the block pool, allocators and KV cache manager: no leak, no double free."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pagedserve.cache.block_pool import BlockPool, OutOfBlocksError
+from pagedserve.cache.kv_cache_manager import KVCacheManager
+from pagedserve.cache.prefix_cache import extend_block_hashes, hash_block
+
+
+def test_allocate_free_share_round_trip():
+    pool = BlockPool(4)
+    blocks = pool.allocate(3)
+    assert pool.num_free_blocks == 1
+    pool.share(blocks[0])
+    pool.free(blocks)
+    assert pool.num_free_blocks == 3 and pool.ref_count(blocks[0]) == 1
+    pool.free([blocks[0]])
+    assert pool.num_free_blocks == 4
+    with pytest.raises(ValueError, match="double free"):
+        pool.free([blocks[0]])
+    with pytest.raises(OutOfBlocksError):
+        pool.allocate(5)
+    pool.check_invariants()
+
+
+def test_cached_block_survives_free_until_evicted_lru():
+    pool = BlockPool(3)
+    a, b, c = pool.allocate(3)
+    pool.register(a, b"A")
+    pool.register(b, b"B")
+    pool.free([b, a, c])  # free order decides eviction order: b first
+    assert pool.lookup(b"A") == a and pool.lookup(b"B") == b
+    (fresh,) = pool.allocate(1)
+    assert fresh == b and pool.lookup(b"B") is None and pool.lookup(b"A") == a
+    pool.share(a)  # revive a free cached block
+    assert pool.ref_count(a) == 1 and pool.num_free_blocks == 1
+    pool.check_invariants()
+
+
+def test_chained_hashes_name_whole_prefixes():
+    one, two = [], []
+    extend_block_hashes(one, [1, 2, 3, 4, 5, 6], 2)
+    extend_block_hashes(two, [9, 9, 3, 4, 5, 6], 2)
+    assert len(one) == 3
+    assert one[1] != two[1], "same block after a different prefix must hash differently"
+    assert one[0] == hash_block(None, [1, 2])
+
+
+operations = st.lists(
+    st.tuples(st.sampled_from(["grow", "free", "fork", "cache"]), st.integers(0, 5), st.integers(1, 40)),
+    max_size=60,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=operations, sliding=st.booleans(), caching=st.booleans())
+def test_manager_never_leaks_or_double_frees(ops, sliding, caching):
+    windows = [None, 12] if sliding else [None]
+    manager = KVCacheManager(4, windows, [24] * len(windows), enable_prefix_caching=caching)
+    computed: dict[str, int] = {}
+    tokens: dict[str, list[int]] = {}
+    for op, slot, amount in ops:
+        request_id = f"r{slot}"
+        if op == "grow":
+            start = computed.get(request_id, 0)
+            cached, num_cached = ([], 0)
+            if request_id not in computed:
+                tokens[request_id] = [slot * 7 + i % 5 for i in range(200)]
+                cached, num_cached = manager.find_cached_prefix(request_id, tokens[request_id][: start + amount])
+                start = num_cached
+            if manager.allocate_slots(request_id, start, amount, cached):
+                computed[request_id] = start + amount
+        elif op == "free" and request_id in computed:
+            manager.free(request_id)
+            del computed[request_id]
+        elif op == "fork" and request_id in computed:
+            child = f"c{slot}-{len(computed)}"
+            if child not in computed:
+                manager.fork(request_id, child)
+                computed[child] = computed[request_id]
+                tokens[child] = list(tokens[request_id])
+        elif op == "cache" and request_id in computed:
+            manager.cache_full_blocks(request_id, tokens[request_id], computed[request_id])
+        manager.take_pending_copies()
+        manager.check_invariants()
+        for owner, num_computed in computed.items():
+            for index, block_id in enumerate(manager.block_tables(owner)[0]):
+                if manager.pools[0].lookup_hash_of(block_id) is not None:
+                    assert (index + 1) * 4 <= num_computed, "a block was cached before it was full of computed tokens"
+    for request_id in list(computed):
+        manager.free(request_id)
+    manager.check_invariants()
+    assert all(pool.num_free_blocks == pool.num_blocks for pool in manager.pools)

@@ -1,0 +1,97 @@
+"""Greedy outputs are token for token those of transformers' own `generate` (fp32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pagedserve.engine.llm import LLM
+from pagedserve.engine.request import SamplingParams
+
+from tiny_models import ARCHS, VOCAB_SIZE
+
+MAX_TOKENS = 24
+
+
+def random_prompts(seed: int, count: int = 6, low: int = 5, high: int = 70) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high, (count,), generator=generator).tolist()
+    return [torch.randint(3, VOCAB_SIZE, (n,), generator=generator).tolist() for n in lengths]
+
+
+_reference_cache: dict[tuple[str, int], list[list[int]]] = {}
+
+
+def reference_outputs(model_dir, arch: str, prompts: list[list[int]], seed: int) -> list[list[int]]:
+    key = (arch, seed)
+    if key not in _reference_cache:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32)
+        model.eval()
+        outs = []
+        for prompt in prompts:
+            generated = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, do_sample=False)
+            outs.append(generated[0, len(prompt):].tolist())
+        _reference_cache[key] = outs
+    return _reference_cache[key]
+
+
+ENGINE_SETUPS = {
+    "default": {},
+    # A budget smaller than every prompt: each prompt is prefilled in several chunks.
+    "chunked": {"max_batch_tokens": 8},
+    # So few blocks that running requests must be preempted and recomputed.
+    "preempting": {"num_blocks": 14, "max_batch_tokens": 32},
+    "no-prefix-cache": {"enable_prefix_caching": False},
+    "prefill-first": {"scheduling_policy": "prefill_first", "max_batch_tokens": 40},
+}
+
+
+@pytest.mark.parametrize("setup", list(ENGINE_SETUPS))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_matches_transformers(tiny_model_dir, arch, setup):
+    model_dir = tiny_model_dir(arch)
+    prompts = random_prompts(seed=1)
+    expected = reference_outputs(model_dir, arch, prompts, seed=1)
+    llm = LLM(str(model_dir), dtype="float32", block_size=8, **ENGINE_SETUPS[setup])
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    for prompt, output, want in zip(prompts, outputs, expected):
+        assert output.outputs[0].token_ids == want, f"{arch}/{setup}: prompt of {len(prompt)} tokens diverged"
+    stats = llm.engine.get_stats()
+    assert stats.num_free_blocks == stats.num_total_blocks, "blocks leaked after every request finished"
+    llm.engine.kv_cache.check_invariants()
+    if setup == "preempting":
+        assert stats.num_preemptions_total > 0, "the tiny cache was meant to force preemption"
+
+
+def test_sliding_window_holds_window_many_blocks(tiny_model_dir):
+    """A long Mistral sequence keeps about window/block_size blocks, not length/block_size."""
+    llm = LLM(str(tiny_model_dir("mistral")), dtype="float32", block_size=8, max_batch_tokens=16)
+    engine = llm.engine
+    engine.add_request("long", list(range(3, 203)), SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+    most_held = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        if engine.kv_cache.has_blocks("long"):
+            (table,) = engine.kv_cache.block_tables("long")
+            most_held = max(most_held, sum(block is not None for block in table))
+    # window 24 + chunk 16 spans at most ceil(39 / 8) + 1 = 6 blocks; 300 tokens would need 38.
+    assert most_held <= 6
+
+
+def test_prefix_cache_hits_and_same_outputs(tiny_model_dir):
+    model_dir = tiny_model_dir("llama")
+    shared = list(range(10, 58))  # 48 tokens: 6 full blocks of 8
+    prompts = [shared + [100 + i, 101 + i, 102 + i] for i in range(4)]
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    cold = LLM(str(model_dir), dtype="float32", block_size=8, enable_prefix_caching=False)
+    want = [o.outputs[0].token_ids for o in cold.generate(prompts, params, use_tqdm=False)]
+    warm = LLM(str(model_dir), dtype="float32", block_size=8, enable_prefix_caching=True)
+    first = warm.generate(prompts[:1], params, use_tqdm=False)
+    rest = warm.generate(prompts[1:], params, use_tqdm=False)
+    got = [o.outputs[0].token_ids for o in first + rest]
+    assert got == want
+    stats = warm.engine.get_stats()
+    assert stats.num_prefix_cache_hits_total >= 3 * 48
+    assert all(o.num_cached_tokens == 48 for o in rest)
+    assert stats.num_free_blocks == stats.num_total_blocks
