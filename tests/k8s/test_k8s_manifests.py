@@ -269,3 +269,32 @@ def test_builtin_schema_catches_a_bad_pod_template(k8s_validate: Any) -> None:
     spec["tolerations"] = [{"key": "nvidia.com/gpu", "operater": "Exists"}]
     errors = "\n".join(k8s_validate({"apiVersion": "v1", "kind": "Pod", "metadata": {}, "spec": spec}))
     assert "operater" in errors
+
+
+@pytest.mark.parametrize("manifest", RAY_MANIFESTS)
+def test_kuberay_controller_rules(manifest: str) -> None:
+    """Rules KubeRay's controller enforces beyond the CRD schema (ray-operator/controllers/ray/utils/validation.go)."""
+    for document in load_manifest(manifest):
+        if document["kind"] not in RAY_KINDS:
+            continue
+        cluster = ray_cluster_spec(document)
+        groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        for group in groups:
+            start_params = group.get("rayStartParams", {})
+            assert "labels" not in start_params, "use the group's labels field"
+            if {"num-cpus", "num-gpus", "memory", "resources"} & set(start_params):
+                assert not group.get("resources"), "resources in both rayStartParams and the group's resources"
+            # Autoscaler v2 needs pods that are replaced, not restarted in place.
+            assert group["template"]["spec"].get("restartPolicy", "Never") == "Never"
+        for group in cluster["workerGroupSpecs"]:
+            assert 0 <= group["minReplicas"] <= group["maxReplicas"]
+        options = cluster.get("autoscalerOptions", {})
+        assert options.get("idleTimeoutSeconds", 0) >= 0
+        head_env = _env(_container(cluster["headGroupSpec"]["template"]))
+        assert not ("version" in options and "RAY_ENABLE_AUTOSCALER_V2" in head_env)
+        if document["kind"] == "RayService":
+            assert "name" not in cluster["headGroupSpec"].get("headService", {}).get("metadata", {})
+            strategy = document["spec"].get("upgradeStrategy", {})
+            if strategy.get("type") == "NewClusterWithIncrementalUpgrade":
+                assert cluster.get("enableInTreeAutoscaling"), "incremental upgrade needs the Ray autoscaler"
+                assert strategy["clusterUpgradeOptions"]["gatewayClassName"]
