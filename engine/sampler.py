@@ -1,0 +1,238 @@
+"""Batched sampling: logits [N, V] -> one token per row, on the logits' device.
+
+`apply_logits_processing` is the pure part (penalties, min_tokens, temperature, top-k, top-p, min-p) and
+is what tests compare against a per-row reference. `Sampler` owns the random state: one
+`torch.Generator` per seeded request, kept across steps so that a seeded request draws the same noise
+whatever else shares its batch and wherever its row is, and one generator for every unseeded row.
+
+Logprobs are "raw": log_softmax of the model's logits before penalties, temperature and filtering (vLLM's
+default `logprobs_mode="raw_logprobs"`), so they describe the model, not the sampling recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .request import Request
+
+# Exponential noise is clamped away from 0: probs / 0 would be inf, or NaN for a filtered token.
+_MIN_NOISE = 1e-10
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]  # one per row, on the host
+    logprobs: list[float] | None  # raw logprob of each sampled token (None when no row asked)
+    top_logprobs: list[list[tuple[int, float]]] | None  # per row, top-n (token_id, logprob) sorted desc; [] if not asked
+    # 1-based rank of each sampled token in its row's raw distribution (None when no row asked).
+    sampled_ranks: list[int] | None = None
+
+
+def _rows_tensor(values: list[float] | list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _token_mask(token_lists: list[list[int]], num_rows: int, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """Counts [num_rows, vocab_size] of each token id in each row's list (ids outside the vocab ignored)."""
+    counts = torch.zeros(num_rows, vocab_size + 1, dtype=torch.float32, device=device)
+    width = max((len(tokens) for tokens in token_lists), default=0)
+    if width == 0:
+        return counts[:, :vocab_size]
+    # Pad with an extra column index that is cut off afterwards, so one scatter serves ragged rows.
+    padded = [[t if 0 <= t < vocab_size else vocab_size for t in tokens] + [vocab_size] * (width - len(tokens))
+              for tokens in token_lists]
+    index = torch.tensor(padded, dtype=torch.int64, device=device)
+    counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
+    """Repetition (HF: prompt + output), then presence and frequency (OpenAI: output only), in place."""
+    num_rows, vocab_size = logits.shape
+    device = logits.device
+    repetition = [r.sampling_params.repetition_penalty for r in requests]
+    if any(penalty != 1.0 for penalty in repetition):
+        seen = _token_mask([r.all_token_ids for r in requests], num_rows, vocab_size, device) > 0
+        penalty = _rows_tensor(repetition, torch.float32, device).unsqueeze(1)
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits.copy_(torch.where(seen, penalized, logits))
+    presence = [r.sampling_params.presence_penalty for r in requests]
+    frequency = [r.sampling_params.frequency_penalty for r in requests]
+    if any(presence) or any(frequency):
+        counts = _token_mask([r.output_token_ids for r in requests], num_rows, vocab_size, device)
+        logits -= _rows_tensor(frequency, torch.float32, device).unsqueeze(1) * counts
+        logits -= _rows_tensor(presence, torch.float32, device).unsqueeze(1) * (counts > 0).float()
+
+
+def _apply_min_tokens(logits: torch.Tensor, requests: list[Request]) -> None:
+    """While a request has fewer than min_tokens outputs, its EOS and stop token ids cannot be sampled."""
+    vocab_size = logits.shape[1]
+    rows: list[int] = []
+    columns: list[int] = []
+    for row, request in enumerate(requests):
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            continue
+        banned = set(params.stop_token_ids or [])
+        if not params.ignore_eos:
+            banned |= request.eos_token_ids
+        for token_id in sorted(banned):
+            if 0 <= token_id < vocab_size:
+                rows.append(row)
+                columns.append(token_id)
+    if rows:
+        index = (_rows_tensor(rows, torch.int64, logits.device), _rows_tensor(columns, torch.int64, logits.device))
+        logits.index_put_(index, torch.tensor(float("-inf"), device=logits.device))
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Rows' logits with tokens outside top-k, then outside top-p, set to -inf (HF/vLLM rules).
+
+    top_k: [R] int64, 0 = off; top_p: [R] float, 1 = off. Tokens tied with the k-th logit are kept. Top-p
+    removes the lowest tokens whose total probability (after top-k) is at most 1 - top_p; the top token
+    always stays.
+    """
+    vocab_size = logits.shape[1]
+    sorted_logits, sorted_index = logits.sort(dim=1, descending=False)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab_size), torch.full_like(top_k, vocab_size))
+    kth_logit = sorted_logits.gather(1, (vocab_size - k).unsqueeze(1))
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_logit, float("-inf"))
+    cumulative = sorted_logits.softmax(dim=1).cumsum(dim=1)
+    outside_top_p = (cumulative <= (1.0 - top_p).unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+    outside_top_p[:, -1] = False
+    sorted_logits = sorted_logits.masked_fill(outside_top_p, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, sorted_index, sorted_logits)
+
+
+def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Removes tokens whose probability is below min_p times the row's top probability."""
+    probs = logits.softmax(dim=1)
+    threshold = probs.amax(dim=1, keepdim=True) * min_p.unsqueeze(1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def apply_logits_processing(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """The logits each row is sampled from: a new float32 tensor; filtered tokens are -inf.
+
+    Order: repetition penalty, presence/frequency penalties, min_tokens, then for sampled rows only:
+    temperature, top-k, top-p, min-p. Greedy rows (temperature 0) get the penalties and min_tokens (as in
+    vLLM and transformers' generate) but nothing else, so with default penalties their argmax is
+    exactly the argmax of the raw float32 logits. Parameters at their neutral value leave a row untouched.
+    """
+    processed = logits.to(torch.float32, copy=True)
+    if not requests:
+        return processed
+    device = processed.device
+    _apply_penalties(processed, requests)
+    _apply_min_tokens(processed, requests)
+
+    params = [r.sampling_params for r in requests]
+    sampled_rows = [row for row, p in enumerate(params) if not p.is_greedy]
+    if not sampled_rows:
+        return processed
+    temperature = _rows_tensor([p.temperature if not p.is_greedy else 1.0 for p in params], torch.float32, device)
+    processed /= temperature.unsqueeze(1)
+
+    filtered_rows = [row for row in sampled_rows if params[row].top_k > 0 or params[row].top_p < 1.0]
+    if filtered_rows:
+        # Sorting is the costly part, so only rows that filter are sorted.
+        rows = _rows_tensor(filtered_rows, torch.int64, device)
+        top_k = _rows_tensor([params[row].top_k for row in filtered_rows], torch.int64, device)
+        top_p = _rows_tensor([params[row].top_p for row in filtered_rows], torch.float32, device)
+        processed[rows] = _apply_top_k_top_p(processed[rows], top_k, top_p)
+    min_p_rows = [row for row in sampled_rows if params[row].min_p > 0.0]
+    if min_p_rows:
+        rows = _rows_tensor(min_p_rows, torch.int64, device)
+        min_p = _rows_tensor([params[row].min_p for row in min_p_rows], torch.float32, device)
+        processed[rows] = _apply_min_p(processed[rows], min_p)
+    return processed
+
+
+class Sampler:
+    """Turns each step's logits into tokens; owns every generator used for sampling.
+
+    Invariant: a seeded request's generator is created on its first sampled token and advanced exactly
+    once per token it samples (one draw of V exponentials), so its tokens depend only on its seed, its
+    completion index and its own logits. Callers pass only rows that really sample a token and call
+    `forget` when a request finishes or is aborted.
+    """
+
+    def __init__(self, device: torch.device, seed: int = 0) -> None:
+        self.device = torch.device(device)
+        self._unseeded_generator = torch.Generator(device=self.device)
+        self._unseeded_generator.manual_seed(seed)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        """logits [N, V] float (row i belongs to requests[i]); reads each request's sampling_params,
+        prompt_token_ids, output_token_ids, eos_token_ids and completion_index."""
+        if logits.dim() != 2 or logits.shape[0] != len(requests):
+            raise ValueError(
+                f"logits of shape {tuple(logits.shape)} do not match {len(requests)} requests "
+                f"({[r.request_id for r in requests]})"
+            )
+        processed = apply_logits_processing(logits, requests)
+        token_ids = processed.argmax(dim=1)
+        sampled_rows = [row for row, r in enumerate(requests) if not r.sampling_params.is_greedy]
+        if sampled_rows:
+            rows = _rows_tensor(sampled_rows, torch.int64, processed.device)
+            probs = processed[rows].softmax(dim=1)
+            noise = self._exponential_noise([requests[row] for row in sampled_rows], probs.shape[1], probs.device)
+            # argmax(p / q) with q ~ Exp(1) picks token i with probability p_i (exponential race).
+            token_ids[rows] = (probs / noise).argmax(dim=1)
+        return self._to_host(logits, token_ids, requests)
+
+    def forget(self, request_id: str) -> None:
+        """Drop the request's generator (finished or aborted); unknown ids are fine (greedy, unseeded)."""
+        self._generators.pop(request_id, None)
+
+    def _generator(self, request: Request) -> torch.Generator:
+        generator = self._generators.get(request.request_id)
+        if generator is None:
+            seed = request.sampling_params.seed
+            assert seed is not None, f"request {request.request_id} has no seed"
+            generator = torch.Generator(device=self.device)
+            # Completion i of a seeded request behaves like a request with seed + i (vLLM's rule for n > 1).
+            generator.manual_seed((seed + request.completion_index) % 2**64)
+            self._generators[request.request_id] = generator
+        return generator
+
+    def _exponential_noise(self, requests: list[Request], vocab_size: int, device: torch.device) -> torch.Tensor:
+        noise = torch.empty(len(requests), vocab_size, dtype=torch.float32, device=device)
+        unseeded = [index for index, r in enumerate(requests) if r.sampling_params.seed is None]
+        for index, request in enumerate(requests):
+            if request.sampling_params.seed is not None:
+                noise[index].exponential_(generator=self._generator(request))
+        if unseeded:
+            rows = _rows_tensor(unseeded, torch.int64, device)
+            drawn = torch.empty(len(unseeded), vocab_size, dtype=torch.float32, device=device)
+            noise[rows] = drawn.exponential_(generator=self._unseeded_generator)
+        return noise.clamp_min_(_MIN_NOISE)
+
+    def _to_host(self, logits: torch.Tensor, token_ids: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        """Moves results to the host in one transfer (a float64 tensor holds ids exactly below 2**53)."""
+        wanted = [r.sampling_params.logprobs for r in requests]
+        if all(n is None for n in wanted):
+            return SamplerOutput(token_ids=token_ids.tolist(), logprobs=None, top_logprobs=None)
+        raw_logprobs = logits.to(torch.float32).log_softmax(dim=1)
+        sampled_logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1))
+        ranks = (raw_logprobs > sampled_logprobs).sum(dim=1, keepdim=True) + 1
+        num_top = min(max(n or 0 for n in wanted), raw_logprobs.shape[1])
+        columns = [token_ids.unsqueeze(1).double(), sampled_logprobs.double(), ranks.double()]
+        if num_top > 0:
+            top_values, top_ids = raw_logprobs.topk(num_top, dim=1)
+            columns += [top_ids.double(), top_values.double()]
+        host = torch.cat(columns, dim=1).cpu().tolist()
+        top_logprobs: list[list[tuple[int, float]]] = []
+        for row, n in zip(host, wanted):
+            top_ids_row = row[3:3 + num_top]
+            top_values_row = row[3 + num_top:3 + 2 * num_top]
+            top_logprobs.append([(int(i), v) for i, v in zip(top_ids_row[: n or 0], top_values_row[: n or 0])])
+        return SamplerOutput(
+            token_ids=[int(row[0]) for row in host],
+            logprobs=[row[1] for row in host],
+            top_logprobs=top_logprobs,
+            sampled_ranks=[int(row[2]) for row in host],
+        )
