@@ -36,5 +36,7 @@ def crd_validators() -> dict[tuple[str, str], Any]:
 @pytest.fixture(scope="session")
 def k8s_validate() -> Callable[[dict[str, Any]], list[str]]:
     """validate(object) -> errors, against each of KUBERNETES_VERSIONS, strict (unknown fields fail)."""
-    pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed (pip install kubernetes-validate)")
+    pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate not installed (pip install kubernetes-validate)"
+    )
     return BuiltinSchemas(KUBERNETES_VERSIONS).errors

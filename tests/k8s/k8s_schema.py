@@ -1,4 +1,6 @@
-"""Offline validation of k8s/ (helpers; fixtures are in conftest.py): loaders, KubeRay CRD schemas made strict, Kubernetes built-in schemas.
+"""Offline validation of k8s/: loaders, KubeRay CRD schemas made strict, Kubernetes built-in schemas.
+
+Helpers; the fixtures that use them are in conftest.py.
 
 KubeRay's CRDs (../shared/kuberay/, relative to the repository root) carry OpenAPI v3 "structural"
 schemas. The API server prunes unknown fields silently, so a misspelt field would vanish on apply;
@@ -148,7 +150,9 @@ def _list_type(validator: Any, list_type: str, instance: Any, schema: dict[str, 
                 continue
             key = tuple(item.get(name) for name in keys)
             if key in seen_keys:
-                yield jsonschema.ValidationError(f"x-kubernetes-list-type map: two items with {dict(zip(keys, key))}")
+                yield jsonschema.ValidationError(
+                    f"x-kubernetes-list-type map: two items with {dict(zip(keys, key, strict=True))}"
+                )
             seen_keys.add(key)
 
 
@@ -240,7 +244,9 @@ class BuiltinSchemas:
             schema = self._kv_utils.schema_contents(f"{folder}/{kind.lower()}-{api}.json", version)
             if version not in self._definitions:
                 self._definitions[version] = self._kv_utils.schema_contents(f"{folder}/_definitions.json", version)
-            registry = Resource.from_contents(self._definitions[version]) @ (Resource.from_contents(schema) @ Registry())
+            registry = Resource.from_contents(self._definitions[version]) @ (
+                Resource.from_contents(schema) @ Registry()
+            )
             self._validators[key] = jsonschema.Draft202012Validator(schema, registry=registry)
         return self._validators[key]
 

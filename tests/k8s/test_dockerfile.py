@@ -113,11 +113,10 @@ def test_dockerfile_installs_torch_then_the_project() -> None:
 def test_install_steps_match_the_readme() -> None:
     readme_installs = _readme_installs()
     if not _project_installs(readme_installs):
-        pytest.skip("README.md has no `pip install \".[...]\"` step yet to compare with (see docs/deploy.md)")
+        pytest.skip('README.md has no `pip install ".[...]"` step yet to compare with (see docs/deploy.md)')
     docker_installs = _dockerfile_installs()
-    assert _project_installs(docker_installs)[0] in _project_installs(readme_installs), (
-        f"Dockerfile installs {_project_installs(docker_installs)[0]}, README shows {_project_installs(readme_installs)}"
-    )
+    docker_project, readme_projects = _project_installs(docker_installs)[0], _project_installs(readme_installs)
+    assert docker_project in readme_projects, f"Dockerfile installs {docker_project}, README shows {readme_projects}"
     readme_torch = _torch_spec(readme_installs)
     if readme_torch:
         assert _torch_spec(docker_installs) == readme_torch
@@ -139,7 +138,11 @@ def test_torch_pin_matches_the_makefile() -> None:
 
 def test_dockerignore_keeps_what_pip_install_needs() -> None:
     pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-    needed = ["pyproject.toml", pyproject["project"]["readme"], *pyproject["tool"]["setuptools"]["package-dir"].values()]
+    needed = [
+        "pyproject.toml",
+        pyproject["project"]["readme"],
+        *pyproject["tool"]["setuptools"]["package-dir"].values(),
+    ]
     patterns = [
         line.strip().lstrip("/")
         for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()

@@ -61,9 +61,13 @@ def _our_apps(config: dict[str, Any]) -> list[dict[str, Any]]:
     return [app for app in config["applications"] if app["import_path"].startswith("pagedserve.")]
 
 
-def test_committed_manifests_match_config_serve_yaml(generate: ModuleType, source_config: dict[str, Any], capsys: Any) -> None:
+def test_committed_manifests_match_config_serve_yaml(
+    generate: ModuleType, source_config: dict[str, Any], capsys: Any
+) -> None:
     exit_code = generate.main(["--check"])
-    assert exit_code == 0, "k8s/ drifted from config/serve.yaml; run `python k8s/generate.py`\n" + capsys.readouterr().out
+    assert exit_code == 0, (
+        "k8s/ drifted from config/serve.yaml; run `python k8s/generate.py`\n" + capsys.readouterr().out
+    )
 
 
 def test_check_fails_on_drift_and_generate_fixes_it(generate: ModuleType, workspace: tuple[Path, Path]) -> None:
@@ -85,7 +89,9 @@ def test_check_fails_on_drift_and_generate_fixes_it(generate: ModuleType, worksp
     rendered_engine = app["args"]["engine"] if isinstance(app["args"].get("engine"), dict) else app["args"]
     assert (rendered_engine["tp_size"], rendered_engine["block_size"]) == (2, 32)
     for name in GENERATED_FILES:
-        (cluster,) = [d for d in load_documents((k8s_dir / name).read_text()) if d["kind"] in {"RayService", "RayCluster"}]
+        (cluster,) = [
+            d for d in load_documents((k8s_dir / name).read_text()) if d["kind"] in {"RayService", "RayCluster"}
+        ]
         cluster_spec = cluster["spec"].get("rayClusterConfig", cluster["spec"])
         (group,) = cluster_spec["workerGroupSpecs"]
         resources = group["template"]["spec"]["containers"][0]["resources"]
@@ -93,7 +99,9 @@ def test_check_fails_on_drift_and_generate_fixes_it(generate: ModuleType, worksp
         assert group["maxReplicas"] == 8, name
     # Only the generated parts changed: every comment line of the hand-written manifest is still there.
     for name in GENERATED_FILES:
-        original_comments = [line for line in (K8S_DIR / name).read_text().splitlines() if line.lstrip().startswith("#")]
+        original_comments = [
+            line for line in (K8S_DIR / name).read_text().splitlines() if line.lstrip().startswith("#")
+        ]
         new_text = (k8s_dir / name).read_text()
         assert all(line in new_text for line in original_comments), name
 
@@ -114,7 +122,9 @@ def test_pod_overrides(generate: ModuleType, workspace: tuple[Path, Path], sourc
     assert yaml.safe_load((k8s_dir / "serve_config.yaml").read_text()) == config
 
 
-def test_model_from_environment(generate: ModuleType, workspace: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_from_environment(
+    generate: ModuleType, workspace: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     source, k8s_dir = workspace
     monkeypatch.setenv("PAGEDSERVE_MODEL", "org/from-env")
     assert generate.main(["--source", str(source), "--k8s-dir", str(k8s_dir)]) == 0
@@ -136,7 +146,9 @@ def test_refuses_an_api_key_in_the_source(generate: ModuleType, workspace: tuple
 
 def test_serve_config_file_is_the_rayservice_config() -> None:
     (rayservice,) = documents_of_kind(load_manifest("rayservice.yaml"), "RayService")
-    assert yaml.safe_load((K8S_DIR / "serve_config.yaml").read_text()) == yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    assert yaml.safe_load((K8S_DIR / "serve_config.yaml").read_text()) == yaml.safe_load(
+        rayservice["spec"]["serveConfigV2"]
+    )
 
 
 def test_serve_config_passes_ray_serve_schema() -> None:

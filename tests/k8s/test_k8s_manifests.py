@@ -44,7 +44,12 @@ def _validate_document(document: dict[str, Any], crd_validators: Any, k8s_valida
         # The CRDs leave metadata open; check it as the ObjectMeta it is, through a kind that has one.
         errors += k8s_validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": document["metadata"]})
         for where, template in pod_templates(ray_cluster_spec(document)):
-            pod = {"apiVersion": "v1", "kind": "Pod", "metadata": template.get("metadata", {}), "spec": template["spec"]}
+            pod = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": template.get("metadata", {}),
+                "spec": template["spec"],
+            }
             errors += [f"{where} pod template: {error}" for error in k8s_validate(pod)]
         if kind == "RayService" and "serveService" in document["spec"]:
             service = {"apiVersion": "v1", "kind": "Service", **document["spec"]["serveService"]}
@@ -61,7 +66,9 @@ def test_manifest_validates_against_schemas(manifest: str, crd_validators: Any, 
         if document.get("kind") in SKIPPED_KINDS:
             continue  # Prometheus operator CRDs are not vendored in ../shared
         errors = _validate_document(document, crd_validators, k8s_validate)
-        assert not errors, f"{manifest} {document.get('kind')}/{document['metadata'].get('name')}:\n" + "\n".join(errors)
+        assert not errors, f"{manifest} {document.get('kind')}/{document['metadata'].get('name')}:\n" + "\n".join(
+            errors
+        )
 
 
 @pytest.mark.parametrize("manifest", RAY_MANIFESTS)
@@ -160,7 +167,9 @@ def test_one_replica_per_gpu_pod(rayservice: dict[str, Any], serve_config: dict[
         args = app["args"]
         tp_size = int(args.get("engine", args).get("tp_size", args.get("tp_size", 1)))
         assert args["use_gpu"] is True
-        assert gpus_requested == tp_size, f"worker pods hold {gpus_requested} GPUs but a replica takes tp_size={tp_size}"
+        assert gpus_requested == tp_size, (
+            f"worker pods hold {gpus_requested} GPUs but a replica takes tp_size={tp_size}"
+        )
 
 
 @pytest.mark.parametrize("manifest", RAY_MANIFESTS)
@@ -190,7 +199,10 @@ def test_worker_readiness_is_the_ingress_health_route(rayservice: dict[str, Any]
 def test_serve_service_exposes_the_api_port(rayservice: dict[str, Any]) -> None:
     service = rayservice["spec"]["serveService"]
     assert [(port["port"], port["targetPort"]) for port in service["spec"]["ports"]] == [(8000, 8000)]
-    head_ports = {port["name"]: port["containerPort"] for port in _container(rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"])["ports"]}
+    head_ports = {
+        port["name"]: port["containerPort"]
+        for port in _container(rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"])["ports"]
+    }
     assert head_ports["serve"] == 8000
 
 
@@ -208,7 +220,9 @@ def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.parametrize("manifest", RAY_MANIFESTS)
 def test_api_key_comes_from_the_example_secret(manifest: str) -> None:
-    secrets = {doc["metadata"]["name"]: doc for doc in documents_of_kind(load_manifest("secret.example.yaml"), "Secret")}
+    secrets = {
+        doc["metadata"]["name"]: doc for doc in documents_of_kind(load_manifest("secret.example.yaml"), "Secret")
+    }
     for document in load_manifest(manifest):
         if document["kind"] not in RAY_KINDS:
             continue
