@@ -10,19 +10,21 @@ FROM rayproject/ray:2.60.0-py312-gpu
 
 # Same two steps as the README's install (and `make install`), in the same order: torch first, pinned
 # by TORCH_SPEC (a separate layer, rebuilt only when the pin changes), then the project with its
-# extras. Unlike the README, the project is installed as a regular, non-editable package: the image
-# keeps no source tree to point at.
+# extras. Unlike the README, the project is installed as a regular, non-editable package: nothing in
+# the image depends on the copied source after this step.
 ARG TORCH_SPEC="torch==2.13.0"
 # DL3013 (pin versions in pip): TORCH_SPEC is the pin; hadolint cannot see through the variable.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir "${TORCH_SPEC}"
 
+# COPY creates the folder itself owned by ray (a WORKDIR-made one would be root's), and pip writes its
+# build metadata into it.
+COPY --chown=ray:users . /tmp/pagedserve
 WORKDIR /tmp/pagedserve
-COPY --chown=ray:users . .
 # DL3013: "." is this project at the commit being built; its dependencies are ranged in pyproject.toml.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[serve,quant,gpu]" \
-    && python -c "import pagedserve.serve_app, pagedserve.engine"
+    && python -c "from pagedserve.serve_app import app"  # the import_path of k8s/*: fail here, not in a pod
 
 # Ray starts workers in the container's working directory; keep it off the (unused) source copy so
 # `config/`, `cache/`, `engine/` there never shadow anything.

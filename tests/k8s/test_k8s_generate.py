@@ -163,6 +163,9 @@ def test_serve_config_args_pass_serve_args() -> None:
     apps = _our_apps(config)
     assert apps
     for app in apps:
+        module_name, _, attribute = app["import_path"].partition(":")
+        assert importlib.util.find_spec(module_name) is not None, app["import_path"]
+        assert attribute == "app", "the application builder of serve_app"
         args = serve_config.ServeArgs.from_args(app["args"])
         assert args.use_gpu is True
         assert args.autoscaling is not None
