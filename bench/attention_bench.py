@@ -132,6 +132,7 @@ def copy_bandwidth_gbs(device: torch.device) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile shapes")
+    parser.add_argument("--short-sweep", action="store_true", help="time only the prefill shapes that led last time")
     args = parser.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -162,6 +163,10 @@ def main() -> None:
                 label = f"triton m{config.block_m} n{config.block_n} w{config.num_warps} s{config.num_stages}"
                 backend = TritonAttentionBackend(**({"decode_config": config} if is_decode else {"prefill_config": config}))
                 contenders.append((label, backend))
+        if args.short_sweep and case_name.startswith("prefill"):
+            for config in (TileConfig(64, 32, 4, 2), TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 3)):
+                label = f"triton m{config.block_m} n{config.block_n} w{config.num_warps} s{config.num_stages}"
+                contenders.append((label, TritonAttentionBackend(prefill_config=config)))
         if args.sweep and case_name.startswith(("decode B=8 ", "decode B=64")):
             contenders += [(f"triton splits={n}", TritonAttentionBackend(num_kv_splits=n)) for n in (1, 2, 4, 8, 16)]
         for label, backend in contenders:

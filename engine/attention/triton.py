@@ -244,7 +244,9 @@ def _paged_attention_kernel(
     LOOP_AS_WHILE: tl.constexpr,
 ):
     IS_DIM_PADDED: tl.constexpr = BLOCK_D != HEAD_DIM
-    tile_index = tl.program_id(0)
+    # Launch the last query tiles first: under causal masking they have the most keys, and starting
+    # the longest programs first shortens the tail of a long prefill.
+    tile_index = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
