@@ -73,10 +73,19 @@ class Options:
 # The Serve config
 
 
-def _engine_section(args: dict[str, Any]) -> dict[str, Any]:
-    """Where engine fields live in `args`: under `engine:` when the source nests them, else flat."""
-    engine = args.get("engine")
-    return engine if isinstance(engine, dict) else args
+def engine_field(args: dict[str, Any], name: str, default: Any = None) -> Any:
+    """An engine field as ServeArgs.from_args reads it: a top-level key wins over the `engine:` one."""
+    engine = args.get("engine") if isinstance(args.get("engine"), dict) else {}
+    return args.get(name, engine.get(name, default))
+
+
+def set_engine_field(args: dict[str, Any], name: str, value: Any) -> None:
+    """Set an engine field where the source keeps engine fields, leaving no second copy to win over it."""
+    if isinstance(args.get("engine"), dict):
+        args["engine"][name] = value
+        args.pop(name, None)
+    else:
+        args[name] = value
 
 
 def apply_k8s_overrides(serve_config: dict[str, Any], options: Options) -> dict[str, Any]:
@@ -114,9 +123,8 @@ def _k8s_args(args: dict[str, Any], app_name: str, options: Options) -> dict[str
             f"application {app_name!r}: args.api_key is set in {options.source}; a key must not be written "
             "into a manifest. Remove it: pods read $PAGEDSERVE_API_KEY from the Secret."
         )
-    engine = _engine_section(args)
     if options.model is not None:
-        engine["model"] = options.model
+        set_engine_field(args, "model", options.model)
     # The autoscaler may start the cluster with no GPU pod at all, so "use a GPU if the cluster has one"
     # would pick CPU. Each replica asks Ray for tp_size GPUs; a worker pod holds exactly that many.
     args["use_gpu"] = True
@@ -166,7 +174,7 @@ def worker_shape(k8s_config: dict[str, Any]) -> WorkerShape:
         if not str(app.get("import_path", "")).startswith(APP_IMPORT_PREFIX):
             continue
         args = app["args"]
-        tp_size = int(_engine_section(args).get("tp_size", args.get("tp_size", 1)))
+        tp_size = int(engine_field(args, "tp_size", 1))
         shapes.add((tp_size, args["autoscaling"]["min_replicas"], args["autoscaling"]["max_replicas"]))
     if len(shapes) != 1:
         raise GenerateError(f"applications disagree on (tp_size, min, max replicas): {sorted(shapes)}")

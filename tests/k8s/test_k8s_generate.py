@@ -122,6 +122,19 @@ def test_pod_overrides(generate: ModuleType, workspace: tuple[Path, Path], sourc
     assert yaml.safe_load((k8s_dir / "serve_config.yaml").read_text()) == config
 
 
+def test_model_override_wins_over_a_top_level_copy(generate: ModuleType, workspace: tuple[Path, Path]) -> None:
+    source, k8s_dir = workspace
+    config = yaml.safe_load(source.read_text())
+    (app,) = _our_apps(config)
+    app["args"].setdefault("engine", {})["model"] = "org/nested"
+    app["args"]["model"] = "org/top-level"  # ServeArgs.from_args lets this one win
+    source.write_text(yaml.safe_dump(config, sort_keys=False))
+    assert generate.main(["--source", str(source), "--k8s-dir", str(k8s_dir), "--model", "org/chosen"]) == 0
+    (rendered,) = _our_apps(_serve_config_of(k8s_dir))
+    assert generate.engine_field(rendered["args"], "model") == "org/chosen"
+    assert "model" not in rendered["args"]
+
+
 def test_model_from_environment(
     generate: ModuleType, workspace: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -165,7 +165,8 @@ def test_one_replica_per_gpu_pod(rayservice: dict[str, Any], serve_config: dict[
     assert gpus_requested == int(resources["limits"]["nvidia.com/gpu"]), "extended resources need requests == limits"
     for app in serve_config["applications"]:
         args = app["args"]
-        tp_size = int(args.get("engine", args).get("tp_size", args.get("tp_size", 1)))
+        # As ServeArgs.from_args reads it: a top-level engine field wins over the one under `engine:`.
+        tp_size = int(args.get("tp_size", (args.get("engine") or {}).get("tp_size", 1)))
         assert args["use_gpu"] is True
         assert gpus_requested == tp_size, (
             f"worker pods hold {gpus_requested} GPUs but a replica takes tp_size={tp_size}"
