@@ -313,3 +313,18 @@ def test_kuberay_controller_rules(manifest: str) -> None:
             if strategy.get("type") == "NewClusterWithIncrementalUpgrade":
                 assert cluster.get("enableInTreeAutoscaling"), "incremental upgrade needs the Ray autoscaler"
                 assert strategy["clusterUpgradeOptions"]["gatewayClassName"]
+
+
+def test_deploy_doc_names_what_the_manifests_use(rayservice: dict[str, Any]) -> None:
+    """docs/deploy.md's commands must keep working when a name changes here."""
+    doc = (REPO_ROOT / "docs" / "deploy.md").read_text()
+    secrets = documents_of_kind(load_manifest("secret.example.yaml"), "Secret")
+    for secret in secrets:
+        (key,) = secret["stringData"]
+        assert f"create secret generic {secret['metadata']['name']} --from-literal={key}=" in doc
+    assert f"svc/{rayservice['spec']['serveService']['metadata']['name']} 8000:8000" in doc
+    assert f"svc/{rayservice['metadata']['name']}-head-svc 8265:8265" in doc
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    (base_image,) = re.findall(r"^FROM\s+(\S+)", dockerfile, flags=re.MULTILINE)
+    (torch_spec,) = re.findall(r'^ARG TORCH_SPEC="([^"]+)"', dockerfile, flags=re.MULTILINE)
+    assert base_image in doc and f'pip install "{torch_spec}"' in doc
