@@ -37,47 +37,54 @@ API_KEY_ENV = "PAGEDSERVE_API_KEY"
 CACHE_ENVS = ("HF_HOME", "PAGEDSERVE_CACHE")
 
 
-def _validate_document(document: dict[str, Any], crd_validators: Any, k8s_validate: Any) -> list[str]:
+def _builtin_errors(document: dict[str, Any], k8s_validate: Any) -> list[str]:
+    """Kubernetes-schema errors of a built-in object, or of the built-in parts inside a Ray CR."""
     kind = document.get("kind")
-    if kind in RAY_KINDS:
-        errors = crd_errors(crd_validators, document)
-        # The CRDs leave metadata open; check it as the ObjectMeta it is, through a kind that has one.
-        errors += k8s_validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": document["metadata"]})
-        for where, template in pod_templates(ray_cluster_spec(document)):
-            pod = {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": template.get("metadata", {}),
-                "spec": template["spec"],
-            }
-            errors += [f"{where} pod template: {error}" for error in k8s_validate(pod)]
-        if kind == "RayService" and "serveService" in document["spec"]:
-            service = {"apiVersion": "v1", "kind": "Service", **document["spec"]["serveService"]}
-            errors += [f"serveService: {error}" for error in k8s_validate(service)]
-        return errors
-    return k8s_validate(document)
+    if kind not in RAY_KINDS:
+        return k8s_validate(document)
+    # The CRDs leave metadata open; check it as the ObjectMeta it is, through a kind that has one.
+    errors = k8s_validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": document["metadata"]})
+    for where, template in pod_templates(ray_cluster_spec(document)):
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": template.get("metadata", {}), "spec": template["spec"]}
+        errors += [f"{where} pod template: {error}" for error in k8s_validate(pod)]
+    if kind == "RayService" and "serveService" in document["spec"]:
+        service = {"apiVersion": "v1", "kind": "Service", **document["spec"]["serveService"]}
+        errors += [f"serveService: {error}" for error in k8s_validate(service)]
+    return errors
 
 
-@pytest.mark.parametrize("manifest", ALL_MANIFESTS)
-def test_manifest_validates_against_schemas(manifest: str, crd_validators: Any, k8s_validate: Any) -> None:
-    documents = load_manifest(manifest)
+def _documents_to_validate(manifest: str, *, with_options: bool) -> list[dict[str, Any]]:
+    text = (K8S_DIR / manifest).read_text()
+    if with_options:
+        text, names = uncomment_options(text)
+        assert names, f"{manifest} documents no `# >>> option:` block (node selector / tolerations)"
+    documents = load_documents(text)
     assert documents, f"{manifest} is empty"
-    for document in documents:
-        if document.get("kind") in SKIPPED_KINDS:
-            continue  # Prometheus operator CRDs are not vendored in ../shared
-        errors = _validate_document(document, crd_validators, k8s_validate)
-        assert not errors, f"{manifest} {document.get('kind')}/{document['metadata'].get('name')}:\n" + "\n".join(
-            errors
-        )
+    # Prometheus operator kinds: their CRDs are not vendored in ../shared.
+    return [document for document in documents if document.get("kind") not in SKIPPED_KINDS]
 
 
-@pytest.mark.parametrize("manifest", RAY_MANIFESTS)
-def test_documented_options_validate_when_uncommented(manifest: str, crd_validators: Any, k8s_validate: Any) -> None:
-    text, names = uncomment_options((K8S_DIR / manifest).read_text())
-    assert names, f"{manifest} documents no `# >>> option:` block (node selector / tolerations)"
-    for document in load_documents(text):
-        errors = _validate_document(document, crd_validators, k8s_validate)
-        assert not errors, f"{manifest} with options {names} uncommented:\n" + "\n".join(errors)
+def _report(manifest: str, document: dict[str, Any], errors: list[str]) -> str:
+    return f"{manifest} {document.get('kind')}/{document['metadata'].get('name')}:\n" + "\n".join(errors)
+
+
+CASES = [(name, False) for name in ALL_MANIFESTS] + [(name, True) for name in RAY_MANIFESTS]
+CASE_IDS = [f"{name}{'-options-uncommented' if with_options else ''}" for name, with_options in CASES]
+
+
+@pytest.mark.parametrize(("manifest", "with_options"), CASES, ids=CASE_IDS)
+def test_kuberay_resources_validate_against_the_crds(manifest: str, with_options: bool, crd_validators: Any) -> None:
+    for document in _documents_to_validate(manifest, with_options=with_options):
+        if document.get("kind") in RAY_KINDS:
+            errors = crd_errors(crd_validators, document)
+            assert not errors, _report(manifest, document, errors)
+
+
+@pytest.mark.parametrize(("manifest", "with_options"), CASES, ids=CASE_IDS)
+def test_builtin_objects_validate_against_kubernetes(manifest: str, with_options: bool, k8s_validate: Any) -> None:
+    for document in _documents_to_validate(manifest, with_options=with_options):
+        errors = _builtin_errors(document, k8s_validate)
+        assert not errors, _report(manifest, document, errors)
 
 
 def test_strict_schema_catches_a_misspelt_field(crd_validators: Any) -> None:
