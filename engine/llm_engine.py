@@ -245,7 +245,8 @@ class LLMEngine:
                 continue
             logprob = sampled.logprobs[row] if sampled.logprobs is not None else None
             top = sampled.top_logprobs[row] if sampled.top_logprobs is not None else []
-            self._append_token(request, sampled.token_ids[row], logprob, top, now)
+            rank = sampled.sampled_ranks[row] if sampled.sampled_ranks is not None else None
+            self._append_token(request, sampled.token_ids[row], logprob, rank, top, now)
 
     def _build_step_input(self, output: SchedulerOutput) -> StepInput:
         token_ids: list[int] = []
@@ -268,7 +269,13 @@ class LLMEngine:
         return StepInput(token_ids, positions, query_lens, seq_lens, tables, logits_indices, output.block_copies)
 
     def _append_token(
-        self, request: Request, token_id: int, logprob: float | None, top: list[tuple[int, float]], now: float
+        self,
+        request: Request,
+        token_id: int,
+        logprob: float | None,
+        rank: int | None,
+        top: list[tuple[int, float]],
+        now: float,
     ) -> None:
         group = self._groups[request.parent_id or request.request_id]
         params = request.sampling_params
@@ -281,7 +288,7 @@ class LLMEngine:
         delta.token_ids.append(token_id)
         if params.logprobs is not None and logprob is not None:
             request.cumulative_logprob += logprob
-            entry = {token_id: Logprob(logprob)}
+            entry = {token_id: Logprob(logprob, rank=rank)}
             for rank, (top_id, top_logprob) in enumerate(top[: params.logprobs], start=1):
                 entry.setdefault(top_id, Logprob(top_logprob, rank=rank))
             for tid, value in entry.items():
