@@ -3,7 +3,24 @@
 from .errors import EngineDeadError, EngineError, InvalidRequestError, RequestTooLargeError
 from .request import CompletionOutput, FinishReason, Logprob, RequestOutput, SamplingParams
 
+
+
+def __getattr__(name: str):
+    # The model-facing classes import torch and transformers: load them on first use only.
+    if name == "LLM":
+        from .llm import LLM
+
+        return LLM
+    if name == "AsyncLLMEngine":
+        from .async_engine import AsyncLLMEngine
+
+        return AsyncLLMEngine
+    raise AttributeError(name)
+
+
 __all__ = [
+    "AsyncLLMEngine",
+    "LLM",
     "CompletionOutput",
     "EngineDeadError",
     "EngineError",
