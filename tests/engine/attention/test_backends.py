@@ -60,6 +60,7 @@ CPU_CASES = [
          tile=(16, 16)),
     Case("mixed_gqa2_small_tiles_split3", 4, 2, 32, 16, (1, 21, 1), (130, 100, 64), softcap=4.0, num_kv_splits=3,
          tile=(16, 16)),
+    Case("mixed_gqa3_head_dim24_padded", 6, 2, 24, 16, (1, 11, 1), (40, 30, 17)),
     Case("prefill_mha_softcap_fp16", 2, 2, 64, 16, (18, 1), (50, 30), dtype="float16", softcap=3.0, max_rel_error=1e-2),
 ]
 
