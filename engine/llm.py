@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from pagedserve.config.engine import EngineConfig
 
 from .llm_engine import LLMEngine
+from .loader import wrap_model
 from .request import CompletionOutput, RequestOutput, SamplingParams
 
 
@@ -45,6 +46,15 @@ class LLM:
         self.config = EngineConfig.create(model=model, **config)
         self.engine = LLMEngine(self.config)
         self._ids = itertools.count()
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, served_name: str = "in-memory-model", **config: Any) -> "LLM":
+        """Serve a transformers model object already in memory (it keeps its device and dtype)."""
+        llm = cls.__new__(cls)
+        llm.config = EngineConfig.create(**config)
+        llm.engine = LLMEngine(llm.config, loaded=wrap_model(model, tokenizer, served_name))
+        llm._ids = itertools.count()
+        return llm
 
     def get_tokenizer(self):
         return self.engine.tokenizer

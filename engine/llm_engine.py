@@ -18,7 +18,7 @@ from pagedserve.config.engine import EngineConfig, SchedulerConfig
 
 from .detokenizer import IncrementalDetokenizer
 from .errors import InvalidRequestError, RequestTooLargeError
-from .loader import load_model
+from .loader import LoadedModel, load_model
 from .model_runner import ModelRunner, StepInput
 from .request import (
     CompletionOutput,
@@ -63,9 +63,10 @@ class _RequestGroup:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        """Loads `config.model`, unless `loaded` brings a model already in memory."""
         self.config = config
-        loaded = load_model(config)
+        loaded = loaded or load_model(config)
         self.model_name = loaded.served_name
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device

@@ -77,6 +77,14 @@ def quantization_kwargs(config: EngineConfig, dtype: torch.dtype) -> dict[str, A
     }
 
 
+def wrap_model(model: PreTrainedModel, tokenizer: Any, served_name: str) -> LoadedModel:
+    """Use a model already in memory (benchmarks, notebooks): it keeps its device and dtype."""
+    model.set_attn_implementation(register_paged_attention())
+    model.eval()
+    parameter = next(model.parameters())
+    return LoadedModel(model, tokenizer, served_name, served_name, parameter.device, parameter.dtype)
+
+
 def load_model(config: EngineConfig) -> LoadedModel:
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)

@@ -221,9 +221,8 @@ class ModelRunner:
         groups = []
         for tables in step.block_tables:
             width = max(len(t) for t in tables)
-            table = torch.zeros((len(tables), width), dtype=torch.int32)
-            for row, blocks in enumerate(tables):
-                table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            # One host tensor from padded lists: a per-row tensor would cost a call per sequence.
+            table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
             blocks = table[seq_index, positions // self.block_size].long()
             slots = blocks * self.block_size + positions % self.block_size
             groups.append(

@@ -95,3 +95,27 @@ def test_prefix_cache_hits_and_same_outputs(tiny_model_dir):
     assert stats.num_prefix_cache_hits_total >= 3 * 48
     assert all(o.num_cached_tokens == 48 for o in rest)
     assert stats.num_free_blocks == stats.num_total_blocks
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gpu_backends_match_reference_backend(tiny_model_dir, arch):
+    """On the GPU, every attention backend gives the reference backend's greedy tokens (fp32)."""
+    from pagedserve.engine.attention import get_attention_backend
+
+    prompts = random_prompts(seed=2)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    want = None
+    for backend in ("reference", "triton"):
+        try:
+            get_attention_backend(backend, torch.device("cuda"))
+        except ValueError as error:
+            pytest.skip(str(error))
+        llm = LLM(str(tiny_model_dir(arch)), dtype="float32", block_size=16, attention_backend=backend,
+                  max_batch_tokens=64, device="cuda")
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        if want is None:
+            want = got
+        else:
+            assert got == want, f"{arch}: {backend} diverged from the reference backend"

@@ -1,0 +1,189 @@
+"""GPU throughput: this engine vs transformers' `generate_batch` on one workload, in one run.
+
+W1 (the default): Llama-3-8B shape with random bf16 weights, 512 requests, prompt lengths uniform in
+64..1024 random tokens, 256 new tokens each, greedy, EOS ignored, all submitted at once. Smaller
+workloads through flags. Also: one request alone (batch 1) and greedy agreement with transformers'
+`generate` on the first tokens of a few requests. Prints a table last; `--out` writes JSON.
+
+    python bench/gpu_bench.py                       # W1, both engines
+    python bench/gpu_bench.py --num-requests 64 --skip-baseline --layers 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    BenchResult,
+    RequestTiming,
+    Workload,
+    comparison_table,
+    random_token_workload,
+    summarize_timings,
+)
+
+
+def build_model(args: argparse.Namespace):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    config = LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+        bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.eval().requires_grad_(False)
+    vocab = {f"w{i}": i for i in range(config.vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="w128001", bos_token="w128000")
+    return model, tokenizer
+
+
+def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, list[list[int]], object]:
+    from pagedserve.engine.llm import LLM
+    from pagedserve.engine.request import SamplingParams
+
+    model.set_attn_implementation("sdpa")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    llm = LLM.from_model(model, tokenizer, served_name="llama-3-8b-shape", max_num_seqs=args.max_num_seqs,
+                         attention_backend=args.attention_backend, max_memory_percent=args.max_memory_percent,
+                         max_batch_tokens=args.max_batch_tokens, enable_prefix_caching=False)
+    print(llm.engine.memory_plan.describe(), flush=True)
+    llm.generate([workload.prompts[0][:16]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                 use_tqdm=False)  # warm-up: kernels compiled before the clock starts
+    params = SamplingParams(temperature=0, max_tokens=workload.max_new_tokens, ignore_eos=True)
+    started = time.perf_counter()
+    outputs = llm.generate(workload.prompts, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    wall_s = time.perf_counter() - started
+    timings = [
+        RequestTiming(o.metrics.arrival_time, o.metrics.first_token_time, o.metrics.last_token_time,
+                      len(o.outputs[0].token_ids))
+        for o in outputs
+    ]
+    ttft, tpot = summarize_timings(timings)
+    stats = llm.engine.get_stats()
+    result = BenchResult(
+        engine="pagedserve", num_requests=len(outputs), num_prompt_tokens=workload.num_prompt_tokens,
+        num_output_tokens=sum(len(o.outputs[0].token_ids) for o in outputs), wall_s=wall_s, ttft_s=ttft,
+        tpot_s=tpot, peak_memory_bytes=torch.cuda.max_memory_allocated(), memory_kind="torch.cuda max allocated",
+        details={"preemptions": stats.num_preemptions_total, "kv_tokens": llm.engine.memory_plan.kv_tokens,
+                 "attention_backend": llm.engine.runner.backend.name},
+    )
+    return result, [o.outputs[0].token_ids for o in outputs], llm
+
+
+def run_single(llm, workload: Workload, new_tokens: int) -> float:
+    from pagedserve.engine.request import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    llm.generate([workload.prompts[0][:128]], params, use_tqdm=False)
+    torch.cuda.synchronize()
+    return new_tokens / (time.perf_counter() - started)
+
+
+def check_against_generate(model, workload: Workload, ours: list[list[int]], num_requests: int, num_tokens: int):
+    model.set_attn_implementation("sdpa")
+    agree = 0
+    prefix_lengths = []
+    for prompt, got in list(zip(workload.prompts, ours))[:num_requests]:
+        ref = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=num_tokens, do_sample=False,
+                             min_new_tokens=num_tokens, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        same = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), num_tokens)
+        prefix_lengths.append(same)
+        agree += same >= num_tokens
+    return agree, prefix_lengths
+
+
+def run_generate_batch(model, workload: Workload) -> BenchResult:
+    from transformers import GenerationConfig
+
+    model.set_attn_implementation("sdpa")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    config = GenerationConfig(max_new_tokens=workload.max_new_tokens, do_sample=False, eos_token_id=-1)
+    started = time.perf_counter()
+    results = model.generate_batch(inputs=workload.prompts, generation_config=config, progress_bar=False)
+    torch.cuda.synchronize()
+    wall_s = time.perf_counter() - started
+    ordered = list(results.values())
+    return BenchResult(
+        engine="generate_batch", num_requests=len(ordered), num_prompt_tokens=workload.num_prompt_tokens,
+        num_output_tokens=sum(len(o.generated_tokens) for o in ordered), wall_s=wall_s, ttft_s=None, tpot_s=None,
+        peak_memory_bytes=torch.cuda.max_memory_allocated(), memory_kind="torch.cuda max allocated",
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-requests", type=int, default=512)
+    parser.add_argument("--min-prompt-len", type=int, default=64)
+    parser.add_argument("--max-prompt-len", type=int, default=1024)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=32, help="32 is Llama-3-8B; fewer for quick checks")
+    parser.add_argument("--max-num-seqs", type=int, default=512)
+    parser.add_argument("--max-batch-tokens", type=int, default=None)
+    parser.add_argument("--max-memory-percent", type=float, default=0.9)
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--single-tokens", type=int, default=512, help="batch-1 decode length (0 skips)")
+    parser.add_argument("--check-requests", type=int, default=16)
+    parser.add_argument("--check-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    workload = random_token_workload(args.num_requests, args.min_prompt_len, args.max_prompt_len,
+                                     args.max_new_tokens, vocab_size=128000, seed=0)
+    print(workload.description, flush=True)
+    model, tokenizer = build_model(args)
+    total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    ours, ours_tokens, llm = run_ours(model, tokenizer, workload, args)
+    print(f"pagedserve: {ours.output_tokens_per_s:.0f} output tok/s in {ours.wall_s:.1f} s", flush=True)
+    single = run_single(llm, workload, args.single_tokens) if args.single_tokens else None
+    if single:
+        print(f"batch 1: {single:.1f} tok/s", flush=True)
+    agree, prefixes = check_against_generate(model, workload, ours_tokens, args.check_requests, args.check_tokens)
+    print(f"agreement with generate: {agree}/{len(prefixes)} requests equal for {args.check_tokens} tokens; "
+          f"common prefix lengths {prefixes}", flush=True)
+    del llm
+    torch.cuda.empty_cache()
+    results = [ours]
+    if not args.skip_baseline:
+        results.append(run_generate_batch(model, workload))
+    payload = {
+        "workload": workload.description, "device": torch.cuda.get_device_name(0), "device_gib": total_gib,
+        "results": [r.to_json() for r in results], "batch1_tokens_per_s": single,
+        "generate_agreement": {"equal": agree, "checked": len(prefixes), "tokens": args.check_tokens,
+                               "prefix_lengths": prefixes},
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(payload, indent=2))
+    print()
+    print(f"device: {payload['device']} ({total_gib:.0f} GiB); {workload.description}")
+    print(f"batch-1 decode: {single and round(single, 1)} tok/s; preemptions: {ours.details['preemptions']}; "
+          f"KV capacity: {ours.details['kv_tokens']} tokens; backend: {ours.details['attention_backend']}")
+    if len(results) > 1:
+        print(comparison_table(results))
+    else:
+        print(f"pagedserve: {ours.output_tokens_per_s:.1f} output tok/s, {ours.total_tokens_per_s:.1f} total tok/s, "
+              f"peak {ours.peak_memory_bytes / 2**30:.1f} GiB, TTFT {ours.ttft_s}, TPOT {ours.tpot_s}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
