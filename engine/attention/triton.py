@@ -30,6 +30,7 @@ import triton.language as tl
 
 from .base import AttentionBackend, AttentionMetadata, GroupAttentionMetadata
 
+
 @triton.jit
 def _write_kv_kernel(
     key_ptr,
@@ -62,10 +63,12 @@ def _write_kv_kernel(
         tl.store(key_cache_ptr + cache_offsets, k, mask=mask)
         tl.store(value_cache_ptr + cache_offsets, v, mask=mask)
 
+
 @triton.jit
 def _tanh(x):
     # tanh from exp: exact enough in float32 and needs no libdevice (so it also runs in the interpreter).
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
 
 @triton.jit
 def _attend_kv_tile(
@@ -140,6 +143,7 @@ def _attend_kv_tile(
     acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, new_max, row_sum
 
+
 @triton.jit
 def _attend_kv_range(
     tile_lo,
@@ -194,6 +198,7 @@ def _attend_kv_range(
                 BLOCK_N, CACHE_BLOCK_SIZE, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, IS_MASKED, IS_DIM_PADDED,
             )
     return acc, row_max, row_sum
+
 
 @triton.jit
 def _paged_attention_kernel(
@@ -352,6 +357,7 @@ def _paged_attention_kernel(
             mask=row_valid[:, None] & dim_valid[None, :],
         )
 
+
 @triton.jit
 def _combine_splits_kernel(
     partial_out_ptr,
@@ -388,6 +394,7 @@ def _combine_splits_kernel(
         mask=dims < HEAD_DIM,
     )
 
+
 @dataclass(frozen=True)
 class TileConfig:
     """Launch shape of `_paged_attention_kernel`."""
@@ -397,9 +404,11 @@ class TileConfig:
     num_warps: int
     num_stages: int
 
+
 def default_decode_config(block_d: int, group_size: int) -> TileConfig:
     """One token per sequence: a tile is one head group, 16 rows being tl.dot's minimum."""
     return TileConfig(block_m=16, block_n=64 if block_d <= 128 else 32, num_warps=4, num_stages=3)
+
 
 def default_prefill_config(block_d: int, group_size: int) -> TileConfig:
     if block_d <= 64:
@@ -408,8 +417,10 @@ def default_prefill_config(block_d: int, group_size: int) -> TileConfig:
         return TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
     return TileConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
 
+
 # Whether TRITON_INTERPRET=1 was set when the kernels were defined (a property of the kernel objects).
 _IS_INTERPRETED = type(_paged_attention_kernel).__name__ == "InterpretedFunction"
+
 
 class TritonAttentionBackend(AttentionBackend):
     """Paged attention in Triton kernels; owns no state beyond launch settings.
@@ -599,6 +610,7 @@ class TritonAttentionBackend(AttentionBackend):
         # Keep at least ~256 keys per split so the merge stays cheap next to the reads.
         max_useful = max(1, max_seq_len // 256)
         return max(1, min(math.ceil(target_programs / num_programs), max_useful, 32))
+
 
 def _check_cache(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
     if key_cache.shape != value_cache.shape or key_cache.stride() != value_cache.stride():
