@@ -8,10 +8,10 @@
 # runtime, so the node needs only an NVIDIA driver recent enough for that wheel.
 FROM rayproject/ray:2.60.0-py312-gpu
 
-# Same two steps as the README's install (and `make install`), in the same order: torch first, pinned
-# by TORCH_SPEC (a separate layer, rebuilt only when the pin changes), then the project with its
-# extras. Unlike the README, the project is installed as a regular, non-editable package: nothing in
-# the image depends on the copied source after this step.
+# Same two steps as `make install` (which the README's `make serve` and `make test` run), in the same
+# order: torch pinned by TORCH_SPEC (a layer of its own, rebuilt only when the pin changes), then the
+# project with its extras. Unlike the Makefile, the project goes in as a regular, non-editable package
+# with the serving extras instead of the test ones: nothing in the image needs the source afterwards.
 ARG TORCH_SPEC="torch==2.13.0"
 # DL3013 (pin versions in pip): TORCH_SPEC is the pin; hadolint cannot see through the variable.
 # hadolint ignore=DL3013
