@@ -73,8 +73,16 @@ class _FastDecodeStream:
         stream = DecodeStream(skip_special_tokens=self._skip_special_tokens)
         if context_ids:
             # Priming returns the context's own text, which is not ours to emit.
-            stream.step(self._tokenizer, context_ids)
+            self._step_many(stream, context_ids)
         return stream
+
+    def _step_many(self, stream: DecodeStream, token_ids: list[int]) -> str | None:
+        try:
+            return stream.step(self._tokenizer, token_ids)
+        except TypeError:  # tokenizers < 0.22 steps one id at a time
+            pieces = [stream.step(self._tokenizer, token_id) for token_id in token_ids]
+            texts = [piece for piece in pieces if piece is not None]
+            return "".join(texts) if texts else None
 
     def step(self, token_id: int) -> str:
         self._pending_ids.append(token_id)
@@ -99,7 +107,7 @@ class _FastDecodeStream:
         for context_ids in (self._last_chunk_ids, []):
             self._stream = self._new_stream(context_ids)
             try:
-                return self._stream.step(self._tokenizer, self._pending_ids)
+                return self._step_many(self._stream, self._pending_ids)
             except Exception as error:
                 if "prefix" not in str(error).lower():
                     raise
@@ -193,7 +201,7 @@ class _StopStringMatcher:
         num_held = 0 if self._include_stop_str else self._longest_stop_prefix_suffix(buffer)
         emit_to = len(buffer) - num_held
         self._held_text = buffer[emit_to:]
-        self._recent_text = buffer[len(buffer) - (self._max_stop_len - 1):] if self._max_stop_len > 1 else ""
+        self._recent_text = buffer[max(0, len(buffer) - (self._max_stop_len - 1)):]
         return buffer[emit_from:emit_to], None
 
     def flush(self) -> str:
@@ -236,8 +244,10 @@ class IncrementalDetokenizer:
         backend = _backend_tokenizer(tokenizer)
         self._stream: _FastDecodeStream | _WindowDecodeStream
         if backend is not None:
-            decode_backend = lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)  # noqa: E731
-            context_ids = _prompt_context(prompt_token_ids, decode_backend)
+            def decode_fast(ids: list[int]) -> str:
+                return backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+            context_ids = _prompt_context(prompt_token_ids, decode_fast)
             self._stream = _FastDecodeStream(backend, context_ids, skip_special_tokens)
         else:
             def decode_slow(ids: list[int]) -> str:

@@ -17,6 +17,8 @@ import torch
 
 from .request import Request
 
+# Like vLLM, temperatures in (0, 0.01) act as 0.01: dividing by less can overflow float32 logits to inf.
+_MIN_TEMPERATURE = 1e-2
 # Exponential noise is clamped away from 0: probs / 0 would be inf, or NaN for a filtered token.
 _MIN_NOISE = 1e-10
 
@@ -25,7 +27,8 @@ _MIN_NOISE = 1e-10
 class SamplerOutput:
     token_ids: list[int]  # one per row, on the host
     logprobs: list[float] | None  # raw logprob of each sampled token (None when no row asked)
-    top_logprobs: list[list[tuple[int, float]]] | None  # per row, top-n (token_id, logprob) sorted desc; [] if not asked
+    # Per row, the top-n (token_id, logprob) sorted by logprob, descending; [] for rows that did not ask.
+    top_logprobs: list[list[tuple[int, float]]] | None
     # 1-based rank of each sampled token in its row's raw distribution (None when no row asked).
     sampled_ranks: list[int] | None = None
 
@@ -117,9 +120,9 @@ def apply_logits_processing(logits: torch.Tensor, requests: list[Request]) -> to
     """The logits each row is sampled from: a new float32 tensor; filtered tokens are -inf.
 
     Order: repetition penalty, presence/frequency penalties, min_tokens, then for sampled rows only:
-    temperature, top-k, top-p, min-p. Greedy rows (temperature 0) get the penalties and min_tokens (as in
-    vLLM and transformers' generate) but nothing else, so with default penalties their argmax is
-    exactly the argmax of the raw float32 logits. Parameters at their neutral value leave a row untouched.
+    temperature (at least 0.01), top-k, top-p, min-p. Greedy rows (temperature 0) get the penalties and
+    min_tokens (as in vLLM and transformers' generate) but nothing else, so with default penalties their
+    argmax is exactly the argmax of the raw float32 logits. Neutral parameters leave a row untouched.
     """
     processed = logits.to(torch.float32, copy=True)
     if not requests:
@@ -132,7 +135,8 @@ def apply_logits_processing(logits: torch.Tensor, requests: list[Request]) -> to
     sampled_rows = [row for row, p in enumerate(params) if not p.is_greedy]
     if not sampled_rows:
         return processed
-    temperature = _rows_tensor([p.temperature if not p.is_greedy else 1.0 for p in params], torch.float32, device)
+    temperatures = [1.0 if p.is_greedy else max(p.temperature, _MIN_TEMPERATURE) for p in params]
+    temperature = _rows_tensor(temperatures, torch.float32, device)
     processed /= temperature.unsqueeze(1)
 
     filtered_rows = [row for row in sampled_rows if params[row].top_k > 0 or params[row].top_p < 1.0]
@@ -188,11 +192,9 @@ class Sampler:
         """Drop the request's generator (finished or aborted); unknown ids are fine (greedy, unseeded)."""
         self._generators.pop(request_id, None)
 
-    def _generator(self, request: Request) -> torch.Generator:
+    def _generator(self, request: Request, seed: int) -> torch.Generator:
         generator = self._generators.get(request.request_id)
         if generator is None:
-            seed = request.sampling_params.seed
-            assert seed is not None, f"request {request.request_id} has no seed"
             generator = torch.Generator(device=self.device)
             # Completion i of a seeded request behaves like a request with seed + i (vLLM's rule for n > 1).
             generator.manual_seed((seed + request.completion_index) % 2**64)
@@ -203,8 +205,9 @@ class Sampler:
         noise = torch.empty(len(requests), vocab_size, dtype=torch.float32, device=device)
         unseeded = [index for index, r in enumerate(requests) if r.sampling_params.seed is None]
         for index, request in enumerate(requests):
-            if request.sampling_params.seed is not None:
-                noise[index].exponential_(generator=self._generator(request))
+            seed = request.sampling_params.seed
+            if seed is not None:
+                noise[index].exponential_(generator=self._generator(request, seed))
         if unseeded:
             rows = _rows_tensor(unseeded, torch.int64, device)
             drawn = torch.empty(len(unseeded), vocab_size, dtype=torch.float32, device=device)

@@ -12,11 +12,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
-
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.request import SamplingParams
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 CORPUS = [
     "Hello world, this is a tiny corpus for a tiny tokenizer.",
@@ -26,6 +25,8 @@ CORPUS = [
     "STOP, stop, Stop; the end. END of line.\n\nNew paragraph.",
 ] * 4
 UNICODE_TEXT = "naïve café — 日本語 😀🎉 über Straße"
+# Words and characters of CORPUS (so stops do match), parts of multi-byte characters, and a miss.
+STOP_CANDIDATES = ["stop", "STOP", "Stop;", "e", " the", "ö", "日本", "😀", ".\n\n", "o w", "zzz", "é"]
 HYPOTHESIS_SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -121,7 +122,8 @@ def _random_ids(fast: PreTrainedTokenizerFast, max_size: int) -> st.SearchStrate
     character_ids = st.characters(codec="utf-8").map(
         lambda char: [byte_tokens[f"<0x{byte:02X}>"] for byte in char.encode()]
     )
-    pieces = st.lists(st.one_of(st.sampled_from(other_ids).map(lambda index: [index]), character_ids), max_size=max_size)
+    single_ids = st.sampled_from(other_ids).map(lambda index: [index])
+    pieces = st.lists(st.one_of(single_ids, character_ids), max_size=max_size)
     return pieces.map(lambda groups: [index for group in groups for index in group])
 
 
@@ -203,7 +205,7 @@ def test_stop_strings_cut_at_first_match(tokenizers: dict[str, Any], name: str, 
         length=st.integers(1, 50),
         noise=_random_ids(fast, max_size=4),
         stops=st.lists(
-            st.sampled_from(["stop", "STOP", "Stop;", "e", " the", "ö", "日本", "😀", ".\n\n", "o w", "zzz", "é"]),
+            st.sampled_from(STOP_CANDIDATES),
             min_size=1,
             max_size=3,
             unique=True,
@@ -278,3 +280,27 @@ def test_decode_window_stays_bounded(tokenizers: dict[str, Any]) -> None:
         stream = detokenizer._stream
         window = getattr(stream, "_window_ids", None) or stream._last_chunk_ids + stream._pending_ids
         assert len(window) <= 8
+
+
+def test_byte_fallback_rewriting_emitted_text_does_not_break_the_stream(tokenizers: dict[str, Any]) -> None:
+    """b"A" then b"\\x80": ByteFallback now decodes the pair as two U+FFFD, but "A" is already out."""
+    fast = tokenizers["llama_style"]
+    ids = fast.convert_tokens_to_ids(["<0x41>", "<0x80>", "er"])
+    for tokenizer in (fast, tokenizers["llama_style_slow"]):
+        detokenizer = IncrementalDetokenizer(tokenizer, [], SamplingParams())
+        chunks = [detokenizer.append(token_id)[0] for token_id in ids]
+        assert chunks[0] == "A" and chunks[-1].endswith("er")
+        detokenizer.flush()
+        assert detokenizer.output_text.startswith("A") and detokenizer.output_text.endswith("er")
+
+
+@pytest.mark.parametrize("include_stop", [False, True])
+def test_stop_string_split_over_short_pieces_at_the_start(include_stop: bool) -> None:
+    from pagedserve.engine.detokenizer import _StopStringMatcher
+
+    matcher = _StopStringMatcher(["stop", ".\n\n"], include_stop)
+    results = [matcher.feed(piece) for piece in [".", "\n", "\n"]]
+    if include_stop:
+        assert results == [(".", None), ("\n", None), ("\n", ".\n\n")]
+    else:
+        assert results == [("", None), ("", None), ("", ".\n\n")]
