@@ -57,14 +57,17 @@ def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
     device = logits.device
     repetition = [r.sampling_params.repetition_penalty for r in requests]
     if any(penalty != 1.0 for penalty in repetition):
-        seen = _token_mask([r.all_token_ids for r in requests], num_rows, vocab_size, device) > 0
+        # Building the mask walks every token on the host, so rows without the penalty contribute none.
+        token_lists = [r.all_token_ids if p != 1.0 else [] for r, p in zip(requests, repetition)]
+        seen = _token_mask(token_lists, num_rows, vocab_size, device) > 0
         penalty = _rows_tensor(repetition, torch.float32, device).unsqueeze(1)
         penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits.copy_(torch.where(seen, penalized, logits))
     presence = [r.sampling_params.presence_penalty for r in requests]
     frequency = [r.sampling_params.frequency_penalty for r in requests]
     if any(presence) or any(frequency):
-        counts = _token_mask([r.output_token_ids for r in requests], num_rows, vocab_size, device)
+        token_lists = [r.output_token_ids if p or f else [] for r, p, f in zip(requests, presence, frequency)]
+        counts = _token_mask(token_lists, num_rows, vocab_size, device)
         logits -= _rows_tensor(frequency, torch.float32, device).unsqueeze(1) * counts
         logits -= _rows_tensor(presence, torch.float32, device).unsqueeze(1) * (counts > 0).float()
 
