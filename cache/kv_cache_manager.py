@@ -38,6 +38,7 @@ class KVCacheManager:
         self._tables: dict[str, list[list[int | None]]] = {}
         self._hashes: dict[str, list[BlockHash]] = {}
         self._pending_copies: list[BlockCopy] = []
+        self._has_sliding_groups = any(w is not None for w in sliding_windows)
         self.num_prefix_queries_tokens = 0
         self.num_prefix_hit_tokens = 0
 
@@ -122,10 +123,11 @@ class KVCacheManager:
         by reference as the start of the table.
         """
         tables = self._tables.get(request_id)
-        is_new = tables is None
-        if is_new:
-            tables = [[] for _ in self.pools]
         num_total = num_computed_tokens + num_new_tokens
+        if tables is not None and self._has_room(tables, num_computed_tokens, num_total):
+            return True  # the common decode step: the last block still has a free, unshared slot
+        if tables is None:
+            tables = [[] for _ in self.pools]
         for alloc, table in zip(self.allocators, tables):
             alloc.release_unneeded(table, num_computed_tokens)
 
@@ -146,6 +148,17 @@ class KVCacheManager:
         for group, (alloc, table) in enumerate(zip(self.allocators, tables)):
             self._pending_copies.extend(alloc.allocate(table, num_computed_tokens, num_total, group))
         self._tables[request_id] = tables
+        return True
+
+    def _has_room(self, tables: list[list[int | None]], num_computed: int, num_total: int) -> bool:
+        if self._has_sliding_groups:
+            return False  # they must release blocks that left the window
+        index = num_computed // self.block_size
+        for pool, table in zip(self.pools, tables):
+            if len(table) * self.block_size < num_total:
+                return False
+            if index < len(table) and pool.is_shared(table[index]):
+                return False
         return True
 
     def fork(self, parent_id: str, child_id: str) -> None:

@@ -89,6 +89,9 @@ class LLMEngine:
         self.memory_plan = self.runner.plan_memory(config.max_num_seqs, self.max_model_len, max_batch_tokens)
         logger.info(self.memory_plan.describe())
         self.runner.allocate_kv_cache(self.memory_plan.num_blocks)
+        if config.enable_cuda_graphs:
+            self.runner.capture_cuda_graphs(min(config.cuda_graph_max_batch_size, config.max_num_seqs),
+                                            self.max_model_len)
         self.kv_cache = KVCacheManager(
             config.block_size,
             [g.sliding_window for g in shape.groups],

@@ -67,6 +67,7 @@ class ModelRunner:
         self.shape = self._probe_shape()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = config.block_size
+        self._decode_graphs = None  # DecodeGraphs once captured
         self._supports_logits_to_keep = hasattr(self.model, "_supports_logits_to_keep") and bool(
             self.model._supports_logits_to_keep()
         )
@@ -247,26 +248,53 @@ class ModelRunner:
             tensor = self._group_tensors[copy.group]  # [layers, 2, blocks, ...]
             tensor[:, :, copy.dst].copy_(tensor[:, :, copy.src])
 
-    @torch.inference_mode()
-    def execute(self, step: StepInput) -> torch.Tensor:
-        """Run one packed step; returns float32 logits [len(logits_indices), vocab]."""
-        if step.block_copies:
-            self._copy_blocks(step.block_copies)
-        metadata = self._build_metadata(step)
-        context = PagedForwardContext(
+    def forward_context(self, metadata: AttentionMetadata) -> PagedForwardContext:
+        return PagedForwardContext(
             metadata=metadata,
             backend=self.backend,
             kv_caches=self.kv_caches,
             layer_groups=list(self.shape.layer_groups),
             sliding_windows=[g.sliding_window for g in self.shape.groups],
         )
-        input_ids = torch.tensor(step.token_ids, dtype=torch.long).to(self.device, non_blocking=True)[None]
-        position_ids = torch.tensor(step.positions, dtype=torch.long).to(self.device, non_blocking=True)[None]
-        logits_indices = torch.tensor(step.logits_indices, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def forward_logits(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        context: PagedForwardContext,
+        logits_indices: torch.Tensor,  # [S]
+    ) -> torch.Tensor:
+        """The model forward over one packed batch; float32 logits at `logits_indices` only."""
         kwargs = {"logits_to_keep": logits_indices} if self._supports_logits_to_keep else {}
         logits = self.model(
-            input_ids=input_ids, position_ids=position_ids, paged_context=context, use_cache=False, **kwargs
+            input_ids=input_ids[None], position_ids=positions[None], paged_context=context, use_cache=False, **kwargs
         ).logits[0]
         if not self._supports_logits_to_keep:
             logits = logits[logits_indices]
         return logits.float()
+
+    def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int) -> bool:
+        """Capture decode graphs where the device and backend allow it; False (eager) otherwise."""
+        if self.device.type != "cuda" or not self.backend.supports_cuda_graphs:
+            logger.info("CUDA graphs off: %s", "not on a GPU" if self.device.type != "cuda"
+                        else f"the {self.backend.name} backend cannot be captured")
+            return False
+        from .cuda_graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(self, max_batch_size, max_model_len)
+        graphs.capture()
+        self._decode_graphs = graphs
+        return True
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> torch.Tensor:
+        """Run one packed step; returns float32 logits [len(logits_indices), vocab]."""
+        if step.block_copies:
+            self._copy_blocks(step.block_copies)
+        if self._decode_graphs is not None and self._decode_graphs.can_run(step):
+            return self._decode_graphs.run(step)
+        context = self.forward_context(self._build_metadata(step))
+        input_ids = torch.tensor(step.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        positions = torch.tensor(step.positions, dtype=torch.long).to(self.device, non_blocking=True)
+        logits_indices = torch.tensor(step.logits_indices, dtype=torch.long).to(self.device, non_blocking=True)
+        return self.forward_logits(input_ids, positions, context, logits_indices)

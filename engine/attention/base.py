@@ -61,6 +61,9 @@ class AttentionBackend(ABC):
     """Writes new K/V into the paged cache and computes attention for the packed queries."""
 
     name: str = "abstract"
+    # True when every per-step value reaches the kernels through device tensors (host values only size
+    # grids), so that a decode step can be captured in a CUDA graph and replayed with new inputs.
+    supports_cuda_graphs: bool = False
 
     @abstractmethod
     def write_kv(
