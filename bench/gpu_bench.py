@@ -96,17 +96,27 @@ def run_single(llm, workload: Workload, new_tokens: int) -> float:
     return new_tokens / (time.perf_counter() - started)
 
 
+def _greedy(model, prompt: list[int], num_tokens: int, attn_implementation: str) -> list[int]:
+    model.set_attn_implementation(attn_implementation)
+    ids = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=num_tokens, do_sample=False,
+                         min_new_tokens=num_tokens, eos_token_id=None, pad_token_id=0)
+    return ids[0, len(prompt):].tolist()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def check_against_generate(model, workload: Workload, ours: list[list[int]], num_requests: int, num_tokens: int):
-    model.set_attn_implementation("sdpa")
-    agree = 0
-    prefix_lengths = []
+    """Common greedy prefix of ours vs generate(sdpa), and, as the noise floor of bf16 near-ties on random
+    weights, of generate(eager) vs generate(sdpa): two transformers kernels on the same model."""
+    ours_vs_sdpa, eager_vs_sdpa = [], []
     for prompt, got in list(zip(workload.prompts, ours))[:num_requests]:
-        ref = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=num_tokens, do_sample=False,
-                             min_new_tokens=num_tokens, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-        same = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), num_tokens)
-        prefix_lengths.append(same)
-        agree += same >= num_tokens
-    return agree, prefix_lengths
+        sdpa = _greedy(model, prompt, num_tokens, "sdpa")
+        eager = _greedy(model, prompt, num_tokens, "eager")
+        ours_vs_sdpa.append(_common_prefix(got[:num_tokens], sdpa))
+        eager_vs_sdpa.append(_common_prefix(eager, sdpa))
+    return ours_vs_sdpa, eager_vs_sdpa
 
 
 def run_generate_batch(model, workload: Workload) -> BenchResult:
@@ -156,9 +166,13 @@ def main() -> int:
     single = run_single(llm, workload, args.single_tokens) if args.single_tokens else None
     if single:
         print(f"batch 1: {single:.1f} tok/s", flush=True)
-    agree, prefixes = check_against_generate(model, workload, ours_tokens, args.check_requests, args.check_tokens)
-    print(f"agreement with generate: {agree}/{len(prefixes)} requests equal for {args.check_tokens} tokens; "
-          f"common prefix lengths {prefixes}", flush=True)
+    prefixes, control = check_against_generate(model, workload, ours_tokens, args.check_requests, args.check_tokens)
+    agree = sum(p >= args.check_tokens for p in prefixes)
+    control_agree = sum(p >= args.check_tokens for p in control)
+    agreement = (f"greedy agreement over the first {args.check_tokens} tokens: pagedserve vs generate(sdpa) "
+                 f"{agree}/{len(prefixes)} (common prefixes {prefixes}); generate(eager) vs generate(sdpa) "
+                 f"{control_agree}/{len(control)} (common prefixes {control})")
+    print(agreement, flush=True)
     del llm
     torch.cuda.empty_cache()
     results = [ours]
@@ -168,7 +182,7 @@ def main() -> int:
         "workload": workload.description, "device": torch.cuda.get_device_name(0), "device_gib": total_gib,
         "results": [r.to_json() for r in results], "batch1_tokens_per_s": single,
         "generate_agreement": {"equal": agree, "checked": len(prefixes), "tokens": args.check_tokens,
-                               "prefix_lengths": prefixes},
+                               "prefix_lengths": prefixes, "control_eager_vs_sdpa": control},
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -177,6 +191,7 @@ def main() -> int:
     print(f"device: {payload['device']} ({total_gib:.0f} GiB); {workload.description}")
     print(f"batch-1 decode: {single and round(single, 1)} tok/s; preemptions: {ours.details['preemptions']}; "
           f"KV capacity: {ours.details['kv_tokens']} tokens; backend: {ours.details['attention_backend']}")
+    print(agreement)
     if len(results) > 1:
         print(comparison_table(results))
     else:

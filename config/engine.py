@@ -64,7 +64,7 @@ class EngineConfig(BaseModel):
     # Execution
     attention_backend: AttentionBackendName = Field("auto", description="Paged attention implementation.")
     enable_cuda_graphs: bool = Field(True, description="Capture decode steps in CUDA graphs (GPU only).")
-    cuda_graph_max_batch_size: int = Field(256, ge=1, le=4096, description="Largest decode batch captured.")
+    cuda_graph_max_batch_size: int = Field(512, ge=1, le=4096, description="Largest decode batch captured.")
     compile: bool = Field(False, description="torch.compile the model forward.")
     compile_fullgraph: bool = Field(False, description="torch.compile fullgraph.")
     compile_dynamic: bool | None = Field(None, description="torch.compile dynamic shapes (None: torch decides).")
