@@ -150,6 +150,10 @@ def main() -> int:
     parser.add_argument("--max-memory-percent", type=float, default=0.9)
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--baseline-only", action="store_true",
+                        help="run generate_batch alone and write its result to --out (a clean process for each engine)")
+    parser.add_argument("--baseline-json", type=Path, default=None,
+                        help="a --baseline-only result from this machine, reported beside ours instead of rerunning it")
     parser.add_argument("--single-tokens", type=int, default=512, help="batch-1 decode length (0 skips)")
     parser.add_argument("--check-requests", type=int, default=16)
     parser.add_argument("--check-tokens", type=int, default=32)
@@ -161,6 +165,14 @@ def main() -> int:
     print(workload.description, flush=True)
     model, tokenizer = build_model(args)
     total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if args.baseline_only:
+        baseline = run_generate_batch(model, workload)
+        print(f"generate_batch: {baseline.output_tokens_per_s:.1f} output tok/s in {baseline.wall_s:.1f} s, "
+              f"peak {baseline.peak_memory_bytes / 2**30:.1f} GiB", flush=True)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(baseline.to_json(), indent=2))
+        return 0
     ours, ours_tokens, llm = run_ours(model, tokenizer, workload, args)
     print(f"pagedserve: {ours.output_tokens_per_s:.0f} output tok/s in {ours.wall_s:.1f} s", flush=True)
     single = run_single(llm, workload, args.single_tokens) if args.single_tokens else None
@@ -176,7 +188,9 @@ def main() -> int:
     del llm
     torch.cuda.empty_cache()
     results = [ours]
-    if not args.skip_baseline:
+    if args.baseline_json is not None:
+        results.append(BenchResult.from_json(json.loads(args.baseline_json.read_text())))
+    elif not args.skip_baseline:
         results.append(run_generate_batch(model, workload))
     payload = {
         "workload": workload.description, "device": torch.cuda.get_device_name(0), "device_gib": total_gib,
