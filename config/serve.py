@@ -82,6 +82,11 @@ class ServeArgs(BaseModel):
     api_key: SecretStr | None = Field(None, description=f"Bearer token; default from ${API_KEY_ENV}.")
     max_request_body_bytes: int = Field(1 << 20, ge=1024, description="Larger bodies get 413.")
     request_timeout_s: float = Field(600.0, gt=0.0, description="Longest a non-streaming request may run.")
+    engine_class: str = Field(
+        "pagedserve.engine.async_engine:AsyncLLMEngine",
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="`module:Class` with `from_config(EngineConfig)`; tests swap in fault-injecting engines.",
+    )
     served_model_name: str | None = Field(None, description="Model id in the API; default the engine's.")
     host: str = Field("127.0.0.1", description="HTTP bind address when started with `python -m pagedserve.serve_app`.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port when started with `python -m pagedserve.serve_app`.")

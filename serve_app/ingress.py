@@ -7,9 +7,10 @@ replicas' deltas. Streaming sends each delta once, so a token costs the same at 
 stream early (client gone) cancels the replica call, which aborts the engine request.
 """
 
-from __future__ import annotations
 
 import asyncio
+import contextvars
+import dataclasses
 import hmac
 import json
 import logging
@@ -21,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
 
 from pagedserve.config.serve import ServeArgs
@@ -29,7 +31,7 @@ from pagedserve.engine.request import RequestOutput, SamplingParams
 
 from . import openai_protocol as oai
 from .replica import GenerateRequest, ModelInfo, ReplicaError
-from .router import ServiceOverloadedError
+from .errors import ServiceOverloadedError
 
 logger = logging.getLogger("ray.serve")
 
@@ -203,7 +205,19 @@ class OpenAIIngress:
         )
 
     def start(self, request: GenerateRequest) -> Any:
-        return self.replica.options(stream=True).generate.remote(request)
+        """Send one engine request. Ray keys router bookkeeping (`on_request_completed`) by the caller's
+        internal request id, which every call made while serving one HTTP request shares; give each
+        engine request its own, so the router's per-request block reservations never collide."""
+
+        def call() -> Any:
+            current = serve_context._get_serve_request_context()
+            if current is not None:
+                serve_context._serve_request_context.set(
+                    dataclasses.replace(current, _internal_request_id=request.request_id)
+                )
+            return self.replica.options(stream=True).generate.remote(request)
+
+        return contextvars.copy_context().run(call)
 
     async def first_items(self, streams: list[Any]) -> list[Any]:
         """Wait for each stream's first item so routing refusals and bad requests become HTTP errors."""

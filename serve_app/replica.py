@@ -9,6 +9,7 @@ sizes through Ray Serve's `record_routing_stats` hook for `serve_app/router.py`.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import time
 from dataclasses import dataclass
@@ -65,13 +66,16 @@ class EngineReplica:
     """Owns one engine. Methods are called through a DeploymentHandle routed by `FreeBlocksRequestRouter`."""
 
     def __init__(self, serve_args: ServeArgs) -> None:
-        from pagedserve.engine.async_engine import AsyncLLMEngine  # heavy: torch, transformers
-
         context = serve.get_replica_context()
         rank = context.rank.rank if context is not None and context.rank is not None else 0
         self.engine_config = serve_args.engine_config_for_rank(rank)
-        self.engine = AsyncLLMEngine.from_config(self.engine_config)
+        module_name, _, class_name = serve_args.engine_class.partition(":")
+        engine_cls = getattr(importlib.import_module(module_name), class_name)  # heavy: torch, transformers
+        self.engine = engine_cls.from_config(self.engine_config)
         self.replica_tag = context.replica_tag if context is not None else "local"
+        # Worst-case blocks of every request this replica holds (prompt + n * max_tokens), by request id:
+        # the engine's free blocks only show what is allocated so far, not what running requests will grow to.
+        self._committed_blocks: dict[str, int] = {}
         self.metrics = ReplicaMetrics(model_name=self.engine.model_name, replica=self.replica_tag)
         stats = self.engine.get_stats()
         logger.info(
@@ -83,6 +87,8 @@ class EngineReplica:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput | ReplicaError]:
         """Stream the engine's deltas; on any exit before the end, abort so the blocks return."""
         is_finished = False
+        block_size = self.engine.get_stats().block_size
+        self._committed_blocks[request.request_id] = -(-request.routing_demand.num_tokens // block_size)
         stream = self.engine.generate(request.prompt, request.sampling_params, request.request_id)
         try:
             async with contextlib.aclosing(stream):
@@ -99,6 +105,7 @@ class EngineReplica:
             logger.exception("request %s failed", request.request_id)
             yield ReplicaError(500, "internal_server_error", f"request failed: {type(exc).__name__}: {exc}")
         finally:
+            self._committed_blocks.pop(request.request_id, None)
             if not is_finished:
                 # The consumer left (client disconnect, cancellation): free the request's blocks now.
                 with contextlib.suppress(Exception):
@@ -118,11 +125,17 @@ class EngineReplica:
         return self.engine.get_stats()
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """Ray Serve calls this every `request_routing_stats_period_s`; routers read the result."""
+        """Ray Serve calls this every `request_routing_stats_period_s`; routers read the result.
+
+        `num_free_blocks` is what is free once every held request reaches its max_tokens (never more than
+        the engine's free blocks now), the same worst case the router reserves for requests it sends.
+        """
         stats = self.engine.get_stats()
         self.metrics.observe(stats)
+        uncommitted = stats.num_total_blocks - sum(self._committed_blocks.values())
         return {
-            "num_free_blocks": stats.num_free_blocks,
+            "num_free_blocks": max(0, min(stats.num_free_blocks, uncommitted)),
+            "engine_free_blocks": stats.num_free_blocks,
             "num_total_blocks": stats.num_total_blocks,
             "block_size": stats.block_size,
             "num_running": stats.num_running,

@@ -5,7 +5,7 @@ Two parts, split so the policy is testable without Ray:
 - `FreeBlocksPolicy`: plain Python. Replicas report free/total blocks every few seconds
   (`record_routing_stats`); between reports the policy keeps optimistic local accounting: every request
   it sends reserves `ceil((prompt + n * max_tokens) / block_size)` blocks on its replica until a report
-  taken after the send arrives (the engine then counts the request itself) or the request finishes.
+  taken after the send arrives (the replica then counts the request itself, as committed blocks).
   Among replicas with room it prefers the most headroom; a replica that recently served the same
   prompt prefix wins when its headroom is within `affinity_tolerance` of the best (its prefix cache
   hits). When no replica has room the request waits in a bounded queue (`AdmissionQueue`); past the
@@ -19,25 +19,18 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Literal
 
 from pagedserve.engine.errors import RequestTooLargeError
+from pagedserve.serve_app.errors import ServiceOverloadedError
 
 logger = logging.getLogger("ray.serve")
 
 ReplicaKey = Hashable
-
-
-class ServiceOverloadedError(Exception):
-    """No replica has room and the wait queue is full or the wait timed out; retry after `retry_after_s`."""
-
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -84,6 +77,7 @@ class _Reservation:
     num_blocks: int
     sent_time_s: float
     is_counted_by_report: bool = False
+    is_finished: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,9 +96,13 @@ class FreeBlocksPolicy:
         self,
         affinity_tolerance: float = 0.1,
         max_affinity_entries: int = 4096,
+        transit_grace_s: float = 0.5,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.affinity_tolerance = affinity_tolerance
+        # A request sent at t reaches the replica a little later; only a report taken after t + grace
+        # is trusted to include it.
+        self.transit_grace_s = transit_grace_s
         self.max_affinity_entries = max_affinity_entries
         self._clock = clock
         self._reports: dict[ReplicaKey, ReplicaReport] = {}
@@ -119,9 +117,11 @@ class FreeBlocksPolicy:
         if previous is not None and previous.report_time_s >= report.report_time_s:
             return
         self._reports[replica] = report
-        for reservation in self._reservations.values():
-            if reservation.replica == replica and reservation.sent_time_s < report.report_time_s:
+        for request_id, reservation in list(self._reservations.items()):
+            if reservation.replica == replica and reservation.sent_time_s + self.transit_grace_s <= report.report_time_s:
                 reservation.is_counted_by_report = True
+                if reservation.is_finished:
+                    del self._reservations[request_id]
 
     def remove_replicas_except(self, live: set[ReplicaKey]) -> None:
         for replica in list(self._reports):
@@ -144,7 +144,11 @@ class FreeBlocksPolicy:
         return math.ceil(demand.num_tokens / report.block_size)
 
     def estimated_free_blocks(self, replica: ReplicaKey) -> int | None:
-        """Reported free blocks minus what was sent since that report (never below zero)."""
+        """Reported free blocks minus what was sent since that report (never below zero).
+
+        Conservative on purpose: a request that finished before any report counted it keeps its blocks
+        reserved until such a report arrives, and blocks freed since the last report are not added back;
+        the error is at most one report period of under-use, never an over-full replica."""
         report = self._reports.get(replica)
         if report is None:
             return None
@@ -154,7 +158,7 @@ class FreeBlocksPolicy:
         return max(0, report.num_free_blocks - pending)
 
     def num_in_flight(self, replica: ReplicaKey) -> int:
-        return sum(1 for r in self._reservations.values() if r.replica == replica)
+        return sum(1 for r in self._reservations.values() if r.replica == replica and not r.is_finished)
 
     def reserve(self, replica: ReplicaKey, request_id: str, demand: RoutingDemand | None) -> None:
         """Record a request sent to `replica` (re-routing the same id moves its reservation)."""
@@ -173,18 +177,27 @@ class FreeBlocksPolicy:
         return None if reservation is None else reservation.replica
 
     def release(self, request_id: str) -> None:
-        self._reservations.pop(request_id, None)
+        """The request finished. Forget it once a report counts it; until then its blocks stay reserved."""
+        reservation = self._reservations.get(request_id)
+        if reservation is None:
+            return
+        if reservation.is_counted_by_report:
+            del self._reservations[request_id]
+        else:
+            reservation.is_finished = True
 
     # Placement ---------------------------------------------------------------------------------------
 
     def decide(self, candidates: list[ReplicaKey], demand: RoutingDemand | None) -> RouteDecision:
-        """Rank `candidates` for `demand`; replicas without a report yet are tried after those with room."""
+        """Rank `candidates` for `demand`. A replica without a report yet (just started) is tried after those
+        with room, one request at a time, until its first report says how much it holds."""
         if not candidates:
             return RouteDecision("wait")
-        unknown = sorted((c for c in candidates if c not in self._reports), key=self.num_in_flight)
+        unknown = [c for c in candidates if c not in self._reports and self.num_in_flight(c) == 0]
         known = [c for c in candidates if c in self._reports]
-        if demand is None:  # not a generation call (model info, tokenize, health): least in flight
-            return RouteDecision("route", sorted(candidates, key=self.num_in_flight))
+        if demand is None:  # not a generation call (model info, stats, health): least in flight, ties random
+            shuffled = random.sample(candidates, len(candidates))
+            return RouteDecision("route", sorted(shuffled, key=self.num_in_flight))
 
         fits_ever = [c for c in known if self.blocks_needed(c, demand) <= self._reports[c].num_total_blocks]
         if known and not fits_ever and not unknown:
@@ -295,13 +308,15 @@ class FreeBlocksRequestRouter(_ray_request_router_base()):  # type: ignore[misc]
                 self.admission.leave(request_id)
                 self._waiting_futures.pop(request_id, None)
 
-    def _refuse(self, pending_request: Any, error: Exception) -> list:
+    def _refuse(self, pending_request: Any, error: Exception, candidates: list[Any]) -> list[list[Any]]:
         request_id = pending_request.metadata.internal_request_id
         self.admission.leave(request_id)
         self._waiting_futures.pop(request_id, None)
         if not pending_request.future.done():
             pending_request.future.set_exception(error)
-        return []
+        # Ray's routing task only notices a finished future once it is handed candidates; returning none
+        # would keep the task retrying the refused request forever and starve the others.
+        return [candidates]
 
     async def choose_replicas(self, candidate_replicas: list[Any], pending_request: Any = None) -> list[list[Any]]:
         if not hasattr(self, "policy"):  # initialize_state not called (no kwargs configured)
@@ -313,14 +328,19 @@ class FreeBlocksRequestRouter(_ray_request_router_base()):  # type: ignore[misc]
             demand = getattr(pending_request.args[0], "routing_demand", None)
         by_id = {r.replica_id: r for r in candidate_replicas}
         decision = self.policy.decide(list(by_id), demand)
+        logger.debug("routing %s: %s", demand, decision)
         if pending_request is None:
             return [[by_id[key] for key in decision.replicas]] if decision.kind == "route" else []
+        if pending_request.future.done():  # refused or cancelled: let Ray's loop see it and move on
+            return [list(candidate_replicas)]
         # Without this flag Ray's retry loop would spin without sleeping between our "no room" answers.
         pending_request.routing_context.should_backoff = True
         request_id = pending_request.metadata.internal_request_id
 
         if decision.kind == "too_large":
-            return self._refuse(pending_request, RequestTooLargeError(decision.message, param="max_tokens"))
+            return self._refuse(
+                pending_request, RequestTooLargeError(decision.message, param="max_tokens"), candidate_replicas
+            )
         if decision.kind == "wait":
             verdict = self.admission.wait(request_id)
             if verdict == "wait":
@@ -331,7 +351,7 @@ class FreeBlocksRequestRouter(_ray_request_router_base()):  # type: ignore[misc]
                 if verdict == "full"
                 else f"no replica had room within {self.admission.queue_timeout_s:g}s"
             )
-            return self._refuse(pending_request, ServiceOverloadedError(reason, self.retry_after_s))
+            return self._refuse(pending_request, ServiceOverloadedError(reason, self.retry_after_s), candidate_replicas)
 
         self.admission.leave(request_id)
         self._waiting_futures.pop(request_id, None)

@@ -25,7 +25,7 @@ def clock() -> FakeClock:
 
 
 def test_prefers_most_free_blocks(clock: FakeClock) -> None:
-    policy = FreeBlocksPolicy(clock=clock)
+    policy = FreeBlocksPolicy(transit_grace_s=0.0, clock=clock)
     policy.update_report("a", report(10, 100, clock.now))
     policy.update_report("b", report(50, 100, clock.now))
     decision = policy.decide(["a", "b"], RoutingDemand(32, 16))
@@ -34,7 +34,7 @@ def test_prefers_most_free_blocks(clock: FakeClock) -> None:
 
 
 def test_skips_replica_without_room(clock: FakeClock) -> None:
-    policy = FreeBlocksPolicy(clock=clock)
+    policy = FreeBlocksPolicy(transit_grace_s=0.0, clock=clock)
     policy.update_report("small", report(4, 8, clock.now))
     policy.update_report("big", report(2, 64, clock.now))
     # 100 tokens = 7 blocks: only "small" has 4 free... neither has room right now.
@@ -44,7 +44,7 @@ def test_skips_replica_without_room(clock: FakeClock) -> None:
 
 
 def test_too_large_for_every_replica_names_the_numbers(clock: FakeClock) -> None:
-    policy = FreeBlocksPolicy(clock=clock)
+    policy = FreeBlocksPolicy(transit_grace_s=0.0, clock=clock)
     policy.update_report("a", report(8, 8, clock.now))
     policy.update_report("b", report(16, 16, clock.now))
     decision = policy.decide(["a", "b"], RoutingDemand(300, 100))
@@ -53,7 +53,7 @@ def test_too_large_for_every_replica_names_the_numbers(clock: FakeClock) -> None
 
 
 def test_optimistic_accounting_between_reports(clock: FakeClock) -> None:
-    policy = FreeBlocksPolicy(clock=clock)
+    policy = FreeBlocksPolicy(transit_grace_s=0.0, clock=clock)
     policy.update_report("a", report(10, 10, clock.now))
     clock.now += 0.1
     policy.reserve("a", "r1", RoutingDemand(64, 16))  # 5 blocks
@@ -61,19 +61,27 @@ def test_optimistic_accounting_between_reports(clock: FakeClock) -> None:
     policy.reserve("a", "r2", RoutingDemand(64, 16))
     assert policy.estimated_free_blocks("a") == 0
     assert policy.decide(["a"], RoutingDemand(10, 6)).kind == "wait"
-    policy.release("r2")  # finished before any report saw it
-    assert policy.estimated_free_blocks("a") == 5
+    policy.release("r2")  # finished before any report saw it: stays reserved until one does
+    assert policy.estimated_free_blocks("a") == 0
+    assert policy.num_in_flight("a") == 1
     # A report taken after r1 was sent counts r1 itself: no double subtraction.
     clock.now += 1.0
     policy.update_report("a", report(7, 10, clock.now - 0.5))
     assert policy.estimated_free_blocks("a") == 7
+    assert policy.num_in_flight("a") == 1  # r2 forgotten
     # An older report is ignored.
     policy.update_report("a", report(1, 10, clock.now - 0.9))
     assert policy.estimated_free_blocks("a") == 7
+    # r1 finishes: its blocks come back with the next report, not before.
+    policy.release("r1")
+    assert policy.estimated_free_blocks("a") == 7 and policy.num_in_flight("a") == 0
+    clock.now += 1.0
+    policy.update_report("a", report(10, 10, clock.now - 0.1))
+    assert policy.estimated_free_blocks("a") == 10
 
 
 def test_report_older_than_send_keeps_reservation(clock: FakeClock) -> None:
-    policy = FreeBlocksPolicy(clock=clock)
+    policy = FreeBlocksPolicy(transit_grace_s=0.0, clock=clock)
     policy.update_report("a", report(10, 10, clock.now - 2))
     policy.reserve("a", "r1", RoutingDemand(32, 0))  # 2 blocks
     policy.update_report("a", report(10, 10, clock.now - 1))  # taken before the send
@@ -81,7 +89,7 @@ def test_report_older_than_send_keeps_reservation(clock: FakeClock) -> None:
 
 
 def test_prefix_affinity_breaks_near_ties(clock: FakeClock) -> None:
-    policy = FreeBlocksPolicy(affinity_tolerance=0.1, clock=clock)
+    policy = FreeBlocksPolicy(affinity_tolerance=0.1, transit_grace_s=0.0, clock=clock)
     policy.update_report("a", report(100, 100, clock.now - 1))
     policy.update_report("b", report(100, 100, clock.now - 1))
     policy.reserve("b", "first", RoutingDemand(16, 16, prefix_key=42))  # b now has 2 fewer blocks
@@ -95,21 +103,24 @@ def test_prefix_affinity_breaks_near_ties(clock: FakeClock) -> None:
 
 
 def test_unknown_replicas_are_tried_after_known_ones_with_room(clock: FakeClock) -> None:
-    policy = FreeBlocksPolicy(clock=clock)
+    policy = FreeBlocksPolicy(transit_grace_s=0.0, clock=clock)
     policy.update_report("a", report(5, 10, clock.now))
     assert policy.decide(["new", "a"], RoutingDemand(16, 0)).replicas == ["a", "new"]
-    # A full known replica still leaves the unknown one to try.
+    # A full known replica still leaves the unknown one to try, one request at a time.
     assert policy.decide(["new", "a"], RoutingDemand(160, 0)).replicas == ["new"]
+    policy.reserve("new", "probe", RoutingDemand(160, 0))
+    assert policy.decide(["new", "a"], RoutingDemand(160, 0)).kind == "wait"
 
 
 def test_calls_without_demand_go_to_least_loaded(clock: FakeClock) -> None:
-    policy = FreeBlocksPolicy(clock=clock)
+    policy = FreeBlocksPolicy(transit_grace_s=0.0, clock=clock)
     policy.reserve("a", "x", None)
-    assert policy.decide(["a", "b"], None).replicas == ["b", "a"]
+    for _ in range(5):
+        assert policy.decide(["a", "b"], None).replicas == ["b", "a"]
 
 
 def test_removed_replicas_are_forgotten(clock: FakeClock) -> None:
-    policy = FreeBlocksPolicy(clock=clock)
+    policy = FreeBlocksPolicy(transit_grace_s=0.0, clock=clock)
     policy.update_report("a", report(5, 10, clock.now))
     policy.reserve("a", "r", RoutingDemand(16, 0, prefix_key=1))
     policy.remove_replicas_except({"b"})
@@ -133,3 +144,13 @@ def test_admission_queue_bound_and_timeout() -> None:
 
 def test_zero_queue_refuses_at_once() -> None:
     assert AdmissionQueue(0, 1.0).wait("r") == "full"
+
+
+def test_report_within_transit_grace_does_not_count_the_request(clock: FakeClock) -> None:
+    policy = FreeBlocksPolicy(transit_grace_s=0.5, clock=clock)
+    policy.update_report("a", report(10, 10, clock.now - 1))
+    policy.reserve("a", "r1", RoutingDemand(32, 0))  # 2 blocks
+    policy.update_report("a", report(10, 10, clock.now + 0.1))  # the request may not have arrived yet
+    assert policy.estimated_free_blocks("a") == 8
+    policy.update_report("a", report(8, 10, clock.now + 0.6))
+    assert policy.estimated_free_blocks("a") == 8

@@ -1,0 +1,17 @@
+"""Errors the router raises into the ingress's handle calls.
+
+Kept out of router.py on purpose: Ray pickles a custom request-router's module *by value*
+(`RequestRouterConfig` registers it with cloudpickle), so a class defined there would arrive in the
+ingress as a copy that `isinstance` does not recognize. Classes here travel by reference.
+"""
+
+from __future__ import annotations
+
+
+class ServiceOverloadedError(Exception):
+    """No replica has room and the wait queue is full or the wait timed out; retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s

@@ -1,0 +1,122 @@
+"""A deterministic stand-in for `AsyncLLMEngine` that honours its contract, for fast HTTP-stack tests.
+
+No model: token t+1 = (31 * t + 7 + completion index + seed) mod vocab. It keeps real block accounting
+(a request holds ceil((prompt + n * max_tokens) / block_size) blocks while it runs and waits while they
+are not free), so routing, 429, disconnect-abort and free-blocks-back tests see the same signals as
+with the real engine. Magic words in the prompt inject faults:
+  "SLOW"   each step sleeps 0.2 s (a long stream to disconnect from)
+  "FAIL"   the request ends after two tokens with finish_reason "error" (engine failure of one request)
+  "CRASH"  generate raises RuntimeError before the first yield
+Workers import this module through PYTHONPATH set in the test's runtime_env.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import AsyncIterator
+
+from transformers import AutoTokenizer
+
+from pagedserve.config.engine import EngineConfig
+from pagedserve.engine.errors import InvalidRequestError, RequestTooLargeError
+from pagedserve.engine.request import CompletionOutput, Logprob, RequestOutput, SamplingParams
+from pagedserve.engine.stats import EngineStats
+
+
+class FakeAsyncEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.model_name = config.model
+        self.max_model_len = config.max_model_len or 256
+        self.block_size = config.block_size
+        self.num_total_blocks = config.num_blocks or 64
+        self._used: dict[str, int] = {}
+        self._waiting: set[str] = set()
+        self._aborted: set[str] = set()
+        self._freed = asyncio.Event()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "FakeAsyncEngine":
+        return cls(config)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.num_total_blocks - sum(self._used.values())
+
+    async def generate(
+        self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        ids = list(self.tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
+        text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if "CRASH" in text:
+            raise RuntimeError("injected crash")
+        params = sampling_params
+        max_tokens = params.max_tokens or (self.max_model_len - len(ids))
+        if len(ids) + max_tokens > self.max_model_len:
+            raise RequestTooLargeError(
+                f"maximum context length is {self.max_model_len} tokens; {len(ids)} + {max_tokens}", "max_tokens")
+        blocks = math.ceil((len(ids) + params.n * max_tokens) / self.block_size)
+        if blocks > self.num_total_blocks:
+            raise RequestTooLargeError(f"needs {blocks} blocks, the cache has {self.num_total_blocks}", "max_tokens")
+        delay_s = 0.2 if "SLOW" in text else 0.005
+        try:
+            self._waiting.add(request_id)
+            while self.num_free_blocks < blocks:
+                self._freed.clear()
+                await self._freed.wait()
+            self._waiting.discard(request_id)
+            self._used[request_id] = blocks
+            last = [ids[-1]] * params.n
+            vocab = len(self.tokenizer)
+            seed = params.seed or 0
+            for step in range(max_tokens):
+                await asyncio.sleep(delay_s)
+                if request_id in self._aborted:
+                    return
+                is_last = step == max_tokens - 1
+                failed = "FAIL" in text and step == 2
+                outputs = []
+                for index in range(params.n):
+                    token = (31 * last[index] + 7 + index + seed) % vocab
+                    last[index] = token
+                    logprobs = None
+                    if params.logprobs is not None:
+                        logprobs = [{token: Logprob(-0.5, 1, None),
+                                     **{(token + k) % vocab: Logprob(-1.0 - k, k + 1, None)
+                                        for k in range(1, params.logprobs)}}]
+                    outputs.append(CompletionOutput(
+                        index=index, text=self.tokenizer.decode([token]), token_ids=[token], logprobs=logprobs,
+                        finish_reason="error" if failed else ("length" if is_last else None),
+                    ))
+                yield RequestOutput(request_id, text, ids, outputs, finished=is_last or failed,
+                                    error="injected failure" if failed else None)
+                if failed:
+                    return
+        finally:
+            self._waiting.discard(request_id)
+            self._used.pop(request_id, None)
+            self._aborted.discard(request_id)
+            self._freed.set()
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self._used or request_id in self._waiting:
+            self._aborted.add(request_id)
+
+    def get_stats(self) -> EngineStats:
+        free = self.num_free_blocks
+        return EngineStats(
+            num_free_blocks=free, num_total_blocks=self.num_total_blocks, block_size=self.block_size,
+            num_running=len(self._used), num_waiting=len(self._waiting), num_preempted_waiting=0,
+            max_model_len=self.max_model_len, kv_cache_usage=1 - free / self.num_total_blocks,
+            kv_cache_bytes_total=0, kv_cache_bytes_used=0,
+        )
+
+    async def check_health(self) -> None:
+        return None
+
+    def shutdown(self) -> None:
+        return None

@@ -1,0 +1,258 @@
+"""The HTTP stack on a real Ray Serve cluster with `FakeAsyncEngine` replicas: errors, auth, streaming,
+routing by free blocks across two replicas of different cache sizes, 429, and disconnect-abort.
+
+One Ray cluster and one application for the whole module (the dashboard is on, so its REST API is
+checked too). The fake engine makes each test take well under a second of engine time.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from pagedserve.serve_app import build_app  # noqa: E402
+
+API_KEY = "test-key-123"
+MAX_MODEL_LEN = 2048
+BLOCK_SIZE = 16
+BIG_BLOCKS, SMALL_BLOCKS = 64, 8
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model_path: str, free_port):
+    # A cluster of our own on 127.0.0.1; token auth off so the test can read the dashboard REST API.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    tests_dir = str(Path(__file__).resolve().parent)
+    dashboard_port, http_port = free_port(), free_port()
+    ray.init(
+        num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+        runtime_env={"env_vars": {"PYTHONPATH": tests_dir, "RAY_AUTH_MODE": "disabled"}},
+        log_to_driver=False,
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    args = {
+        "model": tiny_model_path, "engine_class": "fake_engine:FakeAsyncEngine", "max_model_len": MAX_MODEL_LEN,
+        "block_size": BLOCK_SIZE, "num_replicas": 2, "num_cpus_per_replica": 1,
+        "engine_overrides_by_rank": [{"num_blocks": BIG_BLOCKS}, {"num_blocks": SMALL_BLOCKS}],
+        "router": {"max_queued_requests": 2, "queue_timeout_s": 3, "retry_after_s": 2, "stats_period_s": 0.5},
+        "api_key": API_KEY, "max_request_body_bytes": 4096,
+    }
+    serve.run(build_app(args), name="fake", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{http_port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    time.sleep(3)  # let both replicas publish their first routing stats (every 0.5 s)
+    yield {"base": base, "dashboard": f"http://127.0.0.1:{dashboard_port}", "model": tiny_model_path}
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture
+def client(service) -> httpx.Client:
+    with httpx.Client(base_url=service["base"], headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
+        yield c
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    assert error["code"] == status and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+def completion(client: httpx.Client, model: str, **fields) -> httpx.Response:
+    return client.post("/v1/completions", json={"model": model, "prompt": "Hello world", "max_tokens": 4, **fields})
+
+
+def replica_free_blocks() -> dict[str, tuple[int, int]]:
+    handle = serve.get_deployment_handle("EngineReplica", "fake")
+    seen: dict[str, tuple[int, int]] = {}
+    for _ in range(20):
+        info = handle.health.remote().result()
+        seen[info["replica"]] = (info["num_free_blocks"], info["num_total_blocks"])
+        if len(seen) == 2:
+            break
+    return seen
+
+
+def test_models_and_health(service, client: httpx.Client) -> None:
+    assert httpx.get(f"{service['base']}/health").json() == {"status": "ok"}
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == service["model"]
+
+
+def test_api_key_required(service) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        response = httpx.post(f"{service['base']}/v1/completions", headers=headers,
+                              json={"model": service["model"], "prompt": "hi"})
+        error = assert_error(response, 401)
+        assert API_KEY not in error["message"]
+    assert_error(httpx.get(f"{service['base']}/v1/models"), 401)
+
+
+def test_bad_bodies(service, client: httpx.Client) -> None:
+    model = service["model"]
+    assert_error(client.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"}), 400)
+    assert_error(client.post("/v1/completions", json=[1, 2]), 400)
+    assert_error(completion(client, model, max_tokens="many"), 400, "max_tokens")
+    assert_error(completion(client, model, temperature=-1), 400, "temperature")
+    assert_error(completion(client, model, top_p=0), 400, "top_p")
+    assert_error(completion(client, model, n=0), 400, "n")
+    assert_error(completion(client, model, logprobs=99), 400, "logprobs")
+    assert_error(client.post("/v1/completions", json={"model": model}), 400, "prompt")
+    assert_error(client.post("/v1/chat/completions", json={"model": model, "messages": []}), 400, "messages")
+    assert_error(client.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "x"}],
+                                                            "top_logprobs": 2}), 400)
+    assert_error(completion(client, "no-such-model"), 404, "model")
+    error = assert_error(completion(client, model, max_tokens=MAX_MODEL_LEN), 400, "max_tokens")
+    assert str(MAX_MODEL_LEN) in error["message"] and str(MAX_MODEL_LEN + 4) in error["message"]
+    assert_error(completion(client, model, prompt="x" * 5000), 413)
+
+
+def test_completion_and_usage(service, client: httpx.Client) -> None:
+    body = completion(client, service["model"], n=2, logprobs=2).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert all(c["finish_reason"] == "length" for c in body["choices"])
+    assert body["usage"]["completion_tokens"] == 8
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 8
+    logprobs = body["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == 4 and 1 <= len(logprobs["top_logprobs"][0]) <= 2
+
+
+def read_sse(response: httpx.Response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def test_streaming_deltas_usage_and_done(service, client: httpx.Client) -> None:
+    with client.stream("POST", "/v1/completions", json={
+        "model": service["model"], "prompt": "Hello world", "max_tokens": 6, "stream": True,
+        "stream_options": {"include_usage": True},
+    }) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = read_sse(response)
+    assert events[-1] == "[DONE]"
+    usage_chunk = events[-2]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 6
+    text_chunks = events[:-2]
+    assert len(text_chunks) == 6 and all(len(c["choices"][0]["text"]) > 0 for c in text_chunks)  # deltas only
+    assert text_chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+    with client.stream("POST", "/v1/chat/completions", json={
+        "model": service["model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True,
+    }) as response:
+        events = read_sse(response)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-1] == "[DONE]" and "usage" not in events[-2]
+
+
+def test_engine_failure_fails_only_its_request(service, client: httpx.Client) -> None:
+    assert_error(completion(client, service["model"], prompt="please FAIL now", max_tokens=8), 500)
+    assert_error(completion(client, service["model"], prompt="CRASH", max_tokens=8), 500)
+    with client.stream("POST", "/v1/completions", json={
+        "model": service["model"], "prompt": "FAIL", "max_tokens": 8, "stream": True}) as response:
+        events = read_sse(response)
+    assert any(isinstance(e, dict) and "error" in e for e in events) and events[-1] == "[DONE]"
+    assert completion(client, service["model"]).status_code == 200
+
+
+def test_tokenize_detokenize(service, client: httpx.Client) -> None:
+    tokens = client.post("/tokenize", json={"model": service["model"], "prompt": "Hello world"}).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 0
+    text = client.post("/detokenize", json={"model": service["model"], "tokens": tokens["tokens"]}).json()
+    assert text["prompt"] == "Hello world"
+    assert_error(client.post("/detokenize", json={"tokens": [10**6]}), 400, "tokens")
+    chat = client.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] > tokens["count"] - 5
+
+
+def test_routes_to_the_replica_with_room(service, client: httpx.Client) -> None:
+    # 200 new tokens need 13 blocks: only the 64-block replica can hold them; the 8-block one would
+    # answer 400. Two at a time fit even while the router's view lags one report behind.
+    def one(_: int) -> int:
+        return completion(client, service["model"], max_tokens=200).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(one, range(8))) == [200] * 8
+
+
+def test_too_large_for_every_replica(service, client: httpx.Client) -> None:
+    error = assert_error(completion(client, service["model"], max_tokens=1500), 400, "max_tokens")
+    assert "blocks" in error["message"] and str(BIG_BLOCKS) in error["message"]
+
+
+def test_full_service_answers_429_and_blocks_return_on_disconnect(service) -> None:
+    # Each SLOW request holds 26 of the big replica's 64 blocks for ~80 s: two fit, two wait, the rest 429.
+    body = {"model": service["model"], "prompt": "SLOW", "max_tokens": 400, "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    clients = [httpx.Client(base_url=service["base"], headers=headers, timeout=30) for _ in range(6)]
+    streams, line_iterators = [], []
+    try:
+        for c in clients[:2]:
+            stream = c.stream("POST", "/v1/completions", json=body)
+            response = stream.__enter__()
+            assert response.status_code == 200
+            lines = response.iter_lines()  # keep a reference: a collected iterator closes the response
+            next(lines)
+            streams.append(stream)
+            line_iterators.append(lines)
+        time.sleep(0.2)
+
+        def late(c: httpx.Client) -> tuple[httpx.Response, float]:
+            started = time.time()
+            response = c.post("/v1/completions", json=body)
+            return response, time.time() - started
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(late, clients[2:]))
+        # Never hangs: two are refused at once (queue full), two after waiting queue_timeout_s.
+        assert all(seconds < 10 for _, seconds in results), [(r.status_code, s) for r, s in results]
+        responses = [r for r, _ in results]
+        for response in responses:
+            error = assert_error(response, 429)
+            assert response.headers["retry-after"] == "2"
+            assert "overloaded" in error["message"]
+        assert replica_free_blocks()  # replicas still answer
+    finally:
+        for stream in streams:  # client disconnect mid-stream
+            stream.__exit__(None, None, None)
+        for c in clients:
+            c.close()
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        free = replica_free_blocks()
+        if len(free) == 2 and all(f == t for f, t in free.values()):
+            break
+        time.sleep(0.3)
+    assert len(free) == 2 and all(f == t for f, t in free.values()), free
+
+
+def test_dashboard_shows_app_running(service) -> None:
+    status = serve.status()
+    assert status.applications["fake"].status == "RUNNING"
+    apps = httpx.get(f"{service['dashboard']}/api/serve/applications/", timeout=30).json()
+    assert apps["applications"]["fake"]["status"] == "RUNNING"
+    assert set(apps["applications"]["fake"]["deployments"]) == {"EngineReplica", "OpenAIIngress"}
