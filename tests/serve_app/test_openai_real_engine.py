@@ -1,0 +1,162 @@
+"""The service with the real `AsyncLLMEngine` on a tiny random Llama, through the official `openai` client.
+
+Greedy outputs over HTTP must equal the offline engine's (`LLM.generate`) token for token, alone and
+under 32 concurrent requests; sampling knobs (n, seed, stop, logprobs) must arrive in the engine; a
+client that disconnects mid-stream must get its blocks freed. One Ray cluster for the module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")
+openai = pytest.importorskip("openai")
+from ray import serve  # noqa: E402
+
+from pagedserve.engine.llm import LLM  # noqa: E402
+from pagedserve.engine.request import SamplingParams  # noqa: E402
+from pagedserve.serve_app import build_app  # noqa: E402
+
+ENGINE_ARGS = {"num_blocks": 96, "block_size": 16, "max_model_len": 512, "max_num_seqs": 64}
+PROMPTS = [
+    "Hello world",
+    "The quick brown fox",
+    "Paged attention stores keys",
+    "Ray Serve routes requests to replicas through deployment handles.",
+]
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model_path: str, free_port):
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    http_port = free_port()
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    args = {"model": tiny_model_path, "num_replicas": 1, **ENGINE_ARGS,
+            "router": {"stats_period_s": 0.5, "max_queued_requests": 256}}
+    serve.run(build_app(args), name="real", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{http_port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    time.sleep(1.5)
+    yield {"base": base, "model": tiny_model_path}
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_model_path: str) -> LLM:
+    return LLM(tiny_model_path, **ENGINE_ARGS)
+
+
+@pytest.fixture
+def client(service) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{service['base']}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def greedy(max_tokens: int = 16) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens)
+
+
+def test_greedy_completions_match_offline(service, client, offline: LLM) -> None:
+    expected = offline.generate(PROMPTS, greedy(), use_tqdm=False)
+    for prompt, want in zip(PROMPTS, expected):
+        got = client.completions.create(model=service["model"], prompt=prompt, max_tokens=16, temperature=0)
+        assert got.choices[0].text == want.outputs[0].text
+        assert got.choices[0].finish_reason == want.outputs[0].finish_reason
+        assert got.usage.completion_tokens == len(want.outputs[0].token_ids)
+        assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+
+
+def test_streaming_sends_deltas_that_add_up(service, client, offline: LLM) -> None:
+    want = offline.generate([PROMPTS[1]], greedy(), use_tqdm=False)[0].outputs[0]
+    chunks = list(client.completions.create(
+        model=service["model"], prompt=PROMPTS[1], max_tokens=16, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    text_chunks = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].text for c in text_chunks) == want.text
+    assert text_chunks[-1].choices[0].finish_reason == want.finish_reason
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+
+
+def test_chat_matches_offline(service, client, offline: LLM) -> None:
+    messages = [{"role": "user", "content": "Tell me about paged attention."}]
+    tokenizer = offline.get_tokenizer()
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    want = offline.generate([prompt_ids], greedy(12), use_tqdm=False)[0].outputs[0]
+    got = client.chat.completions.create(model=service["model"], messages=messages, max_tokens=12, temperature=0)
+    assert got.choices[0].message.content == want.text
+    assert got.choices[0].message.role == "assistant"
+    assert got.usage.prompt_tokens == len(prompt_ids)
+    streamed = client.chat.completions.create(
+        model=service["model"], messages=messages, max_completion_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == want.text
+
+
+def test_n_seed_stop_logprobs(service, client, offline: LLM) -> None:
+    model = service["model"]
+    sampled = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=8, n=3, seed=7, temperature=1.0)
+    assert sorted(c.index for c in sampled.choices) == [0, 1, 2]
+    again = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=8, n=3, seed=7, temperature=1.0)
+    assert [c.text for c in sampled.choices] == [c.text for c in again.choices]
+
+    full = offline.generate([PROMPTS[2]], greedy(), use_tqdm=False)[0].outputs[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    if stop.strip() and "\ufffd" not in stop:
+        stopped = client.completions.create(model=model, prompt=PROMPTS[2], max_tokens=16, temperature=0, stop=[stop])
+        assert stopped.choices[0].finish_reason == "stop"
+        assert stopped.choices[0].text == full[:full.index(stop)]
+
+    with_logprobs = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=5, temperature=0, logprobs=2)
+    logprobs = with_logprobs.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == with_logprobs.usage.completion_tokens
+    assert all(lp <= 0 for lp in logprobs.token_logprobs)
+    assert all(1 <= len(top) <= 3 for top in logprobs.top_logprobs)
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+
+
+def test_32_concurrent_greedy_requests_match_offline(service, offline: LLM) -> None:
+    prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(32)]
+    expected = [o.outputs[0].text for o in offline.generate(prompts, greedy(12), use_tqdm=False)]
+
+    async def run() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{service['base']}/v1", api_key="x", max_retries=0,
+                                      timeout=300) as aclient:
+            responses = await asyncio.gather(*(
+                aclient.completions.create(model=service["model"], prompt=p, max_tokens=12, temperature=0)
+                for p in prompts))
+        return [r.choices[0].text for r in responses]
+
+    assert asyncio.run(run()) == expected
+
+
+def test_disconnect_mid_stream_frees_blocks(service) -> None:
+    handle = serve.get_deployment_handle("EngineReplica", "real")
+    total = handle.health.remote().result()["num_total_blocks"]
+    with httpx.Client(base_url=service["base"], timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json={
+            "model": service["model"], "prompt": PROMPTS[3], "max_tokens": 400, "ignore_eos": True,
+            "stream": True}) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert handle.health.remote().result()["num_free_blocks"] < total
+    deadline = time.time() + 20
+    while time.time() < deadline and handle.health.remote().result()["num_free_blocks"] != total:
+        time.sleep(0.2)
+    assert handle.health.remote().result()["num_free_blocks"] == total
