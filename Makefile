@@ -33,3 +33,10 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# Serve the OpenAI-compatible API (config/serve.yaml: the built-in demo model at http://127.0.0.1:8000).
+# Try it: curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
+#   -d '{"model": "pagedserve-demo", "prompt": "A function returns", "max_tokens": 32}'
+.PHONY: serve
+serve: install
+	$(BIN)/serve run config/serve.yaml

@@ -1,0 +1,215 @@
+"""HTTP load generator for a running pagedserve service, compared with the offline engine in the same run.
+
+    python bench/serve_bench.py --url http://127.0.0.1:8000 --num-requests 64 --rate 4
+    python bench/serve_bench.py --concurrency 16 --max-tokens 64 --offline --offline-arg num_blocks=512
+
+Arrivals are Poisson at `--rate` requests/s, or a fixed number in flight with `--concurrency`; the run
+stops after `--num-requests` or `--duration-s`, whichever comes first. Every request streams
+`/v1/completions` (ignore_eos, so output lengths are fixed) and the client times each chunk:
+
+- TTFT: request sent -> first token; TPOT: (end - first token) / (output tokens - 1);
+  ITL: gaps between consecutive chunks; E2E: request sent -> last byte.
+
+With `--offline`, the same prompts and sampling run through `pagedserve.engine.llm.LLM` in this
+process after the HTTP run, and the table shows the service/offline output-token throughput ratio.
+Prints a markdown table for docs/benchmarks.md. No assertion is made on any number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+WORDS = (
+    "the model reads a prompt and writes tokens one at a time while the scheduler keeps every sequence "
+    "in paged blocks of the cache so that many requests share one batch and none waits for the longest"
+).split()
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    error: str = ""
+    num_output_tokens: int = 0
+    ttft_s: float | None = None
+    e2e_s: float = 0.0
+    itl_s: list[float] = field(default_factory=list)
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.ttft_s is None or self.num_output_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.num_output_tokens - 1)
+
+
+def make_prompts(num: int, prompt_words: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(prompt_words)) for _ in range(num)]
+
+
+async def one_request(
+    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, temperature: float
+) -> RequestResult:
+    body = {
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    result = RequestResult(ok=False)
+    last_chunk_s: float | None = None
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                result.error = f"HTTP {response.status_code}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                payload = json.loads(line[len("data: "):])
+                if "error" in payload:
+                    result.error = payload["error"].get("type", "error")
+                    return result
+                now = time.perf_counter()
+                if payload.get("usage"):
+                    result.num_output_tokens = payload["usage"]["completion_tokens"]
+                if payload.get("choices") and payload["choices"][0].get("text"):
+                    if result.ttft_s is None:
+                        result.ttft_s = now - started
+                    elif last_chunk_s is not None:
+                        result.itl_s.append(now - last_chunk_s)
+                    last_chunk_s = now
+        result.e2e_s = time.perf_counter() - started
+        result.ok = True
+    except httpx.HTTPError as exc:
+        result.error = type(exc).__name__
+    return result
+
+
+async def run_load(args: argparse.Namespace, model: str, prompts: list[str]) -> tuple[list[RequestResult], float]:
+    limits = httpx.Limits(max_connections=max(args.concurrency or 0, 256))
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    results: list[RequestResult] = []
+    rng = random.Random(args.seed + 1)
+    async with httpx.AsyncClient(base_url=args.url, timeout=args.request_timeout_s, limits=limits,
+                                 headers=headers) as client:
+        started = time.perf_counter()
+        deadline = started + args.duration_s
+        tasks: list[asyncio.Task] = []
+
+        async def run_one(prompt: str) -> None:
+            results.append(await one_request(client, model, prompt, args.max_tokens, args.temperature))
+
+        if args.concurrency:
+            queue = list(prompts)
+
+            async def worker() -> None:
+                while queue and time.perf_counter() < deadline:
+                    await run_one(queue.pop(0))
+
+            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        else:
+            for prompt in prompts:
+                if time.perf_counter() >= deadline:
+                    break
+                tasks.append(asyncio.create_task(run_one(prompt)))
+                await asyncio.sleep(rng.expovariate(args.rate))
+            await asyncio.gather(*tasks)
+        return results, time.perf_counter() - started
+
+
+def percentiles(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+    return f"{at(0.5) * 1000:.1f} / {at(0.9) * 1000:.1f} / {at(0.99) * 1000:.1f}"
+
+
+def run_offline(args: argparse.Namespace, served_model: str, prompts: list[str]) -> tuple[float, int]:
+    from pagedserve.engine.llm import LLM
+    from pagedserve.engine.request import SamplingParams
+
+    model = None if served_model == "pagedserve-demo" else (args.offline_model or served_model)
+    config: dict[str, Any] = {}
+    for item in args.offline_arg:
+        key, _, value = item.partition("=")
+        config[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false", "null") else value
+    llm = LLM(model, **config)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=True, seed=args.seed)
+    llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up, as the service was warm
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - started
+    return elapsed, sum(len(c.token_ids) for o in outputs for c in o.outputs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--model", default=None, help="model id; default: the first of /v1/models")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--duration-s", type=float, default=300.0, help="stop sending after this long")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--rate", type=float, default=None, help="Poisson arrivals, requests per second")
+    group.add_argument("--concurrency", type=int, default=None, help="fixed number of requests in flight")
+    parser.add_argument("--prompt-words", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--request-timeout-s", type=float, default=600.0)
+    parser.add_argument("--offline", action="store_true", help="also run the offline engine on the same workload")
+    parser.add_argument("--offline-model", default=None, help="path for the offline engine (default: served id)")
+    parser.add_argument("--offline-arg", action="append", default=[], help="EngineConfig field=value, repeatable")
+    args = parser.parse_args()
+    if args.rate is None and args.concurrency is None:
+        args.concurrency = 8
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    model = args.model or httpx.get(f"{args.url}/v1/models", headers=headers, timeout=60).json()["data"][0]["id"]
+    prompts = make_prompts(args.num_requests, args.prompt_words, args.seed)
+    results, elapsed = asyncio.run(run_load(args, model, prompts))
+
+    ok = [r for r in results if r.ok]
+    output_tokens = sum(r.num_output_tokens for r in ok)
+    errors: dict[str, int] = {}
+    for r in results:
+        if not r.ok:
+            errors[r.error] = errors.get(r.error, 0) + 1
+    load = f"rate {args.rate}/s (Poisson)" if args.rate else f"concurrency {args.concurrency}"
+    print(f"\n### serve_bench: {model} at {args.url}, {load}, {args.prompt_words}-word prompts, "
+          f"{args.max_tokens} output tokens\n")
+    print("| metric | value |\n|---|---|")
+    print(f"| requests ok / sent | {len(ok)} / {len(results)} |")
+    print(f"| errors | {errors or 'none'} |")
+    print(f"| wall time | {elapsed:.2f} s |")
+    print(f"| request throughput | {len(ok) / elapsed:.2f} req/s |")
+    print(f"| output tokens/s | {output_tokens / elapsed:.1f} |")
+    print(f"| TTFT p50 / p90 / p99 (ms) | {percentiles([r.ttft_s for r in ok if r.ttft_s is not None])} |")
+    print(f"| TPOT p50 / p90 / p99 (ms) | {percentiles([r.tpot_s for r in ok if r.tpot_s is not None])} |")
+    print(f"| ITL p50 / p90 / p99 (ms) | {percentiles([gap for r in ok for gap in r.itl_s])} |")
+    print(f"| E2E p50 / p90 / p99 (ms) | {percentiles([r.e2e_s for r in ok])} |")
+    if ok:
+        print(f"| mean output tokens per request | {statistics.mean(r.num_output_tokens for r in ok):.1f} |")
+    if args.offline:
+        sent_prompts = prompts[:len(results)]
+        offline_s, offline_tokens = run_offline(args, model, sent_prompts)
+        offline_rate = offline_tokens / offline_s
+        print(f"| offline engine output tokens/s (same {len(sent_prompts)} prompts) | {offline_rate:.1f} |")
+        print(f"| service / offline output tokens/s | {(output_tokens / elapsed) / offline_rate:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
