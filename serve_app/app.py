@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import SecretStr
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
@@ -81,6 +82,9 @@ def replica_options(serve_args: ServeArgs) -> dict[str, Any]:
 
 def build_app(args: dict[str, Any] | ServeArgs | None = None) -> Application:
     serve_args = args if isinstance(args, ServeArgs) else ServeArgs.from_args(args)
+    if serve_args.api_key is None and serve_args.resolved_api_key() is not None:
+        # Read $PAGEDSERVE_API_KEY where `serve run` was started: worker processes may not inherit it.
+        serve_args = serve_args.model_copy(update={"api_key": SecretStr(serve_args.resolved_api_key())})
     replica = serve.deployment(EngineReplica).options(**replica_options(serve_args))
     ingress = serve.deployment(OpenAIIngress).options(
         name=f"{serve_args.name_prefix}OpenAIIngress",

@@ -78,6 +78,7 @@ class EngineReplica:
         self._committed_blocks: dict[str, int] = {}
         self.metrics = ReplicaMetrics(model_name=self.engine.model_name, replica=self.replica_tag)
         stats = self.engine.get_stats()
+        self.block_size = stats.block_size
         logger.info(
             "replica %s (rank %d) serving %s: %d KV blocks of %d tokens, max_model_len %d",
             self.replica_tag, rank, self.engine.model_name, stats.num_total_blocks, stats.block_size,
@@ -87,8 +88,7 @@ class EngineReplica:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput | ReplicaError]:
         """Stream the engine's deltas; on any exit before the end, abort so the blocks return."""
         is_finished = False
-        block_size = self.engine.get_stats().block_size
-        self._committed_blocks[request.request_id] = -(-request.routing_demand.num_tokens // block_size)
+        self._committed_blocks[request.request_id] = -(-request.routing_demand.num_tokens // self.block_size)
         stream = self.engine.generate(request.prompt, request.sampling_params, request.request_id)
         try:
             async with contextlib.aclosing(stream):

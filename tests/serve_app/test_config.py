@@ -66,3 +66,61 @@ def test_fixed_replicas_without_autoscaling() -> None:
     options = replica_options(ServeArgs.from_args({"num_replicas": 3, "use_gpu": True, "tp_size": 2}))
     assert options["num_replicas"] == 3 and "autoscaling_config" not in options
     assert options["ray_actor_options"]["num_gpus"] == 2
+
+
+def test_app_builder_import_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pagedserve.serve_app:app` and, from the repo root, `serve_app:app` are Serve application builders."""
+    import sys
+
+    from ray.serve import Application
+    from ray.serve._private.utils import import_attr
+
+    builder = import_attr("pagedserve.serve_app:app")
+    assert isinstance(builder({"num_blocks": "8", "num_replicas": "2"}), Application)
+    monkeypatch.syspath_prepend(str(REPO))
+    monkeypatch.delitem(sys.modules, "serve_app", raising=False)
+    top_level = import_attr("serve_app:app")
+    assert top_level is builder  # same function: deployments pickle under pagedserve.serve_app.*
+
+
+def test_api_key_env_is_captured_at_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    app_module = importlib.import_module("pagedserve.serve_app.app")
+
+    captured = {}
+    real = app_module.serve.deployment
+
+    def spy(target):
+        deployment = real(target)
+        original_options = deployment.options
+
+        def options(**kwargs):
+            bound = original_options(**kwargs)
+            original_bind = bound.bind
+
+            def bind(*args):
+                captured[target.__name__] = args
+                return original_bind(*args)
+
+            bound.bind = bind
+            return bound
+
+        deployment.options = options
+        return deployment
+
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    monkeypatch.setattr(app_module.serve, "deployment", spy)
+    app_module.build_app({})
+    serve_args = captured["OpenAIIngress"][1]
+    assert serve_args.api_key.get_secret_value() == "from-env"
+
+
+def test_metrics_observe_without_cluster() -> None:
+    from pagedserve.engine.stats import EngineStats
+    from pagedserve.serve_app.metrics import ReplicaMetrics
+
+    stats = EngineStats(num_free_blocks=3, num_total_blocks=4, block_size=16, num_running=1, num_waiting=0,
+                        num_preempted_waiting=0, max_model_len=64, kv_cache_usage=0.25, kv_cache_bytes_total=1,
+                        kv_cache_bytes_used=0)
+    ReplicaMetrics(model_name="m", replica="r").observe(stats)  # never raises, even with no metrics agent
