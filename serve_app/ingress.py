@@ -184,7 +184,14 @@ class OpenAIIngress:
                 f"this model's maximum context length is {info.max_model_len} tokens, but the prompt has "
                 f"{num_prompt_tokens} tokens", "prompt")
         if max_tokens is None:
-            return info.max_model_len - num_prompt_tokens
+            # The rest of the context, but never more than a replica's whole KV cache can hold, so that a
+            # request without max_tokens is not refused as too large for every replica.
+            limit = min(info.max_model_len, info.num_total_blocks * info.block_size)
+            if num_prompt_tokens >= limit:
+                raise _bad_request(
+                    f"the prompt has {num_prompt_tokens} tokens, which leaves no room for output in a replica's KV "
+                    f"cache of {info.num_total_blocks * info.block_size} tokens", "prompt")
+            return limit - num_prompt_tokens
         if num_prompt_tokens + max_tokens > info.max_model_len:
             raise _bad_request(
                 f"this model's maximum context length is {info.max_model_len} tokens, but you requested "

@@ -256,3 +256,11 @@ def test_dashboard_shows_app_running(service) -> None:
     apps = httpx.get(f"{service['dashboard']}/api/serve/applications/", timeout=30).json()
     assert apps["applications"]["fake"]["status"] == "RUNNING"
     assert set(apps["applications"]["fake"]["deployments"]) == {"EngineReplica", "OpenAIIngress"}
+
+
+def test_chat_without_max_tokens_fits_a_replica(service, client: httpx.Client) -> None:
+    # max_model_len (2048) is larger than either cache: the default max_tokens is capped to what one holds.
+    response = client.post("/v1/chat/completions", json={
+        "model": service["model"], "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["finish_reason"] == "length"
