@@ -41,7 +41,9 @@ def service(tiny_model_path: str, free_port):
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     args = {
         "model": tiny_model_path, "engine_class": "fake_engine:FakeAsyncEngine", "max_model_len": MAX_MODEL_LEN,
-        "block_size": BLOCK_SIZE, "num_replicas": 2, "num_cpus_per_replica": 1,
+        "block_size": BLOCK_SIZE, "num_cpus_per_replica": 1,
+        # Autoscaling on ongoing requests, held at two replicas here (load never reaches 2 x 16 ongoing).
+        "autoscaling": {"min_replicas": 2, "max_replicas": 3, "target_ongoing_requests": 16},
         "engine_overrides_by_rank": [{"num_blocks": BIG_BLOCKS}, {"num_blocks": SMALL_BLOCKS}],
         "router": {"max_queued_requests": 2, "queue_timeout_s": 3, "retry_after_s": 2, "stats_period_s": 0.5},
         "api_key": API_KEY, "max_request_body_bytes": 4096,
@@ -255,7 +257,11 @@ def test_dashboard_shows_app_running(service) -> None:
     assert status.applications["fake"].status == "RUNNING"
     apps = httpx.get(f"{service['dashboard']}/api/serve/applications/", timeout=30).json()
     assert apps["applications"]["fake"]["status"] == "RUNNING"
-    assert set(apps["applications"]["fake"]["deployments"]) == {"EngineReplica", "OpenAIIngress"}
+    deployments = apps["applications"]["fake"]["deployments"]
+    assert set(deployments) == {"EngineReplica", "OpenAIIngress"}
+    autoscaling = deployments["EngineReplica"]["deployment_config"]["autoscaling_config"]
+    assert autoscaling["min_replicas"] == 2 and autoscaling["max_replicas"] == 3
+    assert autoscaling["target_ongoing_requests"] == 16
 
 
 def test_chat_without_max_tokens_fits_a_replica(service, client: httpx.Client) -> None:
