@@ -30,6 +30,7 @@ BIG_BLOCKS, SMALL_BLOCKS = 64, 8
 @pytest.fixture(scope="module")
 def service(tiny_model_path: str, free_port):
     # A cluster of our own on 127.0.0.1; token auth off so the test can read the dashboard REST API.
+    previous_auth_mode = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     tests_dir = str(Path(__file__).resolve().parent)
     dashboard_port, http_port = free_port(), free_port()
@@ -62,6 +63,10 @@ def service(tiny_model_path: str, free_port):
     yield {"base": base, "dashboard": f"http://127.0.0.1:{dashboard_port}", "model": tiny_model_path}
     serve.shutdown()
     ray.shutdown()
+    if previous_auth_mode is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = previous_auth_mode
 
 
 @pytest.fixture

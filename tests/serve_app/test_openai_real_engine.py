@@ -33,6 +33,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def service(tiny_model_path: str, free_port):
+    previous_auth_mode = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     http_port = free_port()
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
@@ -54,6 +55,10 @@ def service(tiny_model_path: str, free_port):
     yield {"base": base, "model": tiny_model_path}
     serve.shutdown()
     ray.shutdown()
+    if previous_auth_mode is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = previous_auth_mode
 
 
 @pytest.fixture(scope="module")
