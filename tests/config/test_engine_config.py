@@ -1,0 +1,45 @@
+"""EngineConfig: defaults under their usual names, and bad values named with their allowed range."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedserve.config.engine import ConfigError, EngineConfig, SchedulerConfig
+
+
+def test_defaults_follow_transformers_continuous_batching_names():
+    config = EngineConfig.create()
+    assert config.num_blocks is None and config.max_batch_tokens is None  # auto
+    assert config.max_memory_percent == 0.9 and config.block_size == 16
+    assert config.scheduling_policy == "fifo" and config.quantization == "none"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("block_size", 0, "greater than or equal to 1"),
+        ("max_memory_percent", 0, "greater than 0"),
+        ("max_memory_percent", 1.2, "less than or equal to 1"),
+        ("max_num_seqs", -3, "greater than or equal to 1"),
+        ("tp_size", 6, "power of two"),
+        ("scheduling_policy", "lifo", "fifo"),
+        ("quantization", "gptq", "bnb-4bit"),
+        ("attention_backend", "magic", "reference"),
+    ],
+)
+def test_bad_values_name_field_value_and_range(field, value, message):
+    with pytest.raises(ConfigError) as error:
+        EngineConfig.create(**{field: value})
+    text = str(error.value)
+    assert f"EngineConfig.{field}={value!r}" in text and message in text
+
+
+def test_unknown_field_is_rejected_and_hyphenated_policy_accepted():
+    with pytest.raises(ConfigError, match="max_batch_token"):
+        EngineConfig.create(max_batch_token=5)
+    assert EngineConfig.create(scheduling_policy="prefill-first").scheduling_policy == "prefill_first"
+
+
+def test_scheduler_config_without_chunking_needs_room_for_a_whole_prompt():
+    with pytest.raises(ConfigError, match="max_batch_tokens=512 must be >= max_model_len=1024"):
+        SchedulerConfig(max_num_seqs=4, max_batch_tokens=512, max_model_len=1024, enable_chunked_prefill=False)

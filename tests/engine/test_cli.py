@@ -1,0 +1,28 @@
+"""`pagedserve generate`: every config field is a flag, and it generates end to end."""
+
+from __future__ import annotations
+
+import json
+
+from pagedserve.config.engine import EngineConfig
+from pagedserve.engine.cli import build_parser, main
+
+
+def test_help_lists_every_engine_config_field():
+    text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
+    for name in EngineConfig.model_fields:
+        assert "--" + name.replace("_", "-") in text
+
+
+def test_generate_prints_completions(tiny_model_dir, capsys):
+    code = main(["generate", "--model", str(tiny_model_dir("llama")), "--prompt", "w5 w6 w7", "--max-tokens", "5",
+                 "--dtype", "float32", "--block-size", "8", "--no-enable-prefix-caching", "--json"])
+    assert code == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["prompt"] == "w5 w6 w7" and line["finish_reason"] in ("length", "stop") and line["text"]
+
+
+def test_bad_flag_value_exits_with_the_field_named(tiny_model_dir, capsys):
+    code = main(["generate", "--model", str(tiny_model_dir("llama")), "--max-memory-percent", "3"])
+    assert code == 2
+    assert "max_memory_percent=3.0" in capsys.readouterr().err
