@@ -164,7 +164,8 @@ class OpenAIIngress:
         except ValidationError as exc:
             errors = exc.errors()
             first = errors[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
+            # The top-level field: a union type adds its member's name to the location ("prompt.str").
+            param = str(first["loc"][0]) if first["loc"] else None
             details = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']} (got {e.get('input')!r:.80})" for e in errors
             )

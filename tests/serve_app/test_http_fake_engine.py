@@ -125,6 +125,8 @@ def test_bad_bodies(service, client: httpx.Client) -> None:
     assert_error(completion(client, model, n=0), 400, "n")
     assert_error(completion(client, model, logprobs=99), 400, "logprobs")
     assert_error(client.post("/v1/completions", json={"model": model}), 400, "prompt")
+    assert_error(client.post("/v1/completions", json={"model": model, "prompt": {"a": 1}}), 400, "prompt")
+    assert_error(completion(client, model, stop=[""]), 400, "stop")
     assert_error(client.post("/v1/chat/completions", json={"model": model, "messages": []}), 400, "messages")
     assert_error(client.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "x"}],
                                                             "top_logprobs": 2}), 400)
