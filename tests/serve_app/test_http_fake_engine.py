@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 

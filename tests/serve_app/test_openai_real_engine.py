@@ -14,6 +14,7 @@ import time
 import httpx
 import pytest
 
+pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 from ray import serve  # noqa: E402
