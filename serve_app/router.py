@@ -97,8 +97,10 @@ class FreeBlocksPolicy:
         affinity_tolerance: float = 0.1,
         max_affinity_entries: int = 4096,
         transit_grace_s: float = 0.5,
+        max_reservation_age_s: float = 3600.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.max_reservation_age_s = max_reservation_age_s
         self.affinity_tolerance = affinity_tolerance
         # A request sent at t reaches the replica a little later; only a report taken after t + grace
         # is trusted to include it.
@@ -120,8 +122,13 @@ class FreeBlocksPolicy:
         for request_id, reservation in list(self._reservations.items()):
             if reservation.replica == replica and reservation.sent_time_s + self.transit_grace_s <= report.report_time_s:
                 reservation.is_counted_by_report = True
-                if reservation.is_finished:
-                    del self._reservations[request_id]
+            # A counted reservation only feeds in-flight counts; one never completed (its routing was
+            # cancelled before the send) must not count forever.
+            is_stale = report.report_time_s - reservation.sent_time_s > self.max_reservation_age_s
+            if reservation.replica == replica and reservation.is_counted_by_report and (
+                reservation.is_finished or is_stale
+            ):
+                del self._reservations[request_id]
 
     def remove_replicas_except(self, live: set[ReplicaKey]) -> None:
         for replica in list(self._reports):

@@ -154,3 +154,13 @@ def test_report_within_transit_grace_does_not_count_the_request(clock: FakeClock
     assert policy.estimated_free_blocks("a") == 8
     policy.update_report("a", report(8, 10, clock.now + 0.6))
     assert policy.estimated_free_blocks("a") == 8
+
+
+def test_reservation_never_completed_expires(clock: FakeClock) -> None:
+    policy = FreeBlocksPolicy(transit_grace_s=0.0, max_reservation_age_s=60.0, clock=clock)
+    policy.update_report("a", report(10, 10, clock.now - 1))
+    policy.reserve("a", "lost", RoutingDemand(16, 0))
+    policy.update_report("a", report(10, 10, clock.now + 1))
+    assert policy.num_in_flight("a") == 1
+    policy.update_report("a", report(10, 10, clock.now + 61))
+    assert policy.num_in_flight("a") == 0
