@@ -128,12 +128,15 @@ class AsyncLLMEngine:
             raise EngineDeadError(self._dead_reason)
         if not self._thread.is_alive() and not self._stopping:
             raise EngineDeadError("the engine loop thread is not running")
+        self.engine.check_health()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stopping = True
         self._wakeup.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            self.engine.shutdown()  # the loop steps no more: tensor-parallel workers can stop
 
     # ---- loop thread ---------------------------------------------------------------------------
     def _send(self, command: tuple[str, Any]) -> None:

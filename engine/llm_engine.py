@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import torch
 
 from pagedserve.cache.kv_cache_manager import KVCacheManager
-from pagedserve.config.engine import EngineConfig, SchedulerConfig
+from pagedserve.config.engine import ConfigError, EngineConfig, SchedulerConfig
 
 from .detokenizer import IncrementalDetokenizer
-from .errors import InvalidRequestError, RequestTooLargeError
+from .errors import EngineDeadError, InvalidRequestError, RequestTooLargeError
 from .loader import LoadedModel, load_model
 from .model_runner import ModelRunner, StepInput
 from .request import (
@@ -67,11 +67,19 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         """Loads `config.model`, unless `loaded` brings a model already in memory."""
         self.config = config
-        loaded = loaded or load_model(config)
+        if config.tp_size > 1:
+            if loaded is not None:
+                raise ConfigError(f"EngineConfig.tp_size={config.tp_size}: every rank loads the model; pass no `loaded`")
+            from .tensor_parallel import start_tensor_parallel
+
+            # Rank 0 of a group it spawns: the runner mirrors every call onto the worker ranks.
+            loaded, self.runner = start_tensor_parallel(config)
+        else:
+            loaded = loaded or load_model(config)
+            self.runner = ModelRunner(loaded, config)
         self.model_name = loaded.served_name
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
-        self.runner = ModelRunner(loaded, config)
         shape = self.runner.shape
         self.max_model_len = config.max_model_len or min(
             shape.max_position_embeddings or _DEFAULT_MAX_MODEL_LEN, 32768
@@ -212,6 +220,8 @@ class LLMEngine:
         if not output.is_empty:
             try:
                 self._run(output)
+            except EngineDeadError:  # a tensor-parallel rank died: nothing can run any more
+                raise
             except Exception as exc:  # a failed forward fails the requests of this step, not the engine
                 logger.exception("step failed; failing its %d requests", len(output.chunks))
                 for chunk in output.chunks:
@@ -376,6 +386,18 @@ class LLMEngine:
             if finished:
                 del self._groups[request_id]
         return outputs
+
+    def check_health(self) -> None:
+        """Raise `EngineDeadError` when a tensor-parallel rank has died, even between steps."""
+        check_alive = getattr(self.runner, "check_alive", None)
+        if check_alive is not None:
+            check_alive()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker ranks, if any. Idempotent."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
 
     # ---- state ---------------------------------------------------------------------------------
     def get_stats(self) -> EngineStats:

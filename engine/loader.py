@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -85,7 +85,10 @@ def wrap_model(model: PreTrainedModel, tokenizer: Any, served_name: str) -> Load
     return LoadedModel(model, tokenizer, served_name, served_name, parameter.device, parameter.dtype)
 
 
-def load_model(config: EngineConfig) -> LoadedModel:
+def load_model(
+    config: EngineConfig, shard: Callable[[PreTrainedModel], None] | None = None
+) -> LoadedModel:
+    """`shard` (tensor parallelism) cuts the model to this rank's part on the host, before it moves to the device."""
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
     model_path, served_name = resolve_model_path(config)
@@ -105,6 +108,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
         attn_implementation=attn_implementation,
         **extra,
     )
+    if shard is not None:
+        shard(model)
     if not extra:
         model.to(device)
     model.eval()

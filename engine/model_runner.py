@@ -79,7 +79,10 @@ class ModelRunner:
         """Run one token through the model to learn each attention layer's KV geometry and window."""
         probe = LayerProbe()
         ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
-        self.model(input_ids=ids, position_ids=torch.zeros_like(ids), paged_context=probe, use_cache=False)
+        # The logits' width, not the head's weight: a tensor-parallel head holds a slice of the vocabulary.
+        vocab_size = self.model(
+            input_ids=ids, position_ids=torch.zeros_like(ids), paged_context=probe, use_cache=False
+        ).logits.shape[-1]
         if not probe.layers:
             raise ConfigError("the model ran no attention layer through the paged attention registry")
         layer_ids = sorted(probe.layers)
@@ -104,7 +107,7 @@ class ModelRunner:
             num_heads=first["num_heads"],
             num_kv_heads=first["num_kv_heads"],
             head_dim=first["head_dim"],
-            vocab_size=self.model.get_output_embeddings().weight.shape[0],
+            vocab_size=vocab_size,
             max_position_embeddings=getattr(text_config, "max_position_embeddings", None),
             groups=groups,
             layer_groups=tuple(layer_groups),

@@ -1,0 +1,428 @@
+"""Tensor parallelism inside one engine: a group of ranks, the step broadcast, and the model's sharding.
+
+Ownership: rank 0 is the engine's own process (scheduler, sampler, the only reader of logits). It
+spawns `tp_size - 1` worker processes, joins them over a `TCPStore` that rank 0 opens on a port the
+OS picks (no fixed ports), and drives them through `TensorParallelRunner`, which has the
+`ModelRunner` interface: every command (plan memory, allocate the cache, run a step, stop) goes to
+the workers as one pickled object broadcast over a gloo group, then every rank runs it. The KV
+cache is sharded by heads, so every rank holds the same block ids and one block table serves all.
+
+Process groups are built directly (`ProcessGroupGloo`, `ProcessGroupNCCL` on GPUs for the tensors,
+plus a gloo side group for Python objects) rather than through `init_process_group`, whose default
+group is a process-wide global: two engines can live in one process, and nothing outside is touched.
+So the object broadcast is ours (`broadcast_object`: a size, then the pickled bytes, the two
+broadcasts `broadcast_object_list` does) instead of `torch.distributed.broadcast_object_list`.
+
+Sharding follows the model's own transformers plan (`config.base_model_tp_plan`: q/k/v and
+gate/up "colwise", o_proj and down_proj "rowwise" with one all-reduce each), applied by us on
+plain local tensors. We do not load through `from_pretrained(tp_plan="auto")` because: (1) in
+transformers 5.24 that path builds DTensors and, on CPU with gloo, left every weight whole in our
+check (no error, no sharding); (2) its colwise k/v split cannot replicate KV heads when a GQA model
+has fewer KV heads than ranks (it would cut one head's dimensions across ranks); (3) our paged
+attention must see plain per-rank tensors with whole heads. Beyond the plan we shard the LM head
+by vocabulary rows (all-gather of the logits, as transformers' "colwise_gather_output") and the
+input embedding by vocabulary (mask, look up, all-reduce), each only when the vocabulary divides.
+
+Failure: ranks fail together. A worker that dies is seen before the next step (process liveness)
+or inside a collective (its sockets close; the groups also carry a timeout), and rank 0 then
+raises `EngineDeadError` and stops the rest. A worker whose rank 0 disappears exits the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+import queue
+import re
+import traceback
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from pagedserve.cache.sizing import MemoryPlan
+from pagedserve.config.engine import ConfigError, EngineConfig
+
+from .errors import EngineDeadError
+from .loader import LoadedModel, load_model, resolve_model_path
+from .model_runner import ModelRunner, StepInput
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GROUP_TIMEOUT_S = 120.0  # a rank stuck (not dead) in a collective fails the group after this
+_START_TIMEOUT_S = 600.0  # loading a large checkpoint on every rank
+
+
+# ---- process groups --------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RankGroup:
+    """One rank's view of the group: `data` carries the model's tensors, `control` Python objects."""
+
+    rank: int
+    world_size: int
+    data: Any  # a torch.distributed Backend (gloo or NCCL)
+    control: Any  # gloo
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        self.data.allreduce([tensor]).wait()
+
+    def all_gather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        self.data.allgather([parts], [tensor]).wait()
+        return torch.cat(parts, dim=-1)
+
+    def min_over_ranks(self, values: list[int]) -> list[int]:
+        tensor = torch.tensor(values, dtype=torch.int64)
+        options = dist.AllreduceOptions()
+        options.reduceOp = dist.ReduceOp.MIN
+        self.control.allreduce([tensor], options).wait()
+        return tensor.tolist()
+
+    def broadcast_object(self, obj: Any = None) -> Any:
+        """Rank 0 sends `obj`; every rank returns it. Two broadcasts: the size, then the bytes."""
+        if self.rank == 0:
+            payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            size = torch.tensor([len(payload)], dtype=torch.int64)
+        else:
+            size = torch.zeros(1, dtype=torch.int64)
+        self.control.broadcast(size, 0).wait()
+        if self.rank == 0:
+            buffer = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        else:
+            buffer = torch.empty(int(size.item()), dtype=torch.uint8)
+        self.control.broadcast(buffer, 0).wait()
+        return obj if self.rank == 0 else pickle.loads(buffer.numpy().tobytes())
+
+
+def join_group(store: Any, rank: int, world_size: int, device: torch.device, timeout_s: float) -> RankGroup:
+    timeout = timedelta(seconds=timeout_s)
+    control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, world_size, timeout)
+    if device.type == "cuda":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        data = dist.ProcessGroupNCCL(dist.PrefixStore("data", store), rank, world_size, options)
+    else:
+        data = dist.ProcessGroupGloo(dist.PrefixStore("data", store), rank, world_size, timeout)
+    return RankGroup(rank, world_size, data, control)
+
+
+# ---- sharding ---------------------------------------------------------------------------------------
+def check_shardable(model_config: Any, tp_size: int) -> None:
+    """Raise `ConfigError` naming tp_size when the model's heads or widths do not split over the ranks."""
+    text = model_config.get_text_config()
+    num_heads = text.num_attention_heads
+    num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
+    intermediate = getattr(text, "intermediate_size", None)
+    plan = getattr(text, "base_model_tp_plan", None)
+    if not plan:
+        raise ConfigError(f"EngineConfig.tp_size={tp_size}: model type {text.model_type!r} has no tensor-parallel plan")
+    if num_heads % tp_size:
+        raise ConfigError(
+            f"EngineConfig.tp_size={tp_size} must divide the model's {num_heads} attention heads"
+        )
+    if num_kv_heads % tp_size and tp_size % num_kv_heads:
+        raise ConfigError(
+            f"EngineConfig.tp_size={tp_size}: the model's {num_kv_heads} KV heads neither split over nor "
+            f"replicate evenly onto {tp_size} ranks"
+        )
+    if intermediate is not None and intermediate % tp_size:
+        raise ConfigError(f"EngineConfig.tp_size={tp_size} must divide the MLP width {intermediate}")
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    return re.compile("^" + re.escape(pattern).replace(r"\*", r"\d+") + "$")
+
+
+def _keep_rows(linear: nn.Linear, rows: slice) -> None:
+    linear.weight = nn.Parameter(linear.weight.data[rows].clone(), requires_grad=False)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.data[rows].clone(), requires_grad=False)
+    linear.out_features = linear.weight.shape[0]
+
+
+def _keep_columns(linear: nn.Linear, columns: slice, rank: int) -> None:
+    linear.weight = nn.Parameter(linear.weight.data[:, columns].clone(), requires_grad=False)
+    if linear.bias is not None and rank != 0:
+        # The partial outputs are summed: the bias must enter the sum once.
+        linear.bias = nn.Parameter(torch.zeros_like(linear.bias.data), requires_grad=False)
+    linear.in_features = linear.weight.shape[1]
+
+
+def _split(size: int, rank: int, world_size: int) -> slice:
+    part = size // world_size
+    return slice(rank * part, (rank + 1) * part)
+
+
+def shard_model(model: nn.Module, group: RankGroup) -> None:
+    """Cut `model` in place to this rank's shard, with the collectives as forward hooks."""
+    rank, world = group.rank, group.world_size
+    text = model.config.get_text_config()
+    num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    plan = dict(text.base_model_tp_plan)
+    base = model.base_model
+    applied = 0
+    for name, module in base.named_modules():
+        style = next((s for p, s in plan.items() if _pattern_regex(p).match(name)), None)
+        if style is None:
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ConfigError(f"tensor-parallel plan entry {name!r} ({style}) is not a linear layer")
+        leaf = name.rsplit(".", 1)[-1]
+        if style == "colwise" and leaf in ("k_proj", "v_proj") and num_kv_heads < world:
+            # Fewer KV heads than ranks: each rank keeps the one KV head its query heads read.
+            head = rank * num_kv_heads // world
+            _keep_rows(module, slice(head * head_dim, (head + 1) * head_dim))
+        elif style == "colwise":
+            _keep_rows(module, _split(module.out_features, rank, world))
+        elif style == "rowwise":
+            _keep_columns(module, _split(module.in_features, rank, world), rank)
+            module.register_forward_hook(lambda _m, _i, output: group.all_reduce(output))
+        else:
+            raise ConfigError(f"tensor-parallel style {style!r} of {name!r} is not supported by pagedserve")
+        applied += 1
+    if not applied:
+        raise ConfigError(f"the tensor-parallel plan {plan} matched no layer of {type(base).__name__}")
+    _shard_vocab(model, group)
+
+
+def _shard_vocab(model: nn.Module, group: RankGroup) -> None:
+    """LM head by vocabulary rows (logits all-gathered); input embedding by vocabulary (all-reduced)."""
+    rank, world = group.rank, group.world_size
+    head = model.get_output_embeddings()
+    embedding = model.get_input_embeddings()
+    if isinstance(head, nn.Linear) and head.out_features % world == 0:
+        # Tied weights: the head gets its own slice, so the embedding's cut below stays independent.
+        _keep_rows(head, _split(head.out_features, rank, world))
+        head.register_forward_hook(lambda _m, _i, output: group.all_gather_last_dim(output))
+    if isinstance(embedding, nn.Embedding) and embedding.num_embeddings % world == 0:
+        rows = _split(embedding.num_embeddings, rank, world)
+        embedding.weight = nn.Parameter(embedding.weight.data[rows].clone(), requires_grad=False)
+        embedding.num_embeddings = embedding.weight.shape[0]
+        if embedding.padding_idx is not None:
+            embedding.padding_idx = None  # only matters for training
+        masks: list[torch.Tensor] = []
+
+        def local_ids(_module: nn.Module, args: tuple) -> tuple:
+            ids = args[0]
+            outside = (ids < rows.start) | (ids >= rows.stop)
+            masks.append(outside)
+            return ((ids - rows.start).masked_fill(outside, 0), *args[1:])
+
+        def reduce_rows(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+            output = output.masked_fill(masks.pop()[..., None], 0.0)
+            group.all_reduce(output)
+            return output
+
+        embedding.register_forward_pre_hook(local_ids)
+        embedding.register_forward_hook(reduce_rows)
+
+
+def load_sharded(config: EngineConfig, group: RankGroup) -> LoadedModel:
+    return load_model(config, shard=lambda model: shard_model(model, group))
+
+
+# ---- device per rank ---------------------------------------------------------------------------------
+def _rank_device(config: EngineConfig, rank: int) -> torch.device:
+    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    torch.cuda.set_device(rank)  # the replica sees its group's GPUs as cuda:0..tp_size-1
+    return torch.device("cuda", rank)
+
+
+# ---- worker ranks ------------------------------------------------------------------------------------
+def _worker_main(
+    rank: int, config: EngineConfig, host: str, port: int, timeout_s: float, ready: Any
+) -> None:
+    """A worker rank: join, load its shard, then run every command rank 0 broadcasts until "stop"."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:
+        device = _rank_device(config, rank)
+        store = dist.TCPStore(host, port, config.tp_size, is_master=False, timeout=timedelta(seconds=timeout_s))
+        group = join_group(store, rank, config.tp_size, device, timeout_s)
+        runner = ModelRunner(load_sharded(config, group), config)
+    except BaseException as exc:  # noqa: BLE001 - reported to rank 0, which raises it for the user
+        ready.put((rank, "error", f"{type(exc).__name__}: {exc}", isinstance(exc, ConfigError)))
+        raise SystemExit(1) from exc
+    ready.put((rank, "ready", "", False))
+    try:
+        while True:
+            command, payload = group.broadcast_object()
+            if command == "step":
+                runner.execute(payload)
+            elif command == "plan":
+                plan = runner.plan_memory(*payload)
+                group.min_over_ranks(list(plan.num_blocks))
+            elif command == "allocate":
+                runner.allocate_kv_cache(payload)
+            elif command == "graphs":
+                runner.capture_cuda_graphs(*payload)
+            elif command == "stop":
+                return
+            else:
+                raise RuntimeError(f"unknown tensor-parallel command {command!r}")
+    except BaseException:  # noqa: BLE001 - exit so that rank 0's collectives fail instead of waiting
+        logger.error("tensor-parallel rank %d failed:\n%s", rank, traceback.format_exc())
+        os._exit(1)
+
+
+# ---- rank 0 ------------------------------------------------------------------------------------------
+class TensorParallelRunner:
+    """Rank 0's runner: the `ModelRunner` interface, with every call mirrored on the worker ranks."""
+
+    def __init__(self, runner: ModelRunner, group: RankGroup, workers: list[Any]) -> None:
+        self.local = runner
+        self.group = group
+        self.workers = workers
+        self.dead_reason: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # shape, device, dtype, block_size, kv_caches, weights_bytes ...: rank 0's own (per-rank) values.
+        return getattr(self.local, name)
+
+    def check_alive(self) -> None:
+        if self.dead_reason is None:
+            dead = [(rank, p.exitcode) for rank, p in enumerate(self.workers, start=1) if not p.is_alive()]
+            if dead:
+                self._fail("tensor-parallel worker " + ", ".join(f"rank {r} exited ({code})" for r, code in dead))
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+
+    def _fail(self, reason: str) -> None:
+        self.dead_reason = reason
+        logger.error("%s; stopping the group", reason)
+        self._stop_workers(graceful=False)
+
+    def _mirrored(self, command: str, payload: Any, local_call: Any) -> Any:
+        self.check_alive()
+        try:
+            self.group.broadcast_object((command, payload))
+            return local_call()
+        except Exception as exc:
+            # A collective broke or one rank's forward failed: the ranks are out of step for good.
+            self._fail(f"tensor-parallel {command} failed: {type(exc).__name__}: {exc}")
+            raise EngineDeadError(self.dead_reason) from exc
+
+    def plan_memory(self, max_num_seqs: int, max_model_len: int, max_batch_tokens: int) -> MemoryPlan:
+        def plan() -> MemoryPlan:
+            local = self.local.plan_memory(max_num_seqs, max_model_len, max_batch_tokens)
+            # Every rank must hold the same block ids: the smallest rank's count binds.
+            num_blocks = tuple(self.group.min_over_ranks(list(local.num_blocks)))
+            return dataclasses.replace(local, num_blocks=num_blocks)
+
+        return self._mirrored("plan", (max_num_seqs, max_model_len, max_batch_tokens), plan)
+
+    def allocate_kv_cache(self, num_blocks: tuple[int, ...]) -> None:
+        self._mirrored("allocate", tuple(num_blocks), lambda: self.local.allocate_kv_cache(num_blocks))
+
+    def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int) -> bool:
+        return self._mirrored(
+            "graphs", (max_batch_size, max_model_len),
+            lambda: self.local.capture_cuda_graphs(max_batch_size, max_model_len),
+        )
+
+    def execute(self, step: StepInput) -> torch.Tensor:
+        return self._mirrored("step", step, lambda: self.local.execute(step))
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop every worker: a "stop" command when the group is healthy, a kill otherwise. Idempotent."""
+        if self.dead_reason is None and all(p.is_alive() for p in self.workers):
+            try:
+                self.group.broadcast_object(("stop", None))
+            except Exception:  # noqa: BLE001 - the workers are killed below anyway
+                logger.warning("could not send stop to the tensor-parallel workers", exc_info=True)
+            self.dead_reason = "the engine was shut down"
+        self._stop_workers(graceful=True, timeout_s=timeout_s)
+
+    def _stop_workers(self, graceful: bool, timeout_s: float = 10.0) -> None:
+        for process in self.workers:
+            if graceful:
+                process.join(timeout_s)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout_s)
+
+
+def start_tensor_parallel(
+    config: EngineConfig, timeout_s: float = DEFAULT_GROUP_TIMEOUT_S
+) -> tuple[LoadedModel, TensorParallelRunner]:
+    """Check the model splits, spawn the workers, join them, load rank 0's shard; errors are clear."""
+    from transformers import AutoConfig
+
+    tp_size = config.tp_size
+    if config.quantization != "none":
+        raise ConfigError(f"EngineConfig.tp_size={tp_size} cannot be combined with quantization={config.quantization!r}")
+    model_path, _ = resolve_model_path(config)
+    check_shardable(
+        AutoConfig.from_pretrained(model_path, revision=config.revision, trust_remote_code=config.trust_remote_code),
+        tp_size,
+    )
+    device = _rank_device(config, 0)
+    if device.type == "cuda" and torch.cuda.device_count() < tp_size:
+        raise ConfigError(
+            f"EngineConfig.tp_size={tp_size} needs {tp_size} GPUs, but {torch.cuda.device_count()} are visible"
+        )
+    host = "127.0.0.1"
+    store = dist.TCPStore(
+        host, 0, tp_size, is_master=True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+    )
+    context = mp.get_context("spawn")  # fork would copy rank 0's threads and CUDA state
+    ready = context.Queue()
+    workers = []
+    for rank in range(1, tp_size):
+        process = context.Process(
+            target=_worker_main, args=(rank, config, host, store.port, timeout_s, ready),
+            name=f"pagedserve-tp-rank{rank}", daemon=True,
+        )
+        process.start()
+        workers.append(process)
+    try:
+        group = join_group(store, 0, tp_size, device, timeout_s)
+        loaded = load_sharded(config, group)
+        local = ModelRunner(loaded, config)  # its probe forward runs beside the workers' probes
+        _wait_ready(ready, workers)
+    except BaseException as exc:
+        for process in workers:
+            process.kill()
+            process.join(5)
+        worker_error = _first_worker_error(ready)
+        if worker_error is not None:
+            message, is_config_error = worker_error
+            raise (ConfigError if is_config_error else EngineDeadError)(message) from exc
+        raise
+    return loaded, TensorParallelRunner(local, group, workers)
+
+
+def _wait_ready(ready: Any, workers: list[Any]) -> None:
+    waiting = set(range(1, len(workers) + 1))
+    waited_s = 0.0
+    while waiting:
+        try:
+            rank, status, message, is_config_error = ready.get(timeout=0.5)
+        except queue.Empty:
+            waited_s += 0.5
+            dead = [r for r in waiting if not workers[r - 1].is_alive()]
+            if dead:
+                raise EngineDeadError(f"tensor-parallel rank {dead[0]} exited during start-up")
+            if waited_s > _START_TIMEOUT_S:
+                raise EngineDeadError(f"tensor-parallel ranks {sorted(waiting)} not ready after {_START_TIMEOUT_S} s")
+            continue
+        if status == "error":
+            raise (ConfigError if is_config_error else EngineDeadError)(f"tensor-parallel rank {rank}: {message}")
+        waiting.discard(rank)
+
+
+def _first_worker_error(ready: Any) -> tuple[str, bool] | None:
+    while True:
+        try:
+            rank, status, message, is_config_error = ready.get(timeout=0.5)
+        except queue.Empty:
+            return None
+        if status == "error":
+            return f"tensor-parallel rank {rank}: {message}", is_config_error
