@@ -54,8 +54,10 @@ from .model_runner import ModelRunner, StepInput
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_GROUP_TIMEOUT_S = 120.0  # a rank stuck (not dead) in a collective fails the group after this
-_START_TIMEOUT_S = 600.0  # loading a large checkpoint on every rank
+# A rank that is stuck (not dead) fails the group after this; it also bounds a collective's wait for a
+# rank still loading its shard at start-up. A dead rank is seen at once (liveness, closed sockets).
+GROUP_TIMEOUT_S = 600.0
+_IDLE_WAIT = timedelta(days=3650)  # a worker waits for the next command as long as the engine idles
 
 
 # ---- process groups --------------------------------------------------------------------------------
@@ -84,14 +86,17 @@ class RankGroup:
         self.control.allreduce([tensor], options).wait()
         return tensor.tolist()
 
-    def broadcast_object(self, obj: Any = None) -> Any:
-        """Rank 0 sends `obj`; every rank returns it. Two broadcasts: the size, then the bytes."""
+    def broadcast_object(self, obj: Any = None, wait_idle: bool = False) -> Any:
+        """Rank 0 sends `obj`; every rank returns it. Two broadcasts: the size, then the bytes.
+
+        `wait_idle`: a worker waiting for its next command may wait longer than the group's timeout.
+        """
         if self.rank == 0:
             payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
             size = torch.tensor([len(payload)], dtype=torch.int64)
         else:
             size = torch.zeros(1, dtype=torch.int64)
-        self.control.broadcast(size, 0).wait()
+        self.control.broadcast(size, 0, _IDLE_WAIT if wait_idle else None).wait()
         if self.rank == 0:
             buffer = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         else:
@@ -241,7 +246,6 @@ def _worker_main(
     rank: int, config: EngineConfig, host: str, port: int, timeout_s: float, ready: Any
 ) -> None:
     """A worker rank: join, load its shard, then run every command rank 0 broadcasts until "stop"."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         device = _rank_device(config, rank)
         store = dist.TCPStore(host, port, config.tp_size, is_master=False, timeout=timedelta(seconds=timeout_s))
@@ -253,7 +257,7 @@ def _worker_main(
     ready.put((rank, "ready", "", False))
     try:
         while True:
-            command, payload = group.broadcast_object()
+            command, payload = group.broadcast_object(wait_idle=True)
             if command == "step":
                 runner.execute(payload)
             elif command == "plan":
@@ -350,9 +354,10 @@ class TensorParallelRunner:
 
 
 def start_tensor_parallel(
-    config: EngineConfig, timeout_s: float = DEFAULT_GROUP_TIMEOUT_S
+    config: EngineConfig, timeout_s: float | None = None
 ) -> tuple[LoadedModel, TensorParallelRunner]:
     """Check the model splits, spawn the workers, join them, load rank 0's shard; errors are clear."""
+    timeout_s = GROUP_TIMEOUT_S if timeout_s is None else timeout_s
     from transformers import AutoConfig
 
     tp_size = config.tp_size
@@ -386,7 +391,7 @@ def start_tensor_parallel(
         group = join_group(store, 0, tp_size, device, timeout_s)
         loaded = load_sharded(config, group)
         local = ModelRunner(loaded, config)  # its probe forward runs beside the workers' probes
-        _wait_ready(ready, workers)
+        _wait_ready(ready, workers, timeout_s)
     except BaseException as exc:
         for process in workers:
             process.kill()
@@ -399,7 +404,7 @@ def start_tensor_parallel(
     return loaded, TensorParallelRunner(local, group, workers)
 
 
-def _wait_ready(ready: Any, workers: list[Any]) -> None:
+def _wait_ready(ready: Any, workers: list[Any], timeout_s: float) -> None:
     waiting = set(range(1, len(workers) + 1))
     waited_s = 0.0
     while waiting:
@@ -410,8 +415,8 @@ def _wait_ready(ready: Any, workers: list[Any]) -> None:
             dead = [r for r in waiting if not workers[r - 1].is_alive()]
             if dead:
                 raise EngineDeadError(f"tensor-parallel rank {dead[0]} exited during start-up")
-            if waited_s > _START_TIMEOUT_S:
-                raise EngineDeadError(f"tensor-parallel ranks {sorted(waiting)} not ready after {_START_TIMEOUT_S} s")
+            if waited_s > timeout_s:
+                raise EngineDeadError(f"tensor-parallel ranks {sorted(waiting)} not ready after {timeout_s} s")
             continue
         if status == "error":
             raise (ConfigError if is_config_error else EngineDeadError)(f"tensor-parallel rank {rank}: {message}")
