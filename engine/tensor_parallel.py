@@ -16,12 +16,16 @@ broadcasts `broadcast_object_list` does) instead of `torch.distributed.broadcast
 Sharding follows the model's own transformers plan (`config.base_model_tp_plan`: q/k/v and
 gate/up "colwise", o_proj and down_proj "rowwise" with one all-reduce each), applied by us on
 plain local tensors. We do not load through `from_pretrained(tp_plan="auto")` because: (1) in
-transformers 5.24 that path builds DTensors and, on CPU with gloo, left every weight whole in our
-check (no error, no sharding); (2) its colwise k/v split cannot replicate KV heads when a GQA model
-has fewer KV heads than ranks (it would cut one head's dimensions across ranks); (3) our paged
-attention must see plain per-rank tensors with whole heads. Beyond the plan we shard the LM head
-by vocabulary rows (all-gather of the logits, as transformers' "colwise_gather_output") and the
-input embedding by vocabulary (mask, look up, all-reduce), each only when the vocabulary divides.
+transformers 5.24 that path builds DTensors, and `from_pretrained(tp_plan="auto", device_mesh=...)`
+on a CPU gloo mesh left every weight whole in our check (no error, no sharding); (2) its colwise
+style splits k/v rows evenly (transformers' TP code has no KV-head replication), so with fewer KV
+heads than ranks it would cut one head's dimensions across ranks; we keep, on each rank, the one
+KV head its query heads read; (3) our paged attention must see plain per-rank tensors with whole
+heads. Beyond the plan we shard the LM head by vocabulary rows (all-gather of the logits, as
+transformers' "colwise_gather_output") and the input embedding by vocabulary (mask, look up,
+all-reduce), each only when the vocabulary divides.
+Every rank reads the whole checkpoint on the host and cuts it before moving its part to its device:
+device memory holds one shard, host memory briefly one full copy per rank.
 
 Failure: ranks fail together. A worker that dies is seen before the next step (process liveness)
 or inside a collective (its sockets close; the groups also carry a timeout), and rank 0 then
@@ -111,6 +115,8 @@ def join_group(store: Any, rank: int, world_size: int, device: torch.device, tim
     if device.type == "cuda":
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
+        options.is_high_priority_stream = False
+        options.global_ranks_in_group = list(range(world_size))  # as new_group sets it (watchdog logs)
         data = dist.ProcessGroupNCCL(dist.PrefixStore("data", store), rank, world_size, options)
     else:
         data = dist.ProcessGroupGloo(dist.PrefixStore("data", store), rank, world_size, timeout)
@@ -308,6 +314,9 @@ class TensorParallelRunner:
         try:
             self.group.broadcast_object((command, payload))
             return local_call()
+        except ConfigError:  # a user mistake found on rank 0 (e.g. num_blocks too large): say so as is
+            self._fail(f"tensor-parallel {command} refused by the configuration")
+            raise
         except Exception as exc:
             # A collective broke or one rank's forward failed: the ranks are out of step for good.
             self._fail(f"tensor-parallel {command} failed: {type(exc).__name__}: {exc}")
