@@ -47,10 +47,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
-
 from pagedserve.cache.sizing import MemoryPlan
 from pagedserve.config.engine import ConfigError, EngineConfig
+from torch import nn
 
 from .errors import EngineDeadError
 from .loader import LoadedModel, load_model, resolve_model_path
@@ -257,7 +256,7 @@ def _worker_main(
         store = dist.TCPStore(host, port, config.tp_size, is_master=False, timeout=timedelta(seconds=timeout_s))
         group = join_group(store, rank, config.tp_size, device, timeout_s)
         runner = ModelRunner(load_sharded(config, group), config)
-    except BaseException as exc:  # noqa: BLE001 - reported to rank 0, which raises it for the user
+    except BaseException as exc:
         ready.put((rank, "error", f"{type(exc).__name__}: {exc}", isinstance(exc, ConfigError)))
         raise SystemExit(1) from exc
     ready.put((rank, "ready", "", False))
@@ -348,7 +347,7 @@ class TensorParallelRunner:
         if self.dead_reason is None and all(p.is_alive() for p in self.workers):
             try:
                 self.group.broadcast_object(("stop", None))
-            except Exception:  # noqa: BLE001 - the workers are killed below anyway
+            except Exception:
                 logger.warning("could not send stop to the tensor-parallel workers", exc_info=True)
             self.dead_reason = "the engine was shut down"
         self._stop_workers(graceful=True, timeout_s=timeout_s)

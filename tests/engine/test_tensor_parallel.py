@@ -13,12 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from pagedserve.config.engine import ConfigError, EngineConfig
 from pagedserve.engine.errors import EngineDeadError
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.request import SamplingParams
-from tiny_models import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_tiny_model, make_tokenizer
+from tiny_models import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    VOCAB_SIZE,
+    build_tiny_model,
+    make_tokenizer,
+)
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], list(range(20, 57)), [99]]
 
