@@ -9,7 +9,7 @@ unknown key raises `ConfigError` naming the field, the value and the rule.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
@@ -92,6 +92,13 @@ class ServeArgs(BaseModel):
     port: int = Field(8000, ge=1, le=65535, description="HTTP port when started with `python -m pagedserve.serve_app`.")
     ingress_num_replicas: int = Field(1, ge=1, le=64)
     name_prefix: str = Field("", description="Prefix of the deployment names (two apps on one cluster).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Level of the deployments' logs; the per-request lines are INFO."
+    )
+    log_encoding: Literal["TEXT", "JSON"] = Field("TEXT", description="Ray Serve log record format.")
+    log_prompts: bool = Field(
+        False, description="Put the prompt into the per-request log line (off: prompts never reach logs)."
+    )
 
     @field_validator("engine_overrides_by_rank")
     @classmethod

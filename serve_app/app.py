@@ -37,6 +37,11 @@ def _cluster_has_gpus() -> bool:
         return False
 
 
+def logging_config(serve_args: ServeArgs) -> dict[str, Any]:
+    """Ray Serve's per-deployment logging: level and TEXT or JSON records (the replica logs one line per request)."""
+    return {"log_level": serve_args.log_level, "encoding": serve_args.log_encoding}
+
+
 def replica_options(serve_args: ServeArgs) -> dict[str, Any]:
     """Deployment options of `EngineReplica`: resources, concurrency, router, replicas or autoscaling."""
     use_gpu = _cluster_has_gpus() if serve_args.use_gpu is None else serve_args.use_gpu
@@ -51,6 +56,7 @@ def replica_options(serve_args: ServeArgs) -> dict[str, Any]:
         "health_check_period_s": 10,
         "health_check_timeout_s": 60,
         "graceful_shutdown_timeout_s": 5,
+        "logging_config": logging_config(serve_args),
         "request_router_config": RequestRouterConfig(
             request_router_class=ROUTER_CLASS_PATH,
             request_router_kwargs={
@@ -92,6 +98,7 @@ def build_app(args: dict[str, Any] | ServeArgs | None = None) -> Application:
         # The ingress only parses and forwards; many requests wait on replicas at once.
         max_ongoing_requests=4096,
         ray_actor_options={"num_cpus": 0.5},
+        logging_config=logging_config(serve_args),
     )
     return ingress.bind(replica.bind(serve_args), serve_args)
 

@@ -11,12 +11,13 @@ stream early (client gone) cancels the replica call, which aborts the engine req
 import asyncio
 import contextvars
 import dataclasses
+import functools
 import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -32,6 +33,7 @@ from pagedserve.engine.request import RequestOutput, SamplingParams
 from . import openai_protocol as oai
 from .replica import GenerateRequest, ModelInfo, ReplicaError
 from .errors import ServiceOverloadedError
+from .metrics import IngressMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -96,6 +98,22 @@ def _replica_error(error: ReplicaError) -> APIError:
     return APIError(error.status_code, error.message, error.error_type, error.param)
 
 
+def _counts_rejections(
+    route: Callable[[Any, Request], Awaitable[Response]],
+) -> Callable[[Any, Request], Awaitable[Response]]:
+    """Count a route's refusals (`APIError` before any token) in `pagedserve_rejected_requests`."""
+
+    @functools.wraps(route)
+    async def counted(self: Any, request: Request) -> Response:
+        try:
+            return await route(self, request)
+        except APIError as exc:
+            self.metrics.rejected(exc.status_code)
+            raise
+
+    return counted
+
+
 @dataclass
 class _Choice:
     """What one completion has produced so far (non-streaming responses accumulate into this)."""
@@ -118,6 +136,11 @@ class OpenAIIngress:
         self._api_key = serve_args.resolved_api_key()
         self._info: ModelInfo | None = None
         self._info_lock = asyncio.Lock()
+        context = serve.get_replica_context()
+        self.metrics = IngressMetrics(
+            model_name=serve_args.served_model_name or serve_args.model or "default",
+            replica=context.replica_tag if context is not None else "local",
+        )
 
     # Plumbing ----------------------------------------------------------------------------------------
 
@@ -332,6 +355,7 @@ class OpenAIIngress:
         return JSONResponse({"status": "ok"})
 
     @fastapi_app.get("/v1/models")
+    @_counts_rejections
     async def models(self, request: Request) -> Response:
         self.authorize(request)
         info = await self.model_info()
@@ -339,6 +363,7 @@ class OpenAIIngress:
         return JSONResponse(oai.ModelList(data=[card]).model_dump())
 
     @fastapi_app.post("/tokenize")
+    @_counts_rejections
     async def tokenize(self, request: Request) -> Response:
         self.authorize(request)
         body: oai.TokenizeRequest = await self.parse_body(request, oai.TokenizeRequest)
@@ -351,6 +376,7 @@ class OpenAIIngress:
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": info.max_model_len})
 
     @fastapi_app.post("/detokenize")
+    @_counts_rejections
     async def detokenize(self, request: Request) -> Response:
         self.authorize(request)
         body: oai.DetokenizeRequest = await self.parse_body(request, oai.DetokenizeRequest)
@@ -387,6 +413,7 @@ class OpenAIIngress:
             raise _bad_request(exc.message, exc.param) from None
 
     @fastapi_app.post("/v1/completions")
+    @_counts_rejections
     async def completions(self, request: Request) -> Response:
         self.authorize(request)
         body: oai.CompletionRequest = await self.parse_body(request, oai.CompletionRequest)
@@ -409,6 +436,7 @@ class OpenAIIngress:
         return await self.full_response(info, model, request_id, requests, body, chat=False)
 
     @fastapi_app.post("/v1/chat/completions")
+    @_counts_rejections
     async def chat_completions(self, request: Request) -> Response:
         self.authorize(request)
         body: oai.ChatCompletionRequest = await self.parse_body(request, oai.ChatCompletionRequest)

@@ -1,46 +1,367 @@
-"""Prometheus metrics of one replica's engine, exported through Ray's metrics agent.
+"""Prometheus metrics of the service, exported through Ray's metrics agent (`ray.util.metrics`).
 
-`ReplicaMetrics.observe` is fed the `EngineStats` snapshot the replica already takes for routing, so
-metrics cost no extra engine calls. Counters in `EngineStats` are totals since start; they are exported
-as gauges (`*_total`) because Ray's Counter only accepts increments and a restarted replica restarts them.
+Every process of the cluster (engine replicas, ingress, its router) records into Ray's per-node metrics
+agent, so one scrape of each node's agent (`--metrics-export-port`, 8080 on KubeRay) sees every replica.
+
+Names follow vLLM's so that dashboards and alerts written for vLLM carry over. Ray no longer accepts ':'
+in names, so `vllm:num_requests_running` is recorded as `vllm_num_requests_running`, the same rewrite
+vLLM's own Ray stat logger applies; the agent then prefixes `ray_` and counters get `_total`. What a
+scrape shows is therefore `ray_vllm_num_requests_running`, `ray_vllm_prompt_tokens_total`,
+`ray_vllm_time_to_first_token_seconds_bucket`, ..., which is also what Ray's own Serve LLM Grafana
+dashboard queries. `SCRAPED_NAMES` lists every series name a scrape carries; a test checks that the
+Grafana dashboard queries nothing else.
+
+Labels: `model` and `replica` on everything, plus `model_name` (vLLM's label) so vLLM dashboards filter.
+
+Without a Ray worker (plain unit tests) the metrics are no-ops; serving never depends on them.
 """
 
 from __future__ import annotations
 
-from pagedserve.engine.stats import EngineStats
+import threading
+import time
+from collections import deque
+from typing import Any, Iterable
 
-_GAUGES: dict[str, str] = {
-    "num_free_blocks": "Free KV-cache blocks.",
-    "num_total_blocks": "KV-cache blocks in all.",
-    "kv_cache_usage": "Fraction of KV-cache blocks in use (0..1).",
-    "num_running": "Requests in the running batch.",
-    "num_waiting": "Requests waiting for blocks.",
-    "num_prompt_tokens_total": "Prompt tokens processed since start.",
-    "num_generation_tokens_total": "Tokens generated since start.",
-    "num_preemptions_total": "Preemptions since start.",
-    "num_prefix_cache_hits_total": "Prompt tokens served by the prefix cache since start.",
-    "num_prefix_cache_queries_total": "Prompt tokens looked up in the prefix cache since start.",
+from pagedserve.engine.request import RequestOutput
+from pagedserve.engine.stats import EngineStats, StepStats
+
+RAY_PREFIX = "ray_"
+
+# Seconds: from a few ms (a decode step of a small model) to minutes (a long generation behind a queue).
+LATENCY_BUCKETS_S = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                     10.0, 20.0, 40.0, 80.0, 160.0, 640.0]
+STEP_TIME_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
+TOKEN_COUNT_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+
+REPLICA_TAGS = ("model", "model_name", "replica")
+
+# name -> (kind, description, extra tag keys); the recorded (Ray) name, without `ray_` or `_total`.
+REPLICA_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    # vLLM-compatible gauges
+    "vllm_num_requests_running": ("gauge", "Requests in the running batch.", ()),
+    "vllm_num_requests_waiting": ("gauge", "Requests waiting to be scheduled (new and preempted).", ()),
+    "vllm_kv_cache_usage_perc": ("gauge", "Fraction of KV-cache blocks in use, 0..1.", ()),
+    "vllm_gpu_cache_usage_perc": ("gauge", "Same as vllm_kv_cache_usage_perc (vLLM v0 name).", ()),
+    # vLLM-compatible counters
+    "vllm_prompt_tokens": ("counter", "Prompt tokens computed (prefill), including recomputation.", ()),
+    "vllm_generation_tokens": ("counter", "Tokens generated.", ()),
+    "vllm_request_success": ("counter", "Requests finished, by finished_reason (stop, length, abort, error).",
+                             ("finished_reason",)),
+    "vllm_num_preemptions": ("counter", "Preemptions (a request's blocks freed, to be recomputed).", ()),
+    "vllm_prefix_cache_queries": ("counter", "Prompt tokens looked up in the prefix cache.", ()),
+    "vllm_prefix_cache_hits": ("counter", "Prompt tokens served from the prefix cache.", ()),
+    # vLLM-compatible histograms
+    "vllm_time_to_first_token_seconds": ("histogram", "Arrival at the engine to first token.", ()),
+    "vllm_inter_token_latency_seconds": ("histogram", "Time between consecutive output deltas, per token.", ()),
+    "vllm_request_time_per_output_token_seconds": (
+        "histogram", "Per request: (last token - first token) / (output tokens - 1).", ()),
+    "vllm_time_per_output_token_seconds": (
+        "histogram", "Same as vllm_request_time_per_output_token_seconds (older vLLM name).", ()),
+    "vllm_e2e_request_latency_seconds": ("histogram", "Arrival at the engine to the last token.", ()),
+    "vllm_request_queue_time_seconds": ("histogram", "Arrival to first scheduled.", ()),
+    "vllm_request_prefill_time_seconds": ("histogram", "First scheduled to first token.", ()),
+    "vllm_request_decode_time_seconds": ("histogram", "First token to last token.", ()),
+    "vllm_request_prompt_tokens": ("histogram", "Prompt tokens of finished requests.", ()),
+    "vllm_request_generation_tokens": ("histogram", "Output tokens of finished requests (all n completions).", ()),
+    "vllm_iteration_tokens_total": ("histogram", "Tokens computed per engine step.", ()),
+    # ours
+    "pagedserve_num_requests_preempted_waiting": ("gauge", "Preempted requests waiting to be recomputed.", ()),
+    "pagedserve_kv_cache_bytes_used": ("gauge", "KV-cache bytes in blocks that are in use.", ()),
+    "pagedserve_kv_cache_bytes_free": ("gauge", "KV-cache bytes in free blocks.", ()),
+    "pagedserve_kv_cache_free_blocks": ("gauge", "Free KV-cache blocks (most constrained layer group).", ()),
+    "pagedserve_kv_cache_total_blocks": ("gauge", "KV-cache blocks in all.", ()),
+    "pagedserve_batch_fill": ("gauge", "Tokens in the last step / max_batch_tokens, 0..1.", ()),
+    "pagedserve_decode_prefill_ratio": (
+        "gauge", "Decode tokens / prefill tokens over the recent window (prefill floored at 1 token).", ()),
+    "pagedserve_step_time_seconds": (
+        "histogram", "Engine step time, by step kind (prefill, decode, mixed).", ("step_kind",)),
+}
+
+INGRESS_TAGS = ("model", "replica")
+INGRESS_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "pagedserve_rejected_requests": (
+        "counter", "Requests answered with an error before generating, by HTTP status (400, 401, 404, 413, 429, 503).",
+        ("reason",)),
+}
+
+ROUTER_TAGS = ("deployment",)
+ROUTER_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "pagedserve_router_decisions": ("counter", "Requests routed, by target replica.", ("replica",)),
+    "pagedserve_router_refused": (
+        "counter", "Requests the router refused: queue_full, queue_timeout (both 429) or too_large (400).",
+        ("reason",)),
+    "pagedserve_router_queue_length": ("gauge", "Requests waiting in the router for a replica with room.", ()),
 }
 
 
+def scraped_names(name: str, kind: str) -> list[str]:
+    """Series names the Ray metrics agent exposes for one recorded metric."""
+    base = RAY_PREFIX + name
+    if kind == "counter":
+        return [base + "_total"]
+    if kind == "histogram":
+        return [base + "_bucket", base + "_sum", base + "_count"]
+    return [base]
+
+
+SCRAPED_NAMES: frozenset[str] = frozenset(
+    scraped
+    for table in (REPLICA_METRICS, INGRESS_METRICS, ROUTER_METRICS)
+    for name, (kind, _, _) in table.items()
+    for scraped in scraped_names(name, kind)
+)
+
+
+class _NoOp:
+    def set(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    inc = observe = set
+
+
+def _buckets_for(name: str) -> list[float]:
+    if name.endswith("tokens") or name == "vllm_iteration_tokens_total":
+        return [float(b) for b in TOKEN_COUNT_BUCKETS]
+    if name == "pagedserve_step_time_seconds":
+        return STEP_TIME_BUCKETS_S
+    return LATENCY_BUCKETS_S
+
+
+def _make_metrics(table: dict[str, tuple[str, str, tuple[str, ...]]], base_tags: tuple[str, ...]) -> dict[str, Any]:
+    """Ray metric objects for a table; no-ops where Ray's metrics are not available."""
+    try:
+        from ray.util.metrics import Counter, Gauge, Histogram
+    except Exception:  # noqa: BLE001 - metrics are best effort
+        return {name: _NoOp() for name in table}
+    made: dict[str, Any] = {}
+    for name, (kind, description, extra_tags) in table.items():
+        tag_keys = base_tags + extra_tags
+        try:
+            if kind == "gauge":
+                made[name] = Gauge(name, description=description, tag_keys=tag_keys)
+            elif kind == "counter":
+                made[name] = Counter(name, description=description, tag_keys=tag_keys)
+            else:
+                made[name] = Histogram(name, description=description, boundaries=_buckets_for(name),
+                                       tag_keys=tag_keys)
+        except Exception:  # noqa: BLE001 - outside a Ray worker: record nothing
+            made[name] = _NoOp()
+    return made
+
+
 class ReplicaMetrics:
-    """Gauges tagged with model and replica. Without a Ray metrics agent (plain tests) they are no-ops."""
+    """The metrics of one engine replica.
+
+    Fed from three places: `observe(stats)` with the engine snapshot (the replica's routing-stats
+    callback, every `stats_period_s`; Ray's agent exports every few seconds anyway, so gauges need no
+    per-step update), `observe_step` on the engine loop thread (histograms, batch fill),
+    and `observe_request` when a request's stream ends. Engine totals become Counter increments by
+    diffing against the last snapshot seen, under a lock because two threads feed it.
+    """
+
+    def __init__(self, model_name: str, replica: str, ratio_window_s: float = 10.0) -> None:
+        self._tags = {"model": model_name, "model_name": model_name, "replica": replica}
+        self._metrics = _make_metrics(REPLICA_METRICS, REPLICA_TAGS)
+        self._lock = threading.Lock()
+        self._last_totals: dict[str, int] = {}
+        self._ratio_window_s = ratio_window_s
+        self._recent_steps: deque[tuple[float, int, int]] = deque()  # (monotonic time, prefill, decode)
+
+    # -- engine snapshot -------------------------------------------------------------------------
+    def observe(self, stats: EngineStats) -> None:
+        m, tags = self._metrics, self._tags
+        m["vllm_num_requests_running"].set(stats.num_running, tags=tags)
+        m["vllm_num_requests_waiting"].set(stats.num_waiting, tags=tags)
+        m["vllm_kv_cache_usage_perc"].set(stats.kv_cache_usage, tags=tags)
+        m["vllm_gpu_cache_usage_perc"].set(stats.kv_cache_usage, tags=tags)
+        m["pagedserve_num_requests_preempted_waiting"].set(stats.num_preempted_waiting, tags=tags)
+        m["pagedserve_kv_cache_bytes_used"].set(stats.kv_cache_bytes_used, tags=tags)
+        m["pagedserve_kv_cache_bytes_free"].set(stats.kv_cache_bytes_total - stats.kv_cache_bytes_used, tags=tags)
+        m["pagedserve_kv_cache_free_blocks"].set(stats.num_free_blocks, tags=tags)
+        m["pagedserve_kv_cache_total_blocks"].set(stats.num_total_blocks, tags=tags)
+        if stats.num_running == 0 and stats.num_waiting == 0:
+            m["pagedserve_batch_fill"].set(0.0, tags=tags)  # idle: no step runs to say so
+        totals = {
+            "vllm_prompt_tokens": stats.num_prompt_tokens_total,
+            "vllm_generation_tokens": stats.num_generation_tokens_total,
+            "vllm_num_preemptions": stats.num_preemptions_total,
+            "vllm_prefix_cache_queries": stats.num_prefix_cache_queries_total,
+            "vllm_prefix_cache_hits": stats.num_prefix_cache_hits_total,
+        }
+        with self._lock:
+            for name, total in totals.items():
+                self._inc_to(name, f"{name}", total, tags)
+            for reason, total in stats.finished_by_reason.items():
+                self._inc_to("vllm_request_success", f"vllm_request_success/{reason}", total,
+                             {**tags, "finished_reason": reason})
+            m["pagedserve_decode_prefill_ratio"].set(self._decode_prefill_ratio(time.monotonic()), tags=tags)
+
+    def _inc_to(self, name: str, key: str, total: int, tags: dict[str, str]) -> None:
+        delta = total - self._last_totals.get(key, 0)
+        if delta > 0:  # engine totals only grow; a smaller one would be a new engine, counted from there
+            self._metrics[name].inc(delta, tags=tags)
+        self._last_totals[key] = total
+
+    # -- engine loop thread ----------------------------------------------------------------------
+    def observe_step(self, step: StepStats, stats: EngineStats) -> None:
+        m, tags = self._metrics, self._tags
+        num_tokens = step.num_prefill_tokens + step.num_decode_tokens
+        m["vllm_iteration_tokens_total"].observe(num_tokens, tags=tags)
+        kind = "mixed" if step.num_prefill_tokens and step.num_decode_tokens else (
+            "prefill" if step.num_prefill_tokens else "decode")
+        m["pagedserve_step_time_seconds"].observe(step.step_time_s, tags={**tags, "step_kind": kind})
+        if stats.max_batch_tokens > 0:
+            m["pagedserve_batch_fill"].set(num_tokens / stats.max_batch_tokens, tags=tags)
+        with self._lock:
+            self._recent_steps.append((time.monotonic(), step.num_prefill_tokens, step.num_decode_tokens))
+
+    def _decode_prefill_ratio(self, now: float) -> float:
+        while self._recent_steps and now - self._recent_steps[0][0] > self._ratio_window_s:
+            self._recent_steps.popleft()
+        num_prefill = sum(s[1] for s in self._recent_steps)
+        num_decode = sum(s[2] for s in self._recent_steps)
+        return num_decode / max(num_prefill, 1)
+
+    # -- one finished request --------------------------------------------------------------------
+    def observe_request(self, timing: "RequestTiming") -> None:
+        m, tags = self._metrics, self._tags
+        for itl_s in timing.inter_token_latencies_s:
+            m["vllm_inter_token_latency_seconds"].observe(itl_s, tags=tags)
+        m["vllm_request_prompt_tokens"].observe(timing.num_prompt_tokens, tags=tags)
+        m["vllm_request_generation_tokens"].observe(timing.num_output_tokens, tags=tags)
+        for name, value in (
+            ("vllm_time_to_first_token_seconds", timing.ttft_s),
+            ("vllm_e2e_request_latency_seconds", timing.e2e_s),
+            ("vllm_request_queue_time_seconds", timing.queue_time_s),
+            ("vllm_request_prefill_time_seconds", timing.prefill_time_s),
+            ("vllm_request_decode_time_seconds", timing.decode_time_s),
+            ("vllm_request_time_per_output_token_seconds", timing.tpot_s),
+            ("vllm_time_per_output_token_seconds", timing.tpot_s),
+        ):
+            if value is not None:
+                m[name].observe(value, tags=tags)
+
+
+class RequestTiming:
+    """What one request's stream showed, for histograms and the per-request log line.
+
+    Times come from the engine's `RequestMetrics` (monotonic seconds, same process as the replica);
+    inter-token latencies are measured where the replica receives each delta.
+    """
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.num_prompt_tokens = 0
+        self.num_output_tokens = 0
+        self.num_cached_prompt_tokens = 0
+        self.num_preemptions = 0
+        self.finish_reason: str | None = None
+        self.ttft_s: float | None = None
+        self.e2e_s: float | None = None
+        self.queue_time_s: float | None = None
+        self.prefill_time_s: float | None = None
+        self.decode_time_s: float | None = None
+        self.tpot_s: float | None = None
+        self.inter_token_latencies_s: list[float] = []
+        self._started_s = time.monotonic()
+        self._last_delta_s: float | None = None
+
+    def add_delta(self, output: RequestOutput) -> None:
+        now = time.monotonic()
+        num_new = sum(len(c.token_ids) for c in output.outputs)
+        if num_new and self._last_delta_s is not None:
+            self.inter_token_latencies_s.extend([(now - self._last_delta_s) / num_new] * num_new)
+        if num_new:
+            self._last_delta_s = now
+        self.num_output_tokens += num_new
+        self.num_prompt_tokens = len(output.prompt_token_ids)
+        reasons = [c.finish_reason for c in output.outputs if c.finish_reason]
+        if reasons:
+            self.finish_reason = reasons[0]
+        if output.finished:
+            self._finish(output)
+
+    def _finish(self, output: RequestOutput) -> None:
+        self.num_cached_prompt_tokens = output.num_cached_tokens
+        timing = output.metrics
+        if timing is None:
+            return
+        self.num_preemptions = timing.num_preemptions
+        arrival = timing.arrival_time
+        if timing.first_token_time is not None:
+            self.ttft_s = timing.first_token_time - arrival
+        if timing.first_scheduled_time is not None:
+            self.queue_time_s = timing.first_scheduled_time - arrival
+            if timing.first_token_time is not None:
+                self.prefill_time_s = timing.first_token_time - timing.first_scheduled_time
+        end = timing.last_token_time or timing.finished_time
+        if end is not None:
+            self.e2e_s = end - arrival
+        if timing.first_token_time is not None and timing.last_token_time is not None:
+            self.decode_time_s = timing.last_token_time - timing.first_token_time
+            if self.num_output_tokens > 1:
+                self.tpot_s = self.decode_time_s / (self.num_output_tokens - 1)
+
+    def log_fields(self, replica: str, prompt: Any = None) -> dict[str, Any]:
+        """One structured log record. The prompt only when the caller passes it (`log_prompts`)."""
+        fields: dict[str, Any] = {
+            "event": "request_finished",
+            "request_id": self.request_id,
+            "replica": replica,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.num_prompt_tokens,
+            "output_tokens": self.num_output_tokens,
+            "cached_prompt_tokens": self.num_cached_prompt_tokens,
+            "preemptions": self.num_preemptions,
+            "queue_time_s": _rounded(self.queue_time_s),
+            "ttft_s": _rounded(self.ttft_s),
+            "tpot_s": _rounded(self.tpot_s),
+            "total_time_s": _rounded(time.monotonic() - self._started_s if self.e2e_s is None else self.e2e_s),
+        }
+        if prompt is not None:
+            fields["prompt"] = prompt
+        return fields
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+class IngressMetrics:
+    """Requests the ingress refused before any token, by HTTP status."""
 
     def __init__(self, model_name: str, replica: str) -> None:
         self._tags = {"model": model_name, "replica": replica}
-        self._gauges: dict[str, object] = {}
-        try:
-            from ray.util.metrics import Gauge
+        self._metrics = _make_metrics(INGRESS_METRICS, INGRESS_TAGS)
 
-            for name, description in _GAUGES.items():
-                self._gauges[name] = Gauge(
-                    f"pagedserve_{name}", description=description, tag_keys=("model", "replica")
-                )
-        except Exception:  # metrics are best effort; serving must not depend on them
-            self._gauges = {}
+    def rejected(self, status_code: int) -> None:
+        self._metrics["pagedserve_rejected_requests"].inc(1, tags={**self._tags, "reason": str(status_code)})
 
-    def observe(self, stats: EngineStats) -> None:
-        for name, gauge in self._gauges.items():
-            value = getattr(stats, name, None)
-            if value is not None:
-                gauge.set(float(value), tags=self._tags)  # type: ignore[attr-defined]
+
+class RouterMetrics:
+    """Routing decisions, refusals and the admission queue of one router (it runs in the caller)."""
+
+    def __init__(self, deployment: str) -> None:
+        self._tags = {"deployment": deployment}
+        self._metrics = _make_metrics(ROUTER_METRICS, ROUTER_TAGS)
+
+    def routed(self, replica: str) -> None:
+        self._metrics["pagedserve_router_decisions"].inc(1, tags={**self._tags, "replica": replica})
+
+    def refused(self, reason: str) -> None:
+        self._metrics["pagedserve_router_refused"].inc(1, tags={**self._tags, "reason": reason})
+
+    def queue_length(self, num_waiting: int) -> None:
+        self._metrics["pagedserve_router_queue_length"].set(num_waiting, tags=self._tags)
+
+
+def metric_names_in_promql(expressions: Iterable[str]) -> set[str]:
+    """Metric names an expression list refers to (identifiers followed by `{`, `[` or a space/paren)."""
+    import re
+
+    names: set[str] = set()
+    for expr in expressions:
+        for match in re.finditer(r"\b((?:ray|vllm|pagedserve)_[a-zA-Z0-9_:]+)", expr):
+            names.add(match.group(1))
+    return names

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pagedserve.config.serve import ServeArgs
 from pagedserve.engine.errors import EngineDeadError, InvalidRequestError, RequestTooLargeError
 from pagedserve.engine.request import RequestOutput, SamplingParams
 
-from .metrics import ReplicaMetrics
+from .metrics import ReplicaMetrics, RequestTiming
 from .router import RoutingDemand
 
 logger = logging.getLogger("ray.serve")
@@ -76,8 +77,15 @@ class EngineReplica:
         # Worst-case blocks of every request this replica holds (prompt + n * max_tokens), by request id:
         # the engine's free blocks only show what is allocated so far, not what running requests will grow to.
         self._committed_blocks: dict[str, int] = {}
-        self.metrics = ReplicaMetrics(model_name=self.engine.model_name, replica=self.replica_tag)
+        self.log_prompts = serve_args.log_prompts
+        self.metrics = ReplicaMetrics(
+            model_name=serve_args.served_model_name or self.engine.model_name, replica=self.replica_tag
+        )
+        add_step_listener = getattr(self.engine, "add_step_listener", None)
+        if add_step_listener is not None:  # engines for tests may not have one
+            add_step_listener(self.metrics.observe_step)
         stats = self.engine.get_stats()
+        self.metrics.observe(stats)
         self.block_size = stats.block_size
         logger.info(
             "replica %s (rank %d) serving %s: %d KV blocks of %d tokens, max_model_len %d",
@@ -88,28 +96,48 @@ class EngineReplica:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput | ReplicaError]:
         """Stream the engine's deltas; on any exit before the end, abort so the blocks return."""
         is_finished = False
+        timing = RequestTiming(request.request_id)
         self._committed_blocks[request.request_id] = -(-request.routing_demand.num_tokens // self.block_size)
         stream = self.engine.generate(request.prompt, request.sampling_params, request.request_id)
         try:
             async with contextlib.aclosing(stream):
                 async for output in stream:
                     is_finished = output.finished
+                    timing.add_delta(output)
                     yield output
         except RequestTooLargeError as exc:
+            timing.finish_reason = "rejected"
             yield ReplicaError(400, "invalid_request_error", exc.message, exc.param)
         except InvalidRequestError as exc:
+            timing.finish_reason = "rejected"
             yield ReplicaError(400, "invalid_request_error", exc.message, exc.param)
         except EngineDeadError as exc:
+            timing.finish_reason = "error"
             yield ReplicaError(503, "service_unavailable", f"engine is not running: {exc}")
         except Exception as exc:  # one request's failure must not take the replica down
+            timing.finish_reason = "error"
             logger.exception("request %s failed", request.request_id)
             yield ReplicaError(500, "internal_server_error", f"request failed: {type(exc).__name__}: {exc}")
         finally:
             self._committed_blocks.pop(request.request_id, None)
+            if not is_finished and timing.finish_reason is None:
+                timing.finish_reason = "abort"
+            self._record_request(timing, request)
             if not is_finished:
                 # The consumer left (client disconnect, cancellation): free the request's blocks now.
                 with contextlib.suppress(Exception):
                     await self.engine.abort(request.request_id)
+
+    def _record_request(self, timing: RequestTiming, request: GenerateRequest) -> None:
+        """Histograms and one structured INFO line per request; the prompt only with `log_prompts`."""
+        try:
+            if timing.finish_reason != "rejected":
+                self.metrics.observe_request(timing)
+            fields = timing.log_fields(self.replica_tag, request.prompt if self.log_prompts else None)
+            logger.info("request_finished %s", json.dumps(fields, separators=(",", ":")),
+                        extra={"pagedserve_request": fields})
+        except Exception:  # noqa: BLE001 - observability must never fail a request
+            logger.debug("recording request %s failed", request.request_id, exc_info=True)
 
     def model_info(self) -> ModelInfo:
         stats = self.engine.get_stats()

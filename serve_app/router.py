@@ -27,6 +27,7 @@ from typing import Any, Callable, Hashable, Literal
 
 from pagedserve.engine.errors import RequestTooLargeError
 from pagedserve.serve_app.errors import ServiceOverloadedError
+from pagedserve.serve_app.metrics import RouterMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -300,6 +301,8 @@ class FreeBlocksRequestRouter(_ray_request_router_base()):  # type: ignore[misc]
         self.admission = AdmissionQueue(max_queued_requests, queue_timeout_s)
         self.retry_after_s = retry_after_s
         self._waiting_futures: dict[str, Any] = {}
+        deployment_id = getattr(self, "_deployment_id", None)
+        self.metrics = RouterMetrics(deployment=getattr(deployment_id, "name", "") or "unknown")
 
     def _sync_reports(self, candidates: list[Any]) -> None:
         self.policy.remove_replicas_except({r.replica_id for r in self._replicas.values()})
@@ -315,10 +318,14 @@ class FreeBlocksRequestRouter(_ray_request_router_base()):  # type: ignore[misc]
                 self.admission.leave(request_id)
                 self._waiting_futures.pop(request_id, None)
 
-    def _refuse(self, pending_request: Any, error: Exception, candidates: list[Any]) -> list[list[Any]]:
+    def _refuse(
+        self, pending_request: Any, error: Exception, candidates: list[Any], reason: str
+    ) -> list[list[Any]]:
         request_id = pending_request.metadata.internal_request_id
         self.admission.leave(request_id)
         self._waiting_futures.pop(request_id, None)
+        self.metrics.refused(reason)
+        self.metrics.queue_length(self.admission.num_waiting)
         if not pending_request.future.done():
             pending_request.future.set_exception(error)
         # Ray's routing task only notices a finished future once it is handed candidates; returning none
@@ -346,22 +353,26 @@ class FreeBlocksRequestRouter(_ray_request_router_base()):  # type: ignore[misc]
 
         if decision.kind == "too_large":
             return self._refuse(
-                pending_request, RequestTooLargeError(decision.message, param="max_tokens"), candidate_replicas
+                pending_request, RequestTooLargeError(decision.message, param="max_tokens"), candidate_replicas,
+                "too_large",
             )
         if decision.kind == "wait":
             verdict = self.admission.wait(request_id)
             if verdict == "wait":
                 self._waiting_futures[request_id] = pending_request.future
+                self.metrics.queue_length(self.admission.num_waiting)
                 return []
             reason = (
                 f"all replicas are full and {self.admission.max_queued_requests} requests are already waiting"
                 if verdict == "full"
                 else f"no replica had room within {self.admission.queue_timeout_s:g}s"
             )
-            return self._refuse(pending_request, ServiceOverloadedError(reason, self.retry_after_s), candidate_replicas)
+            return self._refuse(pending_request, ServiceOverloadedError(reason, self.retry_after_s), candidate_replicas,
+                                "queue_full" if verdict == "full" else "queue_timeout")
 
         self.admission.leave(request_id)
         self._waiting_futures.pop(request_id, None)
+        self.metrics.queue_length(self.admission.num_waiting)
         best = decision.replicas[0]
         # Reserve before Ray's send: the next request routed in this loop must already see these blocks.
         self.policy.reserve(best, request_id, demand)
@@ -372,6 +383,7 @@ class FreeBlocksRequestRouter(_ray_request_router_base()):  # type: ignore[misc]
         request_id = pending_request.metadata.internal_request_id
         if self.policy.reserved_replica(request_id) != replica_id:
             self.policy.reserve(replica_id, request_id, demand)
+        self.metrics.routed(getattr(replica_id, "unique_id", str(replica_id)))
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
         if hasattr(self, "policy"):
