@@ -9,7 +9,9 @@ logits only at the positions that are sampled.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -27,7 +29,8 @@ from pagedserve.config.engine import ConfigError, EngineConfig, LayerGroupSpec
 from .attention import get_attention_backend
 from .attention.base import AttentionMetadata, GroupAttentionMetadata
 from .attention.hf_integration import LayerProbe, PagedForwardContext
-from .loader import LoadedModel
+from .compile import CompiledForward
+from .loader import LoadedModel, weights_footprint_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,8 @@ class ModelRunner:
         self._supports_logits_to_keep = hasattr(self.model, "_supports_logits_to_keep") and bool(
             self.model._supports_logits_to_keep()
         )
+        # Eager steps run through torch.compile when configured; decode graphs capture the plain model.
+        self._step_model: Callable[..., Any] = CompiledForward(self.model, config) if config.compile else self.model
         logger.info("attention backend: %s; layer groups: %s", self.backend.name, [g.kind for g in self.shape.groups])
 
     # ---- model geometry ------------------------------------------------------------------------
@@ -116,9 +121,7 @@ class ModelRunner:
     # ---- memory --------------------------------------------------------------------------------
     def weights_bytes(self) -> int:
         """Measured footprint of parameters and buffers (quantized weights counted as stored)."""
-        total = sum(t.numel() * t.element_size() for t in self.model.parameters())
-        total += sum(t.numel() * t.element_size() for t in self.model.buffers())
-        return total
+        return weights_footprint_bytes(self.model)
 
     def plan_memory(self, max_num_seqs: int, max_model_len: int, max_batch_tokens: int) -> MemoryPlan:
         config = self.config
@@ -266,10 +269,11 @@ class ModelRunner:
         positions: torch.Tensor,  # [T]
         context: PagedForwardContext,
         logits_indices: torch.Tensor,  # [S]
+        model: Callable[..., Any] | None = None,  # default: the eager model
     ) -> torch.Tensor:
         """The model forward over one packed batch; float32 logits at `logits_indices` only."""
         kwargs = {"logits_to_keep": logits_indices} if self._supports_logits_to_keep else {}
-        logits = self.model(
+        logits = (model if model is not None else self.model)(
             input_ids=input_ids[None], position_ids=positions[None], paged_context=context, use_cache=False, **kwargs
         ).logits[0]
         if not self._supports_logits_to_keep:
@@ -300,4 +304,4 @@ class ModelRunner:
         input_ids = torch.tensor(step.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
         positions = torch.tensor(step.positions, dtype=torch.long).to(self.device, non_blocking=True)
         logits_indices = torch.tensor(step.logits_indices, dtype=torch.long).to(self.device, non_blocking=True)
-        return self.forward_logits(input_ids, positions, context, logits_indices)
+        return self.forward_logits(input_ids, positions, context, logits_indices, model=self._step_model)

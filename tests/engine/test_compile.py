@@ -1,0 +1,124 @@
+"""torch.compile of the step forward: same greedy tokens as eager, and a logged fallback when it fails.
+
+The engine test uses the "eager" backend: Dynamo traces the model and the paged attention without
+inductor's code generation (inductor takes minutes for the tiny model on two shared CPU cores). The
+fallback ladder is tested on a small module, where each trace costs milliseconds, not seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from pagedserve.config.engine import EngineConfig
+from pagedserve.engine.compile import CompiledForward, compile_ladder
+from pagedserve.engine.llm import LLM
+from pagedserve.engine.request import SamplingParams
+
+PROMPTS = [[5, 17, 42, 99, 7, 130, 64, 201, 12], [33, 8, 250, 71, 4]]
+PARAMS = SamplingParams(temperature=0.0, max_tokens=4)
+FAILING_BACKEND = "pagedserve_test_failing_backend"
+
+
+def generate(model_dir, **kwargs) -> tuple[LLM, list[list[int]]]:
+    llm = LLM(str(model_dir), dtype="float32", block_size=8, **kwargs)
+    return llm, [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def eager_tokens(tiny_model_dir) -> list[list[int]]:
+    return generate(tiny_model_dir("llama"))[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_step_forward_gives_eager_tokens(tiny_model_dir, eager_tokens):
+    llm, tokens = generate(tiny_model_dir("llama"), compile=True, compile_backend="eager", compile_dynamic=True)
+    assert tokens == eager_tokens
+    step_model = llm.engine.runner._step_model
+    assert isinstance(step_model, CompiledForward) and step_model.is_compiled
+    assert step_model.options.backend == "eager"
+
+
+class BreakingModel(torch.nn.Module):
+    """Stands in for a model with data-dependent Python: one graph break in the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.linear(x)
+        torch._dynamo.graph_break()
+        return torch.relu(hidden) * 2
+
+
+def test_aot_eager_gives_eager_outputs():
+    model = BreakingModel()
+    forward = CompiledForward(model, EngineConfig(compile=True, compile_backend="aot_eager"))
+    for rows in (3, 5):
+        x = torch.randn(rows, 8)
+        torch.testing.assert_close(forward(x), model(x), rtol=0, atol=0)
+    assert forward.options.backend == "aot_eager"
+
+
+def test_graph_break_under_fullgraph_retries_without_fullgraph(caplog):
+    """fullgraph=True fails on the first call; the next rung (fullgraph off, dynamic on) gives the outputs."""
+    caplog.set_level(logging.INFO, logger="pagedserve.engine.compile")
+    model = BreakingModel()
+    forward = CompiledForward(model, EngineConfig(compile=True, compile_backend="eager", compile_fullgraph=True))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(forward(x), model(x), rtol=0, atol=0)
+    assert forward.options is not None
+    assert (forward.options.fullgraph, forward.options.dynamic) == (False, True)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("fullgraph=True" in w and "failed" in w and "retrying with" in w for w in warnings), warnings
+
+
+def test_backend_failure_falls_back_to_eager_with_a_warning(caplog):
+    def failing_backend(graph_module, example_inputs):
+        raise RuntimeError("this backend cannot compile the model")
+
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+
+    if FAILING_BACKEND not in _BACKENDS:
+        register_backend(failing_backend, name=FAILING_BACKEND)
+    caplog.set_level(logging.WARNING, logger="pagedserve.engine.compile")
+    model = BreakingModel()
+    forward = CompiledForward(model, EngineConfig(compile=True, compile_backend=FAILING_BACKEND, compile_fullgraph=True))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(forward(x), model(x), rtol=0, atol=0)
+    assert not forward.is_compiled
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("retrying with" in w for w in warnings), warnings
+    assert any("running the model eagerly" in w and "cannot compile the model" in w for w in warnings), warnings
+
+
+def test_unknown_backend_name_is_refused_with_a_warning(tiny_model_dir, caplog):
+    caplog.set_level(logging.WARNING, logger="pagedserve.engine.compile")
+    model = torch.nn.Linear(4, 4)
+    forward = CompiledForward(model, EngineConfig(compile=True, compile_backend="no-such-backend"))
+    assert not forward.is_compiled
+    assert forward(torch.ones(1, 4)).shape == (1, 4)
+    assert any("refused" in r.getMessage() and "no-such-backend" in r.getMessage() for r in caplog.records)
+
+
+def test_ladder_relaxes_to_fullgraph_off_dynamic_on():
+    ladder = compile_ladder(EngineConfig(compile=True, compile_fullgraph=True, compile_dynamic=False,
+                                         compile_mode="max-autotune", compile_backend="inductor"))
+    assert [(o.fullgraph, o.dynamic, o.mode) for o in ladder] == [(True, False, "max-autotune"),
+                                                                 (False, True, "max-autotune")]
+    assert len(compile_ladder(EngineConfig(compile=True, compile_dynamic=True))) == 1
+
+
+def test_compile_off_runs_the_plain_model(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=8)
+    assert llm.engine.runner._step_model is llm.engine.runner.model
