@@ -112,17 +112,32 @@ def _kill_inside_step(engine: LLMEngine) -> None:
     assert time.monotonic() - started < 30
 
 
-def _clean_shutdown(engine: LLMEngine) -> None:
+def _async_then_shutdown(engine: LLMEngine) -> None:
+    """The async engine streams from a TP engine, and its shutdown stops the worker ranks."""
+    from pagedserve.engine.async_engine import AsyncLLMEngine
+
     workers = list(engine.runner.workers)
-    engine.shutdown()
+    async_engine = AsyncLLMEngine(engine)
+    expected = _greedy(LLMEngine(_config(Path(engine.model_name), 1)), max_tokens=5)["r1"]
+
+    async def stream() -> list[int]:
+        tokens: list[int] = []
+        params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+        async for output in async_engine.generate(PROMPTS[1], params, "async"):
+            tokens.extend(output.outputs[0].token_ids)
+        await async_engine.check_health()
+        return tokens
+
+    assert asyncio.run(stream()) == expected
+    async_engine.shutdown()
     assert not any(worker.is_alive() for worker in workers)
 
 
 # Each TP=2 engine costs a worker start-up, so after its parity check each one also ends in one way.
 @pytest.mark.parametrize(
     ("name", "ending"),
-    [("llama", _kill_between_steps), ("qwen2", _kill_inside_step), ("llama-1-kv-head", _clean_shutdown)],
-    ids=["llama-then-worker-killed", "qwen2-then-worker-killed-in-step", "llama-1-kv-head-then-shutdown"],
+    [("llama", _kill_between_steps), ("qwen2", _kill_inside_step), ("llama-1-kv-head", _async_then_shutdown)],
+    ids=["llama-then-worker-killed", "qwen2-then-worker-killed-in-step", "llama-1-kv-head-then-async-engine"],
 )
 def test_tp2_greedy_matches_tp1(model_dirs: dict[str, Path], name: str, ending) -> None:
     single = LLMEngine(_config(model_dirs[name], 1))
