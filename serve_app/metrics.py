@@ -35,6 +35,9 @@ STEP_TIME_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.
 TOKEN_COUNT_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 
 REPLICA_TAGS = ("model", "model_name", "replica")
+FINISH_REASONS = ("stop", "length", "abort", "error")
+REJECTION_STATUSES = (400, 401, 404, 413, 429, 503)
+ROUTER_REFUSALS = ("queue_full", "queue_timeout", "too_large")
 
 # name -> (kind, description, extra tag keys); the recorded (Ray) name, without `ray_` or `_total`.
 REPLICA_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -113,6 +116,23 @@ SCRAPED_NAMES: frozenset[str] = frozenset(
 )
 
 
+def _start_counters_at_zero(counter: Any, tag_sets: Iterable[dict[str, str]]) -> None:
+    """Export a counter at 0 before its first increment, as prometheus-client does for vLLM.
+
+    Without it a never-incremented series is absent and `rate()` panels show no data instead of 0.
+    `Counter.inc` refuses 0, so this records through the metric's `_record`; where a Ray version lacks
+    it, the counter simply appears on its first increment.
+    """
+    record = getattr(counter, "_record", None)
+    if record is None:
+        return
+    for tags in tag_sets:
+        try:
+            record(0.0, tags=tags)
+        except Exception:  # noqa: BLE001 - best effort
+            return
+
+
 class _NoOp:
     def set(self, *args: Any, **kwargs: Any) -> None:
         pass
@@ -167,6 +187,11 @@ class ReplicaMetrics:
         self._last_totals: dict[str, int] = {}
         self._ratio_window_s = ratio_window_s
         self._recent_steps: deque[tuple[float, int, int]] = deque()  # (monotonic time, prefill, decode)
+        for name, (kind, _, _) in REPLICA_METRICS.items():
+            if kind == "counter" and name != "vllm_request_success":
+                _start_counters_at_zero(self._metrics[name], [self._tags])
+        _start_counters_at_zero(self._metrics["vllm_request_success"],
+                                [{**self._tags, "finished_reason": r} for r in FINISH_REASONS])
 
     # -- engine snapshot -------------------------------------------------------------------------
     def observe(self, stats: EngineStats) -> None:
@@ -334,6 +359,8 @@ class IngressMetrics:
     def __init__(self, model_name: str, replica: str) -> None:
         self._tags = {"model": model_name, "replica": replica}
         self._metrics = _make_metrics(INGRESS_METRICS, INGRESS_TAGS)
+        _start_counters_at_zero(self._metrics["pagedserve_rejected_requests"],
+                                [{**self._tags, "reason": str(status)} for status in REJECTION_STATUSES])
 
     def rejected(self, status_code: int) -> None:
         self._metrics["pagedserve_rejected_requests"].inc(1, tags={**self._tags, "reason": str(status_code)})
@@ -345,6 +372,9 @@ class RouterMetrics:
     def __init__(self, deployment: str) -> None:
         self._tags = {"deployment": deployment}
         self._metrics = _make_metrics(ROUTER_METRICS, ROUTER_TAGS)
+        _start_counters_at_zero(self._metrics["pagedserve_router_refused"],
+                                [{**self._tags, "reason": reason} for reason in ROUTER_REFUSALS])
+        self.queue_length(0)
 
     def routed(self, replica: str) -> None:
         self._metrics["pagedserve_router_decisions"].inc(1, tags={**self._tags, "replica": replica})

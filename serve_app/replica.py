@@ -134,8 +134,7 @@ class EngineReplica:
             if timing.finish_reason != "rejected":
                 self.metrics.observe_request(timing)
             fields = timing.log_fields(self.replica_tag, request.prompt if self.log_prompts else None)
-            logger.info("request_finished %s", json.dumps(fields, separators=(",", ":")),
-                        extra={"pagedserve_request": fields})
+            logger.info("request_finished %s", json.dumps(fields, separators=(",", ":")))
         except Exception:  # noqa: BLE001 - observability must never fail a request
             logger.debug("recording request %s failed", request.request_id, exc_info=True)
 

@@ -299,6 +299,7 @@ def test_metrics_move_with_load_and_a_real_prometheus_reads_them(service, tmp_pa
         during = wait_for(service, lambda s: total(s, "ray_vllm_kv_cache_usage_perc", model="tiny") > 0
                           and total(s, "ray_vllm_num_requests_running", model="tiny") > 0, 60, "KV usage above 0")
         assert total(during, "ray_pagedserve_kv_cache_bytes_used", model="tiny") > 0
+        (replica,) = {dict(labels)["replica"] for n, labels in during if n == "ray_vllm_kv_cache_usage_perc"}
         assert total(during, "ray_pagedserve_kv_cache_free_blocks", model="tiny") < 96
         for thread in threads:
             thread.join(120)
@@ -330,13 +331,17 @@ def test_metrics_move_with_load_and_a_real_prometheus_reads_them(service, tmp_pa
         assert total(after, "ray_pagedserve_rejected_requests_total", reason="400") >= 1
         assert total(after, "ray_pagedserve_router_decisions_total") >= NUM_LONG
         assert "ray_pagedserve_router_queue_length" in names(after)
+        # Counters start at 0, as vLLM's do, so rate() panels show 0 rather than no data.
+        assert ("ray_vllm_num_preemptions_total", frozenset({("model", "tiny"), ("replica", replica)})) in after
+        assert total(after, "ray_vllm_request_success_total", finished_reason="error") == 0
+        assert "ray_pagedserve_router_refused_total" in names(after)
         assert "ray_serve_deployment_replica_healthy" in names(after)  # used by the replica-down alert
         # Everything the replica records reached the scrape (the router's refusal counter needs a refusal).
         expected = {s for n, (kind, _, _) in REPLICA_METRICS.items() for s in
                     ([f"ray_{n}_total"] if kind == "counter" else [f"ray_{n}_count"] if kind == "histogram" else [f"ray_{n}"])}
-        # No preemption happens here; queue and prefill time need the engine to set
-        # RequestMetrics.first_scheduled_time, which it does not yet (docs/observability.md).
-        not_yet = {"ray_vllm_num_preemptions_total", "ray_vllm_request_queue_time_seconds_count",
+        # Queue and prefill time need the engine to set RequestMetrics.first_scheduled_time, which it
+        # does not yet (docs/observability.md).
+        not_yet = {"ray_vllm_request_queue_time_seconds_count",
                    "ray_vllm_request_prefill_time_seconds_count"}
         assert expected - not_yet <= names(after), sorted(expected - not_yet - names(after))
 
