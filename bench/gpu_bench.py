@@ -50,6 +50,36 @@ def build_model(args: argparse.Namespace):
     return model, tokenizer
 
 
+def quantize_linear_layers(model, quantization: str) -> None:
+    """Swap every decoder nn.Linear for the bitsandbytes layer that `BitsAndBytesConfig` would build
+    (4-bit: NF4, double quantization, bf16 compute; 8-bit: LLM.int8 with threshold 6.0), quantizing the
+    random bf16 weights on the GPU. lm_head stays bf16, as transformers keeps it. Same layers as a
+    quantized `from_pretrained`, without writing 16 GB of random weights to disk first."""
+    import bitsandbytes as bnb
+
+    device = next(model.parameters()).device
+    for module in list(model.model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is not torch.nn.Linear:
+                continue
+            weight = child.weight.data
+            if quantization == "bnb-4bit":
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=torch.bfloat16, compress_statistics=True,
+                                          quant_type="nf4", device="meta")
+                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True,
+                                                 quant_type="nf4", module=layer)._quantize(device)
+            else:
+                layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                            has_fp16_weights=False, threshold=6.0, device="meta")
+                layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)._quantize(device)
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(module, name, layer)
+            del child, weight
+    torch.cuda.empty_cache()
+
+
 def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, list[list[int]], object]:
     from pagedserve.engine.llm import LLM
     from pagedserve.engine.request import SamplingParams
@@ -57,10 +87,29 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
     model.set_attn_implementation("sdpa")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    llm = LLM.from_model(model, tokenizer, served_name="llama-3-8b-shape", max_num_seqs=args.max_num_seqs,
-                         attention_backend=args.attention_backend, max_memory_percent=args.max_memory_percent,
-                         max_batch_tokens=args.max_batch_tokens, enable_prefix_caching=False)
+    engine_args = dict(served_name="llama-3-8b-shape", max_num_seqs=args.max_num_seqs,
+                       attention_backend=args.attention_backend, max_memory_percent=args.max_memory_percent,
+                       max_batch_tokens=args.max_batch_tokens, enable_prefix_caching=False)
+    cuda_graphs = True
+    try:
+        llm = LLM.from_model(model, tokenizer, **engine_args)
+    except Exception as error:  # noqa: BLE001 -- e.g. a quantized matmul that cannot be captured
+        print(f"CUDA graph capture failed ({type(error).__name__}: {error}); eager decode", flush=True)
+        torch.cuda.empty_cache()
+        cuda_graphs = False
+        llm = LLM.from_model(model, tokenizer, enable_cuda_graphs=False, **engine_args)
     print(llm.engine.memory_plan.describe(), flush=True)
+    largest_batch = 0
+    engine_step = llm.engine.step
+
+    def step_recording_batch():
+        nonlocal largest_batch
+        deltas = engine_step()
+        if llm.engine.last_step is not None:
+            largest_batch = max(largest_batch, llm.engine.last_step.num_seqs)
+        return deltas
+
+    llm.engine.step = step_recording_batch
     llm.generate([workload.prompts[0][:16]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
                  use_tqdm=False)  # warm-up: kernels compiled before the clock starts
     params = SamplingParams(temperature=0, max_tokens=workload.max_new_tokens, ignore_eos=True)
@@ -80,7 +129,9 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
         num_output_tokens=sum(len(o.outputs[0].token_ids) for o in outputs), wall_s=wall_s, ttft_s=ttft,
         tpot_s=tpot, peak_memory_bytes=torch.cuda.max_memory_allocated(), memory_kind="torch.cuda max allocated",
         details={"preemptions": stats.num_preemptions_total, "kv_tokens": llm.engine.memory_plan.kv_tokens,
-                 "attention_backend": llm.engine.runner.backend.name},
+                 "attention_backend": llm.engine.runner.backend.name, "quantization": args.quantization,
+                 "weights_bytes": llm.engine.memory_plan.weights_bytes, "kv_bytes": llm.engine.memory_plan.kv_bytes,
+                 "largest_batch": largest_batch, "cuda_graphs": cuda_graphs},
     )
     return result, [o.outputs[0].token_ids for o in outputs], llm
 
@@ -150,6 +201,8 @@ def main() -> int:
     parser.add_argument("--max-memory-percent", type=float, default=0.9)
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--quantization", choices=["none", "bnb-4bit", "bnb-8bit"], default="none",
+                        help="quantize the random bf16 model's decoder linears with bitsandbytes before the run")
     parser.add_argument("--baseline-only", action="store_true",
                         help="run generate_batch alone and write its result to --out (a clean process for each engine)")
     parser.add_argument("--baseline-json", type=Path, default=None,
@@ -164,6 +217,10 @@ def main() -> int:
                                      args.max_new_tokens, vocab_size=128000, seed=0)
     print(workload.description, flush=True)
     model, tokenizer = build_model(args)
+    if args.quantization != "none":
+        quantize_linear_layers(model, args.quantization)
+        print(f"quantized with {args.quantization}: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated",
+              flush=True)
     total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     if args.baseline_only:
         baseline = run_generate_batch(model, workload)
@@ -204,7 +261,9 @@ def main() -> int:
     print()
     print(f"device: {payload['device']} ({total_gib:.0f} GiB); {workload.description}")
     print(f"batch-1 decode: {single and round(single, 1)} tok/s; preemptions: {ours.details['preemptions']}; "
-          f"KV capacity: {ours.details['kv_tokens']} tokens; backend: {ours.details['attention_backend']}")
+          f"KV capacity: {ours.details['kv_tokens']} tokens; backend: {ours.details['attention_backend']}; "
+          f"quantization: {args.quantization}; largest batch: {ours.details['largest_batch']}; "
+          f"CUDA graphs: {ours.details['cuda_graphs']}")
     print(agreement)
     if len(results) > 1:
         print(comparison_table(results))
