@@ -87,9 +87,9 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
     model.set_attn_implementation("sdpa")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    engine_args = dict(served_name="llama-3-8b-shape", max_num_seqs=args.max_num_seqs,
-                       attention_backend=args.attention_backend, max_memory_percent=args.max_memory_percent,
-                       max_batch_tokens=args.max_batch_tokens, enable_prefix_caching=False)
+    engine_args = {"served_name": "llama-3-8b-shape", "max_num_seqs": args.max_num_seqs,
+                   "attention_backend": args.attention_backend, "max_memory_percent": args.max_memory_percent,
+                   "max_batch_tokens": args.max_batch_tokens, "enable_prefix_caching": False}
     cuda_graphs = True
     try:
         llm = LLM.from_model(model, tokenizer, **engine_args)
