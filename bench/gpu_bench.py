@@ -12,6 +12,7 @@ workloads through flags. Also: one request alone (batch 1) and greedy agreement 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -90,14 +91,16 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
     engine_args = {"served_name": "llama-3-8b-shape", "max_num_seqs": args.max_num_seqs,
                    "attention_backend": args.attention_backend, "max_memory_percent": args.max_memory_percent,
                    "max_batch_tokens": args.max_batch_tokens, "enable_prefix_caching": False}
-    cuda_graphs = True
     try:
         llm = LLM.from_model(model, tokenizer, **engine_args)
     except Exception as error:  # noqa: BLE001 -- e.g. a quantized matmul that cannot be captured
-        print(f"CUDA graph capture failed ({type(error).__name__}: {error}); eager decode", flush=True)
+        print(f"engine start failed ({type(error).__name__}: {error}); retrying with eager decode", flush=True)
+        llm = None
+    if llm is None:  # outside the except block, so the failed engine's KV cache can be freed first
+        gc.collect()
         torch.cuda.empty_cache()
-        cuda_graphs = False
         llm = LLM.from_model(model, tokenizer, enable_cuda_graphs=False, **engine_args)
+    cuda_graphs = llm.engine.runner._decode_graphs is not None
     print(llm.engine.memory_plan.describe(), flush=True)
     largest_batch = 0
     engine_step = llm.engine.step

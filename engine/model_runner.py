@@ -286,6 +286,10 @@ class ModelRunner:
             logger.info("CUDA graphs off: %s", "not on a GPU" if self.device.type != "cuda"
                         else f"the {self.backend.name} backend cannot be captured")
             return False
+        if any(type(module).__name__ == "Linear8bitLt" for module in self.model.modules()):
+            # LLM.int8 splits outlier columns out with data-dependent shapes: capture is invalidated (H100).
+            logger.info("CUDA graphs off: bitsandbytes 8-bit layers cannot be captured")
+            return False
         from .cuda_graphs import DecodeGraphs
 
         graphs = DecodeGraphs(self, max_batch_size, max_model_len)
