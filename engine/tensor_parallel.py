@@ -38,8 +38,8 @@ import dataclasses
 import logging
 import os
 import pickle
-import queue
 import re
+import time
 import traceback
 from datetime import timedelta
 from typing import Any
@@ -247,22 +247,34 @@ def _rank_device(config: EngineConfig, rank: int) -> torch.device:
 
 
 # ---- worker ranks ------------------------------------------------------------------------------------
-def _worker_main(
-    rank: int, config: EngineConfig, host: str, port: int, timeout_s: float, ready: Any
-) -> None:
-    """A worker rank: join, load its shard, then run every command rank 0 broadcasts until "stop"."""
+def _status_key(rank: int, stage: str) -> str:
+    return f"pagedserve/rank{rank}/{stage}"
+
+
+def _worker_main(rank: int, config: EngineConfig, host: str, port: int, timeout_s: float) -> None:
+    """A worker rank: join, load its shard, then run every command rank 0 broadcasts until "stop".
+
+    Start-up status goes through the rendezvous store: "started" once connected, then "ready" or
+    "error" with the message that rank 0 raises for the user.
+    """
+    store = dist.TCPStore(host, port, config.tp_size, is_master=False, timeout=timedelta(seconds=timeout_s))
+    store.set(_status_key(rank, "started"), b"")
     try:
         device = _rank_device(config, rank)
-        store = dist.TCPStore(host, port, config.tp_size, is_master=False, timeout=timedelta(seconds=timeout_s))
         group = join_group(store, rank, config.tp_size, device, timeout_s)
         runner = ModelRunner(load_sharded(config, group), config)
     except BaseException as exc:
-        ready.put((rank, "error", f"{type(exc).__name__}: {exc}", isinstance(exc, ConfigError)))
+        store.set(_status_key(rank, "error"), pickle.dumps((f"{type(exc).__name__}: {exc}", isinstance(exc, ConfigError))))
         raise SystemExit(1) from exc
-    ready.put((rank, "ready", "", False))
-    try:
-        while True:
+    store.set(_status_key(rank, "ready"), b"")
+    while True:
+        try:
             command, payload = group.broadcast_object(wait_idle=True)
+        except BaseException as exc:  # noqa: BLE001
+            # Rank 0 is gone (its process ended without shutdown): there is nothing left to serve.
+            logger.info("tensor-parallel rank %d: rank 0 closed the group (%s); exiting", rank, exc)
+            os._exit(0)
+        try:
             if command == "step":
                 runner.execute(payload)
             elif command == "plan":
@@ -276,9 +288,9 @@ def _worker_main(
                 return
             else:
                 raise RuntimeError(f"unknown tensor-parallel command {command!r}")
-    except BaseException:  # noqa: BLE001 - exit so that rank 0's collectives fail instead of waiting
-        logger.error("tensor-parallel rank %d failed:\n%s", rank, traceback.format_exc())
-        os._exit(1)
+        except BaseException:  # noqa: BLE001 - exit so that rank 0's collectives fail instead of waiting
+            logger.error("tensor-parallel rank %d failed in %r:\n%s", rank, command, traceback.format_exc())
+            os._exit(1)
 
 
 # ---- rank 0 ------------------------------------------------------------------------------------------
@@ -386,56 +398,55 @@ def start_tensor_parallel(
         host, 0, tp_size, is_master=True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
     )
     context = mp.get_context("spawn")  # fork would copy rank 0's threads and CUDA state
-    ready = context.Queue()
     workers = []
     for rank in range(1, tp_size):
         process = context.Process(
-            target=_worker_main, args=(rank, config, host, store.port, timeout_s, ready),
+            target=_worker_main, args=(rank, config, host, store.port, timeout_s),
             name=f"pagedserve-tp-rank{rank}", daemon=True,
         )
         process.start()
         workers.append(process)
     try:
+        # Joining blocks until every rank connects: first see each worker start (or die), not hang.
+        _wait_for(store, workers, "started", timeout_s)
         group = join_group(store, 0, tp_size, device, timeout_s)
         loaded = load_sharded(config, group)
         local = ModelRunner(loaded, config)  # its probe forward runs beside the workers' probes
-        _wait_ready(ready, workers, timeout_s)
+        _wait_for(store, workers, "ready", timeout_s)
     except BaseException as exc:
         for process in workers:
             process.kill()
             process.join(5)
-        worker_error = _first_worker_error(ready)
-        if worker_error is not None:
-            message, is_config_error = worker_error
-            raise (ConfigError if is_config_error else EngineDeadError)(message) from exc
+        worker_error = _first_worker_error(store, len(workers))
+        if worker_error is not None and worker_error is not exc:
+            raise worker_error from exc
         raise
     return loaded, TensorParallelRunner(local, group, workers)
 
 
-def _wait_ready(ready: Any, workers: list[Any], timeout_s: float) -> None:
+def _wait_for(store: Any, workers: list[Any], stage: str, timeout_s: float) -> None:
+    """Poll the store until every worker reached `stage`; a worker's error or death raises at once."""
     waiting = set(range(1, len(workers) + 1))
-    waited_s = 0.0
+    deadline = time.monotonic() + timeout_s
     while waiting:
-        try:
-            rank, status, message, is_config_error = ready.get(timeout=0.5)
-        except queue.Empty:
-            waited_s += 0.5
-            dead = [r for r in waiting if not workers[r - 1].is_alive()]
-            if dead:
-                raise EngineDeadError(f"tensor-parallel rank {dead[0]} exited during start-up")
-            if waited_s > timeout_s:
-                raise EngineDeadError(f"tensor-parallel ranks {sorted(waiting)} not ready after {timeout_s} s")
-            continue
-        if status == "error":
-            raise (ConfigError if is_config_error else EngineDeadError)(f"tensor-parallel rank {rank}: {message}")
-        waiting.discard(rank)
+        error = _first_worker_error(store, len(workers))
+        if error is not None:
+            raise error
+        waiting = {rank for rank in waiting if not store.check([_status_key(rank, stage)])}
+        dead = [rank for rank in waiting if not workers[rank - 1].is_alive()]
+        if dead:
+            raise EngineDeadError(f"tensor-parallel rank {dead[0]} exited during start-up")
+        if waiting and time.monotonic() > deadline:
+            raise EngineDeadError(f"tensor-parallel ranks {sorted(waiting)} not {stage} after {timeout_s} s")
+        if waiting:
+            time.sleep(0.05)
 
 
-def _first_worker_error(ready: Any) -> tuple[str, bool] | None:
-    while True:
-        try:
-            rank, status, message, is_config_error = ready.get(timeout=0.5)
-        except queue.Empty:
-            return None
-        if status == "error":
-            return f"tensor-parallel rank {rank}: {message}", is_config_error
+def _first_worker_error(store: Any, num_workers: int) -> Exception | None:
+    """The first worker's start-up error as the error rank 0 raises: ConfigError stays ConfigError."""
+    for rank in range(1, num_workers + 1):
+        key = _status_key(rank, "error")
+        if store.check([key]):
+            message, is_config_error = pickle.loads(store.get(key))
+            return (ConfigError if is_config_error else EngineDeadError)(f"tensor-parallel rank {rank}: {message}")
+    return None
