@@ -11,9 +11,11 @@ scrape shows is therefore `ray_vllm_num_requests_running`, `ray_vllm_prompt_toke
 dashboard queries. `SCRAPED_NAMES` lists every series name a scrape carries; a test checks that the
 Grafana dashboard queries nothing else.
 
-Labels: `model` and `replica` on everything, plus `model_name` (vLLM's label) so vLLM dashboards filter.
+Labels: engine-replica and ingress series carry `model` and `replica` (replica series also `model_name`,
+vLLM's label, so vLLM dashboards filter); router series carry `deployment` (and the target `replica`).
 
-Without a Ray worker (plain unit tests) the metrics are no-ops; serving never depends on them.
+Recording never fails a request: outside a Ray cluster the values stay in the process (exported if it
+joins one later), and where Ray's metrics cannot be created they are no-ops.
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ def _make_metrics(table: dict[str, tuple[str, str, tuple[str, ...]]], base_tags:
 
 
 class ReplicaMetrics:
-    """The metrics of one engine replica.
+    """The metrics of one engine replica (labels model, model_name, replica).
 
     Fed from three places: `observe(stats)` with the engine snapshot (the replica's routing-stats
     callback, every `stats_period_s`; Ray's agent exports every few seconds anyway, so gauges need no

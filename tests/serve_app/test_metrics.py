@@ -130,7 +130,7 @@ def _stats(**fields) -> EngineStats:
     return EngineStats(**{**base, **fields})
 
 
-def test_replica_metrics_without_ray_are_no_ops() -> None:
+def test_replica_metrics_record_without_a_ray_cluster() -> None:
     metrics = ReplicaMetrics(model_name="m", replica="r")
     metrics.observe(_stats(num_prompt_tokens_total=5, finished_by_reason={"stop": 1}))
     metrics.observe_step(StepStats(num_prefill_tokens=4, num_decode_tokens=2, num_seqs=3, step_time_s=0.01), _stats())
@@ -302,7 +302,6 @@ def test_metrics_move_with_load_and_a_real_prometheus_reads_them(service, tmp_pa
         during = wait_for(service, lambda s: total(s, "ray_vllm_kv_cache_usage_perc", model="tiny") > 0
                           and total(s, "ray_vllm_num_requests_running", model="tiny") > 0, 60, "KV usage above 0")
         assert total(during, "ray_pagedserve_kv_cache_bytes_used", model="tiny") > 0
-        (replica,) = {dict(labels)["replica"] for n, labels in during if n == "ray_vllm_kv_cache_usage_perc"}
         assert total(during, "ray_pagedserve_kv_cache_free_blocks", model="tiny") < 96
         for thread in threads:
             thread.join(120)
@@ -335,7 +334,7 @@ def test_metrics_move_with_load_and_a_real_prometheus_reads_them(service, tmp_pa
         assert total(after, "ray_pagedserve_router_decisions_total") >= NUM_LONG
         assert "ray_pagedserve_router_queue_length" in names(after)
         # Counters start at 0, as vLLM's do, so rate() panels show 0 rather than no data.
-        assert ("ray_vllm_num_preemptions_total", frozenset({("model", "tiny"), ("replica", replica)})) in after
+        assert any(n == "ray_vllm_num_preemptions_total" and ("model", "tiny") in labels for n, labels in after)
         assert total(after, "ray_vllm_request_success_total", finished_reason="error") == 0
         assert "ray_pagedserve_router_refused_total" in names(after)
         assert "ray_serve_deployment_replica_healthy" in names(after)  # used by the replica-down alert
