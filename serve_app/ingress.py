@@ -138,7 +138,7 @@ class OpenAIIngress:
         self._info_lock = asyncio.Lock()
         context = serve.get_replica_context()
         self.metrics = IngressMetrics(
-            model_name=serve_args.served_model_name or serve_args.model or "default",
+            model_name=serve_args.served_model_name,
             replica=context.replica_tag if context is not None else "local",
         )
 
@@ -152,6 +152,7 @@ class OpenAIIngress:
                         self._info = await self.replica.model_info.remote()
                     except Exception as exc:
                         raise _routing_error(exc) from None
+                    self.metrics.set_model_name(self.args.served_model_name or self._info.model_name)
         return self._info
 
     async def served_model_name(self) -> str:

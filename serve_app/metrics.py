@@ -356,13 +356,26 @@ def _rounded(value: float | None) -> float | None:
 
 
 class IngressMetrics:
-    """Requests the ingress refused before any token, by HTTP status."""
+    """Requests the ingress refused before any token, by HTTP status.
 
-    def __init__(self, model_name: str, replica: str) -> None:
-        self._tags = {"model": model_name, "replica": replica}
+    `model` is the served name, as on the replica's series; before the ingress has asked a replica for
+    the model's name (a 401 on the very first request) it is the configured name or "default".
+    """
+
+    def __init__(self, model_name: str | None, replica: str) -> None:
+        self._tags = {"model": "default", "replica": replica}
         self._metrics = _make_metrics(INGRESS_METRICS, INGRESS_TAGS)
-        _start_counters_at_zero(self._metrics["pagedserve_rejected_requests"],
-                                [{**self._tags, "reason": str(status)} for status in REJECTION_STATUSES])
+        self._is_named = False
+        if model_name is not None:
+            self.set_model_name(model_name)
+
+    def set_model_name(self, model_name: str) -> None:
+        """Zero counters start once the name is known, so no zero series is left under "default"."""
+        if not self._is_named or model_name != self._tags["model"]:
+            self._is_named = True
+            self._tags = {**self._tags, "model": model_name}
+            _start_counters_at_zero(self._metrics["pagedserve_rejected_requests"],
+                                    [{**self._tags, "reason": str(status)} for status in REJECTION_STATUSES])
 
     def rejected(self, status_code: int) -> None:
         self._metrics["pagedserve_rejected_requests"].inc(1, tags={**self._tags, "reason": str(status_code)})

@@ -157,6 +157,18 @@ def test_request_timing_and_log_record_never_hold_the_prompt() -> None:
     assert timing.log_fields("replica-a", prompt="secret prompt")["prompt"] == "secret prompt"
 
 
+def test_log_settings_reach_both_deployments() -> None:
+    from pagedserve.config.serve import ServeArgs
+    from pagedserve.serve_app.app import logging_config, replica_options
+
+    args = ServeArgs.from_args({"log_level": "DEBUG", "log_encoding": "JSON", "log_prompts": True})
+    assert replica_options(args)["logging_config"] == {"log_level": "DEBUG", "encoding": "JSON"}
+    assert logging_config(args) == {"log_level": "DEBUG", "encoding": "JSON"}
+    assert ServeArgs.from_args({}).log_prompts is False
+    with pytest.raises(Exception, match="log_level"):
+        ServeArgs.from_args({"log_level": "LOUD"})
+
+
 # ---- the real service ----------------------------------------------------------------------------------
 
 ray = pytest.importorskip("ray")
@@ -329,8 +341,9 @@ def test_metrics_move_with_load_and_a_real_prometheus_reads_them(service, tmp_pa
         assert total(after, "ray_vllm_iteration_tokens_total_count") >= LONG_TOKENS
         assert total(after, "ray_pagedserve_step_time_seconds_count", step_kind="decode") > 0
         assert total(after, "ray_vllm_request_generation_tokens_sum") > 0
-        assert total(after, "ray_pagedserve_rejected_requests_total", reason="401") >= 1
-        assert total(after, "ray_pagedserve_rejected_requests_total", reason="400") >= 1
+        assert total(after, "ray_pagedserve_rejected_requests_total", model="tiny", reason="401") >= 1
+        assert total(after, "ray_pagedserve_rejected_requests_total", model="tiny", reason="400") >= 1
+        assert total(after, "ray_pagedserve_rejected_requests_total", model="tiny", reason="429") == 0
         assert total(after, "ray_pagedserve_router_decisions_total") >= NUM_LONG
         assert "ray_pagedserve_router_queue_length" in names(after)
         # Counters start at 0, as vLLM's do, so rate() panels show 0 rather than no data.
