@@ -81,7 +81,7 @@ async def load(base: str, model: str, phases: list[tuple[float, int]], max_token
         for duration_s, concurrency in phases:
             stop_at = time.monotonic() + duration_s
 
-            async def worker() -> None:
+            async def worker(stop_at: float = stop_at) -> None:
                 while time.monotonic() < stop_at:
                     try:
                         await one()
@@ -132,7 +132,7 @@ def render(prom_url: str, start: float, end: float, out: Path, step_s: int = 2) 
                 xs = [float(t) - start for t, _ in series["values"]]
                 ys = [float(v) for _, v in series["values"]]
                 ax.plot(xs, ys, linewidth=1.5, label=legend(fmt, series["metric"]))
-        low, high = ax.get_ylim()
+        _, high = ax.get_ylim()
         for step in defaults.get("thresholds", {}).get("steps", [])[1:]:
             if step["value"] <= max(high, defaults.get("max", high)) * 1.5:
                 ax.axhline(step["value"], color="orange", linestyle="--", linewidth=1,

@@ -23,7 +23,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from pagedserve.engine.request import RequestOutput
 from pagedserve.engine.stats import EngineStats, StepStats
