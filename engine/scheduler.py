@@ -11,6 +11,7 @@ later, at the head of the queue. Pure logic: no tensors, no model.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -138,6 +139,7 @@ class Scheduler:
                 break  # FIFO: nobody overtakes the head of the queue
             self.waiting.popleft()
             if request.status is RequestStatus.WAITING:
+                request.metrics.first_scheduled_time = time.monotonic()
                 request.num_cached_prompt_tokens = num_cached
                 request.metrics.num_cached_prompt_tokens = num_cached
                 self.kv_cache.record_prefix_query(request.num_prompt_tokens, num_cached)
