@@ -27,7 +27,7 @@ from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
 
 from pagedserve.config.serve import ServeArgs
-from pagedserve.engine.errors import InvalidRequestError, RequestTooLargeError
+from pagedserve.engine.errors import InvalidRequestError
 from pagedserve.engine.request import RequestOutput, SamplingParams
 
 from . import openai_protocol as oai

@@ -13,7 +13,6 @@ from pagedserve.engine.async_engine import AsyncLLMEngine
 from pagedserve.engine.errors import InvalidRequestError, RequestTooLargeError
 from pagedserve.engine.llm import LLM
 from pagedserve.engine.request import SamplingParams
-from tiny_models import EOS_ID
 
 PROMPTS = [[5, 9, 33, 7, 81, 12], list(range(20, 61)), [100, 101, 102]]
 

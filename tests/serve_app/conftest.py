@@ -6,10 +6,10 @@ the tests compare the service with the offline engine token for token, not with 
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
+from ray_harness import _free_port
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}{% endfor %}"
@@ -60,12 +60,6 @@ def build_tiny_model(out_dir: Path, max_position_embeddings: int = 512) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama")))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -16,12 +16,16 @@ import asyncio
 import math
 from typing import AsyncIterator
 
-from transformers import AutoTokenizer
-
 from pagedserve.config.engine import EngineConfig
 from pagedserve.engine.errors import InvalidRequestError, RequestTooLargeError
-from pagedserve.engine.request import CompletionOutput, Logprob, RequestOutput, SamplingParams
+from pagedserve.engine.request import (
+    CompletionOutput,
+    Logprob,
+    RequestOutput,
+    SamplingParams,
+)
 from pagedserve.engine.stats import EngineStats
+from transformers import AutoTokenizer
 
 
 class FakeAsyncEngine:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from pagedserve.config.engine import ConfigError
 from pagedserve.config.serve import API_KEY_ENV, ServeArgs
 from pagedserve.serve_app.app import build_app, replica_options

@@ -10,7 +10,6 @@ evaluates every dashboard query and alert rule there.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -21,7 +20,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from pagedserve.engine.request import CompletionOutput, RequestMetrics, RequestOutput
 from pagedserve.engine.stats import EngineStats, StepStats
 from pagedserve.serve_app.metrics import (
@@ -172,9 +170,9 @@ def test_log_settings_reach_both_deployments() -> None:
 # ---- the real service ----------------------------------------------------------------------------------
 
 ray = pytest.importorskip("ray")
-from ray import serve  # noqa: E402
-
 from pagedserve.serve_app import build_app  # noqa: E402
+from ray import serve  # noqa: E402
+from ray_harness import free_ports, local_serve, wait_until_healthy  # noqa: E402
 
 API_KEY = "metrics-key"
 NUM_LONG, LONG_TOKENS = 4, 300
@@ -209,33 +207,17 @@ def names(series: dict) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def service(tiny_model_path: str, free_port):
-    previous_auth_mode = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    http_port, metrics_port = free_port(), free_port()
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
-             _system_config={"metrics_report_interval_ms": 500},
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    args = {"model": tiny_model_path, "num_replicas": 1, "num_blocks": 96, "block_size": 16, "max_model_len": 512,
-            "served_model_name": "tiny", "api_key": API_KEY, "router": {"stats_period_s": 0.25}}
-    serve.run(build_app(args), name="metrics", route_prefix="/", blocking=False)
-    base = f"http://127.0.0.1:{http_port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    yield {"base": base, "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "metrics_port": metrics_port}
-    serve.shutdown()
-    ray.shutdown()
-    if previous_auth_mode is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = previous_auth_mode
+def service(tiny_model_path: str):
+    (metrics_port,) = free_ports(1)
+    with local_serve(include_dashboard=False, _metrics_export_port=metrics_port,
+                     _system_config={"metrics_report_interval_ms": 500}) as http_port:
+        args = {"model": tiny_model_path, "num_replicas": 1, "num_blocks": 96, "block_size": 16,
+                "max_model_len": 512, "served_model_name": "tiny", "api_key": API_KEY,
+                "router": {"stats_period_s": 0.25}}
+        serve.run(build_app(args), name="metrics", route_prefix="/", blocking=False)
+        base = f"http://127.0.0.1:{http_port}"
+        wait_until_healthy(base)
+        yield {"base": base, "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "metrics_port": metrics_port}
 
 
 def scrape(service) -> dict:

@@ -8,7 +8,6 @@ client that disconnects mid-stream must get its blocks freed. One Ray cluster fo
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 import httpx
@@ -17,11 +16,11 @@ import pytest
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
-from ray import serve  # noqa: E402
-
 from pagedserve.engine.llm import LLM  # noqa: E402
 from pagedserve.engine.request import SamplingParams  # noqa: E402
 from pagedserve.serve_app import build_app  # noqa: E402
+from ray import serve  # noqa: E402
+from ray_harness import local_serve, wait_until_healthy  # noqa: E402
 
 ENGINE_ARGS = {"num_blocks": 96, "block_size": 16, "max_model_len": 512, "max_num_seqs": 64}
 PROMPTS = [
@@ -33,33 +32,15 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def service(tiny_model_path: str, free_port):
-    previous_auth_mode = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    http_port = free_port()
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    args = {"model": tiny_model_path, "num_replicas": 1, **ENGINE_ARGS,
-            "router": {"stats_period_s": 0.5, "max_queued_requests": 256}}
-    serve.run(build_app(args), name="real", route_prefix="/", blocking=False)
-    base = f"http://127.0.0.1:{http_port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    time.sleep(1.5)
-    yield {"base": base, "model": tiny_model_path}
-    serve.shutdown()
-    ray.shutdown()
-    if previous_auth_mode is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = previous_auth_mode
+def service(tiny_model_path: str):
+    with local_serve(include_dashboard=False) as http_port:
+        args = {"model": tiny_model_path, "num_replicas": 1, **ENGINE_ARGS,
+                "router": {"stats_period_s": 0.5, "max_queued_requests": 256}}
+        serve.run(build_app(args), name="real", route_prefix="/", blocking=False)
+        base = f"http://127.0.0.1:{http_port}"
+        wait_until_healthy(base)
+        time.sleep(1.5)
+        yield {"base": base, "model": tiny_model_path}
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import pytest
-
-from pagedserve.serve_app.router import AdmissionQueue, FreeBlocksPolicy, ReplicaReport, RoutingDemand
+from pagedserve.serve_app.router import (
+    AdmissionQueue,
+    FreeBlocksPolicy,
+    ReplicaReport,
+    RoutingDemand,
+)
 
 
 class FakeClock:
