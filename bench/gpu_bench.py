@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gc
 import json
 import sys
 import time
@@ -245,7 +246,9 @@ def main() -> int:
                  f"{agree}/{len(prefixes)} (common prefixes {prefixes}); generate(eager) vs generate(sdpa) "
                  f"{control_agree}/{len(control)} (common prefixes {control})")
     print(agreement, flush=True)
+    llm.engine.shutdown()  # unfreezes the engine's objects so that its KV cache can really be freed
     del llm
+    gc.collect()
     torch.cuda.empty_cache()
     results = [ours]
     if args.baseline_json is not None:

@@ -394,10 +394,13 @@ class LLMEngine:
             check_alive()
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel worker ranks, if any. Idempotent."""
+        """Stop the tensor-parallel worker ranks, if any, and let the collector reclaim this engine. Idempotent."""
         stop = getattr(self.runner, "shutdown", None)
         if stop is not None:
             stop()
+        # Start-up froze the engine's objects out of collection; a process that builds another engine
+        # after this one (benchmarks, tests) needs its cycles collectable again.
+        gc.unfreeze()
 
     # ---- state ---------------------------------------------------------------------------------
     def get_stats(self) -> EngineStats:
