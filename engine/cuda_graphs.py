@@ -20,9 +20,11 @@ from pagedserve.cache.allocators import cdiv
 
 from .attention.base import AttentionMetadata, GroupAttentionMetadata
 from .attention.hf_integration import PagedForwardContext
+from .model_runner import host_block_table_and_slots  # model_runner imports this module only when capturing
 
 if TYPE_CHECKING:
     from .model_runner import ModelRunner, StepInput
+
 
 logger = logging.getLogger(__name__)
 
@@ -107,12 +109,10 @@ class DecodeGraphs:
             self.seq_lens[batch_size:padded].fill_(1)
         positions = torch.tensor(step.positions)
         block_size = self.runner.block_size
+        rows = torch.arange(batch_size)  # decode: token t is sequence t's only one
         for group, tables in enumerate(step.block_tables):
-            width = max(len(t) for t in tables)
-            host = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-            self.block_tables[group][:batch_size, :width].copy_(host, non_blocking=True)
-            rows = torch.arange(batch_size)
-            slots = host[rows, positions // block_size].long() * block_size + positions % block_size
+            host, slots = host_block_table_and_slots(tables, rows, positions, block_size)
+            self.block_tables[group][:batch_size, : host.shape[1]].copy_(host, non_blocking=True)
             self.slot_mappings[group][:batch_size].copy_(slots, non_blocking=True)
             if padded > batch_size:
                 self.slot_mappings[group][batch_size:padded].fill_(-1)

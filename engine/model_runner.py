@@ -48,6 +48,18 @@ class StepInput:
     block_copies: list[BlockCopy] = field(default_factory=list)
 
 
+def host_block_table_and_slots(
+    tables: list[list[int]], seq_index: torch.Tensor, positions: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block tables as one padded host tensor [B, width] (int32), and the cache slot (int64) of each new
+    token, the one at `positions[t]` of sequence `seq_index[t]`."""
+    width = max(len(t) for t in tables)
+    # One host tensor from padded lists: a per-row tensor would cost a call per sequence.
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    blocks = table[seq_index, positions // block_size].long()
+    return table, blocks * block_size + positions % block_size
+
+
 @dataclass(frozen=True)
 class ModelShape:
     num_layers: int
@@ -227,11 +239,7 @@ class ModelRunner:
         seq_index = torch.repeat_interleave(torch.arange(len(step.query_lens)), query_lens.long())
         groups = []
         for tables in step.block_tables:
-            width = max(len(t) for t in tables)
-            # One host tensor from padded lists: a per-row tensor would cost a call per sequence.
-            table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-            blocks = table[seq_index, positions // self.block_size].long()
-            slots = blocks * self.block_size + positions % self.block_size
+            table, slots = host_block_table_and_slots(tables, seq_index, positions, self.block_size)
             groups.append(
                 GroupAttentionMetadata(
                     block_tables=table.to(device, non_blocking=True),
