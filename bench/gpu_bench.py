@@ -104,12 +104,14 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
     print(llm.engine.memory_plan.describe(), flush=True)
     largest_batch = 0
     engine_step = llm.engine.step
+    steps: list = []
 
     def step_recording_batch():
         nonlocal largest_batch
         deltas = engine_step()
         if llm.engine.last_step is not None:
             largest_batch = max(largest_batch, llm.engine.last_step.num_seqs)
+            steps.append(llm.engine.last_step)
         return deltas
 
     llm.engine.step = step_recording_batch
@@ -120,6 +122,7 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
     outputs = llm.generate(workload.prompts, params, use_tqdm=False)
     torch.cuda.synchronize()
     wall_s = time.perf_counter() - started
+    print(step_time_summary(steps[1:]), flush=True)  # the first recorded step is the warm-up's
     timings = [
         RequestTiming(o.metrics.arrival_time, o.metrics.first_token_time, o.metrics.last_token_time,
                       len(o.outputs[0].token_ids))
@@ -137,6 +140,23 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
                  "largest_batch": largest_batch, "cuda_graphs": cuda_graphs},
     )
     return result, [o.outputs[0].token_ids for o in outputs], llm
+
+
+def step_time_summary(steps) -> str:
+    """Where the wall time went: steps that carry prompt tokens vs pure decode steps, by batch size."""
+    prefill = [s for s in steps if s.num_prefill_tokens]
+    decode = [s for s in steps if not s.num_prefill_tokens]
+    lines = [f"steps: {len(steps)}; with prompt tokens: {len(prefill)} steps, "
+             f"{sum(s.step_time_s for s in prefill):.2f} s, {sum(s.num_prefill_tokens for s in prefill)} prompt tokens; "
+             f"pure decode: {len(decode)} steps, {sum(s.step_time_s for s in decode):.2f} s"]
+    for low, high in ((1, 64), (65, 256), (257, 512)):
+        bucket = [s for s in decode if low <= s.num_seqs <= high]
+        if bucket:
+            mean_ms = sum(s.step_time_s for s in bucket) / len(bucket) * 1000
+            tokens = sum(s.num_decode_tokens for s in bucket)
+            lines.append(f"  decode steps of {low}-{high} sequences: {len(bucket)}, mean {mean_ms:.1f} ms, "
+                         f"{tokens / sum(s.step_time_s for s in bucket):.0f} tok/s")
+    return "\n".join(lines)
 
 
 def run_single(llm, workload: Workload, new_tokens: int) -> float:

@@ -1,6 +1,10 @@
-"""Where a decode step's time goes: cProfile of engine steps, and the model forward timed alone.
+"""Where a decode step's time goes: wall time per engine step, GPU kernel time per step, the host's share.
 
     python bench/profile_step.py --layers 32 --batch 1 --steps 40
+    python bench/profile_step.py --batch 256 --steps 20 --cprofile
+
+The engine step's wall time against the GPU's busy time in the same steps (torch.profiler's kernel
+time) says whether the step is bound by the device or by the host code around it.
 """
 
 from __future__ import annotations
@@ -21,44 +25,66 @@ from gpu_bench import build_model  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--context", type=int, default=128, help="prompt length of each request")
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--cprofile", action="store_true", help="also print the 25 costliest host functions")
+    parser.add_argument("--engine-arg", action="append", default=[], help="EngineConfig override, key=value")
     args = parser.parse_args()
     from pagedserve.engine.llm import LLM
     from pagedserve.engine.request import SamplingParams
 
+    overrides = {}
+    for item in args.engine_arg:
+        key, value = item.split("=", 1)
+        overrides[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
     model, tokenizer = build_model(args)
-    llm = LLM.from_model(model, tokenizer, max_num_seqs=max(args.batch, 8), attention_backend=args.attention_backend)
+    largest = max(args.batch)
+    llm = LLM.from_model(model, tokenizer, max_num_seqs=max(largest, 8), attention_backend=args.attention_backend,
+                         cuda_graph_max_batch_size=max(largest, 8), enable_prefix_caching=False, **overrides)
     engine = llm.engine
-    params = SamplingParams(temperature=0, max_tokens=args.steps + 10, ignore_eos=True)
-    for i in range(args.batch):
-        engine.add_request(f"r{i}", list(range(1000, 1128)), params)
-    for _ in range(5):  # prefill and warm-up
-        engine.step()
-    torch.cuda.synchronize()
-    profiler = cProfile.Profile()
-    started = time.perf_counter()
-    profiler.enable()
-    for _ in range(args.steps):
-        engine.step()
-    torch.cuda.synchronize()
-    profiler.disable()
-    step_ms = (time.perf_counter() - started) / args.steps * 1000
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-
-    # The forward alone, same shapes, synchronised.
-    output = engine.scheduler.schedule()
-    step_input = engine._build_step_input(output)
-    for _ in range(3):
-        engine.runner.execute(step_input)
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(10):
-        engine.runner.execute(step_input)
-    torch.cuda.synchronize()
-    forward_ms = (time.perf_counter() - started) / 10 * 1000
-    print(f"batch {args.batch}, {args.layers} layers: engine step {step_ms:.2f} ms; runner.execute alone {forward_ms:.2f} ms")
+    rows = []
+    for batch in args.batch:
+        params = SamplingParams(temperature=0, max_tokens=args.steps + 20, ignore_eos=True)
+        for i in range(batch):
+            engine.add_request(f"b{batch}-{i}", list(range(1000 + i, 1000 + i + args.context)), params)
+        while engine.scheduler.waiting or any(not r.is_prefill_done for r in engine.scheduler.running):
+            engine.step()
+        for _ in range(5):
+            engine.step()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+        step_ms = (time.perf_counter() - started) / args.steps * 1000
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                engine.step()
+            torch.cuda.synchronize()
+        kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
+        gpu_ms = kernel_us / args.steps / 1000
+        if args.cprofile:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(args.steps):
+                engine.step()
+            torch.cuda.synchronize()
+            profiler.disable()
+            print(f"--- host profile, batch {batch}")
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12), flush=True)
+        for request_id in [f"b{batch}-{i}" for i in range(batch)]:
+            engine.abort(request_id)
+        while engine.has_unfinished_requests():
+            engine.step()
+        rows.append((batch, step_ms, gpu_ms))
+    print(f"{args.layers} layers, context {args.context}")
+    print("| batch | engine step ms | GPU kernel ms per step | GPU busy | tokens/s |")
+    print("|---:|---:|---:|---:|---:|")
+    for batch, step_ms, gpu_ms in rows:
+        print(f"| {batch} | {step_ms:.2f} | {gpu_ms:.2f} | {gpu_ms / step_ms:.0%} | {batch * 1000 / step_ms:.0f} |")
     return 0
 
 

@@ -63,6 +63,9 @@ class EngineConfig(BaseModel):
 
     # Execution
     attention_backend: AttentionBackendName = Field("auto", description="Paged attention implementation.")
+    async_scheduling: bool = Field(
+        True, description="Schedule and prepare the next step while the device runs this one (tp_size 1 only)."
+    )
     enable_cuda_graphs: bool = Field(True, description="Capture decode steps in CUDA graphs (GPU only).")
     cuda_graph_max_batch_size: int = Field(512, ge=1, le=4096, description="Largest decode batch captured.")
     compile: bool = Field(False, description="torch.compile the model forward.")

@@ -20,7 +20,8 @@ from pagedserve.cache.allocators import cdiv
 
 from .attention.base import AttentionMetadata, GroupAttentionMetadata
 from .attention.hf_integration import PagedForwardContext
-from .model_runner import host_block_table_and_slots  # model_runner imports this module only when capturing
+# model_runner imports this module only when capturing
+from .model_runner import fill_pending_tokens, host_block_table_and_slots, to_device
 
 if TYPE_CHECKING:
     from .model_runner import ModelRunner, StepInput
@@ -97,14 +98,16 @@ class DecodeGraphs:
     def can_run(self, step: "StepInput") -> bool:
         return bool(self._graphs) and len(step.query_lens) <= self.max_batch_size and max(step.query_lens) == 1
 
-    def run(self, step: "StepInput") -> torch.Tensor:
+    def run(self, step: "StepInput", previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
         batch_size = len(step.query_lens)
         padded = next(size for size in self.sizes if size >= batch_size)
         graph, logits = self._graphs[padded]
-        # One host tensor per buffer, copied without a sync; padding rows keep a one-token context.
-        self.input_ids[:batch_size].copy_(torch.tensor(step.token_ids), non_blocking=True)
-        self.positions[:batch_size].copy_(torch.tensor(step.positions), non_blocking=True)
-        self.seq_lens[:batch_size].copy_(torch.tensor(step.seq_lens, dtype=torch.int32), non_blocking=True)
+        device = self.runner.device
+        # One pinned host tensor per buffer, copied without a sync; padding rows keep a one-token context.
+        self.input_ids[:batch_size].copy_(to_device(step.token_ids, torch.long, device))
+        fill_pending_tokens(self.input_ids[:batch_size], step, previous_tokens)
+        self.positions[:batch_size].copy_(to_device(step.positions, torch.long, device))
+        self.seq_lens[:batch_size].copy_(to_device(step.seq_lens, torch.int32, device))
         if padded > batch_size:
             self.seq_lens[batch_size:padded].fill_(1)
         positions = torch.tensor(step.positions)
@@ -112,8 +115,8 @@ class DecodeGraphs:
         rows = torch.arange(batch_size)  # decode: token t is sequence t's only one
         for group, tables in enumerate(step.block_tables):
             host, slots = host_block_table_and_slots(tables, rows, positions, block_size)
-            self.block_tables[group][:batch_size, : host.shape[1]].copy_(host, non_blocking=True)
-            self.slot_mappings[group][:batch_size].copy_(slots, non_blocking=True)
+            self.block_tables[group][:batch_size, : host.shape[1]].copy_(to_device(host, torch.int32, device))
+            self.slot_mappings[group][:batch_size].copy_(to_device(slots, torch.long, device))
             if padded > batch_size:
                 self.slot_mappings[group][batch_size:padded].fill_(-1)
         graph.replay()

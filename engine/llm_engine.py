@@ -29,7 +29,7 @@ from .request import (
     RequestOutput,
     SamplingParams,
 )
-from .sampler import Sampler
+from .sampler import SampledBatch, Sampler
 from .scheduler import Scheduler, SchedulerOutput
 from .stats import EngineStats, StepStats
 
@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 _CPU_MAX_BATCH_TOKENS = 2048
 _GPU_MAX_BATCH_TOKENS = 8192
 _DEFAULT_MAX_MODEL_LEN = 4096
+# Stands for a sampled token still on its way from the device (never a valid id: an embedding lookup of
+# it fails loudly instead of computing on a wrong token).
+_PLACEHOLDER = -1
 
 
 @dataclass
@@ -45,6 +48,15 @@ class _Delta:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+
+
+@dataclass
+class _InFlightStep:
+    """A launched step whose sampled tokens are not on the host yet."""
+
+    requests: list[Request]  # row -> request
+    rows: dict[str, int]  # request id -> row
+    sampled: SampledBatch | None  # None when no request of the step samples
 
 
 @dataclass
@@ -118,6 +130,9 @@ class LLMEngine:
         self._num_generation_tokens_total = 0
         self._finished_by_reason: dict[str, int] = {}
         self.last_step: StepStats | None = None
+        # Tensor-parallel ranks receive plain step data, not rank 0's sampled tokens: they run in step.
+        self.async_scheduling = config.async_scheduling and config.tp_size == 1
+        self._in_flight: _InFlightStep | None = None
         # The model, tokenizer and caches are long-lived: keep them out of every future garbage
         # collection, which otherwise rescans them and costs milliseconds per step.
         gc.collect()
@@ -186,6 +201,8 @@ class LLMEngine:
                 arrival_time=arrival,
                 parent_id=request_id,
                 completion_index=index,
+                token_limit=min(self.max_model_len, len(prompt_token_ids) + params.max_tokens)
+                if params.max_tokens is not None else self.max_model_len,
             )
             for index in range(params.n)
         ]
@@ -210,26 +227,43 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._groups) or bool(self._finished_outputs)
+        return bool(self._groups) or bool(self._finished_outputs) or self._in_flight is not None
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch one step; return the deltas of the tokens that are on the host by now.
+
+        Under async scheduling the step launched here is delivered by the next call: while the device
+        runs step N, the host turns step N-1's tokens into outputs and then schedules and prepares step
+        N+1, whose inputs take N's sampled ids straight from the device. A request holds a placeholder
+        for its token in flight, so the scheduler counts it; the placeholder is replaced when the token
+        arrives. Without async scheduling each call launches and delivers its own step.
+        """
         started = time.perf_counter()
         self.last_step = None
         output = self.scheduler.schedule()
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None and (output.is_empty or self._needs_token_values(output)):
+            self._deliver(in_flight)  # penalties read the previous tokens' values on the host
+            in_flight = None
+        launched = self._launch(output, in_flight) if not output.is_empty else None
+        if in_flight is not None:
+            self._deliver(in_flight)
+        if launched is not None:
+            # After the delivery, so that each request's one placeholder is its last token.
+            self.scheduler.finish_step(output)
+            for request in launched.requests:
+                if not request.is_finished:
+                    request.output_token_ids.append(_PLACEHOLDER)
+            if launched.sampled is None:
+                pass  # no request sampled (middle chunks of prompts)
+            elif self.async_scheduling:
+                self._in_flight = launched
+            else:
+                self._deliver(launched)
         if not output.is_empty:
-            try:
-                self._run(output)
-            except EngineDeadError:  # a tensor-parallel rank died: nothing can run any more
-                raise
-            except Exception as exc:  # a failed forward fails the requests of this step, not the engine
-                logger.exception("step failed; failing its %d requests", len(output.chunks))
-                for chunk in output.chunks:
-                    group = self._groups.get(chunk.request.parent_id or chunk.request.request_id)
-                    if group is not None:
-                        group.error = f"engine error: {type(exc).__name__}: {exc}"
-                        self._finish_group(group, FinishReason.ERROR)
-            num_decode = sum(1 for c in output.chunks if c.request.is_prefill_done and c.num_new_tokens == 1)
+            num_decode = sum(1 for c in output.chunks if c.num_new_tokens == 1 and c.num_computed_tokens
+                             >= c.request.num_prompt_tokens)
             self.last_step = StepStats(
                 num_prefill_tokens=output.num_batched_tokens - num_decode,
                 num_decode_tokens=num_decode,
@@ -239,55 +273,100 @@ class LLMEngine:
             )
         return self._collect_outputs()
 
-    def _run(self, output: SchedulerOutput) -> None:
-        step_input = self._build_step_input(output)
-        logits = self.runner.execute(step_input)
-        self.scheduler.finish_step(output)
-        rows: list[int] = []
-        row_requests: list[Request] = []
-        sample_index = 0
-        for chunk in output.chunks:
-            if not chunk.samples:
-                continue
-            for request in [chunk.request, *output.forks.get(chunk.request.request_id, [])]:
-                rows.append(sample_index)
-                row_requests.append(request)
-            sample_index += 1
-        if not row_requests:
+    @staticmethod
+    def _needs_token_values(output: SchedulerOutput) -> bool:
+        return any(chunk.request.sampling_params.needs_token_history for chunk in output.chunks)
+
+    def _fail_requests(self, requests: list[Request], exc: BaseException) -> None:
+        """A failed forward or sampling fails the requests it carried, not the engine."""
+        if isinstance(exc, EngineDeadError):  # a tensor-parallel rank died: nothing can run any more
+            raise exc
+        logger.error("step failed; failing its %d requests", len(requests), exc_info=exc)
+        for request in requests:
+            group = self._groups.get(request.parent_id or request.request_id)
+            if group is not None and not group.is_finished:
+                group.error = f"engine error: {type(exc).__name__}: {exc}"
+                self._finish_group(group, FinishReason.ERROR)
+
+    def _launch(self, output: SchedulerOutput, in_flight: _InFlightStep | None) -> _InFlightStep | None:
+        """Run the model on the step and sample on the device, without waiting for either. None if
+        nothing was launched (every request ended, or the step failed and failed its requests)."""
+        # A request may have ended since it was scheduled (its token in flight was a stop): skip it.
+        chunks = [chunk for chunk in output.chunks if not chunk.request.is_finished]
+        if not chunks:
+            return None
+        output.chunks = chunks
+        try:
+            step_input = self._build_step_input(output, in_flight.rows if in_flight is not None else {})
+            logits = self.runner.execute(step_input, in_flight.sampled.token_ids if in_flight is not None else None)
+            rows: list[int] = []
+            row_requests: list[Request] = []
+            sample_index = 0
+            for chunk in chunks:
+                if not chunk.samples:
+                    continue
+                for request in [chunk.request, *output.forks.get(chunk.request.request_id, [])]:
+                    rows.append(sample_index)
+                    row_requests.append(request)
+                sample_index += 1
+            sampled = None
+            if row_requests:
+                if len(rows) != logits.shape[0]:
+                    logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+                sampled = self.sampler.sample_async(logits, row_requests)
+        except Exception as exc:  # noqa: BLE001 -- handed to the requests of this step
+            self._fail_requests([chunk.request for chunk in chunks], exc)
+            return None
+        return _InFlightStep(row_requests, {r.request_id: row for row, r in enumerate(row_requests)}, sampled)
+
+    def _deliver(self, step: _InFlightStep) -> None:
+        """Wait for a launched step's tokens on the host and put each in place of its placeholder."""
+        try:
+            sampled = step.sampled.result()
+        except Exception as exc:  # noqa: BLE001 -- an asynchronous device error surfaces here
+            self._fail_requests(step.requests, exc)
             return
-        if len(rows) != logits.shape[0]:
-            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
-        sampled = self.sampler.sample(logits, row_requests)
         now = time.monotonic()
-        for row, request in enumerate(row_requests):
+        for row, request in enumerate(step.requests):
             if request.is_finished:
-                continue
+                continue  # ended (stop, abort, error) while its token was in flight: the token is dropped
             logprob = sampled.logprobs[row] if sampled.logprobs is not None else None
             top = sampled.top_logprobs[row] if sampled.top_logprobs is not None else []
             rank = sampled.sampled_ranks[row] if sampled.sampled_ranks is not None else None
-            self._append_token(request, sampled.token_ids[row], logprob, rank, top, now)
+            self._accept_token(request, sampled.token_ids[row], logprob, rank, top, now)
 
-    def _build_step_input(self, output: SchedulerOutput) -> StepInput:
+    def _build_step_input(self, output: SchedulerOutput, pending_rows: dict[str, int] | None = None) -> StepInput:
+        """The step as plain lists. `pending_rows`: request id -> row of the step in flight, for requests
+        whose last token is still a placeholder (its value is taken on the device)."""
         token_ids: list[int] = []
         positions: list[int] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
         logits_indices: list[int] = []
+        pending_indices: list[int] = []
+        pending_sources: list[int] = []
         tables: list[list[list[int]]] = [[] for _ in range(self.kv_cache.num_groups)]
         for chunk in output.chunks:
+            request = chunk.request
             start = chunk.num_computed_tokens
             end = start + chunk.num_new_tokens
-            token_ids.extend(chunk.request.token_ids_between(start, end))
+            token_ids.extend(request.token_ids_between(start, end))
             positions.extend(range(start, end))
             query_lens.append(chunk.num_new_tokens)
             seq_lens.append(end)
             if chunk.samples:
                 logits_indices.append(len(token_ids) - 1)
-            for group, table in enumerate(self.kv_cache.block_tables(chunk.request.request_id)):
+                if pending_rows:
+                    source = pending_rows.get(request.request_id)
+                    if source is not None and end == request.num_tokens:
+                        pending_indices.append(len(token_ids) - 1)
+                        pending_sources.append(source)
+            for group, table in enumerate(self.kv_cache.block_tables(request.request_id)):
                 tables[group].append([0 if block is None else block for block in table])
-        return StepInput(token_ids, positions, query_lens, seq_lens, tables, logits_indices, output.block_copies)
+        return StepInput(token_ids, positions, query_lens, seq_lens, tables, logits_indices, output.block_copies,
+                         pending_indices, pending_sources)
 
-    def _append_token(
+    def _accept_token(
         self,
         request: Request,
         token_id: int,
@@ -296,9 +375,11 @@ class LLMEngine:
         top: list[tuple[int, float]],
         now: float,
     ) -> None:
+        """The request's newest token (its placeholder until now) is `token_id`: record it, stream it,
+        and end the request if it stops here."""
         group = self._groups[request.parent_id or request.request_id]
         params = request.sampling_params
-        request.output_token_ids.append(token_id)
+        request.output_token_ids[-1] = token_id
         self._num_generation_tokens_total += 1
         if request.metrics.first_token_time is None:
             request.metrics.first_token_time = now
@@ -326,9 +407,7 @@ class LLMEngine:
             reason = FinishReason.STOP
         elif can_stop and token_id in params.stop_token_ids:
             reason, stop_reason = FinishReason.STOP, token_id
-        elif params.max_tokens is not None and num_out >= params.max_tokens:
-            reason = FinishReason.LENGTH
-        elif request.num_tokens >= self.max_model_len:
+        elif request.num_tokens >= request.token_limit:
             reason = FinishReason.LENGTH
         if reason is not None:
             if stop_string is None:

@@ -46,6 +46,32 @@ class StepInput:
     block_tables: list[list[list[int]]]  # [group][sequence] -> block ids (released entries as 0)
     logits_indices: list[int]  # packed-token index of each sampled position
     block_copies: list[BlockCopy] = field(default_factory=list)
+    # Tokens still on the device under async scheduling: packed index i takes row pending_source_rows[k]
+    # of the previous step's sampled ids (passed to `execute`) for i = pending_input_indices[k].
+    pending_input_indices: list[int] = field(default_factory=list)
+    pending_source_rows: list[int] = field(default_factory=list)
+
+
+def to_device(values: list[int] | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list or tensor on `device` without stalling the host: through pinned memory on a GPU
+    (a copy from pageable memory would wait for every kernel already queued)."""
+    if device.type != "cuda":
+        return values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if isinstance(values, torch.Tensor):
+        return values.to(dtype).pin_memory().to(device, non_blocking=True)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def fill_pending_tokens(input_ids: torch.Tensor, step: StepInput, previous_tokens: torch.Tensor | None) -> None:
+    """Write the tokens the previous step sampled on the device into this step's input ids, in place."""
+    if not step.pending_input_indices:
+        return
+    if previous_tokens is None:
+        raise ValueError("the step has tokens pending on the device but no previous sampled tokens were given")
+    device = input_ids.device
+    index = to_device(step.pending_input_indices, torch.long, device)
+    rows = to_device(step.pending_source_rows, torch.long, device)
+    input_ids.index_copy_(0, index, previous_tokens.index_select(0, rows))
 
 
 def host_block_table_and_slots(
@@ -242,13 +268,13 @@ class ModelRunner:
             table, slots = host_block_table_and_slots(tables, seq_index, positions, self.block_size)
             groups.append(
                 GroupAttentionMetadata(
-                    block_tables=table.to(device, non_blocking=True),
-                    slot_mapping=slots.to(device, non_blocking=True),
+                    block_tables=to_device(table, torch.int32, device),
+                    slot_mapping=to_device(slots, torch.long, device),
                 )
             )
         return AttentionMetadata(
-            query_start_loc=query_start_loc.to(device, non_blocking=True),
-            seq_lens=torch.tensor(step.seq_lens, dtype=torch.int32).to(device, non_blocking=True),
+            query_start_loc=to_device(query_start_loc, torch.int32, device),
+            seq_lens=to_device(step.seq_lens, torch.int32, device),
             max_query_len=max(step.query_lens),
             max_seq_len=max(step.seq_lens),
             block_size=self.block_size,
@@ -306,14 +332,18 @@ class ModelRunner:
         return True
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> torch.Tensor:
-        """Run one packed step; returns float32 logits [len(logits_indices), vocab]."""
+    def execute(self, step: StepInput, previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one packed step; returns float32 logits [len(logits_indices), vocab].
+
+        `previous_tokens`: the previous step's sampled ids, still on the device, that fill the inputs
+        named by `step.pending_input_indices` (async scheduling)."""
         if step.block_copies:
             self._copy_blocks(step.block_copies)
         if self._decode_graphs is not None and self._decode_graphs.can_run(step):
-            return self._decode_graphs.run(step)
+            return self._decode_graphs.run(step, previous_tokens)
         context = self.forward_context(self._build_metadata(step))
-        input_ids = torch.tensor(step.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
-        positions = torch.tensor(step.positions, dtype=torch.long).to(self.device, non_blocking=True)
-        logits_indices = torch.tensor(step.logits_indices, dtype=torch.long).to(self.device, non_blocking=True)
+        input_ids = to_device(step.token_ids, torch.long, self.device)
+        fill_pending_tokens(input_ids, step, previous_tokens)
+        positions = to_device(step.positions, torch.long, self.device)
+        logits_indices = to_device(step.logits_indices, torch.long, self.device)
         return self.forward_logits(input_ids, positions, context, logits_indices, model=self._step_model)

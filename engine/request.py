@@ -93,6 +93,11 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def needs_token_history(self) -> bool:
+        """Sampling reads the values of earlier tokens on the host (the penalties)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
 
 @dataclass
 class Logprob:
@@ -166,6 +171,9 @@ class Request:
     logprobs: SampleLogprobs = field(default_factory=list)
     metrics: RequestMetrics = field(init=False)
     extra: dict[str, Any] = field(default_factory=dict)
+    # prompt + output tokens at which the request ends by length (max_tokens or the model's context);
+    # the engine sets it when it accepts the request.
+    token_limit: int = 2**62
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)

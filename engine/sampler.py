@@ -175,6 +175,11 @@ class Sampler:
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """logits [N, V] float (row i belongs to requests[i]); reads each request's sampling_params,
         prompt_token_ids, output_token_ids, eos_token_ids and completion_index."""
+        return self.sample_async(logits, requests).result()
+
+    def sample_async(self, logits: torch.Tensor, requests: list[Request]) -> "SampledBatch":
+        """`sample` without waiting: the tokens stay on the device (`token_ids`, usable as the next step's
+        inputs at once) while their copy to the host runs behind the work already queued."""
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(
                 f"logits of shape {tuple(logits.shape)} do not match {len(requests)} requests "
@@ -189,7 +194,7 @@ class Sampler:
             noise = self._exponential_noise([requests[row] for row in sampled_rows], probs.shape[1], probs.device)
             # argmax(p / q) with q ~ Exp(1) picks token i with probability p_i (exponential race).
             token_ids[rows] = (probs / noise).argmax(dim=1)
-        return self._to_host(logits, token_ids, requests)
+        return SampledBatch(logits, token_ids, [r.sampling_params.logprobs for r in requests])
 
     def forget(self, request_id: str) -> None:
         """Drop the request's generator (finished or aborted); unknown ids are fine (greedy, unseeded)."""
@@ -217,22 +222,51 @@ class Sampler:
             noise[rows] = drawn.exponential_(generator=self._unseeded_generator)
         return noise.clamp_min_(_MIN_NOISE)
 
-    def _to_host(self, logits: torch.Tensor, token_ids: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        """Moves results to the host in one transfer (a float64 tensor holds ids exactly below 2**53)."""
-        wanted = [r.sampling_params.logprobs for r in requests]
+
+class SampledBatch:
+    """One step's sampled tokens: on the device now, on the host once `result()` returns.
+
+    Everything the host needs (token ids, and the logprob columns when a row asked) is packed into one
+    tensor and copied in one transfer, into pinned memory on a GPU so that the copy runs behind the
+    queued work instead of stalling the host; `result()` waits only for that copy.
+    """
+
+    def __init__(self, logits: torch.Tensor, token_ids: torch.Tensor, wanted: list[int | None]) -> None:
+        self.token_ids = token_ids  # [R] int64 on the logits' device
+        self._wanted = wanted
+        self._num_top = 0
         if all(n is None for n in wanted):
-            return SamplerOutput(token_ids=token_ids.tolist(), logprobs=None, top_logprobs=None)
-        raw_logprobs = logits.to(torch.float32).log_softmax(dim=1)
-        sampled_logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1))
-        ranks = (raw_logprobs > sampled_logprobs).sum(dim=1, keepdim=True) + 1
-        num_top = min(max(n or 0 for n in wanted), raw_logprobs.shape[1])
-        columns = [token_ids.unsqueeze(1).double(), sampled_logprobs.double(), ranks.double()]
-        if num_top > 0:
-            top_values, top_ids = raw_logprobs.topk(num_top, dim=1)
-            columns += [top_ids.double(), top_values.double()]
-        host = torch.cat(columns, dim=1).cpu().tolist()
+            packed = token_ids
+        else:
+            # One float64 tensor holds ids exactly (below 2**53) beside the logprobs.
+            raw_logprobs = logits.to(torch.float32).log_softmax(dim=1)
+            sampled_logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1))
+            ranks = (raw_logprobs > sampled_logprobs).sum(dim=1, keepdim=True) + 1
+            self._num_top = min(max(n or 0 for n in wanted), raw_logprobs.shape[1])
+            columns = [token_ids.unsqueeze(1).double(), sampled_logprobs.double(), ranks.double()]
+            if self._num_top > 0:
+                top_values, top_ids = raw_logprobs.topk(self._num_top, dim=1)
+                columns += [top_ids.double(), top_values.double()]
+            packed = torch.cat(columns, dim=1)
+        self._event: torch.cuda.Event | None = None
+        if packed.device.type == "cuda":
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = packed
+
+    def result(self) -> SamplerOutput:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        if self._host.dim() == 1:
+            return SamplerOutput(token_ids=self._host.tolist(), logprobs=None, top_logprobs=None)
+        num_top = self._num_top
+        host = self._host.tolist()
         top_logprobs: list[list[tuple[int, float]]] = []
-        for row, n in zip(host, wanted):
+        for row, n in zip(host, self._wanted):
             top_ids_row = row[3:3 + num_top]
             top_values_row = row[3 + num_top:3 + 2 * num_top]
             top_logprobs.append([(int(i), v) for i, v in zip(top_ids_row[: n or 0], top_values_row[: n or 0])])

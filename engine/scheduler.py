@@ -100,7 +100,11 @@ class Scheduler:
             if request.request_id in scheduled_ids:
                 index += 1
                 continue
-            num_new = self._chunk_size(request.num_tokens - request.num_computed_tokens, budget)
+            num_tokens = request.num_tokens
+            # At its length limit the request only waits for its last token (still on the device under
+            # async scheduling) to be delivered: that token's K/V is never needed.
+            num_new = 0 if num_tokens >= request.token_limit else self._chunk_size(
+                num_tokens - request.num_computed_tokens, budget)
             if num_new == 0:
                 index += 1
                 continue

@@ -351,7 +351,9 @@ class TensorParallelRunner:
             lambda: self.local.capture_cuda_graphs(max_batch_size, max_model_len),
         )
 
-    def execute(self, step: StepInput) -> torch.Tensor:
+    def execute(self, step: StepInput, previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        if step.pending_input_indices:  # the worker ranks never see rank 0's sampled tokens
+            raise ValueError("tensor-parallel steps take no pending device tokens (async scheduling is off)")
         return self._mirrored("step", step, lambda: self.local.execute(step))
 
     def shutdown(self, timeout_s: float = 10.0) -> None:

@@ -44,6 +44,8 @@ ENGINE_SETUPS = {
     "preempting": {"num_blocks": 14, "max_batch_tokens": 32},
     "no-prefix-cache": {"enable_prefix_caching": False},
     "prefill-first": {"scheduling_policy": "prefill_first", "max_batch_tokens": 40},
+    # Each step delivered before the next is scheduled (the default prepares the next step first).
+    "synchronous": {"async_scheduling": False},
 }
 
 
