@@ -31,23 +31,39 @@ from common import (  # noqa: E402
 )
 
 
-def build_model(args: argparse.Namespace):
+def w1_config_and_tokenizer(num_layers: int = 32):
+    """The Llama-3-8B shape and a word-level tokenizer over its 128,256 ids (no weights)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
 
     config = LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers,
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=num_layers,
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
         bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.eval().requires_grad_(False)
     vocab = {f"w{i}": i for i in range(config.vocab_size)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="w128001", bos_token="w128000")
+    return config, tokenizer
+
+
+def write_model_dir(path: Path, num_layers: int = 32) -> None:
+    """config.json and the tokenizer, for a service started with load_format=dummy (random weights)."""
+    config, tokenizer = w1_config_and_tokenizer(num_layers)
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def build_model(args: argparse.Namespace):
+    from transformers import LlamaForCausalLM
+
+    config, tokenizer = w1_config_and_tokenizer(args.layers)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.eval().requires_grad_(False)
     return model, tokenizer
 
 
@@ -234,7 +250,14 @@ def main() -> int:
     parser.add_argument("--check-requests", type=int, default=16)
     parser.add_argument("--check-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--write-model-dir", type=Path, default=None,
+                        help="only write the model's config.json and tokenizer there (for a service with "
+                             "load_format=dummy) and exit")
     args = parser.parse_args()
+    if args.write_model_dir is not None:
+        write_model_dir(args.write_model_dir, args.layers)
+        print(f"wrote {args.write_model_dir}")
+        return 0
 
     workload = random_token_workload(args.num_requests, args.min_prompt_len, args.max_prompt_len,
                                      args.max_new_tokens, vocab_size=128000, seed=0)

@@ -22,11 +22,15 @@ import asyncio
 import json
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 WORDS = (
     "the model reads a prompt and writes tokens one at a time while the scheduler keeps every sequence "
@@ -56,15 +60,29 @@ def make_prompts(num: int, prompt_words: int, seed: int) -> list[str]:
 
 
 async def one_request(
-    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, temperature: float
+    client: httpx.AsyncClient, model: str, prompt: str | list[int], max_tokens: int, temperature: float,
+    stream: bool = True,
 ) -> RequestResult:
-    body = {
-        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
-        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+    body: dict[str, Any] = {
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "ignore_eos": True,
     }
+    if stream:
+        body.update(stream=True, stream_options={"include_usage": True})
     started = time.perf_counter()
     result = RequestResult(ok=False)
     last_chunk_s: float | None = None
+    if not stream:  # one response per request: throughput and E2E only
+        try:
+            response = await client.post("/v1/completions", json=body)
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}"
+                return result
+            result.num_output_tokens = response.json()["usage"]["completion_tokens"]
+            result.e2e_s = time.perf_counter() - started
+            result.ok = True
+        except httpx.HTTPError as exc:
+            result.error = type(exc).__name__
+        return result
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
@@ -94,7 +112,7 @@ async def one_request(
     return result
 
 
-async def run_load(args: argparse.Namespace, model: str, prompts: list[str]) -> tuple[list[RequestResult], float]:
+async def run_load(args: argparse.Namespace, model: str, prompts: list) -> tuple[list[RequestResult], float]:
     limits = httpx.Limits(max_connections=max(args.concurrency or 0, 256))
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     results: list[RequestResult] = []
@@ -105,8 +123,9 @@ async def run_load(args: argparse.Namespace, model: str, prompts: list[str]) -> 
         deadline = started + args.duration_s
         tasks: list[asyncio.Task] = []
 
-        async def run_one(prompt: str) -> None:
-            results.append(await one_request(client, model, prompt, args.max_tokens, args.temperature))
+        async def run_one(prompt: str | list[int]) -> None:
+            results.append(await one_request(client, model, prompt, args.max_tokens, args.temperature,
+                                             stream=not args.no_stream))
 
         if args.concurrency:
             queue = list(prompts)
@@ -137,7 +156,7 @@ def percentiles(values: list[float]) -> str:
     return f"{at(0.5) * 1000:.1f} / {at(0.9) * 1000:.1f} / {at(0.99) * 1000:.1f}"
 
 
-def run_offline(args: argparse.Namespace, served_model: str, prompts: list[str]) -> tuple[float, int]:
+def run_offline(args: argparse.Namespace, served_model: str, prompts: list) -> tuple[float, int]:
     from pagedserve.engine.llm import LLM
     from pagedserve.engine.request import SamplingParams
 
@@ -166,6 +185,12 @@ def main() -> None:
     group.add_argument("--rate", type=float, default=None, help="Poisson arrivals, requests per second")
     group.add_argument("--concurrency", type=int, default=None, help="fixed number of requests in flight")
     parser.add_argument("--prompt-words", type=int, default=32)
+    parser.add_argument("--prompt-lens", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
+                        help="random token-id prompts with lengths uniform in [MIN, MAX] (as bench/gpu_bench.py's "
+                             "W1: --prompt-lens 64 1024 --vocab-size 128000) instead of words")
+    parser.add_argument("--vocab-size", type=int, default=128000, help="token ids of --prompt-lens are below this")
+    parser.add_argument("--no-stream", action="store_true",
+                        help="one response per request (no TTFT/ITL; the transport's per-token cost left out)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -179,7 +204,16 @@ def main() -> None:
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     model = args.model or httpx.get(f"{args.url}/v1/models", headers=headers, timeout=60).json()["data"][0]["id"]
-    prompts = make_prompts(args.num_requests, args.prompt_words, args.seed)
+    if args.prompt_lens:
+        from common import random_token_workload
+
+        workload = random_token_workload(args.num_requests, args.prompt_lens[0], args.prompt_lens[1], args.max_tokens,
+                                         vocab_size=args.vocab_size, seed=args.seed)
+        prompts: list = workload.prompts
+        prompt_kind = workload.description
+    else:
+        prompts = make_prompts(args.num_requests, args.prompt_words, args.seed)
+        prompt_kind = f"{args.prompt_words}-word prompts, {args.max_tokens} output tokens"
     results, elapsed = asyncio.run(run_load(args, model, prompts))
 
     ok = [r for r in results if r.ok]
@@ -189,8 +223,8 @@ def main() -> None:
         if not r.ok:
             errors[r.error] = errors.get(r.error, 0) + 1
     load = f"rate {args.rate}/s (Poisson)" if args.rate else f"concurrency {args.concurrency}"
-    print(f"\n### serve_bench: {model} at {args.url}, {load}, {args.prompt_words}-word prompts, "
-          f"{args.max_tokens} output tokens\n")
+    mode = "one response per request" if args.no_stream else "streamed"
+    print(f"\n### serve_bench: {model} at {args.url}, {load}, {mode}; {prompt_kind}\n")
     print("| metric | value |\n|---|---|")
     print(f"| requests ok / sent | {len(ok)} / {len(results)} |")
     print(f"| errors | {errors or 'none'} |")

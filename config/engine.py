@@ -38,6 +38,9 @@ class EngineConfig(BaseModel):
     trust_remote_code: bool = Field(False, description="Allow custom modeling code from the hub.")
     dtype: DType = Field("auto", description="Weights and KV dtype; auto is bfloat16 on GPU, float32 on CPU.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the engine runs.")
+    load_format: Literal["auto", "dummy"] = Field(
+        "auto", description="auto reads the weights; dummy builds random weights from the model's config (benchmarks)."
+    )
     quantization: Quantization = Field("none", description="bitsandbytes weight quantization.")
     bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute dtype of bnb-4bit layers; auto follows dtype."

@@ -22,7 +22,7 @@ from pagedserve.config.engine import EngineConfig
 
 from .errors import EngineDeadError, InvalidRequestError
 from .llm_engine import LLMEngine
-from .request import RequestOutput, SamplingParams
+from .request import RequestOutput, SamplingParams, merge_delta
 from .stats import EngineStats, StepStats
 
 logger = logging.getLogger(__name__)
@@ -101,12 +101,24 @@ class AsyncLLMEngine:
         self._send(("add", (request_id, text, prompt_token_ids, sampling_params)))
         finished = False
         try:
+            pending_error: BaseException | None = None
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                # A consumer that fell behind gets everything that has arrived as one delta, so a slow
+                # transport (an HTTP stream, a Ray Serve handle) sends fewer, larger messages.
+                while not item.finished and not stream.queue.empty():
+                    following = stream.queue.get_nowait()
+                    if isinstance(following, BaseException):
+                        pending_error = following
+                        break
+                    item = merge_delta(item, following)
                 yield item
+                if pending_error is not None:
+                    finished = True
+                    raise pending_error
                 if item.finished:
                     finished = True
                     return

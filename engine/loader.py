@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from pagedserve.config.engine import ConfigError, EngineConfig
 
@@ -194,6 +194,23 @@ def wrap_model(model: PreTrainedModel, tokenizer: Any, served_name: str) -> Load
     return LoadedModel(model, tokenizer, served_name, served_name, parameter.device, parameter.dtype)
 
 
+def _random_model(
+    config: EngineConfig, model_path: str, dtype: torch.dtype, device: torch.device, attn_implementation: str
+) -> PreTrainedModel:
+    """The model's architecture with random weights, built on `device`: only its config is read (vLLM's
+    `--load-format dummy`), so an 8B benchmark needs no 16 GB of weight files."""
+    logger.info("building %s with random weights (load_format='dummy') on %s, %s", model_path, device, dtype)
+    hf_config = AutoConfig.from_pretrained(
+        model_path, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+    torch.manual_seed(config.seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            hf_config, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=config.trust_remote_code
+        )
+    return model
+
+
 def load_model(
     config: EngineConfig, shard: Callable[[PreTrainedModel], None] | None = None
 ) -> LoadedModel:
@@ -205,18 +222,28 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(
         config.tokenizer or model_path, revision=config.revision, trust_remote_code=config.trust_remote_code
     )
-    extra = quantization_kwargs(config, dtype, device)
-    if extra:
-        extra["device_map"] = {"": device}
-    logger.info("loading %s (%s, %s, quantization=%s)", model_path, device, dtype, config.quantization)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path,
-        revision=config.revision,
-        trust_remote_code=config.trust_remote_code,
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        **extra,
-    )
+    if config.load_format == "dummy":
+        if config.quantization != "none":
+            raise ConfigError(
+                f"EngineConfig.load_format='dummy' builds unquantized random weights; it cannot be combined with "
+                f"quantization={config.quantization!r}"
+            )
+        model = _random_model(config, model_path, dtype, device if shard is None else torch.device("cpu"),
+                              attn_implementation)
+        extra = {}
+    else:
+        extra = quantization_kwargs(config, dtype, device)
+        if extra:
+            extra["device_map"] = {"": device}
+        logger.info("loading %s (%s, %s, quantization=%s)", model_path, device, dtype, config.quantization)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            revision=config.revision,
+            trust_remote_code=config.trust_remote_code,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            **extra,
+        )
     if shard is not None:
         shard(model)
     if not extra:

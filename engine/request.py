@@ -218,3 +218,27 @@ class Request:
         if max_tokens is None:
             return max_model_len
         return min(max_model_len, self.num_prompt_tokens + max_tokens)
+
+
+def merge_delta(full: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Fold one streamed delta into the accumulated output of its request."""
+    if full is None:
+        full = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids, [], False)
+    by_index = {c.index: c for c in full.outputs}
+    for piece in delta.outputs:
+        done = by_index.get(piece.index)
+        if done is None:
+            done = by_index[piece.index] = CompletionOutput(piece.index, "", [], logprobs=None)
+        done.text += piece.text
+        done.token_ids.extend(piece.token_ids)
+        if piece.logprobs is not None:
+            done.logprobs = (done.logprobs or []) + piece.logprobs
+        done.cumulative_logprob = piece.cumulative_logprob
+        done.finish_reason = piece.finish_reason
+        done.stop_reason = piece.stop_reason
+    full.outputs = [by_index[i] for i in sorted(by_index)]
+    full.finished = delta.finished
+    full.metrics = delta.metrics
+    full.num_cached_tokens = delta.num_cached_tokens
+    full.error = delta.error
+    return full

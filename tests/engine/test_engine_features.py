@@ -163,6 +163,15 @@ def test_async_engine_streams_deltas_and_frees_blocks_on_disconnect(tiny_model_d
         assert pieces[-1].finished and pieces[-1].outputs[0].finish_reason == "length"
         assert sum((p.outputs[0].token_ids for p in pieces), []) == want.token_ids
         assert "".join(p.outputs[0].text for p in pieces) == want.text
+        # A consumer that falls behind gets what arrived meanwhile merged into fewer deltas, nothing lost.
+        slow = []
+        async for delta in engine.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                                           "slow"):
+            slow.append(delta)
+            await asyncio.sleep(0.2)
+        assert len(slow) < 12 and slow[-1].finished
+        assert sum((p.outputs[0].token_ids for p in slow), []) == want.token_ids
+        assert "".join(p.outputs[0].text for p in slow) == want.text
         # A consumer that walks away mid-stream aborts its request.
         stream = engine.generate(PROMPTS[1], SamplingParams(max_tokens=200, ignore_eos=True), "s2")
         await stream.__anext__()
@@ -182,3 +191,25 @@ def test_async_engine_streams_deltas_and_frees_blocks_on_disconnect(tiny_model_d
         asyncio.run(scenario())
     finally:
         engine.shutdown()
+
+
+def test_dummy_load_format_needs_only_the_config(tiny_model_dir, tmp_path):
+    """load_format='dummy' builds the architecture with random weights from config.json alone."""
+    import shutil
+
+    source = tiny_model_dir("llama")
+    bare = tmp_path / "config-only"
+    bare.mkdir()
+    for path in source.iterdir():
+        if not path.name.endswith(".safetensors"):
+            shutil.copy(path, bare / path.name)
+    # The weights come from EngineConfig.seed (the tiny checkpoint was built from seed 0).
+    llm = LLM(str(bare), dtype="float32", block_size=8, num_blocks=32, load_format="dummy", seed=1)
+    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 6
+    real = AutoModelForCausalLM.from_pretrained(source)
+    built = llm.engine.runner.model
+    assert type(built) is type(real)
+    assert not torch.equal(built.model.layers[0].mlp.up_proj.weight, real.model.layers[0].mlp.up_proj.weight)
+    with pytest.raises(ConfigError, match="load_format"):
+        LLM(str(bare), dtype="float32", load_format="dummy", quantization="bnb-4bit")
