@@ -106,7 +106,9 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
     torch.cuda.reset_peak_memory_stats()
     engine_args = {"served_name": "llama-3-8b-shape", "max_num_seqs": args.max_num_seqs,
                    "attention_backend": args.attention_backend, "max_memory_percent": args.max_memory_percent,
-                   "max_batch_tokens": args.max_batch_tokens, "enable_prefix_caching": False}
+                   "max_batch_tokens": args.max_batch_tokens, "enable_prefix_caching": False,
+                   "compile": args.compile}
+    started = time.perf_counter()
     try:
         llm = LLM.from_model(model, tokenizer, **engine_args)
     except Exception as error:  # noqa: BLE001 -- e.g. a quantized matmul that cannot be captured
@@ -117,6 +119,8 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
         torch.cuda.empty_cache()
         llm = LLM.from_model(model, tokenizer, enable_cuda_graphs=False, **engine_args)
     cuda_graphs = llm.engine.runner._decode_graphs is not None
+    print(f"engine start (profiling, CUDA graphs{', compile' if args.compile else ''}): "
+          f"{time.perf_counter() - started:.1f} s", flush=True)
     print(llm.engine.memory_plan.describe(), flush=True)
     largest_batch = 0
     engine_step = llm.engine.step
@@ -131,14 +135,22 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
         return deltas
 
     llm.engine.step = step_recording_batch
-    llm.generate([workload.prompts[0][:16]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
-                 use_tqdm=False)  # warm-up: kernels compiled before the clock starts
+    started = time.perf_counter()
+    # Warm-up: kernels compiled before the clock starts, for the batch-1 run's prompt length too.
+    llm.generate([workload.prompts[0][:128], workload.prompts[1][:16]],
+                 SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    print(f"warm-up {time.perf_counter() - started:.1f} s", flush=True)
+    fresh_single = run_single(llm, workload, args.single_tokens) if args.single_tokens else None
+    if fresh_single:
+        print(f"batch 1 (fresh engine, before W1): {fresh_single:.1f} tok/s", flush=True)
+    steps.clear()
+    largest_batch = 0
     params = SamplingParams(temperature=0, max_tokens=workload.max_new_tokens, ignore_eos=True)
     started = time.perf_counter()
     outputs = llm.generate(workload.prompts, params, use_tqdm=False)
     torch.cuda.synchronize()
     wall_s = time.perf_counter() - started
-    print(step_time_summary(steps[1:]), flush=True)  # the first recorded step is the warm-up's
+    print(step_time_summary(steps), flush=True)
     timings = [
         RequestTiming(o.metrics.arrival_time, o.metrics.first_token_time, o.metrics.last_token_time,
                       len(o.outputs[0].token_ids))
@@ -153,7 +165,7 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
         details={"preemptions": stats.num_preemptions_total, "kv_tokens": llm.engine.memory_plan.kv_tokens,
                  "attention_backend": llm.engine.runner.backend.name, "quantization": args.quantization,
                  "weights_bytes": llm.engine.memory_plan.weights_bytes, "kv_bytes": llm.engine.memory_plan.kv_bytes,
-                 "largest_batch": largest_batch, "cuda_graphs": cuda_graphs},
+                 "largest_batch": largest_batch, "cuda_graphs": cuda_graphs, "compile": args.compile, "batch1_fresh_tokens_per_s": fresh_single},
     )
     return result, [o.outputs[0].token_ids for o in outputs], llm
 
@@ -240,6 +252,7 @@ def main() -> int:
     parser.add_argument("--max-memory-percent", type=float, default=0.9)
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (EngineConfig.compile)")
     parser.add_argument("--quantization", choices=["none", "bnb-4bit", "bnb-8bit"], default="none",
                         help="quantize the random bf16 model's decoder linears with bitsandbytes before the run")
     parser.add_argument("--baseline-only", action="store_true",
@@ -280,7 +293,7 @@ def main() -> int:
     print(f"pagedserve: {ours.output_tokens_per_s:.0f} output tok/s in {ours.wall_s:.1f} s", flush=True)
     single = run_single(llm, workload, args.single_tokens) if args.single_tokens else None
     if single:
-        print(f"batch 1: {single:.1f} tok/s", flush=True)
+        print(f"batch 1 (after W1, same engine): {single:.1f} tok/s", flush=True)
     prefixes, control = check_against_generate(model, workload, ours_tokens, args.check_requests, args.check_tokens)
     agree = sum(p >= args.check_tokens for p in prefixes)
     control_agree = sum(p >= args.check_tokens for p in control)
@@ -300,6 +313,7 @@ def main() -> int:
     payload = {
         "workload": workload.description, "device": torch.cuda.get_device_name(0), "device_gib": total_gib,
         "results": [r.to_json() for r in results], "batch1_tokens_per_s": single,
+        "batch1_fresh_tokens_per_s": ours.details["batch1_fresh_tokens_per_s"],
         "generate_agreement": {"equal": agree, "checked": len(prefixes), "tokens": args.check_tokens,
                                "prefix_lengths": prefixes, "control_eager_vs_sdpa": control},
     }
@@ -308,7 +322,9 @@ def main() -> int:
         args.out.write_text(json.dumps(payload, indent=2))
     print()
     print(f"device: {payload['device']} ({total_gib:.0f} GiB); {workload.description}")
-    print(f"batch-1 decode: {single and round(single, 1)} tok/s; preemptions: {ours.details['preemptions']}; "
+    print(f"batch-1 decode: {single and round(single, 1)} tok/s after W1, "
+          f"{ours.details['batch1_fresh_tokens_per_s'] and round(ours.details['batch1_fresh_tokens_per_s'], 1)} "
+          f"tok/s on the fresh engine; preemptions: {ours.details['preemptions']}; "
           f"KV capacity: {ours.details['kv_tokens']} tokens; backend: {ours.details['attention_backend']}; "
           f"quantization: {args.quantization}; largest batch: {ours.details['largest_batch']}; "
           f"CUDA graphs: {ours.details['cuda_graphs']}")

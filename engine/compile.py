@@ -1,4 +1,12 @@
-"""torch.compile of the model forward that eager steps run, with a fallback ladder.
+"""torch.compile of the model's repeated blocks, with a fallback ladder.
+
+Regional compilation: each decoder layer (the classes a transformers model names in
+`_no_split_modules`) is compiled in place, so one compiled graph serves all layers, compilation takes
+seconds instead of minutes, and the paged attention in the middle of each layer runs uncompiled (it is
+behind `torch.compiler.disable`: its per-step host values would make every step a recompile). Norms,
+rotary embeddings, projections and the MLP fuse into a few kernels. The same compiled layers run the
+eager steps and are captured by the decode CUDA graphs. A model that names no such blocks is compiled
+whole.
 
 The config asks for one way to compile (`compile_fullgraph`, `compile_dynamic`, `compile_mode`,
 `compile_backend`). Not every model compiles every way: a graph break fails `fullgraph=True`, a backend
@@ -6,14 +14,11 @@ may reject an op. torch.compile is lazy, so such failures surface on the first c
 `CompiledForward` therefore tries the configured options, then the usual remedy (fullgraph off, dynamic
 shapes on), then eager, logging a warning at each step down; the step that failed is rerun on the next
 rung (a forward only rewrites the same KV slots with the same values, so a rerun is harmless).
-
-CUDA-graph replay does not go through here: decode graphs capture the eager model.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,13 +53,20 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
     return (TorchDynamoException,)
 
 
+def compile_regions(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks to compile one by one, or the whole model when it names none."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    regions = [module for module in model.modules() if type(module).__name__ in names]
+    return regions or [model]
+
+
 class CompiledForward:
     """Callable like the model; owns the current rung of the ladder. Eager once every rung failed."""
 
     def __init__(self, model: torch.nn.Module, config: EngineConfig) -> None:
         self.model = model
+        self.regions = compile_regions(model)
         self._ladder = compile_ladder(config) if config.compile else []
-        self._forward: Callable[..., Any] = model
         self.options: CompileOptions | None = None  # None: eager
         self._next_rung()
 
@@ -62,16 +74,21 @@ class CompiledForward:
     def is_compiled(self) -> bool:
         return self.options is not None
 
+    def _uncompile(self) -> None:
+        for region in self.regions:
+            region._compiled_call_impl = None  # what nn.Module.compile sets; None calls the module eagerly
+
     def _next_rung(self, reason: str | None = None) -> None:
         failed = self.options
+        self._uncompile()
         while self._ladder:
             options = self._ladder.pop(0)
             try:
-                self._forward = torch.compile(
-                    self.model, fullgraph=options.fullgraph, dynamic=options.dynamic, mode=options.mode,
-                    backend=options.backend,
-                )
+                for region in self.regions:
+                    region.compile(fullgraph=options.fullgraph, dynamic=options.dynamic, mode=options.mode,
+                                   backend=options.backend)
             except Exception as error:  # noqa: BLE001 -- bad backend or mode names fail here, before any call
+                self._uncompile()
                 logger.warning("torch.compile(%s) refused: %s", options.describe(), _first_line(error))
                 continue
             self.options = options
@@ -79,17 +96,17 @@ class CompiledForward:
                 logger.warning("torch.compile(%s) failed (%s); retrying with %s",
                                failed.describe(), reason, options.describe())
             else:
-                logger.info("model forward compiled lazily with %s", options.describe())
+                logger.info("%d %s compiled lazily with %s", len(self.regions),
+                            type(self.regions[0]).__name__, options.describe())
             return
         if failed is not None:
             logger.warning("torch.compile(%s) failed (%s); running the model eagerly", failed.describe(), reason)
-        self._forward = self.model
         self.options = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         while True:
             try:
-                return self._forward(*args, **kwargs)
+                return self.model(*args, **kwargs)
             except _compile_errors() as error:
                 if self.options is None:
                     raise

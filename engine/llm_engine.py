@@ -346,12 +346,19 @@ class LLMEngine:
         pending_indices: list[int] = []
         pending_sources: list[int] = []
         tables: list[list[list[int]]] = [[] for _ in range(self.kv_cache.num_groups)]
+        # Sliding-window groups mark released blocks as None; full-attention tables hold ids only and go as is.
+        has_released = self.kv_cache.has_sliding_groups
         for chunk in output.chunks:
             request = chunk.request
             start = chunk.num_computed_tokens
             end = start + chunk.num_new_tokens
-            token_ids.extend(request.token_ids_between(start, end))
-            positions.extend(range(start, end))
+            if chunk.num_new_tokens == 1 and end == request.num_tokens:  # a decode: the newest token
+                token_ids.append(request.output_token_ids[-1] if request.output_token_ids
+                                 else request.prompt_token_ids[-1])
+                positions.append(start)
+            else:
+                token_ids.extend(request.token_ids_between(start, end))
+                positions.extend(range(start, end))
             query_lens.append(chunk.num_new_tokens)
             seq_lens.append(end)
             if chunk.samples:
@@ -362,7 +369,7 @@ class LLMEngine:
                         pending_indices.append(len(token_ids) - 1)
                         pending_sources.append(source)
             for group, table in enumerate(self.kv_cache.block_tables(request.request_id)):
-                tables[group].append([0 if block is None else block for block in table])
+                tables[group].append([0 if block is None else block for block in table] if has_released else table)
         return StepInput(token_ids, positions, query_lens, seq_lens, tables, logits_indices, output.block_copies,
                          pending_indices, pending_sources)
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from pagedserve.cache.allocators import BlockCopy, cdiv
@@ -80,8 +81,11 @@ def host_block_table_and_slots(
     """Block tables as one padded host tensor [B, width] (int32), and the cache slot (int64) of each new
     token, the one at `positions[t]` of sequence `seq_index[t]`."""
     width = max(len(t) for t in tables)
-    # One host tensor from padded lists: a per-row tensor would cost a call per sequence.
-    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    # Row by row into one numpy array: several times faster than torch.tensor of (padded) lists.
+    array = np.zeros((len(tables), width), dtype=np.int32)
+    for row, t in enumerate(tables):
+        array[row, : len(t)] = t
+    table = torch.from_numpy(array)
     blocks = table[seq_index, positions // block_size].long()
     return table, blocks * block_size + positions % block_size
 
@@ -112,7 +116,8 @@ class ModelRunner:
         self._supports_logits_to_keep = hasattr(self.model, "_supports_logits_to_keep") and bool(
             self.model._supports_logits_to_keep()
         )
-        # Eager steps run through torch.compile when configured; decode graphs capture the plain model.
+        # With compile on, the decoder layers are compiled in place: eager steps run them and decode graphs
+        # capture them; every forward goes through the fallback ladder.
         self._step_model: Callable[..., Any] = CompiledForward(self.model, config) if config.compile else self.model
         logger.info("attention backend: %s; layer groups: %s", self.backend.name, [g.kind for g in self.shape.groups])
 
@@ -303,11 +308,11 @@ class ModelRunner:
         positions: torch.Tensor,  # [T]
         context: PagedForwardContext,
         logits_indices: torch.Tensor,  # [S]
-        model: Callable[..., Any] | None = None,  # default: the eager model
+        model: Callable[..., Any] | None = None,  # default: the step model (compiled when configured)
     ) -> torch.Tensor:
         """The model forward over one packed batch; float32 logits at `logits_indices` only."""
         kwargs = {"logits_to_keep": logits_indices} if self._supports_logits_to_keep else {}
-        logits = (model if model is not None else self.model)(
+        logits = (model if model is not None else self._step_model)(
             input_ids=input_ids[None], position_ids=positions[None], paged_context=context, use_cache=False, **kwargs
         ).logits[0]
         if not self._supports_logits_to_keep:

@@ -50,11 +50,26 @@ def paged_attention_forward(
     paged_context: PagedForwardContext | LayerProbe | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
+    return _paged_attention(module.layer_idx, query, key, value, scaling, sliding_window, softcap, paged_context)
+
+
+# torch.compile of the decoder layers stops here: the attention runs its own kernels with per-step host
+# values (lists of lengths) that a compiled graph would guard on and recompile for.
+@torch.compiler.disable
+def _paged_attention(
+    layer_idx: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float | None,
+    sliding_window: int | None,
+    softcap: float | None,
+    paged_context: PagedForwardContext | LayerProbe | None,
+) -> tuple[torch.Tensor, None]:
     if paged_context is None:
         raise RuntimeError(
             "a model loaded with attn_implementation='pagedserve' runs only inside the pagedserve engine"
         )
-    layer_idx = module.layer_idx
     if isinstance(paged_context, LayerProbe):
         paged_context.layers[layer_idx] = {
             "sliding_window": sliding_window,

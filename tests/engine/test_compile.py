@@ -63,20 +63,32 @@ class BreakingModel(torch.nn.Module):
 
 def test_aot_eager_gives_eager_outputs():
     model = BreakingModel()
+    inputs = [torch.randn(rows, 8) for rows in (3, 5)]
+    expected = [model(x) for x in inputs]  # before compiling: the wrapper compiles the model in place
     forward = CompiledForward(model, EngineConfig(compile=True, compile_backend="aot_eager"))
-    for rows in (3, 5):
-        x = torch.randn(rows, 8)
-        torch.testing.assert_close(forward(x), model(x), rtol=0, atol=0)
+    for x, want in zip(inputs, expected):
+        torch.testing.assert_close(forward(x), want, rtol=0, atol=0)
     assert forward.options.backend == "aot_eager"
+
+
+def test_decoder_layers_are_compiled_one_by_one(tiny_model_dir, eager_tokens):
+    """Regional compilation: each decoder layer in place (inductor), the paged attention left out."""
+    llm, tokens = generate(tiny_model_dir("llama"), compile=True, compile_dynamic=True)
+    assert tokens == eager_tokens
+    step_model = llm.engine.runner._step_model
+    layers = list(llm.engine.runner.model.model.layers)
+    assert step_model.regions == layers and all(layer._compiled_call_impl is not None for layer in layers)
+    assert step_model.options.backend == "inductor" and step_model.is_compiled
 
 
 def test_graph_break_under_fullgraph_retries_without_fullgraph(caplog):
     """fullgraph=True fails on the first call; the next rung (fullgraph off, dynamic on) gives the outputs."""
     caplog.set_level(logging.INFO, logger="pagedserve.engine.compile")
     model = BreakingModel()
-    forward = CompiledForward(model, EngineConfig(compile=True, compile_backend="eager", compile_fullgraph=True))
     x = torch.randn(3, 8)
-    torch.testing.assert_close(forward(x), model(x), rtol=0, atol=0)
+    want = model(x)  # before wrapping: the wrapper compiles the model in place
+    forward = CompiledForward(model, EngineConfig(compile=True, compile_backend="eager", compile_fullgraph=True))
+    torch.testing.assert_close(forward(x), want, rtol=0, atol=0)
     assert forward.options is not None
     assert (forward.options.fullgraph, forward.options.dynamic) == (False, True)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -93,9 +105,10 @@ def test_backend_failure_falls_back_to_eager_with_a_warning(caplog):
         register_backend(failing_backend, name=FAILING_BACKEND)
     caplog.set_level(logging.WARNING, logger="pagedserve.engine.compile")
     model = BreakingModel()
-    forward = CompiledForward(model, EngineConfig(compile=True, compile_backend=FAILING_BACKEND, compile_fullgraph=True))
     x = torch.randn(3, 8)
-    torch.testing.assert_close(forward(x), model(x), rtol=0, atol=0)
+    want = model(x)
+    forward = CompiledForward(model, EngineConfig(compile=True, compile_backend=FAILING_BACKEND, compile_fullgraph=True))
+    torch.testing.assert_close(forward(x), want, rtol=0, atol=0)
     assert not forward.is_compiled
     warnings = [r.getMessage() for r in caplog.records]
     assert any("retrying with" in w for w in warnings), warnings

@@ -109,15 +109,17 @@ def test_gpu_backends_match_reference_backend(tiny_model_dir, arch):
     prompts = random_prompts(seed=2)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     want = None
-    for backend in ("reference", "triton"):
+    # The Triton backend with CUDA graphs, then again with the decoder layers compiled (and captured).
+    for backend, extra in (("reference", {}), ("triton", {}), ("triton", {"compile": True})):
         try:
             get_attention_backend(backend, torch.device("cuda"))
         except ValueError as error:
             pytest.skip(str(error))
+        torch._dynamo.reset()
         llm = LLM(str(tiny_model_dir(arch)), dtype="float32", block_size=16, attention_backend=backend,
-                  max_batch_tokens=64, device="cuda")
+                  max_batch_tokens=64, device="cuda", **extra)
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         if want is None:
             want = got
         else:
-            assert got == want, f"{arch}: {backend} diverged from the reference backend"
+            assert got == want, f"{arch}: {backend} {extra} diverged from the reference backend"
