@@ -61,7 +61,13 @@ class KVCacheManager:
         return max(pool.num_used_blocks / pool.num_blocks for pool in self.pools)
 
     def block_tables(self, request_id: str) -> list[list[int | None]]:
+        """The request's live tables, one per layer group (callers must not modify them)."""
         return self._tables[request_id]
+
+    @property
+    def has_sliding_groups(self) -> bool:
+        """Whether some table may hold None (a block released after leaving its sliding window)."""
+        return self._has_sliding_groups
 
     def has_blocks(self, request_id: str) -> bool:
         return request_id in self._tables

@@ -164,6 +164,20 @@ class AsyncLLMEngine:
             except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
                 self._commands.append(("abort", request_id))
 
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """One step's outputs: one wake-up of each caller's event loop, not one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        with self._streams_lock:
+            for output in outputs:
+                stream = self._streams.get(output.request_id)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, output))
+        for loop, entries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, entries)
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+                self._commands.extend(("abort", output.request_id) for _, output in entries)
+
     def _apply_commands(self) -> None:
         while self._commands:
             kind, payload = self._commands.popleft()
@@ -191,8 +205,8 @@ class AsyncLLMEngine:
                     continue
                 outputs = self.engine.step()
                 self._stats = self.engine.get_stats()
+                self._deliver_all(outputs)
                 for output in outputs:
-                    self._deliver(output.request_id, output)
                     if output.finished:
                         for listener in self._finish_listeners:
                             listener(output)
@@ -206,3 +220,8 @@ class AsyncLLMEngine:
                 request_ids = list(self._streams)
             for request_id in request_ids:
                 self._deliver(request_id, EngineDeadError(self._dead_reason))
+
+
+def _put_all(entries: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, item in entries:
+        queue.put_nowait(item)

@@ -8,6 +8,7 @@ sizes through Ray Serve's `record_routing_stats` hook for `serve_app/router.py`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import json
@@ -78,6 +79,7 @@ class EngineReplica:
         # the engine's free blocks only show what is allocated so far, not what running requests will grow to.
         self._committed_blocks: dict[str, int] = {}
         self.log_prompts = serve_args.log_prompts
+        self.stream_messages_per_s = serve_args.stream_messages_per_s
         self.metrics = ReplicaMetrics(
             model_name=serve_args.served_model_name or self.engine.model_name, replica=self.replica_tag
         )
@@ -105,6 +107,12 @@ class EngineReplica:
                     is_finished = output.finished
                     timing.add_delta(output)
                     yield output
+                    # Each message through Ray costs the replica's event loop (which shares the GIL with the
+                    # engine); past stream_messages_per_s in total, a stream waits and the engine merges the
+                    # tokens that arrive meanwhile into its next message. A lone stream never waits.
+                    pause = len(self._committed_blocks) / self.stream_messages_per_s
+                    if not is_finished and pause >= 0.002:
+                        await asyncio.sleep(pause)
         except RequestTooLargeError as exc:
             timing.finish_reason = "rejected"
             yield ReplicaError(400, "invalid_request_error", exc.message, exc.param)

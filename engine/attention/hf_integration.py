@@ -50,14 +50,16 @@ def paged_attention_forward(
     paged_context: PagedForwardContext | LayerProbe | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    return _paged_attention(module.layer_idx, query, key, value, scaling, sliding_window, softcap, paged_context)
+    # module.layer_idx is read behind the compiler boundary: a compiled layer that read it would be
+    # specialized to its index, one recompile per layer.
+    return _paged_attention(module, query, key, value, scaling, sliding_window, softcap, paged_context)
 
 
 # torch.compile of the decoder layers stops here: the attention runs its own kernels with per-step host
 # values (lists of lengths) that a compiled graph would guard on and recompile for.
 @torch.compiler.disable
 def _paged_attention(
-    layer_idx: int,
+    module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -70,6 +72,7 @@ def _paged_attention(
         raise RuntimeError(
             "a model loaded with attn_implementation='pagedserve' runs only inside the pagedserve engine"
         )
+    layer_idx = module.layer_idx
     if isinstance(paged_context, LayerProbe):
         paged_context.layers[layer_idx] = {
             "sliding_window": sliding_window,

@@ -135,3 +135,30 @@ def test_ladder_relaxes_to_fullgraph_off_dynamic_on():
 def test_compile_off_runs_the_plain_model(tiny_model_dir):
     llm = LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=8)
     assert llm.engine.runner._step_model is llm.engine.runner.model
+
+
+def test_compiled_layers_are_not_recompiled_per_layer(tiny_model_dir, tmp_path):
+    """One compiled graph serves every decoder layer: the frames compiled do not grow with the depth
+    (a layer index read inside the compiled region would specialize, and recompile, each layer)."""
+    import shutil
+
+    from torch._dynamo.utils import counters
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = tiny_model_dir("llama")
+    config = AutoConfig.from_pretrained(source)
+    config.num_hidden_layers = 2 * config.num_hidden_layers
+    deeper = tmp_path / "deeper"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(deeper)
+    for path in source.iterdir():
+        if path.name.startswith("tokenizer") or path.name == "special_tokens_map.json":
+            shutil.copy(path, deeper / path.name)
+
+    def frames_compiled(model_dir) -> int:
+        torch._dynamo.reset()
+        counters.clear()
+        generate(model_dir, compile=True, compile_backend="eager")
+        return counters["frames"]["total"]
+
+    assert frames_compiled(deeper) == frames_compiled(source)
