@@ -294,6 +294,7 @@ def main() -> int:
     single = run_single(llm, workload, args.single_tokens) if args.single_tokens else None
     if single:
         print(f"batch 1 (after W1, same engine): {single:.1f} tok/s", flush=True)
+    llm.engine.shutdown()  # also gives the model back uncompiled, for transformers' own generate below
     prefixes, control = check_against_generate(model, workload, ours_tokens, args.check_requests, args.check_tokens)
     agree = sum(p >= args.check_tokens for p in prefixes)
     control_agree = sum(p >= args.check_tokens for p in control)

@@ -74,13 +74,14 @@ class CompiledForward:
     def is_compiled(self) -> bool:
         return self.options is not None
 
-    def _uncompile(self) -> None:
+    def uncompile(self) -> None:
         for region in self.regions:
             region._compiled_call_impl = None  # what nn.Module.compile sets; None calls the module eagerly
+        self.options = None
 
     def _next_rung(self, reason: str | None = None) -> None:
         failed = self.options
-        self._uncompile()
+        self.uncompile()
         while self._ladder:
             options = self._ladder.pop(0)
             try:
@@ -88,7 +89,7 @@ class CompiledForward:
                     region.compile(fullgraph=options.fullgraph, dynamic=options.dynamic, mode=options.mode,
                                    backend=options.backend)
             except Exception as error:  # noqa: BLE001 -- bad backend or mode names fail here, before any call
-                self._uncompile()
+                self.uncompile()
                 logger.warning("torch.compile(%s) refused: %s", options.describe(), _first_line(error))
                 continue
             self.options = options

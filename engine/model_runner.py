@@ -336,6 +336,13 @@ class ModelRunner:
         self._decode_graphs = graphs
         return True
 
+    def shutdown(self) -> None:
+        """Give the model back as it came: decoder layers compiled in place are made eager again (a model
+        passed in by the caller, `LLM.from_model`, is the caller's object)."""
+        if isinstance(self._step_model, CompiledForward):
+            self._step_model.uncompile()
+        self._decode_graphs = None
+
     @torch.inference_mode()
     def execute(self, step: StepInput, previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Run one packed step; returns float32 logits [len(logits_indices), vocab].

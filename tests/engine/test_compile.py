@@ -79,6 +79,8 @@ def test_decoder_layers_are_compiled_one_by_one(tiny_model_dir, eager_tokens):
     layers = list(llm.engine.runner.model.model.layers)
     assert step_model.regions == layers and all(layer._compiled_call_impl is not None for layer in layers)
     assert step_model.options.backend == "inductor" and step_model.is_compiled
+    llm.engine.shutdown()  # the model is given back eager
+    assert all(layer._compiled_call_impl is None for layer in layers) and not step_model.is_compiled
 
 
 def test_graph_break_under_fullgraph_retries_without_fullgraph(caplog):
