@@ -226,14 +226,14 @@ class OpenAIIngress:
 
     def make_request(
         self, info: ModelInfo, request_id: str, prompt: str | list[int], token_ids: list[int],
-        sampling_params: SamplingParams,
+        sampling_params: SamplingParams, stream: bool = True,
     ) -> GenerateRequest:
         block = info.block_size
         prefix_key = hash(tuple(token_ids[:block])) if len(token_ids) >= block else None
         return GenerateRequest(
             request_id=request_id, prompt=prompt, sampling_params=sampling_params,
             num_prompt_tokens=len(token_ids), prefix_key=prefix_key,
-            max_new_tokens=sampling_params.n * (sampling_params.max_tokens or 0),
+            max_new_tokens=sampling_params.n * (sampling_params.max_tokens or 0), stream=stream,
         )
 
     def start(self, request: GenerateRequest) -> Any:
@@ -431,7 +431,8 @@ class OpenAIIngress:
                     raise _bad_request("prompt token ids are outside the vocabulary", "prompt")
             max_tokens = self.check_length(info, len(token_ids), body.max_tokens)
             params = self.sampling_params(body, max_tokens)
-            requests.append(self.make_request(info, f"{request_id}-{i}", prompt, token_ids, params))
+            requests.append(self.make_request(info, f"{request_id}-{i}", prompt, token_ids, params,
+                                              stream=bool(body.stream)))
         if body.stream:
             return await self.stream_response(info, model, request_id, requests, body, chat=False)
         return await self.full_response(info, model, request_id, requests, body, chat=False)
@@ -452,7 +453,8 @@ class OpenAIIngress:
             exc.param = param if exc.param == "max_tokens" else exc.param
             raise
         params = self.sampling_params(body, max_tokens)
-        requests = [self.make_request(info, f"{request_id}-0", token_ids, token_ids, params)]
+        requests = [self.make_request(info, f"{request_id}-0", token_ids, token_ids, params,
+                                      stream=bool(body.stream))]
         if body.stream:
             return await self.stream_response(info, model, request_id, requests, body, chat=True)
         return await self.full_response(info, model, request_id, requests, body, chat=True)

@@ -21,7 +21,7 @@ from ray import serve
 
 from pagedserve.config.serve import ServeArgs
 from pagedserve.engine.errors import EngineDeadError, InvalidRequestError, RequestTooLargeError
-from pagedserve.engine.request import RequestOutput, SamplingParams
+from pagedserve.engine.request import RequestOutput, SamplingParams, merge_delta
 
 from .metrics import ReplicaMetrics, RequestTiming
 from .router import RoutingDemand
@@ -39,6 +39,9 @@ class GenerateRequest:
     num_prompt_tokens: int
     prefix_key: int | None = None
     max_new_tokens: int = 0  # n * max_tokens as resolved by the ingress
+    # False: the client wants one response, so the replica sends the first delta (the ingress waits for it
+    # to turn refusals into HTTP errors) and then everything else as one message at the end.
+    stream: bool = True
 
     @property
     def routing_demand(self) -> RoutingDemand:
@@ -103,10 +106,18 @@ class EngineReplica:
         stream = self.engine.generate(request.prompt, request.sampling_params, request.request_id)
         try:
             async with contextlib.aclosing(stream):
+                held: RequestOutput | None = None  # deltas merged for a non-streaming request
+                sent_first = False
                 async for output in stream:
                     is_finished = output.finished
                     timing.add_delta(output)
+                    if not request.stream and sent_first:
+                        held = output if held is None else merge_delta(held, output)
+                        if not is_finished:
+                            continue
+                        output, held = held, None
                     yield output
+                    sent_first = True
                     # Each message through Ray costs the replica's event loop (which shares the GIL with the
                     # engine); past stream_messages_per_s in total, a stream waits and the engine merges the
                     # tokens that arrive meanwhile into its next message. A lone stream never waits.
