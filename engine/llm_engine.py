@@ -255,12 +255,11 @@ class LLMEngine:
             for request in launched.requests:
                 if not request.is_finished:
                     request.output_token_ids.append(_PLACEHOLDER)
-            if launched.sampled is None:
-                pass  # no request sampled (middle chunks of prompts)
-            elif self.async_scheduling:
-                self._in_flight = launched
-            else:
-                self._deliver(launched)
+            if launched.sampled is not None:  # None: no request sampled (middle chunks of prompts)
+                if self.async_scheduling:
+                    self._in_flight = launched
+                else:
+                    self._deliver(launched)
         if not output.is_empty:
             num_decode = sum(1 for c in output.chunks if c.num_new_tokens == 1 and c.num_computed_tokens
                              >= c.request.num_prompt_tokens)
