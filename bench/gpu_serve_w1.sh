@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # W1 through the Ray Serve service on one GPU machine that has no internet (docs/benchmarks.md).
+# Wheels: bench/gpu_serve_wheels.txt lists them and how to fetch them.
 # Expects: the ray wheel's first part in /tmp/ray1 (copied there by the previous call on the same
 # machine), the second part and ray[serve]'s other wheels in .ray2/, pydantic's wheels in .whl/.
 # Writes the service log and both benchmark tables to $OUT.
