@@ -93,8 +93,6 @@ class ServeArgs(BaseModel):
         description="`module:Class` with `from_config(EngineConfig)`; tests swap in fault-injecting engines.",
     )
     served_model_name: str | None = Field(None, description="Model id in the API; default the engine's.")
-    host: str = Field("127.0.0.1", description="HTTP bind address when started with `python -m pagedserve.serve_app`.")
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port when started with `python -m pagedserve.serve_app`.")
     ingress_num_replicas: int = Field(1, ge=1, le=64)
     name_prefix: str = Field("", description="Prefix of the deployment names (two apps on one cluster).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
