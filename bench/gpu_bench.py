@@ -119,7 +119,8 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
         torch.cuda.empty_cache()
         llm = LLM.from_model(model, tokenizer, enable_cuda_graphs=False, **engine_args)
     cuda_graphs = llm.engine.runner._decode_graphs is not None
-    print(f"engine start (profiling, CUDA graphs{', compile' if args.compile else ''}): "
+    compiled = bool(getattr(llm.engine.runner._step_model, "is_compiled", False))
+    print(f"engine start (profiling, CUDA graphs{', compile' if compiled else ''}): "
           f"{time.perf_counter() - started:.1f} s", flush=True)
     print(llm.engine.memory_plan.describe(), flush=True)
     largest_batch = 0
@@ -165,7 +166,7 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
         details={"preemptions": stats.num_preemptions_total, "kv_tokens": llm.engine.memory_plan.kv_tokens,
                  "attention_backend": llm.engine.runner.backend.name, "quantization": args.quantization,
                  "weights_bytes": llm.engine.memory_plan.weights_bytes, "kv_bytes": llm.engine.memory_plan.kv_bytes,
-                 "largest_batch": largest_batch, "cuda_graphs": cuda_graphs, "compile": args.compile, "batch1_fresh_tokens_per_s": fresh_single},
+                 "largest_batch": largest_batch, "cuda_graphs": cuda_graphs, "compile": compiled, "batch1_fresh_tokens_per_s": fresh_single},
     )
     return result, [o.outputs[0].token_ids for o in outputs], llm
 
@@ -252,7 +253,10 @@ def main() -> int:
     parser.add_argument("--max-memory-percent", type=float, default=0.9)
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--skip-baseline", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (EngineConfig.compile)")
+    parser.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
+                        help="torch.compile the decoder layers (EngineConfig.compile; default: the engine's "
+                             "choice, on for a GPU)")
+    parser.add_argument("--no-compile", dest="compile", action="store_const", const=False)
     parser.add_argument("--quantization", choices=["none", "bnb-4bit", "bnb-8bit"], default="none",
                         help="quantize the random bf16 model's decoder linears with bitsandbytes before the run")
     parser.add_argument("--baseline-only", action="store_true",

@@ -71,7 +71,9 @@ class EngineConfig(BaseModel):
     )
     enable_cuda_graphs: bool = Field(True, description="Capture decode steps in CUDA graphs (GPU only).")
     cuda_graph_max_batch_size: int = Field(512, ge=1, le=4096, description="Largest decode batch captured.")
-    compile: bool = Field(False, description="torch.compile the model forward.")
+    compile: bool | None = Field(
+        None, description="torch.compile the decoder layers; None: on for CUDA (not with bitsandbytes), off on CPU."
+    )
     compile_fullgraph: bool = Field(False, description="torch.compile fullgraph.")
     compile_dynamic: bool | None = Field(None, description="torch.compile dynamic shapes (None: torch decides).")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = Field(

@@ -66,7 +66,7 @@ class CompiledForward:
     def __init__(self, model: torch.nn.Module, config: EngineConfig) -> None:
         self.model = model
         self.regions = compile_regions(model)
-        self._ladder = compile_ladder(config) if config.compile else []
+        self._ladder = compile_ladder(config)  # the runner wraps the model only when it compiles
         self.options: CompileOptions | None = None  # None: eager
         self._next_rung()
 

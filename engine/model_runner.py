@@ -118,8 +118,16 @@ class ModelRunner:
         )
         # With compile on, the decoder layers are compiled in place: eager steps run them and decode graphs
         # capture them; every forward goes through the fallback ladder.
-        self._step_model: Callable[..., Any] = CompiledForward(self.model, config) if config.compile else self.model
+        self._step_model: Callable[..., Any] = CompiledForward(self.model, config) if self._use_compile() else self.model
         logger.info("attention backend: %s; layer groups: %s", self.backend.name, [g.kind for g in self.shape.groups])
+
+    def _use_compile(self) -> bool:
+        """`config.compile`, or by default: on a GPU, unless bitsandbytes layers are in the model (measured on
+        an H100: batch-1 decode of an 8B model 118 -> 143 tokens/s; bnb layers were not measured compiled)."""
+        if self.config.compile is not None:
+            return self.config.compile
+        quantized = any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in self.model.modules())
+        return self.device.type == "cuda" and not quantized
 
     # ---- model geometry ------------------------------------------------------------------------
     @torch.inference_mode()
