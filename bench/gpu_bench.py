@@ -298,7 +298,9 @@ def main() -> int:
     single = run_single(llm, workload, args.single_tokens) if args.single_tokens else None
     if single:
         print(f"batch 1 (after W1, same engine): {single:.1f} tok/s", flush=True)
-    llm.engine.shutdown()  # also gives the model back uncompiled, for transformers' own generate below
+    # Gives the model back uncompiled for transformers' own generate below, and unfreezes the engine's
+    # objects so that its KV cache can be freed before the baseline.
+    llm.engine.shutdown()
     prefixes, control = check_against_generate(model, workload, ours_tokens, args.check_requests, args.check_tokens)
     agree = sum(p >= args.check_tokens for p in prefixes)
     control_agree = sum(p >= args.check_tokens for p in control)
@@ -306,8 +308,7 @@ def main() -> int:
                  f"{agree}/{len(prefixes)} (common prefixes {prefixes}); generate(eager) vs generate(sdpa) "
                  f"{control_agree}/{len(control)} (common prefixes {control})")
     print(agreement, flush=True)
-    llm.engine.shutdown()  # unfreezes the engine's objects so that its KV cache can really be freed
-    del llm
+    del llm  # shut down above: its objects are unfrozen, so its KV cache can really be freed
     gc.collect()
     torch.cuda.empty_cache()
     results = [ours]

@@ -156,27 +156,21 @@ class AsyncLLMEngine:
         self._wakeup.set()
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        with self._streams_lock:
-            stream = self._streams.get(request_id)
-        if stream is not None:
-            try:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-            except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
-                self._commands.append(("abort", request_id))
+        self._deliver_all([(request_id, item)])
 
-    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
-        """One step's outputs: one wake-up of each caller's event loop, not one per request."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+    def _deliver_all(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand items to their callers: one wake-up of each caller's event loop, not one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, str, Any]]] = {}
         with self._streams_lock:
-            for output in outputs:
-                stream = self._streams.get(output.request_id)
+            for request_id, item in items:
+                stream = self._streams.get(request_id)
                 if stream is not None:
-                    by_loop.setdefault(stream.loop, []).append((stream.queue, output))
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, request_id, item))
         for loop, entries in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, entries)
             except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
-                self._commands.extend(("abort", output.request_id) for _, output in entries)
+                self._commands.extend(("abort", request_id) for _, request_id, _ in entries)
 
     def _apply_commands(self) -> None:
         while self._commands:
@@ -205,7 +199,7 @@ class AsyncLLMEngine:
                     continue
                 outputs = self.engine.step()
                 self._stats = self.engine.get_stats()
-                self._deliver_all(outputs)
+                self._deliver_all([(output.request_id, output) for output in outputs])
                 for output in outputs:
                     if output.finished:
                         for listener in self._finish_listeners:
@@ -222,6 +216,6 @@ class AsyncLLMEngine:
                 self._deliver(request_id, EngineDeadError(self._dead_reason))
 
 
-def _put_all(entries: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
-    for queue, item in entries:
+def _put_all(entries: list[tuple[asyncio.Queue, str, Any]]) -> None:
+    for queue, _, item in entries:
         queue.put_nowait(item)

@@ -104,13 +104,13 @@ class DecodeGraphs:
         graph, logits = self._graphs[padded]
         device = self.runner.device
         # One pinned host tensor per buffer, copied without a sync; padding rows keep a one-token context.
+        positions = torch.tensor(step.positions)  # on the host, also for the slot mapping below
         self.input_ids[:batch_size].copy_(to_device(step.token_ids, torch.long, device))
         fill_pending_tokens(self.input_ids[:batch_size], step, previous_tokens)
-        self.positions[:batch_size].copy_(to_device(step.positions, torch.long, device))
+        self.positions[:batch_size].copy_(to_device(positions, torch.long, device))
         self.seq_lens[:batch_size].copy_(to_device(step.seq_lens, torch.int32, device))
         if padded > batch_size:
             self.seq_lens[batch_size:padded].fill_(1)
-        positions = torch.tensor(step.positions)
         block_size = self.runner.block_size
         rows = torch.arange(batch_size)  # decode: token t is sequence t's only one
         for group, tables in enumerate(step.block_tables):

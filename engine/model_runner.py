@@ -57,7 +57,7 @@ def to_device(values: list[int] | torch.Tensor, dtype: torch.dtype, device: torc
     """A host list or tensor on `device` without stalling the host: through pinned memory on a GPU
     (a copy from pageable memory would wait for every kernel already queued)."""
     if device.type != "cuda":
-        return values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+        return values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     if isinstance(values, torch.Tensor):
         return values.to(dtype).pin_memory().to(device, non_blocking=True)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
@@ -316,11 +316,11 @@ class ModelRunner:
         positions: torch.Tensor,  # [T]
         context: PagedForwardContext,
         logits_indices: torch.Tensor,  # [S]
-        model: Callable[..., Any] | None = None,  # default: the step model (compiled when configured)
     ) -> torch.Tensor:
-        """The model forward over one packed batch; float32 logits at `logits_indices` only."""
+        """The step model's forward (compiled when configured) over one packed batch; float32 logits at
+        `logits_indices` only."""
         kwargs = {"logits_to_keep": logits_indices} if self._supports_logits_to_keep else {}
-        logits = (model if model is not None else self._step_model)(
+        logits = self._step_model(
             input_ids=input_ids[None], position_ids=positions[None], paged_context=context, use_cache=False, **kwargs
         ).logits[0]
         if not self._supports_logits_to_keep:
@@ -366,4 +366,4 @@ class ModelRunner:
         fill_pending_tokens(input_ids, step, previous_tokens)
         positions = to_device(step.positions, torch.long, self.device)
         logits_indices = to_device(step.logits_indices, torch.long, self.device)
-        return self.forward_logits(input_ids, positions, context, logits_indices, model=self._step_model)
+        return self.forward_logits(input_ids, positions, context, logits_indices)
