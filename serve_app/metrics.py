@@ -298,9 +298,16 @@ class RequestTiming:
     def add_delta(self, output: RequestOutput) -> None:
         now = time.monotonic()
         num_new = sum(len(c.token_ids) for c in output.outputs)
-        if num_new and self._last_delta_s is not None:
-            self.inter_token_latencies_s.extend([(now - self._last_delta_s) / num_new] * num_new)
         if num_new:
+            if self._last_delta_s is not None:
+                self.inter_token_latencies_s.extend([(now - self._last_delta_s) / num_new] * num_new)
+            elif num_new > 1:
+                # A first delta can carry several tokens (a slow consumer gets queued deltas merged):
+                # every token after the first still gets one latency, spread from the engine's
+                # first-token time, so the count is always output tokens - 1.
+                first = output.metrics.first_token_time if output.metrics is not None else None
+                span = max(0.0, now - first) if first is not None else 0.0
+                self.inter_token_latencies_s.extend([span / (num_new - 1)] * (num_new - 1))
             self._last_delta_s = now
         self.num_output_tokens += num_new
         self.num_prompt_tokens = len(output.prompt_token_ids)

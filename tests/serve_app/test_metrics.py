@@ -155,6 +155,19 @@ def test_request_timing_and_log_record_never_hold_the_prompt() -> None:
     assert timing.log_fields("replica-a", prompt="secret prompt")["prompt"] == "secret prompt"
 
 
+def test_merged_first_delta_still_counts_one_latency_per_later_token() -> None:
+    """A slow consumer can get its first tokens merged into one delta: tokens 2..k still count."""
+    timing = RequestTiming("req-2")
+    first_token_time = time.monotonic() - 0.2
+    metrics = RequestMetrics(arrival_time=first_token_time - 0.1, first_token_time=first_token_time)
+    merged = RequestOutput("req-2", "p", [1], [CompletionOutput(0, "abc", [7, 8, 9])], finished=False, metrics=metrics)
+    timing.add_delta(merged)
+    assert len(timing.inter_token_latencies_s) == 2
+    assert sum(timing.inter_token_latencies_s) == pytest.approx(0.2, abs=0.05)
+    timing.add_delta(RequestOutput("req-2", "p", [1], [CompletionOutput(0, "d", [10])], finished=False, metrics=metrics))
+    assert len(timing.inter_token_latencies_s) == 3  # output tokens - 1
+
+
 def test_log_settings_reach_both_deployments() -> None:
     from pagedserve.config.serve import ServeArgs
     from pagedserve.serve_app.app import logging_config, replica_options
