@@ -69,6 +69,10 @@ class EngineConfig(BaseModel):
     async_scheduling: bool = Field(
         True, description="Schedule and prepare the next step while the device runs this one (tp_size 1 only)."
     )
+    engine_process: bool | None = Field(
+        None, description="Servers: run the step loop in a process of its own, so the server's event loop never "
+        "shares its GIL; None: on for CUDA, off on CPU (a thread).",
+    )
     enable_cuda_graphs: bool = Field(True, description="Capture decode steps in CUDA graphs (GPU only).")
     cuda_graph_max_batch_size: int = Field(512, ge=1, le=4096, description="Largest decode batch captured.")
     compile: bool | None = Field(

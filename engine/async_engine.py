@@ -1,11 +1,13 @@
 """`AsyncLLMEngine`: the engine behind an asyncio API, for servers.
 
-The blocking step loop runs on its own thread, never on the event loop. Callers talk to it through a
-command queue (add, abort) and receive `RequestOutput` deltas on per-request asyncio queues. A caller
-that stops iterating (client gone, task cancelled) aborts its request, and its blocks are freed before
-the next step. A failure of one step fails that step's requests; a failure of the loop itself marks
-the engine dead, fails every open stream with `EngineDeadError`, and `check_health` reports it so that
-the server can be replaced.
+The blocking step loop never runs on the event loop. It runs in an *engine core*: a thread of this
+process (`_ThreadCore`, the default on CPU), or a process of its own (`core_process.EngineCoreClient`,
+the default on CUDA, `EngineConfig.engine_process`) so that a server's event loop, its transport and
+the step loop never take turns on one GIL. Callers talk to the core through commands (add, abort) and
+receive `RequestOutput` deltas on per-request asyncio queues. A caller that stops iterating (client
+gone, task cancelled) aborts its request, and its blocks are freed before the next step. A failure of
+one step fails that step's requests; a failure of the core itself marks the engine dead, fails every
+open stream with `EngineDeadError`, and `check_health` reports it so that the server can be replaced.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pagedserve.config.engine import EngineConfig
 
@@ -32,25 +34,64 @@ logger = logging.getLogger(__name__)
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    prompt: str | None
+    prompt_token_ids: list[int]
+
+
+class CoreSink(Protocol):
+    """What an engine core reports to, from its own thread."""
+
+    def on_step(self, outputs: list[RequestOutput], stats: EngineStats, step: StepStats | None) -> None: ...
+
+    def on_request_error(self, request_id: str, error: BaseException) -> None: ...
+
+    def on_dead(self, reason: str) -> None: ...
+
+    def is_wanted(self, request_id: str) -> bool: ...
+
+
+class EngineCore(Protocol):
+    """The step loop's home: `_ThreadCore` here, `core_process.EngineCoreClient` in a child process."""
+
+    model_name: str
+    tokenizer: Any
+    max_model_len: int
+
+    def initial_stats(self) -> EngineStats: ...
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]: ...
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
+
+    def start(self, sink: CoreSink) -> None: ...
+
+    def add(self, request_id: str, text: str | None, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def check_health(self) -> None: ...
+
+    def shutdown(self, timeout_s: float) -> None: ...
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self._commands: deque[tuple[str, Any]] = deque()
-        self._wakeup = threading.Event()
+    def __init__(self, core: LLMEngine | EngineCore) -> None:
+        """Serve an engine built in this process (its loop runs on a thread) or a started engine core."""
+        self._core: EngineCore = _ThreadCore(core) if isinstance(core, LLMEngine) else core
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
         self._dead_reason: str | None = None
-        self._stopping = False
-        self._stats = engine.get_stats()
+        self._stats = self._core.initial_stats()
         self._step_listeners: list[Callable[[StepStats, EngineStats], None]] = []
         self._finish_listeners: list[Callable[[RequestOutput], None]] = []
-        self._thread = threading.Thread(target=self._run_loop, name="pagedserve-engine-loop", daemon=True)
-        self._thread.start()
+        self._core.start(self)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "AsyncLLMEngine":
+        from .core_process import EngineCoreClient, wants_engine_process
+
+        if wants_engine_process(config):
+            return cls(EngineCoreClient(config))
         return cls(LLMEngine(config))
 
     @classmethod
@@ -60,26 +101,26 @@ class AsyncLLMEngine:
     # ---- properties ----------------------------------------------------------------------------
     @property
     def model_name(self) -> str:
-        return self.engine.model_name
+        return self._core.model_name
 
     @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        return self._core.tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.max_model_len
+        return self._core.max_model_len
 
     @property
     def is_dead(self) -> bool:
         return self._dead_reason is not None
 
     def add_step_listener(self, listener: Callable[[StepStats, EngineStats], None]) -> None:
-        """Called on the loop thread after every step (metrics); must be quick and never raise."""
+        """Called on the core's thread after every step (metrics); must be quick and never raise."""
         self._step_listeners.append(listener)
 
     def add_finish_listener(self, listener: Callable[[RequestOutput], None]) -> None:
-        """Called on the loop thread with the last delta of every finished request."""
+        """Called on the core's thread with the last delta of every finished request."""
         self._finish_listeners.append(listener)
 
     # ---- API -----------------------------------------------------------------------------------
@@ -89,16 +130,17 @@ class AsyncLLMEngine:
         """Stream deltas of one request. Bad requests raise before the first yield."""
         if self._dead_reason is not None:
             raise EngineDeadError(self._dead_reason)
-        # Validation is read-only on the engine, so it runs here and raises to the caller at once.
-        prompt_token_ids = self.engine.encode_prompt(prompt)
-        self.engine.validate_request(prompt_token_ids, sampling_params)
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        # Validation is read-only on the engine, so it runs here and raises to the caller at once (a core
+        # in another process validates when the request arrives there, and the error is the first item).
+        prompt_token_ids = self._core.encode_prompt(prompt)
+        self._core.validate_request(prompt_token_ids, sampling_params)
+        text = prompt if isinstance(prompt, str) else None
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), text, prompt_token_ids)
         with self._streams_lock:
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
             self._streams[request_id] = stream
-        text = prompt if isinstance(prompt, str) else None
-        self._send(("add", (request_id, text, prompt_token_ids, sampling_params)))
+        self._core.add(request_id, text, prompt_token_ids, sampling_params)
         finished = False
         try:
             pending_error: BaseException | None = None
@@ -124,12 +166,12 @@ class AsyncLLMEngine:
                     return
         finally:
             if not finished:
-                self._send(("abort", request_id))
+                self._core.abort(request_id)
             with self._streams_lock:
                 self._streams.pop(request_id, None)
 
     async def abort(self, request_id: str) -> None:
-        self._send(("abort", request_id))
+        self._core.abort(request_id)
 
     def get_stats(self) -> EngineStats:
         """The snapshot taken after the latest step (thread-safe, never blocks)."""
@@ -138,25 +180,35 @@ class AsyncLLMEngine:
     async def check_health(self) -> None:
         if self._dead_reason is not None:
             raise EngineDeadError(self._dead_reason)
-        if not self._thread.is_alive() and not self._stopping:
-            raise EngineDeadError("the engine loop thread is not running")
-        self.engine.check_health()
+        self._core.check_health()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        self._stopping = True
-        self._wakeup.set()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout_s)
-        if not self._thread.is_alive():
-            self.engine.shutdown()  # the loop steps no more: tensor-parallel workers can stop
+        self._core.shutdown(timeout_s)
 
-    # ---- loop thread ---------------------------------------------------------------------------
-    def _send(self, command: tuple[str, Any]) -> None:
-        self._commands.append(command)
-        self._wakeup.set()
+    # ---- CoreSink: called on the core's thread ---------------------------------------------------
+    def is_wanted(self, request_id: str) -> bool:
+        with self._streams_lock:
+            return request_id in self._streams
 
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        self._deliver_all([(request_id, item)])
+    def on_step(self, outputs: list[RequestOutput], stats: EngineStats, step: StepStats | None) -> None:
+        self._stats = stats
+        self._deliver_all([(output.request_id, output) for output in outputs])
+        for output in outputs:
+            if output.finished:
+                for listener in self._finish_listeners:
+                    listener(output)
+        if step is not None:
+            for listener in self._step_listeners:
+                listener(step, stats)
+
+    def on_request_error(self, request_id: str, error: BaseException) -> None:
+        self._deliver_all([(request_id, error)])
+
+    def on_dead(self, reason: str) -> None:
+        self._dead_reason = reason
+        with self._streams_lock:
+            request_ids = list(self._streams)
+        self._deliver_all([(request_id, EngineDeadError(reason)) for request_id in request_ids])
 
     def _deliver_all(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
         """Hand items to their callers: one wake-up of each caller's event loop, not one per request."""
@@ -164,56 +216,100 @@ class AsyncLLMEngine:
         with self._streams_lock:
             for request_id, item in items:
                 stream = self._streams.get(request_id)
-                if stream is not None:
-                    by_loop.setdefault(stream.loop, []).append((stream.queue, request_id, item))
+                if stream is None:
+                    continue
+                if isinstance(item, RequestOutput):
+                    # A core in another process sends deltas without the prompt; the stream holds it.
+                    item.prompt, item.prompt_token_ids = stream.prompt, stream.prompt_token_ids
+                by_loop.setdefault(stream.loop, []).append((stream.queue, request_id, item))
         for loop, entries in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, entries)
             except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
-                self._commands.extend(("abort", request_id) for _, request_id, _ in entries)
+                for _, request_id, _ in entries:
+                    self._core.abort(request_id)
 
-    def _apply_commands(self) -> None:
+
+class _ThreadCore:
+    """The step loop on a thread of this process; commands reach it through a deque."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.model_name = engine.model_name
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self._commands: deque[tuple[str, Any]] = deque()
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self._sink: CoreSink | None = None
+        self._thread = threading.Thread(target=self._run_loop, name="pagedserve-engine-loop", daemon=True)
+
+    def initial_stats(self) -> EngineStats:
+        return self.engine.get_stats()
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        return self.engine.encode_prompt(prompt)
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.engine.validate_request(prompt_token_ids, params)
+
+    def start(self, sink: CoreSink) -> None:
+        self._sink = sink
+        self._thread.start()
+
+    def add(self, request_id: str, text: str | None, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self._send(("add", (request_id, text, prompt_token_ids, params)))
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def check_health(self) -> None:
+        if not self._thread.is_alive() and not self._stopping:
+            raise EngineDeadError("the engine loop thread is not running")
+        self.engine.check_health()
+
+    def shutdown(self, timeout_s: float) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            self.engine.shutdown()  # the loop steps no more: tensor-parallel workers can stop
+
+    def _send(self, command: tuple[str, Any]) -> None:
+        self._commands.append(command)
+        self._wakeup.set()
+
+    def _apply_commands(self, sink: CoreSink) -> None:
         while self._commands:
             kind, payload = self._commands.popleft()
             if kind == "add":
                 request_id, text, prompt_token_ids, params = payload
-                with self._streams_lock:
-                    still_wanted = request_id in self._streams
-                if not still_wanted:
+                if not sink.is_wanted(request_id):
                     continue  # the caller left before the request started
                 try:
                     self.engine.add_request(request_id, prompt_token_ids, params, prompt_text=text)
                 except Exception as exc:  # noqa: BLE001 - handed to the one caller it concerns
-                    self._deliver(request_id, exc)
+                    sink.on_request_error(request_id, exc)
             elif kind == "abort":
                 self.engine.abort(payload)
 
     def _run_loop(self) -> None:
+        sink = self._sink
+        assert sink is not None
         try:
             while not self._stopping:
-                self._apply_commands()
+                self._apply_commands(sink)
                 if not self.engine.has_unfinished_requests():
-                    self._stats = self.engine.get_stats()
+                    sink.on_step([], self.engine.get_stats(), None)
                     self._wakeup.wait(timeout=1.0)
                     self._wakeup.clear()
                     continue
                 outputs = self.engine.step()
-                self._stats = self.engine.get_stats()
-                self._deliver_all([(output.request_id, output) for output in outputs])
-                for output in outputs:
-                    if output.finished:
-                        for listener in self._finish_listeners:
-                            listener(output)
-                if self.engine.last_step is not None:
-                    for listener in self._step_listeners:
-                        listener(self.engine.last_step, self._stats)
+                sink.on_step(outputs, self.engine.get_stats(), self.engine.last_step)
         except BaseException as exc:  # noqa: BLE001 - the loop must report its death, never vanish
             logger.exception("engine loop died")
-            self._dead_reason = f"engine loop died: {type(exc).__name__}: {exc}"
-            with self._streams_lock:
-                request_ids = list(self._streams)
-            for request_id in request_ids:
-                self._deliver(request_id, EngineDeadError(self._dead_reason))
+            sink.on_dead(f"engine loop died: {type(exc).__name__}: {exc}")
 
 
 def _put_all(entries: list[tuple[asyncio.Queue, str, Any]]) -> None:

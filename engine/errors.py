@@ -15,6 +15,9 @@ class InvalidRequestError(EngineError, ValueError):
         self.message = message
         self.param = param
 
+    def __reduce__(self):  # keep `param` when the error crosses a process boundary
+        return type(self), (self.message, self.param)
+
 
 class RequestTooLargeError(InvalidRequestError):
     """Prompt plus max_tokens can never fit: over max_model_len or over the whole KV cache."""

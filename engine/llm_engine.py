@@ -75,6 +75,13 @@ class _RequestGroup:
         return all(seq.is_finished for seq in self.sequences)
 
 
+def encode_prompt(tokenizer, prompt: str | list[int]) -> list[int]:
+    """Token ids of a prompt given as text or as ids."""
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt))
+    return list(prompt)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         """Loads `config.model`, unless `loaded` brings a model already in memory."""
@@ -150,9 +157,7 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt))
-        return list(prompt)
+        return encode_prompt(self.tokenizer, prompt)
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise `InvalidRequestError` / `RequestTooLargeError` for a request that can never run."""

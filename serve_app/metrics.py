@@ -178,7 +178,7 @@ class ReplicaMetrics:
 
     Fed from three places: `observe(stats)` with the engine snapshot (the replica's routing-stats
     callback, every `stats_period_s`; Ray's agent exports every few seconds anyway, so gauges need no
-    per-step update), `observe_step` on the engine loop thread (histograms, batch fill),
+    per-step update), `observe_step` on the engine core's delivering thread (histograms, batch fill),
     and `observe_request` when a request's stream ends. Engine totals become Counter increments by
     diffing against the last snapshot seen, under a lock because two threads feed it.
     """

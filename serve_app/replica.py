@@ -119,8 +119,9 @@ class EngineReplica:
                     yield output
                     sent_first = True
                     # Each message through Ray costs the replica's event loop (which shares the GIL with the
-                    # engine); past stream_messages_per_s in total, a stream waits and the engine merges the
-                    # tokens that arrive meanwhile into its next message. A lone stream never waits.
+                    # engine, unless the engine core runs in its own process); past stream_messages_per_s in
+                    # total, a stream waits and the engine merges the tokens that arrive meanwhile into its
+                    # next message. A lone stream never waits.
                     pause = len(self._committed_blocks) / self.stream_messages_per_s
                     if not is_finished and pause >= 0.002:
                         await asyncio.sleep(pause)

@@ -2,7 +2,8 @@
 
 Greedy outputs over HTTP must equal the offline engine's (`LLM.generate`) token for token, alone and
 under 32 concurrent requests; sampling knobs (n, seed, stop, logprobs) must arrive in the engine; a
-client that disconnects mid-stream must get its blocks freed. One Ray cluster for the module.
+client that disconnects mid-stream must get its blocks freed; a replica whose engine dies is replaced
+and the service answers again. One Ray cluster for the module; the engine core runs in its own process.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def service(tiny_model_path: str):
     with local_serve(include_dashboard=False) as http_port:
-        args = {"model": tiny_model_path, "num_replicas": 1, **ENGINE_ARGS,
+        # The engine core in its own process, as on a GPU (on CPU it defaults to a thread).
+        args = {"model": tiny_model_path, "num_replicas": 1, "engine_process": True, **ENGINE_ARGS,
                 "router": {"stats_period_s": 0.5, "max_queued_requests": 256}}
         serve.run(build_app(args), name="real", route_prefix="/", blocking=False)
         base = f"http://127.0.0.1:{http_port}"
@@ -147,3 +149,52 @@ def test_disconnect_mid_stream_frees_blocks(service) -> None:
     while time.time() < deadline and handle.health.remote().result()["num_free_blocks"] != total:
         time.sleep(0.2)
     assert handle.health.remote().result()["num_free_blocks"] == total
+
+
+def engine_cores() -> list:
+    """Engine core processes of this module's replicas: descendants of this test process only."""
+    import psutil
+
+    cores = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            parent = process.parent()
+            if ("spawn_main" in " ".join(process.cmdline()) and parent is not None
+                    and "EngineReplica" in " ".join(parent.cmdline())):
+                cores.append(process)
+        except psutil.Error:
+            continue
+    return cores
+
+
+def test_a_dead_engine_is_replaced_and_the_service_answers(service, client) -> None:
+    """Last in the module: it kills the replica's engine core (a process this session started, by PID)."""
+    import psutil
+
+    cores = engine_cores()
+    assert len(cores) == 1, cores
+    core, replica_pid = cores[0], cores[0].parent().pid
+    with httpx.Client(base_url=service["base"], timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json={
+                "model": service["model"], "prompt": PROMPTS[3], "max_tokens": 400, "ignore_eos": True,
+                "stream": True}) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            core.kill()
+            rest = [line for line in lines if line]  # the stream ends: with an error, not a hang
+    assert any("error" in line for line in rest), rest[-3:]
+    # Serve's health check finds the dead engine and replaces the replica; the service answers again.
+    deadline = time.time() + 120
+    answer = None
+    while time.time() < deadline:
+        try:
+            answer = client.completions.create(model=service["model"], prompt=PROMPTS[0], max_tokens=4)
+            break
+        except openai.APIStatusError as exc:
+            assert exc.status_code in (500, 503), exc  # refused cleanly while the replica is replaced
+            time.sleep(1.0)
+    assert answer is not None and answer.usage.completion_tokens == 4
+    new_cores = engine_cores()
+    assert len(new_cores) == 1 and new_cores[0].pid != core.pid
+    assert new_cores[0].parent().pid != replica_pid
+    assert not psutil.pid_exists(core.pid) or core.status() == psutil.STATUS_ZOMBIE

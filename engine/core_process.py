@@ -1,0 +1,297 @@
+"""The engine core in a process of its own, so that a server's event loop never shares its GIL.
+
+A Ray Serve replica spends much of its time in Python on the transport: every streamed message
+through a handle is serialised, queued and sent under the GIL. The step loop is Python too (schedule,
+prepare inputs, detokenise). In one process they take turns, and the GPU waits on whichever runs.
+`EngineCoreClient` starts `LLMEngine` in a spawned child and drives it over two pipes:
+
+    parent (server, AsyncLLMEngine)                child (engine core)
+      sender thread  -- [commands] ---------------->  between steps: add / abort / stop
+      reader thread  <-- ("step", deltas, stats) ---  after every step
+
+Commands are batched by a sender thread, so the event loop never blocks on a full pipe. Deltas
+travel without their prompt (the parent's stream already holds it). Validation runs in the child,
+where the KV-cache geometry is; a refused request gets its error as the first item of its stream.
+The child exits when the parent's end of the command pipe closes (the parent died or stopped), and
+it ignores SIGINT: Ctrl-C reaches the whole process group, and the parent decides when it stops.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing as mp
+import pickle
+import signal
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pagedserve.config.engine import EngineConfig
+
+from .errors import EngineDeadError, EngineError
+from .llm_engine import LLMEngine, encode_prompt
+from .request import SamplingParams
+from .stats import EngineStats
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+    from .async_engine import CoreSink
+
+logger = logging.getLogger(__name__)
+
+_IDLE_POLL_S = 1.0  # an idle core checks its health (tensor-parallel ranks) this often
+
+
+def wants_engine_process(config: EngineConfig) -> bool:
+    """`EngineConfig.engine_process`, with None resolved: a process of its own on CUDA, a thread on CPU."""
+    if config.engine_process is not None:
+        return config.engine_process
+    if config.device != "auto":
+        return config.device == "cuda"
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class _Ready:
+    model_name: str
+    tokenizer: Any
+    max_model_len: int
+    stats: EngineStats
+
+
+class EngineCoreClient:
+    """Parent side of an engine core process. Blocks in __init__ until the engine is loaded or failed."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        context = mp.get_context("spawn")  # fork would copy this process's threads (Ray's, the event loop's)
+        commands_out, self._commands_in = context.Pipe(duplex=False)
+        self._results, results_in = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_core_main,
+            args=(config, commands_out, results_in, logging.getLogger("pagedserve").getEffectiveLevel()),
+            name="pagedserve-engine-core",
+            daemon=False,  # it may start tensor-parallel ranks of its own, which daemons cannot
+        )
+        self._process.start()
+        commands_out.close()  # the child holds the only other ends: its exit shows here as EOF
+        results_in.close()
+        self._stopping = False
+        self._dead_reason: str | None = None
+        self._pending: deque[tuple] = deque()
+        self._wakeup = threading.Event()
+        self._sender: threading.Thread | None = None
+        self._reader: threading.Thread | None = None
+        atexit.register(_shutdown_at_exit, weakref.ref(self))
+        ready = self._wait_until_ready()
+        self.model_name = ready.model_name
+        self.tokenizer = ready.tokenizer
+        self.max_model_len = ready.max_model_len
+        self._initial_stats = ready.stats
+        logger.info("engine core process %d serves %s", self._process.pid, self.model_name)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def _wait_until_ready(self) -> _Ready:
+        while not self._results.poll(0.2):
+            if not self._process.is_alive():
+                self._process.join(1.0)
+                raise EngineDeadError(
+                    f"the engine process exited during start-up (exit code {self._process.exitcode}); see its log above"
+                )
+        try:
+            kind, payload = self._results.recv()
+        except EOFError:
+            self._process.join(5.0)
+            raise EngineDeadError(
+                f"the engine process exited during start-up (exit code {self._process.exitcode})"
+            ) from None
+        if kind == "failed":
+            self._process.join(5.0)
+            raise payload
+        return payload
+
+    # ---- EngineCore ----------------------------------------------------------------------------
+    def initial_stats(self) -> EngineStats:
+        return self._initial_stats
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt)
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Validation happens in the core, which knows the KV cache; errors come back on the stream."""
+
+    def start(self, sink: CoreSink) -> None:
+        self._sender = threading.Thread(target=self._send_loop, name="pagedserve-core-sender", daemon=True)
+        self._reader = threading.Thread(target=self._read_loop, args=(sink,), name="pagedserve-core-reader",
+                                        daemon=True)
+        self._sender.start()
+        self._reader.start()
+
+    def add(self, request_id: str, text: str | None, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self._post(("add", request_id, text, prompt_token_ids, params))
+
+    def abort(self, request_id: str) -> None:
+        self._post(("abort", request_id))
+
+    def check_health(self) -> None:
+        if self._dead_reason is not None:
+            raise EngineDeadError(self._dead_reason)
+        if not self._stopping and not self._process.is_alive():
+            raise EngineDeadError(f"the engine process exited (exit code {self._process.exitcode})")
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop the core (it stops its tensor-parallel ranks); kill it if it does not stop in time. Idempotent."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._post(("stop",))
+        if self._sender is None:  # never started: send directly
+            self._send_now([("stop",)])
+        self._process.join(timeout_s)
+        if self._process.is_alive():
+            logger.warning("engine process %d did not stop in %.0f s; killing it", self._process.pid, timeout_s)
+            self._process.kill()
+            self._process.join(5.0)
+        self._wakeup.set()
+        for thread in (self._sender, self._reader):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(1.0)
+        self._results.close()
+
+    # ---- threads -------------------------------------------------------------------------------
+    def _post(self, command: tuple) -> None:
+        self._pending.append(command)
+        self._wakeup.set()
+
+    def _send_now(self, batch: list[tuple]) -> bool:
+        try:
+            self._commands_in.send(batch)
+            return True
+        except (OSError, ValueError):  # the child is gone (the reader reports it) or the pipe is closed
+            return False
+
+    def _send_loop(self) -> None:
+        while True:
+            self._wakeup.wait()
+            self._wakeup.clear()
+            batch = []
+            while self._pending:
+                batch.append(self._pending.popleft())
+            if batch and not self._send_now(batch):
+                return
+            if any(command[0] == "stop" for command in batch) or not self._process.is_alive():
+                self._commands_in.close()
+                return
+
+    def _read_loop(self, sink: CoreSink) -> None:
+        reason = None
+        try:
+            while True:
+                message = self._results.recv()
+                kind = message[0]
+                if kind == "step":
+                    _, outputs, stats, step = message
+                    sink.on_step(outputs, stats, step)
+                elif kind == "error":
+                    sink.on_request_error(message[1], message[2])
+                elif kind == "dead":
+                    reason = message[1]
+                    break
+                elif kind == "stopped":
+                    return
+        except (EOFError, OSError):
+            self._process.join(2.0)
+            reason = f"the engine process exited (exit code {self._process.exitcode})"
+        except BaseException as exc:  # noqa: BLE001 - a listener's bug must not hide the engine's state
+            logger.exception("engine core reader failed")
+            reason = f"engine core reader failed: {type(exc).__name__}: {exc}"
+        if reason is not None and not self._stopping:
+            self._dead_reason = reason
+            logger.error("engine core is dead: %s", reason)
+            sink.on_dead(reason)
+
+
+def _shutdown_at_exit(ref: weakref.ref) -> None:
+    client = ref()
+    if client is not None:
+        client.shutdown(timeout_s=5.0)
+
+
+# ---- the child -----------------------------------------------------------------------------------
+def _core_main(config: EngineConfig, commands: Connection, results: Connection, log_level: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine core] %(message)s")
+    try:
+        engine = LLMEngine(config)
+    except BaseException as exc:  # noqa: BLE001 - the parent raises it
+        logger.exception("engine start-up failed")
+        results.send(("failed", _portable(exc)))
+        return
+    try:
+        results.send(("ready", _Ready(engine.model_name, engine.tokenizer, engine.max_model_len, engine.get_stats())))
+        if _serve(engine, commands, results):
+            results.send(("stopped",))
+    except (BrokenPipeError, EOFError, ConnectionResetError):
+        pass  # the parent is gone: nobody to report to
+    except BaseException as exc:  # noqa: BLE001 - the loop must report its death, never vanish
+        logger.exception("engine loop died")
+        try:
+            results.send(("dead", f"engine loop died: {type(exc).__name__}: {exc}"))
+        except OSError:
+            pass
+    finally:
+        engine.shutdown()
+
+
+def _serve(engine: LLMEngine, commands: Connection, results: Connection) -> bool:
+    """Step while there is work; apply commands between steps. True on a stop command, False on EOF."""
+    last_health_check = time.monotonic()
+    while True:
+        busy = engine.has_unfinished_requests()
+        if commands.poll(0 if busy else _IDLE_POLL_S):
+            try:
+                batch = commands.recv()
+            except EOFError:
+                return False
+            for command in batch:
+                kind = command[0]
+                if kind == "add":
+                    _, request_id, text, prompt_token_ids, params = command
+                    try:
+                        engine.add_request(request_id, prompt_token_ids, params, prompt_text=text)
+                    except Exception as exc:  # noqa: BLE001 - handed to the one caller it concerns
+                        results.send(("error", request_id, _portable(exc)))
+                elif kind == "abort":
+                    engine.abort(command[1])
+                elif kind == "stop":
+                    return True
+            continue  # drain every queued command before the next step
+        if not engine.has_unfinished_requests():
+            now = time.monotonic()
+            if now - last_health_check >= _IDLE_POLL_S:
+                engine.check_health()
+                last_health_check = now
+                results.send(("step", [], engine.get_stats(), None))
+            continue
+        outputs = engine.step()
+        for output in outputs:  # the parent's stream holds the prompt: do not send it every step
+            output.prompt, output.prompt_token_ids = None, []
+        results.send(("step", outputs, engine.get_stats(), engine.last_step))
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The exception itself when it survives pickling, else an `EngineError` naming it."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001
+        return EngineError(f"{type(exc).__name__}: {exc}")

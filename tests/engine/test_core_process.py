@@ -1,0 +1,155 @@
+"""The engine core in its own process (`EngineConfig.engine_process`, the default on CUDA).
+
+Same tokens as the in-process engine; a refused request gets its typed error; start-up errors keep
+their type; a core that dies fails every open stream and `check_health`; a core whose parent died
+exits on its own; shutdown leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pagedserve.config.engine import ConfigError, EngineConfig
+from pagedserve.engine.async_engine import AsyncLLMEngine
+from pagedserve.engine.core_process import EngineCoreClient, wants_engine_process
+from pagedserve.engine.errors import EngineDeadError, RequestTooLargeError
+from pagedserve.engine.request import SamplingParams
+
+ARGS = {"dtype": "float32", "block_size": 8, "num_blocks": 64}
+PROMPTS = [list(range(20 + i, 40 + i)) for i in range(4)]
+
+
+def is_gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+    return state in ("Z", "X")  # a zombie has exited; only its parent can reap it
+
+
+def wait_gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if is_gone(pid):
+            return True
+        time.sleep(0.1)
+    return is_gone(pid)
+
+
+def test_auto_resolves_to_a_process_on_cuda_only() -> None:
+    assert not wants_engine_process(EngineConfig(device="cpu"))
+    assert wants_engine_process(EngineConfig(device="cuda"))
+    assert wants_engine_process(EngineConfig(device="cpu", engine_process=True))
+    assert not wants_engine_process(EngineConfig(device="cuda", engine_process=False))
+
+
+def test_process_core_streams_the_same_tokens_and_refuses_with_typed_errors(tiny_model_dir) -> None:
+    model = str(tiny_model_dir("llama"))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    async def collect(engine: AsyncLLMEngine) -> list[list[int]]:
+        async def one(index: int) -> list[int]:
+            tokens: list[int] = []
+            async for delta in engine.generate(PROMPTS[index], params, f"r{index}"):
+                assert delta.prompt_token_ids == PROMPTS[index]  # the parent puts the prompt back
+                tokens += delta.outputs[0].token_ids
+            return tokens
+
+        return list(await asyncio.gather(*(one(i) for i in range(len(PROMPTS)))))
+
+    threaded = AsyncLLMEngine.from_kwargs(model=model, engine_process=False, **ARGS)
+    try:
+        want = asyncio.run(collect(threaded))
+    finally:
+        threaded.shutdown()
+
+    engine = AsyncLLMEngine.from_kwargs(model=model, engine_process=True, **ARGS)
+    pid = engine._core.pid
+    try:
+        assert isinstance(engine._core, EngineCoreClient) and pid != os.getpid()
+        assert asyncio.run(collect(engine)) == want
+
+        async def refused() -> None:
+            with pytest.raises(RequestTooLargeError) as excinfo:
+                async for _ in engine.generate([7] * 500, SamplingParams(max_tokens=100), "too-long"):
+                    pass
+            assert excinfo.value.param == "max_tokens"  # the error keeps its field across the pipe
+
+            # A consumer that walks away mid-stream aborts its request in the core.
+            stream = engine.generate(PROMPTS[0], SamplingParams(max_tokens=200, ignore_eos=True), "walks-away")
+            await stream.__anext__()
+            await stream.aclose()
+            for _ in range(100):
+                stats = engine.get_stats()
+                if stats.num_free_blocks == stats.num_total_blocks and stats.num_running == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert engine.get_stats().num_free_blocks == engine.get_stats().num_total_blocks
+            await engine.check_health()
+
+        asyncio.run(refused())
+    finally:
+        engine.shutdown()
+    assert wait_gone(pid, 10)
+
+
+def test_start_up_error_keeps_its_type(tiny_model_dir) -> None:
+    # 4 attention heads cannot split over 8 ranks: the child refuses, the parent raises the same error.
+    with pytest.raises(ConfigError, match="tp_size=8"):
+        EngineCoreClient(EngineConfig(model=str(tiny_model_dir("llama")), tp_size=8, engine_process=True, **ARGS))
+
+
+def test_a_dead_core_fails_open_streams_and_health(tiny_model_dir) -> None:
+    engine = AsyncLLMEngine.from_kwargs(model=str(tiny_model_dir("llama")), engine_process=True, **ARGS)
+    pid = engine._core.pid
+
+    async def scenario() -> None:
+        stream = engine.generate(PROMPTS[1], SamplingParams(max_tokens=400, ignore_eos=True), "long")
+        await stream.__anext__()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(EngineDeadError, match="exit code"):
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineDeadError):
+            await engine.check_health()
+        with pytest.raises(EngineDeadError):
+            async for _ in engine.generate(PROMPTS[0], SamplingParams(max_tokens=4), "after"):
+                pass
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        engine.shutdown()
+
+
+PARENT = """
+import sys, time
+from pagedserve.config.engine import EngineConfig
+from pagedserve.engine.core_process import EngineCoreClient
+if __name__ == "__main__":
+    client = EngineCoreClient(EngineConfig(model=sys.argv[1], dtype="float32", num_blocks=16, engine_process=True))
+    print(client.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_core_exits_when_its_parent_is_killed(tiny_model_dir, tmp_path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    parent = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir("llama"))],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        child = int(parent.stdout.readline())
+        assert not is_gone(child)
+    finally:
+        parent.kill()  # SIGKILL: no atexit, no shutdown; only the closed pipe tells the child
+        parent.wait(30)
+    assert wait_gone(child, 20), "the engine core outlived its parent"
