@@ -231,7 +231,7 @@ class ReplicaMetrics:
             self._metrics[name].inc(delta, tags=tags)
         self._last_totals[key] = total
 
-    # -- engine loop thread ----------------------------------------------------------------------
+    # -- the engine core's delivering thread -----------------------------------------------------
     def observe_step(self, step: StepStats, stats: EngineStats) -> None:
         m, tags = self._metrics, self._tags
         num_tokens = step.num_prefill_tokens + step.num_decode_tokens
