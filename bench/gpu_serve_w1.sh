@@ -16,6 +16,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 mkdir -p /tmp/pp/pagedserve && for d in config cache engine serve_app; do ln -sfn "$PWD/$d" /tmp/pp/pagedserve/$d; done
 export PYTHONPATH=/tmp/pp:/tmp/site PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1
 python3 bench/gpu_bench.py --write-model-dir /tmp/w1-model
+# Offline W1 on this machine first, for the served / offline ratio (same engine settings, no baseline).
+python3 bench/gpu_bench.py --skip-baseline --check-requests 0 --single-tokens 0 --out "$OUT/w1_offline.json" \
+    2>&1 | tail -3
 serve run bench/serve_w1_gpu.yaml > "$OUT/serve.log" 2>&1 &
 SERVE_PID=$!
 started=$(date +%s)
@@ -30,4 +33,15 @@ W1="--num-requests 512 --concurrency 512 --prompt-lens 64 1024 --vocab-size 1280
 python3 bench/serve_bench.py $W1 2>&1 | tee "$OUT/serve_w1_stream.md" | tail -14
 python3 bench/serve_bench.py $W1 --no-stream 2>&1 | tee "$OUT/serve_w1_nostream.md" | tail -14
 kill -INT $SERVE_PID; sleep 15; kill -9 $SERVE_PID 2>/dev/null
-grep -E "memory plan|compiled|captured|serving" "$OUT/serve.log" | tail -6
+grep -E "memory plan|compiled|captured|serving|engine core" "$OUT/serve.log" | tail -8
+python3 - "$OUT" <<'PY'
+import json, re, sys
+out = sys.argv[1]
+offline = json.load(open(f"{out}/w1_offline.json"))["results"][0]["output_tokens_per_s"]
+print("| W1 | output tok/s | served / offline |\n|---|---|---|")
+print(f"| offline (gpu_bench.py) | {offline:.1f} | 1 |")
+for name in ("stream", "nostream"):
+    match = re.search(r"\| output tokens/s \| ([\d.]+) \|", open(f"{out}/serve_w1_{name}.md").read())
+    served = float(match.group(1)) if match else float("nan")
+    print(f"| served, {name} | {served:.1f} | {served / offline:.2f} |")
+PY
