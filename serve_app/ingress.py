@@ -234,6 +234,7 @@ class OpenAIIngress:
             request_id=request_id, prompt=prompt, sampling_params=sampling_params,
             num_prompt_tokens=len(token_ids), prefix_key=prefix_key,
             max_new_tokens=sampling_params.n * (sampling_params.max_tokens or 0), stream=stream,
+            prompt_token_ids=token_ids,
         )
 
     def start(self, request: GenerateRequest) -> Any:

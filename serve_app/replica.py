@@ -42,6 +42,8 @@ class GenerateRequest:
     # False: the client wants one response, so the replica sends the first delta (the ingress waits for it
     # to turn refusals into HTTP errors) and then everything else as one message at the end.
     stream: bool = True
+    # The ingress's tokenization of `prompt`, so the replica does not tokenize it again (None: it does).
+    prompt_token_ids: list[int] | None = None
 
     @property
     def routing_demand(self) -> RoutingDemand:
@@ -103,7 +105,8 @@ class EngineReplica:
         is_finished = False
         timing = RequestTiming(request.request_id)
         self._committed_blocks[request.request_id] = -(-request.routing_demand.num_tokens // self.block_size)
-        stream = self.engine.generate(request.prompt, request.sampling_params, request.request_id)
+        prompt = request.prompt if request.prompt_token_ids is None else request.prompt_token_ids
+        stream = self.engine.generate(prompt, request.sampling_params, request.request_id)
         try:
             async with contextlib.aclosing(stream):
                 held: RequestOutput | None = None  # deltas merged for a non-streaming request
