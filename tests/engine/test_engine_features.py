@@ -149,9 +149,10 @@ def test_abort_frees_blocks_immediately(llm):
     assert_all_blocks_free(llm)
 
 
-def test_async_engine_streams_deltas_and_frees_blocks_on_disconnect(tiny_model_dir):
+@pytest.mark.parametrize("engine_process", [False, True], ids=["thread-core", "process-core"])
+def test_async_engine_streams_deltas_and_frees_blocks_on_disconnect(tiny_model_dir, engine_process):
     engine = AsyncLLMEngine.from_kwargs(model=str(tiny_model_dir("llama")), dtype="float32", block_size=8,
-                                        num_blocks=64)
+                                        num_blocks=64, engine_process=engine_process)
     sync = LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=8, num_blocks=64)
     want = sync.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
                          use_tqdm=False)[0].outputs[0]

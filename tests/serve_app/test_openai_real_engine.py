@@ -9,7 +9,9 @@ and the service answers again. One Ray cluster for the module; the engine core r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -135,16 +137,23 @@ def test_32_concurrent_greedy_requests_match_offline(service, offline: LLM) -> N
     assert asyncio.run(run()) == expected
 
 
+@contextlib.contextmanager
+def long_stream(service) -> Iterator[Iterator[str]]:
+    """A streamed 400-token completion, open once its first chunk arrived; yields the remaining lines."""
+    with httpx.Client(base_url=service["base"], timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json={
+                "model": service["model"], "prompt": PROMPTS[3], "max_tokens": 400, "ignore_eos": True,
+                "stream": True}) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            yield lines
+
+
 def test_disconnect_mid_stream_frees_blocks(service) -> None:
     handle = serve.get_deployment_handle("EngineReplica", "real")
     total = handle.health.remote().result()["num_total_blocks"]
-    with httpx.Client(base_url=service["base"], timeout=60) as http:
-        with http.stream("POST", "/v1/completions", json={
-            "model": service["model"], "prompt": PROMPTS[3], "max_tokens": 400, "ignore_eos": True,
-            "stream": True}) as response:
-            lines = response.iter_lines()
-            assert next(lines).startswith("data: ")
-            assert handle.health.remote().result()["num_free_blocks"] < total
+    with long_stream(service):
+        assert handle.health.remote().result()["num_free_blocks"] < total
     deadline = time.time() + 20
     while time.time() < deadline and handle.health.remote().result()["num_free_blocks"] != total:
         time.sleep(0.2)
@@ -174,14 +183,9 @@ def test_a_dead_engine_is_replaced_and_the_service_answers(service, client) -> N
     cores = engine_cores()
     assert len(cores) == 1, cores
     core, replica_pid = cores[0], cores[0].parent().pid
-    with httpx.Client(base_url=service["base"], timeout=60) as http:
-        with http.stream("POST", "/v1/completions", json={
-                "model": service["model"], "prompt": PROMPTS[3], "max_tokens": 400, "ignore_eos": True,
-                "stream": True}) as response:
-            lines = response.iter_lines()
-            assert next(lines).startswith("data: ")
-            core.kill()
-            rest = [line for line in lines if line]  # the stream ends: with an error, not a hang
+    with long_stream(service) as lines:
+        core.kill()
+        rest = [line for line in lines if line]  # the stream ends: with an error, not a hang
     assert any("error" in line for line in rest), rest[-3:]
     # Serve's health check finds the dead engine and replaces the replica; the service answers again.
     deadline = time.time() + 120
