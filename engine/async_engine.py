@@ -136,7 +136,9 @@ class AsyncLLMEngine:
         self._core.validate_request(prompt_token_ids, sampling_params)
         text = prompt if isinstance(prompt, str) else None
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), text, prompt_token_ids)
-        with self._streams_lock:
+        with self._streams_lock:  # under the lock that on_dead takes: a stream never misses the engine's death
+            if self._dead_reason is not None:
+                raise EngineDeadError(self._dead_reason)
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
             self._streams[request_id] = stream
@@ -205,8 +207,8 @@ class AsyncLLMEngine:
         self._deliver_all([(request_id, error)])
 
     def on_dead(self, reason: str) -> None:
-        self._dead_reason = reason
         with self._streams_lock:
+            self._dead_reason = reason
             request_ids = list(self._streams)
         self._deliver_all([(request_id, EngineDeadError(reason)) for request_id in request_ids])
 

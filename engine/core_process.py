@@ -105,7 +105,8 @@ class EngineCoreClient:
             if not self._process.is_alive():
                 self._process.join(1.0)
                 raise EngineDeadError(
-                    f"the engine process exited during start-up (exit code {self._process.exitcode}); see its log above"
+                    f"the engine process exited during start-up (exit code {self._process.exitcode}); see its log "
+                    "above. A script that starts it needs `if __name__ == '__main__':` (the process is spawned)"
                 )
         try:
             kind, payload = self._results.recv()
