@@ -9,6 +9,7 @@ to the pool and are recycled by other requests (and by this one, as it grows: a 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .block_pool import BlockPool
@@ -66,6 +67,17 @@ class FullAttentionCacheAllocator:
         """Most blocks one request of `num_total_tokens` tokens can hold at once."""
         return cdiv(num_total_tokens, self.block_size)
 
+    def longest_servable_prefix(self, cached: Sequence[int | None], limit: int) -> int:
+        """Most leading blocks (at most `limit`) a prompt can take from the cache: every one must be there."""
+        for index in range(min(limit, len(cached))):
+            if cached[index] is None:
+                return index
+        return min(limit, len(cached))
+
+    def prefix_table(self, cached: Sequence[int | None], num_blocks: int) -> BlockTable:
+        """The start of a table for a prefix hit of `num_blocks` blocks."""
+        return list(cached[:num_blocks])
+
     def _needs_copy(self, table: BlockTable, num_computed_tokens: int, num_total_tokens: int) -> bool:
         if num_total_tokens <= num_computed_tokens:
             return False
@@ -96,3 +108,26 @@ class SlidingAttentionCacheAllocator(FullAttentionCacheAllocator):
         # Window before the chunk, the chunk itself, and one block of misalignment.
         in_window = cdiv(self.sliding_window - 1 + max_chunk_tokens, self.block_size) + 1
         return min(cdiv(num_total_tokens, self.block_size), in_window)
+
+    def _first_needed_block(self, num_computed_tokens: int) -> int:
+        """The first block that a query at position `num_computed_tokens` reads (its window's start)."""
+        return max(0, num_computed_tokens - self.sliding_window + 1) // self.block_size
+
+    def longest_servable_prefix(self, cached: Sequence[int | None], limit: int) -> int:
+        """Most blocks (at most `limit`) a hit can cover when only the last window's blocks are cached.
+
+        A hit of n blocks needs blocks first_needed(n * block_size) .. n-1, the ones the next token's
+        window reads; the blocks before them may long be gone (released, evicted).
+        """
+        run = 0  # cached blocks in a row ending at `index`
+        best = 0
+        for index in range(min(limit, len(cached))):
+            run = run + 1 if cached[index] is not None else 0
+            num_blocks = index + 1
+            if run >= num_blocks - self._first_needed_block(num_blocks * self.block_size):
+                best = num_blocks
+        return best
+
+    def prefix_table(self, cached: Sequence[int | None], num_blocks: int) -> BlockTable:
+        first = self._first_needed_block(num_blocks * self.block_size)
+        return [None] * first + list(cached[first:num_blocks])

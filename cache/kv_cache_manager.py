@@ -25,10 +25,8 @@ class KVCacheManager:
         if len(sliding_windows) != len(num_blocks):
             raise ValueError("one block count per layer group is required")
         self.block_size = block_size
-        # Prefix reuse needs every position of the prefix; sliding groups recycle theirs, so caching is
-        # only offered when all groups attend fully.
-        self.enable_prefix_caching = enable_prefix_caching and all(w is None for w in sliding_windows)
-        self.pools = [BlockPool(n, enable_caching=self.enable_prefix_caching) for n in num_blocks]
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pools = [BlockPool(n, enable_caching=enable_prefix_caching) for n in num_blocks]
         self.allocators: list[FullAttentionCacheAllocator] = [
             FullAttentionCacheAllocator(pool, block_size)
             if window is None
@@ -80,20 +78,36 @@ class KVCacheManager:
         )
 
     # ---- prefix cache --------------------------------------------------------------------------
-    def find_cached_prefix(self, request_id: str, prompt_token_ids: Sequence[int]) -> tuple[list[int], int]:
-        """(block ids, tokens) of the longest cached prefix of a prompt that has no blocks yet.
+    def find_cached_prefix(
+        self, request_id: str, prompt_token_ids: Sequence[int]
+    ) -> tuple[list[list[int | None]], int]:
+        """(block table start per group, tokens) of the longest cached prefix of a prompt without blocks.
 
-        Never the whole prompt: the last prompt token must be recomputed to get the logits of the
-        first output token, and a block being written must not be a shared cached one.
+        A full-attention group needs every block of the prefix; a sliding-window group only the blocks
+        that the first new token's window reaches back into (the table holds None before them), so a
+        hit on a hybrid model is the longest length that every group can serve. Never the whole
+        prompt: the last prompt token is recomputed to get the logits of the first output token, and a
+        block being written must not be a shared cached one.
         """
         if not self.enable_prefix_caching:
-            return [], 0
+            return [[] for _ in self.pools], 0
         hashes = self._hashes.setdefault(request_id, [])
         extend_block_hashes(hashes, prompt_token_ids, self.block_size)
-        block_ids = longest_cached_prefix(self.pools[0], hashes)
-        if len(block_ids) * self.block_size >= len(prompt_token_ids):
-            block_ids = block_ids[:-1]
-        return block_ids, len(block_ids) * self.block_size
+        limit = min(len(hashes), (len(prompt_token_ids) - 1) // self.block_size)
+        cached = [[pool.lookup(h) for h in hashes[:limit]] for pool in self.pools]
+        # Full groups are prefix-closed (any shorter hit is a hit too); a sliding group is not, so the
+        # groups take turns shortening the hit until every one of them can serve it.
+        num_blocks = limit
+        while True:
+            shortest = min(alloc.longest_servable_prefix(ids, num_blocks) for alloc, ids in zip(self.allocators, cached))
+            if shortest == num_blocks:
+                break
+            num_blocks = shortest
+        tables = [
+            alloc.prefix_table(ids, num_blocks) if num_blocks else []
+            for alloc, ids in zip(self.allocators, cached)
+        ]
+        return tables, num_blocks * self.block_size
 
     def record_prefix_query(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
         """Count one admitted prompt's lookup (counted once, not per retry)."""
@@ -107,13 +121,13 @@ class KVCacheManager:
             return
         hashes = self._hashes.setdefault(request_id, [])
         extend_block_hashes(hashes, token_ids[:num_computed_tokens], self.block_size)
-        table = self._tables[request_id][0]
         # `hashes` may run ahead (the prompt's, from the lookup); only blocks full of computed tokens count.
-        num_full = min(num_computed_tokens // self.block_size, len(hashes), len(table))
-        for index in range(num_full):
-            block_id = table[index]
-            if block_id is not None:
-                self.pools[0].register(block_id, hashes[index])
+        for pool, table in zip(self.pools, self._tables[request_id]):
+            num_full = min(num_computed_tokens // self.block_size, len(hashes), len(table))
+            for index in range(num_full):
+                block_id = table[index]
+                if block_id is not None:
+                    pool.register(block_id, hashes[index])
 
     # ---- allocation ----------------------------------------------------------------------------
     def allocate_slots(
@@ -121,12 +135,12 @@ class KVCacheManager:
         request_id: str,
         num_computed_tokens: int,
         num_new_tokens: int,
-        cached_block_ids: Sequence[int] = (),
+        cached_tables: Sequence[Sequence[int | None]] = (),
     ) -> bool:
         """Make room to write `num_new_tokens` after `num_computed_tokens`; False (no change) if full.
 
-        `cached_block_ids` (from `find_cached_prefix`, only for a request without blocks) are taken
-        by reference as the start of the table.
+        `cached_tables` (from `find_cached_prefix`, only for a request without blocks) are taken by
+        reference as the start of each group's table.
         """
         tables = self._tables.get(request_id)
         num_total = num_computed_tokens + num_new_tokens
@@ -137,20 +151,19 @@ class KVCacheManager:
         for alloc, table in zip(self.allocators, tables):
             alloc.release_unneeded(table, num_computed_tokens)
 
-        revived = sum(1 for block_id in cached_block_ids if self.pools[0].ref_count(block_id) == 0)
-        for group, (alloc, table, pool) in enumerate(zip(self.allocators, tables, self.pools)):
-            base = len(cached_block_ids) if group == 0 else 0
-            padded = table if not base else [None] * base  # table length the cached blocks will give
+        cached_tables = cached_tables or [() for _ in self.pools]
+        for alloc, table, pool, cached in zip(self.allocators, tables, self.pools, cached_tables):
+            padded = table if not cached else [None] * len(cached)  # table length the cached blocks will give
             need = alloc.num_blocks_to_allocate(padded, num_computed_tokens, num_total)
-            if group == 0:
-                need += revived
+            need += sum(1 for block_id in cached if block_id is not None and pool.ref_count(block_id) == 0)
             if not pool.can_allocate(need):
                 return False
 
-        if cached_block_ids:
-            for block_id in cached_block_ids:
-                self.pools[0].share(block_id)
-            tables[0].extend(cached_block_ids)
+        for table, pool, cached in zip(tables, self.pools, cached_tables):
+            for block_id in cached:
+                if block_id is not None:
+                    pool.share(block_id)
+            table.extend(cached)
         for group, (alloc, table) in enumerate(zip(self.allocators, tables)):
             self._pending_copies.extend(alloc.allocate(table, num_computed_tokens, num_total, group))
         self._tables[request_id] = tables

@@ -126,8 +126,6 @@ class LLMEngine:
             self.memory_plan.num_blocks,
             config.enable_prefix_caching,
         )
-        if config.enable_prefix_caching and not self.kv_cache.enable_prefix_caching:
-            logger.info("prefix caching is off: sliding-window layers recycle their blocks")
         self.scheduler = Scheduler(self.scheduler_config, self.kv_cache)
         self.sampler = Sampler(self.device, seed=config.seed)
         self.eos_token_ids = self._eos_token_ids(loaded.model)

@@ -130,16 +130,16 @@ class Scheduler:
     def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            cached_blocks: list[int] = []
+            cached_tables: list[list[int | None]] = []
             num_cached = 0
             if not self.kv_cache.has_blocks(request.request_id):
-                cached_blocks, num_cached = self.kv_cache.find_cached_prefix(
+                cached_tables, num_cached = self.kv_cache.find_cached_prefix(
                     request.request_id, request.all_token_ids
                 )
             num_new = self._chunk_size(request.num_tokens - num_cached, budget)
             if num_new == 0:
                 break
-            if not self.kv_cache.allocate_slots(request.request_id, num_cached, num_new, cached_blocks):
+            if not self.kv_cache.allocate_slots(request.request_id, num_cached, num_new, cached_tables):
                 break  # FIFO: nobody overtakes the head of the queue
             self.waiting.popleft()
             if request.status is RequestStatus.WAITING:

@@ -56,10 +56,14 @@ operations = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None)
-@given(ops=operations, sliding=st.booleans(), caching=st.booleans())
-def test_manager_never_leaks_or_double_frees(ops, sliding, caching):
-    windows = [None, 12] if sliding else [None]
+WINDOW = 12
+LAYOUTS = {"full": [None], "hybrid": [None, WINDOW], "sliding": [WINDOW]}
+
+
+@settings(max_examples=90, deadline=None)
+@given(ops=operations, layout=st.sampled_from(list(LAYOUTS)), caching=st.booleans())
+def test_manager_never_leaks_or_double_frees(ops, layout, caching):
+    windows = LAYOUTS[layout]
     manager = KVCacheManager(4, windows, [24] * len(windows), enable_prefix_caching=caching)
     computed: dict[str, int] = {}
     tokens: dict[str, list[int]] = {}
@@ -88,10 +92,41 @@ def test_manager_never_leaks_or_double_frees(ops, sliding, caching):
         manager.take_pending_copies()
         manager.check_invariants()
         for owner, num_computed in computed.items():
-            for index, block_id in enumerate(manager.block_tables(owner)[0]):
-                if manager.pools[0].lookup_hash_of(block_id) is not None:
-                    assert (index + 1) * 4 <= num_computed, "a block was cached before it was full of computed tokens"
+            for window, pool, table in zip(windows, manager.pools, manager.block_tables(owner)):
+                for index, block_id in enumerate(table):
+                    if block_id is not None and pool.lookup_hash_of(block_id) is not None:
+                        assert (index + 1) * 4 <= num_computed, "a block was cached before it was full of computed tokens"
+                # Every block the next token's window reads is held (a prefix hit included).
+                first_needed = max(0, num_computed - (window or num_computed + 1) + 1) // 4
+                assert all(block_id is not None for block_id in table[first_needed:]), (owner, table)
     for request_id in list(computed):
         manager.free(request_id)
     manager.check_invariants()
     assert all(pool.num_free_blocks == pool.num_blocks for pool in manager.pools)
+
+
+def test_sliding_and_hybrid_hits_take_only_the_window_they_need():
+    """A prompt's hit on a sliding group holds the blocks its window reads, None before them."""
+    for windows in ([None, WINDOW], [WINDOW]):
+        manager = KVCacheManager(4, windows, [24] * len(windows), enable_prefix_caching=True)
+        prompt = list(range(100, 140))  # 40 tokens: 10 full blocks
+        for computed in range(0, 40, 4):  # one block per step: the sliding group releases as it goes
+            assert manager.allocate_slots("a", computed, 4)
+            manager.cache_full_blocks("a", prompt, computed + 4)
+        assert manager.block_tables("a")[-1][:6] == [None] * 6
+        manager.free("a")
+        tables, num_cached = manager.find_cached_prefix("b", prompt + [1, 2, 3, 4])
+        assert num_cached == 40
+        first_needed = (40 - WINDOW + 1) // 4  # block 7: positions 28.. are in the window of position 40
+        assert tables[-1][:first_needed] == [None] * first_needed and None not in tables[-1][first_needed:]
+        if windows[0] is None:
+            assert len(tables[0]) == 10 and None not in tables[0]
+        assert manager.allocate_slots("b", num_cached, 4, tables)
+        manager.check_invariants()
+        # A prompt that differs inside the window cannot use the blocks after the difference.
+        other = prompt[:34] + [7] + prompt[35:]
+        _, num_cached = manager.find_cached_prefix("c", other + [1])
+        assert num_cached == 32
+        manager.free("b")
+        manager.check_invariants()
+        assert all(pool.num_free_blocks == pool.num_blocks for pool in manager.pools)

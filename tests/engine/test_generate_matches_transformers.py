@@ -81,9 +81,11 @@ def test_sliding_window_holds_window_many_blocks(tiny_model_dir):
     assert most_held <= 6
 
 
-def test_prefix_cache_hits_and_same_outputs(tiny_model_dir):
-    model_dir = tiny_model_dir("llama")
-    shared = list(range(10, 58))  # 48 tokens: 6 full blocks of 8
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])
+def test_prefix_cache_hits_and_same_outputs(tiny_model_dir, arch):
+    """Mistral (every layer a 24-token window) and Gemma-2 (alternating) hit too: their window's blocks."""
+    model_dir = tiny_model_dir(arch)
+    shared = list(range(10, 58))  # 48 tokens: 6 full blocks of 8, twice the sliding window
     prompts = [shared + [100 + i, 101 + i, 102 + i] for i in range(4)]
     params = SamplingParams(temperature=0.0, max_tokens=12)
     cold = LLM(str(model_dir), dtype="float32", block_size=8, enable_prefix_caching=False)
@@ -97,6 +99,7 @@ def test_prefix_cache_hits_and_same_outputs(tiny_model_dir):
     assert stats.num_prefix_cache_hits_total >= 3 * 48
     assert all(o.num_cached_tokens == 48 for o in rest)
     assert stats.num_free_blocks == stats.num_total_blocks
+    warm.engine.kv_cache.check_invariants()
 
 
 @pytest.mark.gpu
