@@ -20,7 +20,7 @@ from pagedserve.config.engine import ConfigError, EngineConfig, SchedulerConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import EngineDeadError, InvalidRequestError, RequestTooLargeError
 from .loader import LoadedModel, load_model
-from .model_runner import ModelRunner, StepInput
+from .model_runner import ModelRunner, StepInput, warm_up_steps
 from .request import (
     CompletionOutput,
     FinishReason,
@@ -117,6 +117,8 @@ class LLMEngine:
         self.memory_plan = self.runner.plan_memory(config.max_num_seqs, self.max_model_len, max_batch_tokens)
         logger.info(self.memory_plan.describe())
         self.runner.allocate_kv_cache(self.memory_plan.num_blocks)
+        if self.device.type == "cuda" or self.runner.is_compiled:
+            self._warm_up(max_batch_tokens)
         if config.enable_cuda_graphs:
             self.runner.capture_cuda_graphs(min(config.cuda_graph_max_batch_size, config.max_num_seqs),
                                             self.max_model_len)
@@ -142,6 +144,18 @@ class LLMEngine:
         # collection, which otherwise rescans them and costs milliseconds per step.
         gc.collect()
         gc.freeze()
+
+    def _warm_up(self, max_batch_tokens: int) -> None:
+        started = time.perf_counter()
+        steps = warm_up_steps(self.config.block_size, len(self.memory_plan.num_blocks), min(self.memory_plan.num_blocks),
+                              self.max_model_len, max_batch_tokens)
+        for step in steps:
+            self.runner.execute(step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if steps:
+            logger.info("warm-up: %d steps in %.1f s (compilation and kernel loading before the first request)",
+                        len(steps), time.perf_counter() - started)
 
     def _eos_token_ids(self, model) -> frozenset[int]:
         ids: set[int] = set()

@@ -90,6 +90,43 @@ def host_block_table_and_slots(
     return table, blocks * block_size + positions % block_size
 
 
+def warm_up_steps(block_size: int, num_groups: int, num_blocks: int, max_model_len: int,
+                  max_batch_tokens: int) -> list[StepInput]:
+    """A few small steps of the shapes serving meets first: an odd-length prefill, a mixed batch (one
+    decode row, one prompt chunk after a cached prefix), eager decodes of 3 and of 1 sequence.
+
+    Run once at start-up, they move lazy work out of the first requests: torch.compile traces a new
+    shape and then recompiles with dynamic sizes, Triton compiles each specialisation of its kernels
+    (an odd length, a length of 1), CUDA loads kernel modules on first use. They write to blocks no
+    request holds yet. Empty when the cache or the limits are too small for them.
+    """
+    prompt_len, chunk_start = 33, 16
+    blocks_per_seq = cdiv(prompt_len + 2, block_size)
+    if num_blocks < 3 * blocks_per_seq or max_model_len < prompt_len + 2 or max_batch_tokens < prompt_len + 1:
+        return []
+    tables = [[list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(3)] for _ in range(num_groups)]
+
+    def step(rows: list[tuple[int, int, int]]) -> StepInput:
+        """rows: (sequence, first position, new tokens)."""
+        positions = [p for _, start, count in rows for p in range(start, start + count)]
+        query_lens = [count for _, _, count in rows]
+        return StepInput(
+            token_ids=[(7 * p + 1) % 50 for p in positions],
+            positions=positions,
+            query_lens=query_lens,
+            seq_lens=[start + count for _, start, count in rows],
+            block_tables=[[group[s] for s, _, _ in rows] for group in tables],
+            logits_indices=[sum(query_lens[: i + 1]) - 1 for i in range(len(rows))],
+        )
+
+    return [
+        step([(0, 0, prompt_len)]),
+        step([(0, prompt_len, 1), (1, chunk_start, prompt_len - chunk_start)]),
+        step([(0, prompt_len + 1, 1), (1, prompt_len, 1), (2, 0, 1)]),
+        step([(1, prompt_len + 1, 1)]),
+    ]
+
+
 @dataclass(frozen=True)
 class ModelShape:
     num_layers: int
@@ -326,6 +363,10 @@ class ModelRunner:
         if not self._supports_logits_to_keep:
             logits = logits[logits_indices]
         return logits.float()
+
+    @property
+    def is_compiled(self) -> bool:
+        return isinstance(self._step_model, CompiledForward) and self._step_model.is_compiled
 
     def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int) -> bool:
         """Capture decode graphs where the device and backend allow it; False (eager) otherwise."""

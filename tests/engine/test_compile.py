@@ -47,6 +47,20 @@ def test_compiled_step_forward_gives_eager_tokens(tiny_model_dir, eager_tokens):
     assert step_model.options.backend == "eager"
 
 
+def test_warm_up_compiles_before_the_first_request(tiny_model_dir, eager_tokens):
+    """Start-up runs the shapes serving meets first, so requests of new lengths trace nothing new."""
+    from torch._dynamo.utils import counters
+
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=8, compile=True, compile_backend="eager")
+    traced_at_start = counters["stats"]["unique_graphs"]
+    assert traced_at_start > 0  # the warm-up traced the layers
+    prompts = PROMPTS + [list(range(3, 103)), [9, 8, 7], list(range(40, 77))]
+    outputs = llm.generate(prompts, PARAMS, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs[:2]] == eager_tokens
+    llm.generate([list(range(5, 60))], SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)
+    assert counters["stats"]["unique_graphs"] == traced_at_start, "a request paid for a compilation"
+
+
 class BreakingModel(torch.nn.Module):
     """Stands in for a model with data-dependent Python: one graph break in the forward."""
 
