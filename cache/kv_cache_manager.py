@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from .allocators import BlockCopy, FullAttentionCacheAllocator, SlidingAttentionCacheAllocator
 from .block_pool import BlockHash, BlockPool
-from .prefix_cache import extend_block_hashes, longest_cached_prefix
+from .prefix_cache import extend_block_hashes
 
 
 class KVCacheManager:
@@ -93,7 +93,7 @@ class KVCacheManager:
             return [[] for _ in self.pools], 0
         hashes = self._hashes.setdefault(request_id, [])
         extend_block_hashes(hashes, prompt_token_ids, self.block_size)
-        limit = min(len(hashes), (len(prompt_token_ids) - 1) // self.block_size)
+        limit = max(0, min(len(hashes), (len(prompt_token_ids) - 1) // self.block_size))
         cached = [[pool.lookup(h) for h in hashes[:limit]] for pool in self.pools]
         # Full groups are prefix-closed (any shorter hit is a hit too); a sliding group is not, so the
         # groups take turns shortening the hit until every one of them can serve it.

@@ -11,7 +11,7 @@ import hashlib
 from array import array
 from collections.abc import Sequence
 
-from .block_pool import BlockHash, BlockPool
+from .block_pool import BlockHash
 
 _ROOT_HASH: BlockHash = b"pagedserve-prefix-root"
 
@@ -29,14 +29,3 @@ def extend_block_hashes(hashes: list[BlockHash], token_ids: Sequence[int], block
         start = block_index * block_size
         parent = hashes[-1] if hashes else None
         hashes.append(hash_block(parent, token_ids[start : start + block_size]))
-
-
-def longest_cached_prefix(pool: BlockPool, hashes: Sequence[BlockHash]) -> list[int]:
-    """Block ids of the longest run of leading blocks found in the pool's cache (not yet shared)."""
-    block_ids = []
-    for block_hash in hashes:
-        block_id = pool.lookup(block_hash)
-        if block_id is None:
-            break
-        block_ids.append(block_id)
-    return block_ids
