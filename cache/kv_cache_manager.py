@@ -99,7 +99,9 @@ class KVCacheManager:
         # groups take turns shortening the hit until every one of them can serve it.
         num_blocks = limit
         while True:
-            shortest = min(alloc.longest_servable_prefix(ids, num_blocks) for alloc, ids in zip(self.allocators, cached))
+            shortest = min(
+                alloc.longest_servable_prefix(ids, num_blocks) for alloc, ids in zip(self.allocators, cached)
+            )
             if shortest == num_blocks:
                 break
             num_blocks = shortest

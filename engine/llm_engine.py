@@ -147,8 +147,9 @@ class LLMEngine:
 
     def _warm_up(self, max_batch_tokens: int) -> None:
         started = time.perf_counter()
-        steps = warm_up_steps(self.config.block_size, len(self.memory_plan.num_blocks), min(self.memory_plan.num_blocks),
-                              self.max_model_len, max_batch_tokens)
+        num_blocks = self.memory_plan.num_blocks
+        steps = warm_up_steps(self.config.block_size, len(num_blocks), min(num_blocks), self.max_model_len,
+                              max_batch_tokens)
         for step in steps:
             self.runner.execute(step)
         if self.device.type == "cuda":
