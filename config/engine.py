@@ -73,6 +73,10 @@ class EngineConfig(BaseModel):
         None, description="Servers: run the step loop in a process of its own, so the server's event loop never "
         "shares its GIL; None: on for CUDA, off on CPU (a thread).",
     )
+    step_timeout_s: float = Field(
+        300.0, gt=0.0, description="Servers: a step still running after this long marks the engine dead (a hung "
+        "device or peer), so its streams fail and the health check asks for a replacement.",
+    )
     enable_cuda_graphs: bool = Field(True, description="Capture decode steps in CUDA graphs (GPU only).")
     cuda_graph_max_batch_size: int = Field(512, ge=1, le=4096, description="Largest decode batch captured.")
     compile: bool | None = Field(

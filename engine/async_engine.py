@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class CoreSink(Protocol):
 class EngineCore(Protocol):
     """The step loop's home: `_ThreadCore` here, `core_process.EngineCoreClient` in a child process."""
 
+    config: EngineConfig
     model_name: str
     tokenizer: Any
     max_model_len: int
@@ -71,6 +73,9 @@ class EngineCore(Protocol):
 
     def check_health(self) -> None: ...
 
+    def abandon(self) -> None:
+        """Give up on a core that stopped making progress: end it, if it can be ended."""
+
     def shutdown(self, timeout_s: float) -> None: ...
 
 
@@ -82,6 +87,7 @@ class AsyncLLMEngine:
         self._streams_lock = threading.Lock()
         self._dead_reason: str | None = None
         self._stats = self._core.initial_stats()
+        self._last_progress_s = time.monotonic()  # the core's latest report (a step, or an idle heartbeat)
         self._step_listeners: list[Callable[[StepStats, EngineStats], None]] = []
         self._finish_listeners: list[Callable[[RequestOutput], None]] = []
         self._core.start(self)
@@ -182,6 +188,15 @@ class AsyncLLMEngine:
     async def check_health(self) -> None:
         if self._dead_reason is not None:
             raise EngineDeadError(self._dead_reason)
+        timeout_s = self._core.config.step_timeout_s
+        if self._streams and time.monotonic() - self._last_progress_s > timeout_s:
+            # A hung device or tensor-parallel peer never returns: fail its requests and give the device
+            # back (a core process is killed), so that the server's replacement can start.
+            reason = f"no engine step finished in {timeout_s:g} s (EngineConfig.step_timeout_s): the engine is hung"
+            logger.error(reason)
+            self.on_dead(reason)
+            self._core.abandon()
+            raise EngineDeadError(reason)
         self._core.check_health()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
@@ -193,6 +208,7 @@ class AsyncLLMEngine:
             return request_id in self._streams
 
     def on_step(self, outputs: list[RequestOutput], stats: EngineStats, step: StepStats | None) -> None:
+        self._last_progress_s = time.monotonic()
         self._stats = stats
         self._deliver_all([(output.request_id, output) for output in outputs])
         for output in outputs:
@@ -237,6 +253,7 @@ class _ThreadCore:
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
+        self.config = engine.config
         self.model_name = engine.model_name
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
@@ -269,6 +286,10 @@ class _ThreadCore:
         if not self._thread.is_alive() and not self._stopping:
             raise EngineDeadError("the engine loop thread is not running")
         self.engine.check_health()
+
+    def abandon(self) -> None:
+        """A thread cannot be ended: stop it stepping if it ever returns (its process is replaced anyway)."""
+        self._stopping = True
 
     def shutdown(self, timeout_s: float) -> None:
         self._stopping = True

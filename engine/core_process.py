@@ -70,6 +70,7 @@ class EngineCoreClient:
     """Parent side of an engine core process. Blocks in __init__ until the engine is loaded or failed."""
 
     def __init__(self, config: EngineConfig) -> None:
+        self.config = config
         context = mp.get_context("spawn")  # fork would copy this process's threads (Ray's, the event loop's)
         commands_out, self._commands_in = context.Pipe(duplex=False)
         self._results, results_in = context.Pipe(duplex=False)
@@ -83,6 +84,7 @@ class EngineCoreClient:
         commands_out.close()  # the child holds the only other ends: its exit shows here as EOF
         results_in.close()
         self._stopping = False
+        self._abandoned = False
         self._dead_reason: str | None = None
         self._pending: deque[tuple] = deque()
         self._wakeup = threading.Event()
@@ -148,6 +150,14 @@ class EngineCoreClient:
             raise EngineDeadError(self._dead_reason)
         if not self._stopping and not self._process.is_alive():
             raise EngineDeadError(f"the engine process exited (exit code {self._process.exitcode})")
+
+    def abandon(self) -> None:
+        """Kill the core (hung in a kernel or a collective, it would hold the device forever)."""
+        self._abandoned = True  # the caller reported why; the reader need not report the kill
+        if self._process.is_alive():
+            logger.error("killing the hung engine process %d", self._process.pid)
+            self._process.kill()
+            self._process.join(5.0)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop the core (it stops its tensor-parallel ranks); kill it if it does not stop in time. Idempotent."""
@@ -215,7 +225,7 @@ class EngineCoreClient:
         except BaseException as exc:  # noqa: BLE001 - a listener's bug must not hide the engine's state
             logger.exception("engine core reader failed")
             reason = f"engine core reader failed: {type(exc).__name__}: {exc}"
-        if reason is not None and not self._stopping:
+        if reason is not None and not self._stopping and not self._abandoned:
             self._dead_reason = reason
             logger.error("engine core is dead: %s", reason)
             sink.on_dead(reason)

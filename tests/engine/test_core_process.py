@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -143,3 +144,62 @@ def test_the_core_exits_when_its_parent_is_killed(tiny_model_dir, tmp_path) -> N
         parent.kill()  # SIGKILL: no atexit, no shutdown; only the closed pipe tells the child
         parent.wait(30)
     assert wait_gone(child, 20), "the engine core outlived its parent"
+
+
+def test_a_hung_core_is_declared_dead_and_killed(tiny_model_dir) -> None:
+    """A core that stops making progress (here: SIGSTOP, as a hung kernel) fails its streams on the next
+    health check past step_timeout_s and is killed, so it does not hold the device for the replacement."""
+    engine = AsyncLLMEngine.from_kwargs(model=str(tiny_model_dir("llama")), engine_process=True, step_timeout_s=1.0,
+                                        **ARGS)
+    pid = engine._core.pid
+
+    async def scenario() -> None:
+        stream = engine.generate(PROMPTS[1], SamplingParams(max_tokens=400, ignore_eos=True), "long")
+        await stream.__anext__()
+        os.kill(pid, signal.SIGSTOP)
+        await engine.check_health()  # within the timeout: still healthy
+        await asyncio.sleep(1.5)
+        with pytest.raises(EngineDeadError, match="step_timeout_s"):
+            await engine.check_health()
+        with pytest.raises(EngineDeadError, match="step_timeout_s"):
+            async for _ in stream:
+                pass
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 60))
+        assert wait_gone(pid, 10), "the hung core was not killed"
+    finally:
+        if not is_gone(pid):
+            os.kill(pid, signal.SIGKILL)
+        engine.shutdown()
+
+
+def test_a_hung_thread_core_is_declared_dead(tiny_model_dir) -> None:
+    from pagedserve.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir("llama")), step_timeout_s=1.0, **ARGS))
+    release = threading.Event()
+    real_step = engine.step
+
+    def hanging_step():
+        outputs = real_step()
+        release.wait(30)  # a kernel that never returns
+        return outputs
+
+    engine.step = hanging_step
+    async_engine = AsyncLLMEngine(engine)
+
+    async def scenario() -> None:
+        stream = async_engine.generate(PROMPTS[0], SamplingParams(max_tokens=8, ignore_eos=True), "stuck")
+        waiting = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(1.5)
+        with pytest.raises(EngineDeadError, match="step_timeout_s"):
+            await async_engine.check_health()
+        with pytest.raises(EngineDeadError):
+            await waiting
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        release.set()
+        async_engine.shutdown()
