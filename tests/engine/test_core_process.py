@@ -158,7 +158,7 @@ def test_a_hung_core_is_declared_dead_and_killed(tiny_model_dir) -> None:
         await stream.__anext__()
         os.kill(pid, signal.SIGSTOP)
         await engine.check_health()  # within the timeout: still healthy
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(2.5)
         with pytest.raises(EngineDeadError, match="step_timeout_s"):
             await engine.check_health()
         with pytest.raises(EngineDeadError, match="step_timeout_s"):
@@ -192,7 +192,7 @@ def test_a_hung_thread_core_is_declared_dead(tiny_model_dir) -> None:
     async def scenario() -> None:
         stream = async_engine.generate(PROMPTS[0], SamplingParams(max_tokens=8, ignore_eos=True), "stuck")
         waiting = asyncio.ensure_future(stream.__anext__())
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(2.5)
         with pytest.raises(EngineDeadError, match="step_timeout_s"):
             await async_engine.check_health()
         with pytest.raises(EngineDeadError):
