@@ -28,8 +28,10 @@ generate: install
 demo-model: install
 	$(BIN)/python -m pagedserve.engine.demo_model
 
+# Engine vs transformers' generate_batch, then the service (local Ray, demo model) vs the offline engine.
 bench: install
 	$(BIN)/python bench/engine_bench.py
+	$(BIN)/python bench/serve_bench.py --start-service --offline --num-requests 64 --concurrency 64 --max-tokens 64
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -12,6 +12,10 @@ stops after `--num-requests` or `--duration-s`, whichever comes first. Every req
 
 With `--offline`, the same prompts and sampling run through `pagedserve.engine.llm.LLM` in this
 process after the HTTP run, and the table shows the service/offline output-token throughput ratio.
+
+With `--start-service` (what `make bench` uses) the script starts the service itself: a local Ray
+(8 logical CPUs), one replica of `--service-model` (default: the demo model) with the `--offline-arg`
+engine settings, HTTP on a free port of 127.0.0.1; it stops Ray when the run ends, however it ends.
 Prints a markdown table for docs/benchmarks.md. No assertion is made on any number.
 """
 
@@ -19,14 +23,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import random
+import socket
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 
@@ -156,16 +163,53 @@ def percentiles(values: list[float]) -> str:
     return f"{at(0.5) * 1000:.1f} / {at(0.9) * 1000:.1f} / {at(0.99) * 1000:.1f}"
 
 
+def engine_args(items: list[str]) -> dict[str, Any]:
+    """`field=value` pairs as EngineConfig keyword arguments (numbers, booleans and null parsed)."""
+    config: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        config[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false", "null") else value
+    return config
+
+
+@contextlib.contextmanager
+def local_service(model: str | None, engine: dict[str, Any], max_ongoing: int) -> Iterator[str]:
+    """The service on a local Ray cluster, one replica, HTTP on a free loopback port; yields its URL."""
+    import ray
+    from ray import serve
+
+    from pagedserve.serve_app import build_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)  # logical CPUs: replicas never wait
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app_args = {"model": model, "num_replicas": 1, "max_ongoing_requests": max_ongoing,
+                    "router": {"max_queued_requests": max_ongoing, "queue_timeout_s": 600}, **engine}
+        serve.run(build_app(app_args), name="serve-bench", route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 900  # the demo model is built on first use (about two minutes)
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
+                    break
+            time.sleep(1.0)
+        else:
+            raise RuntimeError("the service did not answer /v1/models within 900 s")
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 def run_offline(args: argparse.Namespace, served_model: str, prompts: list) -> tuple[float, int]:
     from pagedserve.engine.llm import LLM
     from pagedserve.engine.request import SamplingParams
 
     model = None if served_model == "pagedserve-demo" else (args.offline_model or served_model)
-    config: dict[str, Any] = {}
-    for item in args.offline_arg:
-        key, _, value = item.partition("=")
-        config[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false", "null") else value
-    llm = LLM(model, **config)
+    llm = LLM(model, **engine_args(args.offline_arg))
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=True, seed=args.seed)
     llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up, as the service was warm
     started = time.perf_counter()
@@ -178,7 +222,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", default=None, help="model id; default: the first of /v1/models")
-    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--api-key", default=os.environ.get("PAGEDSERVE_API_KEY"),
+                        help="bearer token (default: $PAGEDSERVE_API_KEY, as the service reads it)")
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--duration-s", type=float, default=300.0, help="stop sending after this long")
     group = parser.add_mutually_exclusive_group()
@@ -197,11 +242,37 @@ def main() -> None:
     parser.add_argument("--request-timeout-s", type=float, default=600.0)
     parser.add_argument("--offline", action="store_true", help="also run the offline engine on the same workload")
     parser.add_argument("--offline-model", default=None, help="path for the offline engine (default: served id)")
-    parser.add_argument("--offline-arg", action="append", default=[], help="EngineConfig field=value, repeatable")
+    parser.add_argument("--offline-arg", action="append", default=[],
+                        help="EngineConfig field=value, repeatable (with --start-service, the service's too)")
+    parser.add_argument("--start-service", action="store_true",
+                        help="start the service here on a local Ray, run, and stop it (see above)")
+    parser.add_argument("--service-model", default=None, help="with --start-service: hub id or path (default: demo)")
     args = parser.parse_args()
     if args.rate is None and args.concurrency is None:
         args.concurrency = 8
+    if args.start_service:
+        if args.offline_model is None:
+            args.offline_model = args.service_model
+        max_ongoing = max(256, 2 * (args.concurrency or 0))
+        with local_service(args.service_model, engine_args(args.offline_arg), max_ongoing) as url:
+            args.url = url
+            served = run(args)
+        # After the service has stopped, so that the offline engine has the machine to itself.
+    else:
+        served = run(args)
+    if args.offline:
+        report_offline(args, *served)
 
+
+def report_offline(args: argparse.Namespace, model: str, prompts: list, output_tokens: int, elapsed: float) -> None:
+    offline_s, offline_tokens = run_offline(args, model, prompts)
+    offline_rate = offline_tokens / offline_s
+    print(f"| offline engine output tokens/s (same {len(prompts)} prompts) | {offline_rate:.1f} |")
+    print(f"| service / offline output tokens/s | {(output_tokens / elapsed) / offline_rate:.2f} |")
+
+
+def run(args: argparse.Namespace) -> tuple[str, list, int, float]:
+    """Load the service at `args.url` and print the table; returns what the offline comparison needs."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     model = args.model or httpx.get(f"{args.url}/v1/models", headers=headers, timeout=60).json()["data"][0]["id"]
     if args.prompt_lens:
@@ -237,12 +308,7 @@ def main() -> None:
     print(f"| E2E p50 / p90 / p99 (ms) | {percentiles([r.e2e_s for r in ok])} |")
     if ok:
         print(f"| mean output tokens per request | {statistics.mean(r.num_output_tokens for r in ok):.1f} |")
-    if args.offline:
-        sent_prompts = prompts[:len(results)]
-        offline_s, offline_tokens = run_offline(args, model, sent_prompts)
-        offline_rate = offline_tokens / offline_s
-        print(f"| offline engine output tokens/s (same {len(sent_prompts)} prompts) | {offline_rate:.1f} |")
-        print(f"| service / offline output tokens/s | {(output_tokens / elapsed) / offline_rate:.2f} |")
+    return model, prompts[:len(results)], output_tokens, elapsed
 
 
 if __name__ == "__main__":
