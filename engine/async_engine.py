@@ -257,7 +257,7 @@ class _ThreadCore:
         self.model_name = engine.model_name
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
-        self._commands: deque[tuple[str, Any]] = deque()
+        self._commands: deque[tuple] = deque()
         self._wakeup = threading.Event()
         self._stopping = False
         self._sink: CoreSink | None = None
@@ -277,7 +277,7 @@ class _ThreadCore:
         self._thread.start()
 
     def add(self, request_id: str, text: str | None, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self._send(("add", (request_id, text, prompt_token_ids, params)))
+        self._send(("add", request_id, text, prompt_token_ids, params))
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
@@ -299,23 +299,18 @@ class _ThreadCore:
         if not self._thread.is_alive():
             self.engine.shutdown()  # the loop steps no more: tensor-parallel workers can stop
 
-    def _send(self, command: tuple[str, Any]) -> None:
+    def _send(self, command: tuple) -> None:
         self._commands.append(command)
         self._wakeup.set()
 
     def _apply_commands(self, sink: CoreSink) -> None:
         while self._commands:
-            kind, payload = self._commands.popleft()
-            if kind == "add":
-                request_id, text, prompt_token_ids, params = payload
-                if not sink.is_wanted(request_id):
-                    continue  # the caller left before the request started
-                try:
-                    self.engine.add_request(request_id, prompt_token_ids, params, prompt_text=text)
-                except Exception as exc:  # noqa: BLE001 - handed to the one caller it concerns
-                    sink.on_request_error(request_id, exc)
-            elif kind == "abort":
-                self.engine.abort(payload)
+            command = self._commands.popleft()
+            if command[0] == "add" and not sink.is_wanted(command[1]):
+                continue  # the caller left before the request started
+            refused = apply_command(self.engine, command)
+            if refused is not None:
+                sink.on_request_error(*refused)
 
     def _run_loop(self) -> None:
         sink = self._sink
@@ -333,6 +328,20 @@ class _ThreadCore:
         except BaseException as exc:  # noqa: BLE001 - the loop must report its death, never vanish
             logger.exception("engine loop died")
             sink.on_dead(f"engine loop died: {type(exc).__name__}: {exc}")
+
+
+def apply_command(engine: LLMEngine, command: tuple) -> tuple[str, Exception] | None:
+    """Apply ("add", request_id, text, prompt_token_ids, params) or ("abort", request_id) to the engine,
+    the commands of both cores. An add the engine refuses returns (request id, error) for its caller."""
+    if command[0] == "add":
+        _, request_id, text, prompt_token_ids, params = command
+        try:
+            engine.add_request(request_id, prompt_token_ids, params, prompt_text=text)
+        except Exception as exc:  # noqa: BLE001 - handed to the one caller it concerns
+            return request_id, exc
+    elif command[0] == "abort":
+        engine.abort(command[1])
+    return None
 
 
 def _put_all(entries: list[tuple[asyncio.Queue, str, Any]]) -> None:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from pagedserve.config.engine import EngineConfig
 
+from .async_engine import apply_command
 from .errors import EngineDeadError, EngineError
 from .llm_engine import LLMEngine, encode_prompt
 from .request import SamplingParams
@@ -274,17 +275,12 @@ def _serve(engine: LLMEngine, commands: Connection, results: Connection) -> bool
             except EOFError:
                 return False
             for command in batch:
-                kind = command[0]
-                if kind == "add":
-                    _, request_id, text, prompt_token_ids, params = command
-                    try:
-                        engine.add_request(request_id, prompt_token_ids, params, prompt_text=text)
-                    except Exception as exc:  # noqa: BLE001 - handed to the one caller it concerns
-                        results.send(("error", request_id, _portable(exc)))
-                elif kind == "abort":
-                    engine.abort(command[1])
-                elif kind == "stop":
+                if command[0] == "stop":
                     return True
+                refused = apply_command(engine, command)
+                if refused is not None:
+                    request_id, error = refused
+                    results.send(("error", request_id, _portable(error)))
             continue  # drain every queued command before the next step
         if not engine.has_unfinished_requests():
             now = time.monotonic()
