@@ -107,7 +107,7 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
     engine_args = {"served_name": "llama-3-8b-shape", "max_num_seqs": args.max_num_seqs,
                    "attention_backend": args.attention_backend, "max_memory_percent": args.max_memory_percent,
                    "max_batch_tokens": args.max_batch_tokens, "enable_prefix_caching": False,
-                   "compile": args.compile}
+                   "compile": args.compile, "fuse_projections": args.fuse_projections}
     started = time.perf_counter()
     try:
         llm = LLM.from_model(model, tokenizer, **engine_args)
@@ -141,9 +141,10 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
     llm.generate([workload.prompts[0][:128], workload.prompts[1][:16]],
                  SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     print(f"warm-up {time.perf_counter() - started:.1f} s", flush=True)
+    steps.clear()
     fresh_single = run_single(llm, workload, args.single_tokens) if args.single_tokens else None
     if fresh_single:
-        print(f"batch 1 (fresh engine, before W1): {fresh_single:.1f} tok/s", flush=True)
+        print(f"batch 1 (fresh engine, before W1): {fresh_single:.1f} tok/s; {decode_step_profile(steps)}", flush=True)
     steps.clear()
     largest_batch = 0
     params = SamplingParams(temperature=0, max_tokens=workload.max_new_tokens, ignore_eos=True)
@@ -186,6 +187,17 @@ def step_time_summary(steps) -> str:
             lines.append(f"  decode steps of {low}-{high} sequences: {len(bucket)}, mean {mean_ms:.1f} ms, "
                          f"{tokens / sum(s.step_time_s for s in bucket):.0f} tok/s")
     return "\n".join(lines)
+
+
+def decode_step_profile(steps) -> str:
+    """Whether a slow batch-1 run is slow throughout or pays a one-off cost: its decode steps' times."""
+    times_ms = sorted(s.step_time_s * 1000 for s in steps if not s.num_prefill_tokens)
+    if not times_ms:
+        return "no decode steps"
+    ordered = [s.step_time_s * 1000 for s in steps if not s.num_prefill_tokens]
+    return (f"{len(times_ms)} decode steps, median {times_ms[len(times_ms) // 2]:.2f} ms, "
+            f"max {times_ms[-1]:.1f} ms, sum {sum(times_ms):.0f} ms, first five "
+            + " ".join(f"{t:.1f}" for t in ordered[:5]))
 
 
 def run_single(llm, workload: Workload, new_tokens: int) -> float:
@@ -257,6 +269,8 @@ def main() -> int:
                         help="torch.compile the decoder layers (EngineConfig.compile; default: the engine's "
                              "choice, on for a GPU)")
     parser.add_argument("--no-compile", dest="compile", action="store_const", const=False)
+    parser.add_argument("--no-fuse-projections", dest="fuse_projections", action="store_false",
+                        help="run q/k/v and gate/up as separate GEMMs (EngineConfig.fuse_projections=false)")
     parser.add_argument("--quantization", choices=["none", "bnb-4bit", "bnb-8bit"], default="none",
                         help="quantize the random bf16 model's decoder linears with bitsandbytes before the run")
     parser.add_argument("--baseline-only", action="store_true",

@@ -79,6 +79,10 @@ class EngineConfig(BaseModel):
     )
     enable_cuda_graphs: bool = Field(True, description="Capture decode steps in CUDA graphs (GPU only).")
     cuda_graph_max_batch_size: int = Field(512, ge=1, le=4096, description="Largest decode batch captured.")
+    fuse_projections: bool = Field(
+        True, description="Run sibling projections of one input (q/k/v, gate/up) as one GEMM over their "
+        "concatenated weights; no extra memory.",
+    )
     compile: bool | None = Field(
         None, description="torch.compile the decoder layers; None: on for CUDA (not with bitsandbytes), off on CPU."
     )

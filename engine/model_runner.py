@@ -31,6 +31,7 @@ from .attention import get_attention_backend
 from .attention.base import AttentionMetadata, GroupAttentionMetadata
 from .attention.hf_integration import LayerProbe, PagedForwardContext
 from .compile import CompiledForward
+from .fused_projections import ProjectionFusion
 from .loader import LoadedModel, weights_footprint_bytes
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,11 @@ class ModelRunner:
         self.dtype = loaded.dtype
         self.config = config
         self.backend = get_attention_backend(config.attention_backend, self.device)
+        # The shape probe's forward also shows which projections share an input (engine/fused_projections.py).
+        self._fusion = ProjectionFusion.watch(self.model) if config.fuse_projections else None
         self.shape = self._probe_shape()
+        if self._fusion is not None:
+            self._fusion.apply()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = config.block_size
         self._decode_graphs = None  # DecodeGraphs once captured
@@ -386,10 +391,13 @@ class ModelRunner:
         return True
 
     def shutdown(self) -> None:
-        """Give the model back as it came: decoder layers compiled in place are made eager again (a model
-        passed in by the caller, `LLM.from_model`, is the caller's object)."""
+        """Give the model back as it came: decoder layers compiled in place are made eager again and fused
+        projections are split again (a model passed in by the caller, `LLM.from_model`, is the caller's
+        object)."""
         if isinstance(self._step_model, CompiledForward):
             self._step_model.uncompile()
+        if self._fusion is not None:
+            self._fusion.undo()
         self._decode_graphs = None
 
     @torch.inference_mode()
