@@ -36,28 +36,51 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
-class FusedLead(nn.Module):
+class _FusedMember(nn.Module):
+    """`weight` and `bias` read as the member's own rows of the concatenated tensors, as the linear it
+    replaced (code that inspects `q_proj.weight` sees q's weight)."""
+
+    lead: "FusedLead"
+    row_start: int
+    out_features: int
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.lead.fused_weight[self.row_start : self.row_start + self.out_features]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        bias = self.lead.fused_bias
+        return None if bias is None else bias[self.row_start : self.row_start + self.out_features]
+
+
+class FusedLead(_FusedMember):
     """The first member of a group: one GEMM over the concatenated weight, its own part returned."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, out_sizes: list[int]) -> None:
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.fused_weight = nn.Parameter(weight, requires_grad=False)
+        self.fused_bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.out_sizes = out_sizes
+        self.row_start = 0
         self.in_features = weight.shape[1]
         self.out_features = out_sizes[0]
         self.pending: list[torch.Tensor] | None = None  # the followers' parts of the latest input
 
+    @property
+    def lead(self) -> "FusedLead":
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = F.linear(x, self.weight, self.bias).split(self.out_sizes, dim=-1)
+        parts = F.linear(x, self.fused_weight, self.fused_bias).split(self.out_sizes, dim=-1)
         self.pending = list(parts[1:])
         return parts[0]
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_sizes={self.out_sizes}, bias={self.bias is not None}"
+        return f"in_features={self.in_features}, out_sizes={self.out_sizes}, bias={self.fused_bias is not None}"
 
 
-class FusedFollower(nn.Module):
+class FusedFollower(_FusedMember):
     """A later member: its part of the lead's output. The lead is not registered as a submodule, so the
     model's parameters list the concatenated weight once."""
 
@@ -74,8 +97,7 @@ class FusedFollower(nn.Module):
         lead = self.lead
         pending = lead.pending
         if pending is None:  # the lead did not run first on this input: compute this slice alone
-            rows = slice(self.row_start, self.row_start + self.out_features)
-            return F.linear(x, lead.weight[rows], None if lead.bias is None else lead.bias[rows])
+            return F.linear(x, self.weight, self.bias)
         part = pending[self.index - 1]
         if self.is_last:
             lead.pending = None

@@ -48,6 +48,9 @@ def test_only_siblings_of_one_input_are_fused_and_outputs_stay():
         assert type(block.c) is nn.Linear and type(block.d) is nn.Linear and type(block.e) is nn.Linear
         torch.testing.assert_close(block(x), expected)
         assert block.a.pending is None  # the last follower took its part: nothing outlives the forward
+        # Each member's weight reads as the one it replaced (tools that inspect `q_proj.weight`).
+        for member, original in zip((block.a, block.b), fusion.groups[0].originals):
+            assert torch.equal(member.weight, original.weight) and torch.equal(member.bias, original.bias)
         # A follower called without its lead computes its own slice.
         torch.testing.assert_close(block.b(x), fusion.groups[0].originals[1](x))
         fusion.undo()
