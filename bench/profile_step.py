@@ -22,6 +22,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import build_model  # noqa: E402
 
 
+def gpu_idle_summary(prof) -> str:
+    """Gaps between consecutive GPU kernels/copies: total idle time and the largest gaps."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    if len(spans) < 2:
+        return "no GPU events"
+    gaps = [max(0, b[0] - a[1]) for a, b in zip(spans, spans[1:])]
+    busy_end = spans[0][1]
+    idle = 0
+    for start, end in spans[1:]:
+        idle += max(0, start - busy_end)
+        busy_end = max(busy_end, end)
+    largest = sorted(gaps, reverse=True)[:5]
+    return (f"{idle / 1000:.2f} ms idle over {(busy_end - spans[0][0]) / 1000:.2f} ms; "
+            f"largest gaps (us): {', '.join(f'{g:.0f}' for g in largest)}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=32)
@@ -30,6 +47,8 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=128, help="prompt length of each request")
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--cprofile", action="store_true", help="also print the 25 costliest host functions")
+    parser.add_argument("--trace", default=None,
+                        help="also write a Chrome trace (host and GPU) of 10 steps of each batch to TRACE.<batch>.json")
     parser.add_argument("--engine-arg", action="append", default=[], help="EngineConfig override, key=value")
     args = parser.parse_args()
     from pagedserve.engine.llm import LLM
@@ -81,7 +100,15 @@ def main() -> int:
             print(f"--- host profile, batch {batch}")
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
             pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12), flush=True)
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=16), flush=True)
+        if args.trace:
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=activities) as traced:
+                for _ in range(10):
+                    engine.step()
+                torch.cuda.synchronize()
+            traced.export_chrome_trace(f"{args.trace}.{batch}.json")
+            print(f"GPU idle between kernels in 10 steps: {gpu_idle_summary(traced)}", flush=True)
         for request_id in [f"b{batch}-{i}" for i in range(batch)]:
             engine.abort(request_id)
         while engine.has_unfinished_requests():
