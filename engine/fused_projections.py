@@ -119,7 +119,9 @@ class ProjectionFusion:
     """Watches one forward, then fuses the groups it saw; `undo` restores the original modules."""
 
     model: nn.Module
-    _calls: list[tuple[int, str, int]] = field(default_factory=list)  # (parent id, child name, input id)
+    # (parent id, child name, input): the input as (object id, version counter), so a tensor changed in
+    # place between two calls does not count as the same input.
+    _calls: list[tuple[int, str, tuple[int, int]]] = field(default_factory=list)
     _parents: dict[int, nn.Module] = field(default_factory=dict)
     _hooks: list = field(default_factory=list)
     groups: list[_Group] = field(default_factory=list)
@@ -140,7 +142,10 @@ class ProjectionFusion:
     def _recorder(self, parent_id: int, name: str):
         def record(_module: nn.Module, args: tuple) -> None:
             if args and isinstance(args[0], torch.Tensor):
-                self._calls.append((parent_id, name, id(args[0])))
+                x = args[0]
+                # Inference tensors keep no version counter; the runner's probe runs outside inference mode.
+                version = -1 if x.is_inference() else x._version
+                self._calls.append((parent_id, name, (id(x), version)))
 
         return record
 
@@ -149,14 +154,14 @@ class ProjectionFusion:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        by_parent: dict[int, list[tuple[str, int]]] = defaultdict(list)
+        by_parent: dict[int, list[tuple[str, tuple[int, int]]]] = defaultdict(list)
         for parent_id, name, input_id in self._calls:
             by_parent[parent_id].append((name, input_id))
         self._calls = []
         for parent_id, calls in by_parent.items():
             parent = self._parents[parent_id]
             times_called = Counter(name for name, _ in calls)
-            by_input: dict[int, list[str]] = defaultdict(list)
+            by_input: dict[tuple[int, int], list[str]] = defaultdict(list)
             for name, input_id in calls:
                 if times_called[name] == 1:  # a child called twice in one forward has no one input
                     by_input[input_id].append(name)

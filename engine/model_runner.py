@@ -172,7 +172,7 @@ class ModelRunner:
         return self.device.type == "cuda" and not quantized
 
     # ---- model geometry ------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference mode: projection fusion reads its tensors' version counters
     def _probe_shape(self) -> ModelShape:
         """Run one token through the model to learn each attention layer's KV geometry and window."""
         probe = LayerProbe()

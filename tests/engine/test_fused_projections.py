@@ -18,7 +18,7 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=8)
 
 class Block(nn.Module):
     """a and b read x; c reads another tensor; d is called twice; e has a hook (as TP's row-parallel
-    layers do). Only a and b may be fused."""
+    layers do); f and g read one tensor, changed in place between them. Only a and b may be fused."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -29,10 +29,15 @@ class Block(nn.Module):
         self.d = nn.Linear(8, 8, bias=False)
         self.e = nn.Linear(8, 5)
         self.e.register_forward_hook(lambda _m, _i, output: output * 1)
+        self.f = nn.Linear(8, 2)
+        self.g = nn.Linear(8, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.d(self.d(x))
-        return torch.cat([self.a(x), self.b(x), self.c(y), self.e(x)], dim=-1)
+        z = x.clone()
+        f = self.f(z)
+        z.mul_(2)
+        return torch.cat([self.a(x), self.b(x), self.c(y), self.e(x), f, self.g(z)], dim=-1)
 
 
 def test_only_siblings_of_one_input_are_fused_and_outputs_stay():
@@ -45,7 +50,7 @@ def test_only_siblings_of_one_input_are_fused_and_outputs_stay():
         groups = fusion.apply()
         assert [group.names for group in groups] == [["a", "b"]]
         assert isinstance(block.a, FusedLead) and isinstance(block.b, FusedFollower)
-        assert type(block.c) is nn.Linear and type(block.d) is nn.Linear and type(block.e) is nn.Linear
+        assert all(type(getattr(block, name)) is nn.Linear for name in "cdefg")
         torch.testing.assert_close(block(x), expected)
         assert block.a.pending is None  # the last follower took its part: nothing outlives the forward
         # Each member's weight reads as the one it replaced (tools that inspect `q_proj.weight`).
