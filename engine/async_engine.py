@@ -248,17 +248,35 @@ class AsyncLLMEngine:
                     self._core.abort(request_id)
 
 
-class _ThreadCore:
+class QueuedCommands:
+    """What both cores share: `add` and `abort` become command tuples (applied by `apply_command`) queued
+    for the thread that hands them on, woken by `_wakeup`."""
+
+    def __init__(self) -> None:
+        self._commands: deque[tuple] = deque()
+        self._wakeup = threading.Event()
+
+    def add(self, request_id: str, text: str | None, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self._queue(("add", request_id, text, prompt_token_ids, params))
+
+    def abort(self, request_id: str) -> None:
+        self._queue(("abort", request_id))
+
+    def _queue(self, command: tuple) -> None:
+        self._commands.append(command)
+        self._wakeup.set()
+
+
+class _ThreadCore(QueuedCommands):
     """The step loop on a thread of this process; commands reach it through a deque."""
 
     def __init__(self, engine: LLMEngine) -> None:
+        super().__init__()
         self.engine = engine
         self.config = engine.config
         self.model_name = engine.model_name
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
-        self._commands: deque[tuple] = deque()
-        self._wakeup = threading.Event()
         self._stopping = False
         self._sink: CoreSink | None = None
         self._thread = threading.Thread(target=self._run_loop, name="pagedserve-engine-loop", daemon=True)
@@ -276,12 +294,6 @@ class _ThreadCore:
         self._sink = sink
         self._thread.start()
 
-    def add(self, request_id: str, text: str | None, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self._send(("add", request_id, text, prompt_token_ids, params))
-
-    def abort(self, request_id: str) -> None:
-        self._send(("abort", request_id))
-
     def check_health(self) -> None:
         if not self._thread.is_alive() and not self._stopping:
             raise EngineDeadError("the engine loop thread is not running")
@@ -298,10 +310,6 @@ class _ThreadCore:
             self._thread.join(timeout_s)
         if not self._thread.is_alive():
             self.engine.shutdown()  # the loop steps no more: tensor-parallel workers can stop
-
-    def _send(self, command: tuple) -> None:
-        self._commands.append(command)
-        self._wakeup.set()
 
     def _apply_commands(self, sink: CoreSink) -> None:
         while self._commands:

@@ -26,13 +26,12 @@ import signal
 import threading
 import time
 import weakref
-from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pagedserve.config.engine import EngineConfig
 
-from .async_engine import apply_command
+from .async_engine import QueuedCommands, apply_command
 from .errors import EngineDeadError, EngineError
 from .llm_engine import LLMEngine, encode_prompt
 from .request import SamplingParams
@@ -67,10 +66,11 @@ class _Ready:
     stats: EngineStats
 
 
-class EngineCoreClient:
+class EngineCoreClient(QueuedCommands):
     """Parent side of an engine core process. Blocks in __init__ until the engine is loaded or failed."""
 
     def __init__(self, config: EngineConfig) -> None:
+        super().__init__()
         self.config = config
         context = mp.get_context("spawn")  # fork would copy this process's threads (Ray's, the event loop's)
         commands_out, self._commands_in = context.Pipe(duplex=False)
@@ -87,8 +87,6 @@ class EngineCoreClient:
         self._stopping = False
         self._abandoned = False
         self._dead_reason: str | None = None
-        self._pending: deque[tuple] = deque()
-        self._wakeup = threading.Event()
         self._sender: threading.Thread | None = None
         self._reader: threading.Thread | None = None
         atexit.register(_shutdown_at_exit, weakref.ref(self))
@@ -140,12 +138,6 @@ class EngineCoreClient:
         self._sender.start()
         self._reader.start()
 
-    def add(self, request_id: str, text: str | None, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self._post(("add", request_id, text, prompt_token_ids, params))
-
-    def abort(self, request_id: str) -> None:
-        self._post(("abort", request_id))
-
     def check_health(self) -> None:
         if self._dead_reason is not None:
             raise EngineDeadError(self._dead_reason)
@@ -165,7 +157,7 @@ class EngineCoreClient:
         if self._stopping:
             return
         self._stopping = True
-        self._post(("stop",))
+        self._queue(("stop",))
         if self._sender is None:  # never started: send directly
             self._send_now([("stop",)])
         self._process.join(timeout_s)
@@ -180,10 +172,6 @@ class EngineCoreClient:
         self._results.close()
 
     # ---- threads -------------------------------------------------------------------------------
-    def _post(self, command: tuple) -> None:
-        self._pending.append(command)
-        self._wakeup.set()
-
     def _send_now(self, batch: list[tuple]) -> bool:
         try:
             self._commands_in.send(batch)
@@ -196,8 +184,8 @@ class EngineCoreClient:
             self._wakeup.wait()
             self._wakeup.clear()
             batch = []
-            while self._pending:
-                batch.append(self._pending.popleft())
+            while self._commands:
+                batch.append(self._commands.popleft())
             if batch and not self._send_now(batch):
                 return
             if any(command[0] == "stop" for command in batch) or not self._process.is_alive():
