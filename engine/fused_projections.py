@@ -118,7 +118,6 @@ class _Group:
 class ProjectionFusion:
     """Watches one forward, then fuses the groups it saw; `undo` restores the original modules."""
 
-    model: nn.Module
     # (parent id, child name, input): the input as (object id, version counter), so a tensor changed in
     # place between two calls does not count as the same input.
     _calls: list[tuple[int, str, tuple[int, int]]] = field(default_factory=list)
@@ -129,7 +128,7 @@ class ProjectionFusion:
     @classmethod
     def watch(cls, model: nn.Module) -> "ProjectionFusion":
         """Hook every fusable linear; run one forward of the model, then call `apply`."""
-        fusion = cls(model)
+        fusion = cls()
         for parent in model.modules():
             for name, child in parent.named_children():
                 if type(child) is not nn.Linear or _has_hooks(child):
@@ -193,7 +192,6 @@ def _compatible(linears: list[nn.Linear]) -> bool:
         and lin.weight.dtype == first.dtype
         and lin.weight.device == first.device
         and (lin.bias is None) == (linears[0].bias is None)
-        and not _has_hooks(lin)
         for lin in linears
     )
 
