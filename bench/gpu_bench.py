@@ -15,6 +15,7 @@ import argparse
 import gc
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -97,27 +98,39 @@ def quantize_linear_layers(model, quantization: str) -> None:
     torch.cuda.empty_cache()
 
 
-def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, list[list[int]], object]:
+def start_engine(model, tokenizer, args, **engine_args):
+    """The engine over the in-memory model, or with `--tp-size`, over the model directory with random
+    weights drawn by every rank (load_format=dummy: each rank builds the same model from the seed)."""
     from pagedserve.engine.llm import LLM
+
+    if args.tp_size is not None:
+        model_dir = Path(tempfile.mkdtemp(prefix="w1-model-"))
+        write_model_dir(model_dir, args.layers)
+        return LLM(str(model_dir), load_format="dummy", dtype="bfloat16", tp_size=args.tp_size, **engine_args)
+    return LLM.from_model(model, tokenizer, served_name="llama-3-8b-shape", **engine_args)
+
+
+def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, list[list[int]], object]:
     from pagedserve.engine.request import SamplingParams
 
-    model.set_attn_implementation("sdpa")
+    if model is not None:
+        model.set_attn_implementation("sdpa")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    engine_args = {"served_name": "llama-3-8b-shape", "max_num_seqs": args.max_num_seqs,
+    engine_args = {"max_num_seqs": args.max_num_seqs,
                    "attention_backend": args.attention_backend, "max_memory_percent": args.max_memory_percent,
                    "max_batch_tokens": args.max_batch_tokens, "enable_prefix_caching": False,
                    "compile": args.compile, "fuse_projections": args.fuse_projections}
     started = time.perf_counter()
     try:
-        llm = LLM.from_model(model, tokenizer, **engine_args)
+        llm = start_engine(model, tokenizer, args, **engine_args)
     except Exception as error:  # noqa: BLE001 -- e.g. a quantized matmul that cannot be captured
         print(f"engine start failed ({type(error).__name__}: {error}); retrying with eager decode", flush=True)
         llm = None
     if llm is None:  # outside the except block, so the failed engine's KV cache can be freed first
         gc.collect()
         torch.cuda.empty_cache()
-        llm = LLM.from_model(model, tokenizer, enable_cuda_graphs=False, **engine_args)
+        llm = start_engine(model, tokenizer, args, enable_cuda_graphs=False, **engine_args)
     cuda_graphs = llm.engine.runner._decode_graphs is not None
     compiled = bool(getattr(llm.engine.runner._step_model, "is_compiled", False))
     print(f"engine start (profiling, CUDA graphs{', compile' if compiled else ''}): "
@@ -211,6 +224,68 @@ def run_single(llm, workload: Workload, new_tokens: int) -> float:
     return new_tokens / (time.perf_counter() - started)
 
 
+def collective_profile(llm, workload: Workload, batch_sizes: tuple[int, ...], new_tokens: int = 32) -> list[dict]:
+    """Rank 0's NCCL kernel time per engine step (the all-reduces and the logits all-gather), from the
+    torch profiler over a short generate at each batch size (prompts cut to 128 tokens). A collective's
+    kernel also holds the time rank 0 waits for its peer, so this is an upper bound of the transfer."""
+    from pagedserve.engine.request import SamplingParams
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    on_gpu = torch.cuda.is_available()  # on a CPU (a check of this script) the gloo ops' CPU time instead
+
+    def self_us(event) -> float:
+        if not on_gpu:
+            return event.self_cpu_time_total
+        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+
+    def is_collective(key: str) -> bool:
+        return "nccl" in key.lower() or "pagedserve::tp_" in key
+
+    rows = []
+    for batch in batch_sizes:
+        prompts = [p[:128] for p in workload.prompts[:batch]]
+        llm.generate(prompts, params, use_tqdm=False)  # the same shapes once before the profile
+        engine_step, steps = llm.engine.step, []
+
+        def counted():
+            deltas = engine_step()
+            steps.append(llm.engine.last_step)
+            return deltas
+
+        llm.engine.step = counted
+        try:
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+                started = time.perf_counter()
+                llm.generate(prompts, params, use_tqdm=False)
+                torch.cuda.synchronize()
+                wall_s = time.perf_counter() - started
+        finally:
+            llm.engine.step = engine_step
+        times = [(e.key, self_us(e)) for e in prof.key_averages()]
+        nccl_us = sum(us for key, us in times if is_collective(key))
+        gpu_us = sum(us for _, us in times)
+        decode = [s for s in steps if s is not None and not s.num_prefill_tokens]
+        rows.append({
+            "batch": batch, "steps": len(steps), "decode_steps": len(decode),
+            "wall_ms_per_step": wall_s * 1000 / max(len(steps), 1),
+            "nccl_ms_per_step": nccl_us / 1000 / max(len(steps), 1),
+            "gpu_kernel_ms_per_step": gpu_us / 1000 / max(len(steps), 1),
+            "nccl_kernels": sorted({key for key, _ in times if is_collective(key)}),
+        })
+    return rows
+
+
+def compare_tokens(ours: list[list[int]], reference: list[list[int]], num_tokens: int) -> dict:
+    """How many requests agree with another run's greedy tokens over the first `num_tokens`."""
+    prefixes = [_common_prefix(a[:num_tokens], b[:num_tokens]) for a, b in zip(ours, reference)]
+    ordered = sorted(prefixes)
+    return {"equal": sum(p >= num_tokens for p in prefixes), "checked": len(prefixes), "tokens": num_tokens,
+            "min_prefix": ordered[0] if ordered else None, "median_prefix": ordered[len(ordered) // 2] if ordered else None,
+            "full_outputs_equal": sum(a == b for a, b in zip(ours, reference))}
+
+
 def _greedy(model, prompt: list[int], num_tokens: int, attn_implementation: str) -> list[int]:
     model.set_attn_implementation(attn_implementation)
     ids = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=num_tokens, do_sample=False,
@@ -280,6 +355,16 @@ def main() -> int:
     parser.add_argument("--single-tokens", type=int, default=512, help="batch-1 decode length (0 skips)")
     parser.add_argument("--check-requests", type=int, default=16)
     parser.add_argument("--check-tokens", type=int, default=32)
+    parser.add_argument("--tp-size", type=int, default=None,
+                        help="tensor-parallel ranks: the engine loads the model directory with random weights "
+                             "drawn on every rank (load_format=dummy) instead of the in-memory model; no "
+                             "generate_batch baseline or generate agreement (no in-memory model) in this mode")
+    parser.add_argument("--save-tokens", type=Path, default=None, help="write every request's output ids (JSON)")
+    parser.add_argument("--compare-tokens", type=Path, default=None,
+                        help="a --save-tokens file of another run (e.g. TP=1): report the share of requests whose "
+                             "first --check-tokens tokens are equal")
+    parser.add_argument("--profile-collectives", type=int, nargs="*", default=None, metavar="BATCH",
+                        help="after the run, profile NCCL kernel time per step at these batch sizes (TP)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--write-model-dir", type=Path, default=None,
                         help="only write the model's config.json and tokenizer there (for a service with "
@@ -293,7 +378,11 @@ def main() -> int:
     workload = random_token_workload(args.num_requests, args.min_prompt_len, args.max_prompt_len,
                                      args.max_new_tokens, vocab_size=128000, seed=0)
     print(workload.description, flush=True)
-    model, tokenizer = build_model(args)
+    if args.tp_size is not None:
+        args.skip_baseline, args.check_requests, args.quantization = True, 0, "none"
+        model, tokenizer = None, None
+    else:
+        model, tokenizer = build_model(args)
     if args.quantization != "none":
         quantize_linear_layers(model, args.quantization)
         print(f"quantized with {args.quantization}: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated",
@@ -312,16 +401,30 @@ def main() -> int:
     single = run_single(llm, workload, args.single_tokens) if args.single_tokens else None
     if single:
         print(f"batch 1 (after W1, same engine): {single:.1f} tok/s", flush=True)
+    collectives = None
+    if args.profile_collectives:
+        collectives = collective_profile(llm, workload, tuple(args.profile_collectives))
+        for row in collectives:
+            print(f"collectives at batch {row['batch']}: {row['nccl_ms_per_step']:.3f} ms NCCL kernel time a step "
+                  f"of {row['wall_ms_per_step']:.2f} ms wall ({row['steps']} steps; {row['nccl_kernels']})", flush=True)
+    if args.save_tokens:
+        args.save_tokens.write_text(json.dumps(ours_tokens))
+    token_match = None
+    if args.compare_tokens:
+        token_match = compare_tokens(ours_tokens, json.loads(args.compare_tokens.read_text()), args.check_tokens)
+        print(f"greedy tokens vs {args.compare_tokens.name}: {token_match}", flush=True)
     # Gives the model back uncompiled for transformers' own generate below, and unfreezes the engine's
     # objects so that its KV cache can be freed before the baseline.
     llm.engine.shutdown()
-    prefixes, control = check_against_generate(model, workload, ours_tokens, args.check_requests, args.check_tokens)
+    prefixes, control = ((), ()) if model is None else check_against_generate(
+        model, workload, ours_tokens, args.check_requests, args.check_tokens)
     agree = sum(p >= args.check_tokens for p in prefixes)
     control_agree = sum(p >= args.check_tokens for p in control)
     agreement = (f"greedy agreement over the first {args.check_tokens} tokens: pagedserve vs generate(sdpa) "
                  f"{agree}/{len(prefixes)} (common prefixes {prefixes}); generate(eager) vs generate(sdpa) "
                  f"{control_agree}/{len(control)} (common prefixes {control})")
-    print(agreement, flush=True)
+    if model is not None:
+        print(agreement, flush=True)
     del llm  # shut down above: its objects are unfrozen, so its KV cache can really be freed
     gc.collect()
     torch.cuda.empty_cache()
@@ -336,6 +439,7 @@ def main() -> int:
         "batch1_fresh_tokens_per_s": ours.details["batch1_fresh_tokens_per_s"],
         "generate_agreement": {"equal": agree, "checked": len(prefixes), "tokens": args.check_tokens,
                                "prefix_lengths": prefixes, "control_eager_vs_sdpa": control},
+        "tp_size": args.tp_size or 1, "collectives": collectives, "token_match": token_match,
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -347,8 +451,18 @@ def main() -> int:
           f"tok/s on the fresh engine; preemptions: {ours.details['preemptions']}; "
           f"KV capacity: {ours.details['kv_tokens']} tokens; backend: {ours.details['attention_backend']}; "
           f"quantization: {args.quantization}; largest batch: {ours.details['largest_batch']}; "
-          f"CUDA graphs: {ours.details['cuda_graphs']}")
-    print(agreement)
+          f"CUDA graphs: {ours.details['cuda_graphs']}; tensor-parallel ranks: {args.tp_size or 1}"
+          + (" (peak memory: rank 0's)" if (args.tp_size or 1) > 1 else ""))
+    if model is not None:
+        print(agreement)
+    if token_match:
+        print(f"greedy tokens equal to {args.compare_tokens.name} over the first {args.check_tokens}: "
+              f"{token_match['equal']}/{token_match['checked']} requests (all {workload.max_new_tokens} tokens: "
+              f"{token_match['full_outputs_equal']}; shortest common prefix {token_match['min_prefix']}, "
+              f"median {token_match['median_prefix']})")
+    for row in collectives or ():
+        print(f"NCCL kernel time at batch {row['batch']}: {row['nccl_ms_per_step']:.3f} ms a step "
+              f"({row['wall_ms_per_step']:.2f} ms wall a step, {row['gpu_kernel_ms_per_step']:.2f} ms of kernels)")
     if len(results) > 1:
         print(comparison_table(results))
     else:

@@ -228,8 +228,9 @@ def load_model(
                 f"EngineConfig.load_format='dummy' builds unquantized random weights; it cannot be combined with "
                 f"quantization={config.quantization!r}"
             )
-        model = _random_model(config, model_path, dtype, device if shard is None else torch.device("cpu"),
-                              attn_implementation)
+        # Built whole on the device from the seed: every tensor-parallel rank (and a TP=1 engine on the
+        # same kind of GPU) draws the same weights before cutting its shard, and no host copy is made.
+        model = _random_model(config, model_path, dtype, device, attn_implementation)
         extra = {}
     else:
         extra = quantization_kwargs(config, dtype, device)
@@ -246,6 +247,8 @@ def load_model(
         )
     if shard is not None:
         shard(model)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the cut-away parts of a model built on the device, before memory is planned
     if not extra:
         model.to(device)
     model.eval()

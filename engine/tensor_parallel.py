@@ -25,7 +25,11 @@ heads. Beyond the plan we shard the LM head by vocabulary rows (all-gather of th
 transformers' "colwise_gather_output") and the input embedding by vocabulary (mask, look up,
 all-reduce), each only when the vocabulary divides.
 Every rank reads the whole checkpoint on the host and cuts it before moving its part to its device:
-device memory holds one shard, host memory briefly one full copy per rank.
+device memory holds one shard, host memory briefly one full copy per rank. Random weights
+(`load_format="dummy"`) are instead drawn whole on each rank's device from the config's seed, so all
+ranks cut the same model, and a TP=1 engine on the same GPU type draws it too (TP=1 vs TP=2 compares).
+The collectives are torch custom ops (`pagedserve::tp_all_reduce`, `pagedserve::tp_all_gather_last_dim`),
+so compiled decoder layers keep one graph each and decode CUDA graphs capture the NCCL calls.
 
 Failure: ranks fail together. A worker that dies is seen before the next step (process liveness)
 or inside a collective (its sockets close; the groups also carry a timeout), and rank 0 then
@@ -35,12 +39,14 @@ raises `EngineDeadError` and stops the rest. A worker whose rank 0 disappears ex
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import pickle
 import re
 import time
 import traceback
+import weakref
 from datetime import timedelta
 from typing import Any
 
@@ -63,8 +69,43 @@ GROUP_TIMEOUT_S = 600.0
 _IDLE_WAIT = timedelta(days=3650)  # a worker waits for the next command as long as the engine idles
 
 
+# ---- collectives as torch ops ----------------------------------------------------------------------
+# The sharded model's hooks call these ops, not the process group: to torch.compile an op is opaque, so
+# a decoder layer stays one compiled graph with its all-reduce inside (a direct call on the process group
+# would break the graph there), and a decode CUDA graph captures the NCCL kernels like any other kernel.
+# Out of place: the op returns the reduced copy, so compile needs no mutation handling around it.
+_GROUPS: "weakref.WeakValueDictionary[int, RankGroup]" = weakref.WeakValueDictionary()
+_group_ids = itertools.count()
+
+
+@torch.library.custom_op("pagedserve::tp_all_reduce", mutates_args=())
+def _all_reduce_op(tensor: torch.Tensor, group_id: int) -> torch.Tensor:
+    reduced = tensor.clone()
+    _GROUPS[group_id].data.allreduce([reduced]).wait()
+    return reduced
+
+
+@_all_reduce_op.register_fake
+def _(tensor: torch.Tensor, group_id: int) -> torch.Tensor:
+    return torch.empty_like(tensor)
+
+
+@torch.library.custom_op("pagedserve::tp_all_gather_last_dim", mutates_args=())
+def _all_gather_op(tensor: torch.Tensor, group_id: int) -> torch.Tensor:
+    group = _GROUPS[group_id]
+    tensor = tensor.contiguous()
+    parts = [torch.empty_like(tensor) for _ in range(group.world_size)]
+    group.data.allgather([parts], [tensor]).wait()
+    return torch.cat(parts, dim=-1)
+
+
+@_all_gather_op.register_fake
+def _(tensor: torch.Tensor, group_id: int) -> torch.Tensor:
+    return tensor.new_empty((*tensor.shape[:-1], tensor.shape[-1] * _GROUPS[group_id].world_size))
+
+
 # ---- process groups --------------------------------------------------------------------------------
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class RankGroup:
     """One rank's view of the group: `data` carries the model's tensors, `control` Python objects."""
 
@@ -72,15 +113,17 @@ class RankGroup:
     world_size: int
     data: Any  # a torch.distributed Backend (gloo or NCCL)
     control: Any  # gloo
+    id: int = dataclasses.field(default_factory=lambda: next(_group_ids))
 
-    def all_reduce(self, tensor: torch.Tensor) -> None:
-        self.data.allreduce([tensor]).wait()
+    def __post_init__(self) -> None:
+        _GROUPS[self.id] = self  # what the ops find by id; gone with the group
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks, as a new tensor."""
+        return torch.ops.pagedserve.tp_all_reduce(tensor, self.id)
 
     def all_gather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.contiguous()
-        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        self.data.allgather([parts], [tensor]).wait()
-        return torch.cat(parts, dim=-1)
+        return torch.ops.pagedserve.tp_all_gather_last_dim(tensor, self.id)
 
     def min_over_ranks(self, values: list[int]) -> list[int]:
         tensor = torch.tensor(values, dtype=torch.int64)
@@ -226,9 +269,7 @@ def _shard_vocab(model: nn.Module, group: RankGroup) -> None:
             return ((ids - rows.start).masked_fill(outside, 0), *args[1:])
 
         def reduce_rows(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
-            output = output.masked_fill(masks.pop()[..., None], 0.0)
-            group.all_reduce(output)
-            return output
+            return group.all_reduce(output.masked_fill(masks.pop()[..., None], 0.0))
 
         embedding.register_forward_pre_hook(local_ids)
         embedding.register_forward_hook(reduce_rows)

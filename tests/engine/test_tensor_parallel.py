@@ -167,3 +167,49 @@ def test_tp_with_an_in_memory_model_is_refused(model_dirs: dict[str, Path]) -> N
     loaded = load_model(_config(model_dirs["llama"], 1))
     with pytest.raises(ConfigError, match="tp_size=2"):
         LLMEngine(_config(model_dirs["llama"], 2), loaded=loaded)
+
+
+def test_tp2_compiled_layers_break_where_tp1_does(model_dirs: dict[str, Path]) -> None:
+    """The all-reduce is a custom op, not a graph break: rank 0's compiled decoder layers trace into as
+    many graphs, with as many breaks (the paged attention's, by design), as TP=1's; tokens stay TP=1's."""
+    from torch._dynamo.utils import counters
+
+    def compiled_run(tp_size: int) -> tuple[dict[str, list[int]], int, int]:
+        torch._dynamo.reset()
+        counters.clear()
+        config = _config(model_dirs["llama"], tp_size).model_copy(update={"compile": True, "compile_backend": "eager"})
+        engine = LLMEngine(config)
+        try:
+            tokens = _greedy(engine, max_tokens=6)
+            assert engine.runner.is_compiled
+        finally:
+            engine.shutdown()
+        return tokens, sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+
+    tp1_tokens, tp1_breaks, tp1_graphs = compiled_run(1)
+    tp2_tokens, tp2_breaks, tp2_graphs = compiled_run(2)
+    assert tp2_tokens == tp1_tokens
+    assert (tp2_breaks, tp2_graphs) == (tp1_breaks, tp1_graphs)
+    assert tp1_graphs > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("name", ["llama", "llama-1-kv-head"])
+def test_tp2_nccl_on_gpus_matches_tp1(model_dirs: dict[str, Path], name: str) -> None:
+    """NCCL on two GPUs with the GPU defaults (Triton attention, compiled layers, decode CUDA graphs that
+    capture the all-reduces): TP=2 gives TP=1's greedy tokens (fp32), also for steps replayed as graphs."""
+    def config(tp_size: int) -> EngineConfig:
+        return EngineConfig.create(model=str(model_dirs[name]), tp_size=tp_size, device="cuda", dtype="float32",
+                                   num_blocks=48, max_num_seqs=4, max_batch_tokens=32)
+
+    torch._dynamo.reset()
+    expected = _greedy(LLMEngine(config(1)), max_tokens=16)
+    torch._dynamo.reset()
+    engine = LLMEngine(config(2))
+    try:
+        assert engine.runner._decode_graphs is not None, "decode graphs were not captured"
+        assert engine.runner.is_compiled
+        assert _greedy(engine, max_tokens=16) == expected
+    finally:
+        engine.shutdown()
