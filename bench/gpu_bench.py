@@ -286,27 +286,62 @@ def compare_tokens(ours: list[list[int]], reference: list[list[int]], num_tokens
             "full_outputs_equal": sum(a == b for a, b in zip(ours, reference))}
 
 
-def _greedy(model, prompt: list[int], num_tokens: int, attn_implementation: str) -> list[int]:
+CLOSE_TOP_K = 5  # a divergence is a near-tie when each side's token is in the other's top 5 (vLLM's test rule)
+
+
+def ours_with_logprobs(llm, workload: Workload, num_requests: int, num_tokens: int) -> list[tuple[list[int], list[set[int]]]]:
+    """Our greedy tokens for the checked requests, with the top-k ids at each position (logprobs=k)."""
+    from pagedserve.engine.request import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True, logprobs=CLOSE_TOP_K)
+    outputs = llm.generate(workload.prompts[:num_requests], params, use_tqdm=False)
+    return [(o.outputs[0].token_ids, [set(position) for position in o.outputs[0].logprobs]) for o in outputs]
+
+
+def _greedy(model, prompt: list[int], num_tokens: int, attn_implementation: str):
+    """transformers' greedy tokens, the top-k ids and the logits at each position."""
     model.set_attn_implementation(attn_implementation)
-    ids = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=num_tokens, do_sample=False,
-                         min_new_tokens=num_tokens, eos_token_id=None, pad_token_id=0)
-    return ids[0, len(prompt):].tolist()
+    out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=num_tokens, do_sample=False,
+                         min_new_tokens=num_tokens, eos_token_id=None, pad_token_id=0, output_logits=True,
+                         return_dict_in_generate=True)
+    logits = [step[0].float() for step in out.logits]
+    tops = [set(step.topk(CLOSE_TOP_K).indices.tolist()) for step in logits]
+    return out.sequences[0, len(prompt):].tolist(), tops, logits
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def check_against_generate(model, workload: Workload, ours: list[list[int]], num_requests: int, num_tokens: int):
-    """Common greedy prefix of ours vs generate(sdpa), and, as the noise floor of bf16 near-ties on random
-    weights, of generate(eager) vs generate(sdpa): two transformers kernels on the same model."""
+def _compare(tokens, tops, ref_tokens, ref_tops, ref_logits, num_tokens: int) -> dict:
+    """Common prefix with the reference; at the first divergence, whether it is a near-tie (each token in
+    the other's top-k) and the reference's logit gap between its token and ours."""
+    prefix = _common_prefix(tokens[:num_tokens], ref_tokens[:num_tokens])
+    if prefix >= num_tokens:
+        return {"prefix": prefix, "near_tie": None, "logit_gap": None}
+    mine, theirs = tokens[prefix], ref_tokens[prefix]
+    gap = float(ref_logits[prefix][theirs] - ref_logits[prefix][mine])
+    return {"prefix": prefix, "near_tie": mine in ref_tops[prefix] and theirs in tops[prefix], "logit_gap": round(gap, 4)}
+
+
+def check_against_generate(model, workload: Workload, ours, num_tokens: int) -> tuple[list[dict], list[dict]]:
+    """Ours vs generate(sdpa) on the first requests, and as the noise floor of bf16 near-ties on random
+    weights, generate(eager) vs generate(sdpa): two transformers kernels on the same model."""
     ours_vs_sdpa, eager_vs_sdpa = [], []
-    for prompt, got in list(zip(workload.prompts, ours))[:num_requests]:
-        sdpa = _greedy(model, prompt, num_tokens, "sdpa")
-        eager = _greedy(model, prompt, num_tokens, "eager")
-        ours_vs_sdpa.append(_common_prefix(got[:num_tokens], sdpa))
-        eager_vs_sdpa.append(_common_prefix(eager, sdpa))
+    for prompt, (tokens, tops) in zip(workload.prompts, ours):
+        sdpa, sdpa_tops, sdpa_logits = _greedy(model, prompt, num_tokens, "sdpa")
+        eager, eager_tops, _ = _greedy(model, prompt, num_tokens, "eager")
+        ours_vs_sdpa.append(_compare(tokens, tops, sdpa, sdpa_tops, sdpa_logits, num_tokens))
+        eager_vs_sdpa.append(_compare(eager, eager_tops, sdpa, sdpa_tops, sdpa_logits, num_tokens))
     return ours_vs_sdpa, eager_vs_sdpa
+
+
+def agreement_summary(rows: list[dict], num_tokens: int) -> str:
+    exact = sum(r["prefix"] >= num_tokens for r in rows)
+    close = sum(r["prefix"] >= num_tokens or bool(r["near_tie"]) for r in rows)
+    diverged = [f"{r['prefix']}@{r['logit_gap']}" for r in rows if r["prefix"] < num_tokens]
+    return (f"{exact}/{len(rows)} equal over {num_tokens} tokens, {close}/{len(rows)} equal or diverging at a "
+            f"near-tie (top-{CLOSE_TOP_K} both ways); divergences position@logit gap: {' '.join(diverged) or '-'}")
 
 
 def run_generate_batch(model, workload: Workload) -> BenchResult:
@@ -413,17 +448,16 @@ def main() -> int:
     if args.compare_tokens:
         token_match = compare_tokens(ours_tokens, json.loads(args.compare_tokens.read_text()), args.check_tokens)
         print(f"greedy tokens vs {args.compare_tokens.name}: {token_match}", flush=True)
+    checked = (ours_with_logprobs(llm, workload, args.check_requests, args.check_tokens)
+               if model is not None and args.check_requests else [])
     # Gives the model back uncompiled for transformers' own generate below, and unfreezes the engine's
     # objects so that its KV cache can be freed before the baseline.
     llm.engine.shutdown()
-    prefixes, control = ((), ()) if model is None else check_against_generate(
-        model, workload, ours_tokens, args.check_requests, args.check_tokens)
-    agree = sum(p >= args.check_tokens for p in prefixes)
-    control_agree = sum(p >= args.check_tokens for p in control)
-    agreement = (f"greedy agreement over the first {args.check_tokens} tokens: pagedserve vs generate(sdpa) "
-                 f"{agree}/{len(prefixes)} (common prefixes {prefixes}); generate(eager) vs generate(sdpa) "
-                 f"{control_agree}/{len(control)} (common prefixes {control})")
-    if model is not None:
+    rows, control = check_against_generate(model, workload, checked, args.check_tokens) if checked else ([], [])
+    agreement = (f"greedy agreement with transformers (bf16): pagedserve vs generate(sdpa): "
+                 f"{agreement_summary(rows, args.check_tokens)}\n  control, generate(eager) vs generate(sdpa): "
+                 f"{agreement_summary(control, args.check_tokens)}")
+    if checked:
         print(agreement, flush=True)
     del llm  # shut down above: its objects are unfrozen, so its KV cache can really be freed
     gc.collect()
@@ -437,8 +471,8 @@ def main() -> int:
         "workload": workload.description, "device": torch.cuda.get_device_name(0), "device_gib": total_gib,
         "results": [r.to_json() for r in results], "batch1_tokens_per_s": single,
         "batch1_fresh_tokens_per_s": ours.details["batch1_fresh_tokens_per_s"],
-        "generate_agreement": {"equal": agree, "checked": len(prefixes), "tokens": args.check_tokens,
-                               "prefix_lengths": prefixes, "control_eager_vs_sdpa": control},
+        "generate_agreement": {"tokens": args.check_tokens, "top_k": CLOSE_TOP_K, "ours_vs_sdpa": rows,
+                               "control_eager_vs_sdpa": control},
         "tp_size": args.tp_size or 1, "collectives": collectives, "token_match": token_match,
     }
     if args.out:
@@ -453,7 +487,7 @@ def main() -> int:
           f"quantization: {args.quantization}; largest batch: {ours.details['largest_batch']}; "
           f"CUDA graphs: {ours.details['cuda_graphs']}; tensor-parallel ranks: {args.tp_size or 1}"
           + (" (peak memory: rank 0's)" if (args.tp_size or 1) > 1 else ""))
-    if model is not None:
+    if checked:
         print(agreement)
     if token_match:
         print(f"greedy tokens equal to {args.compare_tokens.name} over the first {args.check_tokens}: "
