@@ -1,20 +1,9 @@
 #!/usr/bin/env bash
 # W1 through the Ray Serve service on one GPU machine that has no internet (docs/benchmarks.md).
-# Wheels: bench/gpu_serve_wheels.txt lists them and how to fetch them.
-# Expects: the ray wheel's first part in /tmp/ray1 (copied there by the previous call on the same
-# machine), the second part and ray[serve]'s other wheels in .ray2/, pydantic's wheels in .whl/.
+# Ray and the paths: bench/gpu_ray_env.sh (wheels it expects, and where).
 # Writes the service log and both benchmark tables to $OUT.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-W=ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl
-mkdir -p /tmp/raywhl
-cat /tmp/ray1/ray-*.part-* .ray2/ray-*.part-* > /tmp/raywhl/$W
-echo "b951b40965947a63615830916be04f26440d234de1e9a29dbf2155d03fa9ad2a  /tmp/raywhl/$W" | sha256sum -c - || exit 1
-# One pip call: --target --upgrade replaces whole top-level folders, so a second call would drop some.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    /tmp/raywhl/$W .ray2/*.whl .whl/*.whl || exit 1
-mkdir -p /tmp/pp/pagedserve && for d in config cache engine serve_app; do ln -sfn "$PWD/$d" /tmp/pp/pagedserve/$d; done
-export PYTHONPATH=/tmp/pp:/tmp/site PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1
+source bench/gpu_ray_env.sh
 python3 bench/gpu_bench.py --write-model-dir /tmp/w1-model
 # Offline W1 on this machine first, for the served / offline ratio (same engine settings, no baseline).
 python3 bench/gpu_bench.py --skip-baseline --check-requests 0 --single-tokens 0 --out "$OUT/w1_offline.json" \

@@ -1,0 +1,22 @@
+# Sourced by bench/gpu_serve_*.sh: Ray 2.60 with Serve and this checkout's pagedserve on the paths of a GPU
+# machine that has no internet (wheels: bench/gpu_serve_wheels.txt lists them and how to fetch them).
+# Expects: the ray wheel's first part in /tmp/ray1 (copied there by the previous call on the same machine),
+# the second part and ray[serve]'s other wheels in .ray2/, pydantic's wheels in .whl/.
+# RAY_INSTALL=0 installs nothing and uses the ray already on PATH (a CPU machine: PATH=.venv/bin:$PATH).
+# Sets OUT (default /tmp/out, created), PYTHONPATH, PATH, RAY_AUTH_MODE=disabled, PYTHONUNBUFFERED=1.
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ "${RAY_INSTALL:-1}" = 1 ]; then
+    W=ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl
+    mkdir -p /tmp/raywhl
+    cat /tmp/ray1/ray-*.part-* .ray2/ray-*.part-* > /tmp/raywhl/$W
+    echo "b951b40965947a63615830916be04f26440d234de1e9a29dbf2155d03fa9ad2a  /tmp/raywhl/$W" | sha256sum -c - || exit 1
+    # One pip call: --target --upgrade replaces whole top-level folders, so a second call would drop some.
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        /tmp/raywhl/$W .ray2/*.whl .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/pp:/tmp/site PATH=/tmp/site/bin:$PATH
+else
+    export PYTHONPATH=/tmp/pp${PYTHONPATH:+:$PYTHONPATH}
+fi
+# pagedserve from this checkout, without installing it: its folders as the package's subpackages.
+mkdir -p /tmp/pp/pagedserve && for d in config cache engine serve_app; do ln -sfn "$PWD/$d" /tmp/pp/pagedserve/$d; done
+export RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1
