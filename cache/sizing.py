@@ -37,6 +37,7 @@ class MemoryPlan:
     kv_bytes: int
     num_blocks: tuple[int, ...]
     block_size: int
+    cuda_graph_bytes: int = 0  # reserved for the decode CUDA graphs, captured after the KV cache
 
     @property
     def kv_tokens(self) -> int:
@@ -47,7 +48,8 @@ class MemoryPlan:
         return (
             f"memory plan: budget {self.budget_bytes / GIB:.2f} GiB of {self.device_total_bytes / GIB:.2f} GiB; "
             f"weights {self.weights_bytes / GIB:.3f} GiB, activations {self.activation_peak_bytes / GIB:.3f} GiB, "
-            f"KV cache {self.kv_bytes / GIB:.3f} GiB = blocks {list(self.num_blocks)} x {self.block_size} tokens "
+            + (f"CUDA graphs {self.cuda_graph_bytes / GIB:.3f} GiB, " if self.cuda_graph_bytes else "")
+            + f"KV cache {self.kv_bytes / GIB:.3f} GiB = blocks {list(self.num_blocks)} x {self.block_size} tokens "
             f"({self.kv_tokens} tokens of context)"
         )
 
@@ -73,13 +75,15 @@ def kv_budget_bytes(
     weights_bytes: int,
     activation_peak_bytes: int,
     max_cpu_kv_bytes: int,
+    cuda_graph_bytes: int = 0,
 ) -> tuple[int, int]:
-    """(budget for the whole engine, bytes left for the KV cache)."""
+    """(budget for the whole engine, bytes left for the KV cache). `cuda_graph_bytes`: what the decode
+    graphs will hold (their private memory pool and shared output), set aside before the cache."""
     if is_gpu:
         # Others may hold memory on the card too: never take more than is free now.
         budget = int(device_total_bytes * max_memory_percent)
         used_by_others = device_total_bytes - device_free_bytes - weights_bytes
-        kv = budget - weights_bytes - activation_peak_bytes - max(0, used_by_others)
+        kv = budget - weights_bytes - activation_peak_bytes - cuda_graph_bytes - max(0, used_by_others)
         return budget, max(0, kv)
     budget = int(device_free_bytes * max_memory_percent)
     kv = min(max_cpu_kv_bytes, budget - activation_peak_bytes)

@@ -121,7 +121,7 @@ class LLMEngine:
             self._warm_up(max_batch_tokens)
         if config.enable_cuda_graphs:
             self.runner.capture_cuda_graphs(min(config.cuda_graph_max_batch_size, config.max_num_seqs),
-                                            self.max_model_len)
+                                            self.max_model_len, self.memory_plan.cuda_graph_bytes)
         self.kv_cache = KVCacheManager(
             config.block_size,
             [g.sliding_window for g in shape.groups],

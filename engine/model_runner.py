@@ -224,9 +224,13 @@ class ModelRunner:
             for g in self.shape.groups
         ]
         weights = self.weights_bytes()
+        graphs = 0
         if self.device.type == "cuda":
             activation_peak = self._profile_activation_bytes(max_batch_tokens, max_num_seqs)
             free, total = torch.cuda.mem_get_info(self.device)
+            if config.enable_cuda_graphs and self._cuda_graphs_off_reason() is None:
+                graphs = self.cuda_graph_reserve_bytes(min(config.cuda_graph_max_batch_size, max_num_seqs),
+                                                       max_batch_tokens, activation_peak)
         else:
             # CPU: no allocator statistics; estimate the step's working set from the model's widths.
             hidden = self.model.config.get_text_config().hidden_size
@@ -242,6 +246,7 @@ class ModelRunner:
             weights_bytes=weights,
             activation_peak_bytes=activation_peak,
             max_cpu_kv_bytes=int(config.max_cpu_kv_cache_gib * GIB),
+            cuda_graph_bytes=graphs,
         )
         if config.num_blocks is not None:
             num_blocks = tuple(config.num_blocks for _ in group_shapes)
@@ -262,7 +267,16 @@ class ModelRunner:
                 max_batch_tokens=max_batch_tokens,
             )
         kv_total = sum(n * g.bytes_per_block(self.block_size, dtype_bytes) for n, g in zip(num_blocks, group_shapes))
-        return MemoryPlan(total, budget, weights, activation_peak, kv_total, tuple(num_blocks), self.block_size)
+        return MemoryPlan(total, budget, weights, activation_peak, kv_total, tuple(num_blocks), self.block_size,
+                          cuda_graph_bytes=graphs)
+
+    def cuda_graph_reserve_bytes(self, max_graph_batch: int, max_batch_tokens: int, activation_peak: int) -> int:
+        """What the decode graphs will hold, set aside before the KV cache is sized: their one shared
+        float32 logits output, plus their private pool, which holds the temporaries of one forward of at
+        most `max_graph_batch` tokens, bounded by the profiled forward of `max_batch_tokens` tokens (scaled
+        up when a graph is larger). An upper bound: on the 8B shape, 1.1 GiB set aside for 0.5 GiB used."""
+        output = max_graph_batch * self.shape.vocab_size * 4
+        return output + int(activation_peak * max(1.0, max_graph_batch / max_batch_tokens))
 
     @torch.inference_mode()
     def _profile_activation_bytes(self, max_batch_tokens: int, max_num_seqs: int) -> int:
@@ -358,35 +372,46 @@ class ModelRunner:
         positions: torch.Tensor,  # [T]
         context: PagedForwardContext,
         logits_indices: torch.Tensor,  # [S]
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The step model's forward (compiled when configured) over one packed batch; float32 logits at
-        `logits_indices` only."""
+        `logits_indices` only, written into `out` [S, vocab] when given (the decode graphs' shared output)."""
         kwargs = {"logits_to_keep": logits_indices} if self._supports_logits_to_keep else {}
         logits = self._step_model(
             input_ids=input_ids[None], position_ids=positions[None], paged_context=context, use_cache=False, **kwargs
         ).logits[0]
         if not self._supports_logits_to_keep:
             logits = logits[logits_indices]
-        return logits.float()
+        return logits.float() if out is None else out.copy_(logits)
 
     @property
     def is_compiled(self) -> bool:
         return isinstance(self._step_model, CompiledForward) and self._step_model.is_compiled
 
-    def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int) -> bool:
-        """Capture decode graphs where the device and backend allow it; False (eager) otherwise."""
-        if self.device.type != "cuda" or not self.backend.supports_cuda_graphs:
-            logger.info("CUDA graphs off: %s", "not on a GPU" if self.device.type != "cuda"
-                        else f"the {self.backend.name} backend cannot be captured")
-            return False
+    def _cuda_graphs_off_reason(self) -> str | None:
+        if self.device.type != "cuda":
+            return "not on a GPU"
+        if not self.backend.supports_cuda_graphs:
+            return f"the {self.backend.name} backend cannot be captured"
         if any(type(module).__name__ == "Linear8bitLt" for module in self.model.modules()):
             # LLM.int8 splits outlier columns out with data-dependent shapes: capture is invalidated (H100).
-            logger.info("CUDA graphs off: bitsandbytes 8-bit layers cannot be captured")
+            return "bitsandbytes 8-bit layers cannot be captured"
+        return None
+
+    def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int, reserved_bytes: int = 0) -> bool:
+        """Capture decode graphs where the device and backend allow it; False (eager) otherwise.
+        `reserved_bytes`: what the memory plan set aside for them (a warning if they took more)."""
+        reason = self._cuda_graphs_off_reason()
+        if reason is not None:
+            logger.info("CUDA graphs off: %s", reason)
             return False
         from .cuda_graphs import DecodeGraphs
 
         graphs = DecodeGraphs(self, max_batch_size, max_model_len)
-        graphs.capture()
+        used = graphs.capture()
+        if reserved_bytes and used > reserved_bytes:
+            logger.warning("the decode CUDA graphs took %.0f MiB, more than the %.0f MiB the memory plan set aside",
+                           used / 2**20, reserved_bytes / 2**20)
         self._decode_graphs = graphs
         return True
 

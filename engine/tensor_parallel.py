@@ -386,10 +386,10 @@ class TensorParallelRunner:
     def allocate_kv_cache(self, num_blocks: tuple[int, ...]) -> None:
         self._mirrored("allocate", tuple(num_blocks), lambda: self.local.allocate_kv_cache(num_blocks))
 
-    def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int) -> bool:
+    def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int, reserved_bytes: int = 0) -> bool:
         return self._mirrored(
-            "graphs", (max_batch_size, max_model_len),
-            lambda: self.local.capture_cuda_graphs(max_batch_size, max_model_len),
+            "graphs", (max_batch_size, max_model_len, reserved_bytes),
+            lambda: self.local.capture_cuda_graphs(max_batch_size, max_model_len, reserved_bytes),
         )
 
     def execute(self, step: StepInput, previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
