@@ -3,7 +3,8 @@
 # Expects: the ray wheel's first part in /tmp/ray1 (copied there by the previous call on the same machine),
 # the second part and ray[serve]'s other wheels in .ray2/, pydantic's wheels in .whl/.
 # RAY_INSTALL=0 installs nothing and uses the ray already on PATH (a CPU machine: PATH=.venv/bin:$PATH).
-# Sets OUT (default /tmp/out, created), PYTHONPATH, PATH, RAY_AUTH_MODE=disabled, PYTHONUNBUFFERED=1.
+# Sets OUT (default /tmp/out, created), PYTHONPATH, PATH, RAY_AUTH_MODE=disabled, PYTHONUNBUFFERED=1;
+# defines serve_run (below).
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ "${RAY_INSTALL:-1}" = 1 ]; then
     W=ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl
@@ -20,3 +21,12 @@ fi
 # pagedserve from this checkout, without installing it: its folders as the package's subpackages.
 mkdir -p /tmp/pp/pagedserve && for d in config cache engine serve_app; do ln -sfn "$PWD/$d" /tmp/pp/pagedserve/$d; done
 export RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1
+
+# `serve_run ARGS... &`: serve run as a background job that still stops on Ctrl-C. A non-interactive shell
+# starts background jobs with SIGINT ignored, and a Python started so never raises KeyboardInterrupt (serve
+# run then ignored the SIGINT these scripts end it with and was killed at 60 s): give SIGINT its default.
+# It execs, so that $! is serve run itself: call it only as a background job (with &).
+serve_run() {
+    exec python3 -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp("serve", sys.argv[1:])' \
+        serve run "$@"
+}

@@ -94,6 +94,9 @@ finish() {  # stop everything this run started, then write and print the summary
         for _ in $(seq 15); do sleep 1; pids=$(ray_pids); [ -z "$pids" ] && break; done
     fi
     if [ -n "$pids" ]; then kill -KILL $pids 2>/dev/null; sleep 2; fi
+    # `ray stop` also forgets the cluster; stopped by PID, its record would send the next ray.init() or
+    # `serve` command on this machine to a dead address (they hang there).
+    if grep -qs ":$RAY_PORT\$" /tmp/ray/ray_current_cluster; then rm -f /tmp/ray/ray_current_cluster; fi
     left=$(ray_pids | wc -l)
     { cat "$LOGS/ray_start.log" 2>/dev/null; echo "..."; log_digest "$LOGS/serve.log"; } > "$OUT/serve.log"
     local runs=""
@@ -120,10 +123,8 @@ setsid bash -c 'echo $$ > "$0"; exec "$@"' "$LOGS/ray.sid" \
     > "$LOGS/ray_start.log" 2>&1 || { echo "ray start failed"; tail -20 "$LOGS/ray_start.log"; exit 1; }
 RAY_SID=$(cat "$LOGS/ray.sid")
 echo "ray started after $(elapsed) s"
-# A script's background job starts with SIGINT ignored, and a Python started so never raises KeyboardInterrupt:
-# serve run gets SIGINT's default back, so that the SIGINT at the end runs its Ctrl-C shutdown.
-python3 -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp("serve", sys.argv[1:])' \
-    serve run --address "127.0.0.1:$RAY_PORT" "$YAML" > "$LOGS/serve.log" 2>&1 &
+# serve_run (gpu_ray_env.sh): a background serve run that the SIGINT at the end stops as Ctrl-C would.
+serve_run --address "127.0.0.1:$RAY_PORT" "$YAML" > "$LOGS/serve.log" 2>&1 &
 SERVE_PID=$!
 up_started=$(date +%s)
 if ! python3 bench/serve_watch.py wait $WATCH --replicas 2 --timeout-s "$STARTUP_TIMEOUT_S" --serve-pid $SERVE_PID; then

@@ -8,7 +8,7 @@ python3 bench/gpu_bench.py --write-model-dir /tmp/w1-model
 # Offline W1 on this machine first, for the served / offline ratio (same engine settings, no baseline).
 python3 bench/gpu_bench.py --skip-baseline --check-requests 0 --single-tokens 0 --out "$OUT/w1_offline.json" \
     2>&1 | tail -3
-serve run bench/serve_w1_gpu.yaml > "$OUT/serve.log" 2>&1 &
+serve_run bench/serve_w1_gpu.yaml > "$OUT/serve.log" 2>&1 &  # stops on the SIGINT below (gpu_ray_env.sh)
 SERVE_PID=$!
 started=$(date +%s)
 until curl -sf -m 2 http://127.0.0.1:8000/v1/models > /dev/null; do

@@ -180,7 +180,7 @@ def local_service(model: str | None, engine: dict[str, Any], max_ongoing: int) -
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)  # logical CPUs: replicas never wait
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)  # logical CPUs: replicas never wait
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app_args = {"model": model, "num_replicas": 1, "max_ongoing_requests": max_ongoing,

@@ -28,7 +28,7 @@ from ray.serve.handle import DeploymentHandle
 
 from pagedserve.config.serve import ServeArgs
 from pagedserve.engine.errors import InvalidRequestError
-from pagedserve.engine.request import RequestOutput, SamplingParams
+from pagedserve.engine.request import RequestOutput, SamplingParams, merge_delta
 
 from . import openai_protocol as oai
 from .replica import GenerateRequest, ModelInfo, ReplicaError
@@ -96,6 +96,26 @@ def _routing_error(exc: BaseException) -> APIError:
 
 def _replica_error(error: ReplicaError) -> APIError:
     return APIError(error.status_code, error.message, error.error_type, error.param)
+
+
+# A request whose replica is lost (its process died, or its engine did) before anything of it reached the
+# client is sent again, to whichever replica the router picks then: up to this many attempts in all, the
+# next one after RETRY_BACKOFF_S x attempt (the router drops a dead replica within about a second).
+MAX_ATTEMPTS = 3
+RETRY_BACKOFF_S = 0.5
+
+
+def _replica_lost(error: BaseException | ReplicaError) -> bool:
+    """The replica under a request went away, through no fault of the request: worth sending again."""
+    if isinstance(error, ReplicaError):
+        return error.status_code == 503 and error.error_type == "service_unavailable"  # its engine died
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    return isinstance(_unwrap(error), (RayActorError, ActorUnavailableError))
+
+
+def _as_api_error(error: BaseException | ReplicaError) -> APIError:
+    return _replica_error(error) if isinstance(error, ReplicaError) else _routing_error(error)
 
 
 def _counts_rejections(
@@ -252,22 +272,71 @@ class OpenAIIngress:
 
         return contextvars.copy_context().run(call)
 
-    async def first_items(self, streams: list[Any]) -> list[Any]:
-        """Wait for each stream's first item so routing refusals and bad requests become HTTP errors."""
+    async def _retry_or_raise(self, request: GenerateRequest, attempt: int, error: BaseException | ReplicaError) -> None:
+        """Return (after the backoff) when `error` lost the replica and attempts remain; else raise it."""
+        if attempt + 1 >= MAX_ATTEMPTS or not _replica_lost(error):
+            raise _as_api_error(error)
+        logger.warning("request %s: replica lost (%s); sending it again (attempt %d of %d)", request.request_id,
+                       error.message if isinstance(error, ReplicaError) else type(_unwrap(error)).__name__,
+                       attempt + 2, MAX_ATTEMPTS)
+        await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
 
-        async def first(stream: Any) -> Any:
+    def _attempt(self, request: GenerateRequest, attempt: int) -> Any:
+        # A new id per attempt: the router's block reservations are keyed by it.
+        return self.start(request if attempt == 0 else dataclasses.replace(
+            request, request_id=f"{request.request_id}-retry{attempt}"))
+
+    async def open_stream(self, request: GenerateRequest) -> tuple[Any, Any]:
+        """Start one engine request and wait for its first item, so that routing refusals and bad requests
+        become HTTP errors; sent again while its replica is lost before that item. (stream, first item)."""
+        for attempt in range(MAX_ATTEMPTS):
+            stream = self._attempt(request, attempt)
             try:
-                return await stream.__anext__()
+                first = await stream.__anext__()
             except StopAsyncIteration:
-                return None
+                return stream, None
+            except Exception as exc:  # noqa: BLE001 -- mapped to an HTTP error unless retried
+                self.cancel([stream])
+                await self._retry_or_raise(request, attempt, exc)
+                continue
+            if isinstance(first, ReplicaError):
+                self.cancel([stream])
+                await self._retry_or_raise(request, attempt, first)
+                continue
+            return stream, first
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
-        results = await asyncio.gather(*(first(s) for s in streams), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise _routing_error(result)
-            if isinstance(result, ReplicaError):
-                raise _replica_error(result)
-        return results
+    async def open_streams(self, requests: list[GenerateRequest]) -> tuple[list[Any], list[Any]]:
+        """`open_stream` for each prompt at once; on any error the others are cancelled and it is raised."""
+        results = await asyncio.gather(*(self.open_stream(r) for r in requests), return_exceptions=True)
+        opened = [r for r in results if not isinstance(r, BaseException)]
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            self.cancel([stream for stream, _ in opened])
+            raise failed[0]
+        return [stream for stream, _ in opened], [first for _, first in opened]
+
+    async def collect(self, request: GenerateRequest) -> RequestOutput | None:
+        """One prompt's whole output, for a non-streaming response. Nothing of it reaches the client before
+        the end, so a replica lost at any point costs only time: the request is sent again from the start."""
+        for attempt in range(MAX_ATTEMPTS):
+            stream = self._attempt(request, attempt)
+            output: RequestOutput | None = None
+            failure: BaseException | ReplicaError | None = None
+            try:
+                async for item in stream:
+                    if isinstance(item, ReplicaError):
+                        failure = item
+                        break
+                    output = merge_delta(output, item)
+            except Exception as exc:  # noqa: BLE001 -- mapped to an HTTP error unless retried
+                failure = exc
+            finally:
+                self.cancel([stream])
+            if failure is None:
+                return output
+            await self._retry_or_raise(request, attempt, failure)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     @staticmethod
     def cancel(streams: list[Any]) -> None:
@@ -465,40 +534,31 @@ class OpenAIIngress:
     async def full_response(
         self, info: ModelInfo, model: str, request_id: str, requests: list[GenerateRequest], body: Any, chat: bool
     ) -> Response:
-        streams = [self.start(r) for r in requests]
-        n = requests[0].sampling_params.n
-        choices: dict[int, _Choice] = {}
-        num_prompt_tokens = 0
+        tasks = [asyncio.ensure_future(self.collect(r)) for r in requests]
         try:
-            firsts = await self.first_items(streams)
-
-            async def collect() -> None:
-                nonlocal num_prompt_tokens
-                async for prompt_index, item in self.merged(streams, firsts):
-                    if isinstance(item, BaseException):
-                        raise _routing_error(item)
-                    if isinstance(item, ReplicaError):
-                        raise _replica_error(item)
-                    output: RequestOutput = item
-                    for completion in output.outputs:
-                        choice = choices.setdefault(prompt_index * n + completion.index, _Choice())
-                        choice.text_parts.append(completion.text)
-                        choice.token_ids.extend(completion.token_ids)
-                        if completion.logprobs:
-                            choice.logprobs.extend(completion.logprobs)
-                        if completion.finish_reason is not None:
-                            choice.finish_reason = completion.finish_reason
-                            choice.stop_reason = completion.stop_reason
-                    if output.finished:
-                        num_prompt_tokens += len(output.prompt_token_ids)
-                        if output.error:
-                            raise APIError(500, f"request failed in the engine: {output.error}", "internal_server_error")
-
-            await asyncio.wait_for(collect(), timeout=self.args.request_timeout_s)
+            outputs = await asyncio.wait_for(asyncio.gather(*tasks), timeout=self.args.request_timeout_s)
         except asyncio.TimeoutError:
             raise APIError(408, f"request took longer than {self.args.request_timeout_s:g}s", "timeout") from None
         finally:
-            self.cancel(streams)
+            for task in tasks:  # one prompt failed, or the client left: the others' replica calls end too
+                task.cancel()
+        n = requests[0].sampling_params.n
+        choices: dict[int, _Choice] = {}
+        num_prompt_tokens = 0
+        for prompt_index, output in enumerate(outputs):
+            if output is None:
+                continue
+            if output.error:
+                raise APIError(500, f"request failed in the engine: {output.error}", "internal_server_error")
+            num_prompt_tokens += len(output.prompt_token_ids)
+            for completion in output.outputs:
+                choice = choices.setdefault(prompt_index * n + completion.index, _Choice())
+                choice.text_parts.append(completion.text)
+                choice.token_ids.extend(completion.token_ids)
+                if completion.logprobs:
+                    choice.logprobs.extend(completion.logprobs)
+                choice.finish_reason = completion.finish_reason
+                choice.stop_reason = completion.stop_reason
 
         usage = oai.UsageInfo(prompt_tokens=num_prompt_tokens,
                               completion_tokens=sum(len(c.token_ids) for c in choices.values()))
@@ -535,12 +595,7 @@ class OpenAIIngress:
     async def stream_response(
         self, info: ModelInfo, model: str, request_id: str, requests: list[GenerateRequest], body: Any, chat: bool
     ) -> Response:
-        streams = [self.start(r) for r in requests]
-        try:
-            firsts = await self.first_items(streams)
-        except BaseException:
-            self.cancel(streams)
-            raise
+        streams, firsts = await self.open_streams(requests)
         n = requests[0].sampling_params.n
         created = oai.now_s()
         include_usage = body.include_usage_in_stream

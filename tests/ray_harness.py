@@ -42,7 +42,9 @@ def local_serve(env_vars: dict[str, str] | None = None, **ray_init_kwargs) -> It
     previous_auth_mode = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     try:
-        ray.init(num_cpus=8, log_to_driver=False,
+        # address="local": a cluster of its own, even where another one (or a stale record of one in
+        # /tmp/ray/ray_current_cluster) exists on this machine.
+        ray.init(address="local", num_cpus=8, log_to_driver=False,
                  runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", **(env_vars or {})}}, **ray_init_kwargs)
         for attempt in range(3):
             http_port = _free_port()
@@ -55,7 +57,8 @@ def local_serve(env_vars: dict[str, str] | None = None, **ray_init_kwargs) -> It
                     raise
         yield http_port
     finally:
-        serve.shutdown()
+        if ray.is_initialized():  # else serve.shutdown() would connect to whatever cluster it finds
+            serve.shutdown()
         ray.shutdown()
         if previous_auth_mode is None:
             os.environ.pop("RAY_AUTH_MODE", None)

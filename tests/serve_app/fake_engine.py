@@ -7,6 +7,9 @@ with the real engine. Magic words in the prompt inject faults:
   "SLOW"   each step sleeps 0.2 s (a long stream to disconnect from)
   "FAIL"   the request ends after two tokens with finish_reason "error" (engine failure of one request)
   "CRASH"  generate raises RuntimeError before the first yield
+  "DIEONCE <word>"   the first request naming <word> ends its replica's process (os._exit) after two
+                     tokens; later ones run normally (a marker file per word, shared by all replicas)
+  "DIEEARLY <word>"  the same, before the first token
 Workers import this module through PYTHONPATH set in the test's runtime_env.
 """
 
@@ -14,6 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import tempfile
+from pathlib import Path
 from typing import AsyncIterator
 
 from pagedserve.config.engine import EngineConfig
@@ -26,6 +32,19 @@ from pagedserve.engine.request import (
 )
 from pagedserve.engine.stats import EngineStats
 from transformers import AutoTokenizer
+
+
+def _dies_now(text: str, magic: str) -> bool:
+    """True once per word named after `magic` in the prompt, across all processes of this machine."""
+    words = text.split()
+    if magic not in words or words.index(magic) + 1 >= len(words):
+        return False
+    marker = Path(tempfile.gettempdir()) / f"pagedserve-fake-engine-{magic}-{words[words.index(magic) + 1]}"
+    try:
+        marker.touch(exist_ok=False)
+    except FileExistsError:
+        return False
+    return True
 
 
 class FakeAsyncEngine:
@@ -67,6 +86,7 @@ class FakeAsyncEngine:
         if blocks > self.num_total_blocks:
             raise RequestTooLargeError(f"needs {blocks} blocks, the cache has {self.num_total_blocks}", "max_tokens")
         delay_s = 0.2 if "SLOW" in text else 0.005
+        die_after = 0 if _dies_now(text, "DIEEARLY") else 2 if _dies_now(text, "DIEONCE") else None
         try:
             self._waiting.add(request_id)
             while self.num_free_blocks < blocks:
@@ -79,6 +99,8 @@ class FakeAsyncEngine:
             seed = params.seed or 0
             for step in range(max_tokens):
                 await asyncio.sleep(delay_s)
+                if step == die_after:
+                    os._exit(1)  # the replica's process ends here, as a crashed or killed one does
                 if request_id in self._aborted:
                     return
                 is_last = step == max_tokens - 1

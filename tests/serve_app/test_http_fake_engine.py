@@ -257,3 +257,42 @@ def test_chat_without_max_tokens_fits_a_replica(service, client: httpx.Client) -
         "model": service["model"], "messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["finish_reason"] == "length"
+
+
+def _wait_for_running_replicas(count: int, timeout_s: float = 90.0) -> None:
+    deadline = time.time() + timeout_s
+    states: dict = {}
+    while time.time() < deadline:
+        states = serve.status().applications["fake"].deployments["EngineReplica"].replica_states
+        if states.get("RUNNING", 0) >= count and sum(states.values()) == states.get("RUNNING", 0):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"replicas not back to {count} RUNNING: {states}")
+
+
+# Last in the module: each case ends a replica's process (a fake-engine fault), which Serve replaces.
+@pytest.mark.parametrize("fault, stream", [("DIEONCE", False), ("DIEEARLY", True)],
+                         ids=["one-response-replica-dies-mid-generation", "stream-replica-dies-before-first-token"])
+def test_a_request_whose_replica_is_lost_is_sent_again(service, client: httpx.Client, fault: str, stream: bool) -> None:
+    """Nothing of the request had reached the client, so the ingress sends it to a live replica and the
+    client gets the whole answer, the one the same prompt gives on a healthy replica."""
+    import uuid
+
+    _wait_for_running_replicas(2)
+    prompt = f"{fault} {uuid.uuid4().hex[:8]} tell me"
+    body = {"model": service["model"], "prompt": prompt, "max_tokens": 6, "stream": stream}
+    if stream:
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events
+        text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1] if json.loads(e)["choices"])
+    else:
+        response = client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 6
+        text = response.json()["choices"][0]["text"]
+    # The marker now exists: the same prompt runs normally, and gives the same (deterministic) text.
+    again = client.post("/v1/completions", json={**body, "stream": False})
+    assert again.status_code == 200 and again.json()["choices"][0]["text"] == text
+    _wait_for_running_replicas(2)  # the lost replica was replaced
