@@ -2,15 +2,13 @@
 
 The ingress never touches the engine: it validates bodies (`openai_protocol`), tokenizes with the
 tokenizer fetched once from a replica (for the context check and the router's block demand), sends
-`GenerateRequest`s through the replica handle (routed by `FreeBlocksRequestRouter`), and formats the
-replicas' deltas. Streaming sends each delta once, so a token costs the same at any length. Leaving a
+`GenerateRequest`s to the replicas (`replica_calls`: routed by `FreeBlocksRequestRouter`, sent again when
+a replica is lost), and formats their deltas; errors become OpenAI bodies (`api_errors`). Streaming sends each delta once, so a token costs the same at any length. Leaving a
 stream early (client gone) cancels the replica call, which aborts the engine request.
 """
 
 
 import asyncio
-import contextvars
-import dataclasses
 import functools
 import hmac
 import json
@@ -23,99 +21,26 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
-from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
 
 from pagedserve.config.serve import ServeArgs
 from pagedserve.engine.errors import InvalidRequestError
-from pagedserve.engine.request import RequestOutput, SamplingParams, merge_delta
+from pagedserve.engine.request import RequestOutput, SamplingParams
 
 from . import openai_protocol as oai
-from .replica import GenerateRequest, ModelInfo, ReplicaError
-from .errors import ServiceOverloadedError
+from .api_errors import APIError, as_api_error, bad_request, routing_error
 from .metrics import IngressMetrics
+from .replica import GenerateRequest, ModelInfo, ReplicaError
+from .replica_calls import ReplicaCalls
 
 logger = logging.getLogger("ray.serve")
 
 fastapi_app = FastAPI(title="pagedserve", openapi_url=None, docs_url=None, redoc_url=None)
 
 
-class APIError(Exception):
-    """Raised anywhere in a route; the handler below renders it as an OpenAI error body."""
-
-    def __init__(
-        self, status_code: int, message: str, error_type: str, param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.message = message
-        self.error_type = error_type
-        self.param = param
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(
-            oai.error_body(self.message, self.error_type, self.status_code, self.param),
-            status_code=self.status_code,
-            headers=self.headers,
-        )
-
-
 @fastapi_app.exception_handler(APIError)
 async def _api_error_handler(_: Request, exc: APIError) -> JSONResponse:
     return exc.response()
-
-
-def _bad_request(message: str, param: str | None = None) -> APIError:
-    return APIError(400, message, "invalid_request_error", param)
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    """Ray may wrap an error raised in another process; find the typed cause."""
-    seen = 0
-    while seen < 5:
-        cause = getattr(exc, "cause", None) or exc.__cause__
-        if isinstance(exc, (ServiceOverloadedError, InvalidRequestError)) or cause is None:
-            return exc
-        exc = cause
-        seen += 1
-    return exc
-
-
-def _routing_error(exc: BaseException) -> APIError:
-    exc = _unwrap(exc)
-    if isinstance(exc, ServiceOverloadedError):
-        return APIError(429, f"service overloaded: {exc.message}", "rate_limit_exceeded",
-                        headers={"Retry-After": str(exc.retry_after_s)})
-    if isinstance(exc, InvalidRequestError):
-        return _bad_request(exc.message, exc.param)
-    logger.warning("replica call failed: %s: %s", type(exc).__name__, exc)
-    return APIError(503, f"no replica could serve the request: {type(exc).__name__}", "service_unavailable")
-
-
-def _replica_error(error: ReplicaError) -> APIError:
-    return APIError(error.status_code, error.message, error.error_type, error.param)
-
-
-# A request whose replica is lost (its process died, or its engine did) before anything of it reached the
-# client is sent again, to whichever replica the router picks then: up to this many attempts in all, the
-# next one after RETRY_BACKOFF_S x attempt (the router drops a dead replica within about a second).
-MAX_ATTEMPTS = 3
-RETRY_BACKOFF_S = 0.5
-
-
-def _replica_lost(error: BaseException | ReplicaError) -> bool:
-    """The replica under a request went away, through no fault of the request: worth sending again."""
-    if isinstance(error, ReplicaError):
-        return error.status_code == 503 and error.error_type == "service_unavailable"  # its engine died
-    from ray.exceptions import ActorUnavailableError, RayActorError
-
-    return isinstance(_unwrap(error), (RayActorError, ActorUnavailableError))
-
-
-def _as_api_error(error: BaseException | ReplicaError) -> APIError:
-    return _replica_error(error) if isinstance(error, ReplicaError) else _routing_error(error)
 
 
 def _counts_rejections(
@@ -152,6 +77,7 @@ class OpenAIIngress:
 
     def __init__(self, replica: DeploymentHandle, serve_args: ServeArgs) -> None:
         self.replica = replica
+        self.calls = ReplicaCalls(replica)
         self.args = serve_args
         self._api_key = serve_args.resolved_api_key()
         self._info: ModelInfo | None = None
@@ -171,7 +97,7 @@ class OpenAIIngress:
                     try:
                         self._info = await self.replica.model_info.remote()
                     except Exception as exc:
-                        raise _routing_error(exc) from None
+                        raise routing_error(exc) from None
                     self.metrics.set_model_name(self.args.served_model_name or self._info.model_name)
         return self._info
 
@@ -200,9 +126,9 @@ class OpenAIIngress:
         try:
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise _bad_request(f"malformed JSON body: {exc}") from None
+            raise bad_request(f"malformed JSON body: {exc}") from None
         if not isinstance(payload, dict):
-            raise _bad_request("the JSON body must be an object")
+            raise bad_request("the JSON body must be an object")
         try:
             return model_cls.model_validate(payload)
         except ValidationError as exc:
@@ -213,7 +139,7 @@ class OpenAIIngress:
             details = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']} (got {e.get('input')!r:.80})" for e in errors
             )
-            raise _bad_request(details, param) from None
+            raise bad_request(details, param) from None
 
     async def check_model(self, model: str | None) -> str:
         served = await self.served_model_name()
@@ -225,7 +151,7 @@ class OpenAIIngress:
     def check_length(self, info: ModelInfo, num_prompt_tokens: int, max_tokens: int | None) -> int:
         """Resolve max_tokens (None: the rest of the context) and reject what cannot fit the context."""
         if num_prompt_tokens >= info.max_model_len:
-            raise _bad_request(
+            raise bad_request(
                 f"this model's maximum context length is {info.max_model_len} tokens, but the prompt has "
                 f"{num_prompt_tokens} tokens", "prompt")
         if max_tokens is None:
@@ -233,12 +159,12 @@ class OpenAIIngress:
             # request without max_tokens is not refused as too large for every replica.
             limit = min(info.max_model_len, info.num_total_blocks * info.block_size)
             if num_prompt_tokens >= limit:
-                raise _bad_request(
+                raise bad_request(
                     f"the prompt has {num_prompt_tokens} tokens, which leaves no room for output in a replica's KV "
                     f"cache of {info.num_total_blocks * info.block_size} tokens", "prompt")
             return limit - num_prompt_tokens
         if num_prompt_tokens + max_tokens > info.max_model_len:
-            raise _bad_request(
+            raise bad_request(
                 f"this model's maximum context length is {info.max_model_len} tokens, but you requested "
                 f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} "
                 f"for the completion); reduce the prompt or max_tokens", "max_tokens")
@@ -256,125 +182,6 @@ class OpenAIIngress:
             max_new_tokens=sampling_params.n * (sampling_params.max_tokens or 0), stream=stream,
             prompt_token_ids=token_ids,
         )
-
-    def start(self, request: GenerateRequest) -> Any:
-        """Send one engine request. Ray keys router bookkeeping (`on_request_completed`) by the caller's
-        internal request id, which every call made while serving one HTTP request shares; give each
-        engine request its own, so the router's per-request block reservations never collide."""
-
-        def call() -> Any:
-            current = serve_context._get_serve_request_context()
-            if current is not None:
-                serve_context._serve_request_context.set(
-                    dataclasses.replace(current, _internal_request_id=request.request_id)
-                )
-            return self.replica.options(stream=True).generate.remote(request)
-
-        return contextvars.copy_context().run(call)
-
-    async def _retry_or_raise(self, request: GenerateRequest, attempt: int, error: BaseException | ReplicaError) -> None:
-        """Return (after the backoff) when `error` lost the replica and attempts remain; else raise it."""
-        if attempt + 1 >= MAX_ATTEMPTS or not _replica_lost(error):
-            raise _as_api_error(error)
-        logger.warning("request %s: replica lost (%s); sending it again (attempt %d of %d)", request.request_id,
-                       error.message if isinstance(error, ReplicaError) else type(_unwrap(error)).__name__,
-                       attempt + 2, MAX_ATTEMPTS)
-        await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
-
-    def _attempt(self, request: GenerateRequest, attempt: int) -> Any:
-        # A new id per attempt: the router's block reservations are keyed by it.
-        return self.start(request if attempt == 0 else dataclasses.replace(
-            request, request_id=f"{request.request_id}-retry{attempt}"))
-
-    async def open_stream(self, request: GenerateRequest) -> tuple[Any, Any]:
-        """Start one engine request and wait for its first item, so that routing refusals and bad requests
-        become HTTP errors; sent again while its replica is lost before that item. (stream, first item)."""
-        for attempt in range(MAX_ATTEMPTS):
-            stream = self._attempt(request, attempt)
-            try:
-                first = await stream.__anext__()
-            except StopAsyncIteration:
-                return stream, None
-            except Exception as exc:  # noqa: BLE001 -- mapped to an HTTP error unless retried
-                self.cancel([stream])
-                await self._retry_or_raise(request, attempt, exc)
-                continue
-            if isinstance(first, ReplicaError):
-                self.cancel([stream])
-                await self._retry_or_raise(request, attempt, first)
-                continue
-            return stream, first
-        raise AssertionError("unreachable: the last attempt returns or raises")
-
-    async def open_streams(self, requests: list[GenerateRequest]) -> tuple[list[Any], list[Any]]:
-        """`open_stream` for each prompt at once; on any error the others are cancelled and it is raised."""
-        results = await asyncio.gather(*(self.open_stream(r) for r in requests), return_exceptions=True)
-        opened = [r for r in results if not isinstance(r, BaseException)]
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            self.cancel([stream for stream, _ in opened])
-            raise failed[0]
-        return [stream for stream, _ in opened], [first for _, first in opened]
-
-    async def collect(self, request: GenerateRequest) -> RequestOutput | None:
-        """One prompt's whole output, for a non-streaming response. Nothing of it reaches the client before
-        the end, so a replica lost at any point costs only time: the request is sent again from the start."""
-        for attempt in range(MAX_ATTEMPTS):
-            stream = self._attempt(request, attempt)
-            output: RequestOutput | None = None
-            failure: BaseException | ReplicaError | None = None
-            try:
-                async for item in stream:
-                    if isinstance(item, ReplicaError):
-                        failure = item
-                        break
-                    output = merge_delta(output, item)
-            except Exception as exc:  # noqa: BLE001 -- mapped to an HTTP error unless retried
-                failure = exc
-            finally:
-                self.cancel([stream])
-            if failure is None:
-                return output
-            await self._retry_or_raise(request, attempt, failure)
-        raise AssertionError("unreachable: the last attempt returns or raises")
-
-    @staticmethod
-    def cancel(streams: list[Any]) -> None:
-        for stream in streams:
-            try:
-                stream.cancel()
-            except Exception:
-                pass
-
-    @staticmethod
-    async def merged(streams: list[Any], firsts: list[Any]) -> AsyncIterator[tuple[int, Any]]:
-        """Yield (prompt index, item) from several replica streams as items arrive."""
-        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-        done = object()
-
-        async def pump(index: int, stream: Any, first: Any) -> None:
-            try:
-                if first is not None:
-                    await queue.put((index, first))
-                    async for item in stream:
-                        await queue.put((index, item))
-            except Exception as exc:
-                await queue.put((index, exc))
-            finally:
-                await queue.put((index, done))
-
-        tasks = [asyncio.create_task(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
-        try:
-            remaining = len(tasks)
-            while remaining:
-                index, item = await queue.get()
-                if item is done:
-                    remaining -= 1
-                    continue
-                yield index, item
-        finally:
-            for task in tasks:
-                task.cancel()
 
     # Token and logprob formatting --------------------------------------------------------------------
 
@@ -456,7 +263,7 @@ class OpenAIIngress:
         vocab_size = len(info.tokenizer)
         bad = [t for t in body.tokens if t >= vocab_size]
         if bad:
-            raise _bad_request(f"token ids {bad[:8]} are outside the vocabulary of {vocab_size}", "tokens")
+            raise bad_request(f"token ids {bad[:8]} are outside the vocabulary of {vocab_size}", "tokens")
         return JSONResponse({"prompt": info.tokenizer.decode(body.tokens)})
 
     def chat_token_ids(
@@ -466,22 +273,22 @@ class OpenAIIngress:
         try:
             conversation = [{"role": m.role, "content": m.text_content()} for m in messages]
         except ValueError as exc:
-            raise _bad_request(str(exc), "messages") from None
+            raise bad_request(str(exc), "messages") from None
         if getattr(info.tokenizer, "chat_template", None) is None:
-            raise _bad_request("this model has no chat template; use /v1/completions", "messages")
+            raise bad_request("this model has no chat template; use /v1/completions", "messages")
         try:
             text = info.tokenizer.apply_chat_template(
                 conversation, add_generation_prompt=add_generation_prompt, tokenize=False, **(template_kwargs or {})
             )
         except Exception as exc:
-            raise _bad_request(f"cannot apply the chat template: {exc}", "messages") from None
+            raise bad_request(f"cannot apply the chat template: {exc}", "messages") from None
         return info.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def sampling_params(self, body: Any, max_tokens: int) -> SamplingParams:
         try:
             return body.to_sampling_params(max_tokens)
         except InvalidRequestError as exc:
-            raise _bad_request(exc.message, exc.param) from None
+            raise bad_request(exc.message, exc.param) from None
 
     @fastapi_app.post("/v1/completions")
     @_counts_rejections
@@ -498,7 +305,7 @@ class OpenAIIngress:
             else:
                 token_ids = list(prompt)
                 if any(t >= len(info.tokenizer) for t in token_ids):
-                    raise _bad_request("prompt token ids are outside the vocabulary", "prompt")
+                    raise bad_request("prompt token ids are outside the vocabulary", "prompt")
             max_tokens = self.check_length(info, len(token_ids), body.max_tokens)
             params = self.sampling_params(body, max_tokens)
             requests.append(self.make_request(info, f"{request_id}-{i}", prompt, token_ids, params,
@@ -534,7 +341,7 @@ class OpenAIIngress:
     async def full_response(
         self, info: ModelInfo, model: str, request_id: str, requests: list[GenerateRequest], body: Any, chat: bool
     ) -> Response:
-        tasks = [asyncio.ensure_future(self.collect(r)) for r in requests]
+        tasks = [asyncio.ensure_future(self.calls.collect(r)) for r in requests]
         try:
             outputs = await asyncio.wait_for(asyncio.gather(*tasks), timeout=self.args.request_timeout_s)
         except asyncio.TimeoutError:
@@ -595,7 +402,7 @@ class OpenAIIngress:
     async def stream_response(
         self, info: ModelInfo, model: str, request_id: str, requests: list[GenerateRequest], body: Any, chat: bool
     ) -> Response:
-        streams, firsts = await self.open_streams(requests)
+        streams, firsts = await self.calls.open_streams(requests)
         n = requests[0].sampling_params.n
         created = oai.now_s()
         include_usage = body.include_usage_in_stream
@@ -614,9 +421,9 @@ class OpenAIIngress:
                             id=request_id, created=created, model=model,
                             choices=[oai.ChatChunkChoice(index=index, delta=oai.ChatDelta(role="assistant", content=""))],
                         ))
-                async for prompt_index, item in self.merged(streams, firsts):
+                async for prompt_index, item in self.calls.merged(streams, firsts):
                     if isinstance(item, (BaseException, ReplicaError)):
-                        error = _routing_error(item) if isinstance(item, BaseException) else _replica_error(item)
+                        error = as_api_error(item)
                         yield "data: " + json.dumps(oai.error_body(error.message, error.error_type,
                                                                    error.status_code, error.param)) + "\n\n"
                         break
@@ -661,7 +468,7 @@ class OpenAIIngress:
                 yield "data: [DONE]\n\n"
             finally:
                 # Runs on normal end and when the client disconnects (the generator is closed/cancelled).
-                self.cancel(streams)
+                self.calls.cancel(streams)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
