@@ -77,7 +77,6 @@ class OpenAIIngress:
 
     def __init__(self, replica: DeploymentHandle, serve_args: ServeArgs) -> None:
         self.replica = replica
-        self.calls = ReplicaCalls(replica)
         self.args = serve_args
         self._api_key = serve_args.resolved_api_key()
         self._info: ModelInfo | None = None
@@ -87,6 +86,7 @@ class OpenAIIngress:
             model_name=serve_args.served_model_name,
             replica=context.replica_tag if context is not None else "local",
         )
+        self.calls = ReplicaCalls(replica, on_resend=self.metrics.resent)
 
     # Plumbing ----------------------------------------------------------------------------------------
 

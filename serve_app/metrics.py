@@ -89,6 +89,9 @@ INGRESS_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "pagedserve_rejected_requests": (
         "counter", "Requests answered with an error before generating, by HTTP status (400, 401, 404, 413, 429, 503).",
         ("reason",)),
+    "pagedserve_resent_requests": (
+        "counter", "Engine requests sent again because their replica (its process or its engine) was lost before "
+        "anything of them reached the client.", ()),
 }
 
 ROUTER_TAGS = ("deployment",)
@@ -364,7 +367,7 @@ def _rounded(value: float | None) -> float | None:
 
 
 class IngressMetrics:
-    """Requests the ingress refused before any token, by HTTP status.
+    """Requests the ingress refused before any token, by HTTP status, and those it sent again.
 
     `model` is the served name, as on the replica's series; before the ingress has asked a replica for
     the model's name (a 401 on the very first request) it is the configured name or "default".
@@ -384,9 +387,13 @@ class IngressMetrics:
             self._tags = {**self._tags, "model": model_name}
             _start_counters_at_zero(self._metrics["pagedserve_rejected_requests"],
                                     [{**self._tags, "reason": str(status)} for status in REJECTION_STATUSES])
+            _start_counters_at_zero(self._metrics["pagedserve_resent_requests"], [self._tags])
 
     def rejected(self, status_code: int) -> None:
         self._metrics["pagedserve_rejected_requests"].inc(1, tags={**self._tags, "reason": str(status_code)})
+
+    def resent(self) -> None:
+        self._metrics["pagedserve_resent_requests"].inc(1, tags=self._tags)
 
 
 class RouterMetrics:

@@ -9,7 +9,7 @@ import contextvars
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Callable
 
 from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
@@ -31,8 +31,9 @@ RETRY_BACKOFF_S = 0.5
 class ReplicaCalls:
     """Engine requests over the `EngineReplica` deployment handle, one stream per prompt."""
 
-    def __init__(self, replica: DeploymentHandle) -> None:
+    def __init__(self, replica: DeploymentHandle, on_resend: Callable[[], None] | None = None) -> None:
         self.replica = replica
+        self.on_resend = on_resend  # counts each request sent again (the ingress's metrics)
 
     def start(self, request: GenerateRequest) -> Any:
         """Send one engine request. Ray keys router bookkeeping (`on_request_completed`) by the caller's
@@ -56,6 +57,8 @@ class ReplicaCalls:
         logger.warning("request %s: replica lost (%s); sending it again (attempt %d of %d)", request.request_id,
                        error.message if isinstance(error, ReplicaError) else type(unwrap(error)).__name__,
                        attempt + 2, MAX_ATTEMPTS)
+        if self.on_resend is not None:
+            self.on_resend()
         await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
 
     def _attempt(self, request: GenerateRequest, attempt: int) -> Any:
