@@ -29,7 +29,8 @@ device memory holds one shard, host memory briefly one full copy per rank. Rando
 (`load_format="dummy"`) are instead drawn whole on each rank's device from the config's seed, so all
 ranks cut the same model, and a TP=1 engine on the same GPU type draws it too (TP=1 vs TP=2 compares).
 The collectives are torch custom ops (`pagedserve::tp_all_reduce`, `pagedserve::tp_all_gather_last_dim`),
-so compiled decoder layers keep one graph each and decode CUDA graphs capture the NCCL calls.
+so compiled decoder layers keep one graph each (tested with gloo) and decode CUDA graphs can capture the
+NCCL calls (`test_tp2_nccl_on_gpus_matches_tp1`; not yet run: no 2-GPU machine so far).
 
 Failure: ranks fail together. A worker that dies is seen before the next step (process liveness)
 or inside a collective (its sockets close; the groups also carry a timeout), and rank 0 then
@@ -72,7 +73,7 @@ _IDLE_WAIT = timedelta(days=3650)  # a worker waits for the next command as long
 # ---- collectives as torch ops ----------------------------------------------------------------------
 # The sharded model's hooks call these ops, not the process group: to torch.compile an op is opaque, so
 # a decoder layer stays one compiled graph with its all-reduce inside (a direct call on the process group
-# would break the graph there), and a decode CUDA graph captures the NCCL kernels like any other kernel.
+# would break the graph there), and a decode CUDA graph can capture the NCCL kernels like any other.
 # Out of place: the op returns the reduced copy, so compile needs no mutation handling around it.
 _GROUPS: "weakref.WeakValueDictionary[int, RankGroup]" = weakref.WeakValueDictionary()
 _group_ids = itertools.count()
