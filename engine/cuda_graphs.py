@@ -22,7 +22,6 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from pagedserve.cache.allocators import cdiv
@@ -30,7 +29,7 @@ from pagedserve.cache.allocators import cdiv
 from .attention.base import AttentionMetadata, GroupAttentionMetadata
 from .attention.hf_integration import PagedForwardContext
 # model_runner imports this module only when capturing
-from .model_runner import fill_pending_tokens
+from .model_runner import fill_pending_tokens, host_block_table_and_slots
 
 if TYPE_CHECKING:
     from .model_runner import ModelRunner, StepInput
@@ -78,14 +77,14 @@ class DecodeInputs:
         self.device_buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         self.device = self._views(self.device_buffer)
         self._host_buffers = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=on_gpu) for _ in range(2)]
-        self._host = [self._views(buffer) for buffer in self._host_buffers]
-        self._host_np = [{name: getattr(v, name).numpy() for name in ("ids", "positions", "pending", "seq_lens")}
-                         | {"slots": [t.numpy() for t in v.slots], "tables": [t.numpy() for t in v.tables]}
-                         for v in self._host]
+        host_views = [self._views(buffer) for buffer in self._host_buffers]
+        self._host = [{name: getattr(v, name).numpy() for name in ("ids", "positions", "pending", "seq_lens")}
+                      | {"slots": [t.numpy() for t in v.slots], "tables": [t.numpy() for t in v.tables]}
+                      for v in host_views]
         self._copied = [None, None] if on_gpu else None  # CUDA events of the last copy from each half
         self._half = 0
         # The padding rows' context: one token, nothing written, no pending token.
-        for views in (self.device, *self._host):
+        for views in (self.device, *host_views):
             views.seq_lens.fill_(1)
             views.pending.fill_(-1)
             for slots in views.slots:
@@ -114,26 +113,23 @@ class DecodeInputs:
         self._half ^= 1
         if self._copied is not None and self._copied[half] is not None:
             self._copied[half].synchronize()
-        host = self._host_np[half]
+        host = self._host[half]
         batch = len(step.query_lens)
-        positions = np.asarray(step.positions, dtype=np.int64)
         host["ids"][:batch] = step.token_ids
         host["ids"][batch:padded] = 0
-        host["positions"][:batch] = positions
+        host["positions"][:batch] = step.positions
         host["positions"][batch:padded] = 0
         host["seq_lens"][:batch] = step.seq_lens
         host["seq_lens"][batch:padded] = 1
         host["pending"][:padded] = -1
         if pending_on_device and step.pending_input_indices:
             host["pending"][step.pending_input_indices] = step.pending_source_rows
-        rows = np.arange(batch)
+        rows = torch.arange(batch)  # decode: token t is sequence t's only one
+        positions = torch.from_numpy(host["positions"][:batch])
         for group, tables in enumerate(step.block_tables):
-            table = host["tables"][group]
-            for row, blocks in enumerate(tables):
-                table[row, : len(blocks)] = blocks
-            slots = host["slots"][group]
-            slots[:batch] = table[rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
-            slots[batch:padded] = -1
+            _, slots = host_block_table_and_slots(tables, rows, positions, block_size, out=host["tables"][group])
+            host["slots"][group][:batch] = slots.numpy()
+            host["slots"][group][batch:padded] = -1
         nbytes = self._bytes_for(batch)
         self.device_buffer[:nbytes].copy_(self._host_buffers[half][:nbytes], non_blocking=True)
         if self._copied is not None:
@@ -222,9 +218,8 @@ class DecodeGraphs:
         batch_size = len(step.query_lens)
         padded = next(size for size in self.sizes if size >= batch_size)
         graph, logits = self._graphs[padded]
-        if step.pending_input_indices and previous_tokens is None:
-            raise ValueError("the step has tokens pending on the device but no previous sampled tokens were given")
-        # The previous step can have sampled more rows than a graph holds (n > 1 forks): gather outside.
+        # The previous step can have sampled more rows than a graph holds (n > 1 forks): gather outside
+        # (fill_pending_tokens, which also refuses pending tokens without previous ones).
         in_graph = previous_tokens is not None and previous_tokens.numel() <= self.max_batch_size
         self.inputs.pack(step, padded, self.runner.block_size, pending_on_device=in_graph)
         if step.pending_input_indices:

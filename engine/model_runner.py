@@ -77,13 +77,15 @@ def fill_pending_tokens(input_ids: torch.Tensor, step: StepInput, previous_token
 
 
 def host_block_table_and_slots(
-    tables: list[list[int]], seq_index: torch.Tensor, positions: torch.Tensor, block_size: int
+    tables: list[list[int]], seq_index: torch.Tensor, positions: torch.Tensor, block_size: int,
+    out: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block tables as one padded host tensor [B, width] (int32), and the cache slot (int64) of each new
-    token, the one at `positions[t]` of sequence `seq_index[t]`."""
+    token, the one at `positions[t]` of sequence `seq_index[t]`. `out` (int32, at least [B, width]): write
+    the rows there instead of into a new zeroed array (entries past a row's blocks keep what they held)."""
     width = max(len(t) for t in tables)
     # Row by row into one numpy array: several times faster than torch.tensor of (padded) lists.
-    array = np.zeros((len(tables), width), dtype=np.int32)
+    array = np.zeros((len(tables), width), dtype=np.int32) if out is None else out[: len(tables)]
     for row, t in enumerate(tables):
         array[row, : len(t)] = t
     table = torch.from_numpy(array)
