@@ -14,7 +14,6 @@ import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, Request
@@ -25,7 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from pagedserve.config.serve import ServeArgs
 from pagedserve.engine.errors import InvalidRequestError
-from pagedserve.engine.request import RequestOutput, SamplingParams
+from pagedserve.engine.request import CompletionOutput, RequestOutput, SamplingParams
 
 from . import openai_protocol as oai
 from .api_errors import APIError, as_api_error, bad_request, routing_error
@@ -57,18 +56,6 @@ def _counts_rejections(
             raise
 
     return counted
-
-
-@dataclass
-class _Choice:
-    """What one completion has produced so far (non-streaming responses accumulate into this)."""
-
-    text_parts: list[str] = field(default_factory=list)
-    num_tokens: int = 0
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict[int, Any]] = field(default_factory=list)
 
 
 @serve.ingress(fastapi_app)
@@ -350,7 +337,8 @@ class OpenAIIngress:
             for task in tasks:  # one prompt failed, or the client left: the others' replica calls end too
                 task.cancel()
         n = requests[0].sampling_params.n
-        choices: dict[int, _Choice] = {}
+        # Each prompt's output is whole (its deltas merged): its completions are the response's choices.
+        choices: dict[int, CompletionOutput] = {}
         num_prompt_tokens = 0
         for prompt_index, output in enumerate(outputs):
             if output is None:
@@ -358,14 +346,7 @@ class OpenAIIngress:
             if output.error:
                 raise APIError(500, f"request failed in the engine: {output.error}", "internal_server_error")
             num_prompt_tokens += len(output.prompt_token_ids)
-            for completion in output.outputs:
-                choice = choices.setdefault(prompt_index * n + completion.index, _Choice())
-                choice.text_parts.append(completion.text)
-                choice.token_ids.extend(completion.token_ids)
-                if completion.logprobs:
-                    choice.logprobs.extend(completion.logprobs)
-                choice.finish_reason = completion.finish_reason
-                choice.stop_reason = completion.stop_reason
+            choices.update({prompt_index * n + completion.index: completion for completion in output.outputs})
 
         usage = oai.UsageInfo(prompt_tokens=num_prompt_tokens,
                               completion_tokens=sum(len(c.token_ids) for c in choices.values()))
@@ -376,9 +357,9 @@ class OpenAIIngress:
                 id=request_id, created=oai.now_s(), model=model, usage=usage,
                 choices=[
                     oai.ChatChoice(
-                        index=index, message=oai.ChatResponseMessage(content="".join(c.text_parts)),
+                        index=index, message=oai.ChatResponseMessage(content=c.text),
                         finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                        logprobs=self.chat_logprobs(info, c.token_ids, c.logprobs, body.top_logprobs or 0)
+                        logprobs=self.chat_logprobs(info, c.token_ids, c.logprobs or [], body.top_logprobs or 0)
                         if body.logprobs else None,
                     )
                     for index, c in ordered
@@ -389,9 +370,9 @@ class OpenAIIngress:
                 id=request_id, created=oai.now_s(), model=model, usage=usage,
                 choices=[
                     oai.CompletionChoice(
-                        index=index, text="".join(c.text_parts), finish_reason=c.finish_reason,
+                        index=index, text=c.text, finish_reason=c.finish_reason,
                         stop_reason=c.stop_reason,
-                        logprobs=self.completion_logprobs(info, c.token_ids, c.logprobs, 0)
+                        logprobs=self.completion_logprobs(info, c.token_ids, c.logprobs or [], 0)
                         if body.logprobs is not None else None,
                     )
                     for index, c in ordered
