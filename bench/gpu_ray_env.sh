@@ -4,7 +4,7 @@
 # the second part and ray[serve]'s other wheels in .ray2/, pydantic's wheels in .whl/.
 # RAY_INSTALL=0 installs nothing and uses the ray already on PATH (a CPU machine: PATH=.venv/bin:$PATH).
 # Sets OUT (default /tmp/out, created), PYTHONPATH, PATH, RAY_AUTH_MODE=disabled, PYTHONUNBUFFERED=1;
-# defines serve_run (below).
+# defines serve_run and stop_serve_run (below).
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ "${RAY_INSTALL:-1}" = 1 ]; then
     W=ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl
@@ -29,4 +29,13 @@ export RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1
 serve_run() {
     exec python3 -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp("serve", sys.argv[1:])' \
         serve run "$@"
+}
+
+# `stop_serve_run PID`: Ctrl-C, as a user stops it, and a line saying how long the stop took (part of the
+# record); killed only if still running 60 s later.
+stop_serve_run() {
+    kill -INT "$1"; local stop_started=$(date +%s)
+    while kill -0 "$1" 2>/dev/null && [ $(( $(date +%s) - stop_started )) -lt 60 ]; do sleep 1; done
+    if kill -0 "$1" 2>/dev/null; then echo "serve run still running 60 s after SIGINT: killed"; kill -9 "$1"
+    else echo "serve run stopped $(( $(date +%s) - stop_started )) s after SIGINT"; fi
 }

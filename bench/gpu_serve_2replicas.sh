@@ -78,12 +78,7 @@ log_digest() {  # the service log without its per-request lines, a message repea
 finish() {  # stop everything this run started, then write and print the summary (last)
     trap - EXIT INT TERM
     if [ -n "$SERVE_PID" ] && kill -0 "$SERVE_PID" 2>/dev/null; then
-        # Ctrl-C, as a user stops it; how long the stop takes is part of the record (killed only past 60 s).
-        kill -INT "$SERVE_PID"; local stop_started=$(date +%s)
-        while kill -0 "$SERVE_PID" 2>/dev/null && [ $(( $(date +%s) - stop_started )) -lt 60 ]; do sleep 1; done
-        if kill -0 "$SERVE_PID" 2>/dev/null; then STOP_NOTE="serve run still running 60 s after SIGINT: killed"
-            kill -9 "$SERVE_PID"
-        else STOP_NOTE="serve run stopped $(( $(date +%s) - stop_started )) s after SIGINT"; fi
+        STOP_NOTE=$(stop_serve_run "$SERVE_PID")  # gpu_ray_env.sh
         echo "$STOP_NOTE"
     fi
     if [ "$RAY_STOP" = all ]; then ray stop > "$LOGS/ray_stop.log" 2>&1; fi

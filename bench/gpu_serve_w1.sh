@@ -21,11 +21,7 @@ echo "service up after $(( $(date +%s) - started )) s"
 W1="--num-requests 512 --concurrency 512 --prompt-lens 64 1024 --vocab-size 128000 --max-tokens 256"
 python3 bench/serve_bench.py $W1 2>&1 | tee "$OUT/serve_w1_stream.md" | tail -14
 python3 bench/serve_bench.py $W1 --no-stream 2>&1 | tee "$OUT/serve_w1_nostream.md" | tail -14
-# Ctrl-C, as a user stops it; how long the stop takes is part of the record (killed only past 60 s).
-kill -INT $SERVE_PID; stop_started=$(date +%s)
-while kill -0 $SERVE_PID 2>/dev/null && [ $(( $(date +%s) - stop_started )) -lt 60 ]; do sleep 1; done
-if kill -0 $SERVE_PID 2>/dev/null; then echo "serve run still running 60 s after SIGINT: killed"; kill -9 $SERVE_PID
-else echo "serve run stopped $(( $(date +%s) - stop_started )) s after SIGINT"; fi
+stop_serve_run $SERVE_PID  # gpu_ray_env.sh
 grep -E "memory plan|compiled|captured|serving|engine core" "$OUT/serve.log" | tail -8
 python3 - "$OUT" <<'PY'
 import json, re, sys
