@@ -11,6 +11,7 @@ default `logprobs_mode="raw_logprobs"`), so they describe the model, not the sam
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,34 @@ from .request import Request
 _MIN_TEMPERATURE = 1e-2
 # Exponential noise is clamped away from 0: probs / 0 would be inf, or NaN for a filtered token.
 _MIN_NOISE = 1e-10
+# Up to this many rows the argmax runs in two stages (see greedy_argmax). H200, vocabulary 128,256
+# (bench/linear_bench.py): 1 row 27.7 -> 12.1 us, 16 rows 28.2 -> 17.6 us, 64 rows 28.4 -> 32.7 us.
+_TWO_STAGE_MAX_ROWS = 16
+
+
+@functools.cache
+def _argmax_chunk(vocab_size: int) -> int | None:
+    """The smallest divisor of the vocabulary from 256 up that leaves at least 16 chunks, if any."""
+    for chunk in range(256, vocab_size // 16 + 1):
+        if vocab_size % chunk == 0:
+            return chunk
+    return None
+
+
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(dim=1)`, the same index on ties (the first), faster for a few rows on a GPU.
+
+    torch reduces a row of a 128k vocabulary in one thread block (28 us on an H200 at batch 1, about a
+    hundredth of a decode step); here each chunk of the row is reduced by its own block first, then the
+    chunk maxima (12 us). Both stages return the first maximal index, so the result is argmax's.
+    """
+    rows, vocab_size = logits.shape
+    chunk = _argmax_chunk(vocab_size)
+    if chunk is None or rows > _TWO_STAGE_MAX_ROWS or not logits.is_contiguous():
+        return logits.argmax(dim=1)
+    values, within = logits.view(rows, vocab_size // chunk, chunk).max(dim=2)
+    best = values.argmax(dim=1, keepdim=True)
+    return (best * chunk + within.gather(1, best)).squeeze(1)
 
 
 @dataclass
@@ -186,7 +215,7 @@ class Sampler:
                 f"({[r.request_id for r in requests]})"
             )
         processed = apply_logits_processing(logits, requests)
-        token_ids = processed.argmax(dim=1)
+        token_ids = greedy_argmax(processed)
         sampled_rows = [row for row, r in enumerate(requests) if not r.sampling_params.is_greedy]
         if sampled_rows:
             rows = _rows_tensor(sampled_rows, torch.int64, processed.device)

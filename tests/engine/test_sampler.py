@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pagedserve.engine.request import Request, SamplingParams
-from pagedserve.engine.sampler import Sampler, apply_logits_processing
+from pagedserve.engine.sampler import Sampler, _argmax_chunk, apply_logits_processing, greedy_argmax
 
 CPU = torch.device("cpu")
 EOS = 3
@@ -244,3 +244,20 @@ def test_tiny_temperature_is_nearly_greedy_and_finite() -> None:
     requests = [_request(f"r{i}", temperature=1e-30) for i in range(64)]
     assert torch.isfinite(apply_logits_processing(logits, requests)).all()
     assert Sampler(CPU).sample(logits, requests).token_ids == logits.argmax(dim=1).tolist()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17])
+@pytest.mark.parametrize("vocab", [128256, 1024, 50257, 997])
+def test_greedy_argmax_is_argmax_with_ties(rows: int, vocab: int) -> None:
+    generator = torch.Generator().manual_seed(rows + vocab)
+    logits = torch.randn(rows, vocab, generator=generator).round(decimals=1)  # many ties
+    logits[0, vocab // 3] = logits[0, vocab - 1] = 99.0  # a tie across chunks: the first one wins
+    assert torch.equal(greedy_argmax(logits), logits.argmax(dim=1))
+    assert greedy_argmax(logits)[0].item() == vocab // 3
+
+
+def test_argmax_chunks() -> None:
+    assert _argmax_chunk(128256) == 256  # 501 chunks
+    assert _argmax_chunk(50257) == 1733  # 29 x 1733
+    assert _argmax_chunk(997) is None  # prime: one stage
+    assert _argmax_chunk(1024) is None  # fewer than 16 chunks of 256 or more
