@@ -83,6 +83,10 @@ class EngineConfig(BaseModel):
         True, description="Run sibling projections of one input (q/k/v, gate/up) as one GEMM over their "
         "concatenated weights; no extra memory.",
     )
+    decode_linear: bool = Field(
+        True, description="On a GPU, run the bf16/fp16 linear layers of one-token steps (batch-1 decode) with a "
+        "Triton GEMM that streams each weight once over every SM (engine/decode_linear.py); cuBLAS otherwise.",
+    )
     compile: bool | None = Field(
         None, description="torch.compile the decoder layers; None: on for CUDA (not with bitsandbytes), off on CPU."
     )

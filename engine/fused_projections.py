@@ -57,6 +57,8 @@ class _FusedMember(nn.Module):
 class FusedLead(_FusedMember):
     """The first member of a group: one GEMM over the concatenated weight, its own part returned."""
 
+    linear = staticmethod(F.linear)  # engine/decode_linear.py's subclass swaps in its own GEMM
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, out_sizes: list[int]) -> None:
         super().__init__()
         self.fused_weight = nn.Parameter(weight, requires_grad=False)
@@ -72,7 +74,7 @@ class FusedLead(_FusedMember):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = F.linear(x, self.fused_weight, self.fused_bias).split(self.out_sizes, dim=-1)
+        parts = self.linear(x, self.fused_weight, self.fused_bias).split(self.out_sizes, dim=-1)
         self.pending = list(parts[1:])
         return parts[0]
 

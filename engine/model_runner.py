@@ -31,6 +31,7 @@ from .attention import get_attention_backend
 from .attention.base import AttentionMetadata, GroupAttentionMetadata
 from .attention.hf_integration import LayerProbe, PagedForwardContext
 from .compile import CompiledForward
+from .decode_linear import use_decode_linear
 from .fused_projections import ProjectionFusion
 from .loader import LoadedModel, weights_footprint_bytes
 
@@ -154,6 +155,9 @@ class ModelRunner:
         self.shape = self._probe_shape()
         if self._fusion is not None:
             self._fusion.apply()
+        self._decode_linear = (
+            use_decode_linear(self.model) if config.decode_linear and self.device.type == "cuda" else None
+        )
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = config.block_size
         self._decode_graphs = None  # DecodeGraphs once captured
@@ -423,6 +427,8 @@ class ModelRunner:
         object)."""
         if isinstance(self._step_model, CompiledForward):
             self._step_model.uncompile()
+        if self._decode_linear is not None:
+            self._decode_linear.undo()
         if self._fusion is not None:
             self._fusion.undo()
         self._decode_graphs = None

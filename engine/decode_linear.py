@@ -1,0 +1,225 @@
+"""Linear layers of a one-token step: a Triton GEMM that streams the weight once over every SM.
+
+At batch 1, `x @ W.T` is a read of W: the work is the bytes. cuBLAS picks tiles made for large
+batches and, for Llama-3-8B's o and down projections on an H200, splits K over a second, reducing
+kernel each (two extra kernels a layer). `_skinny_gemm_kernel` gives each program `BLOCK_N` output
+features and all of K, so a grid of N / BLOCK_N programs reads W once, in order, with no reduction
+pass; the rows of x stay in L1/L2. Accumulation is in float32, the output in the input's dtype, as
+cuBLAS. Rows are padded to 16 for `tl.dot` (tensor cores); one row can also use a multiply-and-sum on
+the CUDA cores (`use_dot=False`).
+
+Measured on an H200 (`bench/linear_bench.py`, docs/benchmarks.md): at one row the kernel matched or
+beat cuBLAS on o, down and the LM head and removed the split-K reductions (batch-1 decode step 4.81 ->
+4.71 ms); at 2-16 rows it was slower than cuBLAS on q/k/v and down (masked 16-row tiles), so only
+one-row steps take it. q/k/v (N=6144) gets too few programs at the measured tile widths and stays on
+cuBLAS too.
+
+`use_decode_linear(model)` routes a model's plain `nn.Linear` layers (and fused projection leads)
+through the `pagedserve::decode_linear` custom op, which takes the kernel when `uses_kernel` says so
+and `F.linear` otherwise. torch.compile sees one opaque op (as it sees cuBLAS) and each CUDA graph
+captures whichever path its batch size takes. The layers keep their parameters, hooks and identity:
+only their class changes (to a subclass whose forward calls the op), and `undo` changes it back.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fused_projections import FusedLead
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: every call takes F.linear
+    triton = None
+
+MAX_ROWS = 16  # rows skinny_linear takes (tl.dot's smallest M)
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    block_n: int  # output features per program
+    block_k: int  # reduction step
+    num_warps: int
+    num_stages: int
+    use_dot: bool = True  # False: BLOCK_M rows by multiply-and-sum on CUDA cores (a single row)
+
+
+def default_config(num_rows: int, out_features: int, in_features: int) -> SkinnyConfig:
+    """From `bench/linear_bench.py --sweep` on an H200 (Llama-3-8B's projections at 1-16 rows): narrower
+    tiles keep a grid of N <= 4096 features on every SM; wider ones read the long weights best."""
+    if out_features <= 4096:
+        return SkinnyConfig(block_n=32, block_k=256, num_warps=4, num_stages=5)
+    return SkinnyConfig(block_n=64, block_k=128, num_warps=4, num_stages=5)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _skinny_gemm_kernel(
+        x_ptr,
+        w_ptr,
+        bias_ptr,
+        out_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_om,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        USE_DOT: tl.constexpr,
+        EVEN_K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = tl.arange(0, BLOCK_M)
+        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        row_valid = rows < M
+        col_valid = cols < N
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :]
+        w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k_step in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                x = tl.load(x_ptrs, mask=row_valid[:, None], other=0.0)
+                # The weight is read once per forward: keep it from evicting the activations in L2.
+                w = tl.load(w_ptrs, mask=col_valid[:, None], other=0.0, eviction_policy="evict_first")
+            else:
+                k_valid = ks < K - k_step * BLOCK_K
+                x = tl.load(x_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=col_valid[:, None] & k_valid[None, :], other=0.0,
+                            eviction_policy="evict_first")
+            if USE_DOT:
+                acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32)
+            else:
+                acc += tl.sum(x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
+
+
+def skinny_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: SkinnyConfig | None = None
+) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for x of at most MAX_ROWS rows (2-D, contiguous last dimension)."""
+    num_rows, in_features = x.shape
+    out_features = weight.shape[0]
+    if num_rows > MAX_ROWS:
+        raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows, got {num_rows}")
+    if weight.shape[1] != in_features or x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError(f"need x [M, K] and weight [N, K] with contiguous K, got {tuple(x.shape)}, {tuple(weight.shape)}")
+    config = config or default_config(num_rows, out_features, in_features)
+    out = torch.empty((num_rows, out_features), dtype=x.dtype, device=x.device)
+    if num_rows == 0:
+        return out
+    block_m = 16 if config.use_dot else triton.next_power_of_2(num_rows)
+    _skinny_gemm_kernel[(triton.cdiv(out_features, config.block_n),)](
+        x,
+        weight,
+        bias if bias is not None else weight,
+        out,
+        num_rows,
+        out_features,
+        in_features,
+        x.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        USE_DOT=config.use_dot,
+        EVEN_K=in_features % config.block_k == 0,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `decode_linear` takes the Triton kernel for these operands (else F.linear)."""
+    if triton is None or not x.is_cuda or weight.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if x.dtype != weight.dtype or x.numel() == 0 or x.shape[-1] != weight.shape[1] or weight.stride(1) != 1:
+        return False
+    num_rows = x.numel() // x.shape[-1]
+    if num_rows != 1:  # 2-16 rows: slower than cuBLAS on the H200 (see the module docstring)
+        return False
+    config = default_config(num_rows, weight.shape[0], weight.shape[1])
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    # Below about one program per SM the kernel leaves bandwidth unused (cuBLAS splits K instead).
+    return triton.cdiv(weight.shape[0], config.block_n) * 4 >= _num_sms(index) * 3
+
+
+@torch.library.custom_op("pagedserve::decode_linear", mutates_args=())
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, through the skinny kernel where `uses_kernel` says it pays. Inference only: no backward."""
+    if not uses_kernel(x, weight):
+        return F.linear(x, weight, bias)
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.stride(1) != 1:
+        flat = flat.contiguous()
+    return skinny_linear(flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+@decode_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+class DecodeLinear(nn.Linear):
+    """An `nn.Linear` whose forward goes through `decode_linear` (set as a layer's class, see `use_decode_linear`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_linear(x, self.weight, self.bias)
+
+
+class DecodeFusedLead(FusedLead):
+    linear = staticmethod(decode_linear)
+
+
+_DECODE_CLASSES = {nn.Linear: DecodeLinear, FusedLead: DecodeFusedLead}
+
+
+@dataclass
+class DecodeLinearSwap:
+    """The layers `use_decode_linear` changed; `undo` gives them their classes back."""
+
+    modules: list[nn.Module] = field(default_factory=list)
+
+    def undo(self) -> None:
+        originals = {new: old for old, new in _DECODE_CLASSES.items()}
+        for module in self.modules:
+            module.__class__ = originals[type(module)]
+        self.modules.clear()
+
+
+def use_decode_linear(model: nn.Module) -> DecodeLinearSwap:
+    """Route every plain `nn.Linear` and fused projection lead of `model` through `decode_linear`.
+
+    Subclasses of `nn.Linear` (bitsandbytes' quantized layers, for one) keep their own forward.
+    """
+    swap = DecodeLinearSwap()
+    for module in model.modules():
+        replacement = _DECODE_CLASSES.get(type(module))
+        if replacement is not None:
+            module.__class__ = replacement
+            swap.modules.append(module)
+    return swap
