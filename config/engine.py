@@ -96,6 +96,10 @@ class EngineConfig(BaseModel):
         None, description="torch.compile mode."
     )
     compile_backend: str = Field("inductor", description="torch.compile backend.")
+    compile_combo_kernels: bool = Field(
+        True, description="Inductor's combo kernels (independent small kernels fused side by side); only with "
+        "the inductor backend and no compile_mode.",
+    )
     tp_size: int = Field(1, ge=1, le=64, description="Tensor-parallel ranks per replica.")
     seed: int = Field(0, ge=0, description="Seed of unseeded sampling.")
 

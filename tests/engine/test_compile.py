@@ -86,15 +86,18 @@ def test_aot_eager_gives_eager_outputs():
 
 
 def test_decoder_layers_are_compiled_one_by_one(tiny_model_dir, eager_tokens):
-    """Regional compilation: each decoder layer in place (inductor), the paged attention left out."""
+    """Regional compilation: each decoder layer in place (inductor), the final norm and the rotary
+    embedding; the paged attention left out."""
     llm, tokens = generate(tiny_model_dir("llama"), compile=True, compile_dynamic=True)
     assert tokens == eager_tokens
     step_model = llm.engine.runner._step_model
-    layers = list(llm.engine.runner.model.model.layers)
-    assert step_model.regions == layers and all(layer._compiled_call_impl is not None for layer in layers)
+    decoder = llm.engine.runner.model.model
+    regions = [*decoder.layers, decoder.norm, decoder.rotary_emb]
+    assert step_model.regions == regions and all(region._compiled_call_impl is not None for region in regions)
     assert step_model.options.backend == "inductor" and step_model.is_compiled
+    assert step_model.options.inductor_options == {"combo_kernels": True}
     llm.engine.shutdown()  # the model is given back eager
-    assert all(layer._compiled_call_impl is None for layer in layers) and not step_model.is_compiled
+    assert all(region._compiled_call_impl is None for region in regions) and not step_model.is_compiled
 
 
 def test_graph_break_under_fullgraph_retries_without_fullgraph(caplog):
