@@ -91,6 +91,26 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:  # [T, H, D]
         """Attention of every query token over its sequence's cached context (new tokens included)."""
 
+    def write_kv_and_forward(
+        self,
+        query: torch.Tensor,  # [T, H, D]
+        key: torch.Tensor,  # [T, KVH, D]
+        value: torch.Tensor,  # [T, KVH, D]
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        group: GroupAttentionMetadata,
+        *,
+        scale: float,
+        sliding_window: int | None,
+        softcap: float | None,
+    ) -> torch.Tensor:  # [T, H, D]
+        """`write_kv` then `forward`, what a layer's attention does each step; a backend may do both in
+        one kernel where that is faster."""
+        self.write_kv(key_cache, value_cache, key, value, group.slot_mapping)
+        return self.forward(query, key_cache, value_cache, metadata, group, scale=scale,
+                            sliding_window=sliding_window, softcap=softcap)
+
     @classmethod
     def is_available(cls, device: torch.device) -> tuple[bool, str]:
         """(True, "") where the backend can run on `device`, else (False, reason)."""

@@ -91,10 +91,11 @@ def _paged_attention(
     q = query[0].transpose(0, 1)  # [T, H, D]
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
-    context.backend.write_kv(key_cache, value_cache, k, v, group_meta.slot_mapping)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    out = context.backend.forward(
+    out = context.backend.write_kv_and_forward(
         q,
+        k,
+        v,
         key_cache,
         value_cache,
         context.metadata,

@@ -2,12 +2,14 @@
 
 Two kernels do the work of a step, plus a small reduction:
 
-* `_write_kv_kernel` scatters the step's new K and V rows to their slots in one launch.
+* `_write_kv_kernel` scatters the step's new K and V rows to their slots in one launch. In a decode
+  step (`write_kv_and_forward`) the attention kernel stores them itself: the program that reads the
+  tile holding a sequence's new position writes it first.
 * `_paged_attention_kernel` runs one program per (query tile, KV head, KV split). A query tile holds
   `BLOCK_Q` consecutive new tokens of one sequence times all `G = H / KVH` query heads of one KV head,
   flattened into `BLOCK_M = BLOCK_Q * G` rows, so each K/V tile is read once for the whole group
-  (GQA) and feeds one matrix product. Decode (query length 1) is the same kernel with `BLOCK_Q = 1`
-  rows per head group and, when the batch alone cannot fill the GPU, the KV range split across
+  (GQA) and feeds one matrix product. Decode (query length 1) is the same kernel with one program
+  per sequence (no tile search), one live row per head and, when the batch alone cannot fill the GPU, the KV range split across
   programs (flash-decoding); `_combine_splits_kernel` then merges the partial softmax states.
   Prefill and chunked prefill use larger query tiles and walk only the KV tiles at or below each
   tile's diagonal, masking causally by absolute position.
@@ -212,6 +214,9 @@ def _paged_attention_kernel(
     partial_out_ptr,
     partial_max_ptr,
     partial_sum_ptr,
+    new_key_ptr,
+    new_value_ptr,
+    slot_mapping_ptr,
     num_seqs,
     scale,
     softcap,
@@ -227,6 +232,10 @@ def _paged_attention_kernel(
     stride_p_t,
     stride_p_h,
     stride_p_split,
+    stride_new_k_t,
+    stride_new_k_h,
+    stride_new_v_t,
+    stride_new_v_h,
     num_splits,
     GROUP_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -238,34 +247,42 @@ def _paged_attention_kernel(
     USE_SOFTCAP: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     USE_SPLITS: tl.constexpr,
+    IS_DECODE: tl.constexpr,
+    WRITE_NEW_KV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     LOOP_AS_WHILE: tl.constexpr,
 ):
     IS_DIM_PADDED: tl.constexpr = BLOCK_D != HEAD_DIM
-    # Launch the last query tiles first: under causal masking they have the most keys, and starting
-    # the longest programs first shortens the tail of a long prefill.
-    tile_index = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-
-    # Which sequence owns this tile: sequence b owns virtual tiles starting at
-    # query_start_loc[b] // BLOCK_Q + b (always at least ceil(query_len / BLOCK_Q) of them, the spare
-    # ones exit below). Binary search for the last b whose start is <= tile_index.
-    lo = tile_index * 0  # int32 scalars: loop-carried types must not change across iterations
-    hi = lo + num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        mid_start = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
-        if mid_start <= tile_index:
-            lo = mid + 1
-        else:
-            hi = mid
-    seq = lo - 1
-    query_start = tl.load(query_start_loc_ptr + seq)
-    query_len = tl.load(query_start_loc_ptr + seq + 1) - query_start
-    first_q = (tile_index - (query_start // BLOCK_Q + seq)) * BLOCK_Q  # first new token of the tile
-    if first_q >= query_len:
-        return
+    if IS_DECODE:
+        # One new token per sequence (query_start_loc[b] == b): program b is sequence b, no search.
+        seq = tl.program_id(0)
+        query_start = seq
+        query_len = 1
+        first_q = 0
+    else:
+        # Launch the last query tiles first: under causal masking they have the most keys, and starting
+        # the longest programs first shortens the tail of a long prefill.
+        tile_index = tl.num_programs(0) - 1 - tl.program_id(0)
+        # Which sequence owns this tile: sequence b owns virtual tiles starting at
+        # query_start_loc[b] // BLOCK_Q + b (always at least ceil(query_len / BLOCK_Q) of them, the spare
+        # ones exit below). Binary search for the last b whose start is <= tile_index.
+        lo = tile_index * 0  # int32 scalars: loop-carried types must not change across iterations
+        hi = lo + num_seqs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            mid_start = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+            if mid_start <= tile_index:
+                lo = mid + 1
+            else:
+                hi = mid
+        seq = lo - 1
+        query_start = tl.load(query_start_loc_ptr + seq)
+        query_len = tl.load(query_start_loc_ptr + seq + 1) - query_start
+        first_q = (tile_index - (query_start // BLOCK_Q + seq)) * BLOCK_Q  # first new token of the tile
+        if first_q >= query_len:
+            return
     seq_len = tl.load(seq_lens_ptr + seq)
     context_before = seq_len - query_len  # position of the sequence's first new token
 
@@ -307,6 +324,23 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
     head_offset = kv_head * stride_cache_h
+
+    if WRITE_NEW_KV:
+        # Decode: the sequence's one new key/value (position seq_len - 1) is stored here by the program
+        # whose tiles hold that position, before it reads them; no other program reads it. A negative
+        # slot is a padding row (nothing to store).
+        last_tile = (seq_len - 1) // BLOCK_N
+        if (last_tile >= tile_begin) & (last_tile < tile_end):
+            slot = tl.load(slot_mapping_ptr + query_start).to(tl.int64)
+            if slot >= 0:
+                new_offsets = (slot // CACHE_BLOCK_SIZE) * stride_cache_block + (slot % CACHE_BLOCK_SIZE) * stride_cache_row
+                new_k = tl.load(new_key_ptr + query_start.to(tl.int64) * stride_new_k_t + kv_head * stride_new_k_h + dims,
+                                mask=dim_valid)
+                new_v = tl.load(new_value_ptr + query_start.to(tl.int64) * stride_new_v_t + kv_head * stride_new_v_h
+                                + dims, mask=dim_valid)
+                tl.store(key_cache_ptr + new_offsets + head_offset + dims, new_k, mask=dim_valid)
+                tl.store(value_cache_ptr + new_offsets + head_offset + dims, new_v, mask=dim_valid)
+        tl.debug_barrier()  # the stores are seen by every thread of the program before its tile loads
 
     # Tiles every row of this tile sees whole (inside all windows, at or before the first query) need
     # no masking; only the tiles at the window's edge and on the diagonal do. Three runs, in order.
@@ -495,6 +529,42 @@ class TritonAttentionBackend(AttentionBackend):
         sliding_window: int | None,
         softcap: float | None,
     ) -> torch.Tensor:
+        return self._attend(query, key_cache, value_cache, metadata, group, scale, sliding_window, softcap, None)
+
+    def write_kv_and_forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        group: GroupAttentionMetadata,
+        *,
+        scale: float,
+        sliding_window: int | None,
+        softcap: float | None,
+    ) -> torch.Tensor:
+        """Decode steps store the new keys and values inside the attention kernel (one launch a layer
+        fewer: about 2 us of a batch-1 step's layer on an H200); other steps write, then attend."""
+        if not metadata.is_decode_only or key.stride(2) != 1 or value.stride(2) != 1:
+            return super().write_kv_and_forward(query, key, value, key_cache, value_cache, metadata, group,
+                                                scale=scale, sliding_window=sliding_window, softcap=softcap)
+        return self._attend(query, key_cache, value_cache, metadata, group, scale, sliding_window, softcap,
+                            (key, value))
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        group: GroupAttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+        softcap: float | None,
+        new_kv: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
         num_tokens, num_heads, head_dim = query.shape
         num_kv_heads = key_cache.shape[2]
         _check_cache(key_cache, value_cache)
@@ -522,7 +592,8 @@ class TritonAttentionBackend(AttentionBackend):
         block_q = max(1, block_m // group_size)
         num_tiles_bound = num_tokens // block_q + num_seqs
 
-        # Decode has exactly one live tile per sequence; the rest of the bound exits at once.
+        # Decode launches one program per sequence (and KV head, and split); other steps the tile bound,
+        # whose spare tiles exit at once.
         num_live_programs = (num_seqs if is_decode else num_tiles_bound) * num_kv_heads
         num_splits = self._choose_num_splits(query.device, num_live_programs, metadata.max_seq_len, is_decode)
         use_splits = num_splits > 1
@@ -532,8 +603,9 @@ class TritonAttentionBackend(AttentionBackend):
             partial_sum = self._empty((num_tokens, num_heads, num_splits), torch.float32, query.device)
         else:
             partial_out = partial_max = partial_sum = out  # unused placeholders
+        new_key, new_value = new_kv if new_kv is not None else (query, query)  # placeholders when unused
         block_tables = group.block_tables
-        _paged_attention_kernel[(num_tiles_bound, num_kv_heads, num_splits)](
+        _paged_attention_kernel[(num_seqs if is_decode else num_tiles_bound, num_kv_heads, num_splits)](
             query,
             key_cache,
             value_cache,
@@ -544,6 +616,9 @@ class TritonAttentionBackend(AttentionBackend):
             partial_out,
             partial_max,
             partial_sum,
+            new_key,
+            new_value,
+            group.slot_mapping,
             num_seqs,
             float(scale),
             float(softcap) if softcap is not None else 1.0,
@@ -559,6 +634,10 @@ class TritonAttentionBackend(AttentionBackend):
             num_heads * num_splits if use_splits else 0,
             num_splits if use_splits else 0,
             1,
+            new_key.stride(0),
+            new_key.stride(1),
+            new_value.stride(0),
+            new_value.stride(1),
             num_splits,
             GROUP_SIZE=group_size,
             BLOCK_Q=block_q,
@@ -570,6 +649,8 @@ class TritonAttentionBackend(AttentionBackend):
             USE_SOFTCAP=softcap is not None,
             USE_WINDOW=sliding_window is not None,
             USE_SPLITS=use_splits,
+            IS_DECODE=is_decode,
+            WRITE_NEW_KV=new_kv is not None,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
             LOOP_AS_WHILE=_IS_INTERPRETED,
             num_warps=num_warps,

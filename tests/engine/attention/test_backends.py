@@ -61,6 +61,10 @@ CPU_CASES = [
     Case("mixed_gqa2_small_tiles_split3", 4, 2, 32, 16, (1, 21, 1), (130, 100, 64), softcap=4.0, num_kv_splits=3,
          tile=(16, 16)),
     Case("mixed_gqa3_head_dim24_padded", 6, 2, 24, 16, (1, 11, 1), (40, 30, 17)),
+    # Decode with new positions at the first and last row of a key tile (16) and of a split.
+    Case("decode_window_tile_edges", 4, 2, 16, 8, (1, 1, 1, 1, 1), (64, 65, 17, 1, 48), sliding_window=20,
+         tile=(16, 16)),
+    Case("decode_tile_edges_split2", 4, 1, 16, 8, (1, 1, 1, 1), (64, 65, 33, 2), num_kv_splits=2, tile=(16, 16)),
     Case("prefill_mha_softcap_fp16", 2, 2, 64, 16, (18, 1), (50, 30), dtype="float16", softcap=3.0, max_rel_error=1e-2),
 ]
 
@@ -192,7 +196,21 @@ def check_triton_case(case: Case, device: torch.device, seed: int = 0) -> dict[s
     key_cache[batch.forbidden_blocks] = float("nan")
     value_cache[batch.forbidden_blocks] = float("nan")
     out = triton_backend.forward(batch.query, key_cache, value_cache, batch.metadata, batch.group, **kwargs)
+
+    # The layer's call: write and attend in one (decode steps store the new K/V inside the kernel).
+    fused_key_cache, fused_value_cache = batch.key_cache.clone(), batch.value_cache.clone()
+    fused_key_cache[batch.forbidden_blocks] = float("nan")
+    fused_value_cache[batch.forbidden_blocks] = float("nan")
+    fused_out = triton_backend.write_kv_and_forward(batch.query, key_view, value_view, fused_key_cache,
+                                                    fused_value_cache, batch.metadata, batch.group, **kwargs)
+    def differing(a: torch.Tensor, b: torch.Tensor) -> int:  # NaN (the poisoned blocks) equals NaN
+        return ((a != b) & ~(a.isnan() & b.isnan())).sum().item()
+
+    fused_write_error = max(differing(fused_key_cache, key_cache), differing(fused_value_cache, value_cache))
     return {
+        "fused_rel_error": relative_error(fused_out, ref),
+        "fused_is_finite": bool(torch.isfinite(fused_out).all().item()),
+        "fused_write_mismatches": float(fused_write_error),
         "rel_error": relative_error(out, ref),
         "is_finite": bool(torch.isfinite(out).all().item()),
         "write_mismatches": float(write_error),
@@ -205,6 +223,9 @@ def assert_case_result(case: Case, result: dict[str, float]) -> None:
     assert result["shape_ok"] == 1.0, f"{case.name}: wrong output shape or dtype"
     assert result["is_finite"], f"{case.name}: NaN in output (an unwritten row or a forbidden block read)"
     assert result["rel_error"] < case.max_rel_error, f"{case.name}: {result}"
+    assert result["fused_write_mismatches"] == 0, f"{case.name}: write_kv_and_forward's cache differs: {result}"
+    assert result["fused_is_finite"], f"{case.name}: NaN in write_kv_and_forward's output"
+    assert result["fused_rel_error"] < case.max_rel_error, f"{case.name}: {result}"
 
 
 @pytest.fixture(scope="module")
