@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -20,6 +18,7 @@ from torch import nn
 
 from pagedserve.engine.decode_linear import DecodeFusedLead, DecodeLinear, decode_linear, use_decode_linear
 from pagedserve.engine.fused_projections import FusedLead, ProjectionFusion
+from triton_interpreter import WORKER_FLAG, interpreter_results
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -55,15 +54,10 @@ def _interpreter_worker() -> None:
     print(json.dumps(results))
 
 
-@pytest.fixture(scope="module")
-def interpreter_results() -> dict[str, dict[str, float]]:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    completed = subprocess.run(
-        [sys.executable, __file__, "--interpreter-worker"], env=env, capture_output=True, text=True, timeout=300
-    )
-    if completed.returncode != 0:
-        pytest.fail(f"interpreter worker failed:\n{completed.stdout[-4000:]}\n{completed.stderr[-4000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="module", name="interpreter_results")
+def interpreter_results_fixture() -> dict[str, dict[str, float]]:
+    """Every CPU case, run once in a subprocess under TRITON_INTERPRET=1."""
+    return interpreter_results(__file__)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -174,5 +168,5 @@ def test_decode_linear_op_matches_f_linear_on_cpu() -> None:
     torch.testing.assert_close(decode_linear(x, weight, None), F.linear(x, weight))
 
 
-if __name__ == "__main__" and "--interpreter-worker" in sys.argv:
+if __name__ == "__main__" and WORKER_FLAG in sys.argv:
     _interpreter_worker()

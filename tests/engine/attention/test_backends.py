@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -26,6 +24,7 @@ import torch
 from pagedserve.engine.attention import BACKEND_NAMES, get_attention_backend
 from pagedserve.engine.attention.base import AttentionMetadata, GroupAttentionMetadata
 from pagedserve.engine.attention.reference import ReferenceAttentionBackend
+from triton_interpreter import WORKER_FLAG, interpreter_results
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -228,16 +227,10 @@ def assert_case_result(case: Case, result: dict[str, float]) -> None:
     assert result["fused_rel_error"] < case.max_rel_error, f"{case.name}: {result}"
 
 
-@pytest.fixture(scope="module")
-def interpreter_results() -> dict[str, dict[str, float]]:
-    """Runs all CPU cases once in a subprocess with TRITON_INTERPRET=1."""
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    completed = subprocess.run(
-        [sys.executable, __file__, "--interpreter-worker"], env=env, capture_output=True, text=True, timeout=300
-    )
-    if completed.returncode != 0:
-        pytest.fail(f"interpreter worker failed:\n{completed.stdout[-4000:]}\n{completed.stderr[-4000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="module", name="interpreter_results")
+def interpreter_results_fixture() -> dict[str, dict[str, float]]:
+    """Every CPU case, run once in a subprocess under TRITON_INTERPRET=1."""
+    return interpreter_results(__file__)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -290,5 +283,5 @@ def _interpreter_worker() -> None:
     print(json.dumps(results))
 
 
-if __name__ == "__main__" and "--interpreter-worker" in sys.argv:
+if __name__ == "__main__" and WORKER_FLAG in sys.argv:
     _interpreter_worker()
