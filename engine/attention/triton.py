@@ -9,8 +9,9 @@ Two kernels do the work of a step, plus a small reduction:
   `BLOCK_Q` consecutive new tokens of one sequence times all `G = H / KVH` query heads of one KV head,
   flattened into `BLOCK_M = BLOCK_Q * G` rows, so each K/V tile is read once for the whole group
   (GQA) and feeds one matrix product. Decode (query length 1) is the same kernel with one program
-  per sequence (no tile search), one live row per head and, when the batch alone cannot fill the GPU, the KV range split across
-  programs (flash-decoding); `_combine_splits_kernel` then merges the partial softmax states.
+  per sequence (no tile search), one live row per head and, when the batch alone cannot fill the
+  GPU, the KV range split across programs (flash-decoding); `_combine_splits_kernel` then merges the
+  partial softmax states.
   Prefill and chunked prefill use larger query tiles and walk only the KV tiles at or below each
   tile's diagonal, masking causally by absolute position.
 
