@@ -152,9 +152,12 @@ def test_swap_routes_plain_linears_and_fused_leads_and_undo_restores() -> None:
         assert type(block.q) is DecodeFusedLead and type(block.o) is DecodeLinear
         assert type(block.hooked) is DecodeLinear and type(block.custom) is _OwnLinear
         assert {name: p.data_ptr() for name, p in block.named_parameters()} == weights_before
-        torch.testing.assert_close(block(x), expected)  # CPU: the op falls back to F.linear; hooks still run
+        torch.testing.assert_close(block(x), expected)  # CPU: F.linear; hooks still run
+        one_row = x[:1]
+        torch.testing.assert_close(block(one_row), expected[:1])  # through the op (which falls back on CPU)
         compiled = torch.compile(block, backend="aot_eager")  # the op's fake implementation traces
         torch.testing.assert_close(compiled(x), expected)
+        torch.testing.assert_close(compiled(one_row), expected[:1])
         swap.undo()
         assert type(block.q) is FusedLead and type(block.o) is nn.Linear and type(block.hooked) is nn.Linear
         fusion.undo()
