@@ -157,7 +157,8 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
     steps.clear()
     fresh_single = run_single(llm, workload, args.single_tokens) if args.single_tokens else None
     if fresh_single:
-        print(f"batch 1 (fresh engine, before W1): {fresh_single:.1f} tok/s; {decode_step_profile(steps)}", flush=True)
+        profile = decode_step_profile(steps, args.single_tokens / fresh_single)
+        print(f"batch 1 (fresh engine, before W1): {fresh_single:.1f} tok/s; {profile}", flush=True)
     steps.clear()
     largest_batch = 0
     params = SamplingParams(temperature=0, max_tokens=workload.max_new_tokens, ignore_eos=True)
@@ -202,15 +203,21 @@ def step_time_summary(steps) -> str:
     return "\n".join(lines)
 
 
-def decode_step_profile(steps) -> str:
-    """Whether a slow batch-1 run is slow throughout or pays a one-off cost: its decode steps' times."""
+def decode_step_profile(steps, wall_s: float | None = None) -> str:
+    """Whether a slow batch-1 run is slow throughout or pays a one-off cost: its decode steps' times, the
+    steps that carried the prompt, and (given the run's wall time) what went outside the engine's steps."""
     times_ms = sorted(s.step_time_s * 1000 for s in steps if not s.num_prefill_tokens)
     if not times_ms:
         return "no decode steps"
     ordered = [s.step_time_s * 1000 for s in steps if not s.num_prefill_tokens]
-    return (f"{len(times_ms)} decode steps, median {times_ms[len(times_ms) // 2]:.2f} ms, "
+    prompt_ms = sum(s.step_time_s * 1000 for s in steps if s.num_prefill_tokens)
+    text = (f"{len(times_ms)} decode steps, median {times_ms[len(times_ms) // 2]:.2f} ms, "
             f"max {times_ms[-1]:.1f} ms, sum {sum(times_ms):.0f} ms, first five "
-            + " ".join(f"{t:.1f}" for t in ordered[:5]))
+            + " ".join(f"{t:.1f}" for t in ordered[:5])
+            + f"; prompt steps {prompt_ms:.1f} ms")
+    if wall_s is not None:
+        text += f"; outside the steps {wall_s * 1000 - prompt_ms - sum(times_ms):.1f} ms of {wall_s * 1000:.0f}"
+    return text
 
 
 def run_single(llm, workload: Workload, new_tokens: int) -> float:
