@@ -51,7 +51,7 @@ class SkinnyConfig:
     use_dot: bool = True  # False: BLOCK_M rows by multiply-and-sum on CUDA cores (a single row)
 
 
-def default_config(num_rows: int, out_features: int, in_features: int) -> SkinnyConfig:
+def default_config(out_features: int) -> SkinnyConfig:
     """From `bench/linear_bench.py --sweep` on an H200 (Llama-3-8B's projections at 1-16 rows): narrower
     tiles keep a grid of N <= 4096 features on every SM; wider ones read the long weights best."""
     if out_features <= 4096:
@@ -121,7 +121,7 @@ def skinny_linear(
         raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows, got {num_rows}")
     if weight.shape[1] != in_features or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError(f"need x [M, K] and weight [N, K] with contiguous K, got {tuple(x.shape)}, {tuple(weight.shape)}")
-    config = config or default_config(num_rows, out_features, in_features)
+    config = config or default_config(out_features)
     out = torch.empty((num_rows, out_features), dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return out
@@ -163,7 +163,7 @@ def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
     num_rows = x.numel() // x.shape[-1]
     if num_rows != 1:  # 2-16 rows: slower than cuBLAS on the H200 (see the module docstring)
         return False
-    config = default_config(num_rows, weight.shape[0], weight.shape[1])
+    config = default_config(weight.shape[0])
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     # Below about one program per SM the kernel leaves bandwidth unused (cuBLAS splits K instead).
     return triton.cdiv(weight.shape[0], config.block_n) * 4 >= _num_sms(index) * 3

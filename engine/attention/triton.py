@@ -499,8 +499,7 @@ class TritonAttentionBackend(AttentionBackend):
         if num_tokens == 0:
             return
         _check_cache(key_cache, value_cache)
-        if key.stride(2) != 1 or value.stride(2) != 1:
-            raise ValueError("key and value need a contiguous last (head_dim) dimension")
+        _check_new_kv(key, value)
         _write_kv_kernel[(num_tokens,)](
             key,
             value,
@@ -548,9 +547,10 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         """Decode steps store the new keys and values inside the attention kernel (one launch a layer
         fewer: about 2 us of a batch-1 step's layer on an H200); other steps write, then attend."""
-        if not metadata.is_decode_only or key.stride(2) != 1 or value.stride(2) != 1:
+        if not metadata.is_decode_only:
             return super().write_kv_and_forward(query, key, value, key_cache, value_cache, metadata, group,
                                                 scale=scale, sliding_window=sliding_window, softcap=softcap)
+        _check_new_kv(key, value)
         return self._attend(query, key_cache, value_cache, metadata, group, scale, sliding_window, softcap,
                             (key, value))
 
@@ -693,6 +693,11 @@ class TritonAttentionBackend(AttentionBackend):
         # Keep at least ~256 keys per split so the merge stays cheap next to the reads.
         max_useful = max(1, max_seq_len // 256)
         return max(1, min(math.ceil(target_programs / num_programs), max_useful, 32))
+
+
+def _check_new_kv(key: torch.Tensor, value: torch.Tensor) -> None:
+    if key.stride(2) != 1 or value.stride(2) != 1:
+        raise ValueError("key and value need a contiguous last (head_dim) dimension")
 
 
 def _check_cache(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:

@@ -77,7 +77,7 @@ def test_skinny_gemm_on_gpu(rows: int, shape: tuple[int, int]) -> None:
     from pagedserve.engine.decode_linear import default_config
 
     out_features, in_features = shape
-    config = default_config(rows, out_features, in_features)
+    config = default_config(out_features)
     as_tuple = (config.block_n, config.block_k, config.num_warps, config.num_stages, config.use_dot)
     for dtype in ("bfloat16", "float16"):
         result = run_case(rows, out_features, in_features, dtype, True, as_tuple, "cuda")
