@@ -6,6 +6,10 @@ as GB/s of K/V read against the measured copy bandwidth), a 2048-token prefill c
 tokens (compute-bound: TFLOP/s), small decode batches over long contexts (the split-KV path), and the
 fused K/V write. `--sweep` also times a few tile shapes per kernel. Prints a markdown table last, for
 docs/kernels.md. Usage: python bench/attention_bench.py [--sweep]
+
+`--batch1` times instead what one layer of a batch-1 decode step runs: the fused K/V write and
+attention (and the split merge) of one sequence, replayed in a CUDA graph as the engine's decode graphs
+replay it, with the split count the graphs use (sized for `--max-model-len`) and with others.
 """
 
 from __future__ import annotations
@@ -118,6 +122,41 @@ def dense_sdpa(batch: PagedBatch):
     return lambda: torch.nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, enable_gqa=True)
 
 
+def run_write_and_forward(backend, batch: PagedBatch):
+    return lambda: backend.write_kv_and_forward(
+        batch.query, batch.key, batch.value, batch.key_cache, batch.value_cache, batch.metadata, batch.group,
+        scale=HEAD_DIM**-0.5, sliding_window=None, softcap=None,
+    )
+
+
+def batch1_rows(device: torch.device, max_model_len: int) -> list[tuple[str, str, float, str, str]]:
+    """One sequence, the decode graphs' way: metadata sized for max_model_len, timed as graph replays."""
+    rows = []
+    reference = ReferenceAttentionBackend()
+    for context in (128, 384, 640, 2048, 8192):
+        batch = make_batch([1], [context], device)
+        batch.metadata.max_seq_len = max(max_model_len, context)  # what a captured graph's grid is sized for
+        reference.write_kv(batch.key_cache, batch.value_cache, batch.key, batch.value, batch.group.slot_mapping)
+        ref = run_forward(reference, batch)()
+        contenders = [("triton (engine default)", TritonAttentionBackend())]
+        contenders += [(f"triton splits={n}", TritonAttentionBackend(num_kv_splits=n)) for n in (1, 2, 4, 8, 16, 32)]
+        contenders += [
+            (f"triton n{c.block_n} w{c.num_warps} s{c.num_stages}", TritonAttentionBackend(decode_config=c))
+            for c in (TileConfig(16, 32, 4, 3), TileConfig(16, 16, 4, 3), TileConfig(16, 64, 2, 3), TileConfig(16, 128, 4, 2))
+        ]
+        for label, backend in contenders:
+            fn = run_write_and_forward(backend, batch)
+            try:
+                error = relative_error(fn(), ref)
+                ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+            except Exception as failure:
+                rows.append((f"batch 1 ctx {context}", label, float("nan"), f"failed: {type(failure).__name__}", ""))
+                continue
+            rows.append((f"batch 1 ctx {context}", label, ms, f"{kv_bytes_read(batch) / ms / 1e6:.0f} GB/s",
+                         f"{error:.1e}"))
+    return rows
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
@@ -133,6 +172,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile shapes")
     parser.add_argument("--short-sweep", action="store_true", help="time only the prefill shapes that led last time")
+    parser.add_argument("--batch1", action="store_true", help="only the batch-1 decode layer, in CUDA graphs")
+    parser.add_argument("--max-model-len", type=int, default=8192, help="what --batch1's graphs are sized for")
     args = parser.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -142,7 +183,7 @@ def main() -> None:
 
     copy_gbs = copy_bandwidth_gbs(device)
     decode_lens = torch.randint(500, 701, (256,), generator=generator).tolist()
-    cases = {
+    cases = {} if args.batch1 else {
         "decode B=256 ctx~600": make_batch([1] * 256, decode_lens, device),
         "prefill 2048 new + 512 cached": make_batch([2048], [2560], device),
         "decode B=8 ctx 8192": make_batch([1] * 8, [8192] * 8, device),
@@ -192,6 +233,8 @@ def main() -> None:
             moved = 4 * batch.key.numel() * batch.key.element_size()
             rows.append((case_name, f"write_kv {label}", ms, f"{moved / ms / 1e6:.0f} GB/s", ""))
 
+    if args.batch1:
+        rows += batch1_rows(device, args.max_model_len)
     commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()

@@ -82,7 +82,8 @@ def main() -> None:
             x = torch.randn(m, k, dtype=DTYPE, device="cuda")
             ref = F.linear(x.float(), weights[0].float())
             cublas_us = graph_time_us(lambda: [F.linear(x, w) for w in weights], copies)
-            configs = candidates() if args.sweep else [default_config(n)]
+            default = default_config(n, m, torch.cuda.get_device_properties(0).multi_processor_count)
+            configs = candidates() if args.sweep else [default]
             results = []
             for config in configs:
                 if not config.use_dot and m > 1:
@@ -98,7 +99,7 @@ def main() -> None:
                 results.append((us, config))
             results.sort(key=lambda r: r[0])
             best_us, best = results[0]
-            default_us = next((us for us, c in results if c == default_config(n)), float("nan"))
+            default_us = next((us for us, c in results if c == default), float("nan"))
             table.append((name, m, cublas_us, default_us, best_us, best, weight_bytes))
             print(f"{name} m={m}: cuBLAS {cublas_us:.1f} us, default {default_us:.1f}, best {best_us:.1f} {best}",
                   flush=True)

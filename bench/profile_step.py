@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import build_model  # noqa: E402
+from gpu_bench import build_model, decode_step_profile  # noqa: E402
 
 
 def gpu_idle_summary(prof) -> str:
@@ -50,6 +50,9 @@ def main() -> int:
     parser.add_argument("--trace", default=None,
                         help="also write a Chrome trace (host and GPU) of 10 steps of each batch to TRACE.<batch>.json")
     parser.add_argument("--engine-arg", action="append", default=[], help="EngineConfig override, key=value")
+    parser.add_argument("--single-tokens", type=int, default=0,
+                        help="also time LLM.generate of one --context-token prompt and this many new tokens "
+                             "(gpu_bench's batch-1 line), with where its time went")
     args = parser.parse_args()
     from pagedserve.engine.llm import LLM
     from pagedserve.engine.request import SamplingParams
@@ -114,6 +117,30 @@ def main() -> int:
         while engine.has_unfinished_requests():
             engine.step()
         rows.append((batch, step_ms, gpu_ms))
+    if args.single_tokens:
+        steps = []
+        engine_step = engine.step
+
+        def recording_step():
+            deltas = engine_step()
+            if engine.last_step is not None:
+                steps.append(engine.last_step)
+            return deltas
+
+        engine.step = recording_step
+        params = SamplingParams(temperature=0, max_tokens=args.single_tokens, ignore_eos=True)
+        prompt = list(range(2000, 2000 + args.context))
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+        for _ in range(2):
+            steps.clear()
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            llm.generate([prompt], params, use_tqdm=False)
+            torch.cuda.synchronize()
+            wall_s = time.perf_counter() - started
+            print(f"batch 1 end to end ({args.context}-token prompt, {args.single_tokens} new tokens): "
+                  f"{args.single_tokens / wall_s:.1f} tok/s; {decode_step_profile(steps, wall_s)}", flush=True)
+        engine.step = engine_step
     print(f"{args.layers} layers, context {args.context}")
     print("| batch | engine step ms | GPU kernel ms per step | GPU busy | tokens/s |")
     print("|---:|---:|---:|---:|---:|")

@@ -100,6 +100,11 @@ class EngineConfig(BaseModel):
         True, description="Inductor's combo kernels (independent small kernels fused side by side); only with "
         "the inductor backend and no compile_mode.",
     )
+    programmatic_launch: bool = Field(
+        True, description="On Hopper and newer GPUs, launch the engine's Triton kernels and inductor's compiled "
+        "ones with programmatic dependent launch, so each kernel starts while the one before it finishes "
+        "(engine/dependent_launch.py).",
+    )
     tp_size: int = Field(1, ge=1, le=64, description="Tensor-parallel ranks per replica.")
     seed: int = Field(0, ge=0, description="Seed of unseeded sampling.")
 

@@ -36,26 +36,43 @@ class CompileOptions:
     mode: str | None
     backend: str
     combo_kernels: bool = False
+    dependent_launch: bool = False
 
     def describe(self) -> str:
-        combo = ", combo_kernels" if self.inductor_options else ""
-        return f"backend={self.backend!r}, mode={self.mode!r}, fullgraph={self.fullgraph}, dynamic={self.dynamic}{combo}"
+        extra = "".join(f", {name}" for name in (self.inductor_options or {}))
+        return f"backend={self.backend!r}, mode={self.mode!r}, fullgraph={self.fullgraph}, dynamic={self.dynamic}{extra}"
 
     @property
     def inductor_options(self) -> dict[str, Any] | None:
         """Inductor's horizontal fusion of independent kernels (the rotary embedding of q and of k become
-        one kernel: a batch-1 decode step of Llama-3-8B on an H200 went 4.71 -> 4.66 ms). torch.compile
-        takes either a mode or options, so a configured mode goes without it."""
-        if self.combo_kernels and self.backend == "inductor" and self.mode is None:
-            return {"combo_kernels": True}
-        return None
+        one kernel: a batch-1 decode step of Llama-3-8B on an H200 went 4.71 -> 4.66 ms), and its
+        programmatic dependent launch (engine/dependent_launch.py; inductor applies it on Hopper and newer
+        only) where this torch has it. torch.compile takes either a mode or options, so a configured mode
+        goes without them."""
+        if self.backend != "inductor" or self.mode is not None:
+            return None
+        options: dict[str, Any] = {}
+        if self.combo_kernels:
+            options["combo_kernels"] = True
+        if self.dependent_launch and _inductor_has_pdl():
+            options["triton.enable_pdl"] = True
+        return options or None
 
 
-def compile_ladder(config: EngineConfig) -> list[CompileOptions]:
-    """The configured options first, then fullgraph off with dynamic shapes on (if that differs)."""
+def _inductor_has_pdl() -> bool:
+    import torch._inductor.config as inductor_config
+
+    return hasattr(inductor_config.triton, "enable_pdl")
+
+
+def compile_ladder(config: EngineConfig, dependent_launch: bool = False) -> list[CompileOptions]:
+    """The configured options first, then fullgraph off with dynamic shapes on (if that differs).
+    `dependent_launch`: whether the compiled kernels may use PDL (the runner's device supports it and the
+    config allows it)."""
     wanted = CompileOptions(config.compile_fullgraph, config.compile_dynamic, config.compile_mode, config.compile_backend,
-                            config.compile_combo_kernels)
-    relaxed = CompileOptions(False, True, config.compile_mode, config.compile_backend, config.compile_combo_kernels)
+                            config.compile_combo_kernels, dependent_launch)
+    relaxed = CompileOptions(False, True, config.compile_mode, config.compile_backend, config.compile_combo_kernels,
+                             dependent_launch)
     return [wanted] if relaxed == wanted else [wanted, relaxed]
 
 
@@ -82,10 +99,10 @@ def compile_regions(model: torch.nn.Module) -> list[torch.nn.Module]:
 class CompiledForward:
     """Callable like the model; owns the current rung of the ladder. Eager once every rung failed."""
 
-    def __init__(self, model: torch.nn.Module, config: EngineConfig) -> None:
+    def __init__(self, model: torch.nn.Module, config: EngineConfig, dependent_launch: bool = False) -> None:
         self.model = model
         self.regions = compile_regions(model)
-        self._ladder = compile_ladder(config)  # the runner wraps the model only when it compiles
+        self._ladder = compile_ladder(config, dependent_launch)  # the runner wraps the model only when it compiles
         self.options: CompileOptions | None = None  # None: eager
         self._next_rung()
 

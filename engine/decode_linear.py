@@ -11,8 +11,9 @@ the CUDA cores (`use_dot=False`).
 Measured on an H200 (`bench/linear_bench.py`, docs/benchmarks.md): at one row the kernel matched or
 beat cuBLAS on o, down and the LM head and removed the split-K reductions (batch-1 decode step 4.81 ->
 4.71 ms); at 2-16 rows it was slower than cuBLAS on q/k/v and down (masked 16-row tiles), so only
-one-row steps take it. q/k/v (N=6144) gets too few programs at the measured tile widths and stays on
-cuBLAS too.
+one-row steps take it. A weight with too few output features for the wide tiles to give every SM a
+program (q/k/v, N=6144) takes narrow multiply-and-sum tiles at one row; with fewer features still, it
+stays on cuBLAS.
 
 `use_decode_linear(model)` routes a model's plain `nn.Linear` layers (and fused projection leads)
 through `linear`: one-row inputs go to the `pagedserve::decode_linear` custom op, which takes the
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dependent_launch
 from .fused_projections import FusedLead
 
 try:
@@ -51,15 +53,45 @@ class SkinnyConfig:
     use_dot: bool = True  # False: BLOCK_M rows by multiply-and-sum on CUDA cores (a single row)
 
 
-def default_config(out_features: int) -> SkinnyConfig:
+def default_config(out_features: int, num_rows: int = MAX_ROWS, num_sms: int | None = None) -> SkinnyConfig:
     """From `bench/linear_bench.py --sweep` on an H200 (Llama-3-8B's projections at 1-16 rows): narrower
-    tiles keep a grid of N <= 4096 features on every SM; wider ones read the long weights best."""
-    if out_features <= 4096:
-        return SkinnyConfig(block_n=32, block_k=256, num_warps=4, num_stages=5)
-    return SkinnyConfig(block_n=64, block_k=128, num_warps=4, num_stages=5)
+    tiles keep a grid of N <= 4096 features on every SM; wider ones read the long weights best. One row
+    over a weight too short to give those tiles about one program per SM (`num_sms`: q/k/v's 6144
+    features) takes narrow multiply-and-sum tiles instead: 8 features a program (15.1 us against cuBLAS's
+    15.9 on q/k/v in that sweep)."""
+    wide = (SkinnyConfig(block_n=32, block_k=256, num_warps=4, num_stages=5) if out_features <= 4096
+            else SkinnyConfig(block_n=64, block_k=128, num_warps=4, num_stages=5))
+    if num_rows == 1 and num_sms is not None and not _fills_sms(out_features, wide, num_sms):
+        return SkinnyConfig(block_n=8, block_k=1024, num_warps=4, num_stages=3, use_dot=False)
+    return wide
+
+
+def _fills_sms(out_features: int, config: SkinnyConfig, num_sms: int) -> bool:
+    """At least about one program per SM (below that the kernel leaves bandwidth unused)."""
+    return -(-out_features // config.block_n) * 4 >= num_sms * 3
 
 
 if triton is not None:
+
+    @triton.jit
+    def _load_weight_tile(w_ptrs, col_valid, ks, k_left, EVEN_K: tl.constexpr):
+        # The weight is read once per forward: keep it from evicting the activations in L2.
+        if EVEN_K:
+            return tl.load(w_ptrs, mask=col_valid[:, None], other=0.0, eviction_policy="evict_first")
+        return tl.load(w_ptrs, mask=col_valid[:, None] & (ks < k_left)[None, :], other=0.0,
+                       eviction_policy="evict_first")
+
+    @triton.jit
+    def _load_x_tile(x_ptrs, row_valid, ks, k_left, EVEN_K: tl.constexpr):
+        if EVEN_K:
+            return tl.load(x_ptrs, mask=row_valid[:, None], other=0.0)
+        return tl.load(x_ptrs, mask=row_valid[:, None] & (ks < k_left)[None, :], other=0.0)
+
+    @triton.jit
+    def _accumulate(acc, x, w, USE_DOT: tl.constexpr):
+        if USE_DOT:
+            return acc + tl.dot(x, tl.trans(w), out_dtype=tl.float32)
+        return acc + tl.sum(x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
 
     @triton.jit
     def _skinny_gemm_kernel(
@@ -79,6 +111,7 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         USE_DOT: tl.constexpr,
         EVEN_K: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = tl.arange(0, BLOCK_M)
@@ -89,20 +122,22 @@ if triton is not None:
         x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :]
         w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k_step in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                x = tl.load(x_ptrs, mask=row_valid[:, None], other=0.0)
-                # The weight is read once per forward: keep it from evicting the activations in L2.
-                w = tl.load(w_ptrs, mask=col_valid[:, None], other=0.0, eviction_policy="evict_first")
-            else:
-                k_valid = ks < K - k_step * BLOCK_K
-                x = tl.load(x_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=col_valid[:, None] & k_valid[None, :], other=0.0,
-                            eviction_policy="evict_first")
-            if USE_DOT:
-                acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32)
-            else:
-                acc += tl.sum(x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
+        first_step = 0
+        if USE_PDL:
+            # Launched while the kernel before still runs (engine/dependent_launch.py): no kernel writes
+            # the weight, so its first tile is fetched now; x is read only after that kernel is done.
+            w = _load_weight_tile(w_ptrs, col_valid, ks, K, EVEN_K)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+            acc = _accumulate(acc, _load_x_tile(x_ptrs, row_valid, ks, K, EVEN_K), w, USE_DOT)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+            first_step = 1
+        for k_step in range(first_step, tl.cdiv(K, BLOCK_K)):
+            k_left = K - k_step * BLOCK_K
+            x = _load_x_tile(x_ptrs, row_valid, ks, k_left, EVEN_K)
+            w = _load_weight_tile(w_ptrs, col_valid, ks, k_left, EVEN_K)
+            acc = _accumulate(acc, x, w, USE_DOT)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         if HAS_BIAS:
@@ -121,11 +156,13 @@ def skinny_linear(
         raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows, got {num_rows}")
     if weight.shape[1] != in_features or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError(f"need x [M, K] and weight [N, K] with contiguous K, got {tuple(x.shape)}, {tuple(weight.shape)}")
-    config = config or default_config(out_features)
+    if config is None:
+        config = default_config(out_features, num_rows, _num_sms(_device_index(x)) if x.is_cuda else None)
     out = torch.empty((num_rows, out_features), dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return out
     block_m = 16 if config.use_dot else triton.next_power_of_2(num_rows)
+    use_pdl = dependent_launch.enabled(x.device)
     _skinny_gemm_kernel[(triton.cdiv(out_features, config.block_n),)](
         x,
         weight,
@@ -143,8 +180,10 @@ def skinny_linear(
         BLOCK_K=config.block_k,
         USE_DOT=config.use_dot,
         EVEN_K=in_features % config.block_k == 0,
+        USE_PDL=use_pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **dependent_launch.launch_options(use_pdl),
     )
     return out
 
@@ -152,6 +191,10 @@ def skinny_linear(
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_index(x: torch.Tensor) -> int:
+    return x.device.index if x.device.index is not None else torch.cuda.current_device()
 
 
 def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -163,10 +206,8 @@ def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
     num_rows = x.numel() // x.shape[-1]
     if num_rows != 1:  # 2-16 rows: slower than cuBLAS on the H200 (see the module docstring)
         return False
-    config = default_config(weight.shape[0])
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    # Below about one program per SM the kernel leaves bandwidth unused (cuBLAS splits K instead).
-    return triton.cdiv(weight.shape[0], config.block_n) * 4 >= _num_sms(index) * 3
+    num_sms = _num_sms(_device_index(x))
+    return _fills_sms(weight.shape[0], default_config(weight.shape[0], num_rows, num_sms), num_sms)
 
 
 @torch.library.custom_op("pagedserve::decode_linear", mutates_args=())

@@ -27,6 +27,7 @@ from pagedserve.cache.sizing import (
 )
 from pagedserve.config.engine import ConfigError, EngineConfig, LayerGroupSpec
 
+from . import dependent_launch
 from .attention import get_attention_backend
 from .attention.base import AttentionMetadata, GroupAttentionMetadata
 from .attention.hf_integration import LayerProbe, PagedForwardContext
@@ -150,6 +151,7 @@ class ModelRunner:
         self.dtype = loaded.dtype
         self.config = config
         self.backend = get_attention_backend(config.attention_backend, self.device)
+        dependent_launch.set_enabled(config.programmatic_launch)  # for every Triton kernel the engine launches
         # The shape probe's forward also shows which projections share an input (engine/fused_projections.py).
         self._fusion = ProjectionFusion.watch(self.model) if config.fuse_projections else None
         self.shape = self._probe_shape()
@@ -166,7 +168,9 @@ class ModelRunner:
         )
         # With compile on, the decoder layers are compiled in place: eager steps run them and decode graphs
         # capture them; every forward goes through the fallback ladder.
-        self._step_model: Callable[..., Any] = CompiledForward(self.model, config) if self._use_compile() else self.model
+        self._step_model: Callable[..., Any] = (
+            CompiledForward(self.model, config, dependent_launch.enabled(self.device)) if self._use_compile() else self.model
+        )
         logger.info("attention backend: %s; layer groups: %s", self.backend.name, [g.kind for g in self.shape.groups])
 
     def _use_compile(self) -> bool:

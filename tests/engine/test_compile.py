@@ -181,3 +181,18 @@ def test_compiled_layers_are_not_recompiled_per_layer(tiny_model_dir, tmp_path):
         return counters["frames"]["total"]
 
     assert frames_compiled(deeper) == frames_compiled(source)
+
+
+def test_programmatic_launch_reaches_inductor_only_where_asked():
+    """PDL goes to inductor as an option when the runner's device allows it (never on a CPU), and not
+    at all with a compile mode (torch.compile takes a mode or options)."""
+    from pagedserve.engine import dependent_launch
+    from pagedserve.engine.compile import CompileOptions, _inductor_has_pdl
+
+    with_pdl = CompileOptions(False, None, None, "inductor", True, dependent_launch=True)
+    expected = {"combo_kernels": True, **({"triton.enable_pdl": True} if _inductor_has_pdl() else {})}
+    assert with_pdl.inductor_options == expected
+    assert CompileOptions(False, None, None, "inductor", True).inductor_options == {"combo_kernels": True}
+    assert CompileOptions(False, None, "max-autotune", "inductor", True, True).inductor_options is None
+    assert all(not rung.dependent_launch for rung in compile_ladder(EngineConfig(compile=True)))
+    assert not dependent_launch.enabled(torch.device("cpu"))

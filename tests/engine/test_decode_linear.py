@@ -69,19 +69,40 @@ def test_skinny_gemm_in_interpreter(name: str, interpreter_results: dict[str, di
     assert result["max_error"] < tolerance, result
 
 
+def test_default_config_narrow_tiles_only_for_one_row_over_a_short_weight() -> None:
+    from pagedserve.engine.decode_linear import default_config, _fills_sms
+
+    h200_sms = 132
+    qkv = default_config(6144, 1, h200_sms)  # 96 programs of 64 features: under 0.75 per SM
+    assert not qkv.use_dot and qkv.block_n == 8 and _fills_sms(6144, qkv, h200_sms)
+    assert default_config(6144, 2, h200_sms).use_dot  # the multiply-and-sum tiles take one row only
+    assert default_config(6144).use_dot  # no SM count (CPU callers): the wide tiles
+    assert default_config(4096, 1, h200_sms) == default_config(4096)  # 128 programs of 32: enough
+    assert default_config(28672, 1, h200_sms).block_n == 64
+    assert not _fills_sms(512, default_config(512, 1, h200_sms), h200_sms)  # too short even so: cuBLAS
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rows", [1, 2, 5, 16])
 @pytest.mark.parametrize("shape", [(6144, 4096), (4096, 14336), (5000, 1000)])
-def test_skinny_gemm_on_gpu(rows: int, shape: tuple[int, int]) -> None:
+@pytest.mark.parametrize("programmatic_launch", [True, False])
+def test_skinny_gemm_on_gpu(rows: int, shape: tuple[int, int], programmatic_launch: bool) -> None:
+    """Default tiles (wide, or narrow multiply-and-sum ones for one row of q/k/v's shape), launched with
+    and without PDL (whose path fetches the first weight tile before waiting; used on Hopper and newer)."""
+    from pagedserve.engine import dependent_launch
     from pagedserve.engine.decode_linear import default_config
 
     out_features, in_features = shape
-    config = default_config(out_features)
+    config = default_config(out_features, rows, torch.cuda.get_device_properties(0).multi_processor_count)
     as_tuple = (config.block_n, config.block_k, config.num_warps, config.num_stages, config.use_dot)
-    for dtype in ("bfloat16", "float16"):
-        result = run_case(rows, out_features, in_features, dtype, True, as_tuple, "cuda")
-        assert result["shape_ok"] == 1.0 and result["max_error"] < 2e-2, (dtype, result)
+    dependent_launch.set_enabled(programmatic_launch)
+    try:
+        for dtype in ("bfloat16", "float16"):
+            result = run_case(rows, out_features, in_features, dtype, True, as_tuple, "cuda")
+            assert result["shape_ok"] == 1.0 and result["max_error"] < 2e-2, (dtype, result)
+    finally:
+        dependent_launch.set_enabled(True)
 
 
 @pytest.mark.gpu
