@@ -120,7 +120,8 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
     engine_args = {"max_num_seqs": args.max_num_seqs,
                    "attention_backend": args.attention_backend, "max_memory_percent": args.max_memory_percent,
                    "max_batch_tokens": args.max_batch_tokens, "enable_prefix_caching": False,
-                   "compile": args.compile, "fuse_projections": args.fuse_projections}
+                   "compile": args.compile, "fuse_projections": args.fuse_projections,
+                   "programmatic_launch": args.programmatic_launch}
     started = time.perf_counter()
     try:
         llm = start_engine(model, tokenizer, args, **engine_args)
@@ -388,6 +389,8 @@ def main() -> int:
     parser.add_argument("--no-compile", dest="compile", action="store_const", const=False)
     parser.add_argument("--no-fuse-projections", dest="fuse_projections", action="store_false",
                         help="run q/k/v and gate/up as separate GEMMs (EngineConfig.fuse_projections=false)")
+    parser.add_argument("--no-programmatic-launch", dest="programmatic_launch", action="store_false",
+                        help="launch kernels without PDL (EngineConfig.programmatic_launch=false)")
     parser.add_argument("--quantization", choices=["none", "bnb-4bit", "bnb-8bit"], default="none",
                         help="quantize the random bf16 model's decoder linears with bitsandbytes before the run")
     parser.add_argument("--baseline-only", action="store_true",
