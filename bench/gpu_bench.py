@@ -163,11 +163,14 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
     steps.clear()
     largest_batch = 0
     params = SamplingParams(temperature=0, max_tokens=workload.max_new_tokens, ignore_eos=True)
+    variants_before = triton_variants()
     started = time.perf_counter()
     outputs = llm.generate(workload.prompts, params, use_tqdm=False)
     torch.cuda.synchronize()
     wall_s = time.perf_counter() - started
     print(step_time_summary(steps), flush=True)
+    print(f"Triton kernel variants compiled during the run: {triton_variants() - variants_before} "
+          f"({triton_variants()} in the process)", flush=True)
     timings = [
         RequestTiming(o.metrics.arrival_time, o.metrics.first_token_time, o.metrics.last_token_time,
                       len(o.outputs[0].token_ids))
@@ -185,6 +188,18 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
                  "largest_batch": largest_batch, "cuda_graphs": cuda_graphs, "compile": compiled, "batch1_fresh_tokens_per_s": fresh_single},
     )
     return result, [o.outputs[0].token_ids for o in outputs], llm
+
+
+def triton_variants() -> int:
+    """Variants of the engine's Triton kernels compiled so far in this process: one compiled inside a timed
+    run costs its compilation (about a second) inside a step."""
+    from pagedserve.engine import decode_linear
+    from pagedserve.engine.attention import triton as triton_attention
+
+    kernels = [triton_attention._paged_attention_kernel, triton_attention._write_kv_kernel,
+               triton_attention._combine_splits_kernel, getattr(decode_linear, "_skinny_gemm_kernel", None)]
+    return sum(len(caches[0]) for kernel in kernels if kernel is not None
+               for caches in getattr(kernel, "device_caches", {}).values())
 
 
 def step_time_summary(steps) -> str:

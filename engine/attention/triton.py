@@ -204,7 +204,10 @@ def _attend_kv_range(
     return acc, row_max, row_sum
 
 
-@triton.jit
+# Triton compiles a variant of a kernel for each pattern of its integer arguments (equal to 1, multiple of
+# 16); the batch's sequence count and block-table width change from step to step, and a new pattern met
+# mid-run would compile (seconds) inside a step. Left unspecialized, they never do.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt_seq"])
 def _paged_attention_kernel(
     query_ptr,
     key_cache_ptr,
