@@ -250,6 +250,31 @@ def test_triton_matches_reference_on_gpu(case: Case) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_new_batch_shapes_compile_no_new_kernel_variant() -> None:
+    """Steps differ in sequence count and block-table width; Triton would compile a variant for each new
+    pattern of such integers (== 1, multiple of 16), inside whichever step met it first."""
+    from pagedserve.engine.attention.triton import TritonAttentionBackend, _paged_attention_kernel
+
+    def variants() -> int:
+        return sum(len(caches[0]) for caches in _paged_attention_kernel.device_caches.values())
+
+    backend = TritonAttentionBackend(num_kv_splits=2)  # one split setting throughout: a constexpr
+    # (sequence count, context) giving block-table widths 17, 16 and 32 (block 16, two padding columns).
+    shapes = [(17, 240), (16, 224), (1, 480), (5, 240)]
+    for query_len in (1, 5):  # decode steps, then prefill chunks (a different constexpr set each)
+        for index, (num_seqs, context) in enumerate(shapes):
+            case = Case("shape", 32, 8, 128, 16, (query_len,) * num_seqs, (context,) * num_seqs, "bfloat16")
+            batch = build_batch(case, torch.device("cuda"), seed=index)
+            backend.forward(batch.query, batch.key_cache, batch.value_cache, batch.metadata, batch.group,
+                            scale=128**-0.5, sliding_window=None, softcap=None)
+            if index == 0:
+                first = variants()
+        assert variants() == first, f"query length {query_len}: {variants() - first} variants compiled mid-run"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_auto_picks_triton_on_cuda() -> None:
     assert get_attention_backend("auto", torch.device("cuda")).name == ("triton" if HAS_TRITON else "reference")
 
