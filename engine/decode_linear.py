@@ -197,28 +197,35 @@ def _device_index(x: torch.Tensor) -> int:
     return x.device.index if x.device.index is not None else torch.cuda.current_device()
 
 
-def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `decode_linear` takes the Triton kernel for these operands (else F.linear)."""
+def _kernel_config(x: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
+    """The tiles `decode_linear` runs these operands with, or None where it takes F.linear."""
     if triton is None or not x.is_cuda or weight.dtype not in (torch.bfloat16, torch.float16):
-        return False
+        return None
     if x.dtype != weight.dtype or x.numel() == 0 or x.shape[-1] != weight.shape[1] or weight.stride(1) != 1:
-        return False
+        return None
     num_rows = x.numel() // x.shape[-1]
     if num_rows != 1:  # 2-16 rows: slower than cuBLAS on the H200 (see the module docstring)
-        return False
+        return None
     num_sms = _num_sms(_device_index(x))
-    return _fills_sms(weight.shape[0], default_config(weight.shape[0], num_rows, num_sms), num_sms)
+    config = default_config(weight.shape[0], num_rows, num_sms)
+    return config if _fills_sms(weight.shape[0], config, num_sms) else None
+
+
+def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `decode_linear` takes the Triton kernel for these operands (else F.linear)."""
+    return _kernel_config(x, weight) is not None
 
 
 @torch.library.custom_op("pagedserve::decode_linear", mutates_args=())
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear, through the skinny kernel where `uses_kernel` says it pays. Inference only: no backward."""
-    if not uses_kernel(x, weight):
+    config = _kernel_config(x, weight)
+    if config is None:
         return F.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1])
     if flat.stride(1) != 1:
         flat = flat.contiguous()
-    return skinny_linear(flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return skinny_linear(flat, weight, bias, config).view(*x.shape[:-1], weight.shape[0])
 
 
 @decode_linear.register_fake

@@ -31,6 +31,8 @@ try:
 except ImportError:  # no Triton (CPU-only installs), or one without the CUDA extras
     _HAS_GDC = False
 
+# The interpreter is chosen when kernels are defined, i.e. at import: its kernels take no launch options.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _enabled = True
 
 
@@ -46,7 +48,7 @@ def _capability_major(device_index: int) -> int:
 
 
 def enabled(device: torch.device) -> bool:
-    if not (_enabled and _HAS_GDC and device.type == "cuda") or os.environ.get("TRITON_INTERPRET") == "1":
+    if not (_enabled and _HAS_GDC and device.type == "cuda") or _INTERPRETED:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _capability_major(index) >= 9
