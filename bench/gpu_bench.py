@@ -137,19 +137,7 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
     print(f"engine start (profiling, CUDA graphs{', compile' if compiled else ''}): "
           f"{time.perf_counter() - started:.1f} s", flush=True)
     print(llm.engine.memory_plan.describe(), flush=True)
-    largest_batch = 0
-    engine_step = llm.engine.step
-    steps: list = []
-
-    def step_recording_batch():
-        nonlocal largest_batch
-        deltas = engine_step()
-        if llm.engine.last_step is not None:
-            largest_batch = max(largest_batch, llm.engine.last_step.num_seqs)
-            steps.append(llm.engine.last_step)
-        return deltas
-
-    llm.engine.step = step_recording_batch
+    steps = record_steps(llm.engine)
     started = time.perf_counter()
     # Warm-up: kernels compiled before the clock starts, for the batch-1 run's prompt length too.
     llm.generate([workload.prompts[0][:128], workload.prompts[1][:16]],
@@ -161,7 +149,6 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
         profile = decode_step_profile(steps, args.single_tokens / fresh_single)
         print(f"batch 1 (fresh engine, before W1): {fresh_single:.1f} tok/s; {profile}", flush=True)
     steps.clear()
-    largest_batch = 0
     params = SamplingParams(temperature=0, max_tokens=workload.max_new_tokens, ignore_eos=True)
     variants_before = triton_variants()
     started = time.perf_counter()
@@ -169,6 +156,7 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
     torch.cuda.synchronize()
     wall_s = time.perf_counter() - started
     print(step_time_summary(steps), flush=True)
+    largest_batch = max((s.num_seqs for s in steps), default=0)
     print(f"Triton kernel variants compiled during the run: {triton_variants() - variants_before} "
           f"({triton_variants()} in the process)", flush=True)
     timings = [
@@ -188,6 +176,21 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
                  "largest_batch": largest_batch, "cuda_graphs": cuda_graphs, "compile": compiled, "batch1_fresh_tokens_per_s": fresh_single},
     )
     return result, [o.outputs[0].token_ids for o in outputs], llm
+
+
+def record_steps(engine) -> list:
+    """From now on, append the stats of every engine step that ran (`engine.last_step`) to the returned list."""
+    steps: list = []
+    engine_step = engine.step
+
+    def recording_step():
+        deltas = engine_step()
+        if engine.last_step is not None:
+            steps.append(engine.last_step)
+        return deltas
+
+    engine.step = recording_step
+    return steps
 
 
 def triton_variants() -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import build_model, decode_step_profile  # noqa: E402
+from gpu_bench import build_model, decode_step_profile, record_steps  # noqa: E402
 
 
 def gpu_spans(prof) -> list[tuple[float, float]]:
@@ -133,16 +133,8 @@ def main() -> int:
             engine.step()
         rows.append((batch, step_ms, gpu_ms))
     if args.single_tokens:
-        steps = []
         engine_step = engine.step
-
-        def recording_step():
-            deltas = engine_step()
-            if engine.last_step is not None:
-                steps.append(engine.last_step)
-            return deltas
-
-        engine.step = recording_step
+        steps = record_steps(engine)
         params = SamplingParams(temperature=0, max_tokens=args.single_tokens, ignore_eos=True)
         prompt = list(range(2000, 2000 + args.context))
         llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
