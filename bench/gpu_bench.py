@@ -157,8 +157,9 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
     wall_s = time.perf_counter() - started
     print(step_time_summary(steps), flush=True)
     largest_batch = max((s.num_seqs for s in steps), default=0)
-    print(f"Triton kernel variants compiled during the run: {triton_variants() - variants_before} "
-          f"({triton_variants()} in the process)", flush=True)
+    variants_after = triton_variants()
+    print(f"Triton kernel variants compiled during the run: {variants_after - variants_before} "
+          f"({variants_after} in the process)", flush=True)
     timings = [
         RequestTiming(o.metrics.arrival_time, o.metrics.first_token_time, o.metrics.last_token_time,
                       len(o.outputs[0].token_ids))
