@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from .engine import ConfigError, EngineConfig, format_validation_error
 
 API_KEY_ENV = "PAGEDSERVE_API_KEY"
+# Ingress replicas when the engine replicas have GPUs and `ingress_num_replicas` is not set (see its description).
+GPU_INGRESS_REPLICAS = 4
 
 
 class RouterSettings(BaseModel):
@@ -24,7 +26,7 @@ class RouterSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_queued_requests: int = Field(
-        64, ge=0, description="Requests that may wait for a replica with room; past it, 429."
+        64, ge=0, description="Requests that may wait for a replica with room, in each ingress replica; past it, 429."
     )
     queue_timeout_s: float = Field(
         30.0, gt=0.0, description="Longest a request waits for a replica with room before 429."
@@ -93,7 +95,13 @@ class ServeArgs(BaseModel):
         description="`module:Class` with `from_config(EngineConfig)`; tests swap in fault-injecting engines.",
     )
     served_model_name: str | None = Field(None, description="Model id in the API; default the engine's.")
-    ingress_num_replicas: int = Field(1, ge=1, le=64)
+    ingress_num_replicas: int | None = Field(
+        None, ge=1, le=64,
+        description="Replicas of the HTTP ingress (OpenAI API parsing and routing). None: 1 when the engine "
+        f"replicas run on CPUs, {GPU_INGRESS_REPLICAS} when they have GPUs: one ingress process admits about "
+        "100-250 requests/s, and one H200 replica taking a 512-request burst needed four to serve 0.9 of its "
+        "offline throughput (docs/benchmarks.md). Raise it with many engine replicas.",
+    )
     name_prefix: str = Field("", description="Prefix of the deployment names (two apps on one cluster).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Level of the deployments' logs; the per-request lines are INFO."

@@ -13,7 +13,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
-from pagedserve.config.serve import ServeArgs
+from pagedserve.config.serve import GPU_INGRESS_REPLICAS, ServeArgs
 
 from .ingress import OpenAIIngress
 from .replica import EngineReplica
@@ -42,9 +42,28 @@ def logging_config(serve_args: ServeArgs) -> dict[str, Any]:
     return {"log_level": serve_args.log_level, "encoding": serve_args.log_encoding}
 
 
+def _uses_gpu(serve_args: ServeArgs) -> bool:
+    return _cluster_has_gpus() if serve_args.use_gpu is None else serve_args.use_gpu
+
+
+def ingress_options(serve_args: ServeArgs) -> dict[str, Any]:
+    """Deployment options of `OpenAIIngress`: it only parses, routes and relays, so many requests wait in it
+    at once; its replica count follows `ServeArgs.ingress_num_replicas` (None: by whether engines have GPUs)."""
+    num_replicas = serve_args.ingress_num_replicas
+    if num_replicas is None:
+        num_replicas = GPU_INGRESS_REPLICAS if _uses_gpu(serve_args) else 1
+    return {
+        "name": f"{serve_args.name_prefix}OpenAIIngress",
+        "num_replicas": num_replicas,
+        "max_ongoing_requests": 4096,
+        "ray_actor_options": {"num_cpus": 0.5},
+        "logging_config": logging_config(serve_args),
+    }
+
+
 def replica_options(serve_args: ServeArgs) -> dict[str, Any]:
     """Deployment options of `EngineReplica`: resources, concurrency, router, replicas or autoscaling."""
-    use_gpu = _cluster_has_gpus() if serve_args.use_gpu is None else serve_args.use_gpu
+    use_gpu = _uses_gpu(serve_args)
     actor_options: dict[str, Any] = {"num_cpus": serve_args.num_cpus_per_replica}
     if use_gpu:
         actor_options["num_gpus"] = serve_args.tp_size
@@ -92,14 +111,7 @@ def build_app(args: dict[str, Any] | ServeArgs | None = None) -> Application:
         # Read $PAGEDSERVE_API_KEY where `serve run` was started: worker processes may not inherit it.
         serve_args = serve_args.model_copy(update={"api_key": SecretStr(serve_args.resolved_api_key())})
     replica = serve.deployment(EngineReplica).options(**replica_options(serve_args))
-    ingress = serve.deployment(OpenAIIngress).options(
-        name=f"{serve_args.name_prefix}OpenAIIngress",
-        num_replicas=serve_args.ingress_num_replicas,
-        # The ingress only parses and forwards; many requests wait on replicas at once.
-        max_ongoing_requests=4096,
-        ray_actor_options={"num_cpus": 0.5},
-        logging_config=logging_config(serve_args),
-    )
+    ingress = serve.deployment(OpenAIIngress).options(**ingress_options(serve_args))
     return ingress.bind(replica.bind(serve_args), serve_args)
 
 

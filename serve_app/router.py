@@ -13,6 +13,11 @@ Two parts, split so the policy is testable without Ray:
 - `FreeBlocksRequestRouter`: the thin adapter on Ray Serve's `RequestRouter` extension point
   (`request_router_config.request_router_class`). It reads the replicas' routing stats, asks the policy,
   and fails a request's routing future with a typed error when it must be refused.
+
+Each ingress replica routes with its own policy: the replicas' reports are shared, the reservations of
+requests sent since the last report are not. With several ingress replicas they can together send more
+than a replica's reported room within one report period; that replica then queues or preempts (never
+fails), and the next report corrects every router.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 from pagedserve.config.engine import ConfigError
-from pagedserve.config.serve import API_KEY_ENV, ServeArgs
-from pagedserve.serve_app.app import build_app, replica_options
+from pagedserve.config.serve import API_KEY_ENV, GPU_INGRESS_REPLICAS, ServeArgs
+from pagedserve.serve_app.app import build_app, ingress_options, replica_options
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,6 +65,20 @@ def test_fixed_replicas_without_autoscaling() -> None:
     options = replica_options(ServeArgs.from_args({"num_replicas": 3, "use_gpu": True, "tp_size": 2}))
     assert options["num_replicas"] == 3 and "autoscaling_config" not in options
     assert options["ray_actor_options"]["num_gpus"] == 2
+
+
+def test_ingress_replicas_follow_the_engines_device_unless_set() -> None:
+    """Unset, one ingress feeds CPU engines and GPU_INGRESS_REPLICAS feed GPU engines (one process admits
+    too few requests per second for a GPU replica); a set count is kept either way."""
+    assert ingress_options(ServeArgs.from_args({"use_gpu": False}))["num_replicas"] == 1
+    assert ingress_options(ServeArgs.from_args({"use_gpu": True}))["num_replicas"] == GPU_INGRESS_REPLICAS > 1
+    for use_gpu in (False, True):
+        options = ingress_options(ServeArgs.from_args({"use_gpu": use_gpu, "ingress_num_replicas": 2}))
+        assert options["num_replicas"] == 2
+    with pytest.raises(ConfigError, match="ingress_num_replicas"):
+        ServeArgs.from_args({"ingress_num_replicas": 0})
+    options = ingress_options(ServeArgs.from_args({"name_prefix": "a_", "log_level": "DEBUG"}))
+    assert options["name"] == "a_OpenAIIngress" and options["logging_config"]["log_level"] == "DEBUG"
 
 
 def test_app_builder_import_paths(monkeypatch: pytest.MonkeyPatch) -> None:
