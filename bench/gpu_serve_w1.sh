@@ -10,7 +10,8 @@
 # starts), separated by colons:
 #   bench/serve_w1_gpu.yaml                                   (the default, when no VARIANT is given)
 #   bench/serve_w1_gpu.yaml:RAY_SERVE_THROUGHPUT_OPTIMIZED=1
-# Writes the offline result, each variant's service log and benchmark tables to $OUT; prints one table.
+# Writes the offline result, each variant's service log and benchmark tables to $OUT; prints one table,
+# then bench/request_log.py's account of when the requests reached the engine.
 set -u
 source bench/gpu_ray_env.sh
 [ $# -eq 0 ] && set -- bench/serve_w1_gpu.yaml
@@ -59,3 +60,5 @@ for n in range(1, count + 1):
         served = float(match.group(1)) if match else float("nan")
         print(f"| {variant}, {name} | {served:.1f} | {served / offline:.2f} |")
 PY
+# When the requests reached the engine replica, per variant and burst (streamed, then one response each).
+python3 bench/request_log.py "$OUT"/serve[0-9]*.log
