@@ -13,6 +13,7 @@ import functools
 import hmac
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Awaitable, Callable
 
@@ -33,6 +34,9 @@ from .replica import GenerateRequest, ModelInfo, ReplicaError
 from .replica_calls import ReplicaCalls
 
 logger = logging.getLogger("ray.serve")
+
+# /health: an engine output received this recently shows a replica serving, without asking one.
+RECENT_OUTPUT_S = 5.0
 
 fastapi_app = FastAPI(title="pagedserve", openapi_url=None, docs_url=None, redoc_url=None)
 
@@ -213,6 +217,12 @@ class OpenAIIngress:
 
     @fastapi_app.get("/health")
     async def health(self) -> Response:
+        """200 when an engine replica answers. Outputs received within the last RECENT_OUTPUT_S are that answer:
+        a replica at max_ongoing_requests would queue a health call behind its generation requests for as
+        long as they run, and a readiness probe that waits fails (Kubernetes would drop a busy pod)."""
+        last = self.calls.last_output_s
+        if last is not None and time.monotonic() - last < RECENT_OUTPUT_S:
+            return JSONResponse({"status": "ok"})
         try:
             await asyncio.wait_for(self.replica.health.remote(), timeout=30)
         except Exception as exc:

@@ -8,6 +8,7 @@ import asyncio
 import contextvars
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Callable
 
@@ -34,6 +35,14 @@ class ReplicaCalls:
     def __init__(self, replica: DeploymentHandle, on_resend: Callable[[], None] | None = None) -> None:
         self.replica = replica
         self.on_resend = on_resend  # counts each request sent again (the ingress's metrics)
+        # time.monotonic() of the last output any replica sent this ingress (None: none yet). Outputs that
+        # keep arriving show a replica serving, without asking one (see the ingress's /health).
+        self.last_output_s: float | None = None
+
+    def _received(self, item: Any) -> Any:
+        if isinstance(item, RequestOutput) and item.error is None:  # a failed request proves nothing
+            self.last_output_s = time.monotonic()
+        return item
 
     def start(self, request: GenerateRequest) -> Any:
         """Send one engine request. Ray keys router bookkeeping (`on_request_completed`) by the caller's
@@ -72,7 +81,7 @@ class ReplicaCalls:
         for attempt in range(MAX_ATTEMPTS):
             stream = self._attempt(request, attempt)
             try:
-                first = await stream.__anext__()
+                first = self._received(await stream.__anext__())
             except StopAsyncIteration:
                 return stream, None
             except Exception as exc:  # noqa: BLE001 -- mapped to an HTTP error unless retried
@@ -105,6 +114,7 @@ class ReplicaCalls:
             failure: BaseException | ReplicaError | None = None
             try:
                 async for item in stream:
+                    self._received(item)
                     if isinstance(item, ReplicaError):
                         failure = item
                         break
@@ -126,8 +136,7 @@ class ReplicaCalls:
             except Exception:
                 pass
 
-    @staticmethod
-    async def merged(streams: list[Any], firsts: list[Any]) -> AsyncIterator[tuple[int, Any]]:
+    async def merged(self, streams: list[Any], firsts: list[Any]) -> AsyncIterator[tuple[int, Any]]:
         """Yield (prompt index, item) from several replica streams as items arrive."""
         queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         done = object()
@@ -137,7 +146,7 @@ class ReplicaCalls:
                 if first is not None:
                     await queue.put((index, first))
                     async for item in stream:
-                        await queue.put((index, item))
+                        await queue.put((index, self._received(item)))
             except Exception as exc:
                 await queue.put((index, exc))
             finally:

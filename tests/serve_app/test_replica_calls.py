@@ -137,3 +137,24 @@ def test_when_one_prompt_is_refused_the_others_streams_are_cancelled() -> None:
     with pytest.raises(APIError):
         asyncio.run(replica.open_streams([request(stream=True), request(stream=True)]))
     assert all(s.cancelled for s in handle.streams)
+
+
+def test_last_output_time_moves_with_outputs_only() -> None:
+    """`last_output_s` (the ingress's /health evidence) moves on the outputs of every path, and not on a
+    lost replica or an output of a failed request."""
+    failed = RequestOutput("r", "p", [1, 2], [CompletionOutput(0, "", [], finish_reason="error")], True,
+                           error="boom")
+    handle = Handle([ENGINE_DEAD], [failed], [delta(5), delta(6, finished=True)], [delta(7), delta(8)])
+    replica, _ = calls(handle)
+
+    async def stream() -> list[Any]:
+        (s,), (first,) = await replica.open_streams([request(stream=True)])
+        return [item async for _, item in replica.merged([s], [first])]
+
+    assert asyncio.run(stream()) == [failed]  # sent again after the dead engine; the request failed
+    assert replica.last_output_s is None
+    assert asyncio.run(replica.collect(request(stream=False))).finished
+    after_collect = replica.last_output_s
+    assert after_collect is not None
+    assert len(asyncio.run(stream())) == 2
+    assert replica.last_output_s > after_collect
