@@ -168,3 +168,44 @@ def test_reservation_never_completed_expires(clock: FakeClock) -> None:
     assert policy.num_in_flight("a") == 1
     policy.update_report("a", report(10, 10, clock.now + 61))
     assert policy.num_in_flight("a") == 0
+
+
+def test_running_sums_match_the_reservations_through_any_sequence(clock: FakeClock) -> None:
+    """The per-replica sums that keep a decision O(replicas) always equal a recount of the reservations
+    (blocks not yet counted by a report, requests not finished), through random reserves, re-routes,
+    releases, reports and replica removals."""
+    import random
+
+    rng = random.Random(0)
+    policy = FreeBlocksPolicy(transit_grace_s=0.5, max_reservation_age_s=30.0, clock=clock)
+    replicas = ["a", "b", "c"]
+    live = set(replicas)
+    for replica in replicas:
+        policy.update_report(replica, report(free=1000, total=1000, at=clock.now))
+    ids = [f"r{i}" for i in range(40)]
+    for _ in range(3000):
+        clock.now += rng.choice([0.0, 0.1, 0.4, 1.0])
+        op = rng.random()
+        if op < 0.35:
+            policy.reserve(rng.choice(sorted(live)), rng.choice(ids), RoutingDemand(rng.randrange(1, 200), 16))
+        elif op < 0.6:
+            policy.release(rng.choice(ids))
+        elif op < 0.9:
+            replica = rng.choice(sorted(live))
+            policy.update_report(replica, report(free=rng.randrange(1000), total=1000, at=clock.now - rng.random()))
+        elif op < 0.95 and len(live) > 1:
+            live.discard(rng.choice(sorted(live)))
+            policy.remove_replicas_except(live)
+        else:
+            live = set(replicas)
+            for replica in replicas:
+                if policy.report(replica) is None:
+                    policy.update_report(replica, report(free=1000, total=1000, at=clock.now))
+        for replica in replicas:
+            mine = [r for r in policy._reservations.values() if r.replica == replica]
+            assert all(r.replica in live for r in policy._reservations.values())
+            assert policy.num_in_flight(replica) == sum(not r.is_finished for r in mine)
+            pending = sum(r.num_blocks for r in mine if not r.is_counted_by_report)
+            reported = policy.report(replica)
+            expected = None if reported is None else max(0, reported.num_free_blocks - pending)
+            assert policy.estimated_free_blocks(replica) == expected
