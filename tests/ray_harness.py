@@ -78,3 +78,22 @@ def wait_until_healthy(base: str, timeout_s: float = 180.0) -> None:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{base}/health did not answer 200 within {timeout_s:.0f} s")
+
+
+@contextlib.contextmanager
+def fake_engine_app(app_name: str, args: dict, **ray_init_kwargs) -> Iterator[str]:
+    """The service with `FakeAsyncEngine` replicas (tests/serve_app/fake_engine.py, which the workers import
+    through PYTHONPATH) on a cluster of its own (`local_serve`); `args` are the app's args, the engine class
+    added. Yields the HTTP base URL once /health answers."""
+    from pathlib import Path
+
+    from pagedserve.serve_app import build_app
+    from ray import serve
+
+    fake_engine_dir = str(Path(__file__).resolve().parent / "serve_app")
+    with local_serve(env_vars={"PYTHONPATH": fake_engine_dir}, **ray_init_kwargs) as http_port:
+        serve.run(build_app({"engine_class": "fake_engine:FakeAsyncEngine", **args}), name=app_name,
+                  route_prefix="/", blocking=False)
+        base = f"http://127.0.0.1:{http_port}"
+        wait_until_healthy(base, timeout_s=120)
+        yield base

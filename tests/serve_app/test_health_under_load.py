@@ -6,30 +6,23 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
-from pagedserve.serve_app import build_app  # noqa: E402
-from ray import serve  # noqa: E402
-from ray_harness import local_serve, wait_until_healthy  # noqa: E402
+from ray_harness import fake_engine_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def service(tiny_model_path: str):
-    tests_dir = str(Path(__file__).resolve().parent)
-    with local_serve(env_vars={"PYTHONPATH": tests_dir}, include_dashboard=False) as http_port:
-        args = {
-            "model": tiny_model_path, "engine_class": "fake_engine:FakeAsyncEngine", "max_model_len": 512,
-            "block_size": 16, "num_blocks": 256, "num_cpus_per_replica": 1, "max_ongoing_requests": 2,
-            "router": {"stats_period_s": 0.5},
-        }
-        serve.run(build_app(args), name="busy", route_prefix="/", blocking=False)
-        base = f"http://127.0.0.1:{http_port}"
-        wait_until_healthy(base, timeout_s=120)
+    args = {
+        "model": tiny_model_path, "max_model_len": 512,
+        "block_size": 16, "num_blocks": 256, "num_cpus_per_replica": 1, "max_ongoing_requests": 2,
+        "router": {"stats_period_s": 0.5},
+    }
+    with fake_engine_app("busy", args, include_dashboard=False) as base:
         yield {"base": base, "model": tiny_model_path}
 
 

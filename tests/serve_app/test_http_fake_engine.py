@@ -10,16 +10,14 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
-from pagedserve.serve_app import build_app  # noqa: E402
 from ray import serve  # noqa: E402
-from ray_harness import free_ports, local_serve, wait_until_healthy  # noqa: E402
+from ray_harness import fake_engine_app, free_ports  # noqa: E402
 
 API_KEY = "test-key-123"
 MAX_MODEL_LEN = 2048
@@ -29,22 +27,17 @@ BIG_BLOCKS, SMALL_BLOCKS = 64, 8
 
 @pytest.fixture(scope="module")
 def service(tiny_model_path: str):
-    tests_dir = str(Path(__file__).resolve().parent)
     (dashboard_port,) = free_ports(1)
-    with local_serve(env_vars={"PYTHONPATH": tests_dir}, include_dashboard=True, dashboard_host="127.0.0.1",
-                     dashboard_port=dashboard_port) as http_port:
-        args = {
-            "model": tiny_model_path, "engine_class": "fake_engine:FakeAsyncEngine", "max_model_len": MAX_MODEL_LEN,
-            "block_size": BLOCK_SIZE, "num_cpus_per_replica": 1,
-            # Autoscaling on ongoing requests, held at two replicas here (load never reaches 2 x 16 ongoing).
-            "autoscaling": {"min_replicas": 2, "max_replicas": 3, "target_ongoing_requests": 16},
-            "engine_overrides_by_rank": [{"num_blocks": BIG_BLOCKS}, {"num_blocks": SMALL_BLOCKS}],
-            "router": {"max_queued_requests": 2, "queue_timeout_s": 3, "retry_after_s": 2, "stats_period_s": 0.5},
-            "api_key": API_KEY, "max_request_body_bytes": 4096,
-        }
-        serve.run(build_app(args), name="fake", route_prefix="/", blocking=False)
-        base = f"http://127.0.0.1:{http_port}"
-        wait_until_healthy(base, timeout_s=120)
+    args = {
+        "model": tiny_model_path, "max_model_len": MAX_MODEL_LEN, "block_size": BLOCK_SIZE, "num_cpus_per_replica": 1,
+        # Autoscaling on ongoing requests, held at two replicas here (load never reaches 2 x 16 ongoing).
+        "autoscaling": {"min_replicas": 2, "max_replicas": 3, "target_ongoing_requests": 16},
+        "engine_overrides_by_rank": [{"num_blocks": BIG_BLOCKS}, {"num_blocks": SMALL_BLOCKS}],
+        "router": {"max_queued_requests": 2, "queue_timeout_s": 3, "retry_after_s": 2, "stats_period_s": 0.5},
+        "api_key": API_KEY, "max_request_body_bytes": 4096,
+    }
+    with fake_engine_app("fake", args, include_dashboard=True, dashboard_host="127.0.0.1",
+                         dashboard_port=dashboard_port) as base:
         time.sleep(3)  # let both replicas publish their first routing stats (every 0.5 s)
         yield {"base": base, "dashboard": f"http://127.0.0.1:{dashboard_port}", "model": tiny_model_path}
 
