@@ -1,7 +1,7 @@
 """The paged-KV-cache continuous-batching engine: requests, scheduler, model runner, sampler."""
 
 from .errors import EngineDeadError, EngineError, InvalidRequestError, RequestTooLargeError
-from .request import CompletionOutput, FinishReason, Logprob, RequestOutput, SamplingParams
+from .request import CompletionOutput, Continuation, FinishReason, Logprob, RequestOutput, SamplingParams
 
 
 
@@ -22,6 +22,7 @@ __all__ = [
     "AsyncLLMEngine",
     "LLM",
     "CompletionOutput",
+    "Continuation",
     "EngineDeadError",
     "EngineError",
     "FinishReason",

@@ -25,7 +25,7 @@ from pagedserve.config.engine import EngineConfig
 
 from .errors import EngineDeadError, InvalidRequestError
 from .llm_engine import LLMEngine
-from .request import RequestOutput, SamplingParams, merge_delta
+from .request import Continuation, RequestOutput, SamplingParams, merge_delta
 from .stats import EngineStats, StepStats
 
 logger = logging.getLogger(__name__)
@@ -63,11 +63,13 @@ class EngineCore(Protocol):
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]: ...
 
-    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                         continuation: Continuation | None = None) -> None: ...
 
     def start(self, sink: CoreSink) -> None: ...
 
-    def add(self, request_id: str, text: str | None, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
+    def add(self, request_id: str, text: str | None, prompt_token_ids: list[int], params: SamplingParams,
+            continuation: Continuation | None = None) -> None: ...
 
     def abort(self, request_id: str) -> None: ...
 
@@ -131,15 +133,17 @@ class AsyncLLMEngine:
 
     # ---- API -----------------------------------------------------------------------------------
     async def generate(
-        self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str
+        self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str,
+        continuation: Continuation | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream deltas of one request. Bad requests raise before the first yield."""
+        """Stream deltas of one request (`continuation`: tokens its completion already produced on an
+        engine that was lost; only what follows streams). Bad requests raise before the first yield."""
         if self._dead_reason is not None:
             raise EngineDeadError(self._dead_reason)
         # Validation is read-only on the engine, so it runs here and raises to the caller at once (a core
         # in another process validates when the request arrives there, and the error is the first item).
         prompt_token_ids = self._core.encode_prompt(prompt)
-        self._core.validate_request(prompt_token_ids, sampling_params)
+        self._core.validate_request(prompt_token_ids, sampling_params, continuation)
         text = prompt if isinstance(prompt, str) else None
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), text, prompt_token_ids)
         with self._streams_lock:  # under the lock that on_dead takes: a stream never misses the engine's death
@@ -148,7 +152,7 @@ class AsyncLLMEngine:
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
             self._streams[request_id] = stream
-        self._core.add(request_id, text, prompt_token_ids, sampling_params)
+        self._core.add(request_id, text, prompt_token_ids, sampling_params, continuation)
         finished = False
         try:
             pending_error: BaseException | None = None
@@ -256,8 +260,9 @@ class QueuedCommands:
         self._commands: deque[tuple] = deque()
         self._wakeup = threading.Event()
 
-    def add(self, request_id: str, text: str | None, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self._queue(("add", request_id, text, prompt_token_ids, params))
+    def add(self, request_id: str, text: str | None, prompt_token_ids: list[int], params: SamplingParams,
+            continuation: Continuation | None = None) -> None:
+        self._queue(("add", request_id, text, prompt_token_ids, params, continuation))
 
     def abort(self, request_id: str) -> None:
         self._queue(("abort", request_id))
@@ -287,8 +292,9 @@ class _ThreadCore(QueuedCommands):
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         return self.engine.encode_prompt(prompt)
 
-    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.engine.validate_request(prompt_token_ids, params)
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                         continuation: Continuation | None = None) -> None:
+        self.engine.validate_request(prompt_token_ids, params, continuation)
 
     def start(self, sink: CoreSink) -> None:
         self._sink = sink
@@ -339,12 +345,12 @@ class _ThreadCore(QueuedCommands):
 
 
 def apply_command(engine: LLMEngine, command: tuple) -> tuple[str, Exception] | None:
-    """Apply ("add", request_id, text, prompt_token_ids, params) or ("abort", request_id) to the engine,
-    the commands of both cores. An add the engine refuses returns (request id, error) for its caller."""
+    """Apply ("add", request_id, text, prompt_token_ids, params, continuation) or ("abort", request_id) to the
+    engine, the commands of both cores. An add the engine refuses returns (request id, error) for its caller."""
     if command[0] == "add":
-        _, request_id, text, prompt_token_ids, params = command
+        _, request_id, text, prompt_token_ids, params, continuation = command
         try:
-            engine.add_request(request_id, prompt_token_ids, params, prompt_text=text)
+            engine.add_request(request_id, prompt_token_ids, params, prompt_text=text, continuation=continuation)
         except Exception as exc:  # noqa: BLE001 - handed to the one caller it concerns
             return request_id, exc
     elif command[0] == "abort":

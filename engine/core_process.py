@@ -34,7 +34,7 @@ from pagedserve.config.engine import EngineConfig
 from .async_engine import QueuedCommands, apply_command
 from .errors import EngineDeadError, EngineError
 from .llm_engine import LLMEngine, encode_prompt
-from .request import SamplingParams
+from .request import Continuation, SamplingParams
 from .stats import EngineStats
 
 if TYPE_CHECKING:
@@ -128,7 +128,8 @@ class EngineCoreClient(QueuedCommands):
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         return encode_prompt(self.tokenizer, prompt)
 
-    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                         continuation: Continuation | None = None) -> None:
         """Validation happens in the core, which knows the KV cache; errors come back on the stream."""
 
     def start(self, sink: CoreSink) -> None:

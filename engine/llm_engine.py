@@ -23,6 +23,7 @@ from .loader import LoadedModel, load_model
 from .model_runner import ModelRunner, StepInput, warm_up_steps
 from .request import (
     CompletionOutput,
+    Continuation,
     FinishReason,
     Logprob,
     Request,
@@ -172,7 +173,9 @@ class LLMEngine:
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         return encode_prompt(self.tokenizer, prompt)
 
-    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, continuation: Continuation | None = None
+    ) -> None:
         """Raise `InvalidRequestError` / `RequestTooLargeError` for a request that can never run."""
         num_prompt = len(prompt_token_ids)
         if num_prompt == 0:
@@ -181,6 +184,8 @@ class LLMEngine:
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+        if continuation is not None:
+            self._validate_continuation(num_prompt, params, continuation)
         max_tokens = params.max_tokens if params.max_tokens is not None else 1
         if num_prompt + max_tokens > self.max_model_len:
             raise RequestTooLargeError(
@@ -196,6 +201,22 @@ class LLMEngine:
                 param="max_tokens",
             )
 
+    def _validate_continuation(self, num_prompt: int, params: SamplingParams, continuation: Continuation) -> None:
+        done = continuation.output_token_ids
+        if params.n != 1:
+            raise InvalidRequestError(f"a continuation goes on with one completion; n is {params.n}", param="n")
+        vocab = self.runner.shape.vocab_size
+        bad = next((t for t in done if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"continuation token id {bad} is outside the vocabulary [0, {vocab})",
+                                      param="continuation")
+        limit = min(self.max_model_len, num_prompt + params.max_tokens if params.max_tokens is not None
+                    else self.max_model_len)
+        if num_prompt + len(done) >= limit:
+            raise InvalidRequestError(f"the continuation's {len(done)} tokens leave none to generate "
+                                      f"(max_tokens {params.max_tokens}, context {self.max_model_len})",
+                                      param="continuation")
+
     def add_request(
         self,
         request_id: str,
@@ -203,12 +224,14 @@ class LLMEngine:
         params: SamplingParams,
         arrival_time: float | None = None,
         prompt_text: str | None = None,
+        continuation: Continuation | None = None,
     ) -> None:
-        """Queue a request; `prompt_text` names the prompt in outputs when `prompt` is already tokenized."""
+        """Queue a request; `prompt_text` names the prompt in outputs when `prompt` is already tokenized;
+        `continuation`: tokens its one completion already produced elsewhere (only what follows streams)."""
         if request_id in self._groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         prompt_token_ids = self.encode_prompt(prompt)
-        self.validate_request(prompt_token_ids, params)
+        self.validate_request(prompt_token_ids, params, continuation)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         sequences = [
             Request(
@@ -232,9 +255,26 @@ class LLMEngine:
             sequences=sequences,
             detokenizers=[IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params) for _ in sequences],
         )
+        if continuation is not None:
+            self._continue_from(group, continuation)
         self._groups[request_id] = group
         self.scheduler.add_request(sequences[0], children=sequences[1:])
         self._num_prompt_tokens_total += len(prompt_token_ids)
+
+    def _continue_from(self, group: _RequestGroup, continuation: Continuation) -> None:
+        """Put the tokens already produced in place: the scheduler then computes prompt + them as it
+        recomputes a preempted request, and the next sampled token is the first new one."""
+        request, detokenizer = group.sequences[0], group.detokenizers[0]
+        done = list(continuation.output_token_ids)
+        for token_id in done:  # their text reached the client already; what is held back stays held
+            _, stop_string = detokenizer.append(token_id)
+            if stop_string is not None:
+                raise InvalidRequestError(f"the continuation already ends at stop string {stop_string!r}",
+                                          param="continuation")
+        request.output_token_ids = done
+        request.cumulative_logprob = continuation.cumulative_logprob
+        if group.params.seed is not None:
+            self.sampler.skip(request.request_id, len(done))
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its blocks. False if it is unknown or already finished."""

@@ -99,6 +99,25 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """What one completion already produced on an engine that was lost (its replica died mid-stream): a
+    request that carries one picks up where that engine left off, with `n` = 1.
+
+    The engine recomputes the K/V of prompt + these tokens, counts them as output (`max_tokens`,
+    `min_tokens`, penalties), replays them through the detokenizer so that text held back there (the
+    start of a possible stop string, an unfinished character) comes out as it would have, advances a
+    seeded request's generator past them, and streams only what follows. Greedy and seeded completions
+    go on exactly as if nothing had happened.
+    """
+
+    output_token_ids: tuple[int, ...]
+    cumulative_logprob: float = 0.0  # of these tokens, when logprobs were asked for
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output_token_ids", tuple(self.output_token_ids))
+
+
 @dataclass
 class Logprob:
     logprob: float

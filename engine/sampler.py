@@ -200,6 +200,14 @@ class Sampler:
         self._unseeded_generator = torch.Generator(device=self.device)
         self._unseeded_generator.manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
+        # Seeded requests that continue a completion begun elsewhere: tokens their generator already drew.
+        self._skips: dict[str, int] = {}
+
+    def skip(self, request_id: str, num_tokens: int) -> None:
+        """The request's first `num_tokens` tokens were sampled elsewhere (a `Continuation`): its generator
+        starts past their draws, so a seeded completion goes on as it would have there."""
+        if num_tokens > 0:
+            self._skips[request_id] = num_tokens
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """logits [N, V] float (row i belongs to requests[i]); reads each request's sampling_params,
@@ -228,13 +236,19 @@ class Sampler:
     def forget(self, request_id: str) -> None:
         """Drop the request's generator (finished or aborted); unknown ids are fine (greedy, unseeded)."""
         self._generators.pop(request_id, None)
+        self._skips.pop(request_id, None)
 
-    def _generator(self, request: Request, seed: int) -> torch.Generator:
+    def _generator(self, request: Request, seed: int, vocab_size: int) -> torch.Generator:
         generator = self._generators.get(request.request_id)
         if generator is None:
             generator = torch.Generator(device=self.device)
             # Completion i of a seeded request behaves like a request with seed + i (vLLM's rule for n > 1).
             generator.manual_seed((seed + request.completion_index) % 2**64)
+            num_skipped = self._skips.pop(request.request_id, 0)
+            if num_skipped:  # the draws of the tokens sampled elsewhere, each exactly as `_exponential_noise`'s
+                row = torch.empty(vocab_size, dtype=torch.float32, device=self.device)
+                for _ in range(num_skipped):
+                    row.exponential_(generator=generator)
             self._generators[request.request_id] = generator
         return generator
 
@@ -244,7 +258,7 @@ class Sampler:
         for index, request in enumerate(requests):
             seed = request.sampling_params.seed
             if seed is not None:
-                noise[index].exponential_(generator=self._generator(request, seed))
+                noise[index].exponential_(generator=self._generator(request, seed, vocab_size))
         if unseeded:
             rows = _rows_tensor(unseeded, torch.int64, device)
             drawn = torch.empty(len(unseeded), vocab_size, dtype=torch.float32, device=device)

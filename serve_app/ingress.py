@@ -2,9 +2,10 @@
 
 The ingress never touches the engine: it validates bodies (`openai_protocol`), tokenizes with the
 tokenizer fetched once from a replica (for the context check and the router's block demand), sends
-`GenerateRequest`s to the replicas (`replica_calls`: routed by `FreeBlocksRequestRouter`, sent again when
-a replica is lost), and formats their deltas; errors become OpenAI bodies (`api_errors`). Streaming sends each delta once, so a token costs the same at any length. Leaving a
-stream early (client gone) cancels the replica call, which aborts the engine request.
+`GenerateRequest`s to the replicas (`replica_calls`: routed by `FreeBlocksRequestRouter`; when a replica
+is lost, sent again, or continued elsewhere from the tokens already received), and formats their deltas;
+errors become OpenAI bodies (`api_errors`). Streaming sends each delta once, so a token costs the same at
+any length. Leaving a stream early (client gone) cancels the replica call, which aborts the engine request.
 """
 
 
@@ -393,7 +394,7 @@ class OpenAIIngress:
     async def stream_response(
         self, info: ModelInfo, model: str, request_id: str, requests: list[GenerateRequest], body: Any, chat: bool
     ) -> Response:
-        streams, firsts = await self.calls.open_streams(requests)
+        streams = await self.calls.open_streams(requests)
         n = requests[0].sampling_params.n
         created = oai.now_s()
         include_usage = body.include_usage_in_stream
@@ -412,7 +413,7 @@ class OpenAIIngress:
                             id=request_id, created=created, model=model,
                             choices=[oai.ChatChunkChoice(index=index, delta=oai.ChatDelta(role="assistant", content=""))],
                         ))
-                async for prompt_index, item in self.calls.merged(streams, firsts):
+                async for prompt_index, item in self.calls.merged(streams):
                     if isinstance(item, (BaseException, ReplicaError)):
                         error = as_api_error(item)
                         yield "data: " + json.dumps(oai.error_body(error.message, error.error_type,

@@ -90,8 +90,8 @@ INGRESS_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "counter", "Requests answered with an error before generating, by HTTP status (400, 401, 404, 413, 429, 503).",
         ("reason",)),
     "pagedserve_resent_requests": (
-        "counter", "Engine requests sent again because their replica (its process or its engine) was lost before "
-        "anything of them reached the client.", ()),
+        "counter", "Engine requests sent again because their replica (its process or its engine) was lost: from "
+        "the start before their first token, else continued from the tokens received.", ()),
 }
 
 ROUTER_TAGS = ("deployment",)

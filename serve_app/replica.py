@@ -21,7 +21,7 @@ from ray import serve
 
 from pagedserve.config.serve import ServeArgs
 from pagedserve.engine.errors import EngineDeadError, InvalidRequestError, RequestTooLargeError
-from pagedserve.engine.request import RequestOutput, SamplingParams, merge_delta
+from pagedserve.engine.request import Continuation, RequestOutput, SamplingParams, merge_delta
 
 from .metrics import ReplicaMetrics, RequestTiming
 from .router import RoutingDemand
@@ -44,6 +44,9 @@ class GenerateRequest:
     stream: bool = True
     # The ingress's tokenization of `prompt`, so the replica does not tokenize it again (None: it does).
     prompt_token_ids: list[int] | None = None
+    # Tokens the one completion of this request already produced on a replica that was lost: the engine
+    # goes on from them (the ingress resumes a stream so; `n` is then 1).
+    continuation: Continuation | None = None
 
     @property
     def routing_demand(self) -> RoutingDemand:
@@ -106,7 +109,9 @@ class EngineReplica:
         timing = RequestTiming(request.request_id)
         self._committed_blocks[request.request_id] = -(-request.routing_demand.num_tokens // self.block_size)
         prompt = request.prompt if request.prompt_token_ids is None else request.prompt_token_ids
-        stream = self.engine.generate(prompt, request.sampling_params, request.request_id)
+        # Only a continuation passes the keyword, so engine classes without one (`engine_class`) still serve.
+        extra = {} if request.continuation is None else {"continuation": request.continuation}
+        stream = self.engine.generate(prompt, request.sampling_params, request.request_id, **extra)
         try:
             async with contextlib.aclosing(stream):
                 held: RequestOutput | None = None  # deltas merged for a non-streaming request

@@ -1,6 +1,7 @@
 """The ingress's calls into the engine replicas: start one engine request per prompt (routed by
-`FreeBlocksRequestRouter`), send it again when its replica is lost before anything reached the client,
-and merge several prompts' streams. HTTP-free but for the `APIError`s it raises."""
+`FreeBlocksRequestRouter`), keep each prompt's output coming when the replica under it is lost (sent
+again before anything of it arrived; continued from the tokens that did arrive after that), and merge
+several prompts' streams. HTTP-free but for the `APIError`s it raises."""
 
 from __future__ import annotations
 
@@ -15,18 +16,173 @@ from typing import Any, Callable
 from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
 
-from pagedserve.engine.request import RequestOutput, merge_delta
+from pagedserve.engine.request import Continuation, RequestOutput, merge_delta
 
 from .api_errors import as_api_error, replica_lost, unwrap
 from .replica import GenerateRequest, ReplicaError
 
 logger = logging.getLogger("ray.serve")
 
-# A request whose replica is lost (its process died, or its engine did) before anything of it reached the
-# client is sent again, to whichever replica the router picks then: up to this many attempts in all, the
-# next one after RETRY_BACKOFF_S x attempt (the router drops a dead replica within about a second).
+# A request whose replica is lost (its process died, or its engine did) is sent to whichever replica the
+# router picks then: before its first item, up to this many attempts in all; after that, each unfinished
+# completion goes on from its tokens so far (a `Continuation`), up to MAX_ATTEMPTS - 1 times a prompt.
+# Attempt k waits RETRY_BACKOFF_S x k first (the router drops a dead replica within about a second).
 MAX_ATTEMPTS = 3
 RETRY_BACKOFF_S = 0.5
+
+_DONE = object()  # a part's stream has ended
+
+
+@dataclasses.dataclass
+class _Part:
+    """One engine request serving some of a prompt's completions: all of them (`index` None, the first
+    request) or completion `index` alone (a continuation, whose outputs carry index 0)."""
+
+    stream: Any
+    index: int | None
+    task: asyncio.Task | None = None
+
+
+class PromptStream:
+    """One prompt's engine output as it arrives: `RequestOutput` deltas, then at most one error item (a
+    `ReplicaError` or an exception) that ends it. A lost replica does not end it: each completion not
+    finished goes on elsewhere from the tokens that reached this ingress (which are exactly what the
+    client has), and its deltas keep their completion index. Only `finished` of the last delta is set."""
+
+    def __init__(self, calls: "ReplicaCalls", request: GenerateRequest, stream: Any, first: Any) -> None:
+        self._calls = calls
+        self.request = request
+        self._first = (stream, first)
+        self._parts: list[_Part] = []
+        n = request.sampling_params.n
+        self._token_ids: list[list[int]] = [[] for _ in range(n)]
+        self._cumulative_logprobs: list[float] = [0.0] * n
+        self._finished = [False] * n
+        self._num_resumes = 0
+        self._closed = False
+
+    async def items(self) -> AsyncIterator[Any]:
+        queue: asyncio.Queue[tuple[_Part, Any]] = asyncio.Queue()
+        stream, first = self._first
+        self._start(queue, _Part(stream, None), first)
+        try:
+            while self._parts:
+                part, item = await queue.get()
+                if item is _DONE:
+                    if part in self._parts:
+                        self._parts.remove(part)
+                    continue
+                if part not in self._parts:
+                    continue  # a part given up on (lost, then continued elsewhere): its last items are stale
+                if isinstance(item, RequestOutput):
+                    output = self._received(part, item)
+                    yield output
+                    if output.finished:
+                        return
+                    continue
+                if self._num_resumes + 1 < MAX_ATTEMPTS and replica_lost(item) and not self._closed:
+                    error = await self._continue_elsewhere(queue, part, item)
+                    if error is None:
+                        continue
+                    item = error
+                yield item
+                return
+        finally:
+            self.cancel()
+
+    def _start(self, queue: asyncio.Queue, part: _Part, first: Any) -> None:
+        async def pump() -> None:
+            try:
+                if first is not None:
+                    await queue.put((part, first))
+                    async for item in part.stream:
+                        await queue.put((part, self._calls._received(item)))
+            except Exception as exc:  # noqa: BLE001 -- an item like any other: the loop decides
+                await queue.put((part, exc))
+            finally:
+                await queue.put((part, _DONE))
+
+        part.task = asyncio.create_task(pump())
+        self._parts.append(part)
+
+    def _received(self, part: _Part, output: RequestOutput) -> RequestOutput:
+        """Record a part's delta and return it as a delta of the whole prompt."""
+        completions = []
+        for completion in output.outputs:
+            index = completion.index if part.index is None else part.index
+            if part.index is not None:
+                completion = dataclasses.replace(completion, index=index)
+            self._token_ids[index].extend(completion.token_ids)
+            if completion.cumulative_logprob is not None:
+                self._cumulative_logprobs[index] = completion.cumulative_logprob
+            if completion.finished():
+                self._finished[index] = True
+            completions.append(completion)
+        if output.finished and part.index is None:
+            self._finished = [True] * len(self._finished)  # the whole request ended (also by an error)
+        elif output.finished and output.error is None and part.index is not None:
+            self._finished[part.index] = True
+        # An engine error ends the prompt, as it ends every completion of a request that fails.
+        finished = all(self._finished) or output.error is not None
+        if part.index is None and finished == output.finished:
+            return output  # the first request's own delta, as it came (the usual case: nothing was lost)
+        return dataclasses.replace(output, request_id=self.request.request_id, outputs=completions,
+                                   finished=finished)
+
+    async def _continue_elsewhere(self, queue: asyncio.Queue, part: _Part, error: Any) -> Any:
+        """Give up `part`, whose replica was lost, and start each of its unfinished completions on another
+        replica from the tokens received; returns the error that ends the prompt if that fails, else None."""
+        self._parts.remove(part)
+        self._calls.cancel([part.stream])
+        self._num_resumes += 1
+        indices = [i for i in (range(len(self._finished)) if part.index is None else [part.index])
+                   if not self._finished[i]]
+        logger.warning("request %s: replica lost (%s) while streaming; completions %s go on from %s tokens "
+                       "on another replica (resume %d of %d)", self.request.request_id, _describe(error), indices,
+                       [len(self._token_ids[i]) for i in indices], self._num_resumes, MAX_ATTEMPTS - 1)
+        self._calls._count_resend()
+        await asyncio.sleep(RETRY_BACKOFF_S * self._num_resumes)
+        if self._closed:
+            return error
+        try:
+            opened = await self._calls._open_all([self._continuation(i) for i in indices])
+        except Exception as exc:  # noqa: BLE001 -- ends this prompt with the reason
+            return exc
+        if self._closed:
+            self._calls.cancel([stream for stream, _ in opened])
+            return error
+        for index, (stream, first) in zip(indices, opened):
+            self._start(queue, _Part(stream, index), first)
+        return None
+
+    def _continuation(self, index: int) -> GenerateRequest:
+        """Completion `index` as an engine request of its own that goes on from its tokens so far."""
+        request = self.request
+        params = request.sampling_params
+        done = self._token_ids[index]
+        # Completion i of a seeded request samples as a request with seed + i (the engine's rule for n > 1).
+        seed = None if params.seed is None else params.seed + index
+        return dataclasses.replace(
+            request,
+            request_id=f"{request.request_id}-resume{self._num_resumes}-{index}",
+            sampling_params=dataclasses.replace(params, n=1, seed=seed),
+            num_prompt_tokens=request.num_prompt_tokens + len(done),
+            max_new_tokens=max(0, (params.max_tokens or 0) - len(done)),
+            continuation=Continuation(done, self._cumulative_logprobs[index]),
+        )
+
+    def cancel(self) -> None:
+        """Stop every engine request of this prompt (the client left, or the response is over)."""
+        self._closed = True
+        parts, self._parts = self._parts, []
+        self._calls.cancel([part.stream for part in parts])
+        for part in parts:
+            if part.task is not None:
+                part.task.cancel()
+
+
+def _describe(error: Any) -> str:
+    return error.message if isinstance(error, ReplicaError) else type(unwrap(error)).__name__
 
 
 class ReplicaCalls:
@@ -59,15 +215,17 @@ class ReplicaCalls:
 
         return contextvars.copy_context().run(call)
 
+    def _count_resend(self) -> None:
+        if self.on_resend is not None:
+            self.on_resend()
+
     async def _retry_or_raise(self, request: GenerateRequest, attempt: int, error: BaseException | ReplicaError) -> None:
         """Return (after the backoff) when `error` lost the replica and attempts remain; else raise it."""
         if attempt + 1 >= MAX_ATTEMPTS or not replica_lost(error):
             raise as_api_error(error)
         logger.warning("request %s: replica lost (%s); sending it again (attempt %d of %d)", request.request_id,
-                       error.message if isinstance(error, ReplicaError) else type(unwrap(error)).__name__,
-                       attempt + 2, MAX_ATTEMPTS)
-        if self.on_resend is not None:
-            self.on_resend()
+                       _describe(error), attempt + 2, MAX_ATTEMPTS)
+        self._count_resend()
         await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
 
     def _attempt(self, request: GenerateRequest, attempt: int) -> Any:
@@ -95,64 +253,57 @@ class ReplicaCalls:
             return stream, first
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def open_streams(self, requests: list[GenerateRequest]) -> tuple[list[Any], list[Any]]:
-        """`open_stream` for each prompt at once; on any error the others are cancelled and it is raised."""
+    async def _open_all(self, requests: list[GenerateRequest]) -> list[tuple[Any, Any]]:
+        """`open_stream` for each request at once; on any error the others are cancelled and it is raised."""
         results = await asyncio.gather(*(self.open_stream(r) for r in requests), return_exceptions=True)
         opened = [r for r in results if not isinstance(r, BaseException)]
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             self.cancel([stream for stream, _ in opened])
             raise failed[0]
-        return [stream for stream, _ in opened], [first for _, first in opened]
+        return opened
+
+    async def open_streams(self, requests: list[GenerateRequest]) -> list[PromptStream]:
+        """Each prompt's `PromptStream`, once every one has its first item (errors are raised as `open_stream`
+        raises them, after the others are cancelled)."""
+        opened = await self._open_all(requests)
+        return [PromptStream(self, request, stream, first) for request, (stream, first) in zip(requests, opened)]
 
     async def collect(self, request: GenerateRequest) -> RequestOutput | None:
-        """One prompt's whole output, for a non-streaming response. Nothing of it reaches the client before
-        the end, so a replica lost at any point costs only time: the request is sent again from the start."""
-        for attempt in range(MAX_ATTEMPTS):
-            stream = self._attempt(request, attempt)
-            output: RequestOutput | None = None
-            failure: BaseException | ReplicaError | None = None
-            try:
-                async for item in stream:
-                    self._received(item)
-                    if isinstance(item, ReplicaError):
-                        failure = item
-                        break
-                    output = merge_delta(output, item)
-            except Exception as exc:  # noqa: BLE001 -- mapped to an HTTP error unless retried
-                failure = exc
-            finally:
-                self.cancel([stream])
-            if failure is None:
-                return output
-            await self._retry_or_raise(request, attempt, failure)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        """One prompt's whole output, for a non-streaming response (its deltas merged); a lost replica costs
+        only time, as for a stream."""
+        (prompt,) = await self.open_streams([request])
+        output: RequestOutput | None = None
+        async for item in prompt.items():
+            if not isinstance(item, RequestOutput):
+                raise as_api_error(item)
+            output = merge_delta(output, item)
+        return output
 
     @staticmethod
     def cancel(streams: list[Any]) -> None:
+        """Cancel replica calls (handle responses) or `PromptStream`s."""
         for stream in streams:
             try:
                 stream.cancel()
             except Exception:
                 pass
 
-    async def merged(self, streams: list[Any], firsts: list[Any]) -> AsyncIterator[tuple[int, Any]]:
-        """Yield (prompt index, item) from several replica streams as items arrive."""
+    async def merged(self, prompts: list[PromptStream]) -> AsyncIterator[tuple[int, Any]]:
+        """Yield (prompt index, item) from several prompts' streams as items arrive."""
         queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         done = object()
 
-        async def pump(index: int, stream: Any, first: Any) -> None:
+        async def pump(index: int, prompt: PromptStream) -> None:
             try:
-                if first is not None:
-                    await queue.put((index, first))
-                    async for item in stream:
-                        await queue.put((index, self._received(item)))
+                async for item in prompt.items():
+                    await queue.put((index, item))
             except Exception as exc:
                 await queue.put((index, exc))
             finally:
                 await queue.put((index, done))
 
-        tasks = [asyncio.create_task(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
+        tasks = [asyncio.create_task(pump(i, prompt)) for i, prompt in enumerate(prompts)]
         try:
             remaining = len(tasks)
             while remaining:

@@ -26,6 +26,7 @@ from pagedserve.config.engine import EngineConfig
 from pagedserve.engine.errors import InvalidRequestError, RequestTooLargeError
 from pagedserve.engine.request import (
     CompletionOutput,
+    Continuation,
     Logprob,
     RequestOutput,
     SamplingParams,
@@ -69,7 +70,8 @@ class FakeAsyncEngine:
         return self.num_total_blocks - sum(self._used.values())
 
     async def generate(
-        self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str
+        self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str,
+        continuation: Continuation | None = None,
     ) -> AsyncIterator[RequestOutput]:
         ids = list(self.tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
         text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
@@ -95,9 +97,13 @@ class FakeAsyncEngine:
             self._waiting.discard(request_id)
             self._used[request_id] = blocks
             last = [ids[-1]] * params.n
+            done = list(continuation.output_token_ids) if continuation is not None else []
+            if done:  # the formula depends on the previous token only: go on from the last one produced
+                assert params.n == 1, "a continuation has one completion"
+                last = [done[-1]]
             vocab = len(self.tokenizer)
             seed = params.seed or 0
-            for step in range(max_tokens):
+            for step in range(len(done), max_tokens):
                 await asyncio.sleep(delay_s)
                 if step == die_after:
                     os._exit(1)  # the replica's process ends here, as a crashed or killed one does

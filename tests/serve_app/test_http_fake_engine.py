@@ -264,28 +264,39 @@ def _wait_for_running_replicas(count: int, timeout_s: float = 90.0) -> None:
 
 
 # Last in the module: each case ends a replica's process (a fake-engine fault), which Serve replaces.
-@pytest.mark.parametrize("fault, stream", [("DIEONCE", False), ("DIEEARLY", True)],
-                         ids=["one-response-replica-dies-mid-generation", "stream-replica-dies-before-first-token"])
-def test_a_request_whose_replica_is_lost_is_sent_again(service, client: httpx.Client, fault: str, stream: bool) -> None:
-    """Nothing of the request had reached the client, so the ingress sends it to a live replica and the
-    client gets the whole answer, the one the same prompt gives on a healthy replica."""
+@pytest.mark.parametrize("fault, stream, n", [("DIEONCE", False, 1), ("DIEEARLY", True, 1), ("DIEONCE", True, 2)],
+                         ids=["one-response-replica-dies-mid-generation", "stream-replica-dies-before-first-token",
+                              "stream-replica-dies-mid-generation"])
+def test_a_request_whose_replica_is_lost_gets_its_whole_answer(
+    service, client: httpx.Client, fault: str, stream: bool, n: int
+) -> None:
+    """Lost before its first token, the request is sent again; lost after tokens reached the client (a
+    stream), each completion goes on from them on a live replica. Either way the client gets the whole
+    answer, the one the same prompt gives on a healthy replica, and a usage that counts each token once."""
     import uuid
 
     _wait_for_running_replicas(2)
     prompt = f"{fault} {uuid.uuid4().hex[:8]} tell me"
-    body = {"model": service["model"], "prompt": prompt, "max_tokens": 6, "stream": stream}
+    body = {"model": service["model"], "prompt": prompt, "max_tokens": 6, "stream": stream, "n": n, "seed": 3}
+    texts = [""] * n
     if stream:
+        body["stream_options"] = {"include_usage": True}
         with client.stream("POST", "/v1/completions", json=body) as response:
             assert response.status_code == 200
             events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events
-        text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1] if json.loads(e)["choices"])
+        chunks = [json.loads(e) for e in events[:-1]]
+        for chunk in chunks:
+            for choice in chunk["choices"]:
+                texts[choice["index"]] += choice["text"]
+        usage = chunks[-1]["usage"]
     else:
         response = client.post("/v1/completions", json=body)
         assert response.status_code == 200, response.text
-        assert response.json()["usage"]["completion_tokens"] == 6
-        text = response.json()["choices"][0]["text"]
+        texts = [choice["text"] for choice in response.json()["choices"]]
+        usage = response.json()["usage"]
+    assert usage["completion_tokens"] == 6 * n
     # The marker now exists: the same prompt runs normally, and gives the same (deterministic) text.
-    again = client.post("/v1/completions", json={**body, "stream": False})
-    assert again.status_code == 200 and again.json()["choices"][0]["text"] == text
+    again = client.post("/v1/completions", json={**body, "stream": False, "stream_options": None})
+    assert again.status_code == 200 and [c["text"] for c in again.json()["choices"]] == texts
     _wait_for_running_replicas(2)  # the lost replica was replaced

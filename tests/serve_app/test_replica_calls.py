@@ -1,5 +1,6 @@
 """`ReplicaCalls` without a cluster: a fake deployment handle whose calls play scripted streams, so the
-resend rules are checked exactly (what counts as a lost replica, when a request may go again, how often)."""
+resend rules are checked exactly (what counts as a lost replica, when a request is sent again and when it is
+continued from the tokens received, how often, and what each continuation asks of the engine)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,15 @@ LOST = ActorDiedError()  # what a call into a replica whose process died raises
 ENGINE_DEAD = ReplicaError(503, "service_unavailable", "engine is not running: core exited")
 
 
-def delta(token: int, finished: bool = False) -> RequestOutput:
-    return RequestOutput("r", "p", [1, 2], [CompletionOutput(0, f"t{token}", [token],
+def delta(token: int, finished: bool = False, index: int = 0) -> RequestOutput:
+    return RequestOutput("r", "p", [1, 2], [CompletionOutput(index, f"t{token}", [token],
                                                               finish_reason="length" if finished else None)], finished)
+
+
+def deltas(*completions: tuple[int, int, bool], finished: bool = False) -> RequestOutput:
+    """One delta of several completions: (index, token, finished) each."""
+    return RequestOutput("r", "p", [1, 2], [CompletionOutput(i, f"t{t}", [t], finish_reason="length" if done else None)
+                                             for i, t, done in completions], finished)
 
 
 class Stream:
@@ -80,13 +87,98 @@ def calls(handle: Handle) -> tuple[ReplicaCalls, list[int]]:
     return ReplicaCalls(handle, on_resend=lambda: resent.append(1)), resent
 
 
-def test_one_response_is_sent_again_when_its_replica_dies_mid_generation() -> None:
-    handle = Handle([delta(5), LOST], [delta(5), delta(6), delta(7, finished=True)])
+def stream_items(replica: ReplicaCalls, *requests: GenerateRequest) -> list[tuple[int, Any]]:
+    async def run() -> list[tuple[int, Any]]:
+        prompts = await replica.open_streams(list(requests))
+        return [pair async for pair in replica.merged(prompts)]
+
+    return asyncio.run(run())
+
+
+def test_one_response_goes_on_elsewhere_when_its_replica_dies_mid_generation() -> None:
+    handle = Handle([delta(5), LOST], [delta(6), delta(7, finished=True)])
     replica, resent = calls(handle)
     output = asyncio.run(replica.collect(request(stream=False)))
-    assert output.outputs[0].token_ids == [5, 6, 7] and output.finished  # nothing of attempt 1 kept
-    assert [r.request_id for r in handle.calls] == ["req", "req-retry1"]  # the router's bookkeeping keys
+    assert output.outputs[0].token_ids == [5, 6, 7] and output.finished
+    continued = handle.calls[1]
+    assert continued.request_id == "req-resume1-0"  # the router's bookkeeping keys
+    assert continued.continuation.output_token_ids == (5,) and continued.sampling_params.n == 1
+    # Routed for what is left: the tokens produced count as prompt, the rest of max_tokens as new tokens.
+    assert (continued.num_prompt_tokens, continued.max_new_tokens, continued.stream) == (3, 2, False)
     assert len(resent) == 1 and all(s.cancelled for s in handle.streams)
+
+
+def test_a_stream_goes_on_from_the_tokens_received_at_most_twice() -> None:
+    handle = Handle([delta(5), LOST], [delta(6), LOST], [delta(7), LOST], [delta(8, finished=True)])
+    replica, resent = calls(handle)
+    items = [item for _, item in stream_items(replica, request(stream=True))]
+    assert [i.outputs[0].token_ids for i in items[:3]] == [[5], [6], [7]] and not any(i.finished for i in items[:3])
+    assert isinstance(items[3], ActorDiedError) and len(items) == 4  # the third loss reaches the client
+    assert [c.continuation.output_token_ids for c in handle.calls[1:]] == [(5,), (5, 6)]
+    assert len(handle.calls) == 3 and len(resent) == 2
+
+
+def test_only_the_unfinished_completions_go_on_each_with_its_own_seed_and_index() -> None:
+    seeded = GenerateRequest("req", [1, 2], SamplingParams(n=3, max_tokens=3, seed=40, logprobs=0),
+                             num_prompt_tokens=2, max_new_tokens=9)
+    first = deltas((0, 5, False), (1, 6, True), (2, 7, False))
+    first.outputs[2].cumulative_logprob = -1.5
+    handle = Handle([first, LOST], [delta(8), delta(9, finished=True)], [delta(10), delta(11, finished=True)])
+    replica, resent = calls(handle)
+    items = [item for _, item in stream_items(replica, seeded)]
+    by_index: dict[int, list[int]] = {}
+    for item in items:
+        for completion in item.outputs:
+            by_index.setdefault(completion.index, []).extend(completion.token_ids)
+    assert sorted(by_index.values()) == sorted([[5, 8, 9], [6], [7, 10, 11]]) and by_index[1] == [6]
+    assert [item.finished for item in items].count(True) == 1 and items[-1].finished  # once, at the very end
+    continued = {c.request_id: c for c in handle.calls[1:]}
+    assert set(continued) == {"req-resume1-0", "req-resume1-2"}
+    zero, two = continued["req-resume1-0"], continued["req-resume1-2"]
+    assert (zero.sampling_params.seed, two.sampling_params.seed) == (40, 42)  # seed + completion index
+    assert two.continuation.output_token_ids == (7,) and two.continuation.cumulative_logprob == -1.5
+    assert (two.num_prompt_tokens, two.max_new_tokens) == (3, 2)
+    assert len(resent) == 1
+
+
+def test_an_engine_error_after_a_continuation_ends_the_prompt() -> None:
+    failed = RequestOutput("r", "p", [1, 2], [CompletionOutput(0, "", [], finish_reason="error")], True,
+                           error="boom")
+    handle = Handle([delta(5), LOST], [delta(6), failed])
+    replica, _ = calls(handle)
+    items = [item for _, item in stream_items(replica, request(stream=True))]
+    assert items[-1].finished and items[-1].error == "boom" and len(items) == 3
+
+
+def test_a_continuation_that_is_refused_ends_the_stream_with_that_error() -> None:
+    handle = Handle([delta(5), LOST], [ServiceOverloadedError("all replicas are full", retry_after_s=2)])
+    replica, _ = calls(handle)
+    items = [item for _, item in stream_items(replica, request(stream=True))]
+    assert len(items) == 2 and isinstance(items[1], APIError) and items[1].status_code == 429
+
+
+def test_a_prompt_cancelled_while_its_continuation_waits_starts_nothing(monkeypatch) -> None:
+    monkeypatch.setattr(replica_calls, "RETRY_BACKOFF_S", 0.2)
+    handle = Handle([delta(5), LOST], [delta(6, finished=True)])
+    replica, _ = calls(handle)
+
+    async def run() -> list[Any]:
+        (prompt,) = await replica.open_streams([request(stream=True)])
+        seen: list[Any] = []
+
+        async def consume() -> None:
+            async for item in prompt.items():
+                seen.append(item)
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)  # the loss is seen; the continuation waits out its backoff
+        prompt.cancel()
+        await asyncio.wait_for(task, 2.0)
+        return seen
+
+    seen = asyncio.run(run())
+    assert seen[0].outputs[0].token_ids == [5] and len(handle.calls) == 1
+    assert all(s.cancelled for s in handle.streams)
 
 
 def test_a_dead_engine_counts_as_a_lost_replica_too() -> None:
@@ -117,18 +209,13 @@ def test_refusals_and_the_requests_own_errors_are_not_sent_again(failure, status
     assert error.value.status_code == status and len(handle.calls) == 1 and not resent
 
 
-def test_a_stream_is_sent_again_only_before_its_first_item() -> None:
-    handle = Handle([LOST], [delta(5), LOST])
+def test_a_stream_is_sent_again_from_the_start_when_lost_before_its_first_item() -> None:
+    handle = Handle([LOST], [delta(5), delta(6, finished=True)])
     replica, resent = calls(handle)
-
-    async def run() -> list[Any]:
-        (stream,), (first,) = await replica.open_streams([request(stream=True)])
-        return [item async for _, item in replica.merged([stream], [first])]
-
-    items = asyncio.run(run())
-    # Attempt 2 gave its first token: from then on a loss reaches the client (as an error item), once.
-    assert items[0].outputs[0].token_ids == [5] and isinstance(items[1], ActorDiedError)
-    assert len(handle.calls) == 2 and len(resent) == 1
+    items = [item for _, item in stream_items(replica, request(stream=True))]
+    assert [i.outputs[0].token_ids for i in items] == [[5], [6]] and items[-1].finished
+    assert [c.request_id for c in handle.calls] == ["req", "req-retry1"] and handle.calls[1].continuation is None
+    assert len(resent) == 1
 
 
 def test_when_one_prompt_is_refused_the_others_streams_are_cancelled() -> None:
@@ -147,14 +234,13 @@ def test_last_output_time_moves_with_outputs_only() -> None:
     handle = Handle([ENGINE_DEAD], [failed], [delta(5), delta(6, finished=True)], [delta(7), delta(8)])
     replica, _ = calls(handle)
 
-    async def stream() -> list[Any]:
-        (s,), (first,) = await replica.open_streams([request(stream=True)])
-        return [item async for _, item in replica.merged([s], [first])]
+    def stream() -> list[Any]:
+        return [item for _, item in stream_items(replica, request(stream=True))]
 
-    assert asyncio.run(stream()) == [failed]  # sent again after the dead engine; the request failed
+    assert stream() == [failed]  # sent again after the dead engine; the request failed
     assert replica.last_output_s is None
     assert asyncio.run(replica.collect(request(stream=False))).finished
     after_collect = replica.last_output_s
     assert after_collect is not None
-    assert len(asyncio.run(stream())) == 2
+    assert len(stream()) == 2
     assert replica.last_output_s > after_collect
