@@ -120,8 +120,6 @@ class PromptStream:
             completions.append(completion)
         if output.finished and part.index is None:
             self._finished = [True] * len(self._finished)  # the whole request ended (also by an error)
-        elif output.finished and output.error is None and part.index is not None:
-            self._finished[part.index] = True
         # An engine error ends the prompt, as it ends every completion of a request that fails.
         finished = all(self._finished) or output.error is not None
         if part.index is None and finished == output.finished:
@@ -134,9 +132,11 @@ class PromptStream:
         replica from the tokens received; returns the error that ends the prompt if that fails, else None."""
         self._parts.remove(part)
         self._calls.cancel([part.stream])
-        self._num_resumes += 1
         indices = [i for i in (range(len(self._finished)) if part.index is None else [part.index])
                    if not self._finished[i]]
+        if not indices:
+            return None  # lost after its last delta: nothing of it is missing
+        self._num_resumes += 1
         logger.warning("request %s: replica lost (%s) while streaming; completions %s go on from %s tokens "
                        "on another replica (resume %d of %d)", self.request.request_id, _describe(error), indices,
                        [len(self._token_ids[i]) for i in indices], self._num_resumes, MAX_ATTEMPTS - 1)

@@ -244,3 +244,15 @@ def test_last_output_time_moves_with_outputs_only() -> None:
     assert after_collect is not None
     assert len(stream()) == 2
     assert replica.last_output_s > after_collect
+
+
+def test_a_replica_lost_after_the_last_delta_of_its_completion_costs_nothing() -> None:
+    """n=2 split over two continuations; one's replica dies after that completion's last token: nothing is
+    sent again for it, and the prompt ends when the other completion does."""
+    two = GenerateRequest("req", [1, 2], SamplingParams(n=2, max_tokens=3), num_prompt_tokens=2, max_new_tokens=6)
+    handle = Handle([deltas((0, 5, False), (1, 6, False)), LOST],
+                    [delta(7), delta(8, finished=True), LOST], [delta(9), delta(10, finished=True)])
+    replica, resent = calls(handle)
+    items = [item for _, item in stream_items(replica, two)]
+    assert items[-1].finished and sum(item.finished for item in items) == 1
+    assert len(handle.calls) == 3 and len(resent) == 1
