@@ -79,4 +79,6 @@ def replica_lost(error: BaseException | ReplicaError) -> bool:
 
 
 def as_api_error(error: BaseException | ReplicaError) -> APIError:
+    if isinstance(error, APIError):  # already mapped (a continuation that could not start)
+        return error
     return replica_error(error) if isinstance(error, ReplicaError) else routing_error(error)

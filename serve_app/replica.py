@@ -188,8 +188,12 @@ class EngineReplica:
         stats = self.engine.get_stats()
         self.metrics.observe(stats)
         uncommitted = stats.num_total_blocks - sum(self._committed_blocks.values())
+        # A dead engine holds nothing and would look the emptiest replica until Serve's health check
+        # replaces it; routers skip it instead.
+        engine_dead = bool(getattr(self.engine, "is_dead", False))
         return {
-            "num_free_blocks": max(0, min(stats.num_free_blocks, uncommitted)),
+            "engine_dead": engine_dead,
+            "num_free_blocks": 0 if engine_dead else max(0, min(stats.num_free_blocks, uncommitted)),
             "engine_free_blocks": stats.num_free_blocks,
             "num_total_blocks": stats.num_total_blocks,
             "block_size": stats.block_size,

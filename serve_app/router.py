@@ -62,6 +62,7 @@ class ReplicaReport:
     num_running: int = 0
     num_waiting: int = 0
     report_time_s: float = 0.0  # wall clock of the replica when the snapshot was taken
+    engine_dead: bool = False  # the replica lives but its engine does not: it is about to be replaced
 
     @classmethod
     def from_routing_stats(cls, stats: dict[str, Any] | None) -> "ReplicaReport | None":
@@ -74,6 +75,7 @@ class ReplicaReport:
             num_running=int(stats.get("num_running", 0)),
             num_waiting=int(stats.get("num_waiting", 0)),
             report_time_s=float(stats.get("report_time_s", 0.0)),
+            engine_dead=bool(stats.get("engine_dead", False)),
         )
 
 
@@ -161,6 +163,10 @@ class FreeBlocksPolicy:
     def report(self, replica: ReplicaKey) -> ReplicaReport | None:
         return self._reports.get(replica)
 
+    def _is_dead(self, replica: ReplicaKey) -> bool:
+        report = self._reports.get(replica)
+        return report is not None and report.engine_dead
+
     # Accounting --------------------------------------------------------------------------------------
 
     def blocks_needed(self, replica: ReplicaKey, demand: RoutingDemand) -> int | None:
@@ -234,12 +240,14 @@ class FreeBlocksPolicy:
         with room, one request at a time, until its first report says how much it holds."""
         if not candidates:
             return RouteDecision("wait")
-        unknown = [c for c in candidates if c not in self._reports and self.num_in_flight(c) == 0]
-        known = [c for c in candidates if c in self._reports]
+        live = [c for c in candidates if not self._is_dead(c)]
         if demand is None:  # not a generation call (model info, stats, health): least in flight, ties random
-            shuffled = random.sample(candidates, len(candidates))
+            pool = live or candidates  # a dead engine answers with its error: only when no other is left
+            shuffled = random.sample(pool, len(pool))
             return RouteDecision("route", sorted(shuffled, key=self.num_in_flight))
-
+        unknown = [c for c in live if c not in self._reports and self.num_in_flight(c) == 0]
+        # Sizes come from every report, a dead engine's too: its replacement will hold as much.
+        known = [c for c in candidates if c in self._reports]
         fits_ever = [c for c in known if self.blocks_needed(c, demand) <= self._reports[c].num_total_blocks]
         if known and not fits_ever and not unknown:
             largest = max(known, key=lambda c: self._reports[c].num_total_blocks)
@@ -256,6 +264,8 @@ class FreeBlocksPolicy:
 
         headroom: dict[ReplicaKey, int] = {}
         for replica in fits_ever:
+            if self._is_dead(replica):
+                continue  # a request waits for the replacement rather than go to a dead engine
             free = self.estimated_free_blocks(replica)
             needed = self.blocks_needed(replica, demand)
             if free is not None and needed is not None and free >= needed:

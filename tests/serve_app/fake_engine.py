@@ -10,6 +10,8 @@ with the real engine. Magic words in the prompt inject faults:
   "DIEONCE <word>"   the first request naming <word> ends its replica's process (os._exit) after two
                      tokens; later ones run normally (a marker file per word, shared by all replicas)
   "DIEEARLY <word>"  the same, before the first token
+  "ENGINEDIES <word>"  the first request naming <word> kills the engine (not the process) after two tokens:
+                     every open stream fails with EngineDeadError, later calls are refused, check_health fails
 Workers import this module through PYTHONPATH set in the test's runtime_env.
 """
 
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from pagedserve.config.engine import EngineConfig
-from pagedserve.engine.errors import InvalidRequestError, RequestTooLargeError
+from pagedserve.engine.errors import EngineDeadError, InvalidRequestError, RequestTooLargeError
 from pagedserve.engine.request import (
     CompletionOutput,
     Continuation,
@@ -60,6 +62,11 @@ class FakeAsyncEngine:
         self._waiting: set[str] = set()
         self._aborted: set[str] = set()
         self._freed = asyncio.Event()
+        self._dead_reason: str | None = None
+
+    @property
+    def is_dead(self) -> bool:
+        return self._dead_reason is not None
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "FakeAsyncEngine":
@@ -73,6 +80,8 @@ class FakeAsyncEngine:
         self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str,
         continuation: Continuation | None = None,
     ) -> AsyncIterator[RequestOutput]:
+        if self._dead_reason is not None:
+            raise EngineDeadError(self._dead_reason)
         ids = list(self.tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
         text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
         if not ids:
@@ -89,6 +98,7 @@ class FakeAsyncEngine:
             raise RequestTooLargeError(f"needs {blocks} blocks, the cache has {self.num_total_blocks}", "max_tokens")
         delay_s = 0.2 if "SLOW" in text else 0.005
         die_after = 0 if _dies_now(text, "DIEEARLY") else 2 if _dies_now(text, "DIEONCE") else None
+        engine_dies_after = 2 if _dies_now(text, "ENGINEDIES") else None
         try:
             self._waiting.add(request_id)
             while self.num_free_blocks < blocks:
@@ -107,6 +117,10 @@ class FakeAsyncEngine:
                 await asyncio.sleep(delay_s)
                 if step == die_after:
                     os._exit(1)  # the replica's process ends here, as a crashed or killed one does
+                if step == engine_dies_after:
+                    self._dead_reason = "injected engine death"
+                if self._dead_reason is not None:
+                    raise EngineDeadError(self._dead_reason)
                 if request_id in self._aborted:
                     return
                 is_last = step == max_tokens - 1
@@ -148,7 +162,8 @@ class FakeAsyncEngine:
         )
 
     async def check_health(self) -> None:
-        return None
+        if self._dead_reason is not None:
+            raise EngineDeadError(self._dead_reason)
 
     def shutdown(self) -> None:
         return None

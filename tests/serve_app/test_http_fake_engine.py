@@ -300,3 +300,26 @@ def test_a_request_whose_replica_is_lost_gets_its_whole_answer(
     again = client.post("/v1/completions", json={**body, "stream": False, "stream_options": None})
     assert again.status_code == 200 and [c["text"] for c in again.json()["choices"]] == texts
     _wait_for_running_replicas(2)  # the lost replica was replaced
+
+
+def test_a_dead_engine_gets_no_requests_while_its_replica_is_replaced(service, client: httpx.Client) -> None:
+    """The big replica's engine dies (its process lives on until Serve's health check replaces it): the
+    stream on it goes on on the small replica, and requests sent meanwhile are all answered there, though
+    the dead replica, holding nothing, would otherwise look the emptiest."""
+    import uuid
+
+    _wait_for_running_replicas(2)
+    body = {"model": service["model"], "prompt": f"ENGINEDIES {uuid.uuid4().hex[:8]} tell me", "max_tokens": 6,
+            "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events
+    text = "".join(c["text"] for e in events[:-1] for c in json.loads(e)["choices"])
+
+    # One at a time: the small replica's 8 blocks and this service's 2-request queue answer a burst with 429.
+    answers = [completion(client, service["model"], prompt=f"after the death {i}", max_tokens=4) for i in range(12)]
+    assert [a.status_code for a in answers] == [200] * 12, [a.text for a in answers if a.status_code != 200]
+    again = client.post("/v1/completions", json={**body, "stream": False})
+    assert again.status_code == 200 and again.json()["choices"][0]["text"] == text
+    _wait_for_running_replicas(2)  # the health check failed and Serve replaced the replica

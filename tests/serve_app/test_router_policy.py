@@ -56,6 +56,32 @@ def test_too_large_for_every_replica_names_the_numbers(clock: FakeClock) -> None
     assert "400 tokens" in decision.message and "16 blocks" in decision.message
 
 
+def test_a_replica_whose_engine_died_gets_no_requests(clock: FakeClock) -> None:
+    """Its dead engine holds nothing, so it reports (and a stale view would show) the most room: it is
+    skipped for generation; a request that fits only it waits for its replacement (not a 400); calls
+    without a demand (health, model info) go to it only when nothing else is left."""
+    from dataclasses import replace
+
+    policy = FreeBlocksPolicy(transit_grace_s=0.0, clock=clock)
+    policy.update_report("big", replace(report(64, 64, clock.now), engine_dead=True))
+    policy.update_report("small", report(4, 8, clock.now))
+    assert policy.decide(["big", "small"], RoutingDemand(40, 8)).replicas == ["small"]
+    assert policy.decide(["big", "small"], RoutingDemand(300, 100)).kind == "wait"  # fits only "big"
+    assert policy.decide(["big", "small"], RoutingDemand(3000, 100)).kind == "too_large"
+    assert policy.decide(["big", "small"], None).replicas == ["small"]
+    assert policy.decide(["big"], None).replicas == ["big"]
+    assert policy.decide(["big"], RoutingDemand(40, 8)).kind == "wait"
+    policy.update_report("big", report(64, 64, clock.now + 1))  # replaced (or recovered)
+    assert policy.decide(["big", "small"], RoutingDemand(40, 8)).replicas == ["big", "small"]
+
+
+def test_a_dead_engine_is_read_from_the_replicas_stats() -> None:
+    stats = {"num_free_blocks": 0, "num_total_blocks": 64, "block_size": 16, "engine_dead": True}
+    assert ReplicaReport.from_routing_stats(stats).engine_dead
+    assert not ReplicaReport.from_routing_stats({**stats, "engine_dead": False}).engine_dead
+    assert not ReplicaReport.from_routing_stats({k: v for k, v in stats.items() if k != "engine_dead"}).engine_dead
+
+
 def test_optimistic_accounting_between_reports(clock: FakeClock) -> None:
     policy = FreeBlocksPolicy(transit_grace_s=0.0, clock=clock)
     policy.update_report("a", report(10, 10, clock.now))
