@@ -29,12 +29,13 @@ device memory holds one shard, host memory briefly one full copy per rank. Rando
 (`load_format="dummy"`) are instead drawn whole on each rank's device from the config's seed, so all
 ranks cut the same model, and a TP=1 engine on the same GPU type draws it too (TP=1 vs TP=2 compares).
 The collectives are torch custom ops (`pagedserve::tp_all_reduce`, `pagedserve::tp_all_gather_last_dim`),
-so compiled decoder layers keep one graph each (tested with gloo) and decode CUDA graphs can capture the
-NCCL calls (`test_tp2_nccl_on_gpus_matches_tp1`; not yet run: no 2-GPU machine so far).
+so compiled decoder layers keep one graph each (tested with gloo) and decode CUDA graphs capture the
+NCCL calls (`test_tp2_nccl_on_gpus_matches_tp1`: passed on two H200s, 2026-11-29).
 
 Failure: ranks fail together. A worker that dies is seen before the next step (process liveness)
 or inside a collective (its sockets close; the groups also carry a timeout), and rank 0 then
 raises `EngineDeadError` and stops the rest. A worker whose rank 0 disappears exits the same way.
+Shutdown: rank 0 sends "stop", and every rank tears the group down (`RankGroup.close`) before exiting.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import logging
 import os
 import pickle
 import re
+import threading
 import time
 import traceback
 import weakref
@@ -132,6 +134,17 @@ class RankGroup:
         options.reduceOp = dist.ReduceOp.MIN
         self.control.allreduce([tensor], options).wait()
         return tensor.tolist()
+
+    def close(self, peers_alive: bool = True) -> None:
+        """Tear the group down before the process exits. NCCL's communicators are torn down together
+        (every rank calls this when it stops); left to the destructor at exit, rank 0 hung there (seen
+        on two H200s after a passing TP test). With a rank gone, `abort` instead of waiting for it."""
+        for backend in (self.data, self.control):
+            try:
+                backend.shutdown() if peers_alive else backend.abort()
+            except Exception:  # noqa: BLE001 -- exiting anyway; a backend without either is fine
+                logger.debug("closing a tensor-parallel backend failed", exc_info=True)
+        _GROUPS.pop(self.id, None)
 
     def broadcast_object(self, obj: Any = None, wait_idle: bool = False) -> Any:
         """Rank 0 sends `obj`; every rank returns it. Two broadcasts: the size, then the bytes.
@@ -327,6 +340,7 @@ def _worker_main(rank: int, config: EngineConfig, host: str, port: int, timeout_
             elif command == "graphs":
                 runner.capture_cuda_graphs(*payload)
             elif command == "stop":
+                group.close()
                 return
             else:
                 raise RuntimeError(f"unknown tensor-parallel command {command!r}")
@@ -399,13 +413,23 @@ class TensorParallelRunner:
         return self._mirrored("step", step, lambda: self.local.execute(step))
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Stop every worker: a "stop" command when the group is healthy, a kill otherwise. Idempotent."""
+        """Stop every worker: a "stop" command when the group is healthy, a kill otherwise; then close the
+        group on this side as the workers close theirs. Idempotent."""
         if self.dead_reason is None and all(p.is_alive() for p in self.workers):
             try:
                 self.group.broadcast_object(("stop", None))
             except Exception:
                 logger.warning("could not send stop to the tensor-parallel workers", exc_info=True)
+            else:
+                # Bounded: a teardown that waits on a rank which never comes must not hold the shutdown.
+                closer = threading.Thread(target=self.group.close, name="pagedserve-tp-close", daemon=True)
+                closer.start()
+                closer.join(timeout_s)
+                if closer.is_alive():
+                    logger.warning("the tensor-parallel group did not close within %.0f s", timeout_s)
             self.dead_reason = "the engine was shut down"
+        elif self.group.id in _GROUPS:
+            self.group.close(peers_alive=False)
         self._stop_workers(graceful=True, timeout_s=timeout_s)
 
     def _stop_workers(self, graceful: bool, timeout_s: float = 10.0) -> None:
