@@ -30,7 +30,37 @@ logger = logging.getLogger("ray.serve")
 MAX_ATTEMPTS = 3
 RETRY_BACKOFF_S = 0.5
 
-_DONE = object()  # a part's stream has ended
+_DONE = object()  # one of a `_Merge`'s iterables has ended
+
+
+class _Merge:
+    """Items of several async iterables as they arrive, each tagged with its key; one may join while the
+    others run. An exception an iterable raises comes as its item; `_DONE` then says it has ended."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[tuple[Any, Any]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+
+    def add(self, key: Any, items: AsyncIterator[Any]) -> asyncio.Task:
+        async def pump() -> None:
+            try:
+                async for item in items:
+                    await self._queue.put((key, item))
+            except Exception as exc:  # noqa: BLE001 -- an item like any other: the reader decides
+                await self._queue.put((key, exc))
+            finally:
+                await self._queue.put((key, _DONE))
+
+        task = asyncio.create_task(pump())
+        self._tasks.append(task)
+        return task
+
+    async def next(self) -> tuple[Any, Any]:
+        return await self._queue.get()
+
+    def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
 
 
 @dataclasses.dataclass
@@ -60,14 +90,14 @@ class PromptStream:
         self._finished = [False] * n
         self._num_resumes = 0
         self._closed = False
+        self._merge = _Merge()  # the parts' items
 
     async def items(self) -> AsyncIterator[Any]:
-        queue: asyncio.Queue[tuple[_Part, Any]] = asyncio.Queue()
         stream, first = self._first
-        self._start(queue, _Part(stream, None), first)
+        self._start(_Part(stream, None), first)
         try:
             while self._parts:
-                part, item = await queue.get()
+                part, item = await self._merge.next()
                 if item is _DONE:
                     if part in self._parts:
                         self._parts.remove(part)
@@ -81,7 +111,7 @@ class PromptStream:
                         return
                     continue
                 if self._num_resumes + 1 < MAX_ATTEMPTS and replica_lost(item) and not self._closed:
-                    error = await self._continue_elsewhere(queue, part, item)
+                    error = await self._continue_elsewhere(part, item)
                     if error is None:
                         continue
                     item = error
@@ -90,20 +120,16 @@ class PromptStream:
         finally:
             self.cancel()
 
-    def _start(self, queue: asyncio.Queue, part: _Part, first: Any) -> None:
-        async def pump() -> None:
-            try:
-                if first is not None:
-                    await queue.put((part, first))
-                    async for item in part.stream:
-                        await queue.put((part, self._calls._received(item)))
-            except Exception as exc:  # noqa: BLE001 -- an item like any other: the loop decides
-                await queue.put((part, exc))
-            finally:
-                await queue.put((part, _DONE))
-
-        part.task = asyncio.create_task(pump())
+    def _start(self, part: _Part, first: Any) -> None:
+        part.task = self._merge.add(part, self._part_items(part, first))
         self._parts.append(part)
+
+    async def _part_items(self, part: _Part, first: Any) -> AsyncIterator[Any]:
+        if first is None:  # the call ended before any item
+            return
+        yield first
+        async for item in part.stream:
+            yield self._calls._received(item)
 
     def _received(self, part: _Part, output: RequestOutput) -> RequestOutput:
         """Record a part's delta and return it as a delta of the whole prompt."""
@@ -127,7 +153,7 @@ class PromptStream:
         return dataclasses.replace(output, request_id=self.request.request_id, outputs=completions,
                                    finished=finished)
 
-    async def _continue_elsewhere(self, queue: asyncio.Queue, part: _Part, error: Any) -> Any:
+    async def _continue_elsewhere(self, part: _Part, error: Any) -> Any:
         """Give up `part`, whose replica was lost, and start each of its unfinished completions on another
         replica from the tokens received; returns the error that ends the prompt if that fails, else None."""
         self._parts.remove(part)
@@ -152,7 +178,7 @@ class PromptStream:
             self._calls.cancel([stream for stream, _ in opened])
             return error
         for index, (stream, first) in zip(indices, opened):
-            self._start(queue, _Part(stream, index), first)
+            self._start(_Part(stream, index), first)
         return None
 
     def _continuation(self, index: int) -> GenerateRequest:
@@ -291,27 +317,16 @@ class ReplicaCalls:
 
     async def merged(self, prompts: list[PromptStream]) -> AsyncIterator[tuple[int, Any]]:
         """Yield (prompt index, item) from several prompts' streams as items arrive."""
-        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-        done = object()
-
-        async def pump(index: int, prompt: PromptStream) -> None:
-            try:
-                async for item in prompt.items():
-                    await queue.put((index, item))
-            except Exception as exc:
-                await queue.put((index, exc))
-            finally:
-                await queue.put((index, done))
-
-        tasks = [asyncio.create_task(pump(i, prompt)) for i, prompt in enumerate(prompts)]
+        merge = _Merge()
+        for index, prompt in enumerate(prompts):
+            merge.add(index, prompt.items())
         try:
-            remaining = len(tasks)
+            remaining = len(prompts)
             while remaining:
-                index, item = await queue.get()
-                if item is done:
+                index, item = await merge.next()
+                if item is _DONE:
                     remaining -= 1
                     continue
                 yield index, item
         finally:
-            for task in tasks:
-                task.cancel()
+            merge.cancel()
