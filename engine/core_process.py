@@ -7,11 +7,15 @@ prepare inputs, detokenise). In one process they take turns, and the GPU waits o
 
     parent (server, AsyncLLMEngine)                child (engine core)
       sender thread  -- [commands] ---------------->  between steps: add / abort / stop
-      reader thread  <-- ("step", deltas, stats) ---  after every step
+      reader thread  <-- ("step", deltas, stats) ---  results thread, after every step
 
-Commands are batched by a sender thread, so the event loop never blocks on a full pipe. Deltas
-travel without their prompt (the parent's stream already holds it). Validation runs in the child,
-where the KV-cache geometry is; a refused request gets its error as the first item of its stream.
+Commands are batched by a sender thread, so the event loop never blocks on a full pipe; results leave
+the child from a thread of their own, so a step never waits for the parent to read: while the parent
+is behind, the steps that pile up go as one message, each request's deltas merged (fewer, larger
+messages, exactly when the server is busiest). Deltas travel as plain tuples without their prompt
+(the parent's stream already holds it): a dataclass costs pickle several times more, and the parent
+unpickles under the GIL its event loop needs. Validation runs in the child, where the KV-cache
+geometry is; a refused request gets its error as the first item of its stream.
 The child exits when the parent's end of the command pipe closes (the parent died or stopped), and
 it ignores SIGINT: Ctrl-C reaches the whole process group, and the parent decides when it stops.
 """
@@ -19,6 +23,7 @@ it ignores SIGINT: Ctrl-C reaches the whole process group, and the parent decide
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import multiprocessing as mp
 import pickle
@@ -27,6 +32,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from pagedserve.config.engine import EngineConfig
@@ -34,8 +40,8 @@ from pagedserve.config.engine import EngineConfig
 from .async_engine import QueuedCommands, apply_command
 from .errors import EngineDeadError, EngineError
 from .llm_engine import LLMEngine, encode_prompt
-from .request import Continuation, SamplingParams
-from .stats import EngineStats
+from .request import CompletionOutput, Continuation, RequestMetrics, RequestOutput, SamplingParams, merge_delta
+from .stats import EngineStats, StepStats
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -200,8 +206,10 @@ class EngineCoreClient(QueuedCommands):
                 message = self._results.recv()
                 kind = message[0]
                 if kind == "step":
-                    _, outputs, stats, step = message
-                    sink.on_step(outputs, stats, step)
+                    _, packed, stats, steps = message
+                    for step in steps[:-1]:  # steps merged into one message: each still counts (metrics)
+                        sink.on_step([], stats, step)
+                    sink.on_step(unpack_outputs(packed), stats, steps[-1] if steps else None)
                 elif kind == "error":
                     sink.on_request_error(message[1], message[2])
                 elif kind == "dead":
@@ -227,7 +235,119 @@ def _shutdown_at_exit(ref: weakref.ref) -> None:
         client.shutdown(timeout_s=5.0)
 
 
+# ---- the wire format of deltas ----------------------------------------------------------------------
+_OUTPUT_FIELDS = tuple(f.name for f in dataclasses.fields(RequestOutput))
+_OUTPUTS_AT = _OUTPUT_FIELDS.index("outputs")
+_METRICS_AT = _OUTPUT_FIELDS.index("metrics")
+_output_row = attrgetter(*_OUTPUT_FIELDS)
+_completion_row = attrgetter(*(f.name for f in dataclasses.fields(CompletionOutput)))
+_metrics_row = attrgetter(*(f.name for f in dataclasses.fields(RequestMetrics)))
+
+
+def pack_outputs(outputs: list[RequestOutput]) -> list[tuple]:
+    """Deltas as nested tuples of their fields (every field, in the constructors' order), without the prompt."""
+    packed = []
+    for output in outputs:
+        row = list(_output_row(output))
+        row[1], row[2] = None, []  # prompt, prompt_token_ids: the parent's stream holds them
+        row[_OUTPUTS_AT] = [_completion_row(completion) for completion in output.outputs]
+        row[_METRICS_AT] = None if output.metrics is None else _metrics_row(output.metrics)
+        packed.append(tuple(row))
+    return packed
+
+
+def unpack_outputs(packed: list[tuple]) -> list[RequestOutput]:
+    outputs = []
+    for row in packed:
+        row = list(row)
+        row[_OUTPUTS_AT] = [CompletionOutput(*completion) for completion in row[_OUTPUTS_AT]]
+        metrics = row[_METRICS_AT]
+        row[_METRICS_AT] = None if metrics is None else RequestMetrics(*metrics)
+        outputs.append(RequestOutput(*row))
+    return outputs
+
+
 # ---- the child -----------------------------------------------------------------------------------
+class _ResultSender:
+    """The child's results, sent in order from a thread of its own so that a step never waits on the pipe.
+
+    Steps that queued up while the parent was behind leave as one "step" message: each request's deltas
+    merged in order, the latest stats, every step's `StepStats`. Other messages (a refused request's
+    error, "dead", "stopped") keep their place between steps. If the parent is gone, the next `put`
+    raises the pipe's error, which ends the child's loop.
+    """
+
+    def __init__(self, results: Connection) -> None:
+        self._results = results
+        self._pending: list[tuple] = []
+        self._ready = threading.Condition()
+        self._closing = False
+        self._error: BaseException | None = None
+        self.num_steps = self.num_step_messages = 0
+        self._thread = threading.Thread(target=self._run, name="pagedserve-core-results", daemon=True)
+        self._thread.start()
+
+    def put(self, message: tuple) -> None:
+        with self._ready:
+            if self._error is not None:
+                raise self._error
+            self._pending.append(message)
+            self._ready.notify()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Send what is queued, then stop the thread."""
+        with self._ready:
+            self._closing = True
+            self._ready.notify()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._pending and not self._closing:
+                    self._ready.wait()
+                if not self._pending:
+                    return
+                batch, self._pending = self._pending, []
+            try:
+                for message in self._merged(batch):
+                    self._results.send(message)
+            except (OSError, ValueError) as exc:  # the parent is gone (BrokenPipeError) or the pipe closed
+                with self._ready:
+                    self._error = exc
+                return
+
+    def _merged(self, batch: list[tuple]) -> list[tuple]:
+        """Runs of ("step", outputs, stats, step) become one ("step", packed outputs, stats, [steps])."""
+        messages: list[tuple] = []
+        run: list[tuple] = []
+        for message in batch + [("end",)]:
+            if message[0] == "step":
+                run.append(message)
+                continue
+            if run:
+                messages.append(self._one_step_message(run))
+                run = []
+            if message[0] != "end":
+                messages.append(message)
+        return messages
+
+    def _one_step_message(self, run: list[tuple]) -> tuple:
+        steps = [step for _, _, _, step in run if step is not None]
+        self.num_steps += len(steps)
+        self.num_step_messages += 1 if steps else 0
+        if len(run) == 1:
+            outputs = run[0][1]
+        else:
+            by_id: dict[str, RequestOutput] = {}
+            for _, step_outputs, _, _ in run:
+                for output in step_outputs:
+                    held = by_id.get(output.request_id)
+                    by_id[output.request_id] = output if held is None else merge_delta(held, output)
+            outputs = list(by_id.values())
+        return ("step", pack_outputs(outputs), run[-1][2], steps)
+
+
 def _core_main(config: EngineConfig, commands: Connection, results: Connection, log_level: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine core] %(message)s")
@@ -237,25 +357,30 @@ def _core_main(config: EngineConfig, commands: Connection, results: Connection, 
         logger.exception("engine start-up failed")
         results.send(("failed", _portable(exc)))
         return
+    sender: _ResultSender | None = None
     try:
         results.send(("ready", _Ready(engine.model_name, engine.tokenizer, engine.max_model_len, engine.get_stats())))
-        if _serve(engine, commands, results):
-            results.send(("stopped",))
+        sender = _ResultSender(results)
+        if _serve(engine, commands, sender):
+            sender.put(("stopped",))
     except (BrokenPipeError, EOFError, ConnectionResetError):
         pass  # the parent is gone: nobody to report to
     except BaseException as exc:  # noqa: BLE001 - the loop must report its death, never vanish
         logger.exception("engine loop died")
         try:
-            results.send(("dead", f"engine loop died: {type(exc).__name__}: {exc}"))
-        except OSError:
+            (sender.put if sender is not None else results.send)(("dead", f"engine loop died: {type(exc).__name__}: {exc}"))
+        except (OSError, ValueError):
             pass
     finally:
+        if sender is not None:
+            sender.close()
         engine.shutdown()
 
 
-def _serve(engine: LLMEngine, commands: Connection, results: Connection) -> bool:
+def _serve(engine: LLMEngine, commands: Connection, results: _ResultSender) -> bool:
     """Step while there is work; apply commands between steps. True on a stop command, False on EOF."""
     last_health_check = time.monotonic()
+    busy_since: tuple[int, int] | None = None  # the sender's counts when this busy period began
     while True:
         busy = engine.has_unfinished_requests()
         if commands.poll(0 if busy else _IDLE_POLL_S):
@@ -269,19 +394,31 @@ def _serve(engine: LLMEngine, commands: Connection, results: Connection) -> bool
                 refused = apply_command(engine, command)
                 if refused is not None:
                     request_id, error = refused
-                    results.send(("error", request_id, _portable(error)))
+                    results.put(("error", request_id, _portable(error)))
             continue  # drain every queued command before the next step
         if not engine.has_unfinished_requests():
+            if busy_since is not None:
+                _log_busy_period(results, busy_since)
+                busy_since = None
             now = time.monotonic()
             if now - last_health_check >= _IDLE_POLL_S:
                 engine.check_health()
                 last_health_check = now
-                results.send(("step", [], engine.get_stats(), None))
+                results.put(("step", [], engine.get_stats(), None))
             continue
+        if busy_since is None:
+            busy_since = (results.num_steps, results.num_step_messages)
         outputs = engine.step()
-        for output in outputs:  # the parent's stream holds the prompt: do not send it every step
-            output.prompt, output.prompt_token_ids = None, []
-        results.send(("step", outputs, engine.get_stats(), engine.last_step))
+        results.put(("step", outputs, engine.get_stats(), engine.last_step))
+
+
+def _log_busy_period(results: _ResultSender, since: tuple[int, int]) -> None:
+    """One line when the server fell behind the engine during the work that just ended (it read the results
+    of several steps at once): a sign that the server's process, not the GPU, limits the service."""
+    num_steps, num_messages = results.num_steps - since[0], results.num_step_messages - since[1]
+    if num_messages < num_steps:
+        logger.info("the server read the results of %d steps as %d messages (it fell behind the engine %d times)",
+                    num_steps, num_messages, num_steps - num_messages)
 
 
 def _portable(exc: BaseException) -> BaseException:

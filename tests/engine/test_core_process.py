@@ -2,8 +2,9 @@
 
 Same tokens as the in-process engine under concurrency; a refused request gets its typed error; start-up
 errors keep their type; a core that dies fails every open stream and `check_health`; a core whose parent
-died exits on its own; shutdown leaves no process behind. Streaming, merging for slow consumers and
-abort on disconnect run for both cores in test_engine_features.py.
+died exits on its own; shutdown leaves no process behind; deltas cross the pipe as tuples that come back
+equal, and steps that queue up while the parent is behind go as one message, nothing lost or reordered.
+Streaming, merging for slow consumers and abort on disconnect run for both cores in test_engine_features.py.
 """
 
 from __future__ import annotations
@@ -21,9 +22,16 @@ import pytest
 
 from pagedserve.config.engine import ConfigError, EngineConfig
 from pagedserve.engine.async_engine import AsyncLLMEngine
-from pagedserve.engine.core_process import EngineCoreClient, wants_engine_process
+from pagedserve.engine.core_process import (
+    EngineCoreClient,
+    _ResultSender,
+    pack_outputs,
+    unpack_outputs,
+    wants_engine_process,
+)
 from pagedserve.engine.errors import EngineDeadError, RequestTooLargeError
-from pagedserve.engine.request import SamplingParams
+from pagedserve.engine.request import CompletionOutput, Logprob, RequestMetrics, RequestOutput, SamplingParams
+from pagedserve.engine.stats import StepStats
 
 ARGS = {"dtype": "float32", "block_size": 8, "num_blocks": 64}
 PROMPTS = [list(range(20 + i, 40 + i)) for i in range(4)]
@@ -203,3 +211,80 @@ def test_a_hung_thread_core_is_declared_dead(tiny_model_dir) -> None:
     finally:
         release.set()
         async_engine.shutdown()
+
+
+def delta(request_id: str, text: str, token_ids: list[int], finished: bool = False) -> RequestOutput:
+    return RequestOutput(request_id, "the prompt", [1, 2, 3], [CompletionOutput(0, text, token_ids)], finished,
+                         RequestMetrics(arrival_time=1.0, first_token_time=2.0))
+
+
+def test_deltas_cross_the_pipe_as_tuples_and_come_back_equal() -> None:
+    full = RequestOutput(
+        "r1", "the prompt", [1, 2, 3],
+        [CompletionOutput(0, " a", [5], -0.5, [{5: Logprob(-0.5, 1, " a"), 6: Logprob(-1.5, 2, " b")}], None, None),
+         CompletionOutput(1, " end", [7, 2], -2.0, None, "stop", 2)],
+        True, RequestMetrics(1.0, 1.5, 2.0, 3.0, 4.0, num_preemptions=2, num_cached_prompt_tokens=16),
+        num_cached_tokens=16, error="why",
+    )
+    bare = RequestOutput("r2", None, [], [CompletionOutput(0, "", [])], False)
+    packed = pack_outputs([full, bare])
+    assert all(isinstance(row, tuple) for row in packed)
+    back = unpack_outputs(packed)
+    assert back[0] == RequestOutput(**{**full.__dict__, "prompt": None, "prompt_token_ids": []})  # the parent adds it
+    assert back[1] == bare
+
+
+class BlockedPipe:
+    """A connection whose first send waits until `release` is set: the parent reading slowly."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.sent: list[tuple] = []
+        self.first_send_started = threading.Event()
+
+    def send(self, message: tuple) -> None:
+        if not self.sent:
+            self.first_send_started.set()
+            assert self.release.wait(10)
+        self.sent.append(message)
+
+
+def test_steps_queued_behind_a_slow_parent_go_as_one_message_in_order() -> None:
+    pipe = BlockedPipe()
+    sender = _ResultSender(pipe)
+    step = [StepStats(num_prefill_tokens=i, num_decode_tokens=1, num_seqs=2, step_time_s=0.01) for i in range(5)]
+    sender.put(("step", [delta("a", "x", [1])], "stats0", step[0]))
+    assert pipe.first_send_started.wait(10)  # the sender is stuck in the first send; the step loop is not
+    sender.put(("step", [delta("a", "y", [2]), delta("b", "p", [9])], "stats1", step[1]))
+    sender.put(("error", "refused", ValueError("no")))
+    sender.put(("step", [delta("a", "z", [3]), delta("b", "q", [8], finished=True)], "stats2", step[2]))
+    sender.put(("step", [], "stats3", None))  # an idle tick in between
+    sender.put(("step", [delta("a", "!", [4], finished=True)], "stats4", step[3]))
+    sender.put(("stopped",))
+    pipe.release.set()
+    sender.close()
+
+    kinds = [message[0] for message in pipe.sent]
+    assert kinds == ["step", "step", "error", "step", "stopped"]
+    first, merged_1, error, merged_2 = pipe.sent[0], pipe.sent[1], pipe.sent[2], pipe.sent[3]
+    assert [o.outputs[0].token_ids for o in unpack_outputs(first[1])] == [[1]]
+    assert error[1] == "refused"
+    # Behind the blocked send: step 1 alone (the error keeps its place after it), then steps 2-4 as one.
+    assert merged_1[2:] == ("stats1", [step[1]])
+    outputs = {o.request_id: o for o in unpack_outputs(merged_2[1])}
+    assert (outputs["a"].outputs[0].text, outputs["a"].outputs[0].token_ids, outputs["a"].finished) == ("z!", [3, 4], True)
+    assert (outputs["b"].outputs[0].text, outputs["b"].outputs[0].token_ids, outputs["b"].finished) == ("q", [8], True)
+    assert merged_2[2:] == ("stats4", [step[2], step[3]])  # the latest stats; every step for the metrics
+    assert (sender.num_steps, sender.num_step_messages) == (4, 3)
+
+
+def test_the_sender_reports_a_closed_pipe_on_the_next_put() -> None:
+    class Closed:
+        def send(self, message: tuple) -> None:
+            raise BrokenPipeError("the parent is gone")
+
+    sender = _ResultSender(Closed())
+    sender.put(("step", [], "stats", None))
+    sender.close()
+    with pytest.raises(BrokenPipeError):
+        sender.put(("step", [], "stats", None))
