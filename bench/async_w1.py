@@ -5,8 +5,10 @@ service sit: the engine core in its own process (results over a pipe, as on a se
 request a stream consumed on an event loop, and requests that reach the engine over seconds instead of
 at once. This script runs W1 through the async engine, one pass per `--arrival-spread-s` value
 (arrival times uniform over that many seconds; 0: all at once), on one warm engine, and prints a table:
-output tokens/s, TTFT percentiles, and the engine's steps (their count, their summed time, and the wall
-time outside them: the step loop idle or busy with anything but a step).
+output tokens/s, TTFT percentiles, and the engine's steps: their count, their summed `step_time_s`
+(scheduling, launch, and the delivery of the previous step's tokens) and the wall time outside that
+(building the step's outputs, the loop's own work, idle time: the GPU is busy meanwhile unless the
+host is the bottleneck).
 
     python bench/async_w1.py --arrival-spread-s 0 2 7            # the Llama-3-8B shape on a GPU
     python bench/async_w1.py --layers 2 --num-requests 32 --max-new-tokens 16 --arrival-spread-s 0 1   # a check
@@ -105,7 +107,7 @@ def main() -> int:
     if args.out:
         args.out.write_text(json.dumps({"workload": workload.description, "engine_process": args.engine_process,
                                         "passes": rows}, indent=2))
-    print("\n| arrivals over | output tok/s | wall | TTFT p50 / p90 / p99 | steps | in steps | outside steps |")
+    print("\n| arrivals over | output tok/s | wall | TTFT p50 / p90 / p99 | steps | step_time_s summed | wall - that |")
     print("|---:|---:|---:|---|---:|---:|---:|")
     for row in rows:
         ttft = row["ttft_s"] or {}

@@ -29,6 +29,7 @@ logger = logging.getLogger("ray.serve")
 # Attempt k waits RETRY_BACKOFF_S x k first (the router drops a dead replica within about a second).
 MAX_ATTEMPTS = 3
 RETRY_BACKOFF_S = 0.5
+END_GRACE_S = 5.0  # a complete prompt's replica calls end by themselves; one still open this long after is cancelled
 
 _DONE = object()  # one of a `_Merge`'s iterables has ended
 
@@ -95,6 +96,7 @@ class PromptStream:
     async def items(self) -> AsyncIterator[Any]:
         stream, first = self._first
         self._start(_Part(stream, None), first)
+        complete = False
         try:
             while self._parts:
                 part, item = await self._merge.next()
@@ -106,8 +108,10 @@ class PromptStream:
                     continue  # a part given up on (lost, then continued elsewhere): its last items are stale
                 if isinstance(item, RequestOutput):
                     output = self._received(part, item)
-                    yield output
                     if output.finished:
+                        complete = True
+                    yield output
+                    if complete:
                         return
                     continue
                 if self._num_resumes + 1 < MAX_ATTEMPTS and replica_lost(item) and not self._closed:
@@ -118,7 +122,10 @@ class PromptStream:
                 yield item
                 return
         finally:
-            self.cancel()
+            if complete:
+                self._let_parts_end()
+            else:
+                self.cancel()
 
     def _start(self, part: _Part, first: Any) -> None:
         part.task = self._merge.add(part, self._part_items(part, first))
@@ -198,13 +205,29 @@ class PromptStream:
         )
 
     def cancel(self) -> None:
-        """Stop every engine request of this prompt (the client left, or the response is over)."""
+        """Stop every engine request of this prompt (the client left, or it ended with an error)."""
         self._closed = True
         parts, self._parts = self._parts, []
-        self._calls.cancel([part.stream for part in parts])
-        for part in parts:
-            if part.task is not None:
-                part.task.cancel()
+        _cancel_parts(self._calls, parts)
+
+    def _let_parts_end(self) -> None:
+        """The prompt is complete: its replica calls return right after their last delta, so let them end
+        by themselves (a cancelled call counts as CANCELLED in Serve's logs, metrics and dashboard although
+        it succeeded, and costs the replica a cancellation); any call still open after `END_GRACE_S` is
+        cancelled then."""
+        self._closed = True
+        parts, self._parts = self._parts, []
+        open_parts = [part for part in parts if part.task is not None and not part.task.done()]
+        if open_parts:
+            asyncio.get_running_loop().call_later(END_GRACE_S, _cancel_parts, self._calls, open_parts)
+
+
+def _cancel_parts(calls: "ReplicaCalls", parts: list[_Part]) -> None:
+    parts = [part for part in parts if part.task is None or not part.task.done()]
+    calls.cancel([part.stream for part in parts])
+    for part in parts:
+        if part.task is not None:
+            part.task.cancel()
 
 
 def _describe(error: Any) -> str:

@@ -105,7 +105,61 @@ def test_one_response_goes_on_elsewhere_when_its_replica_dies_mid_generation() -
     assert continued.continuation.output_token_ids == (5,) and continued.sampling_params.n == 1
     # Routed for what is left: the tokens produced count as prompt, the rest of max_tokens as new tokens.
     assert (continued.num_prompt_tokens, continued.max_new_tokens, continued.stream) == (3, 2, False)
-    assert len(resent) == 1 and all(s.cancelled for s in handle.streams)
+    assert len(resent) == 1
+    # The lost call is cancelled; the one that delivered the last delta ends by itself (not CANCELLED in Serve).
+    assert [s.cancelled for s in handle.streams] == [True, False]
+
+
+class Slow(Stream):
+    """A call whose items take a while (a replica generating): the consumer can leave in between."""
+
+    async def __anext__(self) -> Any:
+        await asyncio.sleep(0.01)
+        return await super().__anext__()
+
+
+def playing(handle: Handle, stream_cls: type[Stream]) -> Handle:
+    handle.remote = lambda request: handle.streams.append(stream_cls(handle.scripts.pop(0))) or handle.streams[-1]
+    return handle
+
+
+def test_a_complete_prompt_lets_its_call_end_and_an_abandoned_one_cancels_it() -> None:
+    handle = playing(Handle([delta(5), delta(6, finished=True)], [delta(7), delta(8), delta(9, finished=True)]), Slow)
+    replica, _ = calls(handle)
+
+    async def run() -> None:
+        (complete,) = await replica.open_streams([request(stream=True)])
+        assert [item.outputs[0].token_ids async for item in complete.items()] == [[5], [6]]
+        (abandoned,) = await replica.open_streams([request(stream=True)])
+        items = abandoned.items()
+        await items.__anext__()
+        await items.aclose()  # the client went away after its first token
+        await asyncio.sleep(0)
+
+    asyncio.run(run())
+    assert [(s.cancelled, s.items) for s in handle.streams] == [(False, []), (True, [delta(8), delta(9, finished=True)])]
+
+
+def test_a_complete_prompts_call_still_open_after_the_grace_period_is_cancelled(monkeypatch) -> None:
+    monkeypatch.setattr(replica_calls, "END_GRACE_S", 0.05)
+
+    class Lingering(Stream):
+        async def __anext__(self) -> Any:
+            if not self.items:
+                await asyncio.sleep(10)  # a call that does not return after its last delta
+            return await super().__anext__()
+
+    handle = playing(Handle([delta(5, finished=True)]), Lingering)
+    replica, _ = calls(handle)
+
+    async def run() -> None:
+        (prompt,) = await replica.open_streams([request(stream=True)])
+        assert [item.finished async for item in prompt.items()] == [True]
+        assert not handle.streams[0].cancelled
+        await asyncio.sleep(0.2)
+
+    asyncio.run(run())
+    assert handle.streams[0].cancelled
 
 
 def test_a_stream_goes_on_from_the_tokens_received_at_most_twice() -> None:
