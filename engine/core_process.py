@@ -239,6 +239,7 @@ def _shutdown_at_exit(ref: weakref.ref) -> None:
 _OUTPUT_FIELDS = tuple(f.name for f in dataclasses.fields(RequestOutput))
 _OUTPUTS_AT = _OUTPUT_FIELDS.index("outputs")
 _METRICS_AT = _OUTPUT_FIELDS.index("metrics")
+_PROMPT_AT, _PROMPT_IDS_AT = _OUTPUT_FIELDS.index("prompt"), _OUTPUT_FIELDS.index("prompt_token_ids")
 _output_row = attrgetter(*_OUTPUT_FIELDS)
 _completion_row = attrgetter(*(f.name for f in dataclasses.fields(CompletionOutput)))
 _metrics_row = attrgetter(*(f.name for f in dataclasses.fields(RequestMetrics)))
@@ -249,7 +250,7 @@ def pack_outputs(outputs: list[RequestOutput]) -> list[tuple]:
     packed = []
     for output in outputs:
         row = list(_output_row(output))
-        row[1], row[2] = None, []  # prompt, prompt_token_ids: the parent's stream holds them
+        row[_PROMPT_AT], row[_PROMPT_IDS_AT] = None, []  # the parent's stream holds the prompt
         row[_OUTPUTS_AT] = [_completion_row(completion) for completion in output.outputs]
         row[_METRICS_AT] = None if output.metrics is None else _metrics_row(output.metrics)
         packed.append(tuple(row))
@@ -312,10 +313,14 @@ class _ResultSender:
             try:
                 for message in self._merged(batch):
                     self._results.send(message)
-            except (OSError, ValueError) as exc:  # the parent is gone (BrokenPipeError) or the pipe closed
-                with self._ready:
+            except Exception as exc:  # noqa: BLE001 - the parent is gone (BrokenPipeError), or a result
+                with self._ready:        # would not pickle: the step loop raises it on its next put
                     self._error = exc
                 return
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
 
     def _merged(self, batch: list[tuple]) -> list[tuple]:
         """Runs of ("step", outputs, stats, step) become one ("step", packed outputs, stats, [steps])."""
@@ -367,8 +372,12 @@ def _core_main(config: EngineConfig, commands: Connection, results: Connection, 
         pass  # the parent is gone: nobody to report to
     except BaseException as exc:  # noqa: BLE001 - the loop must report its death, never vanish
         logger.exception("engine loop died")
+        dead = ("dead", f"engine loop died: {type(exc).__name__}: {exc}")
         try:
-            (sender.put if sender is not None else results.send)(("dead", f"engine loop died: {type(exc).__name__}: {exc}"))
+            if sender is not None and sender.error is None:
+                sender.put(dead)
+            else:  # the results thread failed: directly (a message that would not pickle was never written)
+                results.send(dead)
         except (OSError, ValueError):
             pass
     finally:

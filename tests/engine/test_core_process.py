@@ -278,13 +278,15 @@ def test_steps_queued_behind_a_slow_parent_go_as_one_message_in_order() -> None:
     assert (sender.num_steps, sender.num_step_messages) == (4, 3)
 
 
-def test_the_sender_reports_a_closed_pipe_on_the_next_put() -> None:
-    class Closed:
+@pytest.mark.parametrize("failure", [BrokenPipeError("the parent is gone"), TypeError("cannot pickle 'x'")])
+def test_the_sender_reports_a_failed_send_on_the_next_put(failure) -> None:
+    class Failing:
         def send(self, message: tuple) -> None:
-            raise BrokenPipeError("the parent is gone")
+            raise failure
 
-    sender = _ResultSender(Closed())
+    sender = _ResultSender(Failing())
     sender.put(("step", [], "stats", None))
     sender.close()
-    with pytest.raises(BrokenPipeError):
+    assert sender.error is failure
+    with pytest.raises(type(failure)):
         sender.put(("step", [], "stats", None))
