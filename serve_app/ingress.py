@@ -10,6 +10,7 @@ any length. Leaving a stream early (client gone) cancels the replica call, which
 
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import json
@@ -79,6 +80,11 @@ class OpenAIIngress:
             replica=context.replica_tag if context is not None else "local",
         )
         self.calls = ReplicaCalls(replica, on_resend=self.metrics.resent)
+        # The tokenizer now rather than with the first request: unpickling it imports transformers and torch
+        # (seconds), which on a first burst stalled this replica's event loop and every request it held.
+        self._prefetch: asyncio.Task | None = None
+        with contextlib.suppress(RuntimeError):  # no running loop: built outside a Serve replica
+            self._prefetch = asyncio.get_running_loop().create_task(self._prefetch_model_info())
 
     # Plumbing ----------------------------------------------------------------------------------------
 
@@ -92,6 +98,15 @@ class OpenAIIngress:
                         raise routing_error(exc) from None
                     self.metrics.set_model_name(self.args.served_model_name or self._info.model_name)
         return self._info
+
+    async def _prefetch_model_info(self, first_delay_s: float = 1.0, max_delay_s: float = 30.0) -> None:
+        delay = first_delay_s
+        while self._info is None:
+            try:
+                await self.model_info()
+            except Exception:  # noqa: BLE001 - no engine replica up yet (requests get the error); try again
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, max_delay_s)
 
     async def served_model_name(self) -> str:
         return self.args.served_model_name or (await self.model_info()).model_name

@@ -176,14 +176,31 @@ def _make_metrics(table: dict[str, tuple[str, str, tuple[str, ...]]], base_tags:
     return made
 
 
+ITL_SAMPLES_PER_REQUEST = 32  # inter-token latencies a request records at most (see ReplicaMetrics)
+
+
+def sample_evenly(values: list[float], limit: int) -> list[float]:
+    """`values` if there are at most `limit`; else `limit` of them, evenly spaced, the first included."""
+    if len(values) <= limit:
+        return values
+    stride = len(values) / limit
+    return [values[int(i * stride)] for i in range(limit)]
+
+
 class ReplicaMetrics:
     """The metrics of one engine replica (labels model, model_name, replica).
 
     Fed from three places: `observe(stats)` with the engine snapshot (the replica's routing-stats
     callback, every `stats_period_s`; Ray's agent exports every few seconds anyway, so gauges need no
-    per-step update), `observe_step` on the engine core's delivering thread (histograms, batch fill),
-    and `observe_request` when a request's stream ends. Engine totals become Counter increments by
-    diffing against the last snapshot seen, under a lock because two threads feed it.
+    per-step update), `observe_step` on the engine core's delivering thread, and `observe_request` when a
+    request's stream ends. Engine totals become Counter increments by diffing against the last snapshot
+    seen, under a lock because two threads feed it.
+
+    A Ray metric call costs 7-19 us of the caller's thread, and a gauge's can also give the GIL away: so
+    `observe_step` only queues the step (that thread hands every step's outputs to the replica's event loop,
+    and waited on Ray there) and `observe(stats)` records the queued steps; and a request records at most
+    `ITL_SAMPLES_PER_REQUEST` inter-token latencies, evenly spaced over its tokens. (Every token's, as vLLM
+    records them, took W1's replica about a second of its event loop while the last streams finished.)
     """
 
     def __init__(self, model_name: str, replica: str, ratio_window_s: float = 10.0) -> None:
@@ -193,6 +210,7 @@ class ReplicaMetrics:
         self._last_totals: dict[str, int] = {}
         self._ratio_window_s = ratio_window_s
         self._recent_steps: deque[tuple[float, int, int]] = deque()  # (monotonic time, prefill, decode)
+        self._pending_steps: deque[tuple[StepStats, int]] = deque()  # (step, max_batch_tokens), not yet recorded
         for name, (kind, _, _) in REPLICA_METRICS.items():
             if kind == "counter" and name != "vllm_request_success":
                 _start_counters_at_zero(self._metrics[name], [self._tags])
@@ -202,6 +220,7 @@ class ReplicaMetrics:
     # -- engine snapshot -------------------------------------------------------------------------
     def observe(self, stats: EngineStats) -> None:
         m, tags = self._metrics, self._tags
+        self.record_steps()
         m["vllm_num_requests_running"].set(stats.num_running, tags=tags)
         m["vllm_num_requests_waiting"].set(stats.num_waiting, tags=tags)
         m["vllm_kv_cache_usage_perc"].set(stats.kv_cache_usage, tags=tags)
@@ -236,16 +255,26 @@ class ReplicaMetrics:
 
     # -- the engine core's delivering thread -----------------------------------------------------
     def observe_step(self, step: StepStats, stats: EngineStats) -> None:
-        m, tags = self._metrics, self._tags
-        num_tokens = step.num_prefill_tokens + step.num_decode_tokens
-        m["vllm_iteration_tokens_total"].observe(num_tokens, tags=tags)
-        kind = "mixed" if step.num_prefill_tokens and step.num_decode_tokens else (
-            "prefill" if step.num_prefill_tokens else "decode")
-        m["pagedserve_step_time_seconds"].observe(step.step_time_s, tags={**tags, "step_kind": kind})
-        if stats.max_batch_tokens > 0:
-            m["pagedserve_batch_fill"].set(num_tokens / stats.max_batch_tokens, tags=tags)
+        """Queue one step (no Ray call here: this thread delivers every step's outputs)."""
         with self._lock:
+            self._pending_steps.append((step, stats.max_batch_tokens))
             self._recent_steps.append((time.monotonic(), step.num_prefill_tokens, step.num_decode_tokens))
+
+    def record_steps(self) -> None:
+        """Record the queued steps: tokens and time per step; batch fill of the last one."""
+        with self._lock:
+            steps, self._pending_steps = self._pending_steps, deque()
+        m, tags = self._metrics, self._tags
+        for step, _ in steps:
+            num_tokens = step.num_prefill_tokens + step.num_decode_tokens
+            m["vllm_iteration_tokens_total"].observe(num_tokens, tags=tags)
+            kind = "mixed" if step.num_prefill_tokens and step.num_decode_tokens else (
+                "prefill" if step.num_prefill_tokens else "decode")
+            m["pagedserve_step_time_seconds"].observe(step.step_time_s, tags={**tags, "step_kind": kind})
+        if steps and steps[-1][1] > 0:
+            last, max_batch_tokens = steps[-1]
+            m["pagedserve_batch_fill"].set((last.num_prefill_tokens + last.num_decode_tokens) / max_batch_tokens,
+                                           tags=tags)
 
     def _decode_prefill_ratio(self, now: float) -> float:
         while self._recent_steps and now - self._recent_steps[0][0] > self._ratio_window_s:
@@ -257,7 +286,7 @@ class ReplicaMetrics:
     # -- one finished request --------------------------------------------------------------------
     def observe_request(self, timing: "RequestTiming") -> None:
         m, tags = self._metrics, self._tags
-        for itl_s in timing.inter_token_latencies_s:
+        for itl_s in sample_evenly(timing.inter_token_latencies_s, ITL_SAMPLES_PER_REQUEST):
             m["vllm_inter_token_latency_seconds"].observe(itl_s, tags=tags)
         m["vllm_request_prompt_tokens"].observe(timing.num_prompt_tokens, tags=tags)
         m["vllm_request_generation_tokens"].observe(timing.num_output_tokens, tags=tags)

@@ -9,6 +9,7 @@ evaluates every dashboard query and alert rule there.
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 import shutil
@@ -23,11 +24,13 @@ import yaml
 from pagedserve.engine.request import CompletionOutput, RequestMetrics, RequestOutput
 from pagedserve.engine.stats import EngineStats, StepStats
 from pagedserve.serve_app.metrics import (
+    ITL_SAMPLES_PER_REQUEST,
     REPLICA_METRICS,
     SCRAPED_NAMES,
     ReplicaMetrics,
     RequestTiming,
     metric_names_in_promql,
+    sample_evenly,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -134,6 +137,53 @@ def test_replica_metrics_record_without_a_ray_cluster() -> None:
     metrics.observe_step(StepStats(num_prefill_tokens=4, num_decode_tokens=2, num_seqs=3, step_time_s=0.01), _stats())
     assert metrics._decode_prefill_ratio(time.monotonic()) == pytest.approx(0.5)
     assert metrics._decode_prefill_ratio(time.monotonic() + 60) == 0.0  # old steps leave the window
+
+
+class _Recorded:
+    """Stands in for one Ray metric: keeps what was recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float, dict]] = []
+
+    def observe(self, value, tags=None) -> None:
+        self.calls.append(("observe", value, tags))
+
+    def set(self, value, tags=None) -> None:
+        self.calls.append(("set", value, tags))
+
+    def inc(self, value=1.0, tags=None) -> None:
+        self.calls.append(("inc", value, tags))
+
+
+def test_steps_are_queued_on_the_delivering_thread_and_recorded_with_the_next_snapshot() -> None:
+    metrics = ReplicaMetrics(model_name="m", replica="r")
+    metrics._metrics = collections.defaultdict(_Recorded)
+    for prefill, decode in ((64, 2), (0, 3)):
+        metrics.observe_step(StepStats(num_prefill_tokens=prefill, num_decode_tokens=decode, num_seqs=3,
+                                       step_time_s=0.01), _stats())
+    assert not any(metric.calls for metric in metrics._metrics.values())  # nothing reaches Ray on that thread
+    metrics.observe(_stats())
+    assert [c[1] for c in metrics._metrics["vllm_iteration_tokens_total"].calls] == [66, 3]
+    kinds = [c[2]["step_kind"] for c in metrics._metrics["pagedserve_step_time_seconds"].calls]
+    assert kinds == ["mixed", "decode"]
+    assert metrics._metrics["pagedserve_batch_fill"].calls[-1][1] == pytest.approx(3 / 256)  # the last step's
+    metrics._metrics["vllm_iteration_tokens_total"].calls.clear()
+    metrics.observe(_stats())
+    assert metrics._metrics["vllm_iteration_tokens_total"].calls == []  # each step recorded once
+
+
+def test_a_request_records_at_most_a_sample_of_its_inter_token_latencies() -> None:
+    assert sample_evenly([1.0, 2.0], 32) == [1.0, 2.0]
+    values = [float(i) for i in range(255)]
+    sample = sample_evenly(values, 32)
+    assert len(sample) == 32 and sample[0] == 0.0 and sample == sorted(sample)
+    assert abs(sum(sample) / 32 - sum(values) / 255) < 255 / 32  # evenly spread: the mean within one stride
+    metrics = ReplicaMetrics(model_name="m", replica="r")
+    metrics._metrics = collections.defaultdict(_Recorded)
+    timing = RequestTiming("req-3")
+    timing.inter_token_latencies_s = values
+    metrics.observe_request(timing)
+    assert len(metrics._metrics["vllm_inter_token_latency_seconds"].calls) == ITL_SAMPLES_PER_REQUEST
 
 
 def test_request_timing_and_log_record_never_hold_the_prompt() -> None:
@@ -332,7 +382,8 @@ def test_metrics_move_with_load_and_a_real_prometheus_reads_them(service, tmp_pa
         for histogram in ("ray_vllm_time_to_first_token_seconds", "ray_vllm_e2e_request_latency_seconds",
                           "ray_vllm_request_time_per_output_token_seconds", "ray_vllm_request_generation_tokens"):
             assert total(after, histogram + "_count", model="tiny") >= NUM_LONG, histogram
-        assert total(after, "ray_vllm_inter_token_latency_seconds_count") >= NUM_LONG * (LONG_TOKENS - 1)
+        # Each request records up to ITL_SAMPLES_PER_REQUEST of its LONG_TOKENS - 1 inter-token latencies.
+        assert total(after, "ray_vllm_inter_token_latency_seconds_count") >= NUM_LONG * ITL_SAMPLES_PER_REQUEST
         assert total(after, "ray_vllm_iteration_tokens_total_count") >= LONG_TOKENS
         assert total(after, "ray_pagedserve_step_time_seconds_count", step_kind="decode") > 0
         assert total(after, "ray_vllm_request_generation_tokens_sum") > 0
