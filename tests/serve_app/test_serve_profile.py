@@ -1,0 +1,76 @@
+"""bench/serve_profile.py: which processes it finds for a running service, and how it reads py-spy's output."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# A stand-in engine replica: a Python process titled as Ray titles the replica's worker, whose engine core
+# is a child started with multiprocessing's spawn, as EngineCoreClient starts it.
+REPLICA = """
+import multiprocessing, sys, time
+if __name__ == "__main__":
+    multiprocessing.set_executable(sys.argv[1])  # argv[0] is the title: Python cannot tell its own path
+    child = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(60,))
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.fixture(scope="module")
+def serve_profile():
+    spec = importlib.util.spec_from_file_location("bench_serve_profile", REPO_ROOT / "bench" / "serve_profile.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_finds_the_titled_ray_processes_and_the_engine_core_child(serve_profile, tmp_path) -> None:
+    script = tmp_path / "replica.py"
+    script.write_text(REPLICA)
+    replica = subprocess.Popen(["ray::ServeReplica:pagedserve:EngineReplica", str(script), sys.executable], executable=sys.executable,
+                               stdout=subprocess.PIPE, text=True)
+    proxy = subprocess.Popen(["ray::ProxyActor", "60"], executable="/bin/sleep")
+    try:
+        core_pid = int(replica.stdout.readline())
+        time.sleep(0.2)
+        found = {(p.role, p.pid) for p in serve_profile.find_processes()}
+        assert ("engine_replica", replica.pid) in found
+        assert ("engine_core", core_pid) in found
+        assert ("proxy", proxy.pid) in found
+        # multiprocessing's resource tracker is a child of the replica too, but not its engine core.
+        assert [p for p in serve_profile.find_processes() if p.role == "engine_core"
+                and serve_profile.parent_pid(p.pid) == replica.pid] == [
+                    p for p in serve_profile.find_processes() if p.pid == core_pid]
+        assert serve_profile.cpu_seconds(replica.pid) >= 0.0
+    finally:
+        for process in (replica, proxy):
+            process.kill()
+            process.wait()
+
+
+def test_reads_busy_samples_per_thread_and_self_and_inclusive_counts(serve_profile, tmp_path) -> None:
+    raw = tmp_path / "replica.txt"
+    raw.write_text(
+        "thread (11): MainThread;run (loop.py:10);step (engine.py:20);pack (wire.py:5) 30\n"
+        "thread (11): MainThread;run (loop.py:10);step (engine.py:21) 10\n"
+        "thread (12): reader;read (wire.py:40);pack (wire.py:6) 5\n"
+        "thread (12): reader;recurse (r.py:1);recurse (r.py:2) 1\n"
+    )
+    threads, self_counts, inclusive = serve_profile.parse_raw(raw)
+    assert threads == {"thread (11): MainThread": 40, "thread (12): reader": 6}
+    # Line numbers are dropped: samples add up per function.
+    assert self_counts["pack (wire.py)"] == 35 and self_counts["step (engine.py)"] == 10
+    assert inclusive["step (engine.py)"] == 40 and inclusive["run (loop.py)"] == 40
+    assert inclusive["recurse (r.py)"] == 1  # a function twice in one stack counts once
+    assert serve_profile.parse_raw(tmp_path / "missing.txt") == ({}, {}, {})
