@@ -72,10 +72,27 @@ class ModelInfo:
     tokenizer: Any  # HF tokenizer; pickles across processes
 
 
+def log_engine_through_serve() -> None:
+    """The engine's `pagedserve.*` records into this replica's Serve log, at its level and in its format.
+
+    Left alone they reach only the root logger, which drops INFO, and the engine's start-up account (model
+    loaded, memory plan, kernels compiled, graphs captured) never showed in a replica's log. The engine
+    core process takes the level from here too.
+    """
+    serve_logger = logging.getLogger("ray.serve")
+    engine_logger = logging.getLogger("pagedserve")
+    engine_logger.setLevel(serve_logger.getEffectiveLevel())
+    for handler in serve_logger.handlers:
+        if handler not in engine_logger.handlers:
+            engine_logger.addHandler(handler)
+    engine_logger.propagate = not serve_logger.handlers  # Serve's handlers, or the root's when it has none
+
+
 class EngineReplica:
     """Owns one engine. Methods are called through a DeploymentHandle routed by `FreeBlocksRequestRouter`."""
 
     def __init__(self, serve_args: ServeArgs) -> None:
+        log_engine_through_serve()
         context = serve.get_replica_context()
         rank = context.rank.rank if context is not None and context.rank is not None else 0
         self.engine_config = serve_args.engine_config_for_rank(rank)

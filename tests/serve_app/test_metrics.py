@@ -230,6 +230,42 @@ def test_log_settings_reach_both_deployments() -> None:
         ServeArgs.from_args({"log_level": "LOUD"})
 
 
+def test_engine_log_records_reach_the_replicas_serve_log() -> None:
+    """Ray Serve gives its `ray.serve` logger the replica's handlers and level; the engine logs under
+    `pagedserve`, whose INFO records the root logger would drop."""
+    import logging
+
+    from pagedserve.serve_app.replica import log_engine_through_serve
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    serve_logger, engine_logger = logging.getLogger("ray.serve"), logging.getLogger("pagedserve")
+    saved = (serve_logger.level, list(serve_logger.handlers), engine_logger.level, list(engine_logger.handlers),
+             engine_logger.propagate)
+    collect = Collect()
+    try:
+        serve_logger.handlers[:] = [collect]
+        serve_logger.setLevel(logging.INFO)
+        log_engine_through_serve()
+        log_engine_through_serve()  # a second replica in the process adds no second handler
+        logging.getLogger("pagedserve.engine.llm_engine").info("memory plan: %d blocks", 7)
+        logging.getLogger("pagedserve.engine.llm_engine").debug("not at INFO")
+        assert collect.messages == ["memory plan: 7 blocks"]
+        assert engine_logger.getEffectiveLevel() == logging.INFO and not engine_logger.propagate
+    finally:
+        serve_logger.setLevel(saved[0])
+        serve_logger.handlers[:] = saved[1]
+        engine_logger.setLevel(saved[2])
+        engine_logger.handlers[:] = saved[3]
+        engine_logger.propagate = saved[4]
+
+
 # ---- the real service ----------------------------------------------------------------------------------
 
 ray = pytest.importorskip("ray")
@@ -400,11 +436,7 @@ def test_metrics_move_with_load_and_a_real_prometheus_reads_them(service, tmp_pa
         # Everything the replica records reached the scrape (the router's refusal counter needs a refusal).
         expected = {s for n, (kind, _, _) in REPLICA_METRICS.items() for s in
                     ([f"ray_{n}_total"] if kind == "counter" else [f"ray_{n}_count"] if kind == "histogram" else [f"ray_{n}"])}
-        # Queue and prefill time need the engine to set RequestMetrics.first_scheduled_time, which it
-        # does not yet (docs/observability.md).
-        not_yet = {"ray_vllm_request_queue_time_seconds_count",
-                   "ray_vllm_request_prefill_time_seconds_count"}
-        assert expected - not_yet <= names(after), sorted(expected - not_yet - names(after))
+        assert expected <= names(after), sorted(expected - names(after))
 
         if prometheus is not None:
             check_with_prometheus(prometheus)
