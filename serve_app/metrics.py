@@ -177,6 +177,7 @@ def _make_metrics(table: dict[str, tuple[str, str, tuple[str, ...]]], base_tags:
 
 
 ITL_SAMPLES_PER_REQUEST = 32  # inter-token latencies a request records at most (see ReplicaMetrics)
+MAX_PENDING_STEPS = 10_000  # steps queued for the next stats report at most (minutes of steps at 1 s reports)
 
 
 def sample_evenly(values: list[float], limit: int) -> list[float]:
@@ -210,7 +211,8 @@ class ReplicaMetrics:
         self._last_totals: dict[str, int] = {}
         self._ratio_window_s = ratio_window_s
         self._recent_steps: deque[tuple[float, int, int]] = deque()  # (monotonic time, prefill, decode)
-        self._pending_steps: deque[tuple[StepStats, int]] = deque()  # (step, max_batch_tokens), not yet recorded
+        # (step, max_batch_tokens) not yet recorded; bounded in case no stats report comes to record them
+        self._pending_steps: deque[tuple[StepStats, int]] = deque(maxlen=MAX_PENDING_STEPS)
         for name, (kind, _, _) in REPLICA_METRICS.items():
             if kind == "counter" and name != "vllm_request_success":
                 _start_counters_at_zero(self._metrics[name], [self._tags])
@@ -263,7 +265,7 @@ class ReplicaMetrics:
     def record_steps(self) -> None:
         """Record the queued steps: tokens and time per step; batch fill of the last one."""
         with self._lock:
-            steps, self._pending_steps = self._pending_steps, deque()
+            steps, self._pending_steps = self._pending_steps, deque(maxlen=MAX_PENDING_STEPS)
         m, tags = self._metrics, self._tags
         for step, _ in steps:
             num_tokens = step.num_prefill_tokens + step.num_decode_tokens
