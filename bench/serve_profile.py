@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -39,6 +39,7 @@ ROLES = (  # (role, pattern on the process's command line), first match wins
     ("controller", re.compile(r"^ray::ServeController")),
 )
 SPAWNED_CHILD = re.compile(r"multiprocessing\.spawn import spawn_main")  # not the resource tracker
+ROLE_ORDER = [role for role, _ in ROLES] + ["engine_core"]
 
 
 @dataclass
@@ -49,7 +50,6 @@ class Process:
     cpu_after_s: float = 0.0
     profile: Path | None = None
     recorder: subprocess.Popen | None = None
-    threads: dict[str, int] = field(default_factory=dict)  # thread label -> busy samples
 
 
 def command_line(pid: int) -> str:
@@ -59,20 +59,22 @@ def command_line(pid: int) -> str:
         return ""
 
 
-def parent_pid(pid: int) -> int:
+def stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after "pid (comm) ": state, ppid, ... (comm may hold spaces and parentheses); [] if gone."""
     try:
-        # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces and parentheses.
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def parent_pid(pid: int) -> int:
+    fields = stat_fields(pid)
+    return int(fields[1]) if fields else -1
 
 
 def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    fields = stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else float("nan")  # utime + stime
 
 
 def find_processes() -> list[Process]:
@@ -88,7 +90,7 @@ def find_processes() -> list[Process]:
     for pid in pids:
         if parent_pid(pid) in replicas and SPAWNED_CHILD.search(command_line(pid)):
             found.append(Process(pid, "engine_core"))
-    return sorted(found, key=lambda p: ([r for r, _ in ROLES] + ["engine_core"]).index(p.role))
+    return sorted(found, key=lambda p: ROLE_ORDER.index(p.role))
 
 
 def parse_raw(path: Path) -> tuple[dict[str, int], collections.Counter, collections.Counter]:
@@ -131,11 +133,12 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for index, process in enumerate(processes):
         process.profile = args.out / f"{process.role}{index}_{process.pid}.txt"
-        process.recorder = subprocess.Popen(
-            [args.py_spy, "record", "--pid", str(process.pid), "--rate", str(args.rate_hz), "--nonblocking",
-             "--threads", "--format", "raw", "--output", str(process.profile)],
-            stdout=subprocess.DEVNULL, stderr=open(args.out / f"{process.role}{index}_{process.pid}.err", "w"),
-        )
+        with open(process.profile.with_suffix(".err"), "w") as errors:  # the child keeps its own descriptor
+            process.recorder = subprocess.Popen(
+                [args.py_spy, "record", "--pid", str(process.pid), "--rate", str(args.rate_hz), "--nonblocking",
+                 "--threads", "--format", "raw", "--output", str(process.profile)],
+                stdout=subprocess.DEVNULL, stderr=errors,
+            )
     time.sleep(1.0)  # py-spy attaches
     for process in processes:
         process.cpu_before_s = cpu_seconds(process.pid)
