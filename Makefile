@@ -26,7 +26,7 @@ generate: install
 	$(BIN)/pagedserve generate --prompt "The meaning of a module is" --prompt "A function returns" --max-tokens 48 --temperature 0.7 --seed 0
 
 demo-model: install
-	$(BIN)/python -m pagedserve.engine.demo_model
+	$(BIN)/python -m pagedserve.demo
 
 # Engine vs transformers' generate_batch, then the service (local Ray, demo model) vs the offline engine.
 bench: install

@@ -31,7 +31,7 @@ from gpu_bench import step_time_summary, write_model_dir  # noqa: E402
 
 
 async def one_pass(engine, workload, spread_s: float, seed: int) -> dict:
-    from pagedserve.engine.request import SamplingParams
+    from pagedserve.engine.core.request import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=workload.max_new_tokens, ignore_eos=True)
     rng = random.Random(seed)

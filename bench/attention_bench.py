@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 import triton.testing
 
-from pagedserve.engine.attention.base import AttentionMetadata, GroupAttentionMetadata
-from pagedserve.engine.attention.reference import ReferenceAttentionBackend
-from pagedserve.engine.attention.triton import TileConfig, TritonAttentionBackend
+from pagedserve.engine.kernels.attention.base import AttentionMetadata, GroupAttentionMetadata
+from pagedserve.engine.kernels.attention.reference import ReferenceAttentionBackend
+from pagedserve.engine.kernels.attention.triton import TileConfig, TritonAttentionBackend
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16

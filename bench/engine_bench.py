@@ -82,7 +82,7 @@ def _warmup_prompts(workload: Workload) -> list[list[int]]:
 
 def run_pagedserve(model_path: str, workload: Workload, args: argparse.Namespace) -> tuple[BenchResult, list]:
     from pagedserve.engine.llm import LLM
-    from pagedserve.engine.request import SamplingParams
+    from pagedserve.engine.core.request import SamplingParams
 
     block_size = 16
     kv_blocks = sum(math.ceil((len(p) + workload.max_new_tokens) / block_size) for p in workload.prompts) + 64
@@ -244,7 +244,7 @@ def run_worker(args: argparse.Namespace) -> int:
 def resolve_model(model: str | None) -> str:
     if model is not None:
         return model
-    from pagedserve.engine import demo_model
+    from pagedserve.demo import model as demo_model
 
     folder = demo_model.default_cache_dir() / f"demo-llama-v{demo_model._FORMAT_VERSION}"
     if not (folder / "model.safetensors").exists():

@@ -111,7 +111,7 @@ def start_engine(model, tokenizer, args, **engine_args):
 
 
 def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, list[list[int]], object]:
-    from pagedserve.engine.request import SamplingParams
+    from pagedserve.engine.core.request import SamplingParams
 
     if model is not None:
         model.set_attn_implementation("sdpa")
@@ -197,8 +197,8 @@ def record_steps(engine) -> list:
 def triton_variants() -> int:
     """Variants of the engine's Triton kernels compiled so far in this process: one compiled inside a timed
     run costs its compilation (about a second) inside a step."""
-    from pagedserve.engine import decode_linear
-    from pagedserve.engine.attention import triton as triton_attention
+    from pagedserve.engine.kernels import decode_linear
+    from pagedserve.engine.kernels.attention import triton as triton_attention
 
     kernels = [triton_attention._paged_attention_kernel, triton_attention._write_kv_kernel,
                triton_attention._combine_splits_kernel, getattr(decode_linear, "_skinny_gemm_kernel", None)]
@@ -241,7 +241,7 @@ def decode_step_profile(steps, wall_s: float | None = None) -> str:
 
 
 def run_single(llm, workload: Workload, new_tokens: int) -> float:
-    from pagedserve.engine.request import SamplingParams
+    from pagedserve.engine.core.request import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     torch.cuda.synchronize()
@@ -255,7 +255,7 @@ def collective_profile(llm, workload: Workload, batch_sizes: tuple[int, ...], ne
     """Rank 0's NCCL kernel time per engine step (the all-reduces and the logits all-gather), from the
     torch profiler over a short generate at each batch size (prompts cut to 128 tokens). A collective's
     kernel also holds the time rank 0 waits for its peer, so this is an upper bound of the transfer."""
-    from pagedserve.engine.request import SamplingParams
+    from pagedserve.engine.core.request import SamplingParams
     from torch.profiler import ProfilerActivity, profile
 
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
@@ -318,7 +318,7 @@ CLOSE_TOP_K = 5  # a divergence is a near-tie when each side's token is in the o
 
 def ours_with_logprobs(llm, workload: Workload, num_requests: int, num_tokens: int) -> list[tuple[list[int], list[set[int]]]]:
     """Our greedy tokens for the checked requests, with the top-k ids at each position (logprobs=k)."""
-    from pagedserve.engine.request import SamplingParams
+    from pagedserve.engine.core.request import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True, logprobs=CLOSE_TOP_K)
     outputs = llm.generate(workload.prompts[:num_requests], params, use_tqdm=False)

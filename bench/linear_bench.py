@@ -1,4 +1,4 @@
-"""Decode-size linear layers: the skinny Triton GEMM (engine/decode_linear.py) against cuBLAS, and the
+"""Decode-size linear layers: the skinny Triton GEMM (engine/kernels/decode_linear.py) against cuBLAS, and the
 greedy argmax over the vocabulary.
 
 Llama-3-8B's projections (q/k/v and gate/up fused as the engine runs them, o, down, LM head) at 1-16
@@ -18,9 +18,9 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
-from pagedserve.engine.decode_linear import SkinnyConfig, default_config, skinny_linear
-from pagedserve.engine import sampler
-from pagedserve.engine.sampler import greedy_argmax
+from pagedserve.engine.kernels.decode_linear import SkinnyConfig, default_config, skinny_linear
+from pagedserve.engine.core import sampler
+from pagedserve.engine.core.sampler import greedy_argmax
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}

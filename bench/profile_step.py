@@ -70,7 +70,7 @@ def main() -> int:
                              "(gpu_bench's batch-1 line), with where its time went")
     args = parser.parse_args()
     from pagedserve.engine.llm import LLM
-    from pagedserve.engine.request import SamplingParams
+    from pagedserve.engine.core.request import SamplingParams
 
     overrides = {}
     for item in args.engine_arg:

@@ -203,7 +203,7 @@ def local_service(model: str | None, engine: dict[str, Any], max_ongoing: int) -
 
 def run_offline(args: argparse.Namespace, served_model: str, prompts: list) -> tuple[float, int]:
     from pagedserve.engine.llm import LLM
-    from pagedserve.engine.request import SamplingParams
+    from pagedserve.engine.core.request import SamplingParams
 
     model = None if served_model == "pagedserve-demo" else (args.offline_model or served_model)
     llm = LLM(model, **engine_args(args.offline_arg))

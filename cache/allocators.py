@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .block_pool import BlockPool
+from pagedserve.cache.block_pool import BlockPool
 
 BlockTable = list  # list[int | None]
 

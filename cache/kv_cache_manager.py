@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .allocators import BlockCopy, FullAttentionCacheAllocator, SlidingAttentionCacheAllocator
-from .block_pool import BlockHash, BlockPool
-from .prefix_cache import extend_block_hashes
+from pagedserve.cache.allocators import BlockCopy, FullAttentionCacheAllocator, SlidingAttentionCacheAllocator
+from pagedserve.cache.block_pool import BlockHash, BlockPool
+from pagedserve.cache.prefix_cache import extend_block_hashes
 
 
 class KVCacheManager:

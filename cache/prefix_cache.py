@@ -11,7 +11,7 @@ import hashlib
 from array import array
 from collections.abc import Sequence
 
-from .block_pool import BlockHash
+from pagedserve.cache.block_pool import BlockHash
 
 _ROOT_HASH: BlockHash = b"pagedserve-prefix-root"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .allocators import cdiv
+from pagedserve.cache.allocators import cdiv
 
 GIB = 1024**3
 

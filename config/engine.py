@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-AttentionBackendName = Literal["auto", "reference", "triton", "flex", "flash_paged"]
+AttentionBackendName = Literal["auto", "reference", "triton"]
 SchedulingPolicy = Literal["fifo", "prefill_first"]
 Quantization = Literal["none", "bnb-4bit", "bnb-8bit"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -85,7 +85,7 @@ class EngineConfig(BaseModel):
     )
     decode_linear: bool = Field(
         True, description="On a GPU, run the bf16/fp16 linear layers of one-token steps (batch-1 decode) with a "
-        "Triton GEMM that streams each weight once over every SM (engine/decode_linear.py); cuBLAS otherwise.",
+        "Triton GEMM that streams each weight once over every SM (engine/kernels/decode_linear.py); cuBLAS otherwise.",
     )
     compile: bool | None = Field(
         None, description="torch.compile the decoder layers; None: on for CUDA (not with bitsandbytes), off on CPU."
@@ -103,7 +103,7 @@ class EngineConfig(BaseModel):
     programmatic_launch: bool = Field(
         True, description="On Hopper and newer GPUs, launch the engine's Triton kernels and inductor's compiled "
         "ones with programmatic dependent launch, so each kernel starts while the one before it finishes "
-        "(engine/dependent_launch.py).",
+        "(engine/kernels/launch.py).",
     )
     tp_size: int = Field(1, ge=1, le=64, description="Tensor-parallel ranks per replica.")
     seed: int = Field(0, ge=0, description="Seed of unseeded sampling.")

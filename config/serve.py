@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from .engine import ConfigError, EngineConfig, format_validation_error
+from pagedserve.config.engine import ConfigError, EngineConfig, format_validation_error
 
 API_KEY_ENV = "PAGEDSERVE_API_KEY"
 # Ingress replicas when the engine replicas have GPUs and `ingress_num_replicas` is not set (see its description).

@@ -1,5 +1,5 @@
 """`python -m pagedserve.engine generate ...`"""
 
-from .cli import main
+from pagedserve.engine.cli import main
 
 raise SystemExit(main())

@@ -1,7 +1,7 @@
 """`AsyncLLMEngine`: the engine behind an asyncio API, for servers.
 
 The blocking step loop never runs on the event loop. It runs in an *engine core*: a thread of this
-process (`_ThreadCore`, the default on CPU), or a process of its own (`core_process.EngineCoreClient`,
+process (`process.thread_core.ThreadCore`, the default on CPU), or a process of its own (`process.client.EngineCoreClient`,
 the default on CUDA, `EngineConfig.engine_process`) so that a server's event loop, its transport and
 the step loop never take turns on one GIL. Callers talk to the core through commands (add, abort) and
 receive `RequestOutput` deltas on per-request asyncio queues. A caller that stops iterating (client
@@ -16,17 +16,17 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from pagedserve.config.engine import EngineConfig
-
-from .errors import EngineDeadError, InvalidRequestError
-from .llm_engine import LLMEngine
-from .request import Continuation, RequestOutput, SamplingParams, merge_delta
-from .stats import EngineStats, StepStats
+from pagedserve.engine.core.llm_engine import LLMEngine
+from pagedserve.engine.core.protocol import EngineCore
+from pagedserve.engine.core.request import Continuation, RequestOutput, SamplingParams, merge_delta
+from pagedserve.engine.core.stats import EngineStats, StepStats
+from pagedserve.engine.errors import EngineDeadError, InvalidRequestError
+from pagedserve.engine.process.thread_core import ThreadCore
 
 logger = logging.getLogger(__name__)
 
@@ -39,52 +39,10 @@ class _Stream:
     prompt_token_ids: list[int]
 
 
-class CoreSink(Protocol):
-    """What an engine core reports to, from its own thread."""
-
-    def on_step(self, outputs: list[RequestOutput], stats: EngineStats, step: StepStats | None) -> None: ...
-
-    def on_request_error(self, request_id: str, error: BaseException) -> None: ...
-
-    def on_dead(self, reason: str) -> None: ...
-
-    def is_wanted(self, request_id: str) -> bool: ...
-
-
-class EngineCore(Protocol):
-    """The step loop's home: `_ThreadCore` here, `core_process.EngineCoreClient` in a child process."""
-
-    config: EngineConfig
-    model_name: str
-    tokenizer: Any
-    max_model_len: int
-
-    def initial_stats(self) -> EngineStats: ...
-
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]: ...
-
-    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                         continuation: Continuation | None = None) -> None: ...
-
-    def start(self, sink: CoreSink) -> None: ...
-
-    def add(self, request_id: str, text: str | None, prompt_token_ids: list[int], params: SamplingParams,
-            continuation: Continuation | None = None) -> None: ...
-
-    def abort(self, request_id: str) -> None: ...
-
-    def check_health(self) -> None: ...
-
-    def abandon(self) -> None:
-        """Give up on a core that stopped making progress: end it, if it can be ended."""
-
-    def shutdown(self, timeout_s: float) -> None: ...
-
-
 class AsyncLLMEngine:
     def __init__(self, core: LLMEngine | EngineCore) -> None:
         """Serve an engine built in this process (its loop runs on a thread) or a started engine core."""
-        self._core: EngineCore = _ThreadCore(core) if isinstance(core, LLMEngine) else core
+        self._core: EngineCore = ThreadCore(core) if isinstance(core, LLMEngine) else core
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
         self._dead_reason: str | None = None
@@ -96,7 +54,7 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "AsyncLLMEngine":
-        from .core_process import EngineCoreClient, wants_engine_process
+        from pagedserve.engine.process.client import EngineCoreClient, wants_engine_process
 
         if wants_engine_process(config):
             return cls(EngineCoreClient(config))
@@ -250,112 +208,6 @@ class AsyncLLMEngine:
             except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
                 for _, request_id, _ in entries:
                     self._core.abort(request_id)
-
-
-class QueuedCommands:
-    """What both cores share: `add` and `abort` become command tuples (applied by `apply_command`) queued
-    for the thread that hands them on, woken by `_wakeup`."""
-
-    def __init__(self) -> None:
-        self._commands: deque[tuple] = deque()
-        self._wakeup = threading.Event()
-
-    def add(self, request_id: str, text: str | None, prompt_token_ids: list[int], params: SamplingParams,
-            continuation: Continuation | None = None) -> None:
-        self._queue(("add", request_id, text, prompt_token_ids, params, continuation))
-
-    def abort(self, request_id: str) -> None:
-        self._queue(("abort", request_id))
-
-    def _queue(self, command: tuple) -> None:
-        self._commands.append(command)
-        self._wakeup.set()
-
-
-class _ThreadCore(QueuedCommands):
-    """The step loop on a thread of this process; commands reach it through a deque."""
-
-    def __init__(self, engine: LLMEngine) -> None:
-        super().__init__()
-        self.engine = engine
-        self.config = engine.config
-        self.model_name = engine.model_name
-        self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.max_model_len
-        self._stopping = False
-        self._sink: CoreSink | None = None
-        self._thread = threading.Thread(target=self._run_loop, name="pagedserve-engine-loop", daemon=True)
-
-    def initial_stats(self) -> EngineStats:
-        return self.engine.get_stats()
-
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        return self.engine.encode_prompt(prompt)
-
-    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                         continuation: Continuation | None = None) -> None:
-        self.engine.validate_request(prompt_token_ids, params, continuation)
-
-    def start(self, sink: CoreSink) -> None:
-        self._sink = sink
-        self._thread.start()
-
-    def check_health(self) -> None:
-        if not self._thread.is_alive() and not self._stopping:
-            raise EngineDeadError("the engine loop thread is not running")
-        self.engine.check_health()
-
-    def abandon(self) -> None:
-        """A thread cannot be ended: stop it stepping if it ever returns (its process is replaced anyway)."""
-        self._stopping = True
-
-    def shutdown(self, timeout_s: float) -> None:
-        self._stopping = True
-        self._wakeup.set()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout_s)
-        if not self._thread.is_alive():
-            self.engine.shutdown()  # the loop steps no more: tensor-parallel workers can stop
-
-    def _apply_commands(self, sink: CoreSink) -> None:
-        while self._commands:
-            command = self._commands.popleft()
-            if command[0] == "add" and not sink.is_wanted(command[1]):
-                continue  # the caller left before the request started
-            refused = apply_command(self.engine, command)
-            if refused is not None:
-                sink.on_request_error(*refused)
-
-    def _run_loop(self) -> None:
-        sink = self._sink
-        assert sink is not None
-        try:
-            while not self._stopping:
-                self._apply_commands(sink)
-                if not self.engine.has_unfinished_requests():
-                    sink.on_step([], self.engine.get_stats(), None)
-                    self._wakeup.wait(timeout=1.0)
-                    self._wakeup.clear()
-                    continue
-                outputs = self.engine.step()
-                sink.on_step(outputs, self.engine.get_stats(), self.engine.last_step)
-        except BaseException as exc:  # noqa: BLE001 - the loop must report its death, never vanish
-            logger.exception("engine loop died")
-            sink.on_dead(f"engine loop died: {type(exc).__name__}: {exc}")
-
-
-def apply_command(engine: LLMEngine, command: tuple) -> tuple[str, Exception] | None:
-    """Apply ("add", request_id, text, prompt_token_ids, params, continuation) or ("abort", request_id) to the
-    engine, the commands of both cores. An add the engine refuses returns (request id, error) for its caller."""
-    if command[0] == "add":
-        _, request_id, text, prompt_token_ids, params, continuation = command
-        try:
-            engine.add_request(request_id, prompt_token_ids, params, prompt_text=text, continuation=continuation)
-        except Exception as exc:  # noqa: BLE001 - handed to the one caller it concerns
-            return request_id, exc
-    elif command[0] == "abort":
-        engine.abort(command[1])
-    return None
 
 
 def _put_all(entries: list[tuple[asyncio.Queue, str, Any]]) -> None:

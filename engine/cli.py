@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    from .llm import LLM
-    from .request import SamplingParams
+    from pagedserve.engine.llm import LLM
+    from pagedserve.engine.core.request import SamplingParams
 
     prompts = [line.rstrip("\n") for line in sys.stdin] if args.prompt == ["-"] else args.prompt
     if not prompts:

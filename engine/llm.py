@@ -10,9 +10,9 @@ from tqdm.auto import tqdm
 
 from pagedserve.config.engine import EngineConfig
 
-from .llm_engine import LLMEngine
-from .loader import wrap_model
-from .request import RequestOutput, SamplingParams, merge_delta
+from pagedserve.engine.core.llm_engine import LLMEngine
+from pagedserve.engine.runner.loader import wrap_model
+from pagedserve.engine.core.request import RequestOutput, SamplingParams, merge_delta
 
 
 class LLM:

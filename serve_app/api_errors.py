@@ -9,9 +9,9 @@ from fastapi.responses import JSONResponse
 
 from pagedserve.engine.errors import InvalidRequestError
 
-from . import openai_protocol as oai
-from .errors import ServiceOverloadedError
-from .replica import ReplicaError
+from pagedserve.serve_app import openai_protocol as oai
+from pagedserve.serve_app.errors import ServiceOverloadedError
+from pagedserve.serve_app.replica import ReplicaError
 
 logger = logging.getLogger("ray.serve")
 

@@ -15,8 +15,8 @@ from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
 from pagedserve.config.serve import GPU_INGRESS_REPLICAS, ServeArgs
 
-from .ingress import OpenAIIngress
-from .replica import EngineReplica
+from pagedserve.serve_app.ingress import OpenAIIngress
+from pagedserve.serve_app.replica import EngineReplica
 
 ROUTER_CLASS_PATH = "pagedserve.serve_app.router.FreeBlocksRequestRouter"
 

@@ -27,13 +27,13 @@ from ray.serve.handle import DeploymentHandle
 
 from pagedserve.config.serve import ServeArgs
 from pagedserve.engine.errors import InvalidRequestError
-from pagedserve.engine.request import CompletionOutput, RequestOutput, SamplingParams
+from pagedserve.engine.core.request import CompletionOutput, RequestOutput, SamplingParams
 
-from . import openai_protocol as oai
-from .api_errors import APIError, as_api_error, bad_request, routing_error
-from .metrics import IngressMetrics
-from .replica import GenerateRequest, ModelInfo, ReplicaError
-from .replica_calls import ReplicaCalls
+from pagedserve.serve_app import openai_protocol as oai
+from pagedserve.serve_app.api_errors import APIError, as_api_error, bad_request, routing_error
+from pagedserve.serve_app.metrics import IngressMetrics
+from pagedserve.serve_app.replica import GenerateRequest, ModelInfo, ReplicaError
+from pagedserve.serve_app.replica_calls import ReplicaCalls
 
 logger = logging.getLogger("ray.serve")
 

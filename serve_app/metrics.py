@@ -26,8 +26,8 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-from pagedserve.engine.request import RequestOutput
-from pagedserve.engine.stats import EngineStats, StepStats
+from pagedserve.engine.core.request import RequestOutput
+from pagedserve.engine.core.stats import EngineStats, StepStats
 
 RAY_PREFIX = "ray_"
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pagedserve.engine.request import SamplingParams
+from pagedserve.engine.core.request import SamplingParams
 
 MAX_LOGPROBS = 20
 

@@ -21,10 +21,10 @@ from ray import serve
 
 from pagedserve.config.serve import ServeArgs
 from pagedserve.engine.errors import EngineDeadError, InvalidRequestError, RequestTooLargeError
-from pagedserve.engine.request import Continuation, RequestOutput, SamplingParams, merge_delta
+from pagedserve.engine.core.request import Continuation, RequestOutput, SamplingParams, merge_delta
 
-from .metrics import ReplicaMetrics, RequestTiming
-from .router import RoutingDemand
+from pagedserve.serve_app.metrics import ReplicaMetrics, RequestTiming
+from pagedserve.serve_app.router import RoutingDemand
 
 logger = logging.getLogger("ray.serve")
 

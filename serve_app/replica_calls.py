@@ -16,10 +16,10 @@ from typing import Any, Callable
 from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
 
-from pagedserve.engine.request import Continuation, RequestOutput, merge_delta
+from pagedserve.engine.core.request import Continuation, RequestOutput, merge_delta
 
-from .api_errors import as_api_error, replica_lost, unwrap
-from .replica import GenerateRequest, ReplicaError
+from pagedserve.serve_app.api_errors import as_api_error, replica_lost, unwrap
+from pagedserve.serve_app.replica import GenerateRequest, ReplicaError
 
 logger = logging.getLogger("ray.serve")
 

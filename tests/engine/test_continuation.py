@@ -12,7 +12,7 @@ import torch
 from pagedserve.engine.async_engine import AsyncLLMEngine
 from pagedserve.engine.errors import InvalidRequestError
 from pagedserve.engine.llm import LLM
-from pagedserve.engine.request import Continuation, SamplingParams
+from pagedserve.engine.core.request import Continuation, SamplingParams
 
 PROMPT = [5, 9, 33, 7, 81, 12, 40, 41]
 

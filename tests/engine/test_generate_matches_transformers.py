@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pagedserve.engine.llm import LLM
-from pagedserve.engine.request import SamplingParams
+from pagedserve.engine.core.request import SamplingParams
 
 from tiny_models import ARCHS, VOCAB_SIZE
 
@@ -107,7 +107,7 @@ def test_prefix_cache_hits_and_same_outputs(tiny_model_dir, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gpu_backends_match_reference_backend(tiny_model_dir, arch):
     """On the GPU, every attention backend gives the reference backend's greedy tokens (fp32)."""
-    from pagedserve.engine.attention import get_attention_backend
+    from pagedserve.engine.kernels.attention import get_attention_backend
 
     prompts = random_prompts(seed=2)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)

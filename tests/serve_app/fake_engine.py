@@ -26,14 +26,14 @@ from typing import AsyncIterator
 
 from pagedserve.config.engine import EngineConfig
 from pagedserve.engine.errors import EngineDeadError, InvalidRequestError, RequestTooLargeError
-from pagedserve.engine.request import (
+from pagedserve.engine.core.request import (
     CompletionOutput,
     Continuation,
     Logprob,
     RequestOutput,
     SamplingParams,
 )
-from pagedserve.engine.stats import EngineStats
+from pagedserve.engine.core.stats import EngineStats
 from transformers import AutoTokenizer
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from pagedserve.engine.request import CompletionOutput, RequestMetrics, RequestOutput
-from pagedserve.engine.stats import EngineStats, StepStats
+from pagedserve.engine.core.request import CompletionOutput, RequestMetrics, RequestOutput
+from pagedserve.engine.core.stats import EngineStats, StepStats
 from pagedserve.serve_app.metrics import (
     ITL_SAMPLES_PER_REQUEST,
     REPLICA_METRICS,
@@ -254,8 +254,8 @@ def test_engine_log_records_reach_the_replicas_serve_log() -> None:
         serve_logger.setLevel(logging.INFO)
         log_engine_through_serve()
         log_engine_through_serve()  # a second replica in the process adds no second handler
-        logging.getLogger("pagedserve.engine.llm_engine").info("memory plan: %d blocks", 7)
-        logging.getLogger("pagedserve.engine.llm_engine").debug("not at INFO")
+        logging.getLogger("pagedserve.engine.core.llm_engine").info("memory plan: %d blocks", 7)
+        logging.getLogger("pagedserve.engine.core.llm_engine").debug("not at INFO")
         assert collect.messages == ["memory plan: 7 blocks"]
         assert engine_logger.getEffectiveLevel() == logging.INFO and not engine_logger.propagate
     finally:

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 from pagedserve.engine.llm import LLM  # noqa: E402
-from pagedserve.engine.request import SamplingParams  # noqa: E402
+from pagedserve.engine.core.request import SamplingParams  # noqa: E402
 from pagedserve.serve_app import build_app  # noqa: E402
 from ray import serve  # noqa: E402
 from ray_harness import local_serve, wait_until_healthy  # noqa: E402

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 ray = pytest.importorskip("ray")
-from pagedserve.engine.request import CompletionOutput, RequestOutput, SamplingParams  # noqa: E402
+from pagedserve.engine.core.request import CompletionOutput, RequestOutput, SamplingParams  # noqa: E402
 from pagedserve.serve_app import replica_calls  # noqa: E402
 from pagedserve.serve_app.api_errors import APIError  # noqa: E402
 from pagedserve.serve_app.errors import ServiceOverloadedError  # noqa: E402

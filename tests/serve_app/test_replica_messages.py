@@ -3,7 +3,7 @@
 With `FakeAsyncEngine` every token arrives as its own delta, so the counts are exact: a non-streaming
 request crosses to the ingress as two messages (the first delta, then the rest merged); a stream paced by
 `stream_messages_per_s` waits between messages (the real engine merges what arrives meanwhile, see
-tests/engine/test_engine_features.py). No token is lost or reordered either way.
+tests/engine/core/test_llm_engine.py). No token is lost or reordered either way.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("ray")
 from pagedserve.config.serve import ServeArgs  # noqa: E402
-from pagedserve.engine.request import SamplingParams  # noqa: E402
+from pagedserve.engine.core.request import SamplingParams  # noqa: E402
 from pagedserve.serve_app.replica import EngineReplica, GenerateRequest  # noqa: E402
 
 PROMPT = [5, 6, 7, 8, 9]

@@ -1,0 +1,3 @@
+from pagedserve.demo.model import main
+
+raise SystemExit(main())

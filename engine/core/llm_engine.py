@@ -1,0 +1,574 @@
+"""The synchronous engine: add_request / step / abort over the scheduler, model runner and sampler.
+
+One user request with `n` completions is one `_RequestGroup` of `n` sequences (`Request`s); the
+children share the parent's prompt blocks. `step()` returns `RequestOutput` deltas: for each group
+with news, the completions that changed, holding only their new text, token ids and logprobs.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pagedserve.cache.kv_cache_manager import KVCacheManager
+from pagedserve.config.engine import ConfigError, EngineConfig, SchedulerConfig
+
+from pagedserve.engine.core.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.errors import EngineDeadError, InvalidRequestError, RequestTooLargeError
+from pagedserve.engine.runner.loader import LoadedModel, load_model
+from pagedserve.engine.runner.model_runner import ModelRunner
+from pagedserve.engine.runner.step_input import StepInput, warm_up_steps
+from pagedserve.engine.core.request import (
+    CompletionOutput,
+    Continuation,
+    FinishReason,
+    Logprob,
+    Request,
+    RequestOutput,
+    SamplingParams,
+)
+from pagedserve.engine.core.sampler import SampledBatch, Sampler
+from pagedserve.engine.core.scheduler import Scheduler, SchedulerOutput
+from pagedserve.engine.core.stats import EngineStats, StepStats
+
+logger = logging.getLogger(__name__)
+
+_CPU_MAX_BATCH_TOKENS = 2048
+_GPU_MAX_BATCH_TOKENS = 8192
+_DEFAULT_MAX_MODEL_LEN = 4096
+# Stands for a sampled token still on its way from the device (never a valid id: an embedding lookup of
+# it fails loudly instead of computing on a wrong token).
+_PLACEHOLDER = -1
+
+
+@dataclass
+class _Delta:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+
+
+@dataclass
+class _InFlightStep:
+    """A launched step whose sampled tokens are not on the host yet."""
+
+    requests: list[Request]  # row -> request
+    rows: dict[str, int]  # request id -> row
+    sampled: SampledBatch | None  # None when no request of the step samples
+
+
+@dataclass
+class _RequestGroup:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sequences: list[Request]
+    detokenizers: list[IncrementalDetokenizer]
+    deltas: dict[int, _Delta] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return all(seq.is_finished for seq in self.sequences)
+
+
+def encode_prompt(tokenizer, prompt: str | list[int]) -> list[int]:
+    """Token ids of a prompt given as text or as ids."""
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt))
+    return list(prompt)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        """Loads `config.model`, unless `loaded` brings a model already in memory."""
+        self.config = config
+        if config.tp_size > 1:
+            if loaded is not None:
+                raise ConfigError(f"EngineConfig.tp_size={config.tp_size}: every rank loads the model; pass no `loaded`")
+            from pagedserve.engine.runner.tensor_parallel import start_tensor_parallel
+
+            # Rank 0 of a group it spawns: the runner mirrors every call onto the worker ranks.
+            loaded, self.runner = start_tensor_parallel(config)
+        else:
+            loaded = loaded or load_model(config)
+            self.runner = ModelRunner(loaded, config)
+        self.model_name = loaded.served_name
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        shape = self.runner.shape
+        self.max_model_len = config.max_model_len or min(
+            shape.max_position_embeddings or _DEFAULT_MAX_MODEL_LEN, 32768
+        )
+        default_tokens = _GPU_MAX_BATCH_TOKENS if self.device.type == "cuda" else _CPU_MAX_BATCH_TOKENS
+        max_batch_tokens = config.max_batch_tokens or default_tokens
+        if not config.enable_chunked_prefill:
+            max_batch_tokens = max(max_batch_tokens, self.max_model_len)
+        self.scheduler_config = SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_batch_tokens=max_batch_tokens,
+            max_model_len=self.max_model_len,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            policy=config.scheduling_policy,
+        )
+        self.memory_plan = self.runner.plan_memory(config.max_num_seqs, self.max_model_len, max_batch_tokens)
+        logger.info(self.memory_plan.describe())
+        self.runner.allocate_kv_cache(self.memory_plan.num_blocks)
+        if self.device.type == "cuda" or self.runner.is_compiled:
+            self._warm_up(max_batch_tokens)
+        if config.enable_cuda_graphs:
+            self.runner.capture_cuda_graphs(min(config.cuda_graph_max_batch_size, config.max_num_seqs),
+                                            self.max_model_len, self.memory_plan.cuda_graph_bytes)
+        self.kv_cache = KVCacheManager(
+            config.block_size,
+            [g.sliding_window for g in shape.groups],
+            self.memory_plan.num_blocks,
+            config.enable_prefix_caching,
+        )
+        self.scheduler = Scheduler(self.scheduler_config, self.kv_cache)
+        self.sampler = Sampler(self.device, seed=config.seed)
+        self.eos_token_ids = self._eos_token_ids(loaded.model)
+        self._groups: dict[str, _RequestGroup] = {}
+        self._finished_outputs: list[RequestOutput] = []
+        self._num_prompt_tokens_total = 0
+        self._num_generation_tokens_total = 0
+        self._finished_by_reason: dict[str, int] = {}
+        self.last_step: StepStats | None = None
+        # Tensor-parallel ranks receive plain step data, not rank 0's sampled tokens: they run in step.
+        self.async_scheduling = config.async_scheduling and config.tp_size == 1
+        self._in_flight: _InFlightStep | None = None
+        # The model, tokenizer and caches are long-lived: keep them out of every future garbage
+        # collection, which otherwise rescans them and costs milliseconds per step.
+        gc.collect()
+        gc.freeze()
+
+    def _warm_up(self, max_batch_tokens: int) -> None:
+        started = time.perf_counter()
+        num_blocks = self.memory_plan.num_blocks
+        steps = warm_up_steps(self.config.block_size, len(num_blocks), min(num_blocks), self.max_model_len,
+                              max_batch_tokens)
+        for step in steps:
+            self.runner.execute(step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if steps:
+            logger.info("warm-up: %d steps in %.1f s (compilation and kernel loading before the first request)",
+                        len(steps), time.perf_counter() - started)
+
+    def _eos_token_ids(self, model) -> frozenset[int]:
+        ids: set[int] = set()
+        generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        for value in (generation_eos, self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif value:
+                ids.update(value)
+        return frozenset(ids)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt)
+
+    def validate_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, continuation: Continuation | None = None
+    ) -> None:
+        """Raise `InvalidRequestError` / `RequestTooLargeError` for a request that can never run."""
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        vocab = self.runner.shape.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+        if continuation is not None:
+            self._validate_continuation(num_prompt, params, continuation)
+        max_tokens = params.max_tokens if params.max_tokens is not None else 1
+        if num_prompt + max_tokens > self.max_model_len:
+            raise RequestTooLargeError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request has "
+                f"{num_prompt} prompt tokens + {max_tokens} max_tokens = {num_prompt + max_tokens} tokens",
+                param="max_tokens" if num_prompt < self.max_model_len else "prompt",
+            )
+        total = num_prompt + (params.max_tokens or self.max_model_len - num_prompt)
+        if not self.kv_cache.can_ever_fit(total, self.scheduler_config.max_batch_tokens):
+            capacity = self.kv_cache.num_total_blocks * self.kv_cache.block_size
+            raise RequestTooLargeError(
+                f"the request needs up to {total} tokens of KV cache but the whole cache holds {capacity} tokens",
+                param="max_tokens",
+            )
+
+    def _validate_continuation(self, num_prompt: int, params: SamplingParams, continuation: Continuation) -> None:
+        done = continuation.output_token_ids
+        if params.n != 1:
+            raise InvalidRequestError(f"a continuation goes on with one completion; n is {params.n}", param="n")
+        vocab = self.runner.shape.vocab_size
+        bad = next((t for t in done if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"continuation token id {bad} is outside the vocabulary [0, {vocab})",
+                                      param="continuation")
+        limit = min(self.max_model_len, num_prompt + params.max_tokens if params.max_tokens is not None
+                    else self.max_model_len)
+        if num_prompt + len(done) >= limit:
+            raise InvalidRequestError(f"the continuation's {len(done)} tokens leave none to generate "
+                                      f"(max_tokens {params.max_tokens}, context {self.max_model_len})",
+                                      param="continuation")
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        prompt_text: str | None = None,
+        continuation: Continuation | None = None,
+    ) -> None:
+        """Queue a request; `prompt_text` names the prompt in outputs when `prompt` is already tokenized;
+        `continuation`: tokens its one completion already produced elsewhere (only what follows streams)."""
+        if request_id in self._groups:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        prompt_token_ids = self.encode_prompt(prompt)
+        self.validate_request(prompt_token_ids, params, continuation)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        sequences = [
+            Request(
+                request_id=request_id if index == 0 else f"{request_id}#{index}",
+                prompt_token_ids=prompt_token_ids,
+                sampling_params=params,
+                eos_token_ids=self.eos_token_ids,
+                arrival_time=arrival,
+                parent_id=request_id,
+                completion_index=index,
+                token_limit=min(self.max_model_len, len(prompt_token_ids) + params.max_tokens)
+                if params.max_tokens is not None else self.max_model_len,
+            )
+            for index in range(params.n)
+        ]
+        group = _RequestGroup(
+            request_id=request_id,
+            prompt=prompt if isinstance(prompt, str) else prompt_text,
+            prompt_token_ids=prompt_token_ids,
+            params=params,
+            sequences=sequences,
+            detokenizers=[IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params) for _ in sequences],
+        )
+        if continuation is not None:
+            self._continue_from(group, continuation)
+        self._groups[request_id] = group
+        self.scheduler.add_request(sequences[0], children=sequences[1:])
+        self._num_prompt_tokens_total += len(prompt_token_ids)
+
+    def _continue_from(self, group: _RequestGroup, continuation: Continuation) -> None:
+        """Put the tokens already produced in place: the scheduler then computes prompt + them as it
+        recomputes a preempted request, and the next sampled token is the first new one."""
+        request, detokenizer = group.sequences[0], group.detokenizers[0]
+        done = list(continuation.output_token_ids)
+        for token_id in done:  # their text reached the client already; what is held back stays held
+            _, stop_string = detokenizer.append(token_id)
+            if stop_string is not None:
+                raise InvalidRequestError(f"the continuation already ends at stop string {stop_string!r}",
+                                          param="continuation")
+        request.output_token_ids = done
+        request.cumulative_logprob = continuation.cumulative_logprob
+        if group.params.seed is not None:
+            self.sampler.skip(request.request_id, len(done))
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks. False if it is unknown or already finished."""
+        group = self._groups.get(request_id)
+        if group is None:
+            return False
+        self._finish_group(group, FinishReason.ABORT)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups) or bool(self._finished_outputs) or self._in_flight is not None
+
+    # ---- one step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule and launch one step; return the deltas of the tokens that are on the host by now.
+
+        Under async scheduling the step launched here is delivered by the next call: while the device
+        runs step N, the host turns step N-1's tokens into outputs and then schedules and prepares step
+        N+1, whose inputs take N's sampled ids straight from the device. A request holds a placeholder
+        for its token in flight, so the scheduler counts it; the placeholder is replaced when the token
+        arrives. Without async scheduling each call launches and delivers its own step.
+        """
+        started = time.perf_counter()
+        self.last_step = None
+        output = self.scheduler.schedule()
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None and (output.is_empty or self._needs_token_values(output)):
+            self._deliver(in_flight)  # penalties read the previous tokens' values on the host
+            in_flight = None
+        launched = self._launch(output, in_flight) if not output.is_empty else None
+        if in_flight is not None:
+            self._deliver(in_flight)
+        if launched is not None:
+            # After the delivery, so that each request's one placeholder is its last token.
+            self.scheduler.finish_step(output)
+            for request in launched.requests:
+                if not request.is_finished:
+                    request.output_token_ids.append(_PLACEHOLDER)
+            if launched.sampled is not None:  # None: no request sampled (middle chunks of prompts)
+                if self.async_scheduling:
+                    self._in_flight = launched
+                else:
+                    self._deliver(launched)
+        if not output.is_empty:
+            num_decode = sum(1 for c in output.chunks if c.num_new_tokens == 1 and c.num_computed_tokens
+                             >= c.request.num_prompt_tokens)
+            self.last_step = StepStats(
+                num_prefill_tokens=output.num_batched_tokens - num_decode,
+                num_decode_tokens=num_decode,
+                num_seqs=len(output.chunks),
+                step_time_s=time.perf_counter() - started,
+                num_preempted=len(output.preempted),
+            )
+        return self._collect_outputs()
+
+    @staticmethod
+    def _needs_token_values(output: SchedulerOutput) -> bool:
+        return any(chunk.request.sampling_params.needs_token_history for chunk in output.chunks)
+
+    def _fail_requests(self, requests: list[Request], exc: BaseException) -> None:
+        """A failed forward or sampling fails the requests it carried, not the engine."""
+        if isinstance(exc, EngineDeadError):  # a tensor-parallel rank died: nothing can run any more
+            raise exc
+        logger.error("step failed; failing its %d requests", len(requests), exc_info=exc)
+        for request in requests:
+            group = self._groups.get(request.parent_id or request.request_id)
+            if group is not None and not group.is_finished:
+                group.error = f"engine error: {type(exc).__name__}: {exc}"
+                self._finish_group(group, FinishReason.ERROR)
+
+    def _launch(self, output: SchedulerOutput, in_flight: _InFlightStep | None) -> _InFlightStep | None:
+        """Run the model on the step and sample on the device, without waiting for either. None if
+        nothing was launched (every request ended, or the step failed and failed its requests)."""
+        # A request may have ended since it was scheduled (its token in flight was a stop): skip it.
+        chunks = [chunk for chunk in output.chunks if not chunk.request.is_finished]
+        if not chunks:
+            return None
+        output.chunks = chunks
+        try:
+            step_input = self._build_step_input(output, in_flight.rows if in_flight is not None else {})
+            logits = self.runner.execute(step_input, in_flight.sampled.token_ids if in_flight is not None else None)
+            rows: list[int] = []
+            row_requests: list[Request] = []
+            sample_index = 0
+            for chunk in chunks:
+                if not chunk.samples:
+                    continue
+                for request in [chunk.request, *output.forks.get(chunk.request.request_id, [])]:
+                    rows.append(sample_index)
+                    row_requests.append(request)
+                sample_index += 1
+            sampled = None
+            if row_requests:
+                if len(rows) != logits.shape[0]:
+                    logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+                sampled = self.sampler.sample_async(logits, row_requests)
+        except Exception as exc:  # noqa: BLE001 -- handed to the requests of this step
+            self._fail_requests([chunk.request for chunk in chunks], exc)
+            return None
+        return _InFlightStep(row_requests, {r.request_id: row for row, r in enumerate(row_requests)}, sampled)
+
+    def _deliver(self, step: _InFlightStep) -> None:
+        """Wait for a launched step's tokens on the host and put each in place of its placeholder."""
+        try:
+            sampled = step.sampled.result()
+        except Exception as exc:  # noqa: BLE001 -- an asynchronous device error surfaces here
+            self._fail_requests(step.requests, exc)
+            return
+        now = time.monotonic()
+        for row, request in enumerate(step.requests):
+            if request.is_finished:
+                continue  # ended (stop, abort, error) while its token was in flight: the token is dropped
+            logprob = sampled.logprobs[row] if sampled.logprobs is not None else None
+            top = sampled.top_logprobs[row] if sampled.top_logprobs is not None else []
+            rank = sampled.sampled_ranks[row] if sampled.sampled_ranks is not None else None
+            self._accept_token(request, sampled.token_ids[row], logprob, rank, top, now)
+
+    def _build_step_input(self, output: SchedulerOutput, pending_rows: dict[str, int] | None = None) -> StepInput:
+        """The step as plain lists. `pending_rows`: request id -> row of the step in flight, for requests
+        whose last token is still a placeholder (its value is taken on the device)."""
+        token_ids: list[int] = []
+        positions: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        logits_indices: list[int] = []
+        pending_indices: list[int] = []
+        pending_sources: list[int] = []
+        tables: list[list[list[int]]] = [[] for _ in range(self.kv_cache.num_groups)]
+        # Sliding-window groups mark released blocks as None; full-attention tables hold ids only and go as is.
+        has_released = self.kv_cache.has_sliding_groups
+        for chunk in output.chunks:
+            request = chunk.request
+            start = chunk.num_computed_tokens
+            end = start + chunk.num_new_tokens
+            if chunk.num_new_tokens == 1 and end == request.num_tokens:  # a decode: the newest token
+                token_ids.append(request.output_token_ids[-1] if request.output_token_ids
+                                 else request.prompt_token_ids[-1])
+                positions.append(start)
+            else:
+                token_ids.extend(request.token_ids_between(start, end))
+                positions.extend(range(start, end))
+            query_lens.append(chunk.num_new_tokens)
+            seq_lens.append(end)
+            if chunk.samples:
+                logits_indices.append(len(token_ids) - 1)
+                if pending_rows:
+                    source = pending_rows.get(request.request_id)
+                    if source is not None and end == request.num_tokens:
+                        pending_indices.append(len(token_ids) - 1)
+                        pending_sources.append(source)
+            for group, table in enumerate(self.kv_cache.block_tables(request.request_id)):
+                tables[group].append([0 if block is None else block for block in table] if has_released else table)
+        return StepInput(token_ids, positions, query_lens, seq_lens, tables, logits_indices, output.block_copies,
+                         pending_indices, pending_sources)
+
+    def _accept_token(
+        self,
+        request: Request,
+        token_id: int,
+        logprob: float | None,
+        rank: int | None,
+        top: list[tuple[int, float]],
+        now: float,
+    ) -> None:
+        """The request's newest token (its placeholder until now) is `token_id`: record it, stream it,
+        and end the request if it stops here."""
+        group = self._groups[request.parent_id or request.request_id]
+        params = request.sampling_params
+        request.output_token_ids[-1] = token_id
+        self._num_generation_tokens_total += 1
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+        request.metrics.last_token_time = now
+        delta = group.deltas.setdefault(request.completion_index, _Delta())
+        delta.token_ids.append(token_id)
+        if params.logprobs is not None and logprob is not None:
+            request.cumulative_logprob += logprob
+            entry = {token_id: Logprob(logprob, rank=rank)}
+            for rank, (top_id, top_logprob) in enumerate(top[: params.logprobs], start=1):
+                entry.setdefault(top_id, Logprob(top_logprob, rank=rank))
+            for tid, value in entry.items():
+                value.decoded_token = self.tokenizer.decode([tid])
+            delta.logprobs.append(entry)
+        text, stop_string = group.detokenizers[request.completion_index].append(token_id)
+        delta.text += text
+
+        reason: FinishReason | None = None
+        stop_reason: int | str | None = None
+        num_out = request.num_output_tokens
+        can_stop = num_out >= params.min_tokens
+        if stop_string is not None:
+            reason, stop_reason = FinishReason.STOP, stop_string
+        elif can_stop and not params.ignore_eos and token_id in request.eos_token_ids:
+            reason = FinishReason.STOP
+        elif can_stop and token_id in params.stop_token_ids:
+            reason, stop_reason = FinishReason.STOP, token_id
+        elif request.num_tokens >= request.token_limit:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            if stop_string is None:
+                delta.text += group.detokenizers[request.completion_index].flush()
+            request.stop_reason = stop_reason
+            self._finish_sequence(request, reason)
+
+    def _finish_sequence(self, request: Request, reason: FinishReason) -> None:
+        self.scheduler.finish_request(request, reason)
+        request.metrics.finished_time = time.monotonic()
+        self.sampler.forget(request.request_id)
+        self._finished_by_reason[reason.value] = self._finished_by_reason.get(reason.value, 0) + 1
+        group = self._groups.get(request.parent_id or request.request_id)
+        if group is not None:
+            group.deltas.setdefault(request.completion_index, _Delta())
+
+    def _finish_group(self, group: _RequestGroup, reason: FinishReason) -> None:
+        for request in group.sequences:
+            if not request.is_finished:
+                self._finish_sequence(request, reason)
+
+    def _collect_outputs(self) -> list[RequestOutput]:
+        outputs, self._finished_outputs = self._finished_outputs, []
+        for request_id in [rid for rid, group in self._groups.items() if group.deltas]:
+            group = self._groups[request_id]
+            completions = []
+            for index in sorted(group.deltas):
+                delta = group.deltas[index]
+                seq = group.sequences[index]
+                completions.append(
+                    CompletionOutput(
+                        index=index,
+                        text=delta.text,
+                        token_ids=delta.token_ids,
+                        cumulative_logprob=seq.cumulative_logprob if group.params.logprobs is not None else None,
+                        logprobs=delta.logprobs if group.params.logprobs is not None else None,
+                        finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+                        stop_reason=seq.stop_reason,
+                    )
+                )
+            group.deltas = {}
+            finished = group.is_finished
+            outputs.append(
+                RequestOutput(
+                    request_id=request_id,
+                    prompt=group.prompt,
+                    prompt_token_ids=group.prompt_token_ids,
+                    outputs=completions,
+                    finished=finished,
+                    metrics=group.sequences[0].metrics,
+                    num_cached_tokens=group.sequences[0].num_cached_prompt_tokens,
+                    error=group.error,
+                )
+            )
+            if finished:
+                del self._groups[request_id]
+        return outputs
+
+    def check_health(self) -> None:
+        """Raise `EngineDeadError` when a tensor-parallel rank has died, even between steps."""
+        check_alive = getattr(self.runner, "check_alive", None)
+        if check_alive is not None:
+            check_alive()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker ranks, if any, and let the collector reclaim this engine. Idempotent."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
+        # Start-up froze the engine's objects out of collection; a process that builds another engine
+        # after this one (benchmarks, tests) needs its cycles collectable again.
+        gc.unfreeze()
+
+    # ---- state ---------------------------------------------------------------------------------
+    def get_stats(self) -> EngineStats:
+        kv = self.kv_cache
+        plan = self.memory_plan
+        usage = kv.usage
+        return EngineStats(
+            num_free_blocks=kv.num_free_blocks,
+            num_total_blocks=kv.num_total_blocks,
+            block_size=kv.block_size,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_preempted_waiting=self.scheduler.num_preempted_waiting,
+            max_model_len=self.max_model_len,
+            kv_cache_usage=usage,
+            kv_cache_bytes_total=plan.kv_bytes,
+            kv_cache_bytes_used=int(plan.kv_bytes * usage),
+            num_prompt_tokens_total=self._num_prompt_tokens_total,
+            num_generation_tokens_total=self._num_generation_tokens_total,
+            num_preemptions_total=self.scheduler.num_preemptions_total,
+            num_prefix_cache_queries_total=kv.num_prefix_queries_tokens,
+            num_prefix_cache_hits_total=kv.num_prefix_hit_tokens,
+            finished_by_reason=dict(self._finished_by_reason),
+            last_step_num_prefill_tokens=self.last_step.num_prefill_tokens if self.last_step else 0,
+            last_step_num_decode_tokens=self.last_step.num_decode_tokens if self.last_step else 0,
+            max_batch_tokens=self.scheduler_config.max_batch_tokens,
+        )

@@ -1,0 +1,203 @@
+"""The scheduler: which requests run this step, and how many of their tokens.
+
+There is no prefill or decode phase. Each request's `num_computed_tokens` catches up with its
+`num_tokens` (vLLM's rule): a new prompt needs many tokens, a decoding request one, a preempted request
+everything again, and a prefix-cache hit starts the count further along. Each step has a token budget
+(`max_batch_tokens`) and a sequence budget (`max_num_seqs`). FIFO policy: running requests first
+(decodes and unfinished chunked prefills, oldest first), then waiting ones into what is left. When
+blocks run out, the newest running request is preempted: its blocks are freed and it is recomputed
+later, at the head of the queue. Pure logic: no tensors, no model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from pagedserve.cache.allocators import BlockCopy
+from pagedserve.cache.kv_cache_manager import KVCacheManager
+from pagedserve.config.engine import SchedulerConfig
+
+from pagedserve.engine.core.request import FinishReason, Request, RequestStatus
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    num_computed_tokens: int  # before this step
+    num_new_tokens: int
+    # True when this chunk reaches the end of the known tokens: its last logits give a new token.
+    samples: bool
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    # n > 1: children forked from a parent this step; they sample from the parent's last logits.
+    forks: dict[str, list[Request]] = field(default_factory=dict)
+    preempted: list[Request] = field(default_factory=list)
+    block_copies: list[BlockCopy] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(chunk.num_new_tokens for chunk in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._awaiting_fork: dict[str, list[Request]] = {}
+        self.num_preemptions_total = 0
+
+    # ---- admission -----------------------------------------------------------------------------
+    def add_request(self, request: Request, children: list[Request] | None = None) -> None:
+        """Queue a request; `children` (n > 1) start once its prompt is computed, sharing its blocks."""
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+        if children:
+            self._awaiting_fork[request.request_id] = children
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running) + sum(len(c) for c in self._awaiting_fork.values())
+
+    @property
+    def num_preempted_waiting(self) -> int:
+        return sum(1 for request in self.waiting if request.status is RequestStatus.PREEMPTED)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        output = SchedulerOutput()
+        budget = self.config.max_batch_tokens
+        if self.config.policy == "prefill_first":
+            budget = self._schedule_waiting(output, budget)
+            self._schedule_running(output, budget)
+        else:
+            budget = self._schedule_running(output, budget)
+            if not output.preempted:  # under memory pressure, admit nothing new
+                self._schedule_waiting(output, budget)
+        output.block_copies = self.kv_cache.take_pending_copies()
+        return output
+
+    def _chunk_size(self, num_needed: int, budget: int) -> int:
+        if self.config.enable_chunked_prefill:
+            return min(num_needed, budget)
+        return num_needed if num_needed <= budget else 0
+
+    def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
+        scheduled_ids = {chunk.request.request_id for chunk in output.chunks}
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            if request.request_id in scheduled_ids:
+                index += 1
+                continue
+            num_tokens = request.num_tokens
+            # At its length limit the request only waits for its last token (still on the device under
+            # async scheduling) to be delivered: that token's K/V is never needed.
+            num_new = 0 if num_tokens >= request.token_limit else self._chunk_size(
+                num_tokens - request.num_computed_tokens, budget)
+            if num_new == 0:
+                index += 1
+                continue
+            while not self.kv_cache.allocate_slots(request.request_id, request.num_computed_tokens, num_new):
+                victim = self._pick_victim(scheduled_ids)
+                self._preempt(victim, output)
+                if victim is request:
+                    break
+            else:
+                self._add_chunk(output, request, request.num_computed_tokens, num_new)
+                scheduled_ids.add(request.request_id)
+                budget -= num_new
+                index += 1
+        return budget
+
+    def _pick_victim(self, scheduled_ids: set[str]) -> Request:
+        """The newest running request not yet scheduled this step (the current one as a last resort)."""
+        for request in reversed(self.running):
+            if request.request_id not in scheduled_ids:
+                return request
+        raise AssertionError("no running request left to preempt")  # the current request is never scheduled yet
+
+    def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            cached_tables: list[list[int | None]] = []
+            num_cached = 0
+            if not self.kv_cache.has_blocks(request.request_id):
+                cached_tables, num_cached = self.kv_cache.find_cached_prefix(
+                    request.request_id, request.all_token_ids
+                )
+            num_new = self._chunk_size(request.num_tokens - num_cached, budget)
+            if num_new == 0:
+                break
+            if not self.kv_cache.allocate_slots(request.request_id, num_cached, num_new, cached_tables):
+                break  # FIFO: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            if request.status is RequestStatus.WAITING:
+                request.metrics.first_scheduled_time = time.monotonic()
+                request.num_cached_prompt_tokens = num_cached
+                request.metrics.num_cached_prompt_tokens = num_cached
+                self.kv_cache.record_prefix_query(request.num_prompt_tokens, num_cached)
+            request.num_computed_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            self._add_chunk(output, request, num_cached, num_new)
+            budget -= num_new
+        return budget
+
+    def _add_chunk(self, output: SchedulerOutput, request: Request, num_computed: int, num_new: int) -> None:
+        chunk = ScheduledChunk(request, num_computed, num_new, samples=num_computed + num_new == request.num_tokens)
+        output.chunks.append(chunk)
+        children = self._awaiting_fork.get(request.request_id)
+        if children and chunk.samples and request.num_output_tokens == 0:
+            del self._awaiting_fork[request.request_id]
+            for child in children:
+                self.kv_cache.fork(request.request_id, child.request_id)
+                child.num_computed_tokens = request.num_prompt_tokens
+                child.status = RequestStatus.RUNNING
+                self.running.append(child)
+            output.forks[request.request_id] = children
+
+    def _preempt(self, request: Request, output: SchedulerOutput) -> None:
+        self.running.remove(request)
+        self.kv_cache.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.metrics.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(request)
+        output.preempted.append(request)
+
+    def finish_step(self, output: SchedulerOutput) -> None:
+        """Advance computed-token counts after the model ran (before sampled tokens are appended)."""
+        block_size = self.kv_cache.block_size
+        for chunk in output.chunks:
+            request = chunk.request
+            before = request.num_computed_tokens
+            request.num_computed_tokens = chunk.num_computed_tokens + chunk.num_new_tokens
+            if request.num_computed_tokens // block_size > before // block_size:
+                self.kv_cache.cache_full_blocks(request.request_id, request.all_token_ids, request.num_computed_tokens)
+
+    # ---- endings -------------------------------------------------------------------------------
+    def finish_request(self, request: Request, reason: FinishReason) -> None:
+        if request.is_finished:
+            return
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv_cache.free(request.request_id)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        for child in self._awaiting_fork.pop(request.request_id, []):
+            child.status = RequestStatus.FINISHED
+            child.finish_reason = reason

@@ -1,0 +1,294 @@
+"""Linear layers of a one-token step: a Triton GEMM that streams the weight once over every SM.
+
+At batch 1, `x @ W.T` is a read of W: the work is the bytes. cuBLAS picks tiles made for large
+batches and, for Llama-3-8B's o and down projections on an H200, splits K over a second, reducing
+kernel each (two extra kernels a layer). `_skinny_gemm_kernel` gives each program `BLOCK_N` output
+features and all of K, so a grid of N / BLOCK_N programs reads W once, in order, with no reduction
+pass; the rows of x stay in L1/L2. Accumulation is in float32, the output in the input's dtype, as
+cuBLAS. Rows are padded to 16 for `tl.dot` (tensor cores); one row can also use a multiply-and-sum on
+the CUDA cores (`use_dot=False`).
+
+Measured on an H200 (`bench/linear_bench.py`, docs/benchmarks.md): at one row the kernel matched or
+beat cuBLAS on o, down and the LM head and removed the split-K reductions (batch-1 decode step 4.81 ->
+4.71 ms); at 2-16 rows it was slower than cuBLAS on q/k/v and down (masked 16-row tiles), so only
+one-row steps take it. A weight with too few output features for the wide tiles to give every SM a
+program (q/k/v, N=6144) takes narrow multiply-and-sum tiles at one row; with fewer features still, it
+stays on cuBLAS.
+
+`use_decode_linear(model)` routes a model's plain `nn.Linear` layers (and fused projection leads)
+through `linear`: one-row inputs go to the `pagedserve::decode_linear` custom op, which takes the
+kernel when `uses_kernel` says so and `F.linear` otherwise; more rows go straight to `F.linear`.
+torch.compile sees one opaque op (as it sees cuBLAS) and each CUDA graph captures whichever path its
+batch size takes. The layers keep their parameters, hooks and identity:
+only their class changes (to a subclass whose forward calls the op), and `undo` changes it back.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedserve.engine.kernels.launch import launch_options
+from pagedserve.engine.kernels.fused_projections import FusedLead
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: every call takes F.linear
+    triton = None
+
+MAX_ROWS = 16  # rows skinny_linear takes (tl.dot's smallest M)
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    block_n: int  # output features per program
+    block_k: int  # reduction step
+    num_warps: int
+    num_stages: int
+    use_dot: bool = True  # False: BLOCK_M rows by multiply-and-sum on CUDA cores (a single row)
+
+
+def default_config(out_features: int, num_rows: int = MAX_ROWS, num_sms: int | None = None) -> SkinnyConfig:
+    """From `bench/linear_bench.py --sweep` on an H200 (Llama-3-8B's projections at 1-16 rows): narrower
+    tiles keep a grid of N <= 4096 features on every SM; wider ones read the long weights best. One row
+    over a weight too short to give those tiles about one program per SM (`num_sms`: q/k/v's 6144
+    features) takes narrow multiply-and-sum tiles instead: 8 features a program (15.1 us against cuBLAS's
+    15.9 on q/k/v in that sweep)."""
+    wide = (SkinnyConfig(block_n=32, block_k=256, num_warps=4, num_stages=5) if out_features <= 4096
+            else SkinnyConfig(block_n=64, block_k=128, num_warps=4, num_stages=5))
+    if num_rows == 1 and num_sms is not None and not _fills_sms(out_features, wide, num_sms):
+        return SkinnyConfig(block_n=8, block_k=1024, num_warps=4, num_stages=3, use_dot=False)
+    return wide
+
+
+def _fills_sms(out_features: int, config: SkinnyConfig, num_sms: int) -> bool:
+    """At least about one program per SM (below that the kernel leaves bandwidth unused)."""
+    return -(-out_features // config.block_n) * 4 >= num_sms * 3
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load_weight_tile(w_ptrs, col_valid, ks, k_left, EVEN_K: tl.constexpr):
+        # The weight is read once per forward: keep it from evicting the activations in L2.
+        if EVEN_K:
+            return tl.load(w_ptrs, mask=col_valid[:, None], other=0.0, eviction_policy="evict_first")
+        return tl.load(w_ptrs, mask=col_valid[:, None] & (ks < k_left)[None, :], other=0.0,
+                       eviction_policy="evict_first")
+
+    @triton.jit
+    def _load_x_tile(x_ptrs, row_valid, ks, k_left, EVEN_K: tl.constexpr):
+        if EVEN_K:
+            return tl.load(x_ptrs, mask=row_valid[:, None], other=0.0)
+        return tl.load(x_ptrs, mask=row_valid[:, None] & (ks < k_left)[None, :], other=0.0)
+
+    @triton.jit
+    def _accumulate(acc, x, w, USE_DOT: tl.constexpr):
+        if USE_DOT:
+            return acc + tl.dot(x, tl.trans(w), out_dtype=tl.float32)
+        return acc + tl.sum(x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
+
+    @triton.jit
+    def _skinny_gemm_kernel(
+        x_ptr,
+        w_ptr,
+        bias_ptr,
+        out_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_om,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        USE_DOT: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        USE_PDL: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = tl.arange(0, BLOCK_M)
+        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        row_valid = rows < M
+        col_valid = cols < N
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :]
+        w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        first_step = 0
+        if USE_PDL:
+            # Launched while the kernel before still runs (engine/kernels/launch.py): no kernel writes
+            # the weight, so its first tile is fetched now; x is read only after that kernel is done.
+            w = _load_weight_tile(w_ptrs, col_valid, ks, K, EVEN_K)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+            acc = _accumulate(acc, _load_x_tile(x_ptrs, row_valid, ks, K, EVEN_K), w, USE_DOT)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+            first_step = 1
+        for k_step in range(first_step, tl.cdiv(K, BLOCK_K)):
+            k_left = K - k_step * BLOCK_K
+            x = _load_x_tile(x_ptrs, row_valid, ks, k_left, EVEN_K)
+            w = _load_weight_tile(w_ptrs, col_valid, ks, k_left, EVEN_K)
+            acc = _accumulate(acc, x, w, USE_DOT)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
+
+
+def skinny_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: SkinnyConfig | None = None,
+    use_pdl: bool = False,
+) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for x of at most MAX_ROWS rows (2-D, contiguous last dimension);
+    `use_pdl`: launch with programmatic dependent launch (engine/kernels/launch.py; the caller checked the device)."""
+    num_rows, in_features = x.shape
+    out_features = weight.shape[0]
+    if num_rows > MAX_ROWS:
+        raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows, got {num_rows}")
+    if weight.shape[1] != in_features or x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError(f"need x [M, K] and weight [N, K] with contiguous K, got {tuple(x.shape)}, {tuple(weight.shape)}")
+    if config is None:
+        config = default_config(out_features, num_rows, _num_sms(_device_index(x)) if x.is_cuda else None)
+    out = torch.empty((num_rows, out_features), dtype=x.dtype, device=x.device)
+    if num_rows == 0:
+        return out
+    block_m = 16 if config.use_dot else triton.next_power_of_2(num_rows)
+    _skinny_gemm_kernel[(triton.cdiv(out_features, config.block_n),)](
+        x,
+        weight,
+        bias if bias is not None else weight,
+        out,
+        num_rows,
+        out_features,
+        in_features,
+        x.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        USE_DOT=config.use_dot,
+        EVEN_K=in_features % config.block_k == 0,
+        USE_PDL=use_pdl,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        **launch_options(use_pdl),
+    )
+    return out
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_index(x: torch.Tensor) -> int:
+    return x.device.index if x.device.index is not None else torch.cuda.current_device()
+
+
+def _kernel_config(x: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
+    """The tiles `decode_linear` runs these operands with, or None where it takes F.linear."""
+    if triton is None or not x.is_cuda or weight.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if x.dtype != weight.dtype or x.numel() == 0 or x.shape[-1] != weight.shape[1] or weight.stride(1) != 1:
+        return None
+    num_rows = x.numel() // x.shape[-1]
+    if num_rows != 1:  # 2-16 rows: slower than cuBLAS on the H200 (see the module docstring)
+        return None
+    num_sms = _num_sms(_device_index(x))
+    config = default_config(weight.shape[0], num_rows, num_sms)
+    return config if _fills_sms(weight.shape[0], config, num_sms) else None
+
+
+def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `decode_linear` takes the Triton kernel for these operands (else F.linear)."""
+    return _kernel_config(x, weight) is not None
+
+
+@torch.library.custom_op("pagedserve::decode_linear", mutates_args=())
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_pdl: bool) -> torch.Tensor:
+    """F.linear, through the skinny kernel where `uses_kernel` says it pays. Inference only: no backward."""
+    config = _kernel_config(x, weight)
+    if config is None:
+        return F.linear(x, weight, bias)
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.stride(1) != 1:
+        flat = flat.contiguous()
+    return skinny_linear(flat, weight, bias, config, use_pdl).view(*x.shape[:-1], weight.shape[0])
+
+
+@decode_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_pdl: bool) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_pdl: bool = False) -> torch.Tensor:
+    """`decode_linear` for one row, `F.linear` otherwise: the custom op's Python dispatch costs a few
+    microseconds a call (5.5 us on this project's CPU machine), which steps of several rows, eager or
+    compiled, need not pay. torch.compile specializes a dimension of size 1, so a compiled region has
+    one graph with the op (one-token steps) and others without it, as it had before the op."""
+    if x.numel() == x.shape[-1]:
+        return decode_linear(x, weight, bias, use_pdl)
+    return F.linear(x, weight, bias)
+
+
+class DecodeLinear(nn.Linear):
+    """An `nn.Linear` whose forward goes through `linear` (set as a layer's class, see `use_decode_linear`;
+    `use_pdl` is the owning runner's launch setting, set on the layer)."""
+
+    use_pdl: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.use_pdl)
+
+
+class DecodeFusedLead(FusedLead):
+    use_pdl: bool = False
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return linear(x, weight, bias, self.use_pdl)
+
+
+_DECODE_CLASSES = {nn.Linear: DecodeLinear, FusedLead: DecodeFusedLead}
+
+
+@dataclass
+class DecodeLinearSwap:
+    """The layers `use_decode_linear` changed; `undo` gives them their classes back."""
+
+    modules: list[nn.Module] = field(default_factory=list)
+
+    def undo(self) -> None:
+        originals = {new: old for old, new in _DECODE_CLASSES.items()}
+        for module in self.modules:
+            module.__class__ = originals[type(module)]
+            module.__dict__.pop("use_pdl", None)
+        self.modules.clear()
+
+
+def use_decode_linear(model: nn.Module, use_pdl: bool = False) -> DecodeLinearSwap:
+    """Route every plain `nn.Linear` and fused projection lead of `model` through `decode_linear`, launched
+    with programmatic dependent launch when `use_pdl` (the caller checked that the device supports it).
+
+    Subclasses of `nn.Linear` (bitsandbytes' quantized layers, for one) keep their own forward.
+    """
+    swap = DecodeLinearSwap()
+    for module in model.modules():
+        replacement = _DECODE_CLASSES.get(type(module))
+        if replacement is not None:
+            module.__class__ = replacement
+            module.use_pdl = use_pdl
+            swap.modules.append(module)
+    return swap

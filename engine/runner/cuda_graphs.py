@@ -1,0 +1,230 @@
+"""CUDA graphs of the decode forward: one graph per batch size, replayed with padded inputs.
+
+A decode step launches hundreds of small kernels; on a busy host the CPU that issues them, not the GPU,
+sets the pace. A captured graph replays them all with one launch. Inputs live in static buffers that
+each replay overwrites; a batch of B sequences runs the graph of the smallest captured size >= B, with
+the extra rows padded (context of one token, KV write skipped, logits ignored).
+
+Only backends whose kernels take every per-step value from device tensors can be captured (Triton);
+the attention grid is sized for `max_model_len` so one graph serves every context length.
+
+A step's inputs reach the device in one copy (`DecodeInputs`): ids, positions, context lengths, block
+tables and cache slots are packed on the host into one pinned buffer laid out like the device buffer the
+graphs read. Tokens the previous step sampled on the device (async scheduling) are gathered inside the
+graph. So a decode step is a host->device copy and a replay, with no small copies and index kernels in
+front of it. (On the H200 this moved a batch-1 step only from 4.89 to 4.88 ms and the GPU stayed 96% busy,
+so those copies were not what idled it; where the rest goes was not traced again: docs/benchmarks.md.)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from pagedserve.cache.allocators import cdiv
+
+from pagedserve.engine.kernels.attention.base import AttentionMetadata, GroupAttentionMetadata
+from pagedserve.engine.kernels.attention.hf_integration import PagedForwardContext
+from pagedserve.engine.runner.step_input import StepInput, fill_pending_tokens, host_block_table_and_slots
+
+if TYPE_CHECKING:
+    from pagedserve.engine.runner.model_runner import ModelRunner
+
+
+logger = logging.getLogger(__name__)
+
+
+def capture_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, 8, then every 16 (the padding waste stays under 16 rows), up to `max_batch_size`."""
+    sizes = [size for size in (1, 2, 4, 8) if size < max_batch_size]
+    sizes += list(range(16, max_batch_size, 16))
+    return sorted(set(sizes + [max_batch_size]))
+
+
+@dataclass
+class _Views:
+    """Typed views of one packed buffer (host or device); rows beyond a step's batch are padding."""
+
+    ids: torch.Tensor  # int64 [S]
+    positions: torch.Tensor  # int64 [S]
+    pending: torch.Tensor  # int64 [S]: row of the previous step's sampled ids to take, or -1
+    slots: list[torch.Tensor]  # per group, int64 [S]; -1 skips the KV write (padding)
+    seq_lens: torch.Tensor  # int32 [S]
+    tables: list[torch.Tensor]  # per group, int32 [S, max_blocks]
+
+
+class DecodeInputs:
+    """A decode step's inputs in one buffer: the host packs, one copy moves them, the graphs read views.
+
+    Layout (bytes): int64 ids | positions | pending | slots of each group, then int32 seq_lens | block
+    table of each group ([S, max_blocks]). A step of B rows copies the buffer up to row B of the last
+    group's table (earlier groups' tables whole), so a small batch moves a few KiB. Block-table entries
+    past a sequence's blocks may hold stale ids from earlier steps: the kernels read only the blocks that
+    the context length covers, as with any padded table. The host side is pinned and double-buffered: a
+    half is written again only after the copy from it has run (an event, long done by then).
+    """
+
+    def __init__(self, max_batch_size: int, num_groups: int, max_blocks: int, device: torch.device) -> None:
+        self.size, self.num_groups, self.max_blocks = max_batch_size, num_groups, max_blocks
+        self._int64_len = (3 + num_groups) * max_batch_size
+        self._int32_len = max_batch_size + num_groups * max_batch_size * max_blocks
+        nbytes = 8 * self._int64_len + 4 * self._int32_len
+        on_gpu = device.type == "cuda"
+        self.device_buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self.device = self._views(self.device_buffer)
+        self._host_buffers = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=on_gpu) for _ in range(2)]
+        host_views = [self._views(buffer) for buffer in self._host_buffers]
+        self._host = [{name: getattr(v, name).numpy() for name in ("ids", "positions", "pending", "seq_lens")}
+                      | {"slots": [t.numpy() for t in v.slots], "tables": [t.numpy() for t in v.tables]}
+                      for v in host_views]
+        self._copied = [None, None] if on_gpu else None  # CUDA events of the last copy from each half
+        self._half = 0
+        # The padding rows' context: one token, nothing written, no pending token.
+        for views in (self.device, *host_views):
+            views.seq_lens.fill_(1)
+            views.pending.fill_(-1)
+            for slots in views.slots:
+                slots.fill_(-1)
+
+    def _views(self, buffer: torch.Tensor) -> _Views:
+        size, groups = self.size, self.num_groups
+        int64 = buffer[: 8 * self._int64_len].view(torch.int64)
+        int32 = buffer[8 * self._int64_len:].view(torch.int32)
+        tables = int32[size:].view(groups, size, self.max_blocks)
+        return _Views(
+            ids=int64[:size], positions=int64[size: 2 * size], pending=int64[2 * size: 3 * size],
+            slots=[int64[(3 + g) * size: (4 + g) * size] for g in range(groups)],
+            seq_lens=int32[:size], tables=[tables[g] for g in range(groups)],
+        )
+
+    def _bytes_for(self, batch_size: int) -> int:
+        last_table_start = 8 * self._int64_len + 4 * (self.size + (self.num_groups - 1) * self.size * self.max_blocks)
+        return last_table_start + 4 * batch_size * self.max_blocks
+
+    def pack(self, step: "StepInput", padded: int, block_size: int, pending_on_device: bool) -> None:
+        """Write `step` (B decode rows) and padding rows up to `padded` into the host buffer, and copy
+        it to the device (asynchronously on the current stream). `pending_on_device`: the graph gathers
+        the step's pending tokens from the previous sampled ids; else their rows stay -1."""
+        half = self._half
+        self._half ^= 1
+        if self._copied is not None and self._copied[half] is not None:
+            self._copied[half].synchronize()
+        host = self._host[half]
+        batch = len(step.query_lens)
+        host["ids"][:batch] = step.token_ids
+        host["ids"][batch:padded] = 0
+        host["positions"][:batch] = step.positions
+        host["positions"][batch:padded] = 0
+        host["seq_lens"][:batch] = step.seq_lens
+        host["seq_lens"][batch:padded] = 1
+        host["pending"][:padded] = -1
+        if pending_on_device and step.pending_input_indices:
+            host["pending"][step.pending_input_indices] = step.pending_source_rows
+        rows = torch.arange(batch)  # decode: token t is sequence t's only one
+        positions = torch.from_numpy(host["positions"][:batch])
+        for group, tables in enumerate(step.block_tables):
+            _, slots = host_block_table_and_slots(tables, rows, positions, block_size, out=host["tables"][group])
+            host["slots"][group][:batch] = slots.numpy()
+            host["slots"][group][batch:padded] = -1
+        nbytes = self._bytes_for(batch)
+        self.device_buffer[:nbytes].copy_(self._host_buffers[half][:nbytes], non_blocking=True)
+        if self._copied is not None:
+            event = torch.cuda.Event()
+            event.record()
+            self._copied[half] = event
+
+
+class DecodeGraphs:
+    def __init__(self, runner: "ModelRunner", max_batch_size: int, max_model_len: int) -> None:
+        self.runner = runner
+        self.max_model_len = max_model_len
+        self.sizes = capture_sizes(max_batch_size)
+        self.max_batch_size = self.sizes[-1]
+        device = runner.device
+        self.inputs = DecodeInputs(self.max_batch_size, len(runner.shape.groups),
+                                   cdiv(max_model_len, runner.block_size), device)
+        size = self.max_batch_size
+        self.query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=device)
+        self.logits_indices = torch.arange(size, dtype=torch.long, device=device)
+        # The previous step's sampled ids (async scheduling), gathered by the graph into its input ids.
+        self.previous_tokens = torch.zeros(size, dtype=torch.long, device=device)
+        # Every graph writes its float32 logits here: a graph's own output would stay allocated for as
+        # long as the graph lives (36 graphs up to 512 rows of a 128k vocabulary held 3.3 GiB; this, 0.25).
+        self.logits = torch.empty((size, runner.shape.vocab_size), dtype=torch.float32, device=device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def _context(self, batch_size: int) -> PagedForwardContext:
+        views = self.inputs.device
+        metadata = AttentionMetadata(
+            query_start_loc=self.query_start_loc[: batch_size + 1],
+            seq_lens=views.seq_lens[:batch_size],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+            block_size=self.runner.block_size,
+            groups=[
+                GroupAttentionMetadata(table[:batch_size], slots[:batch_size])
+                for table, slots in zip(views.tables, views.slots)
+            ],
+            query_lens_cpu=[1] * batch_size,
+            seq_lens_cpu=[self.max_model_len] * batch_size,
+        )
+        return self.runner.forward_context(metadata)
+
+    def _forward(self, batch_size: int) -> torch.Tensor:
+        """What each graph holds: the pending-token gather, then the forward over the packed inputs."""
+        views = self.inputs.device
+        pending = views.pending[:batch_size]
+        gathered = self.previous_tokens.index_select(0, pending.clamp(min=0))
+        input_ids = torch.where(pending >= 0, gathered, views.ids[:batch_size])
+        return self.runner.forward_logits(input_ids, views.positions[:batch_size], self._context(batch_size),
+                                          self.logits_indices[:batch_size], out=self.logits[:batch_size])
+
+    @torch.inference_mode()
+    def capture(self) -> int:
+        """Capture a graph per size; returns the device memory they took (pool and inputs/outputs)."""
+        pool = None
+        free_before = torch.cuda.mem_get_info(self.runner.device)[0] + self._own_bytes()
+        stream = torch.cuda.Stream(self.runner.device)
+        stream.wait_stream(torch.cuda.current_stream(self.runner.device))
+        with torch.cuda.stream(stream):
+            for batch_size in reversed(self.sizes):  # largest first: the smaller ones reuse its pool
+                self._forward(batch_size)  # warm-up outside the graph (kernel compilation)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    logits = self._forward(batch_size)
+                pool = graph.pool()
+                self._graphs[batch_size] = (graph, logits)
+        torch.cuda.current_stream(self.runner.device).wait_stream(stream)
+        torch.cuda.synchronize(self.runner.device)
+        used = free_before - torch.cuda.mem_get_info(self.runner.device)[0]
+        logger.info("captured %d decode graphs (batch sizes %s..%s), %.0f MiB",
+                    len(self._graphs), self.sizes[0], self.sizes[-1], used / 2**20)
+        return used
+
+    def _own_bytes(self) -> int:
+        """The buffers allocated before capture (inputs, shared logits), counted with the graphs."""
+        tensors = (self.inputs.device_buffer, self.query_start_loc, self.logits_indices, self.previous_tokens,
+                   self.logits)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def can_run(self, step: "StepInput") -> bool:
+        return bool(self._graphs) and len(step.query_lens) <= self.max_batch_size and max(step.query_lens) == 1
+
+    def run(self, step: "StepInput", previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        batch_size = len(step.query_lens)
+        padded = next(size for size in self.sizes if size >= batch_size)
+        graph, logits = self._graphs[padded]
+        # The previous step can have sampled more rows than a graph holds (n > 1 forks): gather outside
+        # (fill_pending_tokens, which also refuses pending tokens without previous ones).
+        in_graph = previous_tokens is not None and previous_tokens.numel() <= self.max_batch_size
+        self.inputs.pack(step, padded, self.runner.block_size, pending_on_device=in_graph)
+        if step.pending_input_indices:
+            if in_graph:
+                self.previous_tokens[: previous_tokens.numel()].copy_(previous_tokens)
+            else:
+                fill_pending_tokens(self.inputs.device.ids[:batch_size], step, previous_tokens)
+        graph.replay()
+        return logits[:batch_size]

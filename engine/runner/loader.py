@@ -1,0 +1,256 @@
+"""Loading a causal LM and its tokenizer with transformers: a hub id, a local path, or the demo model."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from pagedserve.config.engine import ConfigError, EngineConfig
+
+from pagedserve.engine.kernels.attention.hf_integration import register_paged_attention
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: Any
+    model_path: str  # what was loaded (hub id or folder)
+    served_name: str  # the id clients use
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(config: EngineConfig) -> torch.device:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("EngineConfig.device='cuda' but no CUDA device is visible")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
+    if config.dtype != "auto":
+        return _DTYPES[config.dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_model_path(config: EngineConfig) -> tuple[str, str]:
+    """(path or hub id to load, name to serve it under)."""
+    if config.model is not None:
+        return config.model, config.model
+    from pagedserve.demo.model import DEMO_MODEL_NAME, demo_model_path
+
+    return str(demo_model_path()), DEMO_MODEL_NAME
+
+
+def quantization_kwargs(config: EngineConfig, dtype: torch.dtype, device: torch.device | None = None) -> dict[str, Any]:
+    """`from_pretrained` arguments for `config.quantization`; with `device`, first checks that it runs there."""
+    if config.quantization == "none":
+        return {}
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"EngineConfig.quantization={config.quantization!r} needs bitsandbytes, which is not installed: "
+            "pip install 'pagedserve[quant]' (or bitsandbytes), or set quantization='none'"
+        ) from exc
+    from transformers import BitsAndBytesConfig
+
+    if config.quantization == "bnb-8bit":
+        quantization_config = BitsAndBytesConfig(load_in_8bit=True)
+        compute_dtype = dtype
+    else:
+        compute_dtype = dtype if config.bnb_4bit_compute_dtype == "auto" else _DTYPES[config.bnb_4bit_compute_dtype]
+        quantization_config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if device is not None:
+        check_quantization_runs(config, device, dtype, compute_dtype)
+    return {"quantization_config": quantization_config}
+
+
+def check_quantization_runs(
+    config: EngineConfig, device: torch.device, dtype: torch.dtype, compute_dtype: torch.dtype
+) -> None:
+    """Fail before loading gigabytes: quantize one small layer on `device` and run it once.
+
+    What bitsandbytes supports depends on its build (which native libraries it ships) and the device, so
+    this asks the installed build instead of keeping a table that goes stale.
+    """
+    import bitsandbytes
+
+    field = "bnb_4bit_compute_dtype" if config.quantization == "bnb-4bit" else "dtype"
+    if device.type == "cuda" and torch.bfloat16 in (dtype, compute_dtype) and not torch.cuda.is_bf16_supported():
+        raise ConfigError(
+            f"EngineConfig.{field}: bfloat16 is not supported by {torch.cuda.get_device_name(device)} "
+            f"(compute capability below 8.0); use float16 for quantization={config.quantization!r}"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(
+            f"EngineConfig.quantization={config.quantization!r} is not supported on device {device.type!r}: "
+            "use device='cpu' or 'cuda'"
+        )
+    try:
+        layer = _probe_layer(config.quantization, dtype, compute_dtype).to(device)
+        with torch.inference_mode():
+            out = layer(torch.ones((2, 64), dtype=dtype, device=device))
+        if not bool(torch.isfinite(out).all()):
+            raise RuntimeError("the probe layer produced non-finite values")
+    except ConfigError:
+        raise
+    except Exception as error:
+        raise ConfigError(
+            f"EngineConfig.quantization={config.quantization!r} cannot run on EngineConfig.device={str(device)!r} "
+            f"with dtype={_dtype_name(dtype)} and compute dtype {_dtype_name(compute_dtype)} using the installed "
+            f"bitsandbytes {bitsandbytes.__version__}: {type(error).__name__}: {_first_line(error)}. "
+            f"Use another device or EngineConfig.{field}, or quantization='none'."
+        ) from error
+
+
+def _probe_layer(quantization: str, dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.nn.Module:
+    from bitsandbytes.nn import Linear4bit, Linear8bitLt
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn((64, 64), generator=generator).to(dtype) / 8
+    if quantization == "bnb-8bit":
+        layer = Linear8bitLt(64, 64, bias=False, has_fp16_weights=False)
+        layer.load_state_dict({"weight": weight})
+        return layer
+    layer = Linear4bit(64, 64, bias=False, compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+    layer.load_state_dict({"weight": weight})
+    return layer
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def weights_footprint_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every distinct tensor that holds the weights, as stored.
+
+    Parameters and buffers, plus what bitsandbytes keeps beside its packed weights and that
+    `parameters()` does not list: 4-bit quantization state (absmax per block, the nested absmax of double
+    quantization, code maps) and 8-bit row scales (SCB). Tensors are counted once by address, so tied
+    embeddings and shared code maps are not counted twice.
+    """
+    seen: set[tuple[int, int]] = set()
+    total = 0
+
+    def add(tensor: Any) -> None:
+        nonlocal total
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta" or tensor.numel() == 0:
+            return
+        nbytes = tensor.numel() * tensor.element_size()
+        key = (tensor.data_ptr(), nbytes)
+        if key not in seen:
+            seen.add(key)
+            total += nbytes
+
+    def add_quant_state(state: Any) -> None:
+        if state is None:
+            return
+        for name in ("absmax", "code", "offset"):
+            add(getattr(state, name, None))
+        add_quant_state(getattr(state, "state2", None))
+
+    for parameter in model.parameters():
+        add(parameter)
+        add_quant_state(getattr(parameter, "quant_state", None))
+        add(getattr(parameter, "SCB", None))
+        add(getattr(parameter, "CB", None))
+    for buffer in model.buffers():
+        add(buffer)
+    for module in model.modules():
+        state = getattr(module, "state", None)  # bitsandbytes Linear8bitLt keeps CB/SCB here too
+        add(getattr(state, "SCB", None))
+        add(getattr(state, "CB", None))
+    return total
+
+
+def wrap_model(model: PreTrainedModel, tokenizer: Any, served_name: str) -> LoadedModel:
+    """Use a model already in memory (benchmarks, notebooks): it keeps its device and dtype."""
+    model.set_attn_implementation(register_paged_attention())
+    model.eval()
+    parameter = next(model.parameters())
+    return LoadedModel(model, tokenizer, served_name, served_name, parameter.device, parameter.dtype)
+
+
+def _random_model(
+    config: EngineConfig, model_path: str, dtype: torch.dtype, device: torch.device, attn_implementation: str
+) -> PreTrainedModel:
+    """The model's architecture with random weights, built on `device`: only its config is read (vLLM's
+    `--load-format dummy`), so an 8B benchmark needs no 16 GB of weight files."""
+    logger.info("building %s with random weights (load_format='dummy') on %s, %s", model_path, device, dtype)
+    hf_config = AutoConfig.from_pretrained(
+        model_path, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+    torch.manual_seed(config.seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            hf_config, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=config.trust_remote_code
+        )
+    return model
+
+
+def load_model(
+    config: EngineConfig, shard: Callable[[PreTrainedModel], None] | None = None
+) -> LoadedModel:
+    """`shard` (tensor parallelism) cuts the model to this rank's part on the host, before it moves to the device."""
+    device = resolve_device(config)
+    dtype = resolve_dtype(config, device)
+    model_path, served_name = resolve_model_path(config)
+    attn_implementation = register_paged_attention()
+    tokenizer = AutoTokenizer.from_pretrained(
+        config.tokenizer or model_path, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+    if config.load_format == "dummy":
+        if config.quantization != "none":
+            raise ConfigError(
+                f"EngineConfig.load_format='dummy' builds unquantized random weights; it cannot be combined with "
+                f"quantization={config.quantization!r}"
+            )
+        # Built whole on the device from the seed: every tensor-parallel rank (and a TP=1 engine on the
+        # same kind of GPU) draws the same weights before cutting its shard, and no host copy is made.
+        model = _random_model(config, model_path, dtype, device, attn_implementation)
+        extra = {}
+    else:
+        extra = quantization_kwargs(config, dtype, device)
+        if extra:
+            extra["device_map"] = {"": device}
+        logger.info("loading %s (%s, %s, quantization=%s)", model_path, device, dtype, config.quantization)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            revision=config.revision,
+            trust_remote_code=config.trust_remote_code,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            **extra,
+        )
+    if shard is not None:
+        shard(model)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the cut-away parts of a model built on the device, before memory is planned
+    if not extra:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model, tokenizer, model_path, served_name, device, dtype)

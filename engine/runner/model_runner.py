@@ -1,0 +1,363 @@
+"""The model runner: owns the device, the model, the KV-cache tensors, and runs one packed step.
+
+A step arrives as a `StepInput` of plain Python lists (token ids, positions, block tables), so that a
+tensor-parallel group can receive the same object on every rank in one broadcast. The runner turns it
+into device tensors, writes new K/V into the paged cache through the attention backend, and returns
+logits only at the positions that are sampled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pagedserve.cache.allocators import BlockCopy, cdiv
+from pagedserve.cache.sizing import (
+    GIB,
+    GroupShape,
+    MemoryPlan,
+    cpu_available_bytes,
+    kv_budget_bytes,
+    plan_num_blocks,
+)
+from pagedserve.config.engine import ConfigError, EngineConfig, LayerGroupSpec
+
+from pagedserve.engine.kernels.launch import supports_programmatic_launch
+from pagedserve.engine.kernels.attention import get_attention_backend
+from pagedserve.engine.kernels.attention.base import AttentionMetadata, GroupAttentionMetadata
+from pagedserve.engine.kernels.attention.hf_integration import LayerProbe, PagedForwardContext
+from pagedserve.engine.runner.compile import CompiledForward
+from pagedserve.engine.runner.cuda_graphs import DecodeGraphs
+from pagedserve.engine.kernels.decode_linear import use_decode_linear
+from pagedserve.engine.kernels.fused_projections import ProjectionFusion
+from pagedserve.engine.runner.loader import LoadedModel, weights_footprint_bytes
+from pagedserve.engine.runner.step_input import StepInput, fill_pending_tokens, host_block_table_and_slots, to_device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int | None
+    groups: tuple[LayerGroupSpec, ...]
+    layer_groups: tuple[int, ...]  # layer index -> group index
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.model = loaded.model
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.config = config
+        # PDL for every Triton kernel this runner launches, and for inductor's (engine/kernels/launch.py).
+        self.programmatic_launch = config.programmatic_launch and supports_programmatic_launch(self.device)
+        self.backend = get_attention_backend(config.attention_backend, self.device, self.programmatic_launch)
+        # The shape probe's forward also shows which projections share an input (engine/kernels/fused_projections.py).
+        self._fusion = ProjectionFusion.watch(self.model) if config.fuse_projections else None
+        self.shape = self._probe_shape()
+        if self._fusion is not None:
+            self._fusion.apply()
+        self._decode_linear = (
+            use_decode_linear(self.model, self.programmatic_launch) if config.decode_linear and self.device.type == "cuda" else None
+        )
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.block_size = config.block_size
+        self._decode_graphs = None  # DecodeGraphs once captured
+        self._supports_logits_to_keep = hasattr(self.model, "_supports_logits_to_keep") and bool(
+            self.model._supports_logits_to_keep()
+        )
+        # With compile on, the decoder layers are compiled in place: eager steps run them and decode graphs
+        # capture them; every forward goes through the fallback ladder.
+        self._step_model: Callable[..., Any] = (
+            CompiledForward(self.model, config, self.programmatic_launch) if self._use_compile() else self.model
+        )
+        logger.info("attention backend: %s; layer groups: %s", self.backend.name, [g.kind for g in self.shape.groups])
+
+    def _use_compile(self) -> bool:
+        """`config.compile`, or by default: on a GPU, unless bitsandbytes layers are in the model (measured on
+        an H100: batch-1 decode of an 8B model 118 -> 143 tokens/s; bnb layers were not measured compiled)."""
+        if self.config.compile is not None:
+            return self.config.compile
+        quantized = any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in self.model.modules())
+        return self.device.type == "cuda" and not quantized
+
+    # ---- model geometry ------------------------------------------------------------------------
+    @torch.no_grad()  # not inference mode: projection fusion reads its tensors' version counters
+    def _probe_shape(self) -> ModelShape:
+        """Run one token through the model to learn each attention layer's KV geometry and window."""
+        probe = LayerProbe()
+        ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        # The logits' width, not the head's weight: a tensor-parallel head holds a slice of the vocabulary.
+        vocab_size = self.model(
+            input_ids=ids, position_ids=torch.zeros_like(ids), paged_context=probe, use_cache=False
+        ).logits.shape[-1]
+        if not probe.layers:
+            raise ConfigError("the model ran no attention layer through the paged attention registry")
+        layer_ids = sorted(probe.layers)
+        first = probe.layers[layer_ids[0]]
+        windows: list[int | None] = []
+        layer_groups = []
+        for layer_idx in layer_ids:
+            info = probe.layers[layer_idx]
+            if (info["num_kv_heads"], info["head_dim"]) != (first["num_kv_heads"], first["head_dim"]):
+                raise ConfigError("layers with different KV head counts or head sizes are not supported yet")
+            window = info["sliding_window"]
+            if window not in windows:
+                windows.append(window)
+            layer_groups.append(windows.index(window))
+        groups = tuple(
+            LayerGroupSpec(tuple(i for i, g in zip(layer_ids, layer_groups) if g == group), window)
+            for group, window in enumerate(windows)
+        )
+        text_config = self.model.config.get_text_config()
+        return ModelShape(
+            num_layers=len(layer_ids),
+            num_heads=first["num_heads"],
+            num_kv_heads=first["num_kv_heads"],
+            head_dim=first["head_dim"],
+            vocab_size=vocab_size,
+            max_position_embeddings=getattr(text_config, "max_position_embeddings", None),
+            groups=groups,
+            layer_groups=tuple(layer_groups),
+        )
+
+    # ---- memory --------------------------------------------------------------------------------
+    def weights_bytes(self) -> int:
+        """Measured footprint of parameters and buffers (quantized weights counted as stored)."""
+        return weights_footprint_bytes(self.model)
+
+    def plan_memory(self, max_num_seqs: int, max_model_len: int, max_batch_tokens: int) -> MemoryPlan:
+        config = self.config
+        dtype_bytes = torch.empty((), dtype=self.dtype).element_size()
+        group_shapes = [
+            GroupShape(len(g.layer_indices), self.shape.num_kv_heads, self.shape.head_dim, g.sliding_window)
+            for g in self.shape.groups
+        ]
+        weights = self.weights_bytes()
+        graphs = 0
+        if self.device.type == "cuda":
+            activation_peak = self._profile_activation_bytes(max_batch_tokens, max_num_seqs)
+            free, total = torch.cuda.mem_get_info(self.device)
+            if config.enable_cuda_graphs and self._cuda_graphs_off_reason() is None:
+                graphs = self.cuda_graph_reserve_bytes(min(config.cuda_graph_max_batch_size, max_num_seqs),
+                                                       max_batch_tokens, activation_peak)
+        else:
+            # CPU: no allocator statistics; estimate the step's working set from the model's widths.
+            hidden = self.model.config.get_text_config().hidden_size
+            intermediate = getattr(self.model.config.get_text_config(), "intermediate_size", 4 * hidden)
+            activation_peak = max_batch_tokens * (4 * hidden + 3 * intermediate) * 4
+            activation_peak += max_num_seqs * self.shape.vocab_size * 4 * 3
+            total = free = cpu_available_bytes()
+        budget, kv_bytes = kv_budget_bytes(
+            is_gpu=self.device.type == "cuda",
+            device_total_bytes=total,
+            device_free_bytes=free,
+            max_memory_percent=config.max_memory_percent,
+            weights_bytes=weights,
+            activation_peak_bytes=activation_peak,
+            max_cpu_kv_bytes=int(config.max_cpu_kv_cache_gib * GIB),
+            cuda_graph_bytes=graphs,
+        )
+        if config.num_blocks is not None:
+            num_blocks = tuple(config.num_blocks for _ in group_shapes)
+            needed = sum(n * g.bytes_per_block(self.block_size, dtype_bytes) for n, g in zip(num_blocks, group_shapes))
+            if needed > max(kv_bytes, 0) and self.device.type == "cuda":
+                raise ConfigError(
+                    f"EngineConfig.num_blocks={config.num_blocks} needs {needed / GIB:.2f} GiB of KV cache, "
+                    f"but only {kv_bytes / GIB:.2f} GiB fit within max_memory_percent={config.max_memory_percent}"
+                )
+        else:
+            num_blocks = plan_num_blocks(
+                kv_bytes,
+                group_shapes,
+                self.block_size,
+                dtype_bytes,
+                max_num_seqs=max_num_seqs,
+                max_model_len=max_model_len,
+                max_batch_tokens=max_batch_tokens,
+            )
+        kv_total = sum(n * g.bytes_per_block(self.block_size, dtype_bytes) for n, g in zip(num_blocks, group_shapes))
+        return MemoryPlan(total, budget, weights, activation_peak, kv_total, tuple(num_blocks), self.block_size,
+                          cuda_graph_bytes=graphs)
+
+    def cuda_graph_reserve_bytes(self, max_graph_batch: int, max_batch_tokens: int, activation_peak: int) -> int:
+        """What the decode graphs will hold, set aside before the KV cache is sized: their one shared
+        float32 logits output, plus their private pool, which holds the temporaries of one forward of at
+        most `max_graph_batch` tokens, bounded by the profiled forward of `max_batch_tokens` tokens (scaled
+        up when a graph is larger). An upper bound: on the 8B shape, 1.09 GiB set aside for 0.59 GiB used."""
+        output = max_graph_batch * self.shape.vocab_size * 4
+        return output + int(activation_peak * max(1.0, max_graph_batch / max_batch_tokens))
+
+    @torch.inference_mode()
+    def _profile_activation_bytes(self, max_batch_tokens: int, max_num_seqs: int) -> int:
+        """Peak extra memory of one forward at `max_batch_tokens`, measured with a throwaway cache."""
+        num_seqs = max(1, min(max_num_seqs, max_batch_tokens // 512 or 1))
+        per_seq = max_batch_tokens // num_seqs
+        query_lens = [per_seq] * num_seqs
+        blocks_per_seq = cdiv(per_seq, self.block_size)
+        self.allocate_kv_cache(tuple(blocks_per_seq * num_seqs for _ in self.shape.groups))
+        tables = [[list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(num_seqs)]
+                  for _ in self.shape.groups]
+        step = StepInput(
+            token_ids=[0] * (per_seq * num_seqs),
+            positions=[p for _ in range(num_seqs) for p in range(per_seq)],
+            query_lens=query_lens,
+            seq_lens=query_lens,
+            block_tables=tables,
+            logits_indices=list(range(min(max_num_seqs, per_seq * num_seqs))),
+        )
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self.execute(step)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        self.kv_caches = []
+        torch.cuda.empty_cache()
+        return int(peak)
+
+    def allocate_kv_cache(self, num_blocks: tuple[int, ...]) -> None:
+        shape = self.shape
+        self.kv_caches = []
+        group_tensors = [
+            torch.zeros(
+                (len(g.layer_indices), 2, n, self.block_size, shape.num_kv_heads, shape.head_dim),
+                dtype=self.dtype,
+                device=self.device,
+            )
+            for g, n in zip(shape.groups, num_blocks)
+        ]
+        position_in_group = [0] * len(shape.groups)
+        for group in shape.layer_groups:
+            tensor = group_tensors[group][position_in_group[group]]
+            position_in_group[group] += 1
+            self.kv_caches.append((tensor[0], tensor[1]))
+        self._group_tensors = group_tensors
+
+    # ---- one step ------------------------------------------------------------------------------
+    def _build_metadata(self, step: StepInput) -> AttentionMetadata:
+        device = self.device
+        query_lens = torch.tensor(step.query_lens, dtype=torch.int32)
+        query_start_loc = torch.zeros(len(step.query_lens) + 1, dtype=torch.int32)
+        torch.cumsum(query_lens, 0, out=query_start_loc[1:])
+        positions = torch.tensor(step.positions, dtype=torch.long)
+        seq_index = torch.repeat_interleave(torch.arange(len(step.query_lens)), query_lens.long())
+        groups = []
+        for tables in step.block_tables:
+            table, slots = host_block_table_and_slots(tables, seq_index, positions, self.block_size)
+            groups.append(
+                GroupAttentionMetadata(
+                    block_tables=to_device(table, torch.int32, device),
+                    slot_mapping=to_device(slots, torch.long, device),
+                )
+            )
+        return AttentionMetadata(
+            query_start_loc=to_device(query_start_loc, torch.int32, device),
+            seq_lens=to_device(step.seq_lens, torch.int32, device),
+            max_query_len=max(step.query_lens),
+            max_seq_len=max(step.seq_lens),
+            block_size=self.block_size,
+            groups=groups,
+            query_lens_cpu=list(step.query_lens),
+            seq_lens_cpu=list(step.seq_lens),
+        )
+
+    def _copy_blocks(self, copies: list[BlockCopy]) -> None:
+        for copy in copies:
+            tensor = self._group_tensors[copy.group]  # [layers, 2, blocks, ...]
+            tensor[:, :, copy.dst].copy_(tensor[:, :, copy.src])
+
+    def forward_context(self, metadata: AttentionMetadata) -> PagedForwardContext:
+        return PagedForwardContext(
+            metadata=metadata,
+            backend=self.backend,
+            kv_caches=self.kv_caches,
+            layer_groups=list(self.shape.layer_groups),
+            sliding_windows=[g.sliding_window for g in self.shape.groups],
+        )
+
+    def forward_logits(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        context: PagedForwardContext,
+        logits_indices: torch.Tensor,  # [S]
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The step model's forward (compiled when configured) over one packed batch; float32 logits at
+        `logits_indices` only, written into `out` [S, vocab] when given (the decode graphs' shared output)."""
+        kwargs = {"logits_to_keep": logits_indices} if self._supports_logits_to_keep else {}
+        logits = self._step_model(
+            input_ids=input_ids[None], position_ids=positions[None], paged_context=context, use_cache=False, **kwargs
+        ).logits[0]
+        if not self._supports_logits_to_keep:
+            logits = logits[logits_indices]
+        return logits.float() if out is None else out.copy_(logits)
+
+    @property
+    def is_compiled(self) -> bool:
+        return isinstance(self._step_model, CompiledForward) and self._step_model.is_compiled
+
+    def _cuda_graphs_off_reason(self) -> str | None:
+        if self.device.type != "cuda":
+            return "not on a GPU"
+        if not self.backend.supports_cuda_graphs:
+            return f"the {self.backend.name} backend cannot be captured"
+        if any(type(module).__name__ == "Linear8bitLt" for module in self.model.modules()):
+            # LLM.int8 splits outlier columns out with data-dependent shapes: capture is invalidated (H100).
+            return "bitsandbytes 8-bit layers cannot be captured"
+        return None
+
+    def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int, reserved_bytes: int = 0) -> bool:
+        """Capture decode graphs where the device and backend allow it; False (eager) otherwise.
+        `reserved_bytes`: what the memory plan set aside for them (a warning if they took more)."""
+        reason = self._cuda_graphs_off_reason()
+        if reason is not None:
+            logger.info("CUDA graphs off: %s", reason)
+            return False
+        graphs = DecodeGraphs(self, max_batch_size, max_model_len)
+        used = graphs.capture()
+        if reserved_bytes and used > reserved_bytes:
+            logger.warning("the decode CUDA graphs took %.0f MiB, more than the %.0f MiB the memory plan set aside",
+                           used / 2**20, reserved_bytes / 2**20)
+        self._decode_graphs = graphs
+        return True
+
+    def shutdown(self) -> None:
+        """Give the model back as it came: decoder layers compiled in place are made eager again and fused
+        projections are split again (a model passed in by the caller, `LLM.from_model`, is the caller's
+        object)."""
+        if isinstance(self._step_model, CompiledForward):
+            self._step_model.uncompile()
+        if self._decode_linear is not None:
+            self._decode_linear.undo()
+        if self._fusion is not None:
+            self._fusion.undo()
+        self._decode_graphs = None
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput, previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one packed step; returns float32 logits [len(logits_indices), vocab].
+
+        `previous_tokens`: the previous step's sampled ids, still on the device, that fill the inputs
+        named by `step.pending_input_indices` (async scheduling)."""
+        if step.block_copies:
+            self._copy_blocks(step.block_copies)
+        if self._decode_graphs is not None and self._decode_graphs.can_run(step):
+            return self._decode_graphs.run(step, previous_tokens)
+        context = self.forward_context(self._build_metadata(step))
+        input_ids = to_device(step.token_ids, torch.long, self.device)
+        fill_pending_tokens(input_ids, step, previous_tokens)
+        positions = to_device(step.positions, torch.long, self.device)
+        logits_indices = to_device(step.logits_indices, torch.long, self.device)
+        return self.forward_logits(input_ids, positions, context, logits_indices)

@@ -1,0 +1,84 @@
+"""The packed decode inputs of the CUDA graphs (`DecodeInputs`): what one host->device copy carries.
+
+Checked on the CPU (the same code runs with a pinned host buffer and a CUDA device buffer); the graphs
+that read these views are checked on a GPU (tests marked gpu: Triton + graphs give the reference tokens).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pagedserve.engine.runner.cuda_graphs import DecodeInputs
+from pagedserve.engine.runner.step_input import StepInput
+
+BLOCK_SIZE = 4
+
+
+def _decode_step(tables: list[list[list[int]]], positions: list[int], token_ids: list[int], **pending) -> StepInput:
+    batch = len(positions)
+    return StepInput(
+        token_ids=token_ids, positions=positions, query_lens=[1] * batch, seq_lens=[p + 1 for p in positions],
+        block_tables=tables, logits_indices=list(range(batch)), **pending,
+    )
+
+
+def test_one_copy_carries_every_input_and_pads_the_rest() -> None:
+    inputs = DecodeInputs(max_batch_size=8, num_groups=2, max_blocks=6, device=torch.device("cpu"))
+    full = [[3, 7, 9], [1, 2], [11, 12, 13, 14]]
+    window = [[0, 7, 9], [1, 2], [0, 0, 13, 14]]  # a sliding-window group: released blocks are 0
+    positions = [9, 5, 14]
+    inputs.pack(_decode_step([full, window], positions, [101, 102, 103]), padded=4, block_size=BLOCK_SIZE,
+                pending_on_device=True)
+    views = inputs.device
+    assert views.ids[:3].tolist() == [101, 102, 103]
+    assert views.positions[:4].tolist() == [9, 5, 14, 0]
+    assert views.seq_lens[:4].tolist() == [10, 6, 15, 1]  # the padding row: a one-token context
+    assert views.pending[:4].tolist() == [-1] * 4
+    for group, tables in enumerate([full, window]):
+        for row, blocks in enumerate(tables):
+            assert views.tables[group][row, : len(blocks)].tolist() == blocks
+        expected = [tables[row][p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for row, p in enumerate(positions)]
+        assert views.slots[group][:4].tolist() == expected + [-1]  # padding writes nothing
+    assert views.tables[0].dtype == views.seq_lens.dtype == torch.int32
+    assert views.slots[0].dtype == views.ids.dtype == torch.int64
+
+
+def test_a_smaller_step_after_a_larger_one_and_pending_rows() -> None:
+    inputs = DecodeInputs(max_batch_size=4, num_groups=1, max_blocks=5, device=torch.device("cpu"))
+    inputs.pack(_decode_step([[[1, 2, 3], [4, 5], [6], [7]]], [9, 6, 2, 1], [1, 2, 3, 4]), padded=4,
+                block_size=BLOCK_SIZE, pending_on_device=True)
+    # Two rows now; row 1's token is still on the device: row 0 of the previous step's samples.
+    step = _decode_step([[[8, 9], [4, 5]]], [5, 7], [55, -1], pending_input_indices=[1], pending_source_rows=[0])
+    inputs.pack(step, padded=2, block_size=BLOCK_SIZE, pending_on_device=True)
+    views = inputs.device
+    assert views.ids[:2].tolist()[0] == 55
+    assert views.pending[:2].tolist() == [-1, 0]
+    assert views.seq_lens[:2].tolist() == [6, 8]
+    assert views.tables[0][0, :2].tolist() == [8, 9] and views.tables[0][1, :2].tolist() == [4, 5]
+    assert views.slots[0][:2].tolist() == [9 * BLOCK_SIZE + 1, 5 * BLOCK_SIZE + 3]
+    # Gathered outside the graph instead: the pending row stays -1 for the graph.
+    inputs.pack(step, padded=2, block_size=BLOCK_SIZE, pending_on_device=False)
+    assert inputs.device.pending[:2].tolist() == [-1, -1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_graph_steps_take_the_device_tokens_in_and_outside_the_graph(tiny_model_dir, arch) -> None:
+    """Async scheduling feeds each decode step the previous step's tokens on the device: gathered inside
+    the graph, or before it when the previous step sampled more rows than the largest graph (here 3 rows,
+    then 2 once the first request ended). Greedy tokens equal those of eager steps (fp32)."""
+    from pagedserve.engine.llm import LLM
+    from pagedserve.engine.core.request import SamplingParams
+
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13], list(range(20, 47))]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (1, 12, 9)]
+
+    def run(**extra) -> list[list[int]]:
+        llm = LLM(str(tiny_model_dir(arch)), dtype="float32", device="cuda", block_size=8, max_num_seqs=4,
+                  compile=False, **extra)
+        assert llm.engine.async_scheduling
+        assert (llm.engine.runner._decode_graphs is not None) == extra.get("enable_cuda_graphs", True)
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    assert run(cuda_graph_max_batch_size=2) == run(enable_cuda_graphs=False)
