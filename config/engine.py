@@ -1,14 +1,12 @@
-"""Engine configuration: the user-facing `EngineConfig` and the resolved configs the engine hands down.
+"""`EngineConfig`: every engine setting a user writes, under the same names as flags, yaml args and `LLM(...)` keywords.
 
-`EngineConfig` is checked once, at the edge (Python API, CLI, Serve args), with pydantic; a bad value
-raises `ConfigError` naming the field, the value and the allowed range. Values left on "auto" (`None`)
-are resolved by the engine once the model is loaded, into the frozen `SchedulerConfig` and
-`CacheConfig` dataclasses that inner layers receive.
+Checked once, at the edge (Python API, CLI, Serve args), with pydantic; a bad value raises `ConfigError`
+naming the field, the value and the allowed range. Values left on "auto" (`None`, or "auto") are decided
+by `config/resolve.py` at start-up, into the frozen settings that the engine's parts receive.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -140,47 +138,3 @@ def format_validation_error(exc: ValidationError, owner: str) -> str:
         value = error.get("input")
         lines.append(f"{owner}.{field}={value!r}: {error['msg']}")
     return "invalid configuration: " + "; ".join(lines)
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Resolved scheduler limits (no auto values left)."""
-
-    max_num_seqs: int
-    max_batch_tokens: int
-    max_model_len: int
-    enable_chunked_prefill: bool = True
-    policy: SchedulingPolicy = "fifo"
-
-    def __post_init__(self) -> None:
-        if not self.enable_chunked_prefill and self.max_batch_tokens < self.max_model_len:
-            raise ConfigError(
-                f"max_batch_tokens={self.max_batch_tokens} must be >= max_model_len={self.max_model_len} "
-                "when chunked prefill is off (a whole prompt must fit in one step)"
-            )
-
-
-@dataclass(frozen=True)
-class LayerGroupSpec:
-    """Layers that share one attention kind and therefore one block pool and one allocator."""
-
-    layer_indices: tuple[int, ...]
-    sliding_window: int | None  # None: full attention
-
-    @property
-    def kind(self) -> str:
-        return "full" if self.sliding_window is None else f"sliding({self.sliding_window})"
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    """Resolved KV-cache geometry: one entry of `num_blocks` per layer group."""
-
-    block_size: int
-    groups: tuple[LayerGroupSpec, ...]
-    num_blocks: tuple[int, ...]
-    enable_prefix_caching: bool
-
-    def __post_init__(self) -> None:
-        if len(self.groups) != len(self.num_blocks):
-            raise ConfigError(f"{len(self.groups)} layer groups but {len(self.num_blocks)} block counts")

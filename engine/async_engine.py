@@ -54,9 +54,11 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "AsyncLLMEngine":
-        from pagedserve.engine.process.client import EngineCoreClient, wants_engine_process
+        from pagedserve.config.resolve import resolve_engine_process
+        from pagedserve.engine.process.client import EngineCoreClient
+        from pagedserve.engine.runner.platform import detect_platform
 
-        if wants_engine_process(config):
+        if resolve_engine_process(config, detect_platform()):
             return cls(EngineCoreClient(config))
         return cls(LLMEngine(config))
 

@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 import torch
 
 from pagedserve.cache.kv_cache_manager import KVCacheManager
-from pagedserve.config.engine import ConfigError, EngineConfig, SchedulerConfig
+from pagedserve.config.engine import ConfigError, EngineConfig
+from pagedserve.config.resolve import ResolvedConfig, resolve
 
 from pagedserve.engine.core.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.errors import EngineDeadError, InvalidRequestError, RequestTooLargeError
-from pagedserve.engine.runner.loader import LoadedModel, load_model
+from pagedserve.engine.runner.loader import LoadedModel, dtype_name, load_model, read_model_config
 from pagedserve.engine.runner.model_runner import ModelRunner
+from pagedserve.engine.runner.platform import detect_platform, model_facts
 from pagedserve.engine.runner.step_input import StepInput, warm_up_steps
 from pagedserve.engine.core.request import (
     CompletionOutput,
@@ -37,9 +39,6 @@ from pagedserve.engine.core.stats import EngineStats, StepStats
 
 logger = logging.getLogger(__name__)
 
-_CPU_MAX_BATCH_TOKENS = 2048
-_GPU_MAX_BATCH_TOKENS = 8192
-_DEFAULT_MAX_MODEL_LEN = 4096
 # Stands for a sampled token still on its way from the device (never a valid id: an embedding lookup of
 # it fails loudly instead of computing on a wrong token).
 _PLACEHOLDER = -1
@@ -86,52 +85,51 @@ def encode_prompt(tokenizer, prompt: str | list[int]) -> list[int]:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
-        """Loads `config.model`, unless `loaded` brings a model already in memory."""
+        """Loads `config.model`, unless `loaded` brings a model already in memory. Every auto value of
+        `config` is decided once, here, by `config/resolve.py`, and logged."""
         self.config = config
+        if config.tp_size > 1 and loaded is not None:
+            raise ConfigError(f"EngineConfig.tp_size={config.tp_size}: every rank loads the model; pass no `loaded`")
+        if loaded is not None:
+            settings = resolve(config, detect_platform(), model_facts(loaded.model.config),
+                               device=loaded.device.type, dtype=dtype_name(loaded.dtype))
+        else:
+            hf_config = read_model_config(config.model, config.revision, config.trust_remote_code)
+            settings = resolve(config, detect_platform(), model_facts(hf_config))
+        logger.info(settings.describe())
+        self.settings: ResolvedConfig = settings
         if config.tp_size > 1:
-            if loaded is not None:
-                raise ConfigError(f"EngineConfig.tp_size={config.tp_size}: every rank loads the model; pass no `loaded`")
             from pagedserve.engine.runner.tensor_parallel import start_tensor_parallel
 
             # Rank 0 of a group it spawns: the runner mirrors every call onto the worker ranks.
-            loaded, self.runner = start_tensor_parallel(config)
+            loaded, self.runner = start_tensor_parallel(settings)
         else:
-            loaded = loaded or load_model(config)
-            self.runner = ModelRunner(loaded, config)
+            loaded = loaded or load_model(settings.load)
+            self.runner = ModelRunner(loaded, settings.runner, settings.cache)
         self.model_name = loaded.served_name
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         shape = self.runner.shape
-        self.max_model_len = config.max_model_len or min(
-            shape.max_position_embeddings or _DEFAULT_MAX_MODEL_LEN, 32768
-        )
-        default_tokens = _GPU_MAX_BATCH_TOKENS if self.device.type == "cuda" else _CPU_MAX_BATCH_TOKENS
-        max_batch_tokens = config.max_batch_tokens or default_tokens
-        if not config.enable_chunked_prefill:
-            max_batch_tokens = max(max_batch_tokens, self.max_model_len)
-        self.scheduler_config = SchedulerConfig(
-            max_num_seqs=config.max_num_seqs,
-            max_batch_tokens=max_batch_tokens,
-            max_model_len=self.max_model_len,
-            enable_chunked_prefill=config.enable_chunked_prefill,
-            policy=config.scheduling_policy,
-        )
-        self.memory_plan = self.runner.plan_memory(config.max_num_seqs, self.max_model_len, max_batch_tokens)
+        self.scheduler_settings = settings.scheduler
+        self.max_model_len = settings.scheduler.max_model_len
+        max_batch_tokens = settings.scheduler.max_batch_tokens
+        max_num_seqs = settings.scheduler.max_num_seqs
+        self.memory_plan = self.runner.plan_memory(max_num_seqs, self.max_model_len, max_batch_tokens)
         logger.info(self.memory_plan.describe())
         self.runner.allocate_kv_cache(self.memory_plan.num_blocks)
         if self.device.type == "cuda" or self.runner.is_compiled:
             self._warm_up(max_batch_tokens)
-        if config.enable_cuda_graphs:
-            self.runner.capture_cuda_graphs(min(config.cuda_graph_max_batch_size, config.max_num_seqs),
+        if settings.runner.cuda_graphs:
+            self.runner.capture_cuda_graphs(min(settings.runner.cuda_graph_max_batch_size, max_num_seqs),
                                             self.max_model_len, self.memory_plan.cuda_graph_bytes)
         self.kv_cache = KVCacheManager(
-            config.block_size,
+            settings.cache.block_size,
             [g.sliding_window for g in shape.groups],
             self.memory_plan.num_blocks,
-            config.enable_prefix_caching,
+            settings.cache.enable_prefix_caching,
         )
-        self.scheduler = Scheduler(self.scheduler_config, self.kv_cache)
-        self.sampler = Sampler(self.device, seed=config.seed)
+        self.scheduler = Scheduler(self.scheduler_settings, self.kv_cache)
+        self.sampler = Sampler(self.device, seed=settings.seed)
         self.eos_token_ids = self._eos_token_ids(loaded.model)
         self._groups: dict[str, _RequestGroup] = {}
         self._finished_outputs: list[RequestOutput] = []
@@ -139,8 +137,7 @@ class LLMEngine:
         self._num_generation_tokens_total = 0
         self._finished_by_reason: dict[str, int] = {}
         self.last_step: StepStats | None = None
-        # Tensor-parallel ranks receive plain step data, not rank 0's sampled tokens: they run in step.
-        self.async_scheduling = config.async_scheduling and config.tp_size == 1
+        self.async_scheduling = settings.async_scheduling
         self._in_flight: _InFlightStep | None = None
         # The model, tokenizer and caches are long-lived: keep them out of every future garbage
         # collection, which otherwise rescans them and costs milliseconds per step.
@@ -150,7 +147,7 @@ class LLMEngine:
     def _warm_up(self, max_batch_tokens: int) -> None:
         started = time.perf_counter()
         num_blocks = self.memory_plan.num_blocks
-        steps = warm_up_steps(self.config.block_size, len(num_blocks), min(num_blocks), self.max_model_len,
+        steps = warm_up_steps(self.settings.cache.block_size, len(num_blocks), min(num_blocks), self.max_model_len,
                               max_batch_tokens)
         for step in steps:
             self.runner.execute(step)
@@ -195,7 +192,7 @@ class LLMEngine:
                 param="max_tokens" if num_prompt < self.max_model_len else "prompt",
             )
         total = num_prompt + (params.max_tokens or self.max_model_len - num_prompt)
-        if not self.kv_cache.can_ever_fit(total, self.scheduler_config.max_batch_tokens):
+        if not self.kv_cache.can_ever_fit(total, self.scheduler_settings.max_batch_tokens):
             capacity = self.kv_cache.num_total_blocks * self.kv_cache.block_size
             raise RequestTooLargeError(
                 f"the request needs up to {total} tokens of KV cache but the whole cache holds {capacity} tokens",
@@ -570,5 +567,5 @@ class LLMEngine:
             finished_by_reason=dict(self._finished_by_reason),
             last_step_num_prefill_tokens=self.last_step.num_prefill_tokens if self.last_step else 0,
             last_step_num_decode_tokens=self.last_step.num_decode_tokens if self.last_step else 0,
-            max_batch_tokens=self.scheduler_config.max_batch_tokens,
+            max_batch_tokens=self.scheduler_settings.max_batch_tokens,
         )

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from pagedserve.cache.allocators import BlockCopy
 from pagedserve.cache.kv_cache_manager import KVCacheManager
-from pagedserve.config.engine import SchedulerConfig
+from pagedserve.config.resolve import SchedulerSettings
 
 from pagedserve.engine.core.request import FinishReason, Request, RequestStatus
 
@@ -49,7 +49,7 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerSettings, kv_cache: KVCacheManager) -> None:
         self.config = config
         self.kv_cache = kv_cache
         self.waiting: deque[Request] = deque()

@@ -34,17 +34,6 @@ from pagedserve.engine.process.wire import Ready, unpack_outputs
 logger = logging.getLogger(__name__)
 
 
-def wants_engine_process(config: EngineConfig) -> bool:
-    """`EngineConfig.engine_process`, with None resolved: a process of its own on CUDA, a thread on CPU."""
-    if config.engine_process is not None:
-        return config.engine_process
-    if config.device != "auto":
-        return config.device == "cuda"
-    import torch
-
-    return torch.cuda.is_available()
-
-
 class EngineCoreClient(QueuedCommands):
     """Parent side of an engine core process. Blocks in __init__ until the engine is loaded or failed."""
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from pagedserve.config.engine import EngineConfig
+from pagedserve.config.resolve import CompileSettings
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +65,13 @@ def _inductor_has_pdl() -> bool:
     return hasattr(inductor_config.triton, "enable_pdl")
 
 
-def compile_ladder(config: EngineConfig, dependent_launch: bool = False) -> list[CompileOptions]:
+def compile_ladder(settings: CompileSettings, dependent_launch: bool = False) -> list[CompileOptions]:
     """The configured options first, then fullgraph off with dynamic shapes on (if that differs).
     `dependent_launch`: whether the compiled kernels may use PDL (the runner's device supports it and the
     config allows it)."""
-    wanted = CompileOptions(config.compile_fullgraph, config.compile_dynamic, config.compile_mode, config.compile_backend,
-                            config.compile_combo_kernels, dependent_launch)
-    relaxed = CompileOptions(False, True, config.compile_mode, config.compile_backend, config.compile_combo_kernels,
-                             dependent_launch)
+    wanted = CompileOptions(settings.fullgraph, settings.dynamic, settings.mode, settings.backend,
+                            settings.combo_kernels, dependent_launch)
+    relaxed = CompileOptions(False, True, settings.mode, settings.backend, settings.combo_kernels, dependent_launch)
     return [wanted] if relaxed == wanted else [wanted, relaxed]
 
 
@@ -99,10 +98,10 @@ def compile_regions(model: torch.nn.Module) -> list[torch.nn.Module]:
 class CompiledForward:
     """Callable like the model; owns the current rung of the ladder. Eager once every rung failed."""
 
-    def __init__(self, model: torch.nn.Module, config: EngineConfig, dependent_launch: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, settings: CompileSettings, dependent_launch: bool = False) -> None:
         self.model = model
         self.regions = compile_regions(model)
-        self._ladder = compile_ladder(config, dependent_launch)  # the runner wraps the model only when it compiles
+        self._ladder = compile_ladder(settings, dependent_launch)  # the runner wraps the model only when it compiles
         self.options: CompileOptions | None = None  # None: eager
         self._next_rung()
 

@@ -1,4 +1,7 @@
-"""Loading a causal LM and its tokenizer with transformers: a hub id, a local path, or the demo model."""
+"""Loading a causal LM and its tokenizer with transformers: a hub id, a local path, or the demo model.
+
+The loader receives resolved `LoadSettings` (config/resolve.py): the device and dtypes are already decided.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +13,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from pagedserve.config.engine import ConfigError, EngineConfig
-
+from pagedserve.config.engine import ConfigError
+from pagedserve.config.resolve import LoadSettings
 from pagedserve.engine.kernels.attention.hf_integration import register_paged_attention
 
 logger = logging.getLogger(__name__)
@@ -29,32 +32,35 @@ class LoadedModel:
     dtype: torch.dtype
 
 
-def resolve_device(config: EngineConfig) -> torch.device:
-    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("EngineConfig.device='cuda' but no CUDA device is visible")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def torch_device(device_type: str) -> torch.device:
+    """The resolved device type as a torch device: the current CUDA device, or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
 
 
-def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
-    if config.dtype != "auto":
-        return _DTYPES[config.dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
 
 
-def resolve_model_path(config: EngineConfig) -> tuple[str, str]:
-    """(path or hub id to load, name to serve it under)."""
-    if config.model is not None:
-        return config.model, config.model
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def model_path_and_name(model: str | None) -> tuple[str, str]:
+    """(path or hub id to load, name to serve it under); no model: the demo model, built once per machine."""
+    if model is not None:
+        return model, model
     from pagedserve.demo.model import DEMO_MODEL_NAME, demo_model_path
 
     return str(demo_model_path()), DEMO_MODEL_NAME
 
 
-def quantization_kwargs(config: EngineConfig, dtype: torch.dtype, device: torch.device | None = None) -> dict[str, Any]:
+def read_model_config(model: str | None, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The model's transformers config (a small file, no weights): what resolution reads before loading."""
+    model_path, _ = model_path_and_name(model)
+    return AutoConfig.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def quantization_kwargs(config: LoadSettings, dtype: torch.dtype, device: torch.device | None = None) -> dict[str, Any]:
     """`from_pretrained` arguments for `config.quantization`; with `device`, first checks that it runs there."""
     if config.quantization == "none":
         return {}
@@ -71,7 +77,7 @@ def quantization_kwargs(config: EngineConfig, dtype: torch.dtype, device: torch.
         quantization_config = BitsAndBytesConfig(load_in_8bit=True)
         compute_dtype = dtype
     else:
-        compute_dtype = dtype if config.bnb_4bit_compute_dtype == "auto" else _DTYPES[config.bnb_4bit_compute_dtype]
+        compute_dtype = _DTYPES[config.bnb_4bit_compute_dtype]
         quantization_config = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -84,7 +90,7 @@ def quantization_kwargs(config: EngineConfig, dtype: torch.dtype, device: torch.
 
 
 def check_quantization_runs(
-    config: EngineConfig, device: torch.device, dtype: torch.dtype, compute_dtype: torch.dtype
+    config: LoadSettings, device: torch.device, dtype: torch.dtype, compute_dtype: torch.dtype
 ) -> None:
     """Fail before loading gigabytes: quantize one small layer on `device` and run it once.
 
@@ -115,7 +121,7 @@ def check_quantization_runs(
     except Exception as error:
         raise ConfigError(
             f"EngineConfig.quantization={config.quantization!r} cannot run on EngineConfig.device={str(device)!r} "
-            f"with dtype={_dtype_name(dtype)} and compute dtype {_dtype_name(compute_dtype)} using the installed "
+            f"with dtype={dtype_name(dtype)} and compute dtype {dtype_name(compute_dtype)} using the installed "
             f"bitsandbytes {bitsandbytes.__version__}: {type(error).__name__}: {_first_line(error)}. "
             f"Use another device or EngineConfig.{field}, or quantization='none'."
         ) from error
@@ -133,10 +139,6 @@ def _probe_layer(quantization: str, dtype: torch.dtype, compute_dtype: torch.dty
     layer = Linear4bit(64, 64, bias=False, compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
     layer.load_state_dict({"weight": weight})
     return layer
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _first_line(error: BaseException) -> str:
@@ -195,7 +197,7 @@ def wrap_model(model: PreTrainedModel, tokenizer: Any, served_name: str) -> Load
 
 
 def _random_model(
-    config: EngineConfig, model_path: str, dtype: torch.dtype, device: torch.device, attn_implementation: str
+    config: LoadSettings, model_path: str, dtype: torch.dtype, device: torch.device, attn_implementation: str
 ) -> PreTrainedModel:
     """The model's architecture with random weights, built on `device`: only its config is read (vLLM's
     `--load-format dummy`), so an 8B benchmark needs no 16 GB of weight files."""
@@ -212,12 +214,13 @@ def _random_model(
 
 
 def load_model(
-    config: EngineConfig, shard: Callable[[PreTrainedModel], None] | None = None
+    config: LoadSettings, shard: Callable[[PreTrainedModel], None] | None = None, device: torch.device | None = None
 ) -> LoadedModel:
-    """`shard` (tensor parallelism) cuts the model to this rank's part on the host, before it moves to the device."""
-    device = resolve_device(config)
-    dtype = resolve_dtype(config, device)
-    model_path, served_name = resolve_model_path(config)
+    """`shard` (tensor parallelism) cuts the model to this rank's part on the host, before it moves to the
+    device; `device`: the rank's device (default: the current device of the resolved type)."""
+    device = device or torch_device(config.device)
+    dtype = _DTYPES[config.dtype]
+    model_path, served_name = model_path_and_name(config.model)
     attn_implementation = register_paged_attention()
     tokenizer = AutoTokenizer.from_pretrained(
         config.tokenizer or model_path, revision=config.revision, trust_remote_code=config.trust_remote_code

@@ -25,9 +25,9 @@ from pagedserve.cache.sizing import (
     kv_budget_bytes,
     plan_num_blocks,
 )
-from pagedserve.config.engine import ConfigError, EngineConfig, LayerGroupSpec
+from pagedserve.config.engine import ConfigError
+from pagedserve.config.resolve import CacheSettings, RunnerSettings
 
-from pagedserve.engine.kernels.launch import supports_programmatic_launch
 from pagedserve.engine.kernels.attention import get_attention_backend
 from pagedserve.engine.kernels.attention.base import AttentionMetadata, GroupAttentionMetadata
 from pagedserve.engine.kernels.attention.hf_integration import LayerProbe, PagedForwardContext
@@ -39,6 +39,18 @@ from pagedserve.engine.runner.loader import LoadedModel, weights_footprint_bytes
 from pagedserve.engine.runner.step_input import StepInput, fill_pending_tokens, host_block_table_and_slots, to_device
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerGroupSpec:
+    """Layers that share one attention kind and therefore one block pool and one allocator."""
+
+    layer_indices: tuple[int, ...]
+    sliding_window: int | None  # None: full attention
+
+    @property
+    def kind(self) -> str:
+        return "full" if self.sliding_window is None else f"sliding({self.sliding_window})"
 
 
 @dataclass(frozen=True)
@@ -54,24 +66,25 @@ class ModelShape:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+    """`settings` and `cache` come resolved (config/resolve.py): this class decides no auto value."""
+
+    def __init__(self, loaded: LoadedModel, settings: RunnerSettings, cache: CacheSettings) -> None:
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype
-        self.config = config
+        self.settings = settings
+        self.cache_settings = cache
         # PDL for every Triton kernel this runner launches, and for inductor's (engine/kernels/launch.py).
-        self.programmatic_launch = config.programmatic_launch and supports_programmatic_launch(self.device)
-        self.backend = get_attention_backend(config.attention_backend, self.device, self.programmatic_launch)
+        self.programmatic_launch = settings.programmatic_launch
+        self.backend = get_attention_backend(settings.attention_backend, self.device, self.programmatic_launch)
         # The shape probe's forward also shows which projections share an input (engine/kernels/fused_projections.py).
-        self._fusion = ProjectionFusion.watch(self.model) if config.fuse_projections else None
+        self._fusion = ProjectionFusion.watch(self.model) if settings.fuse_projections else None
         self.shape = self._probe_shape()
         if self._fusion is not None:
             self._fusion.apply()
-        self._decode_linear = (
-            use_decode_linear(self.model, self.programmatic_launch) if config.decode_linear and self.device.type == "cuda" else None
-        )
+        self._decode_linear = use_decode_linear(self.model, self.programmatic_launch) if settings.decode_linear else None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.block_size = config.block_size
+        self.block_size = cache.block_size
         self._decode_graphs = None  # DecodeGraphs once captured
         self._supports_logits_to_keep = hasattr(self.model, "_supports_logits_to_keep") and bool(
             self.model._supports_logits_to_keep()
@@ -79,17 +92,9 @@ class ModelRunner:
         # With compile on, the decoder layers are compiled in place: eager steps run them and decode graphs
         # capture them; every forward goes through the fallback ladder.
         self._step_model: Callable[..., Any] = (
-            CompiledForward(self.model, config, self.programmatic_launch) if self._use_compile() else self.model
+            CompiledForward(self.model, settings.compile, self.programmatic_launch) if settings.compile.enabled else self.model
         )
         logger.info("attention backend: %s; layer groups: %s", self.backend.name, [g.kind for g in self.shape.groups])
-
-    def _use_compile(self) -> bool:
-        """`config.compile`, or by default: on a GPU, unless bitsandbytes layers are in the model (measured on
-        an H100: batch-1 decode of an 8B model 118 -> 143 tokens/s; bnb layers were not measured compiled)."""
-        if self.config.compile is not None:
-            return self.config.compile
-        quantized = any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in self.model.modules())
-        return self.device.type == "cuda" and not quantized
 
     # ---- model geometry ------------------------------------------------------------------------
     @torch.no_grad()  # not inference mode: projection fusion reads its tensors' version counters
@@ -137,7 +142,7 @@ class ModelRunner:
         return weights_footprint_bytes(self.model)
 
     def plan_memory(self, max_num_seqs: int, max_model_len: int, max_batch_tokens: int) -> MemoryPlan:
-        config = self.config
+        config = self.cache_settings
         dtype_bytes = torch.empty((), dtype=self.dtype).element_size()
         group_shapes = [
             GroupShape(len(g.layer_indices), self.shape.num_kv_heads, self.shape.head_dim, g.sliding_window)
@@ -148,8 +153,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             activation_peak = self._profile_activation_bytes(max_batch_tokens, max_num_seqs)
             free, total = torch.cuda.mem_get_info(self.device)
-            if config.enable_cuda_graphs and self._cuda_graphs_off_reason() is None:
-                graphs = self.cuda_graph_reserve_bytes(min(config.cuda_graph_max_batch_size, max_num_seqs),
+            if self.settings.cuda_graphs:
+                graphs = self.cuda_graph_reserve_bytes(min(self.settings.cuda_graph_max_batch_size, max_num_seqs),
                                                        max_batch_tokens, activation_peak)
         else:
             # CPU: no allocator statistics; estimate the step's working set from the model's widths.
@@ -308,22 +313,10 @@ class ModelRunner:
     def is_compiled(self) -> bool:
         return isinstance(self._step_model, CompiledForward) and self._step_model.is_compiled
 
-    def _cuda_graphs_off_reason(self) -> str | None:
-        if self.device.type != "cuda":
-            return "not on a GPU"
-        if not self.backend.supports_cuda_graphs:
-            return f"the {self.backend.name} backend cannot be captured"
-        if any(type(module).__name__ == "Linear8bitLt" for module in self.model.modules()):
-            # LLM.int8 splits outlier columns out with data-dependent shapes: capture is invalidated (H100).
-            return "bitsandbytes 8-bit layers cannot be captured"
-        return None
-
     def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int, reserved_bytes: int = 0) -> bool:
-        """Capture decode graphs where the device and backend allow it; False (eager) otherwise.
+        """Capture decode graphs where the settings allow it (resolution said why not); False (eager) otherwise.
         `reserved_bytes`: what the memory plan set aside for them (a warning if they took more)."""
-        reason = self._cuda_graphs_off_reason()
-        if reason is not None:
-            logger.info("CUDA graphs off: %s", reason)
+        if not self.settings.cuda_graphs:
             return False
         graphs = DecodeGraphs(self, max_batch_size, max_model_len)
         used = graphs.capture()

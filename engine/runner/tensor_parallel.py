@@ -57,11 +57,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from pagedserve.cache.sizing import MemoryPlan
-from pagedserve.config.engine import ConfigError, EngineConfig
+from pagedserve.config.engine import ConfigError
+from pagedserve.config.resolve import ResolvedConfig
 from torch import nn
 
 from pagedserve.engine.errors import EngineDeadError
-from pagedserve.engine.runner.loader import LoadedModel, load_model, resolve_model_path
+from pagedserve.engine.runner.loader import LoadedModel, load_model, read_model_config
 from pagedserve.engine.runner.model_runner import ModelRunner
 from pagedserve.engine.runner.step_input import StepInput
 
@@ -290,13 +291,13 @@ def _shard_vocab(model: nn.Module, group: RankGroup) -> None:
         embedding.register_forward_hook(reduce_rows)
 
 
-def load_sharded(config: EngineConfig, group: RankGroup) -> LoadedModel:
-    return load_model(config, shard=lambda model: shard_model(model, group))
+def load_sharded(settings: ResolvedConfig, group: RankGroup) -> LoadedModel:
+    return load_model(settings.load, shard=lambda model: shard_model(model, group))
 
 
 # ---- device per rank ---------------------------------------------------------------------------------
-def _rank_device(config: EngineConfig, rank: int) -> torch.device:
-    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+def _rank_device(settings: ResolvedConfig, rank: int) -> torch.device:
+    if settings.runner.device == "cpu":
         return torch.device("cpu")
     torch.cuda.set_device(rank)  # the replica sees its group's GPUs as cuda:0..tp_size-1
     return torch.device("cuda", rank)
@@ -307,18 +308,19 @@ def _status_key(rank: int, stage: str) -> str:
     return f"pagedserve/rank{rank}/{stage}"
 
 
-def _worker_main(rank: int, config: EngineConfig, host: str, port: int, timeout_s: float) -> None:
+def _worker_main(rank: int, settings: ResolvedConfig, host: str, port: int, timeout_s: float) -> None:
     """A worker rank: join, load its shard, then run every command rank 0 broadcasts until "stop".
 
     Start-up status goes through the rendezvous store: "started" once connected, then "ready" or
     "error" with the message that rank 0 raises for the user.
     """
-    store = dist.TCPStore(host, port, config.tp_size, is_master=False, timeout=timedelta(seconds=timeout_s))
+    tp_size = settings.runner.tp_size
+    store = dist.TCPStore(host, port, tp_size, is_master=False, timeout=timedelta(seconds=timeout_s))
     store.set(_status_key(rank, "started"), b"")
     try:
-        device = _rank_device(config, rank)
-        group = join_group(store, rank, config.tp_size, device, timeout_s)
-        runner = ModelRunner(load_sharded(config, group), config)
+        device = _rank_device(settings, rank)
+        group = join_group(store, rank, tp_size, device, timeout_s)
+        runner = ModelRunner(load_sharded(settings, group), settings.runner, settings.cache)
     except BaseException as exc:
         store.set(_status_key(rank, "error"), pickle.dumps((f"{type(exc).__name__}: {exc}", isinstance(exc, ConfigError))))
         raise SystemExit(1) from exc
@@ -443,21 +445,17 @@ class TensorParallelRunner:
 
 
 def start_tensor_parallel(
-    config: EngineConfig, timeout_s: float | None = None
+    settings: ResolvedConfig, timeout_s: float | None = None
 ) -> tuple[LoadedModel, TensorParallelRunner]:
     """Check the model splits, spawn the workers, join them, load rank 0's shard; errors are clear."""
     timeout_s = GROUP_TIMEOUT_S if timeout_s is None else timeout_s
-    from transformers import AutoConfig
 
-    tp_size = config.tp_size
-    if config.quantization != "none":
-        raise ConfigError(f"EngineConfig.tp_size={tp_size} cannot be combined with quantization={config.quantization!r}")
-    model_path, _ = resolve_model_path(config)
-    check_shardable(
-        AutoConfig.from_pretrained(model_path, revision=config.revision, trust_remote_code=config.trust_remote_code),
-        tp_size,
-    )
-    device = _rank_device(config, 0)
+    load = settings.load
+    tp_size = settings.runner.tp_size
+    if load.quantization != "none":
+        raise ConfigError(f"EngineConfig.tp_size={tp_size} cannot be combined with quantization={load.quantization!r}")
+    check_shardable(read_model_config(load.model, load.revision, load.trust_remote_code), tp_size)
+    device = _rank_device(settings, 0)
     if device.type == "cuda" and torch.cuda.device_count() < tp_size:
         raise ConfigError(
             f"EngineConfig.tp_size={tp_size} needs {tp_size} GPUs, but {torch.cuda.device_count()} are visible"
@@ -470,7 +468,7 @@ def start_tensor_parallel(
     workers = []
     for rank in range(1, tp_size):
         process = context.Process(
-            target=_worker_main, args=(rank, config, host, store.port, timeout_s),
+            target=_worker_main, args=(rank, settings, host, store.port, timeout_s),
             name=f"pagedserve-tp-rank{rank}", daemon=True,
         )
         process.start()
@@ -479,8 +477,8 @@ def start_tensor_parallel(
         # Joining blocks until every rank connects: first see each worker start (or die), not hang.
         _wait_for(store, workers, "started", timeout_s)
         group = join_group(store, 0, tp_size, device, timeout_s)
-        loaded = load_sharded(config, group)
-        local = ModelRunner(loaded, config)  # its probe forward runs beside the workers' probes
+        loaded = load_sharded(settings, group)
+        local = ModelRunner(loaded, settings.runner, settings.cache)  # its probe forward runs beside the workers' probes
         _wait_for(store, workers, "ready", timeout_s)
     except BaseException as exc:
         for process in workers:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pagedserve.config.engine import ConfigError, EngineConfig, SchedulerConfig
+from pagedserve.config.engine import ConfigError, EngineConfig
+from pagedserve.config.resolve import SchedulerSettings
 
 
 def test_defaults_follow_transformers_continuous_batching_names():
@@ -42,4 +43,4 @@ def test_unknown_field_is_rejected_and_hyphenated_policy_accepted():
 
 def test_scheduler_config_without_chunking_needs_room_for_a_whole_prompt():
     with pytest.raises(ConfigError, match="max_batch_tokens=512 must be >= max_model_len=1024"):
-        SchedulerConfig(max_num_seqs=4, max_batch_tokens=512, max_model_len=1024, enable_chunked_prefill=False)
+        SchedulerSettings(max_num_seqs=4, max_batch_tokens=512, max_model_len=1024, enable_chunked_prefill=False)

@@ -1,9 +1,8 @@
 """Choosing an attention backend by name.
 
-`get_attention_backend(name, device)` returns a fresh backend instance (no module state). "auto" takes the
-fastest backend measured on the device (Triton on CUDA when Triton imports, see docs/kernels.md), else
-the reference. An explicit name that cannot run on `device` raises ValueError with the reason, so a bad
-config fails at start-up, never mid-step. Kernel modules are imported only when chosen, so importing
+`get_attention_backend(name, device)` returns a fresh backend instance (no module state). "auto" is
+decided before this, by config/resolve.py (from `triton_unavailable_reason`). A name that cannot run on
+`device` raises ValueError with the reason, so a bad config fails at start-up, never mid-step. Kernel modules are imported only when chosen, so importing
 this package never imports Triton.
 """
 
@@ -16,7 +15,7 @@ import torch
 from pagedserve.engine.kernels.attention.base import AttentionBackend, AttentionMetadata, GroupAttentionMetadata
 from pagedserve.engine.kernels.attention.reference import ReferenceAttentionBackend
 
-BACKEND_NAMES = ("auto", "reference", "triton")
+BACKEND_NAMES = ("reference", "triton")
 
 __all__ = [
     "BACKEND_NAMES",
@@ -28,7 +27,7 @@ __all__ = [
 ]
 
 
-def _triton_unavailable_reason(device: torch.device) -> str:
+def triton_unavailable_reason(device: torch.device) -> str:
     """'' when the Triton backend can run on `device`, else why not."""
     if device.type != "cuda":
         return f"the triton backend needs a CUDA device, got {device}"
@@ -43,19 +42,13 @@ def _triton_unavailable_reason(device: torch.device) -> str:
 
 
 def get_attention_backend(name: str, device: torch.device, programmatic_launch: bool = False) -> AttentionBackend:
-    """A new backend for `name` ("auto", "reference", "triton") on `device`; `programmatic_launch`: its
+    """A new backend for `name` ("reference" or "triton") on `device`; `programmatic_launch`: its
     kernels launch with PDL (the caller checked that the device supports it)."""
     device = torch.device(device)
     if name == "reference":
         return ReferenceAttentionBackend()
-    if name == "auto":
-        if _triton_unavailable_reason(device) == "":
-            from pagedserve.engine.kernels.attention.triton import TritonAttentionBackend
-
-            return TritonAttentionBackend(programmatic_launch=programmatic_launch)
-        return ReferenceAttentionBackend()
     if name == "triton":
-        reason = _triton_unavailable_reason(device)
+        reason = triton_unavailable_reason(device)
         if reason:
             raise ValueError(f"attention backend 'triton' is unavailable: {reason}")
         from pagedserve.engine.kernels.attention.triton import TritonAttentionBackend

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pagedserve.cache.kv_cache_manager import KVCacheManager
-from pagedserve.config.engine import SchedulerConfig
+from pagedserve.config.resolve import SchedulerSettings
 from pagedserve.engine.core.request import FinishReason, Request, RequestStatus, SamplingParams
 from pagedserve.engine.core.scheduler import Scheduler
 
 
 def make(num_blocks=32, block_size=4, max_batch_tokens=16, max_num_seqs=8, policy="fifo", chunked=True):
     kv = KVCacheManager(block_size, [None], [num_blocks], enable_prefix_caching=True)
-    config = SchedulerConfig(max_num_seqs, max_batch_tokens, 256, enable_chunked_prefill=chunked, policy=policy)
+    config = SchedulerSettings(max_num_seqs, max_batch_tokens, 256, enable_chunked_prefill=chunked, policy=policy)
     return Scheduler(config, kv), kv
 
 

@@ -23,7 +23,8 @@ import pytest
 from pagedserve.config.engine import ConfigError, EngineConfig
 from pagedserve.engine.async_engine import AsyncLLMEngine
 from pagedserve.engine.process.child import ResultSender
-from pagedserve.engine.process.client import EngineCoreClient, wants_engine_process
+from pagedserve.config.resolve import Platform, resolve_engine_process
+from pagedserve.engine.process.client import EngineCoreClient
 from pagedserve.engine.process.wire import pack_outputs, unpack_outputs
 from pagedserve.engine.errors import EngineDeadError, RequestTooLargeError
 from pagedserve.engine.core.request import CompletionOutput, Logprob, RequestMetrics, RequestOutput, SamplingParams
@@ -51,10 +52,12 @@ def wait_gone(pid: int, timeout_s: float) -> bool:
 
 
 def test_auto_resolves_to_a_process_on_cuda_only() -> None:
-    assert not wants_engine_process(EngineConfig(device="cpu"))
-    assert wants_engine_process(EngineConfig(device="cuda"))
-    assert wants_engine_process(EngineConfig(device="cpu", engine_process=True))
-    assert not wants_engine_process(EngineConfig(device="cuda", engine_process=False))
+    cpu, gpu = Platform.cpu_only(), Platform(cuda_available=True)
+    assert not resolve_engine_process(EngineConfig(device="cpu"), gpu)
+    assert resolve_engine_process(EngineConfig(device="cuda"), cpu)
+    assert resolve_engine_process(EngineConfig(device="cpu", engine_process=True), cpu)
+    assert not resolve_engine_process(EngineConfig(device="cuda", engine_process=False), gpu)
+    assert resolve_engine_process(EngineConfig(), gpu) and not resolve_engine_process(EngineConfig(), cpu)
 
 
 def test_process_core_streams_the_same_tokens_and_refuses_with_typed_errors(tiny_model_dir) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from resolved import resolved
 import torch
 
 from pagedserve.config.engine import EngineConfig
@@ -79,7 +80,7 @@ def test_aot_eager_gives_eager_outputs():
     model = BreakingModel()
     inputs = [torch.randn(rows, 8) for rows in (3, 5)]
     expected = [model(x) for x in inputs]  # before compiling: the wrapper compiles the model in place
-    forward = CompiledForward(model, EngineConfig(compile=True, compile_backend="aot_eager"))
+    forward = CompiledForward(model, resolved(EngineConfig(compile=True, compile_backend="aot_eager")).runner.compile)
     for x, want in zip(inputs, expected):
         torch.testing.assert_close(forward(x), want, rtol=0, atol=0)
     assert forward.options.backend == "aot_eager"
@@ -106,7 +107,7 @@ def test_graph_break_under_fullgraph_retries_without_fullgraph(caplog):
     model = BreakingModel()
     x = torch.randn(3, 8)
     want = model(x)  # before wrapping: the wrapper compiles the model in place
-    forward = CompiledForward(model, EngineConfig(compile=True, compile_backend="eager", compile_fullgraph=True))
+    forward = CompiledForward(model, resolved(EngineConfig(compile=True, compile_backend="eager", compile_fullgraph=True)).runner.compile)
     torch.testing.assert_close(forward(x), want, rtol=0, atol=0)
     assert forward.options is not None
     assert (forward.options.fullgraph, forward.options.dynamic) == (False, True)
@@ -126,7 +127,7 @@ def test_backend_failure_falls_back_to_eager_with_a_warning(caplog):
     model = BreakingModel()
     x = torch.randn(3, 8)
     want = model(x)
-    forward = CompiledForward(model, EngineConfig(compile=True, compile_backend=FAILING_BACKEND, compile_fullgraph=True))
+    forward = CompiledForward(model, resolved(EngineConfig(compile=True, compile_backend=FAILING_BACKEND, compile_fullgraph=True)).runner.compile)
     torch.testing.assert_close(forward(x), want, rtol=0, atol=0)
     assert not forward.is_compiled
     warnings = [r.getMessage() for r in caplog.records]
@@ -137,18 +138,18 @@ def test_backend_failure_falls_back_to_eager_with_a_warning(caplog):
 def test_unknown_backend_name_is_refused_with_a_warning(tiny_model_dir, caplog):
     caplog.set_level(logging.WARNING, logger="pagedserve.engine.runner.compile")
     model = torch.nn.Linear(4, 4)
-    forward = CompiledForward(model, EngineConfig(compile=True, compile_backend="no-such-backend"))
+    forward = CompiledForward(model, resolved(EngineConfig(compile=True, compile_backend="no-such-backend")).runner.compile)
     assert not forward.is_compiled
     assert forward(torch.ones(1, 4)).shape == (1, 4)
     assert any("refused" in r.getMessage() and "no-such-backend" in r.getMessage() for r in caplog.records)
 
 
 def test_ladder_relaxes_to_fullgraph_off_dynamic_on():
-    ladder = compile_ladder(EngineConfig(compile=True, compile_fullgraph=True, compile_dynamic=False,
-                                         compile_mode="max-autotune", compile_backend="inductor"))
+    ladder = compile_ladder(resolved(EngineConfig(compile=True, compile_fullgraph=True, compile_dynamic=False,
+                                         compile_mode="max-autotune", compile_backend="inductor")).runner.compile)
     assert [(o.fullgraph, o.dynamic, o.mode) for o in ladder] == [(True, False, "max-autotune"),
                                                                  (False, True, "max-autotune")]
-    assert len(compile_ladder(EngineConfig(compile=True, compile_dynamic=True))) == 1
+    assert len(compile_ladder(resolved(EngineConfig(compile=True, compile_dynamic=True)).runner.compile)) == 1
 
 
 def test_compile_off_runs_the_plain_model(tiny_model_dir):
@@ -194,5 +195,5 @@ def test_programmatic_launch_reaches_inductor_only_where_asked():
     assert with_pdl.inductor_options == expected
     assert CompileOptions(False, None, None, "inductor", True).inductor_options == {"combo_kernels": True}
     assert CompileOptions(False, None, "max-autotune", "inductor", True, True).inductor_options is None
-    assert all(not rung.dependent_launch for rung in compile_ladder(EngineConfig(compile=True)))
+    assert all(not rung.dependent_launch for rung in compile_ladder(resolved(EngineConfig(compile=True)).runner.compile))
     assert not supports_programmatic_launch(torch.device("cpu"))

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from pagedserve.config.engine import ConfigError, EngineConfig
 from pagedserve.engine.runner import model_runner as model_runner_module
+from resolved import resolved
 from pagedserve.engine.llm import LLM
 from pagedserve.engine.runner.loader import load_model, quantization_kwargs, weights_footprint_bytes
 from pagedserve.engine.runner.model_runner import ModelRunner
@@ -30,7 +31,7 @@ MAX_TOKENS = 6
 def quantized_reference(model_dir, quantization: str) -> AutoModelForCausalLM:
     """transformers' own model, quantized by the same BitsAndBytesConfig the engine uses."""
     config = EngineConfig(model=str(model_dir), dtype="float32", quantization=quantization)
-    kwargs = quantization_kwargs(config, torch.float32)
+    kwargs = quantization_kwargs(resolved(config).load, torch.float32)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, attn_implementation="eager", dtype=torch.float32, device_map={"": "cpu"}, **kwargs
     )
@@ -70,7 +71,7 @@ def _serialized_bytes(model: torch.nn.Module) -> int:
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
 def test_weights_footprint_counts_quantization_state(tiny_model_dir, quantization):
     """Packed weights alone undercount: 4-bit absmax (and its nested absmax) and 8-bit row scales count too."""
-    model = load_model(EngineConfig(model=str(tiny_model_dir("llama")), dtype="float32", quantization=quantization)).model
+    model = load_model(resolved(EngineConfig(model=str(tiny_model_dir("llama")), dtype="float32", quantization=quantization)).load).model
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     footprint = weights_footprint_bytes(model)
@@ -91,7 +92,8 @@ def test_memory_plan_gives_quantized_weights_room_to_the_kv_cache(tiny_model_dir
     for quantization in ("none", "bnb-4bit", "bnb-8bit"):
         config = EngineConfig(model=str(tiny_model_dir("llama")), dtype="float32", quantization=quantization,
                               block_size=8, max_memory_percent=1.0, max_cpu_kv_cache_gib=1.0)
-        runner = ModelRunner(load_model(config), config)
+        settings = resolved(config)
+        runner = ModelRunner(load_model(settings.load), settings.runner, settings.cache)
         weights = runner.weights_bytes()
         monkeypatch.setattr(model_runner_module, "cpu_available_bytes", lambda weights=weights: ram_bytes - weights)
         plans[quantization] = runner.plan_memory(max_num_seqs=4, max_model_len=512, max_batch_tokens=64)
@@ -119,7 +121,7 @@ def test_missing_bitsandbytes_is_a_config_error(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", import_without_bitsandbytes)
     with pytest.raises(ConfigError, match=r"EngineConfig.quantization='bnb-4bit' needs bitsandbytes"):
-        quantization_kwargs(EngineConfig(quantization="bnb-4bit"), torch.float32, torch.device("cpu"))
+        quantization_kwargs(resolved(EngineConfig(quantization="bnb-4bit")).load, torch.float32, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
@@ -133,12 +135,12 @@ def test_device_the_build_cannot_run_is_a_config_error(monkeypatch, quantization
     layer = bitsandbytes.nn.Linear4bit if quantization == "bnb-4bit" else bitsandbytes.nn.Linear8bitLt
     monkeypatch.setattr(layer, "forward", no_kernel)
     with pytest.raises(ConfigError, match=r"cannot run on EngineConfig.device='cpu'.*NotImplementedError"):
-        quantization_kwargs(EngineConfig(quantization=quantization), torch.float32, torch.device("cpu"))
+        quantization_kwargs(resolved(EngineConfig(quantization=quantization)).load, torch.float32, torch.device("cpu"))
 
 
 def test_unsupported_device_type_is_a_config_error():
     with pytest.raises(ConfigError, match=r"not supported on device 'meta'"):
-        quantization_kwargs(EngineConfig(quantization="bnb-4bit"), torch.float32, torch.device("meta"))
+        quantization_kwargs(resolved(EngineConfig(quantization="bnb-4bit")).load, torch.float32, torch.device("meta"))
 
 
 def test_bfloat16_compute_dtype_on_a_gpu_without_bfloat16_is_a_config_error(monkeypatch):
@@ -146,7 +148,7 @@ def test_bfloat16_compute_dtype_on_a_gpu_without_bfloat16_is_a_config_error(monk
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args, **kwargs: "Tesla T4")
     config = EngineConfig(quantization="bnb-4bit", bnb_4bit_compute_dtype="bfloat16", device="cuda")
     with pytest.raises(ConfigError, match=r"EngineConfig.bnb_4bit_compute_dtype: bfloat16 is not supported by Tesla T4"):
-        quantization_kwargs(config, torch.float16, torch.device("cuda", 0))
+        quantization_kwargs(resolved(config, cuda=True).load, torch.float16, torch.device("cuda", 0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -154,5 +156,5 @@ def test_cpu_runs_every_dtype_the_config_allows(dtype):
     """The installed build runs 4-bit NF4 and 8-bit on CPU in float32, bfloat16 and float16: no error."""
     for quantization in QUANTIZATIONS:
         assert "quantization_config" in quantization_kwargs(
-            EngineConfig(quantization=quantization), dtype, torch.device("cpu")
+            resolved(EngineConfig(quantization=quantization)).load, dtype, torch.device("cpu")
         )

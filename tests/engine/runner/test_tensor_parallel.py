@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from resolved import resolved
 import torch
 from pagedserve.config.engine import ConfigError, EngineConfig
 from pagedserve.engine.errors import EngineDeadError
@@ -164,7 +165,7 @@ def test_heads_not_divisible_is_a_config_error_naming_tp_size(model_dirs: dict[s
 def test_tp_with_an_in_memory_model_is_refused(model_dirs: dict[str, Path]) -> None:
     from pagedserve.engine.runner.loader import load_model
 
-    loaded = load_model(_config(model_dirs["llama"], 1))
+    loaded = load_model(resolved(_config(model_dirs["llama"], 1)).load)
     with pytest.raises(ConfigError, match="tp_size=2"):
         LLMEngine(_config(model_dirs["llama"], 2), loaded=loaded)
 

@@ -19,6 +19,9 @@ import sys
 from dataclasses import dataclass
 
 import pytest
+from resolved import resolved
+
+from pagedserve.config.engine import EngineConfig
 import torch
 
 from pagedserve.engine.kernels.attention import BACKEND_NAMES, get_attention_backend
@@ -276,19 +279,23 @@ def test_new_batch_shapes_compile_no_new_kernel_variant() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_auto_picks_triton_on_cuda() -> None:
-    assert get_attention_backend("auto", torch.device("cuda")).name == ("triton" if HAS_TRITON else "reference")
+    from pagedserve.engine.runner.platform import detect_platform
+
+    platform = detect_platform()
+    assert (platform.triton_unavailable_reason == "") == HAS_TRITON
+    assert resolved(EngineConfig(), cuda=True).runner.attention_backend == "triton"
 
 
 def test_registry_on_cpu() -> None:
     cpu = torch.device("cpu")
     assert get_attention_backend("reference", cpu).name == "reference"
-    assert get_attention_backend("auto", cpu).name == "reference"
+    assert resolved(EngineConfig()).runner.attention_backend == "reference"
     with pytest.raises(ValueError, match="'triton' is unavailable"):
         get_attention_backend("triton", cpu)
-    for name in ("fast", "flex", "flash_paged"):  # names of backends that are not built are refused as unknown
+    for name in ("auto", "fast", "flex", "flash_paged"):  # auto is decided by config/resolve.py; the rest are not built
         with pytest.raises(ValueError, match="must be one of"):
             get_attention_backend(name, cpu)
-    assert set(BACKEND_NAMES) == {"auto", "reference", "triton"}
+    assert set(BACKEND_NAMES) == {"reference", "triton"}
 
 
 def test_reference_reads_no_forbidden_block_values_in_padding() -> None:

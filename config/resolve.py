@@ -1,0 +1,274 @@
+"""`EngineConfig` resolved once, at start-up, into the frozen settings each part of the engine receives.
+
+`EngineConfig` is what users write (flags, yaml args, `LLM(...)` keywords), with "auto" (`None`) where the
+right value depends on the machine or the model. `resolve` decides every such value here, in one place,
+from plain facts: the `Platform` (what the device offers, gathered by `engine/runner/platform.py`) and the
+`ModelFacts` (read from the model's config before its weights load). The result is a `ResolvedConfig` of
+per-component settings (load, scheduler, cache, runner with its compile settings); the engine logs its
+`describe()` once. Nothing below this module reads `EngineConfig` or decides an "auto" again.
+
+Pure Python on purpose: the rules can be tested without a GPU, and a server that has not imported torch
+can still ask `resolve_engine_process`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pagedserve.config.engine import ConfigError, EngineConfig, SchedulingPolicy
+
+DeviceType = Literal["cpu", "cuda"]
+DTypeName = Literal["float32", "bfloat16", "float16"]
+
+CPU_MAX_BATCH_TOKENS = 2048
+GPU_MAX_BATCH_TOKENS = 8192
+DEFAULT_MAX_MODEL_LEN = 4096  # a model whose config names no context length
+MAX_AUTO_MODEL_LEN = 32768  # auto never plans for longer contexts than this; set max_model_len to go past it
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What the machine offers the engine, as found on it."""
+
+    cuda_available: bool
+    bf16_supported: bool = False  # on the CUDA device
+    supports_programmatic_launch: bool = False  # Hopper or newer with a Triton that has the intrinsics
+    triton_unavailable_reason: str = "no CUDA device"  # "" when the Triton attention kernels can run
+
+    @classmethod
+    def cpu_only(cls) -> "Platform":
+        return cls(cuda_available=False)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What resolution needs to know of the model, read from its config (no weights)."""
+
+    max_position_embeddings: int | None
+    bnb_quantization: Literal["none", "4bit", "8bit"] = "none"  # layers bitsandbytes will hold
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """What the loader needs: which model, how to read it, where to put it."""
+
+    model: str | None
+    tokenizer: str | None
+    revision: str | None
+    trust_remote_code: bool
+    load_format: Literal["auto", "dummy"]
+    quantization: str
+    bnb_4bit_compute_dtype: DTypeName
+    device: DeviceType
+    dtype: DTypeName
+    seed: int
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """The scheduler's limits, no auto values left."""
+
+    max_num_seqs: int
+    max_batch_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool = True
+    policy: SchedulingPolicy = "fifo"
+
+    def __post_init__(self) -> None:
+        if not self.enable_chunked_prefill and self.max_batch_tokens < self.max_model_len:
+            raise ConfigError(
+                f"max_batch_tokens={self.max_batch_tokens} must be >= max_model_len={self.max_model_len} "
+                "when chunked prefill is off (a whole prompt must fit in one step)"
+            )
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """The KV cache's geometry and budget; `num_blocks` None: planned from memory at start-up."""
+
+    block_size: int
+    num_blocks: int | None
+    enable_prefix_caching: bool
+    max_memory_percent: float
+    max_cpu_kv_cache_gib: float
+
+
+@dataclass(frozen=True)
+class CompileSettings:
+    """torch.compile of the decoder layers; `enabled` already decided."""
+
+    enabled: bool
+    fullgraph: bool = False
+    dynamic: bool | None = None
+    mode: str | None = None
+    backend: str = "inductor"
+    combo_kernels: bool = True
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """The device side: where the model runs and which kernels and captures it uses."""
+
+    device: DeviceType
+    dtype: DTypeName
+    attention_backend: Literal["reference", "triton"]
+    fuse_projections: bool
+    decode_linear: bool  # the one-row Triton GEMM (GPU only)
+    programmatic_launch: bool  # PDL for the engine's Triton kernels and inductor's
+    cuda_graphs: bool  # capture decode steps (GPU, a backend that can be captured, no bnb 8-bit layers)
+    cuda_graph_max_batch_size: int
+    tp_size: int
+    compile: CompileSettings = field(default_factory=lambda: CompileSettings(enabled=False))
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """Everything the engine needs, resolved; `source` is the user's config as given."""
+
+    source: EngineConfig
+    load: LoadSettings
+    scheduler: SchedulerSettings
+    cache: CacheSettings
+    runner: RunnerSettings
+    async_scheduling: bool
+    seed: int
+    decisions: tuple[str, ...]  # "name=value (why)" for every value that was auto
+
+    def describe(self) -> str:
+        return "resolved settings: " + "; ".join(self.decisions) if self.decisions else "resolved settings: none auto"
+
+
+def resolve_device(config: EngineConfig, platform: Platform) -> DeviceType:
+    if config.device == "cuda" and not platform.cuda_available:
+        raise ConfigError("EngineConfig.device='cuda' but no CUDA device is visible")
+    if config.device == "auto":
+        return "cuda" if platform.cuda_available else "cpu"
+    return config.device
+
+
+def resolve_dtype(config: EngineConfig, device: DeviceType, platform: Platform) -> DTypeName:
+    if config.dtype != "auto":
+        return config.dtype
+    if device == "cuda":
+        return "bfloat16" if platform.bf16_supported else "float16"
+    return "float32"
+
+
+def resolve_engine_process(config: EngineConfig, platform: Platform) -> bool:
+    """`engine_process` auto: a process of its own on CUDA (the server's event loop never shares the step
+    loop's GIL), a thread on CPU."""
+    if config.engine_process is not None:
+        return config.engine_process
+    if config.device != "auto":
+        return config.device == "cuda"
+    return platform.cuda_available
+
+
+def resolve(
+    config: EngineConfig, platform: Platform, model: ModelFacts, device: DeviceType | None = None,
+    dtype: DTypeName | None = None,
+) -> ResolvedConfig:
+    """Decide every auto value of `config`. `device` / `dtype`: where a model already in memory is
+    (`LLM.from_model`), instead of what the config and platform would pick."""
+    decisions: list[str] = []
+
+    def decided(name: str, value: object, why: str) -> None:
+        decisions.append(f"{name}={value} ({why})")
+
+    device = device or resolve_device(config, platform)
+    if config.device == "auto":
+        decided("device", device, "a CUDA device is visible" if device == "cuda" else "no CUDA device")
+    dtype = dtype or resolve_dtype(config, device, platform)
+    if config.dtype == "auto":
+        decided("dtype", dtype, f"default on {device}")
+    compute_dtype = dtype if config.bnb_4bit_compute_dtype == "auto" else config.bnb_4bit_compute_dtype
+
+    if config.max_model_len is not None:
+        max_model_len = config.max_model_len
+    else:
+        max_model_len = min(model.max_position_embeddings or DEFAULT_MAX_MODEL_LEN, MAX_AUTO_MODEL_LEN)
+        why = ("the model's max_position_embeddings" if model.max_position_embeddings else "the model names none")
+        decided("max_model_len", max_model_len, f"{why}, at most {MAX_AUTO_MODEL_LEN}")
+    if config.max_batch_tokens is not None:
+        max_batch_tokens = config.max_batch_tokens
+    else:
+        max_batch_tokens = GPU_MAX_BATCH_TOKENS if device == "cuda" else CPU_MAX_BATCH_TOKENS
+        decided("max_batch_tokens", max_batch_tokens, f"default on {device}")
+    if not config.enable_chunked_prefill and max_batch_tokens < max_model_len:
+        max_batch_tokens = max_model_len
+        decided("max_batch_tokens", max_batch_tokens, "chunked prefill is off: a whole prompt fits one step")
+
+    bnb = model.bnb_quantization
+    if config.quantization == "bnb-4bit":
+        bnb = "4bit"
+    elif config.quantization == "bnb-8bit":
+        bnb = "8bit"
+
+    if config.attention_backend == "auto":
+        backend = "triton" if device == "cuda" and platform.triton_unavailable_reason == "" else "reference"
+        decided("attention_backend", backend, "Triton kernels on CUDA" if backend == "triton" else
+                ("the reference on CPU" if device == "cpu" else platform.triton_unavailable_reason))
+    else:
+        backend = config.attention_backend
+        if backend == "triton" and (device != "cuda" or platform.triton_unavailable_reason):
+            reason = platform.triton_unavailable_reason if device == "cuda" else f"it needs a CUDA device, not {device}"
+            raise ConfigError(f"EngineConfig.attention_backend='triton' is unavailable: {reason}")
+
+    if config.compile is not None:
+        compile_enabled = config.compile
+    else:
+        compile_enabled = device == "cuda" and bnb == "none"
+        decided("compile", compile_enabled, "on a GPU without bitsandbytes layers" if compile_enabled else
+                ("bitsandbytes layers are not compiled" if device == "cuda" else "off on CPU"))
+
+    cuda_graphs_off = None
+    if not config.enable_cuda_graphs:
+        cuda_graphs_off = "enable_cuda_graphs is off"
+    elif device != "cuda":
+        cuda_graphs_off = "not on a GPU"
+    elif backend != "triton":
+        cuda_graphs_off = f"the {backend} attention backend cannot be captured"
+    elif bnb == "8bit":
+        # LLM.int8 splits outlier columns out with data-dependent shapes: a capture is invalidated.
+        cuda_graphs_off = "bitsandbytes 8-bit layers cannot be captured"
+    if config.enable_cuda_graphs and cuda_graphs_off is not None:
+        decided("cuda_graphs", False, cuda_graphs_off)
+
+    async_scheduling = config.async_scheduling and config.tp_size == 1
+    if config.async_scheduling and not async_scheduling:
+        decided("async_scheduling", False, "tensor-parallel ranks run in step")
+    programmatic_launch = config.programmatic_launch and device == "cuda" and platform.supports_programmatic_launch
+    decode_linear = config.decode_linear and device == "cuda"
+
+    return ResolvedConfig(
+        source=config,
+        load=LoadSettings(
+            model=config.model, tokenizer=config.tokenizer, revision=config.revision,
+            trust_remote_code=config.trust_remote_code, load_format=config.load_format,
+            quantization=config.quantization, bnb_4bit_compute_dtype=compute_dtype, device=device, dtype=dtype,
+            seed=config.seed,
+        ),
+        scheduler=SchedulerSettings(
+            max_num_seqs=config.max_num_seqs, max_batch_tokens=max_batch_tokens, max_model_len=max_model_len,
+            enable_chunked_prefill=config.enable_chunked_prefill, policy=config.scheduling_policy,
+        ),
+        cache=CacheSettings(
+            block_size=config.block_size, num_blocks=config.num_blocks,
+            enable_prefix_caching=config.enable_prefix_caching, max_memory_percent=config.max_memory_percent,
+            max_cpu_kv_cache_gib=config.max_cpu_kv_cache_gib,
+        ),
+        runner=RunnerSettings(
+            device=device, dtype=dtype, attention_backend=backend, fuse_projections=config.fuse_projections,
+            decode_linear=decode_linear, programmatic_launch=programmatic_launch,
+            cuda_graphs=cuda_graphs_off is None, cuda_graph_max_batch_size=config.cuda_graph_max_batch_size,
+            tp_size=config.tp_size,
+            compile=CompileSettings(
+                enabled=compile_enabled, fullgraph=config.compile_fullgraph, dynamic=config.compile_dynamic,
+                mode=config.compile_mode, backend=config.compile_backend, combo_kernels=config.compile_combo_kernels,
+            ),
+        ),
+        async_scheduling=async_scheduling,
+        seed=config.seed,
+        decisions=tuple(decisions),
+    )

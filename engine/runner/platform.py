@@ -1,0 +1,39 @@
+"""The facts `config/resolve.py` decides from, gathered here with torch: what the device offers, what the
+model's config says (read before any weight loads)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pagedserve.config.resolve import ModelFacts, Platform
+from pagedserve.engine.kernels.attention import triton_unavailable_reason
+from pagedserve.engine.kernels.launch import supports_programmatic_launch
+
+
+def detect_platform() -> Platform:
+    """The visible CUDA device (the current one), or a CPU-only platform."""
+    if not torch.cuda.is_available():
+        return Platform.cpu_only()
+    device = torch.device("cuda", torch.cuda.current_device())
+    return Platform(
+        cuda_available=True,
+        bf16_supported=torch.cuda.is_bf16_supported(),
+        supports_programmatic_launch=supports_programmatic_launch(device),
+        triton_unavailable_reason=triton_unavailable_reason(device),
+    )
+
+
+def model_facts(hf_config: Any) -> ModelFacts:
+    """From a transformers config: the context length, and the bitsandbytes layers a checkpoint saved
+    quantized will load as."""
+    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    quantization = getattr(hf_config, "quantization_config", None)
+    if quantization is not None and not isinstance(quantization, dict):
+        quantization = quantization.to_dict() if hasattr(quantization, "to_dict") else vars(quantization)
+    bnb = "none"
+    if quantization and quantization.get("quant_method") == "bitsandbytes":
+        bnb = "8bit" if quantization.get("load_in_8bit") else "4bit"
+    return ModelFacts(max_position_embeddings=getattr(text_config, "max_position_embeddings", None),
+                      bnb_quantization=bnb)

@@ -1,0 +1,119 @@
+"""config/resolve.py: every auto value decided in one place, from plain facts (no GPU needed)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from pagedserve.config.engine import ConfigError, EngineConfig
+from pagedserve.config.resolve import (
+    CPU_MAX_BATCH_TOKENS,
+    GPU_MAX_BATCH_TOKENS,
+    MAX_AUTO_MODEL_LEN,
+    ModelFacts,
+    Platform,
+    resolve,
+    resolve_engine_process,
+)
+
+CPU = Platform.cpu_only()
+HOPPER = Platform(cuda_available=True, bf16_supported=True, supports_programmatic_launch=True,
+                  triton_unavailable_reason="")
+OLD_GPU = Platform(cuda_available=True, bf16_supported=False, supports_programmatic_launch=False,
+                   triton_unavailable_reason="")
+LLAMA = ModelFacts(max_position_embeddings=8192)
+
+
+def test_auto_on_a_cpu() -> None:
+    settings = resolve(EngineConfig(), CPU, LLAMA)
+    runner = settings.runner
+    assert (runner.device, runner.dtype, runner.attention_backend) == ("cpu", "float32", "reference")
+    assert not runner.compile.enabled and not runner.cuda_graphs and not runner.decode_linear
+    assert not runner.programmatic_launch
+    assert settings.scheduler.max_batch_tokens == CPU_MAX_BATCH_TOKENS
+    assert settings.scheduler.max_model_len == 8192
+    assert settings.load.device == "cpu" and settings.load.bnb_4bit_compute_dtype == "float32"
+
+
+def test_auto_on_a_hopper_gpu() -> None:
+    runner = resolve(EngineConfig(), HOPPER, LLAMA).runner
+    assert (runner.device, runner.dtype, runner.attention_backend) == ("cuda", "bfloat16", "triton")
+    assert runner.compile.enabled and runner.cuda_graphs and runner.decode_linear and runner.programmatic_launch
+    assert resolve(EngineConfig(), HOPPER, LLAMA).scheduler.max_batch_tokens == GPU_MAX_BATCH_TOKENS
+    # A GPU without bfloat16 or PDL; and the user's "off" always wins over the platform.
+    old = resolve(EngineConfig(), OLD_GPU, LLAMA).runner
+    assert old.dtype == "float16" and not old.programmatic_launch
+    assert not resolve(EngineConfig(programmatic_launch=False), HOPPER, LLAMA).runner.programmatic_launch
+
+
+def test_triton_unavailable_falls_back_to_the_reference_and_graphs_off() -> None:
+    no_triton = Platform(cuda_available=True, bf16_supported=True, triton_unavailable_reason="triton is not installed")
+    settings = resolve(EngineConfig(), no_triton, LLAMA)
+    assert settings.runner.attention_backend == "reference" and not settings.runner.cuda_graphs
+    assert any("triton is not installed" in line for line in settings.decisions)
+    with pytest.raises(ConfigError, match="attention_backend='triton' is unavailable: triton is not installed"):
+        resolve(EngineConfig(attention_backend="triton"), no_triton, LLAMA)
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        resolve(EngineConfig(attention_backend="triton"), CPU, LLAMA)
+
+
+def test_bitsandbytes_turns_compile_off_and_8bit_turns_graphs_off() -> None:
+    four = resolve(EngineConfig(quantization="bnb-4bit"), HOPPER, LLAMA).runner
+    eight = resolve(EngineConfig(quantization="bnb-8bit"), HOPPER, LLAMA).runner
+    assert not four.compile.enabled and four.cuda_graphs
+    assert not eight.compile.enabled and not eight.cuda_graphs
+    # A checkpoint saved quantized counts too, and an explicit compile=True is kept.
+    saved = resolve(EngineConfig(compile=True), HOPPER, ModelFacts(8192, bnb_quantization="8bit")).runner
+    assert saved.compile.enabled and not saved.cuda_graphs
+
+
+def test_context_length_and_batch_budget() -> None:
+    assert resolve(EngineConfig(), CPU, ModelFacts(None)).scheduler.max_model_len == 4096
+    assert resolve(EngineConfig(), CPU, ModelFacts(131072)).scheduler.max_model_len == MAX_AUTO_MODEL_LEN
+    assert resolve(EngineConfig(max_model_len=100000), CPU, ModelFacts(131072)).scheduler.max_model_len == 100000
+    no_chunks = resolve(EngineConfig(enable_chunked_prefill=False), CPU, LLAMA).scheduler
+    assert no_chunks.max_batch_tokens == 8192  # a whole prompt fits one step
+    assert resolve(EngineConfig(max_batch_tokens=300), CPU, LLAMA).scheduler.max_batch_tokens == 300
+
+
+def test_explicit_values_are_kept_and_only_autos_are_reported() -> None:
+    explicit = EngineConfig(device="cpu", dtype="bfloat16", max_model_len=256, max_batch_tokens=128,
+                            attention_backend="reference", compile=False, engine_process=False,
+                            enable_cuda_graphs=False)
+    settings = resolve(explicit, HOPPER, LLAMA)
+    assert settings.runner.device == "cpu" and settings.runner.dtype == "bfloat16"
+    assert settings.decisions == ()
+    auto = resolve(EngineConfig(), HOPPER, LLAMA)
+    names = [line.split("=")[0] for line in auto.decisions]
+    assert names == ["device", "dtype", "max_model_len", "max_batch_tokens", "attention_backend", "compile"]
+    assert auto.describe().startswith("resolved settings: device=cuda (a CUDA device is visible)")
+
+
+def test_device_cuda_without_a_gpu_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="device='cuda' but no CUDA device is visible"):
+        resolve(EngineConfig(device="cuda"), CPU, LLAMA)
+
+
+def test_engine_process_auto() -> None:
+    assert resolve_engine_process(EngineConfig(), HOPPER) and not resolve_engine_process(EngineConfig(), CPU)
+    assert resolve_engine_process(EngineConfig(engine_process=True), CPU)
+
+
+def test_async_scheduling_is_off_with_tensor_parallel() -> None:
+    assert resolve(EngineConfig(), CPU, LLAMA).async_scheduling
+    assert not resolve(EngineConfig(tp_size=2), CPU, LLAMA).async_scheduling
+
+
+def test_the_engine_logs_its_resolution_once(tiny_model_dir, caplog) -> None:
+    from pagedserve.engine.core.llm_engine import LLMEngine
+
+    with caplog.at_level(logging.INFO, logger="pagedserve"):
+        engine = LLMEngine(EngineConfig(model=str(tiny_model_dir("llama")), num_blocks=16, max_num_seqs=2))
+    try:
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resolved settings:")]
+        assert len(lines) == 1 and "device=cpu" in lines[0] and "max_model_len=512" in lines[0]
+        assert engine.settings.runner.attention_backend == "reference"
+        assert engine.max_model_len == engine.settings.scheduler.max_model_len == 512
+    finally:
+        engine.shutdown()
