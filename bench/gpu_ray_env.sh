@@ -14,12 +14,11 @@ if [ "${RAY_INSTALL:-1}" = 1 ]; then
     # One pip call: --target --upgrade replaces whole top-level folders, so a second call would drop some.
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         /tmp/raywhl/$W .ray2/*.whl .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/pp:/tmp/site PATH=/tmp/site/bin:$PATH
+    export PYTHONPATH=$PWD:/tmp/site PATH=/tmp/site/bin:$PATH
 else
-    export PYTHONPATH=/tmp/pp${PYTHONPATH:+:$PYTHONPATH}
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
-# pagedserve from this checkout, without installing it: its folders as the package's subpackages.
-mkdir -p /tmp/pp/pagedserve && for d in config cache engine serve_app; do ln -sfn "$PWD/$d" /tmp/pp/pagedserve/$d; done
+# pagedserve from this checkout, without installing it: its pagedserve/ finds the layers beside it.
 export RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1
 
 # `serve_run ARGS... &`: serve run as a background job that still stops on Ctrl-C. A non-interactive shell

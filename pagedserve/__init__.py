@@ -10,7 +10,16 @@ use, so importing this package (the HTTP ingress does) pulls in neither torch no
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# Installed, the layers (config, cache, engine, serve_app, demo) are subpackages in this package's folder, as
+# pyproject.toml's package-dir maps them. With a source checkout's root on sys.path (`serve run` from the root,
+# `python -m pytest`, a GPU machine that runs the checkout uninstalled), this folder holds only this file and
+# the layers are its siblings: look for them there too.
+_SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isfile(os.path.join(_SOURCE_ROOT, "pyproject.toml")) and os.path.isdir(os.path.join(_SOURCE_ROOT, "engine")):
+    __path__.append(_SOURCE_ROOT)  # noqa: F821 - a package's own __path__
 
 from pagedserve.engine.core.request import CompletionOutput, RequestOutput, SamplingParams
 from pagedserve.engine.errors import EngineDeadError, EngineError, InvalidRequestError, RequestTooLargeError
