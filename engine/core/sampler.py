@@ -22,8 +22,8 @@ from pagedserve.engine.core.request import Request
 _MIN_TEMPERATURE = 1e-2
 # Exponential noise is clamped away from 0: probs / 0 would be inf, or NaN for a filtered token.
 _MIN_NOISE = 1e-10
-# Up to this many rows the argmax runs in two stages (see greedy_argmax). H200, vocabulary 128,256
-# (bench/linear_bench.py): 1 row 27.7 -> 12.1 us, 16 rows 28.2 -> 17.6 us, 64 rows 28.4 -> 32.7 us.
+# Up to this many rows the argmax runs in two stages (see greedy_argmax): faster up to 16 rows of a
+# 128k vocabulary, slower at 64 (bench/linear_bench.py).
 _TWO_STAGE_MAX_ROWS = 16
 
 
@@ -39,9 +39,9 @@ def _argmax_chunk(vocab_size: int) -> int | None:
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     """`logits.argmax(dim=1)`, the same index on ties (the first), faster for a few rows on a GPU.
 
-    torch reduces a row of a 128k vocabulary in one thread block (28 us on an H200 at batch 1, about a
-    hundredth of a decode step); here each chunk of the row is reduced by its own block first, then the
-    chunk maxima (12 us). Both stages return the first maximal index, so the result is argmax's.
+    torch reduces a row of a 128k vocabulary in one thread block (about a hundredth of a batch-1 decode
+    step); here each chunk of the row is reduced by its own block first, then the chunk maxima, in less
+    than half the time. Both stages return the first maximal index, so the result is argmax's.
     """
     rows, vocab_size = logits.shape
     chunk = _argmax_chunk(vocab_size)

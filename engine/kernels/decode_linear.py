@@ -8,10 +8,9 @@ pass; the rows of x stay in L1/L2. Accumulation is in float32, the output in the
 cuBLAS. Rows are padded to 16 for `tl.dot` (tensor cores); one row can also use a multiply-and-sum on
 the CUDA cores (`use_dot=False`).
 
-Measured on an H200 (`bench/linear_bench.py`, docs/benchmarks.md): at one row the kernel matched or
-beat cuBLAS on o, down and the LM head and removed the split-K reductions (batch-1 decode step 4.81 ->
-4.71 ms); at 2-16 rows it was slower than cuBLAS on q/k/v and down (masked 16-row tiles), so only
-one-row steps take it. A weight with too few output features for the wide tiles to give every SM a
+Why only one row (`bench/linear_bench.py`, docs/kernels.md): there the kernel matches or beats cuBLAS on
+o, down and the LM head and removes the split-K reductions; at 2-16 rows it is slower than cuBLAS on q/k/v
+and down (masked 16-row tiles). A weight with too few output features for the wide tiles to give every SM a
 program (q/k/v, N=6144) takes narrow multiply-and-sum tiles at one row; with fewer features still, it
 stays on cuBLAS.
 
@@ -57,8 +56,8 @@ def default_config(out_features: int, num_rows: int = MAX_ROWS, num_sms: int | N
     """From `bench/linear_bench.py --sweep` on an H200 (Llama-3-8B's projections at 1-16 rows): narrower
     tiles keep a grid of N <= 4096 features on every SM; wider ones read the long weights best. One row
     over a weight too short to give those tiles about one program per SM (`num_sms`: q/k/v's 6144
-    features) takes narrow multiply-and-sum tiles instead: 8 features a program (15.1 us against cuBLAS's
-    15.9 on q/k/v in that sweep)."""
+    features) takes narrow multiply-and-sum tiles instead: 8 features a program (a little faster than
+    cuBLAS on q/k/v in that sweep)."""
     wide = (SkinnyConfig(block_n=32, block_k=256, num_warps=4, num_stages=5) if out_features <= 4096
             else SkinnyConfig(block_n=64, block_k=128, num_warps=4, num_stages=5))
     if num_rows == 1 and num_sms is not None and not _fills_sms(out_features, wide, num_sms):
@@ -236,7 +235,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_pdl:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_pdl: bool = False) -> torch.Tensor:
     """`decode_linear` for one row, `F.linear` otherwise: the custom op's Python dispatch costs a few
-    microseconds a call (5.5 us on this project's CPU machine), which steps of several rows, eager or
+    microseconds a call, which steps of several rows, eager or
     compiled, need not pay. torch.compile specializes a dimension of size 1, so a compiled region has
     one graph with the op (one-token steps) and others without it, as it had before the op."""
     if x.numel() == x.shape[-1]:

@@ -44,8 +44,8 @@ class CompileOptions:
 
     @property
     def inductor_options(self) -> dict[str, Any] | None:
-        """Inductor's horizontal fusion of independent kernels (the rotary embedding of q and of k become
-        one kernel: a batch-1 decode step of Llama-3-8B on an H200 went 4.71 -> 4.66 ms), and its
+        """Inductor's horizontal fusion of independent kernels (the rotary embeddings of q and of k become
+        one kernel: fewer launches in a batch-1 decode step, docs/kernels.md), and its
         programmatic dependent launch (engine/kernels/launch.py; inductor applies it on Hopper and newer
         only) where this torch has it. torch.compile takes either a mode or options, so a configured mode
         goes without them."""

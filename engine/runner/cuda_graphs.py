@@ -12,8 +12,7 @@ A step's inputs reach the device in one copy (`DecodeInputs`): ids, positions, c
 tables and cache slots are packed on the host into one pinned buffer laid out like the device buffer the
 graphs read. Tokens the previous step sampled on the device (async scheduling) are gathered inside the
 graph. So a decode step is a host->device copy and a replay, with no small copies and index kernels in
-front of it. (On the H200 this moved a batch-1 step only from 4.89 to 4.88 ms and the GPU stayed 96% busy,
-so those copies were not what idled it; where the rest goes was not traced again: docs/benchmarks.md.)
+front of it.
 """
 
 from __future__ import annotations

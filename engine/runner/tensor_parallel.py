@@ -30,7 +30,7 @@ device memory holds one shard, host memory briefly one full copy per rank. Rando
 ranks cut the same model, and a TP=1 engine on the same GPU type draws it too (TP=1 vs TP=2 compares).
 The collectives are torch custom ops (`pagedserve::tp_all_reduce`, `pagedserve::tp_all_gather_last_dim`),
 so compiled decoder layers keep one graph each (tested with gloo) and decode CUDA graphs capture the
-NCCL calls (`test_tp2_nccl_on_gpus_matches_tp1`: passed on two H200s, 2026-11-29).
+NCCL calls (`test_tp2_nccl_on_gpus_matches_tp1`, on two GPUs).
 
 Failure: ranks fail together. A worker that dies is seen before the next step (process liveness)
 or inside a collective (its sockets close; the groups also carry a timeout), and rank 0 then
@@ -139,8 +139,8 @@ class RankGroup:
 
     def close(self, peers_alive: bool = True) -> None:
         """Tear the group down before the process exits. NCCL's communicators are torn down together
-        (every rank calls this when it stops); left to the destructor at exit, rank 0 hung there (seen
-        on two H200s after a passing TP test). With a rank gone, `abort` instead of waiting for it."""
+        (every rank calls this when it stops): left to the destructor at exit, rank 0 can hang there.
+        With a rank gone, `abort` instead of waiting for it."""
         for backend in (self.data, self.control):
             try:
                 backend.shutdown() if peers_alive else backend.abort()

@@ -455,8 +455,7 @@ class TileConfig:
 def default_decode_config(block_d: int, group_size: int, split_kv: bool = False) -> TileConfig:
     """One token per sequence: a tile is one head group, 16 rows being tl.dot's minimum. Small batches,
     whose KV ranges are split across programs, take 32-key tiles: twice the programs over a short context
-    (H200, one Llama-3-8B sequence in a CUDA graph, `attention_bench.py --batch1`: 7.4 -> 5.5 us a layer
-    at 128 tokens, 7.5 -> 6.0 at 640, 15.4 -> 15.0 at 8192)."""
+    (faster at every context length in `attention_bench.py --batch1`, most at short ones: docs/kernels.md)."""
     return TileConfig(block_m=16, block_n=64 if block_d <= 128 and not split_kv else 32, num_warps=4, num_stages=3)
 
 
@@ -564,7 +563,7 @@ class TritonAttentionBackend(AttentionBackend):
         softcap: float | None,
     ) -> torch.Tensor:
         """Decode steps store the new keys and values inside the attention kernel (one launch a layer
-        fewer: about 2 us of a batch-1 step's layer on an H200); other steps write, then attend."""
+        fewer); other steps write, then attend."""
         if not metadata.is_decode_only:
             return super().write_kv_and_forward(query, key, value, key_cache, value_cache, metadata, group,
                                                 scale=scale, sliding_window=sliding_window, softcap=softcap)
