@@ -59,10 +59,22 @@ class LLM:
             request_ids.append(request_id)
         results: dict[str, RequestOutput] = {}
         progress = tqdm(total=len(request_ids), desc="generate", disable=not use_tqdm, unit="req")
-        while self.engine.has_unfinished_requests():
-            for delta in self.engine.step():
-                results[delta.request_id] = merge_delta(results.get(delta.request_id), delta)
-                if delta.finished:
-                    progress.update(1)
-        progress.close()
+        try:
+            while self.engine.has_unfinished_requests():
+                for delta in self.engine.step():
+                    results[delta.request_id] = merge_delta(results.get(delta.request_id), delta)
+                    if delta.finished:
+                        progress.update(1)
+                refused = self.engine.take_refused()
+                if refused:  # a constraint that did not compile: the call fails as a bad one does at once
+                    raise refused[0][1]
+        except BaseException:
+            for request_id in request_ids:  # the others end too, and leave nothing behind in the engine
+                self.engine.abort(request_id)
+            while self.engine.has_unfinished_requests():
+                self.engine.step()
+                self.engine.take_refused()
+            raise
+        finally:
+            progress.close()
         return [results[request_id] for request_id in request_ids]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,7 @@ from pagedserve.config.engine import ConfigError, EngineConfig
 from pagedserve.config.resolve import ResolvedConfig, resolve
 
 from pagedserve.engine.core.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.core.grammar import GrammarCompiler, PendingGrammar
 from pagedserve.engine.errors import EngineDeadError, InvalidRequestError, RequestTooLargeError
 from pagedserve.engine.runner.loader import LoadedModel, dtype_name, load_model, read_model_config
 from pagedserve.engine.runner.model_runner import ModelRunner
@@ -31,6 +33,7 @@ from pagedserve.engine.core.request import (
     Logprob,
     Request,
     RequestOutput,
+    RequestStatus,
     SamplingParams,
 )
 from pagedserve.engine.core.sampler import SampledBatch, Sampler
@@ -70,6 +73,7 @@ class _RequestGroup:
     detokenizers: list[IncrementalDetokenizer]
     deltas: dict[int, _Delta] = field(default_factory=dict)
     error: str | None = None
+    grammar: PendingGrammar | None = None  # structured outputs: the compile it waits for before it is scheduled
 
     @property
     def is_finished(self) -> bool:
@@ -132,6 +136,9 @@ class LLMEngine:
         self.sampler = Sampler(self.device, seed=settings.seed)
         self.eos_token_ids = self._eos_token_ids(loaded.model)
         self._groups: dict[str, _RequestGroup] = {}
+        self._compiling: dict[str, _RequestGroup] = {}  # waiting for their grammar, not yet scheduled
+        self._refused: list[tuple[str, Exception]] = []  # refused after add_request returned (a grammar)
+        self._grammar_compiler: GrammarCompiler | None = None  # built with the first constrained request
         self._finished_outputs: list[RequestOutput] = []
         self._num_prompt_tokens_total = 0
         self._num_generation_tokens_total = 0
@@ -182,6 +189,11 @@ class LLMEngine:
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+        bad = next((t for t in params.token_ids_in_use() if not 0 <= t < vocab), None)
+        if bad is not None:
+            field_name = ("logit_bias" if bad in (params.logit_bias or {}) else "allowed_token_ids"
+                          if bad in (params.allowed_token_ids or []) else "stop_token_ids")
+            raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", param=field_name)
         if continuation is not None:
             self._validate_continuation(num_prompt, params, continuation)
         max_tokens = params.max_tokens if params.max_tokens is not None else 1
@@ -253,11 +265,73 @@ class LLMEngine:
             sequences=sequences,
             detokenizers=[IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params) for _ in sequences],
         )
+        if params.bad_words:
+            bad_word_ids = self._bad_word_ids(params.bad_words)
+            for sequence in sequences:
+                sequence.bad_word_ids = bad_word_ids
         if continuation is not None:
             self._continue_from(group, continuation)
         self._groups[request_id] = group
-        self.scheduler.add_request(sequences[0], children=sequences[1:])
         self._num_prompt_tokens_total += len(prompt_token_ids)
+        if params.structured_outputs is not None:
+            # Compiled off the step loop; scheduled once it is ready (`_admit_compiled`).
+            group.grammar = self._grammars().submit(params.structured_outputs)
+            self._compiling[request_id] = group
+        else:
+            self.scheduler.add_request(sequences[0], children=sequences[1:])
+
+    def _bad_word_ids(self, words: list[str]) -> list[list[int]]:
+        """Each bad word as token ids, alone and after a space (vLLM's rule: a word mid-text has its space)."""
+        encoded: list[list[int]] = []
+        for word in words:
+            for text in (word, " " + word.lstrip()):
+                ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids and ids not in encoded:
+                    encoded.append(ids)
+        return encoded
+
+    def _grammars(self) -> GrammarCompiler:
+        if self._grammar_compiler is None:
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.runner.shape.vocab_size,
+                                                     sorted(self.eos_token_ids))
+        return self._grammar_compiler
+
+    def _admit_compiled(self) -> None:
+        """Schedule the requests whose grammar has compiled, each sequence with a matcher of its own that
+        has accepted the tokens a continuation brought; refuse those whose grammar failed or timed out."""
+        for request_id, group in list(self._compiling.items()):
+            try:
+                compiled = group.grammar.result()
+                if compiled is None:
+                    continue
+                for sequence in group.sequences:
+                    matcher = self._grammars().matcher(compiled)
+                    for token_id in sequence.output_token_ids:
+                        if not matcher.accept_token(token_id):
+                            raise InvalidRequestError(f"the continuation's token {token_id} breaks the "
+                                                      f"{group.params.structured_outputs.kind}", param="continuation")
+                    sequence.grammar = matcher
+            except InvalidRequestError as exc:
+                del self._compiling[request_id]
+                self._refuse(group, exc)
+                continue
+            del self._compiling[request_id]
+            self.scheduler.add_request(group.sequences[0], children=group.sequences[1:])
+
+    def _refuse(self, group: _RequestGroup, error: Exception) -> None:
+        """A request refused after `add_request` returned: it ends without output, its error goes to
+        `take_refused` (servers answer it as a bad request)."""
+        for sequence in group.sequences:
+            sequence.status = RequestStatus.FINISHED
+            sequence.finish_reason = FinishReason.ERROR
+            self.sampler.forget(sequence.request_id)
+        self._groups.pop(group.request_id, None)
+        self._refused.append((group.request_id, error))
+
+    def take_refused(self) -> list[tuple[str, Exception]]:
+        """Requests refused since the last call, with why: (request id, error). Each is reported once."""
+        refused, self._refused = self._refused, []
+        return refused
 
     def _continue_from(self, group: _RequestGroup, continuation: Continuation) -> None:
         """Put the tokens already produced in place: the scheduler then computes prompt + them as it
@@ -279,11 +353,18 @@ class LLMEngine:
         group = self._groups.get(request_id)
         if group is None:
             return False
+        if self._compiling.pop(request_id, None) is not None:
+            for sequence in group.sequences:  # never scheduled: nothing to free
+                sequence.status = RequestStatus.FINISHED
+                sequence.finish_reason = FinishReason.ABORT
+            self._groups.pop(request_id, None)
+            return True
         self._finish_group(group, FinishReason.ABORT)
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._groups) or bool(self._finished_outputs) or self._in_flight is not None
+        return (bool(self._groups) or bool(self._finished_outputs) or self._in_flight is not None
+                or bool(self._refused))
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -297,6 +378,12 @@ class LLMEngine:
         """
         started = time.perf_counter()
         self.last_step = None
+        if self._compiling:
+            self._admit_compiled()
+            if self._compiling and not self.scheduler.num_unfinished and self._in_flight is None:
+                # Only compiles to wait for: sleep on them briefly instead of spinning the step loop.
+                wait_for_futures([g.grammar.future for g in self._compiling.values()], timeout=0.01,
+                                 return_when="FIRST_COMPLETED")
         output = self.scheduler.schedule()
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None and (output.is_empty or self._needs_token_values(output)):
@@ -330,6 +417,7 @@ class LLMEngine:
 
     @staticmethod
     def _needs_token_values(output: SchedulerOutput) -> bool:
+        """Sampling of this step reads earlier tokens' values on the host (penalties, bad words, grammars)."""
         return any(chunk.request.sampling_params.needs_token_history for chunk in output.chunks)
 
     def _fail_requests(self, requests: list[Request], exc: BaseException) -> None:
@@ -442,6 +530,12 @@ class LLMEngine:
         group = self._groups[request.parent_id or request.request_id]
         params = request.sampling_params
         request.output_token_ids[-1] = token_id
+        if request.grammar is not None and not request.grammar.accept_token(token_id):
+            # The mask allowed only what the matcher accepts; a token it refuses means the two disagree.
+            group.error = f"engine error: token {token_id} breaks the request's {params.structured_outputs.kind}"
+            logger.error("request %s: %s", request.request_id, group.error)
+            self._finish_group(group, FinishReason.ERROR)
+            return
         self._num_generation_tokens_total += 1
         if request.metrics.first_token_time is None:
             request.metrics.first_token_time = now
@@ -536,6 +630,8 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker ranks, if any, and let the collector reclaim this engine. Idempotent."""
+        if self._grammar_compiler is not None:
+            self._grammar_compiler.shutdown()
         stop = getattr(self.runner, "shutdown", None)
         if stop is not None:
             stop()

@@ -29,6 +29,54 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"  # failed inside the engine
 
 
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on a completion's text, under vLLM's names: exactly one of `json` (a JSON schema, as a
+    dict or its text), `json_object` (any JSON object), `regex`, `choice` (one of these strings) or
+    `grammar` (EBNF). `param` is the API field it came from, named in errors (`response_format`, `tools`)."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    param: str = "structured_outputs"
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise InvalidRequestError(
+                f"{self.param}: give exactly one of json, json_object, regex, choice, grammar (got "
+                f"{', '.join(given) or 'none'})", param=self.param)
+        if self.choice is not None:
+            if not isinstance(self.choice, (list, tuple)) or not self.choice or not all(
+                    isinstance(c, str) and c for c in self.choice):
+                raise InvalidRequestError(f"{self.param}: choice must be a non-empty list of non-empty strings",
+                                          param=self.param)
+            object.__setattr__(self, "choice", list(self.choice))
+        if isinstance(self.json, str):
+            try:
+                object.__setattr__(self, "json", __import__("json").loads(self.json))
+            except ValueError as exc:
+                raise InvalidRequestError(f"{self.param}: the JSON schema is not JSON: {exc}", param=self.param) from None
+        if self.json is not None and not isinstance(self.json, dict):
+            raise InvalidRequestError(f"{self.param}: a JSON schema must be an object", param=self.param)
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise InvalidRequestError(f"{self.param}: {name} must be a non-empty string", param=self.param)
+
+    @property
+    def is_json(self) -> bool:
+        return self.json is not None or self.json_object
+
+    @property
+    def kind(self) -> str:
+        return "JSON schema" if self.json is not None else "JSON object" if self.json_object else (
+            "regex" if self.regex is not None else "choice" if self.choice is not None else "grammar")
+
+
 @dataclass
 class SamplingParams:
     """How to sample one prompt's completions. Defaults follow vLLM (temperature 1.0, max_tokens 16)."""
@@ -50,6 +98,12 @@ class SamplingParams:
     logprobs: int | None = None  # top-n logprobs per generated token (0: only the sampled token's)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Constraints on which tokens may come (OpenAI's logit_bias; vLLM's allowed_token_ids, bad_words and
+    # structured outputs).
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words: list[str] | None = None  # never produced (their last token is banned after the others)
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -58,6 +112,16 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.logit_bias:
+            try:
+                self.logit_bias = {int(token): float(bias) for token, bias in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                raise InvalidRequestError("logit_bias maps token ids to numbers", param="logit_bias") from None
+        else:
+            self.logit_bias = None
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        self.bad_words = list(self.bad_words or [])
         self._check()
 
     def _check(self) -> None:
@@ -84,6 +148,14 @@ class SamplingParams:
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
              "stop_token_ids must be non-negative integers"),
             (self.seed is None or isinstance(self.seed, int), "seed", f"seed must be an integer, got {self.seed!r}"),
+            (all(t >= 0 and -100.0 <= b <= 100.0 for t, b in (self.logit_bias or {}).items()), "logit_bias",
+             "logit_bias maps non-negative token ids to biases in [-100, 100]"),
+            (self.allowed_token_ids is None or (bool(self.allowed_token_ids) and all(
+                isinstance(t, int) and t >= 0 for t in self.allowed_token_ids)), "allowed_token_ids",
+             "allowed_token_ids must be a non-empty list of non-negative integers"),
+            (all(isinstance(w, str) and w for w in self.bad_words), "bad_words", "bad_words must be non-empty strings"),
+            (self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+             "structured_outputs", "structured_outputs must be a StructuredOutputsParams"),
         ]
         for ok, param, message in checks:
             if not ok:
@@ -95,8 +167,13 @@ class SamplingParams:
 
     @property
     def needs_token_history(self) -> bool:
-        """Sampling reads the values of earlier tokens on the host (the penalties)."""
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        """Sampling reads the values of earlier tokens on the host (the penalties, bad words, a grammar)."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or bool(self.bad_words) or self.structured_outputs is not None)
+
+    def token_ids_in_use(self) -> list[int]:
+        """Token ids the parameters name (checked against the vocabulary by the engine)."""
+        return [*(self.logit_bias or {}), *(self.allowed_token_ids or []), *self.stop_token_ids]
 
 
 @dataclass(frozen=True)
@@ -193,6 +270,11 @@ class Request:
     # prompt + output tokens at which the request ends by length (max_tokens or the model's context);
     # the engine sets it when it accepts the request.
     token_limit: int = 2**62
+    # The sequence's grammar matcher (structured outputs; engine/core/grammar.py): it has accepted every
+    # output token, in order. None for an unconstrained sequence.
+    grammar: Any = None
+    # `bad_words` as token id sequences (each word alone and after a space), set by the engine.
+    bad_word_ids: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)

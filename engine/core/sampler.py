@@ -122,6 +122,55 @@ def _apply_min_tokens(logits: torch.Tensor, requests: list[Request]) -> None:
         logits.index_put_(index, torch.tensor(float("-inf"), device=logits.device))
 
 
+def _apply_token_constraints(logits: torch.Tensor, requests: list[Request]) -> None:
+    """logit_bias (added), allowed_token_ids (every other token -inf) and bad words (the last token of a
+    bad word whose other tokens end the output, -inf), in place, in the rows that ask for them."""
+    vocab_size = logits.shape[1]
+    device = logits.device
+    bias_rows: list[int] = []
+    bias_columns: list[int] = []
+    bias_values: list[float] = []
+    banned_rows: list[int] = []
+    banned_columns: list[int] = []
+    for row, request in enumerate(requests):
+        params = request.sampling_params
+        for token_id, bias in (params.logit_bias or {}).items():
+            if token_id < vocab_size:
+                bias_rows.append(row)
+                bias_columns.append(token_id)
+                bias_values.append(bias)
+        if params.allowed_token_ids is not None:
+            allowed = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            allowed[[t for t in params.allowed_token_ids if t < vocab_size]] = True
+            logits[row].masked_fill_(~allowed, float("-inf"))
+        output = request.output_token_ids
+        for word in request.bad_word_ids:
+            prefix = word[:-1]
+            if len(output) >= len(prefix) and (not prefix or output[len(output) - len(prefix):] == prefix):
+                banned_rows.append(row)
+                banned_columns.append(word[-1])
+    if bias_rows:
+        index = (_rows_tensor(bias_rows, torch.int64, device), _rows_tensor(bias_columns, torch.int64, device))
+        logits.index_put_(index, _rows_tensor(bias_values, torch.float32, device), accumulate=True)
+    if banned_rows:
+        index = (_rows_tensor(banned_rows, torch.int64, device), _rows_tensor(banned_columns, torch.int64, device))
+        logits.index_put_(index, torch.tensor(float("-inf"), device=device))
+
+
+def _apply_grammars(logits: torch.Tensor, requests: list[Request]) -> None:
+    """Rows of sequences under a grammar: tokens their matcher does not allow next are -inf, in place."""
+    rows = [row for row, request in enumerate(requests) if request.grammar is not None]
+    if not rows:
+        return
+    from pagedserve.engine.core.grammar import apply_bitmask, fill_bitmask
+
+    bitmask = fill_bitmask([requests[row].grammar for row in rows], logits.shape[1])
+    # fill_bitmask wrote row k for the k-th constrained request; spread to the logits' rows.
+    full = torch.full((logits.shape[0], bitmask.shape[1]), -1, dtype=bitmask.dtype)
+    full[rows] = bitmask
+    apply_bitmask(logits, full, rows)
+
+
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Rows' logits with tokens outside top-k, then outside top-p, set to -inf (HF/vLLM rules).
 
@@ -151,10 +200,11 @@ def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 def apply_logits_processing(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     """The logits each row is sampled from: a new float32 tensor; filtered tokens are -inf.
 
-    Order: repetition penalty, presence/frequency penalties, min_tokens, then for sampled rows only:
-    temperature (at least 0.01), top-k, top-p, min-p. Greedy rows (temperature 0) get the penalties and
-    min_tokens (as in vLLM and transformers' generate) but nothing else, so with default penalties their
-    argmax is exactly the argmax of the raw float32 logits. Neutral parameters leave a row untouched.
+    Order: repetition penalty, presence/frequency penalties, min_tokens, logit_bias, allowed_token_ids,
+    bad words, the grammar's mask, then for sampled rows only: temperature (at least 0.01), top-k, top-p,
+    min-p. Greedy rows (temperature 0) get everything before the temperature (as in vLLM and transformers'
+    generate) but nothing after, so with default parameters their argmax is exactly the argmax of the raw
+    float32 logits. Neutral parameters leave a row untouched.
     """
     processed = logits.to(torch.float32, copy=True)
     if not requests:
@@ -162,6 +212,8 @@ def apply_logits_processing(logits: torch.Tensor, requests: list[Request]) -> to
     device = processed.device
     _apply_penalties(processed, requests)
     _apply_min_tokens(processed, requests)
+    _apply_token_constraints(processed, requests)
+    _apply_grammars(processed, requests)
 
     params = [r.sampling_params for r in requests]
     sampled_rows = [row for row, p in enumerate(params) if not p.is_greedy]

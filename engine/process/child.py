@@ -178,6 +178,8 @@ def _serve(engine: LLMEngine, commands: Connection, results: ResultSender) -> bo
         if busy_since is None:
             busy_since = (results.num_steps, results.num_step_messages)
         outputs = engine.step()
+        for request_id, error in engine.take_refused():
+            results.put(("error", request_id, portable(error)))
         results.put(("step", outputs, engine.get_stats(), engine.last_step))
 
 

@@ -84,6 +84,8 @@ class ThreadCore(QueuedCommands):
                     self._wakeup.clear()
                     continue
                 outputs = self.engine.step()
+                for request_id, error in self.engine.take_refused():
+                    sink.on_request_error(request_id, error)
                 sink.on_step(outputs, self.engine.get_stats(), self.engine.last_step)
         except BaseException as exc:  # noqa: BLE001 - the loop must report its death, never vanish
             logger.exception("engine loop died")
