@@ -61,6 +61,7 @@ class _InFlightStep:
     requests: list[Request]  # row -> request
     rows: dict[str, int]  # request id -> row
     sampled: SampledBatch | None  # None when no request of the step samples
+    delivered: bool = False
 
 
 @dataclass
@@ -386,9 +387,11 @@ class LLMEngine:
                                  return_when="FIRST_COMPLETED")
         output = self.scheduler.schedule()
         in_flight, self._in_flight = self._in_flight, None
-        if in_flight is not None and (output.is_empty or self._needs_token_values(output)):
-            self._deliver(in_flight)  # penalties read the previous tokens' values on the host
+        if in_flight is not None and output.is_empty:
+            self._deliver(in_flight)
             in_flight = None
+        # With sampling that reads earlier tokens' values (penalties, bad words, grammars), the launch
+        # delivers the step in flight after the forward is queued and before sampling.
         launched = self._launch(output, in_flight) if not output.is_empty else None
         if in_flight is not None:
             self._deliver(in_flight)
@@ -442,6 +445,9 @@ class LLMEngine:
         try:
             step_input = self._build_step_input(output, in_flight.rows if in_flight is not None else {})
             logits = self.runner.execute(step_input, in_flight.sampled.token_ids if in_flight is not None else None)
+            if in_flight is not None and self._needs_token_values(output):
+                # The forward above runs on the device meanwhile; sampling below reads the tokens.
+                self._deliver(in_flight)
             rows: list[int] = []
             row_requests: list[Request] = []
             sample_index = 0
@@ -463,7 +469,10 @@ class LLMEngine:
         return _InFlightStep(row_requests, {r.request_id: row for row, r in enumerate(row_requests)}, sampled)
 
     def _deliver(self, step: _InFlightStep) -> None:
-        """Wait for a launched step's tokens on the host and put each in place of its placeholder."""
+        """Wait for a launched step's tokens on the host and put each in place of its placeholder (once)."""
+        if step.delivered:
+            return
+        step.delivered = True
         try:
             sampled = step.sampled.result()
         except Exception as exc:  # noqa: BLE001 -- an asynchronous device error surfaces here

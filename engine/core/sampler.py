@@ -159,7 +159,9 @@ def _apply_token_constraints(logits: torch.Tensor, requests: list[Request]) -> N
 
 def _apply_grammars(logits: torch.Tensor, requests: list[Request]) -> None:
     """Rows of sequences under a grammar: tokens their matcher does not allow next are -inf, in place."""
-    rows = [row for row, request in enumerate(requests) if request.grammar is not None]
+    # A request that ended since its row was launched (its previous token was a stop) samples freely: the
+    # token is dropped, and its matcher, done, has nothing more to allow.
+    rows = [row for row, request in enumerate(requests) if request.grammar is not None and not request.is_finished]
     if not rows:
         return
     from pagedserve.engine.core.grammar import apply_bitmask, fill_bitmask

@@ -198,3 +198,19 @@ def test_logit_bias_allowed_token_ids_and_bad_words(llm) -> None:
         llm.generate(["bias"], SamplingParams(logit_bias={10**6: 1}), use_tqdm=False)
     with pytest.raises(InvalidRequestError, match=r"\[-100, 100\]"):
         SamplingParams(logit_bias={1: 101})
+
+
+def test_async_scheduling_gives_the_synchronous_tokens_under_grammars(bpe_model_dir) -> None:
+    """The step in flight is delivered after the next forward is queued and before its masks are filled:
+    the same tokens as a synchronous engine, constrained and free requests mixed."""
+    params = [constrained(SCHEMAS[i % len(SCHEMAS)], temperature=1.0 if i % 2 else 0.0, seed=i) for i in range(6)]
+    params += [SamplingParams(max_tokens=10, temperature=1.0, seed=9, repetition_penalty=1.2, bad_words=["the"])]
+    prompts = [f"sync {i}" for i in range(len(params))]
+    results = []
+    for async_scheduling in (False, True):
+        engine = LLM(str(bpe_model_dir), num_blocks=256, max_num_seqs=16, async_scheduling=async_scheduling)
+        try:
+            results.append([o.outputs[0].token_ids for o in engine.generate(prompts, params, use_tqdm=False)])
+        finally:
+            engine.engine.shutdown()
+    assert results[0] == results[1]
