@@ -127,7 +127,10 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--vocab-size", type=int, default=128256)
     parser.add_argument("--constrained-fraction", type=float, default=0.5)
-    parser.add_argument("--array-items", type=int, default=64, help="integers in each constrained answer")
+    parser.add_argument("--array-items", type=int, default=96,
+                        help="integers in each constrained answer (96: about as many tokens as a plain request)")
+    parser.add_argument("--constrained-max-tokens", type=int, default=None,
+                        help="room for the constrained answers to finish (default: twice --max-new-tokens)")
     parser.add_argument("--max-num-seqs", type=int, default=512)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -148,7 +151,7 @@ def main() -> int:
     schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999},
               "minItems": args.array_items, "maxItems": args.array_items}
     plain = SamplingParams(temperature=0, max_tokens=args.max_new_tokens, ignore_eos=True)
-    constrained = SamplingParams(temperature=0, max_tokens=args.max_new_tokens,
+    constrained = SamplingParams(temperature=0, max_tokens=args.constrained_max_tokens or 2 * args.max_new_tokens,
                                  structured_outputs=StructuredOutputsParams(json=schema))
     every = max(1, round(1 / args.constrained_fraction)) if args.constrained_fraction > 0 else 0
     mixed = [constrained if every and index % every == 0 else plain for index in range(args.num_requests)]
@@ -195,6 +198,8 @@ def main() -> int:
         ("ratio to plain (mean of before and after)", f"{mixed_tps / baseline:.3f}"),
         ("constrained outputs that parse and validate", f"{valid}/{num_constrained} "
                                                         f"(mean {lengths / max(num_constrained, 1):.0f} tokens)"),
+        ("output tokens: plain W1, mixed", f"{args.num_requests * args.max_new_tokens}, "
+                                           f"{(args.num_requests - num_constrained) * args.max_new_tokens + lengths}"),
         ("grammar compile ms p50 / p99 (new schemas)", f"{statistics.median(compile_ms):.2f} / "
                                                        f"{percentile(compile_ms, 99):.2f}"),
         ("grammar compile ms, cached schema", f"{cached_ms:.3f}"),

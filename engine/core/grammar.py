@@ -69,19 +69,16 @@ class CompiledConstraint:
 
 
 class SequenceGrammar:
-    """One sequence's matcher: which tokens may come next, advanced by each token the sequence takes."""
+    """One sequence's matcher: which tokens may come next, advanced by each token the sequence takes.
+    `batch`: its compiler's batch matcher, which fills the masks of many sequences on several threads."""
 
-    def __init__(self, matcher: Any, extra_mask: torch.Tensor | None) -> None:
-        self._matcher = matcher
-        self._extra_mask = extra_mask
+    def __init__(self, matcher: Any, extra_mask: torch.Tensor | None, batch: Any) -> None:
+        self.matcher = matcher
+        self.extra_mask = extra_mask
+        self.batch = batch
 
     def accept_token(self, token_id: int) -> bool:
-        return self._matcher.accept_token(token_id)
-
-    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        self._matcher.fill_next_token_bitmask(bitmask, row)
-        if self._extra_mask is not None:
-            bitmask[row] &= self._extra_mask
+        return self.matcher.accept_token(token_id)
 
 
 class PendingGrammar:
@@ -119,6 +116,7 @@ class GrammarCompiler:
         self._compiler = xgr.GrammarCompiler(self._info, max_threads=num_threads, cache_enabled=True)
         self._json_safe = self._tokens_without_control_bytes(vocab_size)
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="pagedserve-grammar")
+        self._batch = xgr.BatchGrammarMatcher(max_threads="auto")
 
     def _tokens_without_control_bytes(self, vocab_size: int) -> torch.Tensor:
         """[ceil(vocab / 32)] int32 bitmask of the tokens whose text holds no byte below 0x20."""
@@ -163,7 +161,7 @@ class GrammarCompiler:
         return CompiledConstraint(compiled, self._json_safe if params.is_json else None)
 
     def matcher(self, compiled: "CompiledConstraint") -> "SequenceGrammar":
-        return SequenceGrammar(_xgrammar().GrammarMatcher(compiled.grammar), compiled.extra_mask)
+        return SequenceGrammar(_xgrammar().GrammarMatcher(compiled.grammar), compiled.extra_mask, self._batch)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -176,12 +174,18 @@ def allocate_bitmask(num_rows: int, vocab_size: int) -> torch.Tensor:
 def fill_bitmask(matchers: list[SequenceGrammar], vocab_size: int) -> torch.Tensor:
     """[len(matchers), ceil(vocab / 32)] int32 bitmask on the host: row i holds the tokens matcher i allows."""
     bitmask = allocate_bitmask(len(matchers), vocab_size)
+    if not matchers:
+        return bitmask
+    # One call for every row, on the batch matcher's threads (they release the GIL).
+    matchers[0].batch.batch_fill_next_token_bitmask([m.matcher for m in matchers], bitmask)
     for row, matcher in enumerate(matchers):
-        matcher.fill_bitmask(bitmask, row)
+        if matcher.extra_mask is not None:
+            bitmask[row] &= matcher.extra_mask
     return bitmask
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     """Set the logits of tokens the bitmask forbids to -inf, in place, in the given rows only."""
-    bitmask = bitmask.to(logits.device, non_blocking=True)
+    if logits.device.type == "cuda":  # from pinned memory: a pageable copy would wait for the queued forward
+        bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
     _xgrammar().apply_token_bitmask_inplace(logits, bitmask, indices=rows)
