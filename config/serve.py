@@ -82,6 +82,9 @@ class ServeArgs(BaseModel):
     )
     router: RouterSettings = Field(default_factory=RouterSettings)
     api_key: SecretStr | None = Field(None, description=f"Bearer token; default from ${API_KEY_ENV}.")
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
+        "auto", description="How `tool_choice: auto` completions are read for tool calls; auto: the format the "
+        "model's chat template shows (serve_app/tool_calls.py).")
     stream_messages_per_s: float = Field(
         1000.0, gt=0.0,
         description="Most token messages per second a replica sends over Ray; with many streams each one's "

@@ -34,6 +34,8 @@ from pagedserve.serve_app.api_errors import APIError, as_api_error, bad_request,
 from pagedserve.serve_app.metrics import IngressMetrics
 from pagedserve.serve_app.replica import GenerateRequest, ModelInfo, ReplicaError
 from pagedserve.serve_app.replica_calls import ReplicaCalls
+from pagedserve.serve_app.tool_calls import ToolPlan, parser_for_template
+from pagedserve.serve_app.tool_stream import ToolCallStream, tool_call_models
 
 logger = logging.getLogger("ray.serve")
 
@@ -141,8 +143,12 @@ class OpenAIIngress:
         except ValidationError as exc:
             errors = exc.errors()
             first = errors[0]
-            # The top-level field: a union type adds its member's name to the location ("prompt.str").
+            # The top-level field: a union type adds its member's name to the location ("prompt.str"). A check
+            # of the whole body names its field first in its message ("tool_choice names ...").
             param = str(first["loc"][0]) if first["loc"] else None
+            if param is None:
+                word = str(first["msg"]).removeprefix("Value error, ").split(" ", 1)[0]
+                param = word if word in model_cls.model_fields or word in oai.UNSUPPORTED else None
             details = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']} (got {e.get('input')!r:.80})" for e in errors
             )
@@ -281,25 +287,38 @@ class OpenAIIngress:
 
     def chat_token_ids(
         self, info: ModelInfo, messages: list[oai.ChatMessage], add_generation_prompt: bool,
-        template_kwargs: dict[str, Any] | None,
+        template_kwargs: dict[str, Any] | None, tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         try:
-            conversation = [{"role": m.role, "content": m.text_content()} for m in messages]
+            conversation = [m.for_template() for m in messages]
         except ValueError as exc:
             raise bad_request(str(exc), "messages") from None
         if getattr(info.tokenizer, "chat_template", None) is None:
             raise bad_request("this model has no chat template; use /v1/completions", "messages")
         try:
             text = info.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=add_generation_prompt, tokenize=False, **(template_kwargs or {})
+                conversation, tools=tools or None, add_generation_prompt=add_generation_prompt, tokenize=False,
+                **(template_kwargs or {}),
             )
         except Exception as exc:
             raise bad_request(f"cannot apply the chat template: {exc}", "messages") from None
-        return info.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenize(info, text, "messages", add_special_tokens=False)
 
-    def sampling_params(self, body: Any, max_tokens: int) -> SamplingParams:
+    def tokenize(self, info: ModelInfo, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of request text; text the tokenizer cannot take (a lone surrogate) is a bad request."""
         try:
-            return body.to_sampling_params(max_tokens)
+            return info.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        except Exception as exc:  # noqa: BLE001 - tokenizers raise TypeError/ValueError/Rust panics
+            raise bad_request(f"the {param} cannot be tokenized: {type(exc).__name__}: {exc}"[:300], param) from None
+
+    def tool_parser(self, info: ModelInfo) -> str:
+        if self.args.tool_call_parser != "auto":
+            return self.args.tool_call_parser
+        return parser_for_template(getattr(info.tokenizer, "chat_template", None))
+
+    def sampling_params(self, body: Any, max_tokens: int, *extra: Any) -> SamplingParams:
+        try:
+            return body.to_sampling_params(max_tokens, *extra)
         except InvalidRequestError as exc:
             raise bad_request(exc.message, exc.param) from None
 
@@ -314,7 +333,7 @@ class OpenAIIngress:
         requests = []
         for i, prompt in enumerate(body.prompts()):
             if isinstance(prompt, str):
-                token_ids = info.tokenizer(prompt)["input_ids"]
+                token_ids = self.tokenize(info, prompt, "prompt")
             else:
                 token_ids = list(prompt)
                 if any(t >= len(info.tokenizer) for t in token_ids):
@@ -335,24 +354,27 @@ class OpenAIIngress:
         model = await self.check_model(body.model)
         info = await self.model_info()
         request_id = oai.new_id("chatcmpl")
-        token_ids = self.chat_token_ids(info, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+        plan = body.tool_plan(self.tool_parser(info))
+        token_ids = self.chat_token_ids(info, body.messages, body.add_generation_prompt, body.chat_template_kwargs,
+                                        list(plan.tools))
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         try:
             max_tokens = self.check_length(info, len(token_ids), body.requested_max_tokens)
         except APIError as exc:
             exc.param = param if exc.param == "max_tokens" else exc.param
             raise
-        params = self.sampling_params(body, max_tokens)
+        params = self.sampling_params(body, max_tokens, plan.constraint)
         requests = [self.make_request(info, f"{request_id}-0", token_ids, token_ids, params,
                                       stream=bool(body.stream))]
         if body.stream:
-            return await self.stream_response(info, model, request_id, requests, body, chat=True)
-        return await self.full_response(info, model, request_id, requests, body, chat=True)
+            return await self.stream_response(info, model, request_id, requests, body, chat=True, plan=plan)
+        return await self.full_response(info, model, request_id, requests, body, chat=True, plan=plan)
 
     # Responses ---------------------------------------------------------------------------------------
 
     async def full_response(
-        self, info: ModelInfo, model: str, request_id: str, requests: list[GenerateRequest], body: Any, chat: bool
+        self, info: ModelInfo, model: str, request_id: str, requests: list[GenerateRequest], body: Any, chat: bool,
+        plan: ToolPlan | None = None,
     ) -> Response:
         tasks = [asyncio.ensure_future(self.calls.collect(r)) for r in requests]
         try:
@@ -379,18 +401,19 @@ class OpenAIIngress:
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         ordered = [(index, choices[index]) for index in sorted(choices)]
         if chat:
-            response = oai.ChatCompletionResponse(
-                id=request_id, created=oai.now_s(), model=model, usage=usage,
-                choices=[
-                    oai.ChatChoice(
-                        index=index, message=oai.ChatResponseMessage(content=c.text),
-                        finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                        logprobs=self.chat_logprobs(info, c.token_ids, c.logprobs or [], body.top_logprobs or 0)
-                        if body.logprobs else None,
-                    )
-                    for index, c in ordered
-                ],
-            )
+            chat_choices = []
+            for index, c in ordered:
+                content, calls = plan.read(c.text) if plan is not None else (c.text, [])
+                chat_choices.append(oai.ChatChoice(
+                    index=index,
+                    message=oai.ChatResponseMessage(content=content, tool_calls=tool_call_models(calls) or None),
+                    finish_reason="tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason,
+                    stop_reason=c.stop_reason,
+                    logprobs=self.chat_logprobs(info, c.token_ids, c.logprobs or [], body.top_logprobs or 0)
+                    if body.logprobs else None,
+                ))
+            response = oai.ChatCompletionResponse(id=request_id, created=oai.now_s(), model=model, usage=usage,
+                                                  choices=chat_choices)
         else:
             response = oai.CompletionResponse(
                 id=request_id, created=oai.now_s(), model=model, usage=usage,
@@ -407,9 +430,11 @@ class OpenAIIngress:
         return Response(response.model_dump_json(), media_type="application/json")
 
     async def stream_response(
-        self, info: ModelInfo, model: str, request_id: str, requests: list[GenerateRequest], body: Any, chat: bool
+        self, info: ModelInfo, model: str, request_id: str, requests: list[GenerateRequest], body: Any, chat: bool,
+        plan: ToolPlan | None = None,
     ) -> Response:
         streams = await self.calls.open_streams(requests)
+        tool_streams: dict[int, ToolCallStream] = {}
         n = requests[0].sampling_params.n
         created = oai.now_s()
         include_usage = body.include_usage_in_stream
@@ -439,11 +464,16 @@ class OpenAIIngress:
                         index = prompt_index * n + completion.index
                         num_completion_tokens += len(completion.token_ids)
                         if chat:
+                            delta, finish_reason = oai.ChatDelta(content=completion.text), completion.finish_reason
+                            if plan is not None and plan.mode != "none":
+                                tools = tool_streams.setdefault(index, ToolCallStream(plan))
+                                delta, finish_reason = tools.feed(completion.text, completion.finish_reason)
+                                if delta is None:  # held back: it may be the start of a tool call
+                                    continue
                             chunk: BaseModel = oai.ChatCompletionChunk(
                                 id=request_id, created=created, model=model,
                                 choices=[oai.ChatChunkChoice(
-                                    index=index, delta=oai.ChatDelta(content=completion.text),
-                                    finish_reason=completion.finish_reason,
+                                    index=index, delta=delta, finish_reason=finish_reason,
                                     logprobs=self.chat_logprobs(info, completion.token_ids, completion.logprobs or [],
                                                                 body.top_logprobs or 0) if body.logprobs else None,
                                 )],
@@ -479,4 +509,3 @@ class OpenAIIngress:
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-

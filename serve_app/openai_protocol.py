@@ -1,21 +1,54 @@
 """OpenAI-compatible request, response, chunk and error models, and their mapping onto `SamplingParams`.
 
-Requests are pydantic models with range checks, so a bad field is rejected once, here, with its name;
-unknown fields are ignored as OpenAI's server does. Responses are plain pydantic models serialized with
-`model_dump_json(exclude_none=...)` by the ingress.
+Requests are pydantic models with range checks, so a bad field is rejected once, here, with its name.
+A field OpenAI defines that this server does not implement is refused with a 400 naming it (`UNSUPPORTED`),
+never dropped; fields OpenAI does not define are ignored, as OpenAI's server does (vLLM's extensions among
+them are implemented: `guided_*`, `structured_outputs`, `allowed_token_ids`, `bad_words` ...). Responses are
+plain pydantic models serialized with `model_dump_json(exclude_none=...)` by the ingress.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pagedserve.engine.core.request import SamplingParams
+from pagedserve.engine.core.request import SamplingParams, StructuredOutputsParams
+from pagedserve.engine.errors import InvalidRequestError
+from pagedserve.serve_app.tool_calls import ToolPlan
 
 MAX_LOGPROBS = 20
+
+
+def _neutral(*values: Any) -> Callable[[Any], bool]:
+    return lambda value: value is None or value in values
+
+
+# OpenAI fields this server does not implement, with the values that ask for nothing (accepted).
+UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "audio": _neutral(),
+    "modalities": lambda value: value is None or value == ["text"],
+    "prediction": _neutral(),
+    "web_search_options": _neutral(),
+    "functions": lambda value: not value,  # the deprecated form of tools
+    "function_call": _neutral("none", "auto"),
+    "reasoning_effort": _neutral(),
+    "verbosity": _neutral(),
+    "service_tier": _neutral("auto", "default"),
+    "store": _neutral(False),
+}
+
+
+def _refuse_unsupported(payload: Any, fields: tuple[str, ...]) -> Any:
+    if isinstance(payload, dict):
+        for name in fields:
+            if name in payload and not UNSUPPORTED[name](payload[name]):
+                raise ValueError(f"{name} is not supported by this server")
+    return payload
 
 
 # Errors ----------------------------------------------------------------------------------------------
@@ -45,6 +78,40 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_json_schema(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        return self
+
+
+class StructuredOutputsField(BaseModel):
+    """vLLM's `structured_outputs` request field."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by completions and chat completions; OpenAI names, vLLM extensions."""
 
@@ -69,6 +136,49 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM's extensions
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"logit_bias keys are token ids, got {token!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
+        return value
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        """The one structured-output constraint the request asks for, from whichever field names it."""
+        found: list[StructuredOutputsParams] = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            found.append(StructuredOutputsParams(json_object=True, param="response_format"))
+        elif fmt is not None and fmt.type == "json_schema":
+            found.append(StructuredOutputsParams(json=fmt.json_schema.schema_, param="response_format"))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            value = getattr(self, name)
+            if value is not None:
+                found.append(StructuredOutputsParams(**{key: value}, param=name))
+        if self.structured_outputs is not None:
+            so = self.structured_outputs
+            found.append(StructuredOutputsParams(json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar,
+                                                 json_object=bool(so.json_object), param="structured_outputs"))
+        if len(found) > 1:
+            raise InvalidRequestError(
+                f"give one structured-output constraint, not {len(found)} ({', '.join(c.param for c in found)})",
+                param=found[1].param)
+        return found[0] if found else None
 
     @field_validator("stop")
     @classmethod
@@ -86,7 +196,8 @@ class _SamplingFields(BaseModel):
             raise ValueError("stream_options is only allowed when stream is true")
         return self
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                         constraint: StructuredOutputsParams | None = None) -> SamplingParams:
         return SamplingParams(
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -105,6 +216,10 @@ class _SamplingFields(BaseModel):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias={int(token): bias for token, bias in self.logit_bias.items()} if self.logit_bias else None,
+            allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words,
+            structured_outputs=constraint,
         )
 
     @property
@@ -150,15 +265,47 @@ class CompletionRequest(_SamplingFields):
         return list(self.prompt)  # type: ignore[arg-type]
 
     def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
-        return self._sampling_params(max_tokens, self.logprobs)
+        return self._sampling_params(max_tokens, self.logprobs, self.constraint())
+
+
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallModel(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallModel] | None = None
+    tool_call_id: str | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates take it (tool call arguments decoded, as transformers' templates expect)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text_content()}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_calls:
+            calls = []
+            for call in self.tool_calls:
+                try:
+                    arguments = json.loads(call.function.arguments)
+                except ValueError:
+                    raise ValueError(f"tool call {call.id}: arguments are not JSON") from None
+                calls.append({"id": call.id, "type": "function",
+                              "function": {"name": call.function.name, "arguments": arguments}})
+            message["tool_calls"] = calls
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
     def text_content(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -171,8 +318,67 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    metadata: dict[str, str] | None = None
+    prompt_cache_key: str | None = None  # a routing hint: prefix caching needs none
+    safety_identifier: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported_fields(cls, payload: Any) -> Any:
+        return _refuse_unsupported(payload, tuple(UNSUPPORTED))
+
+    @model_validator(mode="after")
+    def _tool_choice_needs_tools(self) -> "ChatCompletionRequest":
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools must have distinct function names")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools")
+        if choice == "required" and not names:
+            raise ValueError("tool_choice 'required' needs tools")
+        return self
+
+    def tool_plan(self, parser: str) -> ToolPlan:
+        tools = tuple(tool.model_dump(exclude_none=True) for tool in self.tools or [])
+        choice = self.tool_choice or ("auto" if tools else "none")
+        if not tools or choice == "none":
+            return ToolPlan("none", tools, parser=parser)
+        if isinstance(choice, NamedToolChoice):
+            return ToolPlan("named", tools, named=choice.function.name, parallel=self.parallel_tool_calls, parser=parser)
+        return ToolPlan(choice, tools, parallel=self.parallel_tool_calls, parser=parser)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -190,9 +396,14 @@ class ChatCompletionRequest(_SamplingFields):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int | None, tool_constraint: StructuredOutputsParams | None = None
+                           ) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs)
+        constraint = self.constraint()
+        if constraint is not None and tool_constraint is not None:
+            raise InvalidRequestError(f"tool_choice forces a tool call; it cannot be combined with {constraint.param}",
+                                      param=constraint.param)
+        return self._sampling_params(max_tokens, logprobs, constraint or tool_constraint)
 
 
 class TokenizeRequest(BaseModel):
@@ -283,6 +494,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallModel] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -302,9 +514,22 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo | None = None
 
 
+class DeltaFunction(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
