@@ -1,13 +1,20 @@
-"""Tiny random-weight models of real architectures, saved like hub checkpoints.
+"""Tiny random-weight models of real architectures, saved like hub checkpoints: the one builder of the suite.
 
 Each is built from its transformers config (no download), saved with save_pretrained together with a
-small word-level tokenizer, and loaded back by path: the same path a hub model takes.
+small tokenizer, and loaded back by path: the same path a hub model takes. Two tokenizers:
+- "word-level" (the default): `w<i>` words, one id each, so engine tests write prompts as ids and compare
+  with transformers token for token;
+- "byte-bpe": a byte-level BPE trained on a few sentences, with special tokens and a role chat template,
+  so the serve tests send real text and chat messages through the OpenAI routes.
+Random weights are enough: tests compare the engine with transformers, or the service with the offline
+engine, never with good text.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -16,9 +23,25 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 VOCAB_SIZE = 256
 EOS_ID, BOS_ID, PAD_ID = 1, 2, 0
+ARCHS = ("llama", "mistral", "gemma2", "qwen2")
+
+BPE_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+_BPE_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paged attention stores keys and values in fixed-size blocks.",
+    "Continuous batching adds and removes requests at every step.",
+    "Ray Serve routes requests to replicas through deployment handles.",
+    "Hello world! Numbers 0123456789 and symbols ,.;:!?()[]{}<>-_=+*/\\'\"",
+] * 20
+
+Tokenizer = Literal["word-level", "byte-bpe"]
 
 
 def make_tokenizer():
+    """The word-level tokenizer: `w3`..`w255` are ids 3..255; 0, 1, 2 are pad, EOS and BOS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -35,13 +58,35 @@ def make_tokenizer():
     return tokenizer
 
 
-def _configs():
+def make_bpe_tokenizer(max_position_embeddings: int = 512):
+    """A byte-level BPE of about 400 tokens trained on `_BPE_CORPUS` (any text encodes), with role tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_BPE_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        chat_template=BPE_CHAT_TEMPLATE, model_max_length=max_position_embeddings, clean_up_tokenization_spaces=False,
+    )
+
+
+def _configs(vocab_size: int, eos_id: int, bos_id: int, pad_id: int, num_hidden_layers: int,
+             num_key_value_heads: int, max_position_embeddings: int) -> dict:
     from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
-        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        eos_token_id=EOS_ID, bos_token_id=BOS_ID, pad_token_id=PAD_ID,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4, num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
+        eos_token_id=eos_id, bos_token_id=bos_id, pad_token_id=pad_id,
     )
     return {
         "llama": LlamaConfig(**common),
@@ -54,18 +99,34 @@ def _configs():
     }
 
 
-ARCHS = ("llama", "mistral", "gemma2", "qwen2")
-
-
-def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
+def build_tiny_model(
+    arch: str,
+    out_dir: Path,
+    seed: int = 0,
+    *,
+    tokenizer: Tokenizer = "word-level",
+    num_hidden_layers: int = 4,
+    num_key_value_heads: int = 2,
+    max_position_embeddings: int = 512,
+) -> Path:
+    """Save a random `arch` model (hidden size 64, 4 attention heads) and its tokenizer in `out_dir`."""
     from transformers import AutoModelForCausalLM
 
+    if tokenizer == "word-level":
+        saved_tokenizer = make_tokenizer()
+        ids = dict(vocab_size=VOCAB_SIZE, eos_id=EOS_ID, bos_id=BOS_ID, pad_id=PAD_ID)
+    elif tokenizer == "byte-bpe":
+        saved_tokenizer = make_bpe_tokenizer(max_position_embeddings)
+        ids = dict(vocab_size=len(saved_tokenizer), eos_id=saved_tokenizer.eos_token_id,
+                   bos_id=saved_tokenizer.bos_token_id, pad_id=saved_tokenizer.pad_token_id)
+    else:
+        raise ValueError(f"tokenizer must be 'word-level' or 'byte-bpe', not {tokenizer!r}")
+    config = _configs(**ids, num_hidden_layers=num_hidden_layers, num_key_value_heads=num_key_value_heads,
+                      max_position_embeddings=max_position_embeddings)[arch]
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_configs()[arch])
-    model.generation_config.eos_token_id = EOS_ID
-    model.generation_config.pad_token_id = PAD_ID
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.eos_token_id = ids["eos_id"]
+    model.generation_config.pad_token_id = ids["pad_id"]
     model.save_pretrained(out_dir)
-    make_tokenizer().save_pretrained(out_dir)
+    saved_tokenizer.save_pretrained(out_dir)
     return out_dir
-
-

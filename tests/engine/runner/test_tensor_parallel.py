@@ -18,42 +18,19 @@ from pagedserve.config.engine import ConfigError, EngineConfig
 from pagedserve.engine.errors import EngineDeadError
 from pagedserve.engine.core.llm_engine import LLMEngine
 from pagedserve.engine.core.request import SamplingParams
-from tiny_models import (
-    BOS_ID,
-    EOS_ID,
-    PAD_ID,
-    VOCAB_SIZE,
-    build_tiny_model,
-    make_tokenizer,
-)
+from tiny_models import build_tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], list(range(20, 57)), [99]]
 
 
-def _build_one_kv_head_llama(out_dir: Path) -> Path:
-    """GQA with one KV head: fewer KV heads than ranks, so every rank keeps a replica of it."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
-        eos_token_id=EOS_ID, bos_token_id=BOS_ID, pad_token_id=PAD_ID,
-    )
-    model = AutoModelForCausalLM.from_config(config)
-    model.generation_config.eos_token_id = EOS_ID
-    model.save_pretrained(out_dir)
-    make_tokenizer().save_pretrained(out_dir)
-    return out_dir
-
-
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tp_models")
+def model_dirs(tiny_model_dir, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
-        "llama": build_tiny_model("llama", root / "llama"),
-        "qwen2": build_tiny_model("qwen2", root / "qwen2"),
-        "llama-1-kv-head": _build_one_kv_head_llama(root / "llama1kv"),
+        "llama": tiny_model_dir("llama"),
+        "qwen2": tiny_model_dir("qwen2"),
+        # GQA with one KV head: fewer KV heads than ranks, so every rank keeps a replica of it.
+        "llama-1-kv-head": build_tiny_model("llama", tmp_path_factory.mktemp("tp-llama1kv"), seed=1,
+                                            num_hidden_layers=3, num_key_value_heads=1),
     }
 
 
