@@ -1,4 +1,12 @@
-"""Ray Serve clusters for tests: distinct free ports, a cluster that always shuts down, a health wait."""
+"""Ray Serve for tests: one local cluster for the whole session, one Serve application per module on it.
+
+Starting and stopping a cluster costs seconds each time, so the Ray tests share one (the `ray_cluster`
+fixture of tests/serve_app/conftest.py). Each module deploys its own application under a route prefix of
+its own (`/<name>`), so a module's replicas, handles, faults and logs stay its own, and deletes it when it
+is done. Everything a module needs from the cluster itself is set here once: 8 logical CPUs, the dashboard
+(its REST API is tested), Ray's metrics agent on a port of its own reporting every 0.5 s (the metrics test
+scrapes it), and tests/serve_app on the workers' PYTHONPATH (where `FakeAsyncEngine` lives).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,12 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FAKE_ENGINE_DIR = str(Path(__file__).resolve().parent / "serve_app")
 
 
 def free_ports(count: int) -> list[int]:
@@ -27,25 +40,61 @@ def _free_port() -> int:
     return free_ports(1)[0]
 
 
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str | Callable[[], str],
+             period_s: float = 0.2) -> Any:
+    """Poll `predicate` until it returns something truthy (returned); an exception counts as not yet.
+    After `timeout_s` raises AssertionError naming `what` (a callable is asked then, so it can describe the
+    last state seen) and the last exception."""
+    deadline = time.monotonic() + timeout_s
+    last_error: BaseException | None = None
+    while True:
+        try:
+            result = predicate()
+            if result:
+                return result
+        except Exception as error:  # noqa: BLE001 - not ready yet: try again until the deadline
+            last_error = error
+        if time.monotonic() >= deadline:
+            description = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {description}; last error: {last_error!r}")
+        time.sleep(period_s)
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    http_port: int
+    dashboard_url: str
+    metrics_port: int
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def base_url(self, app_name: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}/{app_name}"
+
+
 @contextlib.contextmanager
-def local_serve(env_vars: dict[str, str] | None = None, **ray_init_kwargs) -> Iterator[int]:
-    """A Ray cluster of our own (8 logical CPUs) with Serve's proxy on 127.0.0.1; yields the HTTP port.
+def local_cluster() -> Iterator[RayCluster]:
+    """A Ray cluster of our own with Serve's proxy on 127.0.0.1 (see the module docstring for its settings).
 
     A picked port can be taken by one of Ray's own processes before the proxy binds it, so the proxy
     start is retried on fresh ports. Ray and Serve are shut down however the block ends, also when the
-    set-up fails, so a failing module never leaves a cluster behind for the next one. Token auth is off so
-    the tests can read the dashboard REST API.
+    set-up fails, so no cluster is left behind. Token auth is off so the tests can read the dashboard REST API.
     """
     import ray
     from ray import serve
 
     previous_auth_mode = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    dashboard_port, metrics_port = free_ports(2)
     try:
         # address="local": a cluster of its own, even where another one (or a stale record of one in
         # /tmp/ray/ray_current_cluster) exists on this machine.
         ray.init(address="local", num_cpus=8, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", **(env_vars or {})}}, **ray_init_kwargs)
+                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "PYTHONPATH": FAKE_ENGINE_DIR}},
+                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+                 _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 500})
         for attempt in range(3):
             http_port = _free_port()
             try:
@@ -55,7 +104,8 @@ def local_serve(env_vars: dict[str, str] | None = None, **ray_init_kwargs) -> It
                 serve.shutdown()
                 if attempt == 2:
                     raise
-        yield http_port
+        yield RayCluster(http_port=http_port, dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+                         metrics_port=metrics_port)
     finally:
         if ray.is_initialized():  # else serve.shutdown() would connect to whatever cluster it finds
             serve.shutdown()
@@ -69,31 +119,50 @@ def local_serve(env_vars: dict[str, str] | None = None, **ray_init_kwargs) -> It
 def wait_until_healthy(base: str, timeout_s: float = 180.0) -> None:
     import httpx
 
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{base}/health did not answer 200 within {timeout_s:.0f} s")
+    def answers() -> bool:
+        return httpx.get(f"{base}/health", timeout=5).status_code == 200
+
+    wait_for(answers, timeout_s, f"{base}/health to answer 200", period_s=0.25)
 
 
 @contextlib.contextmanager
-def fake_engine_app(app_name: str, args: dict, **ray_init_kwargs) -> Iterator[str]:
-    """The service with `FakeAsyncEngine` replicas (tests/serve_app/fake_engine.py, which the workers import
-    through PYTHONPATH) on a cluster of its own (`local_serve`); `args` are the app's args, the engine class
-    added. Yields the HTTP base URL once /health answers."""
-    from pathlib import Path
-
-    from pagedserve.serve_app import build_app
+def deployed(cluster: RayCluster, app_name: str, app: Any, timeout_s: float = 180.0) -> Iterator[str]:
+    """Run `app` on `cluster` as `app_name` under the route prefix `/<app_name>`; yield its base URL once
+    /health answers. The application is deleted when the block ends, however it ends."""
     from ray import serve
 
-    fake_engine_dir = str(Path(__file__).resolve().parent / "serve_app")
-    with local_serve(env_vars={"PYTHONPATH": fake_engine_dir}, **ray_init_kwargs) as http_port:
-        serve.run(build_app({"engine_class": "fake_engine:FakeAsyncEngine", **args}), name=app_name,
-                  route_prefix="/", blocking=False)
-        base = f"http://127.0.0.1:{http_port}"
-        wait_until_healthy(base, timeout_s=120)
+    serve.run(app, name=app_name, route_prefix=f"/{app_name}", blocking=False)
+    try:
+        base = cluster.base_url(app_name)
+        wait_until_healthy(base, timeout_s)
+        yield base
+    finally:
+        # Not blocking: Serve stops the replicas in the background (seconds), while the next module's
+        # application, under a prefix of its own, already starts.
+        serve.delete(app_name, _blocking=False)
+
+
+def build_app_with(args: dict, **replica_options: Any) -> Any:
+    """`build_app(args)` with some of the engine replicas' Serve deployment options replaced (a shorter
+    health-check period, say, where a test waits for Serve to replace a replica)."""
+    import importlib
+
+    # The module, not the `app` builder function that pagedserve.serve_app exports under the same name.
+    app_module = importlib.import_module("pagedserve.serve_app.app")
+    product_options = app_module.replica_options
+    app_module.replica_options = lambda serve_args: {**product_options(serve_args), **replica_options}
+    try:
+        return app_module.build_app(args)
+    finally:
+        app_module.replica_options = product_options
+
+
+@contextlib.contextmanager
+def fake_engine_app(cluster: RayCluster, app_name: str, args: dict, timeout_s: float = 120.0,
+                    **replica_options: Any) -> Iterator[str]:
+    """The service with `FakeAsyncEngine` replicas (tests/serve_app/fake_engine.py, which the workers import
+    through PYTHONPATH); `args` are the app's args, the engine class added; `replica_options` replace Serve
+    deployment options of the engine replicas (`build_app_with`). Yields the base URL."""
+    app = build_app_with({"engine_class": "fake_engine:FakeAsyncEngine", **args}, **replica_options)
+    with deployed(cluster, app_name, app, timeout_s) as base:
         yield base

@@ -11,8 +11,11 @@ with the real engine. Magic words in the prompt inject faults:
                      tokens; later ones run normally (a marker file per word, shared by all replicas)
   "DIEEARLY <word>"  the same, before the first token
   "ENGINEDIES <word>"  the first request naming <word> kills the engine (not the process) after two tokens:
-                     every open stream fails with EngineDeadError, later calls are refused, check_health fails
-Workers import this module through PYTHONPATH set in the test's runtime_env.
+                     every open stream fails with EngineDeadError, later calls are refused; check_health
+                     fails once the test creates `health_check_gate(<word>)`. In production Serve notices a
+                     dead engine only after three failed checks (half a minute at a 10 s period); the gate
+                     lets a test hold that window open exactly as long as it needs, with a short period.
+Workers import this module through PYTHONPATH set in the cluster's runtime_env (tests/ray_harness.py).
 """
 
 from __future__ import annotations
@@ -37,12 +40,28 @@ from pagedserve.engine.core.stats import EngineStats
 from transformers import AutoTokenizer
 
 
-def _dies_now(text: str, magic: str) -> bool:
-    """True once per word named after `magic` in the prompt, across all processes of this machine."""
+def _marker(magic: str, word: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"pagedserve-fake-engine-{magic}-{word}"
+
+
+def health_check_gate(word: str) -> Path:
+    """The file whose existence lets the health check of an engine killed by "ENGINEDIES <word>" fail."""
+    return _marker("HEALTHFAILS", word)
+
+
+def _word_after(text: str, magic: str) -> str | None:
     words = text.split()
     if magic not in words or words.index(magic) + 1 >= len(words):
+        return None
+    return words[words.index(magic) + 1]
+
+
+def _dies_now(text: str, magic: str) -> bool:
+    """True once per word named after `magic` in the prompt, across all processes of this machine."""
+    word = _word_after(text, magic)
+    if word is None:
         return False
-    marker = Path(tempfile.gettempdir()) / f"pagedserve-fake-engine-{magic}-{words[words.index(magic) + 1]}"
+    marker = _marker(magic, word)
     try:
         marker.touch(exist_ok=False)
     except FileExistsError:
@@ -63,6 +82,7 @@ class FakeAsyncEngine:
         self._aborted: set[str] = set()
         self._freed = asyncio.Event()
         self._dead_reason: str | None = None
+        self._health_check_gate: Path | None = None
 
     @property
     def is_dead(self) -> bool:
@@ -99,6 +119,8 @@ class FakeAsyncEngine:
         delay_s = 0.2 if "SLOW" in text else 0.005
         die_after = 0 if _dies_now(text, "DIEEARLY") else 2 if _dies_now(text, "DIEONCE") else None
         engine_dies_after = 2 if _dies_now(text, "ENGINEDIES") else None
+        if engine_dies_after is not None:
+            self._health_check_gate = health_check_gate(_word_after(text, "ENGINEDIES"))
         try:
             self._waiting.add(request_id)
             while self.num_free_blocks < blocks:
@@ -162,7 +184,7 @@ class FakeAsyncEngine:
         )
 
     async def check_health(self) -> None:
-        if self._dead_reason is not None:
+        if self._dead_reason is not None and (self._health_check_gate is None or self._health_check_gate.exists()):
             raise EngineDeadError(self._dead_reason)
 
     def shutdown(self) -> None:

@@ -17,7 +17,8 @@ import pytest
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
-from ray_harness import fake_engine_app, free_ports  # noqa: E402
+from fake_engine import health_check_gate  # noqa: E402
+from ray_harness import fake_engine_app, wait_for  # noqa: E402
 
 API_KEY = "test-key-123"
 MAX_MODEL_LEN = 2048
@@ -26,8 +27,7 @@ BIG_BLOCKS, SMALL_BLOCKS = 64, 8
 
 
 @pytest.fixture(scope="module")
-def service(tiny_model_path: str):
-    (dashboard_port,) = free_ports(1)
+def service(ray_cluster, tiny_model_path: str):
     args = {
         "model": tiny_model_path, "max_model_len": MAX_MODEL_LEN, "block_size": BLOCK_SIZE, "num_cpus_per_replica": 1,
         # Autoscaling on ongoing requests, held at two replicas here (load never reaches 2 x 16 ongoing).
@@ -36,10 +36,22 @@ def service(tiny_model_path: str):
         "router": {"max_queued_requests": 2, "queue_timeout_s": 3, "retry_after_s": 2, "stats_period_s": 0.5},
         "api_key": API_KEY, "max_request_body_bytes": 4096,
     }
-    with fake_engine_app("fake", args, include_dashboard=True, dashboard_host="127.0.0.1",
-                         dashboard_port=dashboard_port) as base:
-        time.sleep(3)  # let both replicas publish their first routing stats (every 0.5 s)
-        yield {"base": base, "dashboard": f"http://127.0.0.1:{dashboard_port}", "model": tiny_model_path}
+    # Serve checks replica health every second (not every 10 s), so a lost replica is replaced within seconds.
+    with fake_engine_app(ray_cluster, "fake", args, health_check_period_s=1) as base:
+        wait_for_both_reports(base, tiny_model_path)
+        yield {"base": base, "dashboard": ray_cluster.dashboard_url, "model": tiny_model_path}
+
+
+def wait_for_both_reports(base: str, model: str) -> None:
+    """Until the ingress's router holds both replicas' first routing stats (published every 0.5 s): only
+    then does it refuse a request too large for every replica itself, naming the largest cache; before, it
+    tries the unreported replica, whose engine refuses with its own message."""
+    def refused_by_the_router() -> bool:
+        response = httpx.post(f"{base}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30,
+                              json={"model": model, "prompt": "Hello world", "max_tokens": 1500})
+        return response.status_code == 400 and "largest replica" in response.json()["error"]["message"]
+
+    wait_for(refused_by_the_router, 30, "the router to hold both replicas' routing stats", period_s=0.1)
 
 
 @pytest.fixture
@@ -201,7 +213,9 @@ def test_full_service_answers_429_and_blocks_return_on_disconnect(service) -> No
             next(lines)
             streams.append(stream)
             line_iterators.append(lines)
-        time.sleep(0.2)
+        # Both streams hold their 26 blocks on the big replica before the late requests come.
+        wait_for(lambda: BIG_BLOCKS - 2 * 26 in {free for free, _ in replica_free_blocks().values()}, 10,
+                 "two SLOW streams holding their blocks")
 
         def late(c: httpx.Client) -> tuple[httpx.Response, float]:
             started = time.time()
@@ -223,13 +237,13 @@ def test_full_service_answers_429_and_blocks_return_on_disconnect(service) -> No
             stream.__exit__(None, None, None)
         for c in clients:
             c.close()
-    deadline = time.time() + 15
-    while time.time() < deadline:
-        free = replica_free_blocks()
-        if len(free) == 2 and all(f == t for f, t in free.values()):
-            break
-        time.sleep(0.3)
-    assert len(free) == 2 and all(f == t for f, t in free.values()), free
+    seen: list[dict] = []
+
+    def every_block_free() -> bool:
+        seen.append(replica_free_blocks())
+        return len(seen[-1]) == 2 and all(f == t for f, t in seen[-1].values())
+
+    wait_for(every_block_free, 15, lambda: f"every block back on both replicas; last seen: {seen[-1:]}", period_s=0.3)
 
 
 def test_dashboard_shows_app_running(service) -> None:
@@ -313,12 +327,13 @@ def test_a_request_whose_replica_is_lost_gets_its_whole_answer(
 def test_a_dead_engine_gets_no_requests_while_its_replica_is_replaced(service, client: httpx.Client) -> None:
     """The big replica's engine dies (its process lives on until Serve's health check replaces it): the
     stream on it goes on on the small replica, and requests sent meanwhile are all answered there, though
-    the dead replica, holding nothing, would otherwise look the emptiest."""
+    the dead replica, holding nothing, would otherwise look the emptiest. The fake engine's health check
+    fails only once this test opens its gate, so "meanwhile" lasts as long as the test needs."""
     import uuid
 
     _wait_for_running_replicas(2)
-    body = {"model": service["model"], "prompt": f"ENGINEDIES {uuid.uuid4().hex[:8]} tell me", "max_tokens": 6,
-            "stream": True}
+    word = uuid.uuid4().hex[:8]
+    body = {"model": service["model"], "prompt": f"ENGINEDIES {word} tell me", "max_tokens": 6, "stream": True}
     with client.stream("POST", "/v1/completions", json=body) as response:
         assert response.status_code == 200
         events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
@@ -330,4 +345,9 @@ def test_a_dead_engine_gets_no_requests_while_its_replica_is_replaced(service, c
     assert [a.status_code for a in answers] == [200] * 12, [a.text for a in answers if a.status_code != 200]
     again = client.post("/v1/completions", json={**body, "stream": False})
     assert again.status_code == 200 and again.json()["choices"][0]["text"] == text
-    _wait_for_running_replicas(2)  # the health check failed and Serve replaced the replica
+    gate = health_check_gate(word)
+    gate.touch()
+    try:
+        _wait_for_running_replicas(2)  # the health check failed and Serve replaced the replica
+    finally:
+        gate.unlink()

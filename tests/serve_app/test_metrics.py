@@ -270,8 +270,7 @@ def test_engine_log_records_reach_the_replicas_serve_log() -> None:
 
 ray = pytest.importorskip("ray")
 from pagedserve.serve_app import build_app  # noqa: E402
-from ray import serve  # noqa: E402
-from ray_harness import free_ports, local_serve, wait_until_healthy  # noqa: E402
+from ray_harness import deployed  # noqa: E402
 
 API_KEY = "metrics-key"
 NUM_LONG, LONG_TOKENS = 4, 300
@@ -279,9 +278,12 @@ SHARED_PREFIX = "The quick brown fox jumps over the lazy dog. " * 6  # several f
 
 
 
-def parse_scrape(text: str) -> dict[tuple[str, frozenset], float]:
-    """{(name, labels): value} of a Prometheus text exposition (labels without Ray's per-process ones)."""
-    series: dict[tuple[str, frozenset], float] = {}
+def parse_scrape(text: str, application: str, model: str) -> dict[tuple[str, frozenset], float]:
+    """{(name, labels): value} of a Prometheus text exposition (labels without Ray's per-process ones), of
+    this module's application only: the series of the processes that recorded something for `model` (its
+    engine replica and ingress) and those Serve labels with `application`. The session's cluster is shared,
+    and its metrics agent still exports the series of applications deleted before."""
+    samples = []
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
@@ -289,10 +291,16 @@ def parse_scrape(text: str) -> dict[tuple[str, frozenset], float]:
         if match is None:
             continue
         labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(3) or ""))
+        samples.append((match.group(1), labels, float(match.group(4))))
+    workers = {labels.get("WorkerId") for _, labels, _ in samples if labels.get("model") == model}
+    series: dict[tuple[str, frozenset], float] = {}
+    for name, labels, value in samples:
+        if labels.get("WorkerId") not in workers and labels.get("application") != application:
+            continue
         keep = frozenset((k, v) for k, v in labels.items() if k in ("model", "replica", "finished_reason", "reason",
                                                                     "le", "step_kind", "deployment"))
-        key = (match.group(1), keep)
-        series[key] = series.get(key, 0.0) + float(match.group(4))
+        key = (name, keep)
+        series[key] = series.get(key, 0.0) + value
     return series
 
 
@@ -306,21 +314,17 @@ def names(series: dict) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def service(tiny_model_path: str):
-    (metrics_port,) = free_ports(1)
-    with local_serve(include_dashboard=False, _metrics_export_port=metrics_port,
-                     _system_config={"metrics_report_interval_ms": 500}) as http_port:
-        args = {"model": tiny_model_path, "num_replicas": 1, "num_blocks": 96, "block_size": 16,
-                "max_model_len": 512, "served_model_name": "tiny", "api_key": API_KEY,
-                "router": {"stats_period_s": 0.25}}
-        serve.run(build_app(args), name="metrics", route_prefix="/", blocking=False)
-        base = f"http://127.0.0.1:{http_port}"
-        wait_until_healthy(base)
-        yield {"base": base, "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "metrics_port": metrics_port}
+def service(ray_cluster, tiny_model_path: str):
+    args = {"model": tiny_model_path, "num_replicas": 1, "num_blocks": 96, "block_size": 16,
+            "max_model_len": 512, "served_model_name": "tiny", "api_key": API_KEY,
+            "router": {"stats_period_s": 0.25}}
+    # The cluster's metrics agent reports every 0.5 s on a port of its own (ray_harness.local_cluster).
+    with deployed(ray_cluster, "metrics", build_app(args)) as base:
+        yield {"base": base, "metrics": ray_cluster.metrics_url, "metrics_port": ray_cluster.metrics_port}
 
 
 def scrape(service) -> dict:
-    return parse_scrape(httpx.get(service["metrics"], timeout=10).text)
+    return parse_scrape(httpx.get(service["metrics"], timeout=10).text, application="metrics", model="tiny")
 
 
 def wait_for(service, predicate, timeout_s: float, what: str) -> dict:
@@ -379,7 +383,8 @@ def test_metrics_move_with_load_and_a_real_prometheus_reads_them(service, tmp_pa
     if shutil.which("prometheus") is not None:
         prometheus = Prometheus(tmp_path, service["metrics_port"], free_port())
     try:
-        before = wait_for(service, lambda s: "ray_vllm_kv_cache_usage_perc" in names(s), 60, "replica gauges")
+        before = wait_for(service, lambda s: any(n == "ray_vllm_kv_cache_usage_perc" and ("model", "tiny") in labels
+                                                 for n, labels in s), 60, "replica gauges")
         assert total(before, "ray_vllm_kv_cache_usage_perc", model="tiny") == 0.0
 
         # Refusals: no key (401), a bad body (400).
@@ -430,7 +435,7 @@ def test_metrics_move_with_load_and_a_real_prometheus_reads_them(service, tmp_pa
         assert "ray_pagedserve_router_queue_length" in names(after)
         # Counters start at 0, as vLLM's do, so rate() panels show 0 rather than no data.
         assert any(n == "ray_vllm_num_preemptions_total" and ("model", "tiny") in labels for n, labels in after)
-        assert total(after, "ray_vllm_request_success_total", finished_reason="error") == 0
+        assert total(after, "ray_vllm_request_success_total", model="tiny", finished_reason="error") == 0
         assert "ray_pagedserve_router_refused_total" in names(after)
         assert "ray_serve_deployment_replica_healthy" in names(after)  # used by the replica-down alert
         # Everything the replica records reached the scrape (the router's refusal counter needs a refusal).
@@ -479,7 +484,7 @@ def check_with_prometheus(prometheus: Prometheus) -> None:
 def check_request_log_lines() -> None:
     logs_dir = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
     records = []
-    for path in logs_dir.glob("replica_*EngineReplica*.log"):
+    for path in logs_dir.glob("replica_metrics_EngineReplica_*.log"):  # this module's application only
         for line in path.read_text(errors="replace").splitlines():
             if "request_finished {" in line:
                 records.append(json.loads(line[line.index("request_finished {") + len("request_finished "):]))

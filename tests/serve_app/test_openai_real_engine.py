@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -23,9 +22,8 @@ ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 from pagedserve.engine.llm import LLM  # noqa: E402
 from pagedserve.engine.core.request import SamplingParams  # noqa: E402
-from pagedserve.serve_app import build_app  # noqa: E402
 from ray import serve  # noqa: E402
-from ray_harness import local_serve, wait_until_healthy  # noqa: E402
+from ray_harness import build_app_with, deployed, wait_for  # noqa: E402
 
 ENGINE_ARGS = {"num_blocks": 96, "block_size": 16, "max_model_len": 512, "max_num_seqs": 64}
 PROMPTS = [
@@ -36,16 +34,16 @@ PROMPTS = [
 ]
 
 
+APP = "real"
+
+
 @pytest.fixture(scope="module")
-def service(tiny_model_path: str):
-    with local_serve(include_dashboard=False) as http_port:
-        # The engine core in its own process, as on a GPU (on CPU it defaults to a thread).
-        args = {"model": tiny_model_path, "num_replicas": 1, "engine_process": True, **ENGINE_ARGS,
-                "router": {"stats_period_s": 0.5, "max_queued_requests": 256}}
-        serve.run(build_app(args), name="real", route_prefix="/", blocking=False)
-        base = f"http://127.0.0.1:{http_port}"
-        wait_until_healthy(base)
-        time.sleep(1.5)
+def service(ray_cluster, tiny_model_path: str):
+    # The engine core in its own process, as on a GPU (on CPU it defaults to a thread).
+    args = {"model": tiny_model_path, "num_replicas": 1, "engine_process": True, **ENGINE_ARGS,
+            "router": {"stats_period_s": 0.5, "max_queued_requests": 256}}
+    # Serve checks replica health every second (not every 10 s): the dead-engine test waits for that check.
+    with deployed(ray_cluster, APP, build_app_with(args, health_check_period_s=1)) as base:
         yield {"base": base, "model": tiny_model_path}
 
 
@@ -156,18 +154,17 @@ def long_stream(service) -> Iterator[Iterator[str]]:
 
 
 def test_disconnect_mid_stream_frees_blocks(service) -> None:
-    handle = serve.get_deployment_handle("EngineReplica", "real")
+    handle = serve.get_deployment_handle("EngineReplica", APP)
     total = handle.health.remote().result()["num_total_blocks"]
     with long_stream(service):
         assert handle.health.remote().result()["num_free_blocks"] < total
-    deadline = time.time() + 20
-    while time.time() < deadline and handle.health.remote().result()["num_free_blocks"] != total:
-        time.sleep(0.2)
-    assert handle.health.remote().result()["num_free_blocks"] == total
+    wait_for(lambda: handle.health.remote().result()["num_free_blocks"] == total, 20,
+             lambda: f"all {total} blocks free; now {handle.health.remote().result()['num_free_blocks']}")
 
 
 def engine_cores() -> list:
-    """Engine core processes of this module's replicas: descendants of this test process only."""
+    """Engine core processes of this module's replicas: descendants of this test process only, children of
+    a replica of this module's application (the session's cluster may still be stopping another one's)."""
     import psutil
 
     cores = []
@@ -175,7 +172,7 @@ def engine_cores() -> list:
         try:
             parent = process.parent()
             if ("spawn_main" in " ".join(process.cmdline()) and parent is not None
-                    and "EngineReplica" in " ".join(parent.cmdline())):
+                    and f"ServeReplica:{APP}:EngineReplica" in " ".join(parent.cmdline())):
                 cores.append(process)
         except psutil.Error:
             continue

@@ -11,20 +11,16 @@ from pagedserve.engine.llm import LLM  # noqa: E402
 from pagedserve.engine.core.request import SamplingParams  # noqa: E402
 from pagedserve.serve_app import build_app  # noqa: E402
 from ray import serve  # noqa: E402
-from ray_harness import local_serve, wait_until_healthy  # noqa: E402
+from ray_harness import deployed  # noqa: E402
 
 ENGINE_ARGS = {"num_blocks": 64, "block_size": 16, "max_model_len": 256, "max_num_seqs": 16, "dtype": "float32"}
 PROMPTS = ["The quick brown fox", "Paged attention stores keys"]
 
 
 @pytest.fixture(scope="module")
-def tp_service(tiny_model_path: str):
-    with local_serve(include_dashboard=False) as http_port:
-        args = {"model": tiny_model_path, "num_replicas": 1, "tp_size": 2, **ENGINE_ARGS,
-                "router": {"stats_period_s": 0.5}}
-        serve.run(build_app(args), name="tp", route_prefix="/", blocking=False)
-        base = f"http://127.0.0.1:{http_port}"
-        wait_until_healthy(base, timeout_s=240)
+def tp_service(ray_cluster, tiny_model_path: str):
+    args = {"model": tiny_model_path, "num_replicas": 1, "tp_size": 2, **ENGINE_ARGS, "router": {"stats_period_s": 0.5}}
+    with deployed(ray_cluster, "tp", build_app(args), timeout_s=240) as base:
         yield base
 
 
