@@ -38,7 +38,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "pagedserve-demo"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the chat template takes tools
 _FOLDER_NAME = f"demo-llama-v{_FORMAT_VERSION}"
 # Files whose presence marks a finished build; the atomic rename already guarantees it, this guards
 # against a user deleting files inside the cache by hand.
@@ -51,13 +51,33 @@ ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 
 # One header token per role, `<|end|>` after each turn. The prompt starts with BOS because
 # apply_chat_template tokenizes without special tokens; plain completions get BOS from the tokenizer.
+# Tools follow the Hermes convention (serve_app/tool_calls.py reads it back): the functions in a system turn
+# inside <tools>, a call as <tool_call>{"name": ..., "arguments": ...}</tool_call> in the assistant's turn, a
+# result as <tool_response> in a user turn. Without tools a chat renders exactly as the model was trained.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('pagedserve-demo supports the roles system, user and assistant, not ' + message['role']) }}"
+    "{% if tools %}"
+    "{{ '<|system|>\\nYou may call these functions. To call one, answer with <tool_call>{\\\"name\\\": ..., "
+    "\\\"arguments\\\": {...}}</tool_call>.\\n<tools>' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{% endfor %}"
+    "{{ '</tools><|end|>\\n' }}"
     "{% endif %}"
-    "{{ '<|' + message['role'] + '|>\\n' + (message['content'] | trim) + '<|end|>\\n' }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('pagedserve-demo supports the roles system, user, assistant and tool, not ' + message['role']) }}"
+    "{% endif %}"
+    "{% if message['role'] == 'tool' %}"
+    "{{ '<|user|>\\n<tool_response>' + (message['content'] | trim) + '</tool_response><|end|>\\n' }}"
+    "{% elif message['role'] == 'assistant' and message.get('tool_calls') %}"
+    "{{ '<|assistant|>\\n' }}"
+    "{% for call in message['tool_calls'] %}"
+    "{{ '<tool_call>' + ({'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson)"
+    " + '</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|end|>\\n' }}"
+    "{% else %}"
+    "{{ '<|' + message['role'] + '|>\\n' + ((message['content'] or '') | trim) + '<|end|>\\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )

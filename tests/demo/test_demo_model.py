@@ -124,7 +124,23 @@ def test_chat_template_renders_roles_and_generation_prompt(tokenizer: PreTrained
 
 def test_chat_template_rejects_unknown_role(tokenizer: PreTrainedTokenizerBase) -> None:
     with pytest.raises(Exception, match="roles"):
-        tokenizer.apply_chat_template([{"role": "tool", "content": "42"}], tokenize=False)
+        tokenizer.apply_chat_template([{"role": "function", "content": "42"}], tokenize=False)
+
+
+def test_chat_template_takes_tools_calls_and_results(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Hermes-style: the tools in a system turn, a call in the assistant's, its result in a user turn."""
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    messages = [
+        {"role": "user", "content": "1 + 1?"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 1}}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "2"},
+    ]
+    rendered = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert rendered.startswith("<|bos|><|system|>\nYou may call these functions.")
+    assert '<tools>{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}</tools>' in rendered
+    assert '<|assistant|>\n<tool_call>{"name": "add", "arguments": {"a": 1, "b": 1}}</tool_call><|end|>' in rendered
+    assert rendered.endswith("<|user|>\n<tool_response>2</tool_response><|end|>\n<|assistant|>\n")
 
 
 @pytest.mark.parametrize("prompt", ["The ", "The", "A list is"])
