@@ -101,9 +101,9 @@ class ServeArgs(BaseModel):
     ingress_num_replicas: int | None = Field(
         None, ge=1, le=64,
         description="Replicas of the HTTP ingress (OpenAI API parsing and routing). None: 1 when the engine "
-        f"replicas run on CPUs, {GPU_INGRESS_REPLICAS} when they have GPUs: one ingress process admits about "
-        "100-250 requests/s, and one H200 replica taking a 512-request burst needed four to serve 0.9 of its "
-        "offline throughput (docs/benchmarks.md). Raise it with many engine replicas.",
+        f"replicas run on CPUs, {GPU_INGRESS_REPLICAS} when they have GPUs: one ingress process admits a few "
+        "hundred requests/s, less than a GPU replica takes in a burst (docs/deploy.md). Raise it with many "
+        "engine replicas.",
     )
     name_prefix: str = Field("", description="Prefix of the deployment names (two apps on one cluster).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
