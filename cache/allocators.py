@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pagedserve.cache.block_pool import BlockPool
+from pagedserve.cache.blocks import blocks_for
 
 BlockTable = list  # list[int | None]
 
@@ -26,10 +27,6 @@ class BlockCopy:
     dst: int
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 class FullAttentionCacheAllocator:
     def __init__(self, pool: BlockPool, block_size: int) -> None:
         self.pool = pool
@@ -40,7 +37,7 @@ class FullAttentionCacheAllocator:
 
     def num_blocks_to_allocate(self, table: BlockTable, num_computed_tokens: int, num_total_tokens: int) -> int:
         """Fresh blocks needed so that positions [num_computed_tokens, num_total_tokens) can be written."""
-        num_new = max(0, cdiv(num_total_tokens, self.block_size) - len(table))
+        num_new = max(0, blocks_for(num_total_tokens, self.block_size) - len(table))
         return num_new + int(self._needs_copy(table, num_computed_tokens, num_total_tokens))
 
     def allocate(self, table: BlockTable, num_computed_tokens: int, num_total_tokens: int, group: int) -> list[BlockCopy]:
@@ -53,7 +50,7 @@ class FullAttentionCacheAllocator:
             copies.append(BlockCopy(group, shared, fresh))
             self.pool.free([shared])
             table[index] = fresh
-        num_new = cdiv(num_total_tokens, self.block_size) - len(table)
+        num_new = blocks_for(num_total_tokens, self.block_size) - len(table)
         if num_new > 0:
             table.extend(self.pool.allocate(num_new))
         return copies
@@ -65,7 +62,7 @@ class FullAttentionCacheAllocator:
 
     def max_blocks_held(self, num_total_tokens: int, max_chunk_tokens: int) -> int:
         """Most blocks one request of `num_total_tokens` tokens can hold at once."""
-        return cdiv(num_total_tokens, self.block_size)
+        return blocks_for(num_total_tokens, self.block_size)
 
     def longest_servable_prefix(self, cached: Sequence[int | None], limit: int) -> int:
         """Most leading blocks (at most `limit`) a prompt can take from the cache: every one must be there."""
@@ -106,8 +103,8 @@ class SlidingAttentionCacheAllocator(FullAttentionCacheAllocator):
 
     def max_blocks_held(self, num_total_tokens: int, max_chunk_tokens: int) -> int:
         # Window before the chunk, the chunk itself, and one block of misalignment.
-        in_window = cdiv(self.sliding_window - 1 + max_chunk_tokens, self.block_size) + 1
-        return min(cdiv(num_total_tokens, self.block_size), in_window)
+        in_window = blocks_for(self.sliding_window - 1 + max_chunk_tokens, self.block_size) + 1
+        return min(blocks_for(num_total_tokens, self.block_size), in_window)
 
     def _first_needed_block(self, num_computed_tokens: int) -> int:
         """The first block that a query at position `num_computed_tokens` reads (its window's start)."""

@@ -22,6 +22,14 @@ def hash_block(parent_hash: BlockHash | None, token_ids: Sequence[int]) -> Block
     return digest.digest()
 
 
+def first_block_key(token_ids: Sequence[int], block_size: int) -> BlockHash | None:
+    """The cache's key of the first full block of `token_ids` (None when there is none): the router's
+    prefix-affinity key, so that a replica that served it holds exactly that block in its prefix cache."""
+    if len(token_ids) < block_size:
+        return None
+    return hash_block(None, token_ids[:block_size])
+
+
 def extend_block_hashes(hashes: list[BlockHash], token_ids: Sequence[int], block_size: int) -> None:
     """Append the hashes of the full blocks of `token_ids` not yet in `hashes` (incremental, O(new))."""
     num_full = len(token_ids) // block_size

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from pagedserve.cache.allocators import cdiv
+from pagedserve.cache.blocks import blocks_for
 
 GIB = 1024**3
 
@@ -103,9 +103,9 @@ def plan_num_blocks(
     """Blocks per group. Full groups share one count; sliding groups get what their windows can use."""
     per_block = [g.bytes_per_block(block_size, dtype_bytes) for g in groups]
     # More blocks than every running request could hold at once are never used.
-    full_cap = max_num_seqs * cdiv(max_model_len, block_size) + 1
+    full_cap = max_num_seqs * blocks_for(max_model_len, block_size) + 1
     sliding_caps = {
-        i: max_num_seqs * min(cdiv(max_model_len, block_size), cdiv(g.sliding_window - 1 + max_batch_tokens, block_size) + 1)
+        i: max_num_seqs * min(blocks_for(max_model_len, block_size), blocks_for(g.sliding_window - 1 + max_batch_tokens, block_size) + 1)
         for i, g in enumerate(groups)
         if g.sliding_window is not None
     }

@@ -25,8 +25,10 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from pagedserve.cache.prefix_cache import first_block_key
 from pagedserve.config.serve import ServeArgs
-from pagedserve.engine.errors import InvalidRequestError
+from pagedserve.engine.core.limits import CONTEXT, KV_CACHE, check_fits
+from pagedserve.engine.errors import InvalidRequestError, RequestTooLargeError
 from pagedserve.engine.core.request import CompletionOutput, RequestOutput, SamplingParams
 
 from pagedserve.serve_app import openai_protocol as oai
@@ -162,33 +164,26 @@ class OpenAIIngress:
         return served
 
     def check_length(self, info: ModelInfo, num_prompt_tokens: int, max_tokens: int | None) -> int:
-        """Resolve max_tokens (None: the rest of the context) and reject what cannot fit the context."""
-        if num_prompt_tokens >= info.max_model_len:
-            raise bad_request(
-                f"this model's maximum context length is {info.max_model_len} tokens, but the prompt has "
-                f"{num_prompt_tokens} tokens", "prompt")
-        if max_tokens is None:
-            # The rest of the context, but never more than a replica's whole KV cache can hold, so that a
-            # request without max_tokens is not refused as too large for every replica.
-            limit = min(info.max_model_len, info.num_total_blocks * info.block_size)
-            if num_prompt_tokens >= limit:
-                raise bad_request(
-                    f"the prompt has {num_prompt_tokens} tokens, which leaves no room for output in a replica's KV "
-                    f"cache of {info.num_total_blocks * info.block_size} tokens", "prompt")
-            return limit - num_prompt_tokens
-        if num_prompt_tokens + max_tokens > info.max_model_len:
-            raise bad_request(
-                f"this model's maximum context length is {info.max_model_len} tokens, but you requested "
-                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} "
-                f"for the completion); reduce the prompt or max_tokens", "max_tokens")
+        """Resolve max_tokens (None: the rest of the context) and reject what cannot fit (engine/core/limits.py)."""
+        try:
+            if max_tokens is None:
+                # The rest of the context, but never more than a replica's whole KV cache can hold, so that a
+                # request without max_tokens is not refused as too large for every replica.
+                cache_tokens = info.num_total_blocks * info.block_size
+                limit, name = (info.max_model_len, CONTEXT) if info.max_model_len <= cache_tokens else (cache_tokens,
+                                                                                                      KV_CACHE)
+                check_fits(num_prompt_tokens, 1, limit, name)
+                return limit - num_prompt_tokens
+            check_fits(num_prompt_tokens, max_tokens, info.max_model_len, CONTEXT)
+        except RequestTooLargeError as exc:
+            raise bad_request(exc.message, exc.param) from None
         return max_tokens
 
     def make_request(
         self, info: ModelInfo, request_id: str, prompt: str | list[int], token_ids: list[int],
         sampling_params: SamplingParams, stream: bool = True,
     ) -> GenerateRequest:
-        block = info.block_size
-        prefix_key = hash(tuple(token_ids[:block])) if len(token_ids) >= block else None
+        prefix_key = first_block_key(token_ids, info.block_size)
         return GenerateRequest(
             request_id=request_id, prompt=prompt, sampling_params=sampling_params,
             num_prompt_tokens=len(token_ids), prefix_key=prefix_key,
@@ -335,9 +330,7 @@ class OpenAIIngress:
             if isinstance(prompt, str):
                 token_ids = self.tokenize(info, prompt, "prompt")
             else:
-                token_ids = list(prompt)
-                if any(t >= len(info.tokenizer) for t in token_ids):
-                    raise bad_request("prompt token ids are outside the vocabulary", "prompt")
+                token_ids = list(prompt)  # their range is checked by the engine (engine/core/limits.py)
             max_tokens = self.check_length(info, len(token_ids), body.max_tokens)
             params = self.sampling_params(body, max_tokens)
             requests.append(self.make_request(info, f"{request_id}-{i}", prompt, token_ids, params,

@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+from pagedserve.cache.blocks import blocks_for
 from pagedserve.config.serve import ServeArgs
 from pagedserve.engine.errors import EngineDeadError, InvalidRequestError, RequestTooLargeError
 from pagedserve.engine.core.request import Continuation, RequestOutput, SamplingParams, merge_delta
@@ -37,7 +38,7 @@ class GenerateRequest:
     prompt: str | list[int]
     sampling_params: SamplingParams
     num_prompt_tokens: int
-    prefix_key: int | None = None
+    prefix_key: bytes | None = None  # the cache's key of the first prompt block (the router's affinity key)
     max_new_tokens: int = 0  # n * max_tokens as resolved by the ingress
     # False: the client wants one response, so the replica sends the first delta (the ingress waits for it
     # to turn refusals into HTTP errors) and then everything else as one message at the end.
@@ -124,7 +125,7 @@ class EngineReplica:
         """Stream the engine's deltas; on any exit before the end, abort so the blocks return."""
         is_finished = False
         timing = RequestTiming(request.request_id)
-        self._committed_blocks[request.request_id] = -(-request.routing_demand.num_tokens // self.block_size)
+        self._committed_blocks[request.request_id] = blocks_for(request.routing_demand.num_tokens, self.block_size)
         prompt = request.prompt if request.prompt_token_ids is None else request.prompt_token_ids
         # Only a continuation passes the keyword, so engine classes without one (`engine_class`) still serve.
         extra = {} if request.continuation is None else {"continuation": request.continuation}

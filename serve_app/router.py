@@ -23,13 +23,14 @@ fails), and the next report corrects every router.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Literal
 
+from pagedserve.cache.blocks import blocks_for
+from pagedserve.engine.core.limits import KV_CACHE, too_large
 from pagedserve.engine.errors import RequestTooLargeError
 from pagedserve.serve_app.errors import ServiceOverloadedError
 from pagedserve.serve_app.metrics import RouterMetrics
@@ -45,7 +46,7 @@ class RoutingDemand:
 
     num_prompt_tokens: int
     max_new_tokens: int  # n * max_tokens: every completion grows its own blocks
-    prefix_key: int | None = None
+    prefix_key: bytes | None = None  # the cache's key of the first prompt block (cache/prefix_cache.py)
 
     @property
     def num_tokens(self) -> int:
@@ -124,7 +125,7 @@ class FreeBlocksPolicy:
         self._reservations_of: dict[ReplicaKey, dict[str, _Reservation]] = {}
         self._pending_blocks: dict[ReplicaKey, int] = {}  # blocks of reservations not counted by a report
         self._in_flight: dict[ReplicaKey, int] = {}  # reservations not finished
-        self._prefix_owner: OrderedDict[int, ReplicaKey] = OrderedDict()
+        self._prefix_owner: OrderedDict[bytes, ReplicaKey] = OrderedDict()
 
     # Reports and replica set -------------------------------------------------------------------------
 
@@ -173,7 +174,7 @@ class FreeBlocksPolicy:
         report = self._reports.get(replica)
         if report is None:
             return None
-        return math.ceil(demand.num_tokens / report.block_size)
+        return blocks_for(demand.num_tokens, report.block_size)
 
     def estimated_free_blocks(self, replica: ReplicaKey) -> int | None:
         """Reported free blocks minus what was sent since that report (never below zero).
@@ -252,15 +253,9 @@ class FreeBlocksPolicy:
         if known and not fits_ever and not unknown:
             largest = max(known, key=lambda c: self._reports[c].num_total_blocks)
             report = self._reports[largest]
-            return RouteDecision(
-                "too_large",
-                message=(
-                    f"prompt ({demand.num_prompt_tokens} tokens) + max new tokens ({demand.max_new_tokens}) = "
-                    f"{demand.num_tokens} tokens needs {self.blocks_needed(largest, demand)} KV blocks of "
-                    f"{report.block_size} tokens, more than the largest replica's whole cache "
-                    f"({report.num_total_blocks} blocks)"
-                ),
-            )
+            error = too_large(demand.num_prompt_tokens, demand.max_new_tokens,
+                              report.num_total_blocks * report.block_size, KV_CACHE)
+            return RouteDecision("too_large", message=error.message)
 
         headroom: dict[ReplicaKey, int] = {}
         for replica in fits_ever:

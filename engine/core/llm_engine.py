@@ -21,6 +21,7 @@ from pagedserve.config.resolve import ResolvedConfig, resolve
 
 from pagedserve.engine.core.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.core.grammar import GrammarCompiler, PendingGrammar
+from pagedserve.engine.core.limits import CONTEXT, KV_CACHE, check_fits, check_token_ids, too_large
 from pagedserve.engine.errors import EngineDeadError, InvalidRequestError, RequestTooLargeError
 from pagedserve.engine.runner.loader import LoadedModel, dtype_name, load_model, read_model_config
 from pagedserve.engine.runner.model_runner import ModelRunner
@@ -187,40 +188,23 @@ class LLMEngine:
         if num_prompt == 0:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         vocab = self.runner.shape.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
-        bad = next((t for t in params.token_ids_in_use() if not 0 <= t < vocab), None)
-        if bad is not None:
-            field_name = ("logit_bias" if bad in (params.logit_bias or {}) else "allowed_token_ids"
-                          if bad in (params.allowed_token_ids or []) else "stop_token_ids")
-            raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", param=field_name)
+        check_token_ids(prompt_token_ids, vocab, "prompt")
+        check_token_ids(params.logit_bias or (), vocab, "logit_bias")
+        check_token_ids(params.allowed_token_ids or (), vocab, "allowed_token_ids")
+        check_token_ids(params.stop_token_ids, vocab, "stop_token_ids")
         if continuation is not None:
             self._validate_continuation(num_prompt, params, continuation)
         max_tokens = params.max_tokens if params.max_tokens is not None else 1
-        if num_prompt + max_tokens > self.max_model_len:
-            raise RequestTooLargeError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request has "
-                f"{num_prompt} prompt tokens + {max_tokens} max_tokens = {num_prompt + max_tokens} tokens",
-                param="max_tokens" if num_prompt < self.max_model_len else "prompt",
-            )
-        total = num_prompt + (params.max_tokens or self.max_model_len - num_prompt)
-        if not self.kv_cache.can_ever_fit(total, self.scheduler_settings.max_batch_tokens):
-            capacity = self.kv_cache.num_total_blocks * self.kv_cache.block_size
-            raise RequestTooLargeError(
-                f"the request needs up to {total} tokens of KV cache but the whole cache holds {capacity} tokens",
-                param="max_tokens",
-            )
+        check_fits(num_prompt, max_tokens, self.max_model_len, CONTEXT)
+        new_tokens = params.max_tokens or self.max_model_len - num_prompt
+        if not self.kv_cache.can_ever_fit(num_prompt + new_tokens, self.scheduler_settings.max_batch_tokens):
+            raise too_large(num_prompt, new_tokens, self.kv_cache.num_total_blocks * self.kv_cache.block_size, KV_CACHE)
 
     def _validate_continuation(self, num_prompt: int, params: SamplingParams, continuation: Continuation) -> None:
         done = continuation.output_token_ids
         if params.n != 1:
             raise InvalidRequestError(f"a continuation goes on with one completion; n is {params.n}", param="n")
-        vocab = self.runner.shape.vocab_size
-        bad = next((t for t in done if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"continuation token id {bad} is outside the vocabulary [0, {vocab})",
-                                      param="continuation")
+        check_token_ids(done, self.runner.shape.vocab_size, "continuation")
         limit = min(self.max_model_len, num_prompt + params.max_tokens if params.max_tokens is not None
                     else self.max_model_len)
         if num_prompt + len(done) >= limit:

@@ -171,10 +171,6 @@ class SamplingParams:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or bool(self.bad_words) or self.structured_outputs is not None)
 
-    def token_ids_in_use(self) -> list[int]:
-        """Token ids the parameters name (checked against the vocabulary by the engine)."""
-        return [*(self.logit_bias or {}), *(self.allowed_token_ids or []), *self.stop_token_ids]
-
 
 @dataclass(frozen=True)
 class Continuation:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pagedserve.cache.allocators import cdiv
+from pagedserve.cache.blocks import blocks_for
 
 from pagedserve.engine.kernels.attention.base import AttentionMetadata, GroupAttentionMetadata
 from pagedserve.engine.kernels.attention.hf_integration import PagedForwardContext
@@ -144,7 +144,7 @@ class DecodeGraphs:
         self.max_batch_size = self.sizes[-1]
         device = runner.device
         self.inputs = DecodeInputs(self.max_batch_size, len(runner.shape.groups),
-                                   cdiv(max_model_len, runner.block_size), device)
+                                   blocks_for(max_model_len, runner.block_size), device)
         size = self.max_batch_size
         self.query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=device)
         self.logits_indices = torch.arange(size, dtype=torch.long, device=device)

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pagedserve.cache.allocators import BlockCopy, cdiv
+from pagedserve.cache.allocators import BlockCopy
+from pagedserve.cache.blocks import blocks_for
 from pagedserve.cache.sizing import (
     GIB,
     GroupShape,
@@ -209,7 +210,7 @@ class ModelRunner:
         num_seqs = max(1, min(max_num_seqs, max_batch_tokens // 512 or 1))
         per_seq = max_batch_tokens // num_seqs
         query_lens = [per_seq] * num_seqs
-        blocks_per_seq = cdiv(per_seq, self.block_size)
+        blocks_per_seq = blocks_for(per_seq, self.block_size)
         self.allocate_kv_cache(tuple(blocks_per_seq * num_seqs for _ in self.shape.groups))
         tables = [[list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(num_seqs)]
                   for _ in self.shape.groups]

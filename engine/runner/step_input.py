@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pagedserve.cache.allocators import BlockCopy, cdiv
+from pagedserve.cache.allocators import BlockCopy
+from pagedserve.cache.blocks import blocks_for
 
 
 @dataclass
@@ -81,7 +82,7 @@ def warm_up_steps(block_size: int, num_groups: int, num_blocks: int, max_model_l
     request holds yet. Empty when the cache or the limits are too small for them.
     """
     prompt_len, chunk_start = 33, 16
-    blocks_per_seq = cdiv(prompt_len + 2, block_size)
+    blocks_per_seq = blocks_for(prompt_len + 2, block_size)
     if num_blocks < 3 * blocks_per_seq or max_model_len < prompt_len + 2 or max_batch_tokens < prompt_len + 1:
         return []
     tables = [[list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(3)] for _ in range(num_groups)]

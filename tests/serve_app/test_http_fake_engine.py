@@ -49,7 +49,7 @@ def wait_for_both_reports(base: str, model: str) -> None:
     def refused_by_the_router() -> bool:
         response = httpx.post(f"{base}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30,
                               json={"model": model, "prompt": "Hello world", "max_tokens": 1500})
-        return response.status_code == 400 and "largest replica" in response.json()["error"]["message"]
+        return response.status_code == 400 and "whole KV cache holds" in response.json()["error"]["message"]
 
     wait_for(refused_by_the_router, 30, "the router to hold both replicas' routing stats", period_s=0.1)
 

@@ -53,7 +53,7 @@ def test_too_large_for_every_replica_names_the_numbers(clock: FakeClock) -> None
     policy.update_report("b", report(16, 16, clock.now))
     decision = policy.decide(["a", "b"], RoutingDemand(300, 100))
     assert decision.kind == "too_large"
-    assert "400 tokens" in decision.message and "16 blocks" in decision.message
+    assert "needs 400 tokens" in decision.message and "holds 256" in decision.message  # the largest: 16 x 16
 
 
 def test_a_replica_whose_engine_died_gets_no_requests(clock: FakeClock) -> None:

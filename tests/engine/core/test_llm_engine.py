@@ -109,10 +109,10 @@ def test_repetition_penalty_changes_greedy_like_transformers(llm, hf_model):
 
 def test_impossible_requests_fail_at_once_and_harm_no_one(llm):
     engine = llm.engine
-    with pytest.raises(RequestTooLargeError, match=r"\d+ prompt tokens \+ \d+ max_tokens"):
+    with pytest.raises(RequestTooLargeError, match=r"needs \d+ tokens \(\d+ in the prompt \+ \d+ to generate\) but this model.s context holds"):
         engine.add_request("too-long", list(range(3, 200)), SamplingParams(max_tokens=400))
     small = LLM(str(llm.engine.runner.model.name_or_path), dtype="float32", block_size=8, num_blocks=10)
-    with pytest.raises(RequestTooLargeError, match="whole cache holds 80 tokens"):
+    with pytest.raises(RequestTooLargeError, match="but a replica.s whole KV cache holds 80"):
         small.engine.add_request("too-big", list(range(3, 60)), SamplingParams(max_tokens=30))
     with pytest.raises(InvalidRequestError, match="vocabulary"):
         engine.add_request("bad-id", [5, 100000], SamplingParams())
