@@ -78,12 +78,7 @@ def replica_options(serve_args: ServeArgs) -> dict[str, Any]:
         "logging_config": logging_config(serve_args),
         "request_router_config": RequestRouterConfig(
             request_router_class=ROUTER_CLASS_PATH,
-            request_router_kwargs={
-                "max_queued_requests": router.max_queued_requests,
-                "queue_timeout_s": router.queue_timeout_s,
-                "retry_after_s": router.retry_after_s,
-                "affinity_tolerance": router.affinity_tolerance,
-            },
+            request_router_kwargs=router.model_dump(),
             request_routing_stats_period_s=router.stats_period_s,
             request_routing_stats_timeout_s=max(5.0, 5 * router.stats_period_s),
             initial_backoff_s=router.initial_backoff_s,

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Literal
 
 from pagedserve.cache.blocks import blocks_for
+from pagedserve.config.serve import RouterSettings
 from pagedserve.engine.core.limits import KV_CACHE, too_large
 from pagedserve.engine.errors import RequestTooLargeError
 from pagedserve.serve_app.errors import ServiceOverloadedError
@@ -107,14 +108,14 @@ class FreeBlocksPolicy:
 
     def __init__(
         self,
-        affinity_tolerance: float = 0.1,
+        settings: RouterSettings | None = None,
         max_affinity_entries: int = 4096,
         transit_grace_s: float = 0.5,
         max_reservation_age_s: float = 3600.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.max_reservation_age_s = max_reservation_age_s
-        self.affinity_tolerance = affinity_tolerance
+        self.affinity_tolerance = (settings or RouterSettings()).affinity_tolerance
         # A request sent at t reaches the replica a little later; only a report taken after t + grace
         # is trusted to include it.
         self.transit_grace_s = transit_grace_s
@@ -324,20 +325,15 @@ class FreeBlocksRequestRouter(_ray_request_router_base()):  # type: ignore[misc]
     """Ray Serve adapter: routing stats in, `FreeBlocksPolicy` decisions out, 429/400 via typed errors.
 
     Runs inside the caller's process (the ingress), once per deployment handle. Configure through
-    `request_router_config.request_router_kwargs` (keys of `initialize_state`).
+    `request_router_config.request_router_kwargs`: the fields of `RouterSettings` (config/serve.py), the one
+    place their defaults live.
     """
 
-    def initialize_state(
-        self,
-        max_queued_requests: int = 64,
-        queue_timeout_s: float = 30.0,
-        retry_after_s: int = 1,
-        affinity_tolerance: float = 0.1,
-        **_: Any,
-    ) -> None:
-        self.policy = FreeBlocksPolicy(affinity_tolerance=affinity_tolerance)
-        self.admission = AdmissionQueue(max_queued_requests, queue_timeout_s)
-        self.retry_after_s = retry_after_s
+    def initialize_state(self, **router_kwargs: Any) -> None:
+        settings = RouterSettings(**router_kwargs)
+        self.policy = FreeBlocksPolicy(settings)
+        self.admission = AdmissionQueue(settings.max_queued_requests, settings.queue_timeout_s)
+        self.retry_after_s = settings.retry_after_s
         self._waiting_futures: dict[str, Any] = {}
         deployment_id = getattr(self, "_deployment_id", None)
         self.metrics = RouterMetrics(deployment=getattr(deployment_id, "name", "") or "unknown")

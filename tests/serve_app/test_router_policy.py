@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pagedserve.config.serve import RouterSettings
 from pagedserve.serve_app.router import (
     AdmissionQueue,
     FreeBlocksPolicy,
@@ -119,7 +120,7 @@ def test_report_older_than_send_keeps_reservation(clock: FakeClock) -> None:
 
 
 def test_prefix_affinity_breaks_near_ties(clock: FakeClock) -> None:
-    policy = FreeBlocksPolicy(affinity_tolerance=0.1, transit_grace_s=0.0, clock=clock)
+    policy = FreeBlocksPolicy(RouterSettings(affinity_tolerance=0.1), transit_grace_s=0.0, clock=clock)
     policy.update_report("a", report(100, 100, clock.now - 1))
     policy.update_report("b", report(100, 100, clock.now - 1))
     policy.reserve("b", "first", RoutingDemand(16, 16, prefix_key=42))  # b now has 2 fewer blocks
