@@ -11,7 +11,7 @@ from pagedserve.engine.errors import InvalidRequestError
 
 from pagedserve.serve_app import openai_protocol as oai
 from pagedserve.serve_app.errors import ServiceOverloadedError
-from pagedserve.serve_app.replica import ReplicaError
+from pagedserve.serve_app.messages import ReplicaError
 
 logger = logging.getLogger("ray.serve")
 

@@ -34,7 +34,7 @@ from pagedserve.engine.core.request import CompletionOutput, RequestOutput, Samp
 from pagedserve.serve_app import openai_protocol as oai
 from pagedserve.serve_app.api_errors import APIError, as_api_error, bad_request, routing_error
 from pagedserve.serve_app.metrics import IngressMetrics
-from pagedserve.serve_app.replica import GenerateRequest, ModelInfo, ReplicaError
+from pagedserve.serve_app.messages import GenerateRequest, ModelInfo, ReplicaError
 from pagedserve.serve_app.replica_calls import ReplicaCalls
 from pagedserve.serve_app.tool_calls import ToolPlan, parser_for_template
 from pagedserve.serve_app.tool_stream import ToolCallStream, tool_call_models
@@ -264,7 +264,7 @@ class OpenAIIngress:
         if body.messages is not None:
             tokens = self.chat_token_ids(info, body.messages, body.add_generation_prompt, None)
         else:
-            tokens = info.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+            tokens = self.encode_text(info, body.prompt, "prompt", add_special_tokens=body.add_special_tokens)
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": info.max_model_len})
 
     @fastapi_app.post("/detokenize")
@@ -297,9 +297,9 @@ class OpenAIIngress:
             )
         except Exception as exc:
             raise bad_request(f"cannot apply the chat template: {exc}", "messages") from None
-        return self.tokenize(info, text, "messages", add_special_tokens=False)
+        return self.encode_text(info, text, "messages", add_special_tokens=False)
 
-    def tokenize(self, info: ModelInfo, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+    def encode_text(self, info: ModelInfo, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of request text; text the tokenizer cannot take (a lone surrogate) is a bad request."""
         try:
             return info.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
@@ -328,7 +328,7 @@ class OpenAIIngress:
         requests = []
         for i, prompt in enumerate(body.prompts()):
             if isinstance(prompt, str):
-                token_ids = self.tokenize(info, prompt, "prompt")
+                token_ids = self.encode_text(info, prompt, "prompt")
             else:
                 token_ids = list(prompt)  # their range is checked by the engine (engine/core/limits.py)
             max_tokens = self.check_length(info, len(token_ids), body.max_tokens)

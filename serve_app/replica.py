@@ -14,7 +14,6 @@ import importlib
 import json
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from ray import serve
@@ -22,55 +21,12 @@ from ray import serve
 from pagedserve.cache.blocks import blocks_for
 from pagedserve.config.serve import ServeArgs
 from pagedserve.engine.errors import EngineDeadError, InvalidRequestError, RequestTooLargeError
-from pagedserve.engine.core.request import Continuation, RequestOutput, SamplingParams, merge_delta
+from pagedserve.engine.core.request import RequestOutput, merge_delta
 
 from pagedserve.serve_app.metrics import ReplicaMetrics, RequestTiming
-from pagedserve.serve_app.router import RoutingDemand
+from pagedserve.serve_app.messages import GenerateRequest, ModelInfo, ReplicaError
 
 logger = logging.getLogger("ray.serve")
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    """One prompt for the engine, plus what the router needs to place it."""
-
-    request_id: str
-    prompt: str | list[int]
-    sampling_params: SamplingParams
-    num_prompt_tokens: int
-    prefix_key: bytes | None = None  # the cache's key of the first prompt block (the router's affinity key)
-    max_new_tokens: int = 0  # n * max_tokens as resolved by the ingress
-    # False: the client wants one response, so the replica sends the first delta (the ingress waits for it
-    # to turn refusals into HTTP errors) and then everything else as one message at the end.
-    stream: bool = True
-    # The ingress's tokenization of `prompt`, so the replica does not tokenize it again (None: it does).
-    prompt_token_ids: list[int] | None = None
-    # Tokens the one completion of this request already produced on a replica that was lost: the engine
-    # goes on from them (the ingress resumes a stream so; `n` is then 1).
-    continuation: Continuation | None = None
-
-    @property
-    def routing_demand(self) -> RoutingDemand:
-        return RoutingDemand(self.num_prompt_tokens, self.max_new_tokens, self.prefix_key)
-
-
-@dataclass(frozen=True)
-class ReplicaError:
-    """A request that failed on the replica; the ingress turns it into an OpenAI error body."""
-
-    status_code: int
-    error_type: str
-    message: str
-    param: str | None = None
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    model_name: str
-    max_model_len: int
-    block_size: int
-    num_total_blocks: int
-    tokenizer: Any  # HF tokenizer; pickles across processes
 
 
 def log_engine_through_serve() -> None:

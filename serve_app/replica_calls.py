@@ -19,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from pagedserve.engine.core.request import Continuation, RequestOutput, merge_delta
 
 from pagedserve.serve_app.api_errors import as_api_error, replica_lost, unwrap
-from pagedserve.serve_app.replica import GenerateRequest, ReplicaError
+from pagedserve.serve_app.messages import GenerateRequest, ReplicaError
 
 logger = logging.getLogger("ray.serve")
 

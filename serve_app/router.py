@@ -34,51 +34,12 @@ from pagedserve.config.serve import RouterSettings
 from pagedserve.engine.core.limits import KV_CACHE, too_large
 from pagedserve.engine.errors import RequestTooLargeError
 from pagedserve.serve_app.errors import ServiceOverloadedError
+from pagedserve.serve_app.messages import ReplicaReport, RoutingDemand
 from pagedserve.serve_app.metrics import RouterMetrics
 
 logger = logging.getLogger("ray.serve")
 
 ReplicaKey = Hashable
-
-
-@dataclass(frozen=True)
-class RoutingDemand:
-    """What a request will need: tokens it may hold at most, and a key of its first prompt block."""
-
-    num_prompt_tokens: int
-    max_new_tokens: int  # n * max_tokens: every completion grows its own blocks
-    prefix_key: bytes | None = None  # the cache's key of the first prompt block (cache/prefix_cache.py)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_prompt_tokens + self.max_new_tokens
-
-
-@dataclass(frozen=True)
-class ReplicaReport:
-    """One replica's routing stats as published by `EngineReplica.record_routing_stats`."""
-
-    num_free_blocks: int
-    num_total_blocks: int
-    block_size: int
-    num_running: int = 0
-    num_waiting: int = 0
-    report_time_s: float = 0.0  # wall clock of the replica when the snapshot was taken
-    engine_dead: bool = False  # the replica lives but its engine does not: it is about to be replaced
-
-    @classmethod
-    def from_routing_stats(cls, stats: dict[str, Any] | None) -> "ReplicaReport | None":
-        if not stats or "num_free_blocks" not in stats:
-            return None
-        return cls(
-            num_free_blocks=int(stats["num_free_blocks"]),
-            num_total_blocks=int(stats["num_total_blocks"]),
-            block_size=int(stats["block_size"]),
-            num_running=int(stats.get("num_running", 0)),
-            num_waiting=int(stats.get("num_waiting", 0)),
-            report_time_s=float(stats.get("report_time_s", 0.0)),
-            engine_dead=bool(stats.get("engine_dead", False)),
-        )
 
 
 @dataclass

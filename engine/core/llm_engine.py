@@ -22,7 +22,7 @@ from pagedserve.config.resolve import ResolvedConfig, resolve
 from pagedserve.engine.core.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.core.grammar import GrammarCompiler, PendingGrammar
 from pagedserve.engine.core.limits import CONTEXT, KV_CACHE, check_fits, check_token_ids, too_large
-from pagedserve.engine.errors import EngineDeadError, InvalidRequestError, RequestTooLargeError
+from pagedserve.engine.errors import EngineDeadError, InvalidRequestError
 from pagedserve.engine.runner.loader import LoadedModel, dtype_name, load_model, read_model_config
 from pagedserve.engine.runner.model_runner import ModelRunner
 from pagedserve.engine.runner.platform import detect_platform, model_facts

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:coroutine .*was never awaited:Ru
 from pagedserve.config.serve import ServeArgs  # noqa: E402
 from pagedserve.serve_app import ingress as ingress_module  # noqa: E402
 from pagedserve.serve_app.ingress import OpenAIIngress  # noqa: E402
-from pagedserve.serve_app.replica import ModelInfo  # noqa: E402
+from pagedserve.serve_app.messages import ModelInfo  # noqa: E402
 
 
 class ModelInfoMethod:

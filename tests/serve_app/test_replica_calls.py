@@ -14,7 +14,7 @@ from pagedserve.engine.core.request import CompletionOutput, RequestOutput, Samp
 from pagedserve.serve_app import replica_calls  # noqa: E402
 from pagedserve.serve_app.api_errors import APIError  # noqa: E402
 from pagedserve.serve_app.errors import ServiceOverloadedError  # noqa: E402
-from pagedserve.serve_app.replica import GenerateRequest, ReplicaError  # noqa: E402
+from pagedserve.serve_app.messages import GenerateRequest, ReplicaError  # noqa: E402
 from pagedserve.serve_app.replica_calls import ReplicaCalls  # noqa: E402
 from ray.exceptions import ActorDiedError  # noqa: E402
 

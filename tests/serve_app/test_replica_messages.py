@@ -18,7 +18,8 @@ import pytest
 pytest.importorskip("ray")
 from pagedserve.config.serve import ServeArgs  # noqa: E402
 from pagedserve.engine.core.request import SamplingParams  # noqa: E402
-from pagedserve.serve_app.replica import EngineReplica, GenerateRequest  # noqa: E402
+from pagedserve.serve_app.messages import GenerateRequest  # noqa: E402
+from pagedserve.serve_app.replica import EngineReplica  # noqa: E402
 
 PROMPT = [5, 6, 7, 8, 9]
 MAX_TOKENS = 12

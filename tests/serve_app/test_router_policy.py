@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import pytest
 from pagedserve.config.serve import RouterSettings
-from pagedserve.serve_app.router import (
-    AdmissionQueue,
-    FreeBlocksPolicy,
-    ReplicaReport,
-    RoutingDemand,
-)
+from pagedserve.serve_app.messages import ReplicaReport, RoutingDemand
+from pagedserve.serve_app.router import AdmissionQueue, FreeBlocksPolicy
 
 
 class FakeClock:

@@ -6,7 +6,8 @@ import pytest
 
 from pagedserve.engine.core.limits import CONTEXT, KV_CACHE, check_fits, check_token_ids, too_large
 from pagedserve.engine.errors import InvalidRequestError, RequestTooLargeError
-from pagedserve.serve_app.router import FreeBlocksPolicy, ReplicaReport, RoutingDemand
+from pagedserve.serve_app.messages import ReplicaReport, RoutingDemand
+from pagedserve.serve_app.router import FreeBlocksPolicy
 
 
 def test_the_fit_check_names_both_numbers_and_the_field_to_change() -> None:

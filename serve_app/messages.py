@@ -1,0 +1,94 @@
+"""What crosses between the service's deployments: requests to a replica, its errors and model info, and
+the routing demand and reports the router weighs. Plain frozen dataclasses, so the ingress, the router and
+the replica share them without importing one another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pagedserve.engine.core.request import Continuation, SamplingParams
+
+
+@dataclass(frozen=True)
+class RoutingDemand:
+    """What a request will need: tokens it may hold at most, and a key of its first prompt block."""
+
+    num_prompt_tokens: int
+    max_new_tokens: int  # n * max_tokens: every completion grows its own blocks
+    prefix_key: bytes | None = None  # the cache's key of the first prompt block (cache/prefix_cache.py)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + self.max_new_tokens
+
+
+@dataclass(frozen=True)
+class ReplicaReport:
+    """One replica's routing stats as published by `EngineReplica.record_routing_stats`."""
+
+    num_free_blocks: int
+    num_total_blocks: int
+    block_size: int
+    num_running: int = 0
+    num_waiting: int = 0
+    report_time_s: float = 0.0  # wall clock of the replica when the snapshot was taken
+    engine_dead: bool = False  # the replica lives but its engine does not: it is about to be replaced
+
+    @classmethod
+    def from_routing_stats(cls, stats: dict[str, Any] | None) -> "ReplicaReport | None":
+        if not stats or "num_free_blocks" not in stats:
+            return None
+        return cls(
+            num_free_blocks=int(stats["num_free_blocks"]),
+            num_total_blocks=int(stats["num_total_blocks"]),
+            block_size=int(stats["block_size"]),
+            num_running=int(stats.get("num_running", 0)),
+            num_waiting=int(stats.get("num_waiting", 0)),
+            report_time_s=float(stats.get("report_time_s", 0.0)),
+            engine_dead=bool(stats.get("engine_dead", False)),
+        )
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One prompt for the engine, plus what the router needs to place it."""
+
+    request_id: str
+    prompt: str | list[int]
+    sampling_params: SamplingParams
+    num_prompt_tokens: int
+    prefix_key: bytes | None = None  # the cache's key of the first prompt block (the router's affinity key)
+    max_new_tokens: int = 0  # n * max_tokens as resolved by the ingress
+    # False: the client wants one response, so the replica sends the first delta (the ingress waits for it
+    # to turn refusals into HTTP errors) and then everything else as one message at the end.
+    stream: bool = True
+    # The ingress's tokenization of `prompt`, so the replica does not tokenize it again (None: it does).
+    prompt_token_ids: list[int] | None = None
+    # Tokens the one completion of this request already produced on a replica that was lost: the engine
+    # goes on from them (the ingress resumes a stream so; `n` is then 1).
+    continuation: Continuation | None = None
+
+    @property
+    def routing_demand(self) -> RoutingDemand:
+        return RoutingDemand(self.num_prompt_tokens, self.max_new_tokens, self.prefix_key)
+
+
+@dataclass(frozen=True)
+class ReplicaError:
+    """A request that failed on the replica; the ingress turns it into an OpenAI error body."""
+
+    status_code: int
+    error_type: str
+    message: str
+    param: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_name: str
+    max_model_len: int
+    block_size: int
+    num_total_blocks: int
+    tokenizer: Any  # HF tokenizer; pickles across processes
