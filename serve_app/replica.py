@@ -24,6 +24,7 @@ from pagedserve.engine.errors import EngineDeadError, InvalidRequestError, Reque
 from pagedserve.engine.core.request import RequestOutput, merge_delta
 
 from pagedserve.serve_app.metrics import ReplicaMetrics, RequestTiming
+from pagedserve.serve_app.engine_protocol import ServingEngine
 from pagedserve.serve_app.messages import GenerateRequest, ModelInfo, ReplicaError
 
 logger = logging.getLogger("ray.serve")
@@ -55,7 +56,9 @@ class EngineReplica:
         self.engine_config = serve_args.engine_config_for_rank(rank)
         module_name, _, class_name = serve_args.engine_class.partition(":")
         engine_cls = getattr(importlib.import_module(module_name), class_name)  # heavy: torch, transformers
-        self.engine = engine_cls.from_config(self.engine_config)
+        self.engine: ServingEngine = engine_cls.from_config(self.engine_config)
+        if not isinstance(self.engine, ServingEngine):
+            raise TypeError(f"{serve_args.engine_class} does not offer what a replica needs (serve_app/engine_protocol.py)")
         self.replica_tag = context.replica_tag if context is not None else "local"
         # Worst-case blocks of every request this replica holds (prompt + n * max_tokens), by request id:
         # the engine's free blocks only show what is allocated so far, not what running requests will grow to.
@@ -65,9 +68,7 @@ class EngineReplica:
         self.metrics = ReplicaMetrics(
             model_name=serve_args.served_model_name or self.engine.model_name, replica=self.replica_tag
         )
-        add_step_listener = getattr(self.engine, "add_step_listener", None)
-        if add_step_listener is not None:  # engines for tests may not have one
-            add_step_listener(self.metrics.observe_step)
+        self.engine.add_step_listener(self.metrics.observe_step)
         stats = self.engine.get_stats()
         self.metrics.observe(stats)
         self.block_size = stats.block_size
@@ -83,9 +84,8 @@ class EngineReplica:
         timing = RequestTiming(request.request_id)
         self._committed_blocks[request.request_id] = blocks_for(request.routing_demand.num_tokens, self.block_size)
         prompt = request.prompt if request.prompt_token_ids is None else request.prompt_token_ids
-        # Only a continuation passes the keyword, so engine classes without one (`engine_class`) still serve.
-        extra = {} if request.continuation is None else {"continuation": request.continuation}
-        stream = self.engine.generate(prompt, request.sampling_params, request.request_id, **extra)
+        stream = self.engine.generate(prompt, request.sampling_params, request.request_id,
+                                      continuation=request.continuation)
         try:
             async with contextlib.aclosing(stream):
                 held: RequestOutput | None = None  # deltas merged for a non-streaming request
@@ -164,7 +164,7 @@ class EngineReplica:
         uncommitted = stats.num_total_blocks - sum(self._committed_blocks.values())
         # A dead engine holds nothing and would look the emptiest replica until Serve's health check
         # replaces it; routers skip it instead.
-        engine_dead = bool(getattr(self.engine, "is_dead", False))
+        engine_dead = self.engine.is_dead
         return {
             "engine_dead": engine_dead,
             "num_free_blocks": 0 if engine_dead else max(0, min(stats.num_free_blocks, uncommitted)),

@@ -88,6 +88,9 @@ class FakeAsyncEngine:
     def is_dead(self) -> bool:
         return self._dead_reason is not None
 
+    def add_step_listener(self, listener) -> None:
+        """No steps to report: the fake engine has no step loop."""
+
     @classmethod
     def from_config(cls, config: EngineConfig) -> "FakeAsyncEngine":
         return cls(config)

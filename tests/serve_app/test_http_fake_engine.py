@@ -195,7 +195,8 @@ def test_routes_to_the_replica_with_room(service, client: httpx.Client) -> None:
 
 def test_too_large_for_every_replica(service, client: httpx.Client) -> None:
     error = assert_error(completion(client, service["model"], max_tokens=1500), 400, "max_tokens")
-    assert "blocks" in error["message"] and str(BIG_BLOCKS) in error["message"]
+    # The largest replica's cache, in tokens, and what the request needs (engine/core/limits.py's one message).
+    assert f"whole KV cache holds {BIG_BLOCKS * BLOCK_SIZE}" in error["message"] and "needs 1504 tokens" in error["message"]
 
 
 def test_full_service_answers_429_and_blocks_return_on_disconnect(service) -> None:
