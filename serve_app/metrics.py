@@ -1,19 +1,9 @@
-"""Prometheus metrics of the service, exported through Ray's metrics agent (`ray.util.metrics`).
+"""Recording the service's metrics through Ray's metrics agent (`ray.util.metrics`): one class per audience,
+`ReplicaMetrics` (an engine replica), `IngressMetrics`, `RouterMetrics`. Names, types, buckets and labels
+are in serve_app/metric_names.py.
 
 Every process of the cluster (engine replicas, ingress, its router) records into Ray's per-node metrics
 agent, so one scrape of each node's agent (`--metrics-export-port`, 8080 on KubeRay) sees every replica.
-
-Names follow vLLM's so that dashboards and alerts written for vLLM carry over. Ray no longer accepts ':'
-in names, so `vllm:num_requests_running` is recorded as `vllm_num_requests_running`, the same rewrite
-vLLM's own Ray stat logger applies; the agent then prefixes `ray_` and counters get `_total`. What a
-scrape shows is therefore `ray_vllm_num_requests_running`, `ray_vllm_prompt_tokens_total`,
-`ray_vllm_time_to_first_token_seconds_bucket`, ..., which is also what Ray's own Serve LLM Grafana
-dashboard queries. `SCRAPED_NAMES` lists every series name a scrape carries; a test checks that the
-Grafana dashboard queries nothing else.
-
-Labels: engine-replica and ingress series carry `model` and `replica` (replica series also `model_name`,
-vLLM's label, so vLLM dashboards filter); router series carry `deployment` (and the target `replica`).
-
 Recording never fails a request: outside a Ray cluster the values stay in the process (exported if it
 joins one later), and where Ray's metrics cannot be created they are no-ops.
 """
@@ -28,99 +18,20 @@ from typing import Any
 
 from pagedserve.engine.core.request import RequestOutput
 from pagedserve.engine.core.stats import EngineStats, StepStats
-
-RAY_PREFIX = "ray_"
-
-# Seconds: from a few ms (a decode step of a small model) to minutes (a long generation behind a queue).
-LATENCY_BUCKETS_S = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                     10.0, 20.0, 40.0, 80.0, 160.0, 640.0]
-STEP_TIME_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
-TOKEN_COUNT_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
-
-REPLICA_TAGS = ("model", "model_name", "replica")
-FINISH_REASONS = ("stop", "length", "abort", "error")
-REJECTION_STATUSES = (400, 401, 404, 413, 429, 503)
-ROUTER_REFUSALS = ("queue_full", "queue_timeout", "too_large")
-
-# name -> (kind, description, extra tag keys); the recorded (Ray) name, without `ray_` or `_total`.
-REPLICA_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    # vLLM-compatible gauges
-    "vllm_num_requests_running": ("gauge", "Requests in the running batch.", ()),
-    "vllm_num_requests_waiting": ("gauge", "Requests waiting to be scheduled (new and preempted).", ()),
-    "vllm_kv_cache_usage_perc": ("gauge", "Fraction of KV-cache blocks in use, 0..1.", ()),
-    "vllm_gpu_cache_usage_perc": ("gauge", "Same as vllm_kv_cache_usage_perc (vLLM v0 name).", ()),
-    # vLLM-compatible counters
-    "vllm_prompt_tokens": ("counter", "Prompt tokens computed (prefill), including recomputation.", ()),
-    "vllm_generation_tokens": ("counter", "Tokens generated.", ()),
-    "vllm_request_success": ("counter", "Requests finished, by finished_reason (stop, length, abort, error).",
-                             ("finished_reason",)),
-    "vllm_num_preemptions": ("counter", "Preemptions (a request's blocks freed, to be recomputed).", ()),
-    "vllm_prefix_cache_queries": ("counter", "Prompt tokens looked up in the prefix cache.", ()),
-    "vllm_prefix_cache_hits": ("counter", "Prompt tokens served from the prefix cache.", ()),
-    # vLLM-compatible histograms
-    "vllm_time_to_first_token_seconds": ("histogram", "Arrival at the engine to first token.", ()),
-    "vllm_inter_token_latency_seconds": ("histogram", "Time between consecutive output deltas, per token.", ()),
-    "vllm_request_time_per_output_token_seconds": (
-        "histogram", "Per request: (last token - first token) / (output tokens - 1).", ()),
-    "vllm_time_per_output_token_seconds": (
-        "histogram", "Same as vllm_request_time_per_output_token_seconds (older vLLM name).", ()),
-    "vllm_e2e_request_latency_seconds": ("histogram", "Arrival at the engine to the last token.", ()),
-    "vllm_request_queue_time_seconds": ("histogram", "Arrival to first scheduled.", ()),
-    "vllm_request_prefill_time_seconds": ("histogram", "First scheduled to first token.", ()),
-    "vllm_request_decode_time_seconds": ("histogram", "First token to last token.", ()),
-    "vllm_request_prompt_tokens": ("histogram", "Prompt tokens of finished requests.", ()),
-    "vllm_request_generation_tokens": ("histogram", "Output tokens of finished requests (all n completions).", ()),
-    "vllm_iteration_tokens_total": ("histogram", "Tokens computed per engine step.", ()),
-    # ours
-    "pagedserve_num_requests_preempted_waiting": ("gauge", "Preempted requests waiting to be recomputed.", ()),
-    "pagedserve_kv_cache_bytes_used": ("gauge", "KV-cache bytes in blocks that are in use.", ()),
-    "pagedserve_kv_cache_bytes_free": ("gauge", "KV-cache bytes in free blocks.", ()),
-    "pagedserve_kv_cache_free_blocks": ("gauge", "Free KV-cache blocks (most constrained layer group).", ()),
-    "pagedserve_kv_cache_total_blocks": ("gauge", "KV-cache blocks in all.", ()),
-    "pagedserve_batch_fill": ("gauge", "Tokens in the last step / max_batch_tokens, 0..1.", ()),
-    "pagedserve_decode_prefill_ratio": (
-        "gauge", "Decode tokens / prefill tokens over the recent window (prefill floored at 1 token).", ()),
-    "pagedserve_step_time_seconds": (
-        "histogram", "Engine step time, by step kind (prefill, decode, mixed).", ("step_kind",)),
-}
-
-INGRESS_TAGS = ("model", "replica")
-INGRESS_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "pagedserve_rejected_requests": (
-        "counter", "Requests answered with an error before generating, by HTTP status (400, 401, 404, 413, 429, 503).",
-        ("reason",)),
-    "pagedserve_resent_requests": (
-        "counter", "Engine requests sent again because their replica (its process or its engine) was lost: from "
-        "the start before their first token, else continued from the tokens received.", ()),
-}
-
-ROUTER_TAGS = ("deployment",)
-ROUTER_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "pagedserve_router_decisions": ("counter", "Requests routed, by target replica.", ("replica",)),
-    "pagedserve_router_refused": (
-        "counter", "Requests the router refused: queue_full, queue_timeout (both 429) or too_large (400).",
-        ("reason",)),
-    "pagedserve_router_queue_length": ("gauge", "Requests waiting in the router for a replica with room.", ()),
-}
-
-
-def scraped_names(name: str, kind: str) -> list[str]:
-    """Series names the Ray metrics agent exposes for one recorded metric."""
-    base = RAY_PREFIX + name
-    if kind == "counter":
-        return [base + "_total"]
-    if kind == "histogram":
-        return [base + "_bucket", base + "_sum", base + "_count"]
-    return [base]
-
-
-SCRAPED_NAMES: frozenset[str] = frozenset(
-    scraped
-    for table in (REPLICA_METRICS, INGRESS_METRICS, ROUTER_METRICS)
-    for name, (kind, _, _) in table.items()
-    for scraped in scraped_names(name, kind)
+from pagedserve.serve_app.metric_names import (
+    FINISH_REASONS,
+    INGRESS_METRICS,
+    INGRESS_TAGS,
+    LATENCY_BUCKETS_S,
+    REJECTION_STATUSES,
+    REPLICA_METRICS,
+    REPLICA_TAGS,
+    ROUTER_METRICS,
+    ROUTER_REFUSALS,
+    ROUTER_TAGS,
+    STEP_TIME_BUCKETS_S,
+    TOKEN_COUNT_BUCKETS,
 )
-
 
 def _start_counters_at_zero(counter: Any, tag_sets: Iterable[dict[str, str]]) -> None:
     """Export a counter at 0 before its first increment, as prometheus-client does for vLLM.
@@ -445,14 +356,3 @@ class RouterMetrics:
 
     def queue_length(self, num_waiting: int) -> None:
         self._metrics["pagedserve_router_queue_length"].set(num_waiting, tags=self._tags)
-
-
-def metric_names_in_promql(expressions: Iterable[str]) -> set[str]:
-    """Metric names an expression list refers to (identifiers followed by `{`, `[` or a space/paren)."""
-    import re
-
-    names: set[str] = set()
-    for expr in expressions:
-        for match in re.finditer(r"\b((?:ray|vllm|pagedserve)_[a-zA-Z0-9_:]+)", expr):
-            names.add(match.group(1))
-    return names

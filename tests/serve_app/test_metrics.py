@@ -23,15 +23,8 @@ import pytest
 import yaml
 from pagedserve.engine.core.request import CompletionOutput, RequestMetrics, RequestOutput
 from pagedserve.engine.core.stats import EngineStats, StepStats
-from pagedserve.serve_app.metrics import (
-    ITL_SAMPLES_PER_REQUEST,
-    REPLICA_METRICS,
-    SCRAPED_NAMES,
-    ReplicaMetrics,
-    RequestTiming,
-    metric_names_in_promql,
-    sample_evenly,
-)
+from pagedserve.serve_app.metric_names import REPLICA_METRICS, SCRAPED_NAMES, metric_names_in_promql
+from pagedserve.serve_app.metrics import ITL_SAMPLES_PER_REQUEST, ReplicaMetrics, RequestTiming, sample_evenly
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO_ROOT / "k8s" / "grafana" / "pagedserve-dashboard.json"
