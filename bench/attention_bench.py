@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import triton.testing
 
+from pagedserve.cache.blocks import blocks_for
 from pagedserve.engine.kernels.attention.base import AttentionMetadata, GroupAttentionMetadata
 from pagedserve.engine.kernels.attention.reference import ReferenceAttentionBackend
 from pagedserve.engine.kernels.attention.triton import TileConfig, TritonAttentionBackend
@@ -44,7 +45,7 @@ class PagedBatch:
 
 def make_batch(query_lens: list[int], seq_lens: list[int], device: torch.device, seed: int = 0) -> PagedBatch:
     generator = torch.Generator().manual_seed(seed)
-    blocks_needed = [-(-seq_len // BLOCK_SIZE) for seq_len in seq_lens]
+    blocks_needed = [blocks_for(seq_len, BLOCK_SIZE) for seq_len in seq_lens]
     num_blocks = sum(blocks_needed) + 16
     permutation = torch.randperm(num_blocks, generator=generator)
     block_tables = torch.zeros(len(seq_lens), max(blocks_needed), dtype=torch.int32)

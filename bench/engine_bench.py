@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from pagedserve.cache.blocks import blocks_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python bench/engine_bench.py` finds bench/common.py
 
@@ -85,7 +86,7 @@ def run_pagedserve(model_path: str, workload: Workload, args: argparse.Namespace
     from pagedserve.engine.core.request import SamplingParams
 
     block_size = 16
-    kv_blocks = sum(math.ceil((len(p) + workload.max_new_tokens) / block_size) for p in workload.prompts) + 64
+    kv_blocks = sum(blocks_for(len(p) + workload.max_new_tokens, block_size) for p in workload.prompts) + 64
     started = time.perf_counter()
     llm = LLM(
         model=model_path,
@@ -155,7 +156,7 @@ def run_generate_batch(model_path: str, workload: Workload, args: argparse.Names
     # eos_token_id=-1 disables EOS (add_requests falls back to the model config's EOS only when it is None).
     generation_config = GenerationConfig(max_new_tokens=workload.max_new_tokens, do_sample=False, eos_token_id=-1)
     # Explicit sizing: on CPU transformers would otherwise size the cache from 90% of system RAM and zero it.
-    kv_pages = sum(math.ceil((len(p) + workload.max_new_tokens) / HF_PAGE_SIZE) for p in workload.prompts) + 8
+    kv_pages = sum(blocks_for(len(p) + workload.max_new_tokens, HF_PAGE_SIZE) for p in workload.prompts) + 8
     cb_config = ContinuousBatchingConfig(
         page_size=HF_PAGE_SIZE,
         num_blocks=kv_pages,
