@@ -1,7 +1,7 @@
 """A deterministic stand-in for `AsyncLLMEngine` that honours its contract, for fast HTTP-stack tests.
 
 No model: token t+1 = (31 * t + 7 + completion index + seed) mod vocab. It keeps real block accounting
-(a request holds ceil((prompt + n * max_tokens) / block_size) blocks while it runs and waits while they
+(a request holds blocks_for(prompt + n * max_tokens) blocks while it runs and waits while they
 are not free), so routing, 429, disconnect-abort and free-blocks-back tests see the same signals as
 with the real engine. Magic words in the prompt inject faults:
   "SLOW"   each step sleeps 0.2 s (a long stream to disconnect from)
@@ -21,14 +21,15 @@ Workers import this module through PYTHONPATH set in the cluster's runtime_env (
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import tempfile
 from pathlib import Path
 from typing import AsyncIterator
 
+from pagedserve.cache.blocks import blocks_for
 from pagedserve.config.engine import EngineConfig
-from pagedserve.engine.errors import EngineDeadError, InvalidRequestError, RequestTooLargeError
+from pagedserve.engine.core.limits import CONTEXT, KV_CACHE, check_fits, too_large
+from pagedserve.engine.errors import EngineDeadError, InvalidRequestError
 from pagedserve.engine.core.request import (
     CompletionOutput,
     Continuation,
@@ -113,12 +114,10 @@ class FakeAsyncEngine:
             raise RuntimeError("injected crash")
         params = sampling_params
         max_tokens = params.max_tokens or (self.max_model_len - len(ids))
-        if len(ids) + max_tokens > self.max_model_len:
-            raise RequestTooLargeError(
-                f"maximum context length is {self.max_model_len} tokens; {len(ids)} + {max_tokens}", "max_tokens")
-        blocks = math.ceil((len(ids) + params.n * max_tokens) / self.block_size)
+        check_fits(len(ids), max_tokens, self.max_model_len, CONTEXT)  # the engine's checks and messages
+        blocks = blocks_for(len(ids) + params.n * max_tokens, self.block_size)
         if blocks > self.num_total_blocks:
-            raise RequestTooLargeError(f"needs {blocks} blocks, the cache has {self.num_total_blocks}", "max_tokens")
+            raise too_large(len(ids), params.n * max_tokens, self.num_total_blocks * self.block_size, KV_CACHE)
         delay_s = 0.2 if "SLOW" in text else 0.005
         die_after = 0 if _dies_now(text, "DIEEARLY") else 2 if _dies_now(text, "DIEONCE") else None
         engine_dies_after = 2 if _dies_now(text, "ENGINEDIES") else None
