@@ -1,6 +1,7 @@
 """Structured outputs: a grammar per request (JSON schema, JSON, regex, choice, EBNF), enforced token by token.
 
-xgrammar (chosen over llguidance by measurement: docs/benchmarks.md, "Structured outputs") compiles a
+xgrammar (chosen over llguidance by measurement, `bench/grammar_backends.py` in docs/benchmarks.md: about a
+tenth of llguidance's time a mask, which W1 pays for hundreds of rows a step) compiles a
 request's constraint into a `CompiledGrammar` against the model's vocabulary; each sequence then owns a
 `GrammarMatcher` that says which tokens may come next (a bitmask of the vocabulary) and advances by the
 tokens it is given.
@@ -11,9 +12,9 @@ Ownership and life:
   whose grammar is still compiling waits outside the scheduler; a constraint that is invalid, or that has
   not compiled within `compile_timeout_s`, refuses its request with `InvalidRequestError` naming the
   OpenAI field it came from (`response_format`, or a tool), and the engine goes on serving.
-- JSON (a schema or any object) never holds a raw control character (RFC 8259), but xgrammar's string rule
-  admits bytes below 0x20 other than CR and LF: a JSON grammar's mask also drops every token holding such
-  a byte. Its JSON grammars have fixed separators (no free whitespace), so no valid output needs one.
+- JSON (a schema or any object) never holds a raw control character (RFC 8259), but xgrammar's rule for a
+  length-bounded string admits bytes below 0x20 other than CR and LF: a JSON grammar's mask also drops every
+  token holding such a byte. Its JSON grammars have fixed separators (no free whitespace), so no valid output needs one.
 - A sequence's matcher lives on its `Request` (`Request.grammar`). It has accepted every output token
   of the sequence, in order: the tokens of a `Continuation` when the request starts, then each token as it
   is accepted. Preemption recomputes the KV of tokens the matcher already accepted, so it keeps its state;
