@@ -108,11 +108,11 @@ class ReplicaMetrics:
     request's stream ends. Engine totals become Counter increments by diffing against the last snapshot
     seen, under a lock because two threads feed it.
 
-    A Ray metric call costs 7-19 us of the caller's thread, and a gauge's can also give the GIL away: so
+    A Ray metric call costs microseconds of the caller's thread, and a gauge's can also give the GIL away: so
     `observe_step` only queues the step (that thread hands every step's outputs to the replica's event loop,
     and waited on Ray there) and `observe(stats)` records the queued steps; and a request records at most
-    `ITL_SAMPLES_PER_REQUEST` inter-token latencies, evenly spaced over its tokens. (Every token's, as vLLM
-    records them, took W1's replica about a second of its event loop while the last streams finished.)
+    `ITL_SAMPLES_PER_REQUEST` inter-token latencies, evenly spaced over its tokens (every token's, as vLLM
+    records them, held a busy replica's event loop for a noticeable part of a burst).
     """
 
     def __init__(self, model_name: str, replica: str, ratio_window_s: float = 10.0) -> None:

@@ -1,8 +1,7 @@
 """An ingress replica fetches the model's tokenizer when it starts, not with its first request.
 
-Unpickling the tokenizer imports transformers and torch: seconds of this replica's event loop. On an H200
-(docs/benchmarks.md, 2026-12-03) an ingress that did it on the first request of a 512-request burst spent
-5 s importing while it held its share of the burst. Checked here without a cluster: the ingress class over
+Unpickling the tokenizer imports transformers and torch: seconds of this replica's event loop, which an
+ingress that did it on its first request would spend importing while it held its share of a burst. Checked here without a cluster: the ingress class over
 a stand-in deployment handle whose `model_info` call fails until the engine replica is "up".
 """
 

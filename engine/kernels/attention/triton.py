@@ -462,7 +462,7 @@ def default_decode_config(block_d: int, group_size: int, split_kv: bool = False)
 def default_prefill_config(block_d: int, group_size: int) -> TileConfig:
     if block_d <= 64:
         return TileConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
-    if block_d <= 128:  # H100 sweep (docs/kernels.md): 8 warps or 128 rows ran 10-40% slower
+    if block_d <= 128:  # the tile sweep in docs/kernels.md: 8 warps or 128 rows ran slower
         return TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
     return TileConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
 
