@@ -1,7 +1,8 @@
 """An ingress replica fetches the model's tokenizer when it starts, not with its first request.
 
 Unpickling the tokenizer imports transformers and torch: seconds of this replica's event loop, which an
-ingress that did it on its first request would spend importing while it held its share of a burst. Checked here without a cluster: the ingress class over
+ingress that did it on the first request of a burst spent while it held its share of the burst
+(docs/history/benchmarks-2026-11-to-12.md). Checked here without a cluster: the ingress class over
 a stand-in deployment handle whose `model_info` call fails until the engine replica is "up".
 """
 
