@@ -118,8 +118,14 @@ def default_cache_dir() -> Path:
     return base / "pagedserve"
 
 
-def demo_model_path(cache_dir: Path | None = None, *, rebuild: bool = False) -> Path:
-    """Return the folder of the cached demo model, building it first if it is missing (or `rebuild`)."""
+def demo_model_path(
+    cache_dir: Path | None = None, *, rebuild: bool = False, recipe: DemoRecipe = DemoRecipe()
+) -> Path:
+    """Return the folder of the cached demo model, building it first if it is missing (or `rebuild`).
+
+    `recipe` is for tests, which build a smaller model the same way in a cache folder of their own: the
+    folder name records the format version, not the recipe.
+    """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     model_dir = cache_dir / _FOLDER_NAME
     if not rebuild and _is_complete(model_dir):
@@ -132,7 +138,7 @@ def demo_model_path(cache_dir: Path | None = None, *, rebuild: bool = False) -> 
         _remove_leftovers(cache_dir)  # we hold the lock, so any temp folder is from a crashed build
         build_dir = Path(tempfile.mkdtemp(prefix=f".{_FOLDER_NAME}.tmp-", dir=cache_dir))
         try:
-            build_demo_model(build_dir)
+            build_demo_model(build_dir, recipe=recipe)
             _replace_dir(build_dir, model_dir)
         except BaseException:
             shutil.rmtree(build_dir, ignore_errors=True)
