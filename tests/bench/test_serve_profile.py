@@ -43,8 +43,12 @@ def test_finds_the_titled_ray_processes_and_the_engine_core_child(serve_profile,
     proxy = subprocess.Popen(["ray::ProxyActor", "60"], executable="/bin/sleep")
     try:
         core_pid = int(replica.stdout.readline())
-        time.sleep(0.2)
+        wanted = {("engine_replica", replica.pid), ("engine_core", core_pid), ("proxy", proxy.pid)}
+        deadline = time.monotonic() + 10  # until the fake proxy has exec'd under its title
         found = {(p.role, p.pid) for p in serve_profile.find_processes()}
+        while not wanted <= found and time.monotonic() < deadline:
+            time.sleep(0.05)
+            found = {(p.role, p.pid) for p in serve_profile.find_processes()}
         assert ("engine_replica", replica.pid) in found
         assert ("engine_core", core_pid) in found
         assert ("proxy", proxy.pid) in found

@@ -51,6 +51,19 @@ def wait_gone(pid: int, timeout_s: float) -> bool:
     return is_gone(pid)
 
 
+async def declared_dead(engine: AsyncLLMEngine, timeout_s: float = 20.0) -> EngineDeadError:
+    """Poll `check_health` until it raises (a core past its step_timeout_s); return that error."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await engine.check_health()
+        except EngineDeadError as error:
+            return error
+        if time.monotonic() > deadline:
+            raise AssertionError(f"check_health still passes {timeout_s:g} s on")
+        await asyncio.sleep(0.1)
+
+
 def test_auto_resolves_to_a_process_on_cuda_only() -> None:
     cpu, gpu = Platform.cpu_only(), Platform(cuda_available=True)
     assert not resolve_engine_process(EngineConfig(device="cpu"), gpu)
@@ -165,7 +178,7 @@ def test_a_hung_core_is_declared_dead_and_killed(tiny_model_dir) -> None:
         await stream.__anext__()
         os.kill(pid, signal.SIGSTOP)
         await engine.check_health()  # within the timeout: still healthy
-        await asyncio.sleep(2.5)
+        assert "step_timeout_s" in str(await declared_dead(engine))
         with pytest.raises(EngineDeadError, match="step_timeout_s"):
             await engine.check_health()
         with pytest.raises(EngineDeadError, match="step_timeout_s"):
@@ -199,7 +212,7 @@ def test_a_hung_thread_core_is_declared_dead(tiny_model_dir) -> None:
     async def scenario() -> None:
         stream = async_engine.generate(PROMPTS[0], SamplingParams(max_tokens=8, ignore_eos=True), "stuck")
         waiting = asyncio.ensure_future(stream.__anext__())
-        await asyncio.sleep(2.5)
+        assert "step_timeout_s" in str(await declared_dead(async_engine))
         with pytest.raises(EngineDeadError, match="step_timeout_s"):
             await async_engine.check_health()
         with pytest.raises(EngineDeadError):
