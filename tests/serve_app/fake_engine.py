@@ -4,7 +4,8 @@ No model: token t+1 = (31 * t + 7 + completion index + seed) mod vocab. It keeps
 (a request holds blocks_for(prompt + n * max_tokens) blocks while it runs and waits while they
 are not free), so routing, 429, disconnect-abort and free-blocks-back tests see the same signals as
 with the real engine. Magic words in the prompt inject faults:
-  "SLOW"   each step sleeps 0.2 s (a long stream to disconnect from)
+  "SLOW"   each step sleeps 0.2 s (a long stream to disconnect from); other steps take 5 ms
+  "FAST"   steps take no time (a long answer that only its length matters for)
   "FAIL"   the request ends after two tokens with finish_reason "error" (engine failure of one request)
   "CRASH"  generate raises RuntimeError before the first yield
   "DIEONCE <word>"   the first request naming <word> ends its replica's process (os._exit) after two
@@ -118,7 +119,7 @@ class FakeAsyncEngine:
         blocks = blocks_for(len(ids) + params.n * max_tokens, self.block_size)
         if blocks > self.num_total_blocks:
             raise too_large(len(ids), params.n * max_tokens, self.num_total_blocks * self.block_size, KV_CACHE)
-        delay_s = 0.2 if "SLOW" in text else 0.005
+        delay_s = 0.2 if "SLOW" in text else 0.0 if "FAST" in text else 0.005
         die_after = 0 if _dies_now(text, "DIEEARLY") else 2 if _dies_now(text, "DIEONCE") else None
         engine_dies_after = 2 if _dies_now(text, "ENGINEDIES") else None
         if engine_dies_after is not None:
