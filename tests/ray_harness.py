@@ -79,8 +79,11 @@ def local_cluster() -> Iterator[RayCluster]:
     """A Ray cluster of our own with Serve's proxy on 127.0.0.1 (see the module docstring for its settings).
 
     A picked port can be taken by one of Ray's own processes before the proxy binds it, so the proxy
-    start is retried on fresh ports. Ray and Serve are shut down however the block ends, also when the
-    set-up fails, so no cluster is left behind. Token auth is off so the tests can read the dashboard REST API.
+    start is retried on fresh ports. Ray is shut down however the block ends, also when the set-up fails,
+    so no cluster is left behind: `ray.shutdown()` of a cluster this process started ends every process
+    of it, Serve's included (an engine core or tensor-parallel worker exits with its replica), in about a
+    second where `serve.shutdown()` first would stop each application gracefully for several more. Token
+    auth is off so the tests can read the dashboard REST API.
     """
     import ray
     from ray import serve
@@ -107,8 +110,6 @@ def local_cluster() -> Iterator[RayCluster]:
         yield RayCluster(http_port=http_port, dashboard_url=f"http://127.0.0.1:{dashboard_port}",
                          metrics_port=metrics_port)
     finally:
-        if ray.is_initialized():  # else serve.shutdown() would connect to whatever cluster it finds
-            serve.shutdown()
         ray.shutdown()
         if previous_auth_mode is None:
             os.environ.pop("RAY_AUTH_MODE", None)
