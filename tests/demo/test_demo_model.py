@@ -26,8 +26,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from pagedserve.demo import model as demo_model
 from pagedserve.demo.model import DEMO_MODEL_NAME, DemoRecipe, build_demo_model, default_cache_dir, demo_model_path
 
-# Seed 0 of this recipe passes every text check below with room to spare; fewer steps do not (700 steps
-# fail some checks on some seeds, 150 most of them), so the checks still tell a trained model from noise.
+# Built with seed 0, this recipe passes every text check below (so did 7 of seeds 0-7 when it was chosen);
+# fewer steps do not (700 steps failed a check on 2 of 6 seeds, 150 steps of the shipped recipe most of
+# them), so the checks still tell a trained model from noise.
 SMALL_RECIPE = DemoRecipe(
     vocab_size=1024,
     hidden_size=96,
