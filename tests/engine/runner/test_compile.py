@@ -11,6 +11,7 @@ import logging
 
 import pytest
 from resolved import resolved
+from tiny_models import build_tiny_model
 import torch
 
 from pagedserve.config.engine import EngineConfig
@@ -160,20 +161,12 @@ def test_compile_off_runs_the_plain_model(tiny_model_dir):
 def test_compiled_layers_are_not_recompiled_per_layer(tiny_model_dir, tmp_path):
     """One compiled graph serves every decoder layer: the frames compiled do not grow with the depth
     (a layer index read inside the compiled region would specialize, and recompile, each layer)."""
-    import shutil
-
     from torch._dynamo.utils import counters
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     source = tiny_model_dir("llama")
-    config = AutoConfig.from_pretrained(source)
-    config.num_hidden_layers = 2 * config.num_hidden_layers
-    deeper = tmp_path / "deeper"
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(deeper)
-    for path in source.iterdir():
-        if path.name.startswith("tokenizer") or path.name == "special_tokens_map.json":
-            shutil.copy(path, deeper / path.name)
+    num_layers = AutoConfig.from_pretrained(source).num_hidden_layers
+    deeper = build_tiny_model("llama", tmp_path / "deeper", num_hidden_layers=2 * num_layers)
 
     def frames_compiled(model_dir) -> int:
         torch._dynamo.reset()
