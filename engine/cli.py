@@ -1,7 +1,8 @@
 """`pagedserve generate ...` (also `python -m pagedserve.engine`): offline generation from the shell.
 
 Every `EngineConfig` field is a flag (`--max-batch-tokens`, `--enable-prefix-caching/--no-...`), so
-`--help` lists them all with their defaults.
+`--help` lists them all with their defaults; the sampling flags include the structured-output constraints
+(`--json-schema`, `--regex`, `--choice`, ...) and `--logit-bias`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import logging
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from pagedserve.config.engine import ConfigError, EngineConfig
+from pagedserve.engine.core.request import StructuredOutputsParams
+from pagedserve.engine.errors import InvalidRequestError
 
 
 def _flag(name: str) -> str:
@@ -59,6 +63,25 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+def _constraint(args: argparse.Namespace) -> StructuredOutputsParams | None:
+    schema = args.json_schema
+    if schema is not None and schema.startswith("@"):
+        schema = Path(schema[1:]).read_text()
+    if schema is None and not args.json_object and args.regex is None and args.choice is None and args.grammar is None:
+        return None
+    return StructuredOutputsParams(json=schema, json_object=args.json_object, regex=args.regex, choice=args.choice,
+                                   grammar=args.grammar, param="--json-schema" if schema is not None else "constraint")
+
+
+def _logit_bias(pairs: list[str] | None) -> dict[int, float] | None:
+    if not pairs:
+        return None
+    try:
+        return {int(token): float(bias) for token, _, bias in (pair.partition("=") for pair in pairs)}
+    except ValueError:
+        raise InvalidRequestError(f"--logit-bias takes TOKEN_ID=BIAS, got {pairs}", param="logit_bias") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedserve", description="Paged-KV-cache continuous-batching LLM engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="per-request sampling seed")
     gen.add_argument("--n", type=int, default=1)
     gen.add_argument("--stop", action="append", default=None)
+    constraint = gen.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", default=None,
+                            help="hold the output to a JSON schema: its text, or @PATH of a file holding it")
+    constraint.add_argument("--json-object", action="store_true", help="hold the output to any JSON object")
+    constraint.add_argument("--regex", default=None, help="hold the output to a regular expression")
+    constraint.add_argument("--choice", action="append", default=None, help="one allowed output (repeat for several)")
+    constraint.add_argument("--grammar", default=None, help="hold the output to an EBNF grammar (xgrammar's syntax)")
+    gen.add_argument("--logit-bias", action="append", default=None, metavar="TOKEN_ID=BIAS",
+                     help="add BIAS (-100..100) to a token's logit (repeat for several)")
     gen.add_argument("--json", action="store_true", help="print one JSON object per output")
     gen.add_argument("--log-level", default="WARNING")
     add_engine_arguments(gen)
@@ -100,17 +132,24 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
             for p in prompts
         ]
-    params = SamplingParams(
-        n=args.n,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        seed=args.sampling_seed,
-        max_tokens=args.max_tokens,
-        stop=args.stop,
-    )
-    for output in llm.generate(prompts, params, use_tqdm=False):
+    try:
+        params = SamplingParams(
+            n=args.n,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            seed=args.sampling_seed,
+            max_tokens=args.max_tokens,
+            stop=args.stop,
+            logit_bias=_logit_bias(args.logit_bias),
+            structured_outputs=_constraint(args),
+        )
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    except InvalidRequestError as exc:
+        print(f"error: {exc.param}: {exc.message}", file=sys.stderr)
+        return 2
+    for output in outputs:
         for completion in output.outputs:
             if args.json:
                 print(json.dumps({"prompt": output.prompt, "index": completion.index, "text": completion.text,

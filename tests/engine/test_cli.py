@@ -22,6 +22,17 @@ def test_generate_prints_completions(tiny_model_dir, capsys):
     assert line["prompt"] == "w5 w6 w7" and line["finish_reason"] in ("length", "stop") and line["text"]
 
 
+def test_constraints_and_logit_bias_from_flags(tiny_model_dir, capsys):
+    model = str(tiny_model_dir("llama"))
+    base = ["generate", "--model", model, "--prompt", "w5 w6", "--max-tokens", "6", "--dtype", "float32", "--json"]
+    assert main([*base, "--choice", "w9", "--choice", "w11"]) == 0  # one word each: this tokenizer has no spaces
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"].strip() in ("w9", "w11")
+    assert main([*base, "--logit-bias", "7=100", "--temperature", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"].split() == ["w7"] * 6
+    assert main([*base, "--regex", "((("]) == 2
+    assert "invalid regex" in capsys.readouterr().err
+
+
 def test_bad_flag_value_exits_with_the_field_named(tiny_model_dir, capsys):
     code = main(["generate", "--model", str(tiny_model_dir("llama")), "--max-memory-percent", "3"])
     assert code == 2
