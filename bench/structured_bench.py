@@ -88,10 +88,10 @@ class MaskTimer:
         self._current = 0.0
         original = grammar.fill_bitmask
 
-        def timed(matchers, vocab_size):
+        def timed(*args):
             started = time.perf_counter()
             try:
-                return original(matchers, vocab_size)
+                return original(*args)
             finally:
                 self._current += time.perf_counter() - started
 

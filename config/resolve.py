@@ -124,9 +124,8 @@ class RunnerSettings:
 
 @dataclass(frozen=True)
 class ResolvedConfig:
-    """Everything the engine needs, resolved; `source` is the user's config as given."""
+    """Everything the engine needs, resolved."""
 
-    source: EngineConfig
     load: LoadSettings
     scheduler: SchedulerSettings
     cache: CacheSettings
@@ -242,7 +241,6 @@ def resolve(
     decode_linear = config.decode_linear and device == "cuda"
 
     return ResolvedConfig(
-        source=config,
         load=LoadSettings(
             model=config.model, tokenizer=config.tokenizer, revision=config.revision,
             trust_remote_code=config.trust_remote_code, load_format=config.load_format,

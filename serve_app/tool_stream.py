@@ -23,7 +23,7 @@ class ToolCallStream:
         self.plan = plan
         self.held = ""
         self.started = False
-        self.is_content = plan.mode == "auto" and plan.stream_marker is None
+        self.is_content = False  # auto mode: set once the text cannot be the start of a tool call
 
     def feed(self, text: str, finish_reason: str | None) -> tuple[oai.ChatDelta | None, str | None]:
         """(delta to send, finish reason) for new text; (None, None) while holding it back."""

@@ -172,14 +172,15 @@ def allocate_bitmask(num_rows: int, vocab_size: int) -> torch.Tensor:
     return _xgrammar().allocate_token_bitmask(num_rows, vocab_size)
 
 
-def fill_bitmask(matchers: list[SequenceGrammar], vocab_size: int) -> torch.Tensor:
-    """[len(matchers), ceil(vocab / 32)] int32 bitmask on the host: row i holds the tokens matcher i allows."""
-    bitmask = allocate_bitmask(len(matchers), vocab_size)
+def fill_bitmask(matchers: list[SequenceGrammar], rows: list[int], num_rows: int, vocab_size: int) -> torch.Tensor:
+    """[num_rows, ceil(vocab / 32)] int32 bitmask on the host: row rows[i] holds the tokens matcher i allows,
+    every other row allows everything."""
+    bitmask = allocate_bitmask(num_rows, vocab_size)  # all ones
     if not matchers:
         return bitmask
     # One call for every row, on the batch matcher's threads (they release the GIL).
-    matchers[0].batch.batch_fill_next_token_bitmask([m.matcher for m in matchers], bitmask)
-    for row, matcher in enumerate(matchers):
+    matchers[0].batch.batch_fill_next_token_bitmask([m.matcher for m in matchers], bitmask, indices=rows)
+    for row, matcher in zip(rows, matchers):
         if matcher.extra_mask is not None:
             bitmask[row] &= matcher.extra_mask
     return bitmask

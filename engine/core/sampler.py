@@ -166,11 +166,8 @@ def _apply_grammars(logits: torch.Tensor, requests: list[Request]) -> None:
         return
     from pagedserve.engine.core.grammar import apply_bitmask, fill_bitmask
 
-    bitmask = fill_bitmask([requests[row].grammar for row in rows], logits.shape[1])
-    # fill_bitmask wrote row k for the k-th constrained request; spread to the logits' rows.
-    full = torch.full((logits.shape[0], bitmask.shape[1]), -1, dtype=bitmask.dtype)
-    full[rows] = bitmask
-    apply_bitmask(logits, full, rows)
+    bitmask = fill_bitmask([requests[row].grammar for row in rows], rows, logits.shape[0], logits.shape[1])
+    apply_bitmask(logits, bitmask, rows)
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -37,10 +37,6 @@ def torch_device(device_type: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    return _DTYPES[name]
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
