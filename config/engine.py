@@ -61,6 +61,12 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=1, description="Longest prompt + output; auto from the model config.")
     enable_chunked_prefill: bool = Field(True, description="Split long prompts across steps.")
     scheduling_policy: SchedulingPolicy = Field("fifo", description="fifo: decodes first; prefill_first: prompts first.")
+    max_prefill_tokens_while_decoding: int | None = Field(
+        None, ge=1, description="Most prompt tokens (prefill chunks, recomputes of preempted requests) one step "
+        "takes while requests are decoding, so that long prompts do not stretch every decode's step (TPOT); a "
+        "step without decodes keeps all of max_batch_tokens. None: auto (no bound on CPU, a fixed bound on "
+        "CUDA: config/resolve.py); max_batch_tokens or more: no bound.",
+    )
 
     # Execution
     attention_backend: AttentionBackendName = Field("auto", description="Paged attention implementation.")

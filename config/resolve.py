@@ -13,8 +13,8 @@ can still ask `resolve_engine_process`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, get_args
 
 from pagedserve.config.engine import ConfigError, EngineConfig, SchedulingPolicy
 
@@ -23,6 +23,10 @@ DTypeName = Literal["float32", "bfloat16", "float16"]
 
 CPU_MAX_BATCH_TOKENS = 2048
 GPU_MAX_BATCH_TOKENS = 8192
+# Prompt tokens a CUDA step takes beside decodes (max_prefill_tokens_while_decoding auto). A placeholder
+# until chosen on the GPU with bench/online_engine_bench.py: the largest bound whose rows keep the goodput
+# SLO at the highest rate. On CPU auto is no bound, as before the knob: nothing measured there asks for one.
+GPU_MAX_PREFILL_TOKENS_WHILE_DECODING = 2048
 DEFAULT_MAX_MODEL_LEN = 4096  # a model whose config names no context length
 MAX_AUTO_MODEL_LEN = 32768  # auto never plans for longer contexts than this; set max_model_len to go past it
 
@@ -65,15 +69,26 @@ class LoadSettings:
     seed: int
 
 
+# Scheduler settings that size nothing (no memory plan, no CUDA graph, no warm-up shape depends on them), so
+# a running engine may change them between steps (`LLMEngine.update_scheduler`): a benchmark compares
+# values on one warm engine.
+RUNTIME_SCHEDULER_FIELDS = ("max_prefill_tokens_while_decoding", "policy")
+
+
 @dataclass(frozen=True)
 class SchedulerSettings:
-    """The scheduler's limits, no auto values left."""
+    """The scheduler's limits, no auto values left.
+
+    `max_prefill_tokens_while_decoding`: None, no bound beyond `max_batch_tokens`; else the most prompt
+    tokens a step takes while requests are decoding (engine/core/scheduler.py has the rule).
+    """
 
     max_num_seqs: int
     max_batch_tokens: int
     max_model_len: int
     enable_chunked_prefill: bool = True
     policy: SchedulingPolicy = "fifo"
+    max_prefill_tokens_while_decoding: int | None = None
 
     def __post_init__(self) -> None:
         if not self.enable_chunked_prefill and self.max_batch_tokens < self.max_model_len:
@@ -81,6 +96,28 @@ class SchedulerSettings:
                 f"max_batch_tokens={self.max_batch_tokens} must be >= max_model_len={self.max_model_len} "
                 "when chunked prefill is off (a whole prompt must fit in one step)"
             )
+        check_runtime_scheduler_changes({"max_prefill_tokens_while_decoding": self.max_prefill_tokens_while_decoding,
+                                         "policy": self.policy})
+
+    def updated(self, **changes: Any) -> "SchedulerSettings":
+        """These settings with `changes` to fields of RUNTIME_SCHEDULER_FIELDS; `ConfigError` for others."""
+        check_runtime_scheduler_changes(changes)
+        return replace(self, **changes)
+
+
+def check_runtime_scheduler_changes(changes: dict[str, Any]) -> None:
+    """Raise `ConfigError` naming the field unless every change is to a RUNTIME_SCHEDULER_FIELDS field with a
+    valid value. Callers of an engine in another process check here, before the change crosses the pipe."""
+    for name, value in changes.items():
+        if name not in RUNTIME_SCHEDULER_FIELDS:
+            raise ConfigError(f"SchedulerSettings.{name} cannot change on a running engine (it sizes memory or "
+                              f"captures); those that can: {', '.join(RUNTIME_SCHEDULER_FIELDS)}")
+        if name == "max_prefill_tokens_while_decoding" and value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"max_prefill_tokens_while_decoding={value!r}: must be an integer >= 1, or None "
+                              "for no bound")
+        if name == "policy" and value not in get_args(SchedulingPolicy):
+            raise ConfigError(f"policy={value!r}: must be one of {', '.join(get_args(SchedulingPolicy))}")
 
 
 @dataclass(frozen=True)
@@ -197,6 +234,13 @@ def resolve(
     if not config.enable_chunked_prefill and max_batch_tokens < max_model_len:
         max_batch_tokens = max_model_len
         decided("max_batch_tokens", max_batch_tokens, "chunked prefill is off: a whole prompt fits one step")
+    max_prefill_tokens_while_decoding = config.max_prefill_tokens_while_decoding
+    if max_prefill_tokens_while_decoding is None:
+        if device == "cuda":
+            max_prefill_tokens_while_decoding = GPU_MAX_PREFILL_TOKENS_WHILE_DECODING
+            decided("max_prefill_tokens_while_decoding", max_prefill_tokens_while_decoding, "default on cuda")
+        else:
+            decided("max_prefill_tokens_while_decoding", "none", f"no bound on {device}")
 
     bnb = model.bnb_quantization
     if config.quantization == "bnb-4bit":
@@ -250,6 +294,7 @@ def resolve(
         scheduler=SchedulerSettings(
             max_num_seqs=config.max_num_seqs, max_batch_tokens=max_batch_tokens, max_model_len=max_model_len,
             enable_chunked_prefill=config.enable_chunked_prefill, policy=config.scheduling_policy,
+            max_prefill_tokens_while_decoding=max_prefill_tokens_while_decoding,
         ),
         cache=CacheSettings(
             block_size=config.block_size, num_blocks=config.num_blocks,

@@ -145,6 +145,12 @@ class AsyncLLMEngine:
     async def abort(self, request_id: str) -> None:
         self._core.abort(request_id)
 
+    def update_scheduler(self, **changes: Any) -> None:
+        """Change scheduling decisions that size nothing (`max_prefill_tokens_while_decoding`, `policy`) from
+        the core's next step on; commands keep their order, so requests added after this call are scheduled
+        under it. `ConfigError` at once for a field that cannot change or a bad value."""
+        self._core.update_scheduler(**changes)
+
     def get_stats(self) -> EngineStats:
         """The snapshot taken after the latest step (thread-safe, never blocks)."""
         return self._stats

@@ -347,6 +347,14 @@ class LLMEngine:
         self._finish_group(group, FinishReason.ABORT)
         return True
 
+    def update_scheduler(self, **changes: object) -> None:
+        """Change scheduling decisions that size nothing (`config.resolve.RUNTIME_SCHEDULER_FIELDS`) from the
+        next step on, on a warm engine: a benchmark compares values without rebuilding the model and its
+        captures. `ConfigError` names a field that cannot change, or a bad value."""
+        self.scheduler_settings = self.scheduler_settings.updated(**changes)
+        self.scheduler.config = self.scheduler_settings
+        logger.info("scheduler settings updated: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
+
     def has_unfinished_requests(self) -> bool:
         return (bool(self._groups) or bool(self._finished_outputs) or self._in_flight is not None
                 or bool(self._refused))

@@ -2,9 +2,9 @@
 
 An engine core owns one `LLMEngine` and its step loop, on a thread of this process
 (`pagedserve.engine.process.thread_core.ThreadCore`) or in a child process
-(`pagedserve.engine.process.client.EngineCoreClient`). Callers queue commands (`add`, `abort`) that the
-core applies between steps with `apply_command`; the core reports steps, refused requests and its own
-death to a `CoreSink`, from its own thread.
+(`pagedserve.engine.process.client.EngineCoreClient`). Callers queue commands (`add`, `abort`,
+`update_scheduler`) that the core applies between steps with `apply_command`; the core reports steps,
+refused requests and its own death to a `CoreSink`, from its own thread.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pagedserve.config.resolve import check_runtime_scheduler_changes
 from pagedserve.engine.core.request import Continuation, RequestOutput, SamplingParams
 from pagedserve.engine.core.stats import EngineStats, StepStats
 
@@ -55,6 +56,8 @@ class EngineCore(Protocol):
 
     def abort(self, request_id: str) -> None: ...
 
+    def update_scheduler(self, **changes: Any) -> None: ...
+
     def check_health(self) -> None: ...
 
     def abandon(self) -> None:
@@ -78,14 +81,21 @@ class QueuedCommands:
     def abort(self, request_id: str) -> None:
         self._queue(("abort", request_id))
 
+    def update_scheduler(self, **changes: Any) -> None:
+        """Checked here, in the caller's thread: a bad change raises to the caller instead of ending the
+        core's loop; requests queued after it are scheduled under it."""
+        check_runtime_scheduler_changes(changes)
+        self._queue(("update_scheduler", changes))
+
     def _queue(self, command: tuple) -> None:
         self._commands.append(command)
         self._wakeup.set()
 
 
 def apply_command(engine: LLMEngine, command: tuple) -> tuple[str, Exception] | None:
-    """Apply ("add", request_id, text, prompt_token_ids, params, continuation) or ("abort", request_id) to the
-    engine, the commands of both cores. An add the engine refuses returns (request id, error) for its caller."""
+    """Apply ("add", request_id, text, prompt_token_ids, params, continuation), ("abort", request_id) or
+    ("update_scheduler", changes) to the engine, the commands of both cores. An add the engine refuses
+    returns (request id, error) for its caller."""
     if command[0] == "add":
         _, request_id, text, prompt_token_ids, params, continuation = command
         try:
@@ -94,4 +104,6 @@ def apply_command(engine: LLMEngine, command: tuple) -> tuple[str, Exception] | 
             return request_id, exc
     elif command[0] == "abort":
         engine.abort(command[1])
+    elif command[0] == "update_scheduler":
+        engine.update_scheduler(**command[1])
     return None

@@ -7,6 +7,17 @@ everything again, and a prefix-cache hit starts the count further along. Each st
 (decodes and unfinished chunked prefills, oldest first), then waiting ones into what is left. When
 blocks run out, the newest running request is preempted: its blocks are freed and it is recomputed
 later, at the head of the queue. Pure logic: no tensors, no model.
+
+Latency bound (`max_prefill_tokens_while_decoding`): a step's time grows with its prompt tokens, and every
+decoding request waits for the whole step, so long prompt chunks beside decodes stretch their time per
+output token. While any running request is *decoding* (needs exactly one new token, the catch-up rule's
+own test: no phases), the step's prefill chunks (waiting prompts, their chunked continuations, preempted
+requests' recomputes) take at most that many tokens together; a step with no decodes keeps all of
+`max_batch_tokens`, so a burst of prompts still fills steps. Under either policy the bound caps the
+prefill, only the order differs. With chunked prefill off a prompt cannot be split: the step's first
+prefill is taken whole even past the bound (never past `max_batch_tokens`); otherwise a prompt longer
+than the bound would wait for a step without decodes, which steady traffic may never give. n > 1 children
+forked from a prompt cost no tokens of their own and are decodes from the next step on.
 """
 
 from __future__ import annotations
@@ -29,6 +40,23 @@ class ScheduledChunk:
     num_new_tokens: int
     # True when this chunk reaches the end of the known tokens: its last logits give a new token.
     samples: bool
+
+
+@dataclass
+class _StepBudget:
+    """What one step may still take: `tokens` in all, and of them at most `prefill_tokens` in prefill chunks
+    (None: no bound but `tokens`)."""
+
+    tokens: int
+    prefill_tokens: int | None
+    num_prefill_chunks: int = 0
+
+    def take(self, num_tokens: int, is_prefill: bool) -> None:
+        self.tokens -= num_tokens
+        if is_prefill:
+            self.num_prefill_chunks += 1
+            if self.prefill_tokens is not None:  # past zero only by a whole prompt (chunked prefill off)
+                self.prefill_tokens = max(0, self.prefill_tokens - num_tokens)
 
 
 @dataclass
@@ -76,35 +104,51 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
-        budget = self.config.max_batch_tokens
+        is_decoding = any(self._is_decoding(request) for request in self.running)
+        budget = _StepBudget(self.config.max_batch_tokens,
+                             self.config.max_prefill_tokens_while_decoding if is_decoding else None)
         if self.config.policy == "prefill_first":
-            budget = self._schedule_waiting(output, budget)
+            self._schedule_waiting(output, budget)
             self._schedule_running(output, budget)
         else:
-            budget = self._schedule_running(output, budget)
+            self._schedule_running(output, budget)
             if not output.preempted:  # under memory pressure, admit nothing new
                 self._schedule_waiting(output, budget)
         output.block_copies = self.kv_cache.take_pending_copies()
         return output
 
-    def _chunk_size(self, num_needed: int, budget: int) -> int:
-        if self.config.enable_chunked_prefill:
-            return min(num_needed, budget)
-        return num_needed if num_needed <= budget else 0
+    @staticmethod
+    def _is_decoding(request: Request) -> bool:
+        """Needs exactly one new token (its last sampled one), and is not at its length limit."""
+        return request.num_tokens < request.token_limit and request.num_tokens - request.num_computed_tokens == 1
 
-    def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
+    def _chunk_size(self, num_needed: int, budget: _StepBudget, is_prefill: bool) -> int:
+        limit = budget.tokens
+        if is_prefill and budget.prefill_tokens is not None:
+            limit = min(limit, budget.prefill_tokens)
+        if self.config.enable_chunked_prefill:
+            return min(num_needed, limit)
+        if num_needed <= limit:
+            return num_needed
+        # A whole prompt past the bound: the step's first prefill takes it, or it could wait for ever.
+        if is_prefill and budget.num_prefill_chunks == 0 and num_needed <= budget.tokens:
+            return num_needed
+        return 0
+
+    def _schedule_running(self, output: SchedulerOutput, budget: _StepBudget) -> None:
         scheduled_ids = {chunk.request.request_id for chunk in output.chunks}
         index = 0
-        while index < len(self.running) and budget > 0:
+        while index < len(self.running) and budget.tokens > 0:
             request = self.running[index]
             if request.request_id in scheduled_ids:
                 index += 1
                 continue
             num_tokens = request.num_tokens
+            num_needed = num_tokens - request.num_computed_tokens
             # At its length limit the request only waits for its last token (still on the device under
             # async scheduling) to be delivered: that token's K/V is never needed.
             num_new = 0 if num_tokens >= request.token_limit else self._chunk_size(
-                num_tokens - request.num_computed_tokens, budget)
+                num_needed, budget, is_prefill=num_needed > 1)
             if num_new == 0:
                 index += 1
                 continue
@@ -116,9 +160,8 @@ class Scheduler:
             else:
                 self._add_chunk(output, request, request.num_computed_tokens, num_new)
                 scheduled_ids.add(request.request_id)
-                budget -= num_new
+                budget.take(num_new, is_prefill=num_needed > 1)
                 index += 1
-        return budget
 
     def _pick_victim(self, scheduled_ids: set[str]) -> Request:
         """The newest running request not yet scheduled this step (the current one as a last resort)."""
@@ -127,8 +170,8 @@ class Scheduler:
                 return request
         raise AssertionError("no running request left to preempt")  # the current request is never scheduled yet
 
-    def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+    def _schedule_waiting(self, output: SchedulerOutput, budget: _StepBudget) -> None:
+        while self.waiting and budget.tokens > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             cached_tables: list[list[int | None]] = []
             num_cached = 0
@@ -136,7 +179,7 @@ class Scheduler:
                 cached_tables, num_cached = self.kv_cache.find_cached_prefix(
                     request.request_id, request.all_token_ids
                 )
-            num_new = self._chunk_size(request.num_tokens - num_cached, budget)
+            num_new = self._chunk_size(request.num_tokens - num_cached, budget, is_prefill=True)
             if num_new == 0:
                 break
             if not self.kv_cache.allocate_slots(request.request_id, num_cached, num_new, cached_tables):
@@ -151,8 +194,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             self._add_chunk(output, request, num_cached, num_new)
-            budget -= num_new
-        return budget
+            budget.take(num_new, is_prefill=True)
 
     def _add_chunk(self, output: SchedulerOutput, request: Request, num_computed: int, num_new: int) -> None:
         chunk = ScheduledChunk(request, num_computed, num_new, samples=num_computed + num_new == request.num_tokens)

@@ -22,6 +22,7 @@ def test_defaults_follow_transformers_continuous_batching_names():
         ("max_memory_percent", 0, "greater than 0"),
         ("max_memory_percent", 1.2, "less than or equal to 1"),
         ("max_num_seqs", -3, "greater than or equal to 1"),
+        ("max_prefill_tokens_while_decoding", 0, "greater than or equal to 1"),
         ("tp_size", 6, "power of two"),
         ("scheduling_policy", "lifo", "fifo"),
         ("quantization", "gptq", "bnb-4bit"),
@@ -44,3 +45,31 @@ def test_unknown_field_is_rejected_and_hyphenated_policy_accepted():
 def test_scheduler_config_without_chunking_needs_room_for_a_whole_prompt():
     with pytest.raises(ConfigError, match="max_batch_tokens=512 must be >= max_model_len=1024"):
         SchedulerSettings(max_num_seqs=4, max_batch_tokens=512, max_model_len=1024, enable_chunked_prefill=False)
+
+
+def test_scheduler_settings_change_at_run_time_only_where_nothing_is_sized():
+    settings = SchedulerSettings(max_num_seqs=4, max_batch_tokens=512, max_model_len=1024)
+    assert settings.max_prefill_tokens_while_decoding is None  # no bound unless resolved to one
+    updated = settings.updated(max_prefill_tokens_while_decoding=128, policy="prefill_first")
+    assert (updated.max_prefill_tokens_while_decoding, updated.policy) == (128, "prefill_first")
+    assert updated.updated(max_prefill_tokens_while_decoding=None).max_prefill_tokens_while_decoding is None
+    with pytest.raises(ConfigError, match=r"SchedulerSettings.max_batch_tokens cannot change on a running engine"):
+        settings.updated(max_batch_tokens=64)
+    with pytest.raises(ConfigError, match=r"max_prefill_tokens_while_decoding=0: must be an integer >= 1"):
+        settings.updated(max_prefill_tokens_while_decoding=0)
+    with pytest.raises(ConfigError, match=r"max_prefill_tokens_while_decoding='512'"):
+        SchedulerSettings(4, 512, 1024, max_prefill_tokens_while_decoding="512")
+    with pytest.raises(ConfigError, match=r"policy='lifo'"):
+        settings.updated(policy="lifo")
+
+
+def test_the_prefill_bound_reaches_every_surface_by_its_name():
+    from pagedserve.config.serve import ServeArgs
+    from pagedserve.engine.cli import build_parser, engine_kwargs
+
+    flags = build_parser().parse_args(["generate", "--max-prefill-tokens-while-decoding", "512"])
+    assert engine_kwargs(flags) == {"max_prefill_tokens_while_decoding": 512}
+    # `serve run ... max_prefill_tokens_while_decoding=256` arrives as a string at the top level.
+    assert ServeArgs.from_args({"max_prefill_tokens_while_decoding": "256"}).engine.max_prefill_tokens_while_decoding == 256
+    with pytest.raises(ConfigError, match=r"EngineConfig.max_prefill_tokens_while_decoding=0"):
+        ServeArgs.from_args({"engine": {"max_prefill_tokens_while_decoding": 0}})

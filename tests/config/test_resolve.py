@@ -10,6 +10,7 @@ from pagedserve.config.engine import ConfigError, EngineConfig
 from pagedserve.config.resolve import (
     CPU_MAX_BATCH_TOKENS,
     GPU_MAX_BATCH_TOKENS,
+    GPU_MAX_PREFILL_TOKENS_WHILE_DECODING,
     MAX_AUTO_MODEL_LEN,
     ModelFacts,
     Platform,
@@ -79,15 +80,32 @@ def test_context_length_and_batch_budget() -> None:
 
 def test_explicit_values_are_kept_and_only_autos_are_reported() -> None:
     explicit = EngineConfig(device="cpu", dtype="bfloat16", max_model_len=256, max_batch_tokens=128,
-                            attention_backend="reference", compile=False, engine_process=False,
-                            enable_cuda_graphs=False)
+                            max_prefill_tokens_while_decoding=64, attention_backend="reference", compile=False,
+                            engine_process=False, enable_cuda_graphs=False)
     settings = resolve(explicit, HOPPER, LLAMA)
     assert settings.runner.device == "cpu" and settings.runner.dtype == "bfloat16"
     assert settings.decisions == ()
     auto = resolve(EngineConfig(), HOPPER, LLAMA)
     names = [line.split("=")[0] for line in auto.decisions]
-    assert names == ["device", "dtype", "max_model_len", "max_batch_tokens", "attention_backend", "compile"]
+    assert names == ["device", "dtype", "max_model_len", "max_batch_tokens", "max_prefill_tokens_while_decoding",
+                     "attention_backend", "compile"]
     assert auto.describe().startswith("resolved settings: device=cuda (a CUDA device is visible)")
+
+
+def test_prefill_bound_while_decoding_is_none_on_cpu_and_a_constant_on_cuda() -> None:
+    cpu = resolve(EngineConfig(), CPU, LLAMA)
+    assert cpu.scheduler.max_prefill_tokens_while_decoding is None  # CPU behaviour unchanged
+    assert "max_prefill_tokens_while_decoding=none (no bound on cpu)" in cpu.describe()
+    gpu = resolve(EngineConfig(), HOPPER, LLAMA)
+    assert gpu.scheduler.max_prefill_tokens_while_decoding == GPU_MAX_PREFILL_TOKENS_WHILE_DECODING
+    assert f"max_prefill_tokens_while_decoding={GPU_MAX_PREFILL_TOKENS_WHILE_DECODING} (" in gpu.describe()
+    # Explicit values are kept on either device, and also with chunked prefill off (the scheduler admits a
+    # whole prompt past the bound as a step's first prefill).
+    for platform in (CPU, HOPPER):
+        explicit = resolve(EngineConfig(max_prefill_tokens_while_decoding=512, enable_chunked_prefill=False),
+                           platform, LLAMA)
+        assert explicit.scheduler.max_prefill_tokens_while_decoding == 512
+        assert not any(d.startswith("max_prefill_tokens_while_decoding") for d in explicit.decisions)
 
 
 def test_device_cuda_without_a_gpu_is_a_config_error() -> None:

@@ -44,6 +44,8 @@ ENGINE_SETUPS = {
     "preempting": {"num_blocks": 14, "max_batch_tokens": 32},
     "no-prefix-cache": {"enable_prefix_caching": False},
     "prefill-first": {"scheduling_policy": "prefill_first", "max_batch_tokens": 40},
+    # Prompts beside decodes in chunks of at most 5 tokens; the first step (no decodes) takes 40.
+    "prefill-bound": {"max_batch_tokens": 40, "max_prefill_tokens_while_decoding": 5},
     # Each step delivered before the next is scheduled (the default prepares the next step first).
     "synchronous": {"async_scheduling": False},
 }

@@ -194,6 +194,41 @@ def test_async_engine_streams_deltas_and_frees_blocks_on_disconnect(tiny_model_d
         engine.shutdown()
 
 
+@pytest.mark.parametrize("engine_process", [False, True], ids=["thread-core", "process-core"])
+def test_update_scheduler_bounds_prompt_tokens_beside_decodes_on_either_core(tiny_model_dir, engine_process):
+    """The bound set on a running engine (as bench/online_engine_bench.py does between passes) holds in its
+    steps, and greedy tokens are those of an engine without it."""
+    engine = AsyncLLMEngine.from_kwargs(model=str(tiny_model_dir("llama")), dtype="float32", block_size=8,
+                                        num_blocks=64, engine_process=engine_process)
+    steps = []
+    engine.add_step_listener(lambda step, stats: steps.append(step))
+    sync = LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=8, num_blocks=64)
+    short = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    want = sync.generate([PROMPTS[1]], short, use_tqdm=False)[0].outputs[0].token_ids
+
+    async def scenario():
+        decoding = engine.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=400, ignore_eos=True), "d")
+        await decoding.__anext__()  # from here on "d" decodes in every step
+        steps.clear()
+        got = []
+        async for delta in engine.generate(PROMPTS[1], short, "p"):  # 41 prompt tokens
+            got += delta.outputs[0].token_ids
+        await decoding.aclose()
+        return got
+
+    try:
+        with pytest.raises(ConfigError, match="max_batch_tokens cannot change on a running engine"):
+            engine.update_scheduler(max_batch_tokens=8)
+        with pytest.raises(ConfigError, match="max_prefill_tokens_while_decoding=0"):
+            engine.update_scheduler(max_prefill_tokens_while_decoding=0)
+        engine.update_scheduler(max_prefill_tokens_while_decoding=3)
+        assert asyncio.run(scenario()) == want
+    finally:
+        engine.shutdown()
+    beside_decodes = [step.num_prefill_tokens for step in steps if step.num_decode_tokens > 0]
+    assert max(beside_decodes) == 3 and sum(beside_decodes) >= 40  # 41 tokens, the last one maybe a "decode"
+
+
 def test_dummy_load_format_needs_only_the_config(tiny_model_dir, tmp_path):
     """load_format='dummy' builds the architecture with random weights from config.json alone."""
     import shutil
