@@ -86,6 +86,102 @@ def random_token_workload(
     return Workload(prompts, max_new_tokens, seed, description)
 
 
+@dataclass(frozen=True)
+class LognormalLengths:
+    """Token counts drawn from a lognormal distribution, rounded and clipped to [min_len, max_len].
+
+    `mean` is the mean of the distribution before clipping (a clip at the far tail moves it little);
+    `sigma` is the standard deviation of the length's logarithm, so the median is mean * exp(-sigma**2 / 2).
+    """
+
+    mean: float
+    sigma: float
+    min_len: int
+    max_len: int
+
+    def __post_init__(self) -> None:
+        if not self.mean > 0 or not self.sigma >= 0:
+            raise ValueError(f"lognormal lengths need mean > 0 and sigma >= 0, got mean={self.mean} sigma={self.sigma}")
+        if not 1 <= self.min_len <= self.max_len:
+            raise ValueError(f"lengths must satisfy 1 <= min <= max, got min={self.min_len} max={self.max_len}")
+
+    @property
+    def mu(self) -> float:
+        """Mean of the length's logarithm."""
+        return math.log(self.mean) - self.sigma**2 / 2
+
+    def sample(self, rng: random.Random, max_len: int | None = None) -> int:
+        """One length; `max_len` tightens the upper clip for this draw (a context limit), never below min_len."""
+        upper = self.max_len if max_len is None else max(self.min_len, min(self.max_len, max_len))
+        return min(max(round(rng.lognormvariate(self.mu, self.sigma)), self.min_len), upper)
+
+    def describe(self) -> str:
+        return f"lognormal (mean {self.mean:g}, sigma {self.sigma:g}) clipped to [{self.min_len}, {self.max_len}]"
+
+
+@dataclass(frozen=True)
+class VariableLengthWorkload:
+    """Prompts as token ids, request i generating exactly `output_lens[i]` tokens (EOS ignored)."""
+
+    prompts: list[list[int]]
+    output_lens: list[int]
+    seed: int
+    description: str
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(prompt) for prompt in self.prompts)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lognormal_token_workload(
+    num_requests: int,
+    prompt_lens: LognormalLengths,
+    output_lens: LognormalLengths,
+    vocab_size: int,
+    seed: int,
+    max_total_len: int | None = None,
+    excluded_token_ids: Sequence[int] = (),
+) -> VariableLengthWorkload:
+    """Prompts of uniformly random token ids with lognormal prompt and output lengths (a ShareGPT-like shape).
+
+    With `max_total_len` (the served model's context), a prompt is clipped to leave room for the shortest
+    output and its output to what the prompt leaves, so that every request fits.
+    """
+    if num_requests < 1:
+        raise ValueError(f"num_requests={num_requests} must be >= 1")
+    if max_total_len is not None and max_total_len < prompt_lens.min_len + output_lens.min_len:
+        raise ValueError(f"max_total_len={max_total_len} is below the shortest prompt + output "
+                         f"({prompt_lens.min_len} + {output_lens.min_len})")
+    excluded = set(excluded_token_ids)
+    allowed = [token_id for token_id in range(vocab_size) if token_id not in excluded]
+    rng = random.Random(seed)
+    prompts: list[list[int]] = []
+    outputs: list[int] = []
+    for _ in range(num_requests):
+        prompt_cap = None if max_total_len is None else max_total_len - output_lens.min_len
+        prompt_len = prompt_lens.sample(rng, prompt_cap)
+        outputs.append(output_lens.sample(rng, None if max_total_len is None else max_total_len - prompt_len))
+        prompts.append([rng.choice(allowed) for _ in range(prompt_len)])
+    fit = "" if max_total_len is None else f", prompt + output <= {max_total_len}"
+    description = (
+        f"{num_requests} requests, random token ids, prompt length {prompt_lens.describe()}, output length "
+        f"{output_lens.describe()}{fit} (means drawn {sum(map(len, prompts)) / num_requests:.0f} / "
+        f"{sum(outputs) / num_requests:.0f}), EOS ignored, seed {seed}"
+    )
+    return VariableLengthWorkload(prompts, outputs, seed, description)
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0..100) with linear interpolation between closest ranks (numpy's default)."""
     if not values:
