@@ -85,11 +85,6 @@ class ServeArgs(BaseModel):
     tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
         "auto", description="How `tool_choice: auto` completions are read for tool calls; auto: the format the "
         "model's chat template shows (serve_app/tool_calls.py).")
-    stream_messages_per_s: float = Field(
-        1000.0, gt=0.0,
-        description="Most token messages per second a replica sends over Ray; with many streams each one's "
-        "new tokens are sent together (every n_streams / this many seconds) instead of one message per token.",
-    )
     max_request_body_bytes: int = Field(1 << 20, ge=1024, description="Larger bodies get 413.")
     request_timeout_s: float = Field(600.0, gt=0.0, description="Longest a non-streaming request may run.")
     engine_class: str = Field(

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pagedserve.engine.errors import InvalidRequestError
 
 from pagedserve.serve_app import openai_protocol as oai
-from pagedserve.serve_app.errors import ServiceOverloadedError
+from pagedserve.serve_app.errors import ChannelLostError, ServiceOverloadedError
 from pagedserve.serve_app.messages import ReplicaError
 
 logger = logging.getLogger("ray.serve")
@@ -47,7 +47,7 @@ def unwrap(exc: BaseException) -> BaseException:
     seen = 0
     while seen < 5:
         cause = getattr(exc, "cause", None) or exc.__cause__
-        if isinstance(exc, (ServiceOverloadedError, InvalidRequestError)) or cause is None:
+        if isinstance(exc, (ServiceOverloadedError, InvalidRequestError, ChannelLostError)) or cause is None:
             return exc
         exc = cause
         seen += 1
@@ -75,7 +75,7 @@ def replica_lost(error: BaseException | ReplicaError) -> bool:
         return error.status_code == 503 and error.error_type == "service_unavailable"  # its engine died
     from ray.exceptions import ActorUnavailableError, RayActorError
 
-    return isinstance(unwrap(error), (RayActorError, ActorUnavailableError))
+    return isinstance(unwrap(error), (RayActorError, ActorUnavailableError, ChannelLostError))
 
 
 def as_api_error(error: BaseException | ReplicaError) -> APIError:

@@ -62,7 +62,10 @@ def ingress_options(serve_args: ServeArgs) -> dict[str, Any]:
 
 
 def replica_options(serve_args: ServeArgs) -> dict[str, Any]:
-    """Deployment options of `EngineReplica`: resources, concurrency, router, replicas or autoscaling."""
+    """Deployment options of `EngineReplica`: resources, concurrency, router, replicas or autoscaling.
+
+    Serve's `max_ongoing_requests` is the configured one plus one stream channel per ingress replica
+    (serve_app/stream_channel.py): a replica full of requests still takes the channel their deltas need."""
     use_gpu = _uses_gpu(serve_args)
     actor_options: dict[str, Any] = {"num_cpus": serve_args.num_cpus_per_replica}
     if use_gpu:
@@ -71,7 +74,7 @@ def replica_options(serve_args: ServeArgs) -> dict[str, Any]:
     options: dict[str, Any] = {
         "name": f"{serve_args.name_prefix}EngineReplica",
         "ray_actor_options": actor_options,
-        "max_ongoing_requests": serve_args.max_ongoing_requests,
+        "max_ongoing_requests": serve_args.max_ongoing_requests + ingress_options(serve_args)["num_replicas"],
         "health_check_period_s": 10,
         "health_check_timeout_s": 60,
         "graceful_shutdown_timeout_s": 5,

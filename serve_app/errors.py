@@ -15,3 +15,8 @@ class ServiceOverloadedError(Exception):
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s
+
+
+class ChannelLostError(Exception):
+    """The stream channel from an engine replica ended or failed while requests of this ingress were on it
+    (serve_app/stream_channel.py): their deltas can no longer arrive, so they count as lost with the replica."""

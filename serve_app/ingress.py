@@ -3,7 +3,8 @@
 The ingress never touches the engine: it validates bodies (`openai_protocol`), tokenizes with the
 tokenizer fetched once from a replica (for the context check and the router's block demand), sends
 `GenerateRequest`s to the replicas (`replica_calls`: routed by `FreeBlocksRequestRouter`; when a replica
-is lost, sent again, or continued elsewhere from the tokens already received), and formats their deltas;
+is lost, sent again, or continued elsewhere from the tokens already received), and formats their deltas,
+which arrive for all its requests on a replica through one stream channel (`stream_channel`);
 errors become OpenAI bodies (`api_errors`). Streaming sends each delta once, so a token costs the same at
 any length. Leaving a stream early (client gone) cancels the replica call, which aborts the engine request.
 """
@@ -36,6 +37,7 @@ from pagedserve.serve_app.api_errors import APIError, as_api_error, bad_request,
 from pagedserve.serve_app.metrics import IngressMetrics
 from pagedserve.serve_app.messages import GenerateRequest, ModelInfo, ReplicaError
 from pagedserve.serve_app.replica_calls import ReplicaCalls
+from pagedserve.serve_app.stream_channel import ChannelHub
 from pagedserve.serve_app.tool_calls import ToolPlan, parser_for_template
 from pagedserve.serve_app.tool_stream import ToolCallStream, tool_call_models
 
@@ -68,6 +70,30 @@ def _counts_rejections(
     return counted
 
 
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events. When the client leaves, Ray Serve's ASGI `receive` may raise the cancelled Ray task
+    that was fetching the next message (`TaskCancelledError`) instead of returning `http.disconnect`;
+    Starlette would log that as the request failing. It is the client leaving, and is handled as such."""
+
+    def __init__(self, content: AsyncIterator[str]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def listen_for_disconnect(self, receive: Any) -> None:
+        try:
+            await super().listen_for_disconnect(receive)
+        except Exception as exc:  # noqa: BLE001 - see the class docstring
+            logger.debug("receive ended with %s: the client went away", type(exc).__name__)
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Mark a task's outcome as seen (asyncio logs "exception was never retrieved" otherwise)."""
+    if not task.cancelled():
+        task.exception()
+
+
+# `serve.ingress` pickles the routes when this module is imported, with the module globals defined by
+# then: a helper the methods use must be defined above this class.
 @serve.ingress(fastapi_app)
 class OpenAIIngress:
     """Routes of the OpenAI API over one `EngineReplica` deployment handle."""
@@ -83,7 +109,9 @@ class OpenAIIngress:
             model_name=serve_args.served_model_name,
             replica=context.replica_tag if context is not None else "local",
         )
-        self.calls = ReplicaCalls(replica, on_resend=self.metrics.resent)
+        self.channels = ChannelHub(replica, ingress_id=context.replica_id.unique_id if context is not None else None,
+                                   on_message=self.metrics.channel_message)
+        self.calls = ReplicaCalls(self.channels, on_resend=self.metrics.resent)
         # The tokenizer now rather than with the first request: unpickling it imports transformers and torch
         # (seconds), which on a first burst stalled this replica's event loop and every request it held.
         self._prefetch: asyncio.Task | None = None
@@ -190,6 +218,11 @@ class OpenAIIngress:
             max_new_tokens=sampling_params.n * (sampling_params.max_tokens or 0), stream=stream,
             prompt_token_ids=token_ids,
         )
+
+    def client_left(self, request_id: str, when: str) -> None:
+        """A client that goes away is a normal event: one line and a count, the engine requests aborted."""
+        logger.info("request %s: the client went away %s; its engine requests are aborted", request_id, when)
+        self.metrics.client_left()
 
     # Token and logprob formatting --------------------------------------------------------------------
 
@@ -374,9 +407,14 @@ class OpenAIIngress:
             outputs = await asyncio.wait_for(asyncio.gather(*tasks), timeout=self.args.request_timeout_s)
         except asyncio.TimeoutError:
             raise APIError(408, f"request took longer than {self.args.request_timeout_s:g}s", "timeout") from None
+        except asyncio.CancelledError:
+            self.client_left(request_id, "before its response")
+            raise
         finally:
             for task in tasks:  # one prompt failed, or the client left: the others' replica calls end too
                 task.cancel()
+                # A prompt that failed after another's failure ended the gather: its error is not news.
+                task.add_done_callback(_retrieve)
         n = requests[0].sampling_params.n
         # Each prompt's output is whole (its deltas merged): its completions are the response's choices.
         choices: dict[int, CompletionOutput] = {}
@@ -439,6 +477,7 @@ class OpenAIIngress:
             text_offsets: dict[int, int] = {}
             num_prompt_tokens = 0
             num_completion_tokens = 0
+            is_complete = False
             try:
                 if chat:  # OpenAI sends the role once per choice, before any content
                     for index in range(len(requests) * n):
@@ -496,9 +535,11 @@ class OpenAIIngress:
                     cls = oai.ChatCompletionChunk if chat else oai.CompletionChunk
                     yield sse(cls(id=request_id, created=created, model=model, choices=[], usage=usage))
                 yield "data: [DONE]\n\n"
+                is_complete = True
             finally:
                 # Runs on normal end and when the client disconnects (the generator is closed/cancelled).
                 self.calls.cancel(streams)
+                if not is_complete:
+                    self.client_left(request_id, f"after {num_completion_tokens} tokens of its stream")
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventStreamResponse(events())

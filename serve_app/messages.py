@@ -69,10 +69,29 @@ class GenerateRequest:
     # Tokens the one completion of this request already produced on a replica that was lost: the engine
     # goes on from them (the ingress resumes a stream so; `n` is then 1).
     continuation: Continuation | None = None
+    # The ingress replica whose stream channel carries this request's deltas (serve_app/stream_channel.py).
+    reply_to: str = ""
 
     @property
     def routing_demand(self) -> RoutingDemand:
         return RoutingDemand(self.num_prompt_tokens, self.max_new_tokens, self.prefix_key)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """`EngineReplica.submit`'s first item: the request runs on this replica; its deltas come through that
+    replica's stream channel to the ingress."""
+
+    replica_id: str
+
+
+@dataclass(frozen=True)
+class ChannelOpen:
+    """Opens the stream channel of ingress replica `ingress_id` on engine replica `replica_id` (the router
+    sends it to that replica and no other)."""
+
+    ingress_id: str
+    replica_id: str
 
 
 @dataclass(frozen=True)

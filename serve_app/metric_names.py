@@ -81,6 +81,13 @@ INGRESS_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "pagedserve_resent_requests": (
         "counter", "Engine requests sent again because their replica (its process or its engine) was lost: from "
         "the start before their first token, else continued from the tokens received.", ()),
+    "pagedserve_client_disconnects": (
+        "counter", "Requests whose client went away before the end of the response (the engine request is "
+        "aborted, its blocks freed).", ()),
+    "pagedserve_stream_channel_messages": (
+        "counter", "Messages received on the stream channels from the engine replicas (each carries every "
+        "delta a replica produced for this ingress's requests since the previous one).", ()),
+    "pagedserve_stream_channel_deltas": ("counter", "Request deltas received on the stream channels.", ()),
 }
 
 ROUTER_TAGS = ("deployment",)

@@ -309,7 +309,8 @@ def _rounded(value: float | None) -> float | None:
 
 
 class IngressMetrics:
-    """Requests the ingress refused before any token, by HTTP status, and those it sent again.
+    """Requests the ingress refused before any token (by HTTP status), sent again, or lost to a client that
+    left; and what the stream channels carried.
 
     `model` is the served name, as on the replica's series; before the ingress has asked a replica for
     the model's name (a 401 on the very first request) it is the configured name or "default".
@@ -329,13 +330,22 @@ class IngressMetrics:
             self._tags = {**self._tags, "model": model_name}
             _start_counters_at_zero(self._metrics["pagedserve_rejected_requests"],
                                     [{**self._tags, "reason": str(status)} for status in REJECTION_STATUSES])
-            _start_counters_at_zero(self._metrics["pagedserve_resent_requests"], [self._tags])
+            for name in ("pagedserve_resent_requests", "pagedserve_client_disconnects",
+                         "pagedserve_stream_channel_messages", "pagedserve_stream_channel_deltas"):
+                _start_counters_at_zero(self._metrics[name], [self._tags])
 
     def rejected(self, status_code: int) -> None:
         self._metrics["pagedserve_rejected_requests"].inc(1, tags={**self._tags, "reason": str(status_code)})
 
     def resent(self) -> None:
         self._metrics["pagedserve_resent_requests"].inc(1, tags=self._tags)
+
+    def client_left(self) -> None:
+        self._metrics["pagedserve_client_disconnects"].inc(1, tags=self._tags)
+
+    def channel_message(self, num_deltas: int) -> None:
+        self._metrics["pagedserve_stream_channel_messages"].inc(1, tags=self._tags)
+        self._metrics["pagedserve_stream_channel_deltas"].inc(num_deltas, tags=self._tags)
 
 
 class RouterMetrics:

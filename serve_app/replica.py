@@ -1,14 +1,16 @@
 """`EngineReplica`: the deployment that owns one `AsyncLLMEngine` (one per GPU, or per CPU slot).
 
-It streams the engine's deltas to the ingress unchanged (each yield carries only new tokens), turns
-engine errors into `ReplicaError` items so a failed request never breaks the replica, aborts a request
-whose consumer went away (the engine frees its blocks), and publishes free/total KV blocks and queue
-sizes through Ray Serve's `record_routing_stats` hook for `serve_app/router.py`.
+The ingress starts each request with `submit` (routed by `FreeBlocksRequestRouter`) and reads the deltas
+of all its requests here through one `channel` call (serve_app/stream_channel.py); `generate` streams one
+request's deltas on its own call, for callers without a channel. Engine errors become `ReplicaError` items,
+so a failed request never breaks the replica; a request whose call is cancelled or dropped is aborted (the
+engine frees its blocks). Free/total KV blocks and queue sizes go to the routers through Ray Serve's
+`record_routing_stats` hook (serve_app/router.py).
 """
 
 from __future__ import annotations
 
-import asyncio
+import collections
 import contextlib
 import importlib
 import json
@@ -25,7 +27,8 @@ from pagedserve.engine.core.request import RequestOutput, merge_delta
 
 from pagedserve.serve_app.metrics import ReplicaMetrics, RequestTiming
 from pagedserve.serve_app.engine_protocol import ServingEngine
-from pagedserve.serve_app.messages import GenerateRequest, ModelInfo, ReplicaError
+from pagedserve.serve_app.messages import Accepted, ChannelOpen, GenerateRequest, ModelInfo, ReplicaError
+from pagedserve.serve_app.stream_channel import Outboxes, for_the_wire
 
 logger = logging.getLogger("ray.serve")
 
@@ -60,11 +63,14 @@ class EngineReplica:
         if not isinstance(self.engine, ServingEngine):
             raise TypeError(f"{serve_args.engine_class} does not offer what a replica needs (serve_app/engine_protocol.py)")
         self.replica_tag = context.replica_tag if context is not None else "local"
+        # What routers call this replica (ChannelOpen names it); unique across the deployment's lifetime.
+        self.replica_id = context.replica_id.unique_id if context is not None else "local"
+        self.outboxes = Outboxes()
+        self._finished_by_reason: collections.Counter[str] = collections.Counter()  # requests ended, by reason
         # Worst-case blocks of every request this replica holds (prompt + n * max_tokens), by request id:
         # the engine's free blocks only show what is allocated so far, not what running requests will grow to.
         self._committed_blocks: dict[str, int] = {}
         self.log_prompts = serve_args.log_prompts
-        self.stream_messages_per_s = serve_args.stream_messages_per_s
         self.metrics = ReplicaMetrics(
             model_name=serve_args.served_model_name or self.engine.model_name, replica=self.replica_tag
         )
@@ -77,6 +83,26 @@ class EngineReplica:
             self.replica_tag, rank, self.engine.model_name, stats.num_total_blocks, stats.block_size,
             self.engine.max_model_len,
         )
+
+    async def submit(self, request: GenerateRequest) -> AsyncIterator[Accepted]:
+        """Run one request for the ingress replica `request.reply_to`: `Accepted` first, then every item goes
+        to that ingress's outbox (its channel sends it); the call ends after the last one. Cancelling the
+        call aborts the request."""
+        with self.outboxes.request(request.reply_to) as outbox:
+            yield Accepted(self.replica_id)
+            async for item in self.generate(request):
+                outbox.put(request.request_id, for_the_wire(item) if isinstance(item, RequestOutput) else item)
+
+    async def channel(self, channel: ChannelOpen) -> AsyncIterator[list[tuple[str, RequestOutput | ReplicaError]]]:
+        """The stream channel to one ingress replica: each message holds every item its requests produced
+        since the previous one, (request id, item) in order; it lasts until the ingress cancels it."""
+        async for items in self.outboxes.channel(channel.ingress_id):
+            yield items
+
+    def serving_stats(self) -> dict[str, Any]:
+        """Stream channels open, messages sent on them, and requests ended by reason (stop, length, abort,
+        error, rejected): what this replica saw, for diagnostics and for tests to hold against a client's."""
+        return {**self.outboxes.stats(), "finished_by_reason": dict(self._finished_by_reason)}
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput | ReplicaError]:
         """Stream the engine's deltas; on any exit before the end, abort so the blocks return."""
@@ -100,13 +126,6 @@ class EngineReplica:
                         output, held = held, None
                     yield output
                     sent_first = True
-                    # Each message through Ray costs the replica's event loop (which shares the GIL with the
-                    # engine, unless the engine core runs in its own process); past stream_messages_per_s in
-                    # total, a stream waits and the engine merges the tokens that arrive meanwhile into its
-                    # next message. A lone stream never waits.
-                    pause = len(self._committed_blocks) / self.stream_messages_per_s
-                    if not is_finished and pause >= 0.002:
-                        await asyncio.sleep(pause)
         except RequestTooLargeError as exc:
             timing.finish_reason = "rejected"
             yield ReplicaError(400, "invalid_request_error", exc.message, exc.param)
@@ -132,6 +151,7 @@ class EngineReplica:
 
     def _record_request(self, timing: RequestTiming, request: GenerateRequest) -> None:
         """Histograms and one structured INFO line per request; the prompt only with `log_prompts`."""
+        self._finished_by_reason[timing.finish_reason or "unknown"] += 1
         try:
             if timing.finish_reason != "rejected":
                 self.metrics.observe_request(timing)

@@ -1,20 +1,17 @@
 """The ingress's calls into the engine replicas: start one engine request per prompt (routed by
-`FreeBlocksRequestRouter`), keep each prompt's output coming when the replica under it is lost (sent
-again before anything of it arrived; continued from the tokens that did arrive after that), and merge
-several prompts' streams. HTTP-free but for the `APIError`s it raises."""
+`FreeBlocksRequestRouter`; its deltas come through the stream channel, serve_app/stream_channel.py), keep
+each prompt's output coming when the replica under it is lost (sent again before anything of it arrived;
+continued from the tokens that did arrive after that), and merge several prompts' streams. HTTP-free but
+for the `APIError`s it raises."""
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Callable
-
-from ray.serve import context as serve_context
-from ray.serve.handle import DeploymentHandle
+from typing import Any, Callable, Protocol
 
 from pagedserve.engine.core.request import Continuation, RequestOutput, merge_delta
 
@@ -234,11 +231,18 @@ def _describe(error: Any) -> str:
     return error.message if isinstance(error, ReplicaError) else type(unwrap(error)).__name__
 
 
-class ReplicaCalls:
-    """Engine requests over the `EngineReplica` deployment handle, one stream per prompt."""
+class EngineRequests(Protocol):
+    """Starts engine requests: `ChannelHub` (serve_app/stream_channel.py) in the service."""
 
-    def __init__(self, replica: DeploymentHandle, on_resend: Callable[[], None] | None = None) -> None:
-        self.replica = replica
+    def start(self, request: GenerateRequest) -> Any:
+        """Send `request`; returns an async iterator of its items with a `cancel()` method."""
+
+
+class ReplicaCalls:
+    """Engine requests on the engine replicas, one stream per prompt."""
+
+    def __init__(self, requests: EngineRequests, on_resend: Callable[[], None] | None = None) -> None:
+        self.requests = requests
         self.on_resend = on_resend  # counts each request sent again (the ingress's metrics)
         # time.monotonic() of the last output any replica sent this ingress (None: none yet). Outputs that
         # keep arriving show a replica serving, without asking one (see the ingress's /health).
@@ -250,19 +254,7 @@ class ReplicaCalls:
         return item
 
     def start(self, request: GenerateRequest) -> Any:
-        """Send one engine request. Ray keys router bookkeeping (`on_request_completed`) by the caller's
-        internal request id, which every call made while serving one HTTP request shares; give each
-        engine request its own, so the router's per-request block reservations never collide."""
-
-        def call() -> Any:
-            current = serve_context._get_serve_request_context()
-            if current is not None:
-                serve_context._serve_request_context.set(
-                    dataclasses.replace(current, _internal_request_id=request.request_id)
-                )
-            return self.replica.options(stream=True).generate.remote(request)
-
-        return contextvars.copy_context().run(call)
+        return self.requests.start(request)
 
     def _count_resend(self) -> None:
         if self.on_resend is not None:

@@ -33,8 +33,8 @@ from pagedserve.cache.blocks import blocks_for
 from pagedserve.config.serve import RouterSettings
 from pagedserve.engine.core.limits import KV_CACHE, too_large
 from pagedserve.engine.errors import RequestTooLargeError
-from pagedserve.serve_app.errors import ServiceOverloadedError
-from pagedserve.serve_app.messages import ReplicaReport, RoutingDemand
+from pagedserve.serve_app.errors import ChannelLostError, ServiceOverloadedError
+from pagedserve.serve_app.messages import ChannelOpen, ReplicaReport, RoutingDemand
 from pagedserve.serve_app.metrics import RouterMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -332,6 +332,9 @@ class FreeBlocksRequestRouter(_ray_request_router_base()):  # type: ignore[misc]
             self.initialize_state()
         self._sync_reports(candidate_replicas)
         self._forget_abandoned_waiters()
+        channel = pending_request.args[0] if pending_request is not None and pending_request.args else None
+        if isinstance(channel, ChannelOpen):
+            return self._route_channel(channel, candidate_replicas, pending_request)
         demand = None
         if pending_request is not None and pending_request.args:
             demand = getattr(pending_request.args[0], "routing_demand", None)
@@ -373,7 +376,19 @@ class FreeBlocksRequestRouter(_ray_request_router_base()):  # type: ignore[misc]
         self.policy.reserve(best, request_id, demand)
         return [[by_id[best]]] + ([[by_id[key] for key in decision.replicas[1:]]] if len(decision.replicas) > 1 else [])
 
+    def _route_channel(self, channel: ChannelOpen, candidates: list[Any], pending_request: Any) -> list[list[Any]]:
+        """A stream channel goes to the replica it names and no other; if that one is gone, it fails."""
+        for replica in candidates:
+            if replica.replica_id.unique_id == channel.replica_id:
+                return [[replica]]
+        if not pending_request.future.done():
+            pending_request.future.set_exception(
+                ChannelLostError(f"replica {channel.replica_id} is no longer serving"))
+        return [candidates]  # as in `_refuse`: Ray's routing loop notices the finished future with candidates
+
     def on_request_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:
+        if pending_request.args and isinstance(pending_request.args[0], ChannelOpen):
+            return  # a channel holds no blocks and is not a request in flight
         demand = getattr(pending_request.args[0], "routing_demand", None) if pending_request.args else None
         request_id = pending_request.metadata.internal_request_id
         if self.policy.reserved_replica(request_id) != replica_id:

@@ -144,6 +144,7 @@ class LLMEngine:
         self._finished_outputs: list[RequestOutput] = []
         self._num_prompt_tokens_total = 0
         self._num_generation_tokens_total = 0
+        self._num_steps_total = 0  # steps that ran the model
         self._finished_by_reason: dict[str, int] = {}
         self.last_step: StepStats | None = None
         self.async_scheduling = settings.async_scheduling
@@ -399,6 +400,7 @@ class LLMEngine:
                 else:
                     self._deliver(launched)
         if not output.is_empty:
+            self._num_steps_total += 1
             num_decode = sum(1 for c in output.chunks if c.num_new_tokens == 1 and c.num_computed_tokens
                              >= c.request.num_prompt_tokens)
             self.last_step = StepStats(
@@ -658,6 +660,7 @@ class LLMEngine:
             kv_cache_bytes_used=int(plan.kv_bytes * usage),
             num_prompt_tokens_total=self._num_prompt_tokens_total,
             num_generation_tokens_total=self._num_generation_tokens_total,
+            num_steps_total=self._num_steps_total,
             num_preemptions_total=self.scheduler.num_preemptions_total,
             num_prefix_cache_queries_total=kv.num_prefix_queries_tokens,
             num_prefix_cache_hits_total=kv.num_prefix_hit_tokens,

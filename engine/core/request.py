@@ -334,6 +334,8 @@ def merge_delta(full: RequestOutput | None, delta: RequestOutput) -> RequestOutp
         done.finish_reason = piece.finish_reason
         done.stop_reason = piece.stop_reason
     full.outputs = [by_index[i] for i in sorted(by_index)]
+    if delta.prompt_token_ids:  # a transport may send the prompt with one delta only (the last)
+        full.prompt, full.prompt_token_ids = delta.prompt, delta.prompt_token_ids
     full.finished = delta.finished
     full.metrics = delta.metrics
     full.num_cached_tokens = delta.num_cached_tokens

@@ -22,6 +22,7 @@ class EngineStats:
     # Counters since start.
     num_prompt_tokens_total: int = 0
     num_generation_tokens_total: int = 0
+    num_steps_total: int = 0  # steps that ran the model
     num_preemptions_total: int = 0
     num_prefix_cache_queries_total: int = 0  # prompt tokens looked up
     num_prefix_cache_hits_total: int = 0  # prompt tokens served from cache

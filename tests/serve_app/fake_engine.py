@@ -1,6 +1,8 @@
 """A deterministic stand-in for `AsyncLLMEngine` that honours its contract, for fast HTTP-stack tests.
 
-No model: token t+1 = (31 * t + 7 + completion index + seed) mod vocab. It keeps real block accounting
+No model: token t+1 = (31 * t + 7 + completion index + seed) mod vocab. Requests advance together in
+steps, as in a real batch: every request due for a token waits for the same tick of a step clock (one per
+step time), and `get_stats().num_steps_total` counts the ticks. It keeps real block accounting
 (a request holds blocks_for(prompt + n * max_tokens) blocks while it runs and waits while they
 are not free), so routing, 429, disconnect-abort and free-blocks-back tests see the same signals as
 with the real engine. Magic words in the prompt inject faults:
@@ -71,6 +73,30 @@ def _dies_now(text: str, magic: str) -> bool:
     return True
 
 
+class StepClock:
+    """Ticks every `period_s` while anyone waits: all requests waiting for a step wake at the same tick."""
+
+    def __init__(self) -> None:
+        self._next: dict[float, asyncio.Future] = {}
+        self.num_steps = 0
+
+    async def step(self, period_s: float) -> None:
+        if period_s <= 0:
+            await asyncio.sleep(0)
+            return
+        tick = self._next.get(period_s)
+        if tick is None or tick.done():
+            loop = asyncio.get_running_loop()
+            tick = self._next[period_s] = loop.create_future()
+            loop.call_later(period_s, self._tick, tick)
+        await asyncio.shield(tick)  # a cancelled waiter must not cancel everyone's tick
+
+    def _tick(self, tick: asyncio.Future) -> None:
+        self.num_steps += 1
+        if not tick.done():
+            tick.set_result(None)
+
+
 class FakeAsyncEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -85,6 +111,7 @@ class FakeAsyncEngine:
         self._freed = asyncio.Event()
         self._dead_reason: str | None = None
         self._health_check_gate: Path | None = None
+        self.clock = StepClock()
 
     @property
     def is_dead(self) -> bool:
@@ -139,7 +166,7 @@ class FakeAsyncEngine:
             vocab = len(self.tokenizer)
             seed = params.seed or 0
             for step in range(len(done), max_tokens):
-                await asyncio.sleep(delay_s)
+                await self.clock.step(delay_s)
                 if step == die_after:
                     os._exit(1)  # the replica's process ends here, as a crashed or killed one does
                 if step == engine_dies_after:
@@ -183,7 +210,7 @@ class FakeAsyncEngine:
             num_free_blocks=free, num_total_blocks=self.num_total_blocks, block_size=self.block_size,
             num_running=len(self._used), num_waiting=len(self._waiting), num_preempted_waiting=0,
             max_model_len=self.max_model_len, kv_cache_usage=1 - free / self.num_total_blocks,
-            kv_cache_bytes_total=0, kv_cache_bytes_used=0,
+            kv_cache_bytes_total=0, kv_cache_bytes_used=0, num_steps_total=self.clock.num_steps,
         )
 
     async def check_health(self) -> None:

@@ -56,18 +56,14 @@ class Stream:
 
 
 class Handle:
-    """`handle.options(stream=True).generate.remote(request)`, answered by the next scripted stream."""
+    """Starts engine requests (as `ChannelHub.start` does), each answered by the next scripted stream."""
 
     def __init__(self, *scripts: list[Any]) -> None:
         self.scripts = list(scripts)
         self.calls: list[GenerateRequest] = []
         self.streams: list[Stream] = []
-        self.generate = self
 
-    def options(self, **_: Any) -> "Handle":
-        return self
-
-    def remote(self, request: GenerateRequest) -> Stream:
+    def start(self, request: GenerateRequest) -> Stream:
         self.calls.append(request)
         self.streams.append(Stream(self.scripts.pop(0)))
         return self.streams[-1]
@@ -119,7 +115,7 @@ class Slow(Stream):
 
 
 def playing(handle: Handle, stream_cls: type[Stream]) -> Handle:
-    handle.remote = lambda request: handle.streams.append(stream_cls(handle.scripts.pop(0))) or handle.streams[-1]
+    handle.start = lambda request: handle.streams.append(stream_cls(handle.scripts.pop(0))) or handle.streams[-1]
     return handle
 
 

@@ -1,9 +1,8 @@
 """How a replica sends a request's tokens, on the replica object itself (no Ray cluster).
 
 With `FakeAsyncEngine` every token arrives as its own delta, so the counts are exact: a non-streaming
-request crosses to the ingress as two messages (the first delta, then the rest merged); a stream paced by
-`stream_messages_per_s` waits between messages (the real engine merges what arrives meanwhile, see
-tests/engine/core/test_llm_engine.py). No token is lost or reordered either way.
+request crosses to the ingress as two items (the first delta, then the rest merged). No token is lost or
+reordered. How the items travel (the stream channel) is tests/serve_app/test_stream_channel.py's.
 """
 
 from __future__ import annotations
@@ -65,11 +64,3 @@ def test_a_non_streaming_request_takes_two_messages(make_replica):
     assert len(streamed) == MAX_TOKENS
     assert len(full) == 2 and full[-1].finished and full[-1].outputs[0].finish_reason == "length"
     assert _tokens(full) == _tokens(streamed) and len(_tokens(full)) == MAX_TOKENS
-
-
-def test_a_paced_stream_waits_between_messages(make_replica):
-    # One stream at 10 messages/s waits 0.1 s after each message but the last.
-    replica = make_replica(stream_messages_per_s=10)
-    messages, elapsed = _collect(replica, _request("s", stream=True))
-    assert len(messages) == MAX_TOKENS and len(_tokens(messages)) == MAX_TOKENS
-    assert elapsed >= 0.1 * (MAX_TOKENS - 1) * 0.95

@@ -1,0 +1,289 @@
+"""The stream channel (serve_app/stream_channel.py) between real `EngineReplica` objects and the ingress's
+`ChannelHub` + `ReplicaCalls`, in one event loop and without a Ray cluster: `LocalHandle` plays Serve's
+handle (each call's generator runs in a task of its own, as on a replica, and `cancel()` cancels it).
+
+The engine is `FakeAsyncEngine`, whose requests advance together on a step clock: the counts are exact.
+tests/serve_app/test_http_fake_engine.py checks the same through Ray and HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("ray")
+from pagedserve.config.serve import ServeArgs  # noqa: E402
+from pagedserve.engine.core.request import RequestOutput, SamplingParams  # noqa: E402
+from pagedserve.serve_app.api_errors import APIError, replica_lost  # noqa: E402
+from pagedserve.serve_app.errors import ChannelLostError  # noqa: E402
+from pagedserve.serve_app.messages import GenerateRequest, ReplicaError  # noqa: E402
+from pagedserve.serve_app.replica import EngineReplica  # noqa: E402
+from pagedserve.serve_app.replica_calls import ReplicaCalls  # noqa: E402
+from pagedserve.serve_app.stream_channel import ChannelHub, Inbox  # noqa: E402
+
+PROMPT = [5, 6, 7, 8, 9]
+MAX_TOKENS = 12
+
+
+class LocalCall:
+    """A streaming call answered by an async generator running in its own task; items queue for the reader."""
+
+    def __init__(self, items: Any) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._run(items))
+
+    async def _run(self, items: Any) -> None:
+        try:
+            async for item in items:
+                self._queue.put_nowait(("item", item))
+            self._queue.put_nowait(("end", None))
+        except asyncio.CancelledError:
+            self._queue.put_nowait(("error", RuntimeError("cancelled")))
+            raise
+        except Exception as exc:  # noqa: BLE001 - the caller's to see
+            self._queue.put_nowait(("error", exc))
+
+    def __aiter__(self) -> "LocalCall":
+        return self
+
+    async def __anext__(self) -> Any:
+        kind, value = await self._queue.get()
+        if kind == "end":
+            self._queue.put_nowait((kind, value))
+            raise StopAsyncIteration
+        if kind == "error":
+            self._queue.put_nowait((kind, value))
+            raise value
+        return value
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+
+class LocalHandle:
+    """`handle.options(stream=True).<method>.remote(message)` on replica objects: `submit` round-robin,
+    `channel` to the replica its `ChannelOpen` names (a missing one fails the call, as the router does)."""
+
+    def __init__(self, *replicas: EngineReplica) -> None:
+        self.replicas = {replica.replica_id: replica for replica in replicas}
+        self._next = itertools.cycle(replicas)
+        self.calls: list[LocalCall] = []
+
+    def options(self, **_: Any) -> "LocalHandle":
+        return self
+
+    def __getattr__(self, method: str) -> Any:
+        handle = self
+
+        class Method:
+            @staticmethod
+            def remote(message: Any) -> LocalCall:
+                if method == "channel":
+                    replica = handle.replicas.get(message.replica_id)
+                    if replica is None:
+                        async def gone():
+                            raise ChannelLostError(f"replica {message.replica_id} is no longer serving")
+                            yield  # pragma: no cover
+                        call = LocalCall(gone())
+                    else:
+                        call = LocalCall(replica.channel(message))
+                else:
+                    call = LocalCall(getattr(next(handle._next), method)(message))
+                handle.calls.append(call)
+                return call
+
+        return Method
+
+
+@pytest.fixture
+def make_replica(tiny_model_path, monkeypatch):
+    from ray import serve
+
+    monkeypatch.setattr(serve, "get_replica_context", lambda: None)  # outside a deployment
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))  # fake_engine
+
+    def make(replica_id: str = "r0", **args: Any) -> EngineReplica:
+        replica = EngineReplica(ServeArgs.from_args({
+            "model": tiny_model_path, "engine_class": "fake_engine:FakeAsyncEngine", "num_blocks": 4096, **args}))
+        replica.replica_id = replica_id
+        return replica
+
+    yield make
+    sys.modules.pop("fake_engine", None)
+
+
+def _request(request_id: str, stream: bool = True, max_tokens: int = MAX_TOKENS, prompt: Any = None) -> GenerateRequest:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    prompt = PROMPT if prompt is None else prompt
+    return GenerateRequest(request_id, prompt, params, len(prompt), max_new_tokens=max_tokens, stream=stream)
+
+
+async def _expected_tokens(replica: EngineReplica, max_tokens: int = MAX_TOKENS) -> list[int]:
+    tokens: list[int] = []
+    async for output in replica.generate(_request("expected", max_tokens=max_tokens)):
+        tokens += output.outputs[0].token_ids
+    return tokens
+
+
+async def _tokens(calls: ReplicaCalls, request: GenerateRequest) -> tuple[list[int], int]:
+    """(tokens, number of items) of one prompt's stream."""
+    (prompt,) = await calls.open_streams([request])
+    tokens: list[int] = []
+    count = 0
+    async for item in prompt.items():
+        assert isinstance(item, RequestOutput), item
+        tokens += item.outputs[0].token_ids
+        count += 1
+    return tokens, count
+
+
+def test_200_streams_take_one_message_per_step_per_ingress(make_replica):
+    replica = make_replica()
+
+    async def run() -> tuple[list, list[int], list[int], int]:
+        expected = await _expected_tokens(replica)
+        steps_before = replica.engine.get_stats().num_steps_total
+        handle = LocalHandle(replica)
+        hubs = [ChannelHub(handle, ingress_id=f"ingress{i}") for i in range(2)]
+        ingresses = [ReplicaCalls(hub) for hub in hubs]
+        results = await asyncio.gather(*(_tokens(ingresses[i % 2], _request(f"req{i}")) for i in range(200)))
+        num_steps = replica.engine.get_stats().num_steps_total - steps_before
+        return results, expected, [hub.num_messages for hub in hubs], num_steps
+
+    results, expected, messages, num_steps = asyncio.run(run())
+    assert all(tokens == expected for tokens, _ in results)
+    assert len(expected) == MAX_TOKENS
+    num_items = sum(count for _, count in results)
+    assert num_items == 200 * MAX_TOKENS  # every delta reached its stream (a reader kept up: none merged)
+    # One message per engine step and ingress, whatever the number of streams (not one per delta).
+    assert all(1 <= count <= num_steps + 1 for count in messages), (messages, num_steps)
+    assert num_steps <= MAX_TOKENS + 2
+    assert replica.serving_stats()["num_messages"] == sum(messages)
+
+
+def test_a_non_streaming_request_still_takes_two_items(make_replica):
+    replica = make_replica()
+
+    async def run() -> list[Any]:
+        (prompt,) = await ReplicaCalls(ChannelHub(LocalHandle(replica))).open_streams([_request("f", stream=False)])
+        return [item async for item in prompt.items()]
+
+    items = asyncio.run(run())
+    assert len(items) == 2 and items[-1].finished
+    assert len(items[0].outputs[0].token_ids) + len(items[1].outputs[0].token_ids) == MAX_TOKENS
+    assert items[-1].prompt_token_ids == PROMPT  # the last delta carries the prompt (usage); the others do not
+
+
+def test_a_cancelled_stream_frees_its_blocks_and_the_others_go_on(make_replica):
+    replica = make_replica()
+
+    async def run() -> tuple[list[int], int, dict]:
+        expected = await _expected_tokens(replica, 40)
+        calls = ReplicaCalls(ChannelHub(LocalHandle(replica)))
+        leaver, stayer = await calls.open_streams([_request("leaver", max_tokens=40), _request("stayer", max_tokens=40)])
+        async for _ in leaver.items():
+            break  # the client went away after its first delta
+        await asyncio.sleep(0.05)
+        used_after_leave = dict(replica.engine._used)
+        tokens = []
+        async for item in stayer.items():
+            tokens += item.outputs[0].token_ids
+        assert tokens == expected
+        await asyncio.sleep(0.05)
+        # The ingress's channel stays open for later requests.
+        return tokens, replica.engine.num_free_blocks, used_after_leave, replica.serving_stats()["num_channels"]
+
+    _, free, used_after_leave, num_channels = asyncio.run(run())
+    assert "leaver" not in used_after_leave and "stayer" in used_after_leave
+    assert free == replica.engine.num_total_blocks
+    assert num_channels == 1
+
+
+def test_a_bad_request_is_refused_though_it_ended_before_the_channel_opened(make_replica):
+    # Its only item (an error) waits in the replica's outbox for the channel its Accepted opens.
+    replica = make_replica()
+
+    async def run() -> None:
+        await ReplicaCalls(ChannelHub(LocalHandle(replica))).open_streams([_request("big", max_tokens=10**6)])
+
+    with pytest.raises(APIError) as refused:
+        asyncio.run(run())
+    assert refused.value.status_code == 400 and "max_tokens" in refused.value.message
+
+
+def test_an_outbox_nobody_reads_goes_after_its_ttl():
+    from pagedserve.serve_app.stream_channel import Outboxes
+
+    now = [0.0]
+    outboxes = Outboxes(orphan_ttl_s=60, clock=lambda: now[0])
+    with outboxes.request("gone") as outbox:
+        outbox.put("r", ReplicaError(400, "invalid_request_error", "bad"))
+    with outboxes.request("alive"):
+        pass
+    assert outboxes.get("gone").num_waiting_items == 1  # kept for a channel that may still come
+    with outboxes.request("gone"):
+        pass
+    now[0] = 61.0
+    outboxes.get("alive")
+    assert set(outboxes._by_ingress) == {"alive"}
+
+
+def test_a_lost_channel_ends_its_requests_as_lost_and_they_go_on_elsewhere(make_replica, monkeypatch):
+    import pagedserve.serve_app.replica_calls as replica_calls
+
+    monkeypatch.setattr(replica_calls, "RETRY_BACKOFF_S", 0.0)
+    first, second = make_replica("r1"), make_replica("r2")
+
+    async def run() -> tuple[list[int], list[int]]:
+        expected = await _expected_tokens(first, 30)
+        handle = LocalHandle(first, second)
+        hub = ChannelHub(handle)
+        calls = ReplicaCalls(hub)
+        (prompt,) = await calls.open_streams([_request("moving", max_tokens=30)])
+        tokens: list[int] = []
+        async for item in prompt.items():
+            tokens += item.outputs[0].token_ids
+            if len(tokens) >= 3 and "r1" in handle.replicas:
+                del handle.replicas["r1"]  # r1 can no longer be reached ...
+                channel = handle.calls[1]  # (the first request's call, then r1's channel)
+                channel.cancel()  # ... and its channel call fails, as Ray ends a call to a dead replica
+        return tokens, expected
+
+    tokens, expected = asyncio.run(run())
+    assert tokens == expected  # the continuation on r2 went on from the tokens received
+
+
+def test_channel_lost_counts_as_a_lost_replica():
+    assert replica_lost(ChannelLostError("gone"))
+    wrapped = ChannelLostError("failed")
+    wrapped.__cause__ = ValueError("transport")
+    assert replica_lost(wrapped)
+
+
+def test_an_inbox_merges_what_a_slow_reader_has_not_taken():
+    from pagedserve.engine.core.request import CompletionOutput
+
+    def delta(token: int, finished: bool = False) -> RequestOutput:
+        return RequestOutput("r", None, [], [CompletionOutput(0, str(token), [token], logprobs=None,
+                                                              finish_reason="length" if finished else None)], finished)
+
+    async def run() -> list[Any]:
+        inbox = Inbox()
+        for token in range(3):
+            inbox.put(delta(token))
+        first = await inbox.get()
+        inbox.put(delta(3))
+        inbox.put(delta(4))
+        inbox.put(delta(5, finished=True))
+        inbox.put(delta(6))  # after the last item: dropped
+        return [first, await inbox.get(), await inbox.get()]
+
+    first, second, end = asyncio.run(run())
+    assert first.outputs[0].token_ids == [0, 1, 2] and first.outputs[0].text == "012"
+    assert second.finished and second.outputs[0].token_ids == [3, 4, 5]  # the last delta merged in too
+    assert end is not None and not isinstance(end, RequestOutput)

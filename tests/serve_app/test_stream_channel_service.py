@@ -1,0 +1,78 @@
+"""The stream channel through Ray Serve and HTTP: 200 streams at once over two ingress replicas and one
+`FakeAsyncEngine` replica (its requests advance together on a step clock, so the steps are counted).
+
+Every stream's text must equal the engine's output, and the messages the replica sent to the ingresses
+must stay within steps x ingresses: one Ray message per token per stream would be 200 x MAX_TOKENS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.ray
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+from ray_harness import fake_engine_app  # noqa: E402
+
+NUM_STREAMS = 200
+MAX_TOKENS = 24
+INGRESSES = 2
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, tiny_model_path: str):
+    args = {"model": tiny_model_path, "num_blocks": 4096, "max_ongoing_requests": 512, "num_cpus_per_replica": 1,
+            "ingress_num_replicas": INGRESSES}
+    with fake_engine_app(ray_cluster, "channel", args) as base:
+        yield base, tiny_model_path
+
+
+async def _stream(client: httpx.AsyncClient, model: str, prompt: str) -> str:
+    body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+    text = []
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200, await response.aread()
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[len("data: "):])
+                assert "error" not in chunk, chunk
+                text.append(chunk["choices"][0]["text"])
+    return "".join(text)
+
+
+def test_200_streams_get_their_text_in_messages_that_follow_steps_not_streams(service):
+    base, model = service
+    handle = serve.get_deployment_handle("EngineReplica", "channel")
+    prompts = [f"Hello world {i % 7}" for i in range(NUM_STREAMS)]
+
+    limits = httpx.Limits(max_connections=NUM_STREAMS, max_keepalive_connections=NUM_STREAMS)
+
+    async def answers() -> dict[str, str]:  # one answer per distinct prompt, not streamed
+        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+            expected = {}
+            for prompt in set(prompts):
+                response = await client.post("/v1/completions", json={
+                    "model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0})
+                expected[prompt] = response.json()["choices"][0]["text"]
+            return expected
+
+    async def streams() -> list[str]:
+        async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+            return await asyncio.gather(*(_stream(client, model, p) for p in prompts))
+
+    expected = asyncio.run(answers())
+    before = handle.serving_stats.remote().result(), handle.get_stats.remote().result().num_steps_total
+    texts = asyncio.run(streams())
+    stats, steps = handle.serving_stats.remote().result(), handle.get_stats.remote().result().num_steps_total
+    assert texts == [expected[p] for p in prompts]
+    num_messages = stats["num_messages"] - before[0]["num_messages"]
+    num_steps = steps - before[1]
+    assert stats["num_channels"] == INGRESSES
+    # At most one message per step and ingress (and one more per ingress for items from before its first
+    # step); one message per token per stream would be NUM_STREAMS * MAX_TOKENS.
+    assert num_messages <= INGRESSES * (num_steps + 1), (num_messages, num_steps)
+    assert num_steps < NUM_STREAMS * MAX_TOKENS / 10
