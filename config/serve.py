@@ -85,6 +85,13 @@ class ServeArgs(BaseModel):
     tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
         "auto", description="How `tool_choice: auto` completions are read for tool calls; auto: the format the "
         "model's chat template shows (serve_app/tool_calls.py).")
+    max_stream_events_per_s: float = Field(
+        1500.0, gt=0.0,
+        description="Most server-sent events per second one ingress replica writes, over all its streams. "
+        "Each event costs the ingress and Serve's HTTP proxy about the same whatever it holds, so past this "
+        "a stream waits n_streams / this many seconds between events and its new tokens go out together; below "
+        "it (most loads) every engine step's tokens go out at once (docs/deploy.md).",
+    )
     max_request_body_bytes: int = Field(1 << 20, ge=1024, description="Larger bodies get 413.")
     request_timeout_s: float = Field(600.0, gt=0.0, description="Longest a non-streaming request may run.")
     engine_class: str = Field(

@@ -112,6 +112,7 @@ class OpenAIIngress:
         self.channels = ChannelHub(replica, ingress_id=context.replica_id.unique_id if context is not None else None,
                                    on_message=self.metrics.channel_message)
         self.calls = ReplicaCalls(self.channels, on_resend=self.metrics.resent)
+        self._num_open_streams = 0  # HTTP streams of this ingress now (pacing, see ServeArgs.max_stream_events_per_s)
         # The tokenizer now rather than with the first request: unpickling it imports transformers and torch
         # (seconds), which on a first burst stalled this replica's event loop and every request it held.
         self._prefetch: asyncio.Task | None = None
@@ -478,6 +479,7 @@ class OpenAIIngress:
             num_prompt_tokens = 0
             num_completion_tokens = 0
             is_complete = False
+            self._num_open_streams += 1
             try:
                 if chat:  # OpenAI sends the role once per choice, before any content
                     for index in range(len(requests) * n):
@@ -529,6 +531,12 @@ class OpenAIIngress:
                         if output.error:
                             yield "data: " + json.dumps(oai.error_body(
                                 f"request failed in the engine: {output.error}", "internal_server_error", 500)) + "\n\n"
+                    else:
+                        # Past max_stream_events_per_s over all streams, wait: the deltas that arrive meanwhile
+                        # go out as one event (`merged` folds them).
+                        pause_s = self._num_open_streams / self.args.max_stream_events_per_s
+                        if pause_s >= 0.002:
+                            await asyncio.sleep(pause_s)
                 if include_usage:
                     usage = oai.UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=num_completion_tokens,
                                           total_tokens=num_prompt_tokens + num_completion_tokens)
@@ -538,6 +546,7 @@ class OpenAIIngress:
                 is_complete = True
             finally:
                 # Runs on normal end and when the client disconnects (the generator is closed/cancelled).
+                self._num_open_streams -= 1
                 self.calls.cancel(streams)
                 if not is_complete:
                     self.client_left(request_id, f"after {num_completion_tokens} tokens of its stream")

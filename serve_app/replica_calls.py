@@ -56,6 +56,10 @@ class _Merge:
     async def next(self) -> tuple[Any, Any]:
         return await self._queue.get()
 
+    def next_nowait(self) -> tuple[Any, Any] | None:
+        """The next item if one has arrived, else None."""
+        return None if self._queue.empty() else self._queue.get_nowait()
+
     def cancel(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -331,17 +335,45 @@ class ReplicaCalls:
                 pass
 
     async def merged(self, prompts: list[PromptStream]) -> AsyncIterator[tuple[int, Any]]:
-        """Yield (prompt index, item) from several prompts' streams as items arrive."""
+        """Yield (prompt index, item) from several prompts' streams as items arrive. A reader that falls
+        behind (or waits on purpose) gets each prompt's deltas that arrived meanwhile as one."""
         merge = _Merge()
         for index, prompt in enumerate(prompts):
             merge.add(index, prompt.items())
         try:
             remaining = len(prompts)
             while remaining:
-                index, item = await merge.next()
-                if item is _DONE:
-                    remaining -= 1
-                    continue
-                yield index, item
+                arrived = [await merge.next()]
+                while (following := merge.next_nowait()) is not None:
+                    arrived.append(following)
+                for index, item in _coalesced(arrived):
+                    if item is _DONE:
+                        remaining -= 1
+                        continue
+                    yield index, item
         finally:
             merge.cancel()
+
+
+def _coalesced(arrived: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    """The same items with each prompt's consecutive deltas folded into one (into a fresh object: the
+    deltas themselves are left as they came); order is kept around anything that is not a delta (an error,
+    the end of a prompt), and nothing folds across one."""
+    result: list[tuple[int, Any]] = []
+    open_delta: dict[int, int] = {}  # prompt index -> position in `result` of the delta being folded into
+    fresh: set[int] = set()  # positions that already hold a folded copy
+    for index, item in arrived:
+        position = open_delta.get(index)
+        if not isinstance(item, RequestOutput):
+            open_delta.pop(index, None)
+            result.append((index, item))
+        elif position is None:
+            open_delta[index] = len(result)
+            result.append((index, item))
+        else:
+            folded = result[position][1]
+            if position not in fresh:
+                folded = merge_delta(None, folded)
+                fresh.add(position)
+            result[position] = (index, merge_delta(folded, item))
+    return result

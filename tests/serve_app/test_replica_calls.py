@@ -5,6 +5,7 @@ continued from the tokens received, how often, and what each continuation asks o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import pytest
@@ -200,7 +201,8 @@ def test_an_engine_error_after_a_continuation_ends_the_prompt() -> None:
     handle = Handle([delta(5), LOST], [delta(6), failed])
     replica, _ = calls(handle)
     items = [item for _, item in stream_items(replica, request(stream=True))]
-    assert items[-1].finished and items[-1].error == "boom" and len(items) == 3
+    assert items[-1].finished and items[-1].error == "boom"
+    assert [t for item in items for t in item.outputs[0].token_ids] == [5, 6]
 
 
 def test_a_continuation_that_is_refused_ends_the_stream_with_that_error() -> None:
@@ -266,7 +268,7 @@ def test_a_stream_is_sent_again_from_the_start_when_lost_before_its_first_item()
     handle = Handle([LOST], [delta(5), delta(6, finished=True)])
     replica, resent = calls(handle)
     items = [item for _, item in stream_items(replica, request(stream=True))]
-    assert [i.outputs[0].token_ids for i in items] == [[5], [6]] and items[-1].finished
+    assert [t for i in items for t in i.outputs[0].token_ids] == [5, 6] and items[-1].finished
     assert [c.request_id for c in handle.calls] == ["req", "req-retry1"] and handle.calls[1].continuation is None
     assert len(resent) == 1
 
@@ -295,7 +297,7 @@ def test_last_output_time_moves_with_outputs_only() -> None:
     assert asyncio.run(replica.collect(request(stream=False))).finished
     after_collect = replica.last_output_s
     assert after_collect is not None
-    assert len(stream()) == 2
+    assert [t for item in stream() for t in item.outputs[0].token_ids] == [7, 8]
     assert replica.last_output_s > after_collect
 
 
@@ -309,3 +311,40 @@ def test_a_replica_lost_after_the_last_delta_of_its_completion_costs_nothing() -
     items = [item for _, item in stream_items(replica, two)]
     assert items[-1].finished and sum(item.finished for item in items) == 1
     assert len(handle.calls) == 3 and len(resent) == 1
+
+
+def test_a_reader_that_waits_gets_each_prompts_deltas_folded_into_one() -> None:
+    handle = Handle([delta(5), delta(6), delta(7), delta(8, finished=True)],
+                    [delta(1), ReplicaError(500, "internal_server_error", "request failed")])
+    replica, _ = calls(handle)
+
+    async def run() -> list[tuple[int, Any]]:
+        prompts = await replica.open_streams([request(stream=True), dataclasses.replace(request(stream=True),
+                                                                                       request_id="other")])
+        items = []
+        async for pair in replica.merged(prompts):
+            items.append(pair)
+            await asyncio.sleep(0.05)  # a paced stream: everything that arrives meanwhile comes as one
+        return items
+
+    items = asyncio.run(run())
+    by_prompt: dict[int, list[Any]] = {0: [], 1: []}
+    for index, item in items:
+        by_prompt[index].append(item)
+    tokens = [t for item in by_prompt[0] for t in item.outputs[0].token_ids]
+    assert tokens == [5, 6, 7, 8] and by_prompt[0][-1].finished
+    assert len(by_prompt[0]) < 4  # folded: fewer items than deltas
+    assert "".join(item.outputs[0].text for item in by_prompt[0]) == "t5t6t7t8"
+    assert [t for item in by_prompt[1][:-1] for t in item.outputs[0].token_ids] == [1]
+    assert isinstance(by_prompt[1][-1], ReplicaError)  # an error is never folded away
+    assert len(items) == len(by_prompt[0]) + len(by_prompt[1])
+
+
+def test_folding_leaves_the_deltas_it_folds_as_they_came() -> None:
+    first, second = delta(5), delta(6, finished=True)
+    ((index, folded),) = replica_calls._coalesced([(0, first), (0, second)])
+    assert folded.outputs[0].token_ids == [5, 6] and folded.finished and folded.outputs[0].finish_reason == "length"
+    assert first.outputs[0].token_ids == [5] and not first.finished
+    after_error = replica_calls._coalesced([(0, delta(1)), (0, LOST), (0, delta(2))])
+    assert [item if not isinstance(item, RequestOutput) else item.outputs[0].token_ids for _, item in after_error] \
+        == [[1], LOST, [2]]
