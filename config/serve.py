@@ -86,7 +86,7 @@ class ServeArgs(BaseModel):
         "auto", description="How `tool_choice: auto` completions are read for tool calls; auto: the format the "
         "model's chat template shows (serve_app/tool_calls.py).")
     max_stream_events_per_s: float = Field(
-        1500.0, gt=0.0,
+        1000.0, gt=0.0,
         description="Most server-sent events per second one ingress replica writes, over all its streams. "
         "Each event costs the ingress and Serve's HTTP proxy about the same whatever it holds, so past this "
         "a stream waits n_streams / this many seconds between events and its new tokens go out together; below "
