@@ -23,9 +23,10 @@ DTypeName = Literal["float32", "bfloat16", "float16"]
 
 CPU_MAX_BATCH_TOKENS = 2048
 GPU_MAX_BATCH_TOKENS = 8192
-# Prompt tokens a CUDA step takes beside decodes (max_prefill_tokens_while_decoding auto). A placeholder
-# until chosen on the GPU with bench/online_engine_bench.py: the largest bound whose rows keep the goodput
-# SLO at the highest rate. On CPU auto is no bound, as before the knob: nothing measured there asks for one.
+# Prompt tokens a CUDA step takes beside decodes (max_prefill_tokens_while_decoding auto). Chosen on one H200
+# with bench/online_engine_bench.py (docs/benchmarks.md, 8B shape, prompts 64..1024): none, 1024, 2048 and
+# 4096 all kept the goodput SLOs to 45 req/s, 512 missed TTFT from 40; 2048 had the lowest ITL p99 there
+# (46.9 ms vs 54.0 unbounded). On CPU auto is no bound, as before the knob: nothing measured there asks for one.
 GPU_MAX_PREFILL_TOKENS_WHILE_DECODING = 2048
 DEFAULT_MAX_MODEL_LEN = 4096  # a model whose config names no context length
 MAX_AUTO_MODEL_LEN = 32768  # auto never plans for longer contexts than this; set max_model_len to go past it
