@@ -108,7 +108,8 @@ class Outboxes:
         self._unused_since: dict[str, float] = {}
         self.orphan_ttl_s = orphan_ttl_s
         self._clock = clock
-        self.num_messages_closed = 0  # messages of outboxes already gone, for the totals
+        self.num_messages_closed = 0  # messages and items of outboxes already gone, for the totals
+        self.num_items_closed = 0
 
     def get(self, ingress_id: str) -> Outbox:
         self._drop_orphans()
@@ -151,6 +152,7 @@ class Outboxes:
         outbox = self._by_ingress.pop(ingress_id)
         self._unused_since.pop(ingress_id, None)
         self.num_messages_closed += outbox.num_messages
+        self.num_items_closed += outbox.num_items
 
     def _drop_orphans(self) -> None:
         now = self._clock()
@@ -164,7 +166,7 @@ class Outboxes:
         return {
             "num_channels": sum(o.num_channels for o in self._by_ingress.values()),
             "num_messages": self.num_messages_closed + sum(o.num_messages for o in self._by_ingress.values()),
-            "num_items": sum(o.num_items for o in self._by_ingress.values()),
+            "num_items": self.num_items_closed + sum(o.num_items for o in self._by_ingress.values()),
         }
 
 
