@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: a workload of token-id prompts, latency percentiles, peak memory, one result type, tables.
+"""Shared benchmark helpers: a workload of token-id prompts, Poisson arrivals and the goodput SLO, latency
+percentiles, peak memory, one result type, tables.
 
 Used by bench/engine_bench.py (CPU, this engine vs transformers' `generate_batch`) and meant for any other
 throughput benchmark (a GPU one) that runs several engines on the same `Workload` and prints one table.
@@ -14,10 +15,10 @@ import os
 import platform
 import random
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 PERCENTILES = (50, 90, 99)
 
@@ -128,21 +129,6 @@ class VariableLengthWorkload:
     seed: int
     description: str
 
-    @property
-    def num_requests(self) -> int:
-        return len(self.prompts)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return sum(len(prompt) for prompt in self.prompts)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return sum(self.output_lens)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def lognormal_token_workload(
     num_requests: int,
@@ -180,6 +166,62 @@ def lognormal_token_workload(
         f"{sum(outputs) / num_requests:.0f}), EOS ignored, seed {seed}"
     )
     return VariableLengthWorkload(prompts, outputs, seed, description)
+
+
+# ---- online serving: arrivals and the goodput SLO ----------------------------------------------
+def poisson_arrivals_s(rate_per_s: float, duration_s: float, max_requests: int | None, seed: int) -> list[float]:
+    """Send times from the start of a run: the first at 0, then exponential gaps of mean 1 / rate_per_s.
+
+    Every time is before `duration_s`, and there are at most `max_requests` of them (None: no cap). The same
+    seed gives the same times, so passes that compare settings can share one schedule.
+    """
+    if not rate_per_s > 0 or not duration_s > 0:
+        raise ValueError(f"rate_per_s={rate_per_s} and duration_s={duration_s} must be > 0")
+    if max_requests is not None and max_requests < 1:
+        raise ValueError(f"max_requests={max_requests} must be >= 1 or None")
+    rng = random.Random(seed)
+    arrivals_s: list[float] = []
+    next_s = 0.0
+    while next_s < duration_s and (max_requests is None or len(arrivals_s) < max_requests):
+        arrivals_s.append(next_s)
+        next_s += rng.expovariate(rate_per_s)
+    return arrivals_s
+
+
+class PassLatencies(Protocol):
+    """What `Slo.checks` reads from a pass: latency percentiles in seconds ({"p99": ...}), None where nothing
+    was measured."""
+
+    @property
+    def ttft_s(self) -> dict[str, float] | None: ...
+
+    @property
+    def tpot_s(self) -> dict[str, float] | None: ...
+
+    @property
+    def itl_s(self) -> dict[str, float] | None: ...
+
+
+@dataclass(frozen=True)
+class Slo:
+    """Goodput objectives on p99s, in seconds. A pass meets them when `meets_slo` holds for its `checks`."""
+
+    ttft_p99_s: float = 1.0
+    tpot_p99_s: float = 0.050
+    itl_p99_s: float = 0.100
+
+    def checks(self, latencies: PassLatencies) -> dict[str, bool]:
+        """Per metric ("TTFT", "TPOT", "ITL"), whether its p99 holds; a metric nothing measured fails."""
+        def holds(measured: dict[str, float] | None, limit_s: float) -> bool:
+            return measured is not None and measured["p99"] <= limit_s
+
+        return {"TTFT": holds(latencies.ttft_s, self.ttft_p99_s), "TPOT": holds(latencies.tpot_s, self.tpot_p99_s),
+                "ITL": holds(latencies.itl_s, self.itl_p99_s)}
+
+
+def meets_slo(num_sent: int, num_completed: int, checks: Mapping[str, bool]) -> bool:
+    """The goodput verdict of a pass: it sent something, every request it sent completed, and every check held."""
+    return 0 < num_completed == num_sent and all(checks.values())
 
 
 def percentile(values: Sequence[float], q: float) -> float:

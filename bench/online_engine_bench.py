@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 import sys
 import tempfile
 import time
@@ -44,9 +43,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     RequestTiming,
+    Slo,
     git_commit,
     latency_percentiles,
     machine_description,
+    meets_slo,
+    poisson_arrivals_s,
     random_token_workload,
     summarize_timings,
     write_json,
@@ -54,15 +56,6 @@ from common import (  # noqa: E402
 from gpu_bench import w1_config_and_tokenizer  # noqa: E402
 
 REPO_DIR = Path(__file__).resolve().parent.parent
-
-
-@dataclass(frozen=True)
-class Slo:
-    """Goodput objectives on p99s, in seconds."""
-
-    ttft_p99_s: float
-    tpot_p99_s: float
-    itl_p99_s: float
 
 
 @dataclass
@@ -90,18 +83,7 @@ class PassResult:
 
     @property
     def meets_slo(self) -> bool:
-        return 0 < self.num_finished == self.num_sent and all(self.checks.values())
-
-
-def poisson_arrivals_s(rate_per_s: float, duration_s: float, rng: random.Random) -> list[float]:
-    """Send times from a pass's start: the first at 0, then exponential gaps of mean 1 / rate, all before
-    `duration_s`."""
-    arrivals_s: list[float] = []
-    next_s = 0.0
-    while next_s < duration_s:
-        arrivals_s.append(next_s)
-        next_s += rng.expovariate(rate_per_s)
-    return arrivals_s
+        return meets_slo(self.num_sent, self.num_finished, self.checks)
 
 
 def parse_bound(text: str) -> int | None:
@@ -184,9 +166,7 @@ def run_pass(engine, steps: list, prompts: list[list[int]], arrivals_s: list[flo
         max_send_lag_s=max_lag_s, num_steps=len(steps), max_prefill_tokens_beside_decodes=max(beside_decodes, default=0),
         num_preempted=sum(s.num_preempted for s in steps),
     )
-    result.checks = {name: measured is not None and measured["p99"] <= limit
-                     for name, measured, limit in (("TTFT", ttft, slo.ttft_p99_s), ("TPOT", tpot, slo.tpot_p99_s),
-                                                   ("ITL", itl, slo.itl_p99_s))}
+    result.checks = slo.checks(result)
     return result
 
 
@@ -264,7 +244,7 @@ def main() -> int:
         warm = random_token_workload(8, args.min_prompt_len, args.max_prompt_len, 4, args.vocab_size, seed=99)
         asyncio.run(one_pass(engine, warm.prompts, [0.05 * i for i in range(8)], 4, 60.0, "warm"))
         for rate_index, rate in enumerate(args.rates):
-            arrivals_s = poisson_arrivals_s(rate, args.duration_s, random.Random(args.seed + 1000 * rate_index + 1))
+            arrivals_s = poisson_arrivals_s(rate, args.duration_s, None, seed=args.seed + 1000 * rate_index + 1)
             workload = random_token_workload(len(arrivals_s), args.min_prompt_len, args.max_prompt_len,
                                              args.max_new_tokens, args.vocab_size, seed=args.seed + 1000 * rate_index)
             for bound in args.prefill_bounds:

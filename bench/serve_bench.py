@@ -69,9 +69,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python bench/serve_
 
 from common import (  # noqa: E402
     LognormalLengths,
+    Slo,
     git_commit,
     lognormal_token_workload,
+    meets_slo,
     percentile,
+    poisson_arrivals_s,
     random_token_workload,
     write_json,
 )
@@ -160,24 +163,6 @@ class WorkloadSpec:
 def make_prompts(num: int, prompt_words: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(prompt_words)) for _ in range(num)]
-
-
-def poisson_arrivals_s(rate_per_s: float, duration_s: float, max_requests: int | None, seed: int) -> list[float]:
-    """Send times from the start of a run: the first at 0, then exponential gaps of mean 1 / rate_per_s.
-
-    Every time is before `duration_s`, and there are at most `max_requests` of them (None: no cap).
-    """
-    if not rate_per_s > 0 or not duration_s > 0:
-        raise ValueError(f"rate_per_s={rate_per_s} and duration_s={duration_s} must be > 0")
-    if max_requests is not None and max_requests < 1:
-        raise ValueError(f"max_requests={max_requests} must be >= 1 or None")
-    rng = random.Random(seed)
-    arrivals_s: list[float] = []
-    next_s = 0.0
-    while next_s < duration_s and (max_requests is None or len(arrivals_s) < max_requests):
-        arrivals_s.append(next_s)
-        next_s += rng.expovariate(rate_per_s)
-    return arrivals_s
 
 
 def pass_seed(seed: int, pass_index: int) -> int:
@@ -319,6 +304,10 @@ class PassResult:
     def output_tokens_per_s(self) -> float:
         return self.num_output_tokens / self.wall_s
 
+    def meets(self, slo: Slo) -> bool:
+        """Every request succeeded and every p99 holds."""
+        return meets_slo(self.num_sent, self.num_ok, slo.checks(self))
+
     def to_json(self) -> dict[str, Any]:
         payload = asdict(self)
         payload["achieved_per_s"] = self.achieved_per_s
@@ -351,27 +340,6 @@ def summarize_pass(
         itl_s=p50_p99([gap for r in ok for gap in r.itl_s]),
         max_send_lag_s=max_send_lag_s, client_cpu_s=client_cpu_s,
     )
-
-
-@dataclass(frozen=True)
-class Slo:
-    """Latency objectives on p99s, in seconds."""
-
-    ttft_p99_s: float = 1.0
-    tpot_p99_s: float = 0.050
-    itl_p99_s: float = 0.100
-
-    def checks(self, result: PassResult) -> dict[str, bool]:
-        """Per metric, whether its p99 holds; a metric nothing measured fails."""
-        def holds(measured: dict[str, float] | None, limit_s: float) -> bool:
-            return measured is not None and measured["p99"] <= limit_s
-
-        return {"TTFT": holds(result.ttft_s, self.ttft_p99_s), "TPOT": holds(result.tpot_s, self.tpot_p99_s),
-                "ITL": holds(result.itl_s, self.itl_p99_s)}
-
-    def is_met(self, result: PassResult) -> bool:
-        """Every request succeeded and every p99 holds."""
-        return 0 < result.num_ok == result.num_sent and all(self.checks(result).values())
 
 
 @dataclass(frozen=True)
@@ -427,7 +395,7 @@ def sweep_table(results: Sequence[PassResult], slo: Slo) -> str:
                  f"{result.output_tokens_per_s:.1f}", _ms_pair(result.ttft_s), _ms_pair(result.tpot_s),
                  _ms_pair(result.itl_s), _errors_cell(result.errors),
                  *("yes" if checks[name] else "no" for name in ("TTFT", "TPOT", "ITL")),
-                 "**yes**" if slo.is_met(result) else "no"]
+                 "**yes**" if result.meets(slo) else "no"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -473,7 +441,7 @@ async def sweep(args: argparse.Namespace, model: str, spec: WorkloadSpec, slo: S
             result = summarize_pass(rate, workload, results, wall_s, max_lag_s, time.process_time() - cpu_started_s)
             passes.append(result)
             last_drain_s = max(0.0, wall_s - arrivals_s[-1])
-            is_met = slo.is_met(result)
+            is_met = result.meets(slo)
             p99s_ms = " / ".join("n/a" if m is None else f"{m['p99'] * 1000:.1f}"
                                  for m in (result.ttft_s, result.tpot_s, result.itl_s))
             print(f"pass {index + 1}/{len(args.sweep_rates)}: {rate:g} req/s offered, {result.num_ok} / "
@@ -490,7 +458,7 @@ def run_sweep(args: argparse.Namespace) -> None:
     spec = workload_spec(args)
     slo = Slo(args.slo_ttft_p99_s, args.slo_tpot_p99_ms / 1000, args.slo_itl_p99_ms / 1000)
     passes, not_run, why_not_run = asyncio.run(sweep(args, model, spec, slo, max_model_len))
-    goodput = choose_goodput([(p.rate_per_s, slo.is_met(p)) for p in passes])
+    goodput = choose_goodput([(p.rate_per_s, p.meets(slo)) for p in passes])
     cap = f" or {args.num_requests} requests" if args.num_requests else ""
     print(f"\n### serve_bench sweep: {model} at {args.url}, Poisson passes of {args.duration_s:g} s{cap}, streamed; "
           f"{spec.describe(max_model_len)}; max_model_len {max_model_len}, seed {args.seed}\n")
@@ -509,7 +477,7 @@ def run_sweep(args: argparse.Namespace) -> None:
             "workload_description": spec.describe(max_model_len), "max_model_len": max_model_len, "duration_s": args.duration_s, "num_requests_cap": args.num_requests,
             "seed": args.seed, "slo": asdict(slo), "commit": git_commit(REPO_DIR),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "passes": [{**p.to_json(), "checks": slo.checks(p), "slo_met": slo.is_met(p)} for p in passes],
+            "passes": [{**p.to_json(), "checks": slo.checks(p), "slo_met": p.meets(slo)} for p in passes],
             "rates_not_run": not_run, "why_not_run": why_not_run,
             "goodput": asdict(goodput), "goodput_line": goodput.describe(),
         })

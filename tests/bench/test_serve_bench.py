@@ -172,16 +172,16 @@ def test_slo_holds_at_the_threshold_and_fails_past_it_or_on_an_error(serve_bench
     slo = serve_bench.Slo(ttft_p99_s=1.0, tpot_p99_s=0.05, itl_p99_s=0.1)
     at_limit = serve_bench.summarize_pass(1.0, workload_of(serve_bench, 100), ok_results(serve_bench, 1.0, 0.05, 0.1),
                                           wall_s=1.0)
-    assert slo.checks(at_limit) == {"TTFT": True, "TPOT": True, "ITL": True} and slo.is_met(at_limit)
+    assert slo.checks(at_limit) == {"TTFT": True, "TPOT": True, "ITL": True} and at_limit.meets(slo)
     for ttft_s, tpot_s, itl_s, failing in [(1.01, 0.05, 0.1, "TTFT"), (1.0, 0.051, 0.1, "TPOT"),
                                            (1.0, 0.05, 0.11, "ITL")]:
         results = ok_results(serve_bench, ttft_s, tpot_s, itl_s)
         result = serve_bench.summarize_pass(1.0, workload_of(serve_bench, 100), results, wall_s=1.0)
         assert [name for name, holds in slo.checks(result).items() if not holds] == [failing]
-        assert not slo.is_met(result)
+        assert not result.meets(slo)
     with_error = ok_results(serve_bench, 0.1, 0.01, 0.01) + [serve_bench.RequestResult(ok=False, error="TimeoutError")]
     result = serve_bench.summarize_pass(1.0, workload_of(serve_bench, 101), with_error, wall_s=1.0)
-    assert all(slo.checks(result).values()) and not slo.is_met(result)
+    assert all(slo.checks(result).values()) and not result.meets(slo)
     # Nothing measured (one-token outputs: no TPOT, no ITL) is no evidence that the SLO holds.
     single = [ok_result(serve_bench, 0.1, 0.1, [], 1) for _ in range(10)]
     result = serve_bench.summarize_pass(1.0, workload_of(serve_bench, 10), single, wall_s=1.0)
