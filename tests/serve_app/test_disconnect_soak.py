@@ -25,7 +25,7 @@ from ray import serve  # noqa: E402
 from ray_harness import fake_engine_app, wait_for  # noqa: E402
 
 NUM_CLIENTS = 24
-SOAK_S = 12.0
+SOAK_S = 8.0
 CLIENT_TIMEOUT_S = 60.0
 
 
