@@ -410,8 +410,9 @@ def main() -> int:
                         help="run q/k/v and gate/up as separate GEMMs (EngineConfig.fuse_projections=false)")
     parser.add_argument("--no-programmatic-launch", dest="programmatic_launch", action="store_false",
                         help="launch kernels without PDL (EngineConfig.programmatic_launch=false)")
-    parser.add_argument("--quantization", choices=["none", "bnb-4bit", "bnb-8bit"], default="none",
-                        help="quantize the random bf16 model's decoder linears with bitsandbytes before the run")
+    parser.add_argument("--quantization", choices=["none", "bnb-4bit", "bnb-8bit", "fp8"], default="none",
+                        help="quantize the random bf16 model's decoder linears before the run: bitsandbytes, or fp8 "
+                        "(the layers quantization='fp8' loads)")
     parser.add_argument("--baseline-only", action="store_true",
                         help="run generate_batch alone and write its result to --out (a clean process for each engine)")
     parser.add_argument("--baseline-json", type=Path, default=None,
@@ -447,7 +448,13 @@ def main() -> int:
         model, tokenizer = None, None
     else:
         model, tokenizer = build_model(args)
-    if args.quantization != "none":
+    if args.quantization == "fp8":
+        from pagedserve.engine.kernels.fp8_linear import quantize_linears
+
+        quantize_linears(model)  # the layers EngineConfig(quantization="fp8") loads (engine/runner/loader.py)
+        torch.cuda.empty_cache()
+        print(f"quantized with fp8: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated", flush=True)
+    elif args.quantization != "none":
         quantize_linear_layers(model, args.quantization)
         print(f"quantized with {args.quantization}: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated",
               flush=True)

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 AttentionBackendName = Literal["auto", "reference", "triton"]
 SchedulingPolicy = Literal["fifo", "prefill_first"]
-Quantization = Literal["none", "bnb-4bit", "bnb-8bit"]
+Quantization = Literal["none", "bnb-4bit", "bnb-8bit", "fp8"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -39,7 +39,9 @@ class EngineConfig(BaseModel):
     load_format: Literal["auto", "dummy"] = Field(
         "auto", description="auto reads the weights; dummy builds random weights from the model's config (benchmarks)."
     )
-    quantization: Quantization = Field("none", description="bitsandbytes weight quantization.")
+    quantization: Quantization = Field(
+        "none", description="Weight quantization: bitsandbytes (bnb-4bit, bnb-8bit), or fp8 (e4m3 weights with a scale "
+        "per output feature, activations per token, on GPUs with FP8 tensor cores: compute capability 8.9+).")
     bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute dtype of bnb-4bit layers; auto follows dtype."
     )

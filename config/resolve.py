@@ -40,6 +40,7 @@ class Platform:
     bf16_supported: bool = False  # on the CUDA device
     supports_programmatic_launch: bool = False  # Hopper or newer with a Triton that has the intrinsics
     triton_unavailable_reason: str = "no CUDA device"  # "" when the Triton attention kernels can run
+    compute_capability: tuple[int, int] | None = None  # of the CUDA device
 
     @classmethod
     def cpu_only(cls) -> "Platform":
@@ -192,6 +193,23 @@ def resolve_dtype(config: EngineConfig, device: DeviceType, platform: Platform) 
     return "float32"
 
 
+def check_fp8_runs(device: DeviceType, dtype: DTypeName, platform: Platform) -> None:
+    """FP8 weights take FP8 tensor cores (Ada, Hopper or newer) and bfloat16 activations; anywhere else they
+    would only be slower than the model's own dtype, so they are refused (the reference path that runs
+    anywhere is for tests: engine/kernels/fp8_linear.py)."""
+    if device != "cuda":
+        raise ConfigError(f"EngineConfig.quantization='fp8' needs a GPU with FP8 tensor cores (compute capability 8.9 "
+                          f"or newer), not device {device!r}; use quantization='none'")
+    capability = platform.compute_capability
+    if capability is None or capability < (8, 9):
+        found = "unknown" if capability is None else f"{capability[0]}.{capability[1]}"
+        raise ConfigError(f"EngineConfig.quantization='fp8' needs a GPU with FP8 tensor cores (compute capability 8.9 "
+                          f"or newer: Ada, Hopper, Blackwell); this one is {found}. Use quantization='none' or 'bnb-8bit'")
+    if dtype != "bfloat16":
+        raise ConfigError(f"EngineConfig.quantization='fp8' computes in bfloat16; EngineConfig.dtype={dtype!r} cannot be "
+                          "combined with it (leave dtype auto)")
+
+
 def resolve_engine_process(config: EngineConfig, platform: Platform) -> bool:
     """`engine_process` auto: a process of its own on CUDA (the server's event loop never shares the step
     loop's GIL), a thread on CPU."""
@@ -242,6 +260,9 @@ def resolve(
             decided("max_prefill_tokens_while_decoding", max_prefill_tokens_while_decoding, "default on cuda")
         else:
             decided("max_prefill_tokens_while_decoding", "none", f"no bound on {device}")
+
+    if config.quantization == "fp8":
+        check_fp8_runs(device, dtype, platform)
 
     bnb = model.bnb_quantization
     if config.quantization == "bnb-4bit":

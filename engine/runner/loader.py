@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from pagedserve.config.engine import ConfigError
 from pagedserve.config.resolve import LoadSettings
 from pagedserve.engine.kernels.attention.hf_integration import register_paged_attention
+from pagedserve.engine.kernels.fp8_linear import quantize_linears
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,9 @@ def read_model_config(model: str | None, revision: str | None = None, trust_remo
 
 
 def quantization_kwargs(config: LoadSettings, dtype: torch.dtype, device: torch.device | None = None) -> dict[str, Any]:
-    """`from_pretrained` arguments for `config.quantization`; with `device`, first checks that it runs there."""
-    if config.quantization == "none":
+    """`from_pretrained` arguments for `config.quantization`; with `device`, first checks that it runs there.
+    FP8 needs none: the model loads in its dtype and `load_model` quantizes it after."""
+    if config.quantization in ("none", "fp8"):
         return {}
     try:
         import bitsandbytes  # noqa: F401
@@ -222,7 +224,7 @@ def load_model(
         config.tokenizer or model_path, revision=config.revision, trust_remote_code=config.trust_remote_code
     )
     if config.load_format == "dummy":
-        if config.quantization != "none":
+        if config.quantization not in ("none", "fp8"):
             raise ConfigError(
                 f"EngineConfig.load_format='dummy' builds unquantized random weights; it cannot be combined with "
                 f"quantization={config.quantization!r}"
@@ -250,6 +252,11 @@ def load_model(
             torch.cuda.empty_cache()  # the cut-away parts of a model built on the device, before memory is planned
     if not extra:
         model.to(device)
+    if config.quantization == "fp8":
+        # On the device, layer by layer: each bf16 weight is freed once its FP8 copy exists.
+        quantize_linears(model)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model, tokenizer, model_path, served_name, device, dtype)

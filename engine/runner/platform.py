@@ -22,6 +22,7 @@ def detect_platform() -> Platform:
         bf16_supported=torch.cuda.is_bf16_supported(),
         supports_programmatic_launch=supports_programmatic_launch(device),
         triton_unavailable_reason=triton_unavailable_reason(device),
+        compute_capability=torch.cuda.get_device_capability(device),
     )
 
 

@@ -135,3 +135,21 @@ def test_the_engine_logs_its_resolution_once(tiny_model_dir, caplog) -> None:
         assert engine.max_model_len == engine.settings.scheduler.max_model_len == 512
     finally:
         engine.shutdown()
+
+
+def _on_gpu(capability: tuple[int, int] | None) -> Platform:
+    return Platform(cuda_available=True, bf16_supported=True, triton_unavailable_reason="", compute_capability=capability)
+
+
+def test_fp8_weights_need_fp8_tensor_cores_and_bfloat16() -> None:
+    config = EngineConfig(quantization="fp8")
+    with pytest.raises(ConfigError, match=r"quantization='fp8'.*not device 'cpu'"):
+        resolve(config, Platform.cpu_only(), ModelFacts(512))
+    with pytest.raises(ConfigError, match=r"quantization='fp8'.*this one is 8\.0"):
+        resolve(config, _on_gpu((8, 0)), ModelFacts(512))
+    with pytest.raises(ConfigError, match=r"dtype='float16'"):
+        resolve(EngineConfig(quantization="fp8", dtype="float16"), _on_gpu((9, 0)), ModelFacts(512))
+    settings = resolve(config, _on_gpu((9, 0)), ModelFacts(512))
+    assert settings.load.quantization == "fp8" and settings.load.dtype == "bfloat16"
+    assert settings.runner.cuda_graphs and settings.runner.compile.enabled  # FP8 layers are captured and compiled
+    assert resolve(config, _on_gpu((8, 9)), ModelFacts(512)).load.quantization == "fp8"  # Ada

@@ -1,0 +1,133 @@
+"""FP8 linear layers: float8_e4m3 weights with one scale per output feature, activations scaled per token.
+
+A decode step reads every weight once; in FP8 that is half the bytes of bf16, and Hopper's tensor cores
+multiply FP8 at twice bf16's rate. `quantize_weight` turns a weight into e4m3 values and a float32 scale
+per output row (its largest magnitude maps to e4m3's largest finite value, 448), so a row with a few large
+weights does not flatten the others. At run time each input row gets its own scale the same way (dynamic,
+per token) and the product is `(x_q @ w_q.T) * scale_x * scale_w`, accumulated in float32 and returned in
+the input's dtype:
+
+- on a GPU with FP8 tensor cores (compute capability 8.9 or newer) through `torch._scaled_mm` with
+  row-wise scales (one GEMM; the scales are applied in its epilogue);
+- elsewhere through the reference: the same quantized activations and weights, dequantized and
+  multiplied in float32 (what tests check on CPU, and what the GPU path must match).
+
+`quantize_linears(model)` swaps a model's plain `nn.Linear` layers for `Fp8Linear` in place (the LM head
+and embeddings stay in the model's dtype: their error shows in every logit, and the LM head is one GEMM
+of many). An `Fp8Linear` is not an `nn.Linear`, so the bf16 fast paths that rewrite linears (fused
+projections, the one-row decode GEMM) leave it alone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+# A row of zeros would get scale 0; any positive floor keeps the division finite and the row zero.
+MIN_SCALE = 1e-12
+
+
+def quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of `values` ([..., K]) to e4m3 with its own scale: (quantized, float32 scales [..., 1])."""
+    amax = values.abs().amax(dim=-1, keepdim=True).float()
+    scale = (amax / FP8_MAX).clamp(min=MIN_SCALE)
+    quantized = (values.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return quantized, scale
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [N, K] weight to e4m3 and float32 scales [N] (one per output feature)."""
+    quantized, scale = quantize_rows(weight)
+    return quantized, scale.squeeze(-1)
+
+
+def supports_fp8_gemm(device: torch.device) -> bool:
+    """FP8 tensor cores: Ada (8.9) and Hopper (9.0) or newer, with a torch that has `_scaled_mm`."""
+    if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_linear_reference(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """What the FP8 GEMM computes, in plain PyTorch: per-token quantized x times the dequantized weight."""
+    x_q, x_scale = quantize_rows(x)
+    product = (x_q.float() * x_scale) @ (weight.float() * weight_scale.float()[:, None]).T
+    if bias is not None:
+        product = product + bias.float()
+    return product.to(x.dtype)
+
+
+def fp8_linear_scaled_mm(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The FP8 GEMM on tensor cores: x [M, K] (any float dtype), weight [N, K] e4m3, scales [N]."""
+    x_q, x_scale = quantize_rows(x)
+    # _scaled_mm wants the second operand column-major: weight.T of a row-major [N, K] weight is. The bias is
+    # added after: row-wise scaling takes no bias in every torch build.
+    out = torch._scaled_mm(x_q, weight.T, scale_a=x_scale, scale_b=weight_scale[None, :].float(), out_dtype=x.dtype)
+    return out if bias is None else out + bias
+
+
+class Fp8Linear(nn.Module):
+    """`y = x @ W.T + b` with W stored as e4m3 and a float32 scale per output feature."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 use_scaled_mm: bool) -> None:
+        super().__init__()
+        self.in_features = weight.shape[1]
+        self.out_features = weight.shape[0]
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight_scale = nn.Parameter(weight_scale, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.use_scaled_mm = use_scaled_mm
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, use_scaled_mm: bool) -> "Fp8Linear":
+        weight, scale = quantize_weight(linear.weight.data)
+        bias = None if linear.bias is None else linear.bias.data
+        return cls(weight, scale, bias, use_scaled_mm)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if self.use_scaled_mm:
+            out = fp8_linear_scaled_mm(rows, self.weight, self.weight_scale, self.bias)
+        else:
+            out = fp8_linear_reference(rows, self.weight, self.weight_scale, self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{'scaled_mm' if self.use_scaled_mm else 'reference'}")
+
+
+def quantize_linears(model: nn.Module, use_scaled_mm: bool | None = None) -> int:
+    """Replace every plain `nn.Linear` of `model` but its output embeddings (the LM head) by an `Fp8Linear`,
+    in place, one at a time (the bf16 weight of a layer is freed before the next is quantized). Returns how
+    many were replaced. `use_scaled_mm` None: where the weights are, if that device has FP8 tensor cores."""
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # Names, not modules: holding the old layers would keep every bf16 weight alive to the end.
+    names = [name for name, module in model.named_modules() if type(module) is nn.Linear and module is not lm_head]
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        child = getattr(parent, child_name)
+        fast = supports_fp8_gemm(child.weight.device) if use_scaled_mm is None else use_scaled_mm
+        if fast and (child.in_features % 16 or child.out_features % 16):
+            fast = False  # _scaled_mm needs both dimensions in multiples of 16
+        setattr(parent, child_name, Fp8Linear.from_linear(child, fast))
+        del child
+    replaced = len(names)
+    logger.info("quantized %d linear layers to FP8 (e4m3, a scale per output feature; activations per token)",
+                replaced)
+    return replaced
