@@ -14,8 +14,9 @@ the input's dtype:
 
 `quantize_linears(model)` swaps a model's plain `nn.Linear` layers for `Fp8Linear` in place (the LM head
 and embeddings stay in the model's dtype: their error shows in every logit, and the LM head is one GEMM
-of many). An `Fp8Linear` is not an `nn.Linear`, so the bf16 fast paths that rewrite linears (fused
-projections, the one-row decode GEMM) leave it alone.
+of many). An `Fp8Linear` is not an `nn.Linear`: projection fusion (engine/kernels/fused_projections.py) fuses
+FP8 siblings into one FP8 GEMM (weights and scales concatenated), while the one-row bf16 decode GEMM
+(engine/kernels/decode_linear.py) leaves FP8 layers alone.
 """
 
 from __future__ import annotations
@@ -76,6 +77,14 @@ def fp8_linear_scaled_mm(
     return out if bias is None else out + bias
 
 
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+               use_scaled_mm: bool) -> torch.Tensor:
+    """`x @ dequantized(weight).T + bias` for x of any leading shape, on tensor cores or by the reference."""
+    rows = x.reshape(-1, x.shape[-1])
+    gemm = fp8_linear_scaled_mm if use_scaled_mm else fp8_linear_reference
+    return gemm(rows, weight, weight_scale, bias).reshape(*x.shape[:-1], weight.shape[0])
+
+
 class Fp8Linear(nn.Module):
     """`y = x @ W.T + b` with W stored as e4m3 and a float32 scale per output feature."""
 
@@ -99,12 +108,7 @@ class Fp8Linear(nn.Module):
         return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if self.use_scaled_mm:
-            out = fp8_linear_scaled_mm(rows, self.weight, self.weight_scale, self.bias)
-        else:
-            out = fp8_linear_reference(rows, self.weight, self.weight_scale, self.bias)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.use_scaled_mm)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

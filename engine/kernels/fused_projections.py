@@ -8,7 +8,7 @@ concatenated weight reads the same bytes in one pass. vLLM and SGLang merge thes
 model code; we keep transformers' model code and merge under it.
 
 Found by watching one forward (the runner's shape probe), not by module names: the plain `nn.Linear`
-children of one parent that receive the same input tensor, once each, in a fixed order, with the same
+children (or FP8 ones, `Fp8Linear`, fused into one FP8 GEMM with their scales) of one parent that receive the same input tensor, once each, in a fixed order, with the same
 input width, dtype, device and bias presence, and no hooks (tensor parallelism's all-reduce hooks sit
 on the row-parallel layers, which are never siblings of one input). Each such group becomes:
 
@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pagedserve.engine.kernels.fp8_linear import Fp8Linear, fp8_linear
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,24 @@ class FusedLead(_FusedMember):
         return f"in_features={self.in_features}, out_sizes={self.out_sizes}, bias={self.fused_bias is not None}"
 
 
+class Fp8FusedLead(FusedLead):
+    """A lead over FP8 members: the concatenated e4m3 weight with its concatenated per-feature scales (a row's
+    scale is its own, so concatenating scales is exact). Its own class, so the bf16 one-row GEMM, which
+    swaps `FusedLead` by exact type, leaves it alone."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 out_sizes: list[int], use_scaled_mm: bool) -> None:
+        super().__init__(weight, bias, out_sizes)
+        self.fused_weight_scale = nn.Parameter(weight_scale, requires_grad=False)
+        self.use_scaled_mm = use_scaled_mm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = fp8_linear(x, self.fused_weight, self.fused_weight_scale, self.fused_bias, self.use_scaled_mm)
+        parts = fused.split(self.out_sizes, dim=-1)
+        self.pending = list(parts[1:])
+        return parts[0]
+
+
 class FusedFollower(_FusedMember):
     """A later member: its part of the lead's output. The lead is not registered as a submodule, so the
     model's parameters list the concatenated weight once."""
@@ -99,6 +119,9 @@ class FusedFollower(_FusedMember):
         lead = self.lead
         pending = lead.pending
         if pending is None:  # the lead did not run first on this input: compute this slice alone
+            if isinstance(lead, Fp8FusedLead):
+                scale = lead.fused_weight_scale[self.row_start : self.row_start + self.out_features]
+                return fp8_linear(x, self.weight, scale, self.bias, lead.use_scaled_mm)
             return F.linear(x, self.weight, self.bias)
         part = pending[self.index - 1]
         if self.is_last:
@@ -113,7 +136,7 @@ class FusedFollower(_FusedMember):
 class _Group:
     parent: nn.Module
     names: list[str]  # child names, in call order
-    originals: list[nn.Linear]
+    originals: list[nn.Linear | Fp8Linear]
 
 
 @dataclass
@@ -133,7 +156,7 @@ class ProjectionFusion:
         fusion = cls()
         for parent in model.modules():
             for name, child in parent.named_children():
-                if type(child) is not nn.Linear or _has_hooks(child):
+                if type(child) not in (nn.Linear, Fp8Linear) or _has_hooks(child):
                     continue
                 fusion._parents[id(parent)] = parent
                 hook = child.register_forward_pre_hook(fusion._recorder(id(parent), name))
@@ -187,10 +210,12 @@ def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
 
 
-def _compatible(linears: list[nn.Linear]) -> bool:
+def _compatible(linears: list[nn.Linear | Fp8Linear]) -> bool:
     first = linears[0].weight
     return all(
-        lin.in_features == linears[0].in_features
+        type(lin) is type(linears[0])
+        and getattr(lin, "use_scaled_mm", None) == getattr(linears[0], "use_scaled_mm", None)
+        and lin.in_features == linears[0].in_features
         and lin.weight.dtype == first.dtype
         and lin.weight.device == first.device
         and (lin.bias is None) == (linears[0].bias is None)
@@ -204,13 +229,20 @@ def _fuse(parent: nn.Module, names: list[str]) -> _Group:
     weight = torch.cat([lin.weight.detach() for lin in originals])
     bias = None if originals[0].bias is None else torch.cat([lin.bias.detach() for lin in originals])
     # The originals keep views of the new tensors, so their old storage is freed and `undo` is exact.
+    is_fp8 = isinstance(originals[0], Fp8Linear)
+    scale = torch.cat([lin.weight_scale.detach() for lin in originals]) if is_fp8 else None
     start = 0
     for lin, size in zip(originals, sizes):
         lin.weight = nn.Parameter(weight[start : start + size], requires_grad=False)
         if bias is not None:
             lin.bias = nn.Parameter(bias[start : start + size], requires_grad=False)
+        if scale is not None:
+            lin.weight_scale = nn.Parameter(scale[start : start + size], requires_grad=False)
         start += size
-    lead = FusedLead(weight, bias, sizes)
+    if is_fp8:
+        lead: FusedLead = Fp8FusedLead(weight, scale, bias, sizes, originals[0].use_scaled_mm)
+    else:
+        lead = FusedLead(weight, bias, sizes)
     setattr(parent, names[0], lead)
     for index, name in enumerate(names[1:], start=1):
         setattr(parent, name, FusedFollower(lead, index))

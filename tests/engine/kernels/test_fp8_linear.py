@@ -134,3 +134,32 @@ def test_the_engine_serves_fp8_weights_through_graphs_and_compile(tiny_model_dir
         agree += output.outputs[0].token_ids == want
     assert agree >= 6, agree
     llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fp8_siblings_fuse_into_one_fp8_gemm_with_the_same_output(tmp_path, arch: str) -> None:
+    from pagedserve.engine.kernels.fused_projections import Fp8FusedLead, FusedFollower, ProjectionFusion
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_model(arch, tmp_path / arch, num_hidden_layers=2)).eval()
+    quantize_linears(model, use_scaled_mm=False)
+    input_ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unfused = model(input_ids).logits
+        fusion = ProjectionFusion.watch(model)
+        model(input_ids)
+        groups = fusion.apply()
+        fused = model(input_ids).logits
+    assert sorted("/".join(group.names) for group in groups) == ["gate_proj/up_proj"] * 2 + ["q_proj/k_proj/v_proj"] * 2
+    attention = model.model.layers[0].self_attn
+    assert isinstance(attention.q_proj, Fp8FusedLead) and isinstance(attention.k_proj, FusedFollower)
+    assert attention.q_proj.fused_weight.dtype == FP8_DTYPE and (attention.q_proj.fused_bias is not None) == (arch == "qwen2")
+    assert torch.allclose(fused, unfused, atol=1e-5, rtol=1e-5)
+    # A follower called on its own (the lead did not run first) computes its FP8 slice alone.
+    x = torch.randn(3, attention.k_proj.in_features)
+    (own_group,) = [group for group in groups if group.parent is attention]
+    original_k = own_group.originals[own_group.names.index("k_proj")]
+    assert torch.allclose(attention.k_proj(x), original_k(x), atol=1e-6)
+    fusion.undo()
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Fp8Linear)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids).logits, unfused, atol=1e-5, rtol=1e-5)
