@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.engine.kernels.launch import launch_options
-from pagedserve.engine.kernels.fused_projections import FusedLead
+from pagedserve.engine.kernels.fp8_linear import FP8_DTYPE, Fp8Linear, fp8_linear
+from pagedserve.engine.kernels.fused_projections import Fp8FusedLead, FusedLead
 
 try:
     import triton
@@ -88,14 +89,15 @@ if triton is not None:
 
     @triton.jit
     def _accumulate(acc, x, w, USE_DOT: tl.constexpr):
-        if USE_DOT:
-            return acc + tl.dot(x, tl.trans(w), out_dtype=tl.float32)
+        if USE_DOT:  # an FP8 weight tile is widened to x's dtype in registers (its bytes were read as FP8)
+            return acc + tl.dot(x, tl.trans(w.to(x.dtype)), out_dtype=tl.float32)
         return acc + tl.sum(x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
 
     @triton.jit
     def _skinny_gemm_kernel(
         x_ptr,
         w_ptr,
+        w_scale_ptr,
         bias_ptr,
         out_ptr,
         M,
@@ -105,6 +107,7 @@ if triton is not None:
         stride_wn,
         stride_om,
         HAS_BIAS: tl.constexpr,
+        HAS_W_SCALE: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -139,6 +142,8 @@ if triton is not None:
             acc = _accumulate(acc, x, w, USE_DOT)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
+        if HAS_W_SCALE:  # FP8 weight: one scale per output feature
+            acc *= tl.load(w_scale_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]
         out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
@@ -147,10 +152,12 @@ if triton is not None:
 
 def skinny_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: SkinnyConfig | None = None,
-    use_pdl: bool = False,
+    use_pdl: bool = False, weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for x of at most MAX_ROWS rows (2-D, contiguous last dimension);
-    `use_pdl`: launch with programmatic dependent launch (engine/kernels/launch.py; the caller checked the device)."""
+    `use_pdl`: launch with programmatic dependent launch (engine/kernels/launch.py; the caller checked the device).
+    With `weight_scale` ([N] float32), `weight` is FP8 and the product is `x @ (weight * weight_scale).T`: the
+    weight is read as FP8 (half of bf16's bytes) and x is used as it is (no activation quantization)."""
     num_rows, in_features = x.shape
     out_features = weight.shape[0]
     if num_rows > MAX_ROWS:
@@ -166,6 +173,7 @@ def skinny_linear(
     _skinny_gemm_kernel[(triton.cdiv(out_features, config.block_n),)](
         x,
         weight,
+        weight_scale if weight_scale is not None else weight,
         bias if bias is not None else weight,
         out,
         num_rows,
@@ -175,6 +183,7 @@ def skinny_linear(
         weight.stride(0),
         out.stride(0),
         HAS_BIAS=bias is not None,
+        HAS_W_SCALE=weight_scale is not None,
         BLOCK_M=block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
@@ -198,10 +207,13 @@ def _device_index(x: torch.Tensor) -> int:
 
 
 def _kernel_config(x: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
-    """The tiles `decode_linear` runs these operands with, or None where it takes F.linear."""
-    if triton is None or not x.is_cuda or weight.dtype not in (torch.bfloat16, torch.float16):
+    """The tiles `decode_linear` (or `decode_linear_fp8`, for an FP8 weight) runs these operands with, or None
+    where it takes the library GEMM."""
+    if triton is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
         return None
-    if x.dtype != weight.dtype or x.numel() == 0 or x.shape[-1] != weight.shape[1] or weight.stride(1) != 1:
+    if weight.dtype != x.dtype and weight.dtype != FP8_DTYPE:
+        return None
+    if x.numel() == 0 or x.shape[-1] != weight.shape[1] or weight.stride(1) != 1:
         return None
     num_rows = x.numel() // x.shape[-1]
     if num_rows != 1:  # 2-16 rows: slower than cuBLAS on the H200 (see the module docstring)
@@ -233,6 +245,34 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_pdl:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+@torch.library.custom_op("pagedserve::decode_linear_fp8", mutates_args=())
+def decode_linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                      use_scaled_mm: bool, use_pdl: bool) -> torch.Tensor:
+    """An FP8 layer's product (engine/kernels/fp8_linear.py), through the skinny kernel where it pays (one
+    row on a GPU: the weight read as FP8, x unquantized), else the layer's own FP8 GEMM."""
+    config = _kernel_config(x, weight)
+    if config is None:
+        return fp8_linear(x, weight, weight_scale, bias, use_scaled_mm)
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.stride(1) != 1:
+        flat = flat.contiguous()
+    return skinny_linear(flat, weight, bias, config, use_pdl, weight_scale).view(*x.shape[:-1], weight.shape[0])
+
+
+@decode_linear_fp8.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+      use_scaled_mm: bool, use_pdl: bool) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+               use_scaled_mm: bool, use_pdl: bool = False) -> torch.Tensor:
+    """`decode_linear_fp8` for one row, the FP8 GEMM otherwise (as `linear` for bf16 weights)."""
+    if x.numel() == x.shape[-1]:
+        return decode_linear_fp8(x, weight, weight_scale, bias, use_scaled_mm, use_pdl)
+    return fp8_linear(x, weight, weight_scale, bias, use_scaled_mm)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_pdl: bool = False) -> torch.Tensor:
     """`decode_linear` for one row, `F.linear` otherwise: the custom op's Python dispatch costs a few
     microseconds a call, which steps of several rows, eager or
@@ -260,7 +300,26 @@ class DecodeFusedLead(FusedLead):
         return linear(x, weight, bias, self.use_pdl)
 
 
-_DECODE_CLASSES = {nn.Linear: DecodeLinear, FusedLead: DecodeFusedLead}
+class DecodeFp8Linear(Fp8Linear):
+    use_pdl: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_fp8(x, self.weight, self.weight_scale, self.bias, self.use_scaled_mm, self.use_pdl)
+
+
+class DecodeFp8FusedLead(Fp8FusedLead):
+    use_pdl: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = linear_fp8(x, self.fused_weight, self.fused_weight_scale, self.fused_bias, self.use_scaled_mm,
+                           self.use_pdl)
+        parts = fused.split(self.out_sizes, dim=-1)
+        self.pending = list(parts[1:])
+        return parts[0]
+
+
+_DECODE_CLASSES = {nn.Linear: DecodeLinear, FusedLead: DecodeFusedLead, Fp8Linear: DecodeFp8Linear,
+                   Fp8FusedLead: DecodeFp8FusedLead}
 
 
 @dataclass
@@ -278,7 +337,8 @@ class DecodeLinearSwap:
 
 
 def use_decode_linear(model: nn.Module, use_pdl: bool = False) -> DecodeLinearSwap:
-    """Route every plain `nn.Linear` and fused projection lead of `model` through `decode_linear`, launched
+    """Route every plain `nn.Linear` and fused projection lead of `model` through `decode_linear` (FP8 layers
+    and leads through `decode_linear_fp8`), launched
     with programmatic dependent launch when `use_pdl` (the caller checked that the device supports it).
 
     Subclasses of `nn.Linear` (bitsandbytes' quantized layers, for one) keep their own forward.

@@ -15,8 +15,9 @@ the input's dtype:
 `quantize_linears(model)` swaps a model's plain `nn.Linear` layers for `Fp8Linear` in place (the LM head
 and embeddings stay in the model's dtype: their error shows in every logit, and the LM head is one GEMM
 of many). An `Fp8Linear` is not an `nn.Linear`: projection fusion (engine/kernels/fused_projections.py) fuses
-FP8 siblings into one FP8 GEMM (weights and scales concatenated), while the one-row bf16 decode GEMM
-(engine/kernels/decode_linear.py) leaves FP8 layers alone.
+FP8 siblings into one FP8 GEMM (weights and scales concatenated), and the one-row decode GEMM
+(engine/kernels/decode_linear.py) has an FP8-weight variant: one-token steps read the weight as FP8 and
+multiply it with unquantized activations (the weight read is the whole cost there).
 """
 
 from __future__ import annotations

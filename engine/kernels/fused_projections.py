@@ -86,8 +86,8 @@ class FusedLead(_FusedMember):
 
 class Fp8FusedLead(FusedLead):
     """A lead over FP8 members: the concatenated e4m3 weight with its concatenated per-feature scales (a row's
-    scale is its own, so concatenating scales is exact). Its own class, so the bf16 one-row GEMM, which
-    swaps `FusedLead` by exact type, leaves it alone."""
+    scale is its own, so concatenating scales is exact). Its own class: the one-row GEMM swaps leads by exact
+    type, and this one takes its FP8 variant."""
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  out_sizes: list[int], use_scaled_mm: bool) -> None:

@@ -33,16 +33,30 @@ INTERPRETER_CASES = {
 }
 
 
-def run_case(rows, out_features, in_features, dtype_name, bias, config, device, use_pdl=False) -> dict[str, float]:
+# The FP8-weight variant (an e4m3 weight and a scale per output feature, x unquantized), same fields.
+FP8_INTERPRETER_CASES = {
+    "fp8_one_row_fp32_bias": (1, 64, 96, "float32", True, (16, 32, 4, 2, True)),
+    "fp8_ragged_multiply_sum": (1, 40, 70, "float32", False, (8, 32, 4, 2, False)),
+    "fp8_fp16_dot": (1, 48, 64, "float16", True, (16, 32, 4, 2, True)),
+}
+
+
+def run_case(rows, out_features, in_features, dtype_name, bias, config, device, use_pdl=False,
+             fp8=False) -> dict[str, float]:
     from pagedserve.engine.kernels.decode_linear import SkinnyConfig, skinny_linear
+    from pagedserve.engine.kernels.fp8_linear import quantize_weight
 
     dtype = getattr(torch, dtype_name)
     generator = torch.Generator().manual_seed(rows * 1000 + out_features)
     x = torch.randn(rows, in_features, generator=generator).to(device, dtype)
     weight = torch.randn(out_features, in_features, generator=generator).to(device, dtype)
     b = torch.randn(out_features, generator=generator).to(device, dtype) if bias else None
-    out = skinny_linear(x, weight, b, SkinnyConfig(*config), use_pdl)
-    ref = F.linear(x.float(), weight.float(), None if b is None else b.float())
+    scale = None
+    if fp8:
+        weight, scale = quantize_weight(weight)
+    out = skinny_linear(x, weight, b, SkinnyConfig(*config), use_pdl, weight_scale=scale)
+    exact_weight = weight.float() if scale is None else weight.float() * scale[:, None]  # what the weight holds
+    ref = F.linear(x.float(), exact_weight, None if b is None else b.float())
     return {
         "max_error": (out.float() - ref).abs().max().item() / ref.abs().max().item(),
         "shape_ok": float(out.shape == (rows, out_features) and out.dtype == dtype),
@@ -51,6 +65,7 @@ def run_case(rows, out_features, in_features, dtype_name, bias, config, device, 
 
 def _interpreter_worker() -> None:
     results = {name: run_case(*case, device="cpu") for name, case in INTERPRETER_CASES.items()}
+    results.update({name: run_case(*case, device="cpu", fp8=True) for name, case in FP8_INTERPRETER_CASES.items()})
     print(json.dumps(results))
 
 
@@ -66,6 +81,15 @@ def test_skinny_gemm_in_interpreter(name: str, interpreter_results: dict[str, di
     result = interpreter_results[name]
     assert result["shape_ok"] == 1.0
     tolerance = 1e-5 if INTERPRETER_CASES[name][3] == "float32" else 2e-2
+    assert result["max_error"] < tolerance, result
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("name", list(FP8_INTERPRETER_CASES))
+def test_skinny_gemm_reads_fp8_weights_in_interpreter(name: str, interpreter_results: dict[str, dict[str, float]]) -> None:
+    result = interpreter_results[name]
+    assert result["shape_ok"] == 1.0
+    tolerance = 1e-5 if FP8_INTERPRETER_CASES[name][3] == "float32" else 2e-2
     assert result["max_error"] < tolerance, result
 
 

@@ -163,3 +163,44 @@ def test_fp8_siblings_fuse_into_one_fp8_gemm_with_the_same_output(tmp_path, arch
     assert isinstance(model.model.layers[0].self_attn.q_proj, Fp8Linear)
     with torch.no_grad():
         assert torch.allclose(model(input_ids).logits, unfused, atol=1e-5, rtol=1e-5)
+
+
+def test_the_one_row_gemm_takes_fp8_layers_and_leads_and_gives_them_back(tmp_path) -> None:
+    from pagedserve.engine.kernels.decode_linear import (
+        DecodeFp8FusedLead,
+        DecodeFp8Linear,
+        DecodeLinear,
+        use_decode_linear,
+    )
+    from pagedserve.engine.kernels.fused_projections import Fp8FusedLead, ProjectionFusion
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_model("llama", tmp_path / "m", num_hidden_layers=1)).eval()
+    quantize_linears(model, use_scaled_mm=False)
+    input_ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fusion = ProjectionFusion.watch(model)
+        want = model(input_ids).logits
+        fusion.apply()
+        swap = use_decode_linear(model)
+        swapped = {type(m) for m in swap.modules}
+        got = model(input_ids[:, :1]).logits  # one row: through the op (on CPU its library fallback)
+        assert torch.allclose(got, want[:, :1], atol=1e-5)
+    # o_proj and down_proj, the q/k/v and gate/up leads; the LM head stays bf16 and takes the bf16 kernel
+    assert swapped == {DecodeFp8Linear, DecodeFp8FusedLead, DecodeLinear}
+    swap.undo()
+    assert {type(m) for m in model.modules()} >= {Fp8Linear, Fp8FusedLead}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_FP8_GPU, reason="needs a GPU with FP8 tensor cores (compute capability 8.9+)")
+@pytest.mark.parametrize("shape", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
+def test_one_row_reads_fp8_weights_on_the_gpu(shape: tuple[int, int]) -> None:
+    from pagedserve.engine.kernels.decode_linear import decode_linear_fp8, uses_kernel
+
+    torch.manual_seed(3)
+    weight, scale = quantize_weight(torch.randn(*shape, device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(1, shape[1], device="cuda", dtype=torch.bfloat16)
+    assert uses_kernel(x, weight)
+    out = decode_linear_fp8(x, weight, scale, None, True, False)
+    want = x.float() @ (weight.float() * scale[:, None]).T
+    assert (out.float() - want).norm() / want.norm() < 1e-2
