@@ -22,8 +22,14 @@ wall time). Presets (flags override any field):
   and target share one vocabulary.
 - `--preset tiny`: a CPU check, a few seconds on a subset of the files.
 
+The corpus is small: Python 3.11's gives about 8.1M train and 0.8M held-out tokens with the 8,192-token BPE
+(reading, BPE training and encoding took 12 s on 2 CPU cores). A GPU budget of minutes is many epochs, so every
+`--eval-every` steps the perplexity of a fixed held-out prefix is printed and kept in `training.json`
+(`heldout_probes`): where it turns up, the budget is past what the text supports.
+
 On one H200 (python3 there is 3.12 with torch and transformers; run from the repository root), both models in
-one device call, about 7 minutes (tokenizer about half a minute, then the two time budgets plus evaluation):
+one device call, about 7 minutes (corpus and tokenizer well under a minute, then the two time budgets plus
+evaluation and saving):
 
     PYTHONPATH=. python3 bench/train_text_model.py --preset target --minutes 4 --out-dir /tmp/target
     PYTHONPATH=. python3 bench/train_text_model.py --preset draft --minutes 1.5 --out-dir /tmp/draft \\
@@ -82,7 +88,9 @@ class TrainRecipe:
     final_lr_fraction: float = 0.1
     weight_decay: float = 0.1
     log_every: int = 100
-    eval_tokens: int = 262_144  # held-out tokens for the final perplexity (the whole split is ~0.5M)
+    eval_every: int = 500  # steps between held-out probes (0: none), to see when more epochs stop helping
+    probe_tokens: int = 32_768  # held-out tokens per probe: a prefix, the same each time
+    eval_tokens: int = 262_144  # held-out tokens for the final perplexity (the whole split is ~0.8M)
 
 
 PRESETS: dict[str, TrainRecipe] = {
@@ -94,7 +102,7 @@ PRESETS: dict[str, TrainRecipe] = {
                          peak_lr=2e-3),
     "tiny": TrainRecipe(vocab_size=512, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
                         intermediate_size=128, seq_len=64, batch_size=8, num_steps=40, minutes=None, peak_lr=3e-3,
-                        max_files=60, log_every=10, eval_tokens=8192),
+                        max_files=60, log_every=10, eval_every=0, eval_tokens=8192),
 }
 
 
@@ -255,9 +263,11 @@ def build_model(recipe: TrainRecipe, tokenizer, seed: int):
 
 
 def train(model, token_ids: torch.Tensor, recipe: TrainRecipe, seed: int,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
+          log: Callable[[str], None] = print, heldout_ids: torch.Tensor | None = None) -> dict[str, Any]:
     """AdamW on random windows of the stream, for `recipe.num_steps` steps or `recipe.minutes` of wall time
-    (the LR schedule follows progress either way, so a time budget anneals like a step count)."""
+    (the LR schedule follows progress either way, so a time budget anneals like a step count). With
+    `heldout_ids`, every `recipe.eval_every` steps the perplexity of its first `probe_tokens` tokens is logged
+    and kept (`heldout_probes`): the corpus is small, so a long budget means many epochs."""
     device = next(model.parameters()).device
     window_len = recipe.seq_len
     if token_ids.numel() <= window_len:
@@ -274,6 +284,7 @@ def train(model, token_ids: torch.Tensor, recipe: TrainRecipe, seed: int,
     generator = torch.Generator().manual_seed(seed)
     model.train()
     losses: list[torch.Tensor] = []  # kept on the device: one host sync per log line, not per step
+    probes: list[dict[str, float]] = []
     logged_losses: list[float] = []
     budget_s = None if recipe.minutes is None else recipe.minutes * 60.0
     start_s = time.monotonic()
@@ -299,21 +310,31 @@ def train(model, token_ids: torch.Tensor, recipe: TrainRecipe, seed: int,
             recent = torch.stack(losses[-recipe.log_every:]).mean().item()
             logged_losses.append(recent)
             log(f"step {step}: loss {recent:.3f}, lr {optimizer.param_groups[0]['lr']:.2e}, {elapsed_s:.0f} s")
+        if heldout_ids is not None and recipe.eval_every and step % recipe.eval_every == 0:
+            model.eval()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=is_cuda):
+                probe = perplexity(model, heldout_ids, window_len, recipe.batch_size, recipe.probe_tokens)
+            model.train()
+            epochs = step * recipe.batch_size * window_len / token_ids.numel()
+            probes.append({"step": step, "epochs": epochs, "perplexity": probe["perplexity"]})
+            log(f"step {step}: held-out perplexity {probe['perplexity']:.3f} (first {probe['num_tokens']:,} "
+                f"tokens), {epochs:.1f} epochs")
     train_s = time.monotonic() - start_s
     all_losses = torch.stack(losses).float().cpu()
     tail = all_losses[-max(1, len(losses) // 10):]  # mean over the last tenth: one batch is noisy
     model.eval()
-    return {"num_steps": step, "tokens_seen": step * recipe.batch_size * window_len,
+    tokens_seen = step * recipe.batch_size * window_len
+    return {"num_steps": step, "tokens_seen": tokens_seen, "epochs": tokens_seen / token_ids.numel(),
             "initial_loss": all_losses[0].item(), "final_loss": tail.mean().item(), "train_s": train_s,
-            "stopped_by": "steps" if budget_s is None else "time"}
+            "stopped_by": "steps" if budget_s is None else "time", "heldout_probes": probes}
 
 
 # ---- main ----------------------------------------------------------------------------------------------------
 def recipe_from_args(args: argparse.Namespace) -> TrainRecipe:
     recipe = PRESETS[args.preset]
-    overrides = {field: getattr(args, field) for field in (
-        "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "seq_len",
-        "batch_size", "peak_lr", "max_files", "log_every", "eval_tokens") if getattr(args, field) is not None}
+    fields = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "seq_len",
+              "batch_size", "peak_lr", "max_files", "log_every", "eval_every", "eval_tokens")
+    overrides = {field: getattr(args, field) for field in fields if getattr(args, field) is not None}
     if args.steps is not None:
         overrides.update(num_steps=args.steps, minutes=None)
     elif args.minutes is not None:
@@ -345,6 +366,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", dest="peak_lr", type=float)
     parser.add_argument("--max-files", type=int, help="an evenly spaced subset of the corpus files")
     parser.add_argument("--log-every", type=int)
+    parser.add_argument("--eval-every", type=int, help="steps between held-out perplexity probes (0: none)")
     parser.add_argument("--eval-tokens", type=int, help="held-out tokens for the final perplexity")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -382,7 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = f"{recipe.num_steps} steps" if recipe.minutes is None else f"{recipe.minutes:g} min"
     print(f"model: {num_params / 1e6:.2f}M parameters ({recipe.num_layers} layers, hidden {recipe.hidden_size}, "
           f"heads {recipe.num_heads}/{recipe.num_kv_heads}), {budget} on {device}", flush=True)
-    train_stats = train(model, train_ids, recipe, args.seed, log=lambda line: print(line, flush=True))
+    train_stats = train(model, train_ids, recipe, args.seed, log=lambda line: print(line, flush=True),
+                        heldout_ids=heldout_ids)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         heldout = perplexity(model, heldout_ids, recipe.seq_len, recipe.batch_size, recipe.eval_tokens)
 
@@ -403,7 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(args.out_dir / STATS_FILE, stats)
     print(f"held-out perplexity {heldout['perplexity']:.3f} over {heldout['num_tokens']:,} tokens; "
           f"train loss {train_stats['initial_loss']:.3f} -> {train_stats['final_loss']:.3f} in "
-          f"{train_stats['num_steps']} steps ({train_stats['tokens_seen']:,} tokens); "
+          f"{train_stats['num_steps']} steps ({train_stats['tokens_seen']:,} tokens, "
+          f"{train_stats['epochs']:.1f} epochs); "
           f"wall {stats['wall_s']:.1f} s; saved to {args.out_dir}", flush=True)
     return 0
 
