@@ -232,3 +232,24 @@ def test_running_sums_match_the_reservations_through_any_sequence(clock: FakeClo
             reported = policy.report(replica)
             expected = None if reported is None else max(0, reported.num_free_blocks - pending)
             assert policy.estimated_free_blocks(replica) == expected
+
+
+def test_a_stream_channel_goes_to_the_replica_it_names_or_fails_as_lost() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from pagedserve.serve_app.errors import ChannelLostError
+    from pagedserve.serve_app.messages import ChannelOpen
+    from pagedserve.serve_app.router import FreeBlocksRequestRouter
+
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=name)) for name in ("a", "b")]
+
+    async def route(target: str) -> tuple[list, asyncio.Future]:
+        pending = SimpleNamespace(future=asyncio.get_running_loop().create_future())
+        return FreeBlocksRequestRouter._route_channel(None, ChannelOpen("ingress", target), replicas, pending), \
+            pending.future
+
+    ranked, future = asyncio.run(route("b"))
+    assert ranked == [[replicas[1]]] and not future.done()
+    ranked, future = asyncio.run(route("gone"))
+    assert isinstance(future.exception(), ChannelLostError) and ranked == [replicas]
