@@ -41,7 +41,7 @@ class EngineConfig(BaseModel):
     )
     quantization: Quantization = Field(
         "none", description="Weight quantization: bitsandbytes (bnb-4bit, bnb-8bit), or fp8 (e4m3 weights with a scale "
-        "per output feature, activations per token, on GPUs with FP8 tensor cores: compute capability 8.9+).")
+        "per output feature, activations per token; Hopper or newer GPUs: compute capability 9.0+).")
     bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute dtype of bnb-4bit layers; auto follows dtype."
     )

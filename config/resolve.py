@@ -194,17 +194,18 @@ def resolve_dtype(config: EngineConfig, device: DeviceType, platform: Platform) 
 
 
 def check_fp8_runs(device: DeviceType, dtype: DTypeName, platform: Platform) -> None:
-    """FP8 weights take FP8 tensor cores (Ada, Hopper or newer) and bfloat16 activations; anywhere else they
+    """FP8 weights take Hopper's FP8 GEMMs (compute capability 9.0+: torch's row-wise scaled kernel needs
+    TMA) and bfloat16 activations; anywhere else they
     would only be slower than the model's own dtype, so they are refused (the reference path that runs
     anywhere is for tests: engine/kernels/fp8_linear.py)."""
     if device != "cuda":
-        raise ConfigError(f"EngineConfig.quantization='fp8' needs a GPU with FP8 tensor cores (compute capability 8.9 "
-                          f"or newer), not device {device!r}; use quantization='none'")
+        raise ConfigError(f"EngineConfig.quantization='fp8' needs a Hopper or newer GPU (compute capability 9.0+), "
+                          f"not device {device!r}; use quantization='none'")
     capability = platform.compute_capability
-    if capability is None or capability < (8, 9):
+    if capability is None or capability < (9, 0):
         found = "unknown" if capability is None else f"{capability[0]}.{capability[1]}"
-        raise ConfigError(f"EngineConfig.quantization='fp8' needs a GPU with FP8 tensor cores (compute capability 8.9 "
-                          f"or newer: Ada, Hopper, Blackwell); this one is {found}. Use quantization='none' or 'bnb-8bit'")
+        raise ConfigError(f"EngineConfig.quantization='fp8' needs a Hopper or newer GPU (compute capability 9.0+: "
+                          f"H100, H200, Blackwell); this one is {found}. Use quantization='none' or 'bnb-8bit'")
     if dtype != "bfloat16":
         raise ConfigError(f"EngineConfig.quantization='fp8' computes in bfloat16; EngineConfig.dtype={dtype!r} cannot be "
                           "combined with it (leave dtype auto)")

@@ -7,8 +7,9 @@ weights does not flatten the others. At run time each input row gets its own sca
 per token) and the product is `(x_q @ w_q.T) * scale_x * scale_w`, accumulated in float32 and returned in
 the input's dtype:
 
-- on a GPU with FP8 tensor cores (compute capability 8.9 or newer) through `torch._scaled_mm` with
-  row-wise scales (one GEMM; the scales are applied in its epilogue);
+- on Hopper or newer (compute capability 9.0+) through `torch._scaled_mm` with row-wise scales (one GEMM;
+  the scales are applied in its epilogue; torch's row-wise kernel needs Hopper's TMA, so Ada's FP8 tensor
+  cores, 8.9, are not used);
 - elsewhere through the reference: the same quantized activations and weights, dequantized and
   multiplied in float32 (what tests check on CPU, and what the GPU path must match).
 
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+FP8_MIN_CAPABILITY = (9, 0)  # row-wise scaled _scaled_mm (see the module docstring)
 # A row of zeros would get scale 0; any positive floor keeps the division finite and the row zero.
 MIN_SCALE = 1e-12
 
@@ -50,10 +52,10 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def supports_fp8_gemm(device: torch.device) -> bool:
-    """FP8 tensor cores: Ada (8.9) and Hopper (9.0) or newer, with a torch that has `_scaled_mm`."""
+    """Row-wise scaled FP8 GEMMs: Hopper (9.0) or newer, with a torch that has `_scaled_mm`."""
     if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    return torch.cuda.get_device_capability(device) >= FP8_MIN_CAPABILITY
 
 
 def fp8_linear_reference(

@@ -1,6 +1,6 @@
 """FP8 linear layers (engine/kernels/fp8_linear.py): the quantization, the reference GEMM that runs anywhere,
 the model conversion and what the memory plan counts, on CPU; the tensor-core GEMM against the reference
-on a GPU with FP8 (compute capability 8.9+). Where FP8 may be asked for is config/resolve.py's, checked
+on a Hopper or newer GPU (compute capability 9.0+). Where FP8 may be asked for is config/resolve.py's, checked
 in tests/config/test_resolve.py."""
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def test_an_fp8_model_gives_logits_close_to_its_own_dtype(tmp_path) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_FP8_GPU, reason="needs a GPU with FP8 tensor cores (compute capability 8.9+)")
+@pytest.mark.skipif(not HAS_FP8_GPU, reason="needs a Hopper or newer GPU (compute capability 9.0+)")
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
 @pytest.mark.parametrize("bias", [False, True])
 def test_the_tensor_core_gemm_matches_the_reference(rows: int, bias: bool) -> None:
@@ -108,7 +108,7 @@ def test_the_tensor_core_gemm_matches_the_reference(rows: int, bias: bool) -> No
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_FP8_GPU, reason="needs a GPU with FP8 tensor cores (compute capability 8.9+)")
+@pytest.mark.skipif(not HAS_FP8_GPU, reason="needs a Hopper or newer GPU (compute capability 9.0+)")
 def test_the_engine_serves_fp8_weights_through_graphs_and_compile(tiny_model_dir) -> None:
     """`quantization='fp8'` end to end on CUDA: tensor-core FP8 layers, decode graphs and compile, the memory
     plan counting FP8 bytes, and greedy tokens equal to transformers' on the same FP8 model for most prompts
@@ -192,7 +192,7 @@ def test_the_one_row_gemm_takes_fp8_layers_and_leads_and_gives_them_back(tmp_pat
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_FP8_GPU, reason="needs a GPU with FP8 tensor cores (compute capability 8.9+)")
+@pytest.mark.skipif(not HAS_FP8_GPU, reason="needs a Hopper or newer GPU (compute capability 9.0+)")
 @pytest.mark.parametrize("shape", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
 def test_one_row_reads_fp8_weights_on_the_gpu(shape: tuple[int, int]) -> None:
     from pagedserve.engine.kernels.decode_linear import decode_linear_fp8, uses_kernel
