@@ -4,29 +4,19 @@ end to end (training lowers the loss, the folder loads, the FP8 report runs on t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from bench_scripts import bench_script
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def fp8_accuracy() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_fp8_accuracy", REPO_ROOT / "bench" / "fp8_accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules[spec.name]
+    yield from bench_script("fp8_accuracy")
 
 
 @pytest.fixture(scope="module")

@@ -4,27 +4,16 @@ drain cap included. Verdicts never depend on this machine's speed: latencies are
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import bench_script
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKENS = 5
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_online_engine_bench",
-                                                  REPO_ROOT / "bench" / "online_engine_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules[spec.name]
+    yield from bench_script("online_engine_bench")
 
 
 def test_poisson_arrivals_start_at_zero_stay_inside_the_duration_at_about_the_rate(bench) -> None:

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from bench_scripts import bench_script
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "\x1b[36m(ServeReplica:pagedserve:EngineReplica pid=1764)\x1b[0m INFO 2026-11-29 14:35:{sec}"
 
 
 @pytest.fixture(scope="module")
 def request_log():
-    spec = importlib.util.spec_from_file_location("bench_request_log", REPO_ROOT / "bench" / "request_log.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    yield from bench_script("request_log")
 
 
 def line(finish_s: float, total_s: float, output_tokens: int = 10) -> str:

@@ -8,31 +8,21 @@ sweep's SLOs are loose enough that only the fake server's refusals decide.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import math
 import socket
 import statistics
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 from aiohttp import web
+from bench_scripts import bench_script
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def serve_bench():
-    spec = importlib.util.spec_from_file_location("bench_serve_bench", REPO_ROOT / "bench" / "serve_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules[spec.name]
+    yield from bench_script("serve_bench")
 
 
 # ---- arrivals ------------------------------------------------------------------------------------------

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from bench_scripts import bench_script
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # A stand-in engine replica: a Python process titled as Ray titles the replica's worker, whose engine core
 # is a child started with multiprocessing's spawn, as EngineCoreClient starts it.
@@ -27,12 +25,7 @@ if __name__ == "__main__":
 
 @pytest.fixture(scope="module")
 def serve_profile():
-    spec = importlib.util.spec_from_file_location("bench_serve_profile", REPO_ROOT / "bench" / "serve_profile.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from bench_script("serve_profile")
 
 
 def test_finds_the_titled_ray_processes_and_the_engine_core_child(serve_profile, tmp_path) -> None:

@@ -6,25 +6,15 @@ the demo model, labels as serve_app/metrics.py records them plus the agent's own
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import bench_script
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def serve_watch():
-    spec = importlib.util.spec_from_file_location("bench_serve_watch", REPO_ROOT / "bench" / "serve_watch.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules[spec.name]
+    yield from bench_script("serve_watch")
 
 
 def series(name: str, replica: str, value: float, worker: str = "cdc8e68f", **extra: str) -> str:
