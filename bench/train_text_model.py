@@ -59,11 +59,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python bench/train_text_model.py` finds common.py
 from common import write_json  # noqa: E402
 
+# The demo model's tokenizer recipe (pad, BOS and an EOS that closes every document) and LR schedule.
+from pagedserve.demo.model import learning_rate, train_byte_level_bpe  # noqa: E402
+
 HELDOUT_EVERY = 20
 CORPUS_SUFFIXES = (".py", ".txt", ".rst")
-PAD_TOKEN = "<|pad|>"
-BOS_TOKEN = "<|bos|>"
-EOS_TOKEN = "<|end|>"  # closes every document, so generation stops where a file would end
 HELDOUT_FILE = "heldout.jsonl"
 STATS_FILE = "training.json"
 
@@ -168,22 +168,6 @@ def read_heldout(path: Path) -> list[tuple[str, str]]:
 
 
 # ---- tokenizer -----------------------------------------------------------------------------------------------
-def train_tokenizer(texts: Sequence[str], vocab_size: int, seq_len: int):
-    """A byte-level BPE (every byte encodes: no unknown token) wrapped as a `PreTrainedTokenizerFast`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
-                                   pad_token=PAD_TOKEN, add_bos_token=True, model_max_length=seq_len,
-                                   clean_up_tokenization_spaces=False)
-
-
 def encode_documents(tokenizer, texts: Sequence[str]) -> torch.Tensor:
     """One stream: BOS, the text, EOS for each document. The backend tokenizer, in one parallel batch, because
     the wrapper warns about every text longer than the context."""
@@ -232,15 +216,6 @@ def perplexity(model, token_ids: torch.Tensor, window_len: int, batch_size: int,
 
 
 # ---- training ------------------------------------------------------------------------------------------------
-def learning_rate(recipe: TrainRecipe, progress: float) -> float:
-    """Linear warmup, then cosine decay to `final_lr_fraction` of the peak; `progress` runs 0..1."""
-    if progress < recipe.warmup_fraction:
-        return recipe.peak_lr * progress / recipe.warmup_fraction
-    decay_progress = (progress - recipe.warmup_fraction) / (1.0 - recipe.warmup_fraction)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(decay_progress, 1.0)))
-    return recipe.peak_lr * (recipe.final_lr_fraction + (1.0 - recipe.final_lr_fraction) * cosine)
-
-
 def build_model(recipe: TrainRecipe, tokenizer, seed: int):
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -393,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_from)
     else:
-        tokenizer = train_tokenizer([text for _, text in train_documents], recipe.vocab_size, recipe.seq_len)
+        tokenizer = train_byte_level_bpe([text for _, text in train_documents], recipe.vocab_size, recipe.seq_len)
     train_ids = encode_documents(tokenizer, [text for _, text in train_documents])
     heldout_ids = encode_documents(tokenizer, [text for _, text in heldout_documents])
     print(f"tokenizer: {len(tokenizer)} tokens; {train_ids.numel():,} train and {heldout_ids.numel():,} held-out "

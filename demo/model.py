@@ -281,28 +281,41 @@ def _letter_fraction(text: str) -> float:
     return sum(char.isascii() and (char.isalpha() or char == " ") for char in text) / len(text)
 
 
-def _train_tokenizer(texts: Sequence[str], recipe: DemoRecipe) -> PreTrainedTokenizerFast:
+def train_byte_level_bpe(
+    texts: Sequence[str], vocab_size: int, model_max_length: int, role_tokens: Sequence[str] = (),
+    chat_template: str | None = None,
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `texts` (every byte encodes, so no unknown token), with the pad, BOS and
+    EOS tokens (and any `role_tokens`) as special tokens; BOS is added to every encoded text, like Llama's."""
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=recipe.vocab_size,
-        special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, *ROLE_TOKENS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodes, so no unknown token
+        vocab_size=vocab_size,
+        special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, *role_tokens],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer=trainer)
+    extra: dict[str, Any] = {}
+    if role_tokens:
+        extra["extra_special_tokens"] = list(role_tokens)
+    if chat_template is not None:
+        extra["chat_template"] = chat_template
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
-        extra_special_tokens=list(ROLE_TOKENS),
-        add_bos_token=True,  # like Llama: a plain completion prompt starts with BOS, as in training
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=recipe.context_len,
+        add_bos_token=True,  # a plain completion prompt starts with BOS, as in training
+        model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
+        **extra,
     )
+
+
+def _train_tokenizer(texts: Sequence[str], recipe: DemoRecipe) -> PreTrainedTokenizerFast:
+    return train_byte_level_bpe(texts, recipe.vocab_size, recipe.context_len, ROLE_TOKENS, CHAT_TEMPLATE)
 
 
 def _training_documents(
@@ -377,8 +390,9 @@ def _model_config(recipe: DemoRecipe, tokenizer: PreTrainedTokenizerFast) -> Lla
     )
 
 
-def _learning_rate(recipe: DemoRecipe, progress: float) -> float:
-    """Linear warmup, then cosine decay to `final_lr_fraction` of the peak; `progress` runs 0..1."""
+def learning_rate(recipe: Any, progress: float) -> float:
+    """Linear warmup, then cosine decay to `final_lr_fraction` of the peak; `progress` runs 0..1. `recipe`: any
+    with `peak_lr`, `warmup_fraction` and `final_lr_fraction` (a `DemoRecipe`, bench/train_text_model.py's)."""
     if progress < recipe.warmup_fraction:
         return recipe.peak_lr * progress / recipe.warmup_fraction
     decay_progress = (progress - recipe.warmup_fraction) / (1.0 - recipe.warmup_fraction)
@@ -418,7 +432,7 @@ def _train(
         if progress >= 1.0 and step > 0:  # at least one step, so there is a loss to report
             break
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(recipe, progress)
+            group["lr"] = learning_rate(recipe, progress)
         starts = torch.randint(0, token_ids.numel() - window_len, (recipe.batch_size,), generator=generator)
         windows = torch.stack([token_ids[start : start + window_len] for start in starts.tolist()])
         loss = model(input_ids=windows, labels=windows).loss  # the model shifts labels itself
