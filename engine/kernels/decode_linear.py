@@ -310,12 +310,8 @@ class DecodeFp8Linear(Fp8Linear):
 class DecodeFp8FusedLead(Fp8FusedLead):
     use_pdl: bool = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = linear_fp8(x, self.fused_weight, self.fused_weight_scale, self.fused_bias, self.use_scaled_mm,
-                           self.use_pdl)
-        parts = fused.split(self.out_sizes, dim=-1)
-        self.pending = list(parts[1:])
-        return parts[0]
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return linear_fp8(x, weight, self.fused_weight_scale, bias, self.use_scaled_mm, self.use_pdl)
 
 
 _DECODE_CLASSES = {nn.Linear: DecodeLinear, FusedLead: DecodeFusedLead, Fp8Linear: DecodeFp8Linear,

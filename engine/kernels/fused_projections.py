@@ -59,7 +59,7 @@ class _FusedMember(nn.Module):
 class FusedLead(_FusedMember):
     """The first member of a group: one GEMM over the concatenated weight, its own part returned."""
 
-    linear = staticmethod(F.linear)  # engine/kernels/decode_linear.py's subclass swaps in its own GEMM
+    linear = staticmethod(F.linear)  # FP8 leads and decode_linear.py's subclasses swap in their own GEMM
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, out_sizes: list[int]) -> None:
         super().__init__()
@@ -95,11 +95,8 @@ class Fp8FusedLead(FusedLead):
         self.fused_weight_scale = nn.Parameter(weight_scale, requires_grad=False)
         self.use_scaled_mm = use_scaled_mm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = fp8_linear(x, self.fused_weight, self.fused_weight_scale, self.fused_bias, self.use_scaled_mm)
-        parts = fused.split(self.out_sizes, dim=-1)
-        self.pending = list(parts[1:])
-        return parts[0]
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return fp8_linear(x, weight, self.fused_weight_scale, bias, self.use_scaled_mm)
 
 
 class FusedFollower(_FusedMember):
