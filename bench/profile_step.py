@@ -65,6 +65,8 @@ def main() -> int:
     parser.add_argument("--trace", default=None,
                         help="also write a Chrome trace (host and GPU) of 10 steps of each batch to TRACE.<batch>.json")
     parser.add_argument("--engine-arg", action="append", default=[], help="EngineConfig override, key=value")
+    parser.add_argument("--quantization", choices=["none", "fp8"], default="none",
+                        help="fp8: the decoder linears as quantization='fp8' loads them (e4m3 weights)")
     parser.add_argument("--single-tokens", type=int, default=0,
                         help="also time LLM.generate of one --context-token prompt and this many new tokens "
                              "(gpu_bench's batch-1 line), with where its time went")
@@ -77,6 +79,11 @@ def main() -> int:
         key, value = item.split("=", 1)
         overrides[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
     model, tokenizer = build_model(args)
+    if args.quantization == "fp8":
+        from pagedserve.engine.kernels.fp8_linear import quantize_linears
+
+        quantize_linears(model)
+        torch.cuda.empty_cache()
     largest = max(args.batch)
     llm = LLM.from_model(model, tokenizer, max_num_seqs=max(largest, 8), attention_backend=args.attention_backend,
                          cuda_graph_max_batch_size=max(largest, 8), enable_prefix_caching=False, **overrides)

@@ -8,7 +8,8 @@ per token) and the product is `(x_q @ w_q.T) * scale_x * scale_w`, accumulated i
 the input's dtype:
 
 - on Hopper or newer (compute capability 9.0+) through `torch._scaled_mm` with row-wise scales (one GEMM;
-  the scales are applied in its epilogue; torch's row-wise kernel needs Hopper's TMA, so Ada's FP8 tensor
+  the scales are applied in its epilogue; the activations are quantized by one Triton kernel,
+  engine/kernels/fp8_quant.py; torch's row-wise kernel needs Hopper's TMA, so Ada's FP8 tensor
   cores, 8.9, are not used);
 - elsewhere through the reference: the same quantized activations and weights, dequantized and
   multiplied in float32 (what tests check on CPU, and what the GPU path must match).
@@ -28,21 +29,11 @@ import logging
 import torch
 from torch import nn
 
+from pagedserve.engine.kernels.fp8_quant import FP8_DTYPE, FP8_MAX, MIN_SCALE, quantize_rows, quantize_rows_fp8
+
 logger = logging.getLogger(__name__)
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 FP8_MIN_CAPABILITY = (9, 0)  # row-wise scaled _scaled_mm (see the module docstring)
-# A row of zeros would get scale 0; any positive floor keeps the division finite and the row zero.
-MIN_SCALE = 1e-12
-
-
-def quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row of `values` ([..., K]) to e4m3 with its own scale: (quantized, float32 scales [..., 1])."""
-    amax = values.abs().amax(dim=-1, keepdim=True).float()
-    scale = (amax / FP8_MAX).clamp(min=MIN_SCALE)
-    quantized = (values.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return quantized, scale
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +64,7 @@ def fp8_linear_scaled_mm(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """The FP8 GEMM on tensor cores: x [M, K] (any float dtype), weight [N, K] e4m3, scales [N]."""
-    x_q, x_scale = quantize_rows(x)
+    x_q, x_scale = quantize_rows_fp8(x)  # one kernel (engine/kernels/fp8_quant.py)
     # _scaled_mm wants the second operand column-major: weight.T of a row-major [N, K] weight is. The bias is
     # added after: row-wise scaling takes no bias in every torch build.
     out = torch._scaled_mm(x_q, weight.T, scale_a=x_scale, scale_b=weight_scale[None, :].float(), out_dtype=x.dtype)

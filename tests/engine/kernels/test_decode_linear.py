@@ -101,6 +101,10 @@ def test_default_config_narrow_tiles_only_for_one_row_over_a_short_weight() -> N
     assert not qkv.use_dot and qkv.block_n == 8 and _fills_sms(6144, qkv, h200_sms)
     assert default_config(6144, 2, h200_sms).use_dot  # the multiply-and-sum tiles take one row only
     assert default_config(6144).use_dot  # no SM count (CPU callers): the wide tiles
+    # One row over an FP8 weight: deep multiply-and-sum tiles for every projection, wider for long weights.
+    fp8_qkv, fp8_gate_up = default_config(6144, 1, h200_sms, fp8_weight=True), default_config(28672, 1, fp8_weight=True)
+    assert (fp8_qkv.use_dot, fp8_qkv.block_k, fp8_qkv.block_n) == (False, 2048, 8)
+    assert (fp8_gate_up.use_dot, fp8_gate_up.block_n) == (False, 16) and default_config(6144, 2, fp8_weight=True).use_dot
     assert default_config(4096, 1, h200_sms) == default_config(4096)  # 128 programs of 32: enough
     assert default_config(28672, 1, h200_sms).block_n == 64
     assert not _fills_sms(512, default_config(512, 1, h200_sms), h200_sms)  # too short even so: cuBLAS
