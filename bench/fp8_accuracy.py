@@ -1,4 +1,4 @@
-"""FP8 fidelity (issue 25): how far FP8 weights move a model's outputs, measured two ways.
+"""FP8 fidelity (issue 25): how far FP8 weights, and an FP8 KV cache, move a model's outputs, measured two ways.
 
 (a) Logits, same inputs: the baseline model (bf16 on a GPU) and the same model with every decoder `nn.Linear`
     swapped for `Fp8Linear` (`quantize_linears`: e4m3 weights with a scale per output feature, activations
@@ -11,14 +11,19 @@
     (`heldout.jsonl`: the files the model never saw), baseline vs FP8 weights, their ratio and the verdict:
     FP8 within 1% of the baseline's perplexity. Perplexity is exp(mean NLL) over non-overlapping windows
     (`train_text_model.perplexity`). A float32 row (the weights as trained) shows what bf16 alone costs.
-
-The FP8 KV cache does not exist yet, so there is no FP8-KV column; when it lands, its perplexity belongs in
-(b) beside the FP8-weights row (same held-out windows, baseline weights, KV written as e4m3).
+(c) The FP8 KV cache (`kv_cache_dtype="fp8"`: e4m3 K and V with per-layer scales of 1.0), with the baseline
+    weights, through the engine itself (`PagedForward`: each window is one prefill step of the engine's runner,
+    its K/V written to the paged cache and read back from it by the attention, which is teacher-forced decoding
+    over that cache): the engine with an FP8 cache against the same engine with a cache in the baseline dtype,
+    on the inputs of (a) (logits) and, with `--heldout`, the held-out windows of (b) (perplexity, and the
+    within-1% verdict against the engine's own baseline-dtype row, which shows what the engine path alone
+    changes next to transformers' forward).
 
 The FP8 copy is the baseline model quantized in place, layer by layer (`quantize_linears` frees each bf16
 weight before quantizing the next), after every baseline output has been taken: one model's memory, not two.
 On a GPU with compute capability 8.9+ the FP8 layers run `torch._scaled_mm`; anywhere else (CPU) they run the
-float32 reference of the same math, and a CPU run's baseline is float32 (the output says both).
+float32 reference of the same math, and a CPU run's baseline is float32 (the output says both). The FP8 cache
+runs the Triton attention kernels on such a GPU (8.9+) and the reference attention elsewhere.
 
 On one H200 (python3 there is 3.12 with torch and transformers; from the repository root). The 8B shape
 (random weights, the `build_model` of bench/gpu_bench.py), about 2 minutes (building 8B random weights on the
@@ -43,9 +48,10 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -155,15 +161,106 @@ def load_model(args: argparse.Namespace, device: torch.device):
     return model, tokenizer, f"{args.model} ({num_params / 1e6:.1f}M parameters)"
 
 
+class PagedForward:
+    """The engine's forward as the `model(input_ids=[B, L]).logits` that `all_logits` and `perplexity` call.
+
+    Each call is one prefill step of B windows through the engine's model runner, B disjoint block tables of
+    the engine's paged cache: the attention writes every window's K/V to the cache (in its `kv_cache_dtype`)
+    and reads them back from it, as generation does, so this scores what the engine computes token by token.
+    `close()` shuts the engine down and gives the model back with its own attention implementation."""
+
+    def __init__(self, model, tokenizer, kv_cache_dtype: str, max_windows: int, window_len: int,
+                 attention_backend: str = "auto") -> None:
+        from pagedserve.cache.blocks import blocks_for
+        from pagedserve.engine.llm import LLM
+
+        self._model = model
+        self._attn_implementation = model.config._attn_implementation
+        block_size = 16
+        self._blocks_per_window = blocks_for(window_len, block_size)
+        # Exactly the blocks one call needs: the weights' device keeps its memory for the logits.
+        self.llm = LLM.from_model(
+            model, tokenizer, served_name="fp8-accuracy", kv_cache_dtype=kv_cache_dtype, block_size=block_size,
+            num_blocks=max_windows * self._blocks_per_window, max_num_seqs=max_windows, max_model_len=window_len,
+            max_batch_tokens=max_windows * window_len, enable_prefix_caching=False, compile=False,
+            enable_cuda_graphs=False, attention_backend=attention_backend,
+        )
+        self.runner = self.llm.engine.runner
+
+    @property
+    def description(self) -> str:
+        return f"{self.runner.kv_cache_dtype_name} cache, {self.runner.backend.name} attention"
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        return self._model.parameters()
+
+    def __call__(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        from pagedserve.engine.runner.step_input import StepInput
+
+        num_windows, window_len = input_ids.shape
+        per_window = self._blocks_per_window
+        tables = [[list(range(w * per_window, (w + 1) * per_window)) for w in range(num_windows)]
+                  for _ in self.runner.shape.groups]
+        step = StepInput(token_ids=input_ids.flatten().tolist(), positions=list(range(window_len)) * num_windows,
+                         query_lens=[window_len] * num_windows, seq_lens=[window_len] * num_windows,
+                         block_tables=tables, logits_indices=list(range(num_windows * window_len)))
+        return SimpleNamespace(logits=self.runner.execute(step).view(num_windows, window_len, -1))
+
+    def close(self) -> None:
+        self.llm.engine.shutdown()
+        self._model.set_attn_implementation(self._attn_implementation)
+        del self.llm, self.runner
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def fp8_kv_rows(model, tokenizer, inputs: dict[str, list[torch.Tensor]], heldout_ids: torch.Tensor | None,
+                args: argparse.Namespace, dtype_name: str) -> tuple[list[dict[str, Any]], str]:
+    """(c): the engine with an FP8 cache against the engine with a `dtype_name` cache, on the same inputs."""
+    max_windows = max(args.batch_size, 1)
+    device = next(model.parameters()).device
+    # Triton's e4m3 casts need compute capability 8.9+; older GPUs score both caches with the reference.
+    is_old_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9)
+    attention_backend = "reference" if is_old_gpu else "auto"
+    logits: dict[str, dict[str, list[torch.Tensor]]] = {}
+    perplexities: dict[str, dict[str, float]] = {}
+    descriptions = []
+    for kv_cache_dtype in ("auto", "fp8"):
+        forward = PagedForward(model, tokenizer, kv_cache_dtype, max_windows, args.seq_len, attention_backend)
+        try:
+            descriptions.append(forward.description)
+            logits[kv_cache_dtype] = {name: all_logits(forward, sequences) for name, sequences in inputs.items()}
+            if heldout_ids is not None:
+                perplexities[kv_cache_dtype] = perplexity(forward, heldout_ids, args.seq_len, max_windows,
+                                                          args.eval_tokens)
+        finally:
+            forward.close()
+    engine_baseline: dict[str, Any] = {"weights": dtype_name, "kv_cache": f"{dtype_name} (engine)"}
+    rows = [engine_baseline]
+    for name, sequences in inputs.items():
+        comparison = LogitComparison()
+        for reference, test in zip(logits["auto"][name], logits["fp8"][name], strict=True):
+            comparison.add(reference, test)
+        rows.append({"weights": dtype_name, "kv_cache": "fp8_e4m3 (engine)",
+                     "inputs": f"{name}, {len(sequences)}x{args.seq_len}", "logits": comparison.summary()})
+    if heldout_ids is not None:
+        engine_baseline.update(perplexities["auto"])
+        fp8 = perplexities["fp8"]
+        ratio = fp8["perplexity"] / engine_baseline["perplexity"]
+        rows[-1].update(fp8, perplexity_ratio=ratio,
+                        is_within_1_percent=within_fraction(fp8["perplexity"], engine_baseline["perplexity"]))
+    return rows, " vs ".join(reversed(descriptions))
+
+
 # ---- report --------------------------------------------------------------------------------------------------
 def _cell(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["| weights | inputs | logits rel. error | KL(base ‖ fp8) mean / max (nats) | top-1 agreement "
+    lines = ["| weights | KV cache | inputs | logits rel. error | KL(base ‖ fp8) mean / max (nats) | top-1 agreement "
              "| held-out ppl | ppl vs baseline |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         logits = row.get("logits") or {}
         kl = "-" if not logits else f"{logits['kl_mean']:.2e} / {logits['kl_max']:.2e}"
@@ -172,7 +269,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         versus = "-" if ratio is None else f"{(ratio - 1) * 100:+.2f}%"
         if row.get("is_within_1_percent") is not None:
             versus += " (within 1%)" if row["is_within_1_percent"] else " (NOT within 1%)"
-        lines.append(f"| {row['weights']} | {row.get('inputs', '-')} | {_cell(logits.get('relative_error'), '.4f')} "
+        lines.append(f"| {row['weights']} | {row.get('kv_cache', 'none (transformers)')} | {row.get('inputs', '-')} "
+                     f"| {_cell(logits.get('relative_error'), '.4f')} "
                      f"| {kl} | {top1} | {_cell(row.get('perplexity'), '.4f')} | {versus} |")
     return "\n".join(lines)
 
@@ -232,6 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         baseline.update(perplexity(model, heldout_ids, args.seq_len, args.batch_size, args.eval_tokens))
     rows.append(baseline)
     print(f"baseline done ({time.monotonic() - started_s:.1f} s)", flush=True)
+    # The FP8 cache with the baseline weights, before they are quantized; its rows go last.
+    kv_rows, kv_path = fp8_kv_rows(model, tokenizer, inputs, heldout_ids, args, dtype_name)
+    print(f"FP8 KV cache done: {kv_path} ({time.monotonic() - started_s:.1f} s)", flush=True)
 
     num_quantized = quantize_linears(model)  # in place, layer by layer: the baseline outputs are all taken
     if device.type == "cuda":
@@ -249,11 +350,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratio = fp8["perplexity"] / baseline["perplexity"]
         rows[-1].update(fp8, perplexity_ratio=ratio,
                         is_within_1_percent=within_fraction(fp8["perplexity"], baseline["perplexity"]))
+    rows.extend(kv_rows)
 
     training_stats_path = None if args.model is None else args.model / STATS_FILE
     report = {
         "model": description, "device": str(device), "baseline_dtype": dtype_name, "fp8_path": path,
-        "fp8_kv": "not measured: the FP8 KV cache does not exist yet", "rows": rows,
+        "fp8_kv": f"engine, {kv_path}; e4m3 scales 1.0", "rows": rows,
         "training": (json.loads(training_stats_path.read_text())
                      if training_stats_path is not None and training_stats_path.is_file() else None),
         "commit": git_commit(BENCH_DIR.parent), "machine": machine_description(),
@@ -261,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if args.out is not None:
         write_json(args.out, report)
-    print(f"\n{description}; baseline {dtype_name} on {device}; FP8 GEMM: {path}; FP8 KV cache: not offered yet; "
+    print(f"\n{description}; baseline {dtype_name} on {device}; FP8 GEMM: {path}; FP8 KV: engine, {kv_path}; "
           f"{time.monotonic() - started_s:.1f} s\n")
     print(markdown_table(rows))
     return 0

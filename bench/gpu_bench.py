@@ -7,6 +7,10 @@ workloads through flags. Also: one request alone (batch 1) and greedy agreement 
 
     python bench/gpu_bench.py                       # W1, both engines
     python bench/gpu_bench.py --num-requests 64 --skip-baseline --layers 4
+    python bench/gpu_bench.py --skip-baseline --kv-cache-dtype fp8   # W1 with an FP8 KV cache
+    # long context (prompt + output within the shape's 8,192 positions), bf16 then FP8 KV:
+    python bench/gpu_bench.py --skip-baseline --check-requests 0 --num-requests 256 --min-prompt-len 4096 \
+        --max-prompt-len 7936 --max-new-tokens 256 --kv-cache-dtype fp8
 """
 
 from __future__ import annotations
@@ -121,7 +125,7 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
                    "attention_backend": args.attention_backend, "max_memory_percent": args.max_memory_percent,
                    "max_batch_tokens": args.max_batch_tokens, "enable_prefix_caching": False,
                    "compile": args.compile, "fuse_projections": args.fuse_projections,
-                   "programmatic_launch": args.programmatic_launch}
+                   "programmatic_launch": args.programmatic_launch, "kv_cache_dtype": args.kv_cache_dtype}
     started = time.perf_counter()
     try:
         llm = start_engine(model, tokenizer, args, **engine_args)
@@ -172,6 +176,7 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
         num_output_tokens=sum(len(o.outputs[0].token_ids) for o in outputs), wall_s=wall_s, ttft_s=ttft,
         tpot_s=tpot, peak_memory_bytes=torch.cuda.max_memory_allocated(), memory_kind="torch.cuda max allocated",
         details={"preemptions": stats.num_preemptions_total, "kv_tokens": llm.engine.memory_plan.kv_tokens,
+                 "kv_cache_dtype": llm.engine.memory_plan.kv_cache_dtype,
                  "attention_backend": llm.engine.runner.backend.name, "quantization": args.quantization,
                  "weights_bytes": llm.engine.memory_plan.weights_bytes, "kv_bytes": llm.engine.memory_plan.kv_bytes,
                  "largest_batch": largest_batch, "cuda_graphs": cuda_graphs, "compile": compiled, "batch1_fresh_tokens_per_s": fresh_single},
@@ -413,6 +418,9 @@ def main() -> int:
     parser.add_argument("--quantization", choices=["none", "bnb-4bit", "bnb-8bit", "fp8"], default="none",
                         help="quantize the random bf16 model's decoder linears before the run: bitsandbytes, or fp8 "
                         "(the layers quantization='fp8' loads)")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                        help="what the KV cache stores (EngineConfig.kv_cache_dtype): auto, the model's bf16; fp8, "
+                        "e4m3 with per-layer scales of 1.0 (twice the tokens in the same memory)")
     parser.add_argument("--baseline-only", action="store_true",
                         help="run generate_batch alone and write its result to --out (a clean process for each engine)")
     parser.add_argument("--baseline-json", type=Path, default=None,
@@ -519,7 +527,8 @@ def main() -> int:
     print(f"batch-1 decode: {single and round(single, 1)} tok/s after W1, "
           f"{ours.details['batch1_fresh_tokens_per_s'] and round(ours.details['batch1_fresh_tokens_per_s'], 1)} "
           f"tok/s on the fresh engine; preemptions: {ours.details['preemptions']}; "
-          f"KV capacity: {ours.details['kv_tokens']} tokens; backend: {ours.details['attention_backend']}; "
+          f"KV capacity: {ours.details['kv_tokens']} tokens ({ours.details['kv_cache_dtype']}, "
+          f"{ours.details['kv_bytes'] / 2**30:.1f} GiB); backend: {ours.details['attention_backend']}; "
           f"quantization: {args.quantization}; largest batch: {ours.details['largest_batch']}; "
           f"CUDA graphs: {ours.details['cuda_graphs']}; tensor-parallel ranks: {args.tp_size or 1}"
           + (" (peak memory: rank 0's)" if (args.tp_size or 1) > 1 else ""))
@@ -537,7 +546,8 @@ def main() -> int:
         print(comparison_table(results))
     else:
         print(f"pagedserve: {ours.output_tokens_per_s:.1f} output tok/s, {ours.total_tokens_per_s:.1f} total tok/s, "
-              f"peak {ours.peak_memory_bytes / 2**30:.1f} GiB, TTFT {ours.ttft_s}, TPOT {ours.tpot_s}")
+              f"peak {ours.peak_memory_bytes / 2**30:.1f} GiB, TTFT {ours.ttft_s}, TPOT {ours.tpot_s}, "
+              f"KV capacity {ours.details['kv_tokens']} tokens ({ours.details['kv_cache_dtype']})")
     return 0
 
 

@@ -38,6 +38,7 @@ class MemoryPlan:
     num_blocks: tuple[int, ...]
     block_size: int
     cuda_graph_bytes: int = 0  # reserved for the decode CUDA graphs, captured after the KV cache
+    kv_cache_dtype: str = ""  # what the cache stores: the model's dtype name, or fp8_e4m3
 
     @property
     def kv_tokens(self) -> int:
@@ -49,7 +50,7 @@ class MemoryPlan:
             f"memory plan: budget {self.budget_bytes / GIB:.2f} GiB of {self.device_total_bytes / GIB:.2f} GiB; "
             f"weights {self.weights_bytes / GIB:.3f} GiB, activations {self.activation_peak_bytes / GIB:.3f} GiB, "
             + (f"CUDA graphs {self.cuda_graph_bytes / GIB:.3f} GiB, " if self.cuda_graph_bytes else "")
-            + f"KV cache {self.kv_bytes / GIB:.3f} GiB = blocks {list(self.num_blocks)} x {self.block_size} tokens "
+            + f"KV cache{f' ({self.kv_cache_dtype})' if self.kv_cache_dtype else ''} {self.kv_bytes / GIB:.3f} GiB = blocks {list(self.num_blocks)} x {self.block_size} tokens "
             f"({self.kv_tokens} tokens of context)"
         )
 

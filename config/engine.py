@@ -15,6 +15,7 @@ AttentionBackendName = Literal["auto", "reference", "triton"]
 SchedulingPolicy = Literal["fifo", "prefill_first"]
 Quantization = Literal["none", "bnb-4bit", "bnb-8bit", "fp8"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+KVCacheDType = Literal["auto", "fp8"]
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,13 @@ class EngineConfig(BaseModel):
         4.0, gt=0.0, description="Upper bound of the KV cache on CPU, where RAM is shared with everything else."
     )
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
+    kv_cache_dtype: KVCacheDType = Field(
+        "auto", description="What the KV cache stores: auto, the model's dtype; fp8, float8 e4m3 (1 byte a value: "
+        "twice the tokens in the same memory), written as value / scale clamped to +-448 and read as stored * "
+        "scale, with a float32 scale per layer for K and one for V, 1.0 for now (no calibration: values are "
+        "stored as they come, with e4m3's 3 mantissa bits). Triton attention needs compute capability 8.9+; the "
+        "reference backend runs it anywhere, CPU included.",
+    )
 
     # Scheduler
     max_batch_tokens: int | None = Field(None, ge=1, description="Token budget of one step; auto from memory.")

@@ -20,6 +20,9 @@ from pagedserve.config.engine import ConfigError, EngineConfig, SchedulingPolicy
 
 DeviceType = Literal["cpu", "cuda"]
 DTypeName = Literal["float32", "bfloat16", "float16"]
+KVCacheDTypeName = Literal["float32", "bfloat16", "float16", "fp8_e4m3"]  # what the cache tensors hold
+# Triton's float8e4nv (e4m3) casts compile for compute capability 8.9 (Ada) and newer only.
+FP8_KV_MIN_CAPABILITY = (8, 9)
 
 CPU_MAX_BATCH_TOKENS = 2048
 GPU_MAX_BATCH_TOKENS = 8192
@@ -124,13 +127,17 @@ def check_runtime_scheduler_changes(changes: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class CacheSettings:
-    """The KV cache's geometry and budget; `num_blocks` None: planned from memory at start-up."""
+    """The KV cache's geometry, storage and budget; `num_blocks` None: planned from memory at start-up.
+
+    `kv_cache_dtype`: the model's dtype, or fp8_e4m3 (values stored as value / scale, read as stored * scale,
+    one float32 scale per layer for K and for V; engine/kernels/attention/base.py)."""
 
     block_size: int
     num_blocks: int | None
     enable_prefix_caching: bool
     max_memory_percent: float
     max_cpu_kv_cache_gib: float
+    kv_cache_dtype: KVCacheDTypeName
 
 
 @dataclass(frozen=True)
@@ -211,6 +218,21 @@ def check_fp8_runs(device: DeviceType, dtype: DTypeName, platform: Platform) -> 
                           "combined with it (leave dtype auto)")
 
 
+def check_fp8_kv_cache_runs(backend: str, device: DeviceType, platform: Platform) -> None:
+    """An FP8 (e4m3) KV cache: the reference backend quantizes and dequantizes with torch casts, which run on
+    any device (CPU included: tests, correctness); the Triton kernels cast with float8e4nv, which Triton
+    compiles for compute capability 8.9+ only."""
+    if backend != "triton":
+        return
+    capability = platform.compute_capability
+    if capability is None or capability < FP8_KV_MIN_CAPABILITY:
+        found = "unknown" if capability is None else f"{capability[0]}.{capability[1]}"
+        raise ConfigError(
+            f"EngineConfig.kv_cache_dtype='fp8' with the triton attention backend needs a GPU of compute capability "
+            f"8.9+ (Ada, Hopper or newer: Triton's e4m3 casts); this one is {found}. Use kv_cache_dtype='auto', "
+            f"or attention_backend='reference' (slower, no CUDA graphs) on {device}")
+
+
 def resolve_engine_process(config: EngineConfig, platform: Platform) -> bool:
     """`engine_process` auto: a process of its own on CUDA (the server's event loop never shares the step
     loop's GIL), a thread on CPU."""
@@ -280,6 +302,10 @@ def resolve(
         if backend == "triton" and (device != "cuda" or platform.triton_unavailable_reason):
             reason = platform.triton_unavailable_reason if device == "cuda" else f"it needs a CUDA device, not {device}"
             raise ConfigError(f"EngineConfig.attention_backend='triton' is unavailable: {reason}")
+    # auto: the model's dtype, which is already decided (and logged) above.
+    kv_cache_dtype: KVCacheDTypeName = dtype if config.kv_cache_dtype == "auto" else "fp8_e4m3"
+    if kv_cache_dtype == "fp8_e4m3":
+        check_fp8_kv_cache_runs(backend, device, platform)
 
     if config.compile is not None:
         compile_enabled = config.compile
@@ -322,7 +348,7 @@ def resolve(
         cache=CacheSettings(
             block_size=config.block_size, num_blocks=config.num_blocks,
             enable_prefix_caching=config.enable_prefix_caching, max_memory_percent=config.max_memory_percent,
-            max_cpu_kv_cache_gib=config.max_cpu_kv_cache_gib,
+            max_cpu_kv_cache_gib=config.max_cpu_kv_cache_gib, kv_cache_dtype=kv_cache_dtype,
         ),
         runner=RunnerSettings(
             device=device, dtype=dtype, attention_backend=backend, fuse_projections=config.fuse_projections,

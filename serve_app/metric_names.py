@@ -66,6 +66,9 @@ REPLICA_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "pagedserve_kv_cache_bytes_free": ("gauge", "KV-cache bytes in free blocks.", ()),
     "pagedserve_kv_cache_free_blocks": ("gauge", "Free KV-cache blocks (most constrained layer group).", ()),
     "pagedserve_kv_cache_total_blocks": ("gauge", "KV-cache blocks in all.", ()),
+    "pagedserve_kv_cache_capacity_tokens": (
+        "gauge", "Tokens of context the KV cache holds (total blocks x block size), by what it stores "
+        "(kv_cache_dtype: the model's dtype, or fp8_e4m3).", ("kv_cache_dtype",)),
     "pagedserve_batch_fill": ("gauge", "Tokens in the last step / max_batch_tokens, 0..1.", ()),
     "pagedserve_decode_prefill_ratio": (
         "gauge", "Decode tokens / prefill tokens over the recent window (prefill floored at 1 token).", ()),

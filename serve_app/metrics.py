@@ -143,6 +143,8 @@ class ReplicaMetrics:
         m["pagedserve_kv_cache_bytes_free"].set(stats.kv_cache_bytes_total - stats.kv_cache_bytes_used, tags=tags)
         m["pagedserve_kv_cache_free_blocks"].set(stats.num_free_blocks, tags=tags)
         m["pagedserve_kv_cache_total_blocks"].set(stats.num_total_blocks, tags=tags)
+        m["pagedserve_kv_cache_capacity_tokens"].set(stats.num_total_blocks * stats.block_size,
+                                                     tags={**tags, "kv_cache_dtype": stats.kv_cache_dtype or "unknown"})
         if stats.num_running == 0 and stats.num_waiting == 0:
             m["pagedserve_batch_fill"].set(0.0, tags=tags)  # idle: no step runs to say so
         totals = {

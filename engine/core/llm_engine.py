@@ -658,6 +658,7 @@ class LLMEngine:
             kv_cache_usage=usage,
             kv_cache_bytes_total=plan.kv_bytes,
             kv_cache_bytes_used=int(plan.kv_bytes * usage),
+            kv_cache_dtype=plan.kv_cache_dtype,
             num_prompt_tokens_total=self._num_prompt_tokens_total,
             num_generation_tokens_total=self._num_generation_tokens_total,
             num_steps_total=self._num_steps_total,

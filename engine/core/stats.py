@@ -19,6 +19,7 @@ class EngineStats:
     kv_cache_usage: float  # fraction of blocks in use, 0..1
     kv_cache_bytes_total: int
     kv_cache_bytes_used: int
+    kv_cache_dtype: str = ""  # what the cache stores: the model's dtype name, or fp8_e4m3
     # Counters since start.
     num_prompt_tokens_total: int = 0
     num_generation_tokens_total: int = 0

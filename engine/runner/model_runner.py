@@ -29,7 +29,7 @@ from pagedserve.config.engine import ConfigError
 from pagedserve.config.resolve import CacheSettings, RunnerSettings
 
 from pagedserve.engine.kernels.attention import get_attention_backend
-from pagedserve.engine.kernels.attention.base import AttentionMetadata, GroupAttentionMetadata
+from pagedserve.engine.kernels.attention.base import FP8_KV_DTYPE, AttentionMetadata, GroupAttentionMetadata
 from pagedserve.engine.kernels.attention.hf_integration import LayerProbe, PagedForwardContext
 from pagedserve.engine.runner.compile import CompiledForward
 from pagedserve.engine.runner.cuda_graphs import DecodeGraphs
@@ -66,7 +66,12 @@ class ModelShape:
 
 
 class ModelRunner:
-    """`settings` and `cache` come resolved (config/resolve.py): this class decides no auto value."""
+    """`settings` and `cache` come resolved (config/resolve.py): this class decides no auto value.
+
+    Owns the KV-cache tensors (in the model's dtype, or e4m3 with `kv_cache_dtype` fp8) and, for an FP8 cache,
+    `kv_scales`: one [2] float32 tensor per layer, (k_scale, v_scale), views of one [layers, 2] table on the
+    device. They are 1.0 (no calibration yet); the attention kernels read them at run time, so a later
+    calibration or checkpoint scales can be written in place, CUDA graphs included."""
 
     def __init__(self, loaded: LoadedModel, settings: RunnerSettings, cache: CacheSettings) -> None:
         self.model = loaded.model
@@ -85,6 +90,12 @@ class ModelRunner:
         self._decode_linear = use_decode_linear(self.model, self.programmatic_launch) if settings.decode_linear else None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = cache.block_size
+        is_fp8_cache = cache.kv_cache_dtype == "fp8_e4m3"
+        self.kv_cache_dtype = FP8_KV_DTYPE if is_fp8_cache else self.dtype
+        self.kv_cache_dtype_name = "fp8_e4m3" if is_fp8_cache else str(self.dtype).removeprefix("torch.")
+        self.kv_scale_table = (torch.ones((self.shape.num_layers, 2), dtype=torch.float32, device=self.device)
+                               if is_fp8_cache else None)
+        self.kv_scales = None if self.kv_scale_table is None else list(self.kv_scale_table.unbind(0))
         self._decode_graphs = None  # DecodeGraphs once captured
         self._supports_logits_to_keep = hasattr(self.model, "_supports_logits_to_keep") and bool(
             self.model._supports_logits_to_keep()
@@ -94,7 +105,8 @@ class ModelRunner:
         self._step_model: Callable[..., Any] = (
             CompiledForward(self.model, settings.compile, self.programmatic_launch) if settings.compile.enabled else self.model
         )
-        logger.info("attention backend: %s; layer groups: %s", self.backend.name, [g.kind for g in self.shape.groups])
+        logger.info("attention backend: %s; layer groups: %s; KV cache dtype: %s", self.backend.name,
+                    [g.kind for g in self.shape.groups], self.kv_cache_dtype_name)
 
     # ---- model geometry ------------------------------------------------------------------------
     @torch.no_grad()  # not inference mode: projection fusion reads its tensors' version counters
@@ -143,7 +155,7 @@ class ModelRunner:
 
     def plan_memory(self, max_num_seqs: int, max_model_len: int, max_batch_tokens: int) -> MemoryPlan:
         config = self.cache_settings
-        dtype_bytes = torch.empty((), dtype=self.dtype).element_size()
+        dtype_bytes = torch.empty((), dtype=self.kv_cache_dtype).element_size()  # 1 for FP8: twice the blocks
         group_shapes = [
             GroupShape(len(g.layer_indices), self.shape.num_kv_heads, self.shape.head_dim, g.sliding_window)
             for g in self.shape.groups
@@ -193,7 +205,7 @@ class ModelRunner:
             )
         kv_total = sum(n * g.bytes_per_block(self.block_size, dtype_bytes) for n, g in zip(num_blocks, group_shapes))
         return MemoryPlan(total, budget, weights, activation_peak, kv_total, tuple(num_blocks), self.block_size,
-                          cuda_graph_bytes=graphs)
+                          cuda_graph_bytes=graphs, kv_cache_dtype=self.kv_cache_dtype_name)
 
     def cuda_graph_reserve_bytes(self, max_graph_batch: int, max_batch_tokens: int, activation_peak: int) -> int:
         """What the decode graphs will hold, set aside before the KV cache is sized: their one shared
@@ -237,7 +249,7 @@ class ModelRunner:
         group_tensors = [
             torch.zeros(
                 (len(g.layer_indices), 2, n, self.block_size, shape.num_kv_heads, shape.head_dim),
-                dtype=self.dtype,
+                dtype=self.kv_cache_dtype,
                 device=self.device,
             )
             for g, n in zip(shape.groups, num_blocks)
@@ -289,6 +301,7 @@ class ModelRunner:
             kv_caches=self.kv_caches,
             layer_groups=list(self.shape.layer_groups),
             sliding_windows=[g.sliding_window for g in self.shape.groups],
+            kv_scales=self.kv_scales,
         )
 
     def forward_logits(

@@ -169,8 +169,17 @@ def test_tiny_preset_lowers_the_loss_and_its_folder_serves_the_fp8_report(
                               "--eval-tokens", "2048", "--device", "cpu", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["baseline_dtype"] == "float32" and report["fp8_path"].startswith("reference")
-    baseline, on_random, on_heldout = report["rows"]
+    baseline, on_random, on_heldout, engine, kv_on_random, kv_on_heldout = report["rows"]
     assert on_random["logits"]["num_positions"] == on_heldout["logits"]["num_positions"] == 64
     assert 0 < on_heldout["logits"]["relative_error"] < 0.1
     assert on_heldout["perplexity_ratio"] == pytest.approx(on_heldout["perplexity"] / baseline["perplexity"])
     assert on_heldout["num_tokens"] == baseline["num_tokens"] == 2048 - 2048 // 32
+    # The FP8 KV cache, through the engine (reference attention on CPU), against the engine's float32 cache;
+    # that cache itself scores what transformers' forward does, to float rounding.
+    assert report["fp8_kv"] == "engine, fp8_e4m3 cache, reference attention vs float32 cache, reference attention; e4m3 scales 1.0"
+    assert engine["kv_cache"] == "float32 (engine)" and kv_on_heldout["kv_cache"] == "fp8_e4m3 (engine)"
+    assert engine["perplexity"] == pytest.approx(baseline["perplexity"], rel=1e-4)
+    assert kv_on_random["logits"]["num_positions"] == kv_on_heldout["logits"]["num_positions"] == 64
+    assert 0 < kv_on_heldout["logits"]["relative_error"] < 0.1
+    assert kv_on_heldout["perplexity_ratio"] == pytest.approx(kv_on_heldout["perplexity"] / engine["perplexity"])
+    assert kv_on_heldout["num_tokens"] == engine["num_tokens"] == baseline["num_tokens"]

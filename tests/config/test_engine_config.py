@@ -13,6 +13,7 @@ def test_defaults_follow_transformers_continuous_batching_names():
     assert config.num_blocks is None and config.max_batch_tokens is None  # auto
     assert config.max_memory_percent == 0.9 and config.block_size == 16
     assert config.scheduling_policy == "fifo" and config.quantization == "none"
+    assert config.kv_cache_dtype == "auto"  # the model's dtype
 
 
 @pytest.mark.parametrize(
@@ -27,6 +28,7 @@ def test_defaults_follow_transformers_continuous_batching_names():
         ("scheduling_policy", "lifo", "fifo"),
         ("quantization", "gptq", "bnb-4bit"),
         ("attention_backend", "magic", "reference"),
+        ("kv_cache_dtype", "int8", "'auto' or 'fp8'"),
     ],
 )
 def test_bad_values_name_field_value_and_range(field, value, message):
@@ -73,3 +75,14 @@ def test_the_prefill_bound_reaches_every_surface_by_its_name():
     assert ServeArgs.from_args({"max_prefill_tokens_while_decoding": "256"}).engine.max_prefill_tokens_while_decoding == 256
     with pytest.raises(ConfigError, match=r"EngineConfig.max_prefill_tokens_while_decoding=0"):
         ServeArgs.from_args({"engine": {"max_prefill_tokens_while_decoding": 0}})
+
+
+def test_the_kv_cache_dtype_reaches_every_surface_by_its_name():
+    from pagedserve.config.serve import ServeArgs
+    from pagedserve.engine.cli import build_parser, engine_kwargs
+
+    assert engine_kwargs(build_parser().parse_args(["generate", "--kv-cache-dtype", "fp8"])) == {"kv_cache_dtype": "fp8"}
+    assert ServeArgs.from_args({"kv_cache_dtype": "fp8"}).engine.kv_cache_dtype == "fp8"
+    assert ServeArgs.from_args({"engine": {"kv_cache_dtype": "fp8"}}).engine.kv_cache_dtype == "fp8"
+    with pytest.raises(ConfigError, match=r"EngineConfig.kv_cache_dtype='fp8_e5m2'"):
+        ServeArgs.from_args({"engine": {"kv_cache_dtype": "fp8_e5m2"}})

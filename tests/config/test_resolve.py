@@ -154,3 +154,25 @@ def test_fp8_weights_need_fp8_tensor_cores_and_bfloat16() -> None:
     assert settings.runner.cuda_graphs and settings.runner.compile.enabled  # FP8 layers are captured and compiled
     with pytest.raises(ConfigError, match=r"this one is 8\.9"):  # Ada: torch's row-wise FP8 GEMM needs Hopper
         resolve(config, _on_gpu((8, 9)), ModelFacts(512))
+
+
+def test_fp8_kv_cache_runs_on_the_reference_backend_anywhere_and_on_triton_from_ada() -> None:
+    config = EngineConfig(kv_cache_dtype="fp8")
+    assert resolve(EngineConfig(), CPU, LLAMA).cache.kv_cache_dtype == "float32"  # auto: the model's dtype
+    assert resolve(EngineConfig(), HOPPER, LLAMA).cache.kv_cache_dtype == "bfloat16"
+    assert resolve(config, CPU, LLAMA).cache.kv_cache_dtype == "fp8_e4m3"  # reference backend on CPU: tests
+    for capability in ((8, 9), (9, 0), (10, 0)):
+        settings = resolve(config, _on_gpu(capability), LLAMA)
+        assert settings.cache.kv_cache_dtype == "fp8_e4m3" and settings.runner.attention_backend == "triton"
+        assert settings.runner.cuda_graphs and settings.runner.compile.enabled
+    for capability in ((8, 0), None):
+        with pytest.raises(ConfigError, match=r"EngineConfig.kv_cache_dtype='fp8' with the triton attention backend "
+                                              r"needs .*8\.9\+.*this one is (8\.0|unknown)"):
+            resolve(config, _on_gpu(capability), LLAMA)
+    # The reference backend runs it on an older GPU too, when asked for by name.
+    older = resolve(EngineConfig(kv_cache_dtype="fp8", attention_backend="reference"), _on_gpu((8, 0)), LLAMA)
+    assert older.cache.kv_cache_dtype == "fp8_e4m3"
+    # FP8 weights and an FP8 cache together; a model already in memory keeps its dtype for an auto cache.
+    both = resolve(EngineConfig(kv_cache_dtype="fp8", quantization="fp8"), _on_gpu((9, 0)), LLAMA)
+    assert both.cache.kv_cache_dtype == "fp8_e4m3" and both.load.quantization == "fp8"
+    assert resolve(EngineConfig(), HOPPER, LLAMA, device="cuda", dtype="float16").cache.kv_cache_dtype == "float16"

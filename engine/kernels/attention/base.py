@@ -6,11 +6,16 @@ explicit metadata (no module globals). Sequence `b` owns query tokens
 so its new tokens sit at positions `seq_lens[b] - query_len[b] ... seq_lens[b] - 1`.
 
 KV-cache layout, per layer: `key_cache` and `value_cache` of shape
-`[num_blocks, block_size, num_kv_heads, head_dim]`. Token at position `p` of sequence `b` lives in
-block `block_tables[b, p // block_size]`, row `p % block_size`; `slot_mapping[t]` is the flat slot
-(`block * block_size + row`) where new token `t` is written. For sliding-window layers, table entries
-of blocks that fell out of the window are stale (the allocator recycled them) and must not be read:
-a backend reads only positions inside the window.
+`[num_blocks, block_size, num_kv_heads, head_dim]`, in the model's dtype or in FP8 (`torch.float8_e4m3fn`,
+`kv_cache_dtype="fp8"`). An FP8 cache stores `value / scale` clamped to +-448 (e4m3's largest finite value)
+and rounded to nearest even, and is read as `stored * scale`, with one float32 scale per layer for K and one
+for V (`kv_scales`, a [2] tensor on the cache's device, so CUDA graphs read whatever it holds at replay);
+None reads as 1.0. Attention over an FP8 cache is the attention over its dequantized values.
+
+Token at position `p` of sequence `b` lives in block `block_tables[b, p // block_size]`, row
+`p % block_size`; `slot_mapping[t]` is the flat slot (`block * block_size + row`) where new token `t` is
+written. For sliding-window layers, table entries of blocks that fell out of the window are stale (the
+allocator recycled them) and must not be read: a backend reads only positions inside the window.
 
 Semantics every backend matches (the reference backend is the oracle): query at position `q` attends
 to keys at positions `k` with `k <= q` and, with a sliding window `W`, `k > q - W`; scores are
@@ -24,6 +29,13 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
+
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_KV_MAX = 448.0  # the largest finite e4m3fn value: quantized values are clamped to +-FP8_KV_MAX
+
+
+def is_fp8_kv_cache(cache: torch.Tensor) -> bool:
+    return cache.dtype == FP8_KV_DTYPE
 
 
 @dataclass
@@ -73,8 +85,9 @@ class AttentionBackend(ABC):
         key: torch.Tensor,  # [T, KVH, D]
         value: torch.Tensor,  # [T, KVH, D]
         slot_mapping: torch.Tensor,  # [T] int64
+        kv_scales: torch.Tensor | None = None,  # [2] float32 (k_scale, v_scale): read for an FP8 cache only
     ) -> None:
-        """Store the step's new keys and values at their slots."""
+        """Store the step's new keys and values at their slots (quantized, for an FP8 cache)."""
 
     @abstractmethod
     def forward(
@@ -88,6 +101,7 @@ class AttentionBackend(ABC):
         scale: float,
         sliding_window: int | None,
         softcap: float | None,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [T, H, D]
         """Attention of every query token over its sequence's cached context (new tokens included)."""
 
@@ -104,12 +118,13 @@ class AttentionBackend(ABC):
         scale: float,
         sliding_window: int | None,
         softcap: float | None,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [T, H, D]
         """`write_kv` then `forward`, what a layer's attention does each step; a backend may do both in
         one kernel where that is faster."""
-        self.write_kv(key_cache, value_cache, key, value, group.slot_mapping)
+        self.write_kv(key_cache, value_cache, key, value, group.slot_mapping, kv_scales)
         return self.forward(query, key_cache, value_cache, metadata, group, scale=scale,
-                            sliding_window=sliding_window, softcap=softcap)
+                            sliding_window=sliding_window, softcap=softcap, kv_scales=kv_scales)
 
     @classmethod
     def is_available(cls, device: torch.device) -> tuple[bool, str]:

@@ -28,6 +28,7 @@ class PagedForwardContext:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # by layer index: (key_cache, value_cache)
     layer_groups: list[int]  # layer index -> layer group
     sliding_windows: list[int | None]  # by group
+    kv_scales: list[torch.Tensor] | None = None  # by layer index: [2] float32 (k_scale, v_scale); FP8 caches
 
 
 @dataclass
@@ -103,6 +104,7 @@ def _paged_attention(
         scale=scale,
         sliding_window=context.sliding_windows[group_idx],
         softcap=softcap,
+        kv_scales=None if context.kv_scales is None else context.kv_scales[layer_idx],
     )
     return out.unsqueeze(0), None  # [1, T, H, D]
 

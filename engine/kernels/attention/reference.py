@@ -10,7 +10,9 @@ A step is split by query length, so no query is padded to the step's longest one
 
 Every gathered position lies inside the sequence and inside the window of some query of it (key padding
 repeats the row's last position and is masked out), so stale block-table entries and table padding are
-never read. All math is float32; without softcap it is `scaled_dot_product_attention` with a boolean
+never read. An FP8 cache is quantized on write (`quantize_kv`) and dequantized on every read
+(`dequantize_kv`: `stored.float() * scale`), the semantics engine/kernels/attention/base.py states. All math
+is float32; without softcap it is `scaled_dot_product_attention` with a boolean
 mask, with softcap the explicit `softcap * tanh(q.k * scale / softcap)` then a float32 softmax. The Triton
 backend is the fast path on GPU.
 """
@@ -20,7 +22,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pagedserve.engine.kernels.attention.base import AttentionBackend, AttentionMetadata, GroupAttentionMetadata
+from pagedserve.engine.kernels.attention.base import (
+    FP8_KV_DTYPE,
+    FP8_KV_MAX,
+    AttentionBackend,
+    AttentionMetadata,
+    GroupAttentionMetadata,
+    is_fp8_kv_cache,
+)
+
+
+def quantize_kv(values: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """`values / scale` in float32, clamped to +-448 and rounded to the nearest e4m3 value (ties to even)."""
+    values = values.float()
+    if scale is not None:
+        values = values / scale
+    return values.clamp_(-FP8_KV_MAX, FP8_KV_MAX).to(FP8_KV_DTYPE)
+
+
+def dequantize_kv(stored: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """float32 values of cache entries: `stored * scale` for FP8, the values themselves otherwise."""
+    values = stored.float()
+    if scale is not None and stored.dtype == FP8_KV_DTYPE:
+        values = values * scale
+    return values
 
 
 def _attend(
@@ -53,8 +78,14 @@ class ReferenceAttentionBackend(AttentionBackend):
         key: torch.Tensor,
         value: torch.Tensor,
         slot_mapping: torch.Tensor,
+        kv_scales: torch.Tensor | None = None,
     ) -> None:
         num_blocks, block_size = key_cache.shape[:2]
+        if is_fp8_kv_cache(key_cache):
+            k_scale, v_scale = (None, None) if kv_scales is None else (kv_scales[0], kv_scales[1])
+            # index_copy_ has no float8 kernel on CPU: the bytes are copied as uint8.
+            key, value = quantize_kv(key, k_scale).view(torch.uint8), quantize_kv(value, v_scale).view(torch.uint8)
+            key_cache, value_cache = key_cache.view(torch.uint8), value_cache.view(torch.uint8)
         key_cache.view(num_blocks * block_size, *key_cache.shape[2:]).index_copy_(0, slot_mapping, key)
         value_cache.view(num_blocks * block_size, *value_cache.shape[2:]).index_copy_(0, slot_mapping, value)
 
@@ -69,8 +100,10 @@ class ReferenceAttentionBackend(AttentionBackend):
         scale: float,
         sliding_window: int | None,
         softcap: float | None,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
         num_tokens, num_heads, head_dim = query.shape
+        k_scale, v_scale = (None, None) if kv_scales is None else (kv_scales[0], kv_scales[1])
         num_kv_heads = key_cache.shape[2]
         flat_k = key_cache.view(-1, num_kv_heads, head_dim)
         flat_v = value_cache.view(-1, num_kv_heads, head_dim)
@@ -89,12 +122,13 @@ class ReferenceAttentionBackend(AttentionBackend):
                 end = start + query_len
                 out[start:end] = self._prefill_row(
                     query[start:end], flat_k, flat_v, group.block_tables[row], metadata.seq_lens_cpu[row],
-                    metadata.block_size, scale, sliding_window, softcap,
+                    metadata.block_size, scale, sliding_window, softcap, k_scale, v_scale,
                 )
             start += query_len
         if decode_rows:
             rows_out = self._decode_rows(
-                query, flat_k, flat_v, metadata, group, decode_rows, decode_tokens, scale, sliding_window, softcap
+                query, flat_k, flat_v, metadata, group, decode_rows, decode_tokens, scale, sliding_window, softcap,
+                k_scale, v_scale,
             )
             if len(decode_tokens) == num_tokens:
                 out = rows_out
@@ -114,6 +148,8 @@ class ReferenceAttentionBackend(AttentionBackend):
         scale: float,
         sliding_window: int | None,
         softcap: float | None,
+        k_scale: torch.Tensor | None,
+        v_scale: torch.Tensor | None,
     ) -> torch.Tensor:  # [len(rows), H, D] float32
         """One query per row at position `seq_len - 1`: it sees the last `min(seq_len, window)` positions."""
         device = query.device
@@ -143,7 +179,8 @@ class ReferenceAttentionBackend(AttentionBackend):
             rows_query = query.index_select(0, torch.tensor(tokens, device=device))
         # The G query heads of a KV head share its keys and mask: they stand in the query axis.
         rows_query = rows_query.view(len(rows), num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1)
-        out = _attend(rows_query, keys.float(), values.float(), allowed[None, :, None, :], scale, softcap)
+        keys, values = dequantize_kv(keys, k_scale), dequantize_kv(values, v_scale)
+        out = _attend(rows_query, keys, values, allowed[None, :, None, :], scale, softcap)
         out = out.transpose(0, 1)  # [B, KVH, G, D]
         return out.reshape(len(rows), num_heads, head_dim)
 
@@ -158,6 +195,8 @@ class ReferenceAttentionBackend(AttentionBackend):
         scale: float,
         sliding_window: int | None,
         softcap: float | None,
+        k_scale: torch.Tensor | None,
+        v_scale: torch.Tensor | None,
     ) -> torch.Tensor:  # [Q, H, D] float32
         """Queries at positions `seq_len - Q ... seq_len - 1` over every position any of them can see."""
         device = query.device
@@ -172,8 +211,8 @@ class ReferenceAttentionBackend(AttentionBackend):
         if sliding_window is not None:
             allowed &= key_positions[None, :] > query_positions[:, None] - sliding_window
         slots = block_table.long()[key_positions // block_size] * block_size + key_positions % block_size
-        keys = flat_k.index_select(0, slots).transpose(0, 1).float()  # [KVH, L, D]
-        values = flat_v.index_select(0, slots).transpose(0, 1).float()
+        keys = dequantize_kv(flat_k.index_select(0, slots).transpose(0, 1), k_scale)  # [KVH, L, D]
+        values = dequantize_kv(flat_v.index_select(0, slots).transpose(0, 1), v_scale)
         # [Q, H, D] -> [KVH, G, Q, D] against keys [KVH, 1, L, D]: a KV head's G query heads share its keys.
         grouped_query = query.view(query_len, num_kv_heads, group_size, head_dim).permute(1, 2, 0, 3)
         out = _attend(grouped_query, keys[:, None], values[:, None], allowed, scale, softcap)  # [KVH, G, Q, D]

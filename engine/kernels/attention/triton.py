@@ -20,6 +20,11 @@ cache blocks), so tile sizes are independent of the cache's block size. With a s
 tile's loop starts at the first position its earliest query can see, and every load is masked to the
 positions some query of the tile can see: stale table entries (recycled blocks) are never read.
 Accumulation is in float32; grids are sized from host metadata only, so there is no device sync.
+
+An FP8 (e4m3) cache takes the `KV_FP8` constexpr branch (the bf16 kernels compile as before): stores
+quantize (`_quantize_e4m3`), loads convert each K/V tile to the query's dtype, and the layer's scales
+(a runtime [2] tensor, so CUDA graphs capture a pointer, not a value) are folded in: the K scale into the
+score scale, the V scale into the accumulator at the end; exact, since a scale is one number per layer.
 """
 
 from __future__ import annotations
@@ -32,7 +37,29 @@ import triton
 import triton.language as tl
 
 from pagedserve.engine.kernels.launch import launch_options
-from pagedserve.engine.kernels.attention.base import AttentionBackend, AttentionMetadata, GroupAttentionMetadata
+from pagedserve.engine.kernels.attention.base import (
+    AttentionBackend,
+    AttentionMetadata,
+    GroupAttentionMetadata,
+    is_fp8_kv_cache,
+)
+
+
+@triton.jit
+def _quantize_e4m3(x, scale, ELEMENT_TY: tl.constexpr):
+    """x / scale as e4m3: clamped to +-448 and rounded to nearest even, as torch's cast does.
+
+    The rounding is done in float32 arithmetic (adding and taking away 2^23 times the e4m3 step at x's
+    magnitude: 2^-9 below 2^-6, where e4m3 is subnormal, else a 3-bit mantissa's step), so the cast that
+    follows is exact everywhere: Triton's interpreter converts float32 to fp8 without rounding to even."""
+    x = x.to(tl.float32) / scale
+    bits = x.to(tl.int32, bitcast=True)
+    magnitude = tl.minimum(tl.abs(x), 448.0)
+    exponent = magnitude.to(tl.int32, bitcast=True) >> 23  # biased float32 exponent (the sign bit is clear)
+    magic = ((tl.maximum(exponent, 127 - 6) - 3 + 23) << 23).to(tl.float32, bitcast=True)
+    rounded = (magnitude + magic) - magic
+    signed = rounded.to(tl.int32, bitcast=True) | ((bits >> 31) << 31)  # x's sign, -0.0 included
+    return signed.to(tl.float32, bitcast=True).to(ELEMENT_TY)
 
 
 @triton.jit
@@ -42,6 +69,7 @@ def _write_kv_kernel(
     key_cache_ptr,
     value_cache_ptr,
     slot_mapping_ptr,
+    kv_scales_ptr,
     stride_key_t,
     stride_key_h,
     stride_value_t,
@@ -51,6 +79,7 @@ def _write_kv_kernel(
     num_kv_heads,
     HEAD_DIM: tl.constexpr,
     BLOCK_HD: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -64,6 +93,9 @@ def _write_kv_kernel(
         k = tl.load(key_ptr + token64 * stride_key_t + head * stride_key_h + dim, mask=mask)
         v = tl.load(value_ptr + token64 * stride_value_t + head * stride_value_h + dim, mask=mask)
         cache_offsets = slot * stride_cache_slot + head * stride_cache_h + dim
+        if KV_FP8:
+            k = _quantize_e4m3(k, tl.load(kv_scales_ptr), key_cache_ptr.dtype.element_ty)
+            v = _quantize_e4m3(v, tl.load(kv_scales_ptr + 1), value_cache_ptr.dtype.element_ty)
         tl.store(key_cache_ptr + cache_offsets, k, mask=mask)
         tl.store(value_cache_ptr + cache_offsets, v, mask=mask)
 
@@ -103,11 +135,13 @@ def _attend_kv_tile(
     DOT_PRECISION: tl.constexpr,
     IS_MASKED: tl.constexpr,
     IS_DIM_PADDED: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """One online-softmax step over key positions kv_tile * BLOCK_N ... + BLOCK_N - 1.
 
     With IS_MASKED false the caller guarantees every position is visible to every row of the tile
     (inside the window, at or before the first query, inside the sequence), so nothing is masked.
+    With KV_FP8 the tiles are e4m3, converted to the query's dtype; the caller folds in their scales.
     """
     positions = kv_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     if IS_MASKED:
@@ -124,6 +158,8 @@ def _attend_kv_tile(
         k = tl.load(key_ptrs, mask=kv_mask, other=0.0)
     else:
         k = tl.load(key_ptrs)
+    if KV_FP8:
+        k = k.to(q.dtype)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * score_scale
     if USE_SOFTCAP:
         scores = (softcap * 1.4426950408889634) * _tanh(scores)
@@ -144,6 +180,8 @@ def _attend_kv_tile(
         v = tl.load(value_ptrs, mask=kv_mask, other=0.0)
     else:
         v = tl.load(value_ptrs)
+    if KV_FP8:
+        v = v.to(q.dtype)
     acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, new_max, row_sum
 
@@ -178,6 +216,7 @@ def _attend_kv_range(
     DOT_PRECISION: tl.constexpr,
     IS_MASKED: tl.constexpr,
     IS_DIM_PADDED: tl.constexpr,
+    KV_FP8: tl.constexpr,
     LOOP_AS_WHILE: tl.constexpr,
 ):
     """_attend_kv_tile over tiles tile_lo ... tile_hi - 1."""
@@ -191,6 +230,7 @@ def _attend_kv_range(
                 key_cache_ptr, value_cache_ptr, table_row, head_offset, stride_cache_block, stride_cache_row,
                 kv_begin, kv_end, score_scale, softcap, sliding_window,
                 BLOCK_N, CACHE_BLOCK_SIZE, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, IS_MASKED, IS_DIM_PADDED,
+                KV_FP8,
             )
             kv_tile += 1
     else:
@@ -200,6 +240,7 @@ def _attend_kv_range(
                 key_cache_ptr, value_cache_ptr, table_row, head_offset, stride_cache_block, stride_cache_row,
                 kv_begin, kv_end, score_scale, softcap, sliding_window,
                 BLOCK_N, CACHE_BLOCK_SIZE, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, IS_MASKED, IS_DIM_PADDED,
+                KV_FP8,
             )
     return acc, row_max, row_sum
 
@@ -222,6 +263,7 @@ def _paged_attention_kernel(
     new_key_ptr,
     new_value_ptr,
     slot_mapping_ptr,
+    kv_scales_ptr,
     num_seqs,
     scale,
     softcap,
@@ -257,6 +299,7 @@ def _paged_attention_kernel(
     DOT_PRECISION: tl.constexpr,
     LOOP_AS_WHILE: tl.constexpr,
     USE_PDL: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     if USE_PDL:  # launched early (engine/kernels/launch.py): wait for the kernel before, first thing
         tl.extra.cuda.gdc_wait()
@@ -327,6 +370,8 @@ def _paged_attention_kernel(
         score_scale = scale / softcap
     else:
         score_scale = scale * 1.4426950408889634  # fold log2(e) so the softmax uses exp2
+    if KV_FP8:
+        score_scale = score_scale * tl.load(kv_scales_ptr)  # q.(s k) = s (q.k): the K scale, once
 
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -347,6 +392,9 @@ def _paged_attention_kernel(
                                 mask=dim_valid)
                 new_v = tl.load(new_value_ptr + query_start.to(tl.int64) * stride_new_v_t + kv_head * stride_new_v_h
                                 + dims, mask=dim_valid)
+                if KV_FP8:
+                    new_k = _quantize_e4m3(new_k, tl.load(kv_scales_ptr), key_cache_ptr.dtype.element_ty)
+                    new_v = _quantize_e4m3(new_v, tl.load(kv_scales_ptr + 1), value_cache_ptr.dtype.element_ty)
                 tl.store(key_cache_ptr + new_offsets + head_offset + dims, new_k, mask=dim_valid)
                 tl.store(value_cache_ptr + new_offsets + head_offset + dims, new_v, mask=dim_valid)
         tl.debug_barrier()  # the stores are seen by every thread of the program before its tile loads
@@ -365,22 +413,24 @@ def _paged_attention_kernel(
         key_cache_ptr, value_cache_ptr, table_row, head_offset, stride_cache_block, stride_cache_row,
         kv_begin, kv_end, score_scale, softcap, sliding_window,
         BLOCK_N, CACHE_BLOCK_SIZE, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION,
-        True, IS_DIM_PADDED, LOOP_AS_WHILE,
+        True, IS_DIM_PADDED, KV_FP8, LOOP_AS_WHILE,
     )
     acc, row_max, row_sum = _attend_kv_range(
         masked_head_end, unmasked_end, acc, row_max, row_sum, q, q_position, row_valid, dims, dim_valid,
         key_cache_ptr, value_cache_ptr, table_row, head_offset, stride_cache_block, stride_cache_row,
         kv_begin, kv_end, score_scale, softcap, sliding_window,
         BLOCK_N, CACHE_BLOCK_SIZE, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION,
-        False, IS_DIM_PADDED, LOOP_AS_WHILE,
+        False, IS_DIM_PADDED, KV_FP8, LOOP_AS_WHILE,
     )
     acc, row_max, row_sum = _attend_kv_range(
         unmasked_end, tile_end, acc, row_max, row_sum, q, q_position, row_valid, dims, dim_valid,
         key_cache_ptr, value_cache_ptr, table_row, head_offset, stride_cache_block, stride_cache_row,
         kv_begin, kv_end, score_scale, softcap, sliding_window,
         BLOCK_N, CACHE_BLOCK_SIZE, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION,
-        True, IS_DIM_PADDED, LOOP_AS_WHILE,
+        True, IS_DIM_PADDED, KV_FP8, LOOP_AS_WHILE,
     )
+    if KV_FP8:
+        acc = acc * tl.load(kv_scales_ptr + 1)  # sum p (s v) = s (sum p v): the V scale, once (splits too)
 
     if USE_SPLITS:
         partial_rows = token * stride_p_t + head * stride_p_h + split * stride_p_split
@@ -511,18 +561,21 @@ class TritonAttentionBackend(AttentionBackend):
         key: torch.Tensor,
         value: torch.Tensor,
         slot_mapping: torch.Tensor,
+        kv_scales: torch.Tensor | None = None,
     ) -> None:
         num_tokens, num_kv_heads, head_dim = key.shape
         if num_tokens == 0:
             return
         _check_cache(key_cache, value_cache)
         _check_new_kv(key, value)
+        kv_fp8 = is_fp8_kv_cache(key_cache)
         _write_kv_kernel[(num_tokens,)](
             key,
             value,
             key_cache,
             value_cache,
             slot_mapping,
+            _scales_or_placeholder(kv_scales, kv_fp8, slot_mapping),
             key.stride(0),
             key.stride(1),
             value.stride(0),
@@ -532,6 +585,7 @@ class TritonAttentionBackend(AttentionBackend):
             num_kv_heads,
             HEAD_DIM=head_dim,
             BLOCK_HD=triton.next_power_of_2(num_kv_heads * head_dim),
+            KV_FP8=kv_fp8,
         )
 
     def forward(
@@ -545,8 +599,10 @@ class TritonAttentionBackend(AttentionBackend):
         scale: float,
         sliding_window: int | None,
         softcap: float | None,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self._attend(query, key_cache, value_cache, metadata, group, scale, sliding_window, softcap, None)
+        return self._attend(query, key_cache, value_cache, metadata, group, scale, sliding_window, softcap, None,
+                            kv_scales)
 
     def write_kv_and_forward(
         self,
@@ -561,15 +617,17 @@ class TritonAttentionBackend(AttentionBackend):
         scale: float,
         sliding_window: int | None,
         softcap: float | None,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decode steps store the new keys and values inside the attention kernel (one launch a layer
         fewer); other steps write, then attend."""
         if not metadata.is_decode_only:
             return super().write_kv_and_forward(query, key, value, key_cache, value_cache, metadata, group,
-                                                scale=scale, sliding_window=sliding_window, softcap=softcap)
+                                                scale=scale, sliding_window=sliding_window, softcap=softcap,
+                                                kv_scales=kv_scales)
         _check_new_kv(key, value)
         return self._attend(query, key_cache, value_cache, metadata, group, scale, sliding_window, softcap,
-                            (key, value))
+                            (key, value), kv_scales)
 
     def _attend(
         self,
@@ -582,6 +640,7 @@ class TritonAttentionBackend(AttentionBackend):
         sliding_window: int | None,
         softcap: float | None,
         new_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
         num_tokens, num_heads, head_dim = query.shape
         num_kv_heads = key_cache.shape[2]
@@ -622,6 +681,7 @@ class TritonAttentionBackend(AttentionBackend):
         else:
             partial_out = partial_max = partial_sum = out  # unused placeholders
         new_key, new_value = new_kv if new_kv is not None else (query, query)  # placeholders when unused
+        kv_fp8 = is_fp8_kv_cache(key_cache)
         use_pdl = self.programmatic_launch
         block_tables = group.block_tables
         _paged_attention_kernel[(num_seqs if is_decode else num_tiles_bound, num_kv_heads, num_splits)](
@@ -638,6 +698,7 @@ class TritonAttentionBackend(AttentionBackend):
             new_key,
             new_value,
             group.slot_mapping,
+            _scales_or_placeholder(kv_scales, kv_fp8, out),
             num_seqs,
             float(scale),
             float(softcap) if softcap is not None else 1.0,
@@ -673,6 +734,7 @@ class TritonAttentionBackend(AttentionBackend):
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
             LOOP_AS_WHILE=_IS_INTERPRETED,
             USE_PDL=use_pdl,
+            KV_FP8=kv_fp8,
             num_warps=num_warps,
             num_stages=num_stages,
             **launch_options(use_pdl),
@@ -717,16 +779,31 @@ class TritonAttentionBackend(AttentionBackend):
         return max(1, min(math.ceil(target_programs / num_programs), max_useful, 32))
 
 
+def _scales_or_placeholder(kv_scales: torch.Tensor | None, kv_fp8: bool, placeholder: torch.Tensor) -> torch.Tensor:
+    """The [2] float32 (k_scale, v_scale) an FP8 cache's kernels read (ones when None: tests; the engine passes
+    its per-layer tensor); any tensor otherwise, as the pointer the bf16 kernels never read."""
+    if not kv_fp8:
+        return placeholder
+    if kv_scales is None:
+        return torch.ones(2, dtype=torch.float32, device=placeholder.device)
+    if kv_scales.dtype != torch.float32 or kv_scales.numel() != 2 or not kv_scales.is_contiguous():
+        raise ValueError(f"kv_scales must be a contiguous [2] float32 tensor (k_scale, v_scale), got "
+                         f"{kv_scales.dtype} of shape {tuple(kv_scales.shape)}")
+    return kv_scales
+
+
 def _check_new_kv(key: torch.Tensor, value: torch.Tensor) -> None:
     if key.stride(2) != 1 or value.stride(2) != 1:
         raise ValueError("key and value need a contiguous last (head_dim) dimension")
 
 
 def _check_cache(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
-    if key_cache.shape != value_cache.shape or key_cache.stride() != value_cache.stride():
+    if (key_cache.shape != value_cache.shape or key_cache.stride() != value_cache.stride()
+            or key_cache.dtype != value_cache.dtype):
         raise ValueError(
-            f"key and value caches must share shape and strides, got {tuple(key_cache.shape)}/{key_cache.stride()} "
-            f"and {tuple(value_cache.shape)}/{value_cache.stride()}"
+            f"key and value caches must share shape, strides and dtype, got {tuple(key_cache.shape)}/"
+            f"{key_cache.stride()}/{key_cache.dtype} and {tuple(value_cache.shape)}/{value_cache.stride()}/"
+            f"{value_cache.dtype}"
         )
     if key_cache.stride(3) != 1:
         raise ValueError("caches need a contiguous last (head_dim) dimension")

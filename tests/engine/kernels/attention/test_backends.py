@@ -9,6 +9,10 @@ NaN. Output and split buffers are NaN-poisoned too, so an unwritten row fails.
 On CPU the Triton kernels run under TRITON_INTERPRET=1 in a subprocess (the interpreter is chosen when
 the kernels are defined, so it must not leak into, or depend on, the rest of the test session); GPU
 cases run in-process and are marked `gpu`.
+
+FP8 cases (`kv_cache="fp8"`) hold the cache in e4m3 with per-layer K and V scales: both backends must store
+the same bytes and attend over the same dequantized values. Triton's interpreter reads an e4m3 NaN as 480,
+not NaN, so there a read of a poisoned block shows as a large error rather than a NaN (on a GPU, as NaN).
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class Case:
     num_kv_splits: int | None = None
     max_rel_error: float = 1e-4
     tile: tuple[int, int] | None = None  # (block_m, block_n) for both kernels' launches; None: defaults
+    kv_cache: str = "model"  # "model": the query's dtype; "fp8": e4m3
+    kv_scales: tuple[float, float] | None = None  # (k_scale, v_scale) of an FP8 cache; None: 1.0 (not passed)
 
 
 # Tiny shapes: the interpreter runs every program instance in numpy.
@@ -68,6 +74,14 @@ CPU_CASES = [
          tile=(16, 16)),
     Case("decode_tile_edges_split2", 4, 1, 16, 8, (1, 1, 1, 1), (64, 65, 33, 2), num_kv_splits=2, tile=(16, 16)),
     Case("prefill_mha_softcap_fp16", 2, 2, 64, 16, (18, 1), (50, 30), dtype="float16", softcap=3.0, max_rel_error=1e-2),
+    # FP8 caches: scales that are powers of two (exact either way) and one that is not; and no scales (1.0).
+    Case("fp8_mixed_gqa4_window_softcap_unit_scales", 8, 2, 32, 16, (1, 9, 1, 3), (75, 60, 50, 3), sliding_window=20,
+         softcap=5.0, kv_cache="fp8"),
+    # Decode only: write_kv_and_forward stores the new K/V inside the attention kernel, quantized there.
+    Case("fp8_decode_gqa4_split3", 8, 2, 16, 32, (1, 1, 1), (70, 33, 5), num_kv_splits=3, kv_cache="fp8",
+         kv_scales=(0.25, 4.0)),
+    Case("fp8_mixed_small_tiles_split2_fp16", 4, 2, 32, 16, (1, 21, 1), (130, 100, 64), dtype="float16",
+         num_kv_splits=2, tile=(16, 16), kv_cache="fp8", kv_scales=(0.3, 0.7), max_rel_error=1e-2),
 ]
 
 GPU_CASES = [
@@ -83,6 +97,14 @@ GPU_CASES = [
     Case("mixed_d64_mha_fp32", 8, 8, 64, 16, (1, 150, 1), (333, 400, 1), "float32", softcap=30.0),
     Case("mixed_d128_fp32_gqa4_window_split", 8, 2, 128, 16, (1, 1, 40), (500, 90, 300), "float32",
          sliding_window=64, num_kv_splits=3),
+    Case("llama_decode_bf16_fp8kv", 32, 8, 128, 16, (1,) * 24, tuple(range(300, 1500, 50)), "bfloat16",
+         max_rel_error=1e-2, kv_cache="fp8", kv_scales=(0.5, 0.25)),
+    Case("llama_decode_bf16_fp8kv_split4", 32, 8, 128, 16, (1,) * 5, (1, 17, 333, 1000, 2049), "bfloat16",
+         num_kv_splits=4, max_rel_error=1e-2, kv_cache="fp8", kv_scales=(1.0, 1.0)),
+    Case("llama_mixed_bf16_fp8kv", 32, 8, 128, 16, (1, 200, 1, 77, 1, 300), (600, 700, 35, 77, 1200, 900),
+         "bfloat16", max_rel_error=1e-2, kv_cache="fp8", kv_scales=(0.37, 1.9)),
+    Case("mixed_window_softcap_bf16_bs32_fp8kv", 16, 4, 128, 32, (1, 130, 1, 64), (900, 500, 260, 64), "bfloat16",
+         sliding_window=128, softcap=50.0, max_rel_error=1e-2, kv_cache="fp8", kv_scales=(2.0, 0.5)),
 ]
 
 
@@ -96,6 +118,14 @@ class Batch:
     metadata: AttentionMetadata
     group: GroupAttentionMetadata
     forbidden_blocks: torch.Tensor  # block ids that nothing in this step may read
+    kv_scales: torch.Tensor | None = None  # [2] float32 (k_scale, v_scale) of an FP8 cache
+
+
+def same_bytes_mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Entries whose stored bits differ (NaN equals NaN: the poisoned blocks)."""
+    if a.dtype == torch.float8_e4m3fn:
+        return (a.view(torch.uint8) != b.view(torch.uint8)).sum().item()
+    return ((a != b) & ~(a.isnan() & b.isnan())).sum().item()
 
 
 def build_batch(case: Case, device: torch.device, seed: int) -> Batch:
@@ -152,15 +182,23 @@ def build_batch(case: Case, device: torch.device, seed: int) -> Batch:
     def random(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(dtype).to(device)
 
+    def random_cache() -> torch.Tensor:
+        values = random(*cache_shape)
+        return values if case.kv_cache == "model" else values.float().to(torch.float8_e4m3fn)
+
+    kv_scales = None
+    if case.kv_scales is not None:
+        kv_scales = torch.tensor(case.kv_scales, dtype=torch.float32, device=device)
     return Batch(
         query=random(num_tokens, case.num_heads, case.head_dim),
         key=random(*shape_kv),
         value=random(*shape_kv),
-        key_cache=random(*cache_shape),
-        value_cache=random(*cache_shape),
+        key_cache=random_cache(),
+        value_cache=random_cache(),
         metadata=metadata,
         group=group,
         forbidden_blocks=forbidden.to(device),
+        kv_scales=kv_scales,
     )
 
 
@@ -182,17 +220,17 @@ def check_triton_case(case: Case, device: torch.device, seed: int = 0) -> dict[s
     triton_backend = PoisonedBuffersBackend(num_kv_splits=case.num_kv_splits, decode_config=tile, prefill_config=tile)
 
     ref_key_cache, ref_value_cache = batch.key_cache.clone(), batch.value_cache.clone()
-    reference.write_kv(ref_key_cache, ref_value_cache, batch.key, batch.value, batch.group.slot_mapping)
+    reference.write_kv(ref_key_cache, ref_value_cache, batch.key, batch.value, batch.group.slot_mapping,
+                       batch.kv_scales)
     # Non-contiguous key/value views, as a fused QKV projection would hand over.
     fused = torch.cat([batch.key, batch.value], dim=1)
     key_view, value_view = fused[:, : case.num_kv_heads], fused[:, case.num_kv_heads :]
     key_cache, value_cache = batch.key_cache.clone(), batch.value_cache.clone()
-    triton_backend.write_kv(key_cache, value_cache, key_view, value_view, batch.group.slot_mapping)
-    write_error = max(
-        (key_cache != ref_key_cache).sum().item(), (value_cache != ref_value_cache).sum().item()
-    )
+    triton_backend.write_kv(key_cache, value_cache, key_view, value_view, batch.group.slot_mapping, batch.kv_scales)
+    write_error = max(same_bytes_mismatches(key_cache, ref_key_cache), same_bytes_mismatches(value_cache, ref_value_cache))
 
-    kwargs = dict(scale=case.head_dim**-0.5, sliding_window=case.sliding_window, softcap=case.softcap)
+    kwargs = dict(scale=case.head_dim**-0.5, sliding_window=case.sliding_window, softcap=case.softcap,
+                  kv_scales=batch.kv_scales)
     ref = reference.forward(batch.query, ref_key_cache, ref_value_cache, batch.metadata, batch.group, **kwargs)
     # Now make every block nothing may read poisonous: a read of one would make the output NaN.
     key_cache[batch.forbidden_blocks] = float("nan")
@@ -205,10 +243,8 @@ def check_triton_case(case: Case, device: torch.device, seed: int = 0) -> dict[s
     fused_value_cache[batch.forbidden_blocks] = float("nan")
     fused_out = triton_backend.write_kv_and_forward(batch.query, key_view, value_view, fused_key_cache,
                                                     fused_value_cache, batch.metadata, batch.group, **kwargs)
-    def differing(a: torch.Tensor, b: torch.Tensor) -> int:  # NaN (the poisoned blocks) equals NaN
-        return ((a != b) & ~(a.isnan() & b.isnan())).sum().item()
-
-    fused_write_error = max(differing(fused_key_cache, key_cache), differing(fused_value_cache, value_cache))
+    fused_write_error = max(same_bytes_mismatches(fused_key_cache, key_cache),
+                            same_bytes_mismatches(fused_value_cache, value_cache))
     return {
         "fused_rel_error": relative_error(fused_out, ref),
         "fused_is_finite": bool(torch.isfinite(fused_out).all().item()),

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pagedserve.engine.kernels.attention.reference import ReferenceAttentionBackend
+from pagedserve.engine.kernels.attention.reference import ReferenceAttentionBackend, dequantize_kv, quantize_kv
 
 
 def _load_backend_tests():
@@ -43,8 +43,11 @@ CASES = CPU_CASES + [
 
 
 def loop_attention(batch, case: Case) -> torch.Tensor:
-    """[T, H, D] float64, one query token and one key position at a time."""
+    """[T, H, D] float64, one query token and one key position at a time (an FP8 cache's entries times
+    their scale)."""
     key_cache, value_cache = batch.key_cache.double(), batch.value_cache.double()
+    if batch.kv_scales is not None:
+        key_cache, value_cache = key_cache * batch.kv_scales[0].item(), value_cache * batch.kv_scales[1].item()
     tables = batch.group.block_tables.tolist()
     group_size = case.num_heads // case.num_kv_heads
     scale = case.head_dim**-0.5
@@ -76,7 +79,8 @@ def loop_attention(batch, case: Case) -> torch.Tensor:
 def test_reference_matches_per_query_loop(case: Case, seed: int) -> None:
     batch = build_batch(case, torch.device("cpu"), seed)
     backend = ReferenceAttentionBackend()
-    backend.write_kv(batch.key_cache, batch.value_cache, batch.key, batch.value, batch.group.slot_mapping)
+    backend.write_kv(batch.key_cache, batch.value_cache, batch.key, batch.value, batch.group.slot_mapping,
+                     batch.kv_scales)
     expected = loop_attention(batch, case)
     if batch.key_cache.dtype.is_floating_point:
         batch.key_cache[batch.forbidden_blocks] = float("nan")
@@ -84,6 +88,7 @@ def test_reference_matches_per_query_loop(case: Case, seed: int) -> None:
     out = backend.forward(
         batch.query, batch.key_cache, batch.value_cache, batch.metadata, batch.group,
         scale=case.head_dim**-0.5, sliding_window=case.sliding_window, softcap=case.softcap,
+        kv_scales=batch.kv_scales,
     )
     assert out.shape == batch.query.shape and out.dtype == batch.query.dtype
     assert torch.isfinite(out).all(), f"{case.name}: NaN in output (a forbidden block was read)"
@@ -105,3 +110,50 @@ def test_reference_ignores_query_order_of_rows() -> None:
     )
     expected = loop_attention(batch, case)  # its scale is head_dim**-0.5 = 0.25
     assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fp8_quantize_divides_clamps_and_dequantize_multiplies() -> None:
+    scale = torch.tensor(0.5)
+    values = torch.tensor([1.0, -3.0, 300.0, -1000.0, 0.0, 1.0 / 1024])
+    stored = quantize_kv(values, scale)
+    assert stored.dtype == torch.float8_e4m3fn
+    # value / scale, clamped to +-448 (e4m3's largest finite value); 2^-10 / 0.5 = 2^-9, the smallest subnormal.
+    assert stored.float().tolist() == [2.0, -6.0, 448.0, -448.0, 0.0, 1.0 / 512]
+    assert dequantize_kv(stored, scale).tolist() == [1.0, -3.0, 224.0, -224.0, 0.0, 1.0 / 1024]
+    # Every finite e4m3 value survives a round trip; a model-dtype cache is read as it is.
+    every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    every = every[every.isfinite()]
+    assert torch.equal(dequantize_kv(quantize_kv(every, None), None), every)
+    assert torch.equal(dequantize_kv(every, scale), every)
+
+
+def test_fp8_cache_attends_within_a_few_percent_of_the_float32_cache() -> None:
+    """The same batch with a float32 cache and an FP8 one: e4m3 keeps 3 mantissa bits, so with values near 1
+    and scales 1.0 the outputs differ by a few percent; values past 448 are clamped (a large error) unless
+    the scales bring them into range."""
+    case = Case("fp8_vs_fp32", 8, 2, 32, 16, (1, 9, 1, 3), (75, 60, 50, 3), sliding_window=40)
+    backend = ReferenceAttentionBackend()
+    kwargs = dict(scale=case.head_dim**-0.5, sliding_window=case.sliding_window, softcap=None)
+
+    def attend(batch, magnitude: float, fp8: bool, kv_scales: torch.Tensor | None) -> torch.Tensor:
+        key_cache, value_cache = batch.key_cache * magnitude, batch.value_cache * magnitude
+        if fp8:
+            key_cache = quantize_kv(batch.key_cache * magnitude, None if kv_scales is None else kv_scales[0])
+            value_cache = quantize_kv(batch.value_cache * magnitude, None if kv_scales is None else kv_scales[1])
+        backend.write_kv(key_cache, value_cache, batch.key * magnitude, batch.value * magnitude,
+                         batch.group.slot_mapping, kv_scales)
+        return backend.forward(batch.query / magnitude, key_cache, value_cache, batch.metadata, batch.group,
+                               kv_scales=kv_scales, **kwargs)
+
+    def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+        return ((out - ref).norm() / ref.norm()).item()
+
+    batch = build_batch(case, torch.device("cpu"), seed=0)
+    error = relative_error(attend(batch, 1.0, fp8=True, kv_scales=None), attend(batch, 1.0, fp8=False, kv_scales=None))
+    assert 1e-3 < error < 0.05, error  # quantized, and close
+    exact = attend(batch, 1000.0, fp8=False, kv_scales=None)
+    assert relative_error(attend(batch, 1000.0, fp8=True, kv_scales=None), exact) > 0.3  # clamped at 448
+    # Scales as a calibration would set them: each tensor's largest magnitude maps to 448.
+    amax = [max(cache.abs().max(), new.abs().max()).item() * 1000.0
+            for cache, new in ((batch.key_cache, batch.key), (batch.value_cache, batch.value))]
+    assert relative_error(attend(batch, 1000.0, fp8=True, kv_scales=torch.tensor(amax) / 448.0), exact) < 0.05
