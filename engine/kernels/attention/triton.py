@@ -49,10 +49,12 @@ from pagedserve.engine.kernels.attention.base import (
 def _quantize_e4m3(x, scale, ELEMENT_TY: tl.constexpr):
     """x / scale as e4m3: clamped to +-448 and rounded to nearest even, as torch's cast does.
 
-    The rounding is done in float32 arithmetic (adding and taking away 2^23 times the e4m3 step at x's
-    magnitude: 2^-9 below 2^-6, where e4m3 is subnormal, else a 3-bit mantissa's step), so the cast that
-    follows is exact everywhere: Triton's interpreter converts float32 to fp8 without rounding to even."""
-    x = x.to(tl.float32) / scale
+    The division is IEEE's (`div_rn`; Triton's `/` on float32 is approximate on NVIDIA GPUs, and one ulp off
+    changes the rounding of values next to a midpoint), as torch's is. The rounding is done in float32
+    arithmetic (adding and taking away 2^23 times the e4m3 step at x's magnitude: 2^-9 below 2^-6, where e4m3
+    is subnormal, else a 3-bit mantissa's step), so the cast that follows is exact everywhere: Triton's
+    interpreter converts float32 to fp8 without rounding to even."""
+    x = tl.math.div_rn(x.to(tl.float32), scale)
     bits = x.to(tl.int32, bitcast=True)
     magnitude = tl.minimum(tl.abs(x), 448.0)
     exponent = magnitude.to(tl.int32, bitcast=True) >> 23  # biased float32 exponent (the sign bit is clear)
