@@ -69,9 +69,11 @@ class ModelRunner:
     """`settings` and `cache` come resolved (config/resolve.py): this class decides no auto value.
 
     Owns the KV-cache tensors (in the model's dtype, or e4m3 with `kv_cache_dtype` fp8) and, for an FP8 cache,
-    `kv_scales`: one [2] float32 tensor per layer, (k_scale, v_scale), views of one [layers, 2] table on the
-    device. They are 1.0 (no calibration yet); the attention kernels read them at run time, so a later
-    calibration or checkpoint scales can be written in place, CUDA graphs included."""
+    `kv_scales`: one [2] float32 tensor per layer, (k_scale, v_scale), views of one table on the device
+    (`kv_scale_table[:, :2]`; rows padded to 16 bytes, so every layer's pointer is aligned alike and Triton
+    compiles one kernel variant, not one for even and one for odd layers). They are 1.0 (no calibration yet);
+    the attention kernels read them at run time, so a later calibration or checkpoint scales can be written in
+    place, CUDA graphs included."""
 
     def __init__(self, loaded: LoadedModel, settings: RunnerSettings, cache: CacheSettings) -> None:
         self.model = loaded.model
@@ -93,9 +95,9 @@ class ModelRunner:
         is_fp8_cache = cache.kv_cache_dtype == "fp8_e4m3"
         self.kv_cache_dtype = FP8_KV_DTYPE if is_fp8_cache else self.dtype
         self.kv_cache_dtype_name = "fp8_e4m3" if is_fp8_cache else str(self.dtype).removeprefix("torch.")
-        self.kv_scale_table = (torch.ones((self.shape.num_layers, 2), dtype=torch.float32, device=self.device)
+        self.kv_scale_table = (torch.ones((self.shape.num_layers, 4), dtype=torch.float32, device=self.device)
                                if is_fp8_cache else None)
-        self.kv_scales = None if self.kv_scale_table is None else list(self.kv_scale_table.unbind(0))
+        self.kv_scales = None if self.kv_scale_table is None else [row[:2] for row in self.kv_scale_table]
         self._decode_graphs = None  # DecodeGraphs once captured
         self._supports_logits_to_keep = hasattr(self.model, "_supports_logits_to_keep") and bool(
             self.model._supports_logits_to_keep()
