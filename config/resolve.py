@@ -56,6 +56,7 @@ class ModelFacts:
 
     max_position_embeddings: int | None
     bnb_quantization: Literal["none", "4bit", "8bit"] = "none"  # layers bitsandbytes will hold
+    fp8_checkpoint: bool = False  # the checkpoint stores FP8 weights (transformers' fine-grained or compressed-tensors)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class LoadSettings:
     revision: str | None
     trust_remote_code: bool
     load_format: Literal["auto", "dummy"]
-    quantization: str
+    quantization: str  # as decided: an FP8 checkpoint asked for with 'none' may be served as 'fp8'
     bnb_4bit_compute_dtype: DTypeName
     device: DeviceType
     dtype: DTypeName
@@ -233,6 +234,36 @@ def check_fp8_kv_cache_runs(backend: str, device: DeviceType, platform: Platform
             f"or attention_backend='reference' (slower, no CUDA graphs) on {device}")
 
 
+def fp8_gemm_unavailable(device: DeviceType, dtype: DTypeName, platform: Platform) -> str | None:
+    """Why FP8 layers cannot run here (the conditions `check_fp8_runs` enforces), or None when they can."""
+    if device != "cuda":
+        return f"no FP8 GEMMs on {device}"
+    capability = platform.compute_capability
+    if capability is None or capability < (9, 0):
+        found = "unknown" if capability is None else f"{capability[0]}.{capability[1]}"
+        return f"FP8 GEMMs need compute capability 9.0+, this GPU's is {found}"
+    if dtype != "bfloat16":
+        return f"FP8 layers compute in bfloat16, not {dtype}"
+    return None
+
+
+def resolve_fp8_checkpoint(config: EngineConfig, device: DeviceType, dtype: DTypeName, platform: Platform
+                           ) -> tuple[str, str | None]:
+    """(quantization, why) for a checkpoint that stores FP8 weights: what was asked, or for 'none' what a user
+    of such a checkpoint expects: served in FP8 where the GPU runs FP8 GEMMs (Hopper and bfloat16, as the
+    checkpoint was made for), elsewhere dequantized to `dtype` at load (CPU, older GPUs, float16/float32),
+    as transformers does. bitsandbytes cannot quantize weights that are FP8 already."""
+    if config.quantization in ("bnb-4bit", "bnb-8bit"):
+        raise ConfigError(f"EngineConfig.quantization={config.quantization!r}: the checkpoint stores FP8 weights "
+                          "already; use quantization='fp8' or 'none' (FP8 where the GPU runs it, else dequantized)")
+    if config.quantization == "fp8":
+        return "fp8", None
+    unavailable = fp8_gemm_unavailable(device, dtype, platform)
+    if unavailable is None:
+        return "fp8", "the checkpoint stores FP8 weights and this GPU runs FP8 GEMMs"
+    return "none", f"the checkpoint's FP8 weights are dequantized to {dtype} at load: {unavailable}"
+
+
 def resolve_engine_process(config: EngineConfig, platform: Platform) -> bool:
     """`engine_process` auto: a process of its own on CUDA (the server's event loop never shares the step
     loop's GIL), a thread on CPU."""
@@ -284,7 +315,12 @@ def resolve(
         else:
             decided("max_prefill_tokens_while_decoding", "none", f"no bound on {device}")
 
-    if config.quantization == "fp8":
+    quantization = config.quantization
+    if model.fp8_checkpoint:
+        quantization, why = resolve_fp8_checkpoint(config, device, dtype, platform)
+        if why is not None:
+            decided("quantization", quantization, why)
+    if quantization == "fp8":
         check_fp8_runs(device, dtype, platform)
 
     bnb = model.bnb_quantization
@@ -337,7 +373,7 @@ def resolve(
         load=LoadSettings(
             model=config.model, tokenizer=config.tokenizer, revision=config.revision,
             trust_remote_code=config.trust_remote_code, load_format=config.load_format,
-            quantization=config.quantization, bnb_4bit_compute_dtype=compute_dtype, device=device, dtype=dtype,
+            quantization=quantization, bnb_4bit_compute_dtype=compute_dtype, device=device, dtype=dtype,
             seed=config.seed,
         ),
         scheduler=SchedulerSettings(

@@ -130,3 +130,72 @@ def build_tiny_model(
     model.save_pretrained(out_dir)
     saved_tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def save_fp8_checkpoint(
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    method: Literal["fp8", "compressed-tensors"] = "fp8",
+    weight_block_size: tuple[int, int] | None = (128, 128),
+    modules_to_not_convert: tuple[str, ...] = (),
+    static_input_scales: bool = False,
+) -> Path:
+    """`model_dir`'s tiny model saved again as an FP8 checkpoint: every projection of its decoder layers (not
+    the embeddings, norms or LM head, nor `modules_to_not_convert`) in float8_e4m3fn with its scales.
+
+    - "fp8": transformers' fine-grained format, written by transformers' own code: its `Fp8Quantize` for
+      the tensors (`weight_scale_inv` per `weight_block_size` block) and a `FineGrainedFP8Config` in
+      config.json, as `save_pretrained` writes them after an FP8 load.
+    - "compressed-tensors": llm-compressor's FP8 (format float-quantized) with a bfloat16 `weight_scale` per
+      output channel [N, 1] (the FP8_DYNAMIC scheme), and with `static_input_scales` an `input_scale` [1] per
+      layer (the static FP8 scheme). transformers needs the compressed-tensors package to read it.
+    """
+    import json
+    import shutil
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in model_dir.iterdir():
+        if path.name not in ("model.safetensors", "config.json"):
+            shutil.copy(path, out_dir / path.name)
+    fine_grained = FineGrainedFP8Config(weight_block_size=weight_block_size,
+                                        modules_to_not_convert=list(modules_to_not_convert) or None)
+    quantize = Fp8Quantize(SimpleNamespace(quantization_config=fine_grained))
+    tensors = {}
+    for key, value in load_file(model_dir / "model.safetensors").items():
+        layer = key.removesuffix(".weight")
+        if not (key.endswith("_proj.weight") and ".layers." in key) or layer in modules_to_not_convert:
+            tensors[key] = value
+        elif method == "fp8":
+            tensors.update(quantize.convert({key: value}))
+        else:
+            scale = (value.abs().amax(dim=1, keepdim=True) / 448.0).to(torch.bfloat16)
+            tensors[key] = (value / scale.float()).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+            tensors[f"{layer}.weight_scale"] = scale
+            if static_input_scales:
+                tensors[f"{layer}.input_scale"] = torch.tensor([0.02])
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out_dir / "model.safetensors", metadata={"format": "pt"})
+    config = AutoConfig.from_pretrained(model_dir)
+    if method == "fp8":
+        config.quantization_config = fine_grained
+        config.save_pretrained(out_dir)
+    else:
+        activations = ({"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+                       if static_input_scales else
+                       {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True, "symmetric": True})
+        config_dict = json.loads((model_dir / "config.json").read_text())
+        config_dict["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {
+                "targets": ["Linear"], "input_activations": activations,
+                "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "dynamic": False, "symmetric": True},
+            }},
+            "ignore": ["lm_head", *modules_to_not_convert],
+        }
+        (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
+    return out_dir

@@ -1,6 +1,9 @@
 """Loading a causal LM and its tokenizer with transformers: a hub id, a local path, or the demo model.
 
 The loader receives resolved `LoadSettings` (config/resolve.py): the device and dtypes are already decided.
+FP8 weights come two ways: an FP8 checkpoint (engine/runner/fp8_checkpoint.py) is read into FP8 layers, or
+dequantized where resolve decided quantization='none' for it; a checkpoint in the model's dtype is quantized
+at load with `quantization='fp8'` (engine/kernels/fp8_linear.py).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from pagedserve.config.engine import ConfigError
 from pagedserve.config.resolve import LoadSettings
 from pagedserve.engine.kernels.attention.hf_integration import register_paged_attention
-from pagedserve.engine.kernels.fp8_linear import quantize_linears
+from pagedserve.engine.kernels.fp8_linear import quantize_linears, supports_fp8_gemm
+from pagedserve.engine.runner.fp8_checkpoint import convert_fp8_layers, fp8_checkpoint_format, load_fp8_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +207,8 @@ def _random_model(
     hf_config = AutoConfig.from_pretrained(
         model_path, revision=config.revision, trust_remote_code=config.trust_remote_code
     )
+    if getattr(hf_config, "quantization_config", None) is not None:
+        del hf_config.quantization_config  # random weights in the model's dtype (quantization='fp8' quantizes them)
     torch.manual_seed(config.seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(
@@ -215,7 +221,12 @@ def load_model(
     config: LoadSettings, shard: Callable[[PreTrainedModel], None] | None = None, device: torch.device | None = None
 ) -> LoadedModel:
     """`shard` (tensor parallelism) cuts the model to this rank's part on the host, before it moves to the
-    device; `device`: the rank's device (default: the current device of the resolved type)."""
+    device; `device`: the rank's device (default: the current device of the resolved type).
+
+    FP8 weights: an FP8 checkpoint's layers are converted one at a time on the device (on the host under
+    tensor parallelism, before the cut), so the device never holds them in a wider dtype. A checkpoint in the
+    model's dtype is quantized on the device after the move, or, under tensor parallelism, before the cut:
+    a row-parallel layer then keeps the scale of each whole row, as on one GPU."""
     device = device or torch_device(config.device)
     dtype = _DTYPES[config.dtype]
     model_path, served_name = model_path_and_name(config.model)
@@ -223,6 +234,9 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(
         config.tokenizer or model_path, revision=config.revision, trust_remote_code=config.trust_remote_code
     )
+    is_fp8 = config.quantization == "fp8"
+    use_scaled_mm = is_fp8 and supports_fp8_gemm(device)
+    quantized = False  # the model's FP8 layers exist
     if config.load_format == "dummy":
         if config.quantization not in ("none", "fp8"):
             raise ConfigError(
@@ -234,29 +248,38 @@ def load_model(
         model = _random_model(config, model_path, dtype, device, attn_implementation)
         extra = {}
     else:
-        extra = quantization_kwargs(config, dtype, device)
+        hf_config = read_model_config(config.model, config.revision, config.trust_remote_code)
+        checkpoint = fp8_checkpoint_format(hf_config)
+        extra = {} if checkpoint is not None else quantization_kwargs(config, dtype, device)
         if extra:
             extra["device_map"] = {"": device}
-        logger.info("loading %s (%s, %s, quantization=%s)", model_path, device, dtype, config.quantization)
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path,
-            revision=config.revision,
-            trust_remote_code=config.trust_remote_code,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            **extra,
-        )
+        logger.info("loading %s (%s, %s, quantization=%s%s)", model_path, device, dtype, config.quantization,
+                    "" if checkpoint is None else f", checkpoint: {checkpoint.description}")
+        common = dict(revision=config.revision, trust_remote_code=config.trust_remote_code, dtype=dtype,
+                      attn_implementation=attn_implementation)
+        if checkpoint is not None:  # quantization is 'fp8' or 'none' for it (config/resolve.py)
+            model, scales = load_fp8_checkpoint(model_path, hf_config, checkpoint, **common)
+            convert_fp8_layers(model, scales, checkpoint, device if shard is None else torch.device("cpu"),
+                               keep_fp8=is_fp8, use_scaled_mm=use_scaled_mm)
+            quantized = True  # its FP8 layers are the checkpoint's; the others stay in the model's dtype
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_path, **common, **extra)
     if shard is not None:
+        if is_fp8 and not quantized:
+            # Before the cut, where the model is (the host, or the device for dummy weights): a row-parallel
+            # layer keeps each whole row's scale, so every rank holds TP=1's FP8 weights.
+            quantize_linears(model, use_scaled_mm)
+            quantized = True
         shard(model)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the cut-away parts of a model built on the device, before memory is planned
     if not extra:
         model.to(device)
-    if config.quantization == "fp8":
+    if is_fp8 and not quantized:
         # On the device, layer by layer: each bf16 weight is freed once its FP8 copy exists.
-        quantize_linears(model)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        quantize_linears(model, use_scaled_mm)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model, tokenizer, model_path, served_name, device, dtype)

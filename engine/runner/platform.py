@@ -10,6 +10,7 @@ import torch
 from pagedserve.config.resolve import ModelFacts, Platform
 from pagedserve.engine.kernels.attention import triton_unavailable_reason
 from pagedserve.engine.kernels.launch import supports_programmatic_launch
+from pagedserve.engine.runner.fp8_checkpoint import fp8_checkpoint_format, quantization_config_dict
 
 
 def detect_platform() -> Platform:
@@ -27,14 +28,13 @@ def detect_platform() -> Platform:
 
 
 def model_facts(hf_config: Any) -> ModelFacts:
-    """From a transformers config: the context length, and the bitsandbytes layers a checkpoint saved
-    quantized will load as."""
+    """From a transformers config: the context length, the bitsandbytes layers a checkpoint saved
+    quantized will load as, and whether the checkpoint stores FP8 weights (`ConfigError` for an FP8 variant
+    pagedserve cannot read, before any weight loads)."""
     text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    quantization = getattr(hf_config, "quantization_config", None)
-    if quantization is not None and not isinstance(quantization, dict):
-        quantization = quantization.to_dict() if hasattr(quantization, "to_dict") else vars(quantization)
+    quantization = quantization_config_dict(hf_config)
     bnb = "none"
     if quantization and quantization.get("quant_method") == "bitsandbytes":
         bnb = "8bit" if quantization.get("load_in_8bit") else "4bit"
     return ModelFacts(max_position_embeddings=getattr(text_config, "max_position_embeddings", None),
-                      bnb_quantization=bnb)
+                      bnb_quantization=bnb, fp8_checkpoint=fp8_checkpoint_format(hf_config) is not None)

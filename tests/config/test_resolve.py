@@ -176,3 +176,24 @@ def test_fp8_kv_cache_runs_on_the_reference_backend_anywhere_and_on_triton_from_
     both = resolve(EngineConfig(kv_cache_dtype="fp8", quantization="fp8"), _on_gpu((9, 0)), LLAMA)
     assert both.cache.kv_cache_dtype == "fp8_e4m3" and both.load.quantization == "fp8"
     assert resolve(EngineConfig(), HOPPER, LLAMA, device="cuda", dtype="float16").cache.kv_cache_dtype == "float16"
+
+
+def test_an_fp8_checkpoint_is_served_in_fp8_where_the_gpu_runs_it_and_dequantized_elsewhere() -> None:
+    """quantization='none' (the default) on an FP8 checkpoint: FP8 on Hopper in bfloat16, decided and logged;
+    dequantized to the model's dtype on CPU, older GPUs or another dtype; 'fp8' keeps its checks."""
+    fp8_checkpoint = ModelFacts(512, fp8_checkpoint=True)
+    hopper = resolve(EngineConfig(), _on_gpu((9, 0)), fp8_checkpoint)
+    assert hopper.load.quantization == "fp8"
+    assert "quantization=fp8 (the checkpoint stores FP8 weights and this GPU runs FP8 GEMMs)" in hopper.describe()
+    for platform, config, reason in [
+        (Platform.cpu_only(), EngineConfig(), "dequantized to float32 at load: no FP8 GEMMs on cpu"),
+        (_on_gpu((8, 0)), EngineConfig(), "dequantized to bfloat16 at load: FP8 GEMMs need compute capability 9.0+"),
+        (_on_gpu((9, 0)), EngineConfig(dtype="float16"), "dequantized to float16 at load: FP8 layers compute in bfloat16"),
+    ]:
+        settings = resolve(config, platform, fp8_checkpoint)
+        assert settings.load.quantization == "none" and reason in settings.describe()
+    assert resolve(EngineConfig(), _on_gpu((9, 0)), ModelFacts(512)).load.quantization == "none"  # not FP8: as asked
+    with pytest.raises(ConfigError, match=r"quantization='fp8'.*not device 'cpu'"):
+        resolve(EngineConfig(quantization="fp8"), Platform.cpu_only(), fp8_checkpoint)
+    with pytest.raises(ConfigError, match=r"quantization='bnb-4bit': the checkpoint stores FP8 weights"):
+        resolve(EngineConfig(quantization="bnb-4bit"), _on_gpu((9, 0)), fp8_checkpoint)
