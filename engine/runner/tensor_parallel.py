@@ -23,7 +23,11 @@ heads than ranks it would cut one head's dimensions across ranks; we keep, on ea
 KV head its query heads read; (3) our paged attention must see plain per-rank tensors with whole
 heads. Beyond the plan we shard the LM head by vocabulary rows (all-gather of the logits, as
 transformers' "colwise_gather_output") and the input embedding by vocabulary (mask, look up,
-all-reduce), each only when the vocabulary divides.
+all-reduce), each only when the vocabulary divides. FP8 layers (`quantization="fp8"`) are cut the same way with
+their per-row scales: a column-parallel rank keeps its rows' scales, a row-parallel rank every scale (a row's
+scale covers all its columns). They are FP8 before the cut (engine/runner/loader.py), so every rank holds the
+e4m3 weights and scales of a TP=1 engine; only the per-token activation scales of a row-parallel layer differ
+(each rank's amax over its own columns), so TP=2 logits are close to TP=1's, not equal bit for bit.
 Every rank reads the whole checkpoint on the host and cuts it before moving its part to its device:
 device memory holds one shard, host memory briefly one full copy per rank. Random weights
 (`load_format="dummy"`) are instead drawn whole on each rank's device from the config's seed, so all
@@ -62,6 +66,7 @@ from pagedserve.config.resolve import ResolvedConfig
 from torch import nn
 
 from pagedserve.engine.errors import EngineDeadError
+from pagedserve.engine.kernels.fp8_linear import Fp8Linear
 from pagedserve.engine.runner.loader import LoadedModel, load_model, read_model_config
 from pagedserve.engine.runner.model_runner import ModelRunner
 from pagedserve.engine.runner.step_input import StepInput
@@ -208,19 +213,32 @@ def _pattern_regex(pattern: str) -> re.Pattern:
     return re.compile("^" + re.escape(pattern).replace(r"\*", r"\d+") + "$")
 
 
-def _keep_rows(linear: nn.Linear, rows: slice) -> None:
+def _keep_rows(linear: nn.Linear | Fp8Linear, rows: slice) -> None:
     linear.weight = nn.Parameter(linear.weight.data[rows].clone(), requires_grad=False)
+    if isinstance(linear, Fp8Linear):  # a scale per output feature: the rows' own
+        linear.weight_scale = nn.Parameter(linear.weight_scale.data[rows].clone(), requires_grad=False)
     if linear.bias is not None:
         linear.bias = nn.Parameter(linear.bias.data[rows].clone(), requires_grad=False)
     linear.out_features = linear.weight.shape[0]
+    _check_scaled_mm_shape(linear)
 
 
-def _keep_columns(linear: nn.Linear, columns: slice, rank: int) -> None:
+def _keep_columns(linear: nn.Linear | Fp8Linear, columns: slice, rank: int) -> None:
+    # An FP8 layer keeps every row's scale whole: each rank quantizes its own slice of the activations per
+    # token, and its partial product leaves the GEMM dequantized (times both scales), so the all-reduce sums
+    # plain partial outputs, as for a bf16 layer.
     linear.weight = nn.Parameter(linear.weight.data[:, columns].clone(), requires_grad=False)
     if linear.bias is not None and rank != 0:
         # The partial outputs are summed: the bias must enter the sum once.
         linear.bias = nn.Parameter(torch.zeros_like(linear.bias.data), requires_grad=False)
     linear.in_features = linear.weight.shape[1]
+    _check_scaled_mm_shape(linear)
+
+
+def _check_scaled_mm_shape(linear: nn.Linear | Fp8Linear) -> None:
+    """A cut FP8 layer whose widths are no longer multiples of 16 leaves `_scaled_mm` for the reference."""
+    if isinstance(linear, Fp8Linear) and (linear.in_features % 16 or linear.out_features % 16):
+        linear.use_scaled_mm = False
 
 
 def _split(size: int, rank: int, world_size: int) -> slice:
@@ -241,7 +259,7 @@ def shard_model(model: nn.Module, group: RankGroup) -> None:
         style = next((s for p, s in plan.items() if _pattern_regex(p).match(name)), None)
         if style is None:
             continue
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Linear, Fp8Linear)):
             raise ConfigError(f"tensor-parallel plan entry {name!r} ({style}) is not a linear layer")
         leaf = name.rsplit(".", 1)[-1]
         if style == "colwise" and leaf in ("k_proj", "v_proj") and num_kv_heads < world:
@@ -452,7 +470,7 @@ def start_tensor_parallel(
 
     load = settings.load
     tp_size = settings.runner.tp_size
-    if load.quantization != "none":
+    if load.quantization not in ("none", "fp8"):
         raise ConfigError(f"EngineConfig.tp_size={tp_size} cannot be combined with quantization={load.quantization!r}")
     check_shardable(read_model_config(load.model, load.revision, load.trust_remote_code), tp_size)
     device = _rank_device(settings, 0)
