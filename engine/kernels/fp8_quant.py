@@ -10,8 +10,8 @@ second time from L2), and writes the e4m3 row and its float32 scale: a read of 2
 element, the least the job needs.
 
 It computes what `quantize_rows` (the PyTorch reference, here too) computes, bit for bit: the same float32 scale
-(`max(amax / 448, 1e-12)`), an IEEE division (`div_rn`, not Triton's default approximate one) and the
-same round-to-nearest-even saturating cast. Exposed as the custom op `pagedserve::quantize_rows_fp8`, so
+(`max(amax / 448, 1e-12)`), an IEEE division and the same round-to-nearest-even saturating cast
+(`quantize_e4m3`, which the FP8 KV cache's stores use too: engine/kernels/attention/triton.py). Exposed as the custom op `pagedserve::quantize_rows_fp8`, so
 torch.compile treats it as one opaque kernel (as it treats the GEMM after it) and CUDA graphs capture it.
 """
 
@@ -44,6 +44,24 @@ def quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 if triton is not None:
 
     @triton.jit
+    def quantize_e4m3(x, scale, ELEMENT_TY: tl.constexpr):
+        """x / scale as e4m3: clamped to +-448 and rounded to nearest even, as torch's cast does.
+
+        The division is IEEE's (`div_rn`; Triton's `/` on float32 is approximate on NVIDIA GPUs, and one
+        ulp off changes the rounding of values next to a midpoint), as torch's is. The rounding is done in
+        float32 arithmetic (adding and taking away 2^23 times the e4m3 step at x's magnitude: 2^-9 below
+        2^-6, where e4m3 is subnormal, else a 3-bit mantissa's step), so the cast that follows is exact
+        everywhere: Triton's interpreter converts float32 to fp8 without rounding to even."""
+        x = tl.math.div_rn(x.to(tl.float32), scale)
+        bits = x.to(tl.int32, bitcast=True)
+        magnitude = tl.minimum(tl.abs(x), 448.0)
+        exponent = magnitude.to(tl.int32, bitcast=True) >> 23  # biased float32 exponent (the sign bit is clear)
+        magic = ((tl.maximum(exponent, 127 - 6) - 3 + 23) << 23).to(tl.float32, bitcast=True)
+        rounded = (magnitude + magic) - magic
+        signed = rounded.to(tl.int32, bitcast=True) | ((bits >> 31) << 31)  # x's sign, -0.0 included
+        return signed.to(tl.float32, bitcast=True).to(ELEMENT_TY)
+
+    @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
                               FP8_MAX_VALUE: tl.constexpr, MIN_SCALE_VALUE: tl.constexpr,
                               BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
@@ -54,20 +72,18 @@ if triton is not None:
         if ONE_PASS:
             valid = cols < K
             x = tl.load(x_row + cols, mask=valid, other=0.0).to(tl.float32)
-            scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FP8_MAX_VALUE, MIN_SCALE_VALUE)
-            q = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX_VALUE, FP8_MAX_VALUE)
-            tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=valid)
+            scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), FP8_MAX_VALUE), MIN_SCALE_VALUE)
+            tl.store(q_row + cols, quantize_e4m3(x, scale, q_ptr.dtype.element_ty), mask=valid)
         else:
             amax = tl.zeros([BLOCK_K], dtype=tl.float32)
             for start in range(0, K, BLOCK_K):
                 valid = start + cols < K
                 amax = tl.maximum(amax, tl.abs(tl.load(x_row + start + cols, mask=valid, other=0.0).to(tl.float32)))
-            scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX_VALUE, MIN_SCALE_VALUE)
+            scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX_VALUE), MIN_SCALE_VALUE)
             for start in range(0, K, BLOCK_K):
                 valid = start + cols < K
                 x = tl.load(x_row + start + cols, mask=valid, other=0.0).to(tl.float32)
-                q = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX_VALUE, FP8_MAX_VALUE)
-                tl.store(q_row + start + cols, q.to(q_ptr.dtype.element_ty), mask=valid)
+                tl.store(q_row + start + cols, quantize_e4m3(x, scale, q_ptr.dtype.element_ty), mask=valid)
         tl.store(scale_ptr + row, scale)
 
 

@@ -22,7 +22,7 @@ positions some query of the tile can see: stale table entries (recycled blocks) 
 Accumulation is in float32; grids are sized from host metadata only, so there is no device sync.
 
 An FP8 (e4m3) cache takes the `KV_FP8` constexpr branch (the bf16 kernels compile as before): stores
-quantize (`_quantize_e4m3`), loads convert each K/V tile to the query's dtype, and the layer's scales
+quantize (`quantize_e4m3`), loads convert each K/V tile to the query's dtype, and the layer's scales
 (a runtime [2] tensor, so CUDA graphs capture a pointer, not a value) are folded in: the K scale into the
 score scale, the V scale into the accumulator at the end; exact, since a scale is one number per layer.
 """
@@ -37,31 +37,13 @@ import triton
 import triton.language as tl
 
 from pagedserve.engine.kernels.launch import launch_options
+from pagedserve.engine.kernels.fp8_quant import quantize_e4m3
 from pagedserve.engine.kernels.attention.base import (
     AttentionBackend,
     AttentionMetadata,
     GroupAttentionMetadata,
     is_fp8_kv_cache,
 )
-
-
-@triton.jit
-def _quantize_e4m3(x, scale, ELEMENT_TY: tl.constexpr):
-    """x / scale as e4m3: clamped to +-448 and rounded to nearest even, as torch's cast does.
-
-    The division is IEEE's (`div_rn`; Triton's `/` on float32 is approximate on NVIDIA GPUs, and one ulp off
-    changes the rounding of values next to a midpoint), as torch's is. The rounding is done in float32
-    arithmetic (adding and taking away 2^23 times the e4m3 step at x's magnitude: 2^-9 below 2^-6, where e4m3
-    is subnormal, else a 3-bit mantissa's step), so the cast that follows is exact everywhere: Triton's
-    interpreter converts float32 to fp8 without rounding to even."""
-    x = tl.math.div_rn(x.to(tl.float32), scale)
-    bits = x.to(tl.int32, bitcast=True)
-    magnitude = tl.minimum(tl.abs(x), 448.0)
-    exponent = magnitude.to(tl.int32, bitcast=True) >> 23  # biased float32 exponent (the sign bit is clear)
-    magic = ((tl.maximum(exponent, 127 - 6) - 3 + 23) << 23).to(tl.float32, bitcast=True)
-    rounded = (magnitude + magic) - magic
-    signed = rounded.to(tl.int32, bitcast=True) | ((bits >> 31) << 31)  # x's sign, -0.0 included
-    return signed.to(tl.float32, bitcast=True).to(ELEMENT_TY)
 
 
 @triton.jit
@@ -96,8 +78,8 @@ def _write_kv_kernel(
         v = tl.load(value_ptr + token64 * stride_value_t + head * stride_value_h + dim, mask=mask)
         cache_offsets = slot * stride_cache_slot + head * stride_cache_h + dim
         if KV_FP8:
-            k = _quantize_e4m3(k, tl.load(kv_scales_ptr), key_cache_ptr.dtype.element_ty)
-            v = _quantize_e4m3(v, tl.load(kv_scales_ptr + 1), value_cache_ptr.dtype.element_ty)
+            k = quantize_e4m3(k, tl.load(kv_scales_ptr), key_cache_ptr.dtype.element_ty)
+            v = quantize_e4m3(v, tl.load(kv_scales_ptr + 1), value_cache_ptr.dtype.element_ty)
         tl.store(key_cache_ptr + cache_offsets, k, mask=mask)
         tl.store(value_cache_ptr + cache_offsets, v, mask=mask)
 
@@ -395,8 +377,8 @@ def _paged_attention_kernel(
                 new_v = tl.load(new_value_ptr + query_start.to(tl.int64) * stride_new_v_t + kv_head * stride_new_v_h
                                 + dims, mask=dim_valid)
                 if KV_FP8:
-                    new_k = _quantize_e4m3(new_k, tl.load(kv_scales_ptr), key_cache_ptr.dtype.element_ty)
-                    new_v = _quantize_e4m3(new_v, tl.load(kv_scales_ptr + 1), value_cache_ptr.dtype.element_ty)
+                    new_k = quantize_e4m3(new_k, tl.load(kv_scales_ptr), key_cache_ptr.dtype.element_ty)
+                    new_v = quantize_e4m3(new_v, tl.load(kv_scales_ptr + 1), value_cache_ptr.dtype.element_ty)
                 tl.store(key_cache_ptr + new_offsets + head_offset + dims, new_k, mask=dim_valid)
                 tl.store(value_cache_ptr + new_offsets + head_offset + dims, new_v, mask=dim_valid)
         tl.debug_barrier()  # the stores are seen by every thread of the program before its tile loads

@@ -111,8 +111,8 @@ def test_the_tensor_core_gemm_matches_the_reference(rows: int, bias: bool) -> No
 @pytest.mark.skipif(not HAS_FP8_GPU, reason="needs a Hopper or newer GPU (compute capability 9.0+)")
 def test_the_engine_serves_fp8_weights_through_graphs_and_compile(tiny_model_dir) -> None:
     """`quantization='fp8'` end to end on CUDA: tensor-core FP8 layers, decode graphs and compile, the memory
-    plan counting FP8 bytes, and greedy tokens equal to transformers' on the same FP8 model for most prompts
-    (bfloat16: random-weight near-ties may flip a token, as between bf16 runs)."""
+    plan counting FP8 bytes, and greedy tokens equal to transformers' on the same FP8 model, or parting from
+    them only at a near-tie (bfloat16: random-weight near-ties may flip a token, as between bf16 runs)."""
     from pagedserve.engine.core.request import SamplingParams
     from pagedserve.engine.llm import LLM
 
@@ -127,12 +127,20 @@ def test_the_engine_serves_fp8_weights_through_graphs_and_compile(tiny_model_dir
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     quantize_linears(reference)
-    agree = 0
     for prompt, output in zip(prompts, outputs):
+        got = output.outputs[0].token_ids
         ids = torch.tensor([prompt], device="cuda")
         want = reference.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, len(prompt):].tolist()
-        agree += output.outputs[0].token_ids == want
-    assert agree >= 6, agree
+        if got == want:
+            continue
+        # Batched bf16 GEMMs sum in another order than one request alone: a random tiny model's near-tie may
+        # flip. Where the tokens part, both must be the reference's top two, less than a bf16 rounding apart.
+        split = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+        with torch.no_grad():
+            logits = reference(torch.tensor([prompt + want[:split]], device="cuda")).logits[0, -1].float()
+        top2 = logits.topk(2)
+        assert {got[split], want[split]} == set(top2.indices.tolist()), (prompt, got, want)
+        assert (top2.values[0] - top2.values[1]).item() < 0.25, (prompt, got, want, top2)
     llm.engine.shutdown()
 
 
