@@ -41,6 +41,7 @@ import importlib.util
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -257,6 +258,32 @@ def read_scales(files: list[str], fmt: Fp8CheckpointFormat) -> dict[str, torch.T
     return {name: scale for name, scale in scales.items() if name in fp8_weights}
 
 
+# Per-layer KV-cache scales as llm-compressor saves them with a `kv_cache_scheme` (and as vLLM reads them):
+# `<...>.layers.<i>.self_attn.k_scale` / `v_scale`, or, in older files, the output scales of k_proj / v_proj.
+_KV_SCALE_KEY = re.compile(r"\.layers\.(\d+)\.self_attn\.(k_scale|v_scale|k_proj\.output_scale|v_proj\.output_scale)$")
+KV_SCALE_KEYS_IGNORED = (r"\.self_attn\.[kv]_scale$", r"\.self_attn\.[kv]_proj\.output_scale$")
+
+
+def read_kv_cache_scales(files: list[str]) -> dict[int, tuple[float, float]]:
+    """Layer index -> (k_scale, v_scale) the checkpoint stores for an FP8 KV cache (empty if none). A
+    layer with one of the two gets 1.0 for the other; a scale that is not one positive number is refused."""
+    from safetensors import safe_open
+
+    found: dict[int, dict[str, float]] = {}
+    for path in files:
+        with safe_open(path, framework="pt") as handle:
+            for key in handle.keys():
+                match = _KV_SCALE_KEY.search(key)
+                if match is None:
+                    continue
+                value = handle.get_tensor(key).float()
+                if value.numel() != 1 or not math.isfinite(value.item()) or value.item() <= 0:
+                    raise ConfigError(f"KV-cache scale {key} must be one positive number (a scale per layer), got "
+                                      f"shape {tuple(value.shape)}")
+                found.setdefault(int(match.group(1)), {})[match.group(2)[0]] = value.item()
+    return {layer: (scales.get("k", 1.0), scales.get("v", 1.0)) for layer, scales in sorted(found.items())}
+
+
 def _causal_lm_class(hf_config: Any) -> type:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -279,7 +306,7 @@ def load_fp8_checkpoint(model_path: str, hf_config: Any, fmt: Fp8CheckpointForma
     model_class = _causal_lm_class(plain_config)
     # The scales are read below, not by transformers: a subclass (same name, so transformers' per-class
     # weight conversions still apply) tells its loader they are expected to be left over.
-    ignored = [rf"\.{fmt.scale_name}$", rf"\.{fmt.activation_scale_name}$"]
+    ignored = [rf"\.{fmt.scale_name}$", rf"\.{fmt.activation_scale_name}$", *KV_SCALE_KEYS_IGNORED]
     ignored += list(model_class._keys_to_ignore_on_load_unexpected or [])
     reader = type(model_class.__name__, (model_class,), {"_keys_to_ignore_on_load_unexpected": ignored,
                                                          "__module__": model_class.__module__})

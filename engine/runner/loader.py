@@ -9,7 +9,7 @@ at load with `quantization='fp8'` (engine/kernels/fp8_linear.py).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +20,13 @@ from pagedserve.config.engine import ConfigError
 from pagedserve.config.resolve import LoadSettings
 from pagedserve.engine.kernels.attention.hf_integration import register_paged_attention
 from pagedserve.engine.kernels.fp8_linear import quantize_linears, supports_fp8_gemm
-from pagedserve.engine.runner.fp8_checkpoint import convert_fp8_layers, fp8_checkpoint_format, load_fp8_checkpoint
+from pagedserve.engine.runner.fp8_checkpoint import (
+    checkpoint_files,
+    convert_fp8_layers,
+    fp8_checkpoint_format,
+    load_fp8_checkpoint,
+    read_kv_cache_scales,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +41,9 @@ class LoadedModel:
     served_name: str  # the id clients use
     device: torch.device
     dtype: torch.dtype
+    # Layer index -> (k_scale, v_scale) stored in the checkpoint for an FP8 KV cache (llm-compressor's
+    # kv_cache_scheme); empty when it has none. Read by the runner only when its cache is FP8.
+    kv_cache_scales: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
 def torch_device(device_type: str) -> torch.device:
@@ -247,6 +256,7 @@ def load_model(
         # same kind of GPU) draws the same weights before cutting its shard, and no host copy is made.
         model = _random_model(config, model_path, dtype, device, attn_implementation)
         extra = {}
+        kv_cache_scales = {}
     else:
         hf_config = read_model_config(config.model, config.revision, config.trust_remote_code)
         checkpoint = fp8_checkpoint_format(hf_config)
@@ -264,6 +274,7 @@ def load_model(
             quantized = True  # its FP8 layers are the checkpoint's; the others stay in the model's dtype
         else:
             model = AutoModelForCausalLM.from_pretrained(model_path, **common, **extra)
+        kv_cache_scales = _kv_cache_scales(model_path, config.revision)
     if shard is not None:
         if is_fp8 and not quantized:
             # Before the cut, where the model is (the host, or the device for dummy weights): a row-parallel
@@ -282,4 +293,13 @@ def load_model(
         torch.cuda.empty_cache()
     model.eval()
     model.requires_grad_(False)
-    return LoadedModel(model, tokenizer, model_path, served_name, device, dtype)
+    return LoadedModel(model, tokenizer, model_path, served_name, device, dtype, kv_cache_scales)
+
+
+def _kv_cache_scales(model_path: str, revision: str | None) -> dict[int, tuple[float, float]]:
+    """The checkpoint's per-layer KV-cache scales; none for a checkpoint without safetensors files."""
+    try:
+        files = checkpoint_files(model_path, revision)
+    except ConfigError:  # .bin weights only: no scales to read there
+        return {}
+    return read_kv_cache_scales(files)

@@ -98,6 +98,7 @@ class ModelRunner:
         self.kv_scale_table = (torch.ones((self.shape.num_layers, 4), dtype=torch.float32, device=self.device)
                                if is_fp8_cache else None)
         self.kv_scales = None if self.kv_scale_table is None else [row[:2] for row in self.kv_scale_table]
+        self._set_checkpoint_kv_scales(loaded.kv_cache_scales)
         self._decode_graphs = None  # DecodeGraphs once captured
         self._supports_logits_to_keep = hasattr(self.model, "_supports_logits_to_keep") and bool(
             self.model._supports_logits_to_keep()
@@ -112,6 +113,23 @@ class ModelRunner:
 
     # ---- model geometry ------------------------------------------------------------------------
     @torch.no_grad()  # not inference mode: projection fusion reads its tensors' version counters
+    def _set_checkpoint_kv_scales(self, scales: dict[int, tuple[float, float]]) -> None:
+        """An FP8 cache takes the per-layer K/V scales its checkpoint was calibrated with (1.0 elsewhere)."""
+        if not scales:
+            return
+        if self.kv_scale_table is None:
+            logger.info("the checkpoint stores KV-cache scales for %d layers; they apply to an FP8 cache only "
+                        "(kv_cache_dtype='fp8')", len(scales))
+            return
+        outside = sorted(layer for layer in scales if layer >= self.shape.num_layers)
+        if outside:
+            raise ConfigError(f"the checkpoint has KV-cache scales for layer {outside[0]}, but the model has "
+                              f"{self.shape.num_layers} layers")
+        for layer, (k_scale, v_scale) in scales.items():
+            self.kv_scale_table[layer, 0], self.kv_scale_table[layer, 1] = k_scale, v_scale
+        logger.info("FP8 KV cache: the checkpoint's K/V scales for %d of %d layers (the others 1.0)", len(scales),
+                    self.shape.num_layers)
+
     def _probe_shape(self) -> ModelShape:
         """Run one token through the model to learn each attention layer's KV geometry and window."""
         probe = LayerProbe()

@@ -131,3 +131,33 @@ def test_fp8_cache_with_gpu_defaults_stays_close_to_bfloat16(tiny_model_dir) -> 
     llm = LLM(model, device="cuda", block_size=16, max_batch_tokens=64, kv_cache_dtype="fp8")
     assert llm.engine.runner._decode_graphs is not None and llm.engine.runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
     assert_close(_generate(llm), exact, max_logprob_error=0.2)
+
+
+def test_an_fp8_cache_takes_the_kv_scales_its_checkpoint_stores(tiny_model_dir, tmp_path, caplog) -> None:
+    """llm-compressor's kv_cache_scheme saves `self_attn.k_scale` / `v_scale` per layer (older files: the
+    output scales of k_proj / v_proj): an FP8 cache stores value / scale with them, layers without one keep
+    1.0, and generation stays close to the float32 cache; a model-dtype cache leaves them unused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "with-kv-scales"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    weights = load_file(model / "model.safetensors")
+    weights["model.layers.0.self_attn.k_scale"] = torch.tensor(0.5)
+    weights["model.layers.0.self_attn.v_scale"] = torch.tensor(0.25)
+    weights["model.layers.1.self_attn.k_proj.output_scale"] = torch.tensor([2.0])  # the older name
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    exact = _generate(LLM(str(model), dtype="float32", block_size=8))
+    llm = LLM(str(model), dtype="float32", block_size=8, kv_cache_dtype="fp8")
+    scales = [s.tolist() for s in llm.engine.runner.kv_scales]
+    assert scales[:2] == [[0.5, 0.25], [2.0, 1.0]] and all(s == [1.0, 1.0] for s in scales[2:])
+    assert_close(_generate(llm), exact, max_logprob_error=0.1)
+    with caplog.at_level("INFO", logger="pagedserve.engine.runner.model_runner"):
+        plain = LLM(str(model), dtype="float32", block_size=8)
+    assert plain.engine.runner.kv_scales is None and "apply to an FP8 cache only" in caplog.text
+
+    weights["model.layers.1.self_attn.v_scale"] = torch.tensor([1.0, 2.0])  # one scale a head: not read
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(Exception, match="must be one positive number"):
+        LLM(str(model), dtype="float32", block_size=8, kv_cache_dtype="fp8")
