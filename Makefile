@@ -20,7 +20,7 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed-$(EXTRAS)
 
 test: install
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=15
 
 generate: install
 	$(BIN)/pagedserve generate --prompt "The meaning of a module is" --prompt "A function returns" --max-tokens 48 --temperature 0.7 --seed 0
