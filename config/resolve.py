@@ -202,21 +202,14 @@ def resolve_dtype(config: EngineConfig, device: DeviceType, platform: Platform) 
 
 
 def check_fp8_runs(device: DeviceType, dtype: DTypeName, platform: Platform) -> None:
-    """FP8 weights take Hopper's FP8 GEMMs (compute capability 9.0+: torch's row-wise scaled kernel needs
-    TMA) and bfloat16 activations; anywhere else they
-    would only be slower than the model's own dtype, so they are refused (the reference path that runs
-    anywhere is for tests: engine/kernels/fp8_linear.py)."""
-    if device != "cuda":
-        raise ConfigError(f"EngineConfig.quantization='fp8' needs a Hopper or newer GPU (compute capability 9.0+), "
-                          f"not device {device!r}; use quantization='none'")
-    capability = platform.compute_capability
-    if capability is None or capability < (9, 0):
-        found = "unknown" if capability is None else f"{capability[0]}.{capability[1]}"
-        raise ConfigError(f"EngineConfig.quantization='fp8' needs a Hopper or newer GPU (compute capability 9.0+: "
-                          f"H100, H200, Blackwell); this one is {found}. Use quantization='none' or 'bnb-8bit'")
-    if dtype != "bfloat16":
-        raise ConfigError(f"EngineConfig.quantization='fp8' computes in bfloat16; EngineConfig.dtype={dtype!r} cannot be "
-                          "combined with it (leave dtype auto)")
+    """FP8 weights take Hopper's FP8 GEMMs and bfloat16 activations; anywhere else they would only be slower
+    than the model's own dtype, so they are refused (the reference path that runs anywhere is for tests:
+    engine/kernels/fp8_linear.py). The conditions: `fp8_gemm_unavailable`."""
+    reason = fp8_gemm_unavailable(device, dtype, platform)
+    if reason is not None:
+        advice = ("leave dtype auto" if device == "cuda" and reason.startswith("FP8 layers compute")
+                  else "use quantization='none' (or 'bnb-8bit' on a GPU)")
+        raise ConfigError(f"EngineConfig.quantization='fp8' cannot run here: {reason}; {advice}")
 
 
 def check_fp8_kv_cache_runs(backend: str, device: DeviceType, platform: Platform) -> None:
@@ -235,15 +228,16 @@ def check_fp8_kv_cache_runs(backend: str, device: DeviceType, platform: Platform
 
 
 def fp8_gemm_unavailable(device: DeviceType, dtype: DTypeName, platform: Platform) -> str | None:
-    """Why FP8 layers cannot run here (the conditions `check_fp8_runs` enforces), or None when they can."""
+    """Why FP8 layers cannot run here, or None when they can: a CUDA GPU of compute capability 9.0+ (torch's
+    row-wise scaled FP8 GEMM needs Hopper's TMA, so not Ada's 8.9) and bfloat16 activations."""
     if device != "cuda":
-        return f"no FP8 GEMMs on {device}"
+        return f"FP8 GEMMs need a Hopper or newer GPU (compute capability 9.0+), not device {device!r}"
     capability = platform.compute_capability
     if capability is None or capability < (9, 0):
         found = "unknown" if capability is None else f"{capability[0]}.{capability[1]}"
-        return f"FP8 GEMMs need compute capability 9.0+, this GPU's is {found}"
+        return f"FP8 GEMMs need a Hopper or newer GPU (compute capability 9.0+: H100, H200, Blackwell); this one is {found}"
     if dtype != "bfloat16":
-        return f"FP8 layers compute in bfloat16, not {dtype}"
+        return f"FP8 layers compute in bfloat16, not EngineConfig.dtype={dtype!r}"
     return None
 
 

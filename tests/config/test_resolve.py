@@ -186,9 +186,9 @@ def test_an_fp8_checkpoint_is_served_in_fp8_where_the_gpu_runs_it_and_dequantize
     assert hopper.load.quantization == "fp8"
     assert "quantization=fp8 (the checkpoint stores FP8 weights and this GPU runs FP8 GEMMs)" in hopper.describe()
     for platform, config, reason in [
-        (Platform.cpu_only(), EngineConfig(), "dequantized to float32 at load: no FP8 GEMMs on cpu"),
-        (_on_gpu((8, 0)), EngineConfig(), "dequantized to bfloat16 at load: FP8 GEMMs need compute capability 9.0+"),
-        (_on_gpu((9, 0)), EngineConfig(dtype="float16"), "dequantized to float16 at load: FP8 layers compute in bfloat16"),
+        (Platform.cpu_only(), EngineConfig(), "dequantized to float32 at load: FP8 GEMMs need a Hopper or newer GPU (compute capability 9.0+), not device 'cpu'"),
+        (_on_gpu((8, 0)), EngineConfig(), "dequantized to bfloat16 at load: FP8 GEMMs need a Hopper or newer GPU"),
+        (_on_gpu((9, 0)), EngineConfig(dtype="float16"), "dequantized to float16 at load: FP8 layers compute in bfloat16, not EngineConfig.dtype='float16'"),
     ]:
         settings = resolve(config, platform, fp8_checkpoint)
         assert settings.load.quantization == "none" and reason in settings.describe()
