@@ -10,6 +10,13 @@ docs/kernels.md. Usage: python bench/attention_bench.py [--sweep]
 `--batch1` times instead what one layer of a batch-1 decode step runs: the fused K/V write and
 attention (and the split merge) of one sequence, replayed in a CUDA graph as the engine's decode graphs
 replay it, with the split count the graphs use (sized for `--max-model-len`) and with others.
+
+`--backends triton flash_paged` times attention backends side by side, each as a layer calls it
+(`write_kv_and_forward`: the K/V write and the attention): decode of 1, 64, 256 and 512 sequences over
+1k-8k contexts as CUDA-graph replays (the engine's decode graphs, metadata sized for `--max-model-len`),
+and a 2048-token prefill over 512 cached tokens eagerly (as the engine runs prompt steps, host work
+included). `--block-size` sets the cache's block size (FlashAttention loads K/V pages by TMA when a page
+is one key tile, 128 at head dim 128; else by cp.async). Prints one row per case, for docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -43,9 +50,10 @@ class PagedBatch:
     group: GroupAttentionMetadata
 
 
-def make_batch(query_lens: list[int], seq_lens: list[int], device: torch.device, seed: int = 0) -> PagedBatch:
+def make_batch(query_lens: list[int], seq_lens: list[int], device: torch.device, seed: int = 0,
+               block_size: int = BLOCK_SIZE) -> PagedBatch:
     generator = torch.Generator().manual_seed(seed)
-    blocks_needed = [blocks_for(seq_len, BLOCK_SIZE) for seq_len in seq_lens]
+    blocks_needed = [blocks_for(seq_len, block_size) for seq_len in seq_lens]
     num_blocks = sum(blocks_needed) + 16
     permutation = torch.randperm(num_blocks, generator=generator)
     block_tables = torch.zeros(len(seq_lens), max(blocks_needed), dtype=torch.int32)
@@ -56,7 +64,7 @@ def make_batch(query_lens: list[int], seq_lens: list[int], device: torch.device,
     slots = []
     for seq, (seq_len, query_len) in enumerate(zip(seq_lens, query_lens)):
         positions = torch.arange(seq_len - query_len, seq_len)
-        slots.append(block_tables[seq, positions // BLOCK_SIZE].long() * BLOCK_SIZE + positions % BLOCK_SIZE)
+        slots.append(block_tables[seq, positions // block_size].long() * block_size + positions % block_size)
     query_start_loc = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
     query_start_loc[1:] = torch.cumsum(torch.tensor(query_lens), 0)
     num_tokens = sum(query_lens)
@@ -66,12 +74,12 @@ def make_batch(query_lens: list[int], seq_lens: list[int], device: torch.device,
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         max_query_len=max(query_lens),
         max_seq_len=max(seq_lens),
-        block_size=BLOCK_SIZE,
+        block_size=block_size,
         groups=[group],
         query_lens_cpu=list(query_lens),
         seq_lens_cpu=list(seq_lens),
     )
-    cache_shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    cache_shape = (num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)
     return PagedBatch(
         query=torch.randn(num_tokens, NUM_HEADS, HEAD_DIM, device=device, dtype=DTYPE),
         key=torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, device=device, dtype=DTYPE),
@@ -158,6 +166,58 @@ def batch1_rows(device: torch.device, max_model_len: int) -> list[tuple[str, str
     return rows
 
 
+def make_backend(name: str, device: torch.device):
+    """A backend as the engine builds it (get_attention_backend), or the reason it cannot run here."""
+    from pagedserve.engine.kernels.attention import get_attention_backend
+
+    try:
+        return get_attention_backend(name, device)
+    except ValueError as error:
+        return str(error)
+
+
+BACKEND_DECODE_BATCHES = (1, 64, 256, 512)
+BACKEND_DECODE_CONTEXTS = (1024, 2048, 4096, 8192)
+
+
+def backend_rows(names: list[str], device: torch.device, block_size: int, max_model_len: int) -> list[list[str]]:
+    """Each case under each backend: median ms, its rate, and the output's relative difference from the first
+    backend's (the same inputs, the same cache before the call)."""
+    backends = {name: make_backend(name, device) for name in names}
+    cases = [(f"decode B={batch} ctx {context}", [1] * batch, [context] * batch)
+             for batch in BACKEND_DECODE_BATCHES for context in BACKEND_DECODE_CONTEXTS]
+    cases.append(("prefill 2048 new + 512 cached", [2048], [2560]))
+    rows = []
+    for case_name, query_lens, seq_lens in cases:
+        batch = make_batch(query_lens, seq_lens, device, block_size=block_size)
+        is_decode = batch.metadata.max_query_len == 1
+        if is_decode:
+            batch.metadata.max_seq_len = max(max_model_len, max(seq_lens))  # what a captured graph is sized for
+        row, first_out = [case_name], None
+        for name in names:
+            backend = backends[name]
+            if isinstance(backend, str):
+                row.append(f"unavailable: {backend}"[:80])
+                continue
+            fn = run_write_and_forward(backend, batch)
+            try:
+                out = fn().clone()
+                ms = (triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") if is_decode
+                      else median_ms(fn))
+            except Exception as failure:  # report and go on: one failing case must not hide the others
+                row.append(f"failed: {type(failure).__name__}: {failure}"[:120])
+                continue
+            rate = (f"{kv_bytes_read(batch) / ms / 1e6:.0f} GB/s" if is_decode
+                    else f"{attention_flops(batch) / ms / 1e9:.0f} TFLOP/s")
+            difference = "" if first_out is None else f", diff {relative_error(out, first_out):.1e}"
+            first_out = out if first_out is None else first_out
+            row.append(f"{ms:.4f} ms ({rate}{difference})")
+        rows.append(row)
+        del batch
+        torch.cuda.empty_cache()
+    return rows
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
@@ -174,9 +234,17 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile shapes")
     parser.add_argument("--short-sweep", action="store_true", help="time only the prefill shapes that led last time")
     parser.add_argument("--batch1", action="store_true", help="only the batch-1 decode layer, in CUDA graphs")
-    parser.add_argument("--max-model-len", type=int, default=8192, help="what --batch1's graphs are sized for")
+    parser.add_argument("--max-model-len", type=int, default=8192,
+                        help="what --batch1's and --backends' decode graphs are sized for")
+    parser.add_argument("--backends", nargs="+", choices=["triton", "flash_paged"], default=None,
+                        help="only the side-by-side table of these backends (decode 1-512 x 1k-8k, prefill 2k+512)")
+    parser.add_argument("--block-size", type=int, default=BLOCK_SIZE, help="the cache's block size (--backends)")
     args = parser.parse_args()
     device = torch.device("cuda")
+    if args.backends:
+        print_backend_table(args.backends, backend_rows(args.backends, device, args.block_size, args.max_model_len),
+                            device, args.block_size)
+        return
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     rows: list[tuple[str, str, float, str, str]] = []
@@ -236,16 +304,41 @@ def main() -> None:
 
     if args.batch1:
         rows += batch1_rows(device, args.max_model_len)
-    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    print(f"\n{torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"commit {commit or 'unknown'}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-          f"device-to-device copy {copy_gbs:.0f} GB/s (read + write)")
+    print(f"\n{run_header(device)}; device-to-device copy {copy_gbs:.0f} GB/s (read + write)")
     print("| case | backend | median ms | rate | rel err vs reference |")
     print("|---|---|---|---|---|")
     for case_name, label, ms, rate, error in rows:
         print(f"| {case_name} | {label} | {ms:.4f} | {rate} | {error} |")
+
+
+def run_header(device: torch.device) -> str:
+    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    try:
+        from importlib.metadata import version
+
+        flash = f", flash-attn-4 {version('flash-attn-4')}"
+    except Exception:  # not installed
+        flash = ""
+    return (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {triton.__version__}{flash}, "
+            f"commit {commit or 'unknown'}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+
+
+def print_backend_table(names: list[str], rows: list[list[str]], device: torch.device, block_size: int) -> None:
+    print(f"\n{run_header(device)}; {NUM_HEADS} q heads, {NUM_KV_HEADS} KV heads, head_dim {HEAD_DIM}, "
+          f"block {block_size}, {str(DTYPE).removeprefix('torch.')}; decode: graph replays, prefill: eager")
+    ratio_header = f" | {names[0]} ms / {names[1]} ms (> 1: {names[1]} faster) |" if len(names) > 1 else " |"
+    print("| case | " + " | ".join(names) + ratio_header)
+    print("|---" * (len(names) + 1 + (len(names) > 1)) + "|")
+    for row in rows:
+        ratio = ""
+        if len(names) > 1:
+            try:
+                ratio = f" {float(row[1].split(' ms')[0]) / float(row[2].split(' ms')[0]):.2f} |"
+            except ValueError:  # a failed or unavailable cell
+                ratio = " |"
+        print("| " + " | ".join(row) + " |" + ratio)
 
 
 if __name__ == "__main__":

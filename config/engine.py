@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-AttentionBackendName = Literal["auto", "reference", "triton"]
+AttentionBackendName = Literal["auto", "reference", "triton", "flash_paged"]
 SchedulingPolicy = Literal["fifo", "prefill_first"]
 Quantization = Literal["none", "bnb-4bit", "bnb-8bit", "fp8"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -81,7 +81,12 @@ class EngineConfig(BaseModel):
     )
 
     # Execution
-    attention_backend: AttentionBackendName = Field("auto", description="Paged attention implementation.")
+    attention_backend: AttentionBackendName = Field(
+        "auto", description="Paged attention implementation: reference (PyTorch, any device), triton (our kernels, "
+        "CUDA), flash_paged (FlashAttention 4's paged kernels on Hopper or Blackwell GPUs: pip install "
+        "'pagedserve[flash]'; layers it cannot run, e.g. over an FP8 KV cache, run Triton); auto: the faster one "
+        "measured for the GPU generation (config/resolve.py), the reference on CPU.",
+    )
     async_scheduling: bool = Field(
         True, description="Schedule and prepare the next step while the device runs this one (tp_size 1 only)."
     )

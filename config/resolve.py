@@ -31,6 +31,18 @@ GPU_MAX_BATCH_TOKENS = 8192
 # 4096 all kept the goodput SLOs to 45 req/s, 512 missed TTFT from 40; 2048 had the lowest ITL p99 there
 # (46.9 ms vs 54.0 unbounded). On CPU auto is no bound, as before the knob: nothing measured there asks for one.
 GPU_MAX_PREFILL_TOKENS_WHILE_DECODING = 2048
+# attention_backend auto on CUDA, by compute capability major (the GPU generation): the backend that
+# bench/attention_bench.py --backends triton flash_paged and bench/gpu_bench.py (W1, batch 1) measured faster
+# there, in one run. Triton everywhere until such a run says otherwise; a generation not listed gets Triton.
+# flash_paged is taken only where it can run (installed, a GPU it supports), else Triton, and the log says why.
+AUTO_ATTENTION_BACKEND_BY_CAPABILITY_MAJOR: dict[int, Literal["triton", "flash_paged"]] = {
+    8: "triton",  # Ampere, Ada: FlashAttention 4 has no paged-KV kernel there
+    9: "triton",  # Hopper (H100, H200): not yet measured against flash_paged
+    10: "triton",  # Blackwell (B200, B300): not yet measured
+}
+# Backends whose decode steps can be captured in CUDA graphs (every per-step value in device tensors).
+CAPTURABLE_ATTENTION_BACKENDS = ("triton", "flash_paged")
+
 DEFAULT_MAX_MODEL_LEN = 4096  # a model whose config names no context length
 MAX_AUTO_MODEL_LEN = 32768  # auto never plans for longer contexts than this; set max_model_len to go past it
 
@@ -43,6 +55,7 @@ class Platform:
     bf16_supported: bool = False  # on the CUDA device
     supports_programmatic_launch: bool = False  # Hopper or newer with a Triton that has the intrinsics
     triton_unavailable_reason: str = "no CUDA device"  # "" when the Triton attention kernels can run
+    flash_unavailable_reason: str = "no CUDA device"  # "" when FlashAttention 4's paged kernels can run (flash_paged)
     compute_capability: tuple[int, int] | None = None  # of the CUDA device
 
     @classmethod
@@ -159,7 +172,7 @@ class RunnerSettings:
 
     device: DeviceType
     dtype: DTypeName
-    attention_backend: Literal["reference", "triton"]
+    attention_backend: Literal["reference", "triton", "flash_paged"]
     fuse_projections: bool
     decode_linear: bool  # the one-row Triton GEMM (GPU only)
     programmatic_launch: bool  # PDL for the engine's Triton kernels and inductor's
@@ -215,8 +228,8 @@ def check_fp8_runs(device: DeviceType, dtype: DTypeName, platform: Platform) -> 
 def check_fp8_kv_cache_runs(backend: str, device: DeviceType, platform: Platform) -> None:
     """An FP8 (e4m3) KV cache: the reference backend quantizes and dequantizes with torch casts, which run on
     any device (CPU included: tests, correctness); the Triton kernels cast with float8e4nv, which Triton
-    compiles for compute capability 8.9+ only."""
-    if backend != "triton":
+    compiles for compute capability 8.9+ only. flash_paged runs layers over an FP8 cache with Triton."""
+    if backend not in ("triton", "flash_paged"):
         return
     capability = platform.compute_capability
     if capability is None or capability < FP8_KV_MIN_CAPABILITY:
@@ -256,6 +269,40 @@ def resolve_fp8_checkpoint(config: EngineConfig, device: DeviceType, dtype: DTyp
     if unavailable is None:
         return "fp8", "the checkpoint stores FP8 weights and this GPU runs FP8 GEMMs"
     return "none", f"the checkpoint's FP8 weights are dequantized to {dtype} at load: {unavailable}"
+
+
+def resolve_auto_attention_backend(device: DeviceType, platform: Platform) -> tuple[str, str]:
+    """(backend, why) for attention_backend auto: the reference off CUDA or without Triton, else the
+    GPU generation's entry of AUTO_ATTENTION_BACKEND_BY_CAPABILITY_MAJOR, where it can run."""
+    if device != "cuda":
+        return "reference", f"the reference on {device}"
+    if platform.triton_unavailable_reason:
+        return "reference", platform.triton_unavailable_reason
+    capability = platform.compute_capability
+    major = capability[0] if capability is not None else None
+    preferred = AUTO_ATTENTION_BACKEND_BY_CAPABILITY_MAJOR.get(major, "triton") if major is not None else "triton"
+    generation = f"compute capability {major}.x" if major is not None else "an unknown GPU generation"
+    if preferred == "flash_paged":
+        if platform.flash_unavailable_reason:
+            return "triton", f"flash_paged measured faster on {generation} but cannot run: {platform.flash_unavailable_reason}"
+        return "flash_paged", f"measured faster than triton on {generation}"
+    return "triton", f"Triton kernels on CUDA ({generation}: the faster backend measured there, or not measured)"
+
+
+def check_attention_backend_runs(backend: str, device: DeviceType, platform: Platform) -> None:
+    """ConfigError naming the field where an explicitly chosen attention backend cannot run here."""
+    if backend == "triton" and (device != "cuda" or platform.triton_unavailable_reason):
+        reason = platform.triton_unavailable_reason if device == "cuda" else f"it needs a CUDA device, not {device}"
+        raise ConfigError(f"EngineConfig.attention_backend='triton' is unavailable: {reason}")
+    if backend == "flash_paged":
+        if device != "cuda":
+            raise ConfigError(
+                f"EngineConfig.attention_backend='flash_paged' is unavailable: it needs a CUDA GPU of compute "
+                f"capability 9.0+ (Hopper, Blackwell) with FlashAttention 4 installed (pip install "
+                f"'pagedserve[flash]'), not device {device!r}; use attention_backend='auto'")
+        if platform.flash_unavailable_reason:
+            raise ConfigError(f"EngineConfig.attention_backend='flash_paged' is unavailable: "
+                              f"{platform.flash_unavailable_reason}; or use attention_backend='auto'")
 
 
 def resolve_engine_process(config: EngineConfig, platform: Platform) -> bool:
@@ -324,14 +371,11 @@ def resolve(
         bnb = "8bit"
 
     if config.attention_backend == "auto":
-        backend = "triton" if device == "cuda" and platform.triton_unavailable_reason == "" else "reference"
-        decided("attention_backend", backend, "Triton kernels on CUDA" if backend == "triton" else
-                ("the reference on CPU" if device == "cpu" else platform.triton_unavailable_reason))
+        backend, why = resolve_auto_attention_backend(device, platform)
+        decided("attention_backend", backend, why)
     else:
         backend = config.attention_backend
-        if backend == "triton" and (device != "cuda" or platform.triton_unavailable_reason):
-            reason = platform.triton_unavailable_reason if device == "cuda" else f"it needs a CUDA device, not {device}"
-            raise ConfigError(f"EngineConfig.attention_backend='triton' is unavailable: {reason}")
+        check_attention_backend_runs(backend, device, platform)
     # auto: the model's dtype, which is already decided (and logged) above.
     kv_cache_dtype: KVCacheDTypeName = dtype if config.kv_cache_dtype == "auto" else "fp8_e4m3"
     if kv_cache_dtype == "fp8_e4m3":
@@ -349,7 +393,7 @@ def resolve(
         cuda_graphs_off = "enable_cuda_graphs is off"
     elif device != "cuda":
         cuda_graphs_off = "not on a GPU"
-    elif backend != "triton":
+    elif backend not in CAPTURABLE_ATTENTION_BACKENDS:
         cuda_graphs_off = f"the {backend} attention backend cannot be captured"
     elif bnb == "8bit":
         # LLM.int8 splits outlier columns out with data-dependent shapes: a capture is invalidated.

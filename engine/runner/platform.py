@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from pagedserve.config.resolve import ModelFacts, Platform
-from pagedserve.engine.kernels.attention import triton_unavailable_reason
+from pagedserve.engine.kernels.attention import flash_unavailable_reason, triton_unavailable_reason
 from pagedserve.engine.kernels.launch import supports_programmatic_launch
 from pagedserve.engine.runner.fp8_checkpoint import fp8_checkpoint_format, quantization_config_dict
 
@@ -23,6 +23,7 @@ def detect_platform() -> Platform:
         bf16_supported=torch.cuda.is_bf16_supported(),
         supports_programmatic_launch=supports_programmatic_launch(device),
         triton_unavailable_reason=triton_unavailable_reason(device),
+        flash_unavailable_reason=flash_unavailable_reason(device),
         compute_capability=torch.cuda.get_device_capability(device),
     )
 

@@ -197,3 +197,40 @@ def test_an_fp8_checkpoint_is_served_in_fp8_where_the_gpu_runs_it_and_dequantize
         resolve(EngineConfig(quantization="fp8"), Platform.cpu_only(), fp8_checkpoint)
     with pytest.raises(ConfigError, match=r"quantization='bnb-4bit': the checkpoint stores FP8 weights"):
         resolve(EngineConfig(quantization="bnb-4bit"), _on_gpu((9, 0)), fp8_checkpoint)
+
+
+NOT_INSTALLED = "the flash-attn-4 package (flash_attn.cute) is not installed: pip install 'pagedserve[flash]'"
+
+
+def _flash_gpu(flash_reason: str = "", capability: tuple[int, int] = (9, 0)) -> Platform:
+    return Platform(cuda_available=True, bf16_supported=True, supports_programmatic_launch=True,
+                    triton_unavailable_reason="", flash_unavailable_reason=flash_reason, compute_capability=capability)
+
+
+def test_flash_paged_where_it_runs_and_a_config_error_naming_the_extra_elsewhere() -> None:
+    runner = resolve(EngineConfig(attention_backend="flash_paged"), _flash_gpu(), LLAMA).runner
+    assert runner.attention_backend == "flash_paged" and runner.cuda_graphs and runner.compile.enabled
+    # The FP8 cache's layers run Triton: the Triton rule (compute capability 8.9+) applies, and Hopper passes it.
+    fp8 = resolve(EngineConfig(attention_backend="flash_paged", kv_cache_dtype="fp8"), _flash_gpu(), LLAMA)
+    assert fp8.cache.kv_cache_dtype == "fp8_e4m3" and fp8.runner.attention_backend == "flash_paged"
+    with pytest.raises(ConfigError, match=r"attention_backend='flash_paged' is unavailable: .*pagedserve\[flash\]"):
+        resolve(EngineConfig(attention_backend="flash_paged"), _flash_gpu(NOT_INSTALLED), LLAMA)
+    with pytest.raises(ConfigError, match=r"attention_backend='flash_paged' is unavailable: .*pagedserve\[flash\]"
+                                          r".*not device 'cpu'"):
+        resolve(EngineConfig(attention_backend="flash_paged"), Platform.cpu_only(), LLAMA)
+
+
+def test_auto_attention_backend_keeps_triton_until_measured_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pagedserve.config.resolve as resolve_module
+
+    for capability in ((9, 0), (10, 0), (12, 0), None):
+        settings = resolve(EngineConfig(), _flash_gpu(capability=capability), LLAMA)
+        assert settings.runner.attention_backend == "triton"
+        assert any(line.startswith("attention_backend=triton") for line in settings.decisions)
+    # Where the table says flash_paged: taken where it runs, else Triton with the reason in the log.
+    monkeypatch.setitem(resolve_module.AUTO_ATTENTION_BACKEND_BY_CAPABILITY_MAJOR, 9, "flash_paged")
+    assert resolve(EngineConfig(), _flash_gpu(), LLAMA).runner.attention_backend == "flash_paged"
+    fallback = resolve(EngineConfig(), _flash_gpu(NOT_INSTALLED), LLAMA)
+    assert fallback.runner.attention_backend == "triton"
+    assert any("cannot run" in line and "pagedserve[flash]" in line for line in fallback.decisions)
+    assert resolve(EngineConfig(), _flash_gpu(capability=(10, 0)), LLAMA).runner.attention_backend == "triton"

@@ -328,10 +328,12 @@ def test_registry_on_cpu() -> None:
     assert resolved(EngineConfig()).runner.attention_backend == "reference"
     with pytest.raises(ValueError, match="'triton' is unavailable"):
         get_attention_backend("triton", cpu)
-    for name in ("auto", "fast", "flex", "flash_paged"):  # auto is decided by config/resolve.py; the rest are not built
+    with pytest.raises(ValueError, match="'flash_paged' is unavailable: FlashAttention 4 needs a CUDA device"):
+        get_attention_backend("flash_paged", cpu)
+    for name in ("auto", "fast", "flex"):  # auto is decided by config/resolve.py; the rest are not built
         with pytest.raises(ValueError, match="must be one of"):
             get_attention_backend(name, cpu)
-    assert set(BACKEND_NAMES) == {"reference", "triton"}
+    assert set(BACKEND_NAMES) == {"reference", "triton", "flash_paged"}
 
 
 def test_reference_reads_no_forbidden_block_values_in_padding() -> None:
