@@ -16,6 +16,7 @@ SchedulingPolicy = Literal["fifo", "prefill_first"]
 Quantization = Literal["none", "bnb-4bit", "bnb-8bit", "fp8"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 KVCacheDType = Literal["auto", "fp8"]
+SpeculativeMethod = Literal["none", "ngram", "draft"]
 
 
 class ConfigError(ValueError):
@@ -127,6 +128,20 @@ class EngineConfig(BaseModel):
         "(engine/kernels/launch.py).",
     )
     tp_size: int = Field(1, ge=1, le=64, description="Tensor-parallel ranks per replica.")
+    # Speculative decoding (vLLM's names; docs/speculative.md)
+    speculative_method: SpeculativeMethod = Field(
+        "none", description="Propose tokens and verify them in one forward: ngram (prompt lookup: the tokens that "
+        "followed an earlier occurrence of the last n tokens); draft (a smaller model: not built yet). Output is "
+        "exactly what it would be without: greedy token for token, sampling in distribution.",
+    )
+    num_speculative_tokens: int = Field(3, ge=1, le=16, description="Tokens proposed per request and step (k).")
+    prompt_lookup_min: int = Field(1, ge=1, le=64, description="ngram: shortest suffix matched.")
+    prompt_lookup_max: int = Field(4, ge=1, le=64, description="ngram: longest suffix matched (tried first).")
+    speculative_model: str | None = Field(None, description="draft: the draft model (reserved; not built yet).")
+    speculative_disable_batch_size: int = Field(
+        8, ge=0, description="Steps with more running requests than this do not speculate (0: never speculate); "
+        "the default is a guess until the GPU crossover is measured (bench/spec_bench.py).",
+    )
     seed: int = Field(0, ge=0, description="Seed of unseeded sampling.")
 
     @field_validator("scheduling_policy", mode="before")

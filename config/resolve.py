@@ -183,6 +183,42 @@ class RunnerSettings:
 
 
 @dataclass(frozen=True)
+class SpeculativeSettings:
+    """Speculative decoding as decided: `method` none turns everything else off (engine/spec/)."""
+
+    method: Literal["none", "ngram"] = "none"
+    num_tokens: int = 0  # k, proposed per request and step
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+    disable_batch_size: int = 0  # steps with more running requests than this do not speculate
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none" and self.num_tokens > 0 and self.disable_batch_size > 0
+
+
+def resolve_speculative(config: EngineConfig) -> SpeculativeSettings:
+    """Check the speculative fields together; `draft` is refused until the draft-model proposer exists."""
+    method = config.speculative_method
+    if method == "none":
+        return SpeculativeSettings()
+    if method == "draft":
+        raise ConfigError("EngineConfig.speculative_method='draft': the draft-model proposer is not built yet; "
+                          "use 'ngram' or 'none'")
+    if config.prompt_lookup_min > config.prompt_lookup_max:
+        raise ConfigError(f"EngineConfig.prompt_lookup_min={config.prompt_lookup_min} must be <= "
+                          f"prompt_lookup_max={config.prompt_lookup_max}")
+    if config.speculative_model is not None:
+        raise ConfigError(f"EngineConfig.speculative_model={config.speculative_model!r} is for "
+                          "speculative_method='draft'; ngram proposes from the request's own tokens")
+    if config.tp_size > 1:
+        raise ConfigError(f"EngineConfig.speculative_method={method!r} with tp_size={config.tp_size}: not built "
+                          "yet (speculation runs with tp_size 1)")
+    return SpeculativeSettings(method, config.num_speculative_tokens, config.prompt_lookup_min,
+                               config.prompt_lookup_max, config.speculative_disable_batch_size)
+
+
+@dataclass(frozen=True)
 class ResolvedConfig:
     """Everything the engine needs, resolved."""
 
@@ -193,6 +229,7 @@ class ResolvedConfig:
     async_scheduling: bool
     seed: int
     decisions: tuple[str, ...]  # "name=value (why)" for every value that was auto
+    speculative: SpeculativeSettings = field(default_factory=SpeculativeSettings)
 
     def describe(self) -> str:
         return "resolved settings: " + "; ".join(self.decisions) if self.decisions else "resolved settings: none auto"
@@ -404,6 +441,7 @@ def resolve(
     async_scheduling = config.async_scheduling and config.tp_size == 1
     if config.async_scheduling and not async_scheduling:
         decided("async_scheduling", False, "tensor-parallel ranks run in step")
+    speculative = resolve_speculative(config)
     programmatic_launch = config.programmatic_launch and device == "cuda" and platform.supports_programmatic_launch
     decode_linear = config.decode_linear and device == "cuda"
 
@@ -437,4 +475,5 @@ def resolve(
         async_scheduling=async_scheduling,
         seed=config.seed,
         decisions=tuple(decisions),
+        speculative=speculative,
     )

@@ -46,6 +46,11 @@ REPLICA_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "vllm_num_preemptions": ("counter", "Preemptions (a request's blocks freed, to be recomputed).", ()),
     "vllm_prefix_cache_queries": ("counter", "Prompt tokens looked up in the prefix cache.", ()),
     "vllm_prefix_cache_hits": ("counter", "Prompt tokens served from the prefix cache.", ()),
+    "vllm_spec_decode_num_drafts": ("counter", "Speculative verifications (a request's proposals scored once).", ()),
+    "vllm_spec_decode_num_draft_tokens": ("counter", "Speculative tokens proposed.", ()),
+    "vllm_spec_decode_num_accepted_tokens": ("counter", "Speculative tokens accepted (the target chose them too).", ()),
+    "vllm_spec_decode_num_accepted_tokens_per_pos": (
+        "counter", "Speculative tokens accepted, by position in the proposal (0: the first).", ("position",)),
     # vLLM-compatible histograms
     "vllm_time_to_first_token_seconds": ("histogram", "Arrival at the engine to first token.", ()),
     "vllm_inter_token_latency_seconds": ("histogram", "Time between consecutive output deltas, per token.", ()),

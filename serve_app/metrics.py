@@ -125,10 +125,13 @@ class ReplicaMetrics:
         # (step, max_batch_tokens) not yet recorded; bounded in case no stats report comes to record them
         self._pending_steps: deque[tuple[StepStats, int]] = deque(maxlen=MAX_PENDING_STEPS)
         for name, (kind, _, _) in REPLICA_METRICS.items():
-            if kind == "counter" and name != "vllm_request_success":
+            if kind == "counter" and name not in ("vllm_request_success", "vllm_spec_decode_num_accepted_tokens_per_pos"):
                 _start_counters_at_zero(self._metrics[name], [self._tags])
         _start_counters_at_zero(self._metrics["vllm_request_success"],
                                 [{**self._tags, "finished_reason": r} for r in FINISH_REASONS])
+        # The first position's series exists from the start (the others appear with speculation's k).
+        _start_counters_at_zero(self._metrics["vllm_spec_decode_num_accepted_tokens_per_pos"],
+                                [{**self._tags, "position": "0"}])
 
     # -- engine snapshot -------------------------------------------------------------------------
     def observe(self, stats: EngineStats) -> None:
@@ -153,10 +156,17 @@ class ReplicaMetrics:
             "vllm_num_preemptions": stats.num_preemptions_total,
             "vllm_prefix_cache_queries": stats.num_prefix_cache_queries_total,
             "vllm_prefix_cache_hits": stats.num_prefix_cache_hits_total,
+            "vllm_spec_decode_num_drafts": stats.spec_decode.num_drafts,
+            "vllm_spec_decode_num_draft_tokens": stats.spec_decode.num_draft_tokens,
+            "vllm_spec_decode_num_accepted_tokens": stats.spec_decode.num_accepted_tokens,
         }
         with self._lock:
             for name, total in totals.items():
                 self._inc_to(name, f"{name}", total, tags)
+            for position, total in enumerate(stats.spec_decode.num_accepted_tokens_per_pos):
+                self._inc_to("vllm_spec_decode_num_accepted_tokens_per_pos",
+                             f"vllm_spec_decode_num_accepted_tokens_per_pos/{position}", total,
+                             {**tags, "position": str(position)})
             for reason, total in stats.finished_by_reason.items():
                 self._inc_to("vllm_request_success", f"vllm_request_success/{reason}", total,
                              {**tags, "finished_reason": reason})

@@ -39,7 +39,9 @@ from pagedserve.engine.core.request import (
 )
 from pagedserve.engine.core.sampler import SampledBatch, Sampler
 from pagedserve.engine.core.scheduler import Scheduler, SchedulerOutput
-from pagedserve.engine.core.stats import EngineStats, StepStats
+from pagedserve.engine.core.stats import EngineStats, SpecDecodeStats, StepStats
+from pagedserve.engine.spec.ngram import NgramProposer
+from pagedserve.engine.spec.verify import num_accepted
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ class _InFlightStep:
     rows: dict[str, int]  # request id -> row
     sampled: SampledBatch | None  # None when no request of the step samples
     delivered: bool = False
+    # Speculating requests: id -> proposals; such a request has 1 + k consecutive rows from its first.
+    drafts: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -149,6 +153,12 @@ class LLMEngine:
         self.last_step: StepStats | None = None
         self.async_scheduling = settings.async_scheduling
         self._in_flight: _InFlightStep | None = None
+        speculative = settings.speculative
+        self._proposer = NgramProposer(speculative.num_tokens, speculative.prompt_lookup_min,
+                                       speculative.prompt_lookup_max) if speculative.enabled else None
+        self._spec_disable_batch_size = speculative.disable_batch_size
+        self._spec_stats = SpecDecodeStats.empty(speculative.num_tokens if speculative.enabled else 0)
+        self._said_spec_off_for_history = False
         # The model, tokenizer and caches are long-lived: keep them out of every future garbage
         # collection, which otherwise rescans them and costs milliseconds per step.
         gc.collect()
@@ -378,7 +388,7 @@ class LLMEngine:
                 # Only compiles to wait for: sleep on them briefly instead of spinning the step loop.
                 wait_for_futures([g.grammar.future for g in self._compiling.values()], timeout=0.01,
                                  return_when="FIRST_COMPLETED")
-        output = self.scheduler.schedule()
+        output = self.scheduler.schedule(self._propose() if self._proposer is not None else None)
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None and output.is_empty:
             self._deliver(in_flight)
@@ -391,18 +401,19 @@ class LLMEngine:
         if launched is not None:
             # After the delivery, so that each request's one placeholder is its last token.
             self.scheduler.finish_step(output)
-            for request in launched.requests:
+            for request in {r.request_id: r for r in launched.requests}.values():  # speculating: several rows
                 if not request.is_finished:
                     request.output_token_ids.append(_PLACEHOLDER)
             if launched.sampled is not None:  # None: no request sampled (middle chunks of prompts)
-                if self.async_scheduling:
+                # A speculative step is delivered at once: how many tokens it commits decides the next step.
+                if self.async_scheduling and not launched.drafts:
                     self._in_flight = launched
                 else:
                     self._deliver(launched)
         if not output.is_empty:
             self._num_steps_total += 1
-            num_decode = sum(1 for c in output.chunks if c.num_new_tokens == 1 and c.num_computed_tokens
-                             >= c.request.num_prompt_tokens)
+            num_decode = sum(c.num_new_tokens for c in output.chunks if (c.num_new_tokens == 1 or c.draft_token_ids)
+                             and c.num_computed_tokens >= c.request.num_prompt_tokens)
             self.last_step = StepStats(
                 num_prefill_tokens=output.num_batched_tokens - num_decode,
                 num_decode_tokens=num_decode,
@@ -411,6 +422,43 @@ class LLMEngine:
                 num_preempted=len(output.preempted),
             )
         return self._collect_outputs()
+
+    def _propose(self) -> dict[str, list[int]] | None:
+        """Proposals for this step's decoding requests, or None when the step does not speculate (more running
+        requests than `speculative_disable_batch_size`, or none that may). A step in flight is delivered
+        first: proposals continue the real tokens, not placeholders."""
+        running = self.scheduler.running
+        if not running or len(running) > self._spec_disable_batch_size:
+            return None
+        candidates = [request for request in running if self._may_speculate(request)]
+        if not candidates:
+            return None
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            self._deliver(in_flight)
+        drafts: dict[str, list[int]] = {}
+        for request in candidates:
+            if request.is_finished:  # its delivered token ended it
+                continue
+            proposal = self._proposer.propose(request.request_id, request.all_token_ids,
+                                              request.token_limit - request.num_tokens - 1)
+            if proposal:
+                drafts[request.request_id] = proposal
+        return drafts or None
+
+    def _may_speculate(self, request: Request) -> bool:
+        """Decoding, past min_tokens, and sampled without reading earlier tokens: penalties, bad words and
+        grammar masks would need every proposal's own history (not built yet; such requests decode plainly)."""
+        params = request.sampling_params
+        if request.num_tokens - request.num_computed_tokens != 1 or request.num_tokens + 1 >= request.token_limit:
+            return False
+        if params.needs_token_history:
+            if not self._said_spec_off_for_history:
+                self._said_spec_off_for_history = True
+                logger.info("speculative decoding is off for requests with penalties, bad words or structured "
+                            "outputs (request %s and the like decode one token a step)", request.request_id)
+            return False
+        return request.num_output_tokens >= params.min_tokens
 
     @staticmethod
     def _needs_token_values(output: SchedulerOutput) -> bool:
@@ -445,8 +493,16 @@ class LLMEngine:
             rows: list[int] = []
             row_requests: list[Request] = []
             sample_index = 0
+            drafts: dict[str, list[int]] = {}
             for chunk in chunks:
                 if not chunk.samples:
+                    continue
+                if chunk.draft_token_ids:  # a row per proposal and one after them
+                    drafts[chunk.request.request_id] = chunk.draft_token_ids
+                    for _ in range(len(chunk.draft_token_ids) + 1):
+                        rows.append(sample_index)
+                        row_requests.append(chunk.request)
+                        sample_index += 1
                     continue
                 for request in [chunk.request, *output.forks.get(chunk.request.request_id, [])]:
                     rows.append(sample_index)
@@ -460,7 +516,10 @@ class LLMEngine:
         except Exception as exc:  # noqa: BLE001 -- handed to the requests of this step
             self._fail_requests([chunk.request for chunk in chunks], exc)
             return None
-        return _InFlightStep(row_requests, {r.request_id: row for row, r in enumerate(row_requests)}, sampled)
+        first_rows: dict[str, int] = {}
+        for row, request in enumerate(row_requests):
+            first_rows.setdefault(request.request_id, row)
+        return _InFlightStep(row_requests, first_rows, sampled, drafts=drafts)
 
     def _deliver(self, step: _InFlightStep) -> None:
         """Wait for a launched step's tokens on the host and put each in place of its placeholder (once)."""
@@ -473,13 +532,41 @@ class LLMEngine:
             self._fail_requests(step.requests, exc)
             return
         now = time.monotonic()
-        for row, request in enumerate(step.requests):
+        row = 0
+        while row < len(step.requests):
+            request = step.requests[row]
+            drafts = step.drafts.get(request.request_id)
+            if drafts is not None:
+                if not request.is_finished:
+                    self._accept_verified(request, drafts, sampled, row, now)
+                row += len(drafts) + 1
+                continue
+            if not request.is_finished:  # else it ended (stop, abort, error) while its token was in flight
+                self._accept_sampled(request, sampled, row, now)
+            row += 1
+
+    def _accept_sampled(self, request: Request, sampled, row: int, now: float) -> None:
+        logprob = sampled.logprobs[row] if sampled.logprobs is not None else None
+        top = sampled.top_logprobs[row] if sampled.top_logprobs is not None else []
+        rank = sampled.sampled_ranks[row] if sampled.sampled_ranks is not None else None
+        self._accept_token(request, sampled.token_ids[row], logprob, rank, top, now)
+
+    def _accept_verified(self, request: Request, drafts: list[int], sampled, row: int, now: float) -> None:
+        """Commit the target's tokens of a speculating request's rows up to and including the first that
+        differs from its proposal (engine/spec/verify.py), one at a time, so that stop strings, stop ids,
+        max_tokens and logprobs hold for each; tokens after one that ends the request are dropped."""
+        targets = sampled.token_ids[row:row + len(drafts) + 1]
+        accepted = num_accepted(targets, drafts)
+        self._spec_stats.record(len(drafts), accepted)
+        # A seeded request's generator drew a row per proposal: keep the draws of committed tokens only.
+        self.sampler.settle(request.request_id, accepted + 1)
+        for offset in range(accepted + 1):
+            if offset > 0:
+                request.output_token_ids.append(_PLACEHOLDER)
+            self._accept_sampled(request, sampled, row + offset, now)
             if request.is_finished:
-                continue  # ended (stop, abort, error) while its token was in flight: the token is dropped
-            logprob = sampled.logprobs[row] if sampled.logprobs is not None else None
-            top = sampled.top_logprobs[row] if sampled.top_logprobs is not None else []
-            rank = sampled.sampled_ranks[row] if sampled.sampled_ranks is not None else None
-            self._accept_token(request, sampled.token_ids[row], logprob, rank, top, now)
+                return
+        self.scheduler.commit_drafts(request, accepted)
 
     def _build_step_input(self, output: SchedulerOutput, pending_rows: dict[str, int] | None = None) -> StepInput:
         """The step as plain lists. `pending_rows`: request id -> row of the step in flight, for requests
@@ -498,7 +585,12 @@ class LLMEngine:
             request = chunk.request
             start = chunk.num_computed_tokens
             end = start + chunk.num_new_tokens
-            if chunk.num_new_tokens == 1 and end == request.num_tokens:  # a decode: the newest token
+            if chunk.draft_token_ids:  # speculative: the newest token (on the host) and the proposals
+                token_ids.append(request.output_token_ids[-1] if request.output_token_ids
+                                 else request.prompt_token_ids[-1])
+                token_ids.extend(chunk.draft_token_ids)
+                positions.extend(range(start, end))
+            elif chunk.num_new_tokens == 1 and end == request.num_tokens:  # a decode: the newest token
                 token_ids.append(request.output_token_ids[-1] if request.output_token_ids
                                  else request.prompt_token_ids[-1])
                 positions.append(start)
@@ -507,7 +599,9 @@ class LLMEngine:
                 positions.extend(range(start, end))
             query_lens.append(chunk.num_new_tokens)
             seq_lens.append(end)
-            if chunk.samples:
+            if chunk.draft_token_ids:  # logits at every position: each verifies the proposal after it
+                logits_indices.extend(range(len(token_ids) - chunk.num_new_tokens, len(token_ids)))
+            elif chunk.samples:
                 logits_indices.append(len(token_ids) - 1)
                 if pending_rows:
                     source = pending_rows.get(request.request_id)
@@ -578,6 +672,8 @@ class LLMEngine:
         self.scheduler.finish_request(request, reason)
         request.metrics.finished_time = time.monotonic()
         self.sampler.forget(request.request_id)
+        if self._proposer is not None:
+            self._proposer.forget(request.request_id)
         self._finished_by_reason[reason.value] = self._finished_by_reason.get(reason.value, 0) + 1
         group = self._groups.get(request.parent_id or request.request_id)
         if group is not None:
@@ -669,4 +765,5 @@ class LLMEngine:
             last_step_num_prefill_tokens=self.last_step.num_prefill_tokens if self.last_step else 0,
             last_step_num_decode_tokens=self.last_step.num_decode_tokens if self.last_step else 0,
             max_batch_tokens=self.scheduler_settings.max_batch_tokens,
+            spec_decode=self._spec_stats.snapshot(),
         )

@@ -253,6 +253,9 @@ class Sampler:
         self._generators: dict[str, torch.Generator] = {}
         # Seeded requests that continue a completion begun elsewhere: tokens their generator already drew.
         self._skips: dict[str, int] = {}
+        # Seeded requests with several rows in the last batch (speculative decoding): the generator's state
+        # before their first row's draw, and the vocabulary size, until `settle` says how many rows count.
+        self._rewind_points: dict[str, tuple[torch.Tensor, int]] = {}
 
     def skip(self, request_id: str, num_tokens: int) -> None:
         """The request's first `num_tokens` tokens were sampled elsewhere (a `Continuation`): its generator
@@ -288,6 +291,21 @@ class Sampler:
         """Drop the request's generator (finished or aborted); unknown ids are fine (greedy, unseeded)."""
         self._generators.pop(request_id, None)
         self._skips.pop(request_id, None)
+        self._rewind_points.pop(request_id, None)
+
+    def settle(self, request_id: str, num_rows_used: int) -> None:
+        """A request with several rows in the last batch (a speculative step) keeps the draws of its first
+        `num_rows_used` rows only: its generator goes back and draws exactly those again, so it stays
+        advanced once per committed token (the invariant above). No-op for unseeded and one-row requests."""
+        point = self._rewind_points.pop(request_id, None)
+        generator = self._generators.get(request_id)
+        if point is None or generator is None:
+            return
+        state, vocab_size = point
+        generator.set_state(state)
+        row = torch.empty(vocab_size, dtype=torch.float32, device=self.device)
+        for _ in range(num_rows_used):
+            row.exponential_(generator=generator)
 
     def _generator(self, request: Request, seed: int, vocab_size: int) -> torch.Generator:
         generator = self._generators.get(request.request_id)
@@ -306,10 +324,17 @@ class Sampler:
     def _exponential_noise(self, requests: list[Request], vocab_size: int, device: torch.device) -> torch.Tensor:
         noise = torch.empty(len(requests), vocab_size, dtype=torch.float32, device=device)
         unseeded = [index for index, r in enumerate(requests) if r.sampling_params.seed is None]
+        previous_id = None
         for index, request in enumerate(requests):
             seed = request.sampling_params.seed
             if seed is not None:
-                noise[index].exponential_(generator=self._generator(request, seed, vocab_size))
+                generator = self._generator(request, seed, vocab_size)
+                # Rows of one request are consecutive (one per proposal and one more): note where they start.
+                if request.request_id != previous_id and index + 1 < len(requests) and \
+                        requests[index + 1].request_id == request.request_id:
+                    self._rewind_points[request.request_id] = (generator.get_state(), vocab_size)
+                noise[index].exponential_(generator=generator)
+            previous_id = request.request_id
         if unseeded:
             rows = _rows_tensor(unseeded, torch.int64, device)
             drawn = torch.empty(len(unseeded), vocab_size, dtype=torch.float32, device=device)

@@ -18,6 +18,13 @@ prefill, only the order differs. With chunked prefill off a prompt cannot be spl
 prefill is taken whole even past the bound (never past `max_batch_tokens`); otherwise a prompt longer
 than the bound would wait for a step without decodes, which steady traffic may never give. n > 1 children
 forked from a prompt cost no tokens of their own and are decodes from the next step on.
+
+Speculative decoding: `schedule(drafts)` takes proposed tokens per decoding request; such a request's chunk
+carries them (1 + k new tokens: its last token and the proposals), within the step's token budget and only
+if its blocks have room for all of them: when they do not, the request decodes one token, so speculation
+never preempts. `finish_step` counts only the last token as computed; `commit_drafts` then adds the
+accepted proposals, so the K/V written for rejected ones lies past `num_computed_tokens` (overwritten
+later) and the prefix cache only ever registers blocks full of committed tokens.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ class ScheduledChunk:
     num_new_tokens: int
     # True when this chunk reaches the end of the known tokens: its last logits give a new token.
     samples: bool
+    # Proposed tokens scored after the request's last one (speculative decoding): logits at every one.
+    draft_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -80,6 +89,7 @@ class Scheduler:
     def __init__(self, config: SchedulerSettings, kv_cache: KVCacheManager) -> None:
         self.config = config
         self.kv_cache = kv_cache
+        self._drafts: dict[str, list[int]] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._awaiting_fork: dict[str, list[Request]] = {}
@@ -102,8 +112,10 @@ class Scheduler:
         return sum(1 for request in self.waiting if request.status is RequestStatus.PREEMPTED)
 
     # ---- one step ------------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, drafts: dict[str, list[int]] | None = None) -> SchedulerOutput:
+        """`drafts`: request id -> proposed tokens, for decoding requests that speculate this step."""
         output = SchedulerOutput()
+        self._drafts = drafts or {}
         is_decoding = any(self._is_decoding(request) for request in self.running)
         budget = _StepBudget(self.config.max_batch_tokens,
                              self.config.max_prefill_tokens_while_decoding if is_decoding else None)
@@ -152,6 +164,13 @@ class Scheduler:
             if num_new == 0:
                 index += 1
                 continue
+            drafts = self._fit_drafts(request, num_needed, budget)
+            if drafts:
+                self._add_chunk(output, request, request.num_computed_tokens, 1 + len(drafts), drafts)
+                scheduled_ids.add(request.request_id)
+                budget.take(1 + len(drafts), is_prefill=False)
+                index += 1
+                continue
             while not self.kv_cache.allocate_slots(request.request_id, request.num_computed_tokens, num_new):
                 victim = self._pick_victim(scheduled_ids)
                 self._preempt(victim, output)
@@ -162,6 +181,20 @@ class Scheduler:
                 scheduled_ids.add(request.request_id)
                 budget.take(num_new, is_prefill=num_needed > 1)
                 index += 1
+
+    def _fit_drafts(self, request: Request, num_needed: int, budget: _StepBudget) -> list[int]:
+        """The proposals a decoding request scores this step: as many as the budget and the request's length
+        limit allow, [] if its blocks cannot take them all (it then decodes one token, the usual way)."""
+        drafts = self._drafts.get(request.request_id)
+        if not drafts or num_needed != 1:
+            return []
+        # Every committed token counts: the last proposal's bonus token must stay within the limit too.
+        room = min(budget.tokens - 1, request.token_limit - request.num_tokens - 1)
+        drafts = drafts[:max(0, room)]
+        if drafts and not self.kv_cache.allocate_slots(request.request_id, request.num_computed_tokens,
+                                                       1 + len(drafts)):
+            return []
+        return drafts
 
     def _pick_victim(self, scheduled_ids: set[str]) -> Request:
         """The newest running request not yet scheduled this step (the current one as a last resort)."""
@@ -196,8 +229,12 @@ class Scheduler:
             self._add_chunk(output, request, num_cached, num_new)
             budget.take(num_new, is_prefill=True)
 
-    def _add_chunk(self, output: SchedulerOutput, request: Request, num_computed: int, num_new: int) -> None:
-        chunk = ScheduledChunk(request, num_computed, num_new, samples=num_computed + num_new == request.num_tokens)
+    def _add_chunk(self, output: SchedulerOutput, request: Request, num_computed: int, num_new: int,
+                   drafts: list[int] | None = None) -> None:
+        drafts = drafts or []
+        chunk = ScheduledChunk(request, num_computed, num_new,
+                               samples=num_computed + num_new - len(drafts) == request.num_tokens,
+                               draft_token_ids=drafts)
         output.chunks.append(chunk)
         children = self._awaiting_fork.get(request.request_id)
         if children and chunk.samples and request.num_output_tokens == 0:
@@ -220,14 +257,23 @@ class Scheduler:
         output.preempted.append(request)
 
     def finish_step(self, output: SchedulerOutput) -> None:
-        """Advance computed-token counts after the model ran (before sampled tokens are appended)."""
-        block_size = self.kv_cache.block_size
+        """Advance computed-token counts after the model ran (before sampled tokens are appended). Proposals
+        are not counted: `commit_drafts` adds the accepted ones once they are known."""
         for chunk in output.chunks:
-            request = chunk.request
-            before = request.num_computed_tokens
-            request.num_computed_tokens = chunk.num_computed_tokens + chunk.num_new_tokens
-            if request.num_computed_tokens // block_size > before // block_size:
-                self.kv_cache.cache_full_blocks(request.request_id, request.all_token_ids, request.num_computed_tokens)
+            self._advance(chunk.request, chunk.num_computed_tokens + chunk.num_new_tokens - len(chunk.draft_token_ids))
+
+    def commit_drafts(self, request: Request, num_accepted: int) -> None:
+        """`num_accepted` proposals of the request's last speculative step are now its tokens (appended):
+        their K/V, written by that step, counts as computed. Rejected ones' slots are simply written again."""
+        if num_accepted > 0 and not request.is_finished:
+            self._advance(request, request.num_computed_tokens + num_accepted)
+
+    def _advance(self, request: Request, num_computed: int) -> None:
+        block_size = self.kv_cache.block_size
+        before = request.num_computed_tokens
+        request.num_computed_tokens = num_computed
+        if num_computed // block_size > before // block_size:
+            self.kv_cache.cache_full_blocks(request.request_id, request.all_token_ids, num_computed)
 
     # ---- endings -------------------------------------------------------------------------------
     def finish_request(self, request: Request, reason: FinishReason) -> None:

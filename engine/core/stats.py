@@ -6,6 +6,46 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class SpecDecodeCounts:
+    """Speculative decoding since start (vLLM's spec_decode_* counters): verifications (`num_drafts`),
+    proposed and accepted tokens, and accepted tokens by proposal position (index j: the (j+1)-th proposal)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: tuple[int, ...] = ()
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
+
+
+@dataclass
+class SpecDecodeStats:
+    """The engine's running speculative counters (mutable); `snapshot()` for `EngineStats`."""
+
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    num_accepted_tokens_per_pos: list[int]
+
+    @classmethod
+    def empty(cls, num_speculative_tokens: int) -> "SpecDecodeStats":
+        return cls(0, 0, 0, [0] * num_speculative_tokens)
+
+    def record(self, num_proposed: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_proposed
+        self.num_accepted_tokens += num_accepted
+        for position in range(num_accepted):
+            self.num_accepted_tokens_per_pos[position] += 1
+
+    def snapshot(self) -> SpecDecodeCounts:
+        return SpecDecodeCounts(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
+                                tuple(self.num_accepted_tokens_per_pos))
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """What a replica reports upward. Block counts are those of the most constrained layer group."""
 
@@ -32,6 +72,7 @@ class EngineStats:
     last_step_num_prefill_tokens: int = 0
     last_step_num_decode_tokens: int = 0
     max_batch_tokens: int = 0
+    spec_decode: SpecDecodeCounts = field(default_factory=SpecDecodeCounts)
 
     @property
     def num_free_tokens(self) -> int:

@@ -1,0 +1,174 @@
+"""Speculative decoding (ngram) through the engine: the output is exactly the plain engine's.
+
+Random-weight tiny models fall into loops, and the prompts repeat themselves, so proposals do get accepted
+(each test checks that they did). Greedy: token for token and logprobs; seeded sampling: the same tokens
+too (each committed token is the one plain decoding draws with the same noise: engine/spec/verify.py); a
+statistical test compares unrelated seeds' token frequencies with and without speculation.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from pagedserve.engine.core.request import Continuation, SamplingParams
+from pagedserve.engine.llm import LLM
+
+REPEATING = [
+    [5, 9, 33, 7, 81, 12, 40, 41, 42, 5, 9, 33, 7, 81, 12, 40, 41, 42, 5, 9],
+    [60, 61, 62, 63, 60, 61, 62, 63, 60, 61],
+    [100, 101, 102, 103, 104, 105, 106, 107, 108, 100, 101, 102],
+]
+GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+
+def make_llm(model_dir, **config) -> LLM:
+    return LLM(str(model_dir), dtype="float32", **{"block_size": 8, "num_blocks": 96, **config})
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model_dir):
+    return make_llm(tiny_model_dir("llama"))
+
+
+def generate(llm: LLM, prompts, params):
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    llm.engine.kv_cache.check_invariants()
+    stats = llm.engine.get_stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
+    return outputs
+
+
+def completions(outputs):
+    return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in out.outputs] for out in outputs]
+
+
+def assert_accepted(llm: LLM) -> None:
+    counts = llm.engine.get_stats().spec_decode
+    assert counts.num_accepted_tokens > 0, counts
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_output_and_logprobs_equal_plain(tiny_model_dir, arch, k):
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2)
+    reference = generate(make_llm(tiny_model_dir(arch)), REPEATING, params)
+    llm = make_llm(tiny_model_dir(arch), speculative_method="ngram", num_speculative_tokens=k)
+    outputs = generate(llm, REPEATING, params)
+    assert completions(outputs) == completions(reference)
+    for out, ref in zip(outputs, reference):
+        for got, want in zip(out.outputs[0].logprobs, ref.outputs[0].logprobs):
+            assert got.keys() == want.keys()
+            for token_id in got:
+                assert got[token_id].logprob == pytest.approx(want[token_id].logprob, abs=1e-4)
+                assert got[token_id].rank == want[token_id].rank
+    assert_accepted(llm)
+    counts = llm.engine.get_stats().spec_decode
+    assert len(counts.num_accepted_tokens_per_pos) == k and sum(counts.num_accepted_tokens_per_pos) == \
+        counts.num_accepted_tokens
+
+
+def test_chunked_prefill_prefix_caching_and_preemption(tiny_model_dir, plain):
+    shared = REPEATING[0] * 2
+    prompts = [shared + [7, 8], shared + [9], REPEATING[1] * 3, REPEATING[2]]
+    config = dict(num_blocks=14, max_batch_tokens=16, speculative_disable_batch_size=8)
+    reference = generate(make_llm(tiny_model_dir("llama"), **config), prompts, GREEDY)
+    llm = make_llm(tiny_model_dir("llama"), speculative_method="ngram", num_speculative_tokens=4, **config)
+    outputs = generate(llm, prompts, GREEDY)
+    assert completions(outputs) == completions(reference)
+    stats = llm.engine.get_stats()
+    assert stats.num_preemptions_total > 0 and stats.num_prefix_cache_hits_total > 0
+    assert_accepted(llm)
+
+
+def test_max_tokens_stop_ids_and_stop_strings_inside_accepted_runs(tiny_model_dir, plain):
+    prompt = REPEATING[0]
+    full = generate(plain, [prompt], GREEDY)[0].outputs[0]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in range(1, 30)]
+    params += [SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[token]) for token in set(full.token_ids)]
+    words = full.text.split()
+    params += [SamplingParams(temperature=0, max_tokens=40, stop=[" ".join(words[i:i + 2])], ignore_eos=True)
+               for i in range(2, 20, 3)]
+    params += [SamplingParams(temperature=0, max_tokens=40, stop=[" ".join(words[i:i + 2])], ignore_eos=True,
+                              include_stop_str_in_output=True) for i in range(4, 20, 5)]
+    prompts = [prompt] * len(params)
+    reference = generate(plain, prompts, params)
+    llm = make_llm(tiny_model_dir("llama"), speculative_method="ngram", num_speculative_tokens=5,
+                   speculative_disable_batch_size=len(prompts))
+    assert completions(generate(llm, prompts, params)) == completions(reference)
+    assert_accepted(llm)
+
+
+def test_seeded_sampling_and_n_equal_plain(tiny_model_dir, plain):
+    params = [SamplingParams(temperature=0.7, top_k=4, seed=seed, max_tokens=30, ignore_eos=True, logprobs=0)
+              for seed in range(6)]
+    params.append(SamplingParams(n=3, temperature=0.6, top_p=0.9, seed=11, max_tokens=20, ignore_eos=True))
+    prompts = [REPEATING[i % 3] for i in range(len(params))]
+    reference = generate(plain, prompts, params)
+    llm = make_llm(tiny_model_dir("llama"), speculative_method="ngram", num_speculative_tokens=3,
+                   speculative_disable_batch_size=16)
+    first = generate(llm, prompts, params)
+    assert completions(first) == completions(reference)
+    assert completions(generate(llm, prompts, params)) == completions(first)  # reproducible
+    assert_accepted(llm)
+
+
+def test_sampled_distribution_is_preserved(tiny_model_dir, plain):
+    """Frequencies of consecutive token pairs at output positions 1..4 (the ones proposals cover), unrelated
+    seeds with and without speculation: pairs, because a wrong acceptance rule shows in how a token follows
+    the one before it more than in single tokens' frequencies. A sanity bound (400 samples a side, about 0.1 of
+    total variation by chance here); the sharp check is the seeded equality above."""
+    num_samples = 400
+
+    def frequencies(llm: LLM, first_seed: int) -> list[collections.Counter]:
+        params = [SamplingParams(temperature=0.8, top_k=3, seed=first_seed + i, max_tokens=5, ignore_eos=True)
+                  for i in range(num_samples)]
+        outputs = generate(llm, [REPEATING[1]] * num_samples, params)
+        return [collections.Counter(tuple(out.outputs[0].token_ids[p:p + 2]) for out in outputs) for p in (1, 3)]
+
+    llm = make_llm(tiny_model_dir("llama"), speculative_method="ngram", num_speculative_tokens=3,
+                   speculative_disable_batch_size=num_samples)
+    with_spec, without = frequencies(llm, 0), frequencies(plain, 10_000)
+    assert_accepted(llm)
+    for got, want in zip(with_spec, without):
+        total_variation = sum(abs(got[t] - want[t]) for t in got.keys() | want.keys()) / (2 * num_samples)
+        assert total_variation < 0.15, (total_variation, got, want)
+
+
+def test_streaming_deltas_with_several_tokens_and_adaptive_batch_rule(tiny_model_dir, plain):
+    # Four requests with a threshold of 2: plain steps first, speculative ones once two have finished.
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (6, 8, 40, 40)]
+    prompts = [REPEATING[0], REPEATING[1], REPEATING[2], REPEATING[0]]
+    reference = generate(plain, prompts, params)
+    llm = make_llm(tiny_model_dir("llama"), speculative_method="ngram", num_speculative_tokens=4,
+                   speculative_disable_batch_size=2)
+    engine = llm.engine
+    for index, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(str(index), prompt, p)
+    streamed: dict[str, list[int]] = collections.defaultdict(list)
+    largest_delta = 0
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            tokens = delta.outputs[0].token_ids
+            streamed[delta.request_id] += tokens
+            largest_delta = max(largest_delta, len(tokens))
+    assert [streamed[str(i)] for i in range(4)] == [r.outputs[0].token_ids for r in reference]
+    assert largest_delta > 1
+    assert_accepted(llm)
+
+
+def test_penalties_decode_plainly_and_continuations_go_on(tiny_model_dir, plain):
+    penalized = SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3, ignore_eos=True)
+    llm = make_llm(tiny_model_dir("llama"), speculative_method="ngram", num_speculative_tokens=3)
+    assert completions(generate(llm, [REPEATING[0]], penalized)) == completions(
+        generate(plain, [REPEATING[0]], penalized))
+    assert llm.engine.get_stats().spec_decode.num_drafts == 0
+    full = generate(plain, [REPEATING[0]], GREEDY)[0].outputs[0].token_ids
+    llm.engine.add_request("c", REPEATING[0], GREEDY, continuation=Continuation(tuple(full[:7])))
+    rest: list[int] = []
+    while llm.engine.has_unfinished_requests():
+        for delta in llm.engine.step():
+            rest += delta.outputs[0].token_ids
+    assert full[:7] + rest == full
+    assert_accepted(llm)
