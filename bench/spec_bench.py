@@ -92,8 +92,9 @@ def main() -> None:
     parser.add_argument("--prompt-lookup-max", type=int, default=4)
     parser.add_argument("--prompt-lookup-min", type=int, default=1)
     parser.add_argument("--num-prompts", type=int, default=8, help="requests per batch-1 workload")
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--passage-tokens", type=int, default=400)
+    parser.add_argument("--max-tokens", type=int, default=200)
+    # The presets train on 512-token windows: passage + restart + output stay within them.
+    parser.add_argument("--passage-tokens", type=int, default=240)
     parser.add_argument("--restart-tokens", type=int, default=24)
     parser.add_argument("--free-prompt-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64", help="the sweep (edit workload); '' skips it")
