@@ -17,6 +17,7 @@ Quantization = Literal["none", "bnb-4bit", "bnb-8bit", "fp8"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 KVCacheDType = Literal["auto", "fp8"]
 SpeculativeMethod = Literal["none", "ngram", "draft"]
+MoeBackend = Literal["auto", "fused", "transformers"]
 
 
 class ConfigError(ValueError):
@@ -108,6 +109,13 @@ class EngineConfig(BaseModel):
     decode_linear: bool = Field(
         True, description="On a GPU, run the bf16/fp16 linear layers of one-token steps (batch-1 decode) with a "
         "Triton GEMM that streams each weight once over every SM (engine/kernels/decode_linear.py); cuBLAS otherwise.",
+    )
+    moe_backend: MoeBackend = Field(
+        "auto", description="Mixture-of-experts layers. fused: the experts of Qwen2-MoE, Qwen3-MoE, Mixtral and OLMoE "
+        "(transformers' fused-experts layout with a SiLU gate) run as grouped GEMMs (engine/kernels/moe/: Triton "
+        "kernels, torch grouped_mm on Hopper in bf16, a PyTorch reference on CPU); other MoE families (gpt-oss, "
+        "per-expert modules) keep transformers' code, logged at start-up. transformers: transformers' own experts "
+        "code for every family. auto: fused on a GPU with Triton, transformers elsewhere.",
     )
     compile: bool | None = Field(
         None, description="torch.compile the decoder layers; None: on for CUDA (not with bitsandbytes), off on CPU."

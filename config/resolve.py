@@ -180,6 +180,7 @@ class RunnerSettings:
     cuda_graph_max_batch_size: int
     tp_size: int
     compile: CompileSettings = field(default_factory=lambda: CompileSettings(enabled=False))
+    moe_backend: Literal["fused", "transformers"] = "transformers"  # experts of MoE blocks (engine/kernels/moe/)
 
 
 @dataclass(frozen=True)
@@ -306,6 +307,20 @@ def resolve_fp8_checkpoint(config: EngineConfig, device: DeviceType, dtype: DTyp
     if unavailable is None:
         return "fp8", "the checkpoint stores FP8 weights and this GPU runs FP8 GEMMs"
     return "none", f"the checkpoint's FP8 weights are dequantized to {dtype} at load: {unavailable}"
+
+
+def resolve_moe_backend(config: EngineConfig, device: DeviceType, platform: Platform) -> Literal["fused", "transformers"]:
+    """`moe_backend`: auto is fused on a GPU with Triton (CUDA graphs need the Triton/grouped_mm kernels: the
+    reference syncs with the host) and transformers' experts code elsewhere; fused on CPU runs the reference
+    (tests). Not a logged decision: models without MoE blocks are unaffected, and the runner logs, for a model
+    with them, which families take which path."""
+    has_triton = platform.triton_unavailable_reason == ""
+    if config.moe_backend == "fused" and device == "cuda" and not has_triton:
+        raise ConfigError(f"EngineConfig.moe_backend='fused' on CUDA needs Triton ({platform.triton_unavailable_reason}); "
+                          "use moe_backend='transformers' or 'auto'")
+    if config.moe_backend != "auto":
+        return config.moe_backend
+    return "fused" if device == "cuda" and has_triton else "transformers"
 
 
 def resolve_auto_attention_backend(device: DeviceType, platform: Platform) -> tuple[str, str]:
@@ -444,6 +459,7 @@ def resolve(
     speculative = resolve_speculative(config)
     programmatic_launch = config.programmatic_launch and device == "cuda" and platform.supports_programmatic_launch
     decode_linear = config.decode_linear and device == "cuda"
+    moe_backend = resolve_moe_backend(config, device, platform)
 
     return ResolvedConfig(
         load=LoadSettings(
@@ -464,7 +480,7 @@ def resolve(
         ),
         runner=RunnerSettings(
             device=device, dtype=dtype, attention_backend=backend, fuse_projections=config.fuse_projections,
-            decode_linear=decode_linear, programmatic_launch=programmatic_launch,
+            decode_linear=decode_linear, moe_backend=moe_backend, programmatic_launch=programmatic_launch,
             cuda_graphs=cuda_graphs_off is None, cuda_graph_max_batch_size=config.cuda_graph_max_batch_size,
             tp_size=config.tp_size,
             compile=CompileSettings(

@@ -24,6 +24,9 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 VOCAB_SIZE = 256
 EOS_ID, BOS_ID, PAD_ID = 1, 2, 0
 ARCHS = ("llama", "mistral", "gemma2", "qwen2")
+# Mixture-of-experts families whose experts take the fused path (engine/kernels/moe/); gpt-oss keeps
+# transformers' code (and its attention sinks are not run by the paged attention), so it is not built here.
+MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 
 BPE_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}{% endfor %}"
@@ -81,13 +84,15 @@ def make_bpe_tokenizer(max_position_embeddings: int = 512):
 
 def _configs(vocab_size: int, eos_id: int, bos_id: int, pad_id: int, num_hidden_layers: int,
              num_key_value_heads: int, max_position_embeddings: int) -> dict:
-    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (Gemma2Config, LlamaConfig, MistralConfig, MixtralConfig, OlmoeConfig, Qwen2Config,
+                              Qwen2MoeConfig, Qwen3MoeConfig)
 
     common = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=num_hidden_layers,
         num_attention_heads=4, num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
         eos_token_id=eos_id, bos_token_id=bos_id, pad_token_id=pad_id,
     )
+    moe = dict(common, intermediate_size=32, initializer_range=0.1)
     return {
         "llama": LlamaConfig(**common),
         # A window shorter than most prompts, so the ring of blocks really recycles.
@@ -96,7 +101,25 @@ def _configs(vocab_size: int, eos_id: int, bos_id: int, pad_id: int, num_hidden_
         "gemma2": Gemma2Config(**common, head_dim=16, sliding_window=24, attn_logit_softcapping=50.0,
                                final_logit_softcapping=30.0, query_pre_attn_scalar=16),
         "qwen2": Qwen2Config(**common),
+        # 8 experts of width 32, top-2 (top-3 for Qwen3-MoE, whose top-k weights are renormalized), weights of
+        # std 0.1 (not 0.02) so that the experts move the logits enough for a wrong expert to change a token.
+        "qwen3_moe": Qwen3MoeConfig(**moe, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=3,
+                                    norm_topk_prob=True, head_dim=16),
+        # A shared expert beside the routed ones, and top-k weights left unnormalized.
+        "qwen2_moe": Qwen2MoeConfig(**moe, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                    num_experts=8, num_experts_per_tok=2),
+        # Softmax over all experts, then the top-k renormalized (kept in float32).
+        "mixtral": MixtralConfig(**moe, num_local_experts=8, num_experts_per_tok=2),
+        "olmoe": OlmoeConfig(**moe, num_experts=8, num_experts_per_tok=2),
     }
+
+
+def tiny_config(arch: str, *, num_hidden_layers: int = 4, num_key_value_heads: int = 2,
+                max_position_embeddings: int = 512):
+    """The config `build_tiny_model` saves for `arch` with the word-level tokenizer (for models built in memory)."""
+    return _configs(vocab_size=VOCAB_SIZE, eos_id=EOS_ID, bos_id=BOS_ID, pad_id=PAD_ID,
+                    num_hidden_layers=num_hidden_layers, num_key_value_heads=num_key_value_heads,
+                    max_position_embeddings=max_position_embeddings)[arch]
 
 
 def build_tiny_model(

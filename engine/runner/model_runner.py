@@ -35,6 +35,7 @@ from pagedserve.engine.runner.compile import CompiledForward
 from pagedserve.engine.runner.cuda_graphs import DecodeGraphs
 from pagedserve.engine.kernels.decode_linear import use_decode_linear
 from pagedserve.engine.kernels.fused_projections import ProjectionFusion
+from pagedserve.engine.kernels.moe.experts import moe_blocks, use_fused_moe
 from pagedserve.engine.runner.loader import LoadedModel, weights_footprint_bytes
 from pagedserve.engine.runner.step_input import StepInput, fill_pending_tokens, host_block_table_and_slots, to_device
 
@@ -84,6 +85,11 @@ class ModelRunner:
         # PDL for every Triton kernel this runner launches, and for inductor's (engine/kernels/launch.py).
         self.programmatic_launch = settings.programmatic_launch
         self.backend = get_attention_backend(settings.attention_backend, self.device, self.programmatic_launch)
+        # MoE experts on the fused kernels (engine/kernels/moe/), before the probe's forward runs them once.
+        self._moe = use_fused_moe(self.model) if settings.moe_backend == "fused" else None
+        if self._moe is None and moe_blocks(self.model):
+            logger.info("MoE experts: transformers' code in all %d MoE blocks (moe_backend=transformers)",
+                        len(moe_blocks(self.model)))
         # The shape probe's forward also shows which projections share an input (engine/kernels/fused_projections.py).
         self._fusion = ProjectionFusion.watch(self.model) if settings.fuse_projections else None
         self.shape = self._probe_shape()
@@ -360,15 +366,17 @@ class ModelRunner:
         return True
 
     def shutdown(self) -> None:
-        """Give the model back as it came: decoder layers compiled in place are made eager again and fused
-        projections are split again (a model passed in by the caller, `LLM.from_model`, is the caller's
-        object)."""
+        """Give the model back as it came: decoder layers compiled in place are made eager again, fused
+        projections are split again and MoE experts take transformers' code again (a model passed in by the
+        caller, `LLM.from_model`, is the caller's object)."""
         if isinstance(self._step_model, CompiledForward):
             self._step_model.uncompile()
         if self._decode_linear is not None:
             self._decode_linear.undo()
         if self._fusion is not None:
             self._fusion.undo()
+        if self._moe is not None:
+            self._moe.undo()
         self._decode_graphs = None
 
     @torch.inference_mode()

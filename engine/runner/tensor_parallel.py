@@ -23,7 +23,11 @@ heads than ranks it would cut one head's dimensions across ranks; we keep, on ea
 KV head its query heads read; (3) our paged attention must see plain per-rank tensors with whole
 heads. Beyond the plan we shard the LM head by vocabulary rows (all-gather of the logits, as
 transformers' "colwise_gather_output") and the input embedding by vocabulary (mask, look up,
-all-reduce), each only when the vocabulary divides. FP8 layers (`quantization="fp8"`) are cut the same way with
+all-reduce), each only when the vocabulary divides. MoE experts follow the plan too: where it names them
+(transformers 5.17's Qwen3-MoE and Mixtral plans: "packed_colwise" gate_up_proj, "rowwise" down_proj, and
+"moe_tp_experts", an all-reduce of the experts' output) each rank keeps a slice of every expert's width, and the
+fused MoE kernels run on that slice; where it does not (5.25 moved experts to an expert-parallel plan, which we
+do not run), every rank holds every expert whole. FP8 layers (`quantization="fp8"`) are cut the same way with
 their per-row scales: a column-parallel rank keeps its rows' scales, a row-parallel rank every scale (a row's
 scale covers all its columns). They are FP8 before the cut (engine/runner/loader.py), so every rank holds the
 e4m3 weights and scales of a TP=1 engine; only the per-token activation scales of a row-parallel layer differ
@@ -207,6 +211,9 @@ def check_shardable(model_config: Any, tp_size: int) -> None:
         )
     if intermediate is not None and intermediate % tp_size:
         raise ConfigError(f"EngineConfig.tp_size={tp_size} must divide the MLP width {intermediate}")
+    expert_width = getattr(text, "moe_intermediate_size", None) or intermediate
+    if "moe_tp_experts" in plan.values() and expert_width is not None and expert_width % tp_size:
+        raise ConfigError(f"EngineConfig.tp_size={tp_size} must divide the experts' width {expert_width}")
 
 
 def _pattern_regex(pattern: str) -> re.Pattern:
@@ -259,6 +266,13 @@ def shard_model(model: nn.Module, group: RankGroup) -> None:
         style = next((s for p, s in plan.items() if _pattern_regex(p).match(name)), None)
         if style is None:
             continue
+        if style == "replicated_with_grad_allreduce":  # Qwen3's per-head q/k norms: whole on every rank
+            continue
+        if style == "moe_tp_experts":  # transformers <= 5.2x's plans for Qwen3-MoE and Mixtral name the experts
+            _shard_experts(module, name, plan, rank, world)
+            module.register_forward_hook(lambda _m, _i, output: group.all_reduce(output))
+            applied += 1
+            continue
         if not isinstance(module, (nn.Linear, Fp8Linear)):
             raise ConfigError(f"tensor-parallel plan entry {name!r} ({style}) is not a linear layer")
         leaf = name.rsplit(".", 1)[-1]
@@ -277,6 +291,31 @@ def shard_model(model: nn.Module, group: RankGroup) -> None:
     if not applied:
         raise ConfigError(f"the tensor-parallel plan {plan} matched no layer of {type(base).__name__}")
     _shard_vocab(model, group)
+
+
+def _shard_experts(experts: nn.Module, name: str, plan: dict[str, str], rank: int, world: int) -> None:
+    """A MoE block's experts module under the plan's "moe_tp_experts": each rank keeps its slice of every
+    expert's intermediate features, the gate and up rows of `gate_up_proj` [E, 2I, H] ("packed_colwise": the
+    same slice of each half) and the columns of `down_proj` [E, H, I] ("rowwise"), so its output is a partial
+    sum that the module's all-reduce hook completes (transformers' MoeExpertsParallel). The fused MoE kernels
+    (engine/kernels/moe/) and transformers' experts code both run on the cut as on a narrower model."""
+    styles = {param: next((s for p, s in plan.items() if _pattern_regex(p).match(f"{name}.{param}")), None)
+              for param in ("gate_up_proj", "down_proj")}
+    if styles != {"gate_up_proj": "packed_colwise", "down_proj": "rowwise"}:
+        raise ConfigError(f"tensor-parallel plan for the experts {name!r}: {styles} is not supported by pagedserve")
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if getattr(experts, "is_transposed", False) or not getattr(experts, "is_concatenated", True) \
+            or getattr(experts, "has_bias", False) or gate_up.dim() != 3:
+        raise ConfigError(f"tensor parallel of the experts {name!r}: transposed, interleaved or biased expert weights "
+                          "are not supported by pagedserve")
+    intermediate = gate_up.shape[1] // 2
+    rows = _split(intermediate, rank, world)
+    gate_rows = gate_up.data[:, rows]
+    up_rows = gate_up.data[:, intermediate + rows.start : intermediate + rows.stop]
+    experts.gate_up_proj = nn.Parameter(torch.cat([gate_rows, up_rows], dim=1).contiguous(), requires_grad=False)
+    experts.down_proj = nn.Parameter(down.data[:, :, rows].contiguous(), requires_grad=False)
+    if hasattr(experts, "intermediate_dim"):
+        experts.intermediate_dim = rows.stop - rows.start
 
 
 def _shard_vocab(model: nn.Module, group: RankGroup) -> None:

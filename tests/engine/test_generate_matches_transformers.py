@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from pagedserve.engine.llm import LLM
 from pagedserve.engine.core.request import SamplingParams
 
-from tiny_models import ARCHS, VOCAB_SIZE
+from tiny_models import ARCHS, MOE_ARCHS, VOCAB_SIZE
 
 MAX_TOKENS = 24
 
@@ -66,6 +66,28 @@ def test_greedy_matches_transformers(tiny_model_dir, arch, setup):
     llm.engine.kv_cache.check_invariants()
     if setup == "preempting":
         assert stats.num_preemptions_total > 0, "the tiny cache was meant to force preemption"
+
+
+# MoE models with their experts on the fused path (engine/kernels/moe/: the reference on CPU) under the
+# model's own router; one family also with preemption (and prompts chunked by its 32-token budget).
+MOE_SETUPS = [(arch, "default") for arch in MOE_ARCHS] + [("qwen3_moe", "preempting")]
+
+
+@pytest.mark.parametrize(("arch", "setup"), MOE_SETUPS)
+def test_moe_greedy_matches_transformers(tiny_model_dir, arch, setup):
+    model_dir = tiny_model_dir(arch)
+    prompts = random_prompts(seed=1)
+    expected = reference_outputs(model_dir, arch, prompts, seed=1)
+    llm = LLM(str(model_dir), dtype="float32", block_size=8, moe_backend="fused", **ENGINE_SETUPS[setup])
+    assert type(llm.engine.runner.model.model.layers[0].mlp.experts).__name__ == "FusedExperts"
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    for prompt, output, want in zip(prompts, outputs, expected):
+        assert output.outputs[0].token_ids == want, f"{arch}/{setup}: prompt of {len(prompt)} tokens diverged"
+    plan = llm.engine.memory_plan
+    experts_bytes = sum(p.numel() * p.element_size() for n, p in llm.engine.runner.model.named_parameters()
+                        if ".experts." in n)
+    assert experts_bytes and plan.weights_bytes >= experts_bytes  # the plan counts the experts' weights
+    llm.engine.shutdown()
 
 
 def test_sliding_window_holds_window_many_blocks(tiny_model_dir):
@@ -129,3 +151,35 @@ def test_gpu_backends_match_reference_backend(tiny_model_dir, arch):
             want = got
         else:
             assert got == want, f"{arch}: {backend} {extra} diverged from the reference backend"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_gpu_fused_moe_matches_transformers_experts_bf16(tiny_model_dir, arch):
+    """bf16 on the GPU: the fused experts (compiled layers, decode CUDA graphs; a 700-token first step on
+    grouped_mm where it runs, decode batches of 12 on the Triton grouped GEMM, a lone request on the per-pair
+    kernel) give the greedy tokens of transformers' experts code run eagerly, except where the two part at a
+    bf16 near tie (the reference's top two logprobs within 0.1), after which their contexts differ."""
+    prompts = random_prompts(seed=2, count=12, low=20, high=100)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2)
+    runs = {}
+    for backend, extra in (("transformers", {"compile": False, "enable_cuda_graphs": False}),
+                           ("fused", {"cuda_graph_max_batch_size": 16})):
+        torch._dynamo.reset()
+        llm = LLM(str(tiny_model_dir(arch)), dtype="bfloat16", block_size=16, moe_backend=backend,
+                  max_batch_tokens=1024, device="cuda", **extra)
+        if backend == "fused":
+            assert llm.engine.runner.is_compiled and llm.engine.runner._decode_graphs is not None
+        outputs = llm.generate(prompts, params, use_tqdm=False) + llm.generate(prompts[:1], params, use_tqdm=False)
+        runs[backend] = [list(zip(o.outputs[0].token_ids, o.outputs[0].logprobs)) for o in outputs]
+        llm.engine.shutdown()
+    parted = 0
+    for index, (want, got) in enumerate(zip(runs["transformers"], runs["fused"])):
+        for (token, top), (fused_token, _) in zip(want, got):
+            if fused_token != token:
+                first, second = sorted((entry.logprob for entry in top.values()), reverse=True)[:2]
+                assert first - second < 0.1, f"{arch}: request {index} parted away from a near tie"
+                parted += 1
+                break
+    assert parted <= len(prompts) // 3, f"{arch}: {parted} of {len(prompts) + 1} requests parted at near ties"

@@ -311,3 +311,58 @@ def test_tp2_nccl_fp8_checkpoint_on_gpus_matches_tp1(model_dirs: dict[str, Path]
     assert fp8_layers and all(m.use_scaled_mm for m in fp8_layers)  # every cut width is a multiple of 16
     assert any(type(m).__name__ == "DecodeFp8Linear" for m in fp8_layers)  # the one-row FP8 GEMM swapped in
     assert _assert_equal_but_for_near_ties(expected, _greedy_with_logprobs(sharded, max_tokens=16), 0.1) >= 20
+
+
+def test_moe_experts_cut_sums_to_the_whole() -> None:
+    """transformers 5.17's plan for Qwen3-MoE and Mixtral experts ("packed_colwise" gate_up_proj, "rowwise"
+    down_proj, "moe_tp_experts"): each rank keeps its slice of every expert's width, gate and up alike; the
+    ranks' partial outputs (what the all-reduce hook sums) add up to the whole experts' output, through
+    transformers' experts code and through the fused path's reference."""
+    import copy
+
+    from pagedserve.engine.kernels.moe.reference import experts_reference
+    from pagedserve.engine.runner.tensor_parallel import _shard_experts
+    from tiny_models import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3_moe", num_hidden_layers=1)).eval()
+    experts = model.model.layers[0].mlp.experts
+    plan = {"layers.*.mlp.experts.gate_up_proj": "packed_colwise", "layers.*.mlp.experts.down_proj": "rowwise",
+            "layers.*.mlp.experts": "moe_tp_experts"}
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(7, experts.hidden_dim, generator=generator)
+    weights, ids = torch.topk(torch.randn(7, experts.num_experts, generator=generator).softmax(-1), 3)
+    with torch.no_grad():
+        whole = experts(x, ids, weights)
+        cuts = [copy.deepcopy(experts) for _ in range(2)]
+        for rank, cut in enumerate(cuts):
+            _shard_experts(cut, "layers.0.mlp.experts", plan, rank, 2)
+            assert cut.gate_up_proj.shape[1] == experts.gate_up_proj.shape[1] // 2
+        torch.testing.assert_close(cuts[0](x, ids, weights) + cuts[1](x, ids, weights), whole)
+        fused = sum(experts_reference(x, ids, weights, cut.gate_up_proj, cut.down_proj) for cut in cuts)
+    torch.testing.assert_close(fused, whole, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="not supported"):
+        _shard_experts(copy.deepcopy(experts), "layers.0.mlp.experts", {"layers.*.mlp.experts": "moe_tp_experts"}, 0, 2)
+
+
+def test_qwen3_moe_plan_shards_on_cpu_without_workers() -> None:
+    """Qwen3-MoE's plan (per-head q/k norms "replicated_with_grad_allreduce", which stay whole; with 5.17's
+    expert entries, the experts cut as above) applies to a model; checked on rank 1 of 2 without processes."""
+    from types import SimpleNamespace
+
+    from pagedserve.engine.runner.tensor_parallel import shard_model
+    from tiny_models import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("qwen3_moe", num_hidden_layers=1)
+    config.base_model_tp_plan = {**config.base_model_tp_plan, "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+                                 "layers.*.mlp.experts.down_proj": "rowwise", "layers.*.mlp.experts": "moe_tp_experts"}
+    model = AutoModelForCausalLM.from_config(config).eval()
+    layer = model.model.layers[0]
+    norm_shape, experts_shape = layer.self_attn.q_norm.weight.shape, layer.mlp.experts.down_proj.shape
+    shard_model(model, SimpleNamespace(rank=1, world_size=2, all_reduce=lambda tensor: tensor,
+                                       all_gather_last_dim=lambda tensor: tensor))
+    assert layer.self_attn.q_norm.weight.shape == norm_shape
+    assert layer.mlp.experts.down_proj.shape == (*experts_shape[:2], experts_shape[2] // 2)
+    assert layer.self_attn.q_proj.out_features == config.num_attention_heads * config.head_dim // 2

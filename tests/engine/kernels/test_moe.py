@@ -1,0 +1,284 @@
+"""The fused MoE path (engine/kernels/moe/) against transformers' own MoE blocks and the reference loop.
+
+On CPU: the reference (and torch's CPU grouped_mm) inside real transformers blocks of tiny Qwen3-MoE, Qwen2-MoE
+(shared expert), Mixtral and OLMoE models in float32; the swap and its fallbacks; the kernel rule; the block
+alignment. The Triton kernels run under TRITON_INTERPRET=1 in a subprocess (tiny shapes; the interpreter's
+bf16 tl.dot is broken, so the grouped kernel is checked in float32/float16, the per-pair kernel also in
+bf16). GPU cases (bf16 kernels, compile and CUDA graphs) run in-process, marked `gpu`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from pagedserve.engine.kernels.moe.experts import (
+    FusedExperts,
+    MoeKernelPolicy,
+    pick_kernel,
+    unsupported_reason,
+    use_fused_moe,
+)
+from pagedserve.engine.kernels.moe.reference import experts_reference
+from pagedserve.engine.kernels.moe.triton import align_pairs_to_blocks
+from tiny_models import MOE_ARCHS, tiny_config
+from triton_interpreter import WORKER_FLAG, interpreter_results
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+
+
+def tiny_moe_model(arch: str, num_hidden_layers: int = 2) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(arch, num_hidden_layers=num_hidden_layers)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def routed_inputs(num_tokens: int, hidden: int, num_experts: int, top_k: int, seed: int = 0,
+                  dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=generator)
+    logits = torch.randn(num_tokens, num_experts, generator=generator)
+    weights, ids = torch.topk(logits.softmax(-1), top_k)
+    return x.to(device, dtype), ids.to(device), weights.to(device)
+
+
+def random_experts(num_experts: int, hidden: int, intermediate: int, seed: int = 1, dtype: torch.dtype = torch.float32,
+                   device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(num_experts, 2 * intermediate, hidden, generator=generator) / hidden**0.5
+    w2 = torch.randn(num_experts, hidden, intermediate, generator=generator) / intermediate**0.5
+    return w13.to(device, dtype), w2.to(device, dtype)
+
+
+# ---- the reference inside transformers' blocks (float32, CPU) ------------------------------------------------
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_fused_block_matches_transformers_block(arch: str) -> None:
+    """The whole MoE block (the model's router, shared expert, our experts) equals transformers' block with its
+    eager and grouped_mm experts, in float32."""
+    model = tiny_moe_model(arch)
+    block = model.model.layers[0].mlp
+    x = torch.randn(1, 23, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    wanted = {}
+    with torch.no_grad():
+        for implementation in ("eager", "grouped_mm"):
+            model.set_experts_implementation(implementation)
+            wanted[implementation] = block(x)
+        swap = use_fused_moe(model)
+        assert type(block.experts) is FusedExperts
+        got = block(x)
+        swap.undo()
+    for implementation, want in wanted.items():
+        want = want[0] if isinstance(want, tuple) else want
+        got_tensor = got[0] if isinstance(got, tuple) else got
+        torch.testing.assert_close(got_tensor, want, rtol=1e-5, atol=1e-6, msg=f"{arch} vs {implementation}")
+
+
+def test_swap_keeps_parameters_and_undo_restores(caplog: pytest.LogCaptureFixture) -> None:
+    model = tiny_moe_model("qwen3_moe")
+    experts = model.model.layers[1].mlp.experts
+    original_class = type(experts)
+    pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
+    hook_calls = []
+    experts.register_forward_hook(lambda *_: hook_calls.append(1))  # as tensor parallelism's all-reduce hook
+    with caplog.at_level(logging.INFO, logger="pagedserve.engine.kernels.moe.experts"):
+        swap = use_fused_moe(model)
+    assert swap.fused == {"qwen3_moe": 2} and not swap.fallback
+    assert "qwen3_moe: 2 expert modules take the fused path" in caplog.text
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == pointers  # no copy, same names
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7]]))
+    assert hook_calls == [1]
+    assert use_fused_moe(model).modules == []  # already switched: left as they are
+    swap.undo()
+    assert type(experts) is original_class and not hasattr(experts, "moe_policy")
+
+
+def test_gpt_oss_and_per_expert_modules_keep_transformers_code() -> None:
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=4,
+                          num_experts_per_tok=2)
+    swap = use_fused_moe(GptOssForCausalLM(config))
+    assert not swap.fused and swap.fallback["gpt_oss"][0] == 1
+    assert "interleaved" in swap.fallback["gpt_oss"][1]
+    assert unsupported_reason(nn.ModuleList([nn.Linear(2, 2)])) == "experts kept as separate per-expert modules"
+
+
+def test_kernel_rule() -> None:
+    auto = MoeKernelPolicy(rows_max_tokens=4, grouped_mm_min_tokens=256)
+    assert pick_kernel(1, on_cuda_with_triton=False, grouped_mm_runs=False, policy=auto) == "reference"
+    assert pick_kernel(4, True, True, auto) == "rows"
+    assert pick_kernel(5, True, True, auto) == "triton"
+    assert pick_kernel(256, True, True, auto) == "grouped_mm"
+    assert pick_kernel(4096, True, False, auto) == "triton"  # fp16, or not Hopper
+    assert pick_kernel(1, True, True, MoeKernelPolicy(kernel="grouped_mm")) == "grouped_mm"
+
+
+def test_moe_backend_resolution() -> None:
+    """auto: fused on a GPU with Triton, transformers' code elsewhere; fused on CPU runs the reference (tests);
+    fused on a GPU without Triton is refused, naming the field."""
+    from pagedserve.config.engine import ConfigError, EngineConfig
+    from pagedserve.config.resolve import ModelFacts, Platform, resolve
+
+    facts = ModelFacts(max_position_embeddings=512)
+    gpu = Platform(cuda_available=True, bf16_supported=True, triton_unavailable_reason="")
+    no_triton = Platform(cuda_available=True, bf16_supported=True, triton_unavailable_reason="triton is not installed")
+    assert resolve(EngineConfig(), gpu, facts).runner.moe_backend == "fused"
+    assert resolve(EngineConfig(), Platform.cpu_only(), facts).runner.moe_backend == "transformers"
+    assert resolve(EngineConfig(), no_triton, facts).runner.moe_backend == "transformers"
+    assert resolve(EngineConfig(moe_backend="fused"), Platform.cpu_only(), facts).runner.moe_backend == "fused"
+    assert resolve(EngineConfig(moe_backend="transformers"), gpu, facts).runner.moe_backend == "transformers"
+    with pytest.raises(ConfigError, match="moe_backend='fused'"):
+        resolve(EngineConfig(moe_backend="fused"), no_triton, facts)
+
+
+def test_align_pairs_to_blocks() -> None:
+    """Every pair once; each block holds one expert's pairs (padding marked num_pairs); blocks past the last
+    expert's run carry expert E; the static bound holds."""
+    _, ids, _ = routed_inputs(num_tokens=37, hidden=4, num_experts=6, top_k=2)
+    block_m, num_pairs = 8, ids.numel()
+    sorted_pairs, block_experts = align_pairs_to_blocks(ids, 6, block_m)
+    assert sorted_pairs.shape[0] == block_experts.shape[0] * block_m
+    assert block_experts.shape[0] == -(-(num_pairs + 6 * (block_m - 1)) // block_m)
+    real = sorted_pairs[sorted_pairs < num_pairs]
+    assert sorted(real.tolist()) == list(range(num_pairs))
+    flat = ids.reshape(-1)
+    for block, expert in enumerate(block_experts.tolist()):
+        pairs = sorted_pairs[block * block_m : (block + 1) * block_m]
+        pairs = pairs[pairs < num_pairs]
+        if expert == 6:
+            assert pairs.numel() == 0
+        else:
+            assert pairs.numel() > 0 and bool((flat[pairs.long()] == expert).all())
+            assert pairs.tolist() == sorted(pairs.tolist())  # stable
+    # One token: at most k blocks, whatever E.
+    _, one, _ = routed_inputs(num_tokens=1, hidden=4, num_experts=128, top_k=8)
+    assert align_pairs_to_blocks(one, 128, 16)[1].shape[0] == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_path_matches_reference_on_cpu(dtype: torch.dtype) -> None:
+    from pagedserve.engine.kernels.moe.grouped_mm import experts_grouped_mm
+
+    x, ids, weights = routed_inputs(19, 32, 8, 3, dtype=dtype)
+    w13, w2 = random_experts(8, 32, 16, dtype=dtype)
+    try:
+        got = experts_grouped_mm(x, ids, weights, w13, w2)
+    except (RuntimeError, NotImplementedError) as error:
+        pytest.skip(f"this torch has no CPU _grouped_mm for {dtype}: {error}")
+    want = experts_reference(x, ids, weights, w13, w2)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance)
+
+
+# ---- Triton kernels under the interpreter --------------------------------------------------------------------
+# (kernel, tokens, hidden, intermediate, experts, top_k, dtype, config)
+INTERPRETER_CASES = {
+    "grouped_fp32_many_blocks": ("triton", 21, 32, 24, 4, 2, "float32", (8, 16, 16, 2, 4, 1)),
+    "grouped_fp32_ragged_k": ("triton", 9, 40, 20, 6, 3, "float32", (16, 16, 16, 1, 4, 1)),
+    "grouped_fp16_empty_experts": ("triton", 3, 32, 16, 16, 2, "float16", (16, 16, 32, 1, 4, 1)),
+    "rows_one_token_bf16": ("rows", 1, 48, 24, 8, 4, "bfloat16", ((8, 16, 4, 1), (16, 16, 4, 1))),
+    "rows_fp32_ragged": ("rows", 3, 40, 20, 5, 2, "float32", ((8, 16, 4, 1), (4, 32, 4, 1))),
+}
+
+
+def run_case(kernel, num_tokens, hidden, intermediate, num_experts, top_k, dtype_name, config, device) -> dict:
+    from pagedserve.engine.kernels.moe import triton as moe_triton
+
+    dtype = getattr(torch, dtype_name)
+    x, ids, weights = routed_inputs(num_tokens, hidden, num_experts, top_k, dtype=dtype, device=device)
+    w13, w2 = random_experts(num_experts, hidden, intermediate, dtype=dtype, device=device)
+    if kernel == "triton":
+        out = moe_triton.experts_triton(x, ids, weights, w13, w2, moe_triton.GroupedConfig(*config))
+    else:
+        out = moe_triton.experts_rows(x, ids, weights, w13, w2, tuple(moe_triton.RowsConfig(*c) for c in config))
+    want = experts_reference(x.float(), ids, weights, w13.float(), w2.float())
+    return {"max_error": ((out.float() - want).abs().max() / want.abs().max()).item(),
+            "shape_ok": float(out.shape == (num_tokens, hidden) and out.dtype == dtype)}
+
+
+def _interpreter_worker() -> None:
+    print(json.dumps({name: run_case(*case, device="cpu") for name, case in INTERPRETER_CASES.items()}))
+
+
+@pytest.fixture(scope="module", name="interpreter_results")
+def interpreter_results_fixture() -> dict[str, dict[str, float]]:
+    return interpreter_results(__file__)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("name", list(INTERPRETER_CASES))
+def test_triton_kernels_in_interpreter(name: str, interpreter_results: dict[str, dict[str, float]]) -> None:
+    result = interpreter_results[name]
+    assert result["shape_ok"] == 1.0
+    tolerance = 1e-5 if INTERPRETER_CASES[name][6] == "float32" else 2e-2
+    assert result["max_error"] < tolerance, result
+
+
+# ---- GPU ----------------------------------------------------------------------------------------------------
+QWEN3_30B_LAYER = (2048, 768, 128, 8)  # hidden, moe_intermediate, experts, top-k
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("num_tokens", [1, 3, 64, 600])
+@pytest.mark.parametrize("kernel", ["rows", "triton", "grouped_mm"])
+def test_gpu_kernels_match_reference_bf16(kernel: str, num_tokens: int) -> None:
+    """Each kernel on the Qwen3-30B-A3B layer shape in bf16, against the float32 reference of the same weights."""
+    from pagedserve.engine.kernels.moe.experts import run_kernel
+    from pagedserve.engine.kernels.moe.grouped_mm import grouped_mm_unavailable
+
+    hidden, intermediate, num_experts, top_k = QWEN3_30B_LAYER
+    x, ids, weights = routed_inputs(num_tokens, hidden, num_experts, top_k, dtype=torch.bfloat16, device="cuda")
+    w13, w2 = random_experts(num_experts, hidden, intermediate, dtype=torch.bfloat16, device="cuda")
+    if kernel == "grouped_mm" and grouped_mm_unavailable(x, w13, w2):
+        pytest.skip(grouped_mm_unavailable(x, w13, w2))
+    out = run_kernel(kernel, x, ids, weights, w13, w2)
+    want = experts_reference(x.float(), ids, weights, w13.float(), w2.float())
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - want).abs().max() / want.abs().max()).item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("num_tokens", [1, 8, 300])
+def test_gpu_op_compiled_and_in_a_cuda_graph(num_tokens: int) -> None:
+    """The op under torch.compile (fullgraph) and replayed from a CUDA graph gives the eager op's output, with
+    new routing written into the captured inputs (no host sync, no data-dependent shape inside)."""
+    hidden, intermediate, num_experts, top_k = QWEN3_30B_LAYER
+    x, ids, weights = routed_inputs(num_tokens, hidden, num_experts, top_k, dtype=torch.bfloat16, device="cuda")
+    w13, w2 = random_experts(num_experts, hidden, intermediate, dtype=torch.bfloat16, device="cuda")
+    policy = MoeKernelPolicy()
+
+    def experts(x, ids, weights):
+        return torch.ops.pagedserve.fused_experts(x, ids, weights, w13, w2, policy.kernel, policy.rows_max_tokens,
+                                                  policy.grouped_mm_min_tokens) * 2.0
+
+    eager = experts(x, ids, weights)
+    compiled = torch.compile(experts, fullgraph=True)
+    torch.testing.assert_close(compiled(x, ids, weights), eager)
+    static = [x.clone(), ids.clone(), weights.clone()]
+    compiled(*static)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = compiled(*static)
+    x2, ids2, weights2 = routed_inputs(num_tokens, hidden, num_experts, top_k, seed=5, dtype=torch.bfloat16,
+                                       device="cuda")
+    for buffer, value in zip(static, (x2, ids2, weights2)):
+        buffer.copy_(value)
+    graph.replay()
+    torch.testing.assert_close(out, experts(x2, ids2, weights2))
+
+
+if __name__ == "__main__" and WORKER_FLAG in sys.argv:
+    _interpreter_worker()
