@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AttentionInterface
 
+from pagedserve.config.engine import ConfigError
 from pagedserve.engine.kernels.attention.base import AttentionBackend, AttentionMetadata
 
 ATTN_IMPLEMENTATION = "pagedserve"
@@ -51,6 +52,12 @@ def paged_attention_forward(
     paged_context: PagedForwardContext | LayerProbe | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
+    if kwargs.get("s_aux") is not None:
+        # gpt-oss's attention sinks (a learned logit per head in every softmax): the paged kernels have no such
+        # term, and leaving it out would generate other tokens without a word. The probe forward meets this at
+        # start-up, so such a model fails to load instead.
+        raise ConfigError(f"{type(module).__name__} uses attention sinks (gpt-oss's s_aux), which pagedserve's "
+                          "paged attention does not support yet")
     # module.layer_idx is read behind the compiler boundary: a compiled layer that read it would be
     # specialized to its index, one recompile per layer.
     return _paged_attention(module, query, key, value, scaling, sliding_window, softcap, paged_context)

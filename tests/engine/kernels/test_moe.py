@@ -282,3 +282,19 @@ def test_gpu_op_compiled_and_in_a_cuda_graph(num_tokens: int) -> None:
 
 if __name__ == "__main__" and WORKER_FLAG in sys.argv:
     _interpreter_worker()
+
+
+def test_a_model_with_attention_sinks_is_refused_at_load_not_served_wrong(tmp_path) -> None:
+    """gpt-oss adds a learned sink logit to every softmax; the paged kernels have no such term, so the engine
+    must refuse the model at start-up rather than generate other tokens than transformers."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from pagedserve.config.engine import ConfigError
+    from pagedserve.engine.llm import LLM
+
+    config = GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                          num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    with pytest.raises(ConfigError, match="attention sinks"):
+        LLM.from_model(GptOssForCausalLM(config).eval(), None, device="cpu", num_blocks=16, block_size=8)
