@@ -203,7 +203,8 @@ def _assert_equal_but_for_near_ties(single: dict[str, list], sharded: dict[str, 
 
 
 def test_tp2_fp8_checkpoint_matches_tp1(model_dirs: dict[str, Path], monkeypatch) -> None:
-    """An FP8 checkpoint (converted to per-row FP8 on the host, then cut) under TP=2, against TP=1 FP8.
+    """An FP8 checkpoint (converted to per-row FP8 on the host, then cut) with an FP8 KV cache (each rank holds
+    half the KV heads in e4m3, with the same per-layer scales) under TP=2, against TP=1 FP8.
 
     Not bit for bit: both hold the same e4m3 weights and scales, but a row-parallel rank (o_proj, down_proj)
     scales each token's activations by the amax of its own half of the columns, not of the whole row, so
@@ -218,8 +219,9 @@ def test_tp2_fp8_checkpoint_matches_tp1(model_dirs: dict[str, Path], monkeypatch
     monkeypatch.setattr(resolve_module, "check_fp8_runs", lambda *args: None)
 
     def run(tp_size: int) -> dict[str, list]:
-        engine = LLMEngine(_config(model_dirs["llama-fp8"], tp_size).model_copy(update={"quantization": "fp8"}))
-        assert engine.settings.load.quantization == "fp8"
+        update = {"quantization": "fp8", "kv_cache_dtype": "fp8"}
+        engine = LLMEngine(_config(model_dirs["llama-fp8"], tp_size).model_copy(update=update))
+        assert engine.settings.load.quantization == "fp8" and engine.settings.cache.kv_cache_dtype == "fp8_e4m3"
         assert type(engine.runner.model.model.layers[0].mlp.down_proj).__name__ == "Fp8Linear"
         return _greedy_with_logprobs(engine)
 
