@@ -12,7 +12,9 @@ passes on the one engine (`update_scheduler`), so the model is built and its gra
 Per request: TTFT (sent -> first delta), TPOT (first -> last delta over the tokens after the first), ITL
 (gaps between the deltas the stream yields, pooled over requests). A row meets the goodput SLO when every
 request finished and the p99s of all three hold (thresholds as flags). Also per row: output tokens/s
-(first send -> last token) and the most prompt tokens a step took beside decodes (the bound at work).
+(first send -> last token), the most prompt tokens a step took beside decodes (the bound at work), the
+engine's step times by kind (decode-only steps, steps with prompt tokens beside decodes) and the output
+tokens a delta carried on average: what the inter-token gaps are made of.
 A request unfinished `--max-drain-s` after its pass's arrivals end is aborted and fails the row, which
 bounds the run's time when a rate overloads the engine. Prompts: random ids below `--vocab-size`,
 lengths uniform in [--min-prompt-len, --max-prompt-len]; outputs of exactly `--max-new-tokens` (EOS
@@ -75,6 +77,11 @@ class PassResult:
     num_steps: int = 0
     max_prefill_tokens_beside_decodes: int = 0
     num_preempted: int = 0
+    # Where the inter-token gaps come from: engine step times by kind (seconds, {"p50", "p90", "p99"}), and
+    # how many tokens a delta carried on average (above 1: the stream hands over several tokens at a time).
+    decode_step_s: dict[str, float] | None = None  # steps with no prompt tokens
+    mixed_step_s: dict[str, float] | None = None  # steps with prompt tokens beside decodes
+    tokens_per_delta: float = 0.0
     checks: dict[str, bool] = field(default_factory=dict)
 
     @property
@@ -112,9 +119,10 @@ def write_model_dir(path: Path, num_layers: int, tiny: bool) -> None:
 
 
 async def one_pass(engine, prompts: list[list[int]], arrivals_s: list[float], max_new_tokens: int,
-                   max_drain_s: float, tag: str) -> tuple[list[RequestTiming], list[float], int, float, float]:
+                   max_drain_s: float, tag: str) -> tuple[list[RequestTiming], list[float], int, float, float, int]:
     """Send prompt i at arrivals_s[i]; return the finished requests' timings, every inter-delta gap, the
-    number sent, the latest send lag and the wall time (first send -> last token)."""
+    number sent, the latest send lag, the wall time (first send -> last token) and the finished requests'
+    number of deltas."""
     from pagedserve.engine.core.request import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_new_tokens, ignore_eos=True)
@@ -122,6 +130,7 @@ async def one_pass(engine, prompts: list[list[int]], arrivals_s: list[float], ma
     timings: list[RequestTiming] = []
     gaps_s: list[float] = []
     lags_s: list[float] = []
+    num_deltas = [0]
 
     async def one(index: int) -> None:
         await asyncio.sleep(max(0.0, started + arrivals_s[index] - time.perf_counter()))
@@ -138,7 +147,8 @@ async def one_pass(engine, prompts: list[list[int]], arrivals_s: list[float], ma
             first = now if first is None else first
             last = now
         timings.append(RequestTiming(sent, first, last, num_tokens))
-        gaps_s.extend(own_gaps)  # only a finished request's gaps count
+        gaps_s.extend(own_gaps)  # only a finished request's gaps (and deltas) count
+        num_deltas[0] += len(own_gaps) + 1
 
     tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
     _, unfinished = await asyncio.wait(tasks, timeout=arrivals_s[-1] + max_drain_s)
@@ -149,13 +159,13 @@ async def one_pass(engine, prompts: list[list[int]], arrivals_s: list[float], ma
         if task.done() and not task.cancelled() and task.exception() is not None:
             raise task.exception()
     wall_s = max((t.last_token_s for t in timings), default=started) - started
-    return timings, gaps_s, len(lags_s), max(lags_s, default=0.0), wall_s
+    return timings, gaps_s, len(lags_s), max(lags_s, default=0.0), wall_s, num_deltas[0]
 
 
 def run_pass(engine, steps: list, prompts: list[list[int]], arrivals_s: list[float], rate: float,
              bound: int | None, args: argparse.Namespace, slo: Slo, tag: str) -> PassResult:
     steps.clear()
-    timings, gaps_s, num_sent, max_lag_s, wall_s = asyncio.run(
+    timings, gaps_s, num_sent, max_lag_s, wall_s, num_deltas = asyncio.run(
         one_pass(engine, prompts, arrivals_s, args.max_new_tokens, args.max_drain_s, tag))
     ttft, tpot = summarize_timings(timings)
     itl = latency_percentiles(gaps_s)
@@ -165,6 +175,9 @@ def run_pass(engine, steps: list, prompts: list[list[int]], arrivals_s: list[flo
         num_output_tokens=sum(t.num_output_tokens for t in timings), ttft_s=ttft, tpot_s=tpot, itl_s=itl,
         max_send_lag_s=max_lag_s, num_steps=len(steps), max_prefill_tokens_beside_decodes=max(beside_decodes, default=0),
         num_preempted=sum(s.num_preempted for s in steps),
+        decode_step_s=latency_percentiles([s.step_time_s for s in steps if not s.num_prefill_tokens]),
+        mixed_step_s=latency_percentiles([s.step_time_s for s in steps if s.num_prefill_tokens and s.num_decode_tokens]),
+        tokens_per_delta=sum(t.num_output_tokens for t in timings) / num_deltas if num_deltas else 0.0,
     )
     result.checks = slo.checks(result)
     return result
@@ -176,7 +189,8 @@ def _ms(latency: dict[str, float] | None, key: str) -> str:
 
 def table(results: list[PassResult], slo: Slo) -> str:
     header = ["rate (req/s)", "prefill bound", "finished", "output tok/s", "TTFT p50 / p99 (ms)",
-              "TPOT p50 / p99 (ms)", "ITL p50 / p99 (ms)", "most prompt tokens beside decodes", "preempted",
+              "TPOT p50 / p99 (ms)", "ITL p50 / p99 (ms)", "decode step p50 / p99 (ms)",
+              "mixed step p50 / p99 (ms)", "tokens a delta", "most prompt tokens beside decodes", "preempted",
               f"SLO (TTFT {slo.ttft_p99_s * 1000:g} / TPOT {slo.tpot_p99_s * 1000:g} / ITL {slo.itl_p99_s * 1000:g} ms)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---:"] * len(header)) + "|"]
     for r in results:
@@ -188,6 +202,8 @@ def table(results: list[PassResult], slo: Slo) -> str:
             f"{r.rate_per_s:g}", bound_label(r.prefill_bound), f"{r.num_finished}/{r.num_sent}",
             f"{r.output_tokens_per_s:.0f}", f"{_ms(r.ttft_s, 'p50')} / {_ms(r.ttft_s, 'p99')}",
             f"{_ms(r.tpot_s, 'p50')} / {_ms(r.tpot_s, 'p99')}", f"{_ms(r.itl_s, 'p50')} / {_ms(r.itl_s, 'p99')}",
+            f"{_ms(r.decode_step_s, 'p50')} / {_ms(r.decode_step_s, 'p99')}",
+            f"{_ms(r.mixed_step_s, 'p50')} / {_ms(r.mixed_step_s, 'p99')}", f"{r.tokens_per_delta:.2f}",
             str(r.max_prefill_tokens_beside_decodes), str(r.num_preempted), verdict,
         ]) + " |")
     return "\n".join(lines)

@@ -49,7 +49,7 @@ def test_a_row_meets_the_slo_only_with_every_request_finished_and_every_p99_held
     assert lines[0].endswith("| SLO (TTFT 1000 / TPOT 50 / ITL 100 ms) |")
     assert lines[2].endswith("| yes |") and lines[3].endswith("| no (TPOT) |")
     assert lines[4].endswith("| no (unfinished) |") and "| 9/10 |" in lines[4]
-    assert "| 20 | 512 | 10/10 | 640 | 100.0 / 900.0 | 20.0 / 40.0 | 20.0 / 90.0 |" in lines[2]
+    assert "| 20 | 512 | 10/10 | 640 | 100.0 / 900.0 | 20.0 / 40.0 | 20.0 / 90.0 | n/a / n/a | n/a / n/a |" in lines[2]
 
 
 def test_one_pass_times_every_delta_and_aborts_what_outlasts_the_drain(bench, tiny_model_dir) -> None:
@@ -59,15 +59,17 @@ def test_one_pass_times_every_delta_and_aborts_what_outlasts_the_drain(bench, ti
                                         num_blocks=64, engine_process=False)
     prompts = [list(range(20, 40)), list(range(50, 90))]
     try:
-        timings, gaps_s, num_sent, _, wall_s = asyncio.run(bench.one_pass(engine, prompts, [0.0, 0.01], TOKENS,
-                                                                          30.0, "ok"))
+        timings, gaps_s, num_sent, _, wall_s, num_deltas = asyncio.run(
+            bench.one_pass(engine, prompts, [0.0, 0.01], TOKENS, 30.0, "ok"))
         assert num_sent == 2 and sorted(t.num_output_tokens for t in timings) == [TOKENS, TOKENS]
         # One gap between consecutive deltas; a consumer that fell behind gets tokens merged, so fewer.
         assert len(gaps_s) <= 2 * (TOKENS - 1) and all(gap >= 0 for gap in gaps_s) and wall_s > 0
+        assert num_deltas == len(gaps_s) + 2  # a stream's first delta opens no gap
         assert all(t.ttft_s >= 0 and t.tpot_s is not None for t in timings)
         # Outputs far longer than the drain allows: both streams are cancelled, their requests aborted.
-        timings, gaps_s, num_sent, _, _ = asyncio.run(bench.one_pass(engine, prompts, [0.0, 0.01], 400, 0.3, "cut"))
-        assert num_sent == 2 and timings == [] and gaps_s == []
+        timings, gaps_s, num_sent, _, _, num_deltas = asyncio.run(
+            bench.one_pass(engine, prompts, [0.0, 0.01], 400, 0.3, "cut"))
+        assert num_sent == 2 and timings == [] and gaps_s == [] and num_deltas == 0
         for _ in range(100):
             stats = engine.get_stats()
             if stats.num_running == stats.num_waiting == 0 and stats.num_free_blocks == stats.num_total_blocks:
