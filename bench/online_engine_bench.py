@@ -119,10 +119,9 @@ def write_model_dir(path: Path, num_layers: int, tiny: bool) -> None:
 
 
 async def one_pass(engine, prompts: list[list[int]], arrivals_s: list[float], max_new_tokens: int,
-                   max_drain_s: float, tag: str) -> tuple[list[RequestTiming], list[float], int, float, float, int]:
+                   max_drain_s: float, tag: str) -> tuple[list[RequestTiming], list[float], int, float, float]:
     """Send prompt i at arrivals_s[i]; return the finished requests' timings, every inter-delta gap, the
-    number sent, the latest send lag, the wall time (first send -> last token) and the finished requests'
-    number of deltas."""
+    number sent, the latest send lag and the wall time (first send -> last token)."""
     from pagedserve.engine.core.request import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_new_tokens, ignore_eos=True)
@@ -130,7 +129,6 @@ async def one_pass(engine, prompts: list[list[int]], arrivals_s: list[float], ma
     timings: list[RequestTiming] = []
     gaps_s: list[float] = []
     lags_s: list[float] = []
-    num_deltas = [0]
 
     async def one(index: int) -> None:
         await asyncio.sleep(max(0.0, started + arrivals_s[index] - time.perf_counter()))
@@ -147,8 +145,7 @@ async def one_pass(engine, prompts: list[list[int]], arrivals_s: list[float], ma
             first = now if first is None else first
             last = now
         timings.append(RequestTiming(sent, first, last, num_tokens))
-        gaps_s.extend(own_gaps)  # only a finished request's gaps (and deltas) count
-        num_deltas[0] += len(own_gaps) + 1
+        gaps_s.extend(own_gaps)  # only a finished request's gaps count
 
     tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
     _, unfinished = await asyncio.wait(tasks, timeout=arrivals_s[-1] + max_drain_s)
@@ -159,17 +156,18 @@ async def one_pass(engine, prompts: list[list[int]], arrivals_s: list[float], ma
         if task.done() and not task.cancelled() and task.exception() is not None:
             raise task.exception()
     wall_s = max((t.last_token_s for t in timings), default=started) - started
-    return timings, gaps_s, len(lags_s), max(lags_s, default=0.0), wall_s, num_deltas[0]
+    return timings, gaps_s, len(lags_s), max(lags_s, default=0.0), wall_s
 
 
 def run_pass(engine, steps: list, prompts: list[list[int]], arrivals_s: list[float], rate: float,
              bound: int | None, args: argparse.Namespace, slo: Slo, tag: str) -> PassResult:
     steps.clear()
-    timings, gaps_s, num_sent, max_lag_s, wall_s, num_deltas = asyncio.run(
+    timings, gaps_s, num_sent, max_lag_s, wall_s = asyncio.run(
         one_pass(engine, prompts, arrivals_s, args.max_new_tokens, args.max_drain_s, tag))
     ttft, tpot = summarize_timings(timings)
     itl = latency_percentiles(gaps_s)
     beside_decodes = [s.num_prefill_tokens for s in steps if s.num_decode_tokens]
+    num_deltas = len(gaps_s) + len(timings)  # a finished stream's first delta opens no gap
     result = PassResult(
         rate_per_s=rate, prefill_bound=bound, num_sent=num_sent, num_finished=len(timings), wall_s=wall_s,
         num_output_tokens=sum(t.num_output_tokens for t in timings), ttft_s=ttft, tpot_s=tpot, itl_s=itl,
