@@ -145,16 +145,16 @@ def fa_semantics_varlen(q, k, v, *, cu_seqlens_q, seqused_k, page_table, max_seq
     left, right = window_size
     if causal:
         right = 0
-    out = torch.zeros(q.shape, dtype=torch.float32)
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     for seq in range(num_seqs):
         start, end, context = int(cu_seqlens_q[seq]), int(cu_seqlens_q[seq + 1]), int(seqused_k[seq])
         assert end - start <= max_seqlen_q and context <= max_seqlen_k  # host bounds cover the step
-        positions = torch.arange(context)
+        positions = torch.arange(context, device=q.device)
         pages = page_table[seq].long()[positions // page_size]
         keys = k[pages, positions % page_size].float().repeat_interleave(group_size, dim=1)  # [L, H, D]
         values = v[pages, positions % page_size].float().repeat_interleave(group_size, dim=1)
-        query_positions = context - (end - start) + torch.arange(end - start)  # bottom-right aligned
-        allowed = torch.ones(end - start, context, dtype=torch.bool)
+        query_positions = context - (end - start) + torch.arange(end - start, device=q.device)  # bottom-right aligned
+        allowed = torch.ones(end - start, context, dtype=torch.bool, device=q.device)
         if right is not None:
             allowed &= positions[None, :] <= query_positions[:, None] + right
         if left is not None:
