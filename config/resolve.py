@@ -37,7 +37,7 @@ GPU_MAX_PREFILL_TOKENS_WHILE_DECODING = 2048
 # flash_paged is taken only where it can run (installed, a GPU it supports), else Triton, and the log says why.
 AUTO_ATTENTION_BACKEND_BY_CAPABILITY_MAJOR: dict[int, Literal["triton", "flash_paged"]] = {
     8: "triton",  # Ampere, Ada: FlashAttention 4 has no paged-KV kernel there
-    9: "triton",  # Hopper (H100, H200): not yet measured against flash_paged
+    9: "triton",  # Hopper: measured on an H200 at dab14b2, Triton faster (W1 9,680 vs 8,421; docs/kernels.md)
     10: "triton",  # Blackwell (B200, B300): not yet measured
 }
 # Backends whose decode steps can be captured in CUDA graphs (every per-step value in device tensors).

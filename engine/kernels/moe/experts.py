@@ -21,11 +21,13 @@ kernel is chosen per call by `choose_kernel`, from the token count and the devic
 |---|---|---|
 | CPU (or a CUDA device without Triton) | any | `reference` (PyTorch loop over experts; not capturable) |
 | CUDA | <= `rows_max_tokens` | `rows` (Triton, one program per pair: reads only the chosen experts) |
-| CUDA, bf16, compute capability 9.0+, torch with `_grouped_mm` | >= `grouped_mm_min_tokens` | `grouped_mm` |
+| CUDA, bf16, compute capability 9.0+, torch with `_grouped_mm` | >= `grouped_mm_min_tokens` (None: never) | `grouped_mm` |
 | CUDA otherwise | | `triton` (Triton grouped GEMM over block-padded expert runs) |
 
-The two thresholds are placeholders until `bench/moe_bench.py` (its per-layer microbenchmark) measures
-where each kernel wins on the H200; `MoeKernelPolicy(kernel=...)` forces one kernel (benchmarks, tests).
+The thresholds are the H200's (`bench/moe_bench.py`'s per-layer microbenchmark, Qwen3-30B-A3B layer, CUDA
+graphs): `rows` is fastest up to 8 tokens (159 us vs Triton's 183 at 8), the Triton grouped GEMM from 16
+tokens on, and it stays ahead of `grouped_mm` through 4,096 tokens (1,101 vs 1,506 us), so auto never
+picks `grouped_mm`; `MoeKernelPolicy(kernel=...)` forces one kernel (benchmarks, tests).
 """
 
 from __future__ import annotations
@@ -52,11 +54,11 @@ logger = logging.getLogger(__name__)
 KernelName = Literal["auto", "reference", "rows", "triton", "grouped_mm"]
 KERNELS: tuple[str, ...] = ("reference", "rows", "triton", "grouped_mm")
 
-# Placeholders, not measured yet (bench/moe_bench.py measures them): the per-pair kernel reads every pair's
-# expert weights once per pair, so it only pays while few pairs share an expert; grouped_mm (CUTLASS) is
-# expected to beat the Triton grouped GEMM once experts get many rows each.
-ROWS_MAX_TOKENS = 4
-GROUPED_MM_MIN_TOKENS = 256
+# Measured on an H200 (docs/kernels.md, docs/results/moe_h200_dab14b2.md): the per-pair kernel reads every
+# pair's expert weights once per pair, so it pays while few pairs share an expert (through 8 tokens); torch's
+# grouped_mm (CUTLASS) never beat the Triton grouped GEMM up to 4,096 tokens, so auto leaves it out.
+ROWS_MAX_TOKENS = 8
+GROUPED_MM_MIN_TOKENS: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,13 +67,14 @@ class MoeKernelPolicy:
 
     kernel: KernelName = "auto"  # a name forces that kernel
     rows_max_tokens: int = ROWS_MAX_TOKENS
-    grouped_mm_min_tokens: int = GROUPED_MM_MIN_TOKENS
+    grouped_mm_min_tokens: int | None = GROUPED_MM_MIN_TOKENS
 
     def describe(self) -> str:
         if self.kernel != "auto":
             return f"kernel {self.kernel} (forced)"
-        return (f"on CUDA: rows up to {self.rows_max_tokens} tokens, grouped_mm from {self.grouped_mm_min_tokens} "
-                "tokens where it runs (bf16, compute capability 9.0+), the Triton grouped GEMM otherwise; "
+        grouped = ("" if self.grouped_mm_min_tokens is None else
+                   f"grouped_mm from {self.grouped_mm_min_tokens} tokens where it runs (bf16, compute capability 9.0+), ")
+        return (f"on CUDA: rows up to {self.rows_max_tokens} tokens, {grouped}the Triton grouped GEMM otherwise; "
                 "on CPU: the PyTorch reference")
 
 
@@ -83,7 +86,7 @@ def pick_kernel(num_tokens: int, on_cuda_with_triton: bool, grouped_mm_runs: boo
         return "reference"
     if num_tokens <= policy.rows_max_tokens:
         return "rows"
-    if num_tokens >= policy.grouped_mm_min_tokens and grouped_mm_runs:
+    if policy.grouped_mm_min_tokens is not None and num_tokens >= policy.grouped_mm_min_tokens and grouped_mm_runs:
         return "grouped_mm"
     return "triton"
 
@@ -114,7 +117,7 @@ def run_kernel(kernel: str, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_w
 
 @torch.library.custom_op("pagedserve::fused_experts", mutates_args=())
 def fused_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
-                  w2: torch.Tensor, kernel: str, rows_max_tokens: int, grouped_mm_min_tokens: int) -> torch.Tensor:
+                  w2: torch.Tensor, kernel: str, rows_max_tokens: int, grouped_mm_min_tokens: int | None) -> torch.Tensor:
     """A MoE block's experts: hidden [T, H], the router's topk_ids / topk_weights [T, k], w13 [E, 2I, H],
     w2 [E, H, I] -> [T, H]. Inference only (no backward)."""
     policy = MoeKernelPolicy(kernel, rows_max_tokens, grouped_mm_min_tokens)  # type: ignore[arg-type]
@@ -124,7 +127,7 @@ def fused_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: to
 
 @fused_experts.register_fake
 def _(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
-      w2: torch.Tensor, kernel: str, rows_max_tokens: int, grouped_mm_min_tokens: int) -> torch.Tensor:
+      w2: torch.Tensor, kernel: str, rows_max_tokens: int, grouped_mm_min_tokens: int | None) -> torch.Tensor:
     return hidden.new_empty(hidden.shape)
 
 
