@@ -45,15 +45,36 @@ class RouterSettings(BaseModel):
 
 
 class AutoscalingSettings(BaseModel):
-    """Replica autoscaling on ongoing requests (Ray Serve's autoscaling_config)."""
+    """Replica autoscaling (Ray Serve's autoscaling_config). With `policy: engine_load` (the default) Serve
+    scales on what the engines report (serve_app/autoscaling.py): requests running and waiting in the engines
+    plus those queued in the ingresses, per replica, against `target_ongoing_requests`; the share of KV blocks
+    held against `target_kv_cache_usage`; and one more replica while requests keep waiting. With
+    `policy: ongoing_requests` it is Serve's own rule on ongoing calls. Either way a change must hold for
+    `upscale_delay_s` / `downscale_delay_s` and stays within `min_replicas..max_replicas`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(16.0, gt=0.0)
+    policy: Literal["engine_load", "ongoing_requests"] = Field(
+        "engine_load", description="engine_load: the engines' own signals; ongoing_requests: Serve's default rule.")
+    target_ongoing_requests: float = Field(
+        16.0, gt=0.0, description="Requests per replica (engine_load: running + waiting in the engine + queued in "
+        "the ingresses) the autoscaler aims at.")
+    target_kv_cache_usage: float = Field(
+        0.75, gt=0.0, le=1.0, description="engine_load: share of a replica's KV blocks held (worst case, as the "
+        "router counts them) the autoscaler aims at.")
+    max_waiting_per_replica: float = Field(
+        1.0, ge=0.0, description="engine_load: past this many waiting requests per replica (engine queues plus "
+        "ingress queues, averaged over look_back_period_s) at least one replica more is wanted.")
     upscale_delay_s: float = Field(10.0, ge=0.0)
     downscale_delay_s: float = Field(60.0, ge=0.0)
+    look_back_period_s: float = Field(
+        30.0, gt=0.0, description="Window over which Serve averages the reported signals.")
+    metrics_interval_s: float | None = Field(
+        None, gt=0.0, description="How often replicas and handles push their signals to Serve's controller; None: "
+        "Ray's default (10 s). Ray marks this field deprecated in favour of the RAY_SERVE_*_AUTOSCALING_METRIC_"
+        "PUSH_INTERVAL_S environment variables, which it still reads only at process start.")
 
     @model_validator(mode="after")
     def _min_below_max(self) -> "AutoscalingSettings":
@@ -92,6 +113,10 @@ class ServeArgs(BaseModel):
         "a stream waits n_streams / this many seconds between events and its new tokens go out together; below "
         "it (most loads) every engine step's tokens go out at once (docs/deploy.md).",
     )
+    drain_timeout_s: float = Field(
+        30.0, ge=0.0, description="A replica being removed (scale-down, redeploy) takes no new requests and is "
+        "given this long for its streams to finish; those still running then go on on another replica from the "
+        "tokens already sent (Serve's graceful_shutdown_timeout_s; docs/deploy.md).")
     max_request_body_bytes: int = Field(1 << 20, ge=1024, description="Larger bodies get 413.")
     request_timeout_s: float = Field(600.0, gt=0.0, description="Longest a non-streaming request may run.")
     engine_class: str = Field(

@@ -6,19 +6,23 @@ or the `import_path` of config/serve.yaml); Serve calls it with the args dict.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from pydantic import SecretStr
 from ray import serve
 from ray.serve import Application
-from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
 
-from pagedserve.config.serve import GPU_INGRESS_REPLICAS, ServeArgs
+from pagedserve.config.serve import GPU_INGRESS_REPLICAS, AutoscalingSettings, ServeArgs
 
 from pagedserve.serve_app.ingress import OpenAIIngress
 from pagedserve.serve_app.replica import EngineReplica
 
 ROUTER_CLASS_PATH = "pagedserve.serve_app.router.FreeBlocksRequestRouter"
+AUTOSCALING_POLICY_PATH = "pagedserve.serve_app.autoscaling:EngineLoadPolicy"
+# How often a draining replica checks whether its calls have ended (Serve's default is 2 s).
+DRAIN_CHECK_PERIOD_S = 0.5
 
 
 def _cluster_has_gpus() -> bool:
@@ -77,7 +81,10 @@ def replica_options(serve_args: ServeArgs) -> dict[str, Any]:
         "max_ongoing_requests": serve_args.max_ongoing_requests + ingress_options(serve_args)["num_replicas"],
         "health_check_period_s": 10,
         "health_check_timeout_s": 60,
-        "graceful_shutdown_timeout_s": 5,
+        # A replica being removed gets no new requests and this long to finish its streams (its stream
+        # channels close once idle, serve_app/stream_channel.py); what still runs then goes on elsewhere.
+        "graceful_shutdown_timeout_s": serve_args.drain_timeout_s,
+        "graceful_shutdown_wait_loop_s": DRAIN_CHECK_PERIOD_S,
         "logging_config": logging_config(serve_args),
         "request_router_config": RequestRouterConfig(
             request_router_class=ROUTER_CLASS_PATH,
@@ -89,18 +96,36 @@ def replica_options(serve_args: ServeArgs) -> dict[str, Any]:
         ),
     }
     if serve_args.autoscaling is not None:
-        scaling = serve_args.autoscaling
-        options["autoscaling_config"] = AutoscalingConfig(
+        options["autoscaling_config"] = autoscaling_config(serve_args.autoscaling)
+    else:
+        options["num_replicas"] = serve_args.num_replicas
+    return options
+
+
+def autoscaling_config(scaling: AutoscalingSettings) -> AutoscalingConfig:
+    """Serve's autoscaling_config of the engine replicas: with `policy: engine_load`, `EngineLoadPolicy`
+    (serve_app/autoscaling.py) on the signals the replicas report; delays and bounds apply either way."""
+    options: dict[str, Any] = {}
+    if scaling.metrics_interval_s is not None:
+        options["metrics_interval_s"] = scaling.metrics_interval_s
+    if scaling.policy == "engine_load":
+        options["policy"] = AutoscalingPolicy(policy_function=AUTOSCALING_POLICY_PATH, policy_kwargs={
+            "target_ongoing_requests": scaling.target_ongoing_requests,
+            "target_kv_cache_usage": scaling.target_kv_cache_usage,
+            "max_waiting_per_replica": scaling.max_waiting_per_replica,
+        })
+    with warnings.catch_warnings():  # Ray warns that metrics_interval_s will move to environment variables
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return AutoscalingConfig(
             min_replicas=scaling.min_replicas,
             initial_replicas=max(scaling.min_replicas, 1),
             max_replicas=scaling.max_replicas,
             target_ongoing_requests=scaling.target_ongoing_requests,
             upscale_delay_s=scaling.upscale_delay_s,
             downscale_delay_s=scaling.downscale_delay_s,
+            look_back_period_s=scaling.look_back_period_s,
+            **options,
         )
-    else:
-        options["num_replicas"] = serve_args.num_replicas
-    return options
 
 
 def build_app(args: dict[str, Any] | ServeArgs | None = None) -> Application:

@@ -25,6 +25,7 @@ from pagedserve.config.serve import ServeArgs
 from pagedserve.engine.errors import EngineDeadError, InvalidRequestError, RequestTooLargeError
 from pagedserve.engine.core.request import RequestOutput, merge_delta
 
+from pagedserve.serve_app.autoscaling import KV_CACHE_USAGE_METRIC, NUM_RUNNING_METRIC, NUM_WAITING_METRIC
 from pagedserve.serve_app.metrics import ReplicaMetrics, RequestTiming
 from pagedserve.serve_app.engine_protocol import ServingEngine
 from pagedserve.serve_app.messages import Accepted, ChannelOpen, GenerateRequest, ModelInfo, ReplicaError
@@ -181,13 +182,12 @@ class EngineReplica:
         """
         stats = self.engine.get_stats()
         self.metrics.observe(stats)
-        uncommitted = stats.num_total_blocks - sum(self._committed_blocks.values())
         # A dead engine holds nothing and would look the emptiest replica until Serve's health check
         # replaces it; routers skip it instead.
         engine_dead = self.engine.is_dead
         return {
             "engine_dead": engine_dead,
-            "num_free_blocks": 0 if engine_dead else max(0, min(stats.num_free_blocks, uncommitted)),
+            "num_free_blocks": 0 if engine_dead else self._routable_free_blocks(stats),
             "engine_free_blocks": stats.num_free_blocks,
             "num_total_blocks": stats.num_total_blocks,
             "block_size": stats.block_size,
@@ -195,6 +195,20 @@ class EngineReplica:
             "num_waiting": stats.num_waiting,
             "report_time_s": time.time(),
         }
+
+    def _routable_free_blocks(self, stats: Any) -> int:
+        """Blocks free once every held request reaches its max_tokens (never more than the engine's free now)."""
+        uncommitted = stats.num_total_blocks - sum(self._committed_blocks.values())
+        return max(0, min(stats.num_free_blocks, uncommitted))
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve calls this every autoscaling record interval; the controller averages each value over
+        `look_back_period_s` and hands it to `EngineLoadPolicy` (serve_app/autoscaling.py). The KV share is
+        the router's worst case, so a replica that routers see as full counts as full here too."""
+        stats = self.engine.get_stats()
+        held = 1.0 - self._routable_free_blocks(stats) / stats.num_total_blocks if stats.num_total_blocks else 0.0
+        return {KV_CACHE_USAGE_METRIC: held, NUM_RUNNING_METRIC: float(stats.num_running),
+                NUM_WAITING_METRIC: float(stats.num_waiting)}
 
     async def check_health(self) -> None:
         """Ray Serve's health check: an exception marks the replica unhealthy and it is replaced."""

@@ -15,8 +15,14 @@ Replica side: `Outboxes`, one `Outbox` per ingress replica, filled by the reques
 that ingress's channel call (items wait while no channel is open). Ingress side: `ChannelHub` starts
 engine requests (`ChanneledCall`, an async iterator of the request's items, with `cancel()`), opens a
 channel to each replica the first time a request lands there, and hands each delta to its request's
-`Inbox`. A channel that ends or fails ends every request of this ingress on that replica with
-`ChannelLostError`, which the ingress treats as a lost replica (the request goes on elsewhere).
+`Inbox`. A channel that fails ends every request of this ingress on that replica with `ChannelLostError`,
+which the ingress treats as a lost replica (the request goes on elsewhere).
+
+A channel is a call in flight, and a replica that Serve removes (scale-down, redeploy) waits for its calls
+to end before it exits. So the replica ends a channel itself once it has been idle for `CHANNEL_IDLE_S`
+with no request of that ingress left on it: a draining replica, which gets no new requests, drains. The
+ingress opens a new channel when its next request lands there (or at once, if one landed while the old
+channel was closing).
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ from pagedserve.serve_app.messages import Accepted, ChannelOpen, GenerateRequest
 logger = logging.getLogger("ray.serve")
 
 Item = RequestOutput | ReplicaError
+
+# A replica ends an ingress's channel after this long with nothing to send and no request of that ingress.
+CHANNEL_IDLE_S = 2.0
 
 
 def is_last(item: Any) -> bool:
@@ -77,11 +86,14 @@ class Outbox:
         self._items.append((request_id, item))
         self._ready.set()
 
-    async def take(self) -> list[tuple[str, Item]]:
-        """Everything queued, once there is something (one message)."""
+    async def take(self, timeout_s: float | None = None) -> list[tuple[str, Item]]:
+        """Everything queued, once there is something (one message); [] if nothing came within `timeout_s`."""
         while not self._items:
             self._ready.clear()
-            await self._ready.wait()
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                return []
         items, self._items = self._items, []
         self._ready.clear()
         self.num_messages += 1
@@ -103,10 +115,12 @@ class Outboxes:
     (a request can end before the channel its first delivery opens has arrived), then goes too (that
     ingress is gone)."""
 
-    def __init__(self, orphan_ttl_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, orphan_ttl_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 channel_idle_s: float = CHANNEL_IDLE_S) -> None:
         self._by_ingress: dict[str, Outbox] = {}
         self._unused_since: dict[str, float] = {}
         self.orphan_ttl_s = orphan_ttl_s
+        self.channel_idle_s = channel_idle_s
         self._clock = clock
         self.num_messages_closed = 0  # messages and items of outboxes already gone, for the totals
         self.num_items_closed = 0
@@ -130,12 +144,17 @@ class Outboxes:
             self._drop_if_idle(ingress_id, outbox)
 
     async def channel(self, ingress_id: str) -> AsyncIterator[list[tuple[str, Item]]]:
-        """The items of `ingress_id`'s requests, one list per message, for as long as the caller reads."""
+        """The items of `ingress_id`'s requests, one list per message, for as long as the caller reads or
+        until `channel_idle_s` pass with nothing to send and no request of that ingress here."""
         outbox = self.get(ingress_id)
         outbox.num_channels += 1
         try:
             while True:
-                yield await outbox.take()
+                items = await outbox.take(self.channel_idle_s)
+                if items:
+                    yield items
+                elif outbox.num_requests == 0:
+                    return  # idle: end the call, so that a replica being removed can drain
         finally:
             outbox.num_channels -= 1
             self._drop_if_idle(ingress_id, outbox)
@@ -196,6 +215,11 @@ class Inbox:
         else:
             self._items.append(item)
         self._ready.set()
+
+    @property
+    def is_closed(self) -> bool:
+        """The last item (or an exception) has come, or the reader stopped: nothing more is expected."""
+        return self._is_closed
 
     def close(self) -> None:
         """No more items: the reader gets what is queued, then the end."""
@@ -323,7 +347,7 @@ class ChannelHub:
         # HTTP request made when its client disconnects.
         stream = contextvars.Context().run(
             self._remote, "channel", ChannelOpen(self.ingress_id, replica_id), f"channel-{self.ingress_id}-{replica_id}")
-        reason: BaseException = ChannelLostError(f"the stream channel from replica {replica_id} ended")
+        reason: BaseException | None = None  # None: the replica ended the channel (it was idle)
         try:
             async for batch in stream:
                 self.num_messages += 1
@@ -344,9 +368,20 @@ class ChannelHub:
         finally:
             if self._channels.get(replica_id) is asyncio.current_task():
                 del self._channels[replica_id]
+        orphans = self._on_replica.pop(replica_id, set())
+        if reason is None:
+            # The replica closed an idle channel: every request of ours it held had ended then, and their
+            # items came before the end. A request that landed there since waits for its items: reopen.
+            waiting = {request_id for request_id in orphans
+                       if (call := self._calls.get(request_id)) is not None and not call.inbox.is_closed}
+            if waiting:
+                self._on_replica[replica_id] = waiting
+                if replica_id not in self._channels:
+                    self._channels[replica_id] = asyncio.get_running_loop().create_task(
+                        self._read_channel(replica_id))
+            return
         # The replica (or the way to it) is gone: its requests go on elsewhere; a request that lands on it
         # later opens a new channel.
-        orphans = self._on_replica.pop(replica_id, set())
         if orphans:
             logger.warning("%s; %d requests of this ingress were on it", reason, len(orphans))
         for request_id in orphans:

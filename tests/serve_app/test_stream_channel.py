@@ -287,3 +287,35 @@ def test_an_inbox_merges_what_a_slow_reader_has_not_taken():
     assert first.outputs[0].token_ids == [0, 1, 2] and first.outputs[0].text == "012"
     assert second.finished and second.outputs[0].token_ids == [3, 4, 5]  # the last delta merged in too
     assert end is not None and not isinstance(end, RequestOutput)
+
+
+def test_an_idle_channel_ends_so_its_replica_can_drain_and_requests_that_race_it_get_every_token(make_replica):
+    """A replica ends an ingress's channel once no request of that ingress is left on it (after
+    `channel_idle_s`; 1 ms here, so that requests keep landing while a channel is closing): each request
+    still gets every token (the ingress reopens the channel for one that landed meanwhile), and in the end
+    no channel is left open, which a replica that Serve removes waits for."""
+    replica = make_replica()
+    replica.outboxes.channel_idle_s = 0.001
+
+    async def run() -> tuple[list, list[int], int, int, int]:
+        expected = await _expected_tokens(replica, 3)
+        handle = LocalHandle(replica)
+        hub = ChannelHub(handle)
+        calls = ReplicaCalls(hub)
+
+        async def staggered(index: int) -> tuple[list[int], int]:
+            await asyncio.sleep(0.015 * index)  # a request takes about as long: some overlap, some do not
+            return await _tokens(calls, _request(f"r{index}", max_tokens=3))
+
+        results = await asyncio.gather(*(staggered(i) for i in range(40)))
+        for _ in range(200):
+            if replica.serving_stats()["num_channels"] == 0 and not hub._channels:
+                break
+            await asyncio.sleep(0.01)
+        num_channels_opened = len(handle.calls) - 40
+        return results, expected, replica.serving_stats()["num_channels"], len(hub._channels), num_channels_opened
+
+    results, expected, open_on_replica, open_on_ingress, num_channels_opened = asyncio.run(run())
+    assert all(tokens == expected for tokens, _ in results)
+    assert open_on_replica == 0 and open_on_ingress == 0
+    assert num_channels_opened > 1  # channels did close between requests
