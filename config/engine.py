@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 AttentionBackendName = Literal["auto", "reference", "triton", "flash_paged"]
-SchedulingPolicy = Literal["fifo", "prefill_first"]
+SchedulingPolicy = Literal["fifo", "prefill_first", "priority"]
 Quantization = Literal["none", "bnb-4bit", "bnb-8bit", "fp8"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 KVCacheDType = Literal["auto", "fp8"]
@@ -74,7 +74,11 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(256, ge=1, le=65536, description="Most requests running at once.")
     max_model_len: int | None = Field(None, ge=1, description="Longest prompt + output; auto from the model config.")
     enable_chunked_prefill: bool = Field(True, description="Split long prompts across steps.")
-    scheduling_policy: SchedulingPolicy = Field("fifo", description="fifo: decodes first; prefill_first: prompts first.")
+    scheduling_policy: SchedulingPolicy = Field(
+        "fifo", description="fifo (vLLM's fcfs): decodes first, then prompts in arrival order; prefill_first: "
+        "prompts first; priority (vLLM's): requests carry a priority (an int, lower is served earlier, default 0), "
+        "waiting ones are admitted and running ones preempted by it, arrival order within a level.",
+    )
     max_prefill_tokens_while_decoding: int | None = Field(
         None, ge=1, description="Most prompt tokens (prefill chunks, recomputes of preempted requests) one step "
         "takes while requests are decoding, so that long prompts do not stretch every decode's step (TPOT); a "
@@ -155,6 +159,8 @@ class EngineConfig(BaseModel):
     @field_validator("scheduling_policy", mode="before")
     @classmethod
     def _accept_hyphenated_policy(cls, value: Any) -> Any:
+        if value == "fcfs":  # vLLM's name of the same policy
+            return "fifo"
         return value.replace("-", "_") if isinstance(value, str) else value
 
     @field_validator("tp_size")

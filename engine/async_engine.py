@@ -94,10 +94,11 @@ class AsyncLLMEngine:
     # ---- API -----------------------------------------------------------------------------------
     async def generate(
         self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str,
-        continuation: Continuation | None = None,
+        continuation: Continuation | None = None, priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Stream deltas of one request (`continuation`: tokens its completion already produced on an
-        engine that was lost; only what follows streams). Bad requests raise before the first yield."""
+        engine that was lost; only what follows streams; `priority`: vLLM's, lower served earlier, with the
+        `priority` scheduling policy). Bad requests raise before the first yield."""
         if self._dead_reason is not None:
             raise EngineDeadError(self._dead_reason)
         # Validation is read-only on the engine, so it runs here and raises to the caller at once (a core
@@ -112,7 +113,7 @@ class AsyncLLMEngine:
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
             self._streams[request_id] = stream
-        self._core.add(request_id, text, prompt_token_ids, sampling_params, continuation)
+        self._core.add(request_id, text, prompt_token_ids, sampling_params, continuation, priority)
         finished = False
         try:
             pending_error: BaseException | None = None

@@ -40,8 +40,10 @@ class LLM:
         prompts: str | Sequence[str] | Sequence[Sequence[int]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Outputs in the order of `prompts`. Prompts may be strings or lists of token ids."""
+        """Outputs in the order of `prompts`. Prompts may be strings or lists of token ids. `priority`: one
+        int per prompt, lower served earlier (vLLM's), with `scheduling_policy="priority"`."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         params_list = (
@@ -51,11 +53,14 @@ class LLM:
         )
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        priorities = [0] * len(prompts) if priority is None else list(priority)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(priorities)} priorities")
         request_ids = []
-        for prompt, params in zip(prompts, params_list):
+        for prompt, params, request_priority in zip(prompts, params_list, priorities):
             request_id = f"llm-{next(self._ids)}"
             prompt_input = prompt if isinstance(prompt, str) else list(prompt)
-            self.engine.add_request(request_id, prompt_input, params)
+            self.engine.add_request(request_id, prompt_input, params, priority=request_priority)
             request_ids.append(request_id)
         results: dict[str, RequestOutput] = {}
         progress = tqdm(total=len(request_ids), desc="generate", disable=not use_tqdm, unit="req")

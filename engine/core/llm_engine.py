@@ -231,11 +231,16 @@ class LLMEngine:
         arrival_time: float | None = None,
         prompt_text: str | None = None,
         continuation: Continuation | None = None,
+        priority: int = 0,
     ) -> None:
         """Queue a request; `prompt_text` names the prompt in outputs when `prompt` is already tokenized;
-        `continuation`: tokens its one completion already produced elsewhere (only what follows streams)."""
+        `continuation`: tokens its one completion already produced elsewhere (only what follows streams);
+        `priority`: vLLM's (lower is served earlier), only with the `priority` scheduling policy."""
         if request_id in self._groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        if priority != 0 and self.scheduler_settings.policy != "priority":
+            raise InvalidRequestError(f"priority {priority} needs scheduling_policy 'priority'; this engine's is "
+                                      f"{self.scheduler_settings.policy!r}", param="priority")
         prompt_token_ids = self.encode_prompt(prompt)
         self.validate_request(prompt_token_ids, params, continuation)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
@@ -248,6 +253,7 @@ class LLMEngine:
                 arrival_time=arrival,
                 parent_id=request_id,
                 completion_index=index,
+                priority=priority,
                 token_limit=min(self.max_model_len, len(prompt_token_ids) + params.max_tokens)
                 if params.max_tokens is not None else self.max_model_len,
             )

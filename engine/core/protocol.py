@@ -52,7 +52,7 @@ class EngineCore(Protocol):
     def start(self, sink: CoreSink) -> None: ...
 
     def add(self, request_id: str, text: str | None, prompt_token_ids: list[int], params: SamplingParams,
-            continuation: Continuation | None = None) -> None: ...
+            continuation: Continuation | None = None, priority: int = 0) -> None: ...
 
     def abort(self, request_id: str) -> None: ...
 
@@ -75,8 +75,8 @@ class QueuedCommands:
         self._wakeup = threading.Event()
 
     def add(self, request_id: str, text: str | None, prompt_token_ids: list[int], params: SamplingParams,
-            continuation: Continuation | None = None) -> None:
-        self._queue(("add", request_id, text, prompt_token_ids, params, continuation))
+            continuation: Continuation | None = None, priority: int = 0) -> None:
+        self._queue(("add", request_id, text, prompt_token_ids, params, continuation, priority))
 
     def abort(self, request_id: str) -> None:
         self._queue(("abort", request_id))
@@ -93,13 +93,14 @@ class QueuedCommands:
 
 
 def apply_command(engine: LLMEngine, command: tuple) -> tuple[str, Exception] | None:
-    """Apply ("add", request_id, text, prompt_token_ids, params, continuation), ("abort", request_id) or
+    """Apply ("add", request_id, text, prompt_token_ids, params, continuation, priority), ("abort", request_id) or
     ("update_scheduler", changes) to the engine, the commands of both cores. An add the engine refuses
     returns (request id, error) for its caller."""
     if command[0] == "add":
-        _, request_id, text, prompt_token_ids, params, continuation = command
+        _, request_id, text, prompt_token_ids, params, continuation, priority = command
         try:
-            engine.add_request(request_id, prompt_token_ids, params, prompt_text=text, continuation=continuation)
+            engine.add_request(request_id, prompt_token_ids, params, prompt_text=text, continuation=continuation,
+                               priority=priority)
         except Exception as exc:  # noqa: BLE001 - handed to the one caller it concerns
             return request_id, exc
     elif command[0] == "abort":

@@ -252,6 +252,8 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     parent_id: str | None = None  # the user-visible request id for n > 1 children
     completion_index: int = 0
+    # vLLM's request priority: lower is served earlier (only the `priority` scheduling policy reads it).
+    priority: int = 0
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

@@ -8,6 +8,14 @@ everything again, and a prefix-cache hit starts the count further along. Each st
 blocks run out, the newest running request is preempted: its blocks are freed and it is recomputed
 later, at the head of the queue. Pure logic: no tensors, no model.
 
+Priority policy (vLLM's `priority`): each request has a priority, an int, lower served earlier. Waiting
+requests are kept in (priority, arrival) order, so FIFO within a level, and a preempted one goes back to its
+place in that order; running requests are scheduled in that order too, and the victim of a preemption is the
+lowest-priority, newest one not yet scheduled this step. Before a step, while the best waiting request has a
+strictly better priority than the worst running one and cannot start (no sequence slot, or fewer free blocks
+than its first chunk needs), that running request is preempted: a high-priority arrival does not wait for
+low-priority generations to end. Otherwise it schedules as `fifo` (decodes first, then admissions).
+
 Latency bound (`max_prefill_tokens_while_decoding`): a step's time grows with its prompt tokens, and every
 decoding request waits for the whole step, so long prompt chunks beside decodes stretch their time per
 output token. While any running request is *decoding* (needs exactly one new token, the catch-up rule's
@@ -29,11 +37,13 @@ later) and the prefix cache only ever registers blocks full of committed tokens.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from pagedserve.cache.allocators import BlockCopy
+from pagedserve.cache.blocks import blocks_for
 from pagedserve.cache.kv_cache_manager import KVCacheManager
 from pagedserve.config.resolve import SchedulerSettings
 
@@ -94,12 +104,32 @@ class Scheduler:
         self.running: list[Request] = []
         self._awaiting_fork: dict[str, list[Request]] = {}
         self.num_preemptions_total = 0
+        # The policy `waiting` was last ordered for: switching to `priority` at run time sorts it once.
+        self._waiting_order_policy = config.policy
+
+    @staticmethod
+    def priority_key(request: Request) -> tuple[int, float]:
+        """The priority policy's order: better (lower) priority first, then earlier arrival."""
+        return request.priority, request.arrival_time
+
+    @property
+    def is_priority(self) -> bool:
+        return self.config.policy == "priority"
+
+    def _enqueue(self, request: Request, at_front: bool) -> None:
+        """Into `waiting`: by priority under the priority policy; else at the back, or the front (preempted)."""
+        if self.is_priority:
+            bisect.insort_right(self.waiting, request, key=self.priority_key)
+        elif at_front:
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
 
     # ---- admission -----------------------------------------------------------------------------
     def add_request(self, request: Request, children: list[Request] | None = None) -> None:
         """Queue a request; `children` (n > 1) start once its prompt is computed, sharing its blocks."""
         request.status = RequestStatus.WAITING
-        self.waiting.append(request)
+        self._enqueue(request, at_front=False)
         if children:
             self._awaiting_fork[request.request_id] = children
 
@@ -122,12 +152,42 @@ class Scheduler:
         if self.config.policy == "prefill_first":
             self._schedule_waiting(output, budget)
             self._schedule_running(output, budget)
+        elif self.is_priority:
+            self._order_for_priority()
+            self._preempt_for_waiting(output, budget)
+            num_preempted_for_waiting = len(output.preempted)
+            self._schedule_running(output, budget)
+            if len(output.preempted) == num_preempted_for_waiting:  # as fifo: none under memory pressure
+                self._schedule_waiting(output, budget)
         else:
             self._schedule_running(output, budget)
             if not output.preempted:  # under memory pressure, admit nothing new
                 self._schedule_waiting(output, budget)
+        if not self.is_priority:
+            self._waiting_order_policy = self.config.policy
         output.block_copies = self.kv_cache.take_pending_copies()
         return output
+
+    def _order_for_priority(self) -> None:
+        """Running requests in priority order (stable: admission order within a level); waiting ones sorted
+        once after a switch from another policy (from then on they are inserted in order)."""
+        self.running.sort(key=self.priority_key)
+        if self._waiting_order_policy != "priority":
+            self.waiting = deque(sorted(self.waiting, key=self.priority_key))
+            self._waiting_order_policy = "priority"
+
+    def _preempt_for_waiting(self, output: SchedulerOutput, budget: _StepBudget) -> None:
+        """Preempt the worst running requests while the best waiting one outranks them and cannot start."""
+        while self.waiting and self.running:
+            head, worst = self.waiting[0], self.running[-1]
+            if worst.priority <= head.priority:
+                return
+            has_slot = len(self.running) < self.config.max_num_seqs
+            # Its first chunk's blocks, prefix-cache hits not counted: at worst one preemption too many.
+            num_first_chunk = min(head.num_tokens - head.num_computed_tokens, budget.tokens)
+            if has_slot and blocks_for(num_first_chunk, self.kv_cache.block_size) <= self.kv_cache.num_free_blocks:
+                return
+            self._preempt(worst, output)
 
     @staticmethod
     def _is_decoding(request: Request) -> bool:
@@ -197,7 +257,8 @@ class Scheduler:
         return drafts
 
     def _pick_victim(self, scheduled_ids: set[str]) -> Request:
-        """The newest running request not yet scheduled this step (the current one as a last resort)."""
+        """The newest running request not yet scheduled this step (the current one as a last resort); under the
+        priority policy `running` is in priority order, so this is the lowest-priority, newest one."""
         for request in reversed(self.running):
             if request.request_id not in scheduled_ids:
                 return request
@@ -253,7 +314,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.metrics.num_preemptions += 1
         self.num_preemptions_total += 1
-        self.waiting.appendleft(request)
+        self._enqueue(request, at_front=True)
         output.preempted.append(request)
 
     def finish_step(self, output: SchedulerOutput) -> None:

@@ -42,6 +42,8 @@ def test_unknown_field_is_rejected_and_hyphenated_policy_accepted():
     with pytest.raises(ConfigError, match="max_batch_token"):
         EngineConfig.create(max_batch_token=5)
     assert EngineConfig.create(scheduling_policy="prefill-first").scheduling_policy == "prefill_first"
+    assert EngineConfig.create(scheduling_policy="fcfs").scheduling_policy == "fifo"  # vLLM's name
+    assert EngineConfig.create(scheduling_policy="priority").scheduling_policy == "priority"
 
 
 def test_scheduler_config_without_chunking_needs_room_for_a_whole_prompt():

@@ -249,3 +249,23 @@ def test_dummy_load_format_needs_only_the_config(tiny_model_dir, tmp_path):
     assert not torch.equal(built.model.layers[0].mlp.up_proj.weight, real.model.layers[0].mlp.up_proj.weight)
     with pytest.raises(ConfigError, match="load_format"):
         LLM(str(bare), dtype="float32", load_format="dummy", quantization="bnb-4bit")
+
+
+def test_priority_policy_keeps_greedy_outputs_and_fifo_refuses_a_priority(llm):
+    """Priorities reorder and preempt (64 blocks of 8 cannot hold these six at once), never change tokens;
+    under another policy a priority is a bad request naming the field (vLLM's rule)."""
+    prompts = [list(range(20 + 7 * i, 100 + 7 * i)) for i in range(6)]  # 12 blocks each at the end: 72 > 64
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want = [out.outputs[0].token_ids for out in llm.generate(prompts, params, use_tqdm=False)]
+    with pytest.raises(InvalidRequestError, match="scheduling_policy") as refused:
+        llm.generate(prompts[:1], params, use_tqdm=False, priority=[1])
+    assert refused.value.param == "priority"
+    preemptions_before = llm.engine.scheduler.num_preemptions_total
+    llm.engine.update_scheduler(policy="priority")
+    try:
+        got = llm.generate(prompts, params, use_tqdm=False, priority=[3, -1, 0, 2, 0, -1])
+    finally:
+        llm.engine.update_scheduler(policy="fifo")
+    assert [out.outputs[0].token_ids for out in got] == want
+    assert llm.engine.scheduler.num_preemptions_total > preemptions_before
+    assert_all_blocks_free(llm)
