@@ -79,7 +79,7 @@ class KVCacheManager:
 
     # ---- prefix cache --------------------------------------------------------------------------
     def find_cached_prefix(
-        self, request_id: str, prompt_token_ids: Sequence[int]
+        self, request_id: str, prompt_token_ids: Sequence[int], salt: str | None = None
     ) -> tuple[list[list[int | None]], int]:
         """(block table start per group, tokens) of the longest cached prefix of a prompt without blocks.
 
@@ -87,12 +87,13 @@ class KVCacheManager:
         that the first new token's window reaches back into (the table holds None before them), so a
         hit on a hybrid model is the longest length that every group can serve. Never the whole
         prompt: the last prompt token is recomputed to get the logits of the first output token, and a
-        block being written must not be a shared cached one.
+        block being written must not be a shared cached one. `salt` (a LoRA adapter's name) keys the chain:
+        only blocks computed under the same salt are found.
         """
         if not self.enable_prefix_caching:
             return [[] for _ in self.pools], 0
         hashes = self._hashes.setdefault(request_id, [])
-        extend_block_hashes(hashes, prompt_token_ids, self.block_size)
+        extend_block_hashes(hashes, prompt_token_ids, self.block_size, salt)
         limit = max(0, min(len(hashes), (len(prompt_token_ids) - 1) // self.block_size))
         cached = [[pool.lookup(h) for h in hashes[:limit]] for pool in self.pools]
         # Full groups are prefix-closed (any shorter hit is a hit too); a sliding group is not, so the
@@ -117,12 +118,14 @@ class KVCacheManager:
             self.num_prefix_queries_tokens += num_prompt_tokens
             self.num_prefix_hit_tokens += num_hit_tokens
 
-    def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
-        """Register the blocks that are now full of computed tokens, so later prompts can reuse them."""
+    def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int,
+                          salt: str | None = None) -> None:
+        """Register the blocks that are now full of computed tokens, so later prompts can reuse them (under
+        `salt`, as `find_cached_prefix` looks them up)."""
         if not self.enable_prefix_caching or request_id not in self._tables:
             return
         hashes = self._hashes.setdefault(request_id, [])
-        extend_block_hashes(hashes, token_ids[:num_computed_tokens], self.block_size)
+        extend_block_hashes(hashes, token_ids[:num_computed_tokens], self.block_size, salt)
         # `hashes` may run ahead (the prompt's, from the lookup); only blocks full of computed tokens count.
         for pool, table in zip(self.pools, self._tables[request_id]):
             num_full = min(num_computed_tokens // self.block_size, len(hashes), len(table))

@@ -154,6 +154,25 @@ class EngineConfig(BaseModel):
         8, ge=0, description="Steps with more running requests than this do not speculate (0: never speculate); "
         "the default is a guess until the GPU crossover is measured (bench/spec_bench.py).",
     )
+    # LoRA adapters (vLLM's names; docs/lora.md)
+    enable_lora: bool = Field(
+        False, description="Serve LoRA adapters over the base model (on when lora_modules names any; needed to "
+        "load adapters at run time).",
+    )
+    lora_modules: dict[str, str] | None = Field(
+        None, description="Adapters loaded at start-up: name -> path of a PEFT adapter folder (adapter_config.json "
+        "+ adapter_model.safetensors) or a hub id; a request selects one by its name as the model. On the command "
+        "line: name=path[,name=path...].",
+    )
+    max_lora_rank: int = Field(16, ge=1, le=512, description="Largest rank of an adapter (every slot is this wide).")
+    max_loras: int = Field(
+        4, ge=1, le=256, description="Adapters on the device at once (slots, least recently used evicted); one "
+        "step's rows use at most this many.",
+    )
+    max_cpu_loras: int | None = Field(
+        None, ge=1, description="Adapters kept in host memory (least recently used evicted, read again from their "
+        "path when needed); None: max_loras or the number of lora_modules, whichever is larger.",
+    )
     seed: int = Field(0, ge=0, description="Seed of unseeded sampling.")
 
     @field_validator("scheduling_policy", mode="before")
@@ -162,6 +181,22 @@ class EngineConfig(BaseModel):
         if value == "fcfs":  # vLLM's name of the same policy
             return "fifo"
         return value.replace("-", "_") if isinstance(value, str) else value
+
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _lora_modules_from_text(cls, value: Any) -> Any:
+        """`name=path,name=path` (the command line) or a list of `name=path` into a dict."""
+        if isinstance(value, str):
+            value = [item for item in value.split(",") if item.strip()]
+        if isinstance(value, (list, tuple)):
+            pairs = {}
+            for item in value:
+                name, sep, path = str(item).partition("=")
+                if not sep or not name.strip() or not path.strip():
+                    raise ValueError(f"expected name=path, got {item!r}")
+                pairs[name.strip()] = path.strip()
+            return pairs
+        return value
 
     @field_validator("tp_size")
     @classmethod

@@ -108,6 +108,7 @@ class SchedulerSettings:
     enable_chunked_prefill: bool = True
     policy: SchedulingPolicy = "fifo"
     max_prefill_tokens_while_decoding: int | None = None
+    max_loras: int = 0  # distinct LoRA adapters one step may run (0: LoRA off)
 
     def __post_init__(self) -> None:
         if not self.enable_chunked_prefill and self.max_batch_tokens < self.max_model_len:
@@ -167,6 +168,32 @@ class CompileSettings:
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapters as decided (engine/runner/lora.py); `enabled` False: no layer is wrapped, no slot held."""
+
+    enabled: bool = False
+    modules: tuple[tuple[str, str], ...] = ()  # (name, path) loaded at start-up
+    max_lora_rank: int = 16
+    max_loras: int = 1
+    max_cpu_loras: int = 1
+
+
+def resolve_lora(config: EngineConfig) -> LoraSettings:
+    """Check the LoRA fields together; tensor parallel is refused until the adapters' slices are cut per rank."""
+    modules = tuple((config.lora_modules or {}).items())
+    if not (config.enable_lora or modules):
+        return LoraSettings()
+    if config.tp_size > 1:
+        raise ConfigError(f"EngineConfig.lora_modules / enable_lora with tp_size={config.tp_size}: LoRA is not built "
+                          "for tensor parallel yet (adapters run with tp_size 1)")
+    max_cpu_loras = config.max_cpu_loras or max(config.max_loras, len(modules))
+    if max_cpu_loras < config.max_loras:
+        raise ConfigError(f"EngineConfig.max_cpu_loras={config.max_cpu_loras} must be >= max_loras={config.max_loras} "
+                          "(an adapter on the device is also held in host memory)")
+    return LoraSettings(True, modules, config.max_lora_rank, config.max_loras, max_cpu_loras)
+
+
+@dataclass(frozen=True)
 class RunnerSettings:
     """The device side: where the model runs and which kernels and captures it uses."""
 
@@ -181,6 +208,7 @@ class RunnerSettings:
     tp_size: int
     compile: CompileSettings = field(default_factory=lambda: CompileSettings(enabled=False))
     moe_backend: Literal["fused", "transformers"] = "transformers"  # experts of MoE blocks (engine/kernels/moe/)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass(frozen=True)
@@ -460,6 +488,7 @@ def resolve(
     programmatic_launch = config.programmatic_launch and device == "cuda" and platform.supports_programmatic_launch
     decode_linear = config.decode_linear and device == "cuda"
     moe_backend = resolve_moe_backend(config, device, platform)
+    lora = resolve_lora(config)
 
     return ResolvedConfig(
         load=LoadSettings(
@@ -472,6 +501,7 @@ def resolve(
             max_num_seqs=config.max_num_seqs, max_batch_tokens=max_batch_tokens, max_model_len=max_model_len,
             enable_chunked_prefill=config.enable_chunked_prefill, policy=config.scheduling_policy,
             max_prefill_tokens_while_decoding=max_prefill_tokens_while_decoding,
+            max_loras=lora.max_loras if lora.enabled else 0,
         ),
         cache=CacheSettings(
             block_size=config.block_size, num_blocks=config.num_blocks,
@@ -482,7 +512,7 @@ def resolve(
             device=device, dtype=dtype, attention_backend=backend, fuse_projections=config.fuse_projections,
             decode_linear=decode_linear, moe_backend=moe_backend, programmatic_launch=programmatic_launch,
             cuda_graphs=cuda_graphs_off is None, cuda_graph_max_batch_size=config.cuda_graph_max_batch_size,
-            tp_size=config.tp_size,
+            tp_size=config.tp_size, lora=lora,
             compile=CompileSettings(
                 enabled=compile_enabled, fullgraph=config.compile_fullgraph, dynamic=config.compile_dynamic,
                 mode=config.compile_mode, backend=config.compile_backend, combo_kernels=config.compile_combo_kernels,

@@ -41,9 +41,11 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        lora: str | Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Outputs in the order of `prompts`. Prompts may be strings or lists of token ids. `priority`: one
-        int per prompt, lower served earlier (vLLM's), with `scheduling_policy="priority"`."""
+        int per prompt, lower served earlier (vLLM's), with `scheduling_policy="priority"`. `lora`: the name of
+        a loaded LoRA adapter for every prompt, or one name (None: the base model) per prompt."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         params_list = (
@@ -56,11 +58,14 @@ class LLM:
         priorities = [0] * len(prompts) if priority is None else list(priority)
         if len(priorities) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(priorities)} priorities")
+        loras = [lora] * len(prompts) if lora is None or isinstance(lora, str) else list(lora)
+        if len(loras) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(loras)} LoRA names")
         request_ids = []
-        for prompt, params, request_priority in zip(prompts, params_list, priorities):
+        for prompt, params, request_priority, request_lora in zip(prompts, params_list, priorities, loras):
             request_id = f"llm-{next(self._ids)}"
             prompt_input = prompt if isinstance(prompt, str) else list(prompt)
-            self.engine.add_request(request_id, prompt_input, params, priority=request_priority)
+            self.engine.add_request(request_id, prompt_input, params, priority=request_priority, lora=request_lora)
             request_ids.append(request_id)
         results: dict[str, RequestOutput] = {}
         progress = tqdm(total=len(request_ids), desc="generate", disable=not use_tqdm, unit="req")

@@ -232,15 +232,20 @@ class LLMEngine:
         prompt_text: str | None = None,
         continuation: Continuation | None = None,
         priority: int = 0,
+        lora: str | None = None,
     ) -> None:
         """Queue a request; `prompt_text` names the prompt in outputs when `prompt` is already tokenized;
         `continuation`: tokens its one completion already produced elsewhere (only what follows streams);
-        `priority`: vLLM's (lower is served earlier), only with the `priority` scheduling policy."""
+        `priority`: vLLM's (lower is served earlier), only with the `priority` scheduling policy; `lora`: the
+        name of a loaded LoRA adapter to run under (None: the base model)."""
         if request_id in self._groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         if priority != 0 and self.scheduler_settings.policy != "priority":
             raise InvalidRequestError(f"priority {priority} needs scheduling_policy 'priority'; this engine's is "
                                       f"{self.scheduler_settings.policy!r}", param="priority")
+        if lora is not None and not self.has_lora(lora):
+            raise InvalidRequestError(f"no LoRA adapter named {lora!r} is loaded (loaded: "
+                                      f"{', '.join(self.lora_names()) or 'none'})", param="lora")
         prompt_token_ids = self.encode_prompt(prompt)
         self.validate_request(prompt_token_ids, params, continuation)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
@@ -254,6 +259,7 @@ class LLMEngine:
                 parent_id=request_id,
                 completion_index=index,
                 priority=priority,
+                lora_name=lora,
                 token_limit=min(self.max_model_len, len(prompt_token_ids) + params.max_tokens)
                 if params.max_tokens is not None else self.max_model_len,
             )
@@ -363,6 +369,35 @@ class LLMEngine:
             return True
         self._finish_group(group, FinishReason.ABORT)
         return True
+
+    # ---- LoRA adapters -------------------------------------------------------------------------
+    def has_lora(self, name: str) -> bool:
+        return self.runner.lora is not None and self.runner.lora.has(name)
+
+    def lora_names(self) -> list[str]:
+        return [] if self.runner.lora is None else [info.name for info in self.runner.lora.list()]
+
+    def add_lora(self, name: str, path: str) -> None:
+        """Load an adapter at run time (vLLM's load_lora_adapter); `InvalidRequestError` if LoRA is off, the
+        name is taken (by an adapter or the base model) or the adapter cannot run here."""
+        if self.runner.lora is None:
+            raise InvalidRequestError("LoRA is off on this engine (start it with enable_lora or lora_modules)",
+                                      param="lora_name")
+        if name == self.model_name:
+            raise InvalidRequestError(f"{name!r} is the base model's name", param="lora_name")
+        try:
+            self.runner.lora.add(name, path)
+        except ConfigError as exc:
+            raise InvalidRequestError(str(exc), param="lora_path") from None
+
+    def remove_lora(self, name: str) -> None:
+        """Unload an adapter (vLLM's unload_lora_adapter); refused while requests still run under it."""
+        if not self.has_lora(name):
+            raise InvalidRequestError(f"no LoRA adapter named {name!r} is loaded", param="lora_name")
+        users = [g.request_id for g in self._groups.values() if g.sequences[0].lora_name == name]
+        if users:
+            raise InvalidRequestError(f"LoRA adapter {name!r} still serves {len(users)} requests", param="lora_name")
+        self.runner.lora.remove(name)
 
     def update_scheduler(self, **changes: object) -> None:
         """Change scheduling decisions that size nothing (`config.resolve.RUNTIME_SCHEDULER_FIELDS`) from the
@@ -587,6 +622,7 @@ class LLMEngine:
         tables: list[list[list[int]]] = [[] for _ in range(self.kv_cache.num_groups)]
         # Sliding-window groups mark released blocks as None; full-attention tables hold ids only and go as is.
         has_released = self.kv_cache.has_sliding_groups
+        lora_names = [chunk.request.lora_name for chunk in output.chunks]
         for chunk in output.chunks:
             request = chunk.request
             start = chunk.num_computed_tokens
@@ -617,7 +653,8 @@ class LLMEngine:
             for group, table in enumerate(self.kv_cache.block_tables(request.request_id)):
                 tables[group].append([0 if block is None else block for block in table] if has_released else table)
         return StepInput(token_ids, positions, query_lens, seq_lens, tables, logits_indices, output.block_copies,
-                         pending_indices, pending_sources)
+                         pending_indices, pending_sources,
+                         lora_names if any(name is not None for name in lora_names) else [])
 
     def _accept_token(
         self,

@@ -273,6 +273,8 @@ class Request:
     grammar: Any = None
     # `bad_words` as token id sequences (each word alone and after a space), set by the engine.
     bad_word_ids: list[list[int]] = field(default_factory=list)
+    # The LoRA adapter the sequence runs under (None: the base model); it also salts its prefix-cache keys.
+    lora_name: str | None = None
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)

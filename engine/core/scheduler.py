@@ -33,6 +33,9 @@ if its blocks have room for all of them: when they do not, the request decodes o
 never preempts. `finish_step` counts only the last token as computed; `commit_drafts` then adds the
 accepted proposals, so the K/V written for rejected ones lies past `num_computed_tokens` (overwritten
 later) and the prefix cache only ever registers blocks full of committed tokens.
+
+LoRA: a step runs at most `max_loras` distinct adapters (the device's slots); a running request of another
+adapter sits the step out, and the head of the queue waits. A request's adapter salts its prefix-cache keys.
 """
 
 from __future__ import annotations
@@ -212,7 +215,7 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget.tokens > 0:
             request = self.running[index]
-            if request.request_id in scheduled_ids:
+            if request.request_id in scheduled_ids or not self._lora_fits(output, request):
                 index += 1
                 continue
             num_tokens = request.num_tokens
@@ -267,11 +270,13 @@ class Scheduler:
     def _schedule_waiting(self, output: SchedulerOutput, budget: _StepBudget) -> None:
         while self.waiting and budget.tokens > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if not self._lora_fits(output, request):
+                break  # FIFO: it waits for a step with room for its adapter
             cached_tables: list[list[int | None]] = []
             num_cached = 0
             if not self.kv_cache.has_blocks(request.request_id):
                 cached_tables, num_cached = self.kv_cache.find_cached_prefix(
-                    request.request_id, request.all_token_ids
+                    request.request_id, request.all_token_ids, request.lora_name
                 )
             num_new = self._chunk_size(request.num_tokens - num_cached, budget, is_prefill=True)
             if num_new == 0:
@@ -289,6 +294,15 @@ class Scheduler:
             self.running.append(request)
             self._add_chunk(output, request, num_cached, num_new)
             budget.take(num_new, is_prefill=True)
+
+    def _lora_fits(self, output: SchedulerOutput, request: Request) -> bool:
+        """A step runs at most `max_loras` distinct adapters (the device's slots): one more fits if it is
+        already among them or there is room."""
+        name = request.lora_name
+        if name is None or self.config.max_loras == 0:
+            return True
+        names = {chunk.request.lora_name for chunk in output.chunks} - {None}
+        return name in names or len(names) < self.config.max_loras
 
     def _add_chunk(self, output: SchedulerOutput, request: Request, num_computed: int, num_new: int,
                    drafts: list[int] | None = None) -> None:
@@ -334,7 +348,7 @@ class Scheduler:
         before = request.num_computed_tokens
         request.num_computed_tokens = num_computed
         if num_computed // block_size > before // block_size:
-            self.kv_cache.cache_full_blocks(request.request_id, request.all_token_ids, num_computed)
+            self.kv_cache.cache_full_blocks(request.request_id, request.all_token_ids, num_computed, request.lora_name)
 
     # ---- endings -------------------------------------------------------------------------------
     def finish_request(self, request: Request, reason: FinishReason) -> None:

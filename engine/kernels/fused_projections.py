@@ -70,13 +70,18 @@ class FusedLead(_FusedMember):
         self.in_features = weight.shape[1]
         self.out_features = out_sizes[0]
         self.pending: list[torch.Tensor] | None = None  # the followers' parts of the latest input
+        # LoRA adapters' update of every member's output (engine/runner/lora.py sets it; None: no adapters).
+        self.lora: nn.Module | None = None
 
     @property
     def lead(self) -> "FusedLead":
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = self.linear(x, self.fused_weight, self.fused_bias).split(self.out_sizes, dim=-1)
+        fused = self.linear(x, self.fused_weight, self.fused_bias)
+        if self.lora is not None:
+            fused = self.lora(x, fused)
+        parts = fused.split(self.out_sizes, dim=-1)
         self.pending = list(parts[1:])
         return parts[0]
 

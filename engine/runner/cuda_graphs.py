@@ -154,6 +154,9 @@ class DecodeGraphs:
         # long as the graph lives (36 graphs up to 512 rows of a 128k vocabulary held 3.3 GiB; this, 0.25).
         self.logits = torch.empty((size, runner.shape.vocab_size), dtype=torch.float32, device=device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # LoRA: each row's adapter slot (-1: the base model), a graph input like the token ids.
+        self.lora_slots = (torch.full((size,), -1, dtype=torch.int32, device=device)
+                           if runner.lora is not None else None)
 
     def _context(self, batch_size: int) -> PagedForwardContext:
         views = self.inputs.device
@@ -178,6 +181,8 @@ class DecodeGraphs:
         pending = views.pending[:batch_size]
         gathered = self.previous_tokens.index_select(0, pending.clamp(min=0))
         input_ids = torch.where(pending >= 0, gathered, views.ids[:batch_size])
+        if self.lora_slots is not None:  # rows grouped by adapter inside the graph
+            self.runner.lora.set_step(self.lora_slots[:batch_size])
         return self.runner.forward_logits(input_ids, views.positions[:batch_size], self._context(batch_size),
                                           self.logits_indices[:batch_size], out=self.logits[:batch_size])
 
@@ -220,6 +225,10 @@ class DecodeGraphs:
         # (fill_pending_tokens, which also refuses pending tokens without previous ones).
         in_graph = previous_tokens is not None and previous_tokens.numel() <= self.max_batch_size
         self.inputs.pack(step, padded, self.runner.block_size, pending_on_device=in_graph)
+        if self.lora_slots is not None:
+            slots = self.runner.lora.slots_for(step.lora_names) if step.lora_names else []
+            slots += [-1] * (padded - len(slots))
+            self.lora_slots[:padded].copy_(torch.tensor(slots, dtype=torch.int32, pin_memory=True), non_blocking=True)
         if step.pending_input_indices:
             if in_graph:
                 self.previous_tokens[: previous_tokens.numel()].copy_(previous_tokens)

@@ -36,6 +36,7 @@ from pagedserve.engine.runner.cuda_graphs import DecodeGraphs
 from pagedserve.engine.kernels.decode_linear import use_decode_linear
 from pagedserve.engine.kernels.fused_projections import ProjectionFusion
 from pagedserve.engine.kernels.moe.experts import moe_blocks, use_fused_moe
+from pagedserve.engine.runner.lora import LoraManager
 from pagedserve.engine.runner.loader import LoadedModel, weights_footprint_bytes
 from pagedserve.engine.runner.step_input import StepInput, fill_pending_tokens, host_block_table_and_slots, to_device
 
@@ -96,6 +97,8 @@ class ModelRunner:
         if self._fusion is not None:
             self._fusion.apply()
         self._decode_linear = use_decode_linear(self.model, self.programmatic_launch) if settings.decode_linear else None
+        # LoRA adapters over the (fused, one-row-GEMM) projections, before compilation sees the layers.
+        self.lora = LoraManager(self.model, settings.lora, self.dtype, self.device) if settings.lora.enabled else None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = cache.block_size
         is_fp8_cache = cache.kv_cache_dtype == "fp8_e4m3"
@@ -371,6 +374,8 @@ class ModelRunner:
         caller, `LLM.from_model`, is the caller's object)."""
         if isinstance(self._step_model, CompiledForward):
             self._step_model.uncompile()
+        if self.lora is not None:
+            self.lora.layers.undo()
         if self._decode_linear is not None:
             self._decode_linear.undo()
         if self._fusion is not None:
@@ -390,6 +395,9 @@ class ModelRunner:
         if self._decode_graphs is not None and self._decode_graphs.can_run(step):
             return self._decode_graphs.run(step, previous_tokens)
         context = self.forward_context(self._build_metadata(step))
+        if self.lora is not None:
+            token_slots = self.lora.token_slots(step.lora_names, step.query_lens)
+            self.lora.set_step(None if token_slots is None else to_device(token_slots, torch.int32, self.device))
         input_ids = to_device(step.token_ids, torch.long, self.device)
         fill_pending_tokens(input_ids, step, previous_tokens)
         positions = to_device(step.positions, torch.long, self.device)

@@ -30,6 +30,8 @@ class StepInput:
     # of the previous step's sampled ids (passed to `execute`) for i = pending_input_indices[k].
     pending_input_indices: list[int] = field(default_factory=list)
     pending_source_rows: list[int] = field(default_factory=list)
+    # LoRA: the adapter of each sequence (None: the base model); empty when no sequence of the step has one.
+    lora_names: list[str | None] = field(default_factory=list)
 
 
 def to_device(values: list[int] | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

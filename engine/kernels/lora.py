@@ -1,0 +1,216 @@
+"""The low-rank update of LoRA adapters over a batch whose rows use different adapters (or none).
+
+A step's rows may belong to several adapters and to the base model. The base GEMM runs once over all rows
+(the model's own linear layer); this module adds, to each row whose token uses adapter slot `s`,
+`scale_s * (x @ A_s.T) @ B_s.T`, in two grouped passes in the spirit of Punica's SGMV and S-LoRA:
+
+- shrink: `inter[t] = x[t] @ A[slot(t)].T` for every adapter row t (float32, [T, S * R]);
+- expand: `out[t, slice j] += inter[t, j*R:(j+1)*R] @ B[slot(t), slice j].T`.
+
+A layer may be a fused projection (q/k/v, gate/up: engine/kernels/fused_projections.py): its `S` slices
+share one input, so their A matrices are stacked ([S * R, K], one shrink) and each output slice reads its
+own R columns of `inter` (one expand over every slice). Ranks below R are zero-padded, so one R serves
+every adapter; the scale is folded into B when an adapter is loaded into a slot.
+
+Rows are grouped by adapter without the host: `LoraStepIndex.build` sorts the token indices by slot on the
+device (base rows first), counts each slot's rows and where its segment starts. The Triton kernels take a
+program per (row tile, column tile, slot); a program past its slot's row count returns at once. Grids
+depend only on the number of rows and slots, and every per-step value is in a device tensor, so a decode
+step with adapters can be captured in a CUDA graph: the slot ids per row are the graph's input.
+
+The PyTorch reference (`lora_add_reference`) computes the same per slot with index_select / index_add:
+CPU, and the oracle the kernels must match (tests run them under TRITON_INTERPRET=1). `lora_add` is a
+custom op (`pagedserve::lora_add`, mutating `out`) so that torch.compile sees one opaque call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference runs
+    triton = None
+
+
+@dataclass
+class LoraStepIndex:
+    """One step's rows grouped by adapter slot, all on the device.
+
+    `token_slots` [T] int32: the slot of each packed token, -1 for the base model. `sorted_ids` [T] int32:
+    token indices sorted by slot (stable; the base rows first), `slot_counts` [L] int32: rows per slot,
+    `slot_starts` [L] int32: where each slot's rows begin in `sorted_ids`."""
+
+    token_slots: torch.Tensor
+    sorted_ids: torch.Tensor
+    slot_counts: torch.Tensor
+    slot_starts: torch.Tensor
+
+    @classmethod
+    def build(cls, token_slots: torch.Tensor, num_slots: int) -> "LoraStepIndex":
+        """Device ops only (no host sync), so a CUDA graph may hold them."""
+        token_slots = token_slots.to(torch.int32)
+        sorted_ids = torch.argsort(token_slots, stable=True).to(torch.int32)
+        is_adapter = token_slots >= 0
+        counts = torch.zeros(num_slots, dtype=torch.int32, device=token_slots.device)
+        counts.scatter_add_(0, token_slots.clamp(min=0).long(), is_adapter.to(torch.int32))
+        num_base = (~is_adapter).sum().to(torch.int32)
+        starts = (torch.cumsum(counts, 0, dtype=torch.int32) - counts + num_base).to(torch.int32)
+        return cls(token_slots, sorted_ids, counts, starts)
+
+
+def lora_add_reference(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                       token_slots: torch.Tensor, slice_sizes: list[int], rank: int) -> None:
+    """`out[t] += delta of slot(t)` in place (plain PyTorch; syncs with the host to find each slot's rows).
+
+    x [T, K]; out [T, N]; lora_a [L, S*R, K]; lora_b [L, N, R] (scale folded in); N = sum(slice_sizes)."""
+    for slot in torch.unique(token_slots).tolist():
+        if slot < 0:
+            continue
+        rows = (token_slots == slot).nonzero().squeeze(1)
+        inter = x.index_select(0, rows).float() @ lora_a[slot].float().T  # [n, S*R]
+        parts = []
+        start = 0
+        for index, size in enumerate(slice_sizes):
+            b = lora_b[slot, start : start + size].float()  # [size, R]
+            parts.append(inter[:, index * rank : (index + 1) * rank] @ b.T)
+            start += size
+        out.index_add_(0, rows, torch.cat(parts, dim=1).to(out.dtype))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _lora_shrink_kernel(
+        x_ptr, a_ptr, inter_ptr, sorted_ids_ptr, counts_ptr, starts_ptr,
+        K, N,
+        stride_xm, stride_al, stride_an, stride_im,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        slot = tl.program_id(2)
+        count = tl.load(counts_ptr + slot)
+        if pid_m * BLOCK_M >= count:
+            return
+        start = tl.load(starts_ptr + slot)
+        offsets = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_valid = offsets < count
+        rows = tl.load(sorted_ids_ptr + start + offsets, mask=row_valid, other=0).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_valid = cols < N
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        a_base = a_ptr + slot.to(tl.int64) * stride_al
+        for k_start in range(0, K, BLOCK_K):
+            k_valid = (k_start + ks) < K
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + (k_start + ks)[None, :],
+                        mask=row_valid[:, None] & k_valid[None, :], other=0.0)
+            a = tl.load(a_base + cols[:, None] * stride_an + (k_start + ks)[None, :],
+                        mask=col_valid[:, None] & k_valid[None, :], other=0.0)
+            if IEEE:
+                acc += tl.dot(x, tl.trans(a), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(a))
+        tl.store(inter_ptr + rows[:, None] * stride_im + cols[None, :], acc,
+                 mask=row_valid[:, None] & col_valid[None, :])
+
+    @triton.jit
+    def _lora_expand_kernel(
+        inter_ptr, b_ptr, out_ptr, sorted_ids_ptr, counts_ptr, starts_ptr, slice_starts_ptr,
+        R, num_col_tiles,
+        stride_im, stride_bl, stride_bn, stride_om,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_sn = tl.program_id(1)  # slice * num_col_tiles + column tile within the slice
+        slot = tl.program_id(2)
+        count = tl.load(counts_ptr + slot)
+        if pid_m * BLOCK_M >= count:
+            return
+        slice_index = pid_sn // num_col_tiles
+        col_tile = pid_sn % num_col_tiles
+        slice_start = tl.load(slice_starts_ptr + slice_index)
+        slice_end = tl.load(slice_starts_ptr + slice_index + 1)
+        if col_tile * BLOCK_N >= slice_end - slice_start:
+            return
+        start = tl.load(starts_ptr + slot)
+        offsets = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_valid = offsets < count
+        rows = tl.load(sorted_ids_ptr + start + offsets, mask=row_valid, other=0).to(tl.int64)
+        cols = slice_start + col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_valid = cols < slice_end
+        rs = tl.arange(0, BLOCK_R)
+        r_valid = rs < R
+        inter = tl.load(inter_ptr + rows[:, None] * stride_im + (slice_index * R + rs)[None, :],
+                        mask=row_valid[:, None] & r_valid[None, :], other=0.0)
+        b = tl.load(b_ptr + slot.to(tl.int64) * stride_bl + cols[:, None] * stride_bn + rs[None, :],
+                    mask=col_valid[:, None] & r_valid[None, :], other=0.0)
+        if IEEE:
+            delta = tl.dot(inter, tl.trans(b.to(tl.float32)), input_precision="ieee")
+        else:
+            delta = tl.dot(inter.to(b.dtype), tl.trans(b))
+        out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
+        mask = row_valid[:, None] & col_valid[None, :]
+        previous = tl.load(out_ptrs, mask=mask, other=0.0)
+        tl.store(out_ptrs, (previous.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_m(num_rows: int) -> int:
+    return 16 if num_rows <= 16 else 32 if num_rows <= 256 else 64
+
+
+def lora_add_triton(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    index: LoraStepIndex, slice_starts: torch.Tensor, max_slice_size: int, rank: int) -> None:
+    """The two grouped passes (shapes as `lora_add_reference`; `slice_starts` int32 [S+1] on the device)."""
+    num_rows, in_features = x.shape
+    if num_rows == 0:
+        return
+    num_slots, stacked_rank, _ = lora_a.shape
+    ieee = x.dtype == torch.float32
+    block_m = _block_m(num_rows)
+    inter = torch.empty((num_rows, stacked_rank), dtype=torch.float32, device=x.device)
+    block_n = min(64, max(16, triton.next_power_of_2(stacked_rank)))
+    _lora_shrink_kernel[(triton.cdiv(num_rows, block_m), triton.cdiv(stacked_rank, block_n), num_slots)](
+        x, lora_a, inter, index.sorted_ids, index.slot_counts, index.slot_starts,
+        in_features, stacked_rank,
+        x.stride(0), lora_a.stride(0), lora_a.stride(1), inter.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64 if in_features >= 64 else 32, IEEE=ieee,
+    )
+    num_slices = slice_starts.numel() - 1
+    block_n = 64
+    num_col_tiles = triton.cdiv(max_slice_size, block_n)
+    _lora_expand_kernel[(triton.cdiv(num_rows, block_m), num_slices * num_col_tiles, num_slots)](
+        inter, lora_b, out, index.sorted_ids, index.slot_counts, index.slot_starts, slice_starts,
+        rank, num_col_tiles,
+        inter.stride(0), lora_b.stride(0), lora_b.stride(1), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)), IEEE=ieee,
+    )
+
+
+def uses_triton(x: torch.Tensor) -> bool:
+    """The kernels run on CUDA tensors with Triton installed (tests run them on CPU under the interpreter)."""
+    return triton is not None and x.is_cuda
+
+
+@torch.library.custom_op("pagedserve::lora_add", mutates_args=("out",))
+def lora_add(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+             token_slots: torch.Tensor, sorted_ids: torch.Tensor, slot_counts: torch.Tensor,
+             slot_starts: torch.Tensor, slice_starts: torch.Tensor, slice_sizes: list[int], rank: int) -> None:
+    """`out += ` each adapter row's low-rank update (x [T, K], out [T, N]); Triton where it runs, else the
+    reference. Inference only."""
+    if uses_triton(x):
+        index = LoraStepIndex(token_slots, sorted_ids, slot_counts, slot_starts)
+        lora_add_triton(x, out, lora_a, lora_b, index, slice_starts, max(slice_sizes), rank)
+    else:
+        lora_add_reference(x, out, lora_a, lora_b, token_slots, slice_sizes, rank)
+
+
+@lora_add.register_fake
+def _(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor,
+      sorted_ids: torch.Tensor, slot_counts: torch.Tensor, slot_starts: torch.Tensor, slice_starts: torch.Tensor,
+      slice_sizes: list[int], rank: int) -> None:
+    return None

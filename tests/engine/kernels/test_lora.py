@@ -1,0 +1,94 @@
+"""The grouped LoRA kernels (shrink, then expand, rows grouped by adapter slot) against the PyTorch reference.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 in a subprocess (tests/triton_interpreter.py); the
+interpreter's tl.dot mishandles bf16, so float32 and float16 are checked there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+
+from pagedserve.engine.kernels.lora import LoraStepIndex, lora_add_reference
+from triton_interpreter import WORKER_FLAG, interpreter_results
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+# (token slots, slots, slice sizes, in_features, rank, dtype): -1 rows are the base model's.
+INTERPRETER_CASES = {
+    # Base and three adapters interleaved over a fused q/k/v-like layer (three slices, ragged sizes).
+    "mixed_fused_fp32": ([-1, 0, 2, 1, 0, -1, 2, 2, 1, 0, -1, 1, 0, 2, 0, 0, 1, -1, 2, 0, 1], 3, [24, 8, 8], 40, 8,
+                         "float32"),
+    # One decode row on the second of two slots, one slice of 70 features over 64 inputs.
+    "one_row_fp16": ([1], 2, [70], 64, 16, "float16"),
+    # More rows of one adapter than a row tile holds (17 > 16), next to base rows.
+    "long_segment_fp32": ([0] * 17 + [-1] * 3, 2, [16, 16], 32, 4, "float32"),
+}
+
+
+def run_case(token_slots, num_slots, slice_sizes, in_features, rank, dtype_name) -> dict[str, float]:
+    from pagedserve.engine.kernels.lora import lora_add_triton
+
+    dtype = getattr(torch, dtype_name)
+    generator = torch.Generator().manual_seed(len(token_slots) * 31 + in_features)
+    num_rows, out_features = len(token_slots), sum(slice_sizes)
+    x = torch.randn(num_rows, in_features, generator=generator).to(dtype)
+    out = torch.randn(num_rows, out_features, generator=generator).to(dtype)
+    lora_a = (torch.randn(num_slots, len(slice_sizes) * rank, in_features, generator=generator) / 4).to(dtype)
+    lora_b = (torch.randn(num_slots, out_features, rank, generator=generator) / 4).to(dtype)
+    slots = torch.tensor(token_slots, dtype=torch.int32)
+    expected = out.clone()
+    lora_add_reference(x, expected, lora_a, lora_b, slots, slice_sizes, rank)
+    starts = torch.tensor([0] + torch.tensor(slice_sizes).cumsum(0).tolist(), dtype=torch.int32)
+    lora_add_triton(x, out, lora_a, lora_b, LoraStepIndex.build(slots, num_slots), starts, max(slice_sizes), rank)
+    base_rows = slots < 0
+    return {"max_error": (out.float() - expected.float()).abs().max().item(),
+            "base_rows_changed": float(base_rows.any() and (out[base_rows] != expected[base_rows]).any())}
+
+
+def _interpreter_worker() -> None:
+    print(json.dumps({name: run_case(*case) for name, case in INTERPRETER_CASES.items()}))
+
+
+@pytest.fixture(scope="module", name="interpreter_results")
+def interpreter_results_fixture() -> dict[str, dict[str, float]]:
+    return interpreter_results(__file__)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("name", list(INTERPRETER_CASES))
+def test_grouped_kernels_match_reference_in_interpreter(name: str, interpreter_results: dict) -> None:
+    result = interpreter_results[name]
+    tolerance = 1e-4 if INTERPRETER_CASES[name][-1] == "float32" else 2e-2
+    assert result["max_error"] < tolerance, result
+    assert result["base_rows_changed"] == 0.0
+
+
+def test_step_index_groups_rows_by_slot() -> None:
+    slots = torch.tensor([2, -1, 0, 2, -1, 0, 0], dtype=torch.int32)
+    index = LoraStepIndex.build(slots, num_slots=4)
+    assert index.slot_counts.tolist() == [3, 0, 2, 0]
+    # Base rows first (2 of them), then slot 0's rows at 2, slot 2's at 5.
+    assert index.slot_starts.tolist() == [2, 5, 5, 7]
+    sorted_ids = index.sorted_ids.tolist()
+    assert sorted_ids[2:5] == [2, 5, 6] and sorted_ids[5:7] == [0, 3]
+
+
+def test_reference_adds_each_slots_update_to_its_rows_only() -> None:
+    torch.manual_seed(0)
+    x, out = torch.randn(4, 6), torch.zeros(4, 5)
+    lora_a, lora_b = torch.randn(2, 2 * 3, 6), torch.randn(2, 5, 3)  # two slices (3 and 2 features), rank 3
+    lora_add_reference(x, out, lora_a, lora_b, torch.tensor([1, -1, 0, 1]), [3, 2], 3)
+    for row, slot in ((0, 1), (2, 0), (3, 1)):
+        inter = lora_a[slot] @ x[row]
+        want = torch.cat([lora_b[slot, :3] @ inter[:3], lora_b[slot, 3:] @ inter[3:]])
+        torch.testing.assert_close(out[row], want)
+    assert not out[1].any()
+
+
+if __name__ == "__main__" and WORKER_FLAG in sys.argv:
+    _interpreter_worker()
