@@ -51,7 +51,7 @@ logger = logging.getLogger("ray.serve")
 Item = RequestOutput | ReplicaError
 
 # A replica ends an ingress's channel after this long with nothing to send and no request of that ingress.
-CHANNEL_IDLE_S = 2.0
+CHANNEL_IDLE_S = 0.5
 
 
 def is_last(item: Any) -> bool:
@@ -247,6 +247,8 @@ class ChanneledCall:
         self.inbox = Inbox()
         self.replica_id: str | None = None
         self._watch: asyncio.Task | None = None
+        # Called once when a replica accepts the request (the ingress's fair queue lets the key's next one go).
+        self.on_accepted: Callable[[], None] | None = None
         self._is_cancelled = False
 
     def __aiter__(self) -> "ChanneledCall":
@@ -260,6 +262,8 @@ class ChanneledCall:
             self.replica_id = accepted.replica_id
             self._hub._accepted(self)
             self._watch = asyncio.create_task(self._watch_call())
+            if self.on_accepted is not None:
+                self.on_accepted()
         item = await self.inbox.get()
         if item is _END:
             raise StopAsyncIteration
