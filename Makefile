@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test
 
-.PHONY: install test generate bench bench-gpu demo-model clean
+.PHONY: install test test-slow generate bench bench-gpu demo-model clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ install: $(VENV)/.installed-$(EXTRAS)
 
 test: install
 	$(BIN)/python -m pytest tests --durations=15
+
+# The tests marked slow (pyproject.toml deselects them from `make test`): each runs a Ray cluster of its own,
+# such as the several-node cluster of tests/serve_app/test_multinode.py, so they run alone.
+test-slow: install
+	$(BIN)/python -m pytest tests -m slow --durations=5
 
 generate: install
 	$(BIN)/pagedserve generate --prompt "The meaning of a module is" --prompt "A function returns" --max-tokens 48 --temperature 0.7 --seed 0
