@@ -62,15 +62,18 @@ class LoraStepIndex:
         return cls(token_slots, sorted_ids, counts, starts)
 
 
+def slot_segments(token_slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(slot, row indices) of every slot with rows (host work: the reference's grouping, once per step)."""
+    return [(slot, (token_slots == slot).nonzero().squeeze(1)) for slot in torch.unique(token_slots).tolist()
+            if slot >= 0]
+
+
 def lora_add_reference(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                       token_slots: torch.Tensor, slice_sizes: list[int], rank: int) -> None:
-    """`out[t] += delta of slot(t)` in place (plain PyTorch; syncs with the host to find each slot's rows).
+                       segments: list[tuple[int, torch.Tensor]], slice_sizes: list[int], rank: int) -> None:
+    """`out[t] += delta of slot(t)` in place, plain PyTorch over `segments` (`slot_segments`).
 
     x [T, K]; out [T, N]; lora_a [L, S*R, K]; lora_b [L, N, R] (scale folded in); N = sum(slice_sizes)."""
-    for slot in torch.unique(token_slots).tolist():
-        if slot < 0:
-            continue
-        rows = (token_slots == slot).nonzero().squeeze(1)
+    for slot, rows in segments:
         inter = x.index_select(0, rows).float() @ lora_a[slot].float().T  # [n, S*R]
         parts = []
         start = 0
@@ -200,13 +203,13 @@ def uses_triton(x: torch.Tensor) -> bool:
 def lora_add(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
              token_slots: torch.Tensor, sorted_ids: torch.Tensor, slot_counts: torch.Tensor,
              slot_starts: torch.Tensor, slice_starts: torch.Tensor, slice_sizes: list[int], rank: int) -> None:
-    """`out += ` each adapter row's low-rank update (x [T, K], out [T, N]); Triton where it runs, else the
-    reference. Inference only."""
+    """`out += ` each adapter row's low-rank update (x [T, K], out [T, N]): the Triton kernels (CUDA), else
+    the reference. Inference only. (Layers on CPU call the reference directly, with the step's grouping.)"""
     if uses_triton(x):
         index = LoraStepIndex(token_slots, sorted_ids, slot_counts, slot_starts)
         lora_add_triton(x, out, lora_a, lora_b, index, slice_starts, max(slice_sizes), rank)
     else:
-        lora_add_reference(x, out, lora_a, lora_b, token_slots, slice_sizes, rank)
+        lora_add_reference(x, out, lora_a, lora_b, slot_segments(token_slots), slice_sizes, rank)
 
 
 @lora_add.register_fake

@@ -37,7 +37,7 @@ from pagedserve.config.engine import ConfigError
 from pagedserve.config.resolve import LoraSettings
 
 from pagedserve.engine.kernels.fused_projections import FusedFollower, FusedLead
-from pagedserve.engine.kernels.lora import LoraStepIndex
+from pagedserve.engine.kernels.lora import LoraStepIndex, lora_add_reference, slot_segments, uses_triton
 
 logger = logging.getLogger(__name__)
 
@@ -139,10 +139,12 @@ def read_peft_adapter(name: str, path: str, max_rank: int) -> LoraAdapter:
 
 class LoraStep:
     """The current step's rows grouped by slot, shared by every `LoraLayer` of one runner (None: no row of
-    the step has an adapter, and the layers add nothing)."""
+    the step has an adapter, and the layers add nothing). `segments`: the same grouping on the host, for the
+    reference path (CPU), computed once a step rather than once a layer."""
 
     def __init__(self) -> None:
         self.index: LoraStepIndex | None = None
+        self.segments: list[tuple[int, torch.Tensor]] | None = None
 
 
 class LoraLayer(nn.Module):
@@ -174,6 +176,10 @@ class LoraLayer(nn.Module):
         flat_x = x.reshape(-1, x.shape[-1])
         if not flat_x.is_contiguous():
             flat_x = flat_x.contiguous()
+        if self.step.segments is not None:
+            lora_add_reference(flat_x, out.view(-1, out.shape[-1]), self.lora_a, self.lora_b, self.step.segments,
+                               self.slice_sizes, self.rank)
+            return out
         torch.ops.pagedserve.lora_add(flat_x, out.view(-1, out.shape[-1]), self.lora_a, self.lora_b,
                                       index.token_slots, index.sorted_ids, index.slot_counts, index.slot_starts,
                                       self.slice_starts, self.slice_sizes, self.rank)
@@ -416,3 +422,5 @@ class LoraManager:
     def set_step(self, token_slots: torch.Tensor | None) -> None:
         """Group the step's rows for the layers (`token_slots` on the device), or None: no adapter rows."""
         self.step.index = None if token_slots is None else LoraStepIndex.build(token_slots, self.settings.max_loras)
+        self.step.segments = (slot_segments(token_slots) if token_slots is not None and not uses_triton(token_slots)
+                              else None)

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from pagedserve.engine.kernels.lora import LoraStepIndex, lora_add_reference
+from pagedserve.engine.kernels.lora import LoraStepIndex, lora_add_reference, slot_segments
 from triton_interpreter import WORKER_FLAG, interpreter_results
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -42,7 +42,7 @@ def run_case(token_slots, num_slots, slice_sizes, in_features, rank, dtype_name)
     lora_b = (torch.randn(num_slots, out_features, rank, generator=generator) / 4).to(dtype)
     slots = torch.tensor(token_slots, dtype=torch.int32)
     expected = out.clone()
-    lora_add_reference(x, expected, lora_a, lora_b, slots, slice_sizes, rank)
+    lora_add_reference(x, expected, lora_a, lora_b, slot_segments(slots), slice_sizes, rank)
     starts = torch.tensor([0] + torch.tensor(slice_sizes).cumsum(0).tolist(), dtype=torch.int32)
     lora_add_triton(x, out, lora_a, lora_b, LoraStepIndex.build(slots, num_slots), starts, max(slice_sizes), rank)
     base_rows = slots < 0
@@ -82,7 +82,7 @@ def test_reference_adds_each_slots_update_to_its_rows_only() -> None:
     torch.manual_seed(0)
     x, out = torch.randn(4, 6), torch.zeros(4, 5)
     lora_a, lora_b = torch.randn(2, 2 * 3, 6), torch.randn(2, 5, 3)  # two slices (3 and 2 features), rank 3
-    lora_add_reference(x, out, lora_a, lora_b, torch.tensor([1, -1, 0, 1]), [3, 2], 3)
+    lora_add_reference(x, out, lora_a, lora_b, slot_segments(torch.tensor([1, -1, 0, 1])), [3, 2], 3)
     for row, slot in ((0, 1), (2, 0), (3, 1)):
         inter = lora_a[slot] @ x[row]
         want = torch.cat([lora_b[slot, :3] @ inter[:3], lora_b[slot, 3:] @ inter[3:]])
