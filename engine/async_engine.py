@@ -13,6 +13,7 @@ open stream with `EngineDeadError`, and `check_health` reports it so that the se
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -50,6 +51,8 @@ class AsyncLLMEngine:
         self._last_progress_s = time.monotonic()  # the core's latest report (a step, or an idle heartbeat)
         self._step_listeners: list[Callable[[StepStats, EngineStats], None]] = []
         self._finish_listeners: list[Callable[[RequestOutput], None]] = []
+        self._lora_names: list[str] = list(self._core.config.lora_modules or {})
+        self._tickets = itertools.count()
         self._core.start(self)
 
     @classmethod
@@ -94,11 +97,12 @@ class AsyncLLMEngine:
     # ---- API -----------------------------------------------------------------------------------
     async def generate(
         self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str,
-        continuation: Continuation | None = None, priority: int = 0,
+        continuation: Continuation | None = None, priority: int = 0, lora: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream deltas of one request (`continuation`: tokens its completion already produced on an
         engine that was lost; only what follows streams; `priority`: vLLM's, lower served earlier, with the
-        `priority` scheduling policy). Bad requests raise before the first yield."""
+        `priority` scheduling policy; `lora`: a loaded LoRA adapter's name). Bad requests raise before the first
+        yield (an unknown adapter: as the first item)."""
         if self._dead_reason is not None:
             raise EngineDeadError(self._dead_reason)
         # Validation is read-only on the engine, so it runs here and raises to the caller at once (a core
@@ -113,7 +117,7 @@ class AsyncLLMEngine:
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
             self._streams[request_id] = stream
-        self._core.add(request_id, text, prompt_token_ids, sampling_params, continuation, priority)
+        self._core.add(request_id, text, prompt_token_ids, sampling_params, continuation, priority, lora)
         finished = False
         try:
             pending_error: BaseException | None = None
@@ -145,6 +149,37 @@ class AsyncLLMEngine:
 
     async def abort(self, request_id: str) -> None:
         self._core.abort(request_id)
+
+    # ---- LoRA adapters (vLLM's load_lora_adapter / unload_lora_adapter) -----------------------------
+    def lora_names(self) -> list[str]:
+        """Adapters loaded on this engine: lora_modules, then those loaded at run time (as the core confirmed)."""
+        return list(self._lora_names)
+
+    async def load_lora_adapter(self, name: str, path: str) -> None:
+        """Load an adapter between steps; raises what the engine raised (`InvalidRequestError`: LoRA off, the
+        name taken, an adapter that cannot run here)."""
+        await self._lora_command("load", name, path)
+        self._lora_names.append(name)
+
+    async def unload_lora_adapter(self, name: str) -> None:
+        await self._lora_command("unload", name)
+        self._lora_names.remove(name)
+
+    async def _lora_command(self, action: str, name: str, path: str | None = None) -> None:
+        ticket = f"lora-{action}-{next(self._tickets)}"
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), None, [])
+        with self._streams_lock:
+            if self._dead_reason is not None:
+                raise EngineDeadError(self._dead_reason)
+            self._streams[ticket] = stream
+        try:
+            self._core.lora_command(ticket, action, name, path)
+            reply = await stream.queue.get()  # None: done; else the engine's error
+        finally:
+            with self._streams_lock:
+                self._streams.pop(ticket, None)
+        if reply is not None:
+            raise reply
 
     def update_scheduler(self, **changes: Any) -> None:
         """Change scheduling decisions that size nothing (`max_prefill_tokens_while_decoding`, `policy`) from

@@ -52,9 +52,13 @@ class EngineCore(Protocol):
     def start(self, sink: CoreSink) -> None: ...
 
     def add(self, request_id: str, text: str | None, prompt_token_ids: list[int], params: SamplingParams,
-            continuation: Continuation | None = None, priority: int = 0) -> None: ...
+            continuation: Continuation | None = None, priority: int = 0, lora: str | None = None) -> None: ...
 
     def abort(self, request_id: str) -> None: ...
+
+    def lora_command(self, ticket: str, action: str, name: str, path: str | None = None) -> None:
+        """Load ("load") or unload ("unload") a LoRA adapter between steps; the reply comes to the sink's
+        `on_request_error(ticket, error)`, with None for done."""
 
     def update_scheduler(self, **changes: Any) -> None: ...
 
@@ -75,8 +79,11 @@ class QueuedCommands:
         self._wakeup = threading.Event()
 
     def add(self, request_id: str, text: str | None, prompt_token_ids: list[int], params: SamplingParams,
-            continuation: Continuation | None = None, priority: int = 0) -> None:
-        self._queue(("add", request_id, text, prompt_token_ids, params, continuation, priority))
+            continuation: Continuation | None = None, priority: int = 0, lora: str | None = None) -> None:
+        self._queue(("add", request_id, text, prompt_token_ids, params, continuation, priority, lora))
+
+    def lora_command(self, ticket: str, action: str, name: str, path: str | None = None) -> None:
+        self._queue(("lora", ticket, action, name, path))
 
     def abort(self, request_id: str) -> None:
         self._queue(("abort", request_id))
@@ -93,16 +100,27 @@ class QueuedCommands:
 
 
 def apply_command(engine: LLMEngine, command: tuple) -> tuple[str, Exception] | None:
-    """Apply ("add", request_id, text, prompt_token_ids, params, continuation, priority), ("abort", request_id) or
-    ("update_scheduler", changes) to the engine, the commands of both cores. An add the engine refuses
-    returns (request id, error) for its caller."""
+    """Apply ("add", request_id, text, prompt_token_ids, params, continuation, priority, lora), ("abort",
+    request_id), ("update_scheduler", changes) or ("lora", ticket, "load" | "unload", name, path) to the engine,
+    the commands of both cores. An add the engine refuses returns (request id, error) for its caller; a LoRA
+    command always returns (ticket, error or None), the reply its caller waits for."""
     if command[0] == "add":
-        _, request_id, text, prompt_token_ids, params, continuation, priority = command
+        _, request_id, text, prompt_token_ids, params, continuation, priority, lora = command
         try:
             engine.add_request(request_id, prompt_token_ids, params, prompt_text=text, continuation=continuation,
-                               priority=priority)
+                               priority=priority, lora=lora)
         except Exception as exc:  # noqa: BLE001 - handed to the one caller it concerns
             return request_id, exc
+    elif command[0] == "lora":
+        _, ticket, action, name, path = command
+        try:
+            if action == "load":
+                engine.add_lora(name, path)
+            else:
+                engine.remove_lora(name)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller waiting for the reply
+            return ticket, exc
+        return ticket, None
     elif command[0] == "abort":
         engine.abort(command[1])
     elif command[0] == "update_scheduler":

@@ -144,3 +144,40 @@ def test_adapters_that_cannot_run_are_refused_naming_why(lora_setup, tmp_path):
     llm.engine.shutdown()
     with pytest.raises(ConfigError, match="tensor parallel"):
         LLM(str(model_dir), lora_modules={"a": adapters["all-r4"]}, tp_size=2)
+
+
+def test_async_engine_loads_serves_and_unloads_adapters_at_run_time(lora_setup):
+    """The server's path: AsyncLLMEngine's commands reach the core between steps and reply when done."""
+    import asyncio
+
+    from pagedserve.engine.async_engine import AsyncLLMEngine
+
+    model_dir, adapters = lora_setup("llama")
+    prompt = list(range(5, 25))
+    expected = merged_outputs(model_dir, adapters["all-r4"], [prompt])[0]
+    engine = AsyncLLMEngine.from_kwargs(model=str(model_dir), dtype="float32", block_size=8, engine_process=False,
+                                        lora_modules={"first": adapters["qv-r8-rslora"]})
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+
+    async def tokens(request_id: str, lora: str | None) -> list[int]:
+        got: list[int] = []
+        async for delta in engine.generate(prompt, params, request_id, lora=lora):
+            got += delta.outputs[0].token_ids
+        return got
+
+    async def scenario() -> list[int]:
+        await engine.load_lora_adapter("late", adapters["all-r4"])
+        assert engine.lora_names() == ["first", "late"]
+        with pytest.raises(InvalidRequestError, match="already loaded"):
+            await engine.load_lora_adapter("late", adapters["all-r4"])
+        served = await tokens("r1", "late")
+        await engine.unload_lora_adapter("late")
+        with pytest.raises(InvalidRequestError, match="no LoRA adapter named 'late'"):
+            await tokens("r2", "late")
+        return served
+
+    try:
+        assert asyncio.run(scenario()) == expected
+        assert engine.lora_names() == ["first"]
+    finally:
+        engine.shutdown()
