@@ -6,13 +6,21 @@ workloads at batch 1, greedy, each request alone:
   replaced); the model continues copying the passage, which prompt lookup proposes;
 - free: the first tokens of a held-out file, then free generation.
 For each: output tokens/s plain and with ngram, the speed-up, the acceptance rate (accepted / proposed)
-and mean accepted tokens per verification, and whether the outputs were equal token for token (they must
-be, up to float near-ties of the GPU's batched kernels). Then a batch sweep on the edit workload, speculation
-forced on (`speculative_disable_batch_size` = the batch), to find where it stops paying: the crossover for the
-`speculative_disable_batch_size` default. Speculative steps run outside the decode CUDA graphs (eager, the
-decoder layers still compiled), plain decode steps inside them.
+and mean accepted tokens per verification, the median host time of a plain step and of a verification step
+(a verification step waits for its tokens), and whether the outputs were equal token for token. Then a batch
+sweep on the edit workload, speculation forced on (`speculative_disable_batch_size` = the batch), to find where
+it stops paying: the crossover for the `speculative_disable_batch_size` default. Verification steps replay
+graphs of k + 1 rows a sequence (engine/runner/cuda_graphs.py); the table says how many did.
+
+Equality: plain and speculative decoding compute each token from the same tokens at the same positions, but
+through other kernels (k + 1 rows a sequence: the multi-row GEMMs and the prefill attention tiles, where a
+decode step takes the one-row GEMM and the split-KV decode kernel), so in bf16 a near-tie can flip and the
+outputs part from there. A parity pass (edit workload, batch 1, top-2 logprobs) says, for each output that
+differs, where, and the plain run's gap between its top two logprobs there: a gap of bf16 rounding size is a
+near-tie, a large one a bug. With `--dtype float32` the outputs are expected to be equal.
 
     python bench/spec_bench.py --model /tmp/target --k 3,5 --out spec.json
+    python bench/spec_bench.py --model /tmp/target --k 3 --dtype float32 --batch-sizes '' --max-tokens 100
 
 A table comes last; `--out` writes every figure as JSON.
 """
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -58,17 +67,64 @@ def prompts_for(workload: str, tokenizer, texts: list[str], args: argparse.Names
     return [tokenizer.encode(t, add_special_tokens=False)[:args.free_prompt_tokens] for t in texts]
 
 
-def run(llm, prompts: list[list[int]], max_tokens: int, batch_size: int) -> dict[str, Any]:
+class StepTimer:
+    """Wall time of each `engine.step()`, by kind: steps that verified proposals and the others; and how many
+    verification steps replayed a graph. Reads the engine's counters directly (no `get_stats()` a step)."""
+
+    def __init__(self, llm) -> None:
+        engine = self.engine = llm.engine
+        self.times_s: dict[str, list[float]] = {"plain": [], "verify": []}
+        self.num_verify_replays = 0
+        step = engine.step
+
+        def timed_step():
+            drafts_before = engine._spec_stats.num_drafts
+            started = time.perf_counter()
+            outputs = step()
+            kind = "verify" if engine._spec_stats.num_drafts != drafts_before else "plain"
+            self.times_s[kind].append(time.perf_counter() - started)
+            return outputs
+
+        engine.step = timed_step
+        graphs = engine.runner._verify_graphs
+        if graphs is not None:
+            replay = graphs.run
+
+            def counted(step_input, previous_tokens=None):
+                self.num_verify_replays += 1
+                return replay(step_input, previous_tokens)
+
+            graphs.run = counted
+
+    def take(self) -> dict[str, Any]:
+        """Counts and median step times since the last call."""
+        figures = {f"{kind}_steps": len(times) for kind, times in self.times_s.items()}
+        figures |= {f"{kind}_step_ms": statistics.median(times) * 1e3 if times else None
+                    for kind, times in self.times_s.items()}
+        figures["verify_steps_in_graphs"] = self.num_verify_replays
+        self.times_s = {kind: [] for kind in self.times_s}
+        self.num_verify_replays = 0
+        return figures
+
+
+def run(llm, prompts: list[list[int]], max_tokens: int, batch_size: int, timer: StepTimer,
+        logprobs: int | None = None) -> dict[str, Any]:
     """Greedy generation in batches of `batch_size` (all at once per batch); tokens/s over the whole run."""
     from pagedserve.engine.core.request import SamplingParams
 
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=logprobs)
     before = llm.engine.get_stats().spec_decode
     outputs: list[list[int]] = []
+    top2: list[list[list[float]]] = []  # per output, per token: its top-2 logprobs (with `logprobs`)
+    timer.take()
     started = time.perf_counter()
     for first in range(0, len(prompts), batch_size):
         batch = prompts[first:first + batch_size]
-        outputs += [out.outputs[0].token_ids for out in llm.generate(batch, params, use_tqdm=False)]
+        for out in llm.generate(batch, params, use_tqdm=False):
+            outputs.append(out.outputs[0].token_ids)
+            if logprobs is not None:
+                top2.append([sorted((lp.logprob for lp in entry.values()), reverse=True)[:2]
+                             for entry in out.outputs[0].logprobs])
     elapsed_s = time.perf_counter() - started
     after = llm.engine.get_stats().spec_decode
     proposed = after.num_draft_tokens - before.num_draft_tokens
@@ -76,13 +132,37 @@ def run(llm, prompts: list[list[int]], max_tokens: int, batch_size: int) -> dict
     drafts = after.num_drafts - before.num_drafts
     return {
         "tokens": outputs,
+        "top2": top2,
         "output_tokens_per_s": sum(len(o) for o in outputs) / elapsed_s,
         "elapsed_s": elapsed_s,
         "proposed": proposed,
         "accepted": accepted,
         "acceptance_rate": accepted / proposed if proposed else None,
         "accepted_per_verification": accepted / drafts if drafts else None,
+        **timer.take(),
     }
+
+
+def divergences(spec: dict[str, Any], plain: dict[str, Any]) -> list[dict[str, Any]]:
+    """For each output that differs from plain: the first differing token and both runs' top-2 logprob gaps."""
+    found = []
+    for index, (got, want) in enumerate(zip(spec["tokens"], plain["tokens"])):
+        if got == want:
+            continue
+        at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+
+        def gap(top2: list[list[float]]) -> float | None:
+            return top2[at][0] - top2[at][1] if at < len(top2) and len(top2[at]) == 2 else None
+
+        found.append({"prompt": index, "first_difference": at, "plain_top2_gap": gap(plain["top2"][index]),
+                      "spec_top2_gap": gap(spec["top2"][index])})
+    return found
+
+
+def dynamo_graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def main() -> None:
@@ -128,17 +208,19 @@ def main() -> None:
     workload_prompts = {w: prompts_for(w, tokenizer, texts[:args.num_prompts], args) for w in WORKLOADS}
     sweep_prompts = {b: prompts_for("edit", tokenizer, texts[:b], args) for b in batch_sizes}
 
-    def measure_batch1(llm: LLM) -> dict[str, dict[str, Any]]:
+    def measure(llm: LLM, sweep: bool) -> dict[str, Any]:
+        """Batch-1 workloads, the parity pass, the sweep if asked; the graphs torch.compile made meanwhile."""
+        timer = StepTimer(llm)
+        compiled_before = dynamo_graphs_compiled()
         by_workload = {}
         for workload, prompts in workload_prompts.items():
-            run(llm, prompts[:1], 8, 1)  # warm-up: first-use compilation out of the timing
-            by_workload[workload] = run(llm, prompts, args.max_tokens, 1)
-        return by_workload
-
-    def measure(llm: LLM) -> tuple[dict[str, dict[str, Any]], dict[int, dict[str, Any]]]:
-        by_workload = measure_batch1(llm)
-        by_batch = {batch: run(llm, prompts, args.max_tokens, batch) for batch, prompts in sweep_prompts.items()}
-        return by_workload, by_batch
+            run(llm, prompts[:1], 8, 1, timer)  # warm-up: first-use compilation out of the timing
+            by_workload[workload] = run(llm, prompts, args.max_tokens, 1, timer)
+        parity = run(llm, workload_prompts["edit"], args.max_tokens, 1, timer, logprobs=2)
+        by_batch = {batch: run(llm, prompts, args.max_tokens, batch, timer)
+                    for batch, prompts in sweep_prompts.items()} if sweep else {}
+        return {"workloads": by_workload, "parity": parity, "batches": by_batch,
+                "graphs_compiled": dynamo_graphs_compiled() - compiled_before}
 
     def release(llm: LLM) -> None:
         import gc
@@ -151,46 +233,63 @@ def main() -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    plain = engine(None)
-    base_workloads, base_batches = measure(plain)
-    release(plain)
     rows: list[dict[str, Any]] = []
-    for workload, base in base_workloads.items():
-        rows.append({"workload": workload, "batch": 1, "method": "plain",
-                     **{key: value for key, value in base.items() if key != "tokens"}})
-    for batch, base in base_batches.items():
-        rows.append({"workload": "edit sweep", "batch": batch, "method": "plain",
-                     **{key: value for key, value in base.items() if key != "tokens"}})
+    parity: list[dict[str, Any]] = []
+    compiles: dict[str, int] = {}
+
+    def save() -> None:  # after every engine: a run cut short keeps what it measured
+        if args.out is not None:
+            args.out.write_text(json.dumps({"model": str(args.model), "args": {k: str(v) for k, v in vars(args).items()},
+                                            "rows": rows, "parity": parity, "graphs_compiled": compiles}, indent=2))
+
+    def figures(result: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in result.items() if key not in ("tokens", "top2")}
+
+    plain = engine(None)
+    base = measure(plain, sweep=True)
+    release(plain)
+    compiles["plain"] = base["graphs_compiled"]
+    for workload, result in base["workloads"].items():
+        rows.append({"workload": workload, "batch": 1, "method": "plain", **figures(result)})
+    for batch, result in base["batches"].items():
+        rows.append({"workload": "edit sweep", "batch": batch, "method": "plain", **figures(result)})
+    save()
     for k in ks:
         llm = engine(k, disable_batch_size=max([1, *batch_sizes]))
-        by_workload, by_batch = measure(llm) if k == sweep_k else (measure_batch1(llm), {})
+        spec = measure(llm, sweep=k == sweep_k)
         release(llm)
-        for workload, result in by_workload.items():
-            base = base_workloads[workload]
-            equal = sum(a == b for a, b in zip(result.pop("tokens"), base["tokens"]))
-            rows.append({"workload": workload, "batch": 1, "method": f"ngram k={k}", **result,
-                         "speedup": result["output_tokens_per_s"] / base["output_tokens_per_s"],
-                         "outputs_equal": f"{equal}/{len(base['tokens'])}"})
-        for batch, result in by_batch.items():
-            base = base_batches[batch]
-            equal = sum(a == b for a, b in zip(result.pop("tokens"), base["tokens"]))
-            rows.append({"workload": "edit sweep", "batch": batch, "method": f"ngram k={k}", **result,
-                         "speedup": result["output_tokens_per_s"] / base["output_tokens_per_s"],
-                         "outputs_equal": f"{equal}/{len(base['tokens'])}"})
-
-    if args.out is not None:
-        args.out.write_text(json.dumps({"model": str(args.model), "args": {k: str(v) for k, v in vars(args).items()},
-                                        "rows": rows}, indent=2))
+        method = f"ngram k={k}"
+        compiles[method] = spec["graphs_compiled"]
+        for (workload, batch), result, reference in (
+                [((w, 1), r, base["workloads"][w]) for w, r in spec["workloads"].items()]
+                + [(("edit sweep", b), r, base["batches"][b]) for b, r in spec["batches"].items()]):
+            equal = sum(a == b for a, b in zip(result["tokens"], reference["tokens"]))
+            rows.append({"workload": workload, "batch": batch, "method": method, **figures(result),
+                         "speedup": result["output_tokens_per_s"] / reference["output_tokens_per_s"],
+                         "outputs_equal": f"{equal}/{len(reference['tokens'])}"})
+        parity.append({"method": method, "equal": sum(a == b for a, b in zip(spec["parity"]["tokens"],
+                                                                              base["parity"]["tokens"])),
+                       "of": len(base["parity"]["tokens"]), "divergences": divergences(spec["parity"], base["parity"])})
+        save()
 
     def fmt(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
     print(f"{'workload':<11} {'batch':>5} {'method':<10} {'tok/s':>9} {'speedup':>7} {'accept':>7} "
-          f"{'acc/verif':>9} {'equal':>6}")
+          f"{'acc/verif':>9} {'equal':>6} {'plain ms':>8} {'verif ms':>8} {'in graphs':>11}")
     for row in rows:
         print(f"{row['workload']:<11} {row['batch']:>5} {row['method']:<10} {row['output_tokens_per_s']:>9.1f} "
               f"{fmt(row.get('speedup'), '.2f'):>7} {fmt(row.get('acceptance_rate'), '.2f'):>7} "
-              f"{fmt(row.get('accepted_per_verification'), '.2f'):>9} {row.get('outputs_equal', '-'):>6}")
+              f"{fmt(row.get('accepted_per_verification'), '.2f'):>9} {row.get('outputs_equal', '-'):>6} "
+              f"{fmt(row['plain_step_ms'], '.2f'):>8} {fmt(row['verify_step_ms'], '.2f'):>8} "
+              f"{row['verify_steps_in_graphs']:>5}/{row['verify_steps']:<5}")
+    print(f"dtype {args.dtype}; graphs torch.compile made during the measured runs (warm-ups included): {compiles}")
+    for entry in parity:
+        print(f"parity ({entry['method']}, edit, batch 1, top-2 logprobs): {entry['equal']}/{entry['of']} equal")
+        for found in entry["divergences"]:
+            print(f"  prompt {found['prompt']}: first difference at output token {found['first_difference']}, "
+                  f"top-2 logprob gap there: plain {fmt(found['plain_top2_gap'], '.4f')}, "
+                  f"speculative {fmt(found['spec_top2_gap'], '.4f')}")
 
 
 if __name__ == "__main__":

@@ -130,8 +130,13 @@ class LLMEngine:
         if self.device.type == "cuda" or self.runner.is_compiled:
             self._warm_up(max_batch_tokens)
         if settings.runner.cuda_graphs:
-            self.runner.capture_cuda_graphs(min(settings.runner.cuda_graph_max_batch_size, max_num_seqs),
-                                            self.max_model_len, self.memory_plan.cuda_graph_bytes)
+            max_graph_batch = min(settings.runner.cuda_graph_max_batch_size, max_num_seqs)
+            # Verification steps (1 + k tokens a sequence) replay graphs of their own, for the batches that speculate.
+            verify = {} if not settings.speculative.enabled else dict(
+                verify_query_len=settings.speculative.num_tokens + 1,
+                verify_max_batch_size=min(max_graph_batch, settings.speculative.disable_batch_size))
+            self.runner.capture_cuda_graphs(max_graph_batch, self.max_model_len, self.memory_plan.cuda_graph_bytes,
+                                            **verify)
         self.kv_cache = KVCacheManager(
             settings.cache.block_size,
             [g.sliding_window for g in shape.groups],

@@ -5,6 +5,13 @@ sets the pace. A captured graph replays them all with one launch. Inputs live in
 each replay overwrites; a batch of B sequences runs the graph of the smallest captured size >= B, with
 the extra rows padded (context of one token, KV write skipped, logits ignored).
 
+Speculative verification (engine/spec/) runs the same way with `query_len` q = k + 1 rows a sequence: a
+sequence with fewer new tokens (fewer proposals, or none) has them in its last rows and padding rows in
+front of them, at the positions just before its new tokens (their K/V write is skipped, their logits are
+not read); the attention kernels see every sequence as a q-token chunk at the end of its context, so each
+real row attends to exactly what it attends to in an eager step. Any step whose sequences have at most q
+new tokens and a context of at least q tokens fits.
+
 Only backends whose kernels take every per-step value from device tensors can be captured (Triton);
 the attention grid is sized for `max_model_len` so one graph serves every context length.
 
@@ -21,6 +28,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from pagedserve.cache.blocks import blocks_for
@@ -47,10 +55,11 @@ def capture_sizes(max_batch_size: int) -> list[int]:
 class _Views:
     """Typed views of one packed buffer (host or device); rows beyond a step's batch are padding."""
 
-    ids: torch.Tensor  # int64 [S]
-    positions: torch.Tensor  # int64 [S]
-    pending: torch.Tensor  # int64 [S]: row of the previous step's sampled ids to take, or -1
-    slots: list[torch.Tensor]  # per group, int64 [S]; -1 skips the KV write (padding)
+    ids: torch.Tensor  # int64 [S * q]
+    positions: torch.Tensor  # int64 [S * q]
+    pending: torch.Tensor  # int64 [S * q]: row of the previous step's sampled ids to take, or -1
+    logits_rows: torch.Tensor  # int64 [S * q]: padded row of each of the step's logits indices
+    slots: list[torch.Tensor]  # per group, int64 [S * q]; -1 skips the KV write (padding)
     seq_lens: torch.Tensor  # int32 [S]
     tables: list[torch.Tensor]  # per group, int32 [S, max_blocks]
 
@@ -58,17 +67,20 @@ class _Views:
 class DecodeInputs:
     """A decode step's inputs in one buffer: the host packs, one copy moves them, the graphs read views.
 
-    Layout (bytes): int64 ids | positions | pending | slots of each group, then int32 seq_lens | block
-    table of each group ([S, max_blocks]). A step of B rows copies the buffer up to row B of the last
-    group's table (earlier groups' tables whole), so a small batch moves a few KiB. Block-table entries
-    past a sequence's blocks may hold stale ids from earlier steps: the kernels read only the blocks that
-    the context length covers, as with any padded table. The host side is pinned and double-buffered: a
-    half is written again only after the copy from it has run (an event, long done by then).
+    Layout (bytes): int64 ids | positions | pending | logits rows | slots of each group (S * q entries
+    each: q rows a sequence), then int32 seq_lens | block table of each group ([S, max_blocks]). A step of
+    B sequences copies the buffer up to row B of the last group's table (earlier groups' tables whole), so
+    a small batch moves a few KiB. Block-table entries past a sequence's blocks may hold stale ids from
+    earlier steps: the kernels read only the blocks that the context length covers, as with any padded
+    table. The host side is pinned and double-buffered: a half is written again only after the copy from
+    it has run (an event, long done by then).
     """
 
-    def __init__(self, max_batch_size: int, num_groups: int, max_blocks: int, device: torch.device) -> None:
+    def __init__(self, max_batch_size: int, num_groups: int, max_blocks: int, device: torch.device,
+                 query_len: int = 1) -> None:
         self.size, self.num_groups, self.max_blocks = max_batch_size, num_groups, max_blocks
-        self._int64_len = (3 + num_groups) * max_batch_size
+        self.query_len = query_len
+        self._int64_len = (4 + num_groups) * max_batch_size * query_len
         self._int32_len = max_batch_size + num_groups * max_batch_size * max_blocks
         nbytes = 8 * self._int64_len + 4 * self._int32_len
         on_gpu = device.type == "cuda"
@@ -76,26 +88,28 @@ class DecodeInputs:
         self.device = self._views(self.device_buffer)
         self._host_buffers = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=on_gpu) for _ in range(2)]
         host_views = [self._views(buffer) for buffer in self._host_buffers]
-        self._host = [{name: getattr(v, name).numpy() for name in ("ids", "positions", "pending", "seq_lens")}
+        self._host = [{name: getattr(v, name).numpy()
+                       for name in ("ids", "positions", "pending", "logits_rows", "seq_lens")}
                       | {"slots": [t.numpy() for t in v.slots], "tables": [t.numpy() for t in v.tables]}
                       for v in host_views]
         self._copied = [None, None] if on_gpu else None  # CUDA events of the last copy from each half
         self._half = 0
-        # The padding rows' context: one token, nothing written, no pending token.
+        # The padding rows' context: q tokens, nothing written, no pending token.
         for views in (self.device, *host_views):
-            views.seq_lens.fill_(1)
+            views.seq_lens.fill_(query_len)
             views.pending.fill_(-1)
             for slots in views.slots:
                 slots.fill_(-1)
 
     def _views(self, buffer: torch.Tensor) -> _Views:
         size, groups = self.size, self.num_groups
+        rows = size * self.query_len
         int64 = buffer[: 8 * self._int64_len].view(torch.int64)
         int32 = buffer[8 * self._int64_len:].view(torch.int32)
         tables = int32[size:].view(groups, size, self.max_blocks)
         return _Views(
-            ids=int64[:size], positions=int64[size: 2 * size], pending=int64[2 * size: 3 * size],
-            slots=[int64[(3 + g) * size: (4 + g) * size] for g in range(groups)],
+            ids=int64[:rows], positions=int64[rows: 2 * rows], pending=int64[2 * rows: 3 * rows],
+            logits_rows=int64[3 * rows: 4 * rows], slots=[int64[(4 + g) * rows: (5 + g) * rows] for g in range(groups)],
             seq_lens=int32[:size], tables=[tables[g] for g in range(groups)],
         )
 
@@ -103,74 +117,106 @@ class DecodeInputs:
         last_table_start = 8 * self._int64_len + 4 * (self.size + (self.num_groups - 1) * self.size * self.max_blocks)
         return last_table_start + 4 * batch_size * self.max_blocks
 
-    def pack(self, step: "StepInput", padded: int, block_size: int, pending_on_device: bool) -> None:
-        """Write `step` (B decode rows) and padding rows up to `padded` into the host buffer, and copy
-        it to the device (asynchronously on the current stream). `pending_on_device`: the graph gathers
-        the step's pending tokens from the previous sampled ids; else their rows stay -1."""
+    def pack(self, step: "StepInput", padded: int, block_size: int, pending_on_device: bool) -> bool:
+        """Write `step` (B sequences of at most q new tokens each) and padding sequences up to `padded` into the
+        host buffer, and copy it to the device (asynchronously on the current stream). `pending_on_device`: the
+        graph gathers the step's pending tokens from the previous sampled ids; else their rows stay -1.
+        Returns whether the step's logits indices are the graph's first rows in order (else `logits_rows`
+        holds, for each, its padded row)."""
         half = self._half
         self._half ^= 1
         if self._copied is not None and self._copied[half] is not None:
             self._copied[half].synchronize()
         host = self._host[half]
-        batch = len(step.query_lens)
-        host["ids"][:batch] = step.token_ids
-        host["ids"][batch:padded] = 0
-        host["positions"][:batch] = step.positions
-        host["positions"][batch:padded] = 0
-        host["seq_lens"][:batch] = step.seq_lens
-        host["seq_lens"][batch:padded] = 1
-        host["pending"][:padded] = -1
+        batch, q = len(step.query_lens), self.query_len
+        num_rows = padded * q
+        seq_lens = np.asarray(step.seq_lens, dtype=np.int64)
+        host["seq_lens"][:batch] = seq_lens
+        host["seq_lens"][batch:padded] = q
+        if q == 1:  # decode: token t is sequence t's only one
+            rows = np.arange(batch)
+            host["positions"][:batch] = step.positions
+            host["positions"][batch:padded] = 0
+        else:
+            # Sequence b's n new tokens take its last n rows; its other rows are the positions just before.
+            query_lens = np.asarray(step.query_lens, dtype=np.int64)
+            token_seq = np.repeat(np.arange(batch), query_lens)
+            first_token = np.cumsum(query_lens) - query_lens
+            rows = token_seq * q + q - query_lens[token_seq] + (np.arange(len(step.token_ids)) - first_token[token_seq])
+            all_seq_lens = np.concatenate([seq_lens, np.full(padded - batch, q, dtype=np.int64)])
+            host["positions"][:num_rows] = (np.repeat(all_seq_lens - q, q) + np.tile(np.arange(q), padded))
+        host["ids"][:num_rows] = 0
+        host["ids"][rows] = step.token_ids
+        host["pending"][:num_rows] = -1
         if pending_on_device and step.pending_input_indices:
-            host["pending"][step.pending_input_indices] = step.pending_source_rows
-        rows = torch.arange(batch)  # decode: token t is sequence t's only one
-        positions = torch.from_numpy(host["positions"][:batch])
+            host["pending"][rows[step.pending_input_indices]] = step.pending_source_rows
+        logits_rows = rows[step.logits_indices]
+        host["logits_rows"][: len(logits_rows)] = logits_rows
+        token_seq_t = torch.from_numpy(np.ascontiguousarray(rows // q))
+        positions = torch.as_tensor(step.positions, dtype=torch.long)
         for group, tables in enumerate(step.block_tables):
-            _, slots = host_block_table_and_slots(tables, rows, positions, block_size, out=host["tables"][group])
-            host["slots"][group][:batch] = slots.numpy()
-            host["slots"][group][batch:padded] = -1
+            _, slots = host_block_table_and_slots(tables, token_seq_t, positions, block_size, out=host["tables"][group])
+            host["slots"][group][:num_rows] = -1
+            host["slots"][group][rows] = slots.numpy()
         nbytes = self._bytes_for(batch)
         self.device_buffer[:nbytes].copy_(self._host_buffers[half][:nbytes], non_blocking=True)
         if self._copied is not None:
             event = torch.cuda.Event()
             event.record()
             self._copied[half] = event
+        return bool(np.array_equal(logits_rows, np.arange(len(logits_rows))))
 
 
 class DecodeGraphs:
-    def __init__(self, runner: "ModelRunner", max_batch_size: int, max_model_len: int) -> None:
+    """The graphs of one query length: q = 1 (decode), or q = k + 1 (speculative verification). `logits`:
+    the float32 output every graph writes, when shared with the graphs of another query length (they never
+    replay at the same time), at least [max_batch_size * q, vocab]; else one of `num_logit_rows` rows (at
+    least max_batch_size * q) is allocated here."""
+
+    def __init__(self, runner: "ModelRunner", max_batch_size: int, max_model_len: int, query_len: int = 1,
+                 logits: torch.Tensor | None = None, num_logit_rows: int = 0) -> None:
         self.runner = runner
         self.max_model_len = max_model_len
+        self.query_len = query_len
         self.sizes = capture_sizes(max_batch_size)
         self.max_batch_size = self.sizes[-1]
         device = runner.device
         self.inputs = DecodeInputs(self.max_batch_size, len(runner.shape.groups),
-                                   blocks_for(max_model_len, runner.block_size), device)
-        size = self.max_batch_size
-        self.query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=device)
-        self.logits_indices = torch.arange(size, dtype=torch.long, device=device)
+                                   blocks_for(max_model_len, runner.block_size), device, query_len)
+        size, rows = self.max_batch_size, self.max_batch_size * query_len
+        self.query_start_loc = torch.arange(0, rows + 1, query_len, dtype=torch.int32, device=device)
+        self.logits_indices = torch.arange(rows, dtype=torch.long, device=device)
         # The previous step's sampled ids (async scheduling), gathered by the graph into its input ids.
         self.previous_tokens = torch.zeros(size, dtype=torch.long, device=device)
         # Every graph writes its float32 logits here: a graph's own output would stay allocated for as
         # long as the graph lives (36 graphs up to 512 rows of a 128k vocabulary held 3.3 GiB; this, 0.25).
-        self.logits = torch.empty((size, runner.shape.vocab_size), dtype=torch.float32, device=device)
+        self._owns_logits = logits is None
+        if logits is None:
+            logits = torch.empty((max(rows, num_logit_rows), runner.shape.vocab_size), dtype=torch.float32,
+                                 device=device)
+        if logits.shape[0] < rows:
+            raise ValueError(f"a logits buffer of {logits.shape[0]} rows for graphs of up to {rows}")
+        self.logits = logits
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None  # the captured graphs' memory pool
         # LoRA: each row's adapter slot (-1: the base model), a graph input like the token ids.
-        self.lora_slots = (torch.full((size,), -1, dtype=torch.int32, device=device)
+        self.lora_slots = (torch.full((rows,), -1, dtype=torch.int32, device=device)
                            if runner.lora is not None else None)
 
     def _context(self, batch_size: int) -> PagedForwardContext:
         views = self.inputs.device
+        rows = batch_size * self.query_len
         metadata = AttentionMetadata(
             query_start_loc=self.query_start_loc[: batch_size + 1],
             seq_lens=views.seq_lens[:batch_size],
-            max_query_len=1,
+            max_query_len=self.query_len,
             max_seq_len=self.max_model_len,
             block_size=self.runner.block_size,
             groups=[
-                GroupAttentionMetadata(table[:batch_size], slots[:batch_size])
+                GroupAttentionMetadata(table[:batch_size], slots[:rows])
                 for table, slots in zip(views.tables, views.slots)
             ],
-            query_lens_cpu=[1] * batch_size,
+            query_lens_cpu=[self.query_len] * batch_size,
             seq_lens_cpu=[self.max_model_len] * batch_size,
         )
         return self.runner.forward_context(metadata)
@@ -178,18 +224,24 @@ class DecodeGraphs:
     def _forward(self, batch_size: int) -> torch.Tensor:
         """What each graph holds: the pending-token gather, then the forward over the packed inputs."""
         views = self.inputs.device
-        pending = views.pending[:batch_size]
+        rows = batch_size * self.query_len
+        pending = views.pending[:rows]
         gathered = self.previous_tokens.index_select(0, pending.clamp(min=0))
-        input_ids = torch.where(pending >= 0, gathered, views.ids[:batch_size])
+        input_ids = torch.where(pending >= 0, gathered, views.ids[:rows])
         if self.lora_slots is not None:  # rows grouped by adapter inside the graph
-            self.runner.lora.set_step(self.lora_slots[:batch_size])
-        return self.runner.forward_logits(input_ids, views.positions[:batch_size], self._context(batch_size),
-                                          self.logits_indices[:batch_size], out=self.logits[:batch_size])
+            self.runner.lora.set_step(self.lora_slots[:rows])
+        return self.runner.forward_logits(input_ids, views.positions[:rows], self._context(batch_size),
+                                          self.logits_indices[:rows], out=self.logits[:rows])
 
     @torch.inference_mode()
-    def capture(self) -> int:
-        """Capture a graph per size; returns the device memory they took (pool and inputs/outputs)."""
-        pool = None
+    def capture(self, pool=None) -> int:
+        """Capture a graph per size (into `pool` if given); returns the device memory they took (pool and
+        inputs/outputs). Off CUDA (tests) a "graph" reruns the forward over the same static inputs, so the
+        padded layout is checked on a CPU with a backend that reads its metadata from the device tensors."""
+        if self.runner.device.type != "cuda":
+            for batch_size in self.sizes:
+                self._graphs[batch_size] = (_EagerReplay(self, batch_size), self.logits[: batch_size * self.query_len])
+            return 0
         free_before = torch.cuda.mem_get_info(self.runner.device)[0] + self._own_bytes()
         stream = torch.cuda.Stream(self.runner.device)
         stream.wait_stream(torch.cuda.current_stream(self.runner.device))
@@ -201,38 +253,66 @@ class DecodeGraphs:
                     logits = self._forward(batch_size)
                 pool = graph.pool()
                 self._graphs[batch_size] = (graph, logits)
+        self.pool = pool
         torch.cuda.current_stream(self.runner.device).wait_stream(stream)
         torch.cuda.synchronize(self.runner.device)
         used = free_before - torch.cuda.mem_get_info(self.runner.device)[0]
-        logger.info("captured %d decode graphs (batch sizes %s..%s), %.0f MiB",
-                    len(self._graphs), self.sizes[0], self.sizes[-1], used / 2**20)
+        logger.info("captured %d %s graphs (batch sizes %s..%s), %.0f MiB", len(self._graphs),
+                    "decode" if self.query_len == 1 else f"verification ({self.query_len} tokens a sequence)",
+                    self.sizes[0], self.sizes[-1], used / 2**20)
         return used
 
     def _own_bytes(self) -> int:
-        """The buffers allocated before capture (inputs, shared logits), counted with the graphs."""
+        """The buffers allocated before capture (inputs, the logits when they are ours), counted with the graphs."""
         tensors = (self.inputs.device_buffer, self.query_start_loc, self.logits_indices, self.previous_tokens,
-                   self.logits)
+                   *((self.logits,) if self._owns_logits else ()))
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def can_run(self, step: "StepInput") -> bool:
-        return bool(self._graphs) and len(step.query_lens) <= self.max_batch_size and max(step.query_lens) == 1
+        if not self._graphs or len(step.query_lens) > self.max_batch_size:
+            return False
+        longest = max(step.query_lens)
+        if self.query_len == 1:
+            return longest == 1
+        # Padding rows sit at the positions before a sequence's new tokens: its context must hold q of them.
+        # Pending tokens (async scheduling) do not occur: a speculative step waits for the step before it.
+        return 1 < longest <= self.query_len and min(step.seq_lens) >= self.query_len and \
+            not step.pending_input_indices
 
     def run(self, step: "StepInput", previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The step's logits, one row per `step.logits_indices` entry, as an eager step returns them."""
         batch_size = len(step.query_lens)
         padded = next(size for size in self.sizes if size >= batch_size)
         graph, logits = self._graphs[padded]
         # The previous step can have sampled more rows than a graph holds (n > 1 forks): gather outside
         # (fill_pending_tokens, which also refuses pending tokens without previous ones).
         in_graph = previous_tokens is not None and previous_tokens.numel() <= self.max_batch_size
-        self.inputs.pack(step, padded, self.runner.block_size, pending_on_device=in_graph)
+        is_in_order = self.inputs.pack(step, padded, self.runner.block_size, pending_on_device=in_graph)
         if self.lora_slots is not None:
             slots = self.runner.lora.slots_for(step.lora_names) if step.lora_names else []
             slots += [-1] * (padded - len(slots))
-            self.lora_slots[:padded].copy_(torch.tensor(slots, dtype=torch.int32, pin_memory=True), non_blocking=True)
+            if self.query_len > 1:  # a sequence's q rows (padding ones too) take its adapter
+                slots = [slot for slot in slots for _ in range(self.query_len)]
+            self.lora_slots[:len(slots)].copy_(torch.tensor(slots, dtype=torch.int32, pin_memory=True),
+                                               non_blocking=True)
         if step.pending_input_indices:
             if in_graph:
                 self.previous_tokens[: previous_tokens.numel()].copy_(previous_tokens)
             else:
                 fill_pending_tokens(self.inputs.device.ids[:batch_size], step, previous_tokens)
         graph.replay()
-        return logits[:batch_size]
+        num_logits = len(step.logits_indices)
+        if is_in_order:
+            return logits[:num_logits]
+        return logits.index_select(0, self.inputs.device.logits_rows[:num_logits])
+
+
+class _EagerReplay:
+    """A graph's stand-in off CUDA: `replay` runs the forward it would have captured."""
+
+    def __init__(self, graphs: DecodeGraphs, batch_size: int) -> None:
+        self.graphs, self.batch_size = graphs, batch_size
+
+    @torch.inference_mode()
+    def replay(self) -> None:
+        self.graphs._forward(self.batch_size)

@@ -109,6 +109,7 @@ class ModelRunner:
         self.kv_scales = None if self.kv_scale_table is None else [row[:2] for row in self.kv_scale_table]
         self._set_checkpoint_kv_scales(loaded.kv_cache_scales)
         self._decode_graphs = None  # DecodeGraphs once captured
+        self._verify_graphs = None  # DecodeGraphs of k + 1 tokens a sequence, with speculative decoding
         self._supports_logits_to_keep = hasattr(self.model, "_supports_logits_to_keep") and bool(
             self.model._supports_logits_to_keep()
         )
@@ -355,15 +356,24 @@ class ModelRunner:
     def is_compiled(self) -> bool:
         return isinstance(self._step_model, CompiledForward) and self._step_model.is_compiled
 
-    def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int, reserved_bytes: int = 0) -> bool:
+    def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int, reserved_bytes: int = 0,
+                            verify_query_len: int = 0, verify_max_batch_size: int = 0) -> bool:
         """Capture decode graphs where the settings allow it (resolution said why not); False (eager) otherwise.
-        `reserved_bytes`: what the memory plan set aside for them (a warning if they took more)."""
+        `reserved_bytes`: what the memory plan set aside for them (a warning if they took more).
+        `verify_query_len` (k + 1) and `verify_max_batch_size`: also capture speculative verification graphs,
+        q = k + 1 tokens a sequence for up to that many sequences, in the decode graphs' pool and logits."""
         if not self.settings.cuda_graphs:
             return False
-        graphs = DecodeGraphs(self, max_batch_size, max_model_len)
+        verify = verify_query_len > 1 and verify_max_batch_size > 0
+        graphs = DecodeGraphs(self, max_batch_size, max_model_len,
+                              num_logit_rows=verify_query_len * verify_max_batch_size if verify else 0)
         used = graphs.capture()
+        if verify:
+            self._verify_graphs = DecodeGraphs(self, verify_max_batch_size, max_model_len, verify_query_len,
+                                               logits=graphs.logits)
+            used += self._verify_graphs.capture(graphs.pool)
         if reserved_bytes and used > reserved_bytes:
-            logger.warning("the decode CUDA graphs took %.0f MiB, more than the %.0f MiB the memory plan set aside",
+            logger.warning("the CUDA graphs took %.0f MiB, more than the %.0f MiB the memory plan set aside",
                            used / 2**20, reserved_bytes / 2**20)
         self._decode_graphs = graphs
         return True
@@ -382,7 +392,7 @@ class ModelRunner:
             self._fusion.undo()
         if self._moe is not None:
             self._moe.undo()
-        self._decode_graphs = None
+        self._decode_graphs = self._verify_graphs = None
 
     @torch.inference_mode()
     def execute(self, step: StepInput, previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -392,8 +402,9 @@ class ModelRunner:
         named by `step.pending_input_indices` (async scheduling)."""
         if step.block_copies:
             self._copy_blocks(step.block_copies)
-        if self._decode_graphs is not None and self._decode_graphs.can_run(step):
-            return self._decode_graphs.run(step, previous_tokens)
+        for graphs in (self._decode_graphs, self._verify_graphs):
+            if graphs is not None and graphs.can_run(step):
+                return graphs.run(step, previous_tokens)
         context = self.forward_context(self._build_metadata(step))
         if self.lora is not None:
             token_slots = self.lora.token_slots(step.lora_names, step.query_lens)

@@ -9,11 +9,15 @@ statistical test compares unrelated seeds' token frequencies with and without sp
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import pytest
+import torch
 
 from pagedserve.engine.core.request import Continuation, SamplingParams
+from pagedserve.engine.kernels.attention.reference import ReferenceAttentionBackend
 from pagedserve.engine.llm import LLM
+from pagedserve.engine.runner.cuda_graphs import DecodeGraphs
 
 REPEATING = [
     [5, 9, 33, 7, 81, 12, 40, 41, 42, 5, 9, 33, 7, 81, 12, 40, 41, 42, 5, 9],
@@ -50,7 +54,7 @@ def assert_accepted(llm: LLM) -> None:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
-@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("k", [1, 5])  # k = 3: test_verification_in_graphs_equals_eager
 def test_greedy_output_and_logprobs_equal_plain(tiny_model_dir, arch, k):
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2)
     reference = generate(make_llm(tiny_model_dir(arch)), REPEATING, params)
@@ -172,3 +176,81 @@ def test_penalties_decode_plainly_and_continuations_go_on(tiny_model_dir, plain)
             rest += delta.outputs[0].token_ids
     assert full[:7] + rest == full
     assert_accepted(llm)
+
+
+class _GraphLikeReference(ReferenceAttentionBackend):
+    """The reference attention as a graph replay meets it: host lengths are bounds, the real ones are in the
+    device tensors, and a negative slot writes nothing (what the Triton and flash kernels do)."""
+
+    def write_kv(self, key_cache, value_cache, key, value, slot_mapping, kv_scales=None):
+        keep = slot_mapping >= 0
+        super().write_kv(key_cache, value_cache, key[keep], value[keep], slot_mapping[keep], kv_scales)
+
+    def forward(self, query, key_cache, value_cache, metadata, group, **kwargs):
+        starts = metadata.query_start_loc.tolist()
+        metadata = dataclasses.replace(metadata, query_lens_cpu=[b - a for a, b in zip(starts, starts[1:])],
+                                       seq_lens_cpu=metadata.seq_lens.tolist())
+        return super().forward(query, key_cache, value_cache, metadata, group, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_verification_in_graphs_equals_eager(tiny_model_dir, arch):
+    """Verification steps replay graphs of k + 1 rows a sequence (engine/runner/cuda_graphs.py): sequences
+    with fewer proposals (or none) padded in front, batches padded to a captured size. Off CUDA a "graph"
+    reruns its forward over the static inputs, so the padded layout is what is checked here: greedy tokens
+    and logprobs equal eager steps', windows and soft-capping (gemma2) included."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2)
+    prompts = REPEATING + [REPEATING[0][3:]]
+    reference = generate(make_llm(tiny_model_dir(arch)), prompts, params)
+    k = 3
+    llm = make_llm(tiny_model_dir(arch), speculative_method="ngram", num_speculative_tokens=k)
+    runner = llm.engine.runner
+    runner.backend = _GraphLikeReference()
+    replays = collections.Counter()
+    for name, query_len in (("_decode_graphs", 1), ("_verify_graphs", k + 1)):
+        graphs = DecodeGraphs(runner, 4, llm.engine.max_model_len, query_len)
+        graphs.capture()
+        run = graphs.run
+
+        def counted(step, previous_tokens=None, run=run, query_len=query_len):
+            replays[query_len, len(step.query_lens), max(step.query_lens)] += 1
+            return run(step, previous_tokens)
+
+        graphs.run = counted
+        setattr(runner, name, graphs)
+    outputs = generate(llm, prompts, params)
+    assert completions(outputs) == completions(reference)
+    for out, ref in zip(outputs, reference):
+        for got, want in zip(out.outputs[0].logprobs, ref.outputs[0].logprobs):
+            assert got.keys() == want.keys()
+            for token_id in got:
+                assert got[token_id].logprob == pytest.approx(want[token_id].logprob, abs=1e-4)
+    assert_accepted(llm)
+    counts = llm.engine.get_stats().spec_decode
+    assert len(counts.num_accepted_tokens_per_pos) == k and sum(counts.num_accepted_tokens_per_pos) == \
+        counts.num_accepted_tokens
+    # Both kinds ran, in padded batches (3 of 4 sequences) and with sequences of fewer than k proposals.
+    assert any(q == k + 1 and batch == 3 for q, batch, _ in replays), replays
+    assert any(q == k + 1 and longest < k + 1 for q, _, longest in replays), replays
+    assert any(q == 1 for q, _, _ in replays), replays
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile_layers", [False, True])
+def test_verification_graphs_on_gpu_equal_eager(tiny_model_dir, compile_layers):
+    """Triton attention, captured verification graphs (k + 1 rows a sequence) and, optionally, compiled layers:
+    greedy tokens in float32 equal plain eager decoding's, and the verification steps did replay graphs."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = REPEATING + [REPEATING[0][3:]]
+    common = dict(dtype="float32", device="cuda", block_size=8, max_num_seqs=4, compile=compile_layers)
+    reference = generate(LLM(str(tiny_model_dir("llama")), enable_cuda_graphs=False, **common), prompts, params)
+    llm = LLM(str(tiny_model_dir("llama")), speculative_method="ngram", num_speculative_tokens=3, **common)
+    graphs = llm.engine.runner._verify_graphs
+    assert graphs is not None and graphs.query_len == 4
+    replayed = []
+    run = graphs.run
+    graphs.run = lambda step, previous_tokens=None: replayed.append(step) or run(step, previous_tokens)
+    assert completions(generate(llm, prompts, params)) == completions(reference)
+    assert_accepted(llm)
+    assert replayed
