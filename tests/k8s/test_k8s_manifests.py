@@ -149,6 +149,11 @@ def test_autoscaling_on_both_levels(rayservice: dict[str, Any], serve_config: di
         # One replica per pod: the pod bounds are the replica bounds.
         assert (group["minReplicas"], group["maxReplicas"]) == (scaling["min_replicas"], scaling["max_replicas"])
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        # Replicas scale on the engines' own signals (serve_app/autoscaling.py), and a pod that is going
+        # gives its replica the whole drain: Kubernetes kills the pod after terminationGracePeriodSeconds.
+        assert scaling.get("policy", "engine_load") == "engine_load"
+        drain_timeout_s = float(app["args"].get("drain_timeout_s", 30))
+        assert group["template"]["spec"]["terminationGracePeriodSeconds"] > drain_timeout_s
 
 
 def _container(template: dict[str, Any]) -> dict[str, Any]:
