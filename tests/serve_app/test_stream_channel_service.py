@@ -71,7 +71,8 @@ def test_200_streams_get_their_text_in_messages_that_follow_steps_not_streams(se
     assert texts == [expected[p] for p in prompts]
     num_messages = stats["num_messages"] - before[0]["num_messages"]
     num_steps = steps - before[1]
-    assert stats["num_channels"] == INGRESSES
+    # One channel per ingress, not per stream (a replica ends one 0.5 s after that ingress's last request).
+    assert stats["num_channels"] <= INGRESSES
     # At most one message per step and ingress (and one more per ingress for items from before its first
     # step); one message per token per stream would be NUM_STREAMS * MAX_TOKENS.
     assert num_messages <= INGRESSES * (num_steps + 1), (num_messages, num_steps)
