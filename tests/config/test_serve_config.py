@@ -61,6 +61,22 @@ def test_shipped_yaml_validates() -> None:
     build_app(application["args"])  # binds without a cluster
 
 
+def test_autoscaling_runs_the_engine_load_policy_and_a_removed_replica_drains() -> None:
+    options = replica_options(ServeArgs.from_args({
+        "drain_timeout_s": 12, "autoscaling": {"max_replicas": 4, "target_kv_cache_usage": 0.6,
+                                               "look_back_period_s": 5, "metrics_interval_s": 0.5}}))
+    config = options["autoscaling_config"]
+    assert config.policy.policy_function == "pagedserve.serve_app.autoscaling:EngineLoadPolicy"
+    assert config.policy.policy_kwargs == {"target_ongoing_requests": 16.0, "target_kv_cache_usage": 0.6,
+                                           "max_waiting_per_replica": 1.0}
+    assert (config.look_back_period_s, config.metrics_interval_s) == (5, 0.5)
+    assert options["graceful_shutdown_timeout_s"] == 12
+    serve_default = replica_options(ServeArgs.from_args({"autoscaling": {"policy": "ongoing_requests"}}))
+    assert serve_default["autoscaling_config"].policy.is_default_policy_function()
+    with pytest.raises(ConfigError, match="target_kv_cache_usage"):
+        ServeArgs.from_args({"autoscaling": {"target_kv_cache_usage": 1.5}})
+
+
 def test_fixed_replicas_without_autoscaling() -> None:
     options = replica_options(ServeArgs.from_args({"num_replicas": 3, "use_gpu": True, "tp_size": 2}))
     assert options["num_replicas"] == 3 and "autoscaling_config" not in options
