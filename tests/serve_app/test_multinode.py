@@ -24,7 +24,7 @@ import time
 import httpx
 import pytest
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(240)]
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 from ray_harness import FAKE_ENGINE_DIR, build_app_with, free_ports, wait_for, wait_until_healthy  # noqa: E402
