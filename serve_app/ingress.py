@@ -103,6 +103,9 @@ class OpenAIIngress:
         self.args = serve_args
         self._api_key = serve_args.resolved_api_key()
         self._info: ModelInfo | None = None
+        # LoRA adapters this ingress serves by name -> where a replica without one loads it (None: every
+        # replica has it from start-up). Run-time loads and unloads reach only the ingress replica they hit.
+        self._loras: dict[str, str | None] = {}
         self._info_lock = asyncio.Lock()
         context = serve.get_replica_context()
         self.metrics = IngressMetrics(
@@ -130,6 +133,7 @@ class OpenAIIngress:
                     except Exception as exc:
                         raise routing_error(exc) from None
                     self.metrics.set_model_name(self.args.served_model_name or self._info.model_name)
+                    self._loras = {name: None for name in self._info.lora_names} | self._loras
         return self._info
 
     async def _prefetch_model_info(self, first_delay_s: float = 1.0, max_delay_s: float = 30.0) -> None:
@@ -186,11 +190,17 @@ class OpenAIIngress:
             raise bad_request(details, param) from None
 
     async def check_model(self, model: str | None) -> str:
+        """The model a request names (the base model's name, or a LoRA adapter's); 404 for anything else."""
         served = await self.served_model_name()
-        if model is not None and model != served:
-            raise APIError(404, f"the model `{model}` does not exist; this server serves `{served}`",
+        if model is not None and model != served and model not in self._loras:
+            adapters = f" and the LoRA adapters {', '.join(sorted(self._loras))}" if self._loras else ""
+            raise APIError(404, f"the model `{model}` does not exist; this server serves `{served}`{adapters}",
                            "model_not_found", "model")
-        return served
+        return model if model in self._loras else served
+
+    def lora_for(self, model: str) -> str | None:
+        """The LoRA adapter a checked model name selects (None: the base model)."""
+        return model if model in self._loras else None
 
     def check_length(self, info: ModelInfo, num_prompt_tokens: int, max_tokens: int | None) -> int:
         """Resolve max_tokens (None: the rest of the context) and reject what cannot fit (engine/core/limits.py)."""
@@ -210,14 +220,16 @@ class OpenAIIngress:
 
     def make_request(
         self, info: ModelInfo, request_id: str, prompt: str | list[int], token_ids: list[int],
-        sampling_params: SamplingParams, stream: bool = True,
+        sampling_params: SamplingParams, stream: bool = True, lora_name: str | None = None,
     ) -> GenerateRequest:
-        prefix_key = first_block_key(token_ids, info.block_size)
+        # Salted by the adapter, as the engine's prefix cache keys its blocks (cache/prefix_cache.py).
+        prefix_key = first_block_key(token_ids, info.block_size, salt=lora_name)
         return GenerateRequest(
             request_id=request_id, prompt=prompt, sampling_params=sampling_params,
             num_prompt_tokens=len(token_ids), prefix_key=prefix_key,
             max_new_tokens=sampling_params.n * (sampling_params.max_tokens or 0), stream=stream,
             prompt_token_ids=token_ids,
+            lora_name=lora_name, lora_path=self._loras.get(lora_name) if lora_name is not None else None,
         )
 
     def client_left(self, request_id: str, when: str) -> None:
@@ -285,8 +297,51 @@ class OpenAIIngress:
     async def models(self, request: Request) -> Response:
         self.authorize(request)
         info = await self.model_info()
-        card = oai.ModelCard(id=await self.served_model_name(), created=oai.now_s(), max_model_len=info.max_model_len)
-        return JSONResponse(oai.ModelList(data=[card]).model_dump())
+        served = await self.served_model_name()
+        created = oai.now_s()
+        cards = [oai.ModelCard(id=served, created=created, max_model_len=info.max_model_len, root=served)]
+        cards += [oai.ModelCard(id=name, created=created, max_model_len=info.max_model_len, root=path or name,
+                                parent=served) for name, path in self._loras.items()]
+        return JSONResponse(oai.ModelList(data=cards).model_dump())
+
+    @fastapi_app.post("/v1/load_lora_adapter")
+    @_counts_rejections
+    async def load_lora_adapter(self, request: Request) -> Response:
+        """vLLM's route: {"lora_name", "lora_path"}. One engine replica loads it now (a bad adapter is a 400);
+        the others load it when a request for it reaches them."""
+        self.authorize(request)
+        body: oai.LoadLoraAdapterRequest = await self.parse_body(request, oai.LoadLoraAdapterRequest)
+        served = await self.served_model_name()
+        if body.lora_name == served or body.lora_name in self._loras:
+            raise bad_request(f"the LoRA adapter `{body.lora_name}` is already loaded", "lora_name")
+        try:
+            error = await self.replica.load_lora_adapter.remote(body.lora_name, body.lora_path)
+        except Exception as exc:
+            raise routing_error(exc) from None
+        if error is not None:
+            raise APIError(error.status_code, error.message, error.error_type, error.param)
+        self._loras[body.lora_name] = body.lora_path
+        return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.", media_type="text/plain")
+
+    @fastapi_app.post("/v1/unload_lora_adapter")
+    @_counts_rejections
+    async def unload_lora_adapter(self, request: Request) -> Response:
+        """vLLM's route: {"lora_name"}. This ingress stops serving it; the replica the call reaches drops it
+        (others keep it in their slots until evicted)."""
+        self.authorize(request)
+        body: oai.UnloadLoraAdapterRequest = await self.parse_body(request, oai.UnloadLoraAdapterRequest)
+        await self.model_info()
+        if body.lora_name not in self._loras:
+            raise APIError(404, f"the LoRA adapter `{body.lora_name}` cannot be found", "not_found_error",
+                           "lora_name")
+        del self._loras[body.lora_name]
+        try:
+            error = await self.replica.unload_lora_adapter.remote(body.lora_name)
+        except Exception as exc:
+            raise routing_error(exc) from None
+        if error is not None:
+            raise APIError(error.status_code, error.message, error.error_type, error.param)
+        return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", media_type="text/plain")
 
     @fastapi_app.post("/tokenize")
     @_counts_rejections
@@ -368,7 +423,7 @@ class OpenAIIngress:
             max_tokens = self.check_length(info, len(token_ids), body.max_tokens)
             params = self.sampling_params(body, max_tokens)
             requests.append(self.make_request(info, f"{request_id}-{i}", prompt, token_ids, params,
-                                              stream=bool(body.stream)))
+                                              stream=bool(body.stream), lora_name=self.lora_for(model)))
         if body.stream:
             return await self.stream_response(info, model, request_id, requests, body, chat=False)
         return await self.full_response(info, model, request_id, requests, body, chat=False)
@@ -392,7 +447,7 @@ class OpenAIIngress:
             raise
         params = self.sampling_params(body, max_tokens, plan.constraint)
         requests = [self.make_request(info, f"{request_id}-0", token_ids, token_ids, params,
-                                      stream=bool(body.stream))]
+                                      stream=bool(body.stream), lora_name=self.lora_for(model))]
         if body.stream:
             return await self.stream_response(info, model, request_id, requests, body, chat=True, plan=plan)
         return await self.full_response(info, model, request_id, requests, body, chat=True, plan=plan)

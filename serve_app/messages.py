@@ -18,6 +18,7 @@ class RoutingDemand:
     num_prompt_tokens: int
     max_new_tokens: int  # n * max_tokens: every completion grows its own blocks
     prefix_key: bytes | None = None  # the cache's key of the first prompt block (cache/prefix_cache.py)
+    lora_name: str | None = None  # the LoRA adapter it runs under: replicas holding it are preferred
 
     @property
     def num_tokens(self) -> int:
@@ -35,6 +36,7 @@ class ReplicaReport:
     num_waiting: int = 0
     report_time_s: float = 0.0  # wall clock of the replica when the snapshot was taken
     engine_dead: bool = False  # the replica lives but its engine does not: it is about to be replaced
+    lora_names: frozenset[str] = frozenset()  # LoRA adapters its engine holds (adapter affinity)
 
     @classmethod
     def from_routing_stats(cls, stats: dict[str, Any] | None) -> "ReplicaReport | None":
@@ -48,6 +50,7 @@ class ReplicaReport:
             num_waiting=int(stats.get("num_waiting", 0)),
             report_time_s=float(stats.get("report_time_s", 0.0)),
             engine_dead=bool(stats.get("engine_dead", False)),
+            lora_names=frozenset(stats.get("lora_names", ())),
         )
 
 
@@ -71,10 +74,14 @@ class GenerateRequest:
     continuation: Continuation | None = None
     # The ingress replica whose stream channel carries this request's deltas (serve_app/stream_channel.py).
     reply_to: str = ""
+    # The LoRA adapter to run under (None: the base model), and where to load it from on a replica that does
+    # not hold it yet (None: every replica has it from start-up).
+    lora_name: str | None = None
+    lora_path: str | None = None
 
     @property
     def routing_demand(self) -> RoutingDemand:
-        return RoutingDemand(self.num_prompt_tokens, self.max_new_tokens, self.prefix_key)
+        return RoutingDemand(self.num_prompt_tokens, self.max_new_tokens, self.prefix_key, self.lora_name)
 
 
 @dataclass(frozen=True)
@@ -111,3 +118,4 @@ class ModelInfo:
     block_size: int
     num_total_blocks: int
     tokenizer: Any  # HF tokenizer; pickles across processes
+    lora_names: tuple[str, ...] = ()  # LoRA adapters the engine loaded at start-up (lora_modules)

@@ -75,6 +75,13 @@ REPLICA_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "gauge", "Tokens of context the KV cache holds (total blocks x block size), by what it stores "
         "(kv_cache_dtype: the model's dtype, or fp8_e4m3).", ("kv_cache_dtype",)),
     "pagedserve_batch_fill": ("gauge", "Tokens in the last step / max_batch_tokens, 0..1.", ()),
+    # Per LoRA adapter; the base model's requests count under lora_name "" (docs/lora.md).
+    "pagedserve_lora_requests": ("counter", "Requests finished, by LoRA adapter (\"\": the base model).",
+                                 ("lora_name",)),
+    "pagedserve_lora_generation_tokens": ("counter", "Output tokens of finished requests, by LoRA adapter.",
+                                          ("lora_name",)),
+    "pagedserve_lora_time_to_first_token_seconds": (
+        "histogram", "Arrival at the engine to first token, by LoRA adapter.", ("lora_name",)),
     "pagedserve_decode_prefill_ratio": (
         "gauge", "Decode tokens / prefill tokens over the recent window (prefill floored at 1 token).", ()),
     "pagedserve_step_time_seconds": (

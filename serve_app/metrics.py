@@ -125,8 +125,11 @@ class ReplicaMetrics:
         # (step, max_batch_tokens) not yet recorded; bounded in case no stats report comes to record them
         self._pending_steps: deque[tuple[StepStats, int]] = deque(maxlen=MAX_PENDING_STEPS)
         for name, (kind, _, _) in REPLICA_METRICS.items():
-            if kind == "counter" and name not in ("vllm_request_success", "vllm_spec_decode_num_accepted_tokens_per_pos"):
+            if kind == "counter" and name not in ("vllm_request_success", "vllm_spec_decode_num_accepted_tokens_per_pos",
+                                                  "pagedserve_lora_requests", "pagedserve_lora_generation_tokens"):
                 _start_counters_at_zero(self._metrics[name], [self._tags])
+        for name in ("pagedserve_lora_requests", "pagedserve_lora_generation_tokens"):
+            _start_counters_at_zero(self._metrics[name], [{**self._tags, "lora_name": ""}])
         _start_counters_at_zero(self._metrics["vllm_request_success"],
                                 [{**self._tags, "finished_reason": r} for r in FINISH_REASONS])
         # The first position's series exists from the start (the others appear with speculation's k).
@@ -209,8 +212,14 @@ class ReplicaMetrics:
         return num_decode / max(num_prefill, 1)
 
     # -- one finished request --------------------------------------------------------------------
-    def observe_request(self, timing: "RequestTiming") -> None:
+    def observe_request(self, timing: "RequestTiming", lora_name: str | None = None) -> None:
         m, tags = self._metrics, self._tags
+        lora_tags = {**tags, "lora_name": lora_name or ""}
+        m["pagedserve_lora_requests"].inc(1, tags=lora_tags)
+        if timing.num_output_tokens:
+            m["pagedserve_lora_generation_tokens"].inc(timing.num_output_tokens, tags=lora_tags)
+        if timing.ttft_s is not None:
+            m["pagedserve_lora_time_to_first_token_seconds"].observe(timing.ttft_s, tags=lora_tags)
         for itl_s in sample_evenly(timing.inter_token_latencies_s, ITL_SAMPLES_PER_REQUEST):
             m["vllm_inter_token_latency_seconds"].observe(itl_s, tags=tags)
         m["vllm_request_prompt_tokens"].observe(timing.num_prompt_tokens, tags=tags)

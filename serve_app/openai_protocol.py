@@ -563,6 +563,25 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "pagedserve"
     max_model_len: int | None = None
+    root: str | None = None  # vLLM's: the base model's name, or a LoRA adapter's path
+    parent: str | None = None  # vLLM's: a LoRA adapter's base model
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter body."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """vLLM's POST /v1/unload_lora_adapter body (its lora_int_id is accepted and not needed)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str = Field(min_length=1)
 
 
 class ModelList(BaseModel):

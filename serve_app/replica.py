@@ -10,6 +10,7 @@ engine frees its blocks). Free/total KV blocks and queue sizes go to the routers
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import importlib
@@ -72,6 +73,7 @@ class EngineReplica:
         # the engine's free blocks only show what is allocated so far, not what running requests will grow to.
         self._committed_blocks: dict[str, int] = {}
         self.log_prompts = serve_args.log_prompts
+        self._lora_lock = asyncio.Lock()  # one run-time adapter load at a time (two requests may want one)
         self.metrics = ReplicaMetrics(
             model_name=serve_args.served_model_name or self.engine.model_name, replica=self.replica_tag
         )
@@ -111,8 +113,7 @@ class EngineReplica:
         timing = RequestTiming(request.request_id)
         self._committed_blocks[request.request_id] = blocks_for(request.routing_demand.num_tokens, self.block_size)
         prompt = request.prompt if request.prompt_token_ids is None else request.prompt_token_ids
-        stream = self.engine.generate(prompt, request.sampling_params, request.request_id,
-                                      continuation=request.continuation)
+        stream = self._engine_stream(request, prompt)
         try:
             async with contextlib.aclosing(stream):
                 held: RequestOutput | None = None  # deltas merged for a non-streaming request
@@ -150,12 +151,57 @@ class EngineReplica:
                 with contextlib.suppress(Exception):
                     await self.engine.abort(request.request_id)
 
+    async def _engine_stream(self, request: GenerateRequest, prompt: str | list[int]) -> AsyncIterator[RequestOutput]:
+        """The engine's deltas; a LoRA request first loads its adapter here if this replica lacks it."""
+        lora = {}
+        if request.lora_name is not None:
+            await self._hold_lora(request.lora_name, request.lora_path)
+            lora = {"lora": request.lora_name}
+        stream = self.engine.generate(prompt, request.sampling_params, request.request_id,
+                                      continuation=request.continuation, **lora)
+        async with contextlib.aclosing(stream):
+            async for output in stream:
+                yield output
+
+    def _lora_names(self) -> list[str]:
+        names = getattr(self.engine, "lora_names", None)  # engines without LoRA (test fakes) hold none
+        return names() if names is not None else []
+
+    async def _hold_lora(self, name: str, path: str | None) -> None:
+        async with self._lora_lock:
+            if name in self._lora_names():
+                return
+            if path is None:
+                raise InvalidRequestError(f"the LoRA adapter {name!r} is not loaded on this replica", param="model")
+            started = time.perf_counter()
+            await self.engine.load_lora_adapter(name, path)
+            logger.info("LoRA adapter %r loaded from %s in %.2f s (asked for by a request)", name, path,
+                        time.perf_counter() - started)
+
+    async def load_lora_adapter(self, name: str, path: str) -> ReplicaError | None:
+        """vLLM's load_lora_adapter on this replica; a ReplicaError (400) when the engine refuses it."""
+        try:
+            await self._hold_lora(name, path)
+        except InvalidRequestError as exc:
+            return ReplicaError(400, "invalid_request_error", exc.message, exc.param)
+        return None
+
+    async def unload_lora_adapter(self, name: str) -> ReplicaError | None:
+        async with self._lora_lock:
+            if name not in self._lora_names():
+                return None  # never loaded here (the ingress forgets it either way)
+            try:
+                await self.engine.unload_lora_adapter(name)
+            except InvalidRequestError as exc:
+                return ReplicaError(400, "invalid_request_error", exc.message, exc.param)
+        return None
+
     def _record_request(self, timing: RequestTiming, request: GenerateRequest) -> None:
         """Histograms and one structured INFO line per request; the prompt only with `log_prompts`."""
         self._finished_by_reason[timing.finish_reason or "unknown"] += 1
         try:
             if timing.finish_reason != "rejected":
-                self.metrics.observe_request(timing)
+                self.metrics.observe_request(timing, request.lora_name)
             fields = timing.log_fields(self.replica_tag, request.prompt if self.log_prompts else None)
             logger.info("request_finished %s", json.dumps(fields, separators=(",", ":")))
         except Exception:  # noqa: BLE001 - observability must never fail a request
@@ -169,6 +215,7 @@ class EngineReplica:
             block_size=stats.block_size,
             num_total_blocks=stats.num_total_blocks,
             tokenizer=self.engine.tokenizer,
+            lora_names=tuple(self._lora_names()),
         )
 
     def get_stats(self) -> Any:
@@ -194,6 +241,7 @@ class EngineReplica:
             "num_running": stats.num_running,
             "num_waiting": stats.num_waiting,
             "report_time_s": time.time(),
+            "lora_names": self._lora_names(),
         }
 
     def _routable_free_blocks(self, stats: Any) -> int:

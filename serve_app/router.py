@@ -8,8 +8,10 @@ Two parts, split so the policy is testable without Ray:
   taken after the send arrives (the replica then counts the request itself, as committed blocks).
   Among replicas with room it prefers the most headroom; a replica that recently served the same
   prompt prefix wins when its headroom is within `affinity_tolerance` of the best (its prefix cache
-  hits). When no replica has room the request waits in a bounded queue (`AdmissionQueue`); past the
-  bound or the timeout it is refused with `ServiceOverloadedError` (the ingress answers 429).
+  hits). A request for a LoRA adapter goes first to the replicas that hold it (then by headroom, as
+  above); another loads it when the request reaches it. When no replica has room the request waits in
+  a bounded queue (`AdmissionQueue`); past the bound or the timeout it is refused with
+  `ServiceOverloadedError` (the ingress answers 429).
 - `FreeBlocksRequestRouter`: the thin adapter on Ray Serve's `RequestRouter` extension point
   (`request_router_config.request_router_class`). It reads the replicas' routing stats, asks the policy,
   and fails a request's routing future with a typed error when it must be refused.
@@ -235,6 +237,10 @@ class FreeBlocksPolicy:
                 if headroom[owner] >= headroom[ranked[0]] - tolerance:
                     ranked.remove(owner)
                     ranked.insert(0, owner)
+        if demand.lora_name is not None:
+            # Adapter affinity first: a replica that holds the adapter serves it at once; others load it.
+            holds = {c for c in ranked if demand.lora_name in self._reports[c].lora_names}
+            ranked = [c for c in ranked if c in holds] + [c for c in ranked if c not in holds]
         ranked.extend(unknown)
         if not ranked:
             return RouteDecision("wait")

@@ -3,7 +3,8 @@
 Greedy outputs over HTTP must equal the offline engine's (`LLM.generate`) token for token, alone and
 under 32 concurrent requests; sampling knobs (n, seed, stop, logprobs) must arrive in the engine; a
 client that disconnects mid-stream must get its blocks freed; a replica whose engine dies is replaced
-and the service answers again. One Ray cluster for the module; the engine core runs in its own process.
+and the service answers again; a LoRA adapter chosen by `"model"` (one from start-up, one loaded over HTTP)
+equals the offline engine under it. One Ray cluster for the module; the engine core runs in its own process.
 """
 
 from __future__ import annotations
@@ -35,12 +36,31 @@ PROMPTS = [
 
 
 APP = "real"
+ADAPTER = "tiny-lora"
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster, tiny_model_path: str):
+def adapter_paths(tiny_model_path: str, tmp_path_factory) -> dict[str, str]:
+    """Two random peft adapters of the tiny model: one served from start-up, one loaded over HTTP."""
+    peft = pytest.importorskip("peft")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    paths = {}
+    for seed, (name, targets) in enumerate([(ADAPTER, ["q_proj", "v_proj", "down_proj"]), ("late", ["o_proj"])]):
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+        config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets)
+        paths[name] = str(tmp_path_factory.mktemp(name))
+        peft.get_peft_model(base, config).save_pretrained(paths[name])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, tiny_model_path: str, adapter_paths: dict[str, str]):
     # The engine core in its own process, as on a GPU (on CPU it defaults to a thread).
     args = {"model": tiny_model_path, "num_replicas": 1, "engine_process": True, **ENGINE_ARGS,
+            "lora_modules": {ADAPTER: adapter_paths[ADAPTER]},
             "router": {"stats_period_s": 0.5, "max_queued_requests": 256}}
     # Serve checks replica health every second (not every 10 s): the dead-engine test waits for that check.
     with deployed(ray_cluster, APP, build_app_with(args, health_check_period_s=1)) as base:
@@ -48,8 +68,8 @@ def service(ray_cluster, tiny_model_path: str):
 
 
 @pytest.fixture(scope="module")
-def offline(tiny_model_path: str) -> LLM:
-    return LLM(tiny_model_path, **ENGINE_ARGS)
+def offline(tiny_model_path: str, adapter_paths: dict[str, str]) -> LLM:
+    return LLM(tiny_model_path, **ENGINE_ARGS, lora_modules=adapter_paths)
 
 
 @pytest.fixture
@@ -204,3 +224,28 @@ def test_a_dead_engine_is_replaced_and_its_stream_goes_on(service, client) -> No
     whole = client.completions.create(model=service["model"], prompt=LONG_STREAM["prompt"], max_tokens=400,
                                       temperature=0.0, extra_body={"ignore_eos": True})
     assert whole.usage.completion_tokens == 400 and whole.choices[0].text == text
+
+
+def test_lora_adapters_by_model_name_match_offline(service, client, offline: LLM, adapter_paths) -> None:
+    """`"model": <adapter>` runs it (start-up and run-time adapters alike); /v1/models lists them; vLLM's
+    load/unload routes; an unknown adapter is a 404, an adapter that cannot load a 400."""
+    base = service["base"]
+    listed = {card.id: card for card in client.models.list().data}
+    assert set(listed) == {service["model"], ADAPTER} and listed[ADAPTER].parent == service["model"]
+    loaded = httpx.post(f"{base}/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": adapter_paths["late"]},
+                        timeout=60)
+    assert loaded.status_code == 200, loaded.text
+    assert httpx.post(f"{base}/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": "/nonexistent"},
+                      timeout=60).status_code == 400
+    for model in (ADAPTER, "late", service["model"]):
+        want = offline.generate([PROMPTS[2]], greedy(), use_tqdm=False,
+                                lora=None if model == service["model"] else model)[0].outputs[0]
+        got = client.completions.create(model=model, prompt=PROMPTS[2], max_tokens=16, temperature=0)
+        assert got.choices[0].text == want.text, model
+        assert got.model == model
+    base_text = offline.generate([PROMPTS[2]], greedy(), use_tqdm=False)[0].outputs[0].text
+    assert offline.generate([PROMPTS[2]], greedy(), use_tqdm=False, lora=ADAPTER)[0].outputs[0].text != base_text
+    unloaded = httpx.post(f"{base}/v1/unload_lora_adapter", json={"lora_name": "late"}, timeout=60)
+    assert unloaded.status_code == 200, unloaded.text
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="late", prompt=PROMPTS[2], max_tokens=4)

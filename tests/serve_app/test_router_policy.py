@@ -129,6 +129,19 @@ def test_prefix_affinity_breaks_near_ties(clock: FakeClock) -> None:
     assert policy.decide(["a", "b"], RoutingDemand(16, 16, prefix_key=42)).replicas[0] == "a"
 
 
+def test_lora_requests_go_first_to_replicas_holding_the_adapter(clock: FakeClock) -> None:
+    policy = FreeBlocksPolicy(transit_grace_s=0.0, clock=clock)
+    policy.update_report("a", report(90, 100, clock.now))
+    policy.update_report("b", ReplicaReport.from_routing_stats({
+        "num_free_blocks": 20, "num_total_blocks": 100, "block_size": 16, "report_time_s": clock.now,
+        "lora_names": ["sql"]}))
+    policy.update_report("c", report(10, 100, clock.now))
+    assert policy.decide(["a", "b", "c"], RoutingDemand(16, 16, lora_name="sql")).replicas == ["b", "a", "c"]
+    # A replica without room is not chosen for holding the adapter; the base model ignores adapters.
+    assert policy.decide(["a", "b"], RoutingDemand(16, 400, lora_name="sql")).replicas == ["a"]
+    assert policy.decide(["a", "b"], RoutingDemand(16, 16)).replicas == ["a", "b"]
+
+
 def test_unknown_replicas_are_tried_after_known_ones_with_room(clock: FakeClock) -> None:
     policy = FreeBlocksPolicy(transit_grace_s=0.0, clock=clock)
     policy.update_report("a", report(5, 10, clock.now))
