@@ -1,4 +1,5 @@
-"""Speculative decoding (ngram) against plain decoding on a model trained on text (bench/train_text_model.py).
+"""Speculative decoding (ngram, and draft with `--draft-model`) against plain decoding on a model trained on text
+(bench/train_text_model.py; its `--preset draft` trains a draft model on the same text and tokenizer).
 
 Random weights accept nothing, so this needs a trained folder (its `heldout.jsonl` gives the texts). Two
 workloads at batch 1, greedy, each request alone:
@@ -20,6 +21,7 @@ differs, where, and the plain run's gap between its top two logprobs there: a ga
 near-tie, a large one a bug. With `--dtype float32` the outputs are expected to be equal.
 
     python bench/spec_bench.py --model /tmp/target --k 3,5 --out spec.json
+    python bench/spec_bench.py --model /tmp/target --k 3 --draft-model /tmp/draft --draft-k 3,5 --batch-sizes 1,4,16
     python bench/spec_bench.py --model /tmp/target --k 3 --dtype float32 --batch-sizes '' --max-tokens 100
 
 A table comes last; `--out` writes every figure as JSON.
@@ -168,7 +170,10 @@ def dynamo_graphs_compiled() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="a folder written by bench/train_text_model.py")
-    parser.add_argument("--k", default="3,5", help="num_speculative_tokens values, comma-separated")
+    parser.add_argument("--k", default="3,5", help="ngram: num_speculative_tokens values, comma-separated ('' none)")
+    parser.add_argument("--draft-model", type=Path, default=None, help="a draft model (train_text_model.py --preset "
+                        "draft --tokenizer-from the target): also measure speculative_method='draft'")
+    parser.add_argument("--draft-k", default="3", help="draft: num_speculative_tokens values, comma-separated")
     parser.add_argument("--prompt-lookup-max", type=int, default=4)
     parser.add_argument("--prompt-lookup-min", type=int, default=1)
     parser.add_argument("--num-prompts", type=int, default=8, help="requests per batch-1 workload")
@@ -190,16 +195,23 @@ def main() -> None:
 
     ks = [int(k) for k in args.k.split(",") if k]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
-    sweep_k = args.sweep_k or ks[0]
+    draft_ks = [int(k) for k in args.draft_k.split(",") if k] if args.draft_model is not None else []
+    sweep_k = args.sweep_k or (ks or draft_ks)[0]
+    # (method, k): the sweep runs for the first n-gram one at sweep_k (the first draft one without n-gram).
+    methods = [("ngram", k) for k in ks] + [("draft", k) for k in draft_ks]
+    sweep_method = next(m for m in methods if m[1] == sweep_k)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     num_texts = max([args.num_prompts, *batch_sizes])
     texts = heldout_texts(args.model, num_texts)
     texts = (texts * (num_texts // len(texts) + 1))[:num_texts]
     common = dict(dtype=args.dtype, max_memory_percent=args.max_memory_percent, max_num_seqs=max([64, *batch_sizes]))
 
-    def engine(k: int | None, disable_batch_size: int = 8) -> LLM:
-        if k is None:
+    def engine(method: str | None, k: int = 0, disable_batch_size: int = 8) -> LLM:
+        if method is None:
             return LLM(str(args.model), **common)
+        if method == "draft":
+            return LLM(str(args.model), **common, speculative_method="draft", speculative_model=str(args.draft_model),
+                       num_speculative_tokens=k, speculative_disable_batch_size=disable_batch_size)
         return LLM(str(args.model), **common, speculative_method="ngram", num_speculative_tokens=k,
                    prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max,
                    speculative_disable_batch_size=disable_batch_size)
@@ -254,11 +266,11 @@ def main() -> None:
     for batch, result in base["batches"].items():
         rows.append({"workload": "edit sweep", "batch": batch, "method": "plain", **figures(result)})
     save()
-    for k in ks:
-        llm = engine(k, disable_batch_size=max([1, *batch_sizes]))
-        spec = measure(llm, sweep=k == sweep_k)
+    for method_name, k in methods:
+        llm = engine(method_name, k, disable_batch_size=max([1, *batch_sizes]))
+        spec = measure(llm, sweep=(method_name, k) == sweep_method)
         release(llm)
-        method = f"ngram k={k}"
+        method = f"{method_name} k={k}"
         compiles[method] = spec["graphs_compiled"]
         for (workload, batch), result, reference in (
                 [((w, 1), r, base["workloads"][w]) for w, r in spec["workloads"].items()]

@@ -143,13 +143,14 @@ class EngineConfig(BaseModel):
     # Speculative decoding (vLLM's names; docs/speculative.md)
     speculative_method: SpeculativeMethod = Field(
         "none", description="Propose tokens and verify them in one forward: ngram (prompt lookup: the tokens that "
-        "followed an earlier occurrence of the last n tokens); draft (a smaller model: not built yet). Output is "
+        "followed an earlier occurrence of the last n tokens); draft (a smaller model, speculative_model). Output is "
         "exactly what it would be without: greedy token for token, sampling in distribution.",
     )
     num_speculative_tokens: int = Field(3, ge=1, le=16, description="Tokens proposed per request and step (k).")
     prompt_lookup_min: int = Field(1, ge=1, le=64, description="ngram: shortest suffix matched.")
     prompt_lookup_max: int = Field(4, ge=1, le=64, description="ngram: longest suffix matched (tried first).")
-    speculative_model: str | None = Field(None, description="draft: the draft model (reserved; not built yet).")
+    speculative_model: str | None = Field(None, description="draft: the draft model, a smaller causal LM with the "
+                                          "model's tokenizer (path or hub id).")
     speculative_disable_batch_size: int = Field(
         8, ge=0, description="Steps with more running requests than this do not speculate (0: never speculate); "
         "the default is a guess until the GPU crossover is measured (bench/spec_bench.py).",

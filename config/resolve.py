@@ -215,11 +215,12 @@ class RunnerSettings:
 class SpeculativeSettings:
     """Speculative decoding as decided: `method` none turns everything else off (engine/spec/)."""
 
-    method: Literal["none", "ngram"] = "none"
+    method: Literal["none", "ngram", "draft"] = "none"
     num_tokens: int = 0  # k, proposed per request and step
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
     disable_batch_size: int = 0  # steps with more running requests than this do not speculate
+    model: str | None = None  # draft: the draft model (path or hub id)
 
     @property
     def enabled(self) -> bool:
@@ -227,24 +228,25 @@ class SpeculativeSettings:
 
 
 def resolve_speculative(config: EngineConfig) -> SpeculativeSettings:
-    """Check the speculative fields together; `draft` is refused until the draft-model proposer exists."""
+    """Check the speculative fields together (the draft model itself is checked when it loads: engine/spec/draft.py)."""
     method = config.speculative_method
     if method == "none":
         return SpeculativeSettings()
-    if method == "draft":
-        raise ConfigError("EngineConfig.speculative_method='draft': the draft-model proposer is not built yet; "
-                          "use 'ngram' or 'none'")
+    if method == "draft" and config.speculative_model is None:
+        raise ConfigError("EngineConfig.speculative_method='draft' needs speculative_model (a smaller causal LM "
+                          "with the model's tokenizer)")
     if config.prompt_lookup_min > config.prompt_lookup_max:
         raise ConfigError(f"EngineConfig.prompt_lookup_min={config.prompt_lookup_min} must be <= "
                           f"prompt_lookup_max={config.prompt_lookup_max}")
-    if config.speculative_model is not None:
+    if method == "ngram" and config.speculative_model is not None:
         raise ConfigError(f"EngineConfig.speculative_model={config.speculative_model!r} is for "
                           "speculative_method='draft'; ngram proposes from the request's own tokens")
     if config.tp_size > 1:
         raise ConfigError(f"EngineConfig.speculative_method={method!r} with tp_size={config.tp_size}: not built "
                           "yet (speculation runs with tp_size 1)")
     return SpeculativeSettings(method, config.num_speculative_tokens, config.prompt_lookup_min,
-                               config.prompt_lookup_max, config.speculative_disable_batch_size)
+                               config.prompt_lookup_max, config.speculative_disable_batch_size,
+                               config.speculative_model if method == "draft" else None)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from pagedserve.engine.core.request import (
 from pagedserve.engine.core.sampler import SampledBatch, Sampler
 from pagedserve.engine.core.scheduler import Scheduler, SchedulerOutput
 from pagedserve.engine.core.stats import EngineStats, SpecDecodeStats, StepStats
+from pagedserve.engine.spec.draft import DraftProposer
 from pagedserve.engine.spec.ngram import NgramProposer
 from pagedserve.engine.spec.verify import num_accepted
 
@@ -124,6 +125,14 @@ class LLMEngine:
         self.max_model_len = settings.scheduler.max_model_len
         max_batch_tokens = settings.scheduler.max_batch_tokens
         max_num_seqs = settings.scheduler.max_num_seqs
+        speculative = settings.speculative
+        # The draft model and its cache first: the memory plan then counts them as taken.
+        self._proposer: NgramProposer | DraftProposer | None = None
+        if speculative.enabled and speculative.method == "draft":
+            self._proposer = DraftProposer.build(settings, self.runner, self.max_model_len)
+        elif speculative.enabled:
+            self._proposer = NgramProposer(speculative.num_tokens, speculative.prompt_lookup_min,
+                                           speculative.prompt_lookup_max)
         self.memory_plan = self.runner.plan_memory(max_num_seqs, self.max_model_len, max_batch_tokens)
         logger.info(self.memory_plan.describe())
         self.runner.allocate_kv_cache(self.memory_plan.num_blocks)
@@ -137,6 +146,8 @@ class LLMEngine:
                 verify_max_batch_size=min(max_graph_batch, settings.speculative.disable_batch_size))
             self.runner.capture_cuda_graphs(max_graph_batch, self.max_model_len, self.memory_plan.cuda_graph_bytes,
                                             **verify)
+            if isinstance(self._proposer, DraftProposer):
+                self._proposer.capture_cuda_graphs(verify["verify_max_batch_size"], self.max_model_len)
         self.kv_cache = KVCacheManager(
             settings.cache.block_size,
             [g.sliding_window for g in shape.groups],
@@ -158,9 +169,6 @@ class LLMEngine:
         self.last_step: StepStats | None = None
         self.async_scheduling = settings.async_scheduling
         self._in_flight: _InFlightStep | None = None
-        speculative = settings.speculative
-        self._proposer = NgramProposer(speculative.num_tokens, speculative.prompt_lookup_min,
-                                       speculative.prompt_lookup_max) if speculative.enabled else None
         self._spec_disable_batch_size = speculative.disable_batch_size
         self._spec_stats = SpecDecodeStats.empty(speculative.num_tokens if speculative.enabled else 0)
         self._said_spec_off_for_history = False
@@ -482,15 +490,9 @@ class LLMEngine:
         if self._in_flight is not None:
             in_flight, self._in_flight = self._in_flight, None
             self._deliver(in_flight)
-        drafts: dict[str, list[int]] = {}
-        for request in candidates:
-            if request.is_finished:  # its delivered token ended it
-                continue
-            proposal = self._proposer.propose(request.request_id, request.all_token_ids,
-                                              request.token_limit - request.num_tokens - 1)
-            if proposal:
-                drafts[request.request_id] = proposal
-        return drafts or None
+        candidates = [request for request in candidates if not request.is_finished]  # a delivered token ended it
+        proposals = self._proposer.propose_batch(candidates, [r.token_limit - r.num_tokens - 1 for r in candidates])
+        return {request_id: tokens for request_id, tokens in proposals.items() if tokens} or None
 
     def _may_speculate(self, request: Request) -> bool:
         """Decoding, past min_tokens, and sampled without reading earlier tokens: penalties, bad words and
@@ -779,6 +781,8 @@ class LLMEngine:
         """Stop the tensor-parallel worker ranks, if any, and let the collector reclaim this engine. Idempotent."""
         if self._grammar_compiler is not None:
             self._grammar_compiler.shutdown()
+        if isinstance(self._proposer, DraftProposer):
+            self._proposer.shutdown()
         stop = getattr(self.runner, "shutdown", None)
         if stop is not None:
             stop()

@@ -1,1 +1,1 @@
-"""Speculative decoding: proposers (ngram now; a draft model later) and the verification rule (verify.py)."""
+"""Speculative decoding: proposers (ngram.py: prompt lookup; draft.py: a smaller model) and the verification rule (verify.py)."""

@@ -10,7 +10,12 @@ engine: `forget` drops a finished request's maps.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pagedserve.engine.core.request import Request
 
 
 @dataclass
@@ -50,6 +55,11 @@ class NgramProposer:
             if start is not None:
                 return token_ids[start:start + limit]
         return []
+
+    def propose_batch(self, requests: Sequence[Request], max_tokens: Sequence[int]) -> dict[str, list[int]]:
+        """`propose` for each request (every token known), by request id."""
+        return {request.request_id: self.propose(request.request_id, request.all_token_ids, limit)
+                for request, limit in zip(requests, max_tokens)}
 
     def forget(self, request_id: str) -> None:
         self._indexes.pop(request_id, None)

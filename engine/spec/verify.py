@@ -12,7 +12,8 @@ sampling: d is accepted with probability P(argmax(p / E) = d) = p(d) = min(1, p(
 the token is the race's winner among the others, distributed as p with d removed, renormalized: the residual
 max(p - q, 0) normalized. Every committed token is the one plain decoding would have drawn with the same
 noise, so a seeded request's output is the same with and without speculation (given equal logits).
-A draft model (q not a point mass) needs the general rule; not built yet.
+The draft-model proposer (draft.py) proposes its greedy tokens, point masses too; a sampled draft (q not a
+point mass) would need the general rule, not built.
 """
 
 from __future__ import annotations

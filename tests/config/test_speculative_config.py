@@ -17,10 +17,12 @@ def test_ngram_resolves_and_none_is_off():
     assert not resolve_speculative(EngineConfig.create()).enabled
     assert not resolve_speculative(EngineConfig.create(speculative_method="ngram",
                                                        speculative_disable_batch_size=0)).enabled
+    draft = EngineConfig.create(speculative_method="draft", speculative_model="small", num_speculative_tokens=4)
+    assert resolve_speculative(draft) == SpeculativeSettings("draft", 4, 1, 4, 8, "small")
 
 
 @pytest.mark.parametrize("fields, words", [
-    (dict(speculative_method="draft", speculative_model="x"), "not built yet"),
+    (dict(speculative_method="draft"), "needs speculative_model"),
     (dict(speculative_method="ngram", prompt_lookup_min=5, prompt_lookup_max=2), "prompt_lookup_min=5"),
     (dict(speculative_method="ngram", speculative_model="x"), "speculative_model"),
     (dict(speculative_method="ngram", tp_size=2), "tp_size=2"),

@@ -254,3 +254,25 @@ def test_verification_graphs_on_gpu_equal_eager(tiny_model_dir, compile_layers):
     assert completions(generate(llm, prompts, params)) == completions(reference)
     assert_accepted(llm)
     assert replayed
+
+
+def test_draft_model_proposals_keep_the_output(tiny_model_dir, plain, tmp_path):
+    """speculative_method="draft": the model as its own draft proposes what it then generates (the greedy requests
+    accept every proposal, the sampled one those its draws agree with), another random model of the same
+    vocabulary few; either way the output is plain's, greedy and seeded sampling alike, and the draft cache gives
+    back every block."""
+    from tiny_models import build_tiny_model
+
+    params = [GREEDY, GREEDY, SamplingParams(temperature=0.8, top_k=5, seed=3, max_tokens=30, ignore_eos=True)]
+    prompts = [REPEATING[0], [7, 3, 99, 12, 5], REPEATING[1]]
+    reference = completions(generate(plain, prompts, params))
+    other = build_tiny_model("llama", tmp_path / "other-draft", seed=1, num_hidden_layers=2)
+    for draft_dir, min_acceptance in ((tiny_model_dir("llama"), 0.5), (other, 0.0)):
+        llm = make_llm(tiny_model_dir("llama"), speculative_method="draft", speculative_model=str(draft_dir),
+                       num_speculative_tokens=3)
+        assert completions(generate(llm, prompts, params)) == reference
+        counts = llm.engine.get_stats().spec_decode
+        assert counts.num_drafts > 0 and counts.acceptance_rate >= min_acceptance, counts
+        draft_cache = llm.engine._proposer.kv_cache
+        draft_cache.check_invariants()
+        assert draft_cache.num_free_blocks == draft_cache.num_total_blocks
