@@ -41,7 +41,47 @@ class RouterSettings(BaseModel):
         "its total blocks of the best replica's headroom.",
     )
     initial_backoff_s: float = Field(0.02, gt=0.0, description="First retry delay while no replica has room.")
+    max_routing_per_key: int = Field(
+        4, ge=1, description="With api_keys: requests of one key that an ingress replica hands the router at once "
+        "(sent, not yet accepted by a replica); the key's others wait in the ingress, in order, and count toward "
+        "max_queued_requests and queue_timeout_s. A key that floods the service then waits behind itself: another "
+        "key's request waits behind at most this many of it (serve_app/fair_queue.py). Lower is fairer when "
+        "saturated; higher admits one key's bursts faster.",
+    )
     max_backoff_s: float = Field(0.2, gt=0.0, description="Longest retry delay while no replica has room.")
+
+
+class ApiKeySettings(BaseModel):
+    """One API key (a tenant): its `name` labels metrics and logs (the key never does) and its limits apply to
+    every request that sends it. Give the key itself through `key_env` (an environment variable read where
+    `serve run` starts) or, for tests, `key`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Label of the key's metrics and logs.")
+    key: SecretStr | None = Field(None, description="The bearer token itself (prefer key_env).")
+    key_env: str | None = Field(None, description="Environment variable that holds the bearer token.")
+    requests_per_s: float | None = Field(
+        None, gt=0.0, description="Requests a second (token bucket; bursts up to one second's worth); None: no limit.")
+    tokens_per_min: float | None = Field(
+        None, gt=0.0, description="Prompt + generated tokens a minute (token bucket; bursts up to one minute's "
+        "worth; prompt tokens are taken on admission, generated ones when the request ends); None: no limit.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ApiKeySettings":
+        if (self.key is None) == (self.key_env is None):
+            raise ValueError(f"API key {self.name!r}: give exactly one of key and key_env")
+        return self
+
+    def resolved(self) -> "ApiKeySettings":
+        """With `key` read from `key_env` (here, where `serve run` started: replicas may not have it)."""
+        if self.key is not None:
+            return self
+        value = os.environ.get(self.key_env or "")
+        if not value:
+            raise ConfigError(f"ServeArgs.api_keys: the key of {self.name!r} comes from ${self.key_env}, which is "
+                              "not set")
+        return self.model_copy(update={"key": SecretStr(value), "key_env": None})
 
 
 class AutoscalingSettings(BaseModel):
@@ -102,7 +142,11 @@ class ServeArgs(BaseModel):
         "(e.g. different num_blocks per replica).",
     )
     router: RouterSettings = Field(default_factory=RouterSettings)
-    api_key: SecretStr | None = Field(None, description=f"Bearer token; default from ${API_KEY_ENV}.")
+    api_key: SecretStr | None = Field(None, description=f"Bearer token; default from ${API_KEY_ENV}. With api_keys "
+                                      "too, it is one more key, named `default`, without limits.")
+    api_keys: list[ApiKeySettings] = Field(
+        default_factory=list, description="Several API keys, each with a name and its own limits "
+        "(requests_per_s, tokens_per_min); requests are admitted fairly across them (router.max_routing_per_key).")
     tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
         "auto", description="How `tool_choice: auto` completions are read for tool calls; auto: the format the "
         "model's chat template shows (serve_app/tool_calls.py).")
@@ -174,6 +218,28 @@ class ServeArgs(BaseModel):
         return self.engine_config_for_rank_overrides(
             self.engine_overrides_by_rank[rank % len(self.engine_overrides_by_rank)]
         )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _unique_key_names(cls, value: list[ApiKeySettings]) -> list[ApiKeySettings]:
+        names = [key.name for key in value]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"API key names must be unique; repeated: {repeated}")
+        return value
+
+    def resolved_api_keys(self) -> list[ApiKeySettings]:
+        """Every key with its value: `api_keys` (from their env vars) and `api_key` / ${API_KEY_ENV} as `default`."""
+        keys = [key.resolved() for key in self.api_keys]
+        single = self.resolved_api_key()
+        if single is not None:
+            if any(key.name == "default" for key in keys):
+                raise ConfigError("ServeArgs.api_keys: the name 'default' is taken by api_key")
+            keys.append(ApiKeySettings(name="default", key=SecretStr(single)))
+        values = [key.key.get_secret_value() for key in keys if key.key is not None]
+        if len(set(values)) != len(values):
+            raise ConfigError("ServeArgs.api_keys: two keys have the same value")
+        return keys
 
     def resolved_api_key(self) -> str | None:
         if self.api_key is not None and self.api_key.get_secret_value():

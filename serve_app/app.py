@@ -133,6 +133,8 @@ def build_app(args: dict[str, Any] | ServeArgs | None = None) -> Application:
     if serve_args.api_key is None and serve_args.resolved_api_key() is not None:
         # Read $PAGEDSERVE_API_KEY where `serve run` was started: worker processes may not inherit it.
         serve_args = serve_args.model_copy(update={"api_key": SecretStr(serve_args.resolved_api_key())})
+    if any(key.key_env is not None for key in serve_args.api_keys):  # the same for each key's variable
+        serve_args = serve_args.model_copy(update={"api_keys": [key.resolved() for key in serve_args.api_keys]})
     if serve_args.use_gpu is None:  # ask the cluster once: both deployments' options follow the answer
         serve_args = serve_args.model_copy(update={"use_gpu": _cluster_has_gpus()})
     replica = serve.deployment(EngineReplica).options(**replica_options(serve_args))

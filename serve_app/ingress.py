@@ -5,15 +5,16 @@ tokenizer fetched once from a replica (for the context check and the router's bl
 `GenerateRequest`s to the replicas (`replica_calls`: routed by `FreeBlocksRequestRouter`; when a replica
 is lost, sent again, or continued elsewhere from the tokens already received), and formats their deltas,
 which arrive for all its requests on a replica through one stream channel (`stream_channel`);
-errors become OpenAI bodies (`api_errors`). Streaming sends each delta once, so a token costs the same at
-any length. Leaving a stream early (client gone) cancels the replica call, which aborts the engine request.
+errors become OpenAI bodies (`api_errors`). Callers are API keys (`tenants`): each key's limits answer 429
+with Retry-After, its requests and tokens are counted under its name, and with several keys the requests
+waiting for a replica are taken fairly across keys (`fair_queue`). Streaming sends each delta once, so a token
+costs the same at any length. Leaving a stream early (client gone) cancels the replica call, which aborts the engine request.
 """
 
 
 import asyncio
 import contextlib
 import functools
-import hmac
 import json
 import logging
 import time
@@ -34,10 +35,12 @@ from pagedserve.engine.core.request import CompletionOutput, RequestOutput, Samp
 
 from pagedserve.serve_app import openai_protocol as oai
 from pagedserve.serve_app.api_errors import APIError, as_api_error, bad_request, routing_error
+from pagedserve.serve_app.fair_queue import FairAdmission, FairQueue
 from pagedserve.serve_app.metrics import IngressMetrics
 from pagedserve.serve_app.messages import GenerateRequest, ModelInfo, ReplicaError
 from pagedserve.serve_app.replica_calls import ReplicaCalls
 from pagedserve.serve_app.stream_channel import ChannelHub
+from pagedserve.serve_app.tenants import KeyLimits, NotAuthenticatedError, RateLimitedError, Tenant, Tenants
 from pagedserve.serve_app.tool_calls import ToolPlan, parser_for_template
 from pagedserve.serve_app.tool_stream import ToolCallStream, tool_call_models
 
@@ -57,7 +60,8 @@ async def _api_error_handler(_: Request, exc: APIError) -> JSONResponse:
 def _counts_rejections(
     route: Callable[[Any, Request], Awaitable[Response]],
 ) -> Callable[[Any, Request], Awaitable[Response]]:
-    """Count a route's refusals (`APIError` before any token) in `pagedserve_rejected_requests`."""
+    """Count a route's refusals (`APIError` before any token) in `pagedserve_rejected_requests`, and per API key
+(once the key is known) in `pagedserve_api_key_rejected_requests`."""
 
     @functools.wraps(route)
     async def counted(self: Any, request: Request) -> Response:
@@ -65,6 +69,9 @@ def _counts_rejections(
             return await route(self, request)
         except APIError as exc:
             self.metrics.rejected(exc.status_code)
+            api_key_name = getattr(request.state, "api_key_name", None)
+            if api_key_name is not None:
+                self.metrics.key_rejected(api_key_name, getattr(exc, "limit", None) or str(exc.status_code))
             raise
 
     return counted
@@ -86,6 +93,20 @@ class EventStreamResponse(StreamingResponse):
             logger.debug("receive ended with %s: the client went away", type(exc).__name__)
 
 
+class KeyLimitError(APIError):
+    """429 from the API key's own limits (`limit`: requests_per_s or tokens_per_min)."""
+
+    def __init__(self, error: RateLimitedError) -> None:
+        super().__init__(429, error.message, "rate_limit_exceeded", headers={"Retry-After": str(error.retry_after_s)})
+        self.limit = error.limit
+
+
+def _tenants(serve_args: ServeArgs) -> Tenants:
+    keys = serve_args.resolved_api_keys()
+    return Tenants([(key.name, key.key.get_secret_value(), KeyLimits(key.requests_per_s, key.tokens_per_min))
+                    for key in keys if key.key is not None])
+
+
 def _retrieve(task: asyncio.Task) -> None:
     """Mark a task's outcome as seen (asyncio logs "exception was never retrieved" otherwise)."""
     if not task.cancelled():
@@ -101,7 +122,7 @@ class OpenAIIngress:
     def __init__(self, replica: DeploymentHandle, serve_args: ServeArgs) -> None:
         self.replica = replica
         self.args = serve_args
-        self._api_key = serve_args.resolved_api_key()
+        self.tenants = _tenants(serve_args)
         self._info: ModelInfo | None = None
         # LoRA adapters this ingress serves by name -> where a replica without one loads it (None: every
         # replica has it from start-up). Run-time loads and unloads reach only the ingress replica they hit.
@@ -111,10 +132,15 @@ class OpenAIIngress:
         self.metrics = IngressMetrics(
             model_name=serve_args.served_model_name,
             replica=context.replica_tag if context is not None else "local",
+            api_key_names=self.tenants.names,
         )
         self.channels = ChannelHub(replica, ingress_id=context.replica_id.unique_id if context is not None else None,
                                    on_message=self.metrics.channel_message)
-        self.calls = ReplicaCalls(self.channels, on_resend=self.metrics.resent)
+        router = serve_args.router
+        # With several keys, requests reach the router fairly across them; with one there is no one to be fair to.
+        requests = self.channels if len(self.tenants.names) < 2 else FairAdmission(self.channels, FairQueue(
+            router.max_routing_per_key, router.max_queued_requests, router.queue_timeout_s, router.retry_after_s))
+        self.calls = ReplicaCalls(requests, on_resend=self.metrics.resent)
         self._num_open_streams = 0  # HTTP streams of this ingress now (pacing, see ServeArgs.max_stream_events_per_s)
         # The tokenizer now rather than with the first request: unpickling it imports transformers and torch
         # (seconds), which on a first burst stalled this replica's event loop and every request it held.
@@ -148,14 +174,40 @@ class OpenAIIngress:
     async def served_model_name(self) -> str:
         return self.args.served_model_name or (await self.model_info()).model_name
 
-    def authorize(self, request: Request) -> None:
-        """401 unless the bearer token matches; compared in constant time and never logged."""
-        if self._api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._api_key.encode()):
-            raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)", "authentication_error")
+    def authorize(self, request: Request) -> Tenant:
+        """The caller's API key (`anonymous` when none is configured); 401 unless the bearer token is one of
+        them. Keys are compared in constant time and never logged; the key's name labels what follows."""
+        try:
+            tenant = self.tenants.identify(request.headers.get("authorization", ""))
+        except NotAuthenticatedError as exc:
+            raise APIError(401, str(exc), "authentication_error") from None
+        request.state.api_key_name = tenant.name
+        return tenant
+
+    def admit(self, tenant: Tenant, body: Any, requests: list[GenerateRequest]) -> None:
+        """The key's token limit on the prompts (its request limit was taken on arrival), and vLLM's rule that a
+        priority needs the priority scheduling policy; then the key's counts."""
+        if body.priority != 0 and self.args.engine.scheduling_policy != "priority":
+            raise bad_request(f"priority {body.priority} needs scheduling_policy 'priority' (this server's is "
+                              f"'{self.args.engine.scheduling_policy}')", "priority")
+        num_prompt_tokens = sum(r.num_prompt_tokens for r in requests)
+        try:
+            tenant.admit_tokens(num_prompt_tokens)
+        except RateLimitedError as exc:
+            raise KeyLimitError(exc) from None
+        except ValueError as exc:  # no wait would let it in: 429 without Retry-After
+            raise APIError(429, str(exc), "rate_limit_exceeded", "prompt") from None
+        self.metrics.key_admitted(tenant.name, num_prompt_tokens)
+
+    def admit_request(self, tenant: Tenant) -> None:
+        try:
+            tenant.admit_request()
+        except RateLimitedError as exc:
+            raise KeyLimitError(exc) from None
+
+    def charge(self, tenant: Tenant, num_completion_tokens: int) -> None:
+        tenant.charge_output(num_completion_tokens)
+        self.metrics.key_generated(tenant.name, num_completion_tokens)
 
     async def parse_body(self, request: Request, model_cls: type[BaseModel]) -> Any:
         limit = self.args.max_request_body_bytes
@@ -220,7 +272,8 @@ class OpenAIIngress:
 
     def make_request(
         self, info: ModelInfo, request_id: str, prompt: str | list[int], token_ids: list[int],
-        sampling_params: SamplingParams, stream: bool = True, lora_name: str | None = None,
+        sampling_params: SamplingParams, stream: bool = True, priority: int = 0, api_key_name: str = "",
+        lora_name: str | None = None,
     ) -> GenerateRequest:
         # Salted by the adapter, as the engine's prefix cache keys its blocks (cache/prefix_cache.py).
         prefix_key = first_block_key(token_ids, info.block_size, salt=lora_name)
@@ -228,7 +281,7 @@ class OpenAIIngress:
             request_id=request_id, prompt=prompt, sampling_params=sampling_params,
             num_prompt_tokens=len(token_ids), prefix_key=prefix_key,
             max_new_tokens=sampling_params.n * (sampling_params.max_tokens or 0), stream=stream,
-            prompt_token_ids=token_ids,
+            prompt_token_ids=token_ids, priority=priority, api_key_name=api_key_name,
             lora_name=lora_name, lora_path=self._loras.get(lora_name) if lora_name is not None else None,
         )
 
@@ -409,7 +462,8 @@ class OpenAIIngress:
     @fastapi_app.post("/v1/completions")
     @_counts_rejections
     async def completions(self, request: Request) -> Response:
-        self.authorize(request)
+        tenant = self.authorize(request)
+        self.admit_request(tenant)
         body: oai.CompletionRequest = await self.parse_body(request, oai.CompletionRequest)
         model = await self.check_model(body.model)
         info = await self.model_info()
@@ -423,15 +477,18 @@ class OpenAIIngress:
             max_tokens = self.check_length(info, len(token_ids), body.max_tokens)
             params = self.sampling_params(body, max_tokens)
             requests.append(self.make_request(info, f"{request_id}-{i}", prompt, token_ids, params,
-                                              stream=bool(body.stream), lora_name=self.lora_for(model)))
+                                              stream=bool(body.stream), priority=body.priority,
+                                              api_key_name=tenant.name, lora_name=self.lora_for(model)))
+        self.admit(tenant, body, requests)
         if body.stream:
-            return await self.stream_response(info, model, request_id, requests, body, chat=False)
-        return await self.full_response(info, model, request_id, requests, body, chat=False)
+            return await self.stream_response(info, model, request_id, requests, body, chat=False, tenant=tenant)
+        return await self.full_response(info, model, request_id, requests, body, chat=False, tenant=tenant)
 
     @fastapi_app.post("/v1/chat/completions")
     @_counts_rejections
     async def chat_completions(self, request: Request) -> Response:
-        self.authorize(request)
+        tenant = self.authorize(request)
+        self.admit_request(tenant)
         body: oai.ChatCompletionRequest = await self.parse_body(request, oai.ChatCompletionRequest)
         model = await self.check_model(body.model)
         info = await self.model_info()
@@ -447,16 +504,20 @@ class OpenAIIngress:
             raise
         params = self.sampling_params(body, max_tokens, plan.constraint)
         requests = [self.make_request(info, f"{request_id}-0", token_ids, token_ids, params,
-                                      stream=bool(body.stream), lora_name=self.lora_for(model))]
+                                      stream=bool(body.stream), priority=body.priority, api_key_name=tenant.name,
+                                      lora_name=self.lora_for(model))]
+        self.admit(tenant, body, requests)
         if body.stream:
-            return await self.stream_response(info, model, request_id, requests, body, chat=True, plan=plan)
-        return await self.full_response(info, model, request_id, requests, body, chat=True, plan=plan)
+            return await self.stream_response(info, model, request_id, requests, body, chat=True, plan=plan,
+                                              tenant=tenant)
+        return await self.full_response(info, model, request_id, requests, body, chat=True, plan=plan,
+                                        tenant=tenant)
 
     # Responses ---------------------------------------------------------------------------------------
 
     async def full_response(
         self, info: ModelInfo, model: str, request_id: str, requests: list[GenerateRequest], body: Any, chat: bool,
-        plan: ToolPlan | None = None,
+        plan: ToolPlan | None = None, tenant: Tenant | None = None,
     ) -> Response:
         tasks = [asyncio.ensure_future(self.calls.collect(r)) for r in requests]
         try:
@@ -486,6 +547,8 @@ class OpenAIIngress:
         usage = oai.UsageInfo(prompt_tokens=num_prompt_tokens,
                               completion_tokens=sum(len(c.token_ids) for c in choices.values()))
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        if tenant is not None:
+            self.charge(tenant, usage.completion_tokens)
         ordered = [(index, choices[index]) for index in sorted(choices)]
         if chat:
             chat_choices = []
@@ -518,7 +581,7 @@ class OpenAIIngress:
 
     async def stream_response(
         self, info: ModelInfo, model: str, request_id: str, requests: list[GenerateRequest], body: Any, chat: bool,
-        plan: ToolPlan | None = None,
+        plan: ToolPlan | None = None, tenant: Tenant | None = None,
     ) -> Response:
         streams = await self.calls.open_streams(requests)
         tool_streams: dict[int, ToolCallStream] = {}
@@ -602,6 +665,8 @@ class OpenAIIngress:
             finally:
                 # Runs on normal end and when the client disconnects (the generator is closed/cancelled).
                 self._num_open_streams -= 1
+                if tenant is not None:
+                    self.charge(tenant, num_completion_tokens)
                 self.calls.cancel(streams)
                 if not is_complete:
                     self.client_left(request_id, f"after {num_completion_tokens} tokens of its stream")

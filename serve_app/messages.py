@@ -74,6 +74,10 @@ class GenerateRequest:
     continuation: Continuation | None = None
     # The ingress replica whose stream channel carries this request's deltas (serve_app/stream_channel.py).
     reply_to: str = ""
+    # vLLM's request priority (lower served earlier; the engine's `priority` scheduling policy reads it).
+    priority: int = 0
+    # The name of the API key that sent it (serve_app/tenants.py; never the key itself): the ingress's fair queue.
+    api_key_name: str = ""
     # The LoRA adapter to run under (None: the base model), and where to load it from on a replica that does
     # not hold it yet (None: every replica has it from start-up).
     lora_name: str | None = None

@@ -30,6 +30,8 @@ REPLICA_TAGS = ("model", "model_name", "replica")
 FINISH_REASONS = ("stop", "length", "abort", "error")
 REJECTION_STATUSES = (400, 401, 404, 413, 429, 503)
 ROUTER_REFUSALS = ("queue_full", "queue_timeout", "too_large")
+# Why a key's request was refused: its own limits (429), or the HTTP status of any other refusal.
+API_KEY_LIMITS = ("requests_per_s", "tokens_per_min")
 
 # name -> (kind, description, extra tag keys); the recorded (Ray) name, without `ray_` or `_total`.
 REPLICA_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -103,6 +105,15 @@ INGRESS_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "counter", "Messages received on the stream channels from the engine replicas (each carries every "
         "delta a replica produced for this ingress's requests since the previous one).", ()),
     "pagedserve_stream_channel_deltas": ("counter", "Request deltas received on the stream channels.", ()),
+    # Per API key, by its configured name (never the key): serve_app/tenants.py.
+    "pagedserve_api_key_requests": (
+        "counter", "Requests of an API key admitted past its limits (sent to the engine replicas).", ("api_key_name",)),
+    "pagedserve_api_key_tokens": (
+        "counter", "Tokens of an API key's requests, by kind (prompt, completion).", ("api_key_name", "kind")),
+    "pagedserve_api_key_rejected_requests": (
+        "counter", "Requests of an API key refused before generating: by its own limits (reason requests_per_s or "
+        "tokens_per_min, 429 with Retry-After) or else by HTTP status (400, 404, 413, 429, 503, ...).",
+        ("api_key_name", "reason")),
 }
 
 ROUTER_TAGS = ("deployment",)

@@ -19,6 +19,7 @@ from typing import Any
 from pagedserve.engine.core.request import RequestOutput
 from pagedserve.engine.core.stats import EngineStats, StepStats
 from pagedserve.serve_app.metric_names import (
+    API_KEY_LIMITS,
     FINISH_REASONS,
     INGRESS_METRICS,
     INGRESS_TAGS,
@@ -337,10 +338,11 @@ class IngressMetrics:
     the model's name (a 401 on the very first request) it is the configured name or "default".
     """
 
-    def __init__(self, model_name: str | None, replica: str) -> None:
+    def __init__(self, model_name: str | None, replica: str, api_key_names: Iterable[str] = ()) -> None:
         self._tags = {"model": "default", "replica": replica}
         self._metrics = _make_metrics(INGRESS_METRICS, INGRESS_TAGS)
         self._is_named = False
+        self._api_key_names = list(api_key_names)
         if model_name is not None:
             self.set_model_name(model_name)
 
@@ -354,6 +356,12 @@ class IngressMetrics:
             for name in ("pagedserve_resent_requests", "pagedserve_client_disconnects",
                          "pagedserve_stream_channel_messages", "pagedserve_stream_channel_deltas"):
                 _start_counters_at_zero(self._metrics[name], [self._tags])
+            keys = [{**self._tags, "api_key_name": key} for key in self._api_key_names]
+            _start_counters_at_zero(self._metrics["pagedserve_api_key_requests"], keys)
+            _start_counters_at_zero(self._metrics["pagedserve_api_key_tokens"],
+                                    [{**tags, "kind": kind} for tags in keys for kind in ("prompt", "completion")])
+            _start_counters_at_zero(self._metrics["pagedserve_api_key_rejected_requests"],
+                                    [{**tags, "reason": reason} for tags in keys for reason in API_KEY_LIMITS])
 
     def rejected(self, status_code: int) -> None:
         self._metrics["pagedserve_rejected_requests"].inc(1, tags={**self._tags, "reason": str(status_code)})
@@ -363,6 +371,22 @@ class IngressMetrics:
 
     def client_left(self) -> None:
         self._metrics["pagedserve_client_disconnects"].inc(1, tags=self._tags)
+
+    def key_admitted(self, api_key_name: str, num_prompt_tokens: int) -> None:
+        tags = {**self._tags, "api_key_name": api_key_name}
+        self._metrics["pagedserve_api_key_requests"].inc(1, tags=tags)
+        if num_prompt_tokens > 0:
+            self._metrics["pagedserve_api_key_tokens"].inc(num_prompt_tokens, tags={**tags, "kind": "prompt"})
+
+    def key_generated(self, api_key_name: str, num_tokens: int) -> None:
+        if num_tokens > 0:
+            self._metrics["pagedserve_api_key_tokens"].inc(
+                num_tokens, tags={**self._tags, "api_key_name": api_key_name, "kind": "completion"})
+
+    def key_rejected(self, api_key_name: str, reason: str) -> None:
+        """`reason`: the limit that refused it (API_KEY_LIMITS) or the HTTP status of another refusal."""
+        self._metrics["pagedserve_api_key_rejected_requests"].inc(
+            1, tags={**self._tags, "api_key_name": api_key_name, "reason": reason})
 
     def channel_message(self, num_deltas: int) -> None:
         self._metrics["pagedserve_stream_channel_messages"].inc(1, tags=self._tags)

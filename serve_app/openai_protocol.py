@@ -146,6 +146,7 @@ class _SamplingFields(BaseModel):
     structured_outputs: StructuredOutputsField | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    priority: int = Field(0, ge=-(2**63), le=2**63 - 1)  # lower served earlier; needs scheduling_policy priority
 
     @field_validator("logit_bias")
     @classmethod

@@ -158,7 +158,7 @@ class EngineReplica:
             await self._hold_lora(request.lora_name, request.lora_path)
             lora = {"lora": request.lora_name}
         stream = self.engine.generate(prompt, request.sampling_params, request.request_id,
-                                      continuation=request.continuation, **lora)
+                                      continuation=request.continuation, priority=request.priority, **lora)
         async with contextlib.aclosing(stream):
             async for output in stream:
                 yield output

@@ -130,7 +130,7 @@ class FakeAsyncEngine:
 
     async def generate(
         self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str,
-        continuation: Continuation | None = None,
+        continuation: Continuation | None = None, priority: int = 0,  # no scheduler here: priority is not used
     ) -> AsyncIterator[RequestOutput]:
         if self._dead_reason is not None:
             raise EngineDeadError(self._dead_reason)

@@ -1,0 +1,154 @@
+"""Fair admission across API keys, in front of the router: what one ingress replica hands to Ray Serve's router.
+
+Ray Serve's router takes the requests of a handle in arrival order (a FIFO line), and while no replica has
+room they wait in that line (serve_app/router.py). A key that floods the service would fill the line, and
+every other key's request would wait behind all of it. So the ingress hands the router at most
+`max_routing_per_key` requests of each key at once (sent, not yet accepted by a replica); the others wait
+here, each key's in arrival order, and the next of a key goes when one of its own is accepted. The router's
+line then holds at most that many of any key: a newcomer waits behind at most `max_routing_per_key` requests
+of each other key, whatever they sent, and keys take turns as their requests are placed (round-robin; with
+one request each, exactly). Below saturation requests are accepted within milliseconds and nothing waits.
+
+The waiting here counts as the router's queue: at most `max_queued_requests` wait in all, each at most
+`queue_timeout_s`; past either, `ServiceOverloadedError` (429 with Retry-After), as the router refuses.
+
+`FairAdmission` wraps the ingress's `ChannelHub` (serve_app/stream_channel.py) with a `FairQueue`: its calls
+enter the queue on their first read, and leave it once accepted by a replica, or on failure or cancellation.
+Plain asyncio; no Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+from pagedserve.serve_app.errors import ServiceOverloadedError
+from pagedserve.serve_app.messages import GenerateRequest
+
+
+class FairQueue:
+    """Per-key bound on requests with the router, and the per-key FIFO lines of those waiting for it."""
+
+    def __init__(self, max_routing_per_key: int, max_waiting: int, timeout_s: float, retry_after_s: int) -> None:
+        if max_routing_per_key < 1:
+            raise ValueError(f"max_routing_per_key must be >= 1, got {max_routing_per_key}")
+        self.max_routing_per_key = max_routing_per_key
+        self.max_waiting = max_waiting
+        self.timeout_s = timeout_s
+        self.retry_after_s = retry_after_s
+        self._routing: dict[str, int] = {}
+        self._waiting: dict[str, deque[asyncio.Future]] = {}
+        self._num_waiting = 0
+
+    @property
+    def num_waiting(self) -> int:
+        return self._num_waiting
+
+    def num_routing(self, key: str) -> int:
+        return self._routing.get(key, 0)
+
+    async def enter(self, key: str) -> None:
+        """Return once a request of `key` may go to the router (then call `leave(key)` exactly once)."""
+        if self.num_routing(key) < self.max_routing_per_key and not self._waiting.get(key):
+            self._routing[key] = self.num_routing(key) + 1
+            return
+        if self._num_waiting >= self.max_waiting:
+            raise ServiceOverloadedError(
+                f"all replicas are busy and {self.max_waiting} requests are already waiting", self.retry_after_s)
+        granted = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, deque()).append(granted)
+        self._num_waiting += 1
+        try:
+            await asyncio.wait_for(asyncio.shield(granted), self.timeout_s)
+        except asyncio.TimeoutError:
+            if not self._forget(key, granted):  # granted just as the wait ran out: take it
+                return
+            raise ServiceOverloadedError(f"no replica had room within {self.timeout_s:g}s",
+                                         self.retry_after_s) from None
+        except asyncio.CancelledError:
+            if not self._forget(key, granted):
+                self.leave(key)  # granted, but its caller is gone: hand the place on
+            raise
+
+    def _forget(self, key: str, granted: asyncio.Future) -> bool:
+        """Take a waiter out of its line; False if it was granted meanwhile (it holds a place)."""
+        if granted.done():
+            return False
+        granted.cancel()
+        line = self._waiting.get(key)
+        if line is not None and granted in line:
+            line.remove(granted)
+            self._num_waiting -= 1
+            if not line:
+                del self._waiting[key]
+        return True
+
+    def leave(self, key: str) -> None:
+        """A request of `key` was accepted by a replica, failed or was cancelled: the next of `key` may go."""
+        self._routing[key] = self.num_routing(key) - 1
+        line = self._waiting.get(key)
+        while line and self._routing[key] < self.max_routing_per_key:
+            granted = line.popleft()
+            self._num_waiting -= 1
+            if not granted.done():
+                self._routing[key] += 1
+                granted.set_result(None)
+        if line is not None and not line:
+            del self._waiting[key]
+        if self._routing[key] == 0:
+            del self._routing[key]
+
+
+class _QueuedCall:
+    """One engine request behind the queue: an async iterator of its items with `cancel()`, as the hub's."""
+
+    def __init__(self, admission: "FairAdmission", request: GenerateRequest) -> None:
+        self._admission = admission
+        self._request = request
+        self._call: Any = None
+        self._holds_place = False
+        self._is_cancelled = False
+
+    def __aiter__(self) -> "_QueuedCall":
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._call is None:
+            if self._is_cancelled:
+                raise StopAsyncIteration
+            queue, key = self._admission.queue, self._request.api_key_name
+            await queue.enter(key)
+            self._holds_place = True
+            if self._is_cancelled:  # cancelled while it waited
+                self._release()
+                raise StopAsyncIteration
+            self._call = self._admission.requests.start(self._request)
+            self._call.on_accepted = self._release
+            try:
+                return await self._call.__anext__()
+            finally:
+                self._release()  # refused, failed or ended before acceptance: no-op once accepted
+        return await self._call.__anext__()
+
+    def _release(self) -> None:
+        if self._holds_place:
+            self._holds_place = False
+            self._admission.queue.leave(self._request.api_key_name)
+
+    def cancel(self) -> None:
+        self._is_cancelled = True
+        self._release()
+        if self._call is not None:
+            self._call.cancel()
+
+
+class FairAdmission:
+    """Starts engine requests through a `FairQueue` (an `EngineRequests` for serve_app/replica_calls.py)."""
+
+    def __init__(self, requests: Any, queue: FairQueue) -> None:
+        self.requests = requests  # the ChannelHub
+        self.queue = queue
+
+    def start(self, request: GenerateRequest) -> _QueuedCall:
+        return _QueuedCall(self, request)
