@@ -123,6 +123,9 @@ ROUTER_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "counter", "Requests the router refused: queue_full, queue_timeout (both 429) or too_large (400).",
         ("reason",)),
     "pagedserve_router_queue_length": ("gauge", "Requests waiting in the router for a replica with room.", ()),
+    "pagedserve_router_lora_affinity": (
+        "counter", "LoRA requests routed, by outcome: hit (the replica held the adapter) or miss (it loads it).",
+        ("outcome",)),
 }
 
 

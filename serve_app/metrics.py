@@ -401,6 +401,8 @@ class RouterMetrics:
         self._metrics = _make_metrics(ROUTER_METRICS, ROUTER_TAGS)
         _start_counters_at_zero(self._metrics["pagedserve_router_refused"],
                                 [{**self._tags, "reason": reason} for reason in ROUTER_REFUSALS])
+        _start_counters_at_zero(self._metrics["pagedserve_router_lora_affinity"],
+                                [{**self._tags, "outcome": outcome} for outcome in ("hit", "miss")])
         self.queue_length(0)
 
     def routed(self, replica: str) -> None:
@@ -408,6 +410,10 @@ class RouterMetrics:
 
     def refused(self, reason: str) -> None:
         self._metrics["pagedserve_router_refused"].inc(1, tags={**self._tags, "reason": reason})
+
+    def lora_routed(self, is_hit: bool) -> None:
+        outcome = "hit" if is_hit else "miss"
+        self._metrics["pagedserve_router_lora_affinity"].inc(1, tags={**self._tags, "outcome": outcome})
 
     def queue_length(self, num_waiting: int) -> None:
         self._metrics["pagedserve_router_queue_length"].set(num_waiting, tags=self._tags)

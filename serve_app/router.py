@@ -140,6 +140,11 @@ class FreeBlocksPolicy:
             return None
         return blocks_for(demand.num_tokens, report.block_size)
 
+    def holds_lora(self, replica: ReplicaKey, lora_name: str) -> bool:
+        """Whether the replica's latest report lists the adapter."""
+        report = self._reports.get(replica)
+        return report is not None and lora_name in report.lora_names
+
     def estimated_free_blocks(self, replica: ReplicaKey) -> int | None:
         """Reported free blocks minus what was sent since that report (never below zero).
 
@@ -378,6 +383,8 @@ class FreeBlocksRequestRouter(_ray_request_router_base()):  # type: ignore[misc]
         self._waiting_futures.pop(request_id, None)
         self.metrics.queue_length(self.admission.num_waiting)
         best = decision.replicas[0]
+        if demand is not None and demand.lora_name is not None:
+            self.metrics.lora_routed(self.policy.holds_lora(best, demand.lora_name))
         # Reserve before Ray's send: the next request routed in this loop must already see these blocks.
         self.policy.reserve(best, request_id, demand)
         return [[by_id[best]]] + ([[by_id[key] for key in decision.replicas[1:]]] if len(decision.replicas) > 1 else [])

@@ -140,6 +140,7 @@ def test_lora_requests_go_first_to_replicas_holding_the_adapter(clock: FakeClock
     # A replica without room is not chosen for holding the adapter; the base model ignores adapters.
     assert policy.decide(["a", "b"], RoutingDemand(16, 400, lora_name="sql")).replicas == ["a"]
     assert policy.decide(["a", "b"], RoutingDemand(16, 16)).replicas == ["a", "b"]
+    assert policy.holds_lora("b", "sql") and not policy.holds_lora("a", "sql")  # the hit/miss metric's test
 
 
 def test_unknown_replicas_are_tried_after_known_ones_with_room(clock: FakeClock) -> None:
