@@ -64,6 +64,9 @@ def _stream(base: str, model: str, prompt: str, max_tokens: int, seed: int) -> t
 def test_load_scales_one_to_three_and_back_while_every_stream_gets_its_whole_answer(service) -> None:
     base, model = service["base"], service["model"]
     assert _running_replicas() == 1
+    details = serve.context._get_global_client().get_serve_details()
+    policy = details["applications"][APP]["deployments"]["EngineReplica"]["deployment_config"]["autoscaling_config"]
+    assert policy["policy"]["policy_function"] == "pagedserve.serve_app.autoscaling:EngineLoadPolicy"
     results: list[tuple[int, int, int, str, list[str]]] = []  # (max_tokens, seed, status, text, errors)
     stop_load = threading.Event()
     peak = [1]
