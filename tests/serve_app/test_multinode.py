@@ -8,10 +8,12 @@ replica asks for) and no CPU, the head the only CPUs (the ingress asks for half 
 HeadOnly: every node has this machine's address, so proxies on every node would contend for one port.
 
 This module runs a cluster of its own, which cannot share a process with the session's cluster
-(tests/serve_app/conftest.py): a driver is connected to one cluster at a time, and
-`Cluster.connect` silently keeps the first. So it is marked `slow` (deselected by default; `make
-test-slow` runs it alone, about half a minute on two cores) and refuses to start where Ray is already
-initialized in this process.
+(tests/serve_app/conftest.py): a driver is connected to one cluster at a time, `Cluster.connect` calls
+`ray.init(ignore_reinit_error=True)` and so silently stays on the first, and `serve.start` on a cluster
+whose Serve already runs keeps that Serve's HTTP options. So it is marked `slow` (deselected by default;
+`make test-slow` runs it alone, about half a minute on two cores, 20 s of it starting the cluster and the
+application) and skips where Ray is already initialized in this process. Two clusters in two processes
+(`make test` and `make test-slow` at once) do not collide: each picks free ports.
 """
 
 from __future__ import annotations
