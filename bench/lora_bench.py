@@ -18,6 +18,8 @@ printed last; `--out` writes JSON.
     python bench/lora_bench.py --out lora.json                  # 8B shape, W1, 8 adapters of rank 16
     python bench/lora_bench.py --layers 4 --num-requests 64     # quick GPU smoke
     python bench/lora_bench.py --shape tiny                     # CPU check of the script itself
+    python bench/lora_bench.py --write-adapters /tmp/adapters --num-adapters 4   # only write them (no GPU),
+        # for the service run of docs/lora.md; prints the lora_modules mapping
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from common import BenchResult, RequestTiming, random_token_workload, summarize_
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def build_model(shape: str, num_layers: int, device: str):
+def build_model(shape: str, num_layers: int, device: str | torch.device):
     """(model, tokenizer): the 8B shape (gpu_bench's W1 model) or a tiny Llama for a CPU check."""
     from gpu_bench import w1_config_and_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -50,7 +52,7 @@ def build_model(shape: str, num_layers: int, device: str):
                              num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=2048, bos_token_id=128000, eos_token_id=128001)
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if str(device) in ("cuda", "meta") else torch.float32
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     model.eval().requires_grad_(False)
@@ -161,9 +163,16 @@ def main() -> int:
     parser.add_argument("--max-memory-percent", type=float, default=0.9)
     parser.add_argument("--skip-base", action="store_true", help="only the LoRA engine")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--write-adapters", type=Path, default=None, metavar="DIR",
+                        help="only write --num-adapters adapters of the shape into DIR (no weights built) and exit")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     num_layers = args.layers or (32 if args.shape == "8b" else 2)
+    if args.write_adapters is not None:  # the shapes are all it needs: a model on the meta device
+        model, _ = build_model(args.shape, num_layers, "meta")
+        paths = write_adapters(model, args.write_adapters, args.num_adapters, args.rank)
+        print(json.dumps({"lora_modules": paths}))
+        return 0
     model, tokenizer = build_model(args.shape, num_layers, device)
     vocab = model.config.vocab_size
     workload = random_token_workload(args.num_requests, args.min_prompt_len, args.max_prompt_len, args.max_new_tokens,

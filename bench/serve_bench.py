@@ -217,6 +217,13 @@ async def one_request(
     return result
 
 
+def request_model(args: argparse.Namespace, model: str, index: int) -> str:
+    """The model request `index` names: with `--lora-models`, adapter index mod N (requests split evenly over
+    LoRA adapters the service serves); else the served model."""
+    names = getattr(args, "lora_models", None)
+    return names[index % len(names)] if names else model
+
+
 def client_session(args: argparse.Namespace) -> aiohttp.ClientSession:
     """A session on `args.url`; call it inside the event loop that uses it."""
     # aiohttp, not httpx: at 512 requests in flight httpx's connection pool cost the client 3.9 s of CPU
@@ -240,13 +247,13 @@ async def send_on_schedule(
     started = time.perf_counter()
     tasks: list[asyncio.Task] = []
     max_lag_s = 0.0
-    for prompt, max_tokens, at_s in zip(workload.prompts, workload.max_tokens, arrivals_s):
+    for index, (prompt, max_tokens, at_s) in enumerate(zip(workload.prompts, workload.max_tokens, arrivals_s)):
         delay_s = started + at_s - time.perf_counter()
         if delay_s > 0:
             await asyncio.sleep(delay_s)
         max_lag_s = max(max_lag_s, time.perf_counter() - started - at_s)
-        tasks.append(asyncio.create_task(
-            one_request(session, model, prompt, max_tokens, args.temperature, stream=not args.no_stream)))
+        tasks.append(asyncio.create_task(one_request(session, request_model(args, model, index), prompt, max_tokens,
+                                                     args.temperature, stream=not args.no_stream)))
     results = await asyncio.gather(*tasks)
     return list(results), time.perf_counter() - started, max_lag_s
 
@@ -260,13 +267,13 @@ async def run_load(args: argparse.Namespace, model: str, workload: ServeWorkload
         results: list[RequestResult] = []
         started = time.perf_counter()
         deadline = started + args.duration_s
-        queue = list(zip(workload.prompts, workload.max_tokens))
+        queue = list(enumerate(zip(workload.prompts, workload.max_tokens)))
 
         async def worker() -> None:
             while queue and time.perf_counter() < deadline:
-                prompt, max_tokens = queue.pop(0)
-                results.append(await one_request(session, model, prompt, max_tokens, args.temperature,
-                                                 stream=not args.no_stream))
+                index, (prompt, max_tokens) = queue.pop(0)
+                results.append(await one_request(session, request_model(args, model, index), prompt, max_tokens,
+                                                 args.temperature, stream=not args.no_stream))
 
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         return results, time.perf_counter() - started
@@ -555,6 +562,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", default=None, help="model id; default: the first of /v1/models")
+    parser.add_argument("--lora-models", nargs="+", default=None, metavar="NAME",
+                        help="LoRA adapters the service serves: request i names adapter i mod N (docs/lora.md)")
     parser.add_argument("--api-key", default=os.environ.get("PAGEDSERVE_API_KEY"),
                         help="bearer token (default: $PAGEDSERVE_API_KEY, as the service reads it)")
     parser.add_argument("--num-requests", type=int, default=None,
