@@ -90,5 +90,28 @@ def test_reference_adds_each_slots_update_to_its_rows_only() -> None:
     assert not out[1].any()
 
 
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU and Triton")
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_grouped_kernels_on_gpu_at_the_8b_qkv_shape(dtype_name: str) -> None:
+    """Written for the GPU session, not yet run there: 300 rows over 8 slots and the base, Llama-3-8B's fused
+    q/k/v (4096 -> 4096 + 1024 + 1024), rank 16, against the reference in float32."""
+    from pagedserve.engine.kernels.lora import lora_add_triton
+
+    dtype, device = getattr(torch, dtype_name), torch.device("cuda")
+    generator = torch.Generator().manual_seed(0)
+    slice_sizes, in_features, rank, num_slots = [4096, 1024, 1024], 4096, 16, 8
+    slots = torch.randint(-1, num_slots, (300,), generator=generator, dtype=torch.int32)
+    x = torch.randn(300, in_features, generator=generator).to(device, dtype)
+    out = torch.randn(300, sum(slice_sizes), generator=generator).to(device, dtype)
+    lora_a = (torch.randn(num_slots, 3 * rank, in_features, generator=generator) / 64).to(device, dtype)
+    lora_b = (torch.randn(num_slots, sum(slice_sizes), rank, generator=generator) / 4).to(device, dtype)
+    expected = out.float()
+    lora_add_reference(x.float(), expected, lora_a.float(), lora_b.float(), slot_segments(slots.to(device)),
+                       slice_sizes, rank)
+    starts = torch.tensor([0, 4096, 5120, 6144], dtype=torch.int32, device=device)
+    lora_add_triton(x, out, lora_a, lora_b, LoraStepIndex.build(slots.to(device), num_slots), starts, 4096, rank)
+    torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=2e-2)
+
+
 if __name__ == "__main__" and WORKER_FLAG in sys.argv:
     _interpreter_worker()

@@ -181,3 +181,21 @@ def test_async_engine_loads_serves_and_unloads_adapters_at_run_time(lora_setup):
         assert engine.lora_names() == ["first"]
     finally:
         engine.shutdown()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_adapters_in_cuda_graphs_and_compiled_layers_match_eager_on_gpu(lora_setup):
+    """Written for the GPU session, not yet run there: the Triton kernels inside the decode CUDA graphs (slot ids
+    as a graph input) and torch.compile, against the same engine eager (float32: the kernels' dots in IEEE)."""
+    model_dir, adapters = lora_setup("llama")
+    names = [*ADAPTERS, None, "all-r4", None]
+    prompts = [[3 + (5 * i + 7 * j) % 250 for j in range(6 + 4 * i)] for i in range(len(names))]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    outputs = {}
+    for label, extra in (("eager", {"enable_cuda_graphs": False, "compile": False}), ("graphs", {})):
+        llm = LLM(str(model_dir), dtype="float32", block_size=16, lora_modules=adapters, max_loras=3, **extra)
+        assert (llm.engine.runner._decode_graphs is not None) == (label == "graphs")
+        outputs[label] = [o.outputs[0].token_ids for o in
+                          llm.generate(prompts, params, use_tqdm=False, lora=names)]
+        llm.engine.shutdown()
+    assert outputs["graphs"] == outputs["eager"]
