@@ -91,8 +91,9 @@ class Outbox:
         while not self._items:
             self._ready.clear()
             try:
-                await asyncio.wait_for(self._ready.wait(), timeout_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout_s):  # no task per wait, unlike wait_for: this runs every step
+                    await self._ready.wait()
+            except TimeoutError:
                 return []
         items, self._items = self._items, []
         self._ready.clear()
