@@ -44,6 +44,12 @@ clean:
 # Serve the OpenAI-compatible API (config/serve.yaml: the built-in demo model at http://127.0.0.1:8000).
 # Try it: curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
 #   -d '{"model": "pagedserve-demo", "prompt": "A function returns", "max_tokens": 32}'
+# `serve run` on a local Ray whose Prometheus endpoint (metrics export port) and dashboard are on these ports
+# (override: make serve PAGEDSERVE_METRICS_PORT=9100, or set them in the environment); it prints the OpenAI
+# base URL, the metrics URL and the dashboard URL once the application answers. Ctrl-C (or SIGTERM) stops it.
+PAGEDSERVE_METRICS_PORT ?= 8080
+PAGEDSERVE_DASHBOARD_PORT ?= 8265
 .PHONY: serve
 serve: install
-	$(BIN)/serve run config/serve.yaml
+	PAGEDSERVE_METRICS_PORT=$(PAGEDSERVE_METRICS_PORT) PAGEDSERVE_DASHBOARD_PORT=$(PAGEDSERVE_DASHBOARD_PORT) \
+	  exec $(BIN)/python -m pagedserve.serve_app.run_local config/serve.yaml

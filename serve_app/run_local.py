@@ -1,0 +1,103 @@
+"""`make serve`: `serve run <config>` on a local Ray whose ports are known, and the URLs printed once it answers.
+
+`serve run` alone starts a local Ray with its Prometheus endpoint (the metrics agent's export port) on a
+random port that nothing prints. This starts that Ray first, with the export port pinned
+($PAGEDSERVE_METRICS_PORT, default 8080, the port KubeRay pods use) and the dashboard on
+$PAGEDSERVE_DASHBOARD_PORT (default 8265, Ray's), then runs `serve run` in this process (it keeps a Ray it
+finds initialized), and once the application's /health answers prints the OpenAI base URL, the metrics URL
+and the dashboard URL. Ctrl-C or SIGTERM to this process stops Serve and the local Ray.
+
+    python -m pagedserve.serve_app.run_local config/serve.yaml [serve run options...]
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+METRICS_PORT_ENV = "PAGEDSERVE_METRICS_PORT"
+DASHBOARD_PORT_ENV = "PAGEDSERVE_DASHBOARD_PORT"
+DEFAULT_METRICS_PORT = 8080
+DEFAULT_DASHBOARD_PORT = 8265
+READY_TIMEOUT_S = 1800.0  # the first start builds the demo model (minutes on a small CPU)
+
+
+def port_from_env(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        sys.exit(f"${name}={value!r}: must be a port number, 1-65535")
+    return int(value)
+
+
+def http_address(config_path: Path) -> tuple[str, int, str]:
+    """(host, port, route prefix) the config serves at; Serve's defaults where it says nothing."""
+    import yaml
+
+    config: dict[str, Any] = yaml.safe_load(config_path.read_text()) or {}
+    http = config.get("http_options") or {}
+    host = http.get("host") or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    applications = config.get("applications") or [{}]
+    prefix = (applications[0].get("route_prefix") or "/").rstrip("/")
+    return host, int(http.get("port") or 8000), prefix
+
+
+def ready_message(base_url: str, metrics_url: str, dashboard_url: str) -> str:
+    return (
+        "\npagedserve is ready\n"
+        f"  OpenAI API  {base_url}/v1   (curl {base_url}/v1/models)\n"
+        f"  metrics     {metrics_url}   (Prometheus text: ray_pagedserve_*, ray_vllm_*, ray_serve_*;"
+        f" port from ${METRICS_PORT_ENV})\n"
+        f"  dashboard   {dashboard_url}   (Ray dashboard; port from ${DASHBOARD_PORT_ENV})\n"
+    )
+
+
+def announce_when_ready(health_url: str, message: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Poll /health until it answers 200, then print `message` (a daemon thread: it never holds the exit)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(health_url, timeout=5) as response:
+                if response.status == 200:
+                    print(message, flush=True)
+                    return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(1.0)
+    print(f"pagedserve: {health_url} did not answer within {timeout_s:g} s; see the log above", flush=True)
+
+
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    # `serve run` shuts Serve down on KeyboardInterrupt, and the local Ray goes with the process at exit.
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0].startswith("-"):
+        sys.exit(__doc__)
+    import ray
+    from ray.serve.scripts import cli
+
+    metrics_port = port_from_env(METRICS_PORT_ENV, DEFAULT_METRICS_PORT)
+    dashboard_port = port_from_env(DASHBOARD_PORT_ENV, DEFAULT_DASHBOARD_PORT)
+    host, port, prefix = http_address(Path(argv[0]))
+    ray.init(namespace="serve", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+             _metrics_export_port=metrics_port)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)  # after ray.init, which installs a handler of its own
+    base_url = f"http://{host}:{port}{prefix}"
+    message = ready_message(base_url, f"http://127.0.0.1:{metrics_port}/metrics", f"http://127.0.0.1:{dashboard_port}")
+    threading.Thread(target=announce_when_ready, args=(f"{base_url}/health", message), daemon=True).start()
+    cli.main(["run", *argv], prog_name="serve", standalone_mode=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
