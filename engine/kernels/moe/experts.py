@@ -24,10 +24,13 @@ kernel is chosen per call by `choose_kernel`, from the token count and the devic
 | CUDA, bf16, compute capability 9.0+, torch with `_grouped_mm` | >= `grouped_mm_min_tokens` (None: never) | `grouped_mm` |
 | CUDA otherwise | | `triton` (Triton grouped GEMM over block-padded expert runs) |
 
-The thresholds are the H200's (`bench/moe_bench.py`'s per-layer microbenchmark, Qwen3-30B-A3B layer, CUDA
-graphs): `rows` is fastest up to 8 tokens (159 us vs Triton's 183 at 8), the Triton grouped GEMM from 16
-tokens on, and it stays ahead of `grouped_mm` through 4,096 tokens (1,101 vs 1,506 us), so auto never
-picks `grouped_mm`; `MoeKernelPolicy(kernel=...)` forces one kernel (benchmarks, tests).
+The thresholds are the H200's (Qwen3-30B-A3B shape; docs/kernels.md has the figures): `rows` is fastest up
+to 8 tokens in the per-layer microbenchmark (159 us vs Triton's 183 at 8); the Triton grouped GEMM from there
+through decode batches of 512 (437 vs 567 us a layer at 512 tokens; W1-MoE's decode steps of 257-512
+sequences 27.9 ms against 34.0 on grouped_mm); `grouped_mm` for prompt steps from 1,024 tokens, where the
+engine measured it faster (W1-MoE's prompt steps 15.3 s against 16.9 on Triton) although the microbenchmark at
+4,096 tokens favours Triton (1,101 vs 1,506 us): the large-T Triton tiles are unmeasured first guesses.
+`MoeKernelPolicy(kernel=...)` forces one kernel (benchmarks, tests).
 """
 
 from __future__ import annotations
@@ -55,10 +58,10 @@ KernelName = Literal["auto", "reference", "rows", "triton", "grouped_mm"]
 KERNELS: tuple[str, ...] = ("reference", "rows", "triton", "grouped_mm")
 
 # Measured on an H200 (docs/kernels.md, docs/results/moe_h200_dab14b2.md): the per-pair kernel reads every
-# pair's expert weights once per pair, so it pays while few pairs share an expert (through 8 tokens); torch's
-# grouped_mm (CUTLASS) never beat the Triton grouped GEMM up to 4,096 tokens, so auto leaves it out.
+# pair's expert weights once per pair, so it pays while few pairs share an expert (through 8 tokens); the Triton
+# grouped GEMM wins decode batches; torch's grouped_mm (CUTLASS) won the engine's prompt steps.
 ROWS_MAX_TOKENS = 8
-GROUPED_MM_MIN_TOKENS: int | None = None
+GROUPED_MM_MIN_TOKENS: int | None = 1024
 
 
 @dataclass(frozen=True)

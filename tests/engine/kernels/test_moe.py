@@ -122,8 +122,9 @@ def test_kernel_rule() -> None:
     assert pick_kernel(256, True, True, auto) == "grouped_mm"
     assert pick_kernel(4096, True, False, auto) == "triton"  # fp16, or not Hopper
     assert pick_kernel(1, True, True, MoeKernelPolicy(kernel="grouped_mm")) == "grouped_mm"
-    default = MoeKernelPolicy()  # the H200's measurement: rows through 8 tokens, then Triton, never grouped_mm
-    assert [pick_kernel(t, True, True, default) for t in (8, 9, 8192)] == ["rows", "triton", "triton"]
+    default = MoeKernelPolicy()  # the H200's measurements: rows through 8 tokens, Triton for decode batches
+    assert [pick_kernel(t, True, True, default) for t in (8, 9, 512, 1024)] == ["rows", "triton", "triton", "grouped_mm"]
+    assert pick_kernel(1024, True, True, MoeKernelPolicy(grouped_mm_min_tokens=None)) == "triton"  # None: never
 
 
 def test_moe_backend_resolution() -> None:
