@@ -21,6 +21,8 @@ from fake_engine import health_check_gate  # noqa: E402
 from ray_harness import fake_engine_app, wait_for  # noqa: E402
 
 API_KEY = "test-key-123"
+# Two more keys (tenants), beside API_KEY (named `default`): one with a request limit, one without.
+LIMITED_KEY, OTHER_KEY = "limited-key-456", "other-key-789"
 MAX_MODEL_LEN = 2048
 BLOCK_SIZE = 16
 BIG_BLOCKS, SMALL_BLOCKS = 64, 8
@@ -35,7 +37,11 @@ def service(ray_cluster, tiny_model_path: str):
         "engine_overrides_by_rank": [{"num_blocks": BIG_BLOCKS}, {"num_blocks": SMALL_BLOCKS}],
         "router": {"max_queued_requests": 2, "queue_timeout_s": 3, "retry_after_s": 2, "stats_period_s": 0.5},
         "api_key": API_KEY, "max_request_body_bytes": 4096,
+        "api_keys": [{"name": "limited", "key": LIMITED_KEY, "requests_per_s": 0.5}, {"name": "other", "key": OTHER_KEY}],
     }
+    # With three keys the ingress's fair queue is on; its bound is set past what any test here sends at once, so
+    # the router's own queue (max_queued_requests 2) is what the 429 test below meets.
+    args["router"]["max_routing_per_key"] = 64
     # Serve checks replica health every second (not every 10 s), so a lost replica is replaced within seconds.
     with fake_engine_app(ray_cluster, "fake", args, health_check_period_s=1) as base:
         wait_for_both_reports(base, tiny_model_path)
@@ -98,6 +104,26 @@ def test_api_key_required(service) -> None:
         error = assert_error(response, 401)
         assert API_KEY not in error["message"]
     assert_error(httpx.get(f"{service['base']}/v1/models"), 401)
+
+
+def test_each_api_key_has_its_own_limit(service) -> None:
+    """A key over its requests_per_s gets 429s with Retry-After and an OpenAI body; another key is untouched."""
+    def send(key: str) -> httpx.Response:
+        return httpx.post(f"{service['base']}/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=30,
+                          json={"model": service["model"], "prompt": "Hello world", "max_tokens": 2})
+
+    started = time.monotonic()
+    limited = [send(LIMITED_KEY) for _ in range(5)]
+    other = [send(OTHER_KEY) for _ in range(5)]
+    assert [r.status_code for r in other] == [200] * 5
+    passed = [r for r in limited if r.status_code == 200]
+    refused = [r for r in limited if r.status_code == 429]
+    assert len(passed) + len(refused) == 5 and 1 <= len(passed) <= 1 + int((time.monotonic() - started) / 2)
+    for response in refused:
+        error = assert_error(response, 429)
+        assert error["type"] == "rate_limit_exceeded" and "'limited'" in error["message"]
+        assert response.headers["retry-after"] in ("1", "2")
+        assert LIMITED_KEY not in response.text
 
 
 def test_bad_bodies(service, client: httpx.Client) -> None:

@@ -291,7 +291,8 @@ def parse_scrape(text: str, application: str, model: str) -> dict[tuple[str, fro
         if labels.get("WorkerId") not in workers and labels.get("application") != application:
             continue
         keep = frozenset((k, v) for k, v in labels.items() if k in ("model", "replica", "finished_reason", "reason",
-                                                                    "le", "step_kind", "deployment"))
+                                                                    "le", "step_kind", "deployment", "api_key_name",
+                                                                    "kind"))
         key = (name, keep)
         series[key] = series.get(key, 0.0) + value
     return series
@@ -404,8 +405,15 @@ def test_metrics_move_with_load_and_a_real_prometheus_reads_them(service, tmp_pa
         after = wait_for(service, lambda s: total(s, "ray_vllm_num_requests_running", model="tiny") == 0
                          and total(s, "ray_vllm_kv_cache_usage_perc", model="tiny") == 0
                          and total(s, "ray_vllm_request_success_total", finished_reason="length") >= NUM_LONG
-                         and total(s, "ray_vllm_e2e_request_latency_seconds_count") >= NUM_LONG,
+                         and total(s, "ray_vllm_e2e_request_latency_seconds_count") >= NUM_LONG
+                         and total(s, "ray_pagedserve_api_key_tokens_total", api_key_name="default",
+                                   kind="completion") >= NUM_LONG * LONG_TOKENS,
                          60, "KV usage back to 0 and counters caught up")
+        # Per API key, under its name (`api_key` is the key named default): requests, tokens, the refused body.
+        assert total(after, "ray_pagedserve_api_key_requests_total", api_key_name="default") >= NUM_LONG + 1
+        assert total(after, "ray_pagedserve_api_key_tokens_total", api_key_name="default", kind="prompt") > 0
+        assert total(after, "ray_pagedserve_api_key_rejected_requests_total", api_key_name="default", reason="400") == 1
+        assert total(after, "ray_pagedserve_api_key_rejected_requests_total", reason="requests_per_s") == 0
         assert total(after, "ray_pagedserve_kv_cache_bytes_used", model="tiny") == 0
         assert total(after, "ray_pagedserve_kv_cache_free_blocks", model="tiny") == 96
         assert total(after, "ray_vllm_generation_tokens_total", model="tiny") >= NUM_LONG * LONG_TOKENS
