@@ -629,7 +629,6 @@ class LLMEngine:
         tables: list[list[list[int]]] = [[] for _ in range(self.kv_cache.num_groups)]
         # Sliding-window groups mark released blocks as None; full-attention tables hold ids only and go as is.
         has_released = self.kv_cache.has_sliding_groups
-        lora_names = [chunk.request.lora_name for chunk in output.chunks]
         for chunk in output.chunks:
             request = chunk.request
             start = chunk.num_computed_tokens
@@ -661,7 +660,7 @@ class LLMEngine:
                 tables[group].append([0 if block is None else block for block in table] if has_released else table)
         return StepInput(token_ids, positions, query_lens, seq_lens, tables, logits_indices, output.block_copies,
                          pending_indices, pending_sources,
-                         lora_names if any(name is not None for name in lora_names) else [])
+                         [chunk.request.lora_name for chunk in output.chunks] if output.lora_names else [])
 
     def _accept_token(
         self,

@@ -88,6 +88,7 @@ class SchedulerOutput:
     forks: dict[str, list[Request]] = field(default_factory=dict)
     preempted: list[Request] = field(default_factory=list)
     block_copies: list[BlockCopy] = field(default_factory=list)
+    lora_names: set[str] = field(default_factory=set)  # the LoRA adapters of this step's chunks
 
     @property
     def num_batched_tokens(self) -> int:
@@ -301,8 +302,7 @@ class Scheduler:
         name = request.lora_name
         if name is None or self.config.max_loras == 0:
             return True
-        names = {chunk.request.lora_name for chunk in output.chunks} - {None}
-        return name in names or len(names) < self.config.max_loras
+        return name in output.lora_names or len(output.lora_names) < self.config.max_loras
 
     def _add_chunk(self, output: SchedulerOutput, request: Request, num_computed: int, num_new: int,
                    drafts: list[int] | None = None) -> None:
@@ -311,6 +311,8 @@ class Scheduler:
                                samples=num_computed + num_new - len(drafts) == request.num_tokens,
                                draft_token_ids=drafts)
         output.chunks.append(chunk)
+        if request.lora_name is not None:
+            output.lora_names.add(request.lora_name)
         children = self._awaiting_fork.get(request.request_id)
         if children and chunk.samples and request.num_output_tokens == 0:
             del self._awaiting_fork[request.request_id]

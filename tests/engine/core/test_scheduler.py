@@ -257,3 +257,19 @@ def test_forked_children_are_decodes_from_the_next_step():
     assert chunks_of(out) == [("p", 6)] and out.forks["p"] == children
     scheduler.add_request(request("q", 30, first_token=60))
     assert chunks_of(run_step(scheduler)) == [("p", 1), ("p#1", 1), ("q", 8)]
+
+
+def test_a_step_runs_at_most_max_loras_adapters_and_the_queue_head_waits_for_room():
+    kv = KVCacheManager(4, [None], [64], enable_prefix_caching=True)
+    scheduler = Scheduler(SchedulerSettings(8, 64, 256, max_loras=2), kv)
+    names = ["x", "y", None, "z", "x"]
+    requests = [request(f"r{i}", 3) for i in range(len(names))]
+    for req, name in zip(requests, names):
+        req.lora_name = name
+        scheduler.add_request(req)
+    out = run_step(scheduler)
+    # x, y and the base run; z would be a third adapter, so it and everything behind it wait (FIFO).
+    assert [c.request.request_id for c in out.chunks] == ["r0", "r1", "r2"] and out.lora_names == {"x", "y"}
+    scheduler.finish_request(requests[1], FinishReason.STOP)
+    out = run_step(scheduler)
+    assert [c.request.request_id for c in out.chunks] == ["r0", "r2", "r3", "r4"] and out.lora_names == {"x", "z"}
