@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     constraint.add_argument("--grammar", default=None, help="hold the output to an EBNF grammar (xgrammar's syntax)")
     gen.add_argument("--logit-bias", action="append", default=None, metavar="TOKEN_ID=BIAS",
                      help="add BIAS (-100..100) to a token's logit (repeat for several)")
+    gen.add_argument("--lora", default=None, metavar="NAME",
+                     help="run the prompts under this LoRA adapter (one of --lora-modules; docs/lora.md)")
     gen.add_argument("--json", action="store_true", help="print one JSON object per output")
     gen.add_argument("--log-level", default="WARNING")
     add_engine_arguments(gen)
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             logit_bias=_logit_bias(args.logit_bias),
             structured_outputs=_constraint(args),
         )
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        outputs = llm.generate(prompts, params, use_tqdm=False, lora=args.lora)
     except InvalidRequestError as exc:
         print(f"error: {exc.param}: {exc.message}", file=sys.stderr)
         return 2
