@@ -388,7 +388,7 @@ class LLMEngine:
         return self.runner.lora is not None and self.runner.lora.has(name)
 
     def lora_names(self) -> list[str]:
-        return [] if self.runner.lora is None else [info.name for info in self.runner.lora.list()]
+        return [] if self.runner.lora is None else [info.name for info in self.runner.lora.adapters()]
 
     def add_lora(self, name: str, path: str) -> None:
         """Load an adapter at run time (vLLM's load_lora_adapter); `InvalidRequestError` if LoRA is off, the

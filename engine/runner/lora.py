@@ -340,7 +340,7 @@ class LoraManager:
     def has(self, name: str) -> bool:
         return name in self._paths
 
-    def list(self) -> list[LoraInfo]:
+    def adapters(self) -> list[LoraInfo]:
         return [LoraInfo(name, path, self._ranks[name], name in self._slot_of) for name, path in self._paths.items()]
 
     def _check_fits(self, adapter: LoraAdapter) -> None:
