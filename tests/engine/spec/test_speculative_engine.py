@@ -53,8 +53,8 @@ def assert_accepted(llm: LLM) -> None:
     assert counts.num_accepted_tokens > 0, counts
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2"])
-@pytest.mark.parametrize("k", [1, 5])  # k = 3: test_verification_in_graphs_equals_eager
+# k = 3, both architectures: test_verification_in_graphs_equals_eager.
+@pytest.mark.parametrize(("arch", "k"), [("llama", 5), ("gemma2", 1)])
 def test_greedy_output_and_logprobs_equal_plain(tiny_model_dir, arch, k):
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2)
     reference = generate(make_llm(tiny_model_dir(arch)), REPEATING, params)
@@ -194,14 +194,14 @@ class _GraphLikeReference(ReferenceAttentionBackend):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
-def test_verification_in_graphs_equals_eager(tiny_model_dir, arch):
+def test_verification_in_graphs_equals_eager(tiny_model_dir, plain, arch):
     """Verification steps replay graphs of k + 1 rows a sequence (engine/runner/cuda_graphs.py): sequences
     with fewer proposals (or none) padded in front, batches padded to a captured size. Off CUDA a "graph"
     reruns its forward over the static inputs, so the padded layout is what is checked here: greedy tokens
     and logprobs equal eager steps', windows and soft-capping (gemma2) included."""
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2)
     prompts = REPEATING + [REPEATING[0][3:]]
-    reference = generate(make_llm(tiny_model_dir(arch)), prompts, params)
+    reference = generate(plain if arch == "llama" else make_llm(tiny_model_dir(arch)), prompts, params)
     k = 3
     llm = make_llm(tiny_model_dir(arch), speculative_method="ngram", num_speculative_tokens=k)
     runner = llm.engine.runner
@@ -256,23 +256,18 @@ def test_verification_graphs_on_gpu_equal_eager(tiny_model_dir, compile_layers):
     assert replayed
 
 
-def test_draft_model_proposals_keep_the_output(tiny_model_dir, plain, tmp_path):
-    """speculative_method="draft": the model as its own draft proposes what it then generates (the greedy requests
-    accept every proposal, the sampled one those its draws agree with), another random model of the same
-    vocabulary few; either way the output is plain's, greedy and seeded sampling alike, and the draft cache gives
-    back every block."""
-    from tiny_models import build_tiny_model
-
-    params = [GREEDY, GREEDY, SamplingParams(temperature=0.8, top_k=5, seed=3, max_tokens=30, ignore_eos=True)]
+def test_draft_model_proposals_keep_the_output(tiny_model_dir, plain):
+    """speculative_method="draft", the model as its own draft: the greedy requests accept every proposal, the
+    sampled one those its draws agree with (the rest are rejected: the residual path); the output is plain's,
+    greedy and seeded sampling alike, and the draft cache gives back every block."""
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    params = [greedy, greedy, SamplingParams(temperature=0.8, top_k=5, seed=3, max_tokens=24, ignore_eos=True)]
     prompts = [REPEATING[0], [7, 3, 99, 12, 5], REPEATING[1]]
-    reference = completions(generate(plain, prompts, params))
-    other = build_tiny_model("llama", tmp_path / "other-draft", seed=1, num_hidden_layers=2)
-    for draft_dir, min_acceptance in ((tiny_model_dir("llama"), 0.5), (other, 0.0)):
-        llm = make_llm(tiny_model_dir("llama"), speculative_method="draft", speculative_model=str(draft_dir),
-                       num_speculative_tokens=3)
-        assert completions(generate(llm, prompts, params)) == reference
-        counts = llm.engine.get_stats().spec_decode
-        assert counts.num_drafts > 0 and counts.acceptance_rate >= min_acceptance, counts
-        draft_cache = llm.engine._proposer.kv_cache
-        draft_cache.check_invariants()
-        assert draft_cache.num_free_blocks == draft_cache.num_total_blocks
+    llm = make_llm(tiny_model_dir("llama"), speculative_method="draft", speculative_model=str(tiny_model_dir("llama")),
+                   num_speculative_tokens=3)
+    assert completions(generate(llm, prompts, params)) == completions(generate(plain, prompts, params))
+    counts = llm.engine.get_stats().spec_decode
+    assert 0.5 <= counts.acceptance_rate < 1, counts
+    draft_cache = llm.engine._proposer.kv_cache
+    draft_cache.check_invariants()
+    assert draft_cache.num_free_blocks == draft_cache.num_total_blocks
