@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -50,8 +51,63 @@ def run_case(token_slots, num_slots, slice_sizes, in_features, rank, dtype_name)
             "base_rows_changed": float(base_rows.any() and (out[base_rows] != expected[base_rows]).any())}
 
 
+def engine_tokens() -> dict[str, Any]:
+    """The engine on a tiny 1-layer Llama with three adapters (two device slots) and the base mixed in
+    16-token steps, its LoRA layers through the Triton kernels (interpreted here) and through the reference:
+    greedy tokens of each, for the test to compare (the reference path equals peft's merged models:
+    tests/engine/runner/test_lora.py)."""
+    import tempfile
+    from pathlib import Path
+    from unittest import mock
+
+    import pagedserve.engine.kernels.lora as lora_kernels
+    import pagedserve.engine.runner.lora as lora_runner
+    from pagedserve.engine.core.request import SamplingParams
+    from pagedserve.engine.llm import LLM
+    from safetensors.torch import save_file
+    from tiny_models import make_tokenizer, tiny_config
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config("llama", num_hidden_layers=1)).eval()
+    linears = {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in lora_runner.LORA_TARGET_MODULES}
+    folder = Path(tempfile.mkdtemp(prefix="lora-interpreter-"))
+    paths = {}
+    for index, rank in enumerate((4, 8, 8)):
+        generator = torch.Generator().manual_seed(index)
+        tensors = {}
+        for name, linear in linears.items():
+            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(
+                rank, linear.in_features, generator=generator) / linear.in_features ** 0.5
+            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(
+                linear.out_features, rank, generator=generator) / 2
+        paths[f"adapter-{index}"] = folder / f"adapter-{index}"
+        paths[f"adapter-{index}"].mkdir()
+        save_file(tensors, paths[f"adapter-{index}"] / "adapter_model.safetensors")
+        (paths[f"adapter-{index}"] / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": 8}))
+    names = ["adapter-0", None, "adapter-1", "adapter-2"]
+    prompts = [[3 + (5 * i + 7 * j) % 250 for j in range(5 + 4 * i)] for i in range(len(names))]
+    tokens: dict[str, Any] = {}
+    for mode in ("reference", "triton"):
+        with mock.patch.object(lora_kernels, "uses_triton", lambda x: mode == "triton"), \
+                mock.patch.object(lora_runner, "uses_triton", lambda x: mode == "triton"), \
+                mock.patch.object(lora_kernels, "lora_add_triton", wraps=lora_kernels.lora_add_triton) as kernels:
+            llm = LLM.from_model(model, make_tokenizer(), lora_modules={k: str(v) for k, v in paths.items()},
+                                 max_loras=2, max_lora_rank=8, block_size=8, max_batch_tokens=16)
+            outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False, lora=names)
+            tokens[mode] = [o.outputs[0].token_ids for o in outputs]
+            tokens[f"{mode}_kernel_calls"] = kernels.call_count
+            if mode == "reference":  # every prompt on the base model: the adapters' rows must differ from it
+                tokens["base"] = [o.outputs[0].token_ids for o in llm.generate(
+                    prompts, SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)]
+            llm.engine.shutdown()
+    return tokens
+
+
 def _interpreter_worker() -> None:
-    print(json.dumps({name: run_case(*case) for name, case in INTERPRETER_CASES.items()}))
+    results = {name: run_case(*case) for name, case in INTERPRETER_CASES.items()}
+    results["engine"] = engine_tokens()
+    print(json.dumps(results))
 
 
 @pytest.fixture(scope="module", name="interpreter_results")
@@ -66,6 +122,16 @@ def test_grouped_kernels_match_reference_in_interpreter(name: str, interpreter_r
     tolerance = 1e-4 if INTERPRETER_CASES[name][-1] == "float32" else 2e-2
     assert result["max_error"] < tolerance, result
     assert result["base_rows_changed"] == 0.0
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_engine_through_the_kernels_matches_the_reference_path_in_interpreter(interpreter_results: dict) -> None:
+    """Slots, strides, fused slices and the per-step grouping as the engine uses them, in eager steps."""
+    tokens = interpreter_results["engine"]
+    assert tokens["triton_kernel_calls"] > 0 and tokens["reference_kernel_calls"] == 0
+    assert tokens["triton"] == tokens["reference"]
+    assert tokens["triton"][1] == tokens["base"][1]  # the base row
+    assert all(tokens["triton"][i] != tokens["base"][i] for i in (0, 2, 3)), tokens
 
 
 def test_step_index_groups_rows_by_slot() -> None:
