@@ -199,6 +199,31 @@ def engine_cores() -> list:
     return cores
 
 
+def test_lora_adapters_by_model_name_match_offline(service, client, offline: LLM, adapter_paths) -> None:
+    """`"model": <adapter>` runs it (start-up and run-time adapters alike); /v1/models lists them; vLLM's
+    load/unload routes; an unknown adapter is a 404, an adapter that cannot load a 400."""
+    base = service["base"]
+    listed = {card.id: card for card in client.models.list().data}
+    assert set(listed) == {service["model"], ADAPTER} and listed[ADAPTER].parent == service["model"]
+    loaded = httpx.post(f"{base}/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": adapter_paths["late"]},
+                        timeout=60)
+    assert loaded.status_code == 200, loaded.text
+    assert httpx.post(f"{base}/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": "/nonexistent"},
+                      timeout=60).status_code == 400
+    for model in (ADAPTER, "late", service["model"]):
+        want = offline.generate([PROMPTS[2]], greedy(), use_tqdm=False,
+                                lora=None if model == service["model"] else model)[0].outputs[0]
+        got = client.completions.create(model=model, prompt=PROMPTS[2], max_tokens=16, temperature=0)
+        assert got.choices[0].text == want.text, model
+        assert got.model == model
+    base_text = offline.generate([PROMPTS[2]], greedy(), use_tqdm=False)[0].outputs[0].text
+    assert offline.generate([PROMPTS[2]], greedy(), use_tqdm=False, lora=ADAPTER)[0].outputs[0].text != base_text
+    unloaded = httpx.post(f"{base}/v1/unload_lora_adapter", json={"lora_name": "late"}, timeout=60)
+    assert unloaded.status_code == 200, unloaded.text
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="late", prompt=PROMPTS[2], max_tokens=4)
+
+
 def test_a_dead_engine_is_replaced_and_its_stream_goes_on(service, client) -> None:
     """Last in the module: it kills the replica's engine core (a process this session started, by PID).
     Serve's health check replaces the replica; the stream that was open on it waits for the replacement
@@ -224,28 +249,3 @@ def test_a_dead_engine_is_replaced_and_its_stream_goes_on(service, client) -> No
     whole = client.completions.create(model=service["model"], prompt=LONG_STREAM["prompt"], max_tokens=400,
                                       temperature=0.0, extra_body={"ignore_eos": True})
     assert whole.usage.completion_tokens == 400 and whole.choices[0].text == text
-
-
-def test_lora_adapters_by_model_name_match_offline(service, client, offline: LLM, adapter_paths) -> None:
-    """`"model": <adapter>` runs it (start-up and run-time adapters alike); /v1/models lists them; vLLM's
-    load/unload routes; an unknown adapter is a 404, an adapter that cannot load a 400."""
-    base = service["base"]
-    listed = {card.id: card for card in client.models.list().data}
-    assert set(listed) == {service["model"], ADAPTER} and listed[ADAPTER].parent == service["model"]
-    loaded = httpx.post(f"{base}/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": adapter_paths["late"]},
-                        timeout=60)
-    assert loaded.status_code == 200, loaded.text
-    assert httpx.post(f"{base}/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": "/nonexistent"},
-                      timeout=60).status_code == 400
-    for model in (ADAPTER, "late", service["model"]):
-        want = offline.generate([PROMPTS[2]], greedy(), use_tqdm=False,
-                                lora=None if model == service["model"] else model)[0].outputs[0]
-        got = client.completions.create(model=model, prompt=PROMPTS[2], max_tokens=16, temperature=0)
-        assert got.choices[0].text == want.text, model
-        assert got.model == model
-    base_text = offline.generate([PROMPTS[2]], greedy(), use_tqdm=False)[0].outputs[0].text
-    assert offline.generate([PROMPTS[2]], greedy(), use_tqdm=False, lora=ADAPTER)[0].outputs[0].text != base_text
-    unloaded = httpx.post(f"{base}/v1/unload_lora_adapter", json={"lora_name": "late"}, timeout=60)
-    assert unloaded.status_code == 200, unloaded.text
-    with pytest.raises(openai.NotFoundError):
-        client.completions.create(model="late", prompt=PROMPTS[2], max_tokens=4)

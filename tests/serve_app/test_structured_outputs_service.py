@@ -2,7 +2,7 @@
 
 The model is a tiny random Llama with a byte-level BPE tokenizer: random weights never choose to stop, so
 the schemas bound what they allow (integer ranges, string lengths, item counts) and every answer that
-parses proves the grammar. The engine's cache is small, so a batch of 64 waits in the router's queue; the
+parses proves the grammar. The engine's cache is small, so a batch of 32 waits in the router's queue; the
 router reserves each request's whole demand, so the engine itself does not preempt here
 (tests/engine/core/test_structured_outputs.py forces preemption under grammars).
 """
@@ -25,7 +25,7 @@ from ray import serve  # noqa: E402
 from ray_harness import build_app_with, deployed  # noqa: E402
 
 APP = "structured"
-# 40 blocks of 16 tokens for 64 requests of ~30 prompt + up to 96 output tokens: most wait their turn.
+# 40 blocks of 16 tokens for 32 requests of ~30 prompt + up to 96 output tokens: most wait their turn.
 ENGINE_ARGS = {"num_blocks": 40, "block_size": 16, "max_model_len": 512, "max_num_seqs": 64}
 
 
@@ -100,7 +100,7 @@ def test_twenty_schemas_alone_streamed_and_not(client) -> None:
         jsonschema.validate(json.loads(text), schema)
 
 
-def test_a_batch_of_64_mixed_with_free_requests(service) -> None:
+def test_a_batch_of_32_mixed_with_free_requests(service) -> None:
     async def run() -> list:
         async with openai.AsyncOpenAI(base_url=f"{service}/v1", api_key="unused", max_retries=0, timeout=300) as aclient:
             async def one(index: int):
@@ -115,7 +115,7 @@ def test_a_batch_of_64_mixed_with_free_requests(service) -> None:
                     model=None, messages=_messages(f"mixed batch {index} " * 2), max_tokens=96, temperature=1.0,
                     seed=index, **kwargs)
                 return schema, reply.choices[0].message.content
-            return await asyncio.gather(*(one(i) for i in range(64)))
+            return await asyncio.gather(*(one(i) for i in range(32)))
 
     results = asyncio.run(run())
     for schema, text in results:

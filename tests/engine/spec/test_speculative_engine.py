@@ -48,6 +48,17 @@ def completions(outputs):
     return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in out.outputs] for out in outputs]
 
 
+def assert_same_outputs(outputs, reference) -> None:
+    """Token for token, and each position's top logprobs (ids, ranks, values to 1e-4), as the plain run's."""
+    assert completions(outputs) == completions(reference)
+    for out, ref in zip(outputs, reference):
+        for got, want in zip(out.outputs[0].logprobs, ref.outputs[0].logprobs):
+            assert got.keys() == want.keys()
+            for token_id in got:
+                assert got[token_id].logprob == pytest.approx(want[token_id].logprob, abs=1e-4)
+                assert got[token_id].rank == want[token_id].rank
+
+
 def assert_accepted(llm: LLM) -> None:
     counts = llm.engine.get_stats().spec_decode
     assert counts.num_accepted_tokens > 0, counts
@@ -60,13 +71,7 @@ def test_greedy_output_and_logprobs_equal_plain(tiny_model_dir, arch, k):
     reference = generate(make_llm(tiny_model_dir(arch)), REPEATING, params)
     llm = make_llm(tiny_model_dir(arch), speculative_method="ngram", num_speculative_tokens=k)
     outputs = generate(llm, REPEATING, params)
-    assert completions(outputs) == completions(reference)
-    for out, ref in zip(outputs, reference):
-        for got, want in zip(out.outputs[0].logprobs, ref.outputs[0].logprobs):
-            assert got.keys() == want.keys()
-            for token_id in got:
-                assert got[token_id].logprob == pytest.approx(want[token_id].logprob, abs=1e-4)
-                assert got[token_id].rank == want[token_id].rank
+    assert_same_outputs(outputs, reference)
     assert_accepted(llm)
     counts = llm.engine.get_stats().spec_decode
     assert len(counts.num_accepted_tokens_per_pos) == k and sum(counts.num_accepted_tokens_per_pos) == \
@@ -219,12 +224,7 @@ def test_verification_in_graphs_equals_eager(tiny_model_dir, plain, arch):
         graphs.run = counted
         setattr(runner, name, graphs)
     outputs = generate(llm, prompts, params)
-    assert completions(outputs) == completions(reference)
-    for out, ref in zip(outputs, reference):
-        for got, want in zip(out.outputs[0].logprobs, ref.outputs[0].logprobs):
-            assert got.keys() == want.keys()
-            for token_id in got:
-                assert got[token_id].logprob == pytest.approx(want[token_id].logprob, abs=1e-4)
+    assert_same_outputs(outputs, reference)
     assert_accepted(llm)
     counts = llm.engine.get_stats().spec_decode
     assert len(counts.num_accepted_tokens_per_pos) == k and sum(counts.num_accepted_tokens_per_pos) == \
