@@ -17,7 +17,7 @@ from k8s_schema import REPO_ROOT
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 # Flags that change how, not what, pip installs: the image skips pip's cache and installs the project
 # as a regular package where a developer checkout installs it editable.
-HOW_NOT_WHAT_FLAGS = {"--no-cache-dir", "-e", "--editable"}
+HOW_NOT_WHAT_FLAGS = {"--no-cache-dir", "--no-compile", "-e", "--editable"}
 
 
 def _hadolint() -> str | None:
