@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import triton_interpreter
 from tiny_models import build_tiny_model
 
 
@@ -20,3 +21,18 @@ def tiny_model_dir(tmp_path_factory):
         return built[arch]
 
     return get
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the Triton interpreter workers of the collected kernel modules in the background, in the
+    order their tests run (tests/triton_interpreter.py)."""
+    files: list[str] = []
+    for item in session.items:
+        if "interpreter_results" in getattr(item, "fixturenames", ()) and str(item.path) not in files:
+            files.append(str(item.path))
+    if files and not session.config.option.collectonly:
+        triton_interpreter.start_in_background(files)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    triton_interpreter.stop_background()

@@ -2,8 +2,13 @@
 
 The interpreter is chosen when a kernel is defined (at import), so it must not leak into, or depend on,
 the rest of the test session. A test module defines a worker that prints its results as one JSON line
-when run as `python <module> --interpreter-worker`, and a module-scoped fixture that returns
-`interpreter_results(__file__)`.
+when run as `python <module> --interpreter-worker`, and a module-scoped fixture named
+`interpreter_results` that returns `interpreter_results(__file__)`.
+
+The workers are separate processes, so the session starts them early (tests/conftest.py calls
+`start_in_background` once collection is done): one after another on a thread of their own, in the order
+their modules run, so a module's results are usually ready when its tests begin and the workers' CPU time
+overlaps the rest of the suite instead of adding to it.
 """
 
 from __future__ import annotations
@@ -12,20 +17,60 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
 WORKER_FLAG = "--interpreter-worker"
 
 
-def interpreter_results(test_file: str, timeout_s: float = 300) -> dict:
-    """Run `test_file --interpreter-worker` with TRITON_INTERPRET=1 on CPU; its last stdout line, parsed."""
+_started: dict[str, Future] = {}
+_running: list[subprocess.Popen] = []
+_executor: ThreadPoolExecutor | None = None
+
+
+def _run_worker(test_file: str, timeout_s: float) -> tuple[int, str, str]:
     tests_dir = os.path.dirname(os.path.abspath(__file__))  # the worker imports this module too
     python_path = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=python_path)
-    completed = subprocess.run(
-        [sys.executable, test_file, WORKER_FLAG], env=env, capture_output=True, text=True, timeout=timeout_s
-    )
-    if completed.returncode != 0:
-        pytest.fail(f"interpreter worker failed:\n{completed.stdout[-4000:]}\n{completed.stderr[-4000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    process = subprocess.Popen([sys.executable, test_file, WORKER_FLAG], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    _running.append(process)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+        stderr += f"\n(killed after {timeout_s:g} s)"
+    finally:
+        _running.remove(process)
+    return process.returncode, stdout, stderr
+
+
+def start_in_background(test_files: list[str], timeout_s: float = 300) -> None:
+    """Run these modules' workers one at a time on a background thread, in this order."""
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triton-interpreter")
+    for test_file in test_files:
+        key = os.path.abspath(test_file)
+        if key not in _started:
+            _started[key] = _executor.submit(_run_worker, key, timeout_s)
+
+
+def stop_background() -> None:
+    """End of session: drop workers not started, kill the one running (an interrupted session)."""
+    if _executor is not None:
+        _executor.shutdown(wait=False, cancel_futures=True)
+    for process in list(_running):
+        process.kill()
+
+
+def interpreter_results(test_file: str, timeout_s: float = 300) -> dict:
+    """Run `test_file --interpreter-worker` with TRITON_INTERPRET=1 on CPU (or take the run started in the
+    background for it); its last stdout line, parsed."""
+    started = _started.pop(os.path.abspath(test_file), None)
+    returncode, stdout, stderr = started.result() if started is not None else _run_worker(test_file, timeout_s)
+    if returncode != 0:
+        pytest.fail(f"interpreter worker failed:\n{stdout[-4000:]}\n{stderr[-4000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
