@@ -297,10 +297,11 @@ def _causal_lm_class(hf_config: Any) -> type:
     return next((by_name[a] for a in getattr(hf_config, "architectures", None) or [] if a in by_name), classes[0])
 
 
-def load_fp8_checkpoint(model_path: str, hf_config: Any, fmt: Fp8CheckpointFormat, revision: str | None,
-                        **from_pretrained: Any) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def load_fp8_checkpoint(model_path: str, hf_config: Any, fmt: Fp8CheckpointFormat, files: list[str],
+                        revision: str | None, **from_pretrained: Any) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """The model with its FP8 layers as plain linears holding the e4m3 values, on the host, and each such
-    layer's scales. `from_pretrained`: the usual `from_pretrained` keywords (dtype, attention, ...)."""
+    layer's scales (read from `files`, the checkpoint's safetensors files: `checkpoint_files`).
+    `from_pretrained`: the usual `from_pretrained` keywords (dtype, attention, ...)."""
     plain_config = copy.deepcopy(hf_config)
     del plain_config.quantization_config
     model_class = _causal_lm_class(plain_config)
@@ -311,7 +312,7 @@ def load_fp8_checkpoint(model_path: str, hf_config: Any, fmt: Fp8CheckpointForma
     reader = type(model_class.__name__, (model_class,), {"_keys_to_ignore_on_load_unexpected": ignored,
                                                          "__module__": model_class.__module__})
     model = reader.from_pretrained(model_path, config=plain_config, revision=revision, **from_pretrained)
-    scales = read_scales(checkpoint_files(model_path, revision), fmt)
+    scales = read_scales(files, fmt)
     return model, scales
 
 

@@ -267,14 +267,18 @@ def load_model(
                     "" if checkpoint is None else f", checkpoint: {checkpoint.description}")
         common = dict(revision=config.revision, trust_remote_code=config.trust_remote_code, dtype=dtype,
                       attn_implementation=attn_implementation)
+        # Resolved once (the weight scales and the KV-cache scales are read from them); an FP8 checkpoint
+        # must have safetensors files (checkpoint_files raises), another may have .bin weights only.
+        files = (checkpoint_files(model_path, config.revision) if checkpoint is not None
+                 else _safetensors_files(model_path, config.revision))
         if checkpoint is not None:  # quantization is 'fp8' or 'none' for it (config/resolve.py)
-            model, scales = load_fp8_checkpoint(model_path, hf_config, checkpoint, **common)
+            model, scales = load_fp8_checkpoint(model_path, hf_config, checkpoint, files, **common)
             convert_fp8_layers(model, scales, checkpoint, device if shard is None else torch.device("cpu"),
                                keep_fp8=is_fp8, use_scaled_mm=use_scaled_mm)
             quantized = True  # its FP8 layers are the checkpoint's; the others stay in the model's dtype
         else:
             model = AutoModelForCausalLM.from_pretrained(model_path, **common, **extra)
-        kv_cache_scales = _kv_cache_scales(model_path, config.revision)
+        kv_cache_scales = read_kv_cache_scales(files)
     if shard is not None:
         if is_fp8 and not quantized:
             # Before the cut, where the model is (the host, or the device for dummy weights): a row-parallel
@@ -296,10 +300,9 @@ def load_model(
     return LoadedModel(model, tokenizer, model_path, served_name, device, dtype, kv_cache_scales)
 
 
-def _kv_cache_scales(model_path: str, revision: str | None) -> dict[int, tuple[float, float]]:
-    """The checkpoint's per-layer KV-cache scales; none for a checkpoint without safetensors files."""
+def _safetensors_files(model_path: str, revision: str | None) -> list[str]:
+    """The checkpoint's safetensors files; none for a checkpoint of .bin weights only."""
     try:
-        files = checkpoint_files(model_path, revision)
-    except ConfigError:  # .bin weights only: no scales to read there
-        return {}
-    return read_kv_cache_scales(files)
+        return checkpoint_files(model_path, revision)
+    except ConfigError:
+        return []
