@@ -59,9 +59,13 @@ def assert_same_outputs(outputs, reference) -> None:
                 assert got[token_id].rank == want[token_id].rank
 
 
-def assert_accepted(llm: LLM) -> None:
+def assert_accepted(llm: LLM, k: int | None = None) -> None:
+    """Some proposals were accepted; with `k`, the per-position counts cover k positions and add up."""
     counts = llm.engine.get_stats().spec_decode
     assert counts.num_accepted_tokens > 0, counts
+    if k is not None:
+        assert len(counts.num_accepted_tokens_per_pos) == k
+        assert sum(counts.num_accepted_tokens_per_pos) == counts.num_accepted_tokens
 
 
 # k = 3, both architectures: test_verification_in_graphs_equals_eager.
@@ -72,10 +76,7 @@ def test_greedy_output_and_logprobs_equal_plain(tiny_model_dir, arch, k):
     llm = make_llm(tiny_model_dir(arch), speculative_method="ngram", num_speculative_tokens=k)
     outputs = generate(llm, REPEATING, params)
     assert_same_outputs(outputs, reference)
-    assert_accepted(llm)
-    counts = llm.engine.get_stats().spec_decode
-    assert len(counts.num_accepted_tokens_per_pos) == k and sum(counts.num_accepted_tokens_per_pos) == \
-        counts.num_accepted_tokens
+    assert_accepted(llm, k)
 
 
 def test_chunked_prefill_prefix_caching_and_preemption(tiny_model_dir, plain):
@@ -225,10 +226,7 @@ def test_verification_in_graphs_equals_eager(tiny_model_dir, plain, arch):
         setattr(runner, name, graphs)
     outputs = generate(llm, prompts, params)
     assert_same_outputs(outputs, reference)
-    assert_accepted(llm)
-    counts = llm.engine.get_stats().spec_decode
-    assert len(counts.num_accepted_tokens_per_pos) == k and sum(counts.num_accepted_tokens_per_pos) == \
-        counts.num_accepted_tokens
+    assert_accepted(llm, k)
     # Both kinds ran, in padded batches (3 of 4 sequences) and with sequences of fewer than k proposals.
     assert any(q == k + 1 and batch == 3 for q, batch, _ in replays), replays
     assert any(q == k + 1 and longest < k + 1 for q, _, longest in replays), replays
