@@ -71,13 +71,17 @@ class MoeKernelPolicy:
     kernel: KernelName = "auto"  # a name forces that kernel
     rows_max_tokens: int = ROWS_MAX_TOKENS
     grouped_mm_min_tokens: int | None = GROUPED_MM_MIN_TOKENS
+    # Programmatic dependent launch of the per-pair kernels (engine/kernels/launch.py): the owner's setting
+    # (`RunnerSettings.programmatic_launch`), which checked the device.
+    use_pdl: bool = False
 
     def describe(self) -> str:
         if self.kernel != "auto":
             return f"kernel {self.kernel} (forced)"
         grouped = ("" if self.grouped_mm_min_tokens is None else
                    f"grouped_mm from {self.grouped_mm_min_tokens} tokens where it runs (bf16, compute capability 9.0+), ")
-        return (f"on CUDA: rows up to {self.rows_max_tokens} tokens, {grouped}the Triton grouped GEMM otherwise; "
+        pdl = " (programmatic dependent launch)" if self.use_pdl else ""
+        return (f"on CUDA: rows up to {self.rows_max_tokens} tokens{pdl}, {grouped}the Triton grouped GEMM otherwise; "
                 "on CPU: the PyTorch reference")
 
 
@@ -103,11 +107,12 @@ def choose_kernel(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, pol
 
 
 def run_kernel(kernel: str, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-               w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+               w13: torch.Tensor, w2: torch.Tensor, use_pdl: bool = False) -> torch.Tensor:
+    """`kernel`'s experts; `use_pdl` launches the per-pair kernels with programmatic dependent launch."""
     if kernel == "reference":
         return experts_reference(hidden, topk_ids, topk_weights, w13, w2)
     if kernel == "rows":
-        return experts_rows(hidden, topk_ids, topk_weights, w13, w2)
+        return experts_rows(hidden, topk_ids, topk_weights, w13, w2, use_pdl=use_pdl)
     if kernel == "triton":
         return experts_triton(hidden, topk_ids, topk_weights, w13, w2)
     if kernel == "grouped_mm":
@@ -120,17 +125,19 @@ def run_kernel(kernel: str, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_w
 
 @torch.library.custom_op("pagedserve::fused_experts", mutates_args=())
 def fused_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
-                  w2: torch.Tensor, kernel: str, rows_max_tokens: int, grouped_mm_min_tokens: int | None) -> torch.Tensor:
+                  w2: torch.Tensor, kernel: str, rows_max_tokens: int, grouped_mm_min_tokens: int | None,
+                  use_pdl: bool = False) -> torch.Tensor:
     """A MoE block's experts: hidden [T, H], the router's topk_ids / topk_weights [T, k], w13 [E, 2I, H],
     w2 [E, H, I] -> [T, H]. Inference only (no backward)."""
-    policy = MoeKernelPolicy(kernel, rows_max_tokens, grouped_mm_min_tokens)  # type: ignore[arg-type]
+    policy = MoeKernelPolicy(kernel, rows_max_tokens, grouped_mm_min_tokens, use_pdl)  # type: ignore[arg-type]
     hidden = hidden.contiguous()
-    return run_kernel(choose_kernel(hidden, w13, w2, policy), hidden, topk_ids, topk_weights, w13, w2)
+    return run_kernel(choose_kernel(hidden, w13, w2, policy), hidden, topk_ids, topk_weights, w13, w2, use_pdl)
 
 
 @fused_experts.register_fake
 def _(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
-      w2: torch.Tensor, kernel: str, rows_max_tokens: int, grouped_mm_min_tokens: int | None) -> torch.Tensor:
+      w2: torch.Tensor, kernel: str, rows_max_tokens: int, grouped_mm_min_tokens: int | None,
+      use_pdl: bool = False) -> torch.Tensor:
     return hidden.new_empty(hidden.shape)
 
 
@@ -146,7 +153,7 @@ class FusedExperts(nn.Module):
         policy = self.moe_policy
         return torch.ops.pagedserve.fused_experts(
             hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, policy.kernel,
-            policy.rows_max_tokens, policy.grouped_mm_min_tokens)
+            policy.rows_max_tokens, policy.grouped_mm_min_tokens, policy.use_pdl)
 
 
 def unsupported_reason(experts: nn.Module) -> str | None:

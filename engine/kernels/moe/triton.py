@@ -15,24 +15,35 @@ Shapes are static given the token count: the padded length is bounded by S + min
 (at most min(E, S) experts have pairs, each padding fewer than BLOCK_M entries), blocks past the end get
 expert id E and return at once. No host sync: capturable in a CUDA graph.
 
-**Rows** (`experts_rows`, a few tokens). No sorting: GEMM 1 has one program per (pair, feature block), which
-reads its pair's hidden row and its expert's gate/up rows with a multiply-and-sum (CUDA cores; one row gains
-nothing from a 16-row `tl.dot` tile, as in decode_linear.py); GEMM 2 has one program per (token, feature
-block), which runs the token's k pairs through their experts' w2 rows and sums them with their routing
-weights, writing the [T, H] output directly. Two kernels a layer, and only the chosen experts' weights are read
-(a weight two pairs share is read twice; from L2 if it is still there).
+**Rows** (`experts_rows`, up to a few tokens: a decode step at batch 1 reads its k experts, 9.4 MB each on the
+Qwen3-30B-A3B shape, and nothing else should take time). No sorting, two kernels, both streaming whole weight
+rows (contiguous K) with a multiply-and-sum on the CUDA cores (one row gains nothing from a 16-row `tl.dot`
+tile, as in decode_linear.py):
+- GEMM 1 `_gate_up_rows_kernel`, one program per (pair, BLOCK_N features): the pair's token row against
+  BLOCK_N gate rows and BLOCK_N up rows of its expert over all of K, `SiLU(gate) * up` in the epilogue
+  ([T k, I], never the [T k, 2I] product). One token's 8 pairs x 768 features are 768 programs at 8 features:
+  several per SM, so the read is spread over every SM without splitting K;
+- GEMM 2 `_down_rows_kernel`, one program per (token, BLOCK_N features): the rows of all k of the token's
+  experts are loaded together, a [k, BLOCK_N, BLOCK_K] tile a step (k independent reads in flight and one
+  short loop over I, where a loop over the slots would wait on k chains of small loads), weighted by the
+  routing weights and summed over k in registers: the [T, H] output is written once, no atomics, no
+  reduction kernel, no zeroing.
+Only the chosen experts' weights are read; pairs of different tokens sharing an expert read its rows at about
+the same time (the pair axis of the grid varies fastest), so the second read is mostly an L2 hit. Tiles per
+token count: `ROWS_TILES` (`bench/moe_bench.py --micro-only --tune` times the candidates of each GEMM).
 
 Accumulation is in float32; float32 operands take IEEE products in `tl.dot` (not TF32), so the float32
-kernels match the reference to rounding. The tile sizes are starting points, not tuned:
+kernels match the reference to rounding. The grouped GEMM's tile sizes are starting points, not tuned:
 `bench/moe_bench.py --tune` times alternatives on the device.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
+
+from pagedserve.engine.kernels.launch import launch_options
 
 try:
     import triton
@@ -53,10 +64,30 @@ class GroupedConfig:
 
 @dataclass(frozen=True)
 class RowsConfig:
+    """Tiles of one per-pair GEMM. GEMM 1 (gate/up): BLOCK_N gate rows and as many up rows of one pair's
+    expert a program; GEMM 2 (down): BLOCK_N output features of one token, read for all its k experts at once
+    (k x BLOCK_N rows a step). Both stream BLOCK_K of the reduction a step (multiply-and-sum on CUDA cores)."""
+
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+
+
+@dataclass(frozen=True)
+class RowsTiles:
+    gate_up: RowsConfig
+    down: RowsConfig
+
+
+# Per-pair tiles by token count: (largest token count, tiles), from `bench/moe_bench.py --micro-only --tune` on
+# an H200 (Qwen3-30B-A3B layer: H 2048, I 768, k 8). Until a tune has run these are the one-row GEMM's best
+# narrow tiles (engine/kernels/decode_linear.py: 8 features x 1,024 deep at 4 warps on a 50 MB weight), split
+# between the gate and the up rows (8 + 8 rows x 512, 16 KB in flight a step), and for the down projection
+# 8 slots x 4 features x 256 (16 KB a step, I = 768 in three even steps): 768 and 512 programs at one token.
+ROWS_TILES: tuple[tuple[int, RowsTiles], ...] = (
+    (8, RowsTiles(gate_up=RowsConfig(8, 512, 4, 3), down=RowsConfig(4, 256, 4, 3))),
+)
 
 
 def grouped_config(num_pairs: int, num_experts: int) -> GroupedConfig:
@@ -70,16 +101,6 @@ def grouped_config(num_pairs: int, num_experts: int) -> GroupedConfig:
     if rows_per_expert <= 256:
         return GroupedConfig(block_m=64, block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=4)
     return GroupedConfig(block_m=128, block_n=64, block_k=64, group_m=8, num_warps=8, num_stages=3)
-
-
-def rows_config(num_rows: int, out_features: int, in_features: int, num_sms: int | None) -> RowsConfig:
-    """Narrow feature blocks until the grid has about two programs per SM (one token's down projection,
-    H=2048, is 128 programs of 16 features: under one per SM on an H200)."""
-    block_n = 16
-    while block_n > 4 and num_sms is not None and num_rows * -(-out_features // block_n) < 2 * num_sms:
-        block_n //= 2
-    block_k = min(512, triton.next_power_of_2(in_features)) if triton is not None else 512
-    return RowsConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=3)
 
 
 def align_pairs_to_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,54 +187,96 @@ if triton is not None:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
 
     @triton.jit
-    def _rows_kernel(
-        a_ptr, b_ptr, c_ptr, ids_ptr, weights_ptr,
+    def _gate_up_rows_kernel(
+        x_ptr, w13_ptr, act_ptr, ids_ptr,
         N, K, up_offset,
-        stride_am, stride_be, stride_bn, stride_bk, stride_cm,
-        TOP_K: tl.constexpr, SLOTS: tl.constexpr, GATHER_TOKENS: tl.constexpr, GATED: tl.constexpr,
-        MUL_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+        stride_xm, stride_we, stride_wn, stride_am,
+        TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+        STREAM_WEIGHTS: tl.constexpr, USE_PDL: tl.constexpr,
     ):
-        # Program (row, feature block): a row is one pair (SLOTS=1) or one token whose SLOTS=TOP_K pairs are
-        # summed here.
-        row = tl.program_id(0)
+        # Program (pair, feature block): BLOCK_N gate rows and the matching up rows of the pair's expert,
+        # streamed over the whole of K, times the pair's token row; act = SiLU(gate) * up in the epilogue.
+        # Axis 0 (pairs) varies fastest, so pairs of different tokens sharing an expert read the same rows at
+        # about the same time (the second read is an L2 hit).
+        if USE_PDL:  # the expert id comes from the kernel before: nothing to fetch before the wait
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        pair = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_valid = cols < N
         ks = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for slot in tl.static_range(SLOTS):
-            pair = row * SLOTS + slot
-            expert = tl.load(ids_ptr + pair).to(tl.int64)
-            if GATHER_TOKENS:
-                a_row = pair // TOP_K
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        x_ptrs = x_ptr + (pair // TOP_K).to(tl.int64) * stride_xm + ks
+        w_ptrs = w13_ptr + expert * stride_we + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]
+        gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k_step in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                x = tl.load(x_ptrs).to(tl.float32)
+                w_mask = col_valid[:, None]
             else:
-                a_row = pair
-            x_ptrs = a_ptr + a_row.to(tl.int64) * stride_am + ks
-            w_ptrs = b_ptr + expert * stride_be + cols[:, None].to(tl.int64) * stride_bn + ks[None, :] * stride_bk
-            part = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            part_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k_step in range(0, tl.cdiv(K, BLOCK_K)):
-                k_left = K - k_step * BLOCK_K
-                if EVEN_K:
-                    x = tl.load(x_ptrs).to(tl.float32)
-                    w = tl.load(w_ptrs, mask=col_valid[:, None], other=0.0)
-                else:
-                    x = tl.load(x_ptrs, mask=ks < k_left, other=0.0).to(tl.float32)
-                    w = tl.load(w_ptrs, mask=col_valid[:, None] & (ks[None, :] < k_left), other=0.0)
-                part += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-                if GATED:
-                    if EVEN_K:
-                        w_up = tl.load(w_ptrs + up_offset, mask=col_valid[:, None], other=0.0)
-                    else:
-                        w_up = tl.load(w_ptrs + up_offset, mask=col_valid[:, None] & (ks[None, :] < k_left), other=0.0)
-                    part_up += tl.sum(w_up.to(tl.float32) * x[None, :], axis=1)
-                x_ptrs += BLOCK_K
-                w_ptrs += BLOCK_K * stride_bk
-            if GATED:
-                part = part * tl.sigmoid(part) * part_up
-            if MUL_WEIGHT:
-                part *= tl.load(weights_ptr + pair).to(tl.float32)
-            acc += part
-        tl.store(c_ptr + row.to(tl.int64) * stride_cm + cols, acc.to(c_ptr.dtype.element_ty), mask=col_valid)
+                k_valid = ks < K - k_step * BLOCK_K
+                x = tl.load(x_ptrs, mask=k_valid, other=0.0).to(tl.float32)
+                w_mask = col_valid[:, None] & k_valid[None, :]
+            if STREAM_WEIGHTS:  # read once: keep them from evicting the activations in L2
+                w_gate = tl.load(w_ptrs, mask=w_mask, other=0.0, eviction_policy="evict_first")
+                w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0, eviction_policy="evict_first")
+            else:
+                w_gate = tl.load(w_ptrs, mask=w_mask, other=0.0)
+                w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0)
+            gate += tl.sum(w_gate.to(tl.float32) * x[None, :], axis=1)
+            up += tl.sum(w_up.to(tl.float32) * x[None, :], axis=1)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        act = gate * tl.sigmoid(gate) * up
+        tl.store(act_ptr + pair.to(tl.int64) * stride_am + cols, act.to(act_ptr.dtype.element_ty), mask=col_valid)
+
+    @triton.jit
+    def _down_rows_kernel(
+        act_ptr, w2_ptr, out_ptr, ids_ptr, weights_ptr,
+        N, K,
+        stride_am, stride_we, stride_wn, stride_om,
+        TOP_K: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr, STREAM_WEIGHTS: tl.constexpr, USE_PDL: tl.constexpr,
+    ):
+        # Program (token, feature block): the rows of all the token's k experts are read together, one
+        # [SLOTS, BLOCK_N, BLOCK_K] tile a step (k independent streams in flight, one loop over K, not k
+        # loops one after another), each slot's sum weighted and the k sums added here: the [T, H] output is
+        # written once, with no atomics and no separate reduction.
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        token = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_valid = cols < N
+        slots = tl.arange(0, SLOTS)
+        slot_valid = slots < TOP_K
+        ks = tl.arange(0, BLOCK_K)
+        pairs = token.to(tl.int64) * TOP_K + slots
+        experts = tl.load(ids_ptr + pairs, mask=slot_valid, other=0).to(tl.int64)
+        routing = tl.load(weights_ptr + pairs, mask=slot_valid, other=0.0).to(tl.float32)
+        a_ptrs = act_ptr + pairs[:, None] * stride_am + ks[None, :]
+        w_ptrs = (w2_ptr + experts[:, None, None] * stride_we + cols[None, :, None].to(tl.int64) * stride_wn
+                  + ks[None, None, :])
+        row_valid = slot_valid[:, None, None] & col_valid[None, :, None]
+        acc = tl.zeros((SLOTS, BLOCK_N), dtype=tl.float32)
+        for k_step in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=slot_valid[:, None], other=0.0)
+                w_mask = row_valid
+            else:
+                k_valid = ks < K - k_step * BLOCK_K
+                a = tl.load(a_ptrs, mask=slot_valid[:, None] & k_valid[None, :], other=0.0)
+                w_mask = row_valid & k_valid[None, None, :]
+            if STREAM_WEIGHTS:
+                w = tl.load(w_ptrs, mask=w_mask, other=0.0, eviction_policy="evict_first")
+            else:
+                w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[:, None, :], axis=2)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        out = tl.sum(acc * routing[:, None], axis=0)
+        tl.store(out_ptr + token.to(tl.int64) * stride_om + cols, out.to(out_ptr.dtype.element_ty), mask=col_valid)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -268,50 +331,65 @@ def experts_triton(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     return torch.sum(down.view(num_tokens, top_k, -1), dim=1, out=out)
 
 
-def rows_gemm(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-              top_k: int, *, slots: int, gather_tokens: bool, gated: bool, mul_weight: bool,
-              config: RowsConfig) -> None:
-    """One GEMM of `experts_rows` into `out` [rows, N]: a row is a pair (slots=1) or a token (slots=top_k)."""
-    out_features = weight.shape[1] // 2 if gated else weight.shape[1]
-    in_features = weight.shape[2]
-    grid = (out.shape[0], triton.cdiv(out_features, config.block_n))
-    _rows_kernel[grid](
-        a, weight, out, ids, weights,
-        out_features, in_features, out_features * weight.stride(1),
-        a.stride(0), weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0),
-        TOP_K=top_k, SLOTS=slots, GATHER_TOKENS=gather_tokens, GATED=gated, MUL_WEIGHT=mul_weight,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=in_features % config.block_k == 0,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+def rows_tiles(num_tokens: int) -> RowsTiles:
+    """The tiles of `ROWS_TILES` for `num_tokens` (the first row whose bound covers it, else the last)."""
+    for max_tokens, tiles in ROWS_TILES:
+        if num_tokens <= max_tokens:
+            return tiles
+    return ROWS_TILES[-1][1]
+
+
+def _fit(block: int, extent: int) -> int:
+    """A power-of-two tile no larger than the extent needs (tiny test shapes)."""
+    return max(1, min(block, triton.next_power_of_2(extent)))
+
+
+def gate_up_rows(hidden: torch.Tensor, w13: torch.Tensor, act: torch.Tensor, ids: torch.Tensor, top_k: int,
+                 config: RowsConfig, *, stream_weights: bool = False, use_pdl: bool = False) -> None:
+    """GEMM 1 of `experts_rows`: act [T k, I] = SiLU(x w_gate^T) * (x w_up^T), each pair through its expert."""
+    intermediate, hidden_size = w13.shape[1] // 2, w13.shape[2]
+    block_n, block_k = _fit(config.block_n, intermediate), _fit(config.block_k, hidden_size)
+    _gate_up_rows_kernel[(act.shape[0], triton.cdiv(intermediate, block_n))](
+        hidden, w13, act, ids,
+        intermediate, hidden_size, intermediate * w13.stride(1),
+        hidden.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        TOP_K=top_k, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=hidden_size % block_k == 0,
+        STREAM_WEIGHTS=stream_weights, USE_PDL=use_pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(use_pdl),
+    )
+
+
+def down_rows(act: torch.Tensor, w2: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+              top_k: int, config: RowsConfig, *, stream_weights: bool = False, use_pdl: bool = False) -> None:
+    """GEMM 2 of `experts_rows`: out [T, H] = sum over a token's k pairs of weight * (act w_down^T)."""
+    hidden_size, intermediate = w2.shape[1], w2.shape[2]
+    block_n, block_k = _fit(config.block_n, hidden_size), _fit(config.block_k, intermediate)
+    _down_rows_kernel[(out.shape[0], triton.cdiv(hidden_size, block_n))](
+        act, w2, out, ids, weights,
+        hidden_size, intermediate,
+        act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        TOP_K=top_k, SLOTS=triton.next_power_of_2(top_k), BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN_K=intermediate % block_k == 0, STREAM_WEIGHTS=stream_weights, USE_PDL=use_pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(use_pdl),
     )
 
 
 def experts_rows(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
-                 w2: torch.Tensor, configs: tuple[RowsConfig, RowsConfig] | None = None) -> torch.Tensor:
-    """Same contract as `experts_reference`, one program per pair (GEMM 1) and per token (GEMM 2)."""
+                 w2: torch.Tensor, tiles: RowsTiles | None = None, use_pdl: bool = False) -> torch.Tensor:
+    """Same contract as `experts_reference`: two kernels, GEMM 1 per (pair, features), GEMM 2 per (token,
+    features) over the token's k pairs. `use_pdl`: launch both with programmatic dependent launch
+    (engine/kernels/launch.py; the caller checked the device)."""
     _check_operands(hidden, w13, w2)
     num_tokens, top_k = topk_ids.shape
-    hidden_size, intermediate = hidden.shape[1], w2.shape[2]
-    out = torch.empty((num_tokens, hidden_size), dtype=hidden.dtype, device=hidden.device)
+    out = torch.empty((num_tokens, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
     if num_tokens == 0:
         return out
-    if configs is None:
-        num_sms = _num_sms(hidden.device) if hidden.is_cuda else None
-        configs = (rows_config(num_tokens * top_k, intermediate, hidden_size, num_sms),
-                   rows_config(num_tokens, hidden_size, intermediate, num_sms))
+    tiles = tiles or rows_tiles(num_tokens)
     ids = topk_ids.reshape(-1).contiguous()
     weights = topk_weights.reshape(-1).contiguous()
-    act = torch.empty((num_tokens * top_k, intermediate), dtype=hidden.dtype, device=hidden.device)
-    rows_gemm(hidden, w13, act, ids, weights, top_k, slots=1, gather_tokens=True, gated=True, mul_weight=False,
-              config=configs[0])
-    rows_gemm(act, w2, out, ids, weights, top_k, slots=top_k, gather_tokens=False, gated=False, mul_weight=True,
-              config=configs[1])
+    act = torch.empty((num_tokens * top_k, w2.shape[2]), dtype=hidden.dtype, device=hidden.device)
+    # One token's k experts are all distinct: no weight row is read twice, so none is worth keeping in L2.
+    stream_weights = num_tokens == 1
+    gate_up_rows(hidden, w13, act, ids, top_k, tiles.gate_up, stream_weights=stream_weights, use_pdl=use_pdl)
+    down_rows(act, w2, out, ids, weights, top_k, tiles.down, stream_weights=stream_weights, use_pdl=use_pdl)
     return out
-
-
-@functools.cache
-def _num_sms_of(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    return _num_sms_of(device.index if device.index is not None else torch.cuda.current_device())

@@ -145,6 +145,16 @@ def test_moe_backend_resolution() -> None:
         resolve(EngineConfig(moe_backend="fused"), no_triton, facts)
 
 
+def test_rows_tiles_cover_every_rows_token_count() -> None:
+    """The per-pair tile table is ordered by its token bounds and covers the token counts `rows` takes."""
+    from pagedserve.engine.kernels.moe.experts import ROWS_MAX_TOKENS
+    from pagedserve.engine.kernels.moe.triton import ROWS_TILES, rows_tiles
+
+    bounds = [max_tokens for max_tokens, _ in ROWS_TILES]
+    assert bounds == sorted(bounds) and bounds[-1] >= ROWS_MAX_TOKENS
+    assert rows_tiles(1) is ROWS_TILES[0][1] and rows_tiles(10_000) is ROWS_TILES[-1][1]
+
+
 def test_align_pairs_to_blocks() -> None:
     """Every pair once; each block holds one expert's pairs (padding marked num_pairs); blocks past the last
     expert's run carry expert E; the static bound holds."""
@@ -185,13 +195,17 @@ def test_grouped_mm_path_matches_reference_on_cpu(dtype: torch.dtype) -> None:
 
 
 # ---- Triton kernels under the interpreter --------------------------------------------------------------------
-# (kernel, tokens, hidden, intermediate, experts, top_k, dtype, config)
+# (kernel, tokens, hidden, intermediate, experts, top_k, dtype, config); a rows config is (gate_up, down) tiles,
+# None: the ROWS_TILES defaults (fitted to the tiny shape).
 INTERPRETER_CASES = {
     "grouped_fp32_many_blocks": ("triton", 21, 32, 24, 4, 2, "float32", (8, 16, 16, 2, 4, 1)),
     "grouped_fp32_ragged_k": ("triton", 9, 40, 20, 6, 3, "float32", (16, 16, 16, 1, 4, 1)),
     "grouped_fp16_empty_experts": ("triton", 3, 32, 16, 16, 2, "float16", (16, 16, 32, 1, 4, 1)),
     "rows_one_token_bf16": ("rows", 1, 48, 24, 8, 4, "bfloat16", ((8, 16, 4, 1), (16, 16, 4, 1))),
-    "rows_fp32_ragged": ("rows", 3, 40, 20, 5, 2, "float32", ((8, 16, 4, 1), (4, 32, 4, 1))),
+    "rows_fp32_ragged_k2": ("rows", 3, 40, 20, 5, 2, "float32", ((8, 16, 4, 1), (4, 32, 4, 1))),
+    "rows_two_tokens_k8_bf16": ("rows", 2, 32, 16, 16, 8, "bfloat16", ((4, 16, 4, 1), (8, 8, 4, 1))),
+    "rows_eight_tokens_k8_shared": ("rows", 8, 32, 16, 10, 8, "float32", None),
+    "rows_one_token_k3_fp16": ("rows", 1, 40, 24, 6, 3, "float16", ((16, 32, 4, 1), (2, 16, 4, 1))),
 }
 
 
@@ -204,7 +218,8 @@ def run_case(kernel, num_tokens, hidden, intermediate, num_experts, top_k, dtype
     if kernel == "triton":
         out = moe_triton.experts_triton(x, ids, weights, w13, w2, moe_triton.GroupedConfig(*config))
     else:
-        out = moe_triton.experts_rows(x, ids, weights, w13, w2, tuple(moe_triton.RowsConfig(*c) for c in config))
+        tiles = None if config is None else moe_triton.RowsTiles(*(moe_triton.RowsConfig(*c) for c in config))
+        out = moe_triton.experts_rows(x, ids, weights, w13, w2, tiles)
     want = experts_reference(x.float(), ids, weights, w13.float(), w2.float())
     return {"max_error": ((out.float() - want).abs().max() / want.abs().max()).item(),
             "shape_ok": float(out.shape == (num_tokens, hidden) and out.dtype == dtype)}
@@ -234,7 +249,7 @@ QWEN3_30B_LAYER = (2048, 768, 128, 8)  # hidden, moe_intermediate, experts, top-
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("num_tokens", [1, 3, 64, 600])
+@pytest.mark.parametrize("num_tokens", [1, 2, 3, 8, 64, 600])
 @pytest.mark.parametrize("kernel", ["rows", "triton", "grouped_mm"])
 def test_gpu_kernels_match_reference_bf16(kernel: str, num_tokens: int) -> None:
     """Each kernel on the Qwen3-30B-A3B layer shape in bf16, against the float32 reference of the same weights."""
@@ -250,6 +265,35 @@ def test_gpu_kernels_match_reference_bf16(kernel: str, num_tokens: int) -> None:
     want = experts_reference(x.float(), ids, weights, w13.float(), w2.float())
     assert out.dtype == torch.bfloat16
     assert ((out.float() - want).abs().max() / want.abs().max()).item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("use_pdl", [False, True])
+def test_gpu_rows_kernels_in_a_cuda_graph(use_pdl: bool) -> None:
+    """The per-pair kernels at 1, 2, 4 and 8 tokens on the Qwen3-30B-A3B layer, replayed from one CUDA graph
+    (with programmatic dependent launch where the device has it) after new routing is written into the captured
+    inputs, against the float32 reference."""
+    from pagedserve.engine.kernels.launch import supports_programmatic_launch
+    from pagedserve.engine.kernels.moe.triton import experts_rows
+
+    if use_pdl and not supports_programmatic_launch(torch.device("cuda")):
+        pytest.skip("no programmatic dependent launch on this device")
+    hidden, intermediate, num_experts, top_k = QWEN3_30B_LAYER
+    w13, w2 = random_experts(num_experts, hidden, intermediate, dtype=torch.bfloat16, device="cuda")
+    for num_tokens in (1, 2, 4, 8):
+        static = routed_inputs(num_tokens, hidden, num_experts, top_k, dtype=torch.bfloat16, device="cuda")
+        experts_rows(*static, w13, w2, use_pdl=use_pdl)  # compiled outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = experts_rows(*static, w13, w2, use_pdl=use_pdl)
+        fresh = routed_inputs(num_tokens, hidden, num_experts, top_k, seed=7, dtype=torch.bfloat16, device="cuda")
+        for buffer, value in zip(static, fresh):
+            buffer.copy_(value)
+        graph.replay()
+        x, ids, weights = fresh
+        want = experts_reference(x.float(), ids, weights, w13.float(), w2.float())
+        assert ((out.float() - want).abs().max() / want.abs().max()).item() < 2e-2, num_tokens
 
 
 @pytest.mark.gpu
