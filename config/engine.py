@@ -85,6 +85,23 @@ class EngineConfig(BaseModel):
         "step without decodes keeps all of max_batch_tokens. None: auto (no bound on CPU, a fixed bound on "
         "CUDA: config/resolve.py); max_batch_tokens or more: no bound.",
     )
+    prefill_step_time_ratio: float | Literal["auto", "off"] = Field(
+        "auto", description="A step that carries prompt tokens beside decodes may take at most this many times the "
+        "decode-only step of the same batch (plus the fixed cost of running eager rather than from a CUDA graph, "
+        "which any prompt token brings): its prompt tokens are the fewer of max_prefill_tokens_while_decoding and "
+        "those whose time is at most (ratio - 1) decode steps, as predicted by a cost model the engine fits from "
+        "its own step times (engine/core/step_cost.py), and never fewer than 64. When the waiting prompts would not "
+        "get their first token within ttft_target_s at that rate, steps take as many prompt tokens as that needs, "
+        "up to max_prefill_tokens_while_decoding. off: the constant bound alone; auto: off on CPU, on CUDA "
+        "GPU_PREFILL_STEP_TIME_RATIO of config/resolve.py (off until measured with bench/online_engine_bench.py).",
+    )
+    ttft_target_s: float = Field(
+        0.5, gt=0.0, le=3600.0, description="The time to first token that prefill_step_time_ratio plans for: the "
+        "deadline by which the waiting prompts (and a preempted request's recompute, from its last token) are to be "
+        "computed; unused without the ratio. Under load prompts wait up to about this long, so that steps beside "
+        "decodes stay small; 0.5 s is half of a 1 s p99 time-to-first-token objective, the other half left to the "
+        "cost model's errors, bursts, and the queues in front of the engine.",
+    )
 
     # Execution
     attention_backend: AttentionBackendName = Field(
@@ -182,6 +199,20 @@ class EngineConfig(BaseModel):
         if value == "fcfs":  # vLLM's name of the same policy
             return "fifo"
         return value.replace("-", "_") if isinstance(value, str) else value
+
+    @field_validator("prefill_step_time_ratio", mode="before")
+    @classmethod
+    def _ratio_in_range(cls, value: Any) -> Any:
+        """'auto', 'off', or a number in [1, 100] (as text too: flags and `serve run` args arrive as strings)."""
+        if value in ("auto", "off"):
+            return value
+        try:
+            ratio = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            ratio = None
+        if ratio is None or not 1.0 <= ratio <= 100.0:
+            raise ValueError("must be 'auto', 'off' or a number in [1, 100]")
+        return ratio
 
     @field_validator("lora_modules", mode="before")
     @classmethod

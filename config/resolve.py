@@ -31,6 +31,9 @@ GPU_MAX_BATCH_TOKENS = 8192
 # 4096 all kept the goodput SLOs to 45 req/s, 512 missed TTFT from 40; 2048 had the lowest ITL p99 there
 # (46.9 ms vs 54.0 unbounded). On CPU auto is no bound, as before the knob: nothing measured there asks for one.
 GPU_MAX_PREFILL_TOKENS_WHILE_DECODING = 2048
+# prefill_step_time_ratio auto on CUDA: None (off, the constant bound above alone) until bench/online_engine_bench.py
+# --prefill-bounds 2048 ratio:2 ratio:3 ... measures the rule against the constant on a GPU. On CPU auto is off.
+GPU_PREFILL_STEP_TIME_RATIO: float | None = None
 # attention_backend auto on CUDA, by compute capability major (the GPU generation): the backend that
 # bench/attention_bench.py --backends triton flash_paged and bench/gpu_bench.py (W1, batch 1) measured faster
 # there, in one run. Triton everywhere until such a run says otherwise; a generation not listed gets Triton.
@@ -91,7 +94,7 @@ class LoadSettings:
 # Scheduler settings that size nothing (no memory plan, no CUDA graph, no warm-up shape depends on them), so
 # a running engine may change them between steps (`LLMEngine.update_scheduler`): a benchmark compares
 # values on one warm engine.
-RUNTIME_SCHEDULER_FIELDS = ("max_prefill_tokens_while_decoding", "policy")
+RUNTIME_SCHEDULER_FIELDS = ("max_prefill_tokens_while_decoding", "prefill_step_time_ratio", "ttft_target_s", "policy")
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ class SchedulerSettings:
 
     `max_prefill_tokens_while_decoding`: None, no bound beyond `max_batch_tokens`; else the most prompt
     tokens a step takes while requests are decoding (engine/core/scheduler.py has the rule).
+    `prefill_step_time_ratio`: None, off; else such a step takes at most this many times the decode-only step's
+    time, while the waiting prompts still make `ttft_target_s` (the scheduler's budget rule).
     """
 
     max_num_seqs: int
@@ -108,6 +113,8 @@ class SchedulerSettings:
     enable_chunked_prefill: bool = True
     policy: SchedulingPolicy = "fifo"
     max_prefill_tokens_while_decoding: int | None = None
+    prefill_step_time_ratio: float | None = None
+    ttft_target_s: float = 0.5
     max_loras: int = 0  # distinct LoRA adapters one step may run (0: LoRA off)
 
     def __post_init__(self) -> None:
@@ -116,8 +123,7 @@ class SchedulerSettings:
                 f"max_batch_tokens={self.max_batch_tokens} must be >= max_model_len={self.max_model_len} "
                 "when chunked prefill is off (a whole prompt must fit in one step)"
             )
-        check_runtime_scheduler_changes({"max_prefill_tokens_while_decoding": self.max_prefill_tokens_while_decoding,
-                                         "policy": self.policy})
+        check_runtime_scheduler_changes({name: getattr(self, name) for name in RUNTIME_SCHEDULER_FIELDS})
 
     def updated(self, **changes: Any) -> "SchedulerSettings":
         """These settings with `changes` to fields of RUNTIME_SCHEDULER_FIELDS; `ConfigError` for others."""
@@ -136,6 +142,12 @@ def check_runtime_scheduler_changes(changes: dict[str, Any]) -> None:
                 isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"max_prefill_tokens_while_decoding={value!r}: must be an integer >= 1, or None "
                               "for no bound")
+        if name == "prefill_step_time_ratio" and value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not 1.0 <= value <= 100.0):
+            raise ConfigError(f"prefill_step_time_ratio={value!r}: must be a number in [1, 100], or None for off")
+        if name == "ttft_target_s" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                        or not 0.0 < value <= 3600.0):
+            raise ConfigError(f"ttft_target_s={value!r}: must be a number of seconds in (0, 3600]")
         if name == "policy" and value not in get_args(SchedulingPolicy):
             raise ConfigError(f"policy={value!r}: must be one of {', '.join(get_args(SchedulingPolicy))}")
 
@@ -225,6 +237,15 @@ class SpeculativeSettings:
     @property
     def enabled(self) -> bool:
         return self.method != "none" and self.num_tokens > 0 and self.disable_batch_size > 0
+
+
+def resolve_prefill_step_time_ratio(config: EngineConfig, device: DeviceType) -> float | None:
+    """The ratio of the step-time budget rule, or None for off (auto: GPU_PREFILL_STEP_TIME_RATIO on CUDA)."""
+    if config.prefill_step_time_ratio == "off":
+        return None
+    if config.prefill_step_time_ratio == "auto":
+        return GPU_PREFILL_STEP_TIME_RATIO if device == "cuda" else None
+    return float(config.prefill_step_time_ratio)
 
 
 def resolve_speculative(config: EngineConfig) -> SpeculativeSettings:
@@ -437,6 +458,9 @@ def resolve(
             decided("max_prefill_tokens_while_decoding", max_prefill_tokens_while_decoding, "default on cuda")
         else:
             decided("max_prefill_tokens_while_decoding", "none", f"no bound on {device}")
+    prefill_step_time_ratio = resolve_prefill_step_time_ratio(config, device)
+    if config.prefill_step_time_ratio == "auto":
+        decided("prefill_step_time_ratio", prefill_step_time_ratio or "off", f"default on {device}")
 
     quantization = config.quantization
     if model.fp8_checkpoint:
@@ -503,6 +527,7 @@ def resolve(
             max_num_seqs=config.max_num_seqs, max_batch_tokens=max_batch_tokens, max_model_len=max_model_len,
             enable_chunked_prefill=config.enable_chunked_prefill, policy=config.scheduling_policy,
             max_prefill_tokens_while_decoding=max_prefill_tokens_while_decoding,
+            prefill_step_time_ratio=prefill_step_time_ratio, ttft_target_s=config.ttft_target_s,
             max_loras=lora.max_loras if lora.enabled else 0,
         ),
         cache=CacheSettings(

@@ -40,6 +40,7 @@ from pagedserve.engine.core.request import (
 from pagedserve.engine.core.sampler import SampledBatch, Sampler
 from pagedserve.engine.core.scheduler import Scheduler, SchedulerOutput
 from pagedserve.engine.core.stats import EngineStats, SpecDecodeStats, StepStats
+from pagedserve.engine.core.step_cost import StepCostModel, StepShape
 from pagedserve.engine.spec.draft import DraftProposer
 from pagedserve.engine.spec.ngram import NgramProposer
 from pagedserve.engine.spec.verify import num_accepted
@@ -68,6 +69,11 @@ class _InFlightStep:
     delivered: bool = False
     # Speculating requests: id -> proposals; such a request has 1 + k consecutive rows from its first.
     drafts: dict[str, list[int]] = field(default_factory=dict)
+    # For the step cost model: what the step held, when its launch began (perf_counter), and whether a step
+    # that is never delivered (no request sampled) went to the device before it, so that its start is unknown.
+    shape: StepShape | None = None
+    launched_at: float = 0.0
+    follows_unobserved: bool = False
 
 
 @dataclass
@@ -138,14 +144,16 @@ class LLMEngine:
         self.runner.allocate_kv_cache(self.memory_plan.num_blocks)
         if self.device.type == "cuda" or self.runner.is_compiled:
             self._warm_up(max_batch_tokens)
+        decode_graph_max_batch_size = 0  # decode batches up to this size replay a CUDA graph
         if settings.runner.cuda_graphs:
             max_graph_batch = min(settings.runner.cuda_graph_max_batch_size, max_num_seqs)
             # Verification steps (1 + k tokens a sequence) replay graphs of their own, for the batches that speculate.
             verify = {} if not settings.speculative.enabled else dict(
                 verify_query_len=settings.speculative.num_tokens + 1,
                 verify_max_batch_size=min(max_graph_batch, settings.speculative.disable_batch_size))
-            self.runner.capture_cuda_graphs(max_graph_batch, self.max_model_len, self.memory_plan.cuda_graph_bytes,
-                                            **verify)
+            if self.runner.capture_cuda_graphs(max_graph_batch, self.max_model_len, self.memory_plan.cuda_graph_bytes,
+                                               **verify):
+                decode_graph_max_batch_size = max_graph_batch
             if isinstance(self._proposer, DraftProposer):
                 self._proposer.capture_cuda_graphs(verify["verify_max_batch_size"], self.max_model_len)
         self.kv_cache = KVCacheManager(
@@ -154,7 +162,10 @@ class LLMEngine:
             self.memory_plan.num_blocks,
             settings.cache.enable_prefix_caching,
         )
-        self.scheduler = Scheduler(self.scheduler_settings, self.kv_cache)
+        self.scheduler = Scheduler(self.scheduler_settings, self.kv_cache,
+                                   StepCostModel(decode_graph_max_batch_size=decode_graph_max_batch_size))
+        self._last_delivered_at: float | None = None  # when the latest delivered step's tokens reached the host
+        self._launched_unobserved = False  # a step no request sampled went out after the latest one that did
         self.sampler = Sampler(self.device, seed=settings.seed)
         self.eos_token_ids = self._eos_token_ids(loaded.model)
         self._groups: dict[str, _RequestGroup] = {}
@@ -418,7 +429,8 @@ class LLMEngine:
         captures. `ConfigError` names a field that cannot change, or a bad value."""
         self.scheduler_settings = self.scheduler_settings.updated(**changes)
         self.scheduler.config = self.scheduler_settings
-        logger.info("scheduler settings updated: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
+        logger.info("scheduler settings updated: %s; %s", ", ".join(f"{k}={v}" for k, v in changes.items()),
+                    self.scheduler.step_costs.describe())
 
     def has_unfinished_requests(self) -> bool:
         return (bool(self._groups) or bool(self._finished_outputs) or self._in_flight is not None
@@ -449,10 +461,13 @@ class LLMEngine:
             in_flight = None
         # With sampling that reads earlier tokens' values (penalties, bad words, grammars), the launch
         # delivers the step in flight after the forward is queued and before sampling.
+        launched_at = time.perf_counter()
         launched = self._launch(output, in_flight) if not output.is_empty else None
         if in_flight is not None:
             self._deliver(in_flight)
         if launched is not None:
+            launched.shape, launched.launched_at = output.shape, launched_at
+            launched.follows_unobserved, self._launched_unobserved = self._launched_unobserved, launched.sampled is None
             # After the delivery, so that each request's one placeholder is its last token.
             self.scheduler.finish_step(output)
             for request in {r.request_id: r for r in launched.requests}.values():  # speculating: several rows
@@ -474,6 +489,7 @@ class LLMEngine:
                 num_seqs=len(output.chunks),
                 step_time_s=time.perf_counter() - started,
                 num_preempted=len(output.preempted),
+                prefill_token_budget=output.prefill_token_budget,
             )
         return self._collect_outputs()
 
@@ -579,6 +595,7 @@ class LLMEngine:
         except Exception as exc:  # noqa: BLE001 -- an asynchronous device error surfaces here
             self._fail_requests(step.requests, exc)
             return
+        self._observe_step_time(step, time.perf_counter())
         now = time.monotonic()
         row = 0
         while row < len(step.requests):
@@ -592,6 +609,17 @@ class LLMEngine:
             if not request.is_finished:  # else it ended (stop, abort, error) while its token was in flight
                 self._accept_sampled(request, sampled, row, now)
             row += 1
+
+    def _observe_step_time(self, step: _InFlightStep, finished_at: float) -> None:
+        """Teach the scheduler's cost model the step's time as the decoding streams see it: from when the device
+        could start it (its launch, or the end of the step before, whichever is later: under async scheduling
+        the next step is queued while this one runs) to when its tokens were on the host."""
+        started_at = step.launched_at
+        if self._last_delivered_at is not None:
+            started_at = max(started_at, self._last_delivered_at)
+        self._last_delivered_at = finished_at
+        if step.shape is not None and not step.follows_unobserved:
+            self.scheduler.observe_step(step.shape, finished_at - started_at)
 
     def _accept_sampled(self, request: Request, sampled, row: int, now: float) -> None:
         logprob = sampled.logprobs[row] if sampled.logprobs is not None else None

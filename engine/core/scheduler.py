@@ -27,6 +27,22 @@ prefill is taken whole even past the bound (never past `max_batch_tokens`); othe
 than the bound would wait for a step without decodes, which steady traffic may never give. n > 1 children
 forked from a prompt cost no tokens of their own and are decodes from the next step on.
 
+Step-time budget (`prefill_step_time_ratio` r): a constant bound cannot suit every load. Low load wants small
+prompt chunks (a step of 2,000 prompt tokens takes ten decode steps' time, and a light decode batch sees it
+as a clump), high load wants large ones (small chunks cannot keep up with the prompts arriving, and time to
+first token grows without bound). So the bound follows the step's time instead: with r on, a step with
+decodes takes the prompt tokens whose own time is at most (r - 1) times the predicted decode-only step of the
+same batch (so the step takes r times it, plus the fixed cost of running eager instead of from a CUDA graph,
+which any prompt token brings), as `StepCostModel` predicts from the steps the engine ran
+(engine/core/step_cost.py); at least MIN_PREFILL_TOKENS_PER_STEP so that prompts always progress, at most the
+constant bound (or `max_batch_tokens`). That alone would starve prompts under load, so a deadline widens it:
+the prompts in service order (running prefills, then the queue from its head) are each to be computed within
+`ttft_target_s` of their arrival (of its last token, for a preempted request's recompute), and the step takes
+at least the prompt tokens per step that this needs at the predicted step times (`prompt_tokens_to_drain`):
+none while the queue is young, the constant bound once a deadline cannot be made. One pass over `running`
+gathers the batch (without the rule, the test for any decode, as before) and at most NUM_WAITING_DEADLINES
+waiting requests are weighed.
+
 Speculative decoding: `schedule(drafts)` takes proposed tokens per decoding request; such a request's chunk
 carries them (1 + k new tokens: its last token and the proposals), within the step's token budget and only
 if its blocks have room for all of them: when they do not, the request decodes one token, so speculation
@@ -41,8 +57,10 @@ adapter sits the step out, and the head of the queue waits. A request's adapter 
 from __future__ import annotations
 
 import bisect
+import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pagedserve.cache.allocators import BlockCopy
@@ -51,6 +69,19 @@ from pagedserve.cache.kv_cache_manager import KVCacheManager
 from pagedserve.config.resolve import SchedulerSettings
 
 from pagedserve.engine.core.request import FinishReason, Request, RequestStatus
+from pagedserve.engine.core.step_cost import (
+    StepCostModel,
+    StepShape,
+    prompt_tokens_to_drain,
+    prompt_tokens_within_ratio,
+)
+
+# The step-time budget's floor: prompt tokens a step with decodes may always take, so that prompts progress
+# however dear prompt tokens look to the cost model (on an H200 with an 8B model, 64 cost about 1.5 ms).
+MIN_PREFILL_TOKENS_PER_STEP = 64
+# Waiting requests whose deadlines the budget weighs, from the head of the queue: bounds the per-step work. A
+# longer queue (45 req/s with a 0.5 s target holds about 22) is an overload the nearer deadlines already show.
+NUM_WAITING_DEADLINES = 32
 
 
 @dataclass
@@ -67,18 +98,31 @@ class ScheduledChunk:
 @dataclass
 class _StepBudget:
     """What one step may still take: `tokens` in all, and of them at most `prefill_tokens` in prefill chunks
-    (None: no bound but `tokens`)."""
+    (None: no bound but `tokens`); and what it took, as the cost model sees a step."""
 
     tokens: int
     prefill_tokens: int | None
     num_prefill_chunks: int = 0
+    num_seqs: int = 0
+    num_decode_context_tokens: int = 0
+    num_prompt_tokens: int = 0
+    num_draft_tokens: int = 0
 
-    def take(self, num_tokens: int, is_prefill: bool) -> None:
+    def take(self, num_tokens: int, is_prefill: bool, num_context_tokens: int = 0, num_drafts: int = 0) -> None:
+        """`num_context_tokens`: a decode's length (what it attends over)."""
         self.tokens -= num_tokens
+        self.num_seqs += 1
         if is_prefill:
             self.num_prefill_chunks += 1
+            self.num_prompt_tokens += num_tokens
             if self.prefill_tokens is not None:  # past zero only by a whole prompt (chunked prefill off)
                 self.prefill_tokens = max(0, self.prefill_tokens - num_tokens)
+        else:
+            self.num_decode_context_tokens += num_context_tokens
+            self.num_draft_tokens += num_drafts
+
+    def shape(self) -> StepShape:
+        return StepShape(self.num_seqs, self.num_decode_context_tokens, self.num_prompt_tokens, self.num_draft_tokens)
 
 
 @dataclass
@@ -89,6 +133,8 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
     block_copies: list[BlockCopy] = field(default_factory=list)
     lora_names: set[str] = field(default_factory=set)  # the LoRA adapters of this step's chunks
+    shape: StepShape = field(default_factory=StepShape)  # what the step's time depends on (its cost model's input)
+    prefill_token_budget: int | None = None  # the most prompt tokens it could take beside decodes (None: no bound)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -100,9 +146,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerSettings, kv_cache: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerSettings, kv_cache: KVCacheManager, step_costs: StepCostModel | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`step_costs`: the step-time model the budget rule asks (the engine feeds it through `observe_step`);
+        `clock`: monotonic seconds, the clock of requests' arrival and token times."""
         self.config = config
         self.kv_cache = kv_cache
+        self.step_costs = step_costs if step_costs is not None else StepCostModel()
+        self._clock = clock
         self._drafts: dict[str, list[int]] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -150,9 +201,8 @@ class Scheduler:
         """`drafts`: request id -> proposed tokens, for decoding requests that speculate this step."""
         output = SchedulerOutput()
         self._drafts = drafts or {}
-        is_decoding = any(self._is_decoding(request) for request in self.running)
-        budget = _StepBudget(self.config.max_batch_tokens,
-                             self.config.max_prefill_tokens_while_decoding if is_decoding else None)
+        output.prefill_token_budget = self._prefill_token_budget()
+        budget = _StepBudget(self.config.max_batch_tokens, output.prefill_token_budget)
         if self.config.policy == "prefill_first":
             self._schedule_waiting(output, budget)
             self._schedule_running(output, budget)
@@ -170,7 +220,57 @@ class Scheduler:
         if not self.is_priority:
             self._waiting_order_policy = self.config.policy
         output.block_copies = self.kv_cache.take_pending_copies()
+        output.shape = budget.shape()
         return output
+
+    def observe_step(self, shape: StepShape, seconds: float) -> None:
+        """A step of `shape` took `seconds` on the device (the engine measures): the cost model learns it."""
+        self.step_costs.observe(shape, seconds)
+
+    def _prefill_token_budget(self) -> int | None:
+        """The most prompt tokens this step takes beside decodes; None when nothing decodes (no bound but
+        `max_batch_tokens`). The constant bound, or with the ratio rule on, the step-time budget within it."""
+        config = self.config
+        ratio = config.prefill_step_time_ratio
+        if ratio is None:
+            return config.max_prefill_tokens_while_decoding if any(
+                self._is_decoding(request) for request in self.running) else None
+        num_decoding = num_context_tokens = 0
+        prefilling: list[Request] = []  # running requests with prompt tokens (or a recompute) to go, in order
+        for request in self.running:
+            num_tokens = request.num_tokens
+            num_needed = num_tokens - request.num_computed_tokens
+            if num_needed < 1 or num_tokens >= request.token_limit:
+                continue
+            if num_needed == 1:
+                num_decoding += 1
+                num_context_tokens += num_tokens
+            else:
+                prefilling.append(request)
+        if num_decoding == 0:
+            return None
+        most = config.max_prefill_tokens_while_decoding or config.max_batch_tokens
+        model = self.step_costs
+        costs = model.costs()
+        decode_runs_graph = 0 < num_decoding <= model.decode_graph_max_batch_size
+        tokens = prompt_tokens_within_ratio(costs, num_decoding, num_context_tokens, decode_runs_graph, ratio)
+        # The deadlines, in service order: running prefills, then the queue from its head (as far as one can bind).
+        step_without_prompt_s = costs.step_s(num_decoding + 1, num_context_tokens, 0, runs_graph=False)
+        deadline_from_now_s = config.ttft_target_s - self._clock()
+        num_backlog_tokens = 0
+        for request in itertools.chain(prefilling, itertools.islice(self.waiting, NUM_WAITING_DEADLINES)):
+            if tokens >= most:
+                break
+            num_backlog_tokens += request.num_tokens - request.num_computed_tokens
+            slack_s = deadline_from_now_s + self._waiting_since(request)
+            tokens = max(tokens, prompt_tokens_to_drain(costs, step_without_prompt_s, num_backlog_tokens, slack_s))
+        return int(min(most, max(MIN_PREFILL_TOKENS_PER_STEP, tokens)))
+
+    @staticmethod
+    def _waiting_since(request: Request) -> float:
+        """When the request began waiting for its next token: its last one (a preempted request), else its arrival."""
+        last = request.metrics.last_token_time
+        return last if last is not None else request.arrival_time
 
     def _order_for_priority(self) -> None:
         """Running requests in priority order (stable: admission order within a level); waiting ones sorted
@@ -232,7 +332,7 @@ class Scheduler:
             if drafts:
                 self._add_chunk(output, request, request.num_computed_tokens, 1 + len(drafts), drafts)
                 scheduled_ids.add(request.request_id)
-                budget.take(1 + len(drafts), is_prefill=False)
+                budget.take(1 + len(drafts), is_prefill=False, num_context_tokens=num_tokens, num_drafts=len(drafts))
                 index += 1
                 continue
             while not self.kv_cache.allocate_slots(request.request_id, request.num_computed_tokens, num_new):
@@ -243,7 +343,7 @@ class Scheduler:
             else:
                 self._add_chunk(output, request, request.num_computed_tokens, num_new)
                 scheduled_ids.add(request.request_id)
-                budget.take(num_new, is_prefill=num_needed > 1)
+                budget.take(num_new, is_prefill=num_needed > 1, num_context_tokens=num_tokens)
                 index += 1
 
     def _fit_drafts(self, request: Request, num_needed: int, budget: _StepBudget) -> list[int]:
@@ -286,7 +386,7 @@ class Scheduler:
                 break  # FIFO: nobody overtakes the head of the queue
             self.waiting.popleft()
             if request.status is RequestStatus.WAITING:
-                request.metrics.first_scheduled_time = time.monotonic()
+                request.metrics.first_scheduled_time = self._clock()
                 request.num_cached_prompt_tokens = num_cached
                 request.metrics.num_cached_prompt_tokens = num_cached
                 self.kv_cache.record_prefix_query(request.num_prompt_tokens, num_cached)

@@ -88,3 +88,4 @@ class StepStats:
     num_seqs: int
     step_time_s: float
     num_preempted: int = 0
+    prefill_token_budget: int | None = None  # the most prompt tokens it could take beside decodes (None: no bound)

@@ -24,6 +24,9 @@ def test_defaults_follow_transformers_continuous_batching_names():
         ("max_memory_percent", 1.2, "less than or equal to 1"),
         ("max_num_seqs", -3, "greater than or equal to 1"),
         ("max_prefill_tokens_while_decoding", 0, "greater than or equal to 1"),
+        ("prefill_step_time_ratio", 0.5, "a number in [1, 100]"),
+        ("prefill_step_time_ratio", "on", "'auto', 'off' or a number"),
+        ("ttft_target_s", 0, "greater than 0"),
         ("tp_size", 6, "power of two"),
         ("scheduling_policy", "lifo", "fifo"),
         ("quantization", "gptq", "bnb-4bit"),
@@ -65,6 +68,13 @@ def test_scheduler_settings_change_at_run_time_only_where_nothing_is_sized():
         SchedulerSettings(4, 512, 1024, max_prefill_tokens_while_decoding="512")
     with pytest.raises(ConfigError, match=r"policy='lifo'"):
         settings.updated(policy="lifo")
+    updated = settings.updated(prefill_step_time_ratio=2.5, ttft_target_s=0.25)
+    assert (updated.prefill_step_time_ratio, updated.ttft_target_s) == (2.5, 0.25)
+    assert updated.updated(prefill_step_time_ratio=None).prefill_step_time_ratio is None
+    with pytest.raises(ConfigError, match=r"prefill_step_time_ratio=0.5: must be a number in \[1, 100\]"):
+        settings.updated(prefill_step_time_ratio=0.5)
+    with pytest.raises(ConfigError, match=r"ttft_target_s=0: must be a number of seconds"):
+        settings.updated(ttft_target_s=0)
 
 
 def test_the_prefill_bound_reaches_every_surface_by_its_name():
@@ -77,6 +87,10 @@ def test_the_prefill_bound_reaches_every_surface_by_its_name():
     assert ServeArgs.from_args({"max_prefill_tokens_while_decoding": "256"}).engine.max_prefill_tokens_while_decoding == 256
     with pytest.raises(ConfigError, match=r"EngineConfig.max_prefill_tokens_while_decoding=0"):
         ServeArgs.from_args({"engine": {"max_prefill_tokens_while_decoding": 0}})
+    flags = build_parser().parse_args(["generate", "--prefill-step-time-ratio", "2.5", "--ttft-target-s", "0.3"])
+    assert engine_kwargs(flags) == {"prefill_step_time_ratio": "2.5", "ttft_target_s": 0.3}
+    assert EngineConfig.create(**engine_kwargs(flags)).prefill_step_time_ratio == 2.5
+    assert ServeArgs.from_args({"prefill_step_time_ratio": "off"}).engine.prefill_step_time_ratio == "off"
 
 
 def test_the_kv_cache_dtype_reaches_every_surface_by_its_name():

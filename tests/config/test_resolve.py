@@ -11,6 +11,7 @@ from pagedserve.config.resolve import (
     CPU_MAX_BATCH_TOKENS,
     GPU_MAX_BATCH_TOKENS,
     GPU_MAX_PREFILL_TOKENS_WHILE_DECODING,
+    GPU_PREFILL_STEP_TIME_RATIO,
     MAX_AUTO_MODEL_LEN,
     ModelFacts,
     Platform,
@@ -80,7 +81,8 @@ def test_context_length_and_batch_budget() -> None:
 
 def test_explicit_values_are_kept_and_only_autos_are_reported() -> None:
     explicit = EngineConfig(device="cpu", dtype="bfloat16", max_model_len=256, max_batch_tokens=128,
-                            max_prefill_tokens_while_decoding=64, attention_backend="reference", compile=False,
+                            max_prefill_tokens_while_decoding=64, prefill_step_time_ratio="off",
+                            attention_backend="reference", compile=False,
                             engine_process=False, enable_cuda_graphs=False)
     settings = resolve(explicit, HOPPER, LLAMA)
     assert settings.runner.device == "cpu" and settings.runner.dtype == "bfloat16"
@@ -88,7 +90,7 @@ def test_explicit_values_are_kept_and_only_autos_are_reported() -> None:
     auto = resolve(EngineConfig(), HOPPER, LLAMA)
     names = [line.split("=")[0] for line in auto.decisions]
     assert names == ["device", "dtype", "max_model_len", "max_batch_tokens", "max_prefill_tokens_while_decoding",
-                     "attention_backend", "compile"]
+                     "prefill_step_time_ratio", "attention_backend", "compile"]
     assert auto.describe().startswith("resolved settings: device=cuda (a CUDA device is visible)")
 
 
@@ -106,6 +108,18 @@ def test_prefill_bound_while_decoding_is_none_on_cpu_and_a_constant_on_cuda() ->
                            platform, LLAMA)
         assert explicit.scheduler.max_prefill_tokens_while_decoding == 512
         assert not any(d.startswith("max_prefill_tokens_while_decoding") for d in explicit.decisions)
+
+
+def test_prefill_step_time_ratio_is_off_on_cpu_the_measured_constant_on_cuda_and_kept_when_set() -> None:
+    assert resolve(EngineConfig(), CPU, LLAMA).scheduler.prefill_step_time_ratio is None
+    assert "prefill_step_time_ratio=off (default on cpu)" in resolve(EngineConfig(), CPU, LLAMA).describe()
+    assert resolve(EngineConfig(), HOPPER, LLAMA).scheduler.prefill_step_time_ratio == GPU_PREFILL_STEP_TIME_RATIO
+    for platform in (CPU, HOPPER):
+        for value, want in ((2, 2.0), ("2.5", 2.5), ("off", None)):
+            settings = resolve(EngineConfig(prefill_step_time_ratio=value), platform, LLAMA).scheduler
+            assert settings.prefill_step_time_ratio == want
+    settings = resolve(EngineConfig(prefill_step_time_ratio=3, ttft_target_s=0.25), CPU, LLAMA).scheduler
+    assert (settings.prefill_step_time_ratio, settings.ttft_target_s) == (3.0, 0.25)
 
 
 def test_device_cuda_without_a_gpu_is_a_config_error() -> None:

@@ -269,3 +269,41 @@ def test_priority_policy_keeps_greedy_outputs_and_fifo_refuses_a_priority(llm):
     assert [out.outputs[0].token_ids for out in got] == want
     assert llm.engine.scheduler.num_preemptions_total > preemptions_before
     assert_all_blocks_free(llm)
+
+
+def test_step_time_budget_keeps_greedy_outputs_and_learns_from_the_steps(llm):
+    """The ratio rule on a running engine only reorders work: a decoding request and two long prompts give the
+    tokens they give without it, while the prompts go 64 tokens a step beside the decode (ratio 1 leaves them
+    no time: the floor; no deadline near) and the cost model learns from the steps the engine timed."""
+    engine = llm.engine
+    params = [SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True) for max_tokens in (16, 4, 4)]
+    prompts = [PROMPTS[0], list(range(30, 180)), [3 + 7 * i % 250 for i in range(100)]]  # 6, 150 and 100 tokens
+
+    def run() -> tuple[list[list[int]], list]:
+        tokens: dict[str, list[int]] = {name: [] for name in "dpq"}
+        steps = []
+        engine.add_request("d", prompts[0], params[0])
+        for _ in range(3):  # "d" decodes from its second step on
+            for out in engine.step():
+                tokens[out.request_id] += out.outputs[0].token_ids
+        engine.add_request("p", prompts[1], params[1])
+        engine.add_request("q", prompts[2], params[2])
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                tokens[out.request_id] += out.outputs[0].token_ids
+            steps.append(engine.last_step)
+        return [tokens[name] for name in "dpq"], steps
+
+    observed_before = engine.scheduler.step_costs.num_observed
+    engine.update_scheduler(prefill_step_time_ratio=1.0, ttft_target_s=3600.0)
+    try:
+        got, steps = run()  # first: the prompts are not in the prefix cache yet
+    finally:
+        engine.update_scheduler(prefill_step_time_ratio=None, ttft_target_s=0.5)
+    want, _ = run()
+    assert got == want
+    beside_decodes = [step for step in steps if step is not None and step.num_decode_tokens > 0]
+    assert max(step.num_prefill_tokens for step in beside_decodes) == 64
+    assert {step.prefill_token_budget for step in beside_decodes if step.num_prefill_tokens} == {64}
+    assert engine.scheduler.step_costs.num_observed > observed_before + 10
+    assert_all_blocks_free(llm)
