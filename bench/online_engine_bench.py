@@ -1,18 +1,23 @@
-"""Online serving on one warm engine, without Ray or HTTP: latency at a request rate, per prefill bound.
+"""Online serving on one warm engine, without Ray or HTTP: latency at a request rate, per prefill rule.
 
-Chooses the CUDA default of `max_prefill_tokens_while_decoding` (config/resolve.py,
-GPU_MAX_PREFILL_TOKENS_WHILE_DECODING). Long prompt chunks that share a step with decodes stretch that
-step, and every decoding request waits for it: time per output token grows with the arrival rate. The
-bound trades that against time to first token (a prompt takes more steps beside decodes). Requests reach
+Chooses the CUDA defaults of `max_prefill_tokens_while_decoding` and `prefill_step_time_ratio`
+(config/resolve.py, GPU_MAX_PREFILL_TOKENS_WHILE_DECODING and GPU_PREFILL_STEP_TIME_RATIO). Long prompt
+chunks that share a step with decodes stretch that step, and every decoding request waits for it: time per
+output token grows with the arrival rate. A bound trades that against time to first token (a prompt takes
+more steps beside decodes). A rule (`--prefill-bounds`) is a constant bound (`2048`, `none`) or the step-time
+budget `ratio:R` (prompt tokens beside decodes take at most R - 1 decode steps' time, under the constant
+bound 2048 and widened for the waiting prompts' `ttft_target_s`: engine/core/scheduler.py), with options
+`ratio:R,bound=N|none,ttft=S`. The engine's cost model learns from every pass, so put a constant bound
+first: the rule's passes then start from a fitted model (the engine logs it at each change). Requests reach
 `AsyncLLMEngine` (the engine core in its own process, as a GPU replica runs it) at Poisson times, for
-`--duration-s` seconds per pass, then the pass drains. One pass per (rate, bound): the same prompts and
-arrival times for every bound at a rate, bounds interleaved within a rate; the bound changes between
+`--duration-s` seconds per pass, then the pass drains. One pass per (rate, rule): the same prompts and
+arrival times for every rule at a rate, rules interleaved within a rate; the rule changes between
 passes on the one engine (`update_scheduler`), so the model is built and its graphs captured once.
 
 Per request: TTFT (sent -> first delta), TPOT (first -> last delta over the tokens after the first), ITL
 (gaps between the deltas the stream yields, pooled over requests). A row meets the goodput SLO when every
 request finished and the p99s of all three hold (thresholds as flags). Also per row: output tokens/s
-(first send -> last token), the most prompt tokens a step took beside decodes (the bound at work), the
+(first send -> last token), the prompt tokens a step took beside decodes, median and most (the rule at work), the
 engine's step times by kind (decode-only steps, steps with prompt tokens beside decodes) and the output
 tokens a delta carried on average: what the inter-token gaps are made of.
 A request unfinished `--max-drain-s` after its pass's arrivals end is aborted and fails the row, which
@@ -29,7 +34,7 @@ vocabulary and a small cache:
 
     python bench/online_engine_bench.py --out online_engine.json                              # GPU
     python bench/online_engine_bench.py --tiny --layers 2 --num-blocks 1024 --rates 4 8 \\
-        --prefill-bounds none 64 256 --duration-s 4 --max-new-tokens 32                      # CPU check
+        --prefill-bounds none 64 256 ratio:2 --duration-s 4 --max-new-tokens 32              # CPU check
 """
 
 from __future__ import annotations
@@ -58,6 +63,32 @@ from common import (  # noqa: E402
 from gpu_bench import w1_config_and_tokenizer  # noqa: E402
 
 REPO_DIR = Path(__file__).resolve().parent.parent
+RATIO_RULE_BOUND = 2048  # a ratio rule's constant bound unless it names one: the CUDA default
+DEFAULT_TTFT_TARGET_S = 0.5  # EngineConfig.ttft_target_s's default
+
+
+@dataclass(frozen=True)
+class PrefillRule:
+    """What one pass sets on the engine: a constant bound, and the step-time budget's ratio (None: off)."""
+
+    bound: int | None
+    ratio: float | None = None
+    ttft_target_s: float = DEFAULT_TTFT_TARGET_S
+
+    @property
+    def label(self) -> str:
+        if self.ratio is None:
+            return bound_label(self.bound)
+        label = f"ratio:{self.ratio:g}"
+        if self.bound != RATIO_RULE_BOUND:
+            label += f",bound={bound_label(self.bound)}"
+        if self.ttft_target_s != DEFAULT_TTFT_TARGET_S:
+            label += f",ttft={self.ttft_target_s:g}"
+        return label
+
+    def scheduler_changes(self) -> dict[str, object]:
+        return {"max_prefill_tokens_while_decoding": self.bound, "prefill_step_time_ratio": self.ratio,
+                "ttft_target_s": self.ttft_target_s}
 
 
 @dataclass
@@ -76,6 +107,9 @@ class PassResult:
     max_send_lag_s: float  # the latest send behind its Poisson time (large: this process, not the engine, set the pace)
     num_steps: int = 0
     max_prefill_tokens_beside_decodes: int = 0
+    median_prefill_tokens_beside_decodes: float = 0.0  # over steps with prompt tokens beside decodes
+    prefill_step_time_ratio: float | None = None  # the rule's ratio (None: the constant bound alone)
+    ttft_target_s: float | None = None  # the rule's deadline, with a ratio
     num_preempted: int = 0
     # Where the inter-token gaps come from: engine step times by kind (seconds, {"p50", "p90", "p99"}), and
     # how many tokens a delta carried on average (above 1: the stream hands over several tokens at a time).
@@ -92,6 +126,12 @@ class PassResult:
     def meets_slo(self) -> bool:
         return meets_slo(self.num_sent, self.num_finished, self.checks)
 
+    @property
+    def rule_label(self) -> str:
+        if self.prefill_step_time_ratio is None:
+            return bound_label(self.prefill_bound)
+        return PrefillRule(self.prefill_bound, self.prefill_step_time_ratio, self.ttft_target_s).label
+
 
 def parse_bound(text: str) -> int | None:
     if text.lower() == "none":
@@ -104,6 +144,29 @@ def parse_bound(text: str) -> int | None:
 
 def bound_label(bound: int | None) -> str:
     return "none" if bound is None else str(bound)
+
+
+def parse_rule(text: str) -> PrefillRule:
+    """'none', an integer bound, or 'ratio:R[,bound=N|none][,ttft=S]'."""
+    if not text.lower().startswith("ratio:"):
+        return PrefillRule(parse_bound(text))
+    ratio_text, *options = text[len("ratio:"):].split(",")
+    fields: dict[str, object] = {"bound": RATIO_RULE_BOUND}
+    try:
+        fields["ratio"] = float(ratio_text)
+        for option in options:
+            name, _, value = option.partition("=")
+            if name == "bound":
+                fields["bound"] = parse_bound(value)
+            elif name == "ttft":
+                fields["ttft_target_s"] = float(value)
+            else:
+                raise ValueError(option)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a ratio rule is ratio:R[,bound=N|none][,ttft=S], got {text!r}") from None
+    if not 1.0 <= fields["ratio"] <= 100.0 or not 0.0 < fields.get("ttft_target_s", 1.0) <= 3600.0:
+        raise argparse.ArgumentTypeError(f"ratio in [1, 100] and ttft in (0, 3600] s, got {text!r}")
+    return PrefillRule(**fields)
 
 
 def write_model_dir(path: Path, num_layers: int, tiny: bool) -> None:
@@ -160,18 +223,21 @@ async def one_pass(engine, prompts: list[list[int]], arrivals_s: list[float], ma
 
 
 def run_pass(engine, steps: list, prompts: list[list[int]], arrivals_s: list[float], rate: float,
-             bound: int | None, args: argparse.Namespace, slo: Slo, tag: str) -> PassResult:
+             rule: PrefillRule, args: argparse.Namespace, slo: Slo, tag: str) -> PassResult:
     steps.clear()
     timings, gaps_s, num_sent, max_lag_s, wall_s = asyncio.run(
         one_pass(engine, prompts, arrivals_s, args.max_new_tokens, args.max_drain_s, tag))
     ttft, tpot = summarize_timings(timings)
     itl = latency_percentiles(gaps_s)
     beside_decodes = [s.num_prefill_tokens for s in steps if s.num_decode_tokens]
+    with_prompt = sorted(n for n in beside_decodes if n)
     num_deltas = len(gaps_s) + len(timings)  # a finished stream's first delta opens no gap
     result = PassResult(
-        rate_per_s=rate, prefill_bound=bound, num_sent=num_sent, num_finished=len(timings), wall_s=wall_s,
+        rate_per_s=rate, prefill_bound=rule.bound, num_sent=num_sent, num_finished=len(timings), wall_s=wall_s,
         num_output_tokens=sum(t.num_output_tokens for t in timings), ttft_s=ttft, tpot_s=tpot, itl_s=itl,
         max_send_lag_s=max_lag_s, num_steps=len(steps), max_prefill_tokens_beside_decodes=max(beside_decodes, default=0),
+        median_prefill_tokens_beside_decodes=with_prompt[len(with_prompt) // 2] if with_prompt else 0,
+        prefill_step_time_ratio=rule.ratio, ttft_target_s=rule.ttft_target_s if rule.ratio is not None else None,
         num_preempted=sum(s.num_preempted for s in steps),
         decode_step_s=latency_percentiles([s.step_time_s for s in steps if not s.num_prefill_tokens]),
         mixed_step_s=latency_percentiles([s.step_time_s for s in steps if s.num_prefill_tokens and s.num_decode_tokens]),
@@ -185,10 +251,15 @@ def _ms(latency: dict[str, float] | None, key: str) -> str:
     return "n/a" if latency is None else f"{latency[key] * 1000:.1f}"
 
 
+def _ratio(top: dict[str, float] | None, bottom: dict[str, float] | None, key: str) -> str:
+    return "n/a" if top is None or bottom is None or not bottom[key] else f"{top[key] / bottom[key]:.2f}"
+
+
 def table(results: list[PassResult], slo: Slo) -> str:
-    header = ["rate (req/s)", "prefill bound", "finished", "output tok/s", "TTFT p50 / p99 (ms)",
+    header = ["rate (req/s)", "prefill rule", "finished", "output tok/s", "TTFT p50 / p99 (ms)",
               "TPOT p50 / p99 (ms)", "ITL p50 / p99 (ms)", "decode step p50 / p99 (ms)",
-              "mixed step p50 / p99 (ms)", "tokens a delta", "most prompt tokens beside decodes", "preempted",
+              "mixed step p50 / p99 (ms)", "tokens a delta", "prompt tokens beside decodes p50 / most", "preempted",
+              "ITL / TPOT p50 / p99",
               f"SLO (TTFT {slo.ttft_p99_s * 1000:g} / TPOT {slo.tpot_p99_s * 1000:g} / ITL {slo.itl_p99_s * 1000:g} ms)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---:"] * len(header)) + "|"]
     for r in results:
@@ -197,12 +268,13 @@ def table(results: list[PassResult], slo: Slo) -> str:
             missed.insert(0, "unfinished")
         verdict = "yes" if r.meets_slo else "no (" + ", ".join(missed) + ")"
         lines.append("| " + " | ".join([
-            f"{r.rate_per_s:g}", bound_label(r.prefill_bound), f"{r.num_finished}/{r.num_sent}",
+            f"{r.rate_per_s:g}", r.rule_label, f"{r.num_finished}/{r.num_sent}",
             f"{r.output_tokens_per_s:.0f}", f"{_ms(r.ttft_s, 'p50')} / {_ms(r.ttft_s, 'p99')}",
             f"{_ms(r.tpot_s, 'p50')} / {_ms(r.tpot_s, 'p99')}", f"{_ms(r.itl_s, 'p50')} / {_ms(r.itl_s, 'p99')}",
             f"{_ms(r.decode_step_s, 'p50')} / {_ms(r.decode_step_s, 'p99')}",
             f"{_ms(r.mixed_step_s, 'p50')} / {_ms(r.mixed_step_s, 'p99')}", f"{r.tokens_per_delta:.2f}",
-            str(r.max_prefill_tokens_beside_decodes), str(r.num_preempted), verdict,
+            f"{r.median_prefill_tokens_beside_decodes:.0f} / {r.max_prefill_tokens_beside_decodes}",
+            str(r.num_preempted), f"{_ratio(r.itl_s, r.tpot_s, 'p50')} / {_ratio(r.itl_s, r.tpot_s, 'p99')}", verdict,
         ]) + " |")
     return "\n".join(lines)
 
@@ -210,8 +282,11 @@ def table(results: list[PassResult], slo: Slo) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rates", type=float, nargs="+", default=[20.0, 30.0, 40.0, 45.0], help="requests/s")
-    parser.add_argument("--prefill-bounds", type=parse_bound, nargs="+", default=[None, 512, 1024, 2048, 4096],
-                        help="max_prefill_tokens_while_decoding values: 'none' or integers")
+    parser.add_argument("--prefill-bounds", type=parse_rule, nargs="+",
+                        default=[parse_rule(text) for text in ("none", "512", "1024", "2048", "4096")],
+                        help="prefill rules, one pass each per rate: max_prefill_tokens_while_decoding ('none' or "
+                        "an integer), or the step-time budget 'ratio:R[,bound=N|none][,ttft=S]' (bound 2048 and "
+                        "ttft_target_s 0.5 unless named)")
     parser.add_argument("--duration-s", type=float, default=6.0, help="arrivals of one pass; then it drains")
     parser.add_argument("--max-drain-s", type=float, default=10.0,
                         help="requests unfinished this long after a pass's arrivals end are aborted and fail the "
@@ -261,14 +336,17 @@ def main() -> int:
             arrivals_s = poisson_arrivals_s(rate, args.duration_s, None, seed=args.seed + 1000 * rate_index + 1)
             workload = random_token_workload(len(arrivals_s), args.min_prompt_len, args.max_prompt_len,
                                              args.max_new_tokens, args.vocab_size, seed=args.seed + 1000 * rate_index)
-            for bound in args.prefill_bounds:
-                engine.update_scheduler(max_prefill_tokens_while_decoding=bound)
-                tag = f"r{rate_index}-b{bound_label(bound)}"
-                result = run_pass(engine, steps, workload.prompts, arrivals_s, rate, bound, args, slo, tag)
+            for rule_index, rule in enumerate(args.prefill_bounds):
+                engine.update_scheduler(**rule.scheduler_changes())
+                tag = f"r{rate_index}-p{rule_index}"
+                result = run_pass(engine, steps, workload.prompts, arrivals_s, rate, rule, args, slo, tag)
                 results.append(result)
-                print(f"--- {rate:g} req/s, bound {bound_label(bound)}: {result.num_finished}/{result.num_sent} "
+                print(f"--- {rate:g} req/s, prefill rule {rule.label}: {result.num_finished}/{result.num_sent} "
                       f"finished, TTFT / TPOT / ITL p99 {_ms(result.ttft_s, 'p99')} / {_ms(result.tpot_s, 'p99')} / "
-                      f"{_ms(result.itl_s, 'p99')} ms, send lag at most {result.max_send_lag_s * 1000:.0f} ms, "
+                      f"{_ms(result.itl_s, 'p99')} ms, TPOT / ITL p50 {_ms(result.tpot_s, 'p50')} / "
+                      f"{_ms(result.itl_s, 'p50')} ms, prompt tokens beside decodes p50 "
+                      f"{result.median_prefill_tokens_beside_decodes:.0f}, "
+                      f"send lag at most {result.max_send_lag_s * 1000:.0f} ms, "
                       f"SLO {'met' if result.meets_slo else 'missed'} "
                       f"({time.perf_counter() - run_started:.0f} s so far)", flush=True)
     finally:

@@ -29,6 +29,19 @@ def test_bounds_parse_none_and_positive_integers(bench) -> None:
         bench.parse_bound("0")
 
 
+def test_rules_parse_constant_bounds_and_ratios_with_their_options(bench) -> None:
+    assert bench.parse_rule("2048") == bench.PrefillRule(2048)
+    assert bench.parse_rule("ratio:2") == bench.PrefillRule(bench.RATIO_RULE_BOUND, 2.0)
+    rule = bench.parse_rule("ratio:2.5,bound=none,ttft=0.25")
+    assert rule == bench.PrefillRule(None, 2.5, 0.25) and rule.label == "ratio:2.5,bound=none,ttft=0.25"
+    assert bench.parse_rule("ratio:3").scheduler_changes() == {
+        "max_prefill_tokens_while_decoding": 2048, "prefill_step_time_ratio": 3.0, "ttft_target_s": 0.5}
+    assert bench.parse_rule("none").scheduler_changes()["prefill_step_time_ratio"] is None  # a pass turns it off
+    for text in ("ratio:0.5", "ratio:x", "ratio:2,speed=3", "ratio:2,ttft=0"):
+        with pytest.raises(Exception, match="ratio"):
+            bench.parse_rule(text)
+
+
 def latency(p50_ms: float, p99_ms: float) -> dict[str, float]:
     return {"p50": p50_ms / 1000, "p90": p99_ms / 1000, "p99": p99_ms / 1000}
 
