@@ -191,13 +191,10 @@ class LoraSettings:
 
 
 def resolve_lora(config: EngineConfig) -> LoraSettings:
-    """Check the LoRA fields together; tensor parallel is refused until the adapters' slices are cut per rank."""
+    """Check the LoRA fields together (under tensor parallel each rank cuts the adapters as its layers)."""
     modules = tuple((config.lora_modules or {}).items())
     if not (config.enable_lora or modules):
         return LoraSettings()
-    if config.tp_size > 1:
-        raise ConfigError(f"EngineConfig.lora_modules / enable_lora with tp_size={config.tp_size}: LoRA is not built "
-                          "for tensor parallel yet (adapters run with tp_size 1)")
     max_cpu_loras = config.max_cpu_loras or max(config.max_loras, len(modules))
     if max_cpu_loras < config.max_loras:
         raise ConfigError(f"EngineConfig.max_cpu_loras={config.max_cpu_loras} must be >= max_loras={config.max_loras} "

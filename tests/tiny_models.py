@@ -222,3 +222,39 @@ def save_fp8_checkpoint(
         }
         (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
     return out_dir
+
+
+LORA_PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def save_random_lora(model_dir: Path, out_dir: Path, seed: int, targets: tuple[str, ...], rank: int = 4,
+                     lora_alpha: int = 8) -> str:
+    """A random LoRA adapter of the model in `model_dir`, written as peft saves one (adapter_config.json and
+    adapter_model.safetensors, `base_model.model.` keys) without importing peft; large enough to change the
+    greedy tokens (A ~ N(0, 1/in), B ~ N(0, 0.05^2), scale alpha / r). Returns the folder."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q_width, kv_width = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    shapes = {"q_proj": (q_width, hidden), "k_proj": (kv_width, hidden), "v_proj": (kv_width, hidden),
+              "o_proj": (hidden, q_width), "gate_proj": (config.intermediate_size, hidden),
+              "up_proj": (config.intermediate_size, hidden), "down_proj": (hidden, config.intermediate_size)}
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config.num_hidden_layers):
+        for target in targets:
+            out_features, in_features = shapes[target]
+            key = f"base_model.model.model.layers.{layer}.{LORA_PROJECTIONS[target]}.{target}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.05
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+    (out_dir / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": rank, "lora_alpha": lora_alpha, "target_modules": list(targets), "bias": "none"}))
+    return str(out_dir)

@@ -18,7 +18,7 @@ program per (row tile, column tile, slot); a program past its slot's row count r
 depend only on the number of rows and slots, and every per-step value is in a device tensor, so a decode
 step with adapters can be captured in a CUDA graph: the slot ids per row are the graph's input.
 
-The PyTorch reference (`lora_add_reference`) computes the same per slot with index_select / index_add:
+The PyTorch reference (`lora_add_reference`) computes the same per slot with index_select and an indexed add:
 CPU, and the oracle the kernels must match (tests run them under TRITON_INTERPRET=1). `lora_add` is a
 custom op (`pagedserve::lora_add`, mutating `out`) so that torch.compile sees one opaque call.
 """
@@ -81,7 +81,9 @@ def lora_add_reference(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor,
             b = lora_b[slot, start : start + size].float()  # [size, R]
             parts.append(inter[:, index * rank : (index + 1) * rank] @ b.T)
             start += size
-        out.index_add_(0, rows, torch.cat(parts, dim=1).to(out.dtype))
+        # A row is in one segment only, so a gather-add-scatter is exact; CPU's index_add_ splits even a few rows
+        # over its threads, which beside another busy process (a tensor-parallel rank) took 10-25 ms a call.
+        out[rows] += torch.cat(parts, dim=1).to(out.dtype)
 
 
 if triton is not None:

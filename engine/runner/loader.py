@@ -33,6 +33,17 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@dataclass(frozen=True)
+class ShardCut:
+    """What one tensor-parallel rank holds of a linear layer (engine/runner/tensor_parallel.py): "colwise", the
+    output features `kept` of `full`; "rowwise", the input features `kept` of `full` (its output is a partial
+    sum, all-reduced by a forward hook on the layer). LoRA adapters are cut to match (engine/runner/lora.py)."""
+
+    style: str
+    kept: slice
+    full: int
+
+
 @dataclass
 class LoadedModel:
     model: PreTrainedModel
@@ -44,6 +55,8 @@ class LoadedModel:
     # Layer index -> (k_scale, v_scale) stored in the checkpoint for an FP8 KV cache (llm-compressor's
     # kv_cache_scheme); empty when it has none. Read by the runner only when its cache is FP8.
     kv_cache_scales: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # Tensor parallel: module name (as `model.named_modules()` gives it) -> this rank's cut; empty otherwise.
+    shard_cuts: dict[str, ShardCut] = field(default_factory=dict)
 
 
 def torch_device(device_type: str) -> torch.device:
@@ -227,10 +240,12 @@ def _random_model(
 
 
 def load_model(
-    config: LoadSettings, shard: Callable[[PreTrainedModel], None] | None = None, device: torch.device | None = None
+    config: LoadSettings, shard: Callable[[PreTrainedModel], dict[str, ShardCut]] | None = None,
+    device: torch.device | None = None
 ) -> LoadedModel:
     """`shard` (tensor parallelism) cuts the model to this rank's part on the host, before it moves to the
-    device; `device`: the rank's device (default: the current device of the resolved type).
+    device, and says what it kept of each layer; `device`: the rank's device (default: the current device of
+    the resolved type).
 
     FP8 weights: an FP8 checkpoint's layers are converted one at a time on the device (on the host under
     tensor parallelism, before the cut), so the device never holds them in a wider dtype. A checkpoint in the
@@ -279,13 +294,14 @@ def load_model(
         else:
             model = AutoModelForCausalLM.from_pretrained(model_path, **common, **extra)
         kv_cache_scales = read_kv_cache_scales(files)
+    shard_cuts: dict[str, ShardCut] = {}
     if shard is not None:
         if is_fp8 and not quantized:
             # Before the cut, where the model is (the host, or the device for dummy weights): a row-parallel
             # layer keeps each whole row's scale, so every rank holds TP=1's FP8 weights.
             quantize_linears(model, use_scaled_mm)
             quantized = True
-        shard(model)
+        shard_cuts = shard(model)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the cut-away parts of a model built on the device, before memory is planned
     if not extra:
@@ -297,7 +313,7 @@ def load_model(
         torch.cuda.empty_cache()
     model.eval()
     model.requires_grad_(False)
-    return LoadedModel(model, tokenizer, model_path, served_name, device, dtype, kv_cache_scales)
+    return LoadedModel(model, tokenizer, model_path, served_name, device, dtype, kv_cache_scales, shard_cuts)
 
 
 def _safetensors_files(model_path: str, revision: str | None) -> list[str]:

@@ -14,6 +14,14 @@ of a layer is `scale * B @ A` with `scale = alpha / r` (`alpha / sqrt(r)` with r
   `max_lora_rank`), filled least recently used first; a step's adapters are never evicted in that step.
 - keeps up to `max_cpu_loras` adapters read in host memory (least recently used dropped, read again from
   their path when needed).
+- under tensor parallel, cuts each adapter as its layer was cut (`ShardCut`, engine/runner/tensor_parallel.py):
+  a column-parallel layer (q/k/v, gate/up: output features split) keeps the rows of B of its output features
+  and all of A; a row-parallel layer (o, down: input features split, output all-reduced) keeps the columns of
+  A of its input features and all of B, and its update joins the layer's partial output before the all-reduce.
+  Since B is linear, B @ (A_0 x_0) + B @ (A_1 x_1) = B @ (A x): the sum that completes the base output
+  completes the update too, with no collective of its own (vLLM's row-parallel LoRA does the same). The other
+  way, an all-reduce of the rank-r shrink output, is smaller but one more collective per layer, which at
+  decode sizes costs its latency, not its bytes. Each rank computes the expand over all of B's rows.
 - per step, maps each row's adapter to its slot: the slot ids per token, one device tensor
   (engine/kernels/lora.py groups the rows by it).
 """
@@ -38,6 +46,7 @@ from pagedserve.config.resolve import LoraSettings
 
 from pagedserve.engine.kernels.fused_projections import FusedFollower, FusedLead
 from pagedserve.engine.kernels.lora import LoraStepIndex, lora_add_reference, slot_segments, uses_triton
+from pagedserve.engine.runner.loader import ShardCut
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +233,26 @@ class LoraLinear(nn.Module):
 class _Target:
     layer: LoraLayer
     slice_index: int
-    shape: tuple[int, int]  # (out, in) of this module
+    shape: tuple[int, int]  # (out, in) of this module on this rank
+    cut: ShardCut | None = None  # tensor parallel: what this rank holds of the module
+
+    @property
+    def full_shape(self) -> tuple[int, int]:
+        """(out, in) of the whole module, as an adapter of the model has it."""
+        out_features, in_features = self.shape
+        if self.cut is not None and self.cut.style == "colwise":
+            out_features = self.cut.full
+        elif self.cut is not None:
+            in_features = self.cut.full
+        return out_features, in_features
+
+    def cut_weights(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's part of an adapter's A [r, in] and B [out, r] (copies: the rest is not kept)."""
+        if self.cut is None:
+            return a, b
+        if self.cut.style == "colwise":
+            return a, b[self.cut.kept].clone()
+        return a[:, self.cut.kept].clone(), b
 
 
 @dataclass
@@ -235,10 +263,13 @@ class LoraLayers:
     layers: list[LoraLayer] = field(default_factory=list)
     _wrapped: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
     _leads: list[FusedLead] = field(default_factory=list)
+    _hooks: list = field(default_factory=list)
 
     @classmethod
     def attach(cls, model: nn.Module, num_slots: int, rank: int, dtype: torch.dtype, device: torch.device,
-               step: LoraStep) -> "LoraLayers":
+               step: LoraStep, cuts: dict[str, ShardCut] | None = None) -> "LoraLayers":
+        """`cuts`: tensor parallel's cut of each layer by name (engine/runner/loader.py), None or empty at TP=1."""
+        cuts = cuts or {}
         attached = cls()
         for prefix, parent in list(model.named_modules()):
             children = dict(parent.named_children())
@@ -256,14 +287,22 @@ class LoraLayers:
                     for slice_index, member in enumerate(names):
                         member_name = f"{prefix}.{member}" if prefix else member
                         attached.targets[member_name] = _Target(layer, slice_index,
-                                                                (child.out_sizes[slice_index], child.in_features))
+                                                                (child.out_sizes[slice_index], child.in_features),
+                                                                cuts.get(member_name))
                 elif isinstance(child, FusedFollower):
                     continue  # its lead carries it
                 elif hasattr(child, "in_features") and hasattr(child, "out_features"):
                     layer = LoraLayer(child.in_features, [child.out_features], num_slots, rank, dtype, device, step)
-                    setattr(parent, name, LoraLinear(child, layer))
-                    attached._wrapped.append((parent, name, child))
-                    attached.targets[full] = _Target(layer, 0, (child.out_features, child.in_features))
+                    cut = cuts.get(full)
+                    if cut is not None and cut.style == "rowwise":
+                        # A partial output (this rank's input features): the update joins it before the layer's
+                        # all-reduce hook, which then sums both (a hook run first, the layer itself unchanged).
+                        attached._hooks.append(child.register_forward_hook(
+                            lambda _module, args, output, layer=layer: layer(args[0], output), prepend=True))
+                    else:
+                        setattr(parent, name, LoraLinear(child, layer))
+                        attached._wrapped.append((parent, name, child))
+                    attached.targets[full] = _Target(layer, 0, (child.out_features, child.in_features), cut)
                 else:
                     continue
                 attached.layers.append(layer)
@@ -274,7 +313,9 @@ class LoraLayers:
             setattr(parent, name, original)
         for lead in self._leads:
             lead.lora = None
-        self._wrapped, self._leads, self.targets, self.layers = [], [], {}, []
+        for hook in self._hooks:
+            hook.remove()
+        self._wrapped, self._leads, self._hooks, self.targets, self.layers = [], [], [], {}, []
 
 
 @dataclass(frozen=True)
@@ -291,11 +332,13 @@ class LoraManager:
     """Registered adapters (name -> path), their host copies and the device's slots. Single-threaded: the
     step loop's thread calls it (adapters added at run time arrive through the engine)."""
 
-    def __init__(self, model: nn.Module, settings: LoraSettings, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, settings: LoraSettings, dtype: torch.dtype, device: torch.device,
+                 shard_cuts: dict[str, ShardCut] | None = None) -> None:
         self.settings = settings
         self.device = device
         self.step = LoraStep()
-        self.layers = LoraLayers.attach(model, settings.max_loras, settings.max_lora_rank, dtype, device, self.step)
+        self.layers = LoraLayers.attach(model, settings.max_loras, settings.max_lora_rank, dtype, device, self.step,
+                                        shard_cuts)
         if not self.layers.targets:
             raise ConfigError(f"LoRA: the model has none of the projections adapters apply to "
                               f"({', '.join(LORA_TARGET_MODULES)})")
@@ -316,8 +359,7 @@ class LoraManager:
         """Read and check an adapter and register it under `name` (ConfigError if it cannot run here)."""
         if name in self._paths:
             raise ConfigError(f"a LoRA adapter named {name!r} is already loaded")
-        adapter = read_peft_adapter(name, path, self.settings.max_lora_rank)
-        self._check_fits(adapter)
+        adapter = self._read(name, path)
         self._paths[name] = path
         self._ranks[name] = adapter.rank
         self._keep_on_host(adapter)
@@ -343,18 +385,22 @@ class LoraManager:
     def adapters(self) -> list[LoraInfo]:
         return [LoraInfo(name, path, self._ranks[name], name in self._slot_of) for name, path in self._paths.items()]
 
-    def _check_fits(self, adapter: LoraAdapter) -> None:
+    def _read(self, name: str, path: str) -> LoraAdapter:
+        """Read an adapter, check that it fits the model, and keep this rank's part of it (tensor parallel)."""
+        adapter = read_peft_adapter(name, path, self.settings.max_lora_rank)
         for module, (a, b) in adapter.weights.items():
             target = self.layers.targets.get(module)
             if target is None:
                 raise ConfigError(f"LoRA adapter {adapter.name!r} targets {module!r}, which takes no adapter here "
                                   f"(supported: the {', '.join(LORA_TARGET_MODULES)} projections of the model's "
                                   "layers, tensor names as PEFT saves them for this model)")
-            out_features, in_features = target.shape
+            out_features, in_features = target.full_shape
             if a.shape[1] != in_features or b.shape[0] != out_features:
                 raise ConfigError(f"LoRA adapter {adapter.name!r}: {module!r} has A {tuple(a.shape)} and B "
                                   f"{tuple(b.shape)}, but the layer is [{out_features}, {in_features}] (an adapter "
                                   "of another model?)")
+            adapter.weights[module] = target.cut_weights(a, b)
+        return adapter
 
     def _keep_on_host(self, adapter: LoraAdapter) -> None:
         self._host[adapter.name] = adapter
@@ -365,7 +411,7 @@ class LoraManager:
     def _on_host(self, name: str) -> LoraAdapter:
         adapter = self._host.get(name)
         if adapter is None:  # dropped from host memory: read it again
-            adapter = read_peft_adapter(name, self._paths[name], self.settings.max_lora_rank)
+            adapter = self._read(name, self._paths[name])
             self._keep_on_host(adapter)
         else:
             self._host.move_to_end(name)

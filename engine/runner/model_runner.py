@@ -98,7 +98,8 @@ class ModelRunner:
             self._fusion.apply()
         self._decode_linear = use_decode_linear(self.model, self.programmatic_launch) if settings.decode_linear else None
         # LoRA adapters over the (fused, one-row-GEMM) projections, before compilation sees the layers.
-        self.lora = LoraManager(self.model, settings.lora, self.dtype, self.device) if settings.lora.enabled else None
+        self.lora = (LoraManager(self.model, settings.lora, self.dtype, self.device, loaded.shard_cuts)
+                     if settings.lora.enabled else None)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = cache.block_size
         is_fp8_cache = cache.kv_cache_dtype == "fp8_e4m3"

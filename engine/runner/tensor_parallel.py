@@ -71,7 +71,7 @@ from torch import nn
 
 from pagedserve.engine.errors import EngineDeadError
 from pagedserve.engine.kernels.fp8_linear import Fp8Linear
-from pagedserve.engine.runner.loader import LoadedModel, load_model, read_model_config
+from pagedserve.engine.runner.loader import LoadedModel, ShardCut, load_model, read_model_config
 from pagedserve.engine.runner.model_runner import ModelRunner
 from pagedserve.engine.runner.step_input import StepInput
 
@@ -253,14 +253,17 @@ def _split(size: int, rank: int, world_size: int) -> slice:
     return slice(rank * part, (rank + 1) * part)
 
 
-def shard_model(model: nn.Module, group: RankGroup) -> None:
-    """Cut `model` in place to this rank's shard, with the collectives as forward hooks."""
+def shard_model(model: nn.Module, group: RankGroup) -> dict[str, ShardCut]:
+    """Cut `model` in place to this rank's shard, with the collectives as forward hooks; returns what each cut
+    linear layer kept, by its name in `model` (LoRA adapters are cut the same way: engine/runner/lora.py)."""
     rank, world = group.rank, group.world_size
     text = model.config.get_text_config()
     num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     plan = dict(text.base_model_tp_plan)
     base = model.base_model
+    base_prefix = next(name for name, module in model.named_modules() if module is base)
+    cuts: dict[str, ShardCut] = {}
     applied = 0
     for name, module in base.named_modules():
         style = next((s for p, s in plan.items() if _pattern_regex(p).match(name)), None)
@@ -276,14 +279,18 @@ def shard_model(model: nn.Module, group: RankGroup) -> None:
         if not isinstance(module, (nn.Linear, Fp8Linear)):
             raise ConfigError(f"tensor-parallel plan entry {name!r} ({style}) is not a linear layer")
         leaf = name.rsplit(".", 1)[-1]
+        full_name = f"{base_prefix}.{name}" if base_prefix else name
         if style == "colwise" and leaf in ("k_proj", "v_proj") and num_kv_heads < world:
             # Fewer KV heads than ranks: each rank keeps the one KV head its query heads read.
             head = rank * num_kv_heads // world
-            _keep_rows(module, slice(head * head_dim, (head + 1) * head_dim))
+            cuts[full_name] = ShardCut("colwise", slice(head * head_dim, (head + 1) * head_dim), module.out_features)
+            _keep_rows(module, cuts[full_name].kept)
         elif style == "colwise":
-            _keep_rows(module, _split(module.out_features, rank, world))
+            cuts[full_name] = ShardCut("colwise", _split(module.out_features, rank, world), module.out_features)
+            _keep_rows(module, cuts[full_name].kept)
         elif style == "rowwise":
-            _keep_columns(module, _split(module.in_features, rank, world), rank)
+            cuts[full_name] = ShardCut("rowwise", _split(module.in_features, rank, world), module.in_features)
+            _keep_columns(module, cuts[full_name].kept, rank)
             module.register_forward_hook(lambda _m, _i, output: group.all_reduce(output))
         else:
             raise ConfigError(f"tensor-parallel style {style!r} of {name!r} is not supported by pagedserve")
@@ -291,6 +298,7 @@ def shard_model(model: nn.Module, group: RankGroup) -> None:
     if not applied:
         raise ConfigError(f"the tensor-parallel plan {plan} matched no layer of {type(base).__name__}")
     _shard_vocab(model, group)
+    return cuts
 
 
 def _shard_experts(experts: nn.Module, name: str, plan: dict[str, str], rank: int, world: int) -> None:
@@ -399,6 +407,10 @@ def _worker_main(rank: int, settings: ResolvedConfig, host: str, port: int, time
                 runner.allocate_kv_cache(payload)
             elif command == "graphs":
                 runner.capture_cuda_graphs(*payload)
+            elif command == "lora_add":  # rank 0 read and checked the same adapter first
+                runner.lora.add(*payload)
+            elif command == "lora_remove":
+                runner.lora.remove(payload)
             elif command == "stop":
                 group.close()
                 return
@@ -422,6 +434,10 @@ class TensorParallelRunner:
     def __getattr__(self, name: str) -> Any:
         # shape, device, dtype, block_size, kv_caches, weights_bytes ...: rank 0's own (per-rank) values.
         return getattr(self.local, name)
+
+    @property
+    def lora(self) -> "MirroredLora | None":
+        return None if self.local.lora is None else MirroredLora(self)
 
     def check_alive(self) -> None:
         if self.dead_reason is None:
@@ -499,6 +515,29 @@ class TensorParallelRunner:
             if process.is_alive():
                 process.kill()
                 process.join(timeout_s)
+
+
+class MirroredLora:
+    """Rank 0's `LoraManager` with every change of the adapters mirrored on the worker ranks, each of which
+    keeps its own part of every adapter (engine/runner/lora.py). Rank 0 reads and checks an adapter first, so
+    a refusal (a `ConfigError`: the user's) reaches no worker and leaves the group as it was. Device slots
+    need no mirroring: each rank maps the step's adapter names to its own slots (`StepInput.lora_names`)."""
+
+    def __init__(self, runner: TensorParallelRunner) -> None:
+        self._runner = runner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runner.local.lora, name)  # has, adapters, counters: rank 0's
+
+    def add(self, name: str, path: str) -> Any:
+        adapter = self._runner.local.lora.add(name, path)
+        # The folder rank 0 resolved (a hub id is fetched once); the ranks share the host.
+        self._runner._mirrored("lora_add", (name, adapter.path), lambda: None)
+        return adapter
+
+    def remove(self, name: str) -> None:
+        self._runner.local.lora.remove(name)
+        self._runner._mirrored("lora_remove", name, lambda: None)
 
 
 def start_tensor_parallel(

@@ -142,8 +142,6 @@ def test_adapters_that_cannot_run_are_refused_naming_why(lora_setup, tmp_path):
         llm.engine.add_lora("dora", str(dora))
     assert llm.engine.lora_names() == []
     llm.engine.shutdown()
-    with pytest.raises(ConfigError, match="tensor parallel"):
-        LLM(str(model_dir), lora_modules={"a": adapters["all-r4"]}, tp_size=2)
 
 
 def test_async_engine_loads_serves_and_unloads_adapters_at_run_time(lora_setup):

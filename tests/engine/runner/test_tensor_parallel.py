@@ -1,4 +1,5 @@
-"""Tensor parallelism on CPU with gloo: TP=2 greedy outputs equal TP=1 token for token; clear failures.
+"""Tensor parallelism on CPU with gloo: TP=2 greedy outputs equal TP=1 token for token, also with LoRA adapters
+mixed in the batch (cut per rank as their layers); clear failures.
 
 Every TP=2 engine spawns one worker process (a few seconds each on a shared CPU), so the cases stay few.
 """
@@ -18,9 +19,14 @@ from pagedserve.config.engine import ConfigError, EngineConfig
 from pagedserve.engine.errors import EngineDeadError
 from pagedserve.engine.core.llm_engine import LLMEngine
 from pagedserve.engine.core.request import SamplingParams
-from tiny_models import build_tiny_model, save_fp8_checkpoint
+from tiny_models import build_tiny_model, save_fp8_checkpoint, save_random_lora
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], list(range(20, 57)), [99]]
+# LoRA adapters over every kind of cut: column-parallel q/k/v and gate/up (fused on CPU too), row-parallel o
+# and down; "late" is loaded at run time (on every rank). One prompt runs on the base model.
+LORA_TARGETS = {"all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                "qv-down": ("q_proj", "v_proj", "down_proj"), "late": ("k_proj", "o_proj", "up_proj")}
+PROMPT_LORAS = ["all", None, "qv-down", "late"]
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +43,34 @@ def model_dirs(tiny_model_dir, tmp_path_factory: pytest.TempPathFactory) -> dict
     }
 
 
-def _config(model: Path, tp_size: int) -> EngineConfig:
+@pytest.fixture(scope="module")
+def lora_dirs(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """Callable: model name -> {adapter name: folder} of random adapters of that model."""
+    built: dict[str, dict[str, str]] = {}
+
+    def get(name: str) -> dict[str, str]:
+        if name not in built:
+            root = tmp_path_factory.mktemp(f"tp-lora-{name}")
+            built[name] = {adapter: save_random_lora(model_dirs[name], root / adapter, seed, targets)
+                           for seed, (adapter, targets) in enumerate(LORA_TARGETS.items())}
+        return built[name]
+
+    return get
+
+
+def _config(model: Path, tp_size: int, lora_modules: dict[str, str] | None = None) -> EngineConfig:
     # Few blocks and a small token budget: prompts are chunked and batched together, as in serving.
+    # Two device slots for three adapters: each rank evicts and reloads its own parts.
+    lora = {"lora_modules": lora_modules, "max_loras": 2} if lora_modules else {}
     return EngineConfig.create(
-        model=str(model), tp_size=tp_size, device="cpu", num_blocks=48, max_num_seqs=4, max_batch_tokens=32
+        model=str(model), tp_size=tp_size, device="cpu", num_blocks=48, max_num_seqs=4, max_batch_tokens=32, **lora
     )
 
 
-def _greedy(engine: LLMEngine, max_tokens: int = 12) -> dict[str, list[int]]:
+def _greedy(engine: LLMEngine, max_tokens: int = 12, loras: list[str | None] | None = None) -> dict[str, list[int]]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     for index, prompt in enumerate(PROMPTS):
-        engine.add_request(f"r{index}", prompt, params)
+        engine.add_request(f"r{index}", prompt, params, lora=None if loras is None else loras[index])
     tokens: dict[str, list[int]] = {}
     while engine.has_unfinished_requests():
         for output in engine.step():
@@ -114,16 +137,25 @@ def _async_then_shutdown(engine: LLMEngine) -> None:
     assert not any(worker.is_alive() for worker in workers)
 
 
-# Each TP=2 engine costs a worker start-up, so after its parity check each one also ends in one way.
+# Each TP=2 engine costs a worker start-up, so after its parity check each one also ends in one way. Two of
+# them also serve LoRA adapters: qwen2 (biased q/k/v) and one KV head replicated on both ranks (B's rows of
+# k/v are that head's on each rank).
 @pytest.mark.parametrize(
-    ("name", "ending"),
-    [("llama", _kill_between_steps), ("qwen2", _kill_inside_step), ("llama-1-kv-head", _async_then_shutdown)],
-    ids=["llama-then-worker-killed", "qwen2-then-worker-killed-in-step", "llama-1-kv-head-then-async-engine"],
+    ("name", "with_lora", "ending"),
+    [("llama", False, _kill_between_steps), ("qwen2", True, _kill_inside_step),
+     ("llama-1-kv-head", True, _async_then_shutdown)],
+    ids=["llama-then-worker-killed", "qwen2-with-lora-then-worker-killed-in-step",
+         "llama-1-kv-head-with-lora-then-async-engine"],
 )
-def test_tp2_greedy_matches_tp1(model_dirs: dict[str, Path], name: str, ending) -> None:
-    single = LLMEngine(_config(model_dirs[name], 1))
+def test_tp2_greedy_matches_tp1(model_dirs: dict[str, Path], lora_dirs, name: str, with_lora: bool, ending) -> None:
+    adapters = lora_dirs(name) if with_lora else {}
+    single = LLMEngine(_config(model_dirs[name], 1, adapters))
     expected = _greedy(single)
-    engine = LLMEngine(_config(model_dirs[name], 2))
+    if with_lora:
+        expected_with_loras = _greedy(single, loras=PROMPT_LORAS)
+        assert all(expected_with_loras[f"r{i}"] != expected[f"r{i}"] for i, lora in enumerate(PROMPT_LORAS) if lora)
+    single.shutdown()
+    engine = LLMEngine(_config(model_dirs[name], 2, {k: v for k, v in adapters.items() if k != "late"}))
     try:
         # Per-rank geometry: half the query heads; KV heads halved, or one replicated head.
         assert engine.runner.shape.num_heads == single.runner.shape.num_heads // 2
@@ -131,6 +163,13 @@ def test_tp2_greedy_matches_tp1(model_dirs: dict[str, Path], name: str, ending) 
         assert engine.runner.shape.vocab_size == single.runner.shape.vocab_size
         assert engine.kv_cache.num_total_blocks == single.kv_cache.num_total_blocks
         assert _greedy(engine) == expected
+        if with_lora:
+            # Three adapters (one loaded now, on both ranks; two device slots a rank) and the base model in the
+            # same steps: TP=1's tokens. Then the run-time one unloaded on both ranks.
+            engine.add_lora("late", adapters["late"])
+            assert _greedy(engine, loras=PROMPT_LORAS) == expected_with_loras
+            engine.remove_lora("late")
+            assert engine.lora_names() == ["all", "qv-down"]
         ending(engine)
     finally:
         engine.shutdown()
