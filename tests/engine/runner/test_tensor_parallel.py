@@ -309,21 +309,27 @@ def test_tp2_compiled_layers_break_where_tp1_does(model_dirs: dict[str, Path]) -
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 @pytest.mark.parametrize("name", ["llama", "llama-1-kv-head"])
-def test_tp2_nccl_on_gpus_matches_tp1(model_dirs: dict[str, Path], name: str) -> None:
+def test_tp2_nccl_on_gpus_matches_tp1(model_dirs: dict[str, Path], lora_dirs, name: str) -> None:
     """NCCL on two GPUs with the GPU defaults (Triton attention, compiled layers, decode CUDA graphs that
-    capture the all-reduces): TP=2 gives TP=1's greedy tokens (fp32), also for steps replayed as graphs."""
+    capture the all-reduces): TP=2 gives TP=1's greedy tokens (fp32), also for steps replayed as graphs, and
+    with LoRA adapters (the Triton LoRA kernels on each rank's cut) mixed with the base model."""
     def config(tp_size: int) -> EngineConfig:
         return EngineConfig.create(model=str(model_dirs[name]), tp_size=tp_size, device="cuda", dtype="float32",
-                                   num_blocks=48, max_num_seqs=4, max_batch_tokens=32)
+                                   num_blocks=48, max_num_seqs=4, max_batch_tokens=32, lora_modules=lora_dirs(name),
+                                   max_loras=3)
 
     torch._dynamo.reset()
-    expected = _greedy(LLMEngine(config(1)), max_tokens=16)
+    single = LLMEngine(config(1))
+    expected = _greedy(single, max_tokens=16)
+    expected_with_loras = _greedy(single, max_tokens=16, loras=PROMPT_LORAS)
+    single.shutdown()
     torch._dynamo.reset()
     engine = LLMEngine(config(2))
     try:
         assert engine.runner._decode_graphs is not None, "decode graphs were not captured"
         assert engine.runner.is_compiled
         assert _greedy(engine, max_tokens=16) == expected
+        assert _greedy(engine, max_tokens=16, loras=PROMPT_LORAS) == expected_with_loras
     finally:
         engine.shutdown()
 
