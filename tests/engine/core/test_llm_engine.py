@@ -276,7 +276,7 @@ def test_step_time_budget_keeps_greedy_outputs_and_learns_from_the_steps(llm):
     tokens they give without it, while the prompts go 64 tokens a step beside the decode (ratio 1 leaves them
     no time: the floor; no deadline near) and the cost model learns from the steps the engine timed."""
     engine = llm.engine
-    params = [SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True) for max_tokens in (16, 4, 4)]
+    params = [SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True) for max_tokens in (12, 2, 2)]
     prompts = [PROMPTS[0], list(range(30, 180)), [3 + 7 * i % 250 for i in range(100)]]  # 6, 150 and 100 tokens
 
     def run() -> tuple[list[list[int]], list]:
@@ -305,5 +305,5 @@ def test_step_time_budget_keeps_greedy_outputs_and_learns_from_the_steps(llm):
     beside_decodes = [step for step in steps if step is not None and step.num_decode_tokens > 0]
     assert max(step.num_prefill_tokens for step in beside_decodes) == 64
     assert {step.prefill_token_budget for step in beside_decodes if step.num_prefill_tokens} == {64}
-    assert engine.scheduler.step_costs.num_observed > observed_before + 10
+    assert engine.scheduler.step_costs.num_observed >= observed_before + 8
     assert_all_blocks_free(llm)
