@@ -80,6 +80,9 @@ PRIOR_STEP_COSTS = StepCosts(graph_step_s=4.5e-3, eager_step_s=7.0e-3, per_seq_s
                              per_context_token_s=2.5e-8, per_prompt_token_s=2.3e-5)
 
 
+RESOLVE_EVERY = 16  # observed steps between solves when nobody asks for the costs
+
+
 def _solve(matrix: list[list[float]], vector: list[float]) -> list[float]:
     """x with matrix @ x = vector, for a small symmetric positive definite matrix (Cholesky)."""
     size = len(vector)
@@ -123,6 +126,7 @@ class StepCostModel:
         self.num_observed = 0
         self._costs = prior
         self._is_stale = False
+        self._num_unsolved = 0  # steps observed since the last solve
 
     def runs_graph(self, shape: StepShape) -> bool:
         return shape.is_decode_only and 0 < shape.num_seqs <= self.decode_graph_max_batch_size
@@ -149,7 +153,14 @@ class StepCostModel:
             self._seed.append((features, seconds))
             self._fit_seed()
             return
-        self._accumulate(features, seconds, self._weight(seconds, self.predict(shape)))
+        # Weighed against the latest solve: solving costs as much as the rest of a step's bookkeeping here, so
+        # without a reader (the rule off) it is done every RESOLVE_EVERY steps only.
+        self._num_unsolved += 1
+        if self._num_unsolved >= RESOLVE_EVERY:
+            self.costs()
+        predicted_s = self._costs.step_s(shape.num_seqs, shape.num_decode_context_tokens, shape.num_prompt_tokens,
+                                         self.runs_graph(shape))
+        self._accumulate(features, seconds, self._weight(seconds, predicted_s))
         self._is_stale = True
 
     def _accumulate(self, features: list[float], seconds: float, weight: float) -> None:
@@ -194,6 +205,7 @@ class StepCostModel:
         """The fitted coefficients (the prior's until a step is observed)."""
         if self._is_stale:
             self._is_stale = False
+            self._num_unsolved = 0
             self._costs = _costs_of(self._solve())
         return self._costs
 
