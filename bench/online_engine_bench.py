@@ -8,7 +8,7 @@ more steps beside decodes). A rule (`--prefill-bounds`) is a constant bound (`20
 budget `ratio:R` (prompt tokens beside decodes take at most R - 1 decode steps' time, under the constant
 bound 2048 and widened for the waiting prompts' `ttft_target_s`: engine/core/scheduler.py), with options
 `ratio:R,bound=N|none,ttft=S`. The engine's cost model learns from every pass, so put a constant bound
-first: the rule's passes then start from a fitted model (the engine logs it at each change). Requests reach
+first: the rule's passes then start from a fitted model (logged at each change). Requests reach
 `AsyncLLMEngine` (the engine core in its own process, as a GPU replica runs it) at Poisson times, for
 `--duration-s` seconds per pass, then the pass drains. One pass per (rate, rule): the same prompts and
 arrival times for every rule at a rate, rules interleaved within a rate; the rule changes between
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import tempfile
 import time
@@ -311,6 +312,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    # The engine's own lines (its resolved settings, and at each change of rule its step cost model as fitted so
+    # far: what the budget predicts from) go with the passes.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("pagedserve").setLevel(logging.INFO)
     slo = Slo(args.slo_ttft_p99_s, args.slo_tpot_p99_ms / 1000, args.slo_itl_p99_ms / 1000)
 
     from pagedserve.engine.async_engine import AsyncLLMEngine
