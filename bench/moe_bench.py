@@ -31,6 +31,7 @@ stage (a run cut short keeps what it measured).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -650,6 +651,27 @@ def profile_batch1(model, tokenizer, backend: str, shape: Shape, args) -> list[d
     return results
 
 
+@contextlib.contextmanager
+def moe_switched_beforehand(model, backend: str, args):
+    """For the fused backend with `--transformers-router` or `--moe-pdl`: the MoE blocks switched before the
+    engine starts (experts without their routers, or experts and routers launched with programmatic dependent
+    launch), so the engine's own switch leaves them as they are: A/B runs of the one-kernel router and of PDL
+    without an engine setting for either; undone after."""
+    if backend != "fused" or not (args.transformers_router or args.moe_pdl):
+        yield
+        return
+    from pagedserve.engine.kernels.launch import supports_programmatic_launch
+    from pagedserve.engine.kernels.moe.experts import MoeKernelPolicy, use_fused_moe
+
+    use_pdl = args.moe_pdl and torch.cuda.is_available() and supports_programmatic_launch(torch.device("cuda"))
+    swap = use_fused_moe(model, MoeKernelPolicy(use_pdl=use_pdl), fuse_router=not args.transformers_router)
+    print(f"MoE switched before the engine: {swap.describe()}; PDL {'on' if use_pdl else 'off'}", flush=True)
+    try:
+        yield
+    finally:
+        swap.undo()
+
+
 def _synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -727,6 +749,11 @@ def main(argv: list[str] | None = None) -> int:
                              "decoder layer kernel by kernel (experts vs the rest), the step extrapolated to the "
                              "shape's layer count (use with --layers 8 for a quick start)")
     parser.add_argument("--profile-steps", type=int, default=20)
+    parser.add_argument("--transformers-router", action="store_true",
+                        help="fused experts under transformers' own routers (A/B of the one-kernel router)")
+    parser.add_argument("--moe-pdl", action="store_true",
+                        help="launch the fused experts' per-pair kernels and the router with programmatic dependent "
+                             "launch (Hopper+; the engine does not pass its PDL setting to the MoE kernels yet)")
     parser.add_argument("--no-micro", action="store_true", help="skip the per-layer microbenchmark")
     parser.add_argument("--tune", action="store_true",
                         help="also time alternative Triton tiles per token count: each per-pair GEMM's candidates up "
@@ -750,6 +777,8 @@ def main(argv: list[str] | None = None) -> int:
         "shape": shape.__dict__, "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "copy_bandwidth_gb_s": bandwidth and bandwidth / 1e9, "active_weight_bytes": active_weight_bytes(shape),
         "batch1_bound_tokens_per_s": bound, "results": {}, "microbench": [],
+        "routers": "transformers" if args.transformers_router else "one kernel (fused backend)",
+        "moe_pdl": args.moe_pdl,
     }
 
     def save() -> None:
@@ -760,8 +789,10 @@ def main(argv: list[str] | None = None) -> int:
     backends = (args.backends or ("fused" if args.profile else "fused,transformers")).split(",")
     if args.profile:
         model, tokenizer = build_model(shape, device, dtype)
-        payload["profile"] = [result for backend in backends
-                              for result in profile_batch1(model, tokenizer, backend, shape, args)]
+        payload["profile"] = []
+        for backend in backends:
+            with moe_switched_beforehand(model, backend, args):
+                payload["profile"] += profile_batch1(model, tokenizer, backend, shape, args)
         save()
         return 0
     if not args.no_micro:
@@ -788,7 +819,8 @@ def main(argv: list[str] | None = None) -> int:
             save()
 
         for backend in backends:
-            run_engine_workloads(model, tokenizer, backend, workloads, args, record)
+            with moe_switched_beforehand(model, backend, args):
+                run_engine_workloads(model, tokenizer, backend, workloads, args, record)
         baseline_names = [] if args.baseline == "none" else [n for n in args.baseline.split(",") if n in workloads]
         if baseline_names and args.device != "cuda":
             print("generate_batch baselines skipped: they run on a GPU only", flush=True)
@@ -802,7 +834,8 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
     save()
     print()
-    print(f"device: {payload['device']}; shape: {args.shape}, {shape.num_layers} layers")
+    print(f"device: {payload['device']}; shape: {args.shape}, {shape.num_layers} layers; routers: {payload['routers']}; "
+          f"MoE kernels with PDL: {args.moe_pdl}")
     print(summary_table(payload))
     return 0
 

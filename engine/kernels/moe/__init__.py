@@ -3,8 +3,10 @@
 transformers 5 keeps a MoE block's experts in one module (`*Experts`, decorated with
 `use_experts_implementation`): `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] parameters, called as
 `experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])` after the block's own router. That call is
-our seam: the router (softmax/top-k/normalization, each family's own), shared experts and everything else stay
-the model's code; only the experts' computation is replaced (engine/kernels/moe/experts.py), by one of:
+our seam: shared experts and everything else stay the model's code; the experts' computation is replaced
+(engine/kernels/moe/experts.py) by one of the kernels below, and the router, for steps of a few tokens on CUDA,
+by one kernel with the family's own semantics (`router.py`: Qwen2/3-MoE and OLMoE softmax, top-k, optional
+renormalization, cast; Mixtral's renormalized float32 weights); the experts' kernels:
 
 - `reference.py`: a loop over the experts in PyTorch (CPU, any float dtype): the oracle;
 - `triton.py`: Triton kernels: a grouped GEMM over expert-sorted, block-padded pairs (vLLM's fused_moe

@@ -10,10 +10,13 @@ logs once, per model family, which path its expert blocks take and why.
 
 **The swap.** A supported module's class becomes `FusedExperts` (its parameters, hooks and identity stay: a
 tensor-parallel all-reduce hook on the module still sums its output) and `undo` gives the class back; no
-weight is copied or repacked, so the memory plan's measured weights are the model's own.
+weight is copied or repacked, so the memory plan's measured weights are the model's own. The router beside
+it (the block's `gate`) becomes the one-kernel router of engine/kernels/moe/router.py where its family's
+semantics are known and its own forward checks out against them (Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral): on
+CUDA at up to 8 tokens it is one kernel instead of five or six; otherwise it runs its own code.
 
 **The op.** `FusedExperts.forward` calls `pagedserve::fused_experts`, one custom op: torch.compile sees it as
-opaque (the router and shared experts around it compile with the layer), and every kernel behind it takes
+opaque (shared experts and the rest of the layer compile around it), and every kernel behind it takes
 its shapes from the token count alone, with no host sync, so a decode CUDA graph captures it. Inside, the
 kernel is chosen per call by `choose_kernel`, from the token count and the device:
 
@@ -24,8 +27,9 @@ kernel is chosen per call by `choose_kernel`, from the token count and the devic
 | CUDA, bf16, compute capability 9.0+, torch with `_grouped_mm` | >= `grouped_mm_min_tokens` (None: never) | `grouped_mm` |
 | CUDA otherwise | | `triton` (Triton grouped GEMM over block-padded expert runs) |
 
-The thresholds are the H200's (Qwen3-30B-A3B shape; docs/kernels.md has the figures): `rows` is fastest up
-to 8 tokens in the per-layer microbenchmark (159 us vs Triton's 183 at 8); the Triton grouped GEMM from there
+The thresholds are the H200's (Qwen3-30B-A3B shape; docs/kernels.md has the figures): `rows` was fastest up
+to 8 tokens in the per-layer microbenchmark (its first version: 159 us vs Triton's 183 at 8; the current
+per-pair kernels are faster, so the bound may move up when they are measured); the Triton grouped GEMM from there
 through decode batches of 512 (437 vs 567 us a layer at 512 tokens; W1-MoE's decode steps of 257-512
 sequences 27.9 ms against 34.0 on grouped_mm); `grouped_mm` for prompt steps from 1,024 tokens, where the
 engine measured it faster (W1-MoE's prompt steps 15.3 s against 16.9 on Triton) although the microbenchmark at
@@ -45,6 +49,7 @@ from torch import nn
 
 from pagedserve.engine.kernels.moe.grouped_mm import experts_grouped_mm, grouped_mm_unavailable
 from pagedserve.engine.kernels.moe.reference import experts_reference
+from pagedserve.engine.kernels.moe.router import ROUTER_MAX_TOKENS, undo_fused_router, use_fused_router
 from pagedserve.engine.kernels.moe.triton import experts_rows, experts_triton, triton
 
 try:  # transformers' gate of concatenated gate/up halves: act_fn(gate) * up (5.17 through 5.25 at least)
@@ -192,11 +197,17 @@ class MoeSwap:
     modules: list[nn.Module] = field(default_factory=list)
     fused: dict[str, int] = field(default_factory=dict)  # family -> expert modules on the fused path
     fallback: dict[str, tuple[int, str]] = field(default_factory=dict)  # family -> (modules, why) on transformers'
+    routers: list[nn.Module] = field(default_factory=list)  # routers switched to the one-kernel router
+    router_fallback: dict[str, str] = field(default_factory=dict)  # family -> why its routers keep their code
 
     def describe(self) -> str:
         parts = [f"{family}: {count} expert modules take the fused path" for family, count in self.fused.items()]
         parts += [f"{family}: {count} expert modules keep transformers' code ({why})"
                   for family, (count, why) in self.fallback.items()]
+        if self.routers:
+            parts.append(f"{len(self.routers)} routers take the one-kernel router on CUDA up to "
+                         f"{ROUTER_MAX_TOKENS} tokens")
+        parts += [f"{family}: routers keep transformers' code ({why})" for family, why in self.router_fallback.items()]
         return "; ".join(parts)
 
     def undo(self) -> None:
@@ -204,28 +215,38 @@ class MoeSwap:
             module.__class__ = module.moe_original_class
             del module.moe_policy, module.moe_original_class
         self.modules.clear()
+        for router in self.routers:
+            undo_fused_router(router)
+        self.routers.clear()
 
 
-def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(model family, experts module) of every MoE block: a module with an `experts` child."""
+def _moe_block_modules(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
+    """(model family, block, experts module) of every MoE block: a module with an `experts` child."""
     found = []
     for module in model.modules():
         experts = getattr(module, "_modules", {}).get("experts")
         if experts is not None:
             config = getattr(module, "config", None) or getattr(experts, "config", None) or getattr(model, "config", None)
-            found.append((getattr(config, "model_type", None) or type(module).__name__, experts))
+            found.append((getattr(config, "model_type", None) or type(module).__name__, module, experts))
     return found
 
 
-def use_fused_moe(model: nn.Module, policy: MoeKernelPolicy | None = None) -> MoeSwap:
-    """Switch every supported experts module of `model` to `FusedExperts` (modules already switched, e.g. by a
-    benchmark with its own policy, are left as they are); the rest keep transformers' code. Logs once what it
-    found, when the model has MoE blocks."""
+def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(model family, experts module) of every MoE block: a module with an `experts` child."""
+    return [(family, experts) for family, _, experts in _moe_block_modules(model)]
+
+
+def use_fused_moe(model: nn.Module, policy: MoeKernelPolicy | None = None, fuse_router: bool = True) -> MoeSwap:
+    """Switch every supported experts module of `model` to `FusedExperts` and (`fuse_router`) the router beside
+    it (the block's `gate`) to the one-kernel router where its family's semantics are known
+    (engine/kernels/moe/router.py). Blocks whose experts are already switched, e.g. by a benchmark with its own
+    policy, are left as they are; the rest keep transformers' code. Logs once what it found, when the model has
+    MoE blocks."""
     policy = policy or MoeKernelPolicy()
     swap = MoeSwap()
     fused: dict[str, int] = defaultdict(int)
     fallback: dict[str, list] = {}
-    for family, experts in moe_blocks(model):
+    for family, block, experts in _moe_block_modules(model):
         if isinstance(experts, FusedExperts):
             fused[family] += 1
             continue
@@ -239,6 +260,13 @@ def use_fused_moe(model: nn.Module, policy: MoeKernelPolicy | None = None) -> Mo
         experts.__class__ = FusedExperts
         swap.modules.append(experts)
         fused[family] += 1
+        router = block._modules.get("gate")
+        if fuse_router and router is not None and triton is not None:
+            router_reason = use_fused_router(router, policy.use_pdl)
+            if router_reason is None:
+                swap.routers.append(router)
+            else:
+                swap.router_fallback.setdefault(family, router_reason)
     swap.fused = dict(fused)
     swap.fallback = {family: (count, why) for family, (count, why) in fallback.items()}
     if swap.fused or swap.fallback:

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.engine.kernels.moe.experts import (
@@ -203,9 +204,9 @@ INTERPRETER_CASES = {
     "grouped_fp16_empty_experts": ("triton", 3, 32, 16, 16, 2, "float16", (16, 16, 32, 1, 4, 1)),
     "rows_one_token_bf16": ("rows", 1, 48, 24, 8, 4, "bfloat16", ((8, 16, 4, 1), (16, 16, 4, 1))),
     "rows_fp32_ragged_k2": ("rows", 3, 40, 20, 5, 2, "float32", ((8, 16, 4, 1), (4, 32, 4, 1))),
-    "rows_two_tokens_k8_bf16": ("rows", 2, 32, 16, 16, 8, "bfloat16", ((4, 16, 4, 1), (8, 8, 4, 1))),
-    "rows_eight_tokens_k8_shared": ("rows", 8, 32, 16, 10, 8, "float32", None),
-    "rows_one_token_k3_fp16": ("rows", 1, 40, 24, 6, 3, "float16", ((16, 32, 4, 1), (2, 16, 4, 1))),
+    "rows_two_tokens_k8_bf16": ("rows", 2, 32, 16, 16, 8, "bfloat16", ((8, 16, 4, 1), (8, 8, 4, 1))),
+    "rows_eight_tokens_shared": ("rows", 8, 32, 16, 3, 2, "float32", ((16, 32, 4, 1), (16, 16, 4, 1))),
+    "rows_one_token_k3_fp16_default_tiles": ("rows", 1, 40, 24, 6, 3, "float16", None),
 }
 
 
@@ -225,8 +226,38 @@ def run_case(kernel, num_tokens, hidden, intermediate, num_experts, top_k, dtype
             "shape_ok": float(out.shape == (num_tokens, hidden) and out.dtype == dtype)}
 
 
+# (architecture, tokens, dtype): the one-kernel router against the family's own router module.
+ROUTER_CASES = {
+    "router_qwen3_moe_1_bf16": ("qwen3_moe", 1, "bfloat16"),
+    "router_qwen3_moe_3": ("qwen3_moe", 3, "float32"),
+    "router_qwen2_moe_2": ("qwen2_moe", 2, "float32"),
+    "router_mixtral_3": ("mixtral", 3, "float32"),
+    "router_olmoe_8": ("olmoe", 8, "float32"),
+}
+
+
+def run_router_case(arch: str, num_tokens: int, dtype_name: str) -> dict:
+    from pagedserve.engine.kernels.moe.router import ROUTER_SEMANTICS, router_triton
+
+    router = tiny_moe_model(arch, num_hidden_layers=1).model.layers[0].mlp.gate.to(getattr(torch, dtype_name))
+    semantics = ROUTER_SEMANTICS[type(router).__name__]
+    normalize = bool(getattr(router, semantics.normalize_attribute)) if semantics.normalize_attribute else True
+    x = torch.randn(num_tokens, router.weight.shape[1], generator=torch.Generator().manual_seed(num_tokens))
+    x = x.to(router.weight.dtype)
+    counter = torch.zeros(1, dtype=torch.int32)
+    with torch.no_grad():
+        got = router_triton(x, router.weight, counter, router.top_k, normalize, semantics.scores_in_logits_dtype)
+        want = router(x)
+    return {"logits_error": (got[0].float() - want[0].float()).abs().max().item(),
+            "scores_error": (got[1].float() - want[1].float()).abs().max().item(),
+            "ids_equal": float(torch.equal(got[2], want[2])), "counter_reset": float(counter.item() == 0),
+            "dtypes_ok": float(all(a.dtype == b.dtype and a.shape == b.shape for a, b in zip(got, want)))}
+
+
 def _interpreter_worker() -> None:
-    print(json.dumps({name: run_case(*case, device="cpu") for name, case in INTERPRETER_CASES.items()}))
+    results = {name: run_case(*case, device="cpu") for name, case in INTERPRETER_CASES.items()}
+    results.update({name: run_router_case(*case) for name, case in ROUTER_CASES.items()})
+    print(json.dumps(results))
 
 
 @pytest.fixture(scope="module", name="interpreter_results")
@@ -241,6 +272,50 @@ def test_triton_kernels_in_interpreter(name: str, interpreter_results: dict[str,
     assert result["shape_ok"] == 1.0
     tolerance = 1e-5 if INTERPRETER_CASES[name][6] == "float32" else 2e-2
     assert result["max_error"] < tolerance, result
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("name", list(ROUTER_CASES))
+def test_router_kernel_in_interpreter(name: str, interpreter_results: dict[str, dict[str, float]]) -> None:
+    """The one-kernel router gives each family's own router output: the same experts in the same order, the
+    weights renormalized (or not) and cast (or not) as the family does, and the counter back at 0."""
+    result = interpreter_results[name]
+    tolerance = 1e-5 if ROUTER_CASES[name][2] == "float32" else 1e-2
+    assert result["ids_equal"] == 1.0 and result["counter_reset"] == 1.0 and result["dtypes_ok"] == 1.0, result
+    assert result["logits_error"] < tolerance and result["scores_error"] < tolerance, result
+
+
+def test_router_swap_and_its_refusals() -> None:
+    """use_fused_moe switches each fused block's router (its weight kept; on CPU it runs its own code, so the
+    block's output is unchanged) and undo restores it; a router whose forward does not do what its class is
+    listed for, or whose class is not listed, keeps its code."""
+    from pagedserve.engine.kernels.moe.router import FusedTopKRouter, router_unsupported_reason
+
+    model = tiny_moe_model("qwen3_moe")
+    block = model.model.layers[0].mlp
+    router, original_class = block.gate, type(block.gate)
+    x = torch.randn(1, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = block(x)
+        swap = use_fused_moe(model)
+        assert type(router) is FusedTopKRouter and len(swap.routers) == 2 and router.moe_router_normalize
+        assert "2 routers take the one-kernel router" in swap.describe()
+        torch.testing.assert_close(block(x), want)
+        swap.undo()
+    assert type(router) is original_class and not hasattr(router, "moe_router_counter")
+    assert use_fused_moe(model, fuse_router=False).routers == []
+
+    class Qwen3MoeTopKRouter(original_class):  # listed name, other semantics: no renormalization
+        def forward(self, hidden_states):
+            logits = F.linear(hidden_states, self.weight)
+            scores, ids = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), self.top_k, dim=-1)
+            return logits, scores.to(logits.dtype), ids
+
+    renamed = tiny_moe_model("qwen3_moe", num_hidden_layers=1).model.layers[0].mlp.gate
+    renamed.__class__ = Qwen3MoeTopKRouter
+    assert "differs" in router_unsupported_reason(renamed)
+    renamed.__class__ = type("SomeRouter", (original_class,), {})
+    assert "not one whose semantics are known" in router_unsupported_reason(renamed)
 
 
 # ---- GPU ----------------------------------------------------------------------------------------------------
@@ -325,6 +400,69 @@ def test_gpu_op_compiled_and_in_a_cuda_graph(num_tokens: int) -> None:
         buffer.copy_(value)
     graph.replay()
     torch.testing.assert_close(out, experts(x2, ids2, weights2))
+
+
+def _router_close_to_reference(got, want) -> None:
+    """bf16 logits within rounding; the chosen experts' reference probabilities are the reference's top k (the
+    same experts, up to near ties that a logit an ulp apart can order the other way); weights within rounding."""
+    probs = torch.softmax(want[0], dim=-1, dtype=torch.float32)
+    assert [t.dtype for t in got] == [t.dtype for t in want] and [t.shape for t in got] == [t.shape for t in want]
+    torch.testing.assert_close(got[0].float(), want[0].float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(probs.gather(1, got[2]), probs.topk(got[2].shape[1], dim=-1).values,
+                               rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(got[1].float(), want[1].float(), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("normalize,cast,use_pdl", [(True, True, False), (False, True, False), (True, False, True)])
+def test_gpu_router_kernel_in_a_cuda_graph(normalize: bool, cast: bool, use_pdl: bool) -> None:
+    """The one-kernel router at 1, 2 and 8 tokens on the Qwen3-30B-A3B router (128 experts, top 8, bf16):
+    48 calls (48 layers' weights) captured in one CUDA graph and replayed with new inputs five times, every
+    call against transformers' router code in PyTorch: the counter protocol holds under real concurrency and
+    is back at 0 after every call (with programmatic dependent launch: calls overlapping their predecessor)."""
+    from pagedserve.engine.kernels.launch import supports_programmatic_launch
+    from pagedserve.engine.kernels.moe.router import router_reference, router_triton
+
+    if use_pdl and not supports_programmatic_launch(torch.device("cuda")):
+        pytest.skip("no programmatic dependent launch on this device")
+
+    hidden, _, num_experts, top_k = QWEN3_30B_LAYER
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    weights = torch.randn(48, num_experts, hidden, generator=generator, device="cuda").to(torch.bfloat16) * 0.05
+    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+    for num_tokens in (1, 2, 8):
+        x = torch.randn(num_tokens, hidden, generator=generator, device="cuda").to(torch.bfloat16)
+        router_triton(x, weights[0], counter, top_k, normalize, cast, use_pdl)  # compiled outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [router_triton(x, weight, counter, top_k, normalize, cast, use_pdl) for weight in weights]
+        for _ in range(5):
+            x.copy_(torch.randn(num_tokens, hidden, generator=generator, device="cuda"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert counter.item() == 0
+            for weight, got in zip(weights, outs):
+                _router_close_to_reference(got, router_reference(x, weight, top_k, normalize, cast))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])  # cast to the logits' dtype / float32 weights
+def test_gpu_fused_router_module_compiled(arch: str) -> None:
+    """A router switched to the one-kernel router, compiled with fullgraph at one token (the op), and eager at 64
+    tokens (its own code), against the module before the switch, in bf16."""
+    from pagedserve.engine.kernels.moe.router import FusedTopKRouter, undo_fused_router, use_fused_router
+
+    router = tiny_moe_model(arch, num_hidden_layers=1).model.layers[0].mlp.gate.to("cuda", torch.bfloat16)
+    one, many = (torch.randn(tokens, router.weight.shape[1], device="cuda").to(torch.bfloat16) for tokens in (1, 64))
+    with torch.no_grad():
+        want_one, want_many = router(one), router(many)
+        assert use_fused_router(router) is None and type(router) is FusedTopKRouter
+        _router_close_to_reference(torch.compile(router, fullgraph=True)(one), want_one)
+        for got, want in zip(router(many), want_many):
+            assert torch.equal(got, want)
+    undo_fused_router(router)
 
 
 if __name__ == "__main__" and WORKER_FLAG in sys.argv:
