@@ -1,4 +1,5 @@
-"""`build_app(args)`: validate the args dict once, bind the engine replicas and the OpenAI ingress.
+"""`build_app(args)`: validate the args dict once, bind the engine replicas and the OpenAI ingress (and, with
+LoRA, the registry of adapters both follow: serve_app/lora_registry.py).
 
 `app` is the Ray Serve application builder (`serve run pagedserve.serve_app:app model=... num_replicas=2`
 or the `import_path` of config/serve.yaml); Serve calls it with the args dict.
@@ -17,6 +18,7 @@ from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouter
 from pagedserve.config.serve import GPU_INGRESS_REPLICAS, AutoscalingSettings, ServeArgs
 
 from pagedserve.serve_app.ingress import OpenAIIngress
+from pagedserve.serve_app.lora_registry import LoraRegistry
 from pagedserve.serve_app.replica import EngineReplica
 
 ROUTER_CLASS_PATH = "pagedserve.serve_app.router.FreeBlocksRequestRouter"
@@ -102,6 +104,18 @@ def replica_options(serve_args: ServeArgs) -> dict[str, Any]:
     return options
 
 
+def lora_registry_options(serve_args: ServeArgs) -> dict[str, Any]:
+    """Deployment options of `LoraRegistry` (serve_app/lora_registry.py): one replica, no CPU of its own; each
+    ingress and engine replica keeps a long poll open on it, so its concurrency is not what bounds it."""
+    return {
+        "name": f"{serve_args.name_prefix}LoraRegistry",
+        "num_replicas": 1,
+        "max_ongoing_requests": 4096,
+        "ray_actor_options": {"num_cpus": 0},
+        "logging_config": logging_config(serve_args),
+    }
+
+
 def autoscaling_config(scaling: AutoscalingSettings) -> AutoscalingConfig:
     """Serve's autoscaling_config of the engine replicas: with `policy: engine_load`, `EngineLoadPolicy`
     (serve_app/autoscaling.py) on the signals the replicas report; delays and bounds apply either way."""
@@ -139,7 +153,11 @@ def build_app(args: dict[str, Any] | ServeArgs | None = None) -> Application:
         serve_args = serve_args.model_copy(update={"use_gpu": _cluster_has_gpus()})
     replica = serve.deployment(EngineReplica).options(**replica_options(serve_args))
     ingress = serve.deployment(OpenAIIngress).options(**ingress_options(serve_args))
-    return ingress.bind(replica.bind(serve_args), serve_args)
+    lora_registry = None
+    if serve_args.engine.enable_lora or serve_args.engine.lora_modules:  # one list of adapters for every replica
+        lora_registry = serve.deployment(LoraRegistry).options(**lora_registry_options(serve_args)).bind(
+            dict(serve_args.engine.lora_modules or {}))
+    return ingress.bind(replica.bind(serve_args, lora_registry), serve_args, lora_registry)
 
 
 def app(args: dict[str, Any]) -> Application:

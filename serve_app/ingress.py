@@ -36,6 +36,7 @@ from pagedserve.engine.core.request import CompletionOutput, RequestOutput, Samp
 from pagedserve.serve_app import openai_protocol as oai
 from pagedserve.serve_app.api_errors import APIError, as_api_error, bad_request, routing_error
 from pagedserve.serve_app.fair_queue import FairAdmission, FairQueue
+from pagedserve.serve_app.lora_registry import LoraSubscription, LoraView
 from pagedserve.serve_app.metrics import IngressMetrics
 from pagedserve.serve_app.messages import GenerateRequest, ModelInfo, ReplicaError
 from pagedserve.serve_app.replica_calls import ReplicaCalls
@@ -119,14 +120,16 @@ def _retrieve(task: asyncio.Task) -> None:
 class OpenAIIngress:
     """Routes of the OpenAI API over one `EngineReplica` deployment handle."""
 
-    def __init__(self, replica: DeploymentHandle, serve_args: ServeArgs) -> None:
+    def __init__(self, replica: DeploymentHandle, serve_args: ServeArgs,
+                 lora_registry: DeploymentHandle | None = None) -> None:
         self.replica = replica
         self.args = serve_args
         self.tenants = _tenants(serve_args)
         self._info: ModelInfo | None = None
-        # LoRA adapters this ingress serves by name -> where a replica without one loads it (None: every
-        # replica has it from start-up). Run-time loads and unloads reach only the ingress replica they hit.
+        # LoRA adapters this ingress serves by name -> where a replica without one loads it: the service's
+        # registry as this ingress last saw it (serve_app/lora_registry.py; None without LoRA: no adapters).
         self._loras: dict[str, str | None] = {}
+        self.lora_registry = lora_registry
         self._info_lock = asyncio.Lock()
         context = serve.get_replica_context()
         self.metrics = IngressMetrics(
@@ -136,6 +139,11 @@ class OpenAIIngress:
         )
         self.channels = ChannelHub(replica, ingress_id=context.replica_id.unique_id if context is not None else None,
                                    on_message=self.metrics.channel_message)
+        self._lora_subscription: LoraSubscription | None = None
+        if lora_registry is not None:
+            subscriber = f"ingress:{context.replica_id.unique_id if context is not None else 'local'}"
+            self._lora_subscription = LoraSubscription(
+                lambda epoch, version: lora_registry.updates.remote(subscriber, epoch, version), self._lora_changed)
         router = serve_args.router
         # With several keys, requests reach the router fairly across them; with one there is no one to be fair to.
         requests = self.channels if len(self.tenants.names) < 2 else FairAdmission(self.channels, FairQueue(
@@ -145,8 +153,11 @@ class OpenAIIngress:
         # The tokenizer now rather than with the first request: unpickling it imports transformers and torch
         # (seconds), which on a first burst stalled this replica's event loop and every request it held.
         self._prefetch: asyncio.Task | None = None
+        self._lora_task: asyncio.Task | None = None
         with contextlib.suppress(RuntimeError):  # no running loop: built outside a Serve replica
             self._prefetch = asyncio.get_running_loop().create_task(self._prefetch_model_info())
+            if self._lora_subscription is not None:
+                self._lora_task = asyncio.get_running_loop().create_task(self._lora_subscription.run())
 
     # Plumbing ----------------------------------------------------------------------------------------
 
@@ -159,8 +170,24 @@ class OpenAIIngress:
                     except Exception as exc:
                         raise routing_error(exc) from None
                     self.metrics.set_model_name(self.args.served_model_name or self._info.model_name)
-                    self._loras = {name: None for name in self._info.lora_names} | self._loras
+                    if self.lora_registry is None:
+                        self._loras = {name: None for name in self._info.lora_names} | self._loras
         return self._info
+
+    async def _lora_changed(self, old: LoraView | None, new: LoraView) -> None:
+        """The registry's adapters become this ingress's; a registry that started anew (Serve replaced it)
+        first gets back the adapters this ingress knew."""
+        adapters = new.adapters
+        if old is not None and old.epoch != new.epoch and set(old.adapters) - set(adapters):
+            adapters = (await self.lora_registry.restore.remote(old.adapters)).adapters
+        self._loras = dict(adapters)
+
+    async def _refresh_loras(self) -> None:
+        """The registry's current adapters now, not at this ingress's next poll: a name loaded through
+        another ingress a moment ago is served here too."""
+        if self._lora_subscription is not None:
+            with contextlib.suppress(Exception):  # the registry unreachable: the adapters last seen stand
+                await self._lora_subscription.apply(await self.lora_registry.view.remote())
 
     async def _prefetch_model_info(self, first_delay_s: float = 1.0, max_delay_s: float = 30.0) -> None:
         delay = first_delay_s
@@ -244,6 +271,8 @@ class OpenAIIngress:
     async def check_model(self, model: str | None) -> str:
         """The model a request names (the base model's name, or a LoRA adapter's); 404 for anything else."""
         served = await self.served_model_name()
+        if model is not None and model != served and model not in self._loras:
+            await self._refresh_loras()
         if model is not None and model != served and model not in self._loras:
             adapters = f" and the LoRA adapters {', '.join(sorted(self._loras))}" if self._loras else ""
             raise APIError(404, f"the model `{model}` does not exist; this server serves `{served}`{adapters}",
@@ -360,40 +389,69 @@ class OpenAIIngress:
     @fastapi_app.post("/v1/load_lora_adapter")
     @_counts_rejections
     async def load_lora_adapter(self, request: Request) -> Response:
-        """vLLM's route: {"lora_name", "lora_path"}. One engine replica loads it now (a bad adapter is a 400);
-        the others load it when a request for it reaches them."""
+        """vLLM's route: {"lora_name", "lora_path"}, for the whole service. The name is taken in the registry
+        (serve_app/lora_registry.py), one engine replica loads the adapter now (a bad one is a 400 and the
+        name is given back), and the answer comes once every ingress serves it; the other engine replicas
+        load it when a request for it reaches them."""
         self.authorize(request)
         body: oai.LoadLoraAdapterRequest = await self.parse_body(request, oai.LoadLoraAdapterRequest)
         served = await self.served_model_name()
+        already_loaded = bad_request(f"the LoRA adapter `{body.lora_name}` is already loaded", "lora_name")
         if body.lora_name == served or body.lora_name in self._loras:
-            raise bad_request(f"the LoRA adapter `{body.lora_name}` is already loaded", "lora_name")
+            raise already_loaded
+        if self.lora_registry is None:
+            raise bad_request("LoRA is off on this service (start it with enable_lora or lora_modules)", "lora_name")
         try:
-            error = await self.replica.load_lora_adapter.remote(body.lora_name, body.lora_path)
+            added = await self.lora_registry.add.remote(body.lora_name, body.lora_path)
         except Exception as exc:
             raise routing_error(exc) from None
+        if added is None:
+            raise already_loaded
+        try:
+            error = await self._on_a_replica(self.replica.load_lora_adapter.remote(body.lora_name, body.lora_path))
+        except APIError:
+            await self._give_back(body.lora_name)
+            raise
         if error is not None:
+            await self._give_back(body.lora_name)
             raise APIError(error.status_code, error.message, error.error_type, error.param)
-        self._loras[body.lora_name] = body.lora_path
+        await self.lora_registry.wait_seen.remote(added.version)
         return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.", media_type="text/plain")
+
+    async def _give_back(self, lora_name: str) -> None:
+        """Take a name that did not load off the registry again: no ingress serves it."""
+        with contextlib.suppress(Exception):  # the registry unreachable: a request for it gets the replica's 400
+            removed = await self.lora_registry.remove.remote(lora_name)
+            if removed is not None:
+                await self.lora_registry.wait_seen.remote(removed.version)
+
+    async def _on_a_replica(self, call: Awaitable[ReplicaError | None]) -> ReplicaError | None:
+        try:
+            return await call
+        except Exception as exc:
+            raise routing_error(exc) from None
 
     @fastapi_app.post("/v1/unload_lora_adapter")
     @_counts_rejections
     async def unload_lora_adapter(self, request: Request) -> Response:
-        """vLLM's route: {"lora_name"}. This ingress stops serving it; the replica the call reaches drops it
-        (others keep it in their slots until evicted)."""
+        """vLLM's route: {"lora_name"}, for the whole service: the registry forgets the adapter, and the answer
+        comes once every ingress refuses it (404) and every engine replica has unloaded it (one still running
+        requests under it refuses new ones and unloads it when they end)."""
         self.authorize(request)
         body: oai.UnloadLoraAdapterRequest = await self.parse_body(request, oai.UnloadLoraAdapterRequest)
         await self.model_info()
-        if body.lora_name not in self._loras:
-            raise APIError(404, f"the LoRA adapter `{body.lora_name}` cannot be found", "not_found_error",
-                           "lora_name")
-        del self._loras[body.lora_name]
+        not_found = APIError(404, f"the LoRA adapter `{body.lora_name}` cannot be found", "not_found_error",
+                             "lora_name")
+        if self.lora_registry is None:  # LoRA is off: nothing is loaded
+            raise not_found
         try:
-            error = await self.replica.unload_lora_adapter.remote(body.lora_name)
+            removed = await self.lora_registry.remove.remote(body.lora_name)
+            if removed is not None:
+                await self.lora_registry.wait_seen.remote(removed.version)
         except Exception as exc:
             raise routing_error(exc) from None
-        if error is not None:
-            raise APIError(error.status_code, error.message, error.error_type, error.param)
+        if removed is None:
+            raise not_found
         return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", media_type="text/plain")
 
     @fastapi_app.post("/tokenize")

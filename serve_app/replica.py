@@ -29,6 +29,7 @@ from pagedserve.engine.core.request import RequestOutput, merge_delta
 from pagedserve.serve_app.autoscaling import KV_CACHE_USAGE_METRIC, NUM_RUNNING_METRIC, NUM_WAITING_METRIC
 from pagedserve.serve_app.metrics import ReplicaMetrics, RequestTiming
 from pagedserve.serve_app.engine_protocol import ServingEngine
+from pagedserve.serve_app.lora_registry import LoraSubscription, LoraView
 from pagedserve.serve_app.messages import Accepted, ChannelOpen, GenerateRequest, ModelInfo, ReplicaError
 from pagedserve.serve_app.stream_channel import Outboxes, for_the_wire
 
@@ -54,7 +55,7 @@ def log_engine_through_serve() -> None:
 class EngineReplica:
     """Owns one engine. Methods are called through a DeploymentHandle routed by `FreeBlocksRequestRouter`."""
 
-    def __init__(self, serve_args: ServeArgs) -> None:
+    def __init__(self, serve_args: ServeArgs, lora_registry: Any = None) -> None:
         log_engine_through_serve()
         context = serve.get_replica_context()
         rank = context.rank.rank if context is not None and context.rank is not None else 0
@@ -74,6 +75,15 @@ class EngineReplica:
         self._committed_blocks: dict[str, int] = {}
         self.log_prompts = serve_args.log_prompts
         self._lora_lock = asyncio.Lock()  # one run-time adapter load at a time (two requests may want one)
+        # The service's adapters (serve_app/lora_registry.py): one the registry dropped is unloaded here, or,
+        # while requests still run under it, refused to new ones and unloaded when they end.
+        self._lora_unloading: set[str] = set()
+        self._lora_tasks: set[asyncio.Task] = set()
+        if lora_registry is not None:
+            subscriber = f"engine:{self.replica_id}"
+            subscription = LoraSubscription(
+                lambda epoch, version: lora_registry.updates.remote(subscriber, epoch, version), self._lora_changed)
+            self._start(subscription.run())
         self.metrics = ReplicaMetrics(
             model_name=serve_args.served_model_name or self.engine.model_name, replica=self.replica_tag
         )
@@ -167,8 +177,49 @@ class EngineReplica:
         names = getattr(self.engine, "lora_names", None)  # engines without LoRA (test fakes) hold none
         return names() if names is not None else []
 
+    def _start(self, work: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # no running loop: built outside a Serve replica
+            task = asyncio.get_running_loop().create_task(work)
+            self._lora_tasks.add(task)
+            task.add_done_callback(self._lora_tasks.discard)
+
+    async def _lora_changed(self, old: LoraView | None, new: LoraView) -> None:
+        """Unload what the registry dropped: since the last view of the same registry, or, in the first view,
+        start-up adapters (`lora_modules`) unloaded before this replica started. A registry that started anew
+        has lost run-time adapters until the ingresses give them back: nothing is unloaded for that."""
+        if old is None:
+            gone = set(self.engine_config.lora_modules or {}) - set(new.adapters)
+        elif old.epoch != new.epoch:
+            gone = set()
+        else:
+            gone = {name for name, path in old.adapters.items() if new.adapters.get(name) != path}
+        for name in gone & set(self._lora_names()):
+            self._lora_unloading.add(name)
+            if not await self._unload_lora(name):
+                self._start(self._unload_lora_when_idle(name))
+
+    async def _unload_lora(self, name: str) -> bool:
+        """Unload an adapter the service dropped; False while requests still run under it."""
+        async with self._lora_lock:
+            try:
+                if name in self._lora_names():
+                    await self.engine.unload_lora_adapter(name)
+                    logger.info("LoRA adapter %r unloaded (the service dropped it)", name)
+            except InvalidRequestError:  # still serving requests
+                return False
+            except Exception:  # noqa: BLE001 - a dead engine holds nothing anyway
+                logger.exception("unloading LoRA adapter %r failed", name)
+            self._lora_unloading.discard(name)
+            return True
+
+    async def _unload_lora_when_idle(self, name: str, period_s: float = 0.5) -> None:
+        while not await self._unload_lora(name):
+            await asyncio.sleep(period_s)
+
     async def _hold_lora(self, name: str, path: str | None) -> None:
         async with self._lora_lock:
+            if name in self._lora_unloading:
+                raise InvalidRequestError(f"the LoRA adapter {name!r} was unloaded", param="model")
             if name in self._lora_names():
                 return
             if path is None:
@@ -184,16 +235,6 @@ class EngineReplica:
             await self._hold_lora(name, path)
         except InvalidRequestError as exc:
             return ReplicaError(400, "invalid_request_error", exc.message, exc.param)
-        return None
-
-    async def unload_lora_adapter(self, name: str) -> ReplicaError | None:
-        async with self._lora_lock:
-            if name not in self._lora_names():
-                return None  # never loaded here (the ingress forgets it either way)
-            try:
-                await self.engine.unload_lora_adapter(name)
-            except InvalidRequestError as exc:
-                return ReplicaError(400, "invalid_request_error", exc.message, exc.param)
         return None
 
     def _record_request(self, timing: RequestTiming, request: GenerateRequest) -> None:

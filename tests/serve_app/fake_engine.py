@@ -111,6 +111,9 @@ class FakeAsyncEngine:
         self._freed = asyncio.Event()
         self._dead_reason: str | None = None
         self._health_check_gate: Path | None = None
+        # LoRA adapters by name -> path (any folder will do: there are no weights); an adapter shifts the tokens.
+        self.is_lora_enabled = config.enable_lora or bool(config.lora_modules)
+        self.loras: dict[str, str] = dict(config.lora_modules or {})
         self.clock = StepClock()
 
     @property
@@ -131,9 +134,12 @@ class FakeAsyncEngine:
     async def generate(
         self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str,
         continuation: Continuation | None = None, priority: int = 0,  # no scheduler here: priority is not used
+        lora: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         if self._dead_reason is not None:
             raise EngineDeadError(self._dead_reason)
+        if lora is not None and lora not in self.loras:
+            raise InvalidRequestError(f"no LoRA adapter named {lora!r} is loaded", param="lora")
         ids = list(self.tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
         text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
         if not ids:
@@ -164,7 +170,7 @@ class FakeAsyncEngine:
                 assert params.n == 1, "a continuation has one completion"
                 last = [done[-1]]
             vocab = len(self.tokenizer)
-            seed = params.seed or 0
+            seed = (params.seed or 0) + (sum(map(ord, lora)) if lora is not None else 0)
             for step in range(len(done), max_tokens):
                 await self.clock.step(delay_s)
                 if step == die_after:
@@ -199,6 +205,22 @@ class FakeAsyncEngine:
             self._used.pop(request_id, None)
             self._aborted.discard(request_id)
             self._freed.set()
+
+    def lora_names(self) -> list[str]:
+        return list(self.loras)
+
+    async def load_lora_adapter(self, name: str, path: str) -> None:
+        if not self.is_lora_enabled:
+            raise InvalidRequestError("LoRA is off on this engine", param="lora_name")
+        if name in self.loras:
+            raise InvalidRequestError(f"a LoRA adapter named {name!r} is already loaded", param="lora_name")
+        if not Path(path).is_dir():
+            raise InvalidRequestError(f"LoRA adapter path {path!r} is not a folder", param="lora_path")
+        self.loras[name] = path
+
+    async def unload_lora_adapter(self, name: str) -> None:
+        if self.loras.pop(name, None) is None:
+            raise InvalidRequestError(f"no LoRA adapter named {name!r} is loaded", param="lora_name")
 
     async def abort(self, request_id: str) -> None:
         if request_id in self._used or request_id in self._waiting:

@@ -2,7 +2,8 @@
 
 Each ingress runs its own free-blocks router with its own reservations; the engine replica's reports
 are what they share. Concurrent requests through both must all be answered, and every block must come
-back when they are done.
+back when they are done. A LoRA adapter loaded or unloaded through one ingress is served or refused by
+every ingress, and the engine replica unloads it (serve_app/lora_registry.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def service(ray_cluster, tiny_model_path: str):
         "model": tiny_model_path, "max_model_len": 512,
         "block_size": BLOCK_SIZE, "num_blocks": NUM_BLOCKS, "num_cpus_per_replica": 1,
         "ingress_num_replicas": 2, "router": {"stats_period_s": 0.5, "max_queued_requests": 64},
+        "enable_lora": True,
     }
     with fake_engine_app(ray_cluster, "ingress2", args) as base:
         yield {"base": base, "model": tiny_model_path}
@@ -70,3 +72,47 @@ def test_two_ingress_replicas_answer_concurrent_requests_and_return_every_block(
         return infos[-1]["num_free_blocks"] == infos[-1]["num_total_blocks"] == NUM_BLOCKS
 
     wait_for(every_block_free, 10, lambda: f"all {NUM_BLOCKS} blocks back; last health: {infos[-1:]}")
+
+
+def test_a_lora_adapter_loaded_or_unloaded_through_one_ingress_holds_for_every_replica(service, tmp_path) -> None:
+    """The load route answers once both ingress replicas serve the adapter and the unload route once both
+    refuse it and the engine replica has unloaded it: the registry saw every subscriber (two ingresses, one
+    engine replica) at the change's version when the route answered. Requests through the HTTP proxy, which
+    spreads them over both ingresses, all get the same answer."""
+    base = service["base"]
+    registry = serve.get_deployment_handle("LoraRegistry", "ingress2")
+    engine = serve.get_deployment_handle("EngineReplica", "ingress2")
+
+    def subscribers() -> dict[str, int]:
+        return registry.subscribers.remote().result()
+
+    def every_replica_saw_the_latest_version() -> bool:
+        version = registry.view.remote().result().version
+        return all(seen >= version for seen in subscribers().values())
+
+    def statuses(model: str) -> list[int]:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            return [client.post("/v1/completions", json={"model": model, "prompt": f"lora {i}", "max_tokens": 2})
+                    .status_code for i in range(8)]
+
+    wait_for(lambda: sorted(name.split(":")[0] for name in subscribers()) == ["engine", "ingress", "ingress"], 20,
+             lambda: f"two ingresses and an engine replica following the registry: {subscribers()}")
+    loaded = httpx.post(f"{base}/v1/load_lora_adapter", json={"lora_name": "tiny-lora", "lora_path": str(tmp_path)},
+                        timeout=30)
+    assert loaded.status_code == 200, loaded.text
+    assert every_replica_saw_the_latest_version(), subscribers()
+    bad = httpx.post(f"{base}/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": "/nonexistent"}, timeout=30)
+    assert bad.status_code == 400 and "not a folder" in bad.text
+    assert set(registry.view.remote().result().adapters) == {"tiny-lora"}  # the bad one's name was given back
+    assert statuses("tiny-lora") == [200] * 8
+    body = {"prompt": "lora", "max_tokens": 4, "temperature": 0}
+    texts = {model: httpx.post(f"{base}/v1/completions", json={**body, "model": model}, timeout=30).json()
+             ["choices"][0]["text"] for model in ("tiny-lora", service["model"])}
+    assert texts["tiny-lora"] != texts[service["model"]]  # the adapter reached the engine
+    assert "tiny-lora" in {card["id"] for card in httpx.get(f"{base}/v1/models", timeout=30).json()["data"]}
+
+    unloaded = httpx.post(f"{base}/v1/unload_lora_adapter", json={"lora_name": "tiny-lora"}, timeout=30)
+    assert unloaded.status_code == 200, unloaded.text
+    assert every_replica_saw_the_latest_version(), subscribers()
+    assert "tiny-lora" not in engine.model_info.remote().result().lora_names
+    assert statuses("tiny-lora") == [404] * 8
