@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from pagedserve.serve_app import lora_registry as registry_module
 from pagedserve.serve_app.lora_registry import LoraRegistry, LoraSubscription, LoraView
 
@@ -98,5 +100,50 @@ def test_a_registry_started_anew_gets_back_what_a_subscriber_knew() -> None:
         task.cancel()
         assert changes[1][0].epoch != changes[1][1].epoch
         assert second.view().adapters == {"a": "/a"} and second.view().version == 1
+
+    asyncio.run(run())
+
+
+class RegistryHandle:
+    """What a deployment handle to the registry offers a replica: `.method.remote(...)`, awaitable."""
+
+    def __init__(self, registry: LoraRegistry) -> None:
+        self.updates = type("Method", (), {"remote": staticmethod(registry.updates)})()
+
+
+def test_an_engine_replica_unloads_a_dropped_adapter_once_its_requests_end(tiny_model_path, tmp_path,
+                                                                           monkeypatch) -> None:
+    """The registry drops an adapter while a request runs under it on an engine replica: the replica has
+    applied the change when `wait_seen` answers (new requests for it are refused), and unloads it once that
+    request ends."""
+    pytest.importorskip("ray")
+    from ray import serve
+
+    from pagedserve.config.serve import ServeArgs
+    from pagedserve.engine.core.request import SamplingParams
+    from pagedserve.serve_app.messages import GenerateRequest, ReplicaError
+    from pagedserve.serve_app.replica import EngineReplica
+
+    monkeypatch.setattr(serve, "get_replica_context", lambda: None)  # outside a deployment
+
+    def request(request_id: str, prompt: str) -> GenerateRequest:
+        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        return GenerateRequest(request_id, prompt, params, 4, max_new_tokens=3, lora_name="a", lora_path=str(tmp_path))
+
+    async def run() -> None:
+        registry = LoraRegistry({"a": str(tmp_path)})
+        replica = EngineReplica(ServeArgs.from_args({
+            "model": tiny_model_path, "engine_class": "fake_engine:FakeAsyncEngine", "num_blocks": 64,
+            "lora_modules": {"a": str(tmp_path)}}), RegistryHandle(registry))
+        await _until(lambda: registry.subscribers() == {"engine:local": 0})
+        slow = replica.generate(request("slow", "SLOW lora"))  # 0.2 s a token
+        assert not isinstance(await anext(slow), ReplicaError)
+        removed = await registry.remove("a")
+        assert await registry.wait_seen(removed.version) == []
+        assert replica.engine.lora_names() == ["a"]  # still serving the slow request
+        refused = [item async for item in replica.generate(request("late", "late lora"))]
+        assert isinstance(refused[0], ReplicaError) and "was unloaded" in refused[0].message
+        assert all(not isinstance(item, ReplicaError) for item in [item async for item in slow])
+        await _until(lambda: replica.engine.lora_names() == [] and not replica._lora_unloading)
 
     asyncio.run(run())
