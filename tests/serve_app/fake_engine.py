@@ -114,6 +114,7 @@ class FakeAsyncEngine:
         # LoRA adapters by name -> path (any folder will do: there are no weights); an adapter shifts the tokens.
         self.is_lora_enabled = config.enable_lora or bool(config.lora_modules)
         self.loras: dict[str, str] = dict(config.lora_modules or {})
+        self._lora_requests: dict[str, str] = {}  # request id -> its adapter, while it runs
         self.clock = StepClock()
 
     @property
@@ -157,6 +158,8 @@ class FakeAsyncEngine:
         engine_dies_after = 2 if _dies_now(text, "ENGINEDIES") else None
         if engine_dies_after is not None:
             self._health_check_gate = health_check_gate(_word_after(text, "ENGINEDIES"))
+        if lora is not None:
+            self._lora_requests[request_id] = lora
         try:
             self._waiting.add(request_id)
             while self.num_free_blocks < blocks:
@@ -204,6 +207,7 @@ class FakeAsyncEngine:
             self._waiting.discard(request_id)
             self._used.pop(request_id, None)
             self._aborted.discard(request_id)
+            self._lora_requests.pop(request_id, None)
             self._freed.set()
 
     def lora_names(self) -> list[str]:
@@ -219,8 +223,11 @@ class FakeAsyncEngine:
         self.loras[name] = path
 
     async def unload_lora_adapter(self, name: str) -> None:
-        if self.loras.pop(name, None) is None:
+        if name not in self.loras:
             raise InvalidRequestError(f"no LoRA adapter named {name!r} is loaded", param="lora_name")
+        if name in self._lora_requests.values():  # as the engine: not while requests run under it
+            raise InvalidRequestError(f"LoRA adapter {name!r} still serves requests", param="lora_name")
+        del self.loras[name]
 
     async def abort(self, request_id: str) -> None:
         if request_id in self._used or request_id in self._waiting:
