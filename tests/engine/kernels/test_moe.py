@@ -9,6 +9,7 @@ bf16). GPU cases (bf16 kernels, compile and CUDA graphs) run in-process, marked 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -322,6 +323,14 @@ def test_router_swap_and_its_refusals() -> None:
 QWEN3_30B_LAYER = (2048, 768, 128, 8)  # hidden, moe_intermediate, experts, top-k
 
 
+@functools.cache
+def qwen3_layer_experts() -> tuple[torch.Tensor, torch.Tensor]:
+    """One Qwen3-30B-A3B layer's experts in bf16 on the GPU, drawn once for every GPU test (600 M values on
+    the CPU generator take seconds)."""
+    hidden, intermediate, num_experts, _ = QWEN3_30B_LAYER
+    return random_experts(num_experts, hidden, intermediate, dtype=torch.bfloat16, device="cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("num_tokens", [1, 2, 3, 8, 64, 600])
@@ -333,7 +342,7 @@ def test_gpu_kernels_match_reference_bf16(kernel: str, num_tokens: int) -> None:
 
     hidden, intermediate, num_experts, top_k = QWEN3_30B_LAYER
     x, ids, weights = routed_inputs(num_tokens, hidden, num_experts, top_k, dtype=torch.bfloat16, device="cuda")
-    w13, w2 = random_experts(num_experts, hidden, intermediate, dtype=torch.bfloat16, device="cuda")
+    w13, w2 = qwen3_layer_experts()
     if kernel == "grouped_mm" and grouped_mm_unavailable(x, w13, w2):
         pytest.skip(grouped_mm_unavailable(x, w13, w2))
     out = run_kernel(kernel, x, ids, weights, w13, w2)
@@ -355,7 +364,7 @@ def test_gpu_rows_kernels_in_a_cuda_graph(use_pdl: bool) -> None:
     if use_pdl and not supports_programmatic_launch(torch.device("cuda")):
         pytest.skip("no programmatic dependent launch on this device")
     hidden, intermediate, num_experts, top_k = QWEN3_30B_LAYER
-    w13, w2 = random_experts(num_experts, hidden, intermediate, dtype=torch.bfloat16, device="cuda")
+    w13, w2 = qwen3_layer_experts()
     for num_tokens in (1, 2, 4, 8):
         static = routed_inputs(num_tokens, hidden, num_experts, top_k, dtype=torch.bfloat16, device="cuda")
         experts_rows(*static, w13, w2, use_pdl=use_pdl)  # compiled outside the capture
@@ -379,7 +388,7 @@ def test_gpu_op_compiled_and_in_a_cuda_graph(num_tokens: int) -> None:
     new routing written into the captured inputs (no host sync, no data-dependent shape inside)."""
     hidden, intermediate, num_experts, top_k = QWEN3_30B_LAYER
     x, ids, weights = routed_inputs(num_tokens, hidden, num_experts, top_k, dtype=torch.bfloat16, device="cuda")
-    w13, w2 = random_experts(num_experts, hidden, intermediate, dtype=torch.bfloat16, device="cuda")
+    w13, w2 = qwen3_layer_experts()
     policy = MoeKernelPolicy()
 
     def experts(x, ids, weights):
