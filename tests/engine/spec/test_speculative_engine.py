@@ -269,3 +269,25 @@ def test_draft_model_proposals_keep_the_output(tiny_model_dir, plain):
     draft_cache = llm.engine._proposer.kv_cache
     draft_cache.check_invariants()
     assert draft_cache.num_free_blocks == draft_cache.num_total_blocks
+
+
+def test_lora_adapters_with_speculation_keep_the_output(tiny_model_dir, tmp_path):
+    """LoRA adapters with speculative decoding: verification runs each sequence's k + 1 rows under its adapter
+    (the step's adapter per sequence). Rows of two adapters (greedy, and seeded sampling) and of the base
+    model give the same output as the same adapters without speculation, with proposals accepted."""
+    from tiny_models import save_random_lora
+
+    model = tiny_model_dir("llama")
+    adapters = {name: save_random_lora(model, tmp_path / name, seed, targets) for seed, (name, targets) in
+                enumerate({"attn": ("q_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "down_proj")}.items())}
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.8, top_k=5, seed=3, max_tokens=24, ignore_eos=True)
+    prompts = [REPEATING[0], REPEATING[1], REPEATING[2], REPEATING[0]]
+    params, loras = [greedy, greedy, greedy, sampled], ["attn", None, "mlp", "attn"]
+    plain_lora = make_llm(model, lora_modules=adapters)
+    reference = plain_lora.generate(prompts, params, use_tqdm=False, lora=loras)
+    assert completions(plain_lora.generate(prompts[:1], params[:1], use_tqdm=False)) != completions(reference[:1])
+    llm = make_llm(model, lora_modules=adapters, speculative_method="ngram", num_speculative_tokens=3)
+    outputs = llm.generate(prompts, params, use_tqdm=False, lora=loras)
+    assert completions(outputs) == completions(reference)
+    assert_accepted(llm, 3)
