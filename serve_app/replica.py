@@ -20,6 +20,7 @@ import time
 from typing import Any, AsyncIterator
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from pagedserve.cache.blocks import blocks_for
 from pagedserve.config.serve import ServeArgs
@@ -55,7 +56,7 @@ def log_engine_through_serve() -> None:
 class EngineReplica:
     """Owns one engine. Methods are called through a DeploymentHandle routed by `FreeBlocksRequestRouter`."""
 
-    def __init__(self, serve_args: ServeArgs, lora_registry: Any = None) -> None:
+    def __init__(self, serve_args: ServeArgs, lora_registry: DeploymentHandle | None = None) -> None:
         log_engine_through_serve()
         context = serve.get_replica_context()
         rank = context.rank.rank if context is not None and context.rank is not None else 0
