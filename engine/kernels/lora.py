@@ -82,7 +82,7 @@ def lora_add_reference(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor,
             parts.append(inter[:, index * rank : (index + 1) * rank] @ b.T)
             start += size
         # A row is in one segment only, so a gather-add-scatter is exact; CPU's index_add_ splits even a few rows
-        # over its threads, which beside another busy process (a tensor-parallel rank) took 10-25 ms a call.
+        # over its threads, which stall on every call beside another busy process (a tensor-parallel rank).
         out[rows] += torch.cat(parts, dim=1).to(out.dtype)
 
 
