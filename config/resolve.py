@@ -73,6 +73,7 @@ class ModelFacts:
     max_position_embeddings: int | None
     bnb_quantization: Literal["none", "4bit", "8bit"] = "none"  # layers bitsandbytes will hold
     fp8_checkpoint: bool = False  # the checkpoint stores FP8 weights (transformers' fine-grained or compressed-tensors)
+    has_moe_experts: bool = False  # the config names routed experts (num_experts / num_local_experts)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,9 @@ class LoadSettings:
     device: DeviceType
     dtype: DTypeName
     seed: int
+    # MoE experts in FP8 (engine/kernels/moe/fp8.py): quantization 'fp8' with the fused MoE path, whose kernels
+    # run them; transformers' expert code takes the model's dtype, so with moe_backend 'transformers' they stay.
+    fp8_experts: bool = False
 
 
 # Scheduler settings that size nothing (no memory plan, no CUDA graph, no warm-up shape depends on them), so
@@ -230,6 +234,7 @@ class SpeculativeSettings:
     prompt_lookup_max: int = 4
     disable_batch_size: int = 0  # steps with more running requests than this do not speculate
     model: str | None = None  # draft: the draft model (path or hub id)
+    adaptive: bool = True  # the per-step rule of engine/spec/adaptive.py decides within disable_batch_size
 
     @property
     def enabled(self) -> bool:
@@ -264,7 +269,8 @@ def resolve_speculative(config: EngineConfig) -> SpeculativeSettings:
                           "yet (speculation runs with tp_size 1)")
     return SpeculativeSettings(method, config.num_speculative_tokens, config.prompt_lookup_min,
                                config.prompt_lookup_max, config.speculative_disable_batch_size,
-                               config.speculative_model if method == "draft" else None)
+                               config.speculative_model if method == "draft" else None,
+                               config.speculative_adaptive)
 
 
 @dataclass(frozen=True)
@@ -511,6 +517,10 @@ def resolve(
     programmatic_launch = config.programmatic_launch and device == "cuda" and platform.supports_programmatic_launch
     decode_linear = config.decode_linear and device == "cuda"
     moe_backend = resolve_moe_backend(config, device, platform)
+    fp8_experts = quantization == "fp8" and moe_backend == "fused"
+    if quantization == "fp8" and model.has_moe_experts and not fp8_experts:
+        decided("fp8_experts", False, "moe_backend='transformers' runs transformers' expert code, which takes the "
+                f"model's dtype: the experts stay in {dtype}")
     lora = resolve_lora(config)
 
     return ResolvedConfig(
@@ -518,7 +528,7 @@ def resolve(
             model=config.model, tokenizer=config.tokenizer, revision=config.revision,
             trust_remote_code=config.trust_remote_code, load_format=config.load_format,
             quantization=quantization, bnb_4bit_compute_dtype=compute_dtype, device=device, dtype=dtype,
-            seed=config.seed,
+            seed=config.seed, fp8_experts=fp8_experts,
         ),
         scheduler=SchedulerSettings(
             max_num_seqs=config.max_num_seqs, max_batch_tokens=max_batch_tokens, max_model_len=max_model_len,

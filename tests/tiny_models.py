@@ -163,9 +163,15 @@ def save_fp8_checkpoint(
     weight_block_size: tuple[int, int] | None = (128, 128),
     modules_to_not_convert: tuple[str, ...] = (),
     static_input_scales: bool = False,
+    quantize_experts: bool = True,
 ) -> Path:
     """`model_dir`'s tiny model saved again as an FP8 checkpoint: every projection of its decoder layers (not
     the embeddings, norms or LM head, nor `modules_to_not_convert`) in float8_e4m3fn with its scales.
+
+    MoE models (saved by transformers per expert: `experts.<e>.gate_proj/up_proj/down_proj`, Mixtral's
+    `experts.<e>.w1/w3/w2`) get FP8 experts the same way, each expert's projection a weight with its own scales,
+    as transformers writes an FP8 model's merged experts back (the layout of Qwen3-30B-A3B-FP8);
+    `quantize_experts=False` leaves them in the model's dtype. Routers are not linears there and stay unquantized.
 
     - "fp8": transformers' fine-grained format, written by transformers' own code: its `Fp8Quantize` for
       the tensors (`weight_scale_inv` per `weight_block_size` block) and a `FineGrainedFP8Config` in
@@ -175,6 +181,7 @@ def save_fp8_checkpoint(
       layer (the static FP8 scheme). transformers needs the compressed-tensors package to read it.
     """
     import json
+    import re
     import shutil
     from types import SimpleNamespace
 
@@ -192,7 +199,10 @@ def save_fp8_checkpoint(
     tensors = {}
     for key, value in load_file(model_dir / "model.safetensors").items():
         layer = key.removesuffix(".weight")
-        if not (key.endswith("_proj.weight") and ".layers." in key) or layer in modules_to_not_convert:
+        is_expert = re.search(r"\.experts\.\d+\.", key) is not None
+        is_projection = (key.endswith("_proj.weight") and ".layers." in key) or \
+            re.search(r"\.experts\.\d+\.w[123]\.weight$", key) is not None
+        if not is_projection or layer in modules_to_not_convert or (is_expert and not quantize_experts):
             tensors[key] = value
         elif method == "fp8":
             tensors.update(quantize.convert({key: value}))

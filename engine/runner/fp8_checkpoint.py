@@ -27,11 +27,22 @@ checkpoint. Why not transformers' own FP8 loading: it dequantizes on CPU (and be
 and needs the compressed-tensors package for the second format, while this one path runs the same on CPU and
 GPU, so the CPU tests cover what a Hopper load does.
 
+MoE experts: transformers keeps a block's experts merged (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]) but
+saves them per expert, as the hub's FP8 MoE checkpoints are (Qwen3-30B-A3B-FP8: `mlp.experts.<e>.gate_proj`,
+`up_proj`, `down_proj`, each an e4m3 weight with its own block scales; Mixtral's `block_sparse_moe.experts.<e>.w1`,
+`w3`, `w2`). Its loading merges the e4m3 values into the experts module like any weight; `convert_fp8_experts`
+then takes each expert's projection with its own scales, as `convert_fp8_layers` takes a linear: kept FP8 as
+e4m3 values with a scale per expert and output row (engine/kernels/moe/fp8.py, the fused MoE path's FP8
+experts; `rows_from_blocks`, exact where a row's blocks share a scale), or dequantized into the model's dtype
+(transformers' dequantization, bit for bit) where the experts run in that dtype (quantization 'none', or
+`moe_backend="transformers"`, whose expert code takes the model's dtype).
+
 Static activation scales are not used: our layers scale activations per token at run time (as transformers'
 compressed-tensors FP8 layer does too). The LM head stays in the model's dtype even if a checkpoint stored it
 in FP8 (it is dequantized then). What these formats can also hold and we refuse with a `ConfigError`: FP8
 embeddings (`modules_to_convert`), power-of-two `ue8m0` scales, FP4 experts, FP8 tensors on anything but a
-linear layer (e.g. MoE experts that transformers merges), and models with custom code.
+linear layer or a MoE block's per-expert projections (e.g. experts saved merged, or experts of a family the
+fused path does not take: gpt-oss), experts only partly FP8, and models with custom code.
 """
 
 from __future__ import annotations
@@ -50,6 +61,8 @@ from torch import nn
 
 from pagedserve.config.engine import ConfigError
 from pagedserve.engine.kernels.fp8_linear import FP8_DTYPE, Fp8Linear
+from pagedserve.engine.kernels.moe.experts import moe_blocks, unsupported_reason
+from pagedserve.engine.kernels.moe.fp8 import set_expert_weights
 
 logger = logging.getLogger(__name__)
 
@@ -353,4 +366,98 @@ def convert_fp8_layers(model: nn.Module, scales: dict[str, torch.Tensor], fmt: F
         logger.info("loaded %d FP8 layers (e4m3, one scale per output feature); the rest in the model's dtype", kept)
     else:
         logger.info("dequantized %d FP8 layers of the checkpoint to the model's dtype", len(scales))
+    return kept
+
+
+# ---- MoE experts -----------------------------------------------------------------------------------------
+# A per-expert projection as transformers saves a merged experts module: (block prefix, expert, projection).
+_EXPERT_KEY = re.compile(r"^(?P<block>.+)\.experts\.(?P<expert>\d+)\.(?P<projection>gate_proj|up_proj|down_proj|w1|w3|w2)$")
+_GATE, _UP, _DOWN = ("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")
+_LAYER_PATH = re.compile(r"^(.*\.layers\.\d+)\.")
+
+
+def split_expert_scales(scales: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(linear layers' scales, per-expert projections' scales) of `read_scales`' result."""
+    experts = {name: scale for name, scale in scales.items() if _EXPERT_KEY.match(name)}
+    return {name: scale for name, scale in scales.items() if name not in experts}, experts
+
+
+def _experts_module_name(block: str, candidates: dict[str, nn.Module]) -> str | None:
+    """The model's experts module for a checkpoint's `<block>.experts.<e>...` keys: the same name, or else the one
+    experts module of the same decoder layer (transformers renames some blocks at load: Mixtral's
+    `block_sparse_moe` is its `mlp`)."""
+    if f"{block}.experts" in candidates:
+        return f"{block}.experts"
+    layer = _LAYER_PATH.match(block + ".")
+    if layer is None:
+        return None
+    same_layer = [name for name in candidates if name.startswith(layer.group(1) + ".")]
+    return same_layer[0] if len(same_layer) == 1 else None
+
+
+def _projection_names(found: dict[tuple[int, str], torch.Tensor], num_experts: int, module: str) -> tuple[str, str, str]:
+    names = {projection for _, projection in found}
+    for triple in (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")):
+        if names == set(triple) and len(found) == 3 * num_experts:
+            return triple
+    raise ConfigError(f"FP8 checkpoint: the experts of {module} are only partly FP8 ({len(found)} of "
+                      f"{3 * num_experts} expert projections, {sorted(names)}); pagedserve reads a MoE block's "
+                      "experts all FP8 or none")
+
+
+def convert_fp8_experts(model: nn.Module, scales: dict[str, torch.Tensor], fmt: Fp8CheckpointFormat,
+                        device: torch.device, keep_fp8: bool) -> int:
+    """Turn every experts module whose per-expert projections are named in `scales` (its merged weights holding
+    the e4m3 values) into FP8 experts with a scale per expert and output row (`keep_fp8`), or into experts of the
+    model's dtype holding the dequantized weights, one module at a time on `device`. Returns how many modules
+    were kept FP8."""
+    if not scales:
+        return 0
+    candidates = {name: experts for name, experts in model.named_modules() if name.endswith(".experts")}
+    grouped: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+    for name, scale in scales.items():
+        match = _EXPERT_KEY.match(name)
+        module_name = _experts_module_name(match["block"], candidates)
+        if module_name is None:
+            raise ConfigError(f"FP8 checkpoint: {name}.weight is FP8, but the model has no experts module for it")
+        grouped.setdefault(module_name, {})[(int(match["expert"]), match["projection"])] = scale
+    families = {id(experts): family for family, experts in moe_blocks(model)}
+    kept = 0
+    for module_name, found in grouped.items():
+        experts = candidates[module_name]
+        reason = unsupported_reason(experts)
+        if reason is not None:
+            raise ConfigError(f"FP8 checkpoint: the experts of {module_name} ({families.get(id(experts), 'MoE')}) are "
+                              f"FP8, and pagedserve reads FP8 experts only where its fused MoE path runs them: {reason}")
+        gate_up, down = experts.gate_up_proj.data, experts.down_proj.data
+        num_experts, intermediate = gate_up.shape[0], gate_up.shape[1] // 2
+        gate_name, up_name, down_name = _projection_names(found, num_experts, module_name)
+        parts = {gate_name: slice(0, intermediate), up_name: slice(intermediate, 2 * intermediate)}
+        dtype = gate_up.dtype
+        new_dtype = FP8_DTYPE if keep_fp8 else dtype
+        new_gate_up = torch.empty(gate_up.shape, dtype=new_dtype, device=device)
+        new_down = torch.empty(down.shape, dtype=new_dtype, device=device)
+        gate_up_scale = torch.empty(gate_up.shape[:2], dtype=torch.float32, device=device) if keep_fp8 else None
+        down_scale = torch.empty(down.shape[:2], dtype=torch.float32, device=device) if keep_fp8 else None
+        for expert in range(num_experts):
+            for projection, source, target, target_scale, rows in (
+                (gate_name, gate_up, new_gate_up, gate_up_scale, parts[gate_name]),
+                (up_name, gate_up, new_gate_up, gate_up_scale, parts[up_name]),
+                (down_name, down, new_down, down_scale, slice(0, down.shape[1])),
+            ):
+                key = f"{module_name.removesuffix('.experts')}.experts.{expert}.{projection}"
+                values = source[expert, rows].to(FP8_DTYPE).to(device)  # exact: the weight holds e4m3 values
+                grid = scale_grid(found[(expert, projection)].to(device), values.shape, fmt.block_size,
+                                  f"{key}.{fmt.scale_name}")
+                if keep_fp8:
+                    target[expert, rows], target_scale[expert, rows] = rows_from_blocks(values, grid, fmt.block_size)
+                else:
+                    target[expert, rows] = dequantize_blocks(values, grid, fmt.block_size).to(dtype)
+        set_expert_weights(experts, new_gate_up, new_down, gate_up_scale, down_scale)
+        kept += keep_fp8
+        del gate_up, down
+    if keep_fp8:
+        logger.info("loaded the FP8 experts of %d MoE blocks (e4m3, a scale per expert and output row)", kept)
+    else:
+        logger.info("dequantized the FP8 experts of %d MoE blocks to the model's dtype", len(grouped))
     return kept

@@ -3,7 +3,10 @@
 The loader receives resolved `LoadSettings` (config/resolve.py): the device and dtypes are already decided.
 FP8 weights come two ways: an FP8 checkpoint (engine/runner/fp8_checkpoint.py) is read into FP8 layers, or
 dequantized where resolve decided quantization='none' for it; a checkpoint in the model's dtype is quantized
-at load with `quantization='fp8'` (engine/kernels/fp8_linear.py).
+at load with `quantization='fp8'` (engine/kernels/fp8_linear.py). MoE experts are FP8 where resolve decided
+`fp8_experts` (quantization 'fp8' and the fused MoE path, engine/kernels/moe/fp8.py): quantized like the
+linears, or kept FP8 from the checkpoint; otherwise they hold the model's dtype (an FP8 checkpoint's experts
+dequantized).
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ from pagedserve.config.engine import ConfigError
 from pagedserve.config.resolve import LoadSettings
 from pagedserve.engine.kernels.attention.hf_integration import register_paged_attention
 from pagedserve.engine.kernels.fp8_linear import quantize_linears, supports_fp8_gemm
+from pagedserve.engine.kernels.moe.fp8 import quantize_experts
 from pagedserve.engine.runner.fp8_checkpoint import (
     checkpoint_files,
+    convert_fp8_experts,
     convert_fp8_layers,
     fp8_checkpoint_format,
     load_fp8_checkpoint,
     read_kv_cache_scales,
+    split_expert_scales,
 )
 
 logger = logging.getLogger(__name__)
@@ -288,8 +294,11 @@ def load_model(
                  else _safetensors_files(model_path, config.revision))
         if checkpoint is not None:  # quantization is 'fp8' or 'none' for it (config/resolve.py)
             model, scales = load_fp8_checkpoint(model_path, hf_config, checkpoint, files, **common)
-            convert_fp8_layers(model, scales, checkpoint, device if shard is None else torch.device("cpu"),
-                               keep_fp8=is_fp8, use_scaled_mm=use_scaled_mm)
+            linear_scales, expert_scales = split_expert_scales(scales)
+            convert_to = device if shard is None else torch.device("cpu")
+            convert_fp8_layers(model, linear_scales, checkpoint, convert_to, keep_fp8=is_fp8,
+                               use_scaled_mm=use_scaled_mm)
+            convert_fp8_experts(model, expert_scales, checkpoint, convert_to, keep_fp8=config.fp8_experts)
             quantized = True  # its FP8 layers are the checkpoint's; the others stay in the model's dtype
         else:
             model = AutoModelForCausalLM.from_pretrained(model_path, **common, **extra)
@@ -300,6 +309,8 @@ def load_model(
             # Before the cut, where the model is (the host, or the device for dummy weights): a row-parallel
             # layer keeps each whole row's scale, so every rank holds TP=1's FP8 weights.
             quantize_linears(model, use_scaled_mm)
+            if config.fp8_experts:
+                quantize_experts(model)
             quantized = True
         shard_cuts = shard(model)
         if device.type == "cuda":
@@ -309,6 +320,8 @@ def load_model(
     if is_fp8 and not quantized:
         # On the device, layer by layer: each bf16 weight is freed once its FP8 copy exists.
         quantize_linears(model, use_scaled_mm)
+        if config.fp8_experts:
+            quantize_experts(model)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     model.eval()

@@ -37,5 +37,7 @@ def model_facts(hf_config: Any) -> ModelFacts:
     bnb = "none"
     if quantization and quantization.get("quant_method") == "bitsandbytes":
         bnb = "8bit" if quantization.get("load_in_8bit") else "4bit"
+    num_experts = getattr(text_config, "num_experts", None) or getattr(text_config, "num_local_experts", None)
     return ModelFacts(max_position_embeddings=getattr(text_config, "max_position_embeddings", None),
-                      bnb_quantization=bnb, fp8_checkpoint=fp8_checkpoint_format(hf_config) is not None)
+                      bnb_quantization=bnb, fp8_checkpoint=fp8_checkpoint_format(hf_config) is not None,
+                      has_moe_experts=bool(num_experts))

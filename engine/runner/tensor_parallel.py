@@ -322,6 +322,11 @@ def _shard_experts(experts: nn.Module, name: str, plan: dict[str, str], rank: in
     up_rows = gate_up.data[:, intermediate + rows.start : intermediate + rows.stop]
     experts.gate_up_proj = nn.Parameter(torch.cat([gate_rows, up_rows], dim=1).contiguous(), requires_grad=False)
     experts.down_proj = nn.Parameter(down.data[:, :, rows].contiguous(), requires_grad=False)
+    gate_up_scale = getattr(experts, "gate_up_proj_scale", None)  # FP8 experts (engine/kernels/moe/fp8.py)
+    if gate_up_scale is not None:  # the kept gate and up rows' scales; down_proj keeps every row, and its scales
+        kept = torch.cat([gate_up_scale.data[:, rows], gate_up_scale.data[:, intermediate + rows.start:
+                                                                           intermediate + rows.stop]], dim=1)
+        experts.gate_up_proj_scale = nn.Parameter(kept.contiguous(), requires_grad=False)
     if hasattr(experts, "intermediate_dim"):
         experts.intermediate_dim = rows.stop - rows.start
 

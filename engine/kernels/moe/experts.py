@@ -35,6 +35,13 @@ sequences 27.9 ms against 34.0 on grouped_mm); `grouped_mm` for prompt steps fro
 engine measured it faster (W1-MoE's prompt steps 15.3 s against 16.9 on Triton) although the microbenchmark at
 4,096 tokens favours Triton (1,101 vs 1,506 us): the large-T Triton tiles are unmeasured first guesses.
 `MoeKernelPolicy(kernel=...)` forces one kernel (benchmarks, tests).
+
+**FP8 experts** (`quantization="fp8"`: engine/kernels/moe/fp8.py): the module holds e4m3 `gate_up_proj` /
+`down_proj` and float32 `gate_up_proj_scale` [E, 2I] / `down_proj_scale` [E, H]; the op takes the scales as two
+trailing optional arguments and the same rule picks the kernel: `rows` reads the e4m3 rows with bf16
+activations (W8A16), `triton` and `grouped_mm` (`torch._scaled_grouped_mm`, where torch has it and the device
+runs it; otherwise `triton`) quantize their inputs per row and multiply on FP8 tensor cores (W8A8), the CPU
+reference dequantizes in float32.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from pagedserve.engine.kernels.fp8_quant import FP8_DTYPE
+from pagedserve.engine.kernels.moe.fp8 import expert_scales, fp8_scales_problem
 from pagedserve.engine.kernels.moe.grouped_mm import experts_grouped_mm, grouped_mm_unavailable
 from pagedserve.engine.kernels.moe.reference import experts_reference
 from pagedserve.engine.kernels.moe.router import ROUTER_MAX_TOKENS, undo_fused_router, use_fused_router
@@ -112,37 +121,47 @@ def choose_kernel(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, pol
 
 
 def run_kernel(kernel: str, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-               w13: torch.Tensor, w2: torch.Tensor, use_pdl: bool = False) -> torch.Tensor:
-    """`kernel`'s experts; `use_pdl` launches the per-pair kernels with programmatic dependent launch."""
+               w13: torch.Tensor, w2: torch.Tensor, use_pdl: bool = False, w13_scale: torch.Tensor | None = None,
+               w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`kernel`'s experts; `use_pdl` launches the per-pair kernels with programmatic dependent launch; the scales
+    make w13 / w2 FP8 experts (module docstring)."""
+    problem = fp8_scales_problem(w13, w2, w13_scale, w2_scale)
+    if problem is not None:
+        raise ValueError(problem)
+    scales = dict(w13_scale=w13_scale, w2_scale=w2_scale)
     if kernel == "reference":
-        return experts_reference(hidden, topk_ids, topk_weights, w13, w2)
+        return experts_reference(hidden, topk_ids, topk_weights, w13, w2, **scales)
     if kernel == "rows":
-        return experts_rows(hidden, topk_ids, topk_weights, w13, w2, use_pdl=use_pdl)
+        return experts_rows(hidden, topk_ids, topk_weights, w13, w2, use_pdl=use_pdl, **scales)
     if kernel == "triton":
-        return experts_triton(hidden, topk_ids, topk_weights, w13, w2)
+        return experts_triton(hidden, topk_ids, topk_weights, w13, w2, **scales)
     if kernel == "grouped_mm":
         unavailable = grouped_mm_unavailable(hidden, w13, w2)
         if unavailable is not None:
             raise ValueError(f"the grouped_mm MoE kernel cannot run here: {unavailable}")
-        return experts_grouped_mm(hidden, topk_ids, topk_weights, w13, w2)
+        return experts_grouped_mm(hidden, topk_ids, topk_weights, w13, w2, **scales)
     raise ValueError(f"unknown MoE kernel {kernel!r}; known: {', '.join(KERNELS)}")
 
 
 @torch.library.custom_op("pagedserve::fused_experts", mutates_args=())
 def fused_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
                   w2: torch.Tensor, kernel: str, rows_max_tokens: int, grouped_mm_min_tokens: int | None,
-                  use_pdl: bool = False) -> torch.Tensor:
+                  use_pdl: bool = False, w13_scale: torch.Tensor | None = None,
+                  w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """A MoE block's experts: hidden [T, H], the router's topk_ids / topk_weights [T, k], w13 [E, 2I, H],
-    w2 [E, H, I] -> [T, H]. Inference only (no backward)."""
+    w2 [E, H, I] -> [T, H]; FP8 experts: w13 / w2 in e4m3 with float32 row scales w13_scale [E, 2I] and
+    w2_scale [E, H]. Inference only (no backward)."""
     policy = MoeKernelPolicy(kernel, rows_max_tokens, grouped_mm_min_tokens, use_pdl)  # type: ignore[arg-type]
     hidden = hidden.contiguous()
-    return run_kernel(choose_kernel(hidden, w13, w2, policy), hidden, topk_ids, topk_weights, w13, w2, use_pdl)
+    return run_kernel(choose_kernel(hidden, w13, w2, policy), hidden, topk_ids, topk_weights, w13, w2, use_pdl,
+                      w13_scale, w2_scale)
 
 
 @fused_experts.register_fake
 def _(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
       w2: torch.Tensor, kernel: str, rows_max_tokens: int, grouped_mm_min_tokens: int | None,
-      use_pdl: bool = False) -> torch.Tensor:
+      use_pdl: bool = False, w13_scale: torch.Tensor | None = None,
+      w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     return hidden.new_empty(hidden.shape)
 
 
@@ -156,9 +175,10 @@ class FusedExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                 ) -> torch.Tensor:
         policy = self.moe_policy
+        w13_scale, w2_scale = expert_scales(self)  # FP8 experts; None in the model's dtype
         return torch.ops.pagedserve.fused_experts(
             hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, policy.kernel,
-            policy.rows_max_tokens, policy.grouped_mm_min_tokens, policy.use_pdl)
+            policy.rows_max_tokens, policy.grouped_mm_min_tokens, policy.use_pdl, w13_scale, w2_scale)
 
 
 def unsupported_reason(experts: nn.Module) -> str | None:
@@ -183,7 +203,11 @@ def unsupported_reason(experts: nn.Module) -> str | None:
     num_experts, intermediate2, hidden = gate_up.shape
     if down.shape != (num_experts, hidden, intermediate2 // 2) or intermediate2 % 2:
         return f"expert weights of shapes {tuple(gate_up.shape)} and {tuple(down.shape)} do not chain"
-    if not gate_up.is_floating_point() or gate_up.dtype != down.dtype or gate_up.dtype.itemsize < 2:
+    if gate_up.dtype == FP8_DTYPE or down.dtype == FP8_DTYPE:  # FP8 experts (engine/kernels/moe/fp8.py)
+        problem = fp8_scales_problem(gate_up, down, *expert_scales(experts))
+        if problem is not None:
+            return problem
+    elif not gate_up.is_floating_point() or gate_up.dtype != down.dtype or gate_up.dtype.itemsize < 2:
         return f"expert weights of dtype {gate_up.dtype}"
     if gate_up.stride(2) != 1 or down.stride(2) != 1:
         return "expert weights without a contiguous last dimension"
