@@ -106,11 +106,13 @@ def replica_options(serve_args: ServeArgs) -> dict[str, Any]:
 
 def lora_registry_options(serve_args: ServeArgs) -> dict[str, Any]:
     """Deployment options of `LoraRegistry` (serve_app/lora_registry.py): one replica, no CPU of its own; each
-    ingress and engine replica keeps a long poll open on it, so its concurrency is not what bounds it."""
+    ingress and engine replica keeps a long poll open on it, so its concurrency is not what bounds it, and
+    stopping it need not wait for those polls (they are asked again)."""
     return {
         "name": f"{serve_args.name_prefix}LoraRegistry",
         "num_replicas": 1,
         "max_ongoing_requests": 4096,
+        "graceful_shutdown_timeout_s": 1,
         "ray_actor_options": {"num_cpus": 0},
         "logging_config": logging_config(serve_args),
     }
