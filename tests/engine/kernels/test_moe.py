@@ -5,6 +5,10 @@ On CPU: the reference (and torch's CPU grouped_mm) inside real transformers bloc
 alignment. The Triton kernels run under TRITON_INTERPRET=1 in a subprocess (tiny shapes; the interpreter's
 bf16 tl.dot is broken, so the grouped kernel is checked in float32/float16, the per-pair kernel also in
 bf16). GPU cases (bf16 kernels, compile and CUDA graphs) run in-process, marked `gpu`.
+
+FP8 experts (engine/kernels/moe/fp8.py): the reference against the same experts dequantized, the op and the
+fused block on CPU, `_scaled_grouped_mm`'s arguments on the meta device, the tensor-parallel cut; the FP8
+kernels (per-pair W8A16, grouped W8A8) under the interpreter; on a GPU at the Qwen3-30B-A3B layer shape.
 """
 
 from __future__ import annotations
@@ -209,20 +213,35 @@ INTERPRETER_CASES = {
     "rows_eight_tokens_shared": ("rows", 8, 32, 16, 3, 2, "float32", ((16, 32, 4, 1), (16, 16, 4, 1))),
     "rows_one_token_k3_fp16_default_tiles": ("rows", 1, 40, 24, 6, 3, "float16", None),
 }
+# FP8 experts (e4m3 weights, a scale per expert and row), same fields; checked against the reference of the same
+# semantics: W8A16 for rows, W8A8 (activations rounded to e4m3 per row) for the grouped kernel.
+FP8_INTERPRETER_CASES = {
+    "fp8_rows_one_token_ragged_k": ("rows", 1, 40, 20, 5, 3, "float32", ((8, 16, 4, 1), (4, 32, 4, 1))),
+    "fp8_grouped_fp32_w8a8": ("triton", 9, 32, 16, 4, 2, "float32", (16, 16, 16, 1, 4, 1)),
+}
 
 
-def run_case(kernel, num_tokens, hidden, intermediate, num_experts, top_k, dtype_name, config, device) -> dict:
+def run_case(kernel, num_tokens, hidden, intermediate, num_experts, top_k, dtype_name, config, device,
+             fp8: bool = False) -> dict:
     from pagedserve.engine.kernels.moe import triton as moe_triton
+    from pagedserve.engine.kernels.moe.fp8 import quantize_expert_weight
 
     dtype = getattr(torch, dtype_name)
     x, ids, weights = routed_inputs(num_tokens, hidden, num_experts, top_k, dtype=dtype, device=device)
     w13, w2 = random_experts(num_experts, hidden, intermediate, dtype=dtype, device=device)
+    scales = {}
+    if fp8:
+        (w13, w13_scale), (w2, w2_scale) = quantize_expert_weight(w13), quantize_expert_weight(w2)
+        scales = dict(w13_scale=w13_scale, w2_scale=w2_scale)
     if kernel == "triton":
-        out = moe_triton.experts_triton(x, ids, weights, w13, w2, moe_triton.GroupedConfig(*config))
+        out = moe_triton.experts_triton(x, ids, weights, w13, w2, moe_triton.GroupedConfig(*config), **scales)
     else:
         tiles = None if config is None else moe_triton.RowsTiles(*(moe_triton.RowsConfig(*c) for c in config))
-        out = moe_triton.experts_rows(x, ids, weights, w13, w2, tiles)
-    want = experts_reference(x.float(), ids, weights, w13.float(), w2.float())
+        out = moe_triton.experts_rows(x, ids, weights, w13, w2, tiles, **scales)
+    if fp8:
+        want = experts_reference(x.float(), ids, weights, w13, w2, **scales, quantize_activations=kernel == "triton")
+    else:
+        want = experts_reference(x.float(), ids, weights, w13.float(), w2.float())
     return {"max_error": ((out.float() - want).abs().max() / want.abs().max()).item(),
             "shape_ok": float(out.shape == (num_tokens, hidden) and out.dtype == dtype)}
 
@@ -257,6 +276,7 @@ def run_router_case(arch: str, num_tokens: int, dtype_name: str) -> dict:
 
 def _interpreter_worker() -> None:
     results = {name: run_case(*case, device="cpu") for name, case in INTERPRETER_CASES.items()}
+    results.update({name: run_case(*case, device="cpu", fp8=True) for name, case in FP8_INTERPRETER_CASES.items()})
     results.update({name: run_router_case(*case) for name, case in ROUTER_CASES.items()})
     print(json.dumps(results))
 
@@ -272,6 +292,17 @@ def test_triton_kernels_in_interpreter(name: str, interpreter_results: dict[str,
     result = interpreter_results[name]
     assert result["shape_ok"] == 1.0
     tolerance = 1e-5 if INTERPRETER_CASES[name][6] == "float32" else 2e-2
+    assert result["max_error"] < tolerance, result
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("name", list(FP8_INTERPRETER_CASES))
+def test_fp8_triton_kernels_in_interpreter(name: str, interpreter_results: dict[str, dict[str, float]]) -> None:
+    """FP8 experts: the per-pair kernels (W8A16) and the grouped kernel (W8A8, its FP8 tl.dot) against the float32
+    reference of the same e4m3 weights and semantics (bf16: the activations' and GEMM 1 output's rounding)."""
+    result = interpreter_results[name]
+    assert result["shape_ok"] == 1.0
+    tolerance = 1e-5 if FP8_INTERPRETER_CASES[name][6] == "float32" else 2e-2
     assert result["max_error"] < tolerance, result
 
 
@@ -317,6 +348,118 @@ def test_router_swap_and_its_refusals() -> None:
     assert "differs" in router_unsupported_reason(renamed)
     renamed.__class__ = type("SomeRouter", (original_class,), {})
     assert "not one whose semantics are known" in router_unsupported_reason(renamed)
+
+
+# ---- FP8 experts on CPU ---------------------------------------------------------------------------------------
+def fp8_experts(num_experts: int, hidden: int, intermediate: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    from pagedserve.engine.kernels.moe.fp8 import quantize_expert_weight
+
+    w13, w2 = random_experts(num_experts, hidden, intermediate, device=device)
+    (q13, s13), (q2, s2) = quantize_expert_weight(w13), quantize_expert_weight(w2)
+    return dict(w13=q13, w2=q2, w13_scale=s13, w2_scale=s2)
+
+
+def test_fp8_experts_reference_is_the_dequantized_experts() -> None:
+    """The op on FP8 experts (CPU: the reference) is the float32 reference on the dequantized weights, exactly; the
+    weights are `quantize_rows` per expert (the linear layers' rounding); W8A8 stays within e4m3 precision of it;
+    scales that do not fit are refused."""
+    from pagedserve.engine.kernels.fp8_quant import quantize_rows
+    from pagedserve.engine.kernels.moe.fp8 import dequantize_expert_weight, quantize_expert_weight
+
+    x, ids, weights = routed_inputs(11, 32, 8, 3)
+    fp8 = fp8_experts(8, 32, 16)
+    w13, _ = random_experts(8, 32, 16)
+    values, scale = quantize_rows(w13[5])
+    assert torch.equal(fp8["w13"][5].view(torch.uint8), values.view(torch.uint8))
+    assert torch.equal(fp8["w13_scale"][5], scale.squeeze(-1)) and fp8["w13_scale"].shape == (8, 32)
+    policy = MoeKernelPolicy()
+    got = torch.ops.pagedserve.fused_experts(x, ids, weights, fp8["w13"], fp8["w2"], policy.kernel,
+                                             policy.rows_max_tokens, policy.grouped_mm_min_tokens, False,
+                                             fp8["w13_scale"], fp8["w2_scale"])
+    dequantized = experts_reference(x, ids, weights, dequantize_expert_weight(fp8["w13"], fp8["w13_scale"]),
+                                    dequantize_expert_weight(fp8["w2"], fp8["w2_scale"]))
+    torch.testing.assert_close(got, dequantized, rtol=1e-6, atol=1e-7)
+    w8a8 = experts_reference(x, ids, weights, **fp8, quantize_activations=True)
+    assert ((w8a8 - got).abs().max() / got.abs().max()).item() < 0.1
+    with pytest.raises(ValueError, match="without their row scales"):
+        torch.ops.pagedserve.fused_experts(x, ids, weights, fp8["w13"], fp8["w2"], "reference", 8, None)
+    with pytest.raises(ValueError, match="one per expert and output row"):
+        torch.ops.pagedserve.fused_experts(x, ids, weights, fp8["w13"], fp8["w2"], "reference", 8, None, False,
+                                           fp8["w13_scale"][:, :16], fp8["w2_scale"])
+
+
+def test_fp8_fused_block_matches_transformers_on_dequantized_experts(caplog: pytest.LogCaptureFixture) -> None:
+    """quantize_experts puts e4m3 experts and their scales on the module (nothing else changes, the memory plan's
+    measure counts their bytes exactly); the fused block then equals transformers' block whose experts hold the
+    dequantized weights, in float32."""
+    from pagedserve.engine.kernels.fp8_quant import FP8_DTYPE
+    from pagedserve.engine.kernels.moe.fp8 import dequantize_expert_weight, quantize_experts
+    from pagedserve.engine.runner.loader import weights_footprint_bytes
+
+    model = tiny_moe_model("qwen3_moe")
+    experts = [layer.mlp.experts for layer in model.model.layers]
+    before = weights_footprint_bytes(model)
+    expert_elements = sum(e.gate_up_proj.numel() + e.down_proj.numel() for e in experts)
+    expert_rows = sum(e.gate_up_proj.shape[0] * (e.gate_up_proj.shape[1] + e.down_proj.shape[1]) for e in experts)
+    with caplog.at_level(logging.INFO, logger="pagedserve.engine.kernels.moe.fp8"):
+        assert quantize_experts(model) == 2 and quantize_experts(model) == 0  # FP8 already: left
+    assert "quantized the experts of 2 MoE blocks to FP8" in caplog.text
+    assert weights_footprint_bytes(model) == before - expert_elements * 4 + expert_elements + expert_rows * 4
+    assert experts[0].gate_up_proj.dtype == FP8_DTYPE and experts[0].down_proj_scale.shape == (8, 64)
+    assert unsupported_reason(experts[0]) is None
+    block = model.model.layers[0].mlp
+    x = torch.randn(1, 9, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        swap = use_fused_moe(model)
+        got = block(x)
+        swap.undo()
+        fp8 = {name: getattr(block.experts, name) for name in ("gate_up_proj", "down_proj")}
+        for name, values in fp8.items():  # transformers' own experts code on the dequantized weights
+            scale = getattr(block.experts, name + "_scale")
+            setattr(block.experts, name, nn.Parameter(dequantize_expert_weight(values, scale)))
+        want = block(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fp8_scaled_grouped_mm_arguments_on_meta() -> None:
+    """torch's own checks of `_scaled_grouped_mm` (its meta function: layouts, scale shapes, dtypes) accept what
+    the grouped_mm path passes; it has no CPU kernel, and says so."""
+    from pagedserve.engine.kernels.moe.grouped_mm import experts_grouped_mm, grouped_mm_unavailable
+
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        pytest.skip("this torch has no _scaled_grouped_mm")
+    x, ids, weights = routed_inputs(5, 32, 8, 3, dtype=torch.bfloat16)
+    fp8 = fp8_experts(8, 32, 16)
+    assert "no CPU kernel" in grouped_mm_unavailable(x, fp8["w13"], fp8["w2"])
+    meta = {name: tensor.to("meta") for name, tensor in fp8.items()}
+    out = experts_grouped_mm(x.to("meta"), ids.to("meta"), weights.to("meta"), **meta)
+    assert out.shape == x.shape and out.dtype == torch.bfloat16
+
+
+def test_fp8_experts_tensor_parallel_cut() -> None:
+    """Under transformers 5.17's expert plan each rank keeps its gate/up rows with their scales and its down_proj
+    columns with every row's scale: the two ranks' partial outputs add up to the whole."""
+    from pagedserve.engine.runner.tensor_parallel import _shard_experts
+
+    class Experts(nn.Module):
+        pass
+
+    x, ids, weights = routed_inputs(6, 32, 4, 2)
+    whole = fp8_experts(4, 32, 16)
+    want = experts_reference(x, ids, weights, **whole)
+    plan = {"layers.*.mlp.experts.gate_up_proj": "packed_colwise", "layers.*.mlp.experts.down_proj": "rowwise"}
+    total = torch.zeros_like(want)
+    for rank in range(2):
+        experts = Experts()
+        for name in ("gate_up_proj", "down_proj"):
+            setattr(experts, name, nn.Parameter(whole["w13" if name == "gate_up_proj" else "w2"].clone(),
+                                                requires_grad=False))
+            setattr(experts, name + "_scale", nn.Parameter(whole[("w13" if name == "gate_up_proj" else "w2") + "_scale"]))
+        _shard_experts(experts, "layers.0.mlp.experts", plan, rank, 2)
+        assert experts.gate_up_proj_scale.shape == (4, 16) and experts.down_proj_scale.shape == (4, 32)
+        total += experts_reference(x, ids, weights, experts.gate_up_proj, experts.down_proj,
+                                   experts.gate_up_proj_scale, experts.down_proj_scale)
+    torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-6)
 
 
 # ---- GPU ----------------------------------------------------------------------------------------------------
@@ -409,6 +552,70 @@ def test_gpu_op_compiled_and_in_a_cuda_graph(num_tokens: int) -> None:
         buffer.copy_(value)
     graph.replay()
     torch.testing.assert_close(out, experts(x2, ids2, weights2))
+
+
+@functools.cache
+def qwen3_layer_fp8_experts() -> dict[str, torch.Tensor]:
+    """The same layer's experts in FP8 (e4m3, a scale per expert and row), quantized on the GPU."""
+    from pagedserve.engine.kernels.moe.fp8 import quantize_expert_weight
+
+    w13, w2 = qwen3_layer_experts()
+    (q13, s13), (q2, s2) = quantize_expert_weight(w13), quantize_expert_weight(w2)
+    return dict(w13=q13, w2=q2, w13_scale=s13, w2_scale=s2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("num_tokens", [1, 2, 8, 64, 600])
+@pytest.mark.parametrize("kernel", ["rows", "triton", "grouped_mm"])
+def test_gpu_fp8_kernels_match_reference(kernel: str, num_tokens: int) -> None:
+    """FP8 experts on the Qwen3-30B-A3B layer: the per-pair kernels (W8A16) and the grouped ones (W8A8: Triton's
+    FP8 dot, torch's _scaled_grouped_mm) against the float32 reference of the same semantics. The GPU quantizes
+    the experts as the CPU does (the Triton rounding is bit-exact with quantize_rows)."""
+    from pagedserve.engine.kernels.fp8_quant import quantize_rows
+    from pagedserve.engine.kernels.moe.experts import run_kernel
+    from pagedserve.engine.kernels.moe.grouped_mm import grouped_mm_unavailable
+
+    hidden, intermediate, num_experts, top_k = QWEN3_30B_LAYER
+    x, ids, weights = routed_inputs(num_tokens, hidden, num_experts, top_k, dtype=torch.bfloat16, device="cuda")
+    fp8 = qwen3_layer_fp8_experts()
+    if kernel == "grouped_mm" and grouped_mm_unavailable(x, fp8["w13"], fp8["w2"]):
+        pytest.skip(grouped_mm_unavailable(x, fp8["w13"], fp8["w2"]))
+    values, scale = quantize_rows(qwen3_layer_experts()[0][3])
+    assert torch.equal(fp8["w13"][3].view(torch.uint8), values.view(torch.uint8))
+    assert torch.equal(fp8["w13_scale"][3], scale.squeeze(-1))
+    out = run_kernel(kernel, x, ids, weights, fp8["w13"], fp8["w2"], False, fp8["w13_scale"], fp8["w2_scale"])
+    want = experts_reference(x.float(), ids, weights, **fp8, quantize_activations=kernel != "rows")
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - want).abs().max() / want.abs().max()).item() < 3e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("num_tokens", [1, 8, 300, 1024])
+def test_gpu_fp8_op_compiled_and_in_a_cuda_graph(num_tokens: int) -> None:
+    """The op on FP8 experts under torch.compile (fullgraph) and replayed from a CUDA graph with new routing gives
+    the eager op's output (rows, Triton W8A8 and, at 1,024 tokens, _scaled_grouped_mm where it runs)."""
+    hidden, intermediate, num_experts, top_k = QWEN3_30B_LAYER
+    fp8 = qwen3_layer_fp8_experts()
+    policy = MoeKernelPolicy()
+
+    def experts(x, ids, weights):
+        return torch.ops.pagedserve.fused_experts(x, ids, weights, fp8["w13"], fp8["w2"], policy.kernel,
+                                                  policy.rows_max_tokens, policy.grouped_mm_min_tokens, False,
+                                                  fp8["w13_scale"], fp8["w2_scale"]) * 2.0
+
+    static = list(routed_inputs(num_tokens, hidden, num_experts, top_k, dtype=torch.bfloat16, device="cuda"))
+    compiled = torch.compile(experts, fullgraph=True)
+    torch.testing.assert_close(compiled(*static), experts(*static))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = compiled(*static)
+    fresh = routed_inputs(num_tokens, hidden, num_experts, top_k, seed=5, dtype=torch.bfloat16, device="cuda")
+    for buffer, value in zip(static, fresh):
+        buffer.copy_(value)
+    graph.replay()
+    torch.testing.assert_close(out, experts(*fresh))
 
 
 def _router_close_to_reference(got, want) -> None:
