@@ -20,12 +20,19 @@ steps of the engine instead: kernels per step, one decoder layer kernel by kerne
 and the step extrapolated to the shape's 48 layers. A table is printed last; `--out` gets JSON after every
 stage (a run cut short keeps what it measured).
 
+`--quantization fp8` runs everything with FP8 weights (engine/kernels/moe/fp8.py, fp8_linear.py): the model's
+linears and experts quantized in place after it is built (what `quantization="fp8"` does at load), the fused
+backend only (transformers' expert code cannot run e4m3 experts; no generate_batch baseline); the
+microbenchmark quantizes its layer's experts (rows W8A16, triton/grouped_mm W8A8). `--quantization none,fp8`
+runs the bf16 passes first, then quantizes the same model and runs the FP8 ones (same process, same weights).
+
     python bench/moe_bench.py --out moe.json                       # everything (about 8 minutes on an H200)
     python bench/moe_bench.py --layers 4 --workloads b1,w64 --baseline none   # quick smoke
     python bench/moe_bench.py --micro-only --tune                  # kernels only, with tile alternatives
     python bench/moe_bench.py --micro-only --tune --tokens 1,2,4,8 --micro-kernels rows   # the per-pair tiles
     python bench/moe_bench.py --profile --layers 8                 # where a batch-1 step's time goes
     python bench/moe_bench.py --shape tiny                         # CPU check of the script itself
+    python bench/moe_bench.py --quantization none,fp8 --workloads b1,w128 --baseline none   # bf16 vs FP8 experts
 """
 
 from __future__ import annotations
@@ -107,13 +114,30 @@ def build_model(shape: Shape, device: torch.device, dtype: torch.dtype):
     return model, tokenizer
 
 
-def active_weight_bytes(shape: Shape, dtype_bytes: int = 2) -> int:
+def active_weight_bytes(shape: Shape, dtype_bytes: int = 2, fp8: bool = False) -> int:
     """Bytes a one-token decode step reads: attention, router and the k active experts of every layer, the
-    norms and the LM head (the embedding lookup reads one row)."""
+    norms and the LM head (the embedding lookup reads one row). `fp8`: attention and experts at one byte a
+    weight (their row scales are negligible), the router, norms and LM head in `dtype_bytes`."""
     attention = shape.hidden * shape.head_dim * (2 * shape.num_heads + 2 * shape.num_kv_heads)
     experts = shape.top_k * 3 * shape.hidden * shape.moe_intermediate
-    per_layer = attention + shape.num_experts * shape.hidden + experts + 2 * shape.hidden + 2 * shape.head_dim
-    return dtype_bytes * (shape.num_layers * per_layer + shape.vocab_size * shape.hidden + shape.hidden)
+    quantized_bytes = 1 if fp8 else dtype_bytes
+    per_layer = (quantized_bytes * (attention + experts)
+                 + dtype_bytes * (shape.num_experts * shape.hidden + 2 * shape.hidden + 2 * shape.head_dim))
+    return shape.num_layers * per_layer + dtype_bytes * (shape.vocab_size * shape.hidden + shape.hidden)
+
+
+def quantize_model_fp8(model) -> None:
+    """What quantization='fp8' does at load, on a model already built: every linear but the LM head to
+    `Fp8Linear`, the fused path's experts to e4m3 with row scales, in place."""
+    from pagedserve.engine.kernels.fp8_linear import quantize_linears
+    from pagedserve.engine.kernels.moe.fp8 import quantize_experts
+
+    started = time.perf_counter()
+    linears, experts = quantize_linears(model), quantize_experts(model)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    print(f"quantized to FP8 in {time.perf_counter() - started:.1f} s: {linears} linear layers, the experts of {experts} "
+          f"blocks; {torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0:.1f} GiB", flush=True)
 
 
 def copy_bandwidth_bytes_per_s(device: torch.device, num_bytes: int = 2 << 30) -> float | None:
@@ -207,9 +231,10 @@ MICRO_KERNELS = ("rows", "triton", "grouped_mm", "reference", "transformers")
 
 
 def microbenchmark(shape: Shape, device: torch.device, dtype: torch.dtype, token_counts: tuple[int, ...],
-                   tune: bool, kernels: tuple[str, ...] = MICRO_KERNELS) -> list[dict[str, Any]]:
+                   tune: bool, kernels: tuple[str, ...] = MICRO_KERNELS, fp8: bool = False) -> list[dict[str, Any]]:
     """One layer's experts at each token count: microseconds per call of each of `kernels` (ROUTINGS routings
-    in turn), the mean bytes of distinct experts a call reads, and (`tune`) the tile candidates' times."""
+    in turn), the mean bytes of distinct experts a call reads, and (`tune`) the tile candidates' times. `fp8`:
+    the experts in e4m3 with row scales (transformers' experts code cannot run them: not timed)."""
     from pagedserve.engine.kernels.moe import triton as moe_triton
     from pagedserve.engine.kernels.moe.experts import (
         KERNELS,
@@ -225,8 +250,13 @@ def microbenchmark(shape: Shape, device: torch.device, dtype: torch.dtype, token
                        device=device, dtype=dtype) * 0.02)
     w2 = torch.randn(shape.num_experts, shape.hidden, shape.moe_intermediate, generator=generator, device=device,
                      dtype=dtype) * 0.02
+    scales: dict[str, torch.Tensor] = {}
+    if fp8:
+        from pagedserve.engine.kernels.moe.fp8 import quantize_expert_weight
+
+        (w13, scales["w13_scale"]), (w2, scales["w2_scale"]) = quantize_expert_weight(w13), quantize_expert_weight(w2)
     modules = ({name: _transformers_experts(shape, w13, w2, name) for name in ("grouped_mm", "eager")}
-               if "transformers" in kernels else {})
+               if "transformers" in kernels and not fp8 else {})
     expert_bytes = 3 * shape.hidden * shape.moe_intermediate * w13.element_size()
     on_gpu = device.type == "cuda" and moe_triton.triton is not None
     rows = []
@@ -248,7 +278,8 @@ def microbenchmark(shape: Shape, device: torch.device, dtype: torch.dtype, token
                 continue
             if kernel == "rows" and num_tokens > 64:
                 continue  # one program per pair: past a few tokens it rereads shared experts
-            fns = [lambda kernel=kernel, ids=ids, weights=weights: run_kernel(kernel, x, ids, weights, w13, w2)
+            fns = [lambda kernel=kernel, ids=ids, weights=weights: run_kernel(kernel, x, ids, weights, w13, w2,
+                                                                              **scales)
                    for ids, weights in routings]
             for graph in (False, kernel != "reference"):  # the reference syncs with the host: no capture
                 row["us"][f"{kernel}{' graph' if graph else ''}"] = _time_us(fns, device, graph)
@@ -259,9 +290,9 @@ def microbenchmark(shape: Shape, device: torch.device, dtype: torch.dtype, token
             for graph in (False, name == "grouped_mm"):  # transformers' eager loop syncs with the host
                 row["us"][f"transformers {name}{' graph' if graph else ''}"] = _time_us(fns, device, graph)
         if tune and on_gpu and num_tokens <= ROWS_MAX_TOKENS:
-            row["rows_tuning"] = tune_rows(x, routings, w13, w2, device, expert_bytes)
+            row["rows_tuning"] = tune_rows(x, routings, w13, w2, device, expert_bytes, **scales)
         elif tune and on_gpu:
-            row["tuning"] = tune_grouped(x, routings, w13, w2, device)
+            row["tuning"] = tune_grouped(x, routings, w13, w2, device, **scales)
         measured = {k: v for k, v in row["us"].items() if v is not None}
         row["fastest"] = min(measured, key=measured.get) if measured else None
         rows.append(row)
@@ -278,11 +309,14 @@ GROUPED_CANDIDATES = [(16, 64, 128, 1, 4, 3), (16, 128, 128, 1, 4, 3), (32, 64, 
 # GEMM 2: k slots x block_n rows of one token, K = I (768: 256 and 128 divide it, 512 leaves a masked step).
 ROWS_GATE_UP_CANDIDATES = [(4, 1024, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (8, 1024, 4, 3), (8, 1024, 8, 3),
                            (16, 256, 4, 3), (16, 512, 8, 3), (32, 256, 8, 3)]
+# FP8 weights: a step of the same bytes is twice as deep (the one-row FP8 GEMM's best steps were 2,048 deep).
+ROWS_GATE_UP_CANDIDATES_FP8 = [(4, 2048, 4, 3), (8, 512, 4, 3), (8, 1024, 4, 3), (8, 2048, 4, 3), (8, 2048, 8, 3),
+                               (16, 1024, 8, 3), (16, 512, 4, 3), (32, 512, 8, 3)]
 ROWS_DOWN_CANDIDATES = [(2, 256, 4, 3), (4, 128, 4, 3), (4, 256, 4, 3), (4, 256, 8, 3), (8, 128, 4, 3),
                         (8, 256, 8, 3), (2, 512, 4, 3), (16, 64, 4, 3)]
 
 
-def tune_grouped(x, routings, w13, w2, device) -> dict[str, Any]:
+def tune_grouped(x, routings, w13, w2, device, **scales: torch.Tensor) -> dict[str, Any]:
     """Graph-replayed microseconds of the grouped kernel's alternative tiles (the same tiles for both GEMMs)."""
     from pagedserve.engine.kernels.moe import triton as moe_triton
 
@@ -290,16 +324,18 @@ def tune_grouped(x, routings, w13, w2, device) -> dict[str, Any]:
     for candidate in GROUPED_CANDIDATES:
         config = moe_triton.GroupedConfig(*candidate)
         fns = [lambda config=config, ids=ids, weights=weights: moe_triton.experts_triton(
-            x, ids, weights, w13, w2, config) for ids, weights in routings]
+            x, ids, weights, w13, w2, config, **scales) for ids, weights in routings]
         timings[f"triton {candidate}"] = _safe_time(fns, device)
     measured = {k: v for k, v in timings.items() if v is not None}
     return {"us": timings, "best": min(measured, key=measured.get) if measured else None}
 
 
-def tune_rows(x, routings, w13, w2, device, expert_bytes: int) -> dict[str, Any]:
+def tune_rows(x, routings, w13, w2, device, expert_bytes: int, w13_scale: torch.Tensor | None = None,
+              w2_scale: torch.Tensor | None = None) -> dict[str, Any]:
     """Each per-pair GEMM alone over its tile candidates (graph replays, routings in turn), each candidate's
     output checked against the default tiles' (a wrong one is reported, not ranked); then the whole op with the
-    best pair of tiles, with and without programmatic dependent launch."""
+    best pair of tiles, with and without programmatic dependent launch. With scales: FP8 experts, its own
+    candidates for GEMM 1, the best printed for ROWS_TILES_FP8."""
     from pagedserve.engine.kernels.launch import supports_programmatic_launch
     from pagedserve.engine.kernels.moe import triton as moe_triton
     from pagedserve.engine.kernels.moe.reference import experts_reference
@@ -310,11 +346,16 @@ def tune_rows(x, routings, w13, w2, device, expert_bytes: int) -> dict[str, Any]
     flat = [(ids.reshape(-1).contiguous(), weights.reshape(-1).contiguous()) for ids, weights in routings]
     acts = [torch.empty(num_tokens * top_k, intermediate, dtype=x.dtype, device=device) for _ in flat]
     out = torch.empty_like(x)
-    default = moe_triton.rows_tiles(num_tokens)
+    is_fp8 = w13_scale is not None
+    default = moe_triton.rows_tiles(num_tokens, fp8=is_fp8)
+    gate_up_candidates = ROWS_GATE_UP_CANDIDATES_FP8 if is_fp8 else ROWS_GATE_UP_CANDIDATES
     for (ids, _), act in zip(flat, acts):  # the down candidates read these
-        moe_triton.gate_up_rows(x, w13, act, ids, top_k, default.gate_up, stream_weights=stream)
+        moe_triton.gate_up_rows(x, w13, act, ids, top_k, default.gate_up, stream_weights=stream, w13_scale=w13_scale)
     ids0, weights0 = routings[0]
-    want_out = experts_reference(x.float(), ids0, weights0, w13.float(), w2.float())
+    if is_fp8:
+        want_out = experts_reference(x.float(), ids0, weights0, w13, w2, w13_scale, w2_scale)
+    else:
+        want_out = experts_reference(x.float(), ids0, weights0, w13.float(), w2.float())
     want_act = acts[0].float().clone()
 
     def error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -323,15 +364,16 @@ def tune_rows(x, routings, w13, w2, device, expert_bytes: int) -> dict[str, Any]
     distinct = [int(ids.unique().numel()) for ids, _ in routings]
     gate_up_bytes = sum(distinct) / len(distinct) * expert_bytes * 2 / 3
     result: dict[str, Any] = {"gate_up_us": {}, "down_us": {}, "wrong": []}
-    candidates = {"gate_up": {str(c): c for c in ROWS_GATE_UP_CANDIDATES},
+    candidates = {"gate_up": {str(c): c for c in gate_up_candidates},
                   "down": {str(c): c for c in ROWS_DOWN_CANDIDATES}}
-    for candidate in ROWS_GATE_UP_CANDIDATES:
+    for candidate in gate_up_candidates:
         config = moe_triton.RowsConfig(*candidate)
         scratch = torch.empty_like(acts[0])
         fns = [lambda config=config, ids=ids: moe_triton.gate_up_rows(x, w13, scratch, ids, top_k, config,
-                                                                       stream_weights=stream) for ids, _ in flat]
+                                                                       stream_weights=stream, w13_scale=w13_scale)
+               for ids, _ in flat]
         us = _safe_time(fns, device)
-        moe_triton.gate_up_rows(x, w13, scratch, flat[0][0], top_k, config, stream_weights=stream)
+        moe_triton.gate_up_rows(x, w13, scratch, flat[0][0], top_k, config, stream_weights=stream, w13_scale=w13_scale)
         if us is not None and error(scratch, want_act) > 2e-2:
             result["wrong"].append(f"gate_up {candidate}: error {error(scratch, want_act):.3g}")
             us = None
@@ -339,10 +381,10 @@ def tune_rows(x, routings, w13, w2, device, expert_bytes: int) -> dict[str, Any]
     for candidate in ROWS_DOWN_CANDIDATES:
         config = moe_triton.RowsConfig(*candidate)
         fns = [lambda config=config, act=act, ids=ids, weights=weights: moe_triton.down_rows(
-            act, w2, out, ids, weights, top_k, config, stream_weights=stream)
+            act, w2, out, ids, weights, top_k, config, stream_weights=stream, w2_scale=w2_scale)
             for act, (ids, weights) in zip(acts, flat)]
         us = _safe_time(fns, device)
-        moe_triton.down_rows(acts[0], w2, out, *flat[0], top_k, config, stream_weights=stream)
+        moe_triton.down_rows(acts[0], w2, out, *flat[0], top_k, config, stream_weights=stream, w2_scale=w2_scale)
         if us is not None and error(out, want_out) > 2e-2:
             result["wrong"].append(f"down {candidate}: error {error(out, want_out):.3g}")
             us = None
@@ -360,7 +402,8 @@ def tune_rows(x, routings, w13, w2, device, expert_bytes: int) -> dict[str, Any]
             if use_pdl and not supports_programmatic_launch(device):
                 continue
             fns = [lambda ids=ids, weights=weights, use_pdl=use_pdl: moe_triton.experts_rows(
-                x, ids, weights, w13, w2, tiles, use_pdl=use_pdl) for ids, weights in routings]
+                x, ids, weights, w13, w2, tiles, use_pdl=use_pdl, w13_scale=w13_scale, w2_scale=w2_scale)
+                for ids, weights in routings]
             result[f"op_us{' pdl' if use_pdl else ''}"] = _safe_time(fns, device)
     bytes_read = sum(distinct) / len(distinct) * expert_bytes
     gate_up_us = result["gate_up_us"].get(best["gate_up"]) if best["gate_up"] else None
@@ -406,8 +449,9 @@ def _safe_time(fns, device) -> float | None:
 
 # ---- engine workloads -------------------------------------------------------------------------------------
 def run_engine_workloads(model, tokenizer, backend: str, workloads: dict[str, Workload], args,
-                         on_result) -> None:
-    """One engine with `moe_backend=backend` over every workload (a warm-up first), each result to `on_result`."""
+                         on_result, label: str = "") -> None:
+    """One engine with `moe_backend=backend` over every workload (a warm-up first), each result to `on_result`.
+    `label` (" fp8") names the weights in the results."""
     from gpu_bench import record_steps, step_time_summary
 
     from pagedserve.engine.core.request import SamplingParams
@@ -437,7 +481,7 @@ def run_engine_workloads(model, tokenizer, backend: str, workloads: dict[str, Wo
                                  len(o.outputs[0].token_ids)) for o in outputs]
         ttft, tpot = summarize_timings(timings)
         result = BenchResult(
-            engine=f"pagedserve moe_backend={backend}", num_requests=len(outputs),
+            engine=f"pagedserve moe_backend={backend}{label}", num_requests=len(outputs),
             num_prompt_tokens=workload.num_prompt_tokens,
             num_output_tokens=sum(len(o.outputs[0].token_ids) for o in outputs), wall_s=wall_s, ttft_s=ttft,
             tpot_s=tpot, peak_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
@@ -446,7 +490,7 @@ def run_engine_workloads(model, tokenizer, backend: str, workloads: dict[str, Wo
                      "steps": step_time_summary(steps), "cuda_graphs": llm.engine.runner._decode_graphs is not None,
                      "compiled": bool(llm.engine.runner.is_compiled), "tokens": [o.outputs[0].token_ids[:32] for o in outputs[:4]]},
         )
-        print(f"[{backend}] {name}: {result.output_tokens_per_s:.1f} output tok/s in {wall_s:.2f} s\n"
+        print(f"[{backend}{label}] {name}: {result.output_tokens_per_s:.1f} output tok/s in {wall_s:.2f} s\n"
               f"{result.details['steps']}", flush=True)
         on_result(name, result)
     llm.engine.shutdown()  # the model back as it came (unswapped, uncompiled) for the next engine
@@ -687,15 +731,17 @@ def summary_table(payload: dict[str, Any]) -> str:
     """Markdown: one row per workload, output tok/s per engine, fused / transformers and fused / generate_batch."""
     results = payload["results"]
     engines = sorted({r["engine"] for rows in results.values() for r in rows})
-    header = ["workload", *engines, "fused / transformers", "fused / generate_batch"]
+    header = ["workload", *engines, "fused / transformers", "fused / generate_batch", "fused fp8 / fused bf16"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for name, rows in results.items():
         by_engine = {r["engine"]: r["output_tokens_per_s"] for r in rows}
         fused = by_engine.get("pagedserve moe_backend=fused")
         hf = by_engine.get("pagedserve moe_backend=transformers")
         baseline = by_engine.get("generate_batch")
+        fp8 = by_engine.get("pagedserve moe_backend=fused fp8")
         cells = [f"{by_engine[e]:.1f}" if e in by_engine else "" for e in engines]
-        lines.append("| " + " | ".join([name, *cells, _ratio(fused, hf), _ratio(fused, baseline)]) + " |")
+        lines.append("| " + " | ".join([name, *cells, _ratio(fused, hf), _ratio(fused, baseline), _ratio(fp8, fused)])
+                     + " |")
     for name, rows in results.items():
         tokens = {r["engine"]: r.get("details", {}).get("tokens") for r in rows}
         fused, hf = tokens.get("pagedserve moe_backend=fused"), tokens.get("pagedserve moe_backend=transformers")
@@ -706,13 +752,16 @@ def summary_table(payload: dict[str, Any]) -> str:
     bound = payload.get("batch1_bound_tokens_per_s")
     if bound:
         b1 = {r["engine"]: r["output_tokens_per_s"] for r in results.get("b1", [])}
-        parts = [f"{engine}: {value / bound:.2f}" for engine, value in b1.items()]
-        lines.append(f"\nbatch 1 as a share of the active-weight bound ({bound:.0f} tok/s at "
+        bound_fp8 = payload.get("batch1_bound_fp8_tokens_per_s")
+        parts = [f"{engine}: {value / (bound_fp8 if engine.endswith(' fp8') else bound):.2f}"
+                 for engine, value in b1.items()]
+        lines.append(f"\nbatch 1 as a share of the active-weight bound ({bound:.0f} tok/s bf16, {bound_fp8:.0f} FP8, at "
                      f"{payload['copy_bandwidth_gb_s']:.0f} GB/s copy bandwidth): " + ", ".join(parts))
     for row in payload.get("microbench", []):
         measured = {k: v for k, v in row["us"].items() if v is not None}
         best = row["fastest"]
-        lines.append(f"layer at {row['tokens']} tokens ({row['distinct_experts']:.1f} experts): fastest {best} "
+        lines.append(f"layer at {row['tokens']} tokens{' (FP8)' if row.get('fp8') else ''} "
+                     f"({row['distinct_experts']:.1f} experts): fastest {best} "
                      f"{measured.get(best, float('nan')):.1f} us; auto picks {row['auto_kernel']}; "
                      + ", ".join(f"{k} {v:.1f}" for k, v in measured.items() if k.endswith("graph")))
         if row.get("tuning", {}).get("best"):
@@ -764,6 +813,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", action="store_true",
                         help="also time alternative Triton tiles per token count: each per-pair GEMM's candidates up "
                              "to 8 tokens (printing the best as ROWS_TILES), the grouped kernel's above")
+    parser.add_argument("--quantization", default="none",
+                        help="comma list of none, fp8: the passes' weights in order (fp8: linears and experts "
+                             "quantized in place, fused backend only)")
     parser.add_argument("--max-memory-percent", type=float, default=0.9)
     parser.add_argument("--compile", dest="compile", action="store_const", const=True, default=None)
     parser.add_argument("--no-compile", dest="compile", action="store_const", const=False)
@@ -779,10 +831,16 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = copy_bandwidth_bytes_per_s(device)
     # The copy figure counts read and write traffic, the yardstick the issue's 650 tok/s bound used.
     bound = bandwidth / active_weight_bytes(shape) if bandwidth else None
+    bound_fp8 = bandwidth / active_weight_bytes(shape, fp8=True) if bandwidth else None
+    quantizations = args.quantization.split(",")
+    if quantizations not in (["none"], ["fp8"], ["none", "fp8"]):
+        parser.error(f"--quantization: none, fp8 or none,fp8 (fp8 quantizes the model in place, so it comes last), "
+                     f"not {args.quantization!r}")
     payload: dict[str, Any] = {
         "shape": shape.__dict__, "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "copy_bandwidth_gb_s": bandwidth and bandwidth / 1e9, "active_weight_bytes": active_weight_bytes(shape),
-        "batch1_bound_tokens_per_s": bound, "results": {}, "microbench": [],
+        "batch1_bound_tokens_per_s": bound, "batch1_bound_fp8_tokens_per_s": bound_fp8,
+        "quantization": quantizations, "results": {}, "microbench": [],
         "routers": "transformers" if args.transformers_router else "one kernel (fused backend)",
         "moe_pdl": args.moe_pdl,
     }
@@ -793,12 +851,21 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps(payload, indent=2, default=str))
 
     backends = (args.backends or ("fused" if args.profile else "fused,transformers")).split(",")
+    def backends_for(quantization: str) -> list[str]:
+        if quantization != "fp8" or "transformers" not in backends:
+            return backends
+        print("moe_backend=transformers skipped with FP8 weights: its expert code cannot run e4m3 experts", flush=True)
+        return [b for b in backends if b != "transformers"]
+
     if args.profile:
         model, tokenizer = build_model(shape, device, dtype)
         payload["profile"] = []
-        for backend in backends:
-            with moe_switched_beforehand(model, backend, args):
-                payload["profile"] += profile_batch1(model, tokenizer, backend, shape, args)
+        for quantization in quantizations:
+            if quantization == "fp8":
+                quantize_model_fp8(model)
+            for backend in backends_for(quantization):
+                with moe_switched_beforehand(model, backend, args):
+                    payload["profile"] += profile_batch1(model, tokenizer, backend, shape, args)
         save()
         return 0
     if not args.no_micro:
@@ -806,9 +873,11 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(kernels) - set(MICRO_KERNELS)
         if unknown:
             parser.error(f"--micro-kernels: unknown {', '.join(sorted(unknown))}; known: {', '.join(MICRO_KERNELS)}")
-        payload["microbench"] = microbenchmark(shape, device, dtype, tuple(int(t) for t in args.tokens.split(",")),
-                                               args.tune, kernels)
-        save()
+        for quantization in quantizations:
+            rows = microbenchmark(shape, device, dtype, tuple(int(t) for t in args.tokens.split(",")), args.tune,
+                                  kernels, fp8=quantization == "fp8")
+            payload["microbench"] += [dict(row, fp8=quantization == "fp8") for row in rows]
+            save()
     if not args.micro_only:
         model, tokenizer = build_model(shape, device, dtype)
         print(f"model built: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
@@ -824,24 +893,30 @@ def main(argv: list[str] | None = None) -> int:
             payload["results"].setdefault(name, []).append(result.to_json())
             save()
 
-        for backend in backends:
-            with moe_switched_beforehand(model, backend, args):
-                run_engine_workloads(model, tokenizer, backend, workloads, args, record)
         baseline_names = [] if args.baseline == "none" else [n for n in args.baseline.split(",") if n in workloads]
-        if baseline_names and args.device != "cuda":
-            print("generate_batch baselines skipped: they run on a GPU only", flush=True)
-        elif baseline_names:
-            from gpu_bench import run_generate_batch
+        for quantization in quantizations:
+            if quantization == "fp8":
+                quantize_model_fp8(model)
+            for backend in backends_for(quantization):
+                with moe_switched_beforehand(model, backend, args):
+                    run_engine_workloads(model, tokenizer, backend, workloads, args, record,
+                                         " fp8" if quantization == "fp8" else "")
+            if quantization == "fp8" and baseline_names:
+                print("generate_batch baselines skipped with FP8 weights (transformers' experts code)", flush=True)
+            elif baseline_names and args.device != "cuda":
+                print("generate_batch baselines skipped: they run on a GPU only", flush=True)
+            elif baseline_names:
+                from gpu_bench import run_generate_batch
 
-            for name in baseline_names:
-                model.set_attn_implementation("sdpa")
-                record(name, run_generate_batch(model, workloads[name]))
-                print(f"generate_batch {name}: {payload['results'][name][-1]['output_tokens_per_s']:.1f} output tok/s",
-                      flush=True)
+                for name in baseline_names:
+                    model.set_attn_implementation("sdpa")
+                    record(name, run_generate_batch(model, workloads[name]))
+                    print(f"generate_batch {name}: {payload['results'][name][-1]['output_tokens_per_s']:.1f} "
+                          "output tok/s", flush=True)
     save()
     print()
     print(f"device: {payload['device']}; shape: {args.shape}, {shape.num_layers} layers; routers: {payload['routers']}; "
-          f"MoE kernels with PDL: {args.moe_pdl}")
+          f"MoE kernels with PDL: {args.moe_pdl}; weights: {args.quantization}")
     print(summary_table(payload))
     return 0
 

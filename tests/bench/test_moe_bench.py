@@ -19,6 +19,8 @@ def test_active_weight_bytes_of_the_qwen3_30b_a3b_shape(moe_bench) -> None:
     """About 3 B parameters a token reads (attention, router, 8 of 128 experts per layer, the LM head)."""
     active = moe_bench.active_weight_bytes(moe_bench.SHAPES["qwen3-30b-a3b"])
     assert 5.9e9 < active < 6.3e9
+    # FP8 (--quantization fp8): attention and experts at one byte a weight, router and LM head in bf16.
+    assert 3.2e9 < moe_bench.active_weight_bytes(moe_bench.SHAPES["qwen3-30b-a3b"], fp8=True) < 3.5e9
 
 
 def test_tiny_run_end_to_end(moe_bench, tmp_path) -> None:
