@@ -426,13 +426,14 @@ def tune_rows(x, routings, w13, w2, device, expert_bytes: int, w13_scale: torch.
     return result
 
 
-def rows_tiles_table(rows: list[dict[str, Any]]) -> str | None:
-    """engine/kernels/moe/triton.py's ROWS_TILES from a tune's best tiles per token count (to paste)."""
+def rows_tiles_table(rows: list[dict[str, Any]], fp8: bool = False) -> str | None:
+    """engine/kernels/moe/triton.py's ROWS_TILES (ROWS_TILES_FP8) from a tune's best tiles per token count (to
+    paste)."""
     entries = [(row["tokens"], row["rows_tuning"].get("best_tiles")) for row in rows
-               if row.get("rows_tuning", {}).get("best_tiles")]
+               if row.get("rows_tuning", {}).get("best_tiles") and bool(row.get("fp8")) == fp8]
     if not entries:
         return None
-    lines = ["ROWS_TILES: tuple[tuple[int, RowsTiles], ...] = ("]
+    lines = [f"ROWS_TILES{'_FP8' if fp8 else ''}: tuple[tuple[int, RowsTiles], ...] = ("]
     for tokens, tiles in sorted(entries):
         lines.append(f"    ({tokens}, RowsTiles(gate_up=RowsConfig{astuple(tiles.gate_up)}, "
                      f"down=RowsConfig{astuple(tiles.down)})),")
@@ -774,9 +775,11 @@ def summary_table(payload: dict[str, Any]) -> str:
             lines.append(f"  rows tiles: gate_up {best_tiles['gate_up']} "
                          f"{tuning['gate_up_us'].get(best_tiles['gate_up']) or float('nan'):.1f} us, down "
                          f"{best_tiles['down']} {tuning['down_us'].get(best_tiles['down']) or float('nan'):.1f} us{op}")
-    table = rows_tiles_table(payload.get("microbench", []))
-    if table:
-        lines.append("\nbest per-pair tiles (engine/kernels/moe/triton.py's ROWS_TILES, to paste):\n" + table)
+    for fp8 in (False, True):
+        table = rows_tiles_table(payload.get("microbench", []), fp8)
+        if table:
+            lines.append(f"\nbest per-pair tiles (engine/kernels/moe/triton.py's ROWS_TILES{'_FP8' if fp8 else ''}, "
+                         "to paste):\n" + table)
     return "\n".join(lines)
 
 
