@@ -44,7 +44,8 @@ class EngineConfig(BaseModel):
     )
     quantization: Quantization = Field(
         "none", description="Weight quantization: bitsandbytes (bnb-4bit, bnb-8bit), or fp8 (e4m3 weights with a scale "
-        "per output feature, activations per token; Hopper or newer GPUs: compute capability 9.0+). An FP8 "
+        "per output feature, activations per token; MoE experts too on the fused MoE path; Hopper or newer GPUs: "
+        "compute capability 9.0+). An FP8 "
         "checkpoint (transformers' fp8 or compressed-tensors FP8) loads as fp8 where that runs, even with none, and "
         "is dequantized to dtype elsewhere.")
     bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
