@@ -130,7 +130,7 @@ def quantize_model_fp8(model) -> None:
     """What quantization='fp8' does at load, on a model already built: every linear but the LM head to
     `Fp8Linear`, the fused path's experts to e4m3 with row scales, in place."""
     from pagedserve.engine.kernels.fp8_linear import quantize_linears
-    from pagedserve.engine.kernels.moe.fp8 import quantize_experts
+    from pagedserve.engine.kernels.moe.experts import quantize_experts
 
     started = time.perf_counter()
     linears, experts = quantize_linears(model), quantize_experts(model)

@@ -23,7 +23,7 @@ from pagedserve.config.engine import ConfigError
 from pagedserve.config.resolve import LoadSettings
 from pagedserve.engine.kernels.attention.hf_integration import register_paged_attention
 from pagedserve.engine.kernels.fp8_linear import quantize_linears, supports_fp8_gemm
-from pagedserve.engine.kernels.moe.fp8 import quantize_experts
+from pagedserve.engine.kernels.moe.experts import quantize_experts
 from pagedserve.engine.runner.fp8_checkpoint import (
     checkpoint_files,
     convert_fp8_experts,

@@ -55,7 +55,13 @@ import torch
 from torch import nn
 
 from pagedserve.engine.kernels.fp8_quant import FP8_DTYPE
-from pagedserve.engine.kernels.moe.fp8 import expert_scales, fp8_scales_problem
+from pagedserve.engine.kernels.moe.fp8 import (
+    expert_scales,
+    fp8_scales_problem,
+    is_fp8_experts,
+    quantize_expert_weight,
+    set_expert_weights,
+)
 from pagedserve.engine.kernels.moe.grouped_mm import experts_grouped_mm, grouped_mm_unavailable
 from pagedserve.engine.kernels.moe.reference import experts_reference
 from pagedserve.engine.kernels.moe.router import ROUTER_MAX_TOKENS, undo_fused_router, use_fused_router
@@ -296,3 +302,27 @@ def use_fused_moe(model: nn.Module, policy: MoeKernelPolicy | None = None, fuse_
     if swap.fused or swap.fallback:
         logger.info("MoE experts: %s; kernels: %s", swap.describe(), policy.describe())
     return swap
+
+
+def quantize_experts(model: nn.Module) -> int:
+    """Quantize, in place, the experts of every MoE block that the fused path takes (its expert weights to e4m3
+    with a scale per expert and output row); experts it does not take keep the model's dtype (their transformers
+    code cannot run FP8 weights), and so do experts already in FP8. Returns how many modules were quantized."""
+    quantized, kept = 0, {}  # kept: family -> why its experts keep the model's dtype
+    for family, _, experts in _moe_block_modules(model):
+        if is_fp8_experts(experts):
+            continue
+        reason = unsupported_reason(experts)
+        if reason is not None:
+            kept.setdefault(family, reason)
+            continue
+        gate_up, gate_up_scale = quantize_expert_weight(experts.gate_up_proj.data)
+        down, down_scale = quantize_expert_weight(experts.down_proj.data)
+        set_expert_weights(experts, gate_up, down, gate_up_scale, down_scale)  # the bf16 stacks are freed here
+        quantized += 1
+    if quantized:
+        logger.info("quantized the experts of %d MoE blocks to FP8 (e4m3, a scale per expert and output row)",
+                    quantized)
+    for family, why in kept.items():
+        logger.info("%s: MoE experts stay in the model's dtype under quantization='fp8' (%s)", family, why)
+    return quantized

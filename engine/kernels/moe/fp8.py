@@ -18,19 +18,16 @@ What runs them (`pagedserve::fused_experts` with scales; engine/kernels/moe/expe
 - `reference` (CPU, tests): the dequantized weights through the PyTorch loop, in float32.
 
 A module's transformers forward cannot run FP8 weights, so experts are quantized only where the fused path
-takes them (resolve decides `LoadSettings.fp8_experts`; `quantize_experts` skips unsupported families).
+takes them (resolve decides `LoadSettings.fp8_experts`; `quantize_experts` in experts.py skips the families
+the fused path does not take).
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 from torch import nn
 
 from pagedserve.engine.kernels.fp8_quant import FP8_DTYPE, quantize_rows, quantize_rows_triton, triton
-
-logger = logging.getLogger(__name__)
 
 SCALE_SUFFIX = "_scale"  # gate_up_proj -> gate_up_proj_scale
 
@@ -96,29 +93,3 @@ def set_expert_weights(experts: nn.Module, gate_up: torch.Tensor, down: torch.Te
             setattr(experts, name + SCALE_SUFFIX, nn.Parameter(scale, requires_grad=False))
         elif hasattr(experts, name + SCALE_SUFFIX):
             delattr(experts, name + SCALE_SUFFIX)
-
-
-def quantize_experts(model: nn.Module) -> int:
-    """Quantize, in place, the experts of every MoE block that the fused path takes (its expert weights to e4m3
-    with a scale per expert and output row); experts it does not take keep the model's dtype (their transformers
-    code cannot run FP8 weights), and so do experts already in FP8. Returns how many modules were quantized."""
-    from pagedserve.engine.kernels.moe.experts import _moe_block_modules, unsupported_reason
-
-    quantized, kept = 0, {}
-    for family, _, experts in _moe_block_modules(model):
-        if is_fp8_experts(experts):
-            continue
-        reason = unsupported_reason(experts)
-        if reason is not None:
-            kept.setdefault(family, reason)
-            continue
-        gate_up, gate_up_scale = quantize_expert_weight(experts.gate_up_proj.data)
-        down, down_scale = quantize_expert_weight(experts.down_proj.data)
-        set_expert_weights(experts, gate_up, down, gate_up_scale, down_scale)  # the bf16 stacks are freed here
-        quantized += 1
-    if quantized:
-        logger.info("quantized the experts of %d MoE blocks to FP8 (e4m3, a scale per expert and output row)",
-                    quantized)
-    for family, why in kept.items():
-        logger.info("%s: MoE experts stay in the model's dtype under quantization='fp8' (%s)", family, why)
-    return quantized

@@ -393,7 +393,8 @@ def test_fp8_fused_block_matches_transformers_on_dequantized_experts(caplog: pyt
     measure counts their bytes exactly); the fused block then equals transformers' block whose experts hold the
     dequantized weights, in float32."""
     from pagedserve.engine.kernels.fp8_quant import FP8_DTYPE
-    from pagedserve.engine.kernels.moe.fp8 import dequantize_expert_weight, quantize_experts
+    from pagedserve.engine.kernels.moe.experts import quantize_experts
+    from pagedserve.engine.kernels.moe.fp8 import dequantize_expert_weight
     from pagedserve.engine.runner.loader import weights_footprint_bytes
 
     model = tiny_moe_model("qwen3_moe")
@@ -401,7 +402,7 @@ def test_fp8_fused_block_matches_transformers_on_dequantized_experts(caplog: pyt
     before = weights_footprint_bytes(model)
     expert_elements = sum(e.gate_up_proj.numel() + e.down_proj.numel() for e in experts)
     expert_rows = sum(e.gate_up_proj.shape[0] * (e.gate_up_proj.shape[1] + e.down_proj.shape[1]) for e in experts)
-    with caplog.at_level(logging.INFO, logger="pagedserve.engine.kernels.moe.fp8"):
+    with caplog.at_level(logging.INFO, logger="pagedserve.engine.kernels.moe.experts"):
         assert quantize_experts(model) == 2 and quantize_experts(model) == 0  # FP8 already: left
     assert "quantized the experts of 2 MoE blocks to FP8" in caplog.text
     assert weights_footprint_bytes(model) == before - expert_elements * 4 + expert_elements + expert_rows * 4
