@@ -280,10 +280,9 @@ def test_lora_adapters_with_speculation_keep_the_output(tiny_model_dir, tmp_path
     model = tiny_model_dir("llama")
     adapters = {name: save_random_lora(model, tmp_path / name, seed, targets) for seed, (name, targets) in
                 enumerate({"attn": ("q_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "down_proj")}.items())}
-    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    sampled = SamplingParams(temperature=0.8, top_k=5, seed=3, max_tokens=24, ignore_eos=True)
-    prompts = [REPEATING[0], REPEATING[1], REPEATING[2], REPEATING[0]]
-    params, loras = [greedy, greedy, greedy, sampled], ["attn", None, "mlp", "attn"]
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.8, top_k=5, seed=3, max_tokens=16, ignore_eos=True)
+    prompts, params, loras = REPEATING, [greedy, greedy, sampled], ["attn", None, "mlp"]
     plain_lora = make_llm(model, lora_modules=adapters)
     reference = plain_lora.generate(prompts, params, use_tqdm=False, lora=loras)
     assert completions(plain_lora.generate(prompts[:1], params[:1], use_tqdm=False)) != completions(reference[:1])
