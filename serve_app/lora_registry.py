@@ -102,7 +102,11 @@ class LoraRegistry:
         """The long poll: the view once it is newer than (`epoch`, `version`), which the subscriber has seen
         (or the same view after `timeout_s`)."""
         has = version if epoch == self._epoch else -1
-        self._seen[subscriber] = (has, time.monotonic())
+        now = time.monotonic()
+        # Forget replicas that ended: the table would otherwise grow with every replica ever started.
+        for gone in [name for name, (_, at) in self._seen.items() if now - at >= POLL_S + LIVENESS_GRACE_S]:
+            del self._seen[gone]
+        self._seen[subscriber] = (has, now)
         async with self._changed:
             self._changed.notify_all()  # wait_seen re-counts
             if has >= self._version:
