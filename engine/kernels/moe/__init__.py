@@ -11,7 +11,10 @@ renormalization, cast; Mixtral's renormalized float32 weights); the experts' ker
 - `reference.py`: a loop over the experts in PyTorch (CPU, any float dtype): the oracle;
 - `triton.py`: Triton kernels: a grouped GEMM over expert-sorted, block-padded pairs (vLLM's fused_moe
   scheme) for many tokens, and a per-pair kernel for a few tokens that reads only the chosen experts;
-- `grouped_mm.py`: `torch._grouped_mm` (CUTLASS) over expert-sorted pairs, bf16 on Hopper.
+- `grouped_mm.py`: `torch._grouped_mm` (CUTLASS) over expert-sorted pairs, bf16 on Hopper (FP8 experts:
+  `torch._scaled_grouped_mm`);
+- `fp8.py`: FP8 experts (`quantization="fp8"`): e4m3 weights with a float32 scale per expert and output row, which
+  every kernel above takes (per-pair W8A16, grouped W8A8, the reference dequantizing).
 
 `experts.py` holds the custom op they run behind (`pagedserve::fused_experts`: one opaque op for
 torch.compile, static shapes and no host syncs for CUDA graphs), the rule that picks a kernel per step, and
