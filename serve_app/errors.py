@@ -20,3 +20,9 @@ class ServiceOverloadedError(Exception):
 class ChannelLostError(Exception):
     """The stream channel from an engine replica ended or failed while requests of this ingress were on it
     (serve_app/stream_channel.py): their deltas can no longer arrive, so they count as lost with the replica."""
+
+
+class KeyOverShareError(Exception):
+    """No replica has room the request's API key may take (other keys are owed the rest, serve_app/key_shares.py)
+    and the key already holds blocks. Never reaches a client: the ingress's fair queue holds the request and
+    sends it again when one of its key's requests ends (serve_app/fair_queue.py)."""

@@ -147,7 +147,8 @@ class OpenAIIngress:
         router = serve_args.router
         # With several keys, requests reach the router fairly across them; with one there is no one to be fair to.
         requests = self.channels if len(self.tenants.names) < 2 else FairAdmission(self.channels, FairQueue(
-            router.max_routing_per_key, router.max_queued_requests, router.queue_timeout_s, router.retry_after_s))
+            router.max_routing_per_key, router.max_queued_requests, router.queue_timeout_s, router.retry_after_s,
+            share_retry_s=router.stats_period_s))
         self.calls = ReplicaCalls(requests, on_resend=self.metrics.resent)
         self._num_open_streams = 0  # HTTP streams of this ingress now (pacing, see ServeArgs.max_stream_events_per_s)
         # The tokenizer now rather than with the first request: unpickling it imports transformers and torch

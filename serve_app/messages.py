@@ -19,6 +19,7 @@ class RoutingDemand:
     max_new_tokens: int  # n * max_tokens: every completion grows its own blocks
     prefix_key: bytes | None = None  # the cache's key of the first prompt block (cache/prefix_cache.py)
     lora_name: str | None = None  # the LoRA adapter it runs under: replicas holding it are preferred
+    api_key_name: str = ""  # the key that sent it: each key's share of a replica's blocks (serve_app/key_shares.py)
 
     @property
     def num_tokens(self) -> int:
@@ -82,10 +83,14 @@ class GenerateRequest:
     # not hold it yet (None: every replica has it from start-up).
     lora_name: str | None = None
     lora_path: str | None = None
+    # Requests the sending ingress's fair queue held back when this one was sent: the replica passes the latest
+    # count of each ingress to the autoscaler, which does not see them otherwise (serve_app/autoscaling.py).
+    num_held_by_ingress: int = 0
 
     @property
     def routing_demand(self) -> RoutingDemand:
-        return RoutingDemand(self.num_prompt_tokens, self.max_new_tokens, self.prefix_key, self.lora_name)
+        return RoutingDemand(self.num_prompt_tokens, self.max_new_tokens, self.prefix_key, self.lora_name,
+                             self.api_key_name)
 
 
 @dataclass(frozen=True)

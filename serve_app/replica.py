@@ -27,7 +27,13 @@ from pagedserve.config.serve import ServeArgs
 from pagedserve.engine.errors import EngineDeadError, InvalidRequestError, RequestTooLargeError
 from pagedserve.engine.core.request import RequestOutput, merge_delta
 
-from pagedserve.serve_app.autoscaling import KV_CACHE_USAGE_METRIC, NUM_RUNNING_METRIC, NUM_WAITING_METRIC
+from pagedserve.serve_app.autoscaling import (
+    INGRESS_HELD_TTL_S,
+    KV_CACHE_USAGE_METRIC,
+    NUM_HELD_IN_INGRESSES_METRIC,
+    NUM_RUNNING_METRIC,
+    NUM_WAITING_METRIC,
+)
 from pagedserve.serve_app.metrics import ReplicaMetrics, RequestTiming
 from pagedserve.serve_app.engine_protocol import ServingEngine
 from pagedserve.serve_app.lora_registry import LoraSubscription, LoraView
@@ -74,6 +80,8 @@ class EngineReplica:
         # Worst-case blocks of every request this replica holds (prompt + n * max_tokens), by request id:
         # the engine's free blocks only show what is allocated so far, not what running requests will grow to.
         self._committed_blocks: dict[str, int] = {}
+        # Each ingress's latest count of requests its fair queue held back, and when it came (autoscaling).
+        self._held_by_ingress: dict[str, tuple[int, float]] = {}
         self.log_prompts = serve_args.log_prompts
         self._lora_lock = asyncio.Lock()  # one run-time adapter load at a time (two requests may want one)
         # The service's adapters (serve_app/lora_registry.py): one the registry dropped is unloaded here, or,
@@ -102,6 +110,7 @@ class EngineReplica:
         """Run one request for the ingress replica `request.reply_to`: `Accepted` first, then every item goes
         to that ingress's outbox (its channel sends it); the call ends after the last one. Cancelling the
         call aborts the request."""
+        self._held_by_ingress[request.reply_to] = (request.num_held_by_ingress, time.monotonic())
         with self.outboxes.request(request.reply_to) as outbox:
             yield Accepted(self.replica_id)
             async for item in self.generate(request):
@@ -114,9 +123,13 @@ class EngineReplica:
             yield items
 
     def serving_stats(self) -> dict[str, Any]:
-        """Stream channels open, messages sent on them, and requests ended by reason (stop, length, abort,
-        error, rejected): what this replica saw, for diagnostics and for tests to hold against a client's."""
-        return {**self.outboxes.stats(), "finished_by_reason": dict(self._finished_by_reason)}
+        """Stream channels open, messages sent on them, requests ended by reason (stop, length, abort, error,
+        rejected) and prompt tokens looked up in and found in the prefix cache, under this replica's tag: what it
+        saw, for diagnostics and for tests to hold against a client's."""
+        stats = self.engine.get_stats()
+        return {**self.outboxes.stats(), "finished_by_reason": dict(self._finished_by_reason),
+                "replica": self.replica_tag, "prefix_cache_queries": stats.num_prefix_cache_queries_total,
+                "prefix_cache_hits": stats.num_prefix_cache_hits_total}
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput | ReplicaError]:
         """Stream the engine's deltas; on any exit before the end, abort so the blocks return."""
@@ -298,7 +311,16 @@ class EngineReplica:
         stats = self.engine.get_stats()
         held = 1.0 - self._routable_free_blocks(stats) / stats.num_total_blocks if stats.num_total_blocks else 0.0
         return {KV_CACHE_USAGE_METRIC: held, NUM_RUNNING_METRIC: float(stats.num_running),
-                NUM_WAITING_METRIC: float(stats.num_waiting)}
+                NUM_WAITING_METRIC: float(stats.num_waiting),
+                NUM_HELD_IN_INGRESSES_METRIC: float(self._num_held_in_ingresses())}
+
+    def _num_held_in_ingresses(self) -> int:
+        """Requests the ingresses' fair queues hold back: the latest count of each ingress heard from within
+        `INGRESS_HELD_TTL_S` (older ones are forgotten)."""
+        now = time.monotonic()
+        for ingress_id in [i for i, (_, at) in self._held_by_ingress.items() if now - at > INGRESS_HELD_TTL_S]:
+            del self._held_by_ingress[ingress_id]
+        return sum(count for count, _ in self._held_by_ingress.values())
 
     async def check_health(self) -> None:
         """Ray Serve's health check: an exception marks the replica unhealthy and it is replaced."""

@@ -8,10 +8,17 @@ Two parts, split so the policy is testable without Ray:
   taken after the send arrives (the replica then counts the request itself, as committed blocks).
   Among replicas with room it prefers the most headroom; a replica that recently served the same
   prompt prefix wins when its headroom is within `affinity_tolerance` of the best (its prefix cache
-  hits). A request for a LoRA adapter goes first to the replicas that hold it (then by headroom, as
-  above); another loads it when the request reaches it. When no replica has room the request waits in
-  a bounded queue (`AdmissionQueue`); past the bound or the timeout it is refused with
-  `ServiceOverloadedError` (the ingress answers 429).
+  hits); between equal headroom, the replica owning fewer recent prefixes, then a random one, so new
+  prefixes spread over the replicas' caches. A request for a LoRA adapter goes first to the replicas that
+  hold it (then by headroom, as above); another loads it when the request reaches it. When no replica has
+  room the request waits in a bounded queue (`AdmissionQueue`); past the bound or the timeout it is
+  refused with `ServiceOverloadedError` (the ingress answers 429).
+  With several API keys, each key's request leaves every replica the room the other recently active keys
+  are owed there (serve_app/key_shares.py). A request that finds no room it may take while its key already
+  holds blocks is refused with `KeyOverShareError`, which the ingress's fair queue answers by holding the
+  request until one of its key's requests ends (serve_app/fair_queue.py): it does not wait in Ray's routing
+  line, where the router takes requests in arrival order (two at a time per replica) and it would hold up
+  other keys' requests that have room. Only requests of keys holding nothing wait in that line.
 - `FreeBlocksRequestRouter`: the thin adapter on Ray Serve's `RequestRouter` extension point
   (`request_router_config.request_router_class`). It reads the replicas' routing stats, asks the policy,
   and fails a request's routing future with a typed error when it must be refused.
@@ -35,7 +42,8 @@ from pagedserve.cache.blocks import blocks_for
 from pagedserve.config.serve import RouterSettings
 from pagedserve.engine.core.limits import KV_CACHE, too_large
 from pagedserve.engine.errors import RequestTooLargeError
-from pagedserve.serve_app.errors import ChannelLostError, ServiceOverloadedError
+from pagedserve.serve_app.errors import ChannelLostError, KeyOverShareError, ServiceOverloadedError
+from pagedserve.serve_app.key_shares import KeyShares
 from pagedserve.serve_app.messages import ChannelOpen, ReplicaReport, RoutingDemand
 from pagedserve.serve_app.metrics import RouterMetrics
 
@@ -49,15 +57,18 @@ class _Reservation:
     replica: ReplicaKey
     num_blocks: int
     sent_time_s: float
+    api_key_name: str = ""
     is_counted_by_report: bool = False
-    is_finished: bool = False
+    finished_s: float | None = None  # when the router saw it end (a counted one stays until a later report)
 
 
 @dataclass(frozen=True)
 class RouteDecision:
-    """`route`: try `replicas` in order; `wait`: none has room now; `too_large`: none ever could."""
+    """`route`: try `replicas` in order; `wait`: none has room now; `too_large`: none ever could;
+    `over_share`: none has room the request's API key may take, and the key already holds blocks while other
+    keys are active (serve_app/key_shares.py)."""
 
-    kind: Literal["route", "wait", "too_large"]
+    kind: Literal["route", "wait", "too_large", "over_share"]
     replicas: list[ReplicaKey] = field(default_factory=list)
     message: str = ""
 
@@ -66,8 +77,9 @@ class FreeBlocksPolicy:
     """Most-free-blocks placement with optimistic accounting between replica reports. No Ray inside.
 
     Every request in flight keeps a reservation; per replica, the blocks of reservations no report has
-    counted yet and the number not finished are kept as running sums, so a routing decision costs
-    O(replicas), not O(requests in flight) (thousands, under load, in every ingress)."""
+    counted yet, the number not finished and the blocks of each API key's reservations are kept as running
+    sums, so a routing decision costs O(replicas x active keys), not O(requests in flight) (thousands, under
+    load, in every ingress)."""
 
     def __init__(
         self,
@@ -77,8 +89,9 @@ class FreeBlocksPolicy:
         max_reservation_age_s: float = 3600.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        settings = settings or RouterSettings()
         self.max_reservation_age_s = max_reservation_age_s
-        self.affinity_tolerance = (settings or RouterSettings()).affinity_tolerance
+        self.affinity_tolerance = settings.affinity_tolerance
         # A request sent at t reaches the replica a little later; only a report taken after t + grace
         # is trusted to include it.
         self.transit_grace_s = transit_grace_s
@@ -89,7 +102,13 @@ class FreeBlocksPolicy:
         self._reservations_of: dict[ReplicaKey, dict[str, _Reservation]] = {}
         self._pending_blocks: dict[ReplicaKey, int] = {}  # blocks of reservations not counted by a report
         self._in_flight: dict[ReplicaKey, int] = {}  # reservations not finished
+        # Blocks of each API key's reservations, per replica and in all: what the free-block estimate charges to
+        # the key (its requests in flight, and those ended since the latest report counted them).
+        self._held: dict[ReplicaKey, dict[str, int]] = {}
+        self._held_in_all: dict[str, int] = {}
+        self.shares = KeyShares(settings.fair_share_window_s, clock) if settings.fair_share_window_s > 0 else None
         self._prefix_owner: OrderedDict[bytes, ReplicaKey] = OrderedDict()
+        self._num_prefixes_owned: dict[ReplicaKey, int] = {}
 
     # Reports and replica set -------------------------------------------------------------------------
 
@@ -105,10 +124,11 @@ class FreeBlocksPolicy:
             ):
                 reservation.is_counted_by_report = True
                 self._pending_blocks[replica] -= reservation.num_blocks
-            # A counted reservation only feeds in-flight counts; one never completed (its routing was
-            # cancelled before the send) must not count forever.
+            # A counted reservation goes once a report taken after its end no longer counts it; one never
+            # completed (its routing was cancelled before the send) must not count forever.
             is_stale = report.report_time_s - reservation.sent_time_s > self.max_reservation_age_s
-            if reservation.is_counted_by_report and (reservation.is_finished or is_stale):
+            has_ended = reservation.finished_s is not None and reservation.finished_s <= report.report_time_s
+            if reservation.is_counted_by_report and (has_ended or is_stale):
                 self._drop(request_id)
 
     def remove_replicas_except(self, live: set[ReplicaKey]) -> None:
@@ -122,6 +142,8 @@ class FreeBlocksPolicy:
             self._reservations_of.pop(replica, None)
             self._pending_blocks.pop(replica, None)
             self._in_flight.pop(replica, None)
+            self._held.pop(replica, None)
+            self._num_prefixes_owned.pop(replica, None)
         for key in [k for k, r in self._prefix_owner.items() if r in gone]:
             del self._prefix_owner[key]
 
@@ -148,9 +170,10 @@ class FreeBlocksPolicy:
     def estimated_free_blocks(self, replica: ReplicaKey) -> int | None:
         """Reported free blocks minus what was sent since that report (never below zero).
 
-        Conservative on purpose: a request that finished before any report counted it keeps its blocks
-        reserved until such a report arrives, and blocks freed since the last report are not added back;
-        the error is at most one report period of under-use, never an over-full replica."""
+        Conservative on purpose: blocks the latest report counted as held stay subtracted until the next
+        report, even if their request ended since (a request that ended before any report counted it holds
+        nothing and is subtracted no more); the error is at most one report period of under-use, never an
+        over-full replica."""
         report = self._reports.get(replica)
         if report is None:
             return None
@@ -159,37 +182,57 @@ class FreeBlocksPolicy:
     def num_in_flight(self, replica: ReplicaKey) -> int:
         return self._in_flight.get(replica, 0)
 
+    def held_blocks(self, replica: ReplicaKey) -> dict[str, int]:
+        """Blocks of each API key's reservations on `replica`, what the estimate charges to it (keys holding none
+        are absent)."""
+        return self._held.get(replica, {})
+
     def reserve(self, replica: ReplicaKey, request_id: str, demand: RoutingDemand | None) -> None:
         """Record a request sent to `replica` (re-routing the same id moves its reservation)."""
         num_blocks = 0
         if demand is not None:
             num_blocks = self.blocks_needed(replica, demand) or 0
             if demand.prefix_key is not None:
-                self._prefix_owner[demand.prefix_key] = replica
-                self._prefix_owner.move_to_end(demand.prefix_key)
-                while len(self._prefix_owner) > self.max_affinity_entries:
-                    self._prefix_owner.popitem(last=False)
+                self._own_prefix(demand.prefix_key, replica)
         self._drop(request_id)
-        reservation = _Reservation(replica, num_blocks, self._clock())
+        key = demand.api_key_name if demand is not None else ""
+        reservation = _Reservation(replica, num_blocks, self._clock(), key)
         self._reservations[request_id] = reservation
         self._reservations_of.setdefault(replica, {})[request_id] = reservation
         self._pending_blocks[replica] = self._pending_blocks.get(replica, 0) + num_blocks
         self._in_flight[replica] = self._in_flight.get(replica, 0) + 1
+        if num_blocks:
+            held = self._held.setdefault(replica, {})
+            held[key] = held.get(key, 0) + num_blocks
+            self._held_in_all[key] = self._held_in_all.get(key, 0) + num_blocks
+
+    def _own_prefix(self, prefix_key: bytes, replica: ReplicaKey) -> None:
+        previous = self._prefix_owner.pop(prefix_key, None)
+        if previous is not None:
+            self._num_prefixes_owned[previous] -= 1
+        self._prefix_owner[prefix_key] = replica
+        self._num_prefixes_owned[replica] = self._num_prefixes_owned.get(replica, 0) + 1
+        while len(self._prefix_owner) > self.max_affinity_entries:
+            _, oldest_owner = self._prefix_owner.popitem(last=False)
+            self._num_prefixes_owned[oldest_owner] -= 1
 
     def reserved_replica(self, request_id: str) -> ReplicaKey | None:
+        """Where the request in flight `request_id` is reserved (None: not in flight, or already finished)."""
         reservation = self._reservations.get(request_id)
-        return None if reservation is None else reservation.replica
+        return None if reservation is None or reservation.finished_s is not None else reservation.replica
 
     def release(self, request_id: str) -> None:
-        """The request finished. Forget it once a report counts it; until then its blocks stay reserved."""
+        """The request finished: it holds nothing now. Not counted by a report yet, its reservation goes and its
+        blocks come back at once. Counted, the latest report still subtracts its blocks, so its reservation
+        stays, charged to its key, until a report taken after its end (the estimate errs low, never high)."""
         reservation = self._reservations.get(request_id)
-        if reservation is None or reservation.is_finished:
+        if reservation is None or reservation.finished_s is not None:
             return
-        if reservation.is_counted_by_report:
+        if not reservation.is_counted_by_report:
             self._drop(request_id)
-        else:
-            reservation.is_finished = True
-            self._in_flight[reservation.replica] -= 1
+            return
+        reservation.finished_s = self._clock()
+        self._in_flight[reservation.replica] -= 1
 
     def _drop(self, request_id: str) -> None:
         """Forget a reservation, taking it out of its replica's running sums."""
@@ -200,8 +243,17 @@ class FreeBlocksPolicy:
         self._reservations_of.get(replica, {}).pop(request_id, None)
         if not reservation.is_counted_by_report:
             self._pending_blocks[replica] -= reservation.num_blocks
-        if not reservation.is_finished:
+        if reservation.finished_s is None:
             self._in_flight[replica] -= 1
+        if reservation.num_blocks:
+            key = reservation.api_key_name
+            held = self._held[replica]
+            held[key] -= reservation.num_blocks
+            if held[key] == 0:
+                del held[key]
+            self._held_in_all[key] -= reservation.num_blocks
+            if self._held_in_all[key] == 0:
+                del self._held_in_all[key]
 
     # Placement ---------------------------------------------------------------------------------------
 
@@ -226,15 +278,24 @@ class FreeBlocksPolicy:
                               report.num_total_blocks * report.block_size, KV_CACHE)
             return RouteDecision("too_large", message=error.message)
 
+        demands = self._note_demand(demand, fits_ever)
         headroom: dict[ReplicaKey, int] = {}
         for replica in fits_ever:
             if self._is_dead(replica):
                 continue  # a request waits for the replacement rather than go to a dead engine
             free = self.estimated_free_blocks(replica)
             needed = self.blocks_needed(replica, demand)
-            if free is not None and needed is not None and free >= needed:
-                headroom[replica] = free - needed
-        ranked = sorted(headroom, key=lambda c: (-headroom[c], self.num_in_flight(c)))
+            if free is None or needed is None or free < needed:
+                continue
+            if demands is not None and free - needed < self.shares.owed_to_others(
+                    demand.api_key_name, needed, self._reports[replica].num_total_blocks, self.held_blocks(replica),
+                    demands):
+                continue
+            headroom[replica] = free - needed
+        # Ties (idle replicas, say) go to the replica owning fewer recent prefixes, so that new prefixes spread
+        # over the replicas' caches, then to a random one.
+        ranked = sorted(random.sample(list(headroom), len(headroom)),
+                        key=lambda c: (-headroom[c], self.num_in_flight(c), self._num_prefixes_owned.get(c, 0)))
         if ranked and demand.prefix_key is not None:
             owner = self._prefix_owner.get(demand.prefix_key)
             if owner in headroom and owner != ranked[0]:
@@ -248,8 +309,23 @@ class FreeBlocksPolicy:
             ranked = [c for c in ranked if c in holds] + [c for c in ranked if c not in holds]
         ranked.extend(unknown)
         if not ranked:
+            # While other keys are active, a key that already holds blocks waits for room in its ingress, not in
+            # Ray's routing line, where it would hold up their requests (see the module docstring).
+            if demands is not None and self._held_in_all.get(demand.api_key_name, 0) > 0:
+                return RouteDecision("over_share")
             return RouteDecision("wait")
         return RouteDecision("route", ranked)
+
+    def _note_demand(self, demand: RoutingDemand, replicas: list[ReplicaKey]) -> dict[str, int] | None:
+        """Record what the demand's key wants now (what it holds plus this request); the active keys' peak
+        demands when there are several (shares apply), else None."""
+        if self.shares is None or not replicas:
+            return None
+        needed = self.blocks_needed(replicas[0], demand) or 0
+        key = demand.api_key_name
+        self.shares.note_demand(key, self._held_in_all.get(key, 0) + needed)
+        demands = self.shares.active_demands()
+        return demands if len(demands) > 1 else None
 
 
 class AdmissionQueue:
@@ -325,12 +401,14 @@ class FreeBlocksRequestRouter(_ray_request_router_base()):  # type: ignore[misc]
                 self._waiting_futures.pop(request_id, None)
 
     def _refuse(
-        self, pending_request: Any, error: Exception, candidates: list[Any], reason: str
+        self, pending_request: Any, error: Exception, candidates: list[Any], reason: str | None = None
     ) -> list[list[Any]]:
+        """Fail the request's routing with `error`; `reason` labels the refusal metric (None: not counted)."""
         request_id = pending_request.metadata.internal_request_id
         self.admission.leave(request_id)
         self._waiting_futures.pop(request_id, None)
-        self.metrics.refused(reason)
+        if reason is not None:
+            self.metrics.refused(reason)
         self.metrics.queue_length(self.admission.num_waiting)
         if not pending_request.future.done():
             pending_request.future.set_exception(error)
@@ -365,6 +443,12 @@ class FreeBlocksRequestRouter(_ray_request_router_base()):  # type: ignore[misc]
                 pending_request, RequestTooLargeError(decision.message, param="max_tokens"), candidate_replicas,
                 "too_large",
             )
+        if decision.kind == "over_share":
+            # Not a refusal the client sees: the ingress's fair queue holds the request until its key's share
+            # frees, outside Ray's routing line (see the module docstring).
+            return self._refuse(pending_request, KeyOverShareError(
+                f"no replica has room API key {demand.api_key_name!r} may take besides what it holds"),
+                candidate_replicas)
         if decision.kind == "wait":
             verdict = self.admission.wait(request_id)
             if verdict == "wait":
@@ -404,7 +488,10 @@ class FreeBlocksRequestRouter(_ray_request_router_base()):  # type: ignore[misc]
             return  # a channel holds no blocks and is not a request in flight
         demand = getattr(pending_request.args[0], "routing_demand", None) if pending_request.args else None
         request_id = pending_request.metadata.internal_request_id
-        if self.policy.reserved_replica(request_id) != replica_id:
+        # Ray sent it to another replica than the one reserved: move the reservation. None reserved: the request
+        # already completed (a short one's completion can be handled before this call), and must not come back.
+        reserved = self.policy.reserved_replica(request_id)
+        if reserved is not None and reserved != replica_id:
             self.policy.reserve(replica_id, request_id, demand)
         self.metrics.routed(getattr(replica_id, "unique_id", str(replica_id)))
 

@@ -10,8 +10,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import pytest
-from pagedserve.engine.core.request import SamplingParams
-from pagedserve.serve_app.errors import ServiceOverloadedError
+from pagedserve.engine.core.request import RequestOutput, SamplingParams
+from pagedserve.serve_app.errors import KeyOverShareError, ServiceOverloadedError
 from pagedserve.serve_app.fair_queue import FairAdmission, FairQueue
 from pagedserve.serve_app.messages import GenerateRequest
 
@@ -192,3 +192,92 @@ def test_a_flooding_key_cannot_push_another_keys_p99_ttft_past_twice_its_unloade
     assert p99(fair) <= 2 * p99(unloaded), (p99(fair), sorted(fair)[-5:])
     assert service.max_in_line_per_key["flood"] == 1
     assert p99(unfair) > 5 * p99(unloaded)
+
+
+class _ScriptedCall:
+    """A call whose first item is an over-share refusal, or (once `accept()`ed) a finished output."""
+
+    def __init__(self, request: GenerateRequest) -> None:
+        self.request = request
+        self.first = asyncio.get_running_loop().create_future()
+        self.on_accepted = None
+        self.is_cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self.first
+
+    def refuse(self) -> None:
+        self.first.set_exception(KeyOverShareError("over its share"))
+
+    def accept(self) -> None:
+        self.on_accepted()
+        self.first.set_result(RequestOutput(self.request.request_id, "", [1], [], finished=True))
+
+    def cancel(self) -> None:
+        self.is_cancelled = True
+
+
+def test_a_request_turned_back_over_its_keys_share_keeps_its_place_and_goes_again_when_the_key_frees():
+    """The router's over-share refusal never reaches the client: the request keeps its key's place (the key's
+    next one waits behind it, here in the ingress and not in the router's line) and is sent again when a request
+    of its key ends, or after share_retry_s; past queue_timeout_s it is a 429 like any wait. What the queue holds
+    (waiting and turned back) rides on each request sent, for the autoscaler."""
+    async def scenario():
+        queue = FairQueue(max_routing_per_key=1, max_waiting=10, timeout_s=30, retry_after_s=1, share_retry_s=30)
+        calls: list[_ScriptedCall] = []
+
+        class Hub:
+            def start(self, request: GenerateRequest) -> _ScriptedCall:
+                calls.append(_ScriptedCall(request))
+                return calls[-1]
+
+        admission = FairAdmission(Hub(), queue)
+        first = asyncio.create_task(admission.start(GenerateRequest("f0", [1], SamplingParams(), 1,
+                                                                    api_key_name="flood")).__anext__())
+        second = asyncio.create_task(admission.start(GenerateRequest("f1", [1], SamplingParams(), 1,
+                                                                     api_key_name="flood")).__anext__())
+        await settle()
+        assert [c.request.request_id for c in calls] == ["f0"] and queue.num_held == 1  # f1 waits for the place
+        calls[0].refuse()
+        await settle()
+        assert calls[0].is_cancelled and queue.num_held == 2 and queue.num_routing("flood") == 1
+        queue.request_ended("flood")  # one of the key's requests ended: f0 goes again at once
+        await settle()
+        # Under an id of its own (Ray's router keys requests by it), carrying what the queue holds besides it.
+        assert [c.request.request_id for c in calls] == ["f0", "f0-share1"]
+        assert calls[1].request.num_held_by_ingress == 1
+        calls[1].accept()
+        assert (await first).finished
+        await settle()
+        assert [c.request.request_id for c in calls][-1] == "f1" and calls[-1].request.num_held_by_ingress == 0
+        calls[-1].accept()
+        await second
+        assert queue.num_held == 0 and queue.num_routing("flood") == 0
+
+        # Turned back until its time is up: a 429 with Retry-After, and its place goes to the next.
+        queue.timeout_s, queue.share_retry_s = 0.05, 0.01
+        late = asyncio.create_task(admission.start(GenerateRequest("f2", [1], SamplingParams(), 1,
+                                                                   api_key_name="flood")).__anext__())
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+            if calls[-1].request.request_id.startswith("f2") and not calls[-1].first.done():
+                calls[-1].refuse()
+            if late.done():
+                break
+        with pytest.raises(ServiceOverloadedError, match="within 0.05s"):
+            await late
+        assert sum(c.request.request_id.startswith("f2") for c in calls) >= 2 and queue.num_routing("flood") == 0
+
+        # Turned back, a request waits within max_queued_requests as those in the lines do.
+        queue.max_waiting, queue.timeout_s = 0, 30
+        full = asyncio.create_task(admission.start(GenerateRequest("f3", [1], SamplingParams(), 1,
+                                                                   api_key_name="flood")).__anext__())
+        await settle()
+        calls[-1].refuse()
+        with pytest.raises(ServiceOverloadedError, match="already waiting"):
+            await full
+
+    run(scenario())

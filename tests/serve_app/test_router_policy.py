@@ -88,14 +88,14 @@ def test_optimistic_accounting_between_reports(clock: FakeClock) -> None:
     policy.reserve("a", "r2", RoutingDemand(64, 16))
     assert policy.estimated_free_blocks("a") == 0
     assert policy.decide(["a"], RoutingDemand(10, 6)).kind == "wait"
-    policy.release("r2")  # finished before any report saw it: stays reserved until one does
-    assert policy.estimated_free_blocks("a") == 0
+    policy.release("r2")  # finished before any report counted it: it holds nothing, its blocks come back
+    assert policy.estimated_free_blocks("a") == 5
     assert policy.num_in_flight("a") == 1
     # A report taken after r1 was sent counts r1 itself: no double subtraction.
     clock.now += 1.0
     policy.update_report("a", report(7, 10, clock.now - 0.5))
     assert policy.estimated_free_blocks("a") == 7
-    assert policy.num_in_flight("a") == 1  # r2 forgotten
+    assert policy.num_in_flight("a") == 1
     # An older report is ignored.
     policy.update_report("a", report(1, 10, clock.now - 0.9))
     assert policy.estimated_free_blocks("a") == 7
@@ -127,6 +127,81 @@ def test_prefix_affinity_breaks_near_ties(clock: FakeClock) -> None:
     # Far from a tie, headroom wins over affinity.
     policy.update_report("b", report(30, 100, clock.now + 1))
     assert policy.decide(["a", "b"], RoutingDemand(16, 16, prefix_key=42)).replicas[0] == "a"
+
+
+def test_new_prefixes_spread_over_idle_replicas_and_stay_where_they_went(clock: FakeClock) -> None:
+    """Between equal headroom the replica owning fewer prefixes wins, so a shared-prefix workload's prefixes
+    split evenly over the caches; each prefix then keeps going where it went first."""
+    policy = FreeBlocksPolicy(transit_grace_s=0.0, clock=clock)
+    for replica in ("a", "b"):
+        policy.update_report(replica, report(100, 100, clock.now))
+    owners = {}
+    for prefix in range(8):
+        owners[prefix] = policy.decide(["a", "b"], RoutingDemand(16, 16, prefix_key=prefix)).replicas[0]
+        policy.reserve(owners[prefix], f"first-{prefix}", RoutingDemand(16, 16, prefix_key=prefix))
+        policy.release(f"first-{prefix}")
+    assert sorted(owners.values()) == ["a"] * 4 + ["b"] * 4
+    for prefix in range(8):
+        assert policy.decide(["a", "b"], RoutingDemand(16, 16, prefix_key=prefix)).replicas[0] == owners[prefix]
+
+
+def test_a_flooding_key_leaves_each_replica_the_room_another_active_key_is_owed(clock: FakeClock) -> None:
+    """Issue 28's long-answer flood, on the policy: 40 blocks, the flood's requests take 8 each, the calm key's
+    1. The calm key, active within the window, is owed its block: the flood's request that would take it is
+    turned back (`over_share`, which the ingress's fair queue holds), the calm key's routes at once. One key
+    alone fills the replica; a key idle past the window is owed nothing."""
+    policy = FreeBlocksPolicy(RouterSettings(fair_share_window_s=10.0), transit_grace_s=0.0, clock=clock)
+    policy.update_report("a", report(40, 40, clock.now))
+    flood, calm = RoutingDemand(8, 120, api_key_name="flood"), RoutingDemand(8, 4, api_key_name="calm")
+    for index in range(5):  # alone, the flood takes every block
+        assert policy.decide(["a"], flood).kind == "route"
+        policy.reserve("a", f"flood-{index}", flood)
+    assert policy.estimated_free_blocks("a") == 0
+    for index in range(5):
+        policy.release(f"flood-{index}")
+    assert policy.decide(["a"], calm).kind == "route"  # the calm key is active now (its peak: 1 block)
+    policy.reserve("a", "calm-0", calm)
+    policy.release("calm-0")
+    for index in range(4):
+        assert policy.decide(["a"], flood).kind == "route"
+        policy.reserve("a", f"flood-{index}", flood)
+    assert policy.estimated_free_blocks("a") == 8 and policy.decide(["a"], flood).kind == "over_share"
+    assert policy.decide(["a"], calm).replicas == ["a"]
+    policy.reserve("a", "calm-1", calm)
+    # While the calm key holds its block it is owed nothing more: the flood takes what is left but that block.
+    small_flood = RoutingDemand(8, 100, api_key_name="flood")  # 7 blocks
+    assert policy.decide(["a"], small_flood).kind == "route"
+    policy.release("calm-1")
+    clock.now += 11  # the calm key idle past the window: the flood may fill the replica again
+    assert policy.decide(["a"], small_flood).kind == "route"
+    # Without shares (window 0) the flood takes the calm key's block too.
+    plain = FreeBlocksPolicy(RouterSettings(fair_share_window_s=0.0), transit_grace_s=0.0, clock=clock)
+    plain.update_report("a", report(8, 40, clock.now))
+    plain.decide(["a"], calm)
+    assert plain.decide(["a"], flood).kind == "route"
+
+
+def test_a_key_waits_in_its_ingress_while_it_holds_blocks_and_other_keys_are_active(clock: FakeClock) -> None:
+    """With another key active, a key that holds blocks (its requests running, or ended since the latest report
+    counted them: the estimate still subtracts those) is turned back (`over_share`) when there is no room, so
+    it waits in its ingress and not in Ray's routing line ahead of the other key; a key holding nothing waits
+    in that line as before."""
+    policy = FreeBlocksPolicy(RouterSettings(fair_share_window_s=10.0), transit_grace_s=0.5, clock=clock)
+    policy.update_report("a", report(40, 40, clock.now))
+    flood, calm = RoutingDemand(8, 120, api_key_name="flood"), RoutingDemand(8, 4, api_key_name="calm")
+    policy.decide(["a"], calm)  # the calm key is active
+    for index in range(5):
+        policy.reserve("a", f"flood-{index}", flood)
+    clock.now += 1.0
+    policy.update_report("a", report(0, 40, clock.now))  # counts the five
+    for index in range(5):
+        policy.release(f"flood-{index}")  # ended, but the latest report holds their blocks
+    assert policy.held_blocks("a") == {"flood": 40} and policy.num_in_flight("a") == 0
+    assert policy.decide(["a"], flood).kind == "over_share"
+    assert policy.decide(["a"], calm).kind == "wait"
+    clock.now += 0.5
+    policy.update_report("a", report(40, 40, clock.now))  # taken after they ended: they are gone
+    assert policy.held_blocks("a") == {} and policy.decide(["a"], calm).kind == "route"
 
 
 def test_lora_requests_go_first_to_replicas_holding_the_adapter(clock: FakeClock) -> None:
@@ -209,8 +284,8 @@ def test_reservation_never_completed_expires(clock: FakeClock) -> None:
 
 def test_running_sums_match_the_reservations_through_any_sequence(clock: FakeClock) -> None:
     """The per-replica sums that keep a decision O(replicas) always equal a recount of the reservations
-    (blocks not yet counted by a report, requests not finished), through random reserves, re-routes,
-    releases, reports and replica removals."""
+    (blocks not yet counted by a report, requests in flight, each key's blocks), through random reserves,
+    re-routes, releases, reports and replica removals."""
     import random
 
     rng = random.Random(0)
@@ -224,7 +299,8 @@ def test_running_sums_match_the_reservations_through_any_sequence(clock: FakeClo
         clock.now += rng.choice([0.0, 0.1, 0.4, 1.0])
         op = rng.random()
         if op < 0.35:
-            policy.reserve(rng.choice(sorted(live)), rng.choice(ids), RoutingDemand(rng.randrange(1, 200), 16))
+            policy.reserve(rng.choice(sorted(live)), rng.choice(ids),
+                           RoutingDemand(rng.randrange(1, 200), 16, api_key_name=rng.choice(["k1", "k2"])))
         elif op < 0.6:
             policy.release(rng.choice(ids))
         elif op < 0.9:
@@ -241,7 +317,11 @@ def test_running_sums_match_the_reservations_through_any_sequence(clock: FakeClo
         for replica in replicas:
             mine = [r for r in policy._reservations.values() if r.replica == replica]
             assert all(r.replica in live for r in policy._reservations.values())
-            assert policy.num_in_flight(replica) == sum(not r.is_finished for r in mine)
+            assert policy.num_in_flight(replica) == sum(r.finished_s is None for r in mine)
+            held: dict[str, int] = {}
+            for r in mine:
+                held[r.api_key_name] = held.get(r.api_key_name, 0) + r.num_blocks
+            assert policy.held_blocks(replica) == {k: v for k, v in held.items() if v}
             pending = sum(r.num_blocks for r in mine if not r.is_counted_by_report)
             reported = policy.report(replica)
             expected = None if reported is None else max(0, reported.num_free_blocks - pending)
@@ -267,3 +347,31 @@ def test_a_stream_channel_goes_to_the_replica_it_names_or_fails_as_lost() -> Non
     assert ranked == [[replicas[1]]] and not future.done()
     ranked, future = asyncio.run(route("gone"))
     assert isinstance(future.exception(), ChannelLostError) and ranked == [replicas]
+
+
+def test_a_request_that_completed_before_ray_reports_it_routed_is_not_reserved_again() -> None:
+    """Ray calls `on_request_routed` once the replica accepted the request, and a short request's completion
+    (`on_request_completed`) can be handled first: the reservation must not come back, never to be released
+    (it held blocks, and a key's share, for an hour). A request Ray sent elsewhere than reserved moves."""
+    import time
+    from types import SimpleNamespace
+
+    from pagedserve.serve_app.router import FreeBlocksRequestRouter
+
+    router = object.__new__(FreeBlocksRequestRouter)  # no Ray: the adapter's bookkeeping only
+    router.initialize_state()
+    router.policy.update_report("a", report(40, 40, time.time()))
+    router.policy.update_report("b", report(40, 40, time.time()))
+    demand = RoutingDemand(8, 4, api_key_name="calm")
+
+    def pending(request_id: str) -> SimpleNamespace:
+        return SimpleNamespace(args=[SimpleNamespace(routing_demand=demand)],
+                               metadata=SimpleNamespace(internal_request_id=request_id))
+
+    router.policy.reserve("a", "short", demand)
+    router.on_request_completed("a", "short")
+    router.on_request_routed(pending("short"), "a", None)
+    assert router.policy.num_in_flight("a") == 0 and router.policy.held_blocks("a") == {}
+    router.policy.reserve("a", "moved", demand)
+    router.on_request_routed(pending("moved"), "b", None)
+    assert router.policy.reserved_replica("moved") == "b" and router.policy.held_blocks("a") == {}

@@ -1,0 +1,64 @@
+"""Each API key's share of a replica's KV blocks (serve_app/key_shares.py): the water-filling, the window of
+recent demand, and what a request of one key must leave for the others. No Ray."""
+
+from __future__ import annotations
+
+from pagedserve.serve_app.key_shares import KeyShares, RecentPeak, max_min_shares
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_light_keys_get_what_they_use_and_heavy_keys_split_the_rest() -> None:
+    assert max_min_shares(40, {"calm": 1, "flood": 500}) == {"calm": 1, "flood": 39}
+    assert max_min_shares(40, {"a": 100, "b": 100}) == {"a": 20, "b": 20}
+    assert max_min_shares(40, {"light": 4, "a": 100, "b": 100}) == {"light": 4, "a": 18, "b": 18}
+    # Whole blocks, never more than there are: what rounding leaves goes to the last.
+    assert max_min_shares(40, {"a": 100, "b": 100, "c": 100}) == {"a": 13, "b": 13, "c": 14}
+    assert max_min_shares(40, {"a": 5, "b": 6}) == {"a": 5, "b": 6}  # room to spare: everyone gets its demand
+
+
+def test_a_peak_lasts_the_window_and_a_larger_one_replaces_it() -> None:
+    peak = RecentPeak(window_s=10.0)
+    assert peak.value(0.0) == 0
+    peak.add(0.0, 8)
+    peak.add(5.0, 3)
+    assert peak.value(9.0) == 8
+    assert peak.value(12.0) == 3  # the 8 left the window
+    peak.add(13.0, 4)
+    assert peak.value(13.0) == 4
+    assert peak.value(30.0) == 0
+
+
+def test_what_a_request_must_leave_for_the_other_keys() -> None:
+    clock = FakeClock()
+    shares = KeyShares(window_s=10.0, clock=clock)
+    shares.note_demand("flood", 40)
+    # Alone, the flood is owed to nobody: it may use every block.
+    assert shares.owed_to_others("flood", 8, 40, {"flood": 32}) == 0
+    shares.note_demand("calm", 1)
+    # The calm key holds nothing and is owed its block: every flood request must leave it (a lighter key).
+    assert shares.owed_to_others("flood", 8, 40, {"flood": 32}) == 1
+    assert shares.owed_to_others("flood", 8, 40, {"flood": 8}) == 1
+    # While the calm key holds its block, nothing more is owed to it.
+    assert shares.owed_to_others("flood", 8, 40, {"flood": 32, "calm": 1}) == 0
+    # A key holding nothing on a replica may always start one request there. Within its share a key leaves
+    # nothing of what a heavier key is owed, past it everything.
+    assert shares.owed_to_others("calm", 1, 40, {"flood": 39}) == 0
+    shares.note_demand("calm", 2)
+    assert shares.owed_to_others("calm", 1, 40, {"flood": 24, "calm": 1}) == 0
+    assert shares.owed_to_others("calm", 8, 40, {"flood": 24, "calm": 1}) == 14
+    # Two keys as heavy: each may hold half; a request leaves the other's unused half.
+    shares.note_demand("calm", 40)
+    assert shares.owed_to_others("flood", 8, 40, {"flood": 8, "calm": 4}) == 16
+    assert shares.owed_to_others("flood", 8, 40, {"flood": 16, "calm": 20}) == 0
+    # Past the window the calm key is forgotten and the flood may fill the replica again.
+    clock.now += 11
+    shares.note_demand("flood", 40)
+    assert shares.owed_to_others("flood", 8, 40, {"flood": 32}) == 0
+    assert shares.active_demands() == {"flood": 40}
