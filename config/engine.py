@@ -171,7 +171,14 @@ class EngineConfig(BaseModel):
                                           "model's tokenizer (path or hub id).")
     speculative_disable_batch_size: int = Field(
         8, ge=0, description="Steps with more running requests than this do not speculate (0: never speculate); "
-        "the default is a guess until the GPU crossover is measured (bench/spec_bench.py).",
+        "also the largest batch of the verification CUDA graphs (and of the draft model's cache). Within it, "
+        "speculative_adaptive decides.",
+    )
+    speculative_adaptive: bool = Field(
+        True, description="Each step, speculate only where it commits more tokens per second than plain "
+        "decoding: by the engine's fitted step costs and each request's acceptance, which requests propose and "
+        "how many tokens (up to num_speculative_tokens). False: every request that may speculates, in every step "
+        "within speculative_disable_batch_size.",
     )
     # LoRA adapters (vLLM's names; docs/lora.md)
     enable_lora: bool = Field(

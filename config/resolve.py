@@ -234,6 +234,7 @@ class SpeculativeSettings:
     prompt_lookup_max: int = 4
     disable_batch_size: int = 0  # steps with more running requests than this do not speculate
     model: str | None = None  # draft: the draft model (path or hub id)
+    adaptive: bool = True  # the per-step rule of engine/spec/adaptive.py decides within disable_batch_size
 
     @property
     def enabled(self) -> bool:
@@ -268,7 +269,8 @@ def resolve_speculative(config: EngineConfig) -> SpeculativeSettings:
                           "yet (speculation runs with tp_size 1)")
     return SpeculativeSettings(method, config.num_speculative_tokens, config.prompt_lookup_min,
                                config.prompt_lookup_max, config.speculative_disable_batch_size,
-                               config.speculative_model if method == "draft" else None)
+                               config.speculative_model if method == "draft" else None,
+                               config.speculative_adaptive)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ with news, the completions that changed, holding only their new text, token ids 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -41,6 +42,7 @@ from pagedserve.engine.core.sampler import SampledBatch, Sampler
 from pagedserve.engine.core.scheduler import Scheduler, SchedulerOutput
 from pagedserve.engine.core.stats import EngineStats, SpecDecodeStats, StepStats
 from pagedserve.engine.core.step_cost import StepCostModel, StepShape
+from pagedserve.engine.spec.adaptive import SpeculationPlan, SpeculationRule
 from pagedserve.engine.spec.draft import DraftProposer
 from pagedserve.engine.spec.ngram import NgramProposer
 from pagedserve.engine.spec.verify import num_accepted
@@ -69,11 +71,15 @@ class _InFlightStep:
     delivered: bool = False
     # Speculating requests: id -> proposals; such a request has 1 + k consecutive rows from its first.
     drafts: dict[str, list[int]] = field(default_factory=dict)
-    # For the step cost model: what the step held, when its launch began (perf_counter), and whether a step
-    # that is never delivered (no request sampled) went to the device before it, so that its start is unknown.
+    # For the step cost model: what the step held, when the host began preparing it (perf_counter: the start of
+    # the `step()` call that launched it), and whether a step that is never delivered (no request sampled) went to
+    # the device before it, so that its start is unknown.
     shape: StepShape | None = None
-    launched_at: float = 0.0
+    prepared_at: float = 0.0
     follows_unobserved: bool = False
+    # Off CUDA the forward and sampling ran inside the launch: when they ended (the next step's launch, which
+    # comes before this step's delivery under async scheduling, must not count as this step's time).
+    computed_at: float | None = None
 
 
 @dataclass
@@ -145,6 +151,7 @@ class LLMEngine:
         if self.device.type == "cuda" or self.runner.is_compiled:
             self._warm_up(max_batch_tokens)
         decode_graph_max_batch_size = 0  # decode batches up to this size replay a CUDA graph
+        verify_graph_max_batch_size = 0  # and verification batches up to this one
         if settings.runner.cuda_graphs:
             max_graph_batch = min(settings.runner.cuda_graph_max_batch_size, max_num_seqs)
             # Verification steps (1 + k tokens a sequence) replay graphs of their own, for the batches that speculate.
@@ -154,6 +161,7 @@ class LLMEngine:
             if self.runner.capture_cuda_graphs(max_graph_batch, self.max_model_len, self.memory_plan.cuda_graph_bytes,
                                                **verify):
                 decode_graph_max_batch_size = max_graph_batch
+                verify_graph_max_batch_size = verify.get("verify_max_batch_size", 0)
             if isinstance(self._proposer, DraftProposer):
                 self._proposer.capture_cuda_graphs(verify["verify_max_batch_size"], self.max_model_len)
         self.kv_cache = KVCacheManager(
@@ -163,8 +171,10 @@ class LLMEngine:
             settings.cache.enable_prefix_caching,
         )
         self.scheduler = Scheduler(self.scheduler_settings, self.kv_cache,
-                                   StepCostModel(decode_graph_max_batch_size=decode_graph_max_batch_size))
+                                   StepCostModel(decode_graph_max_batch_size=decode_graph_max_batch_size,
+                                                 verify_graph_max_batch_size=verify_graph_max_batch_size))
         self._last_delivered_at: float | None = None  # when the latest delivered step's tokens reached the host
+        self._launch_computes = self.device.type != "cuda"  # the launch returns with the step computed
         self._launched_unobserved = False  # a step no request sampled went out after the latest one that did
         self.sampler = Sampler(self.device, seed=settings.seed)
         self.eos_token_ids = self._eos_token_ids(loaded.model)
@@ -181,6 +191,10 @@ class LLMEngine:
         self.async_scheduling = settings.async_scheduling
         self._in_flight: _InFlightStep | None = None
         self._spec_disable_batch_size = speculative.disable_batch_size
+        # Within that bound, which requests speculate and with how many proposals (None: all of them, k each).
+        self._spec_rule = SpeculationRule(speculative.num_tokens) if speculative.enabled and speculative.adaptive \
+            else None
+        self._asked_for_proposals = False  # this step's requests were asked for proposals
         self._spec_stats = SpecDecodeStats.empty(speculative.num_tokens if speculative.enabled else 0)
         self._said_spec_off_for_history = False
         # The model, tokenizer and caches are long-lived: keep them out of every future garbage
@@ -454,6 +468,7 @@ class LLMEngine:
                 # Only compiles to wait for: sleep on them briefly instead of spinning the step loop.
                 wait_for_futures([g.grammar.future for g in self._compiling.values()], timeout=0.01,
                                  return_when="FIRST_COMPLETED")
+        self._asked_for_proposals = False
         output = self.scheduler.schedule(self._propose() if self._proposer is not None else None)
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None and output.is_empty:
@@ -461,12 +476,23 @@ class LLMEngine:
             in_flight = None
         # With sampling that reads earlier tokens' values (penalties, bad words, grammars), the launch
         # delivers the step in flight after the forward is queued and before sampling.
-        launched_at = time.perf_counter()
         launched = self._launch(output, in_flight) if not output.is_empty else None
+        if launched is not None and self._launch_computes:
+            launched.computed_at = time.perf_counter()
         if in_flight is not None:
             self._deliver(in_flight)
+        if self._asked_for_proposals:
+            if launched is not None and launched.drafts:
+                self._spec_stats.num_spec_steps += 1
+            else:
+                self._spec_stats.num_steps_without_proposals += 1
         if launched is not None:
-            launched.shape, launched.launched_at = output.shape, launched_at
+            # Decodes and nothing in flight at its launch (a speculative step, the step after one, every step
+            # without async scheduling): the decoding streams waited for its host work, and the cost model hears so.
+            shape = output.shape
+            if in_flight is None and shape.num_decode_context_tokens:
+                shape = dataclasses.replace(shape, is_serial=True)
+            launched.shape, launched.prepared_at = shape, started
             launched.follows_unobserved, self._launched_unobserved = self._launched_unobserved, launched.sampled is None
             # After the delivery, so that each request's one placeholder is its last token.
             self.scheduler.finish_step(output)
@@ -495,20 +521,58 @@ class LLMEngine:
 
     def _propose(self) -> dict[str, list[int]] | None:
         """Proposals for this step's decoding requests, or None when the step does not speculate (more running
-        requests than `speculative_disable_batch_size`, or none that may). A step in flight is delivered
-        first: proposals continue the real tokens, not placeholders."""
+        requests than `speculative_disable_batch_size`, none that may, or the adaptive rule finds that none
+        pays: engine/spec/adaptive.py). Only then is a step in flight delivered first (proposals continue the
+        real tokens, not placeholders): a step kept plain keeps its overlap with the one in flight."""
         running = self.scheduler.running
-        if not running or len(running) > self._spec_disable_batch_size:
+        if not running:
+            return None
+        if len(running) > self._spec_disable_batch_size:
+            self._spec_stats.num_steps_over_batch_size += 1
             return None
         candidates = [request for request in running if self._may_speculate(request)]
         if not candidates:
             return None
+        wanted: dict[str, int] | None = None  # request id -> proposals the rule asks for (None: k for all)
+        if self._spec_rule is not None:
+            plan = self._plan_speculation(running, candidates)
+            wanted = plan.num_tokens
+            self._spec_stats.num_requests_held_back += len(candidates) - len(wanted)
+            self._spec_stats.num_probes += plan.num_probes
+            if not wanted:
+                self._spec_stats.num_plain_steps_by_rule += 1
+                return None
+            candidates = [request for request in candidates if request.request_id in wanted]
         if self._in_flight is not None:
             in_flight, self._in_flight = self._in_flight, None
             self._deliver(in_flight)
         candidates = [request for request in candidates if not request.is_finished]  # a delivered token ended it
-        proposals = self._proposer.propose_batch(candidates, [r.token_limit - r.num_tokens - 1 for r in candidates])
+        limits = [r.token_limit - r.num_tokens - 1 for r in candidates]
+        if wanted is not None:
+            limits = [min(limit, wanted[r.request_id]) for r, limit in zip(candidates, limits)]
+        self._asked_for_proposals = True
+        proposals = self._proposer.propose_batch(candidates, limits)
+        if self._spec_rule is not None:
+            for request_id, tokens in proposals.items():
+                if not tokens:  # asked, it had none (no n-gram match): as a rejection of its first proposal
+                    self._spec_rule.record(request_id, 0, 0)
         return {request_id: tokens for request_id, tokens in proposals.items() if tokens} or None
+
+    def _plan_speculation(self, running: list[Request], candidates: list[Request]) -> SpeculationPlan:
+        """The adaptive rule's plan for this step: the batch as the cost model sees it (every running request; the
+        decodes' context; the prompt tokens still to compute, as many as a step takes)."""
+        num_context_tokens = num_prompt_tokens = 0
+        for request in running:
+            num_tokens = request.num_tokens
+            num_needed = num_tokens - request.num_computed_tokens
+            if num_needed == 1:
+                num_context_tokens += num_tokens
+            elif num_needed > 1:
+                num_prompt_tokens += num_needed
+        batch = StepShape(len(running), num_context_tokens,
+                          min(num_prompt_tokens, self.scheduler_settings.max_batch_tokens))
+        return self._spec_rule.plan([(r.request_id, r.token_limit - r.num_tokens - 1) for r in candidates], batch,
+                                    self.scheduler.step_costs, step_in_flight=self._in_flight is not None)
 
     def _may_speculate(self, request: Request) -> bool:
         """Decoding, past min_tokens, and sampled without reading earlier tokens: penalties, bad words and
@@ -595,7 +659,7 @@ class LLMEngine:
         except Exception as exc:  # noqa: BLE001 -- an asynchronous device error surfaces here
             self._fail_requests(step.requests, exc)
             return
-        self._observe_step_time(step, time.perf_counter())
+        received_at = time.perf_counter() if step.computed_at is None else step.computed_at
         now = time.monotonic()
         row = 0
         while row < len(step.requests):
@@ -609,12 +673,17 @@ class LLMEngine:
             if not request.is_finished:  # else it ended (stop, abort, error) while its token was in flight
                 self._accept_sampled(request, sampled, row, now)
             row += 1
+        # A speculative step's commits run with nothing on the device (the next step waits for them): its time
+        # ends after them. A plain step's commits overlap the next step's device time.
+        self._observe_step_time(step, time.perf_counter() if step.drafts else received_at)
 
     def _observe_step_time(self, step: _InFlightStep, finished_at: float) -> None:
-        """Teach the scheduler's cost model the step's time as the decoding streams see it: from when the device
-        could start it (its launch, or the end of the step before, whichever is later: under async scheduling
-        the next step is queued while this one runs) to when its tokens were on the host."""
-        started_at = step.launched_at
+        """Teach the scheduler's cost model the step's time as the decoding streams see it: from when it could
+        start (the host began preparing it, or the step before was delivered, whichever is later: under async
+        scheduling the next step is prepared and queued while this one runs, so that is the delivery; a step with
+        nothing in flight, a speculative one above all, pays its own preparation and proposals) to when its tokens
+        were on the host."""
+        started_at = step.prepared_at
         if self._last_delivered_at is not None:
             started_at = max(started_at, self._last_delivered_at)
         self._last_delivered_at = finished_at
@@ -634,6 +703,8 @@ class LLMEngine:
         targets = sampled.token_ids[row:row + len(drafts) + 1]
         accepted = num_accepted(targets, drafts)
         self._spec_stats.record(len(drafts), accepted)
+        if self._spec_rule is not None:
+            self._spec_rule.record(request.request_id, len(drafts), accepted)
         # A seeded request's generator drew a row per proposal: keep the draws of committed tokens only.
         self.sampler.settle(request.request_id, accepted + 1)
         for offset in range(accepted + 1):
@@ -751,6 +822,8 @@ class LLMEngine:
         self.sampler.forget(request.request_id)
         if self._proposer is not None:
             self._proposer.forget(request.request_id)
+        if self._spec_rule is not None:
+            self._spec_rule.forget(request.request_id)
         self._finished_by_reason[reason.value] = self._finished_by_reason.get(reason.value, 0) + 1
         group = self._groups.get(request.parent_id or request.request_id)
         if group is not None:

@@ -8,12 +8,23 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class SpecDecodeCounts:
     """Speculative decoding since start (vLLM's spec_decode_* counters): verifications (`num_drafts`),
-    proposed and accepted tokens, and accepted tokens by proposal position (index j: the (j+1)-th proposal)."""
+    proposed and accepted tokens, and accepted tokens by proposal position (index j: the (j+1)-th proposal).
+    Then what decided each step with decoding requests that may speculate (engine/spec/adaptive.py): steps that
+    verified proposals (`num_spec_steps`), steps the adaptive rule kept plain, steps that asked for proposals
+    and got none to verify (no n-gram match, no room), steps with more running requests than
+    `speculative_disable_batch_size`; requests the rule left out of a step that another request may have
+    speculated in, and requests it tried again after their acceptance had collapsed (probes)."""
 
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_accepted_tokens_per_pos: tuple[int, ...] = ()
+    num_spec_steps: int = 0
+    num_plain_steps_by_rule: int = 0
+    num_steps_without_proposals: int = 0
+    num_steps_over_batch_size: int = 0
+    num_requests_held_back: int = 0
+    num_probes: int = 0
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -28,6 +39,12 @@ class SpecDecodeStats:
     num_draft_tokens: int
     num_accepted_tokens: int
     num_accepted_tokens_per_pos: list[int]
+    num_spec_steps: int = 0
+    num_plain_steps_by_rule: int = 0
+    num_steps_without_proposals: int = 0
+    num_steps_over_batch_size: int = 0
+    num_requests_held_back: int = 0
+    num_probes: int = 0
 
     @classmethod
     def empty(cls, num_speculative_tokens: int) -> "SpecDecodeStats":
@@ -42,7 +59,9 @@ class SpecDecodeStats:
 
     def snapshot(self) -> SpecDecodeCounts:
         return SpecDecodeCounts(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
-                                tuple(self.num_accepted_tokens_per_pos))
+                                tuple(self.num_accepted_tokens_per_pos), self.num_spec_steps,
+                                self.num_plain_steps_by_rule, self.num_steps_without_proposals,
+                                self.num_steps_over_batch_size, self.num_requests_held_back, self.num_probes)
 
 
 @dataclass(frozen=True)

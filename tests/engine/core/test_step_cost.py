@@ -77,10 +77,10 @@ def test_what_the_steps_cannot_tell_stays_at_the_prior_scaled_to_the_machine():
     # This machine's steps take 3-10x the prior's: the unseen cost is the prior's, scaled by the first steps.
     assert 3 < costs.graph_step_s / PRIOR_STEP_COSTS.graph_step_s < 10
     assert costs.eager_step_s == pytest.approx(TRUE_COSTS.eager_step_s, rel=0.1)
-    # Speculative steps and nonsense times teach nothing.
+    # Nonsense times and empty steps teach nothing (speculative steps do: tests/engine/spec/test_adaptive.py).
     observed = model.num_observed
-    model.observe(StepShape(4, 400, 0, num_draft_tokens=12), 1.0)
     model.observe(StepShape(4, 400), 0.0)
+    model.observe(StepShape(0, 0), 1.0)
     assert model.num_observed == observed
 
 

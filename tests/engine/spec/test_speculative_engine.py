@@ -28,7 +28,10 @@ GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
 
 def make_llm(model_dir, **config) -> LLM:
-    return LLM(str(model_dir), dtype="float32", **{"block_size": 8, "num_blocks": 96, **config})
+    """The constant rule (`speculative_adaptive=False`): every step within the batch bound speculates, so every test
+    here exercises verification whatever this CPU's timings make the adaptive rule decide (test_adaptive.py)."""
+    return LLM(str(model_dir), dtype="float32",
+               **{"block_size": 8, "num_blocks": 96, "speculative_adaptive": False, **config})
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +246,8 @@ def test_verification_graphs_on_gpu_equal_eager(tiny_model_dir, compile_layers):
     prompts = REPEATING + [REPEATING[0][3:]]
     common = dict(dtype="float32", device="cuda", block_size=8, max_num_seqs=4, compile=compile_layers)
     reference = generate(LLM(str(tiny_model_dir("llama")), enable_cuda_graphs=False, **common), prompts, params)
-    llm = LLM(str(tiny_model_dir("llama")), speculative_method="ngram", num_speculative_tokens=3, **common)
+    llm = LLM(str(tiny_model_dir("llama")), speculative_method="ngram", num_speculative_tokens=3,
+              speculative_adaptive=False, **common)
     graphs = llm.engine.runner._verify_graphs
     assert graphs is not None and graphs.query_len == 4
     replayed = []
