@@ -1,5 +1,6 @@
 """A bounded soak on loopback: clients that read their answers whole and clients that go away mid-stream
-or before a response, mixed, against `FakeAsyncEngine` through Ray Serve and HTTP.
+or before a response, mixed, against `FakeAsyncEngine` through Ray Serve and HTTP (the session's service of
+two ingress replicas and one engine replica, tests/serve_app/conftest.py).
 
 Every request the clients sent must end in a response or an error the client sees (nothing hangs), the
 replica's count of requests by how they ended must equal the clients' (completed = finished by length,
@@ -10,11 +11,10 @@ never a traceback.
 from __future__ import annotations
 
 import asyncio
-import glob
 import json
-import os
 import random
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,7 +22,7 @@ import pytest
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
-from ray_harness import fake_engine_app, wait_for  # noqa: E402
+from ray_harness import wait_for  # noqa: E402
 
 NUM_CLIENTS = 24
 SOAK_S = 8.0
@@ -30,10 +30,8 @@ CLIENT_TIMEOUT_S = 60.0
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster, tiny_model_path: str):
-    args = {"model": tiny_model_path, "num_blocks": 2048, "num_cpus_per_replica": 1}
-    with fake_engine_app(ray_cluster, "soak", args) as base:
-        yield base, tiny_model_path
+def service(two_ingress_service: dict) -> dict:
+    return two_ingress_service
 
 
 async def _one(client: httpx.AsyncClient, model: str, rng: random.Random) -> str:
@@ -72,20 +70,19 @@ async def _one(client: httpx.AsyncClient, model: str, rng: random.Random) -> str
     return "stream ended without [DONE]"
 
 
-def _ingress_log_lines(app: str) -> list[str]:
-    session = os.path.realpath("/tmp/ray/session_latest")
-    lines: list[str] = []
-    for path in glob.glob(f"{session}/logs/serve/replica_{app}_OpenAIIngress_*.log"):
-        with open(path, errors="replace") as log:
-            lines += log.readlines()
-    return lines
+def _ingress_log_lines(app: str) -> dict[Path, list[str]]:
+    """Each ingress replica's log lines. The logs of this session's cluster: /tmp/ray/session_latest names
+    whichever cluster on this machine started last, another test run's as well."""
+    serve_logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    return {path: path.read_text(errors="replace").splitlines()
+            for path in serve_logs.glob(f"replica_{app}_OpenAIIngress_*.log")}
 
 
 def test_every_request_ends_and_the_replica_counts_what_the_clients_saw(service):
-    base, model = service
-    handle = serve.get_deployment_handle("EngineReplica", "soak")
+    base, model, app = service["base"], service["model"], service["app"]
+    handle = serve.get_deployment_handle("EngineReplica", app)
     before = handle.serving_stats.remote().result()["finished_by_reason"]
-    log_lines_before = len(_ingress_log_lines("soak"))
+    log_lengths_before = {path: len(lines) for path, lines in _ingress_log_lines(app).items()}
 
     async def client_loop(seed: int, deadline: float) -> list[str]:
         rng = random.Random(seed)
@@ -114,13 +111,16 @@ def test_every_request_ends_and_the_replica_counts_what_the_clients_saw(service)
         return seen if sum(seen.values()) >= sent else None
 
     # Aborts land when the replica notices the cancellation: give it a moment.
-    seen = wait_for(replica_saw_all, 30, "the replica to count every request")
+    seen = wait_for(replica_saw_all, 30, lambda: (
+        f"the replica to count every request: {sent} sent ({completed} completed, {left} left), the replica's "
+        f"counts {handle.serving_stats.remote().result()['finished_by_reason']} (before: {before})"))
     assert seen.get("length", 0) == completed and seen.get("abort", 0) == left, (seen, completed, left)
     assert sum(seen.values()) == sent
     stats = handle.get_stats.remote().result()
     assert stats.num_running == 0 and stats.num_waiting == 0 and stats.num_free_blocks == stats.num_total_blocks
 
-    new_lines = _ingress_log_lines("soak")[log_lines_before:]
+    new_lines = [line for path, lines in _ingress_log_lines(app).items()
+                 for line in lines[log_lengths_before.get(path, 0):]]
     assert not [line for line in new_lines if "Traceback" in line or "never retrieved" in line], \
-        "".join(new_lines)[-3000:]
+        "\n".join(new_lines)[-3000:]
     assert sum("the client went away" in line for line in new_lines) == left

@@ -17,31 +17,22 @@ import pytest
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
-from ray_harness import fake_engine_app, wait_for  # noqa: E402
-
-NUM_BLOCKS = 64
-BLOCK_SIZE = 16
+from ray_harness import wait_for  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster, tiny_model_path: str):
-    args = {
-        "model": tiny_model_path, "max_model_len": 512,
-        "block_size": BLOCK_SIZE, "num_blocks": NUM_BLOCKS, "num_cpus_per_replica": 1,
-        "ingress_num_replicas": 2, "router": {"stats_period_s": 0.5, "max_queued_requests": 64},
-        "enable_lora": True,
-    }
-    with fake_engine_app(ray_cluster, "ingress2", args) as base:
-        yield {"base": base, "model": tiny_model_path}
+def service(two_ingress_service: dict) -> dict:
+    """The session's service of two ingress replicas and one engine replica, LoRA on (tests/serve_app/conftest.py)."""
+    return two_ingress_service
 
 
-def _running_replicas(deployment: str) -> int:
-    status = serve.status().applications["ingress2"].deployments[deployment]
+def _running_replicas(service: dict, deployment: str) -> int:
+    status = serve.status().applications[service["app"]].deployments[deployment]
     return status.replica_states.get("RUNNING", 0)
 
 
 def test_two_ingress_replicas_answer_concurrent_requests_and_return_every_block(service) -> None:
-    assert _running_replicas("OpenAIIngress") == 2 and _running_replicas("EngineReplica") == 1
+    assert _running_replicas(service, "OpenAIIngress") == 2 and _running_replicas(service, "EngineReplica") == 1
 
     def one(index: int) -> tuple[int, int]:
         """(status, completion tokens) of one request; even ones stream, with usage in the last chunk."""
@@ -58,20 +49,21 @@ def test_two_ingress_replicas_answer_concurrent_requests_and_return_every_block(
         assert events[-1] == "[DONE]"
         return 200, json.loads(events[-2])["usage"]["completion_tokens"]
 
-    # 32 requests of 1 block each (prompt + 8 tokens <= 16) in flight together fit the 64 blocks.
+    # 32 requests of 1 block each (prompt + 8 tokens <= 16) in flight together fit the cache.
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         results = list(pool.map(one, range(32)))
     assert [status for status, _ in results] == [200] * 32
     assert [tokens for _, tokens in results] == [8] * 32
 
-    handle = serve.get_deployment_handle("EngineReplica", "ingress2")
+    handle = serve.get_deployment_handle("EngineReplica", service["app"])
+    num_blocks = service["num_blocks"]
     infos: list[dict] = []
 
     def every_block_free() -> bool:
         infos.append(handle.health.remote().result())
-        return infos[-1]["num_free_blocks"] == infos[-1]["num_total_blocks"] == NUM_BLOCKS
+        return infos[-1]["num_free_blocks"] == infos[-1]["num_total_blocks"] == num_blocks
 
-    wait_for(every_block_free, 10, lambda: f"all {NUM_BLOCKS} blocks back; last health: {infos[-1:]}")
+    wait_for(every_block_free, 10, lambda: f"all {num_blocks} blocks back; last health: {infos[-1:]}")
 
 
 def test_a_lora_adapter_loaded_or_unloaded_through_one_ingress_holds_for_every_replica(service, tmp_path) -> None:
@@ -80,8 +72,8 @@ def test_a_lora_adapter_loaded_or_unloaded_through_one_ingress_holds_for_every_r
     engine replica) at the change's version when the route answered. Requests through the HTTP proxy, which
     spreads them over both ingresses, all get the same answer."""
     base = service["base"]
-    registry = serve.get_deployment_handle("LoraRegistry", "ingress2")
-    engine = serve.get_deployment_handle("EngineReplica", "ingress2")
+    registry = serve.get_deployment_handle("LoraRegistry", service["app"])
+    engine = serve.get_deployment_handle("EngineReplica", service["app"])
 
     def subscribers() -> dict[str, int]:
         return registry.subscribers.remote().result()

@@ -16,7 +16,6 @@ import pytest
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
-from ray_harness import fake_engine_app  # noqa: E402
 
 NUM_STREAMS = 200
 MAX_TOKENS = 24
@@ -24,11 +23,10 @@ INGRESSES = 2
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster, tiny_model_path: str):
-    args = {"model": tiny_model_path, "num_blocks": 4096, "max_ongoing_requests": 512, "num_cpus_per_replica": 1,
-            "ingress_num_replicas": INGRESSES}
-    with fake_engine_app(ray_cluster, "channel", args) as base:
-        yield base, tiny_model_path
+def service(two_ingress_service: dict) -> dict:
+    """The session's service of two ingress replicas and one engine replica that takes 512 requests at once
+    (tests/serve_app/conftest.py)."""
+    return two_ingress_service
 
 
 async def _stream(client: httpx.AsyncClient, model: str, prompt: str) -> str:
@@ -45,8 +43,8 @@ async def _stream(client: httpx.AsyncClient, model: str, prompt: str) -> str:
 
 
 def test_200_streams_get_their_text_in_messages_that_follow_steps_not_streams(service):
-    base, model = service
-    handle = serve.get_deployment_handle("EngineReplica", "channel")
+    base, model = service["base"], service["model"]
+    handle = serve.get_deployment_handle("EngineReplica", service["app"])
     prompts = [f"Hello world {i % 7}" for i in range(NUM_STREAMS)]
 
     limits = httpx.Limits(max_connections=NUM_STREAMS, max_keepalive_connections=NUM_STREAMS)
