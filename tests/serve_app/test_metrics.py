@@ -407,7 +407,8 @@ def test_metrics_move_with_load_and_a_real_prometheus_reads_them(service, tmp_pa
                          and total(s, "ray_vllm_request_success_total", finished_reason="length") >= NUM_LONG
                          and total(s, "ray_vllm_e2e_request_latency_seconds_count") >= NUM_LONG
                          and total(s, "ray_pagedserve_api_key_tokens_total", api_key_name="default",
-                                   kind="completion") >= NUM_LONG * LONG_TOKENS,
+                                   kind="completion") >= NUM_LONG * LONG_TOKENS
+                         and total(s, "ray_pagedserve_api_key_requests_total", api_key_name="default") >= NUM_LONG + 1,
                          60, "KV usage back to 0 and counters caught up")
         # Per API key, under its name (`api_key` is the key named default): requests, tokens, the refused body.
         assert total(after, "ray_pagedserve_api_key_requests_total", api_key_name="default") >= NUM_LONG + 1
