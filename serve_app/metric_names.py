@@ -29,6 +29,8 @@ TOKEN_COUNT_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 
 REPLICA_TAGS = ("model", "model_name", "replica")
 FINISH_REASONS = ("stop", "length", "abort", "error")
 REJECTION_STATUSES = (400, 401, 404, 413, 429, 503)
+# What decided a step with requests that may speculate (engine/spec/adaptive.py; docs/speculative.md).
+SPEC_DECODE_DECISIONS = ("speculated", "plain_by_rule", "no_proposals", "over_batch_size")
 ROUTER_REFUSALS = ("queue_full", "queue_timeout", "too_large")
 # Why a key's request was refused: its own limits (429), or the HTTP status of any other refusal.
 API_KEY_LIMITS = ("requests_per_s", "tokens_per_min")
@@ -53,6 +55,14 @@ REPLICA_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "vllm_spec_decode_num_accepted_tokens": ("counter", "Speculative tokens accepted (the target chose them too).", ()),
     "vllm_spec_decode_num_accepted_tokens_per_pos": (
         "counter", "Speculative tokens accepted, by position in the proposal (0: the first).", ("position",)),
+    "pagedserve_spec_decode_steps": (
+        "counter", "Steps by what decided their speculation: speculated (proposals verified), plain_by_rule (the "
+        "adaptive rule found no plan faster than plain decoding), no_proposals (asked, none to verify), "
+        "over_batch_size (more running requests than speculative_disable_batch_size).", ("decision",)),
+    "pagedserve_spec_decode_requests_held_back": (
+        "counter", "Requests that could speculate, left out of a step by the adaptive rule.", ()),
+    "pagedserve_spec_decode_probes": (
+        "counter", "Requests whose acceptance had collapsed, tried again by the adaptive rule.", ()),
     # vLLM-compatible histograms
     "vllm_time_to_first_token_seconds": ("histogram", "Arrival at the engine to first token.", ()),
     "vllm_inter_token_latency_seconds": ("histogram", "Time between consecutive output deltas, per token.", ()),

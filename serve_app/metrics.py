@@ -30,6 +30,7 @@ from pagedserve.serve_app.metric_names import (
     ROUTER_METRICS,
     ROUTER_REFUSALS,
     ROUTER_TAGS,
+    SPEC_DECODE_DECISIONS,
     STEP_TIME_BUCKETS_S,
     TOKEN_COUNT_BUCKETS,
 )
@@ -127,7 +128,8 @@ class ReplicaMetrics:
         self._pending_steps: deque[tuple[StepStats, int]] = deque(maxlen=MAX_PENDING_STEPS)
         for name, (kind, _, _) in REPLICA_METRICS.items():
             if kind == "counter" and name not in ("vllm_request_success", "vllm_spec_decode_num_accepted_tokens_per_pos",
-                                                  "pagedserve_lora_requests", "pagedserve_lora_generation_tokens"):
+                                                  "pagedserve_spec_decode_steps", "pagedserve_lora_requests",
+                                                  "pagedserve_lora_generation_tokens"):
                 _start_counters_at_zero(self._metrics[name], [self._tags])
         for name in ("pagedserve_lora_requests", "pagedserve_lora_generation_tokens"):
             _start_counters_at_zero(self._metrics[name], [{**self._tags, "lora_name": ""}])
@@ -136,6 +138,8 @@ class ReplicaMetrics:
         # The first position's series exists from the start (the others appear with speculation's k).
         _start_counters_at_zero(self._metrics["vllm_spec_decode_num_accepted_tokens_per_pos"],
                                 [{**self._tags, "position": "0"}])
+        _start_counters_at_zero(self._metrics["pagedserve_spec_decode_steps"],
+                                [{**self._tags, "decision": d} for d in SPEC_DECODE_DECISIONS])
 
     # -- engine snapshot -------------------------------------------------------------------------
     def observe(self, stats: EngineStats) -> None:
@@ -163,10 +167,19 @@ class ReplicaMetrics:
             "vllm_spec_decode_num_drafts": stats.spec_decode.num_drafts,
             "vllm_spec_decode_num_draft_tokens": stats.spec_decode.num_draft_tokens,
             "vllm_spec_decode_num_accepted_tokens": stats.spec_decode.num_accepted_tokens,
+            "pagedserve_spec_decode_requests_held_back": stats.spec_decode.num_requests_held_back,
+            "pagedserve_spec_decode_probes": stats.spec_decode.num_probes,
         }
+        spec = stats.spec_decode
+        spec_steps = dict(zip(SPEC_DECODE_DECISIONS, (spec.num_spec_steps, spec.num_plain_steps_by_rule,
+                                                      spec.num_steps_without_proposals,
+                                                      spec.num_steps_over_batch_size)))
         with self._lock:
             for name, total in totals.items():
                 self._inc_to(name, f"{name}", total, tags)
+            for decision, total in spec_steps.items():
+                self._inc_to("pagedserve_spec_decode_steps", f"pagedserve_spec_decode_steps/{decision}", total,
+                             {**tags, "decision": decision})
             for position, total in enumerate(stats.spec_decode.num_accepted_tokens_per_pos):
                 self._inc_to("vllm_spec_decode_num_accepted_tokens_per_pos",
                              f"vllm_spec_decode_num_accepted_tokens_per_pos/{position}", total,

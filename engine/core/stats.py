@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 class SpecDecodeCounts:
     """Speculative decoding since start (vLLM's spec_decode_* counters): verifications (`num_drafts`),
     proposed and accepted tokens, and accepted tokens by proposal position (index j: the (j+1)-th proposal).
-    Then what decided each step with decoding requests that may speculate (engine/spec/adaptive.py): steps that
-    verified proposals (`num_spec_steps`), steps the adaptive rule kept plain, steps that asked for proposals
-    and got none to verify (no n-gram match, no room), steps with more running requests than
-    `speculative_disable_batch_size`; requests the rule left out of a step that another request may have
-    speculated in, and requests it tried again after their acceptance had collapsed (probes)."""
+    Then what decided the steps (engine/spec/adaptive.py): steps that verified proposals (`num_spec_steps`), steps
+    with requests that could speculate that the adaptive rule kept plain, steps that asked for proposals and got
+    none to verify (no n-gram match, no room), steps with more running requests than
+    `speculative_disable_batch_size` (none speculates); requests the rule left out of a step (whether or not
+    others speculated in it), and requests it tried again after their acceptance had collapsed (probes)."""
 
     num_drafts: int = 0
     num_draft_tokens: int = 0
