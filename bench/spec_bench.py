@@ -8,10 +8,17 @@ workloads at batch 1, greedy, each request alone:
 - free: the first tokens of a held-out file, then free generation.
 For each: output tokens/s plain and with ngram, the speed-up, the acceptance rate (accepted / proposed)
 and mean accepted tokens per verification, the median host time of a plain step and of a verification step
-(a verification step waits for its tokens), and whether the outputs were equal token for token. Then a batch
-sweep on the edit workload, speculation forced on (`speculative_disable_batch_size` = the batch), to find where
-it stops paying: the crossover for the `speculative_disable_batch_size` default. Verification steps replay
-graphs of k + 1 rows a sequence (engine/runner/cuda_graphs.py); the table says how many did.
+(a verification step waits for its tokens), and whether the outputs were equal token for token. Verification
+steps replay graphs of k + 1 rows a sequence (engine/runner/cuda_graphs.py); the table says how many did.
+
+Then where speculation stops paying, and whether the adaptive rule (`speculative_adaptive`, engine/spec/adaptive.py)
+finds it: a batch sweep on the edit workload (`--batch-sizes`, 1..64 at once) and a W1-like run (`--w1-requests`
+free-generation requests of 64-256 prompt tokens submitted at once, at most `max_num_seqs` = the largest batch
+running), each plain, with the rule (the sweep's method) and with the constant rule (every request speculates:
+`speculative_adaptive=False`), both with `speculative_disable_batch_size` = the largest batch so that the bound
+decides nothing. Each row also says the share of steps that speculated and the requests the rule held back; the
+issue's target is the W1-like row: at most 3% below plain with the rule on. After each engine, the step cost
+model's fitted coefficients (what the rule decided by) are printed.
 
 Equality: plain and speculative decoding compute each token from the same tokens at the same positions, but
 through other kernels (k + 1 rows a sequence: the multi-row GEMMs and the prefill attention tiles, where a
@@ -22,7 +29,8 @@ near-tie, a large one a bug. With `--dtype float32` the outputs are expected to 
 
     python bench/spec_bench.py --model /tmp/target --k 3,5 --out spec.json
     python bench/spec_bench.py --model /tmp/target --k 3 --draft-model /tmp/draft --draft-k 3,5 --batch-sizes 1,4,16
-    python bench/spec_bench.py --model /tmp/target --k 3 --dtype float32 --batch-sizes '' --max-tokens 100
+    python bench/spec_bench.py --model /tmp/target --k 3 --dtype float32 --batch-sizes '' --w1-requests 0 \
+        --max-tokens 100
 
 A table comes last; `--out` writes every figure as JSON.
 """
@@ -61,6 +69,19 @@ def edit_prompt(tokenizer, text: str, passage_tokens: int, restart_tokens: int) 
     words = [w for w in start.split() if w.isidentifier() and len(w) > 3]
     changed = start.replace(words[0], words[0] + "_v2", 1) if words else start + " "
     return tokenizer.encode(passage + "\n\n" + changed, add_special_tokens=False)
+
+
+def w1_prompts(tokenizer, texts: list[str], num: int, shortest: int, longest: int) -> list[list[int]]:
+    """`num` free-generation prompts of shortest..longest tokens (spread evenly), from the texts' starts and, once
+    every text has given one, from further into them (so that no two are the same)."""
+    encoded = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    prompts = []
+    for index in range(num):
+        ids = encoded[index % len(encoded)]
+        length = shortest + (index * 37) % (longest - shortest + 1)
+        offset = min((index // len(encoded)) * 16, max(0, len(ids) - length))
+        prompts.append(ids[offset:offset + length])
+    return prompts
 
 
 def prompts_for(workload: str, tokenizer, texts: list[str], args: argparse.Namespace) -> list[list[int]]:
@@ -115,7 +136,7 @@ def run(llm, prompts: list[list[int]], max_tokens: int, batch_size: int, timer: 
     from pagedserve.engine.core.request import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=logprobs)
-    before = llm.engine.get_stats().spec_decode
+    before = llm.engine.get_stats()
     outputs: list[list[int]] = []
     top2: list[list[list[float]]] = []  # per output, per token: its top-2 logprobs (with `logprobs`)
     timer.take()
@@ -128,10 +149,16 @@ def run(llm, prompts: list[list[int]], max_tokens: int, batch_size: int, timer: 
                 top2.append([sorted((lp.logprob for lp in entry.values()), reverse=True)[:2]
                              for entry in out.outputs[0].logprobs])
     elapsed_s = time.perf_counter() - started
-    after = llm.engine.get_stats().spec_decode
-    proposed = after.num_draft_tokens - before.num_draft_tokens
-    accepted = after.num_accepted_tokens - before.num_accepted_tokens
-    drafts = after.num_drafts - before.num_drafts
+    after_stats = llm.engine.get_stats()
+    after, spec_before = after_stats.spec_decode, before.spec_decode
+    proposed = after.num_draft_tokens - spec_before.num_draft_tokens
+    accepted = after.num_accepted_tokens - spec_before.num_accepted_tokens
+    drafts = after.num_drafts - spec_before.num_drafts
+    # What decided the steps: the share that speculated, and the adaptive rule's choices.
+    decisions = {name: getattr(after, name) - getattr(spec_before, name) for name in (
+        "num_spec_steps", "num_plain_steps_by_rule", "num_steps_without_proposals", "num_steps_over_batch_size",
+        "num_requests_held_back", "num_probes")}
+    num_steps = after_stats.num_steps_total - before.num_steps_total
     return {
         "tokens": outputs,
         "top2": top2,
@@ -141,6 +168,9 @@ def run(llm, prompts: list[list[int]], max_tokens: int, batch_size: int, timer: 
         "accepted": accepted,
         "acceptance_rate": accepted / proposed if proposed else None,
         "accepted_per_verification": accepted / drafts if drafts else None,
+        "steps": num_steps,
+        "spec_step_share": decisions["num_spec_steps"] / num_steps if num_steps else None,
+        **decisions,
         **timer.take(),
     }
 
@@ -184,6 +214,12 @@ def main() -> None:
     parser.add_argument("--free-prompt-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64", help="the sweep (edit workload); '' skips it")
     parser.add_argument("--sweep-k", type=int, default=None, help="k of the sweep (default: the first --k)")
+    parser.add_argument("--w1-requests", type=int, default=256, help="the W1-like run: free-generation requests "
+                        "submitted at once, at most the largest batch running (0 skips it)")
+    parser.add_argument("--w1-prompt-tokens", default="64,256", help="the W1-like run: shortest,longest prompt")
+    parser.add_argument("--w1-max-tokens", type=int, default=192)
+    parser.add_argument("--no-constant-rule", action="store_true", help="skip the sweep and W1-like run with the "
+                        "constant rule (speculative_adaptive=False)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-memory-percent", type=float, default=0.9)
     parser.add_argument("--out", type=Path, default=None)
@@ -204,33 +240,52 @@ def main() -> None:
     num_texts = max([args.num_prompts, *batch_sizes])
     texts = heldout_texts(args.model, num_texts)
     texts = (texts * (num_texts // len(texts) + 1))[:num_texts]
-    common = dict(dtype=args.dtype, max_memory_percent=args.max_memory_percent, max_num_seqs=max([64, *batch_sizes]))
+    max_batch = max([64, *batch_sizes])
+    common = dict(dtype=args.dtype, max_memory_percent=args.max_memory_percent, max_num_seqs=max_batch)
 
-    def engine(method: str | None, k: int = 0, disable_batch_size: int = 8) -> LLM:
+    def engine(method: str | None, k: int = 0, disable_batch_size: int = 8, adaptive: bool = True) -> LLM:
         if method is None:
             return LLM(str(args.model), **common)
+        speculative = dict(num_speculative_tokens=k, speculative_disable_batch_size=disable_batch_size,
+                           speculative_adaptive=adaptive)
         if method == "draft":
             return LLM(str(args.model), **common, speculative_method="draft", speculative_model=str(args.draft_model),
-                       num_speculative_tokens=k, speculative_disable_batch_size=disable_batch_size)
-        return LLM(str(args.model), **common, speculative_method="ngram", num_speculative_tokens=k,
-                   prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max,
-                   speculative_disable_batch_size=disable_batch_size)
+                       **speculative)
+        return LLM(str(args.model), **common, speculative_method="ngram", prompt_lookup_min=args.prompt_lookup_min,
+                   prompt_lookup_max=args.prompt_lookup_max, **speculative)
 
     # One engine at a time (each sizes its KV cache from the free memory), plain first: outputs to compare.
     workload_prompts = {w: prompts_for(w, tokenizer, texts[:args.num_prompts], args) for w in WORKLOADS}
     sweep_prompts = {b: prompts_for("edit", tokenizer, texts[:b], args) for b in batch_sizes}
+    shortest, longest = (int(n) for n in args.w1_prompt_tokens.split(","))
+    w1 = w1_prompts(tokenizer, texts, args.w1_requests, shortest, longest) if args.w1_requests else []
+    cost_models: dict[str, list[str]] = {}  # engine -> the step cost model's fit after each phase
 
-    def measure(llm: LLM, sweep: bool) -> dict[str, Any]:
-        """Batch-1 workloads, the parity pass, the sweep if asked; the graphs torch.compile made meanwhile."""
+    def measure(llm: LLM, name: str, sweep: bool) -> dict[str, Any]:
+        """Batch-1 workloads, the parity pass, the sweep and the W1-like run if asked; the graphs torch.compile made
+        meanwhile; the step cost model's fit after each phase."""
         timer = StepTimer(llm)
         compiled_before = dynamo_graphs_compiled()
+        fits = cost_models[name] = []
+
+        def fitted(phase: str) -> None:
+            fits.append(f"{phase}: {llm.engine.scheduler.step_costs.describe()}")
+            print(f"[{name}] {fits[-1]}", flush=True)
+
         by_workload = {}
         for workload, prompts in workload_prompts.items():
             run(llm, prompts[:1], 8, 1, timer)  # warm-up: first-use compilation out of the timing
             by_workload[workload] = run(llm, prompts, args.max_tokens, 1, timer)
         parity = run(llm, workload_prompts["edit"], args.max_tokens, 1, timer, logprobs=2)
-        by_batch = {batch: run(llm, prompts, args.max_tokens, batch, timer)
-                    for batch, prompts in sweep_prompts.items()} if sweep else {}
+        fitted("batch 1")
+        by_batch = {}
+        if sweep:
+            by_batch = {batch: run(llm, prompts, args.max_tokens, batch, timer)
+                        for batch, prompts in sweep_prompts.items()}
+            fitted("sweep")
+            if w1:
+                by_batch["W1-like"] = run(llm, w1, args.w1_max_tokens, len(w1), timer)
+                fitted("W1-like")
         return {"workloads": by_workload, "parity": parity, "batches": by_batch,
                 "graphs_compiled": dynamo_graphs_compiled() - compiled_before}
 
@@ -252,29 +307,39 @@ def main() -> None:
     def save() -> None:  # after every engine: a run cut short keeps what it measured
         if args.out is not None:
             args.out.write_text(json.dumps({"model": str(args.model), "args": {k: str(v) for k, v in vars(args).items()},
-                                            "rows": rows, "parity": parity, "graphs_compiled": compiles}, indent=2))
+                                            "rows": rows, "parity": parity, "graphs_compiled": compiles,
+                                            "step_cost_models": cost_models}, indent=2))
 
     def figures(result: dict[str, Any]) -> dict[str, Any]:
         return {key: value for key, value in result.items() if key not in ("tokens", "top2")}
 
+    def sweep_row(batch: int | str) -> tuple[str, int]:
+        """(workload, batch) of a sweep entry: the W1-like run's batch is the largest that runs."""
+        return ("W1-like", max_batch) if batch == "W1-like" else ("edit sweep", batch)
+
     plain = engine(None)
-    base = measure(plain, sweep=True)
+    base = measure(plain, "plain", sweep=True)
     release(plain)
     compiles["plain"] = base["graphs_compiled"]
     for workload, result in base["workloads"].items():
         rows.append({"workload": workload, "batch": 1, "method": "plain", **figures(result)})
     for batch, result in base["batches"].items():
-        rows.append({"workload": "edit sweep", "batch": batch, "method": "plain", **figures(result)})
+        rows.append({"workload": sweep_row(batch)[0], "batch": sweep_row(batch)[1], "method": "plain",
+                     **figures(result)})
     save()
-    for method_name, k in methods:
-        llm = engine(method_name, k, disable_batch_size=max([1, *batch_sizes]))
-        spec = measure(llm, sweep=(method_name, k) == sweep_method)
+    # (method, k, adaptive): each with the rule; the sweep's method again with the constant rule.
+    runs = [(method_name, k, True) for method_name, k in methods]
+    if not args.no_constant_rule and (batch_sizes or w1):
+        runs.insert(methods.index(sweep_method) + 1, (*sweep_method, False))
+    for method_name, k, adaptive in runs:
+        llm = engine(method_name, k, disable_batch_size=max_batch, adaptive=adaptive)
+        method = f"{method_name} k={k}" + ("" if adaptive else " const")
+        spec = measure(llm, method, sweep=(method_name, k) == sweep_method)
         release(llm)
-        method = f"{method_name} k={k}"
         compiles[method] = spec["graphs_compiled"]
         for (workload, batch), result, reference in (
                 [((w, 1), r, base["workloads"][w]) for w, r in spec["workloads"].items()]
-                + [(("edit sweep", b), r, base["batches"][b]) for b, r in spec["batches"].items()]):
+                + [(sweep_row(b), r, base["batches"][b]) for b, r in spec["batches"].items()]):
             equal = sum(a == b for a, b in zip(result["tokens"], reference["tokens"]))
             rows.append({"workload": workload, "batch": batch, "method": method, **figures(result),
                          "speedup": result["output_tokens_per_s"] / reference["output_tokens_per_s"],
@@ -287,14 +352,33 @@ def main() -> None:
     def fmt(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    print(f"{'workload':<11} {'batch':>5} {'method':<10} {'tok/s':>9} {'speedup':>7} {'accept':>7} "
-          f"{'acc/verif':>9} {'equal':>6} {'plain ms':>8} {'verif ms':>8} {'in graphs':>11}")
+    print(f"{'workload':<11} {'batch':>5} {'method':<16} {'tok/s':>9} {'speedup':>7} {'accept':>7} "
+          f"{'acc/verif':>9} {'spec%':>6} {'held':>6} {'equal':>7} {'plain ms':>8} {'verif ms':>8} {'in graphs':>11}")
     for row in rows:
-        print(f"{row['workload']:<11} {row['batch']:>5} {row['method']:<10} {row['output_tokens_per_s']:>9.1f} "
+        print(f"{row['workload']:<11} {row['batch']:>5} {row['method']:<16} {row['output_tokens_per_s']:>9.1f} "
               f"{fmt(row.get('speedup'), '.2f'):>7} {fmt(row.get('acceptance_rate'), '.2f'):>7} "
-              f"{fmt(row.get('accepted_per_verification'), '.2f'):>9} {row.get('outputs_equal', '-'):>6} "
+              f"{fmt(row.get('accepted_per_verification'), '.2f'):>9} {fmt(row.get('spec_step_share'), '.0%'):>6} "
+              f"{row.get('num_requests_held_back', 0):>6} {row.get('outputs_equal', '-'):>7} "
               f"{fmt(row['plain_step_ms'], '.2f'):>8} {fmt(row['verify_step_ms'], '.2f'):>8} "
               f"{row['verify_steps_in_graphs']:>5}/{row['verify_steps']:<5}")
+    # The crossover: speed-up over plain by batch, with the adaptive rule and with the constant one.
+    sweep_rows = [row for row in rows if row["workload"] in ("edit sweep", "W1-like") and row["method"] != "plain"]
+    if sweep_rows:
+        adaptive_name = f"{sweep_method[0]} k={sweep_method[1]}"
+        print(f"\ncrossover ({adaptive_name}): speed-up over plain, share of steps speculating")
+        print(f"{'workload':<11} {'batch':>5} {'rule':>13} {'constant':>13}")
+        for workload, batch in dict.fromkeys((row["workload"], row["batch"]) for row in sweep_rows):
+            cells = []
+            for method in (adaptive_name, adaptive_name + " const"):
+                row = next((r for r in sweep_rows if (r["workload"], r["batch"], r["method"]) == (workload, batch,
+                                                                                                    method)), None)
+                cells.append("-" if row is None else
+                             f"{row['speedup']:.2f} {fmt(row['spec_step_share'], '.0%'):>5}")
+            print(f"{workload:<11} {batch:>5} {cells[0]:>13} {cells[1]:>13}")
+    print("\nstep cost models (the rule's costs), after each phase:")
+    for name, fits in cost_models.items():
+        for fit in fits:
+            print(f"  {name}, {fit}")
     print(f"dtype {args.dtype}; graphs torch.compile made during the measured runs (warm-ups included): {compiles}")
     for entry in parity:
         print(f"parity ({entry['method']}, edit, batch 1, top-2 logprobs): {entry['equal']}/{entry['of']} equal")
