@@ -38,6 +38,9 @@ class ReplicaReport:
     report_time_s: float = 0.0  # wall clock of the replica when the snapshot was taken
     engine_dead: bool = False  # the replica lives but its engine does not: it is about to be replaced
     lora_names: frozenset[str] = frozenset()  # LoRA adapters its engine holds (adapter affinity)
+    # Requests the replica received lately (within RECENT_ARRIVALS_S of the report): the report counts them, so a
+    # router stops subtracting their blocks itself without waiting out its transit grace.
+    recent_request_ids: frozenset[str] = frozenset()
 
     @classmethod
     def from_routing_stats(cls, stats: dict[str, Any] | None) -> "ReplicaReport | None":
@@ -52,6 +55,7 @@ class ReplicaReport:
             report_time_s=float(stats.get("report_time_s", 0.0)),
             engine_dead=bool(stats.get("engine_dead", False)),
             lora_names=frozenset(stats.get("lora_names", ())),
+            recent_request_ids=frozenset(stats.get("recent_request_ids", ())),
         )
 
 

@@ -42,6 +42,10 @@ from pagedserve.serve_app.stream_channel import Outboxes, for_the_wire
 
 logger = logging.getLogger("ray.serve")
 
+# A request received within this long is listed in the routing stats (`recent_request_ids`): routers then know
+# the report counts it. Past the routers' transit grace (router.py), with room for a report's delay.
+RECENT_ARRIVALS_S = 2.0
+
 
 def log_engine_through_serve() -> None:
     """The engine's `pagedserve.*` records into this replica's Serve log, at its level and in its format.
@@ -80,6 +84,7 @@ class EngineReplica:
         # Worst-case blocks of every request this replica holds (prompt + n * max_tokens), by request id:
         # the engine's free blocks only show what is allocated so far, not what running requests will grow to.
         self._committed_blocks: dict[str, int] = {}
+        self._recent_arrivals: collections.deque[tuple[float, str]] = collections.deque()  # (monotonic s, id)
         # Each ingress's latest count of requests its fair queue held back, and when it came (autoscaling).
         self._held_by_ingress: dict[str, tuple[int, float]] = {}
         self.log_prompts = serve_args.log_prompts
@@ -136,6 +141,7 @@ class EngineReplica:
         is_finished = False
         timing = RequestTiming(request.request_id)
         self._committed_blocks[request.request_id] = blocks_for(request.routing_demand.num_tokens, self.block_size)
+        self._recent_arrivals.append((time.monotonic(), request.request_id))
         prompt = request.prompt if request.prompt_token_ids is None else request.prompt_token_ids
         stream = self._engine_stream(request, prompt)
         try:
@@ -297,7 +303,15 @@ class EngineReplica:
             "num_waiting": stats.num_waiting,
             "report_time_s": time.time(),
             "lora_names": self._lora_names(),
+            "recent_request_ids": self._recent_request_ids(),
         }
+
+    def _recent_request_ids(self) -> list[str]:
+        """Ids of the requests received within `RECENT_ARRIVALS_S` (their blocks are in this report's counts)."""
+        oldest_s = time.monotonic() - RECENT_ARRIVALS_S
+        while self._recent_arrivals and self._recent_arrivals[0][0] < oldest_s:
+            self._recent_arrivals.popleft()
+        return [request_id for _, request_id in self._recent_arrivals]
 
     def _routable_free_blocks(self, stats: Any) -> int:
         """Blocks free once every held request reaches its max_tokens (never more than the engine's free now)."""

@@ -5,7 +5,8 @@ Two parts, split so the policy is testable without Ray:
 - `FreeBlocksPolicy`: plain Python. Replicas report free/total blocks every few seconds
   (`record_routing_stats`); between reports the policy keeps optimistic local accounting: every request
   it sends reserves `ceil((prompt + n * max_tokens) / block_size)` blocks on its replica until a report
-  taken after the send arrives (the replica then counts the request itself, as committed blocks).
+  that counts the request arrives (the replica then counts it itself, as committed blocks): one listing it
+  among the requests the replica received lately, or one taken `transit_grace_s` after the send.
   Among replicas with room it prefers the most headroom; a replica that recently served the same
   prompt prefix wins when its headroom is within `affinity_tolerance` of the best (its prefix cache
   hits); between equal headroom, the replica owning fewer recent prefixes, then a random one, so new
@@ -113,14 +114,16 @@ class FreeBlocksPolicy:
     # Reports and replica set -------------------------------------------------------------------------
 
     def update_report(self, replica: ReplicaKey, report: ReplicaReport) -> None:
-        """Take a fresh report; reservations sent before it was taken are now part of its counts."""
+        """Take a fresh report; the reservations it counts (listed as received lately, or sent long enough
+        before it was taken) are now part of its counts, not subtracted again."""
         previous = self._reports.get(replica)
         if previous is not None and previous.report_time_s >= report.report_time_s:
             return
         self._reports[replica] = report
         for request_id, reservation in list(self._reservations_of.get(replica, {}).items()):
             if not reservation.is_counted_by_report and (
-                reservation.sent_time_s + self.transit_grace_s <= report.report_time_s
+                request_id in report.recent_request_ids
+                or reservation.sent_time_s + self.transit_grace_s <= report.report_time_s
             ):
                 reservation.is_counted_by_report = True
                 self._pending_blocks[replica] -= reservation.num_blocks

@@ -270,6 +270,15 @@ def test_report_within_transit_grace_does_not_count_the_request(clock: FakeClock
     assert policy.estimated_free_blocks("a") == 8
     policy.update_report("a", report(8, 10, clock.now + 0.6))
     assert policy.estimated_free_blocks("a") == 8
+    # A report listing a request among those its replica received lately counts it, within the grace too.
+    from dataclasses import replace
+
+    clock.now += 1.0
+    policy.reserve("a", "r2", RoutingDemand(32, 0))
+    policy.update_report("a", report(8, 10, clock.now + 0.1))  # it has not arrived: still subtracted
+    assert policy.estimated_free_blocks("a") == 6
+    policy.update_report("a", replace(report(6, 10, clock.now + 0.2), recent_request_ids=frozenset({"r2"})))
+    assert policy.estimated_free_blocks("a") == 6
 
 
 def test_reservation_never_completed_expires(clock: FakeClock) -> None:
