@@ -71,7 +71,7 @@ class _InFlightStep:
     delivered: bool = False
     # Speculating requests: id -> proposals; such a request has 1 + k consecutive rows from its first.
     drafts: dict[str, list[int]] = field(default_factory=dict)
-    # For the step cost model: what the step held, when the host began preparing it (perf_counter: the start of
+    # For the step cost model: what the step held, when the host began preparing it (perf_counter: scheduling in
     # the `step()` call that launched it), and whether a step that is never delivered (no request sampled) went to
     # the device before it, so that its start is unknown.
     shape: StepShape | None = None
@@ -468,6 +468,7 @@ class LLMEngine:
                 # Only compiles to wait for: sleep on them briefly instead of spinning the step loop.
                 wait_for_futures([g.grammar.future for g in self._compiling.values()], timeout=0.01,
                                  return_when="FIRST_COMPLETED")
+        preparing_at = time.perf_counter()  # the host's work on the step to launch begins
         self._asked_for_proposals = False
         output = self.scheduler.schedule(self._propose() if self._proposer is not None else None)
         in_flight, self._in_flight = self._in_flight, None
@@ -492,7 +493,7 @@ class LLMEngine:
             shape = output.shape
             if in_flight is None and shape.num_decode_context_tokens:
                 shape = dataclasses.replace(shape, is_serial=True)
-            launched.shape, launched.prepared_at = shape, started
+            launched.shape, launched.prepared_at = shape, preparing_at
             launched.follows_unobserved, self._launched_unobserved = self._launched_unobserved, launched.sampled is None
             # After the delivery, so that each request's one placeholder is its last token.
             self.scheduler.finish_step(output)
@@ -522,8 +523,8 @@ class LLMEngine:
     def _propose(self) -> dict[str, list[int]] | None:
         """Proposals for this step's decoding requests, or None when the step does not speculate (more running
         requests than `speculative_disable_batch_size`, none that may, or the adaptive rule finds that none
-        pays: engine/spec/adaptive.py). Only then is a step in flight delivered first (proposals continue the
-        real tokens, not placeholders): a step kept plain keeps its overlap with the one in flight."""
+        pays: engine/spec/adaptive.py). A step in flight is delivered first only when this one asks for proposals
+        (they continue the real tokens, not placeholders): a step kept plain keeps its overlap with it."""
         running = self.scheduler.running
         if not running:
             return None
