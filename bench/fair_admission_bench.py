@@ -4,9 +4,11 @@ TTFT unloaded and under the flood, for each fair-queue bound (router.max_routing
 Runs the service with the fake engine of the tests (tests/serve_app/fake_engine.py: no model, 5 ms steps,
 real KV-block accounting) on a local Ray cluster of the tests' harness, so it needs the test extras and a
 checkout. The flood's admitted requests are long, so they hold most KV blocks: what the calm key waits for
-is room, which is what fair admission alone cannot make. Prints one row per bound.
+is room, which fair admission alone does not make and the router's per-key shares keep (router.py,
+key_shares.py). Prints one row per bound.
 
-    .venv/bin/python bench/fair_admission_bench.py [--bounds 1 64] [--flood-limit 4] [--flood-max-tokens 120]
+    .venv/bin/python bench/fair_admission_bench.py [--bounds 1 4 64] [--flood-limit 4] [--flood-max-tokens 120]
+                                                   [--flood-threads 4] [--fair-share-window-s 0]
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from ray_harness import fake_engine_app, local_cluster  # noqa: E402
 from tiny_models import build_tiny_model  # noqa: E402
 
 FLOOD_KEY, CALM_KEY = "flood-key", "calm-key"
-FLOOD_THREADS = 4
 
 
 def first_token_s(base: str, model: str, key: str) -> float:
@@ -62,11 +63,15 @@ def percentile(values: list[float], q: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bounds", type=int, nargs="+", default=[1, 64], help="router.max_routing_per_key values")
+    parser.add_argument("--bounds", type=int, nargs="+", default=[1, 4, 64], help="router.max_routing_per_key values")
     parser.add_argument("--flood-limit", type=float, default=4.0, help="the flooding key's requests_per_s")
     parser.add_argument("--flood-max-tokens", type=int, default=120)
+    parser.add_argument("--flood-threads", type=int, default=4,
+                        help="the flood's clients, each one request at a time (8 x 120 tokens: more than the blocks)")
     parser.add_argument("--num-blocks", type=int, default=40, help="KV blocks of the one replica (16 tokens each)")
     parser.add_argument("--calm-requests", type=int, default=25)
+    parser.add_argument("--fair-share-window-s", type=float, default=None,
+                        help="router.fair_share_window_s (default: the product's; 0: no per-key shares)")
     options = parser.parse_args()
     model = str(build_tiny_model("llama", Path(tempfile.mkdtemp()), tokenizer="byte-bpe", num_hidden_layers=2))
     rows = []
@@ -78,6 +83,8 @@ def main() -> None:
                                  {"name": "calm", "key": CALM_KEY}],
                     "router": {"max_queued_requests": 1000, "queue_timeout_s": 60, "stats_period_s": 0.25,
                                "max_routing_per_key": bound}}
+            if options.fair_share_window_s is not None:
+                args["router"]["fair_share_window_s"] = options.fair_share_window_s
             with fake_engine_app(cluster, f"fair{bound}", args) as base:
                 def calm_series() -> list[float]:
                     values = []
@@ -89,9 +96,9 @@ def main() -> None:
                 calm_series()  # warm-up
                 unloaded = calm_series()
                 stop, codes = threading.Event(), []
-                rate = 10 * options.flood_limit / FLOOD_THREADS
+                rate = 10 * options.flood_limit / options.flood_threads
                 threads = [threading.Thread(target=flood, args=(base, model, rate, options.flood_max_tokens, stop, codes))
-                           for _ in range(FLOOD_THREADS)]
+                           for _ in range(options.flood_threads)]
                 for thread in threads:
                     thread.start()
                 time.sleep(3)

@@ -38,7 +38,7 @@ class RouterSettings(BaseModel):
         ge=0.0,
         le=1.0,
         description="A replica holding the prompt's prefix wins if its headroom is within this share of "
-        "its total blocks of the best replica's headroom.",
+        "its total blocks (or within the request's own blocks, if more) of the best replica's headroom.",
     )
     initial_backoff_s: float = Field(0.02, gt=0.0, description="First retry delay while no replica has room.")
     max_routing_per_key: int = Field(

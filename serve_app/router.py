@@ -8,8 +8,9 @@ Two parts, split so the policy is testable without Ray:
   that counts the request arrives (the replica then counts it itself, as committed blocks): one listing it
   among the requests the replica received lately, or one taken `transit_grace_s` after the send.
   Among replicas with room it prefers the most headroom; a replica that recently served the same
-  prompt prefix wins when its headroom is within `affinity_tolerance` of the best (its prefix cache
-  hits); between equal headroom, the replica owning fewer recent prefixes, then a random one, so new
+  prompt prefix wins when its headroom is within `affinity_tolerance` of its blocks, or within the
+  request's own blocks, of the best (its prefix cache hits; one request's worth is no imbalance, and the
+  blocks of one that just ended stay subtracted until the next report); between equal headroom, the replica owning fewer recent prefixes, then a random one, so new
   prefixes spread over the replicas' caches. A request for a LoRA adapter goes first to the replicas that
   hold it (then by headroom, as above); another loads it when the request reaches it. When no replica has
   room the request waits in a bounded queue (`AdmissionQueue`); past the bound or the timeout it is
@@ -302,7 +303,8 @@ class FreeBlocksPolicy:
         if ranked and demand.prefix_key is not None:
             owner = self._prefix_owner.get(demand.prefix_key)
             if owner in headroom and owner != ranked[0]:
-                tolerance = self.affinity_tolerance * self._reports[owner].num_total_blocks
+                tolerance = max(self.affinity_tolerance * self._reports[owner].num_total_blocks,
+                                self.blocks_needed(owner, demand))
                 if headroom[owner] >= headroom[ranked[0]] - tolerance:
                     ranked.remove(owner)
                     ranked.insert(0, owner)

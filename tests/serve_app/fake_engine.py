@@ -5,7 +5,9 @@ steps, as in a real batch: every request due for a token waits for the same tick
 step time), and `get_stats().num_steps_total` counts the ticks. It keeps real block accounting
 (a request holds blocks_for(prompt + n * max_tokens) blocks while it runs and waits while they
 are not free), so routing, 429, disconnect-abort and free-blocks-back tests see the same signals as
-with the real engine. Magic words in the prompt inject faults:
+with the real engine. Its prefix cache is a model (`FakePrefixCache`: the prompts' full blocks under the
+cache's chained hashes, least recently used evicted past the replica's blocks) that counts lookups and hits
+as the engine's stats do, so prefix-affinity routing shows in the replicas' hit rates. Magic words in the prompt inject faults:
   "SLOW"   each step sleeps 0.2 s (a long stream to disconnect from); other steps take 5 ms
   "FAST"   steps take no time (a long answer that only its length matters for)
   "FAIL"   the request ends after two tokens with finish_reason "error" (engine failure of one request)
@@ -26,10 +28,12 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import AsyncIterator
 
 from pagedserve.cache.blocks import blocks_for
+from pagedserve.cache.prefix_cache import extend_block_hashes
 from pagedserve.config.engine import EngineConfig
 from pagedserve.engine.core.limits import CONTEXT, KV_CACHE, check_fits, too_large
 from pagedserve.engine.errors import EngineDeadError, InvalidRequestError
@@ -97,6 +101,37 @@ class StepClock:
             tick.set_result(None)
 
 
+class FakePrefixCache:
+    """The prefix cache as far as hit rates go: the chained hashes of prompts' full blocks (cache/prefix_cache.py),
+    the least recently used forgotten past `num_blocks` (the engine keeps a freed block's hash until the block
+    is reused). A prompt hits its leading blocks found here, but never its last token, which the engine always
+    computes for the first new token's logits."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._hashes: OrderedDict[bytes, None] = OrderedDict()
+        self.num_queries_total = 0  # prompt tokens looked up
+        self.num_hits_total = 0  # prompt tokens found
+
+    def look_up_and_add(self, token_ids: list[int]) -> int:
+        """Count the prompt's lookup, remember its full blocks; the number of its tokens found."""
+        hashes: list[bytes] = []
+        extend_block_hashes(hashes, token_ids, self.block_size)
+        num_found = 0
+        while num_found < len(hashes) and hashes[num_found] in self._hashes:
+            num_found += 1
+        num_hit_tokens = min(num_found, (len(token_ids) - 1) // self.block_size) * self.block_size
+        for block_hash in hashes:
+            self._hashes[block_hash] = None
+            self._hashes.move_to_end(block_hash)
+        while len(self._hashes) > self.num_blocks:
+            self._hashes.popitem(last=False)
+        self.num_queries_total += len(token_ids)
+        self.num_hits_total += num_hit_tokens
+        return num_hit_tokens
+
+
 class FakeAsyncEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -116,6 +151,7 @@ class FakeAsyncEngine:
         self.loras: dict[str, str] = dict(config.lora_modules or {})
         self._lora_requests: dict[str, str] = {}  # request id -> its adapter, while it runs
         self.clock = StepClock()
+        self.prefix_cache = FakePrefixCache(self.num_total_blocks, self.block_size)
 
     @property
     def is_dead(self) -> bool:
@@ -167,6 +203,8 @@ class FakeAsyncEngine:
                 await self._freed.wait()
             self._waiting.discard(request_id)
             self._used[request_id] = blocks
+            if continuation is None:
+                self.prefix_cache.look_up_and_add(ids)
             last = [ids[-1]] * params.n
             done = list(continuation.output_token_ids) if continuation is not None else []
             if done:  # the formula depends on the previous token only: go on from the last one produced
@@ -240,6 +278,8 @@ class FakeAsyncEngine:
             num_running=len(self._used), num_waiting=len(self._waiting), num_preempted_waiting=0,
             max_model_len=self.max_model_len, kv_cache_usage=1 - free / self.num_total_blocks,
             kv_cache_bytes_total=0, kv_cache_bytes_used=0, num_steps_total=self.clock.num_steps,
+            num_prefix_cache_queries_total=self.prefix_cache.num_queries_total,
+            num_prefix_cache_hits_total=self.prefix_cache.num_hits_total,
         )
 
     async def check_health(self) -> None:

@@ -1,7 +1,8 @@
 """The service on a Ray cluster of several nodes (`ray.cluster_utils.Cluster`: a head and two worker
 raylets on this machine), with `FakeAsyncEngine` replicas: one engine replica on each worker node, the
 ingress and the HTTP proxy on the head, streams routed across both nodes, and one worker node removed
-under load: every stream on it goes on on the other node from the tokens already sent, none fails.
+under load: every stream on it goes on on the other node from the tokens already sent, none fails. Before
+that, the two replicas show prefix-affinity routing in their prefix-cache hit rates.
 
 The nodes hold what decides placement: each worker node has one `engine_slot` (a custom resource each
 replica asks for) and no CPU, the head the only CPUs (the ingress asks for half of one). The proxy is
@@ -30,6 +31,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(240)]
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 from ray_harness import FAKE_ENGINE_DIR, build_app_with, free_ports, wait_for, wait_until_healthy  # noqa: E402
+
+import prefix_workload  # noqa: E402
 
 APP = "multinode"
 NUM_TOKENS = 20  # "SLOW": 0.2 s a token, so a stream runs 4 s and a node can be removed in the middle of it
@@ -100,6 +103,43 @@ def _stream(base: str, model: str, prompt: str, on_first_token: concurrent.futur
     errors = [e for e in events if '"error"' in e] + ([] if events[-1:] == ["[DONE]"] else ["no [DONE]"])
     text = "".join(c["text"] for e in events if e != "[DONE]" and '"error"' not in e for c in json.loads(e)["choices"])
     return 200, text, errors
+
+
+def test_shared_prefixes_go_to_the_replica_that_caches_them(cluster) -> None:
+    """Prefix-affinity routing through Ray (issue 28's bar): ten long prefixes, visited three times in turn,
+    together about twice what one replica caches. The router sends each prefix where it went first and
+    spreads new ones over the replicas, so each replica keeps its half cached: the replicas' own stats show a
+    prompt-token hit rate at least twice what random routing gets on the same prompts with the same cache
+    model (bench/prefix_affinity_bench.py measures random routing through Ray too). Runs before the node
+    removal below, which leaves one replica."""
+    from transformers import AutoTokenizer
+
+    base, model = cluster["base"], cluster["model"]
+    handle = serve.get_deployment_handle("EngineReplica", APP)
+
+    def stats_by_replica() -> dict[str, dict]:
+        seen: dict[str, dict] = {}
+        for _ in range(50):  # calls without a demand go to the least busy replica, ties at random
+            stats = handle.serving_stats.remote().result(timeout_s=30)
+            seen[stats["replica"]] = stats
+            if len(seen) == 2:
+                return seen
+        raise AssertionError(f"only replicas {sorted(seen)} answered")
+
+    workload = prefix_workload.prompts(AutoTokenizer.from_pretrained(model))
+    before = stats_by_replica()
+    with httpx.Client(base_url=base, timeout=60) as client:
+        for prompt in workload:
+            response = client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 1})
+            assert response.status_code == 200, response.text
+    after = stats_by_replica()
+    queries = {r: after[r]["prefix_cache_queries"] - before[r]["prefix_cache_queries"] for r in after}
+    hits = {r: after[r]["prefix_cache_hits"] - before[r]["prefix_cache_hits"] for r in after}
+    assert sum(queries.values()) == sum(len(prompt) for prompt in workload)
+    assert all(queries.values()), queries  # both replicas served
+    measured = prefix_workload.hit_rate(sum(queries.values()), sum(hits.values()))
+    random_routing = prefix_workload.random_routing_hit_rate(workload)
+    assert measured >= 2 * random_routing, (measured, random_routing, hits, queries)
 
 
 def test_replicas_on_two_nodes_serve_and_a_node_removed_under_load_costs_no_stream(cluster) -> None:

@@ -127,6 +127,15 @@ def test_prefix_affinity_breaks_near_ties(clock: FakeClock) -> None:
     # Far from a tie, headroom wins over affinity.
     policy.update_report("b", report(30, 100, clock.now + 1))
     assert policy.decide(["a", "b"], RoutingDemand(16, 16, prefix_key=42)).replicas[0] == "a"
+    # One request's worth is no imbalance, whatever the share: a large request goes back to its prefix's owner
+    # while the owner lags by no more than its blocks (the blocks of one that just ended, say).
+    strict = FreeBlocksPolicy(RouterSettings(affinity_tolerance=0.0), transit_grace_s=0.0, clock=clock)
+    strict.update_report("a", report(64, 64, clock.now))
+    strict.update_report("b", report(64 - 13, 64, clock.now))
+    strict.reserve("b", "first", RoutingDemand(195, 1, prefix_key=7))  # 13 blocks
+    strict.release("first")
+    assert strict.decide(["a", "b"], RoutingDemand(195, 1, prefix_key=7)).replicas[0] == "b"
+    assert strict.decide(["a", "b"], RoutingDemand(100, 1, prefix_key=7)).replicas[0] == "a"  # 7 blocks
 
 
 def test_new_prefixes_spread_over_idle_replicas_and_stay_where_they_went(clock: FakeClock) -> None:
