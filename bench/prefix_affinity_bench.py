@@ -26,7 +26,8 @@ import prefix_workload  # noqa: E402
 from ray_harness import fake_engine_app, local_cluster  # noqa: E402
 from tiny_models import build_tiny_model  # noqa: E402
 
-ROUTERS = {"free blocks + prefix affinity (product)": None, "random among replicas with room": "random_router:RandomPlacementRouter"}
+ROUTERS = {"free blocks + prefix affinity (product)": None,
+           "random among replicas with room": "random_router:RandomPlacementRouter"}
 
 
 def hit_rate_through(cluster, name: str, args: dict, router_class: str | None, workload: list[list[int]]) -> float:

@@ -10,11 +10,12 @@ Two parts, split so the policy is testable without Ray:
   Among replicas with room it prefers the most headroom; a replica that recently served the same
   prompt prefix wins when its headroom is within `affinity_tolerance` of its blocks, or within the
   request's own blocks, of the best (its prefix cache hits; one request's worth is no imbalance, and the
-  blocks of one that just ended stay subtracted until the next report); between equal headroom, the replica owning fewer recent prefixes, then a random one, so new
-  prefixes spread over the replicas' caches. A request for a LoRA adapter goes first to the replicas that
-  hold it (then by headroom, as above); another loads it when the request reaches it. When no replica has
-  room the request waits in a bounded queue (`AdmissionQueue`); past the bound or the timeout it is
-  refused with `ServiceOverloadedError` (the ingress answers 429).
+  blocks of one that just ended stay subtracted until the next report); between equal headroom, the
+  replica owning fewer recent prefixes, then a random one, so new prefixes spread over the replicas'
+  caches. A request for a LoRA adapter goes first to the replicas that hold it (then by headroom, as
+  above); another loads it when the request reaches it. When no replica has room the request waits in a
+  bounded queue (`AdmissionQueue`); past the bound or the timeout it is refused with
+  `ServiceOverloadedError` (the ingress answers 429).
   With several API keys, each key's request leaves every replica the room the other recently active keys
   are owed there (serve_app/key_shares.py). A request that finds no room it may take while its key already
   holds blocks is refused with `KeyOverShareError`, which the ingress's fair queue answers by holding the

@@ -7,7 +7,8 @@ step time), and `get_stats().num_steps_total` counts the ticks. It keeps real bl
 are not free), so routing, 429, disconnect-abort and free-blocks-back tests see the same signals as
 with the real engine. Its prefix cache is a model (`FakePrefixCache`: the prompts' full blocks under the
 cache's chained hashes, least recently used evicted past the replica's blocks) that counts lookups and hits
-as the engine's stats do, so prefix-affinity routing shows in the replicas' hit rates. Magic words in the prompt inject faults:
+as the engine's stats do, so prefix-affinity routing shows in the replicas' hit rates. Magic words in the
+prompt inject faults:
   "SLOW"   each step sleeps 0.2 s (a long stream to disconnect from); other steps take 5 ms
   "FAST"   steps take no time (a long answer that only its length matters for)
   "FAIL"   the request ends after two tokens with finish_reason "error" (engine failure of one request)
