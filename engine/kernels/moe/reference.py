@@ -14,6 +14,8 @@ per pair (W8A8, what the grouped kernels compute); the result is cast to the inp
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -39,52 +41,38 @@ def experts_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     """hidden [T, H], topk_ids [T, k] (expert of each slot), topk_weights [T, k], w13 [E, 2I, H] (gate rows, then
     up rows), w2 [E, H, I] -> [T, H] in hidden's dtype. With `w13_scale` [E, 2I] and `w2_scale` [E, H], w13 and
     w2 are e4m3 (module docstring)."""
-    if w13_scale is not None:
-        return _experts_reference_fp8(hidden, topk_ids, topk_weights, w13, w2, w13_scale, w2_scale,
-                                      quantize_activations)
+    if w13_scale is not None:  # e4m3 experts: float32 throughout, each used expert dequantized once
+        rows = _fake_quantized(hidden.float()) if quantize_activations else hidden.float()
+        return _expert_loop(
+            rows, topk_ids, topk_weights, hidden.dtype,
+            lambda expert: (w13[expert].float() * w13_scale[expert].float()[:, None],
+                            w2[expert].float() * w2_scale[expert].float()[:, None]),
+            _fake_quantized if quantize_activations else None)
+    return _expert_loop(hidden, topk_ids, topk_weights, hidden.dtype, lambda expert: (w13[expert], w2[expert]))
+
+
+def _expert_loop(rows: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, out_dtype: torch.dtype,
+                 weights_of: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+                 quantize_act: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The loop over the experts with tokens: `weights_of(expert)` gives its (w13, w2) in the GEMMs' dtype;
+    `quantize_act` rounds GEMM 2's input (W8A8). Each pair's weighted output goes into its own row, summed over
+    a token's k pairs at the end (index_add_ on CPU took milliseconds a call with two threads in torch 2.13; a
+    put into distinct rows takes microseconds)."""
     num_tokens, top_k = topk_ids.shape
-    # Each pair's weighted output in its own row, summed over a token's k pairs at the end (index_add_ on CPU
-    # took milliseconds a call with two threads in torch 2.13; a put into distinct rows takes microseconds).
-    pair_out = torch.zeros((num_tokens * top_k, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
+    pair_out = torch.zeros((num_tokens * top_k, rows.shape[1]), dtype=torch.float32, device=rows.device)
     flat_ids = topk_ids.reshape(-1)
     flat_weights = topk_weights.reshape(-1).float()
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat_ids).tolist()
     start = 0
     for expert, count in enumerate(counts):
         if count == 0:
             continue
         pairs = order[start : start + count]
         start += count
-        tokens = pairs // top_k
-        act = gated_silu(F.linear(hidden[tokens], w13[expert]))
-        down = F.linear(act, w2[expert])
-        pair_out[pairs] = down.float() * flat_weights[pairs, None]
-    return pair_out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
-
-
-def _experts_reference_fp8(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                           w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor, w2_scale: torch.Tensor,
-                           quantize_activations: bool) -> torch.Tensor:
-    num_tokens, top_k = topk_ids.shape
-    rows = hidden.float()
-    if quantize_activations:
-        rows = _fake_quantized(rows)
-    pair_out = torch.zeros((num_tokens * top_k, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
-    flat_ids = topk_ids.reshape(-1)
-    flat_weights = topk_weights.reshape(-1).float()
-    order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        pairs = order[start : start + count]
-        start += count
-        gate_up = w13[expert].float() * w13_scale[expert].float()[:, None]
-        down = w2[expert].float() * w2_scale[expert].float()[:, None]
+        gate_up, down = weights_of(expert)
         act = gated_silu(F.linear(rows[pairs // top_k], gate_up))
-        if quantize_activations:
-            act = _fake_quantized(act)
-        pair_out[pairs] = F.linear(act, down) * flat_weights[pairs, None]
-    return pair_out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+        if quantize_act is not None:
+            act = quantize_act(act)
+        pair_out[pairs] = F.linear(act, down).float() * flat_weights[pairs, None]
+    return pair_out.view(num_tokens, top_k, -1).sum(dim=1).to(out_dtype)
