@@ -638,14 +638,18 @@ def profile_batch1(model, tokenizer, backend: str, shape: Shape, args) -> list[d
     engine.add_request("profile", [(1000 + i) % (shape.vocab_size - 2) for i in range(128)], params)
     while engine.scheduler.waiting or any(not r.is_prefill_done for r in engine.scheduler.running):
         engine.step()
-    for _ in range(5):
-        engine.step()
-    _synchronize()
-    started = time.perf_counter()
-    for _ in range(num_steps):
-        engine.step()
-    _synchronize()
-    step_ms = (time.perf_counter() - started) / num_steps * 1000
+    def step_ms_after(warmup_steps: int) -> float:
+        """The mean wall time of `num_steps` steps after `warmup_steps` untimed ones, in ms."""
+        for _ in range(warmup_steps):
+            engine.step()
+        _synchronize()
+        started = time.perf_counter()
+        for _ in range(num_steps):
+            engine.step()
+        _synchronize()
+        return (time.perf_counter() - started) / num_steps * 1000
+
+    step_ms = step_ms_after(5)
 
     def profiled() -> tuple[list[tuple[float, float, str]], float]:
         from profile_step import gpu_busy_us
@@ -678,14 +682,7 @@ def profile_batch1(model, tokenizer, backend: str, shape: Shape, args) -> list[d
               f"host's launches)", flush=True)
         saved, engine.runner._decode_graphs = engine.runner._decode_graphs, None
         try:
-            for _ in range(3):
-                engine.step()
-            _synchronize()
-            started = time.perf_counter()
-            for _ in range(num_steps):
-                engine.step()
-            _synchronize()
-            eager_ms = (time.perf_counter() - started) / num_steps * 1000
+            eager_ms = step_ms_after(3)
             results.append(print_profile(*profiled(), num_steps, eager_ms, shape.num_layers, full_layers,
                                          f"moe_backend={backend}, CUDA graphs set aside (the graphed step: "
                                          f"{step_ms:.3f} ms wall)"))
