@@ -19,11 +19,7 @@ from typing import Literal
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Torch in the test process takes half the cores, two at most: the suite runs work beside it (the Triton
-# interpreter workers, the demo model's build, Ray's processes), and intra-op threads that share their cores
-# with that spin against each other (on 2 cores, tests/engine/test_generate_matches_transformers.py took 2.7-3.2x
-# the wall time and 2.9-3.9x the CPU time on two threads as on one, beside other work).
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 2) // 2)))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 VOCAB_SIZE = 256
 EOS_ID, BOS_ID, PAD_ID = 1, 2, 0
