@@ -46,7 +46,7 @@ from pagedserve.engine.core.request import (
     SamplingParams,
 )
 from pagedserve.engine.core.stats import EngineStats
-from transformers import AutoTokenizer
+from transformers import PreTrainedTokenizerFast
 
 
 def _marker(magic: str, word: str) -> Path:
@@ -136,7 +136,9 @@ class FakePrefixCache:
 class FakeAsyncEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        # The tests' models save a PreTrainedTokenizerFast (tests/tiny_models.py). Not AutoTokenizer: that imports
+        # torch, a second and a half of every replica's start, and the tests wait for many (deploys, replacements).
+        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(config.model)
         self.model_name = config.model
         self.max_model_len = config.max_model_len or 256
         self.block_size = config.block_size
