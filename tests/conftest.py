@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import demo_background
 import triton_interpreter
 from tiny_models import build_tiny_model
 
@@ -23,16 +24,33 @@ def tiny_model_dir(tmp_path_factory):
     return get
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The modules that read the built demo model run last, so its background build has the whole suite
+    to finish in (tests/demo_background.py); everything else keeps its order."""
+    demo_files = {item.path for item in items if demo_background.FIXTURE in getattr(item, "fixturenames", ())}
+    items.sort(key=lambda item: item.path in demo_files)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the Triton interpreter workers of the collected kernel modules in the background, in the
-    order their tests run (tests/triton_interpreter.py)."""
+    """Start in the background what collected tests will wait for: the Triton interpreter workers of the
+    kernel modules, in the order their tests run (tests/triton_interpreter.py), and the demo model's
+    build (tests/demo_background.py)."""
+    if session.config.option.collectonly:
+        return
     files: list[str] = []
+    recipes = []
     for item in session.items:
-        if "interpreter_results" in getattr(item, "fixturenames", ()) and str(item.path) not in files:
+        fixture_names = getattr(item, "fixturenames", ())
+        if "interpreter_results" in fixture_names and str(item.path) not in files:
             files.append(str(item.path))
-    if files and not session.config.option.collectonly:
+        if demo_background.FIXTURE in fixture_names and item.module.RECIPE not in recipes:
+            recipes.append(item.module.RECIPE)
+    for recipe in recipes:
+        demo_background.start_in_background(recipe)
+    if files:
         triton_interpreter.start_in_background(files)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     triton_interpreter.stop_background()
+    demo_background.stop_background()
