@@ -3,9 +3,9 @@
 tests/demo trains a small demo recipe once, tens of seconds of one core. The session starts that build as
 soon as collection is done (tests/conftest.py) and runs the modules that read the built model last, so the
 build takes CPU time the rest of the suite leaves idle (the Ray tests spend much of theirs waiting for
-replicas) instead of adding its own time to the suite. The child runs at the lowest CPU priority, so it
-takes nothing the tests themselves want; a test that finds it unfinished raises it back to this process's
-priority (where the system lets it) and waits. Torch trains on one thread there: two threads on a busy
+replicas) instead of adding its own time to the suite. The child runs as an idle-class process (Linux's
+SCHED_IDLE, below even the niced Ray workers), so it takes nothing the tests and their replicas want; a test
+that finds it unfinished gives it back this process's priority (where the system lets it) and waits. Torch trains on one thread there: two threads on a busy
 two-core machine spin against each other and train several times slower.
 
 A module whose tests take the `built_cache` fixture names its recipe `RECIPE`; the fixture returns
@@ -26,7 +26,6 @@ from pathlib import Path
 import pytest
 
 FIXTURE = "built_cache"
-_LOWEST_PRIORITY = 19
 
 
 class _Build:
@@ -79,7 +78,7 @@ def stop_background() -> None:
 
 
 def _raise_priority(pid: int) -> None:
-    """Give every thread of `pid` this process's priority back; an unprivileged user may not, then it stays."""
+    """Give every thread of `pid` this process's scheduling back; an unprivileged user may not, then it stays."""
     own_priority = os.getpriority(os.PRIO_PROCESS, 0)
     try:
         thread_ids = [int(name) for name in os.listdir(f"/proc/{pid}/task")]
@@ -87,13 +86,19 @@ def _raise_priority(pid: int) -> None:
         thread_ids = [pid]
     for thread_id in thread_ids:
         try:
+            if hasattr(os, "SCHED_IDLE"):
+                os.sched_setscheduler(thread_id, os.SCHED_OTHER, os.sched_param(0))
             os.setpriority(os.PRIO_PROCESS, thread_id, own_priority)
         except OSError:
             pass
 
 
 def _worker(cache_dir: str, recipe_json: str) -> None:
-    os.nice(_LOWEST_PRIORITY - os.nice(0))  # before torch starts any thread, so they all inherit it
+    # Before torch starts any thread, so they all inherit it. Where there is no idle class, the lowest nice.
+    if hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    else:
+        os.nice(19 - os.nice(0))
     import torch
 
     torch.set_num_threads(1)
