@@ -4,9 +4,10 @@ tests/demo trains a small demo recipe once, tens of seconds of one core. The ses
 soon as collection is done (tests/conftest.py) and runs the modules that read the built model last, so the
 build takes CPU time the rest of the suite leaves idle (the Ray tests spend much of theirs waiting for
 replicas) instead of adding its own time to the suite. The child runs as an idle-class process (Linux's
-SCHED_IDLE, below even the niced Ray workers), so it takes nothing the tests and their replicas want; a test
-that finds it unfinished gives it back this process's priority (where the system lets it) and waits. Torch trains on one thread there: two threads on a busy
-two-core machine spin against each other and train several times slower.
+SCHED_IDLE, below even the niced Ray workers), so it takes nothing the tests and their replicas want; a
+test that finds it unfinished gives it back this process's priority (where the system lets it) and waits.
+Torch trains on one thread there: two threads on a busy two-core machine spin against each other and train
+several times slower.
 
 A module whose tests take the `built_cache` fixture names its recipe `RECIPE`; the fixture returns
 `built_cache(RECIPE)`, a cache folder holding that build, made through `demo_model_path`.

@@ -3,7 +3,8 @@
 Starting and stopping a cluster costs seconds each time, so the Ray tests share one (the `ray_cluster`
 fixture of tests/serve_app/conftest.py). Each module deploys its own application under a route prefix of
 its own (`/<name>`), so a module's replicas, handles, faults and logs stay its own, and deletes it when it
-is done. Everything a module needs from the cluster itself is set here once: 8 logical CPUs, the dashboard
+is done; modules that need the same plain service share one deployed for the session instead
+(`two_ingress_service` there). Everything a module needs from the cluster itself is set here once: 8 logical CPUs, the dashboard
 (its REST API is tested), Ray's metrics agent on a port of its own reporting every 0.5 s (the metrics test
 scrapes it), and tests/serve_app on the workers' PYTHONPATH (where `FakeAsyncEngine` lives).
 """

@@ -29,7 +29,8 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[RayCluster]:
     """The session's Ray cluster with Serve started; each module runs its own application on it
-    (ray_harness.deployed). Started by the first test that asks for it, shut down at the end."""
+    (ray_harness.deployed), or uses the one it shares with others (`two_ingress_service`). Started by the
+    first test that asks for it, shut down at the end."""
     with local_cluster() as cluster:
         yield cluster
 
@@ -44,10 +45,11 @@ def free_port():
 def two_ingress_service(ray_cluster: RayCluster, tiny_model_path: str) -> Iterator[dict]:
     """Two ingress replicas in front of one `FakeAsyncEngine` replica with room for hundreds of requests at
     once, LoRA on (so a `LoraRegistry` too): the service of the modules that need no more than that (several
-    ingresses, many streams, clients that leave, adapters loaded through one ingress). Deploying an application takes seconds, so it is deployed once, by the first module
-    that asks, and stays up for the session; such a module holds its checks to what changed while it ran
-    (counters before and after, log lines past their length before), never to totals.
-    Yields the base URL, the model, the application's name and the engine replica's KV blocks."""
+    ingresses, many streams, clients that leave, adapters loaded through one ingress). Deploying an
+    application takes seconds, so it is deployed once, by the first module that asks, and stays up for the
+    session; such a module holds its checks to what changed while it ran (counters before and after, log
+    lines past their length before), never to totals, and leaves nothing behind (adapters it loads it
+    unloads). Yields the base URL, the model, the application's name and the engine replica's KV blocks."""
     app_name, num_blocks = "ingress2", 4096
     args = {"model": tiny_model_path, "max_model_len": 512, "block_size": 16, "num_blocks": num_blocks,
             "num_cpus_per_replica": 1, "max_ongoing_requests": 512, "ingress_num_replicas": 2,
