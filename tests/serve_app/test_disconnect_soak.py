@@ -44,7 +44,7 @@ async def _one(client: httpx.AsyncClient, model: str, rng: random.Random) -> str
             "stream": kind.startswith("stream")}
     if kind == "full_leave":
         try:
-            await client.post("/v1/completions", json=body, timeout=0.3)
+            await client.post("/v1/completions", json=body, timeout=1.0)
         except httpx.TimeoutException:
             return "left"
         return "completed?"  # must not happen: the answer takes seconds
