@@ -3,11 +3,10 @@
 tests/demo trains a small demo recipe once, tens of seconds of one core. The session starts that build as
 soon as collection is done (tests/conftest.py) and runs the modules that read the built model last, so the
 build takes CPU time the rest of the suite leaves idle (the Ray tests spend much of theirs waiting for
-replicas) instead of adding its own time to the suite. The child runs as an idle-class process (Linux's
-SCHED_IDLE, below even the niced Ray workers), so it takes nothing the tests and their replicas want; a
-test that finds it unfinished gives it back this process's priority (where the system lets it) and waits.
-Torch trains on one thread there: two threads on a busy two-core machine spin against each other and train
-several times slower.
+replicas) instead of adding its own time to the suite. The child runs in the idle scheduling class
+(tests/idle_class.py), so it takes nothing the tests and their replicas want; a test that finds it
+unfinished gives it the normal class back and waits. Torch trains on one thread there: two threads on a busy
+two-core machine spin against each other and train several times slower.
 
 A module whose tests take the `built_cache` fixture names its recipe `RECIPE`; the fixture returns
 `built_cache(RECIPE)`, a cache folder holding that build, made through `demo_model_path`.
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+import idle_class
+
 FIXTURE = "built_cache"
 
 
@@ -38,12 +39,12 @@ class _Build:
         python_path = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=python_path)
         self.process = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), str(self.cache_dir), json.dumps(asdict(recipe))],
+            idle_class.idle_command(os.path.abspath(__file__), str(self.cache_dir), json.dumps(asdict(recipe))),
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def wait(self) -> Path:
         if self.process.poll() is None:
-            _raise_priority(self.process.pid)
+            idle_class.give_back_priority(self.process.pid)
         stdout, stderr = self.process.communicate()
         if self.process.returncode != 0:
             pytest.fail(f"demo model build failed ({self.process.returncode}):\n{stdout[-4000:]}\n{stderr[-4000:]}")
@@ -78,28 +79,7 @@ def stop_background() -> None:
     _builds.clear()
 
 
-def _raise_priority(pid: int) -> None:
-    """Give every thread of `pid` this process's scheduling back; an unprivileged user may not, then it stays."""
-    own_priority = os.getpriority(os.PRIO_PROCESS, 0)
-    try:
-        thread_ids = [int(name) for name in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        thread_ids = [pid]
-    for thread_id in thread_ids:
-        try:
-            if hasattr(os, "SCHED_IDLE"):
-                os.sched_setscheduler(thread_id, os.SCHED_OTHER, os.sched_param(0))
-            os.setpriority(os.PRIO_PROCESS, thread_id, own_priority)
-        except OSError:
-            pass
-
-
 def _worker(cache_dir: str, recipe_json: str) -> None:
-    # Before torch starts any thread, so they all inherit it. Where there is no idle class, the lowest nice.
-    if hasattr(os, "SCHED_IDLE"):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    else:
-        os.nice(19 - os.nice(0))
     import torch
 
     torch.set_num_threads(1)
