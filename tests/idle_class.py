@@ -15,12 +15,18 @@ from __future__ import annotations
 import os
 import sys
 
-# `python script args...`, with the script's folder first on sys.path as Python puts it, in the idle class.
-_LAUNCHER = (
-    "import os, runpy, sys; os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0)); "
-    "sys.argv = sys.argv[1:]; sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0])); "
-    "runpy.run_path(sys.argv[0], run_name='__main__')"
-)
+# `python script args...`, with the script's folder first on sys.path as Python puts it, in the idle class
+# (as it is where a sandbox refuses the call).
+_LAUNCHER = """
+import os, runpy, sys
+try:
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+except OSError:
+    pass
+sys.argv = sys.argv[1:]
+sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def idle_command(script: str, *args: str) -> list[str]:
