@@ -33,8 +33,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start in the background what collected tests will wait for: the Triton interpreter workers of the
-    kernel modules, in the order their tests run (tests/triton_interpreter.py), and the demo model's
-    build (tests/demo_background.py)."""
+    kernel modules, in the order their tests run (tests/triton_interpreter.py), then the demo model's
+    build, which only the last modules read (tests/demo_background.py)."""
     if session.config.option.collectonly:
         return
     files: list[str] = []
@@ -45,10 +45,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             files.append(str(item.path))
         if demo_background.FIXTURE in fixture_names and item.module.RECIPE not in recipes:
             recipes.append(item.module.RECIPE)
-    for recipe in recipes:
-        demo_background.start_in_background(recipe)
     if files:
         triton_interpreter.start_in_background(files)
+    for recipe in recipes:
+        triton_interpreter.after_workers(lambda recipe=recipe: demo_background.start_in_background(recipe))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

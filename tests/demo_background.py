@@ -1,9 +1,10 @@
 """The demo model's test build, trained in a background process while the rest of the suite runs.
 
-tests/demo trains a small demo recipe once, tens of seconds of one core. The session starts that build as
-soon as collection is done (tests/conftest.py) and runs the modules that read the built model last, so the
-build takes CPU time the rest of the suite leaves idle (the Ray tests spend much of theirs waiting for
-replicas) instead of adding its own time to the suite. The child runs in the idle scheduling class
+tests/demo trains a small demo recipe once, tens of seconds of one core. The session starts that build once
+the Triton interpreter workers, which the kernel modules need early, are done (tests/conftest.py; at once
+where there are none) and runs the modules that read the built model last, so the build takes CPU time the
+rest of the suite leaves idle (the Ray tests spend much of theirs waiting for replicas) instead of adding
+its own time to the suite. The child runs in the idle scheduling class
 (tests/idle_class.py), so it takes nothing the tests and their replicas want; a test that finds it
 unfinished gives it the normal class back and waits. Torch trains on one thread there: two threads on a busy
 two-core machine spin against each other and train several times slower.
@@ -20,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -58,12 +60,15 @@ class _Build:
 
 
 _builds: dict = {}  # recipe -> _Build
+_builds_lock = threading.Lock()  # the session may start a build from another thread (tests/conftest.py)
+_stopped = threading.Event()
 
 
 def start_in_background(recipe) -> None:
-    """Start building `recipe` in a child process, unless it was started already."""
-    if recipe not in _builds:
-        _builds[recipe] = _Build(recipe)
+    """Start building `recipe` in a child process, unless it was started already or the session is over."""
+    with _builds_lock:
+        if recipe not in _builds and not _stopped.is_set():
+            _builds[recipe] = _Build(recipe)
 
 
 def built_cache(recipe) -> Path:
@@ -73,10 +78,12 @@ def built_cache(recipe) -> Path:
 
 
 def stop_background() -> None:
-    """End of session: kill an unfinished build and remove the cache folders."""
-    for build in _builds.values():
-        build.stop()
-    _builds.clear()
+    """End of session: kill an unfinished build and remove the cache folders; start none after this."""
+    with _builds_lock:
+        _stopped.set()
+        for build in _builds.values():
+            build.stop()
+        _builds.clear()
 
 
 def _worker(cache_dir: str, recipe_json: str) -> None:

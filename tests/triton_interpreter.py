@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
@@ -74,6 +75,14 @@ def start_in_background(test_files: list[str], timeout_s: float = 300) -> None:
         key = os.path.abspath(test_file)
         if key not in _started:
             _started[key] = _executor.submit(_run_worker, key, timeout_s, True)
+
+
+def after_workers(task: Callable[[], None]) -> None:
+    """Run `task` on the workers' thread once the workers started so far have ended; at once where none were."""
+    if _executor is None:
+        task()
+    else:
+        _executor.submit(task)
 
 
 def stop_background() -> None:
