@@ -268,3 +268,24 @@ def save_random_lora(model_dir: Path, out_dir: Path, seed: int, targets: tuple[s
     (out_dir / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": rank, "lora_alpha": lora_alpha, "target_modules": list(targets), "bias": "none"}))
     return str(out_dir)
+
+
+def engine_greedy(engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Each prompt's greedy tokens (EOS ignored) from an `LLMEngine` stepped to the end; shuts the engine down."""
+    from pagedserve.engine.core.request import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for index, prompt in enumerate(prompts):
+        engine.add_request(f"r{index}", prompt, params)
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            tokens.setdefault(output.request_id, []).extend(output.outputs[0].token_ids)
+    engine.shutdown()
+    return [tokens[f"r{index}"] for index in range(len(prompts))]
+
+
+def transformers_greedy(model, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Each prompt's greedy tokens from transformers' `generate`, exactly `max_tokens` of them."""
+    return [model.generate(torch.tensor([p]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                           do_sample=False)[0, len(p):].tolist() for p in prompts]

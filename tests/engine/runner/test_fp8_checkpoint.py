@@ -42,7 +42,7 @@ from pagedserve.engine.runner.fp8_checkpoint import (
 from pagedserve.engine.runner.loader import LoadedModel, load_model, weights_footprint_bytes
 from pagedserve.engine.runner.platform import model_facts
 from resolved import resolved
-from tiny_models import build_tiny_model, save_fp8_checkpoint
+from tiny_models import build_tiny_model, engine_greedy, save_fp8_checkpoint, transformers_greedy
 
 HAS_FP8_GPU = torch.cuda.is_available() and supports_fp8_gemm(torch.device("cuda"))
 SKIPPED = "model.layers.1.mlp.down_proj"  # stored unquantized (modules_to_not_convert / ignore)
@@ -74,20 +74,11 @@ def _load(path: Path, quantization: str, **config) -> tuple[EngineConfig, Loaded
 
 
 def _greedy(engine: LLMEngine) -> list[list[int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    for index, prompt in enumerate(PROMPTS):
-        engine.add_request(f"r{index}", prompt, params)
-    tokens: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            tokens.setdefault(output.request_id, []).extend(output.outputs[0].token_ids)
-    engine.shutdown()
-    return [tokens[f"r{index}"] for index in range(len(PROMPTS))]
+    return engine_greedy(engine, PROMPTS, MAX_TOKENS)
 
 
 def _transformers_greedy(model: nn.Module) -> list[list[int]]:
-    return [model.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
-                           do_sample=False)[0, len(p):].tolist() for p in PROMPTS]
+    return transformers_greedy(model, PROMPTS, MAX_TOKENS)
 
 
 def test_transformers_reads_the_fine_grained_checkpoint_and_so_do_we(checkpoints, caplog) -> None:

@@ -28,7 +28,7 @@ from pagedserve.engine.runner.fp8_checkpoint import convert_fp8_experts, fp8_che
 from pagedserve.engine.runner.loader import LoadedModel, load_model, weights_footprint_bytes
 from pagedserve.engine.runner.platform import model_facts
 from resolved import resolved
-from tiny_models import build_tiny_model, save_fp8_checkpoint
+from tiny_models import build_tiny_model, engine_greedy, save_fp8_checkpoint, transformers_greedy
 
 HAS_FP8_GPU = torch.cuda.is_available() and supports_fp8_gemm(torch.device("cuda"))
 PROMPTS = [[5, 17, 42, 99, 7, 130, 64], [33, 8, 250, 71, 4]]
@@ -145,18 +145,7 @@ def test_fp8_checkpoint_experts_kept_fp8(checkpoints, name: str) -> None:
     for ours, theirs in zip(_expert_blocks(loaded.model), _expert_blocks(source)):
         theirs.gate_up_proj.data = dequantize_expert_weight(ours.gate_up_proj, ours.gate_up_proj_scale)
         theirs.down_proj.data = dequantize_expert_weight(ours.down_proj, ours.down_proj_scale)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    for index, prompt in enumerate(PROMPTS):
-        engine.add_request(f"r{index}", prompt, params)
-    tokens: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            tokens.setdefault(output.request_id, []).extend(output.outputs[0].token_ids)
-    engine.shutdown()
-    for index, prompt in enumerate(PROMPTS):
-        want = source.generate(torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
-                               do_sample=False)[0, len(prompt):].tolist()
-        assert tokens[f"r{index}"] == want, index
+    assert engine_greedy(engine, PROMPTS, MAX_TOKENS) == transformers_greedy(source, PROMPTS, MAX_TOKENS)
 
 
 def test_partly_fp8_experts_are_refused() -> None:
