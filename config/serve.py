@@ -68,7 +68,8 @@ class ApiKeySettings(BaseModel):
     key: SecretStr | None = Field(None, description="The bearer token itself (prefer key_env).")
     key_env: str | None = Field(None, description="Environment variable that holds the bearer token.")
     requests_per_s: float | None = Field(
-        None, gt=0.0, description="Requests a second (token bucket; bursts up to one second's worth); None: no limit.")
+        None, gt=0.0, description="Requests a second over the whole service, whichever ingress replica they reach "
+        "(token bucket; bursts up to one second's worth); None: no limit.")
     tokens_per_min: float | None = Field(
         None, gt=0.0, description="Prompt + generated tokens a minute (token bucket; bursts up to one minute's "
         "worth; prompt tokens are taken on admission, generated ones when the request ends); None: no limit.")

@@ -1,5 +1,6 @@
 """`build_app(args)`: validate the args dict once, bind the engine replicas and the OpenAI ingress (and, with
-LoRA, the registry of adapters both follow: serve_app/lora_registry.py).
+LoRA, the registry of adapters both follow: serve_app/lora_registry.py; with API keys that have limits, the
+one set of buckets every ingress replica asks: serve_app/key_limiter.py).
 
 `app` is the Ray Serve application builder (`serve run pagedserve.serve_app:app model=... num_replicas=2`
 or the `import_path` of config/serve.yaml); Serve calls it with the args dict.
@@ -18,8 +19,10 @@ from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouter
 from pagedserve.config.serve import GPU_INGRESS_REPLICAS, AutoscalingSettings, ServeArgs
 
 from pagedserve.serve_app.ingress import OpenAIIngress
+from pagedserve.serve_app.key_limiter import KeyLimiter
 from pagedserve.serve_app.lora_registry import LoraRegistry
 from pagedserve.serve_app.replica import EngineReplica
+from pagedserve.serve_app.tenants import KeyLimits
 
 ROUTER_CLASS_PATH = "pagedserve.serve_app.router.FreeBlocksRequestRouter"
 AUTOSCALING_POLICY_PATH = "pagedserve.serve_app.autoscaling:EngineLoadPolicy"
@@ -118,6 +121,24 @@ def lora_registry_options(serve_args: ServeArgs) -> dict[str, Any]:
     }
 
 
+def key_limiter_options(serve_args: ServeArgs) -> dict[str, Any]:
+    """Deployment options of `KeyLimiter` (serve_app/key_limiter.py): one replica (the buckets are its state), no
+    CPU of its own; each call is a few dictionary operations."""
+    return {
+        "name": f"{serve_args.name_prefix}KeyLimiter",
+        "num_replicas": 1,
+        "max_ongoing_requests": 4096,
+        "ray_actor_options": {"num_cpus": 0},
+        "logging_config": logging_config(serve_args),
+    }
+
+
+def key_limits(serve_args: ServeArgs) -> dict[str, KeyLimits]:
+    """The limits of each key that has some (keys without limits never ask the limiter)."""
+    return {key.name: KeyLimits(key.requests_per_s, key.tokens_per_min) for key in serve_args.api_keys
+            if key.requests_per_s is not None or key.tokens_per_min is not None}
+
+
 def autoscaling_config(scaling: AutoscalingSettings) -> AutoscalingConfig:
     """Serve's autoscaling_config of the engine replicas: with `policy: engine_load`, `EngineLoadPolicy`
     (serve_app/autoscaling.py) on the signals the replicas report; delays and bounds apply either way."""
@@ -153,13 +174,18 @@ def build_app(args: dict[str, Any] | ServeArgs | None = None) -> Application:
         serve_args = serve_args.model_copy(update={"api_keys": [key.resolved() for key in serve_args.api_keys]})
     if serve_args.use_gpu is None:  # ask the cluster once: both deployments' options follow the answer
         serve_args = serve_args.model_copy(update={"use_gpu": _cluster_has_gpus()})
+    if serve_args.ingress_num_replicas is None:  # the ingresses know how many they are (serve_app/key_limiter.py)
+        serve_args = serve_args.model_copy(update={"ingress_num_replicas": ingress_options(serve_args)["num_replicas"]})
     replica = serve.deployment(EngineReplica).options(**replica_options(serve_args))
     ingress = serve.deployment(OpenAIIngress).options(**ingress_options(serve_args))
     lora_registry = None
     if serve_args.engine.enable_lora or serve_args.engine.lora_modules:  # one list of adapters for every replica
         lora_registry = serve.deployment(LoraRegistry).options(**lora_registry_options(serve_args)).bind(
             dict(serve_args.engine.lora_modules or {}))
-    return ingress.bind(replica.bind(serve_args, lora_registry), serve_args, lora_registry)
+    key_limiter = None
+    if limits := key_limits(serve_args):  # one set of buckets for every ingress replica
+        key_limiter = serve.deployment(KeyLimiter).options(**key_limiter_options(serve_args)).bind(limits)
+    return ingress.bind(replica.bind(serve_args, lora_registry), serve_args, lora_registry, key_limiter)
 
 
 def app(args: dict[str, Any]) -> Application:

@@ -36,12 +36,20 @@ from pagedserve.engine.core.request import CompletionOutput, RequestOutput, Samp
 from pagedserve.serve_app import openai_protocol as oai
 from pagedserve.serve_app.api_errors import APIError, as_api_error, bad_request, routing_error
 from pagedserve.serve_app.fair_queue import FairAdmission, FairQueue
+from pagedserve.serve_app.key_limiter import KeyBudgets
 from pagedserve.serve_app.lora_registry import LoraSubscription, LoraView
 from pagedserve.serve_app.metrics import IngressMetrics
 from pagedserve.serve_app.messages import GenerateRequest, ModelInfo, ReplicaError
 from pagedserve.serve_app.replica_calls import ReplicaCalls
 from pagedserve.serve_app.stream_channel import ChannelHub
-from pagedserve.serve_app.tenants import KeyLimits, NotAuthenticatedError, RateLimitedError, Tenant, Tenants
+from pagedserve.serve_app.tenants import (
+    KeyLimits,
+    NotAuthenticatedError,
+    PromptOverBudgetError,
+    RateLimitedError,
+    Tenant,
+    Tenants,
+)
 from pagedserve.serve_app.tool_calls import ToolPlan, parser_for_template
 from pagedserve.serve_app.tool_stream import ToolCallStream, tool_call_models
 
@@ -121,10 +129,16 @@ class OpenAIIngress:
     """Routes of the OpenAI API over one `EngineReplica` deployment handle."""
 
     def __init__(self, replica: DeploymentHandle, serve_args: ServeArgs,
-                 lora_registry: DeploymentHandle | None = None) -> None:
+                 lora_registry: DeploymentHandle | None = None, key_limiter: DeploymentHandle | None = None) -> None:
         self.replica = replica
         self.args = serve_args
         self.tenants = _tenants(serve_args)
+        # The keys' limits hold for the whole service: one limiter every ingress replica asks (serve_app/key_limiter.py).
+        self.budgets = KeyBudgets(
+            self.tenants.all(),
+            admit_call=None if key_limiter is None else lambda name, tokens: key_limiter.admit.remote(name, tokens),
+            charge_call=None if key_limiter is None else lambda name, tokens: key_limiter.charge.remote(name, tokens),
+            num_ingresses=serve_args.ingress_num_replicas or 1)
         self._info: ModelInfo | None = None
         # LoRA adapters this ingress serves by name -> where a replica without one loads it: the service's
         # registry as this ingress last saw it (serve_app/lora_registry.py; None without LoRA: no adapters).
@@ -212,29 +226,30 @@ class OpenAIIngress:
         request.state.api_key_name = tenant.name
         return tenant
 
-    def admit(self, tenant: Tenant, body: Any, requests: list[GenerateRequest]) -> None:
-        """The key's token limit on the prompts (its request limit was taken on arrival), and vLLM's rule that a
-        priority needs the priority scheduling policy; then the key's counts."""
+    async def admit(self, tenant: Tenant, body: Any, requests: list[GenerateRequest]) -> None:
+        """vLLM's rule that a priority needs the priority scheduling policy, then the key's limits (a request and
+        its prompt tokens); then the key's counts."""
         if body.priority != 0 and self.args.engine.scheduling_policy != "priority":
             raise bad_request(f"priority {body.priority} needs scheduling_policy 'priority' (this server's is "
                               f"'{self.args.engine.scheduling_policy}')", "priority")
         num_prompt_tokens = sum(r.num_prompt_tokens for r in requests)
         try:
-            tenant.admit_tokens(num_prompt_tokens)
+            await self.budgets.admit(tenant, num_prompt_tokens)
         except RateLimitedError as exc:
             raise KeyLimitError(exc) from None
-        except ValueError as exc:  # no wait would let it in: 429 without Retry-After
+        except PromptOverBudgetError as exc:  # no wait would let it in: 429 without Retry-After
             raise APIError(429, str(exc), "rate_limit_exceeded", "prompt") from None
         self.metrics.key_admitted(tenant.name, num_prompt_tokens)
 
-    def admit_request(self, tenant: Tenant) -> None:
+    def check_arrival(self, tenant: Tenant) -> None:
+        """A key that surely has no request to spend is refused before its body is read."""
         try:
-            tenant.admit_request()
+            self.budgets.check_arrival(tenant)
         except RateLimitedError as exc:
             raise KeyLimitError(exc) from None
 
     def charge(self, tenant: Tenant, num_completion_tokens: int) -> None:
-        tenant.charge_output(num_completion_tokens)
+        self.budgets.charge(tenant, num_completion_tokens)
         self.metrics.key_generated(tenant.name, num_completion_tokens)
 
     async def parse_body(self, request: Request, model_cls: type[BaseModel]) -> Any:
@@ -522,7 +537,7 @@ class OpenAIIngress:
     @_counts_rejections
     async def completions(self, request: Request) -> Response:
         tenant = self.authorize(request)
-        self.admit_request(tenant)
+        self.check_arrival(tenant)
         body: oai.CompletionRequest = await self.parse_body(request, oai.CompletionRequest)
         model = await self.check_model(body.model)
         info = await self.model_info()
@@ -538,7 +553,7 @@ class OpenAIIngress:
             requests.append(self.make_request(info, f"{request_id}-{i}", prompt, token_ids, params,
                                               stream=bool(body.stream), priority=body.priority,
                                               api_key_name=tenant.name, lora_name=self.lora_for(model)))
-        self.admit(tenant, body, requests)
+        await self.admit(tenant, body, requests)
         if body.stream:
             return await self.stream_response(info, model, request_id, requests, body, chat=False, tenant=tenant)
         return await self.full_response(info, model, request_id, requests, body, chat=False, tenant=tenant)
@@ -547,7 +562,7 @@ class OpenAIIngress:
     @_counts_rejections
     async def chat_completions(self, request: Request) -> Response:
         tenant = self.authorize(request)
-        self.admit_request(tenant)
+        self.check_arrival(tenant)
         body: oai.ChatCompletionRequest = await self.parse_body(request, oai.ChatCompletionRequest)
         model = await self.check_model(body.model)
         info = await self.model_info()
@@ -565,7 +580,7 @@ class OpenAIIngress:
         requests = [self.make_request(info, f"{request_id}-0", token_ids, token_ids, params,
                                       stream=bool(body.stream), priority=body.priority, api_key_name=tenant.name,
                                       lora_name=self.lora_for(model))]
-        self.admit(tenant, body, requests)
+        await self.admit(tenant, body, requests)
         if body.stream:
             return await self.stream_response(info, model, request_id, requests, body, chat=True, plan=plan,
                                               tenant=tenant)

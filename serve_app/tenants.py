@@ -1,10 +1,12 @@
 """API keys as tenants: who a request is (the bearer token, compared in constant time) and whether its key's
 limits let it in now (token buckets for requests per second and tokens per minute).
 
-Plain Python, no HTTP and no Ray: the ingress asks `Tenants.identify` for the caller's `Tenant`, then
-`Tenant.admit` before it sends anything to a replica, and `Tenant.charge_output` with the tokens generated
-once the response ends. A refusal is `RateLimitedError` with the seconds after which the same request would
-pass; the ingress answers it with 429 and `Retry-After`. The key's *name* is what metrics and logs carry.
+Plain Python, no HTTP and no Ray. The ingress asks `Tenants.identify` for the caller's `Tenant`; its limits are
+then kept by one set of buckets for the whole service (serve_app/key_limiter.py: the buckets below, held by
+one small deployment that every ingress replica asks), so a key gets its limits however many ingress replicas
+its requests reach. `Tenant.admit` takes a request and its prompt tokens at once, or neither; a refusal is
+`RateLimitedError` with the seconds after which the same request would pass, which the ingress answers with
+429 and `Retry-After`. The key's *name* is what metrics and logs carry.
 
 Token accounting: a request's prompt tokens are taken when it is admitted (it needs that many in the bucket,
 so a key over its budget waits until the bucket refills); its output tokens are taken when it ends, so the
@@ -31,6 +33,10 @@ class RateLimitedError(Exception):
         self.message = message
         self.limit = limit  # "requests_per_s" or "tokens_per_min"
         self.retry_after_s = retry_after_s
+
+
+class PromptOverBudgetError(ValueError):
+    """A prompt larger than its key's whole `tokens_per_min`: no wait would let it in (429 without Retry-After)."""
 
 
 class NotAuthenticatedError(Exception):
@@ -63,12 +69,6 @@ class TokenBucket:
             return math.inf
         return max(0.0, (amount - self.level) / self.rate_per_s)
 
-    def try_take(self, amount: float) -> bool:
-        if self.level < amount:
-            return False
-        self._level -= amount
-        return True
-
     def force_take(self, amount: float) -> None:
         """Take what was used, even below zero (output tokens already generated)."""
         self._level = self.level - amount
@@ -94,25 +94,50 @@ class Tenant:
         self.tokens = None if limits.tokens_per_min is None else TokenBucket(
             limits.tokens_per_min / 60.0, limits.tokens_per_min, clock)
 
-    def admit_request(self) -> None:
-        """Take one request from the requests bucket, or raise `RateLimitedError`."""
-        if self.requests is not None and not self.requests.try_take(1):
-            raise RateLimitedError(
-                f"API key '{self.name}' is over its limit of {self.limits.requests_per_s:g} requests/s",
-                "requests_per_s", _whole_seconds(self.requests.seconds_until(1)))
+    @property
+    def is_limited(self) -> bool:
+        return self.requests is not None or self.tokens is not None
 
-    def admit_tokens(self, num_prompt_tokens: int) -> None:
-        """Take the prompt's tokens from the tokens bucket, or raise `RateLimitedError` (`ValueError` if the
-        prompt alone is over the key's whole per-minute budget: no wait would let it in)."""
-        if self.tokens is None:
-            return
-        if num_prompt_tokens > self.tokens.capacity:
-            raise ValueError(f"the prompt's {num_prompt_tokens} tokens are more than API key '{self.name}' may "
-                             f"use in a minute ({self.limits.tokens_per_min:g})")
-        if not self.tokens.try_take(num_prompt_tokens):
-            raise RateLimitedError(
-                f"API key '{self.name}' is over its limit of {self.limits.tokens_per_min:g} tokens/min",
-                "tokens_per_min", _whole_seconds(self.tokens.seconds_until(num_prompt_tokens)))
+    def check_prompt(self, num_prompt_tokens: int) -> None:
+        """`PromptOverBudgetError` if the prompt alone is more than the key may use in a minute: no wait would
+        let it in."""
+        if self.limits.tokens_per_min is not None and num_prompt_tokens > self.limits.tokens_per_min:
+            raise PromptOverBudgetError(
+                f"the prompt's {num_prompt_tokens} tokens are more than API key '{self.name}' may use in a minute "
+                f"({self.limits.tokens_per_min:g})")
+
+    def seconds_until_admitted(self, num_prompt_tokens: int) -> tuple[str | None, float]:
+        """(None, 0) if a request with this many prompt tokens would be admitted now; else the limit that holds
+        it back and how long until it would not (the requests bucket first)."""
+        if self.requests is not None:
+            wait_s = self.requests.seconds_until(1)
+            if wait_s > 0:
+                return "requests_per_s", wait_s
+        if self.tokens is not None and num_prompt_tokens > 0:
+            wait_s = self.tokens.seconds_until(num_prompt_tokens)
+            if wait_s > 0:
+                return "tokens_per_min", wait_s
+        return None, 0.0
+
+    def admit(self, num_prompt_tokens: int) -> None:
+        """Take one request and the prompt's tokens, both or neither: `RateLimitedError` if a bucket lacks them
+        (`PromptOverBudgetError` if no wait would do)."""
+        self.check_prompt(num_prompt_tokens)
+        limit, wait_s = self.seconds_until_admitted(num_prompt_tokens)
+        if limit is not None:
+            raise self.refusal(limit, wait_s)
+        if self.requests is not None:
+            self.requests.force_take(1)
+        if self.tokens is not None and num_prompt_tokens > 0:
+            self.tokens.force_take(num_prompt_tokens)
+
+    def refusal(self, limit: str, wait_s: float) -> "RateLimitedError":
+        """The error for a request `limit` holds back for `wait_s` more seconds."""
+        if limit == "requests_per_s":
+            what = f"{self.limits.requests_per_s:g} requests/s"
+        else:
+            what = f"{self.limits.tokens_per_min:g} tokens/min"
+        return RateLimitedError(f"API key '{self.name}' is over its limit of {what}", limit, _whole_seconds(wait_s))
 
     def charge_output(self, num_tokens: int) -> None:
         if self.tokens is not None and num_tokens > 0:
@@ -136,6 +161,10 @@ class Tenants:
     def is_open(self) -> bool:
         """No key configured: no authentication."""
         return not self._by_key
+
+    def all(self) -> list[Tenant]:
+        """Every configured key's tenant (none when the service is open)."""
+        return [tenant for _, tenant in self._by_key]
 
     @property
     def names(self) -> list[str]:

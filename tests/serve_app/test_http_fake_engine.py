@@ -107,7 +107,10 @@ def test_api_key_required(service) -> None:
 
 
 def test_each_api_key_has_its_own_limit(service) -> None:
-    """A key over its requests_per_s gets 429s with Retry-After and an OpenAI body; another key is untouched."""
+    """A key over its requests_per_s gets 429s with Retry-After and an OpenAI body; another key is untouched. The
+    limits are kept by the service's one `KeyLimiter` (the same for any number of ingress replicas:
+    tests/serve_app/test_key_limiter.py)."""
+    assert serve.status().applications["fake"].deployments["KeyLimiter"].status == "HEALTHY"
     def send(key: str) -> httpx.Response:
         return httpx.post(f"{service['base']}/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=30,
                           json={"model": service["model"], "prompt": "Hello world", "max_tokens": 2})

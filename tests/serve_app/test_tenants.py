@@ -9,6 +9,7 @@ from pagedserve.config.serve import ServeArgs
 from pagedserve.serve_app.tenants import (
     KeyLimits,
     NotAuthenticatedError,
+    PromptOverBudgetError,
     RateLimitedError,
     Tenant,
     Tenants,
@@ -27,7 +28,8 @@ class Clock:
 def test_bucket_refills_at_its_rate_up_to_its_capacity_and_may_be_overdrawn():
     clock = Clock()
     bucket = TokenBucket(rate_per_s=2.0, capacity=4.0, clock=clock)
-    assert bucket.try_take(4) and not bucket.try_take(1)
+    assert bucket.seconds_until(4) == 0
+    bucket.force_take(4)
     assert bucket.seconds_until(1) == pytest.approx(0.5)
     clock.now_s += 10
     assert bucket.level == 4.0  # capped
@@ -39,34 +41,46 @@ def test_bucket_refills_at_its_rate_up_to_its_capacity_and_may_be_overdrawn():
 def test_requests_per_s_refuses_past_the_burst_with_whole_seconds_to_wait():
     clock = Clock()
     tenant = Tenant("flood", KeyLimits(requests_per_s=0.5), clock)
-    tenant.admit_request()  # burst: at least one request
+    tenant.admit(10)  # burst: at least one request
     with pytest.raises(RateLimitedError) as refused:
-        tenant.admit_request()
+        tenant.admit(10)
     assert refused.value.limit == "requests_per_s" and refused.value.retry_after_s == 2
     assert "flood" in refused.value.message and "0.5 requests/s" in refused.value.message
     clock.now_s += 2
-    tenant.admit_request()
+    tenant.admit(10)
 
 
 def test_tokens_per_min_takes_prompts_first_and_outputs_after():
     clock = Clock()
     tenant = Tenant("t", KeyLimits(tokens_per_min=600), clock)  # 10 tokens/s, one minute's worth of burst
-    tenant.admit_tokens(500)
+    tenant.admit(500)
     tenant.charge_output(300)  # the answer was long: the bucket is now 200 below zero
     with pytest.raises(RateLimitedError) as refused:
-        tenant.admit_tokens(10)
+        tenant.admit(10)
     assert refused.value.limit == "tokens_per_min" and refused.value.retry_after_s == 21
     clock.now_s += 21
-    tenant.admit_tokens(10)
-    with pytest.raises(ValueError, match="more than API key 't' may use in a minute"):
-        tenant.admit_tokens(601)
+    tenant.admit(10)
+    with pytest.raises(PromptOverBudgetError, match="more than API key 't' may use in a minute"):
+        tenant.admit(601)
+
+
+def test_a_refused_request_takes_nothing_from_either_bucket():
+    clock = Clock()
+    tenant = Tenant("t", KeyLimits(requests_per_s=1, tokens_per_min=60), clock)
+    tenant.admit(50)
+    clock.now_s += 1  # a request back, 1 token back: 11 in the bucket
+    with pytest.raises(RateLimitedError) as refused:
+        tenant.admit(20)
+    assert refused.value.limit == "tokens_per_min"
+    assert tenant.requests.level == 1 and tenant.tokens.level == 11
+    tenant.admit(11)
 
 
 def test_unlimited_key_never_refuses():
     tenant = Tenant("free", KeyLimits(), Clock())
+    assert not tenant.is_limited
     for _ in range(1000):
-        tenant.admit_request()
-        tenant.admit_tokens(10**6)
+        tenant.admit(10**6)
         tenant.charge_output(10**6)
 
 
