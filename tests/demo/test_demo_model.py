@@ -83,7 +83,14 @@ def training_words() -> set[str]:
     return {word.lower() for text in topics.values() for word in re.findall(r"[A-Za-z]{3,}", text)}
 
 
-def _generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, *, do_sample: bool) -> str:
+# A sampled check draws this many answers and wants at least `MIN_PASSING` of them right: one draw is a coin
+# weighted 0.75-0.92 (above), so a single one would fail on some machines, while a model that learned nothing
+# passes none. At a weight of 0.75, 2 of 6 fail together 0.5% of the time.
+NUM_SAMPLES, MIN_PASSING = 6, 2
+
+
+def _generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, *, do_sample: bool) -> list[str]:
+    """The greedy continuation, or `NUM_SAMPLES` sampled ones."""
     inputs = tokenizer(prompt, return_tensors="pt")
     # generate() samples from the global RNG; fork it so other tests see it untouched.
     with torch.random.fork_rng(devices=[]):
@@ -96,18 +103,31 @@ def _generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt
             do_sample=do_sample,
             temperature=0.8 if do_sample else None,
             top_k=50 if do_sample else None,
+            num_return_sequences=NUM_SAMPLES if do_sample else 1,
         )
-    return tokenizer.decode(output_ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return tokenizer.batch_decode(output_ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def _assert_english_like(text: str, training_words: set[str]) -> None:
-    assert len(text) >= 20, f"continuation too short: {text!r}"
+def _english_like_failure(text: str, training_words: set[str]) -> str | None:
+    """Why `text` is not English-like text of the training documents (None: it is)."""
+    if len(text) < 20:
+        return f"continuation too short: {text!r}"
     letters_and_spaces = sum(char.isascii() and (char.isalpha() or char == " ") for char in text)
-    assert letters_and_spaces / len(text) >= 0.8, f"not mostly letters and spaces: {text!r}"
+    if letters_and_spaces / len(text) < 0.8:
+        return f"not mostly letters and spaces: {text!r}"
     words = re.findall(r"[A-Za-z]{3,}", text)
     known = [word for word in words if word.lower() in training_words]
-    assert len(set(known)) >= 4, f"too few known words in {text!r}"
-    assert len(known) >= 0.6 * len(words), f"too many made-up words in {text!r}"
+    if len(set(known)) < 4:
+        return f"too few known words in {text!r}"
+    if len(known) < 0.6 * len(words):
+        return f"too many made-up words in {text!r}"
+    return None
+
+
+def _assert_enough_pass(failures: list[str | None]) -> None:
+    """One answer: it passes; several (sampled): at least `MIN_PASSING` do."""
+    needed = 1 if len(failures) == 1 else MIN_PASSING
+    assert sum(failure is None for failure in failures) >= needed, "\n".join(f for f in failures if f)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -189,7 +209,8 @@ def test_chat_template_takes_tools_calls_and_results(tokenizer: PreTrainedTokeni
 def test_generation_is_english_like(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, training_words: set[str], prompt: str, do_sample: bool
 ) -> None:
-    _assert_english_like(_generate(model, tokenizer, prompt, do_sample=do_sample), training_words)
+    texts = _generate(model, tokenizer, prompt, do_sample=do_sample)
+    _assert_enough_pass([_english_like_failure(text, training_words) for text in texts])
 
 
 def test_chat_answer_is_english_and_ends_with_eos(
@@ -203,10 +224,16 @@ def test_chat_answer_is_english_and_ends_with_eos(
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        output_ids = model.generate(**inputs, max_new_tokens=200, do_sample=True, temperature=0.7, top_k=50)
-    answer_ids = output_ids[0, inputs["input_ids"].shape[1] :].tolist()
-    _assert_english_like(tokenizer.decode(answer_ids, skip_special_tokens=True), training_words)
-    assert tokenizer.eos_token_id in answer_ids, "the answer never ended its turn"
+        output_ids = model.generate(**inputs, max_new_tokens=200, do_sample=True, temperature=0.7, top_k=50,
+                                    num_return_sequences=NUM_SAMPLES)
+    failures = []
+    for row in output_ids[:, inputs["input_ids"].shape[1] :].tolist():
+        answer_ids = row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row
+        failure = _english_like_failure(tokenizer.decode(answer_ids, skip_special_tokens=True), training_words)
+        if failure is None and tokenizer.eos_token_id not in answer_ids:
+            failure = f"the answer never ended its turn: {tokenizer.decode(answer_ids)!r}"
+        failures.append(failure)
+    _assert_enough_pass(failures)
 
 
 def test_model_card_states_what_it_is(model_dir: Path) -> None:
