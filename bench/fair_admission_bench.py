@@ -9,6 +9,7 @@ key_shares.py). Prints one row per bound.
 
     .venv/bin/python bench/fair_admission_bench.py [--bounds 1 4 64] [--flood-limit 4] [--flood-max-tokens 120]
                                                    [--flood-threads 4] [--fair-share-window-s 0]
+                                                   [--ingress-replicas 2]
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ def main() -> None:
     parser.add_argument("--calm-requests", type=int, default=25)
     parser.add_argument("--fair-share-window-s", type=float, default=None,
                         help="router.fair_share_window_s (default: the product's; 0: no per-key shares)")
+    parser.add_argument("--ingress-replicas", type=int, default=None,
+                        help="ingress_num_replicas (default: the product's, 1 on CPUs): each runs its own router, "
+                        "and the HTTP proxy spreads both keys' requests over them")
     options = parser.parse_args()
     model = str(build_tiny_model("llama", Path(tempfile.mkdtemp()), tokenizer="byte-bpe", num_hidden_layers=2))
     rows = []
@@ -85,6 +89,8 @@ def main() -> None:
                                "max_routing_per_key": bound}}
             if options.fair_share_window_s is not None:
                 args["router"]["fair_share_window_s"] = options.fair_share_window_s
+            if options.ingress_replicas is not None:
+                args["ingress_num_replicas"] = options.ingress_replicas
             with fake_engine_app(cluster, f"fair{bound}", args) as base:
                 def calm_series() -> list[float]:
                     values = []

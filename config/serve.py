@@ -50,7 +50,8 @@ class RouterSettings(BaseModel):
     )
     max_backoff_s: float = Field(0.2, gt=0.0, description="Longest retry delay while no replica has room.")
     fair_share_window_s: float = Field(
-        10.0, ge=0.0, description="With api_keys: a key that sent a request within this many seconds is owed its "
+        10.0, ge=0.0, description="With api_keys: a key that sent a request, or held KV blocks (as the replicas "
+        "report them, whichever ingress sent its requests), within this many seconds is owed its "
         "fair share of each replica's KV blocks (max-min over the keys' recent peak use): another key's request "
         "may not take that room, so a flooding key cannot fill the replicas while another key is active; one "
         "key alone uses every block (serve_app/key_shares.py). 0: no shares.",

@@ -4,16 +4,22 @@ takes the room another one is owed.
 Fair admission (serve_app/fair_queue.py) orders who gets room; it does not make room. A key flooding the
 service within its limits fills the replicas with its requests, and another key's request then waits for
 one of them to end: a long answer's whole length. So the router keeps, on every replica, room for each
-*other* key that sent requests within the last `window_s`: its max-min fair share of the replica's blocks
-(water-filling over the keys' recent peak demand, so a light key is owed what it used and the heavy keys
-split the rest evenly), less what it holds there now. A request may take a replica's room only down to what
-the other keys are owed there. Within its own key's share a request leaves only what lighter keys (or as
-heavy) are owed: room kept for a heavier key is what that key may still grow into, and a light key that stays
-within its share leaves enough of it (the router's view of free blocks errs low, so keeping a light key from
-that room would make it wait for the heavy key's reservations to clear). A key holding nothing on a replica
-may always start one request there, so a request larger than its key's share still runs. With one key
-active nothing is held back, so one key alone uses every block (work-conserving); an idle key stops being
-owed anything `window_s` after its last request.
+*other* active key: its max-min fair share of the replica's blocks (water-filling over the keys' recent peak
+demand, so a light key is owed what it used and the heavy keys split the rest evenly), less what it holds
+there now. A request may take a replica's room only down to what the other keys are owed there. Within its
+own key's share a request leaves only what lighter keys (or as heavy) are owed: room kept for a heavier key
+is what that key may still grow into, and a light key that stays within its share leaves enough of it (the
+router's view of free blocks errs low, so keeping a light key from that room would make it wait for the
+heavy key's reservations to clear). A key holding nothing on a replica may always start one request there,
+so a request larger than its key's share still runs. With one key active nothing is held back, so one key
+alone uses every block (work-conserving).
+
+Every ingress replica has its own router, and the accounting is service-wide, whichever ingress sent a key's
+requests: what a key holds on a replica is the blocks the replica reports for it plus the router's own
+requests of it that no report counts yet (serve_app/router.py); its demand is what it holds on all replicas,
+plus the request being routed. A key's demand is noted at each of its requests the router routes and at
+each replica report that shows it holding blocks, so a key is active in every ingress; it stops being owed
+anything `window_s` after the last of those.
 
 Plain Python, no Ray: the router feeds demands and asks what is owed; the clock comes from the caller.
 """
@@ -65,7 +71,8 @@ class KeyShares:
         self._peaks: dict[str, RecentPeak] = {}
 
     def note_demand(self, key: str, num_blocks: int) -> None:
-        """`key` wants `num_blocks` in all now (what it holds plus the request being routed)."""
+        """`key` wants `num_blocks` in all now: what it holds on all replicas (plus the request being routed,
+        if any)."""
         self._peaks.setdefault(key, RecentPeak(self.window_s)).add(self._clock(), num_blocks)
 
     def active_demands(self) -> dict[str, int]:

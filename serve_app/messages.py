@@ -5,7 +5,8 @@ the replica share them without importing one another.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from pagedserve.engine.core.request import Continuation, SamplingParams
@@ -41,6 +42,9 @@ class ReplicaReport:
     # Requests the replica received lately (within RECENT_ARRIVALS_S of the report): the report counts them, so a
     # router stops subtracting their blocks itself without waiting out its transit grace.
     recent_request_ids: frozenset[str] = frozenset()
+    # Blocks committed to each API key's requests on the replica, as in `num_free_blocks` (keys with none absent):
+    # what every router charges to the key there, whichever ingress sent its requests (serve_app/key_shares.py).
+    blocks_by_key: Mapping[str, int] = field(default_factory=dict, hash=False)
 
     @classmethod
     def from_routing_stats(cls, stats: dict[str, Any] | None) -> "ReplicaReport | None":
@@ -56,6 +60,8 @@ class ReplicaReport:
             engine_dead=bool(stats.get("engine_dead", False)),
             lora_names=frozenset(stats.get("lora_names", ())),
             recent_request_ids=frozenset(stats.get("recent_request_ids", ())),
+            blocks_by_key={str(key): int(blocks) for key, blocks in (stats.get("blocks_by_key") or {}).items()
+                           if int(blocks) > 0},
         )
 
 

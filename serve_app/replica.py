@@ -17,7 +17,7 @@ import importlib
 import json
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterable
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -63,6 +63,15 @@ def log_engine_through_serve() -> None:
     engine_logger.propagate = not serve_logger.handlers  # Serve's handlers, or the root's when it has none
 
 
+def blocks_by_key(committed: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """Total blocks of each API key's (key name, blocks) commitments; keys with none are absent."""
+    totals: dict[str, int] = {}
+    for key, blocks in committed:
+        if blocks > 0:
+            totals[key] = totals.get(key, 0) + blocks
+    return totals
+
+
 class EngineReplica:
     """Owns one engine. Methods are called through a DeploymentHandle routed by `FreeBlocksRequestRouter`."""
 
@@ -81,9 +90,10 @@ class EngineReplica:
         self.replica_id = context.replica_id.unique_id if context is not None else "local"
         self.outboxes = Outboxes()
         self._finished_by_reason: collections.Counter[str] = collections.Counter()  # requests ended, by reason
-        # Worst-case blocks of every request this replica holds (prompt + n * max_tokens), by request id:
-        # the engine's free blocks only show what is allocated so far, not what running requests will grow to.
-        self._committed_blocks: dict[str, int] = {}
+        # Worst-case blocks of every request this replica holds (prompt + n * max_tokens), with the name of the API
+        # key that sent it, by request id: the engine's free blocks only show what is allocated so far, not what
+        # running requests will grow to.
+        self._committed_blocks: dict[str, tuple[str, int]] = {}
         self._recent_arrivals: collections.deque[tuple[float, str]] = collections.deque()  # (monotonic s, id)
         # Each ingress's latest count of requests its fair queue held back, and when it came (autoscaling).
         self._held_by_ingress: dict[str, tuple[int, float]] = {}
@@ -140,7 +150,8 @@ class EngineReplica:
         """Stream the engine's deltas; on any exit before the end, abort so the blocks return."""
         is_finished = False
         timing = RequestTiming(request.request_id)
-        self._committed_blocks[request.request_id] = blocks_for(request.routing_demand.num_tokens, self.block_size)
+        self._committed_blocks[request.request_id] = (
+            request.api_key_name, blocks_for(request.routing_demand.num_tokens, self.block_size))
         self._recent_arrivals.append((time.monotonic(), request.request_id))
         prompt = request.prompt if request.prompt_token_ids is None else request.prompt_token_ids
         stream = self._engine_stream(request, prompt)
@@ -286,7 +297,9 @@ class EngineReplica:
         """Ray Serve calls this every `request_routing_stats_period_s`; routers read the result.
 
         `num_free_blocks` is what is free once every held request reaches its max_tokens (never more than
-        the engine's free blocks now), the same worst case the router reserves for requests it sends.
+        the engine's free blocks now), the same worst case the router reserves for requests it sends;
+        `blocks_by_key` splits those committed blocks by the API key that sent each request, so every router sees
+        what each key holds here, whichever ingress sent it.
         """
         stats = self.engine.get_stats()
         self.metrics.observe(stats)
@@ -304,6 +317,7 @@ class EngineReplica:
             "report_time_s": time.time(),
             "lora_names": self._lora_names(),
             "recent_request_ids": self._recent_request_ids(),
+            "blocks_by_key": {} if engine_dead else blocks_by_key(self._committed_blocks.values()),
         }
 
     def _recent_request_ids(self) -> list[str]:
@@ -315,7 +329,7 @@ class EngineReplica:
 
     def _routable_free_blocks(self, stats: Any) -> int:
         """Blocks free once every held request reaches its max_tokens (never more than the engine's free now)."""
-        uncommitted = stats.num_total_blocks - sum(self._committed_blocks.values())
+        uncommitted = stats.num_total_blocks - sum(blocks for _, blocks in self._committed_blocks.values())
         return max(0, min(stats.num_free_blocks, uncommitted))
 
     def record_autoscaling_stats(self) -> dict[str, float]:

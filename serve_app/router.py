@@ -17,19 +17,24 @@ Two parts, split so the policy is testable without Ray:
   bounded queue (`AdmissionQueue`); past the bound or the timeout it is refused with
   `ServiceOverloadedError` (the ingress answers 429).
   With several API keys, each key's request leaves every replica the room the other recently active keys
-  are owed there (serve_app/key_shares.py). A request that finds no room it may take while its key already
-  holds blocks is refused with `KeyOverShareError`, which the ingress's fair queue answers by holding the
-  request until one of its key's requests ends (serve_app/fair_queue.py): it does not wait in Ray's routing
-  line, where the router takes requests in arrival order (two at a time per replica) and it would hold up
-  other keys' requests that have room. Only requests of keys holding nothing wait in that line.
+  are owed there (serve_app/key_shares.py), less what they hold there service-wide: the blocks the replica
+  reports for each key, plus this router's requests of it that no report counts yet. A request that finds
+  no room it may take while its key already holds blocks (on any replica, through any ingress) is refused
+  with `KeyOverShareError`, which the ingress's fair queue answers by holding the request until one of its
+  key's requests ends (serve_app/fair_queue.py): it does not wait in Ray's routing line, where the router
+  takes requests in arrival order (two at a time per replica) and it would hold up other keys' requests
+  that have room. Only requests of keys holding nothing wait in that line.
 - `FreeBlocksRequestRouter`: the thin adapter on Ray Serve's `RequestRouter` extension point
   (`request_router_config.request_router_class`). It reads the replicas' routing stats, asks the policy,
   and fails a request's routing future with a typed error when it must be refused.
 
-Each ingress replica routes with its own policy: the replicas' reports are shared, the reservations of
-requests sent since the last report are not. With several ingress replicas they can together send more
-than a replica's reported room within one report period; that replica then queues or preempts (never
-fails), and the next report corrects every router.
+Each ingress replica routes with its own policy. The replicas' reports are shared: their free blocks, and
+each API key's blocks there, whichever ingress sent the key's requests, so every router sees a key's holding
+and (through it) its demand service-wide, and a key that sends only through other ingresses is active here
+too. Only the reservations of requests sent since the last report are not shared: with several ingress
+replicas they can together send more than a replica's reported room, or a key more than its share, within
+one report period; that replica then queues or preempts (never fails), and the next report corrects every
+router.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Literal
 
@@ -57,12 +63,13 @@ ReplicaKey = Hashable
 
 @dataclass
 class _Reservation:
+    """A request this router sent that has not ended yet (an ended one's reservation goes at once)."""
+
     replica: ReplicaKey
     num_blocks: int
     sent_time_s: float
     api_key_name: str = ""
-    is_counted_by_report: bool = False
-    finished_s: float | None = None  # when the router saw it end (a counted one stays until a later report)
+    is_counted_by_report: bool = False  # the replica's latest report holds its blocks (free and per key)
 
 
 @dataclass(frozen=True)
@@ -79,10 +86,20 @@ class RouteDecision:
 class FreeBlocksPolicy:
     """Most-free-blocks placement with optimistic accounting between replica reports. No Ray inside.
 
-    Every request in flight keeps a reservation; per replica, the blocks of reservations no report has
-    counted yet, the number not finished and the blocks of each API key's reservations are kept as running
-    sums, so a routing decision costs O(replicas x active keys), not O(requests in flight) (thousands, under
-    load, in every ingress)."""
+    Every request this router sent keeps a reservation until it ends. A reservation's blocks are charged by
+    exactly one source: before a report counts it (`is_counted_by_report`), by this router's running sums;
+    from then on, by the replica's latest report, in its free blocks and in its key's `blocks_by_key`, which
+    cover every ingress's requests. So, per replica:
+
+    - estimated free blocks = the report's free blocks - the blocks of reservations not counted yet;
+    - what a key holds (`held_blocks`) = the report's blocks of the key + the blocks of its reservations not
+      counted yet; `held_in_all` is that summed over the replicas.
+
+    A request that ends no longer needs its reservation: not counted yet, it held nothing the report shows;
+    counted, the latest report still holds its blocks (free and per key) until a report taken after its end
+    drops them, and no reservation adds them a second time. The uncounted blocks are kept as running sums, in
+    all and per key, per replica and over them, so a routing decision costs O(replicas x active keys), not
+    O(requests in flight) (thousands, under load, in every ingress)."""
 
     def __init__(
         self,
@@ -104,11 +121,10 @@ class FreeBlocksPolicy:
         self._reservations: dict[str, _Reservation] = {}
         self._reservations_of: dict[ReplicaKey, dict[str, _Reservation]] = {}
         self._pending_blocks: dict[ReplicaKey, int] = {}  # blocks of reservations not counted by a report
-        self._in_flight: dict[ReplicaKey, int] = {}  # reservations not finished
-        # Blocks of each API key's reservations, per replica and in all: what the free-block estimate charges to
-        # the key (its requests in flight, and those ended since the latest report counted them).
-        self._held: dict[ReplicaKey, dict[str, int]] = {}
-        self._held_in_all: dict[str, int] = {}
+        # The same blocks by API key, per replica and over all replicas (keys with none absent).
+        self._pending_by_key: dict[ReplicaKey, dict[str, int]] = {}
+        self._pending_in_all: dict[str, int] = {}
+        self._reported_in_all: dict[str, int] = {}  # each key's blocks in the replicas' latest reports, summed
         self.shares = KeyShares(settings.fair_share_window_s, clock) if settings.fair_share_window_s > 0 else None
         self._prefix_owner: OrderedDict[bytes, ReplicaKey] = OrderedDict()
         self._num_prefixes_owned: dict[ReplicaKey, int] = {}
@@ -117,37 +133,44 @@ class FreeBlocksPolicy:
 
     def update_report(self, replica: ReplicaKey, report: ReplicaReport) -> None:
         """Take a fresh report; the reservations it counts (listed as received lately, or sent long enough
-        before it was taken) are now part of its counts, not subtracted again."""
+        before it was taken) are now part of its counts, free and per key, and no longer added by this router.
+        Every key the report shows holding blocks is active: its demand is noted (`shares`), so a key whose
+        requests come through other ingresses is owed its share here too."""
         previous = self._reports.get(replica)
         if previous is not None and previous.report_time_s >= report.report_time_s:
             return
+        if previous is not None:
+            self._add_reported(previous.blocks_by_key, -1)
+        self._add_reported(report.blocks_by_key, 1)
         self._reports[replica] = report
         for request_id, reservation in list(self._reservations_of.get(replica, {}).items()):
             if not reservation.is_counted_by_report and (
                 request_id in report.recent_request_ids
                 or reservation.sent_time_s + self.transit_grace_s <= report.report_time_s
             ):
+                self._add_pending(reservation, -1)
                 reservation.is_counted_by_report = True
-                self._pending_blocks[replica] -= reservation.num_blocks
-            # A counted reservation goes once a report taken after its end no longer counts it; one never
-            # completed (its routing was cancelled before the send) must not count forever.
-            is_stale = report.report_time_s - reservation.sent_time_s > self.max_reservation_age_s
-            has_ended = reservation.finished_s is not None and reservation.finished_s <= report.report_time_s
-            if reservation.is_counted_by_report and (has_ended or is_stale):
+            # One never completed (its routing was cancelled before the send) must not stay in flight forever.
+            if reservation.is_counted_by_report and \
+                    report.report_time_s - reservation.sent_time_s > self.max_reservation_age_s:
                 self._drop(request_id)
+        if self.shares is not None:
+            for key in report.blocks_by_key:
+                self.shares.note_demand(key, self.held_in_all(key))
 
     def remove_replicas_except(self, live: set[ReplicaKey]) -> None:
         gone = (self._reports.keys() | self._reservations_of.keys()) - live
         if not gone:
             return
         for replica in gone:
-            self._reports.pop(replica, None)
+            report = self._reports.pop(replica, None)
+            if report is not None:
+                self._add_reported(report.blocks_by_key, -1)
             for request_id in list(self._reservations_of.get(replica, {})):
                 self._drop(request_id)
             self._reservations_of.pop(replica, None)
             self._pending_blocks.pop(replica, None)
-            self._in_flight.pop(replica, None)
-            self._held.pop(replica, None)
+            self._pending_by_key.pop(replica, None)
             self._num_prefixes_owned.pop(replica, None)
         for key in [k for k, r in self._prefix_owner.items() if r in gone]:
             del self._prefix_owner[key]
@@ -185,12 +208,20 @@ class FreeBlocksPolicy:
         return max(0, report.num_free_blocks - self._pending_blocks.get(replica, 0))
 
     def num_in_flight(self, replica: ReplicaKey) -> int:
-        return self._in_flight.get(replica, 0)
+        return len(self._reservations_of.get(replica, ()))
 
     def held_blocks(self, replica: ReplicaKey) -> dict[str, int]:
-        """Blocks of each API key's reservations on `replica`, what the estimate charges to it (keys holding none
-        are absent)."""
-        return self._held.get(replica, {})
+        """Blocks each API key holds on `replica`: the latest report's (every ingress's requests it counted) plus
+        this router's reservations there that no report has counted yet. Keys holding none are absent."""
+        report = self._reports.get(replica)
+        held = dict(report.blocks_by_key) if report is not None else {}
+        for key, num_blocks in self._pending_by_key.get(replica, {}).items():
+            held[key] = held.get(key, 0) + num_blocks
+        return held
+
+    def held_in_all(self, key: str) -> int:
+        """Blocks `key` holds on all replicas: `held_blocks`' value for it, summed over the replicas."""
+        return self._reported_in_all.get(key, 0) + self._pending_in_all.get(key, 0)
 
     def reserve(self, replica: ReplicaKey, request_id: str, demand: RoutingDemand | None) -> None:
         """Record a request sent to `replica` (re-routing the same id moves its reservation)."""
@@ -204,12 +235,7 @@ class FreeBlocksPolicy:
         reservation = _Reservation(replica, num_blocks, self._clock(), key)
         self._reservations[request_id] = reservation
         self._reservations_of.setdefault(replica, {})[request_id] = reservation
-        self._pending_blocks[replica] = self._pending_blocks.get(replica, 0) + num_blocks
-        self._in_flight[replica] = self._in_flight.get(replica, 0) + 1
-        if num_blocks:
-            held = self._held.setdefault(replica, {})
-            held[key] = held.get(key, 0) + num_blocks
-            self._held_in_all[key] = self._held_in_all.get(key, 0) + num_blocks
+        self._add_pending(reservation, 1)
 
     def _own_prefix(self, prefix_key: bytes, replica: ReplicaKey) -> None:
         previous = self._prefix_owner.pop(prefix_key, None)
@@ -224,41 +250,37 @@ class FreeBlocksPolicy:
     def reserved_replica(self, request_id: str) -> ReplicaKey | None:
         """Where the request in flight `request_id` is reserved (None: not in flight, or already finished)."""
         reservation = self._reservations.get(request_id)
-        return None if reservation is None or reservation.finished_s is not None else reservation.replica
+        return None if reservation is None else reservation.replica
 
     def release(self, request_id: str) -> None:
-        """The request finished: it holds nothing now. Not counted by a report yet, its reservation goes and its
-        blocks come back at once. Counted, the latest report still subtracts its blocks, so its reservation
-        stays, charged to its key, until a report taken after its end (the estimate errs low, never high)."""
-        reservation = self._reservations.get(request_id)
-        if reservation is None or reservation.finished_s is not None:
-            return
-        if not reservation.is_counted_by_report:
-            self._drop(request_id)
-            return
-        reservation.finished_s = self._clock()
-        self._in_flight[reservation.replica] -= 1
+        """The request finished: its reservation goes. Not counted by a report yet, its blocks come back at once (it
+        holds nothing now). Counted, the latest report still holds them, in its free blocks and its key's blocks,
+        until a report taken after its end: the estimate errs low, never high, and adds nothing to them."""
+        self._drop(request_id)
 
     def _drop(self, request_id: str) -> None:
-        """Forget a reservation, taking it out of its replica's running sums."""
+        """Forget a reservation, taking it out of the running sums."""
         reservation = self._reservations.pop(request_id, None)
         if reservation is None:
             return
-        replica = reservation.replica
-        self._reservations_of.get(replica, {}).pop(request_id, None)
+        self._reservations_of.get(reservation.replica, {}).pop(request_id, None)
         if not reservation.is_counted_by_report:
-            self._pending_blocks[replica] -= reservation.num_blocks
-        if reservation.finished_s is None:
-            self._in_flight[replica] -= 1
-        if reservation.num_blocks:
-            key = reservation.api_key_name
-            held = self._held[replica]
-            held[key] -= reservation.num_blocks
-            if held[key] == 0:
-                del held[key]
-            self._held_in_all[key] -= reservation.num_blocks
-            if self._held_in_all[key] == 0:
-                del self._held_in_all[key]
+            self._add_pending(reservation, -1)
+
+    def _add_pending(self, reservation: _Reservation, sign: int) -> None:
+        """Add (`sign` 1) or take out (-1) the blocks of a reservation no report counts, in its replica's sums and
+        its key's."""
+        num_blocks = sign * reservation.num_blocks
+        replica, key = reservation.replica, reservation.api_key_name
+        self._pending_blocks[replica] = self._pending_blocks.get(replica, 0) + num_blocks
+        if num_blocks:
+            _add_blocks(self._pending_by_key.setdefault(replica, {}), key, num_blocks)
+            _add_blocks(self._pending_in_all, key, num_blocks)
+
+    def _add_reported(self, blocks_by_key: Mapping[str, int], sign: int) -> None:
+        """Add (`sign` 1) or take out (-1) a report's blocks per key in the sums over the replicas."""
+        for key, num_blocks in blocks_by_key.items():
+            _add_blocks(self._reported_in_all, key, sign * num_blocks)
 
     # Placement ---------------------------------------------------------------------------------------
 
@@ -317,7 +339,7 @@ class FreeBlocksPolicy:
         if not ranked:
             # While other keys are active, a key that already holds blocks waits for room in its ingress, not in
             # Ray's routing line, where it would hold up their requests (see the module docstring).
-            if demands is not None and self._held_in_all.get(demand.api_key_name, 0) > 0:
+            if demands is not None and self.held_in_all(demand.api_key_name) > 0:
                 return RouteDecision("over_share")
             return RouteDecision("wait")
         return RouteDecision("route", ranked)
@@ -329,9 +351,18 @@ class FreeBlocksPolicy:
             return None
         needed = self.blocks_needed(replicas[0], demand) or 0
         key = demand.api_key_name
-        self.shares.note_demand(key, self._held_in_all.get(key, 0) + needed)
+        self.shares.note_demand(key, self.held_in_all(key) + needed)
         demands = self.shares.active_demands()
         return demands if len(demands) > 1 else None
+
+
+def _add_blocks(blocks_by_key: dict[str, int], key: str, num_blocks: int) -> None:
+    """Add `num_blocks` (negative: take them out) to `key`'s count; a key left with none is removed."""
+    total = blocks_by_key.get(key, 0) + num_blocks
+    if total:
+        blocks_by_key[key] = total
+    else:
+        blocks_by_key.pop(key, None)
 
 
 class AdmissionQueue:

@@ -16,8 +16,10 @@ class FakeClock:
         return self.now
 
 
-def report(free: int, total: int, at: float, block_size: int = 16) -> ReplicaReport:
-    return ReplicaReport(num_free_blocks=free, num_total_blocks=total, block_size=block_size, report_time_s=at)
+def report(free: int, total: int, at: float, block_size: int = 16, blocks_by_key: dict[str, int] | None = None,
+           recent: frozenset[str] = frozenset()) -> ReplicaReport:
+    return ReplicaReport(num_free_blocks=free, num_total_blocks=total, block_size=block_size, report_time_s=at,
+                         recent_request_ids=recent, blocks_by_key=blocks_by_key or {})
 
 
 @pytest.fixture
@@ -192,9 +194,9 @@ def test_a_flooding_key_leaves_each_replica_the_room_another_active_key_is_owed(
 
 def test_a_key_waits_in_its_ingress_while_it_holds_blocks_and_other_keys_are_active(clock: FakeClock) -> None:
     """With another key active, a key that holds blocks (its requests running, or ended since the latest report
-    counted them: the estimate still subtracts those) is turned back (`over_share`) when there is no room, so
-    it waits in its ingress and not in Ray's routing line ahead of the other key; a key holding nothing waits
-    in that line as before."""
+    counted them: that report still holds those) is turned back (`over_share`) when there is no room, so it
+    waits in its ingress and not in Ray's routing line ahead of the other key; a key holding nothing waits in
+    that line as before."""
     policy = FreeBlocksPolicy(RouterSettings(fair_share_window_s=10.0), transit_grace_s=0.5, clock=clock)
     policy.update_report("a", report(40, 40, clock.now))
     flood, calm = RoutingDemand(8, 120, api_key_name="flood"), RoutingDemand(8, 4, api_key_name="calm")
@@ -202,7 +204,7 @@ def test_a_key_waits_in_its_ingress_while_it_holds_blocks_and_other_keys_are_act
     for index in range(5):
         policy.reserve("a", f"flood-{index}", flood)
     clock.now += 1.0
-    policy.update_report("a", report(0, 40, clock.now))  # counts the five
+    policy.update_report("a", report(0, 40, clock.now, blocks_by_key={"flood": 40}))  # counts the five
     for index in range(5):
         policy.release(f"flood-{index}")  # ended, but the latest report holds their blocks
     assert policy.held_blocks("a") == {"flood": 40} and policy.num_in_flight("a") == 0
@@ -301,14 +303,17 @@ def test_reservation_never_completed_expires(clock: FakeClock) -> None:
 
 
 def test_running_sums_match_the_reservations_through_any_sequence(clock: FakeClock) -> None:
-    """The per-replica sums that keep a decision O(replicas) always equal a recount of the reservations
-    (blocks not yet counted by a report, requests in flight, each key's blocks), through random reserves,
-    re-routes, releases, reports and replica removals."""
+    """The running sums that keep a decision O(replicas x keys) always equal a recount: per replica, the requests
+    in flight are the reservations (an ended request keeps none), the blocks not counted by a report are the
+    uncounted reservations', and each key holds the latest report's blocks for it plus its uncounted
+    reservations' (a counted one adds nothing: the report holds it); `held_in_all` sums that over the replicas.
+    Through random reserves, re-routes, releases, reports (with random blocks per key) and replica removals."""
     import random
 
     rng = random.Random(0)
-    policy = FreeBlocksPolicy(transit_grace_s=0.5, max_reservation_age_s=30.0, clock=clock)
-    replicas = ["a", "b", "c"]
+    policy = FreeBlocksPolicy(RouterSettings(fair_share_window_s=10.0), transit_grace_s=0.5, max_reservation_age_s=30.0,
+                              clock=clock)
+    replicas, keys = ["a", "b", "c"], ["k1", "k2", "k3"]
     live = set(replicas)
     for replica in replicas:
         policy.update_report(replica, report(free=1000, total=1000, at=clock.now))
@@ -318,12 +323,17 @@ def test_running_sums_match_the_reservations_through_any_sequence(clock: FakeClo
         op = rng.random()
         if op < 0.35:
             policy.reserve(rng.choice(sorted(live)), rng.choice(ids),
-                           RoutingDemand(rng.randrange(1, 200), 16, api_key_name=rng.choice(["k1", "k2"])))
+                           RoutingDemand(rng.randrange(1, 200), 16, api_key_name=rng.choice(keys)))
         elif op < 0.6:
-            policy.release(rng.choice(ids))
+            request_id = rng.choice(ids)
+            policy.release(request_id)
+            assert policy.reserved_replica(request_id) is None
         elif op < 0.9:
             replica = rng.choice(sorted(live))
-            policy.update_report(replica, report(free=rng.randrange(1000), total=1000, at=clock.now - rng.random()))
+            reported = {key: blocks for key in keys if (blocks := rng.choice([0, 0, rng.randrange(1, 300)]))}
+            recent = frozenset(rng.sample(ids, 5))
+            policy.update_report(replica, report(free=rng.randrange(1000), total=1000, at=clock.now - rng.random(),
+                                                 blocks_by_key=reported, recent=recent))
         elif op < 0.95 and len(live) > 1:
             live.discard(rng.choice(sorted(live)))
             policy.remove_replicas_except(live)
@@ -332,18 +342,101 @@ def test_running_sums_match_the_reservations_through_any_sequence(clock: FakeClo
             for replica in replicas:
                 if policy.report(replica) is None:
                     policy.update_report(replica, report(free=1000, total=1000, at=clock.now))
+        assert all(r.replica in live for r in policy._reservations.values())
         for replica in replicas:
             mine = [r for r in policy._reservations.values() if r.replica == replica]
-            assert all(r.replica in live for r in policy._reservations.values())
-            assert policy.num_in_flight(replica) == sum(r.finished_s is None for r in mine)
-            held: dict[str, int] = {}
-            for r in mine:
-                held[r.api_key_name] = held.get(r.api_key_name, 0) + r.num_blocks
-            assert policy.held_blocks(replica) == {k: v for k, v in held.items() if v}
-            pending = sum(r.num_blocks for r in mine if not r.is_counted_by_report)
+            assert policy.num_in_flight(replica) == len(mine)
             reported = policy.report(replica)
+            held = dict(reported.blocks_by_key) if reported is not None else {}
+            for r in mine:
+                if not r.is_counted_by_report and r.num_blocks:
+                    held[r.api_key_name] = held.get(r.api_key_name, 0) + r.num_blocks
+            assert policy.held_blocks(replica) == held
+            pending = sum(r.num_blocks for r in mine if not r.is_counted_by_report)
             expected = None if reported is None else max(0, reported.num_free_blocks - pending)
             assert policy.estimated_free_blocks(replica) == expected
+        for key in keys:
+            assert policy.held_in_all(key) == sum(policy.held_blocks(replica).get(key, 0) for replica in replicas)
+
+
+def test_a_key_flooding_through_one_ingress_is_seen_by_the_others_and_leaves_the_calm_keys_share(
+        clock: FakeClock) -> None:
+    """Two ingresses, each with its own policy, fed the same reports. The flood goes through A only, the calm key
+    through B only. B sees the flood's blocks and demand from the reports; A learns from them that the calm key is
+    active, so the flood's request that would take the calm key's block is turned back in A (`over_share`) and
+    the calm key's request routes in B. A's own requests, once a report counts them, are not counted again."""
+    settings = RouterSettings(fair_share_window_s=10.0)
+    ingress_a = FreeBlocksPolicy(settings, transit_grace_s=0.5, clock=clock)
+    ingress_b = FreeBlocksPolicy(settings, transit_grace_s=0.5, clock=clock)
+
+    def both(replica_report: ReplicaReport) -> None:
+        for policy in (ingress_a, ingress_b):
+            policy.update_report("a", replica_report)
+
+    flood, calm = RoutingDemand(8, 120, api_key_name="flood"), RoutingDemand(8, 4, api_key_name="calm")  # 8, 1
+    both(report(40, 40, clock.now))
+    assert ingress_b.decide(["a"], calm).kind == "route"
+    ingress_b.reserve("a", "calm-0", calm)
+    for index in range(4):  # A has not seen the calm key yet: nothing is owed to it there
+        assert ingress_a.decide(["a"], flood).kind == "route"
+        ingress_a.reserve("a", f"flood-{index}", flood)
+    assert ingress_b.held_blocks("a") == {"calm": 1} and ingress_b.held_in_all("flood") == 0
+
+    clock.now += 1.0
+    both(report(7, 40, clock.now, blocks_by_key={"calm": 1, "flood": 32},
+                recent=frozenset({"calm-0", "flood-0", "flood-1", "flood-2", "flood-3"})))
+    for policy in (ingress_a, ingress_b):  # the same view in both; A's reservations are in the report, once
+        assert policy.held_blocks("a") == {"calm": 1, "flood": 32} and policy.held_in_all("flood") == 32
+        assert policy.estimated_free_blocks("a") == 7
+    assert ingress_b.shares.active_demands()["flood"] == 32
+
+    ingress_b.release("calm-0")  # ended: the latest report still holds its block, in both
+    assert ingress_b.held_blocks("a") == {"calm": 1, "flood": 32} and ingress_b.num_in_flight("a") == 0
+    clock.now += 1.0
+    both(report(8, 40, clock.now, blocks_by_key={"flood": 32}))  # taken after its end: it is gone
+    assert ingress_a.held_blocks("a") == ingress_b.held_blocks("a") == {"flood": 32}
+    # The calm key, active within the window, is owed its block in A too: the flood may not take it.
+    assert ingress_a.decide(["a"], flood).kind == "over_share"
+    assert ingress_b.decide(["a"], calm).replicas == ["a"]
+    # A key known only from the reports is forgotten like any other once idle past the window.
+    clock.now += 11
+    both(report(8, 40, clock.now, blocks_by_key={"flood": 32}))
+    assert ingress_a.decide(["a"], flood).kind == "route"
+
+
+def test_a_reservation_counts_once_before_and_after_a_report_counts_it(clock: FakeClock) -> None:
+    """What a key holds on a replica is the report's blocks for it plus this router's reservations the report
+    has not counted: a report counting some of them (listed as received, or past the transit grace) takes them
+    out of the router's part as its own part grows; a request that ends uncounted goes at once, one that ends
+    counted stays in the report's part until the next report."""
+    policy = FreeBlocksPolicy(RouterSettings(fair_share_window_s=10.0), transit_grace_s=0.5, clock=clock)
+    policy.update_report("a", report(40, 40, clock.now, blocks_by_key={"other": 4}))  # another ingress's request
+    demand = RoutingDemand(8, 24, api_key_name="k")  # 2 blocks
+    for index in range(3):
+        policy.reserve("a", f"r{index}", demand)
+    assert policy.held_blocks("a") == {"other": 4, "k": 6} and policy.held_in_all("k") == 6
+    clock.now += 0.2  # within the grace: only the listed request is counted
+    policy.update_report("a", report(34, 40, clock.now, blocks_by_key={"other": 4, "k": 2}, recent=frozenset({"r0"})))
+    assert policy.held_blocks("a") == {"other": 4, "k": 6} and policy.estimated_free_blocks("a") == 30
+    policy.release("r2")  # never counted: it held nothing the report shows
+    assert policy.held_blocks("a") == {"other": 4, "k": 4} and policy.held_in_all("k") == 4
+    clock.now += 1.0  # past the grace: r1 is counted too
+    policy.update_report("a", report(32, 40, clock.now, blocks_by_key={"other": 4, "k": 4}))
+    assert policy.held_blocks("a") == {"other": 4, "k": 4} and policy.estimated_free_blocks("a") == 32
+    policy.release("r0")
+    assert policy.held_in_all("k") == 4  # counted: the report still holds it
+    clock.now += 1.0
+    policy.update_report("a", report(34, 40, clock.now, blocks_by_key={"other": 4, "k": 2}))
+    assert policy.held_blocks("a") == {"other": 4, "k": 2} and policy.num_in_flight("a") == 1
+    policy.remove_replicas_except(set())
+    assert policy.held_in_all("k") == policy.held_in_all("other") == 0
+
+
+def test_blocks_by_key_are_read_from_the_replicas_stats() -> None:
+    stats = {"num_free_blocks": 30, "num_total_blocks": 64, "block_size": 16}
+    assert ReplicaReport.from_routing_stats(stats).blocks_by_key == {}  # a replica that does not send them
+    assert ReplicaReport.from_routing_stats({**stats, "blocks_by_key": {"a": 30, "b": 4, "c": 0}}).blocks_by_key \
+        == {"a": 30, "b": 4}
 
 
 def test_a_stream_channel_goes_to_the_replica_it_names_or_fails_as_lost() -> None:
