@@ -282,7 +282,7 @@ def test_dashboard_shows_app_running(service) -> None:
     apps = httpx.get(f"{service['dashboard']}/api/serve/applications/", timeout=30).json()
     assert apps["applications"]["fake"]["status"] == "RUNNING"
     deployments = apps["applications"]["fake"]["deployments"]
-    assert set(deployments) == {"EngineReplica", "OpenAIIngress"}
+    assert set(deployments) == {"EngineReplica", "OpenAIIngress", "KeyLimiter"}  # a key has limits: the limiter
     autoscaling = deployments["EngineReplica"]["deployment_config"]["autoscaling_config"]
     assert autoscaling["min_replicas"] == 2 and autoscaling["max_replicas"] == 3
     assert autoscaling["target_ongoing_requests"] == 16
