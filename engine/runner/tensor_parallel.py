@@ -42,7 +42,9 @@ NCCL calls (`test_tp2_nccl_on_gpus_matches_tp1`, on two GPUs).
 
 Failure: ranks fail together. A worker that dies is seen before the next step (process liveness)
 or inside a collective (its sockets close; the groups also carry a timeout), and rank 0 then
-raises `EngineDeadError` and stops the rest. A worker whose rank 0 disappears exits the same way.
+raises `EngineDeadError` and stops the rest. At start-up rank 0 watches the workers while it joins
+the group (gloo's rendezvous would wait the group's whole timeout for a rank that died before
+joining). A worker whose rank 0 disappears exits the same way.
 Shutdown: rank 0 sends "stop", and every rank tears the group down (`RankGroup.close`) before exiting.
 """
 
@@ -577,7 +579,7 @@ def start_tensor_parallel(
     try:
         # Joining blocks until every rank connects: first see each worker start (or die), not hang.
         _wait_for(store, workers, "started", timeout_s)
-        group = join_group(store, 0, tp_size, device, timeout_s)
+        group = _join_watching_workers(store, workers, device, timeout_s)
         loaded = load_sharded(settings, group)
         local = ModelRunner(loaded, settings.runner, settings.cache)  # its probe forward runs beside the workers' probes
         _wait_for(store, workers, "ready", timeout_s)
@@ -597,17 +599,52 @@ def _wait_for(store: Any, workers: list[Any], stage: str, timeout_s: float) -> N
     waiting = set(range(1, len(workers) + 1))
     deadline = time.monotonic() + timeout_s
     while waiting:
-        error = _first_worker_error(store, len(workers))
-        if error is not None:
-            raise error
+        _raise_worker_error(store, len(workers))
         waiting = {rank for rank in waiting if not store.check([_status_key(rank, stage)])}
-        dead = [rank for rank in waiting if not workers[rank - 1].is_alive()]
-        if dead:
-            raise EngineDeadError(f"tensor-parallel rank {dead[0]} exited during start-up")
+        _raise_if_dead(workers, waiting)
         if waiting and time.monotonic() > deadline:
             raise EngineDeadError(f"tensor-parallel ranks {sorted(waiting)} not {stage} after {timeout_s} s")
         if waiting:
             time.sleep(0.05)
+
+
+def _join_watching_workers(store: Any, workers: list[Any], device: torch.device, timeout_s: float) -> RankGroup:
+    """Rank 0's `join_group`, run in a helper thread while this one watches the workers.
+
+    Gloo's rendezvous waits on the store for every peer's address, then for its connection, each up to the group's
+    timeout, and sees no process die: a worker that dies (or fails) between "started" and its own join would hold
+    rank 0 there that long. So a death or a reported error raises here at once. The helper, blocked in a constructor
+    that nothing can interrupt, is then left to end at that timeout; it holds only the store.
+    """
+    outcome: list[Any] = []
+
+    def join() -> None:
+        try:
+            outcome.append(join_group(store, 0, len(workers) + 1, device, timeout_s))
+        except BaseException as exc:  # noqa: BLE001 -- raised below, on the engine's thread
+            outcome.append(exc)
+
+    joiner = threading.Thread(target=join, name="pagedserve-tp-join", daemon=True)
+    joiner.start()
+    while joiner.is_alive():
+        _raise_worker_error(store, len(workers))
+        _raise_if_dead(workers, range(1, len(workers) + 1))
+        joiner.join(0.05)
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _raise_worker_error(store: Any, num_workers: int) -> None:
+    error = _first_worker_error(store, num_workers)
+    if error is not None:
+        raise error
+
+
+def _raise_if_dead(workers: list[Any], ranks: Any) -> None:
+    dead = [rank for rank in ranks if not workers[rank - 1].is_alive()]
+    if dead:
+        raise EngineDeadError(f"tensor-parallel rank {dead[0]} exited during start-up")
 
 
 def _first_worker_error(store: Any, num_workers: int) -> Exception | None:

@@ -174,6 +174,20 @@ def test_tp2_greedy_matches_tp1(model_dirs: dict[str, Path], lora_dirs, name: st
         engine.shutdown()
 
 
+def test_worker_dead_before_joining_fails_start_up_at_once(model_dirs: dict[str, Path], monkeypatch) -> None:
+    """A worker that dies after it started but before it joined the group: rank 0, inside gloo's rendezvous (which
+    waits the group's whole timeout for a missing rank), raises EngineDeadError as soon as the worker is gone."""
+    import tp_worker_faults
+    from pagedserve.engine.runner import tensor_parallel
+
+    monkeypatch.setattr(tensor_parallel, "_worker_main", tp_worker_faults.exit_after_start)
+    timeout_s = 60.0  # the rendezvous's wait: unwatched, it would end in a DistStoreError after this long
+    started = time.monotonic()
+    with pytest.raises(EngineDeadError, match="rank 1 exited during start-up"):
+        tensor_parallel.start_tensor_parallel(resolved(_config(model_dirs["llama"], 2)), timeout_s=timeout_s)
+    assert time.monotonic() - started < timeout_s / 2
+
+
 def test_fp8_layers_cut_with_their_scales() -> None:
     """Column-parallel ranks keep their rows' scales (outputs: TP=1's columns); row-parallel ranks keep every
     row's scale (weights: TP=1's, cut), and their partial products, each from activations quantized per token
