@@ -160,10 +160,12 @@ class ServeArgs(BaseModel):
         "model's chat template shows (serve_app/tool_calls.py).")
     max_stream_events_per_s: float = Field(
         1000.0, gt=0.0,
-        description="Most server-sent events per second one ingress replica writes, over all its streams. "
-        "Each event costs the ingress and Serve's HTTP proxy about the same whatever it holds, so past this "
-        "a stream waits n_streams / this many seconds between events and its new tokens go out together; below "
-        "it (most loads) every engine step's tokens go out at once (docs/deploy.md).",
+        description="Budget of server-sent events per second one ingress replica writes, over all its streams "
+        "(serve_app/event_pacer.py). Each event costs the ingress and Serve's HTTP proxy about the same whatever "
+        "it holds, and the proxy carries every ingress replica's events of its node. Below the budget (bursts of "
+        "50 ms worth included) nothing waits and every engine step's tokens go out at once; past it the streams "
+        "take turns, each waiting about n_streams / this many seconds, and the tokens that arrive meanwhile go "
+        "out as one event (docs/deploy.md).",
     )
     drain_timeout_s: float = Field(
         30.0, ge=0.0, description="A replica being removed (scale-down, redeploy) takes no new requests and is "

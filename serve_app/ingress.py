@@ -35,6 +35,8 @@ from pagedserve.engine.core.request import CompletionOutput, RequestOutput, Samp
 
 from pagedserve.serve_app import openai_protocol as oai
 from pagedserve.serve_app.api_errors import APIError, as_api_error, bad_request, routing_error
+from pagedserve.serve_app.chunk_format import ChunkFormat
+from pagedserve.serve_app.event_pacer import EventPacer
 from pagedserve.serve_app.fair_queue import FairAdmission, FairQueue
 from pagedserve.serve_app.key_limiter import KeyBudgets
 from pagedserve.serve_app.lora_registry import LoraSubscription, LoraView
@@ -57,6 +59,8 @@ logger = logging.getLogger("ray.serve")
 
 # /health: an engine output received this recently shows a replica serving, without asking one.
 RECENT_OUTPUT_S = 5.0
+# A stream's wait for its turn among the server-sent events shorter than this is not worth a timer.
+MIN_PAUSE_S = 0.002
 
 fastapi_app = FastAPI(title="pagedserve", openapi_url=None, docs_url=None, redoc_url=None)
 
@@ -91,7 +95,7 @@ class EventStreamResponse(StreamingResponse):
     that was fetching the next message (`TaskCancelledError`) instead of returning `http.disconnect`;
     Starlette would log that as the request failing. It is the client leaving, and is handled as such."""
 
-    def __init__(self, content: AsyncIterator[str]) -> None:
+    def __init__(self, content: AsyncIterator[bytes]) -> None:
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -164,7 +168,7 @@ class OpenAIIngress:
             router.max_routing_per_key, router.max_queued_requests, router.queue_timeout_s, router.retry_after_s,
             share_retry_s=router.stats_period_s))
         self.calls = ReplicaCalls(requests, on_resend=self.metrics.resent)
-        self._num_open_streams = 0  # HTTP streams of this ingress now (pacing, see ServeArgs.max_stream_events_per_s)
+        self._pacer = EventPacer(serve_args.max_stream_events_per_s)  # every stream's events (see its module)
         # The tokenizer now rather than with the first request: unpickling it imports transformers and torch
         # (seconds), which on a first burst stalled this replica's event loop and every request it held.
         self._prefetch: asyncio.Task | None = None
@@ -663,82 +667,79 @@ class OpenAIIngress:
         created = oai.now_s()
         include_usage = body.include_usage_in_stream
 
-        def sse(chunk: BaseModel) -> str:
-            return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+        chunks = ChunkFormat(oai.ChatCompletionChunk if chat else oai.CompletionChunk, request_id, created, model)
+        is_plain_chat = plan is None or plan.mode == "none"
 
-        async def events() -> AsyncIterator[str]:
+        def error_event(message: str, error_type: str, status_code: int, param: str | None = None) -> bytes:
+            return f"data: {json.dumps(oai.error_body(message, error_type, status_code, param))}\n\n".encode()
+
+        async def events() -> AsyncIterator[bytes]:
             text_offsets: dict[int, int] = {}
             num_prompt_tokens = 0
             num_completion_tokens = 0
             is_complete = False
-            self._num_open_streams += 1
             try:
                 if chat:  # OpenAI sends the role once per choice, before any content
-                    for index in range(len(requests) * n):
-                        yield sse(oai.ChatCompletionChunk(
-                            id=request_id, created=created, model=model,
-                            choices=[oai.ChatChunkChoice(index=index, delta=oai.ChatDelta(role="assistant", content=""))],
-                        ))
+                    yield b"".join(chunks.choice(oai.ChatChunkChoice(index=index, delta=oai.ChatDelta(
+                        role="assistant", content=""))) for index in range(len(requests) * n))
                 async for prompt_index, item in self.calls.merged(streams):
                     if isinstance(item, (BaseException, ReplicaError)):
                         error = as_api_error(item)
-                        yield "data: " + json.dumps(oai.error_body(error.message, error.error_type,
-                                                                   error.status_code, error.param)) + "\n\n"
+                        yield error_event(error.message, error.error_type, error.status_code, error.param)
                         break
                     output: RequestOutput = item
+                    written: list[bytes] = []  # one write for all of this delta's choices
                     for completion in output.outputs:
                         index = prompt_index * n + completion.index
                         num_completion_tokens += len(completion.token_ids)
                         if chat:
+                            if is_plain_chat and not body.logprobs:
+                                written.append(chunks.content(index, completion.text, completion.finish_reason))
+                                continue
                             delta, finish_reason = oai.ChatDelta(content=completion.text), completion.finish_reason
-                            if plan is not None and plan.mode != "none":
+                            if not is_plain_chat:
                                 tools = tool_streams.setdefault(index, ToolCallStream(plan))
                                 delta, finish_reason = tools.feed(completion.text, completion.finish_reason)
                                 if delta is None:  # held back: it may be the start of a tool call
                                     continue
-                            chunk: BaseModel = oai.ChatCompletionChunk(
-                                id=request_id, created=created, model=model,
-                                choices=[oai.ChatChunkChoice(
-                                    index=index, delta=delta, finish_reason=finish_reason,
-                                    logprobs=self.chat_logprobs(info, completion.token_ids, completion.logprobs or [],
-                                                                body.top_logprobs or 0) if body.logprobs else None,
-                                )],
-                            )
+                            written.append(chunks.choice(oai.ChatChunkChoice(
+                                index=index, delta=delta, finish_reason=finish_reason,
+                                logprobs=self.chat_logprobs(info, completion.token_ids, completion.logprobs or [],
+                                                            body.top_logprobs or 0) if body.logprobs else None,
+                            )))
+                        elif body.logprobs is None:
+                            written.append(chunks.text(index, completion.text, completion.finish_reason,
+                                                       completion.stop_reason))
                         else:
                             offset = text_offsets.get(index, 0)
-                            chunk = oai.CompletionChunk(
-                                id=request_id, created=created, model=model,
-                                choices=[oai.CompletionChoice(
-                                    index=index, text=completion.text, finish_reason=completion.finish_reason,
-                                    stop_reason=completion.stop_reason,
-                                    logprobs=self.completion_logprobs(info, completion.token_ids,
-                                                                      completion.logprobs or [], offset)
-                                    if body.logprobs is not None else None,
-                                )],
-                            )
+                            written.append(chunks.choice(oai.CompletionChoice(
+                                index=index, text=completion.text, finish_reason=completion.finish_reason,
+                                stop_reason=completion.stop_reason,
+                                logprobs=self.completion_logprobs(info, completion.token_ids,
+                                                                  completion.logprobs or [], offset),
+                            )))
                             text_offsets[index] = offset + len(completion.text)
-                        yield sse(chunk)
                     if output.finished:
                         num_prompt_tokens += len(output.prompt_token_ids)
                         if output.error:
-                            yield "data: " + json.dumps(oai.error_body(
-                                f"request failed in the engine: {output.error}", "internal_server_error", 500)) + "\n\n"
-                    else:
-                        # Past max_stream_events_per_s over all streams, wait: the deltas that arrive meanwhile
-                        # go out as one event (`merged` folds them).
-                        pause_s = self._num_open_streams / self.args.max_stream_events_per_s
-                        if pause_s >= 0.002:
+                            written.append(error_event(f"request failed in the engine: {output.error}",
+                                                       "internal_server_error", 500))
+                    if written:
+                        yield b"".join(written)
+                    if not output.finished:
+                        # Past max_stream_events_per_s over all streams, wait for this stream's turn: the deltas
+                        # that arrive meanwhile go out as one event (`merged` folds them).
+                        pause_s = self._pacer.book()
+                        if pause_s >= MIN_PAUSE_S:
                             await asyncio.sleep(pause_s)
                 if include_usage:
-                    usage = oai.UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=num_completion_tokens,
-                                          total_tokens=num_prompt_tokens + num_completion_tokens)
-                    cls = oai.ChatCompletionChunk if chat else oai.CompletionChunk
-                    yield sse(cls(id=request_id, created=created, model=model, choices=[], usage=usage))
-                yield "data: [DONE]\n\n"
+                    yield chunks.usage(oai.UsageInfo(
+                        prompt_tokens=num_prompt_tokens, completion_tokens=num_completion_tokens,
+                        total_tokens=num_prompt_tokens + num_completion_tokens))
+                yield b"data: [DONE]\n\n"
                 is_complete = True
             finally:
                 # Runs on normal end and when the client disconnects (the generator is closed/cancelled).
-                self._num_open_streams -= 1
                 if tenant is not None:
                     self.charge(tenant, num_completion_tokens)
                 self.calls.cancel(streams)

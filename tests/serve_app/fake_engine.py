@@ -11,6 +11,7 @@ as the engine's stats do, so prefix-affinity routing shows in the replicas' hit 
 prompt inject faults:
   "SLOW"   each step sleeps 0.2 s (a long stream to disconnect from); other steps take 5 ms
   "FAST"   steps take no time (a long answer that only its length matters for)
+  "STEPMS <n>"  steps take n milliseconds (a load shaped like a GPU replica's batch, for bench/stream_event_cost.py)
   "FAIL"   the request ends after two tokens with finish_reason "error" (engine failure of one request)
   "CRASH"  generate raises RuntimeError before the first yield
   "DIEONCE <word>"   the first request naming <word> ends its replica's process (os._exit) after two
@@ -192,7 +193,9 @@ class FakeAsyncEngine:
         blocks = blocks_for(len(ids) + params.n * max_tokens, self.block_size)
         if blocks > self.num_total_blocks:
             raise too_large(len(ids), params.n * max_tokens, self.num_total_blocks * self.block_size, KV_CACHE)
-        delay_s = 0.2 if "SLOW" in text else 0.0 if "FAST" in text else 0.005
+        step_ms = _word_after(text, "STEPMS")
+        delay_s = (float(step_ms) / 1000 if step_ms is not None else 0.2 if "SLOW" in text
+                   else 0.0 if "FAST" in text else 0.005)
         die_after = 0 if _dies_now(text, "DIEEARLY") else 2 if _dies_now(text, "DIEONCE") else None
         engine_dies_after = 2 if _dies_now(text, "ENGINEDIES") else None
         if engine_dies_after is not None:

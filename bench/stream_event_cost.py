@@ -1,0 +1,266 @@
+"""CPU time per server-sent event in the ingress replica and Serve's HTTP proxy, on the fake engine.
+
+    .venv/bin/python bench/stream_event_cost.py [--streams 64] [--step-ms 25] [--max-tokens 256]
+                                                [--duration-s 10] [--caps 1000000 0] [--bare] [--profile-s 0]
+
+Runs the service with the tests' fake engine (tests/serve_app/fake_engine.py: no model; its requests advance
+together on a step clock of `--step-ms`, as a GPU replica's batch does) behind one ingress replica, on a local
+Ray cluster of the tests' harness (8 logical CPUs, HTTP on 127.0.0.1), so it needs the test extras and a
+checkout. `--streams` clients each stream completions of `--max-tokens` tokens back to back; after an idle
+window (whose CPU is subtracted) and a warm-up, for `--duration-s`, it counts the events (`data:` lines) the
+clients receive and reads the CPU time (user + system, all threads) of the ingress replica, the HTTP proxy and
+the engine replica (the cluster's own processes, found under this process). One deploy per `--caps` value
+(`max_stream_events_per_s`; 0: the product's default; a cap far above the events, 1000000, measures the cost
+of unpaced events). `--bare` adds the floor: a FastAPI ingress on Serve with nothing of pagedserve, streaming
+constant chunks on the same step clock, so what the service costs above it is ours.
+
+Prints one row per run: events/s, tokens per content event (1.0: one event per engine step and stream; more:
+the pacing merged them), and each process's CPU microseconds per event and cores used. A process's cost per
+event falls as its event rate rises (its event loop serves more per wake-up), so compare rows of equal rates.
+On a shared machine absolute figures swing with the neighbours' load: compare rows of one call. With
+`--profile-s S`, py-spy (`--gil`: the thread holding the GIL, i.e. Python's CPU) then records the ingress
+for S seconds more under the last run's load and the functions with the most samples are printed (py-spy
+comes with `ray[default]`, or `pip install py-spy`). No assertion is made on any number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+BENCH_DIR = Path(__file__).resolve().parent
+TESTS_DIR = BENCH_DIR.parent / "tests"
+sys.path[:0] = [str(BENCH_DIR), str(TESTS_DIR), str(TESTS_DIR / "serve_app")]
+from ray_harness import deployed, fake_engine_app, local_cluster  # noqa: E402
+from serve_profile import parse_raw  # noqa: E402
+from tiny_models import build_tiny_model  # noqa: E402
+
+ROLES = ("ingress", "proxy", "engine_replica")
+BARE_APP = "bare"
+
+
+def bare_app(step_ms: float, max_tokens: int) -> object:
+    """The floor: a FastAPI ingress on Serve with nothing of pagedserve, streaming `max_tokens` constant
+    completion chunks a request on a shared step clock, so its events arrive as the fake engine's do."""
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+    from ray import serve
+
+    app = FastAPI()
+    chunk = (b'data: {"id":"cmpl-0","object":"text_completion","created":0,"model":"m",'
+             b'"choices":[{"index":0,"text":" a"}]}\n\n')
+
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=1024)
+    @serve.ingress(app)
+    class BareSSE:
+        def __init__(self) -> None:
+            self._tick: asyncio.Future | None = None
+
+        async def _step(self) -> None:
+            if self._tick is None or self._tick.done():
+                loop = asyncio.get_running_loop()
+                self._tick = tick = loop.create_future()
+                loop.call_later(step_ms / 1000, lambda: tick.done() or tick.set_result(None))
+            await asyncio.shield(self._tick)
+
+        @app.get("/health")
+        async def health(self) -> dict:
+            return {}
+
+        @app.post("/v1/completions")
+        async def completions(self) -> StreamingResponse:
+            async def events():
+                for _ in range(max_tokens):
+                    await self._step()
+                    yield chunk
+                yield b"data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+    return BareSSE.bind()
+
+
+@dataclass
+class Counts:
+    """What the clients saw inside the measured window."""
+
+    num_events: int = 0  # `data:` lines, [DONE] included
+    num_requests_done: int = 0
+    num_errors: int = 0
+    # Of the requests that ended inside the window: their tokens and their events that carried text (all of
+    # their stream's, also before the window).
+    num_tokens_of_done: int = 0
+    num_content_events_of_done: int = 0
+    is_measuring: bool = False
+    errors: list[str] = field(default_factory=list)
+
+
+def service_processes(app_name: str) -> dict[str, psutil.Process]:
+    """The proxy, the ingress replica and the engine replica of `app_name` among this process's descendants
+    (the local cluster's workers are children of its raylet, started here): never another session's Ray."""
+    titles = {"ingress": f"ray::ServeReplica:{app_name}:OpenAIIngress", "proxy": "ray::ProxyActor",
+              "engine_replica": f"ray::ServeReplica:{app_name}:EngineReplica"}
+    if app_name == BARE_APP:
+        titles = {"ingress": f"ray::ServeReplica:{app_name}:BareSSE", "proxy": "ray::ProxyActor"}
+    found: dict[str, psutil.Process] = {}
+    for process in psutil.Process().children(recursive=True):
+        try:
+            command = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        for role, title in titles.items():
+            if command.startswith(title) and role not in found:
+                found[role] = process
+    missing = [role for role in titles if role not in found]
+    if missing:
+        raise RuntimeError(f"processes not found for {missing} (titles {titles})")
+    return found
+
+
+def cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+async def stream_forever(session: aiohttp.ClientSession, model: str, prompt: str, max_tokens: int,
+                         counts: Counts, stop: asyncio.Event) -> None:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    while not stop.is_set():
+        num_content_events = 0
+        async with session.post("v1/completions", json=body) as response:
+            if response.status != 200:
+                counts.num_errors += 1
+                counts.errors.append(f"HTTP {response.status}: {(await response.read())[:200]!r}")
+                await asyncio.sleep(0.1)
+                continue
+            async for line in response.content:
+                if not line.startswith(b"data: "):
+                    continue
+                if counts.is_measuring:
+                    counts.num_events += 1
+                if line.startswith(b'data: {"id"') and b'"text"' in line:
+                    num_content_events += 1
+                elif b'"error"' in line:
+                    counts.num_errors += 1
+                    counts.errors.append(line[:200].decode(errors="replace"))
+        if counts.is_measuring:  # ignore_eos: every answer has max_tokens tokens
+            counts.num_requests_done += 1
+            counts.num_tokens_of_done += max_tokens
+            counts.num_content_events_of_done += num_content_events
+
+
+async def load(base: str, model: str, options: argparse.Namespace,
+               app_name: str) -> tuple[Counts, dict, dict, float]:
+    """An idle window, then streams for a warm-up and the measured window (and the profile, if asked): the
+    counts, CPU seconds per role over the window less its idle share, idle cores per role, the window's length."""
+    counts, stop = Counts(), asyncio.Event()
+    connector = aiohttp.TCPConnector(limit=options.streams)
+    timeout = aiohttp.ClientTimeout(total=600)
+    processes = service_processes(app_name)
+    # What the processes spend with no stream (Serve's own polling, metrics, health checks): subtracted.
+    before = {role: cpu_s(process) for role, process in processes.items()}
+    await asyncio.sleep(options.idle_s)
+    idle_cores = {role: (cpu_s(process) - before[role]) / options.idle_s for role, process in processes.items()}
+    async with aiohttp.ClientSession(base + "/", connector=connector, timeout=timeout) as session:
+        # Each stream's prompt differs, and names the fake engine's step time.
+        tasks = [asyncio.create_task(stream_forever(session, model, f"STEPMS {options.step_ms} stream {i}",
+                                                    options.max_tokens, counts, stop))
+                 for i in range(options.streams)]
+        try:
+            await asyncio.sleep(options.warmup_s)
+            before = {role: cpu_s(process) for role, process in processes.items()}
+            client_before = cpu_s(psutil.Process())
+            counts.is_measuring = True
+            started = time.monotonic()
+            await asyncio.sleep(options.duration_s)
+            counts.is_measuring = False
+            wall_s = time.monotonic() - started
+            cpu = {role: cpu_s(process) - before[role] - idle_cores[role] * wall_s
+                   for role, process in processes.items()}
+            cpu["client"] = cpu_s(psutil.Process()) - client_before
+            if options.profile_s > 0:
+                await asyncio.to_thread(profile, processes["ingress"].pid, options)
+        finally:
+            stop.set()
+            await asyncio.wait(tasks, timeout=options.max_tokens * options.step_ms / 1000 * 4 + 30)
+            for task in tasks:
+                task.cancel()
+    return counts, cpu, idle_cores, wall_s
+
+
+def profile(pid: int, options: argparse.Namespace) -> None:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    out = Path(tempfile.mkdtemp()) / f"ingress_{pid}.txt"
+    subprocess.run([py_spy, "record", "--pid", str(pid), "--rate", "200", "--duration", str(int(options.profile_s)),
+                    "--nonblocking", "--gil", "--format", "raw", "--output", str(out)],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    threads, self_counts, inclusive = parse_raw(out)
+    total = sum(threads.values())
+    print(f"\ningress {pid}: {total} busy samples in {options.profile_s:g} s (raw: {out})")
+    print("self: " + "; ".join(f"{n / total:.0%} {name}" for name, n in self_counts.most_common(25)))
+    print("inclusive: " + "; ".join(f"{n / total:.0%} {name}" for name, n in inclusive.most_common(60)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=64, help="clients, each one stream at a time")
+    parser.add_argument("--step-ms", type=float, default=25.0, help="the fake engine's step time")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--duration-s", type=float, default=10.0, help="measured window")
+    parser.add_argument("--warmup-s", type=float, default=4.0)
+    parser.add_argument("--idle-s", type=float, default=5.0, help="window with no stream, whose CPU is subtracted")
+    parser.add_argument("--caps", type=float, nargs="+", default=[1e6, 0.0],
+                        help="max_stream_events_per_s values, one deploy each (0: the product's default)")
+    parser.add_argument("--bare", action="store_true",
+                        help="one more row: a bare FastAPI SSE ingress on Serve (no pagedserve), the floor")
+    parser.add_argument("--profile-s", type=float, default=0.0, help="py-spy the ingress this long after the window")
+    options = parser.parse_args()
+    model = str(build_tiny_model("llama", Path(tempfile.mkdtemp()), tokenizer="byte-bpe", num_hidden_layers=2))
+    rows = []
+    with local_cluster() as cluster:
+        for index, cap in enumerate(options.caps):
+            app_name = f"eventcost{index}"
+            args = {"model": model, "max_model_len": 512, "block_size": 16, "num_blocks": 65536,
+                    "num_replicas": 1, "num_cpus_per_replica": 1, "ingress_num_replicas": 1,
+                    "max_ongoing_requests": max(512, 2 * options.streams)}
+            if cap > 0:
+                args["max_stream_events_per_s"] = cap
+            with fake_engine_app(cluster, app_name, args) as base:
+                counts, cpu, idle_cores, wall_s = asyncio.run(load(base, model, options, app_name))
+            rows.append((f"{cap:g}" if cap > 0 else "default", counts, cpu, idle_cores, wall_s))
+            if counts.errors:
+                print(f"cap {cap:g}: {counts.num_errors} errors, first: {counts.errors[0]}")
+        if options.bare:
+            with deployed(cluster, BARE_APP, bare_app(options.step_ms, options.max_tokens)) as base:
+                counts, cpu, idle_cores, wall_s = asyncio.run(load(base, model, options, BARE_APP))
+            rows.append(("bare FastAPI SSE, no pagedserve (the floor)", counts, cpu, idle_cores, wall_s))
+
+    print(f"\n{options.streams} streams of {options.max_tokens} tokens, engine steps of {options.step_ms:g} ms, "
+          f"one ingress replica, {options.duration_s:g} s measured; CPU us per event (cores used)\n")
+    print("| max_stream_events_per_s | events/s | tokens/event | ingress | proxy | engine replica | client "
+          "| idle cores (ingress, proxy) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for name, counts, cpu, idle_cores, wall_s in rows:
+        events = max(counts.num_events, 1)
+        tokens_per_event = counts.num_tokens_of_done / max(counts.num_content_events_of_done, 1)
+        cells = [f"{cpu[role] / events * 1e6:.0f} ({cpu[role] / wall_s:.2f})" if role in cpu else "-"
+                 for role in ("ingress", "proxy", "engine_replica", "client")]
+        idle = f"{idle_cores['ingress']:.2f}, {idle_cores['proxy']:.2f}"
+        print(f"| {name} | {counts.num_events / wall_s:,.0f} | {tokens_per_event:.2f} | " + " | ".join(cells)
+              + f" | {idle} |")
+
+
+if __name__ == "__main__":
+    main()
