@@ -85,19 +85,85 @@ class KeyShares:
 
     def owed_to_others(self, key: str, num_blocks: int, num_total_blocks: int, held: Mapping[str, int],
                        demands: Mapping[str, int] | None = None) -> int:
-        """Blocks of a replica of `num_total_blocks` that a request of `key` for `num_blocks` must leave free:
-        each other active key's fair share there less what it `held` there; while the request keeps `key`
-        within its own share, only what keys no heavier than `key` are owed. 0 when `key` holds nothing there
-        (one request of every key may always start) or no other key is active. `demands`: `active_demands()`,
-        if already read."""
-        own = held.get(key, 0)
-        if own == 0:
-            return 0
-        demands = self.active_demands() if demands is None else demands
-        if len(demands.keys() - {key}) == 0:
-            return 0
-        shares = max_min_shares(num_total_blocks, {k: min(d, num_total_blocks) for k, d in demands.items()})
-        is_within_share = own + num_blocks <= shares.get(key, 0)
-        own_demand = demands.get(key, 0)
-        return sum(max(0, share - held.get(other, 0)) for other, share in shares.items()
-                   if other != key and (not is_within_share or demands[other] <= own_demand))
+        """`owed_to_others` below, with this router's active demands unless given."""
+        return owed_to_others(key, num_blocks, num_total_blocks, held,
+                              self.active_demands() if demands is None else demands)
+
+
+def owed_to_others(key: str, num_blocks: int, num_total_blocks: int, held: Mapping[str, int],
+                   demands: Mapping[str, int]) -> int:
+    """Blocks of a replica of `num_total_blocks` that a request of `key` for `num_blocks` must leave free: each
+    other active key's fair share there (over the keys' peak `demands`) less what it `held` there; while the
+    request keeps `key` within its own share, only what keys no heavier than `key` are owed. 0 when `key` holds
+    nothing there (one request of every key may always start) or no other key is active."""
+    own = held.get(key, 0)
+    if own == 0 or len(demands.keys() - {key}) == 0:
+        return 0
+    shares = max_min_shares(num_total_blocks, {k: min(d, num_total_blocks) for k, d in demands.items()})
+    is_within_share = own + num_blocks <= shares.get(key, 0)
+    own_demand = demands.get(key, 0)
+    return sum(max(0, share - held.get(other, 0)) for other, share in shares.items()
+               if other != key and (not is_within_share or demands[other] <= own_demand))
+
+
+class CommittedBlocks:
+    """An engine replica's worst-case blocks (prompt + n * max_tokens) of every request it holds, with each API
+    key's total and that total's peak within the last `window_s`: what the key wanted here lately. Replicas report
+    both, so every router weighs a key by what it holds and wants service-wide, whichever ingress its requests
+    came through; a short request that ends between two reports still shows in the peak (window_s 0: no peaks)."""
+
+    def __init__(self, window_s: float, clock: Callable[[], float]) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._by_request: dict[str, tuple[str, int]] = {}
+        self._by_key: dict[str, int] = {}
+        self._peaks: dict[str, RecentPeak] = {}
+        self.total = 0
+
+    def add(self, request_id: str, key: str, num_blocks: int) -> None:
+        self.remove(request_id)
+        self._by_request[request_id] = (key, num_blocks)
+        self._by_key[key] = self._by_key.get(key, 0) + num_blocks
+        self.total += num_blocks
+        if self.window_s > 0 and num_blocks > 0:
+            self._peaks.setdefault(key, RecentPeak(self.window_s)).add(self._clock(), self._by_key[key])
+
+    def remove(self, request_id: str) -> None:
+        key, num_blocks = self._by_request.pop(request_id, (None, 0))
+        if key is None:
+            return
+        self._by_key[key] -= num_blocks
+        self.total -= num_blocks
+        if self._by_key[key] == 0:
+            del self._by_key[key]
+
+    def leaves_others_room(self, key: str, num_blocks: int, num_total_blocks: int) -> bool:
+        """Whether a request of `key` for `num_blocks` fits here beside what the other keys active here within the
+        window are owed (`owed_to_others` over the keys' recent peaks here), as the routers' rule has it: the
+        replica's own check, exact where the routers' is not (each router adds only its own requests to the
+        replicas' last reports, so several ingresses may together send a key past its share, or past the room,
+        within one report period). A request that does not fit would wait in the engine and take the next
+        blocks freed, ahead of the other keys' next requests; turned back, it waits in its ingress's fair
+        queue instead. A key that holds nothing here, or the only key active here, always fits: the engine
+        queues or preempts as it would without keys."""
+        if self._by_key.get(key, 0) == 0:
+            return True
+        demands = self.peak_by_key()
+        demands[key] = max(demands.get(key, 0), self._by_key[key] + num_blocks)
+        if len(demands) < 2:
+            return True
+        owed = owed_to_others(key, num_blocks, num_total_blocks, self._by_key, demands)
+        return num_total_blocks - self.total - num_blocks >= owed
+
+    def by_key(self) -> dict[str, int]:
+        """Each key's blocks now (keys with none absent)."""
+        return {key: blocks for key, blocks in self._by_key.items() if blocks > 0}
+
+    def peak_by_key(self) -> dict[str, int]:
+        """Each key's largest total within the window (keys past it are forgotten)."""
+        now = self._clock()
+        peaks = {key: peak.value(now) for key, peak in self._peaks.items()}
+        for key in [key for key, value in peaks.items() if value == 0]:
+            del self._peaks[key], peaks[key]
+        return peaks
+

@@ -45,6 +45,9 @@ class ReplicaReport:
     # Blocks committed to each API key's requests on the replica, as in `num_free_blocks` (keys with none absent):
     # what every router charges to the key there, whichever ingress sent its requests (serve_app/key_shares.py).
     blocks_by_key: Mapping[str, int] = field(default_factory=dict, hash=False)
+    # Each key's largest total of those within the routers' fair-share window: what it wanted there lately, so a
+    # key whose short requests end between two reports is still known to be active (serve_app/key_shares.py).
+    peak_blocks_by_key: Mapping[str, int] = field(default_factory=dict, hash=False)
 
     @classmethod
     def from_routing_stats(cls, stats: dict[str, Any] | None) -> "ReplicaReport | None":
@@ -60,9 +63,13 @@ class ReplicaReport:
             engine_dead=bool(stats.get("engine_dead", False)),
             lora_names=frozenset(stats.get("lora_names", ())),
             recent_request_ids=frozenset(stats.get("recent_request_ids", ())),
-            blocks_by_key={str(key): int(blocks) for key, blocks in (stats.get("blocks_by_key") or {}).items()
-                           if int(blocks) > 0},
+            blocks_by_key=_positive_counts(stats.get("blocks_by_key")),
+            peak_blocks_by_key=_positive_counts(stats.get("peak_blocks_by_key")),
         )
+
+
+def _positive_counts(counts: Mapping[str, Any] | None) -> dict[str, int]:
+    return {str(key): int(value) for key, value in (counts or {}).items() if int(value) > 0}
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import importlib
 import json
 import logging
 import time
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -36,6 +36,8 @@ from pagedserve.serve_app.autoscaling import (
 )
 from pagedserve.serve_app.metrics import ReplicaMetrics, RequestTiming
 from pagedserve.serve_app.engine_protocol import ServingEngine
+from pagedserve.serve_app.errors import KeyOverShareError
+from pagedserve.serve_app.key_shares import CommittedBlocks
 from pagedserve.serve_app.lora_registry import LoraSubscription, LoraView
 from pagedserve.serve_app.messages import Accepted, ChannelOpen, GenerateRequest, ModelInfo, ReplicaError
 from pagedserve.serve_app.stream_channel import Outboxes, for_the_wire
@@ -63,15 +65,6 @@ def log_engine_through_serve() -> None:
     engine_logger.propagate = not serve_logger.handlers  # Serve's handlers, or the root's when it has none
 
 
-def blocks_by_key(committed: Iterable[tuple[str, int]]) -> dict[str, int]:
-    """Total blocks of each API key's (key name, blocks) commitments; keys with none are absent."""
-    totals: dict[str, int] = {}
-    for key, blocks in committed:
-        if blocks > 0:
-            totals[key] = totals.get(key, 0) + blocks
-    return totals
-
-
 class EngineReplica:
     """Owns one engine. Methods are called through a DeploymentHandle routed by `FreeBlocksRequestRouter`."""
 
@@ -90,10 +83,9 @@ class EngineReplica:
         self.replica_id = context.replica_id.unique_id if context is not None else "local"
         self.outboxes = Outboxes()
         self._finished_by_reason: collections.Counter[str] = collections.Counter()  # requests ended, by reason
-        # Worst-case blocks of every request this replica holds (prompt + n * max_tokens), with the name of the API
-        # key that sent it, by request id: the engine's free blocks only show what is allocated so far, not what
-        # running requests will grow to.
-        self._committed_blocks: dict[str, tuple[str, int]] = {}
+        # Worst-case blocks of every request this replica holds (prompt + n * max_tokens), by API key too: the
+        # engine's free blocks only show what is allocated so far, not what running requests will grow to.
+        self._committed_blocks = CommittedBlocks(serve_args.router.fair_share_window_s, time.monotonic)
         self._recent_arrivals: collections.deque[tuple[float, str]] = collections.deque()  # (monotonic s, id)
         # Each ingress's latest count of requests its fair queue held back, and when it came (autoscaling).
         self._held_by_ingress: dict[str, tuple[int, float]] = {}
@@ -121,15 +113,29 @@ class EngineReplica:
             self.engine.max_model_len,
         )
 
-    async def submit(self, request: GenerateRequest) -> AsyncIterator[Accepted]:
+    async def submit(self, request: GenerateRequest) -> AsyncIterator[Accepted | KeyOverShareError]:
         """Run one request for the ingress replica `request.reply_to`: `Accepted` first, then every item goes
         to that ingress's outbox (its channel sends it); the call ends after the last one. Cancelling the
-        call aborts the request."""
+        call aborts the request. A request turned back gets `KeyOverShareError` as its only item (sent, not
+        raised: a turn-back is routine under a flood, not an error for Serve to log)."""
         self._held_by_ingress[request.reply_to] = (request.num_held_by_ingress, time.monotonic())
-        with self.outboxes.request(request.reply_to) as outbox:
-            yield Accepted(self.replica_id)
-            async for item in self.generate(request):
-                outbox.put(request.request_id, for_the_wire(item) if isinstance(item, RequestOutput) else item)
+        num_blocks = blocks_for(request.routing_demand.num_tokens, self.block_size)
+        if not self._committed_blocks.leaves_others_room(request.api_key_name, num_blocks,
+                                                         self.engine.get_stats().num_total_blocks):
+            # Several ingresses' routers sent this key past its share here within one report period: the
+            # sending ingress's fair queue holds the request and sends it again (serve_app/fair_queue.py).
+            yield KeyOverShareError(f"API key {request.api_key_name!r} would take room other keys are owed on "
+                                    f"replica {self.replica_id}")
+            return
+        # Committed before the first await, so the next request's check counts this one.
+        self._committed_blocks.add(request.request_id, request.api_key_name, num_blocks)
+        try:
+            with self.outboxes.request(request.reply_to) as outbox:
+                yield Accepted(self.replica_id)
+                async for item in self.generate(request):
+                    outbox.put(request.request_id, for_the_wire(item) if isinstance(item, RequestOutput) else item)
+        finally:
+            self._committed_blocks.remove(request.request_id)
 
     async def channel(self, channel: ChannelOpen) -> AsyncIterator[list[tuple[str, RequestOutput | ReplicaError]]]:
         """The stream channel to one ingress replica: each message holds every item its requests produced
@@ -150,8 +156,8 @@ class EngineReplica:
         """Stream the engine's deltas; on any exit before the end, abort so the blocks return."""
         is_finished = False
         timing = RequestTiming(request.request_id)
-        self._committed_blocks[request.request_id] = (
-            request.api_key_name, blocks_for(request.routing_demand.num_tokens, self.block_size))
+        self._committed_blocks.add(request.request_id, request.api_key_name,
+                                   blocks_for(request.routing_demand.num_tokens, self.block_size))
         self._recent_arrivals.append((time.monotonic(), request.request_id))
         prompt = request.prompt if request.prompt_token_ids is None else request.prompt_token_ids
         stream = self._engine_stream(request, prompt)
@@ -183,7 +189,7 @@ class EngineReplica:
             logger.exception("request %s failed", request.request_id)
             yield ReplicaError(500, "internal_server_error", f"request failed: {type(exc).__name__}: {exc}")
         finally:
-            self._committed_blocks.pop(request.request_id, None)
+            self._committed_blocks.remove(request.request_id)
             if not is_finished and timing.finish_reason is None:
                 timing.finish_reason = "abort"
             self._record_request(timing, request)
@@ -298,8 +304,9 @@ class EngineReplica:
 
         `num_free_blocks` is what is free once every held request reaches its max_tokens (never more than
         the engine's free blocks now), the same worst case the router reserves for requests it sends;
-        `blocks_by_key` splits those committed blocks by the API key that sent each request, so every router sees
-        what each key holds here, whichever ingress sent it.
+        `blocks_by_key` splits those committed blocks by the API key that sent each request, and
+        `peak_blocks_by_key` gives each key's largest total here within `router.fair_share_window_s`, so every
+        router sees what each key holds and wants here, whichever ingress sent it (serve_app/key_shares.py).
         """
         stats = self.engine.get_stats()
         self.metrics.observe(stats)
@@ -317,7 +324,8 @@ class EngineReplica:
             "report_time_s": time.time(),
             "lora_names": self._lora_names(),
             "recent_request_ids": self._recent_request_ids(),
-            "blocks_by_key": {} if engine_dead else blocks_by_key(self._committed_blocks.values()),
+            "blocks_by_key": {} if engine_dead else self._committed_blocks.by_key(),
+            "peak_blocks_by_key": {} if engine_dead else self._committed_blocks.peak_by_key(),
         }
 
     def _recent_request_ids(self) -> list[str]:
@@ -329,7 +337,7 @@ class EngineReplica:
 
     def _routable_free_blocks(self, stats: Any) -> int:
         """Blocks free once every held request reaches its max_tokens (never more than the engine's free now)."""
-        uncommitted = stats.num_total_blocks - sum(blocks for _, blocks in self._committed_blocks.values())
+        uncommitted = stats.num_total_blocks - self._committed_blocks.total
         return max(0, min(stats.num_free_blocks, uncommitted))
 
     def record_autoscaling_stats(self) -> dict[str, float]:

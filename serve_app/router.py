@@ -43,7 +43,6 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Literal
 
@@ -125,6 +124,7 @@ class FreeBlocksPolicy:
         self._pending_by_key: dict[ReplicaKey, dict[str, int]] = {}
         self._pending_in_all: dict[str, int] = {}
         self._reported_in_all: dict[str, int] = {}  # each key's blocks in the replicas' latest reports, summed
+        self._reported_peaks_in_all: dict[str, int] = {}  # and each key's recent peaks there, summed
         self.shares = KeyShares(settings.fair_share_window_s, clock) if settings.fair_share_window_s > 0 else None
         self._prefix_owner: OrderedDict[bytes, ReplicaKey] = OrderedDict()
         self._num_prefixes_owned: dict[ReplicaKey, int] = {}
@@ -134,14 +134,16 @@ class FreeBlocksPolicy:
     def update_report(self, replica: ReplicaKey, report: ReplicaReport) -> None:
         """Take a fresh report; the reservations it counts (listed as received lately, or sent long enough
         before it was taken) are now part of its counts, free and per key, and no longer added by this router.
-        Every key the report shows holding blocks is active: its demand is noted (`shares`), so a key whose
-        requests come through other ingresses is owed its share here too."""
+        Every key the report shows holding blocks, now or within the window (`peak_blocks_by_key`), is active:
+        its demand is noted (`shares`), the larger of what it holds service-wide and the sum of its replicas'
+        recent peaks, so a key whose requests come through other ingresses is owed its share here too, even one
+        whose short requests all ended between two reports."""
         previous = self._reports.get(replica)
         if previous is not None and previous.report_time_s >= report.report_time_s:
             return
         if previous is not None:
-            self._add_reported(previous.blocks_by_key, -1)
-        self._add_reported(report.blocks_by_key, 1)
+            self._add_reported(previous, -1)
+        self._add_reported(report, 1)
         self._reports[replica] = report
         for request_id, reservation in list(self._reservations_of.get(replica, {}).items()):
             if not reservation.is_counted_by_report and (
@@ -155,8 +157,8 @@ class FreeBlocksPolicy:
                     report.report_time_s - reservation.sent_time_s > self.max_reservation_age_s:
                 self._drop(request_id)
         if self.shares is not None:
-            for key in report.blocks_by_key:
-                self.shares.note_demand(key, self.held_in_all(key))
+            for key in report.blocks_by_key.keys() | report.peak_blocks_by_key.keys():
+                self.shares.note_demand(key, max(self.held_in_all(key), self._reported_peaks_in_all.get(key, 0)))
 
     def remove_replicas_except(self, live: set[ReplicaKey]) -> None:
         gone = (self._reports.keys() | self._reservations_of.keys()) - live
@@ -165,7 +167,7 @@ class FreeBlocksPolicy:
         for replica in gone:
             report = self._reports.pop(replica, None)
             if report is not None:
-                self._add_reported(report.blocks_by_key, -1)
+                self._add_reported(report, -1)
             for request_id in list(self._reservations_of.get(replica, {})):
                 self._drop(request_id)
             self._reservations_of.pop(replica, None)
@@ -277,10 +279,12 @@ class FreeBlocksPolicy:
             _add_blocks(self._pending_by_key.setdefault(replica, {}), key, num_blocks)
             _add_blocks(self._pending_in_all, key, num_blocks)
 
-    def _add_reported(self, blocks_by_key: Mapping[str, int], sign: int) -> None:
-        """Add (`sign` 1) or take out (-1) a report's blocks per key in the sums over the replicas."""
-        for key, num_blocks in blocks_by_key.items():
+    def _add_reported(self, report: ReplicaReport, sign: int) -> None:
+        """Add (`sign` 1) or take out (-1) a report's blocks and recent peaks per key in the sums over the replicas."""
+        for key, num_blocks in report.blocks_by_key.items():
             _add_blocks(self._reported_in_all, key, sign * num_blocks)
+        for key, num_blocks in report.peak_blocks_by_key.items():
+            _add_blocks(self._reported_peaks_in_all, key, sign * num_blocks)
 
     # Placement ---------------------------------------------------------------------------------------
 

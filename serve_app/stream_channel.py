@@ -43,7 +43,7 @@ from ray.serve.handle import DeploymentHandle
 
 from pagedserve.engine.core.request import RequestOutput, merge_delta
 
-from pagedserve.serve_app.errors import ChannelLostError
+from pagedserve.serve_app.errors import ChannelLostError, KeyOverShareError
 from pagedserve.serve_app.messages import Accepted, ChannelOpen, GenerateRequest, ReplicaError
 
 logger = logging.getLogger("ray.serve")
@@ -258,6 +258,8 @@ class ChanneledCall:
     async def __anext__(self) -> Any:
         if self.replica_id is None:
             accepted = await self._call.__anext__()  # a routing refusal or a lost replica raises here
+            if isinstance(accepted, KeyOverShareError):  # the replica turned it back (serve_app/replica.py)
+                raise accepted
             if not isinstance(accepted, Accepted):
                 raise TypeError(f"EngineReplica.submit sent {type(accepted).__name__} first, not Accepted")
             self.replica_id = accepted.replica_id

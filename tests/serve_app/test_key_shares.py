@@ -3,7 +3,7 @@ recent demand, and what a request of one key must leave for the others. No Ray."
 
 from __future__ import annotations
 
-from pagedserve.serve_app.key_shares import KeyShares, RecentPeak, max_min_shares
+from pagedserve.serve_app.key_shares import CommittedBlocks, KeyShares, RecentPeak, max_min_shares
 
 
 class FakeClock:
@@ -62,3 +62,44 @@ def test_what_a_request_must_leave_for_the_other_keys() -> None:
     shares.note_demand("flood", 40)
     assert shares.owed_to_others("flood", 8, 40, {"flood": 32}) == 0
     assert shares.active_demands() == {"flood": 40}
+
+
+def test_committed_blocks_sum_by_key_and_remember_each_keys_recent_peak() -> None:
+    clock = FakeClock()
+    committed = CommittedBlocks(window_s=10.0, clock=clock)
+    committed.add("a1", "alice", 3)
+    committed.add("a2", "alice", 4)
+    committed.add("b1", "bob", 2)
+    committed.add("e1", "", 1)  # no API key
+    assert committed.by_key() == {"alice": 7, "bob": 2, "": 1} and committed.total == 10
+    committed.remove("a1")
+    committed.remove("b1")
+    committed.remove("b1")  # twice: nothing more
+    assert committed.by_key() == {"alice": 4, "": 1} and committed.total == 5
+    assert committed.peak_by_key() == {"alice": 7, "bob": 2, "": 1}  # bob ended, but wanted 2 within the window
+    clock.now += 11
+    committed.add("a3", "alice", 1)
+    assert committed.peak_by_key() == {"alice": 5}  # the older peaks are past the window
+    assert CommittedBlocks(window_s=0.0, clock=clock).peak_by_key() == {}
+
+
+def test_committed_blocks_refuse_a_key_past_its_share_only_while_another_key_is_owed_room() -> None:
+    clock = FakeClock()
+    committed = CommittedBlocks(window_s=10.0, clock=clock)
+    for index in range(4):  # the flood alone: it may take everything
+        assert committed.leaves_others_room("flood", 8, 40)
+        committed.add(f"f{index}", "flood", 8)
+    committed.add("c0", "calm", 1)
+    committed.remove("c0")  # the calm key's request ended; it stays owed its block within the window
+    assert not committed.leaves_others_room("flood", 8, 40)  # 8 free, 1 owed to the calm key
+    assert committed.leaves_others_room("flood", 7, 40)
+    assert committed.leaves_others_room("calm", 8, 40)  # holding nothing here, a key may always start one
+    committed.add("c1", "calm", 1)
+    assert committed.leaves_others_room("calm", 4, 40)  # within its share: it owes the heavier flood nothing
+    # The calm key holds what it is owed, but a flood request that does not fit would wait in the engine and take
+    # the calm key's block when it frees, ahead of its next request: turned back too.
+    assert not committed.leaves_others_room("flood", 8, 40) and committed.leaves_others_room("flood", 7, 40)
+    clock.now += 11  # the window passed without a calm request: only the one it holds counts
+    committed.remove("c1")
+    assert committed.leaves_others_room("flood", 8, 40)
+

@@ -17,9 +17,9 @@ class FakeClock:
 
 
 def report(free: int, total: int, at: float, block_size: int = 16, blocks_by_key: dict[str, int] | None = None,
-           recent: frozenset[str] = frozenset()) -> ReplicaReport:
+           recent: frozenset[str] = frozenset(), peaks: dict[str, int] | None = None) -> ReplicaReport:
     return ReplicaReport(num_free_blocks=free, num_total_blocks=total, block_size=block_size, report_time_s=at,
-                         recent_request_ids=recent, blocks_by_key=blocks_by_key or {})
+                         recent_request_ids=recent, blocks_by_key=blocks_by_key or {}, peak_blocks_by_key=peaks or {})
 
 
 @pytest.fixture
@@ -432,11 +432,34 @@ def test_a_reservation_counts_once_before_and_after_a_report_counts_it(clock: Fa
     assert policy.held_in_all("k") == policy.held_in_all("other") == 0
 
 
+def test_a_key_whose_short_requests_end_between_reports_is_owed_its_share_through_other_ingresses(
+        clock: FakeClock) -> None:
+    """The calm key sends short requests through ingress B only; each ends before any report holds it, so the
+    reports show it only in the replica's recent peaks. Ingress A, which the flood goes through, still owes the
+    calm key its block (turns the flood back) while the peak is within the window, and routes the flood once the
+    replica no longer reports it."""
+    settings = RouterSettings(fair_share_window_s=10.0)
+    ingress_a = FreeBlocksPolicy(settings, transit_grace_s=0.5, clock=clock)
+    flood = RoutingDemand(8, 120, api_key_name="flood")  # 8 blocks
+    ingress_a.update_report("a", report(40, 40, clock.now))
+    for index in range(4):
+        ingress_a.reserve("a", f"flood-{index}", flood)
+    clock.now += 1.0
+    ingress_a.update_report("a", report(8, 40, clock.now, blocks_by_key={"flood": 32}, peaks={"flood": 32, "calm": 1}))
+    assert ingress_a.shares.active_demands() == {"flood": 32, "calm": 1}
+    assert ingress_a.decide(["a"], flood).kind == "over_share"  # 8 free, the calm key owed 1
+    clock.now += 11  # the replica's window passed with no calm request: no peak reported for it
+    ingress_a.update_report("a", report(8, 40, clock.now, blocks_by_key={"flood": 32}, peaks={"flood": 32}))
+    assert ingress_a.decide(["a"], flood).kind == "route"
+
+
 def test_blocks_by_key_are_read_from_the_replicas_stats() -> None:
     stats = {"num_free_blocks": 30, "num_total_blocks": 64, "block_size": 16}
     assert ReplicaReport.from_routing_stats(stats).blocks_by_key == {}  # a replica that does not send them
-    assert ReplicaReport.from_routing_stats({**stats, "blocks_by_key": {"a": 30, "b": 4, "c": 0}}).blocks_by_key \
-        == {"a": 30, "b": 4}
+    assert ReplicaReport.from_routing_stats(stats).peak_blocks_by_key == {}
+    read = ReplicaReport.from_routing_stats({**stats, "blocks_by_key": {"a": 30, "b": 4, "c": 0},
+                                             "peak_blocks_by_key": {"a": 34, "d": 2}})
+    assert read.blocks_by_key == {"a": 30, "b": 4} and read.peak_blocks_by_key == {"a": 34, "d": 2}
 
 
 def test_a_stream_channel_goes_to_the_replica_it_names_or_fails_as_lost() -> None:
