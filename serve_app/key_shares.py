@@ -114,10 +114,9 @@ class CommittedBlocks:
 
     def __init__(self, window_s: float, clock: Callable[[], float]) -> None:
         self.window_s = window_s
-        self._clock = clock
         self._by_request: dict[str, tuple[str, int]] = {}
         self._by_key: dict[str, int] = {}
-        self._peaks: dict[str, RecentPeak] = {}
+        self._peaks = KeyShares(window_s, clock)  # each key's totals as demands: their peaks within the window
         self.total = 0
 
     def add(self, request_id: str, key: str, num_blocks: int) -> None:
@@ -126,7 +125,7 @@ class CommittedBlocks:
         self._by_key[key] = self._by_key.get(key, 0) + num_blocks
         self.total += num_blocks
         if self.window_s > 0 and num_blocks > 0:
-            self._peaks.setdefault(key, RecentPeak(self.window_s)).add(self._clock(), self._by_key[key])
+            self._peaks.note_demand(key, self._by_key[key])
 
     def remove(self, request_id: str) -> None:
         key, num_blocks = self._by_request.pop(request_id, (None, 0))
@@ -161,9 +160,5 @@ class CommittedBlocks:
 
     def peak_by_key(self) -> dict[str, int]:
         """Each key's largest total within the window (keys past it are forgotten)."""
-        now = self._clock()
-        peaks = {key: peak.value(now) for key, peak in self._peaks.items()}
-        for key in [key for key, value in peaks.items() if value == 0]:
-            del self._peaks[key], peaks[key]
-        return peaks
+        return self._peaks.active_demands()
 
