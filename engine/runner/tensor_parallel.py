@@ -576,18 +576,22 @@ def start_tensor_parallel(
         )
         process.start()
         workers.append(process)
+    # The workers' start-up statuses are read over a connection of their own: a store client runs one operation at
+    # a time, and the group's rendezvous holds `store`'s in a wait for up to the timeout (while a worker that died
+    # never answers it), which would hold every status read behind it.
+    status = dist.TCPStore(host, store.port, None, False, timeout=timedelta(seconds=timeout_s))
     try:
         # Joining blocks until every rank connects: first see each worker start (or die), not hang.
-        _wait_for(store, workers, "started", timeout_s)
-        group = _join_watching_workers(store, workers, device, timeout_s)
+        _wait_for(status, workers, "started", timeout_s)
+        group = _join_watching_workers(store, status, workers, device, timeout_s)
         loaded = load_sharded(settings, group)
         local = ModelRunner(loaded, settings.runner, settings.cache)  # its probe forward runs beside the workers' probes
-        _wait_for(store, workers, "ready", timeout_s)
+        _wait_for(status, workers, "ready", timeout_s)
     except BaseException as exc:
         for process in workers:
             process.kill()
             process.join(5)
-        worker_error = _first_worker_error(store, len(workers))
+        worker_error = _first_worker_error(status, len(workers))
         if worker_error is not None and worker_error is not exc:
             raise worker_error from exc
         raise
@@ -608,8 +612,10 @@ def _wait_for(store: Any, workers: list[Any], stage: str, timeout_s: float) -> N
             time.sleep(0.05)
 
 
-def _join_watching_workers(store: Any, workers: list[Any], device: torch.device, timeout_s: float) -> RankGroup:
-    """Rank 0's `join_group`, run in a helper thread while this one watches the workers.
+def _join_watching_workers(store: Any, status: Any, workers: list[Any], device: torch.device,
+                           timeout_s: float) -> RankGroup:
+    """Rank 0's `join_group` on `store`, run in a helper thread while this one watches the workers (their
+    processes, and the errors they report, read over `status`: another connection to the same store).
 
     Gloo's rendezvous waits on the store for every peer's address, then for its connection, each up to the group's
     timeout, and sees no process die: a worker that dies (or fails) between "started" and its own join would hold
@@ -627,7 +633,7 @@ def _join_watching_workers(store: Any, workers: list[Any], device: torch.device,
     joiner = threading.Thread(target=join, name="pagedserve-tp-join", daemon=True)
     joiner.start()
     while joiner.is_alive():
-        _raise_worker_error(store, len(workers))
+        _raise_worker_error(status, len(workers))
         _raise_if_dead(workers, range(1, len(workers) + 1))
         joiner.join(0.05)
     if isinstance(outcome[0], BaseException):
