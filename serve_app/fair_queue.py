@@ -30,6 +30,7 @@ import asyncio
 import dataclasses
 import itertools
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from pagedserve.engine.core.request import RequestOutput
@@ -200,6 +201,8 @@ class _QueuedCall:
                         self._ended()
                         raise
                     self._call.cancel()  # routing failed: nothing runs; the hub forgets the call
+                    if self._admission.on_turned_back is not None:
+                        self._admission.on_turned_back(key)
                 else:
                     if not isinstance(item, RequestOutput) or item.finished:
                         self._ended()
@@ -243,11 +246,13 @@ def _is_over_share(error: BaseException) -> bool:
 
 
 class FairAdmission:
-    """Starts engine requests through a `FairQueue` (an `EngineRequests` for serve_app/replica_calls.py)."""
+    """Starts engine requests through a `FairQueue` (an `EngineRequests` for serve_app/replica_calls.py);
+    `on_turned_back(key)` is called for each send turned back over its key's share (a metric)."""
 
-    def __init__(self, requests: Any, queue: FairQueue) -> None:
+    def __init__(self, requests: Any, queue: FairQueue, on_turned_back: Callable[[str], None] | None = None) -> None:
         self.requests = requests  # the ChannelHub
         self.queue = queue
+        self.on_turned_back = on_turned_back
 
     def start(self, request: GenerateRequest) -> _QueuedCall:
         return _QueuedCall(self, request)

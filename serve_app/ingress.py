@@ -166,7 +166,7 @@ class OpenAIIngress:
         # With several keys, requests reach the router fairly across them; with one there is no one to be fair to.
         requests = self.channels if len(self.tenants.names) < 2 else FairAdmission(self.channels, FairQueue(
             router.max_routing_per_key, router.max_queued_requests, router.queue_timeout_s, router.retry_after_s,
-            share_retry_s=router.stats_period_s))
+            share_retry_s=router.stats_period_s), on_turned_back=self.metrics.key_turned_back)
         self.calls = ReplicaCalls(requests, on_resend=self.metrics.resent)
         self._pacer = EventPacer(serve_args.max_stream_events_per_s)  # every stream's events (see its module)
         # The tokenizer now rather than with the first request: unpickling it imports transformers and torch

@@ -120,6 +120,10 @@ INGRESS_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "counter", "Requests of an API key admitted past its limits (sent to the engine replicas).", ("api_key_name",)),
     "pagedserve_api_key_tokens": (
         "counter", "Tokens of an API key's requests, by kind (prompt, completion).", ("api_key_name", "kind")),
+    "pagedserve_api_key_turned_back_requests": (
+        "counter", "Sends of an API key's requests turned back over the key's share of the KV cache, by the router "
+        "or by an engine replica (when several ingresses together sent the key past it); each waits in the "
+        "ingress's fair queue and is sent again (docs/deploy.md, shares of the KV cache).", ("api_key_name",)),
     "pagedserve_api_key_rejected_requests": (
         "counter", "Requests of an API key refused before generating: by its own limits (reason requests_per_s or "
         "tokens_per_min, 429 with Retry-After) or else by HTTP status (400, 404, 413, 429, 503, ...).",

@@ -371,6 +371,7 @@ class IngressMetrics:
                 _start_counters_at_zero(self._metrics[name], [self._tags])
             keys = [{**self._tags, "api_key_name": key} for key in self._api_key_names]
             _start_counters_at_zero(self._metrics["pagedserve_api_key_requests"], keys)
+            _start_counters_at_zero(self._metrics["pagedserve_api_key_turned_back_requests"], keys)
             _start_counters_at_zero(self._metrics["pagedserve_api_key_tokens"],
                                     [{**tags, "kind": kind} for tags in keys for kind in ("prompt", "completion")])
             _start_counters_at_zero(self._metrics["pagedserve_api_key_rejected_requests"],
@@ -395,6 +396,9 @@ class IngressMetrics:
         if num_tokens > 0:
             self._metrics["pagedserve_api_key_tokens"].inc(
                 num_tokens, tags={**self._tags, "api_key_name": api_key_name, "kind": "completion"})
+
+    def key_turned_back(self, api_key_name: str) -> None:
+        self._metrics["pagedserve_api_key_turned_back_requests"].inc(1, tags={**self._tags, "api_key_name": api_key_name})
 
     def key_rejected(self, api_key_name: str, reason: str) -> None:
         """`reason`: the limit that refused it (API_KEY_LIMITS) or the HTTP status of another refusal."""

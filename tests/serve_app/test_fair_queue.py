@@ -234,7 +234,8 @@ def test_a_request_turned_back_over_its_keys_share_keeps_its_place_and_goes_agai
                 calls.append(_ScriptedCall(request))
                 return calls[-1]
 
-        admission = FairAdmission(Hub(), queue)
+        turned_back: list[str] = []
+        admission = FairAdmission(Hub(), queue, on_turned_back=turned_back.append)
         first = asyncio.create_task(admission.start(GenerateRequest("f0", [1], SamplingParams(), 1,
                                                                     api_key_name="flood")).__anext__())
         second = asyncio.create_task(admission.start(GenerateRequest("f1", [1], SamplingParams(), 1,
@@ -244,6 +245,7 @@ def test_a_request_turned_back_over_its_keys_share_keeps_its_place_and_goes_agai
         calls[0].refuse()
         await settle()
         assert calls[0].is_cancelled and queue.num_held == 2 and queue.num_routing("flood") == 1
+        assert turned_back == ["flood"]  # counted (pagedserve_api_key_turned_back_requests)
         queue.request_ended("flood")  # one of the key's requests ended: f0 goes again at once
         await settle()
         # Under an id of its own (Ray's router keys requests by it), carrying what the queue holds besides it.
