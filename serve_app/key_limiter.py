@@ -59,7 +59,10 @@ class KeyLimiter:
     def __init__(self, limits: Mapping[str, KeyLimits], clock: Callable[[], float] = time.monotonic) -> None:
         self._tenants = {name: Tenant(name, key_limits, clock) for name, key_limits in limits.items()}
 
-    def admit(self, name: str, num_prompt_tokens: int) -> Verdict:
+    # Both methods are coroutines with no await inside: Serve runs them on the replica's event loop one at a time,
+    # so a check and its take are one step (Serve would run plain methods in a thread pool, side by side).
+
+    async def admit(self, name: str, num_prompt_tokens: int) -> Verdict:
         """Take a request of key `name` and its prompt's tokens, or say which limit holds it back."""
         tenant = self._tenants[name]
         limit, wait_s = tenant.seconds_until_admitted(num_prompt_tokens)
@@ -67,7 +70,7 @@ class KeyLimiter:
             tenant.admit(num_prompt_tokens)
         return self._verdict(tenant, limit, wait_s)
 
-    def charge(self, name: str, num_tokens: int) -> Verdict:
+    async def charge(self, name: str, num_tokens: int) -> Verdict:
         """Take the output tokens of an answer of key `name` (the bucket may go below zero)."""
         tenant = self._tenants[name]
         tenant.charge_output(num_tokens)

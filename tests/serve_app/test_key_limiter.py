@@ -38,11 +38,11 @@ class Service:
         self.num_admit_calls += 1
         if self.is_down:
             raise ConnectionError("limiter replica is restarting")
-        return self.limiter.admit(name, num_prompt_tokens)
+        return await self.limiter.admit(name, num_prompt_tokens)
 
     def _charge(self, name: str, num_tokens: int) -> None:
         if not self.is_down:
-            self.limiter.charge(name, num_tokens)
+            asyncio.run(self.limiter.charge(name, num_tokens))
 
     def tenant(self, name: str):
         return self.tenants.identify(f"Bearer key-{name}")
