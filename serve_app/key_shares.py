@@ -27,6 +27,7 @@ Plain Python, no Ray: the router feeds demands and asks what is owed; the clock 
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 
@@ -114,20 +115,27 @@ class CommittedBlocks:
 
     def __init__(self, window_s: float, clock: Callable[[], float]) -> None:
         self.window_s = window_s
+        # Requests come and go on the replica's event loop while Serve reads the routing stats in its thread pool.
+        self._lock = threading.Lock()
         self._by_request: dict[str, tuple[str, int]] = {}
         self._by_key: dict[str, int] = {}
         self._peaks = KeyShares(window_s, clock)  # each key's totals as demands: their peaks within the window
         self.total = 0
 
     def add(self, request_id: str, key: str, num_blocks: int) -> None:
-        self.remove(request_id)
-        self._by_request[request_id] = (key, num_blocks)
-        self._by_key[key] = self._by_key.get(key, 0) + num_blocks
-        self.total += num_blocks
-        if self.window_s > 0 and num_blocks > 0:
-            self._peaks.note_demand(key, self._by_key[key])
+        with self._lock:
+            self._remove(request_id)
+            self._by_request[request_id] = (key, num_blocks)
+            self._by_key[key] = self._by_key.get(key, 0) + num_blocks
+            self.total += num_blocks
+            if self.window_s > 0 and num_blocks > 0:
+                self._peaks.note_demand(key, self._by_key[key])
 
     def remove(self, request_id: str) -> None:
+        with self._lock:
+            self._remove(request_id)
+
+    def _remove(self, request_id: str) -> None:
         key, num_blocks = self._by_request.pop(request_id, (None, 0))
         if key is None:
             return
@@ -145,20 +153,23 @@ class CommittedBlocks:
         blocks freed, ahead of the other keys' next requests; turned back, it waits in its ingress's fair
         queue instead. A key that holds nothing here, or the only key active here, always fits: the engine
         queues or preempts as it would without keys."""
-        if self._by_key.get(key, 0) == 0:
-            return True
-        demands = self.peak_by_key()
-        demands[key] = max(demands.get(key, 0), self._by_key[key] + num_blocks)
-        if len(demands) < 2:
-            return True
-        owed = owed_to_others(key, num_blocks, num_total_blocks, self._by_key, demands)
-        return num_total_blocks - self.total - num_blocks >= owed
+        with self._lock:
+            if self._by_key.get(key, 0) == 0:
+                return True
+            demands = self._peaks.active_demands()
+            demands[key] = max(demands.get(key, 0), self._by_key[key] + num_blocks)
+            if len(demands) < 2:
+                return True
+            owed = owed_to_others(key, num_blocks, num_total_blocks, self._by_key, demands)
+            return num_total_blocks - self.total - num_blocks >= owed
 
     def by_key(self) -> dict[str, int]:
         """Each key's blocks now (keys with none absent)."""
-        return {key: blocks for key, blocks in self._by_key.items() if blocks > 0}
+        with self._lock:
+            return {key: blocks for key, blocks in self._by_key.items() if blocks > 0}
 
     def peak_by_key(self) -> dict[str, int]:
         """Each key's largest total within the window (keys past it are forgotten)."""
-        return self._peaks.active_demands()
+        with self._lock:
+            return self._peaks.active_demands()
 

@@ -354,9 +354,11 @@ class EngineReplica:
         """Requests the ingresses' fair queues hold back: the latest count of each ingress heard from within
         `INGRESS_HELD_TTL_S` (older ones are forgotten)."""
         now = time.monotonic()
-        for ingress_id in [i for i, (_, at) in self._held_by_ingress.items() if now - at > INGRESS_HELD_TTL_S]:
-            del self._held_by_ingress[ingress_id]
-        return sum(count for count, _ in self._held_by_ingress.values())
+        # A copy first (one step under the GIL): submits add entries on the event loop while Serve's thread pool
+        # runs this.
+        for ingress_id in [i for i, (_, at) in list(self._held_by_ingress.items()) if now - at > INGRESS_HELD_TTL_S]:
+            self._held_by_ingress.pop(ingress_id, None)
+        return sum(count for count, _ in list(self._held_by_ingress.values()))
 
     async def check_health(self) -> None:
         """Ray Serve's health check: an exception marks the replica unhealthy and it is replaced."""
