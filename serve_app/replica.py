@@ -333,7 +333,9 @@ class EngineReplica:
         oldest_s = time.monotonic() - RECENT_ARRIVALS_S
         while self._recent_arrivals and self._recent_arrivals[0][0] < oldest_s:
             self._recent_arrivals.popleft()
-        return [request_id for _, request_id in self._recent_arrivals]
+        # A copy first: submits append on the event loop while Serve runs this in its thread pool, and a deque
+        # walked in Python while it grows raises.
+        return [request_id for _, request_id in list(self._recent_arrivals)]
 
     def _routable_free_blocks(self, stats: Any) -> int:
         """Blocks free once every held request reaches its max_tokens (never more than the engine's free now)."""

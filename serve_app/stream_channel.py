@@ -183,10 +183,11 @@ class Outboxes:
                 self._drop(ingress_id)
 
     def stats(self) -> dict[str, Any]:
+        outboxes = list(self._by_ingress.values())  # one step: Serve calls this from its thread pool
         return {
-            "num_channels": sum(o.num_channels for o in self._by_ingress.values()),
-            "num_messages": self.num_messages_closed + sum(o.num_messages for o in self._by_ingress.values()),
-            "num_items": self.num_items_closed + sum(o.num_items for o in self._by_ingress.values()),
+            "num_channels": sum(o.num_channels for o in outboxes),
+            "num_messages": self.num_messages_closed + sum(o.num_messages for o in outboxes),
+            "num_items": self.num_items_closed + sum(o.num_items for o in outboxes),
         }
 
 
