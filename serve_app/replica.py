@@ -17,7 +17,7 @@ import importlib
 import json
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -119,7 +119,7 @@ class EngineReplica:
         call aborts the request. A request turned back gets `KeyOverShareError` as its only item (sent, not
         raised: a turn-back is routine under a flood, not an error for Serve to log)."""
         self._held_by_ingress[request.reply_to] = (request.num_held_by_ingress, time.monotonic())
-        num_blocks = blocks_for(request.routing_demand.num_tokens, self.block_size)
+        num_blocks = self._blocks_of(request)
         if not self._committed_blocks.leaves_others_room(request.api_key_name, num_blocks,
                                                          self.engine.get_stats().num_total_blocks):
             # Several ingresses' routers sent this key past its share here within one report period: the
@@ -128,12 +128,21 @@ class EngineReplica:
                                     f"replica {self.replica_id}")
             return
         # Committed before the first await, so the next request's check counts this one.
+        with self._committed(request, num_blocks), self.outboxes.request(request.reply_to) as outbox:
+            yield Accepted(self.replica_id)
+            async for item in self._run(request):
+                outbox.put(request.request_id, for_the_wire(item) if isinstance(item, RequestOutput) else item)
+
+    def _blocks_of(self, request: GenerateRequest) -> int:
+        """The request's worst case here: prompt + n * max_tokens, in blocks."""
+        return blocks_for(request.routing_demand.num_tokens, self.block_size)
+
+    @contextlib.contextmanager
+    def _committed(self, request: GenerateRequest, num_blocks: int) -> Iterator[None]:
+        """The request's blocks count as committed (routing stats, the share check) until it ends."""
         self._committed_blocks.add(request.request_id, request.api_key_name, num_blocks)
         try:
-            with self.outboxes.request(request.reply_to) as outbox:
-                yield Accepted(self.replica_id)
-                async for item in self.generate(request):
-                    outbox.put(request.request_id, for_the_wire(item) if isinstance(item, RequestOutput) else item)
+            yield
         finally:
             self._committed_blocks.remove(request.request_id)
 
@@ -153,11 +162,16 @@ class EngineReplica:
                 "prefix_cache_hits": stats.num_prefix_cache_hits_total}
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput | ReplicaError]:
+        """Stream one request's deltas on this call (for callers without a channel); its blocks count as
+        committed while it runs, as a submitted request's do."""
+        with self._committed(request, self._blocks_of(request)):
+            async for item in self._run(request):
+                yield item
+
+    async def _run(self, request: GenerateRequest) -> AsyncIterator[RequestOutput | ReplicaError]:
         """Stream the engine's deltas; on any exit before the end, abort so the blocks return."""
         is_finished = False
         timing = RequestTiming(request.request_id)
-        self._committed_blocks.add(request.request_id, request.api_key_name,
-                                   blocks_for(request.routing_demand.num_tokens, self.block_size))
         self._recent_arrivals.append((time.monotonic(), request.request_id))
         prompt = request.prompt if request.prompt_token_ids is None else request.prompt_token_ids
         stream = self._engine_stream(request, prompt)
@@ -189,7 +203,6 @@ class EngineReplica:
             logger.exception("request %s failed", request.request_id)
             yield ReplicaError(500, "internal_server_error", f"request failed: {type(exc).__name__}: {exc}")
         finally:
-            self._committed_blocks.remove(request.request_id)
             if not is_finished and timing.finish_reason is None:
                 timing.finish_reason = "abort"
             self._record_request(timing, request)
