@@ -32,7 +32,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from pagedserve.serve_app.tenants import KeyLimits, RateLimitedError, Tenant, TokenBucket
+from pagedserve.serve_app.tenants import KeyLimits, RateLimitedError, Tenant, TokenBucket, limit_holding_back
 
 logger = logging.getLogger("ray.serve")
 
@@ -67,7 +67,7 @@ class KeyLimiter:
         tenant = self._tenants[name]
         limit, wait_s = tenant.seconds_until_admitted(num_prompt_tokens)
         if limit is None:
-            tenant.admit(num_prompt_tokens)
+            tenant.take(num_prompt_tokens)
         return self._verdict(tenant, limit, wait_s)
 
     async def charge(self, name: str, num_tokens: int) -> Verdict:
@@ -124,12 +124,8 @@ class _KeyState:
 
     def surely_refused(self, num_prompt_tokens: int) -> RateLimitedError | None:
         """The refusal the limiter would give now, if the bounds already tell (None: ask it)."""
-        if self.requests is not None and (wait_s := self.requests.seconds_until(1)) > 0:
-            return self.tenant.refusal("requests_per_s", wait_s)
-        if self.tokens is not None and num_prompt_tokens > 0 and (
-                wait_s := self.tokens.seconds_until(num_prompt_tokens)) > 0:
-            return self.tenant.refusal("tokens_per_min", wait_s)
-        return None
+        limit, wait_s = limit_holding_back(self.requests, self.tokens, num_prompt_tokens)
+        return None if limit is None else self.tenant.refusal(limit, wait_s)
 
 
 AdmitCall = Callable[[str, int], Awaitable[Verdict]]

@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 ANONYMOUS = "anonymous"  # the tenant of every request when no API key is configured
 
@@ -107,17 +108,8 @@ class Tenant:
                 f"({self.limits.tokens_per_min:g})")
 
     def seconds_until_admitted(self, num_prompt_tokens: int) -> tuple[str | None, float]:
-        """(None, 0) if a request with this many prompt tokens would be admitted now; else the limit that holds
-        it back and how long until it would not (the requests bucket first)."""
-        if self.requests is not None:
-            wait_s = self.requests.seconds_until(1)
-            if wait_s > 0:
-                return "requests_per_s", wait_s
-        if self.tokens is not None and num_prompt_tokens > 0:
-            wait_s = self.tokens.seconds_until(num_prompt_tokens)
-            if wait_s > 0:
-                return "tokens_per_min", wait_s
-        return None, 0.0
+        """`limit_holding_back` over this tenant's buckets."""
+        return limit_holding_back(self.requests, self.tokens, num_prompt_tokens)
 
     def admit(self, num_prompt_tokens: int) -> None:
         """Take one request and the prompt's tokens, both or neither: `RateLimitedError` if a bucket lacks them
@@ -126,6 +118,10 @@ class Tenant:
         limit, wait_s = self.seconds_until_admitted(num_prompt_tokens)
         if limit is not None:
             raise self.refusal(limit, wait_s)
+        self.take(num_prompt_tokens)
+
+    def take(self, num_prompt_tokens: int) -> None:
+        """Take one request and the prompt's tokens, already found admitted (`seconds_until_admitted`)."""
         if self.requests is not None:
             self.requests.force_take(1)
         if self.tokens is not None and num_prompt_tokens > 0:
@@ -142,6 +138,26 @@ class Tenant:
     def charge_output(self, num_tokens: int) -> None:
         if self.tokens is not None and num_tokens > 0:
             self.tokens.force_take(num_tokens)
+
+
+class _Bucket(Protocol):
+    def seconds_until(self, amount: float) -> float: ...
+
+
+def limit_holding_back(requests: _Bucket | None, tokens: _Bucket | None,
+                       num_prompt_tokens: int) -> tuple[str | None, float]:
+    """(None, 0) if a request with this many prompt tokens may be admitted by these buckets (either None: no such
+    limit) now; else the limit that holds it back and how long until it would not (the requests bucket first).
+    The buckets are a tenant's own, or an ingress's bounds of the service's (serve_app/key_limiter.py)."""
+    if requests is not None:
+        wait_s = requests.seconds_until(1)
+        if wait_s > 0:
+            return "requests_per_s", wait_s
+    if tokens is not None and num_prompt_tokens > 0:
+        wait_s = tokens.seconds_until(num_prompt_tokens)
+        if wait_s > 0:
+            return "tokens_per_min", wait_s
+    return None, 0.0
 
 
 def _whole_seconds(seconds: float) -> int:
