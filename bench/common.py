@@ -9,13 +9,14 @@ to load. Times are seconds, memory is bytes, rates are tokens per second.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
 import platform
 import random
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -420,3 +421,18 @@ def comparison_table(results: Sequence[BenchResult], baseline_index: int = -1) -
     for label, cells, ratio in rows:
         lines.append("| " + " | ".join([label, *cells, ratio]) + " |")
     return "\n".join(lines)
+
+
+async def run_within(coroutines: Sequence[Awaitable[None]], timeout_s: float) -> None:
+    """Run the requests' coroutines together for at most `timeout_s`: those unfinished then are cancelled (a
+    cancelled stream aborts its request and frees its blocks) and left out; the first error of the others is
+    raised."""
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    _, unfinished = await asyncio.wait(tasks, timeout=timeout_s)
+    for task in unfinished:
+        task.cancel()
+    await asyncio.gather(*unfinished, return_exceptions=True)
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()
+

@@ -58,6 +58,7 @@ from common import (  # noqa: E402
     meets_slo,
     poisson_arrivals_s,
     random_token_workload,
+    run_within,
     summarize_timings,
     write_json,
 )
@@ -211,14 +212,7 @@ async def one_pass(engine, prompts: list[list[int]], arrivals_s: list[float], ma
         timings.append(RequestTiming(sent, first, last, num_tokens))
         gaps_s.extend(own_gaps)  # only a finished request's gaps count
 
-    tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
-    _, unfinished = await asyncio.wait(tasks, timeout=arrivals_s[-1] + max_drain_s)
-    for task in unfinished:  # cancelling the stream aborts its request and frees its blocks
-        task.cancel()
-    await asyncio.gather(*unfinished, return_exceptions=True)
-    for task in tasks:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            raise task.exception()
+    await run_within([one(i) for i in range(len(prompts))], arrivals_s[-1] + max_drain_s)
     wall_s = max((t.last_token_s for t in timings), default=started) - started
     return timings, gaps_s, len(lags_s), max(lags_s, default=0.0), wall_s
 

@@ -30,6 +30,7 @@ from common import (  # noqa: E402
     machine_description,
     poisson_arrivals_s,
     random_token_workload,
+    run_within,
     summarize_timings,
     write_json,
 )
@@ -61,14 +62,7 @@ async def one_pass(engine, prompts: list[list[int]], arrivals_s: list[float], cl
             num_tokens += len(delta.outputs[0].token_ids)
         timings[classes[index]].append(RequestTiming(sent, first, last, num_tokens))
 
-    tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
-    _, unfinished = await asyncio.wait(tasks, timeout=arrivals_s[-1] + max_drain_s)
-    for task in unfinished:  # cancelling the stream aborts its request
-        task.cancel()
-    await asyncio.gather(*unfinished, return_exceptions=True)
-    for task in tasks:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            raise task.exception()
+    await run_within([one(i) for i in range(len(prompts))], arrivals_s[-1] + max_drain_s)
     return timings
 
 
