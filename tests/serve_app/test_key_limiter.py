@@ -11,20 +11,13 @@ import random
 import pytest
 from pagedserve.serve_app.key_limiter import LIMITER_RETRY_S, KeyBudgets, KeyLimiter, Verdict
 from pagedserve.serve_app.tenants import KeyLimits, PromptOverBudgetError, RateLimitedError, Tenants
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now_s = 100.0
-
-    def __call__(self) -> float:
-        return self.now_s
+from fake_clock import FakeClock  # beside this file (conftest puts the folder on sys.path)
 
 
 class Service:
     """`num_ingresses` ingresses' budgets over one limiter; counts the limiter's calls."""
 
-    def __init__(self, limits: dict[str, KeyLimits], num_ingresses: int, clock: Clock) -> None:
+    def __init__(self, limits: dict[str, KeyLimits], num_ingresses: int, clock: FakeClock) -> None:
         self.clock = clock
         self.limiter = KeyLimiter(limits, clock)
         self.tenants = Tenants([(name, f"key-{name}", key_limits) for name, key_limits in limits.items()]
@@ -58,22 +51,22 @@ class Service:
 
 
 def test_a_key_gets_its_limit_once_over_every_ingress() -> None:
-    clock = Clock()
+    clock = FakeClock()
     service = Service({"team": KeyLimits(requests_per_s=2)}, num_ingresses=4, clock=clock)
     admitted = sum(service.admit(i % 4, "team") for i in range(40))  # a burst spread over four ingresses
     assert admitted == 2  # one second's worth, not four
     for _ in range(10):  # then 2 a second, wherever they arrive
-        clock.now_s += 0.5
+        clock.now += 0.5
         assert sum(service.admit(random.randrange(4), "team") for _ in range(5)) == 1
     assert all(service.admit(i % 4, "free") for i in range(100))  # a key without limits is never held back
 
 
 def test_tokens_are_shared_too_and_outputs_are_charged_wherever_they_end() -> None:
-    clock = Clock()
+    clock = FakeClock()
     service = Service({"team": KeyLimits(tokens_per_min=600)}, num_ingresses=2, clock=clock)
     assert service.admit(0, "team", 400) and service.admit(1, "team", 200)
     assert not service.admit(0, "team", 10) and not service.admit(1, "team", 10)
-    clock.now_s += 30  # 300 back
+    clock.now += 30  # 300 back
     service.ingresses[1].charge(service.tenant("team"), 250)  # an answer of 250 tokens ends on ingress 1
     assert not service.admit(0, "team", 60)  # 50 left
     assert service.admit(0, "team", 50)
@@ -84,13 +77,13 @@ def test_tokens_are_shared_too_and_outputs_are_charged_wherever_they_end() -> No
 def test_an_ingress_refuses_a_flood_without_asking_and_only_what_the_limiter_would() -> None:
     """Each refusal given without a call is one the limiter would give at that moment (its bound of the levels
     never falls below the limiter's); a flood at 10x the limit costs about a call per admitted request."""
-    clock = Clock()
+    clock = FakeClock()
     limits = KeyLimits(requests_per_s=4, tokens_per_min=6000)
     service = Service({"team": limits}, num_ingresses=3, clock=clock)
     rng = random.Random(0)
     num_admitted = num_sent = 0
     for _ in range(400):  # 40 requests/s for 10 s, outputs charged at random ingresses
-        clock.now_s += 0.025
+        clock.now += 0.025
         ingress, prompt = rng.randrange(3), rng.randrange(1, 300)
         calls_before = service.num_admit_calls
         would_admit = service.limiter._tenants["team"].seconds_until_admitted(prompt)[0] is None
@@ -108,7 +101,7 @@ def test_an_ingress_refuses_a_flood_without_asking_and_only_what_the_limiter_wou
 
 
 def test_without_the_limiter_an_ingress_admits_by_its_share_and_comes_back(caplog) -> None:
-    clock = Clock()
+    clock = FakeClock()
     service = Service({"team": KeyLimits(requests_per_s=8)}, num_ingresses=4, clock=clock)
     service.is_down = True
     with caplog.at_level(logging.WARNING, logger="ray.serve"):
@@ -116,13 +109,13 @@ def test_without_the_limiter_an_ingress_admits_by_its_share_and_comes_back(caplo
     assert sum("limiter unreachable" in r.getMessage() for r in caplog.records) == 1
     assert service.num_admit_calls == 1  # then the share alone until the retry time
     service.is_down = False
-    clock.now_s += LIMITER_RETRY_S
+    clock.now += LIMITER_RETRY_S
     assert sum(service.admit(0, "team") for _ in range(20)) == 8  # the service's bucket, full
     assert service.num_admit_calls == 1 + 8  # asked for each admitted one; the rest refused by the bound
 
 
 def test_a_local_ingress_uses_its_own_buckets_exactly() -> None:
-    clock = Clock()
+    clock = FakeClock()
     tenants = Tenants([("team", "key-team", KeyLimits(requests_per_s=1))], clock)
     budgets = KeyBudgets(tenants.all(), clock=clock)
     team = tenants.identify("Bearer key-team")
@@ -130,6 +123,6 @@ def test_a_local_ingress_uses_its_own_buckets_exactly() -> None:
     with pytest.raises(RateLimitedError) as refused:
         budgets.check_arrival(team)
     assert refused.value.retry_after_s == 1
-    clock.now_s += 1
+    clock.now += 1
     budgets.check_arrival(team)
     asyncio.run(budgets.admit(team, 5))

@@ -4,14 +4,7 @@ recent demand, and what a request of one key must leave for the others. No Ray."
 from __future__ import annotations
 
 from pagedserve.serve_app.key_shares import CommittedBlocks, KeyShares, RecentPeak, max_min_shares
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from fake_clock import FakeClock  # beside this file (conftest puts the folder on sys.path)
 
 
 def test_light_keys_get_what_they_use_and_heavy_keys_split_the_rest() -> None:

@@ -6,14 +6,7 @@ import pytest
 from pagedserve.config.serve import RouterSettings
 from pagedserve.serve_app.messages import ReplicaReport, RoutingDemand
 from pagedserve.serve_app.router import AdmissionQueue, FreeBlocksPolicy
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from fake_clock import FakeClock  # beside this file (conftest puts the folder on sys.path)
 
 
 def report(free: int, total: int, at: float, block_size: int = 16, blocks_by_key: dict[str, int] | None = None,
@@ -24,7 +17,7 @@ def report(free: int, total: int, at: float, block_size: int = 16, blocks_by_key
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1000.0)
 
 
 def test_prefers_most_free_blocks(clock: FakeClock) -> None:

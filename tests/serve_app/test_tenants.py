@@ -15,23 +15,16 @@ from pagedserve.serve_app.tenants import (
     Tenants,
     TokenBucket,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now_s = 100.0
-
-    def __call__(self) -> float:
-        return self.now_s
+from fake_clock import FakeClock  # beside this file (conftest puts the folder on sys.path)
 
 
 def test_bucket_refills_at_its_rate_up_to_its_capacity_and_may_be_overdrawn():
-    clock = Clock()
+    clock = FakeClock()
     bucket = TokenBucket(rate_per_s=2.0, capacity=4.0, clock=clock)
     assert bucket.seconds_until(4) == 0
     bucket.force_take(4)
     assert bucket.seconds_until(1) == pytest.approx(0.5)
-    clock.now_s += 10
+    clock.now += 10
     assert bucket.level == 4.0  # capped
     bucket.force_take(10)
     assert bucket.level == -6.0 and bucket.seconds_until(2) == pytest.approx(4.0)
@@ -39,36 +32,36 @@ def test_bucket_refills_at_its_rate_up_to_its_capacity_and_may_be_overdrawn():
 
 
 def test_requests_per_s_refuses_past_the_burst_with_whole_seconds_to_wait():
-    clock = Clock()
+    clock = FakeClock()
     tenant = Tenant("flood", KeyLimits(requests_per_s=0.5), clock)
     tenant.admit(10)  # burst: at least one request
     with pytest.raises(RateLimitedError) as refused:
         tenant.admit(10)
     assert refused.value.limit == "requests_per_s" and refused.value.retry_after_s == 2
     assert "flood" in refused.value.message and "0.5 requests/s" in refused.value.message
-    clock.now_s += 2
+    clock.now += 2
     tenant.admit(10)
 
 
 def test_tokens_per_min_takes_prompts_first_and_outputs_after():
-    clock = Clock()
+    clock = FakeClock()
     tenant = Tenant("t", KeyLimits(tokens_per_min=600), clock)  # 10 tokens/s, one minute's worth of burst
     tenant.admit(500)
     tenant.charge_output(300)  # the answer was long: the bucket is now 200 below zero
     with pytest.raises(RateLimitedError) as refused:
         tenant.admit(10)
     assert refused.value.limit == "tokens_per_min" and refused.value.retry_after_s == 21
-    clock.now_s += 21
+    clock.now += 21
     tenant.admit(10)
     with pytest.raises(PromptOverBudgetError, match="more than API key 't' may use in a minute"):
         tenant.admit(601)
 
 
 def test_a_refused_request_takes_nothing_from_either_bucket():
-    clock = Clock()
+    clock = FakeClock()
     tenant = Tenant("t", KeyLimits(requests_per_s=1, tokens_per_min=60), clock)
     tenant.admit(50)
-    clock.now_s += 1  # a request back, 1 token back: 11 in the bucket
+    clock.now += 1  # a request back, 1 token back: 11 in the bucket
     with pytest.raises(RateLimitedError) as refused:
         tenant.admit(20)
     assert refused.value.limit == "tokens_per_min"
@@ -77,7 +70,7 @@ def test_a_refused_request_takes_nothing_from_either_bucket():
 
 
 def test_unlimited_key_never_refuses():
-    tenant = Tenant("free", KeyLimits(), Clock())
+    tenant = Tenant("free", KeyLimits(), FakeClock())
     assert not tenant.is_limited
     for _ in range(1000):
         tenant.admit(10**6)
