@@ -13,7 +13,10 @@ Two parts, split so the policy is testable without Ray:
   blocks of one that just ended stay subtracted until the next report); between equal headroom, the
   replica owning fewer recent prefixes, then a random one, so new prefixes spread over the replicas'
   caches. A request for a LoRA adapter goes first to the replicas that hold it (then by headroom, as
-  above); another loads it when the request reaches it. When no replica has room the request waits in a
+  above); another loads it when the request reaches it. A replica this router just sent a request of the
+  adapter to counts as holding it until a report taken `transit_grace_s` after that send (the request loads it
+  there on arrival): otherwise the next requests, routed before that replica's report lists the adapter,
+  would go by headroom and load copies on the other replicas. When no replica has room the request waits in a
   bounded queue (`AdmissionQueue`); past the bound or the timeout it is refused with
   `ServiceOverloadedError` (the ingress answers 429).
   With several API keys, each key's request leaves every replica the room the other recently active keys
@@ -128,6 +131,9 @@ class FreeBlocksPolicy:
         self.shares = KeyShares(settings.fair_share_window_s, clock) if settings.fair_share_window_s > 0 else None
         self._prefix_owner: OrderedDict[bytes, ReplicaKey] = OrderedDict()
         self._num_prefixes_owned: dict[ReplicaKey, int] = {}
+        # Per replica, when this router last sent it a request under each LoRA adapter; kept until a report that
+        # must show the adapter there (taken transit_grace_s after the send) says what the replica holds.
+        self._lora_sent_s: dict[ReplicaKey, dict[str, float]] = {}
 
     # Reports and replica set -------------------------------------------------------------------------
 
@@ -145,6 +151,10 @@ class FreeBlocksPolicy:
             self._add_reported(previous, -1)
         self._add_reported(report, 1)
         self._reports[replica] = report
+        sent = self._lora_sent_s.get(replica)
+        if sent:
+            for name in [n for n, sent_s in sent.items() if sent_s + self.transit_grace_s <= report.report_time_s]:
+                del sent[name]
         for request_id, reservation in list(self._reservations_of.get(replica, {}).items()):
             if not reservation.is_counted_by_report and (
                 request_id in report.recent_request_ids
@@ -174,6 +184,7 @@ class FreeBlocksPolicy:
             self._pending_blocks.pop(replica, None)
             self._pending_by_key.pop(replica, None)
             self._num_prefixes_owned.pop(replica, None)
+            self._lora_sent_s.pop(replica, None)
         for key in [k for k, r in self._prefix_owner.items() if r in gone]:
             del self._prefix_owner[key]
 
@@ -193,9 +204,12 @@ class FreeBlocksPolicy:
         return blocks_for(demand.num_tokens, report.block_size)
 
     def holds_lora(self, replica: ReplicaKey, lora_name: str) -> bool:
-        """Whether the replica's latest report lists the adapter."""
+        """Whether the replica's latest report lists the adapter, or this router sent it a request under the adapter
+        that no report taken since can be trusted to show (that request loads it there)."""
         report = self._reports.get(replica)
-        return report is not None and lora_name in report.lora_names
+        if report is not None and lora_name in report.lora_names:
+            return True
+        return lora_name in self._lora_sent_s.get(replica, ())
 
     def estimated_free_blocks(self, replica: ReplicaKey) -> int | None:
         """Reported free blocks minus what was sent since that report (never below zero).
@@ -232,6 +246,8 @@ class FreeBlocksPolicy:
             num_blocks = self.blocks_needed(replica, demand) or 0
             if demand.prefix_key is not None:
                 self._own_prefix(demand.prefix_key, replica)
+            if demand.lora_name is not None:
+                self._lora_sent_s.setdefault(replica, {})[demand.lora_name] = self._clock()
         self._drop(request_id)
         key = demand.api_key_name if demand is not None else ""
         reservation = _Reservation(replica, num_blocks, self._clock(), key)
@@ -337,7 +353,7 @@ class FreeBlocksPolicy:
                     ranked.insert(0, owner)
         if demand.lora_name is not None:
             # Adapter affinity first: a replica that holds the adapter serves it at once; others load it.
-            holds = {c for c in ranked if demand.lora_name in self._reports[c].lora_names}
+            holds = {c for c in ranked if self.holds_lora(c, demand.lora_name)}
             ranked = [c for c in ranked if c in holds] + [c for c in ranked if c not in holds]
         ranked.extend(unknown)
         if not ranked:

@@ -222,6 +222,26 @@ def test_lora_requests_go_first_to_replicas_holding_the_adapter(clock: FakeClock
     assert policy.holds_lora("b", "sql") and not policy.holds_lora("a", "sql")  # the hit/miss metric's test
 
 
+def test_a_replica_just_sent_an_adapter_holds_it_until_a_report_taken_after_the_send(clock: FakeClock) -> None:
+    """Between reports the router remembers where it sent an adapter's requests (they load it there), so the next
+    ones follow instead of loading a copy on the replica with more room; a report taken transit_grace_s after the
+    send says what the replica holds."""
+    policy = FreeBlocksPolicy(transit_grace_s=0.5, clock=clock)
+    policy.update_report("a", report(90, 100, clock.now))
+    policy.update_report("b", report(60, 100, clock.now))
+    sql = RoutingDemand(16, 16, lora_name="sql")
+    assert policy.decide(["a", "b"], sql).replicas == ["a", "b"] and not policy.holds_lora("b", "sql")
+    policy.reserve("b", "r1", sql)  # Ray sent it to b (a was busy, say)
+    assert policy.holds_lora("b", "sql") and policy.decide(["a", "b"], sql).replicas == ["b", "a"]
+    assert policy.decide(["a", "b"], RoutingDemand(16, 16, lora_name="chat")).replicas == ["a", "b"]
+    clock.now += 0.2
+    policy.update_report("b", report(58, 100, clock.now))  # may predate the request's arrival: still b
+    assert policy.decide(["a", "b"], sql).replicas == ["b", "a"]
+    clock.now += 0.5
+    policy.update_report("b", report(58, 100, clock.now))  # after the grace and without sql: b does not hold it
+    assert not policy.holds_lora("b", "sql") and policy.decide(["a", "b"], sql).replicas == ["a", "b"]
+
+
 def test_unknown_replicas_are_tried_after_known_ones_with_room(clock: FakeClock) -> None:
     policy = FreeBlocksPolicy(transit_grace_s=0.0, clock=clock)
     policy.update_report("a", report(5, 10, clock.now))
