@@ -30,23 +30,27 @@ ROUTERS = {"free blocks + prefix affinity (product)": None,
            "random among replicas with room": "random_router:RandomPlacementRouter"}
 
 
+def router_options(args: dict, router_class: str) -> dict:
+    """Engine-replica deployment options that route with `router_class` under the product's router settings for
+    the app `args` (for ray_harness's `build_app_with` / `fake_engine_app`)."""
+    from pagedserve.config.serve import ServeArgs
+    from pagedserve.serve_app.app import replica_options
+
+    from ray.serve.config import RequestRouterConfig
+
+    product = replica_options(ServeArgs.from_args({"engine_class": "fake_engine:FakeAsyncEngine", **args}))
+    config = product["request_router_config"]  # the same settings, another class (a copy would keep the class)
+    return {"request_router_config": RequestRouterConfig(
+        request_router_class=router_class, request_router_kwargs=config.request_router_kwargs,
+        request_routing_stats_period_s=config.request_routing_stats_period_s,
+        request_routing_stats_timeout_s=config.request_routing_stats_timeout_s,
+        initial_backoff_s=config.initial_backoff_s, max_backoff_s=config.max_backoff_s)}
+
+
 def hit_rate_through(cluster, name: str, args: dict, router_class: str | None, workload: list[list[int]]) -> float:
     from ray import serve
 
-    options = {}
-    if router_class is not None:
-        from pagedserve.config.serve import ServeArgs
-        from pagedserve.serve_app.app import replica_options
-
-        from ray.serve.config import RequestRouterConfig
-
-        product = replica_options(ServeArgs.from_args({"engine_class": "fake_engine:FakeAsyncEngine", **args}))
-        config = product["request_router_config"]  # the same settings, another class (a copy would keep the class)
-        options["request_router_config"] = RequestRouterConfig(
-            request_router_class=router_class, request_router_kwargs=config.request_router_kwargs,
-            request_routing_stats_period_s=config.request_routing_stats_period_s,
-            request_routing_stats_timeout_s=config.request_routing_stats_timeout_s,
-            initial_backoff_s=config.initial_backoff_s, max_backoff_s=config.max_backoff_s)
+    options = router_options(args, router_class) if router_class is not None else {}
     with fake_engine_app(cluster, name, args, **options) as base:
         with httpx.Client(base_url=base, timeout=60) as client:
             for prompt in workload:
