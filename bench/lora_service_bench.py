@@ -7,7 +7,8 @@ local Ray cluster of its own (the tests' harness: 8 logical CPUs, Serve's proxy 
 replicas of `--max-loras` (2) device slots each, so no replica can hold all 4 adapters on its device at once.
 Three applications, one after the other on the same cluster:
 
-  startup   `lora_modules` names the 4 adapters: every replica registers all 4 at start, product router
+  startup   `lora_modules` names the 4 adapters: every replica registers all 4 at start (none in a device slot
+            until a request runs under it), product router
   runtime   LoRA on, no start-up adapters; the 4 loaded through `/v1/load_lora_adapter` (one engine replica
             loads each then; the other loads it when a request for it lands there), product router
   random    as runtime, but the router places each request on a random replica with room
@@ -15,12 +16,12 @@ Three applications, one after the other on the same cluster:
 
 Each sends `--num-requests` streamed completions (request i under adapter i mod 4, greedy, EOS ignored,
 `--max-tokens` each) at most `--concurrency` at a time, checks each is a 200 with tokens, and reads from Ray's
-metrics: the router's `pagedserve_router_lora_affinity` (hit: the replica chosen listed the adapter in its
-latest report, or the router had just sent it a request under the adapter) and the replicas'
+metrics: the router's `pagedserve_router_lora_affinity` (hit: the replica chosen had the adapter in one of its
+device slots by its latest report, or the router had just sent it a request under the adapter), the replicas'
 `pagedserve_lora_requests` per adapter and replica (how many replicas served each adapter: 1 is ideal, and
-then each replica needs only the device slots of its own adapters). Random placement is measured (the random
-row), not computed: under it every replica ends up serving every adapter. In `startup` every replica lists
-every adapter from the start, so its hit rate is 1 under any placement (the counter says nothing there).
+then each replica needs only the device slots of its own adapters) and their `pagedserve_lora_slot_loads`
+(adapters copied into a device slot: 4 in all is the floor, one per adapter; more is churn). Random placement
+is measured (the random row), not computed: under it every replica ends up serving every adapter.
 Before the load, in `startup`, 2 prompts per adapter are sent one at a time and their greedy text must equal
 the offline engine's (`LLM(..., lora_modules=...)`, `generate(..., lora=name)`). Prints a table; `--out`
 writes JSON. Needs the test extras and a checkout (the tests' harness and random router).
@@ -95,6 +96,16 @@ def affinity_counts(samples: list) -> dict[str, float]:
         if name == "ray_pagedserve_router_lora_affinity_total" and labels.get("outcome") in counts:
             counts[labels["outcome"]] += value
     return counts
+
+
+def slot_loads(samples: list) -> dict[str, int]:
+    """{replica: adapters copied into its device slots} (the replicas' counter as of their latest stats report)."""
+    loads: dict[str, int] = {}
+    for name, labels, value in samples:
+        if name == "ray_pagedserve_lora_slot_loads_total":
+            replica = labels.get("replica", "?")
+            loads[replica] = loads.get(replica, 0) + int(value)
+    return loads
 
 
 def lora_requests(samples: list) -> dict[str, dict[str, float]]:
@@ -187,9 +198,12 @@ def run_mode(cluster, mode: str, model: str, adapters: dict[str, str], app_args:
 
         def counted() -> list | None:
             samples = scrape(cluster.metrics_url, f"lora-{mode}")
-            seen.update(affinity=affinity_counts(samples), served=lora_requests(samples))
+            seen.update(affinity=affinity_counts(samples), served=lora_requests(samples), loads=slot_loads(samples))
+            # A replica's slot loads reach the scrape with its next stats report: at least one per adapter it served.
+            pairs = [replica for by_replica in seen["served"].values() for replica in by_replica]
             return samples if sum(seen["affinity"].values()) >= expected and \
-                sum(sum(r.values()) for r in seen["served"].values()) >= expected else None
+                sum(sum(r.values()) for r in seen["served"].values()) >= expected and \
+                all(seen["loads"].get(replica, 0) >= pairs.count(replica) for replica in set(pairs)) else None
 
         samples = wait_for(counted, 30, lambda: f"the metrics of {expected} LoRA requests in lora-{mode} "
                            f"(seen: {seen}; failures: {[r.error for r in results if not r.ok]})", period_s=0.5)
@@ -204,6 +218,7 @@ def run_mode(cluster, mode: str, model: str, adapters: dict[str, str], app_args:
         "affinity": affinity, "hit_rate": affinity["hit"] / max(1.0, affinity["hit"] + affinity["miss"]),
         "requests_per_adapter": {name: int(sum(served.get(name, {}).values())) for name in names},
         "replicas_per_adapter": {name: len(served.get(name, {})) for name in names},
+        "slot_loads_by_replica": slot_loads(samples),
         "service_texts": texts,
     }
 
@@ -246,14 +261,16 @@ def main() -> int:
     print(f"\n{options.num_requests} streamed requests a run ({options.max_tokens} new tokens, greedy, at most "
           f"{options.concurrency} at once) for {NUM_ADAPTERS} adapters over 2 replicas of {options.max_loras} "
           f"device slots each")
-    print("| run | requests ok | per adapter (replicas serving it) | adapter-replica pairs | router hit / miss "
-          "| hit rate |")
-    print("|---|---|---|---|---|---|")
+    print("| run | requests ok | per adapter (replicas serving it) | adapter-replica pairs | device slot loads "
+          "(per replica) | router hit / miss | hit rate |")
+    print("|---|---|---|---|---|---|---|")
     for run in runs:
         per_adapter = ", ".join(f"{n} {c} ({run['replicas_per_adapter'][n]})"
                                 for n, c in run["requests_per_adapter"].items())
+        loads = run["slot_loads_by_replica"]
         print(f"| {run['label']} | {run['num_requests'] - run['failures']}/{run['num_requests']} | {per_adapter} "
-              f"| {sum(run['replicas_per_adapter'].values())} | {run['affinity']['hit']:.0f} / "
+              f"| {sum(run['replicas_per_adapter'].values())} | {sum(loads.values())} "
+              f"({', '.join(str(n) for n in sorted(loads.values()))}) | {run['affinity']['hit']:.0f} / "
               f"{run['affinity']['miss']:.0f} | {run['hit_rate']:.3f} |")
     print(f"greedy through the service = offline: {len(offline) * len(CHECK_PROMPTS) - len(mismatches)}/"
           f"{len(offline) * len(CHECK_PROMPTS)} (adapters whose text differs from the base model's: "

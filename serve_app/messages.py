@@ -19,7 +19,7 @@ class RoutingDemand:
     num_prompt_tokens: int
     max_new_tokens: int  # n * max_tokens: every completion grows its own blocks
     prefix_key: bytes | None = None  # the cache's key of the first prompt block (cache/prefix_cache.py)
-    lora_name: str | None = None  # the LoRA adapter it runs under: replicas holding it are preferred
+    lora_name: str | None = None  # the LoRA adapter it runs under: replicas with it in a device slot are preferred
     api_key_name: str = ""  # the key that sent it: each key's share of a replica's blocks (serve_app/key_shares.py)
 
     @property
@@ -38,7 +38,11 @@ class ReplicaReport:
     num_waiting: int = 0
     report_time_s: float = 0.0  # wall clock of the replica when the snapshot was taken
     engine_dead: bool = False  # the replica lives but its engine does not: it is about to be replaced
-    lora_names: frozenset[str] = frozenset()  # LoRA adapters its engine holds (adapter affinity)
+    # LoRA adapters on its engine: in its `max_loras` device slots now (a request under one runs at once: adapter
+    # affinity), read into its host memory (a slot load is a copy), and registered (lora_modules or loaded since).
+    lora_slot_names: frozenset[str] = frozenset()
+    lora_host_names: frozenset[str] = frozenset()
+    lora_names: frozenset[str] = frozenset()
     # Requests the replica received lately (within RECENT_ARRIVALS_S of the report): the report counts them, so a
     # router stops subtracting their blocks itself without waiting out its transit grace.
     recent_request_ids: frozenset[str] = frozenset()
@@ -61,6 +65,8 @@ class ReplicaReport:
             num_waiting=int(stats.get("num_waiting", 0)),
             report_time_s=float(stats.get("report_time_s", 0.0)),
             engine_dead=bool(stats.get("engine_dead", False)),
+            lora_slot_names=frozenset(stats.get("lora_slot_names", ())),
+            lora_host_names=frozenset(stats.get("lora_host_names", ())),
             lora_names=frozenset(stats.get("lora_names", ())),
             recent_request_ids=frozenset(stats.get("recent_request_ids", ())),
             blocks_by_key=_positive_counts(stats.get("blocks_by_key")),

@@ -94,6 +94,9 @@ REPLICA_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                           ("lora_name",)),
     "pagedserve_lora_time_to_first_token_seconds": (
         "histogram", "Arrival at the engine to first token, by LoRA adapter.", ("lora_name",)),
+    "pagedserve_lora_slot_loads": (
+        "counter", "LoRA adapters copied into one of the engine's max_loras device slots (each evicts the least "
+        "recently used when the slots are full): adapter churn.", ()),
     "pagedserve_decode_prefill_ratio": (
         "gauge", "Decode tokens / prefill tokens over the recent window (prefill floored at 1 token).", ()),
     "pagedserve_step_time_seconds": (
@@ -138,7 +141,8 @@ ROUTER_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         ("reason",)),
     "pagedserve_router_queue_length": ("gauge", "Requests waiting in the router for a replica with room.", ()),
     "pagedserve_router_lora_affinity": (
-        "counter", "LoRA requests routed, by outcome: hit (the replica held the adapter) or miss (it loads it).",
+        "counter", "LoRA requests routed, by outcome: hit (the replica had the adapter in a device slot, or was "
+        "just sent a request under it) or miss (it loads it into a slot).",
         ("outcome",)),
 }
 

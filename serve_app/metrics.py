@@ -169,6 +169,7 @@ class ReplicaMetrics:
             "vllm_spec_decode_num_accepted_tokens": stats.spec_decode.num_accepted_tokens,
             "pagedserve_spec_decode_requests_held_back": stats.spec_decode.num_requests_held_back,
             "pagedserve_spec_decode_probes": stats.spec_decode.num_probes,
+            "pagedserve_lora_slot_loads": stats.num_lora_slot_loads_total,
         }
         spec = stats.spec_decode
         spec_steps = dict(zip(SPEC_DECODE_DECISIONS, (spec.num_spec_steps, spec.num_plain_steps_by_rule,

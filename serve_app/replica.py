@@ -335,6 +335,10 @@ class EngineReplica:
             "num_running": stats.num_running,
             "num_waiting": stats.num_waiting,
             "report_time_s": time.time(),
+            # Adapter affinity: what sits in the engine's device slots (and host memory) after its latest step,
+            # not only what is registered (with lora_modules every replica registers every adapter).
+            "lora_slot_names": list(stats.lora_slot_names),
+            "lora_host_names": list(stats.lora_host_names),
             "lora_names": self._lora_names(),
             "recent_request_ids": self._recent_request_ids(),
             "blocks_by_key": {} if engine_dead else self._committed_blocks.by_key(),

@@ -12,11 +12,12 @@ Two parts, split so the policy is testable without Ray:
   request's own blocks, of the best (its prefix cache hits; one request's worth is no imbalance, and the
   blocks of one that just ended stay subtracted until the next report); between equal headroom, the
   replica owning fewer recent prefixes, then a random one, so new prefixes spread over the replicas'
-  caches. A request for a LoRA adapter goes first to the replicas that hold it (then by headroom, as
-  above); another loads it when the request reaches it. A replica this router just sent a request of the
-  adapter to counts as holding it until a report taken `transit_grace_s` after that send (the request loads it
-  there on arrival): otherwise the next requests, routed before that replica's report lists the adapter,
-  would go by headroom and load copies on the other replicas. When no replica has room the request waits in a
+  caches. A request for a LoRA adapter goes first to the replicas with room that hold it in one of their
+  `max_loras` device slots, then to those with it in host memory, then to the rest (by headroom, as above,
+  within each); a replica loads it into a slot when the request runs there. A replica this router just sent
+  a request of the adapter to counts as holding it until a report taken `transit_grace_s` after that send
+  (the request loads it there): otherwise the next requests, routed before that replica's report lists the
+  adapter, would go by headroom and load it into the other replicas' slots too. When no replica has room the request waits in a
   bounded queue (`AdmissionQueue`); past the bound or the timeout it is refused with
   `ServiceOverloadedError` (the ingress answers 429).
   With several API keys, each key's request leaves every replica the room the other recently active keys
@@ -204,12 +205,22 @@ class FreeBlocksPolicy:
         return blocks_for(demand.num_tokens, report.block_size)
 
     def holds_lora(self, replica: ReplicaKey, lora_name: str) -> bool:
-        """Whether the replica's latest report lists the adapter, or this router sent it a request under the adapter
-        that no report taken since can be trusted to show (that request loads it there)."""
+        """Whether the adapter is in one of the replica's device slots by its latest report, or this router sent it
+        a request under the adapter that no report taken since can be trusted to show (that request loads it into a
+        slot there). Registered is not enough: a replica registers every `lora_modules` adapter at start-up, but
+        runs a request at once only under the `max_loras` adapters in its slots."""
         report = self._reports.get(replica)
-        if report is not None and lora_name in report.lora_names:
+        if report is not None and lora_name in report.lora_slot_names:
             return True
         return lora_name in self._lora_sent_s.get(replica, ())
+
+    def lora_tier(self, replica: ReplicaKey, lora_name: str) -> int:
+        """How near the replica has the adapter: 0 in a device slot (`holds_lora`), 1 in host memory (a slot load
+        is a copy), 2 neither (it reads the adapter's files first)."""
+        if self.holds_lora(replica, lora_name):
+            return 0
+        report = self._reports.get(replica)
+        return 1 if report is not None and lora_name in report.lora_host_names else 2
 
     def estimated_free_blocks(self, replica: ReplicaKey) -> int | None:
         """Reported free blocks minus what was sent since that report (never below zero).
@@ -352,9 +363,11 @@ class FreeBlocksPolicy:
                     ranked.remove(owner)
                     ranked.insert(0, owner)
         if demand.lora_name is not None:
-            # Adapter affinity first: a replica that holds the adapter serves it at once; others load it.
-            holds = {c for c in ranked if self.holds_lora(c, demand.lora_name)}
-            ranked = [c for c in ranked if c in holds] + [c for c in ranked if c not in holds]
+            # Adapter affinity first, among replicas with room only: one with the adapter in a device slot serves
+            # it at once; then one with it in host memory (a copy into a slot, evicting the least recently used);
+            # the rest read it first. Within each, the order above (a stable sort).
+            tiers = {c: self.lora_tier(c, demand.lora_name) for c in ranked}
+            ranked.sort(key=tiers.__getitem__)
         ranked.extend(unknown)
         if not ranked:
             # While other keys are active, a key that already holds blocks waits for room in its ingress, not in

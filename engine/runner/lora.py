@@ -382,6 +382,15 @@ class LoraManager:
     def has(self, name: str) -> bool:
         return name in self._paths
 
+    def slot_names(self) -> tuple[str, ...]:
+        """Adapters in the device's slots now, least recently used first (the next evicted leads)."""
+        return tuple(self._slot_of)
+
+    def host_names(self) -> tuple[str, ...]:
+        """Adapters read into host memory now (a slot load copies them without reading files), least recently
+        used first."""
+        return tuple(self._host)
+
     def adapters(self) -> list[LoraInfo]:
         return [LoraInfo(name, path, self._ranks[name], name in self._slot_of) for name, path in self._paths.items()]
 

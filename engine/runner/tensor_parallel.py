@@ -534,7 +534,7 @@ class MirroredLora:
         self._runner = runner
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._runner.local.lora, name)  # has, adapters, counters: rank 0's
+        return getattr(self._runner.local.lora, name)  # has, adapters, slot and host names, counters: rank 0's
 
     def add(self, name: str, path: str) -> Any:
         adapter = self._runner.local.lora.add(name, path)

@@ -165,6 +165,14 @@ def test_steps_are_queued_on_the_delivering_thread_and_recorded_with_the_next_sn
     assert metrics._metrics["vllm_iteration_tokens_total"].calls == []  # each step recorded once
 
 
+def test_lora_slot_loads_count_the_engines_total_by_its_increments() -> None:
+    metrics = ReplicaMetrics(model_name="m", replica="r")
+    metrics._metrics = collections.defaultdict(_Recorded)
+    for total in (0, 3, 3, 5):
+        metrics.observe(_stats(num_lora_slot_loads_total=total))
+    assert [c[1] for c in metrics._metrics["pagedserve_lora_slot_loads"].calls] == [3, 2]
+
+
 def test_a_request_records_at_most_a_sample_of_its_inter_token_latencies() -> None:
     assert sample_evenly([1.0, 2.0], 32) == [1.0, 2.0]
     values = [float(i) for i in range(255)]

@@ -208,18 +208,51 @@ def test_a_key_waits_in_its_ingress_while_it_holds_blocks_and_other_keys_are_act
     assert policy.held_blocks("a") == {} and policy.decide(["a"], calm).kind == "route"
 
 
+def lora_report(free: int, total: int, at: float, slots: list[str] = (), host: list[str] = (),
+                registered: list[str] = ()) -> ReplicaReport:
+    """A report as the replica's routing stats carry it (through `from_routing_stats`)."""
+    return ReplicaReport.from_routing_stats({
+        "num_free_blocks": free, "num_total_blocks": total, "block_size": 16, "report_time_s": at,
+        "lora_slot_names": list(slots), "lora_host_names": list(host), "lora_names": list(registered)})
+
+
 def test_lora_requests_go_first_to_replicas_holding_the_adapter(clock: FakeClock) -> None:
     policy = FreeBlocksPolicy(transit_grace_s=0.0, clock=clock)
     policy.update_report("a", report(90, 100, clock.now))
-    policy.update_report("b", ReplicaReport.from_routing_stats({
-        "num_free_blocks": 20, "num_total_blocks": 100, "block_size": 16, "report_time_s": clock.now,
-        "lora_names": ["sql"]}))
+    policy.update_report("b", lora_report(20, 100, clock.now, slots=["sql"], host=["sql"], registered=["sql"]))
     policy.update_report("c", report(10, 100, clock.now))
     assert policy.decide(["a", "b", "c"], RoutingDemand(16, 16, lora_name="sql")).replicas == ["b", "a", "c"]
     # A replica without room is not chosen for holding the adapter; the base model ignores adapters.
     assert policy.decide(["a", "b"], RoutingDemand(16, 400, lora_name="sql")).replicas == ["a"]
     assert policy.decide(["a", "b"], RoutingDemand(16, 16)).replicas == ["a", "b"]
     assert policy.holds_lora("b", "sql") and not policy.holds_lora("a", "sql")  # the hit/miss metric's test
+
+
+def test_lora_affinity_goes_by_device_slots_then_host_memory_not_by_registration(clock: FakeClock) -> None:
+    """With lora_modules every replica registers every adapter: only the `max_loras` in a replica's device slots run
+    at once there, so they decide (and count as a hit); one in host memory only needs a copy into a slot, so such
+    a replica comes next; then the rest, by headroom within each group. Affinity never picks a replica without
+    room."""
+    policy = FreeBlocksPolicy(transit_grace_s=0.0, clock=clock)
+    everything = ["sql", "chat", "math", "code"]
+    policy.update_report("a", lora_report(90, 100, clock.now, slots=["sql", "chat"], host=everything,
+                                          registered=everything))
+    policy.update_report("b", lora_report(60, 100, clock.now, slots=["math", "code"], host=["sql", "math", "code"],
+                                          registered=everything))
+    policy.update_report("c", lora_report(80, 100, clock.now, slots=[], host=[], registered=everything))
+    for name, order in {"sql": ["a", "b", "c"], "chat": ["a", "c", "b"], "math": ["b", "a", "c"],
+                        "code": ["b", "a", "c"]}.items():
+        assert policy.decide(["a", "b", "c"], RoutingDemand(16, 16, lora_name=name)).replicas == order, name
+    assert [policy.holds_lora(r, "chat") for r in "abc"] == [True, False, False]  # registered everywhere: one hit
+    assert [policy.lora_tier(r, "sql") for r in "abc"] == [0, 1, 2]
+    # b holds math in a slot but has no room for this request: affinity does not override room.
+    assert policy.decide(["a", "b", "c"], RoutingDemand(16, 61 * 16, lora_name="math")).replicas == ["a", "c"]
+    # A report taken after an eviction moves the adapter's requests with it.
+    clock.now += 1.0
+    policy.update_report("a", lora_report(90, 100, clock.now, slots=["chat", "code"], host=everything,
+                                          registered=everything))
+    assert policy.decide(["a", "b", "c"], RoutingDemand(16, 16, lora_name="code")).replicas == ["a", "b", "c"]
+    assert not policy.holds_lora("a", "sql") and policy.lora_tier("a", "sql") == 1
 
 
 def test_a_replica_just_sent_an_adapter_holds_it_until_a_report_taken_after_the_send(clock: FakeClock) -> None:

@@ -120,6 +120,36 @@ def test_prefix_cache_is_per_adapter_and_adapters_load_at_run_time(lora_setup):
     llm.engine.shutdown()
 
 
+def test_stats_name_the_adapters_in_device_slots_least_recently_used_first(lora_setup):
+    """What replicas report for adapter affinity (serve_app/router.py): the adapters in the `max_loras` device slots
+    after each step, least recently used first (the next evicted leads), those in host memory, and slot loads."""
+    model_dir, adapters = lora_setup("llama")
+    first, second, third = ADAPTERS
+    llm = LLM(str(model_dir), dtype="float32", block_size=8, lora_modules=adapters, max_loras=2, max_cpu_loras=2)
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+
+    def after(*names: str | None):
+        llm.generate([[5, 6, 7, 8]] * len(names), params, use_tqdm=False, lora=list(names))
+        stats = llm.engine.get_stats()
+        return stats.lora_slot_names, stats.num_lora_slot_loads_total
+
+    stats = llm.engine.get_stats()
+    # Registered all three at start-up; none on the device yet; host memory keeps the 2 read last.
+    assert (stats.lora_slot_names, stats.num_lora_slot_loads_total) == ((), 0)
+    assert stats.lora_host_names == (second, third) and llm.engine.lora_names() == [first, second, third]
+    assert after(first) == ((first,), 1)
+    assert after(None) == ((first,), 1)  # the base model takes no slot
+    assert after(second) == ((first, second), 2)
+    assert after(first) == ((second, first), 2)  # a hit moves it to the back, loads nothing
+    assert after(third) == ((first, third), 3)  # evicts the least recently used: second
+    assert after(second, third) == ((second, third), 4)  # one step of both: first evicted, third kept
+    # Host memory (2) is LRU by slot loads: second was on it; first, read again earlier, dropped by third.
+    assert llm.engine.get_stats().lora_host_names == (third, second)
+    llm.engine.remove_lora(third)
+    assert llm.engine.get_stats().lora_slot_names == (second,)
+    llm.engine.shutdown()
+
+
 def test_adapters_that_cannot_run_are_refused_naming_why(lora_setup, tmp_path):
     model_dir, adapters = lora_setup("llama")
     with pytest.raises(ConfigError, match="rank 8 .* above max_lora_rank=4"):
