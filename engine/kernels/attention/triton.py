@@ -22,7 +22,8 @@ positions some query of the tile can see: stale table entries (recycled blocks) 
 Accumulation is in float32; grids are sized from host metadata only, so there is no device sync.
 
 An FP8 (e4m3) cache takes the `KV_FP8` constexpr branch (the bf16 kernels compile as before): stores
-quantize (`quantize_e4m3`), loads convert each K/V tile to the query's dtype, and the layer's scales
+quantize (`quantize_e4m3`), loads convert each K/V tile to the query's dtype (float16 for bfloat16 queries,
+which are converted too: one packed conversion a pair on Hopper), and the layer's scales
 (a runtime [2] tensor, so CUDA graphs capture a pointer, not a value) are folded in: the K scale into the
 score scale, the V scale into the accumulator at the end; exact, since a scale is one number per layer.
 """
@@ -125,7 +126,8 @@ def _attend_kv_tile(
 
     With IS_MASKED false the caller guarantees every position is visible to every row of the tile
     (inside the window, at or before the first query, inside the sequence), so nothing is masked.
-    With KV_FP8 the tiles are e4m3, converted to the query's dtype; the caller folds in their scales.
+    With KV_FP8 the tiles are e4m3, converted to the query's dtype (float16 for a bfloat16 model: see the
+    kernel); the caller folds in their scales.
     """
     positions = kv_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     if IS_MASKED:
@@ -336,6 +338,11 @@ def _paged_attention_kernel(
         mask=row_valid[:, None] & dim_valid[None, :],
         other=0.0,
     )
+    if KV_FP8 and q.dtype == tl.bfloat16:
+        # Both dots of an FP8 cache's tiles run in float16: on Hopper e4m3 widens to float16 in one packed
+        # conversion a pair of values, to bfloat16 only through float16 and float32 (five conversions a pair).
+        # float16 also keeps more of q's mantissa; attention queries are far inside its range.
+        q = q.to(tl.float16)
 
     # Key positions this tile can see: up to its last query (causal), from its first query's window.
     last_q_position = context_before + tl.minimum(first_q + BLOCK_Q, query_len) - 1

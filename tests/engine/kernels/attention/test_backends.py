@@ -82,6 +82,9 @@ CPU_CASES = [
          kv_scales=(0.25, 4.0)),
     Case("fp8_mixed_small_tiles_split2_fp16", 4, 2, 32, 16, (1, 21, 1), (130, 100, 64), dtype="float16",
          num_kv_splits=2, tile=(16, 16), kv_cache="fp8", kv_scales=(0.3, 0.7), max_rel_error=1e-2),
+    # bfloat16 queries over an FP8 cache: the kernel runs both dots in float16 (q converted once).
+    Case("fp8_mixed_bf16_split2", 4, 2, 32, 16, (1, 9, 1), (40, 30, 17), dtype="bfloat16", num_kv_splits=2,
+         kv_cache="fp8", kv_scales=(0.5, 0.3), max_rel_error=1e-2),
 ]
 
 GPU_CASES = [
