@@ -38,9 +38,11 @@ class ReplicaReport:
     num_waiting: int = 0
     report_time_s: float = 0.0  # wall clock of the replica when the snapshot was taken
     engine_dead: bool = False  # the replica lives but its engine does not: it is about to be replaced
-    # LoRA adapters on its engine: in its `max_loras` device slots now (a request under one runs at once: adapter
-    # affinity), read into its host memory (a slot load is a copy), and registered (lora_modules or loaded since).
-    lora_slot_names: frozenset[str] = frozenset()
+    # LoRA adapters on its engine: its device slots (`max_loras`; 0: LoRA off or not reported), the adapters in them
+    # now, least recently used first (a request under one runs at once: adapter affinity), those read into its host
+    # memory (a slot load is a copy), and those registered (lora_modules or loaded since).
+    num_lora_slots: int = 0
+    lora_slot_names: tuple[str, ...] = ()
     lora_host_names: frozenset[str] = frozenset()
     lora_names: frozenset[str] = frozenset()
     # Requests the replica received lately (within RECENT_ARRIVALS_S of the report): the report counts them, so a
@@ -65,7 +67,8 @@ class ReplicaReport:
             num_waiting=int(stats.get("num_waiting", 0)),
             report_time_s=float(stats.get("report_time_s", 0.0)),
             engine_dead=bool(stats.get("engine_dead", False)),
-            lora_slot_names=frozenset(stats.get("lora_slot_names", ())),
+            num_lora_slots=int(stats.get("num_lora_slots", 0)),
+            lora_slot_names=tuple(stats.get("lora_slot_names", ())),
             lora_host_names=frozenset(stats.get("lora_host_names", ())),
             lora_names=frozenset(stats.get("lora_names", ())),
             recent_request_ids=frozenset(stats.get("recent_request_ids", ())),

@@ -337,6 +337,7 @@ class EngineReplica:
             "report_time_s": time.time(),
             # Adapter affinity: what sits in the engine's device slots (and host memory) after its latest step,
             # not only what is registered (with lora_modules every replica registers every adapter).
+            "num_lora_slots": stats.num_lora_slots,
             "lora_slot_names": list(stats.lora_slot_names),
             "lora_host_names": list(stats.lora_host_names),
             "lora_names": self._lora_names(),

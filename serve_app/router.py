@@ -17,7 +17,9 @@ Two parts, split so the policy is testable without Ray:
   within each); a replica loads it into a slot when the request runs there. A replica this router just sent
   a request of the adapter to counts as holding it until a report taken `transit_grace_s` after that send
   (the request loads it there): otherwise the next requests, routed before that replica's report lists the
-  adapter, would go by headroom and load it into the other replicas' slots too. When no replica has room the request waits in a
+  adapter, would go by headroom and load it into the other replicas' slots too. Such sends fill the router's
+  view of the replica's slots as the engine fills them, least recently used out, so a replica never counts as
+  holding more adapters than it has slots. When no replica has room the request waits in a
   bounded queue (`AdmissionQueue`); past the bound or the timeout it is refused with
   `ServiceOverloadedError` (the ingress answers 429).
   With several API keys, each key's request leaves every replica the room the other recently active keys
@@ -132,8 +134,8 @@ class FreeBlocksPolicy:
         self.shares = KeyShares(settings.fair_share_window_s, clock) if settings.fair_share_window_s > 0 else None
         self._prefix_owner: OrderedDict[bytes, ReplicaKey] = OrderedDict()
         self._num_prefixes_owned: dict[ReplicaKey, int] = {}
-        # Per replica, when this router last sent it a request under each LoRA adapter; kept until a report that
-        # must show the adapter there (taken transit_grace_s after the send) says what the replica holds.
+        # Per replica, when this router last sent it a request under each LoRA adapter, in send order; kept until a
+        # report that must show the adapter there (taken transit_grace_s after the send) says what the replica holds.
         self._lora_sent_s: dict[ReplicaKey, dict[str, float]] = {}
 
     # Reports and replica set -------------------------------------------------------------------------
@@ -204,15 +206,26 @@ class FreeBlocksPolicy:
             return None
         return blocks_for(demand.num_tokens, report.block_size)
 
-    def holds_lora(self, replica: ReplicaKey, lora_name: str) -> bool:
-        """Whether the adapter is in one of the replica's device slots by its latest report, or this router sent it
-        a request under the adapter that no report taken since can be trusted to show (that request loads it into a
-        slot there). Registered is not enough: a replica registers every `lora_modules` adapter at start-up, but
-        runs a request at once only under the `max_loras` adapters in its slots."""
+    def lora_slots(self, replica: ReplicaKey) -> list[str]:
+        """The adapters this router takes to be in the replica's device slots, least recently used first: its latest
+        report's, then, moved to the back in send order, each adapter this router sent it a request under that no
+        report taken since can be trusted to show (the request loads it into a slot there), the least recently used
+        dropped past the replica's slot count (`max_loras`), as the engine evicts them. Without that bound a replica
+        kept sent all of the adapters in turn (each send renewing its grace) would count as holding every one and
+        draw every request while it has room, swapping its slots all the while."""
         report = self._reports.get(replica)
-        if report is not None and lora_name in report.lora_slot_names:
-            return True
-        return lora_name in self._lora_sent_s.get(replica, ())
+        slots = list(report.lora_slot_names) if report is not None else []
+        sent = self._lora_sent_s.get(replica)
+        if sent:
+            slots = [name for name in slots if name not in sent] + list(sent)
+        num_slots = report.num_lora_slots if report is not None else 0
+        return slots[-num_slots:] if num_slots > 0 else slots
+
+    def holds_lora(self, replica: ReplicaKey, lora_name: str) -> bool:
+        """Whether the adapter is in one of the replica's device slots as `lora_slots` has them. Registered is not
+        enough: a replica registers every `lora_modules` adapter at start-up, but runs a request at once only
+        under the `max_loras` adapters in its slots."""
+        return lora_name in self.lora_slots(replica)
 
     def lora_tier(self, replica: ReplicaKey, lora_name: str) -> int:
         """How near the replica has the adapter: 0 in a device slot (`holds_lora`), 1 in host memory (a slot load
@@ -258,7 +271,9 @@ class FreeBlocksPolicy:
             if demand.prefix_key is not None:
                 self._own_prefix(demand.prefix_key, replica)
             if demand.lora_name is not None:
-                self._lora_sent_s.setdefault(replica, {})[demand.lora_name] = self._clock()
+                sent = self._lora_sent_s.setdefault(replica, {})
+                sent.pop(demand.lora_name, None)  # to the back: the order is the send order
+                sent[demand.lora_name] = self._clock()
         self._drop(request_id)
         key = demand.api_key_name if demand is not None else ""
         reservation = _Reservation(replica, num_blocks, self._clock(), key)

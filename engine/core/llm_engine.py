@@ -920,6 +920,7 @@ class LLMEngine:
             last_step_num_decode_tokens=self.last_step.num_decode_tokens if self.last_step else 0,
             max_batch_tokens=self.scheduler_settings.max_batch_tokens,
             spec_decode=self._spec_stats.snapshot(),
+            num_lora_slots=0 if lora is None else lora.settings.max_loras,
             lora_slot_names=() if lora is None else lora.slot_names(),
             lora_host_names=() if lora is None else lora.host_names(),
             num_lora_slot_loads_total=0 if lora is None else lora.num_device_loads_total,

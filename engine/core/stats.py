@@ -92,8 +92,9 @@ class EngineStats:
     last_step_num_decode_tokens: int = 0
     max_batch_tokens: int = 0
     spec_decode: SpecDecodeCounts = field(default_factory=SpecDecodeCounts)
-    # LoRA (engine/runner/lora.py; rank 0's view under tensor parallel): adapters in the `max_loras` device slots
-    # and in host memory now, least recently used first; adapter copies into a slot since start (churn).
+    # LoRA (engine/runner/lora.py; rank 0's view under tensor parallel): the device slots (`max_loras`; 0: LoRA off),
+    # the adapters in them and in host memory now, least recently used first; adapter copies into a slot since start.
+    num_lora_slots: int = 0
     lora_slot_names: tuple[str, ...] = ()
     lora_host_names: tuple[str, ...] = ()
     num_lora_slot_loads_total: int = 0

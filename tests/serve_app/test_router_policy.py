@@ -209,11 +209,12 @@ def test_a_key_waits_in_its_ingress_while_it_holds_blocks_and_other_keys_are_act
 
 
 def lora_report(free: int, total: int, at: float, slots: list[str] = (), host: list[str] = (),
-                registered: list[str] = ()) -> ReplicaReport:
-    """A report as the replica's routing stats carry it (through `from_routing_stats`)."""
+                registered: list[str] = (), num_slots: int = 2) -> ReplicaReport:
+    """A report as the replica's routing stats carry it (through `from_routing_stats`); `slots` least recently used
+    first."""
     return ReplicaReport.from_routing_stats({
         "num_free_blocks": free, "num_total_blocks": total, "block_size": 16, "report_time_s": at,
-        "lora_slot_names": list(slots), "lora_host_names": list(host), "lora_names": list(registered)})
+        "num_lora_slots": num_slots, "lora_slot_names": list(slots), "lora_host_names": list(host), "lora_names": list(registered)})
 
 
 def test_lora_requests_go_first_to_replicas_holding_the_adapter(clock: FakeClock) -> None:
@@ -253,6 +254,30 @@ def test_lora_affinity_goes_by_device_slots_then_host_memory_not_by_registration
                                           registered=everything))
     assert policy.decide(["a", "b", "c"], RoutingDemand(16, 16, lora_name="code")).replicas == ["a", "b", "c"]
     assert not policy.holds_lora("a", "sql") and policy.lora_tier("a", "sql") == 1
+
+
+def test_adapters_just_sent_to_a_replica_fill_its_slots_least_recently_used_out(clock: FakeClock) -> None:
+    """Each request sent loads its adapter into a slot there, evicting the least recently used: between reports the
+    router keeps the replica's slots so, never more than it has. Otherwise a replica sent every adapter in turn (each
+    send renewing its grace) would count as holding all of them and draw every request while it had room, swapping
+    its 2 slots all the while (bench/lora_service_bench.py with lora_modules: every request on one replica)."""
+    policy = FreeBlocksPolicy(transit_grace_s=0.5, clock=clock)
+    policy.update_report("a", lora_report(90, 100, clock.now, slots=["sql", "chat"]))
+    policy.update_report("b", lora_report(90, 100, clock.now))
+    assert policy.lora_slots("a") == ["sql", "chat"]
+    for index, name in enumerate(["math", "sql", "code"]):
+        policy.reserve("a", f"r{index}", RoutingDemand(16, 16, lora_name=name))
+    assert policy.lora_slots("a") == ["sql", "code"]  # the last two sent: chat and math evicted
+    assert [policy.holds_lora("a", n) for n in ("chat", "math", "sql", "code")] == [False, False, True, True]
+    # So math goes by headroom (b has more now), and the pair it forms there stays there.
+    math = RoutingDemand(16, 16, lora_name="math")
+    assert policy.decide(["a", "b"], math).replicas == ["b", "a"]
+    policy.reserve("b", "r3", math)
+    assert policy.decide(["a", "b"], math).replicas == ["b", "a"]
+    # A report taken after the grace is the truth again (here a's step ran sql last).
+    clock.now += 1.0
+    policy.update_report("a", lora_report(90, 100, clock.now, slots=["code", "sql"]))
+    assert policy.lora_slots("a") == ["code", "sql"]
 
 
 def test_a_replica_just_sent_an_adapter_holds_it_until_a_report_taken_after_the_send(clock: FakeClock) -> None:

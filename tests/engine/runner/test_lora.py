@@ -135,7 +135,7 @@ def test_stats_name_the_adapters_in_device_slots_least_recently_used_first(lora_
 
     stats = llm.engine.get_stats()
     # Registered all three at start-up; none on the device yet; host memory keeps the 2 read last.
-    assert (stats.lora_slot_names, stats.num_lora_slot_loads_total) == ((), 0)
+    assert (stats.num_lora_slots, stats.lora_slot_names, stats.num_lora_slot_loads_total) == (2, (), 0)
     assert stats.lora_host_names == (second, third) and llm.engine.lora_names() == [first, second, third]
     assert after(first) == ((first,), 1)
     assert after(None) == ((first,), 1)  # the base model takes no slot
