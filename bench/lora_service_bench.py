@@ -219,6 +219,8 @@ def run_mode(cluster, mode: str, model: str, adapters: dict[str, str], app_args:
         "requests_per_adapter": {name: int(sum(served.get(name, {}).values())) for name in names},
         "replicas_per_adapter": {name: len(served.get(name, {})) for name in names},
         "slot_loads_by_replica": slot_loads(samples),
+        "adapters_by_replica": {replica: sorted(name for name in names if replica in served.get(name, {}))
+                                for replica in sorted({r for by_replica in served.values() for r in by_replica})},
         "service_texts": texts,
     }
 
@@ -261,16 +263,18 @@ def main() -> int:
     print(f"\n{options.num_requests} streamed requests a run ({options.max_tokens} new tokens, greedy, at most "
           f"{options.concurrency} at once) for {NUM_ADAPTERS} adapters over 2 replicas of {options.max_loras} "
           f"device slots each")
-    print("| run | requests ok | per adapter (replicas serving it) | adapter-replica pairs | device slot loads "
-          "(per replica) | router hit / miss | hit rate |")
+    print("| run | requests ok | per adapter (replicas serving it) | each replica: adapters served (device slot loads) "
+          "| slot loads | router hit / miss | hit rate |")
     print("|---|---|---|---|---|---|---|")
     for run in runs:
         per_adapter = ", ".join(f"{n} {c} ({run['replicas_per_adapter'][n]})"
                                 for n, c in run["requests_per_adapter"].items())
         loads = run["slot_loads_by_replica"]
+        by_replica = sorted((",".join(n.removeprefix("adapter-") for n in adapters) or "none", replica)
+                            for replica, adapters in {**{r: [] for r in loads}, **run["adapters_by_replica"]}.items())
         print(f"| {run['label']} | {run['num_requests'] - run['failures']}/{run['num_requests']} | {per_adapter} "
-              f"| {sum(run['replicas_per_adapter'].values())} | {sum(loads.values())} "
-              f"({', '.join(str(n) for n in sorted(loads.values()))}) | {run['affinity']['hit']:.0f} / "
+              f"| {' / '.join(f'{served_there} ({loads.get(replica, 0)})' for served_there, replica in by_replica)} "
+              f"| {sum(loads.values())} | {run['affinity']['hit']:.0f} / "
               f"{run['affinity']['miss']:.0f} | {run['hit_rate']:.3f} |")
     print(f"greedy through the service = offline: {len(offline) * len(CHECK_PROMPTS) - len(mismatches)}/"
           f"{len(offline) * len(CHECK_PROMPTS)} (adapters whose text differs from the base model's: "
