@@ -13,15 +13,16 @@ Two parts, split so the policy is testable without Ray:
   blocks of one that just ended stay subtracted until the next report); between equal headroom, the
   replica owning fewer recent prefixes, then a random one, so new prefixes spread over the replicas'
   caches. A request for a LoRA adapter goes first to the replicas with room that hold it in one of their
-  `max_loras` device slots, then to those with it in host memory, then to the rest (by headroom, as above,
-  within each); a replica loads it into a slot when the request runs there. A replica this router just sent
-  a request of the adapter to counts as holding it until a report taken `transit_grace_s` after that send
-  (the request loads it there): otherwise the next requests, routed before that replica's report lists the
-  adapter, would go by headroom and load it into the other replicas' slots too. Such sends fill the router's
-  view of the replica's slots as the engine fills them, least recently used out, so a replica never counts as
-  holding more adapters than it has slots. When no replica has room the request waits in a
-  bounded queue (`AdmissionQueue`); past the bound or the timeout it is refused with
-  `ServiceOverloadedError` (the ingress answers 429).
+  `max_loras` device slots, then to those with it in host memory, then to the rest (within the last two, the
+  replicas with more free slots first, so new adapters spread over the replicas' slots; then by headroom); a
+  replica loads it into a slot when the request runs there. A replica this router just sent a request of the
+  adapter to counts as holding it until a report taken `transit_grace_s` after that send (the request loads
+  it there): otherwise the next requests, routed before that replica's report lists the adapter, would go by
+  headroom and load it into the other replicas' slots too. Such sends fill the router's view of the
+  replica's slots as the engine fills them, least recently used out, so a replica never counts as holding
+  more adapters than it has slots. When no replica has room the request waits in a bounded queue
+  (`AdmissionQueue`); past the bound or the timeout it is refused with `ServiceOverloadedError` (the
+  ingress answers 429).
   With several API keys, each key's request leaves every replica the room the other recently active keys
   are owed there (serve_app/key_shares.py), less what they hold there service-wide: the blocks the replica
   reports for each key, plus this router's requests of it that no report counts yet. A request that finds
@@ -235,6 +236,15 @@ class FreeBlocksPolicy:
         report = self._reports.get(replica)
         return 1 if report is not None and lora_name in report.lora_host_names else 2
 
+    def _lora_rank_key(self, replica: ReplicaKey, lora_name: str) -> tuple[int, int]:
+        """(`lora_tier`, minus the free slots when it must load the adapter): lower is better."""
+        tier = self.lora_tier(replica, lora_name)
+        if tier == 0:
+            return (0, 0)
+        report = self._reports.get(replica)
+        num_slots = report.num_lora_slots if report is not None else 0
+        return (tier, -max(0, num_slots - len(self.lora_slots(replica))))
+
     def estimated_free_blocks(self, replica: ReplicaKey) -> int | None:
         """Reported free blocks minus what was sent since that report (never below zero).
 
@@ -379,10 +389,11 @@ class FreeBlocksPolicy:
                     ranked.insert(0, owner)
         if demand.lora_name is not None:
             # Adapter affinity first, among replicas with room only: one with the adapter in a device slot serves
-            # it at once; then one with it in host memory (a copy into a slot, evicting the least recently used);
-            # the rest read it first. Within each, the order above (a stable sort).
-            tiers = {c: self.lora_tier(c, demand.lora_name) for c in ranked}
-            ranked.sort(key=tiers.__getitem__)
+            # it at once; then one with it in host memory (a copy into a slot); the rest read it first. A replica
+            # that must load it goes by free slots next (a load into a free one evicts nothing another adapter's
+            # requests come back for), so new adapters spread over the replicas' slots. Then the order above.
+            keys = {c: self._lora_rank_key(c, demand.lora_name) for c in ranked}
+            ranked.sort(key=keys.__getitem__)
         ranked.extend(unknown)
         if not ranked:
             # While other keys are active, a key that already holds blocks waits for room in its ingress, not in

@@ -274,6 +274,10 @@ def test_adapters_just_sent_to_a_replica_fill_its_slots_least_recently_used_out(
     assert policy.decide(["a", "b"], math).replicas == ["b", "a"]
     policy.reserve("b", "r3", math)
     assert policy.decide(["a", "b"], math).replicas == ["b", "a"]
+    # A replica that must load an adapter: the one with more free slots first (c 2, b 1 after math, a none), though
+    # it has less room.
+    policy.update_report("c", lora_report(50, 100, clock.now))
+    assert policy.decide(["a", "b", "c"], RoutingDemand(16, 16, lora_name="new")).replicas == ["c", "b", "a"]
     # A report taken after the grace is the truth again (here a's step ran sql last).
     clock.now += 1.0
     policy.update_report("a", lora_report(90, 100, clock.now, slots=["code", "sql"]))
