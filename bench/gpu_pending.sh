@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The GPU runs that the open issues still wait for, in the order to run them, each sized for one ~10-minute call
+# on one H200 (set OUT to keep the logs; default /tmp/out). The results go to docs/benchmarks.md.
+#
+#   bash bench/gpu_pending.sh tests_lora     # MoE/FP8-experts/LoRA/spec GPU tests, then issue 29's 80% bar;
+#                                            # trains the speculative models in the background for `spec`
+#   bash bench/gpu_pending.sh spec           # issue 27: plain vs n-gram vs draft (adaptive and constant rule)
+#   bash bench/gpu_pending.sh fp8kv_online   # attention GPU tests, W1 with FP8 weights + FP8 KV (issue 25),
+#                                            # issue 24's step-time prefill rule vs the constant bound
+#   bash bench/gpu_pending.sh moe            # issue 30: rows tiles tuned, batch 1, an 8-layer profile
+#
+# A GPU host without internet (the device image) lacks pydantic, xgrammar and a few more: carry them as wheels
+# in .whl/ (bench/gpu_serve_wheels.txt lists them) and set WHEELS=.whl; they are installed into /tmp/site.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+t0=$(date +%s)
+el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+left() { echo $(( $1 - ($(date +%s) - t0) )); }  # seconds left of a budget of $1 s since the start
+if [ -n "${WHEELS:-}" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH=$PWD:/tmp/site
+else
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+P="python3 -m pytest -p no:cacheprovider -q -rfEs --tb=short --durations=8"
+GPU_TESTS='(gpu or cuda) and not gpu_fused_moe'
+
+train_models() {  # the 42M target and a small draft, trained on Python's own text (bench/train_text_model.py)
+    timeout 170 python3 bench/train_text_model.py --preset target --minutes 1.5 --out-dir /tmp/target \
+        > "$OUT/train_target.log" 2>&1
+    timeout 100 python3 bench/train_text_model.py --preset draft --minutes 0.6 --out-dir /tmp/draft \
+        --tokenizer-from /tmp/target > "$OUT/train_draft.log" 2>&1
+}
+
+case "${1:-}" in
+tests_lora)
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+    train_models &
+    el t1; timeout 170 $P -m gpu tests/engine/test_generate_matches_transformers.py -k gpu_fused_moe \
+        > "$OUT/t1_moe_engine.txt" 2>&1; el "t1 rc=$?"
+    el t2; timeout "$(left 330)" $P -k "$GPU_TESTS" tests/engine/kernels/test_moe.py \
+        tests/engine/runner/test_fp8_experts.py tests/engine/kernels/test_lora.py tests/engine/runner/test_lora.py \
+        tests/engine/spec > "$OUT/t2.txt" 2>&1; el "t2 rc=$?"
+    wait
+    el l1; timeout "$(left 575)" python3 bench/lora_bench.py --out "$OUT/lora.json" > "$OUT/lora.txt" 2>&1
+    el "l1 rc=$?"
+    for f in t1_moe_engine t2; do echo "== $f"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/$f.txt" | tail -12; done
+    tail -n 2 "$OUT/train_target.log" "$OUT/train_draft.log"
+    echo "== lora"; grep -v "INFO\|WARN\|Loading\|it/s" "$OUT/lora.txt" | tail -22
+    ;;
+spec)
+    [ -f /tmp/draft/config.json ] || { el "models missing: training"; train_models; }
+    el s1; timeout "$(left 570)" python3 bench/spec_bench.py --model /tmp/target --k 3 --draft-model /tmp/draft \
+        --draft-k 3 --batch-sizes 1,4,16,64 --num-prompts 4 --out "$OUT/spec.json" > "$OUT/spec.txt" 2>&1
+    el "s1 rc=$?"
+    grep -v "^\[\|INFO\|WARN\|Loading" "$OUT/spec.txt" | tail -45
+    ;;
+fp8kv_online)
+    el t3; timeout 170 $P -k "$GPU_TESTS" tests/engine/runner/test_fp8_kv_cache.py \
+        tests/engine/kernels/attention/test_backends.py tests/engine/test_continuation.py \
+        tests/engine/runner/test_cuda_graphs.py tests/config/test_resolve.py \
+        tests/engine/test_generate_matches_transformers.py > "$OUT/t3.txt" 2>&1; el "t3 rc=$?"
+    el f1; timeout 200 python3 bench/gpu_bench.py --skip-baseline --check-requests 0 --single-tokens 0 \
+        --quantization fp8 --kv-cache-dtype fp8 > "$OUT/fp8kv.txt" 2>&1; el "f1 rc=$?"
+    el o1; timeout "$(left 575)" python3 bench/online_engine_bench.py --rates 25 40 45 \
+        --prefill-bounds 2048 ratio:2 ratio:3 --duration-s 5 --max-drain-s 6 --out "$OUT/online.json" \
+        > "$OUT/online.txt" 2>&1; el "o1 rc=$?"
+    echo "== t3"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/t3.txt" | tail -12
+    echo "== fp8kv"; grep -v "INFO\|WARN\|Loading\|it/s" "$OUT/fp8kv.txt" | tail -14
+    echo "== online"; tail -n 16 "$OUT/online.txt"
+    ;;
+moe)
+    el m1; timeout 150 python3 bench/moe_bench.py --micro-only --tune --tokens 1,2,4,8 --micro-kernels rows \
+        --out "$OUT/moe_tune.json" > "$OUT/moe_tune.txt" 2>&1; el "m1 rc=$?"
+    el m2; timeout 200 python3 bench/moe_bench.py --no-micro --workloads b1 --backends fused --baseline none \
+        --out "$OUT/moe_b1.json" > "$OUT/moe_b1.txt" 2>&1; el "m2 rc=$?"
+    el m3; timeout "$(left 560)" python3 bench/moe_bench.py --profile --layers 8 --out "$OUT/moe_profile.json" \
+        > "$OUT/moe_profile.txt" 2>&1; el "m3 rc=$?"
+    for f in moe_tune moe_b1 moe_profile; do echo "== $f"; grep -v "INFO\|WARN\|Loading" "$OUT/$f.txt" | tail -25; done
+    ;;
+*)
+    sed -n '2,14p' "$0"; exit 2
+    ;;
+esac
