@@ -36,7 +36,10 @@ def quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row of `values` ([..., K]) to e4m3 with its own scale: (quantized, float32 scales [..., 1]).
     The reference: plain PyTorch, any device."""
     amax = values.abs().amax(dim=-1, keepdim=True).float()
-    scale = (amax / FP8_MAX).clamp(min=MIN_SCALE)
+    # Divided by a tensor on amax's device: on CUDA, torch divides by a Python number as a product with its
+    # reciprocal (one bit off at times), which made the GPU's reference scales differ from the CPU's and from
+    # the Triton kernel's IEEE division.
+    scale = (amax / amax.new_tensor(FP8_MAX)).clamp(min=MIN_SCALE)
     quantized = (values.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return quantized, scale
 
