@@ -31,8 +31,10 @@ GPU_MAX_BATCH_TOKENS = 8192
 # 4096 all kept the goodput SLOs to 45 req/s, 512 missed TTFT from 40; 2048 had the lowest ITL p99 there
 # (46.9 ms vs 54.0 unbounded). On CPU auto is no bound, as before the knob: nothing measured there asks for one.
 GPU_MAX_PREFILL_TOKENS_WHILE_DECODING = 2048
-# prefill_step_time_ratio auto on CUDA: None (off, the constant bound above alone) until bench/online_engine_bench.py
-# --prefill-bounds 2048 ratio:2 ratio:3 ... measures the rule against the constant on a GPU. On CPU auto is off.
+# prefill_step_time_ratio auto on CUDA: None (off, the constant bound above alone). Measured on one H200 (d9dfec0,
+# bench/online_engine_bench.py --rates 25 40 45 --prefill-bounds 2048 ratio:2 ratio:3): every rule met the SLOs at
+# every rate and none had the lower ITL/TPOT p99 at every rate (docs/benchmarks.md), so the simpler constant stays.
+# On CPU auto is off.
 GPU_PREFILL_STEP_TIME_RATIO: float | None = None
 # attention_backend auto on CUDA, by compute capability major (the GPU generation): the backend that
 # bench/attention_bench.py --backends triton flash_paged and bench/gpu_bench.py (W1, batch 1) measured faster
