@@ -59,6 +59,10 @@ class LoraStepIndex:
         counts.scatter_add_(0, token_slots.clamp(min=0).long(), is_adapter.to(torch.int32))
         num_base = (~is_adapter).sum().to(torch.int32)
         starts = (torch.cumsum(counts, 0, dtype=torch.int32) - counts + num_base).to(torch.int32)
+        # The row count changes every step: compiled layers that read these take it as a dynamic size from the
+        # first graph on, rather than compiling a static graph and then recompiling.
+        torch._dynamo.maybe_mark_dynamic(token_slots, 0)
+        torch._dynamo.maybe_mark_dynamic(sorted_ids, 0)
         return cls(token_slots, sorted_ids, counts, starts)
 
 

@@ -95,10 +95,26 @@ def compile_regions(model: torch.nn.Module) -> list[torch.nn.Module]:
                       and type(module).__name__.endswith(("RotaryEmbedding", "RMSNorm"))]
 
 
+# How many graphs torch.compile keeps for one function before it runs that function eagerly for good (torch's
+# default: 8). A layer's code object serves every decoder layer and meets a step's variants: one row or many
+# (sizes 0 and 1 are specialized), steps with and without adapter rows, the first static then the dynamic
+# graph, each of them again for the resumes around the paged attention kept out of the graph. On the H200,
+# LoRA W1 went past 8 and its layers ran eager (0.08 of base W1's tokens/s).
+RECOMPILE_LIMIT = 64
+
+
+def raise_recompile_limit() -> None:
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
+
+
 class CompiledForward:
     """Callable like the model; owns the current rung of the ladder. Eager once every rung failed."""
 
     def __init__(self, model: torch.nn.Module, settings: CompileSettings, dependent_launch: bool = False) -> None:
+        raise_recompile_limit()
         self.model = model
         self.regions = compile_regions(model)
         self._ladder = compile_ladder(settings, dependent_launch)  # the runner wraps the model only when it compiles

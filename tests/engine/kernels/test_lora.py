@@ -181,3 +181,22 @@ def test_grouped_kernels_on_gpu_at_the_8b_qkv_shape(dtype_name: str) -> None:
 
 if __name__ == "__main__" and WORKER_FLAG in sys.argv:
     _interpreter_worker()
+
+
+def test_a_compiled_reader_of_the_step_index_takes_its_row_count_as_dynamic():
+    """A step's row count changes every step: a compiled function reading the index compiles one graph for
+    all of them, not a static one first and a recompile on the next step's count."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter)
+    def gather(index: LoraStepIndex, x: torch.Tensor) -> torch.Tensor:
+        return x[index.sorted_ids.long()] * (index.token_slots[:, None] + 2)
+
+    torch._dynamo.reset()
+    x = torch.randn(16, 4)  # one size: only the index's row count changes
+    for rows in (3, 5, 9):
+        slots = torch.tensor([(-1, 0, 1)[i % 3] for i in range(rows)])
+        gather(LoraStepIndex.build(slots, 2), x)
+    assert counter.frame_count == 1

@@ -190,3 +190,23 @@ def test_programmatic_launch_reaches_inductor_only_where_asked():
     assert CompileOptions(False, None, "max-autotune", "inductor", True, True).inductor_options is None
     assert all(not rung.dependent_launch for rung in compile_ladder(resolved(EngineConfig(compile=True)).runner.compile))
     assert not supports_programmatic_launch(torch.device("cpu"))
+
+
+def test_compiling_raises_torchs_recompile_limit():
+    """torch's default keeps 8 graphs a function, fewer than a decoder layer's step variants (LoRA W1 on the H200
+    went eager past it): compiling raises it, and never lowers a higher one."""
+    import torch._dynamo.config as dynamo_config
+
+    from pagedserve.engine.runner.compile import RECOMPILE_LIMIT
+
+    settings = resolved(EngineConfig(compile=True, compile_backend="eager")).runner.compile
+    before = dynamo_config.recompile_limit
+    try:
+        dynamo_config.recompile_limit = 8
+        CompiledForward(BreakingModel(), settings)
+        assert dynamo_config.recompile_limit == RECOMPILE_LIMIT
+        dynamo_config.recompile_limit = 4 * RECOMPILE_LIMIT
+        CompiledForward(BreakingModel(), settings)
+        assert dynamo_config.recompile_limit == 4 * RECOMPILE_LIMIT
+    finally:
+        dynamo_config.recompile_limit = before
