@@ -39,12 +39,12 @@ class ReplicaReport:
     report_time_s: float = 0.0  # wall clock of the replica when the snapshot was taken
     engine_dead: bool = False  # the replica lives but its engine does not: it is about to be replaced
     # LoRA adapters on its engine: its device slots (`max_loras`; 0: LoRA off or not reported), the adapters in them
-    # now, least recently used first (a request under one runs at once: adapter affinity), those read into its host
-    # memory (a slot load is a copy), and those registered (lora_modules or loaded since).
+    # now, least recently used first (a request under one runs at once: adapter affinity), and those read into its
+    # host memory (a slot load is a copy). Registered alone counts for nothing: with lora_modules every replica
+    # registers every adapter.
     num_lora_slots: int = 0
     lora_slot_names: tuple[str, ...] = ()
     lora_host_names: frozenset[str] = frozenset()
-    lora_names: frozenset[str] = frozenset()
     # Requests the replica received lately (within RECENT_ARRIVALS_S of the report): the report counts them, so a
     # router stops subtracting their blocks itself without waiting out its transit grace.
     recent_request_ids: frozenset[str] = frozenset()
@@ -70,7 +70,6 @@ class ReplicaReport:
             num_lora_slots=int(stats.get("num_lora_slots", 0)),
             lora_slot_names=tuple(stats.get("lora_slot_names", ())),
             lora_host_names=frozenset(stats.get("lora_host_names", ())),
-            lora_names=frozenset(stats.get("lora_names", ())),
             recent_request_ids=frozenset(stats.get("recent_request_ids", ())),
             blocks_by_key=_positive_counts(stats.get("blocks_by_key")),
             peak_blocks_by_key=_positive_counts(stats.get("peak_blocks_by_key")),

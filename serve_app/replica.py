@@ -340,7 +340,6 @@ class EngineReplica:
             "num_lora_slots": stats.num_lora_slots,
             "lora_slot_names": list(stats.lora_slot_names),
             "lora_host_names": list(stats.lora_host_names),
-            "lora_names": self._lora_names(),
             "recent_request_ids": self._recent_request_ids(),
             "blocks_by_key": {} if engine_dead else self._committed_blocks.by_key(),
             "peak_blocks_by_key": {} if engine_dead else self._committed_blocks.peak_by_key(),

@@ -209,18 +209,18 @@ def test_a_key_waits_in_its_ingress_while_it_holds_blocks_and_other_keys_are_act
 
 
 def lora_report(free: int, total: int, at: float, slots: list[str] = (), host: list[str] = (),
-                registered: list[str] = (), num_slots: int = 2) -> ReplicaReport:
+                num_slots: int = 2) -> ReplicaReport:
     """A report as the replica's routing stats carry it (through `from_routing_stats`); `slots` least recently used
     first."""
     return ReplicaReport.from_routing_stats({
         "num_free_blocks": free, "num_total_blocks": total, "block_size": 16, "report_time_s": at,
-        "num_lora_slots": num_slots, "lora_slot_names": list(slots), "lora_host_names": list(host), "lora_names": list(registered)})
+        "num_lora_slots": num_slots, "lora_slot_names": list(slots), "lora_host_names": list(host)})
 
 
 def test_lora_requests_go_first_to_replicas_holding_the_adapter(clock: FakeClock) -> None:
     policy = FreeBlocksPolicy(transit_grace_s=0.0, clock=clock)
     policy.update_report("a", report(90, 100, clock.now))
-    policy.update_report("b", lora_report(20, 100, clock.now, slots=["sql"], host=["sql"], registered=["sql"]))
+    policy.update_report("b", lora_report(20, 100, clock.now, slots=["sql"], host=["sql"]))
     policy.update_report("c", report(10, 100, clock.now))
     assert policy.decide(["a", "b", "c"], RoutingDemand(16, 16, lora_name="sql")).replicas == ["b", "a", "c"]
     # A replica without room is not chosen for holding the adapter; the base model ignores adapters.
@@ -236,22 +236,19 @@ def test_lora_affinity_goes_by_device_slots_then_host_memory_not_by_registration
     room."""
     policy = FreeBlocksPolicy(transit_grace_s=0.0, clock=clock)
     everything = ["sql", "chat", "math", "code"]
-    policy.update_report("a", lora_report(90, 100, clock.now, slots=["sql", "chat"], host=everything,
-                                          registered=everything))
-    policy.update_report("b", lora_report(60, 100, clock.now, slots=["math", "code"], host=["sql", "math", "code"],
-                                          registered=everything))
-    policy.update_report("c", lora_report(80, 100, clock.now, slots=[], host=[], registered=everything))
+    policy.update_report("a", lora_report(90, 100, clock.now, slots=["sql", "chat"], host=everything))
+    policy.update_report("b", lora_report(60, 100, clock.now, slots=["math", "code"], host=["sql", "math", "code"]))
+    policy.update_report("c", lora_report(80, 100, clock.now, slots=[], host=[]))
     for name, order in {"sql": ["a", "b", "c"], "chat": ["a", "c", "b"], "math": ["b", "a", "c"],
                         "code": ["b", "a", "c"]}.items():
         assert policy.decide(["a", "b", "c"], RoutingDemand(16, 16, lora_name=name)).replicas == order, name
-    assert [policy.holds_lora(r, "chat") for r in "abc"] == [True, False, False]  # registered everywhere: one hit
+    assert [policy.holds_lora(r, "chat") for r in "abc"] == [True, False, False]  # lora_modules registers it everywhere: one hit
     assert [policy.lora_tier(r, "sql") for r in "abc"] == [0, 1, 2]
     # b holds math in a slot but has no room for this request: affinity does not override room.
     assert policy.decide(["a", "b", "c"], RoutingDemand(16, 61 * 16, lora_name="math")).replicas == ["a", "c"]
     # A report taken after an eviction moves the adapter's requests with it.
     clock.now += 1.0
-    policy.update_report("a", lora_report(90, 100, clock.now, slots=["chat", "code"], host=everything,
-                                          registered=everything))
+    policy.update_report("a", lora_report(90, 100, clock.now, slots=["chat", "code"], host=everything))
     assert policy.decide(["a", "b", "c"], RoutingDemand(16, 16, lora_name="code")).replicas == ["a", "b", "c"]
     assert not policy.holds_lora("a", "sql") and policy.lora_tier("a", "sql") == 1
 
