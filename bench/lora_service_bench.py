@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import sys
 import tempfile
 import time
@@ -49,7 +48,7 @@ TESTS_DIR = BENCH_DIR.parent / "tests"
 sys.path[:0] = [str(BENCH_DIR), str(TESTS_DIR), str(TESTS_DIR / "serve_app")]
 from lora_bench import write_adapters  # noqa: E402
 from prefix_affinity_bench import router_options  # noqa: E402
-from ray_harness import build_app_with, deployed, local_cluster, wait_for  # noqa: E402
+from ray_harness import build_app_with, deployed, local_cluster, metric_samples, wait_for  # noqa: E402
 from serve_bench import one_request  # noqa: E402
 from tiny_models import build_tiny_model  # noqa: E402
 
@@ -79,12 +78,7 @@ def scrape(metrics_url: str, application: str) -> list[tuple[str, dict[str, str]
     """(name, labels, value) of the pagedserve samples Ray's metrics agent exports from the application's
     processes: our metrics carry no application label, so its processes are the workers of Serve's own series
     labelled with it (the cluster still exports the series of applications deleted before)."""
-    samples = []
-    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
-        match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\{(.*)\}\s+(\S+)", line)
-        if match is not None:
-            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2)))
-            samples.append((match.group(1), labels, float(match.group(3))))
+    samples = metric_samples(httpx.get(metrics_url, timeout=10).text)
     workers = {labels.get("WorkerId") for _, labels, _ in samples if labels.get("application") == application}
     return [(name, labels, value) for name, labels, value in samples
             if name.startswith("ray_pagedserve_") and labels.get("WorkerId") in workers]
@@ -196,19 +190,18 @@ def run_mode(cluster, mode: str, model: str, adapters: dict[str, str], app_args:
 
         seen: dict[str, Any] = {}
 
-        def counted() -> list | None:
+        def counted() -> bool:
             samples = scrape(cluster.metrics_url, f"lora-{mode}")
             seen.update(affinity=affinity_counts(samples), served=lora_requests(samples), loads=slot_loads(samples))
             # A replica's slot loads reach the scrape with its next stats report: at least one per adapter it served.
             pairs = [replica for by_replica in seen["served"].values() for replica in by_replica]
-            return samples if sum(seen["affinity"].values()) >= expected and \
-                sum(sum(r.values()) for r in seen["served"].values()) >= expected and \
-                all(seen["loads"].get(replica, 0) >= pairs.count(replica) for replica in set(pairs)) else None
+            return (sum(seen["affinity"].values()) >= expected
+                    and sum(sum(r.values()) for r in seen["served"].values()) >= expected
+                    and all(seen["loads"].get(replica, 0) >= pairs.count(replica) for replica in set(pairs)))
 
-        samples = wait_for(counted, 30, lambda: f"the metrics of {expected} LoRA requests in lora-{mode} "
-                           f"(seen: {seen}; failures: {[r.error for r in results if not r.ok]})", period_s=0.5)
-    affinity = affinity_counts(samples)
-    served = lora_requests(samples)
+        wait_for(counted, 30, lambda: f"the metrics of {expected} LoRA requests in lora-{mode} "
+                 f"(seen: {seen}; failures: {[r.error for r in results if not r.ok]})", period_s=0.5)
+    affinity, served = seen["affinity"], seen["served"]  # as of the scrape that met the counts
     failures = [r.error or "no tokens" for r in results if not r.ok or not r.num_output_tokens]
     return {
         "mode": mode, "label": label, "service_start_s": round(start_s, 1), "load_s": round(load_s, 2),
@@ -218,7 +211,7 @@ def run_mode(cluster, mode: str, model: str, adapters: dict[str, str], app_args:
         "affinity": affinity, "hit_rate": affinity["hit"] / max(1.0, affinity["hit"] + affinity["miss"]),
         "requests_per_adapter": {name: int(sum(served.get(name, {}).values())) for name in names},
         "replicas_per_adapter": {name: len(served.get(name, {})) for name in names},
-        "slot_loads_by_replica": slot_loads(samples),
+        "slot_loads_by_replica": seen["loads"],
         "adapters_by_replica": {replica: sorted(name for name in names if replica in served.get(name, {}))
                                 for replica in sorted({r for by_replica in served.values() for r in by_replica})},
         "service_texts": texts,

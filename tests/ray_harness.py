@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -116,6 +117,21 @@ def local_cluster() -> Iterator[RayCluster]:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
             os.environ["RAY_AUTH_MODE"] = previous_auth_mode
+
+
+def metric_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of each sample line of a Prometheus text exposition, such as the cluster's metrics
+    agent serves at `RayCluster.metrics_url` (comments and blank lines skipped)."""
+    samples = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)", line)
+        if match is None:
+            continue
+        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(3) or ""))
+        samples.append((match.group(1), labels, float(match.group(4))))
+    return samples
 
 
 def wait_until_healthy(base: str, timeout_s: float = 180.0) -> None:

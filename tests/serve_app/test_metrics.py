@@ -271,7 +271,7 @@ def test_engine_log_records_reach_the_replicas_serve_log() -> None:
 
 ray = pytest.importorskip("ray")
 from pagedserve.serve_app import build_app  # noqa: E402
-from ray_harness import deployed  # noqa: E402
+from ray_harness import deployed, metric_samples  # noqa: E402
 
 API_KEY = "metrics-key"
 NUM_LONG, LONG_TOKENS = 4, 300
@@ -284,15 +284,7 @@ def parse_scrape(text: str, application: str, model: str) -> dict[tuple[str, fro
     this module's application only: the series of the processes that recorded something for `model` (its
     engine replica and ingress) and those Serve labels with `application`. The session's cluster is shared,
     and its metrics agent still exports the series of applications deleted before."""
-    samples = []
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)", line)
-        if match is None:
-            continue
-        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(3) or ""))
-        samples.append((match.group(1), labels, float(match.group(4))))
+    samples = metric_samples(text)
     workers = {labels.get("WorkerId") for _, labels, _ in samples if labels.get("model") == model}
     series: dict[tuple[str, frozenset], float] = {}
     for name, labels, value in samples:
