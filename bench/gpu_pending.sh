@@ -8,6 +8,7 @@
 #   bash bench/gpu_pending.sh fp8kv_online   # attention GPU tests, W1 with FP8 weights + FP8 KV (issue 25),
 #                                            # issue 24's step-time prefill rule vs the constant bound
 #   bash bench/gpu_pending.sh moe            # issue 30: rows tiles tuned, batch 1, an 8-layer profile
+#   bash bench/gpu_pending.sh lora_moe       # LoRA GPU tests and issue 29's bar; the MoE parity tests
 #
 # A GPU host without internet (the device image) lacks pydantic, xgrammar and a few more: carry them as wheels
 # in .whl/ (bench/gpu_serve_wheels.txt lists them) and set WHEELS=.whl; they are installed into /tmp/site.
@@ -49,6 +50,18 @@ tests_lora)
     for f in t1_moe_engine t2; do echo "== $f"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/$f.txt" | tail -12; done
     tail -n 2 "$OUT/train_target.log" "$OUT/train_draft.log"
     echo "== lora"; grep -v "INFO\|WARN\|Loading\|it/s" "$OUT/lora.txt" | tail -22
+    ;;
+lora_moe)  # the LoRA bar after the split-K shrink and the bench's freed base engine; MoE parity teacher-forced
+    el t1; timeout 240 $P -s -k "gpu_fused_moe or gpu_engine_with_fp8_experts" \
+        tests/engine/test_generate_matches_transformers.py tests/engine/runner/test_fp8_experts.py \
+        > "$OUT/t1_moe_parity.txt" 2>&1; el "t1 rc=$?"
+    el t2; timeout 150 $P -k "gpu or cuda" tests/engine/kernels/test_lora.py tests/engine/runner/test_lora.py \
+        > "$OUT/t2_lora.txt" 2>&1; el "t2 rc=$?"
+    el l1; timeout "$(left 575)" python3 bench/lora_bench.py --out "$OUT/lora.json" > "$OUT/lora.txt" 2>&1
+    el "l1 rc=$?"
+    echo "== t1"; grep -E "^(FAILED|ERROR)|passed|failed|\|(fused|engine) - " "$OUT/t1_moe_parity.txt" | tail -14
+    echo "== t2"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/t2_lora.txt" | tail -8
+    echo "== lora"; grep -v "INFO\|WARN\|Loading\|it/s\|warn" "$OUT/lora.txt" | tail -16
     ;;
 spec)
     [ -f /tmp/draft/config.json ] || { el "models missing: training"; train_models; }

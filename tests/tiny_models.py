@@ -289,3 +289,15 @@ def transformers_greedy(model, prompts: list[list[int]], max_tokens: int) -> lis
     """Each prompt's greedy tokens from transformers' `generate`, exactly `max_tokens` of them."""
     return [model.generate(torch.tensor([p]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                            do_sample=False)[0, len(p):].tolist() for p in prompts]
+
+
+def forced_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """[len(tokens)] float32: the log-probability `model` (transformers, one forward over prompt + tokens) gives
+    each of `tokens` after the context before it: a teacher-forced score along a path another engine chose, so
+    two implementations are compared under the same context at every position (greedy paths, once apart,
+    compare different contexts; in bf16 a near tie, in the logits or in a MoE router's top k, parts them)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt + tokens], device=device)
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+    return torch.log_softmax(logits, dim=-1).gather(1, ids[0, len(prompt):, None]).squeeze(1).cpu()

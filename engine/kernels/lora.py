@@ -4,7 +4,8 @@ A step's rows may belong to several adapters and to the base model. The base GEM
 (the model's own linear layer); this module adds, to each row whose token uses adapter slot `s`,
 `scale_s * (x @ A_s.T) @ B_s.T`, in two grouped passes in the spirit of Punica's SGMV and S-LoRA:
 
-- shrink: `inter[t] = x[t] @ A[slot(t)].T` for every adapter row t (float32, [T, S * R]);
+- shrink: `inter[t] = x[t] @ A[slot(t)].T` for every adapter row t (float32, [T, S * R]; with few rows, K is
+  split over programs and their partial sums added: `shrink_splits`);
 - expand: `out[t, slice j] += inter[t, j*R:(j+1)*R] @ B[slot(t), slice j].T`.
 
 A layer may be a fused projection (q/k/v, gate/up: engine/kernels/fused_projections.py): its `S` slices
@@ -95,13 +96,15 @@ if triton is not None:
     @triton.jit
     def _lora_shrink_kernel(
         x_ptr, a_ptr, inter_ptr, sorted_ids_ptr, counts_ptr, starts_ptr,
-        K, N,
-        stride_xm, stride_al, stride_an, stride_im,
+        K, N, num_col_tiles, k_per_split,
+        stride_xm, stride_al, stride_an, stride_is, stride_im,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        pid_sn = tl.program_id(1)  # split * num_col_tiles + column tile
         slot = tl.program_id(2)
+        pid_n = pid_sn % num_col_tiles
+        split = pid_sn // num_col_tiles
         count = tl.load(counts_ptr + slot)
         if pid_m * BLOCK_M >= count:
             return
@@ -114,7 +117,8 @@ if triton is not None:
         ks = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         a_base = a_ptr + slot.to(tl.int64) * stride_al
-        for k_start in range(0, K, BLOCK_K):
+        k_first = split * k_per_split
+        for k_start in range(k_first, tl.minimum(k_first + k_per_split, K), BLOCK_K):
             k_valid = (k_start + ks) < K
             x = tl.load(x_ptr + rows[:, None] * stride_xm + (k_start + ks)[None, :],
                         mask=row_valid[:, None] & k_valid[None, :], other=0.0)
@@ -124,7 +128,7 @@ if triton is not None:
                 acc += tl.dot(x, tl.trans(a), input_precision="ieee")
             else:
                 acc += tl.dot(x, tl.trans(a))
-        tl.store(inter_ptr + rows[:, None] * stride_im + cols[None, :], acc,
+        tl.store(inter_ptr + split.to(tl.int64) * stride_is + rows[:, None] * stride_im + cols[None, :], acc,
                  mask=row_valid[:, None] & col_valid[None, :])
 
     @triton.jit
@@ -172,6 +176,24 @@ def _block_m(num_rows: int) -> int:
     return 16 if num_rows <= 16 else 32 if num_rows <= 256 else 64
 
 
+SHRINK_PROGRAMS = 256  # the shrink's working programs to aim for (about two an SM on an H100/H200)
+MAX_SHRINK_SPLITS = 32
+
+
+def shrink_splits(tiles: int, in_features: int, block_k: int) -> tuple[int, int]:
+    """(splits, inputs a split) of the shrink's reduction over K for `tiles` (row tile, column tile) pairs.
+
+    The shrink's output is only S * R columns wide, so a few rows make one or two tiles: one program would walk
+    all of K alone (224 sequential tiles for the 8B shape's down projection; at batch 1 the 128 shrinks of a
+    32-layer step took about 5 ms, the step twice the base's). Few tiles split K into up to 32 ranges whose
+    float32 partial sums are added afterwards, in a fixed order (a deterministic result, unlike atomics). A
+    long prompt has tiles enough: one split."""
+    k_tiles = -(-in_features // block_k)
+    splits = max(1, min(MAX_SHRINK_SPLITS, SHRINK_PROGRAMS // max(1, tiles), k_tiles))
+    k_per_split = -(-k_tiles // splits) * block_k
+    return -(-in_features // k_per_split), k_per_split
+
+
 def lora_add_triton(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                     index: LoraStepIndex, slice_starts: torch.Tensor, max_slice_size: int, rank: int) -> None:
     """The two grouped passes (shapes as `lora_add_reference`; `slice_starts` int32 [S+1] on the device)."""
@@ -181,14 +203,19 @@ def lora_add_triton(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lo
     num_slots, stacked_rank, _ = lora_a.shape
     ieee = x.dtype == torch.float32
     block_m = _block_m(num_rows)
-    inter = torch.empty((num_rows, stacked_rank), dtype=torch.float32, device=x.device)
     block_n = min(64, max(16, triton.next_power_of_2(stacked_rank)))
-    _lora_shrink_kernel[(triton.cdiv(num_rows, block_m), triton.cdiv(stacked_rank, block_n), num_slots)](
-        x, lora_a, inter, index.sorted_ids, index.slot_counts, index.slot_starts,
-        in_features, stacked_rank,
-        x.stride(0), lora_a.stride(0), lora_a.stride(1), inter.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64 if in_features >= 64 else 32, IEEE=ieee,
+    block_k = 64 if in_features >= 64 else 32
+    col_tiles = triton.cdiv(stacked_rank, block_n)
+    splits, k_per_split = shrink_splits(triton.cdiv(num_rows, block_m) * col_tiles, in_features, block_k)
+    partial = torch.empty((splits, num_rows, stacked_rank), dtype=torch.float32, device=x.device)
+    _lora_shrink_kernel[(triton.cdiv(num_rows, block_m), col_tiles * splits, num_slots)](
+        x, lora_a, partial, index.sorted_ids, index.slot_counts, index.slot_starts,
+        in_features, stacked_rank, col_tiles, k_per_split,
+        x.stride(0), lora_a.stride(0), lora_a.stride(1), partial.stride(0), partial.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee,
     )
+    # Base rows' entries are never written (garbage, summed too), and never read by the expand.
+    inter = partial[0] if splits == 1 else partial.sum(dim=0)
     num_slices = slice_starts.numel() - 1
     block_n = 64
     num_col_tiles = triton.cdiv(max_slice_size, block_n)

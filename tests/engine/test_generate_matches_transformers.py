@@ -159,27 +159,37 @@ def test_gpu_backends_match_reference_backend(tiny_model_dir, arch):
 def test_gpu_fused_moe_matches_transformers_experts_bf16(tiny_model_dir, arch):
     """bf16 on the GPU: the fused experts (compiled layers, decode CUDA graphs; a 700-token first step on
     grouped_mm where it runs, decode batches of 12 on the Triton grouped GEMM, a lone request on the per-pair
-    kernel) give the greedy tokens of transformers' experts code run eagerly, except where the two part at a
-    bf16 near tie (the reference's top two logprobs within 0.1), after which their contexts differ."""
+    kernel, the one-kernel router) are as close to exact arithmetic as transformers' own bf16 experts code.
+
+    Scored teacher-forced along the fused engine's greedy paths: each generated token's log-probability from the
+    engine, from transformers in bf16 and from transformers in float32 (the truth), all under the same context.
+    Comparing greedy paths instead fails without a bug: a bf16 near tie in a router's top k (Qwen3-MoE: 3 of 8
+    experts, renormalized) moves the logits past any fixed tie margin, and the paths then compare different
+    contexts (on the H200 transformers' bf16 code itself parts from float32 on 5 of 12 prompts)."""
+    from tiny_models import forced_logprobs
+
     prompts = random_prompts(seed=2, count=12, low=20, high=100)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2)
-    runs = {}
-    for backend, extra in (("transformers", {"compile": False, "enable_cuda_graphs": False}),
-                           ("fused", {"cuda_graph_max_batch_size": 16})):
-        torch._dynamo.reset()
-        llm = LLM(str(tiny_model_dir(arch)), dtype="bfloat16", block_size=16, moe_backend=backend,
-                  max_batch_tokens=1024, device="cuda", **extra)
-        if backend == "fused":
-            assert llm.engine.runner.is_compiled and llm.engine.runner._decode_graphs is not None
-        outputs = llm.generate(prompts, params, use_tqdm=False) + llm.generate(prompts[:1], params, use_tqdm=False)
-        runs[backend] = [list(zip(o.outputs[0].token_ids, o.outputs[0].logprobs)) for o in outputs]
-        llm.engine.shutdown()
-    parted = 0
-    for index, (want, got) in enumerate(zip(runs["transformers"], runs["fused"])):
-        for (token, top), (fused_token, _) in zip(want, got):
-            if fused_token != token:
-                first, second = sorted((entry.logprob for entry in top.values()), reverse=True)[:2]
-                assert first - second < 0.1, f"{arch}: request {index} parted away from a near tie"
-                parted += 1
-                break
-    assert parted <= len(prompts) // 3, f"{arch}: {parted} of {len(prompts) + 1} requests parted at near ties"
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)
+    torch._dynamo.reset()
+    llm = LLM(str(tiny_model_dir(arch)), dtype="bfloat16", block_size=16, moe_backend="fused",
+              max_batch_tokens=1024, device="cuda", cuda_graph_max_batch_size=16)
+    assert llm.engine.runner.is_compiled and llm.engine.runner._decode_graphs is not None
+    outputs = llm.generate(prompts, params, use_tqdm=False) + llm.generate(prompts[:1], params, use_tqdm=False)
+    llm.engine.shutdown()
+    paths = [(prompt, o.outputs[0].token_ids, torch.tensor([lp[t].logprob for t, lp in
+                                                          zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]))
+             for prompt, o in zip(prompts + prompts[:1], outputs)]
+    forced = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch), dtype=dtype).cuda().eval()
+        forced[dtype] = [forced_logprobs(model, prompt, tokens) for prompt, tokens, _ in paths]
+        del model
+    truth = torch.cat(forced[torch.float32])
+    fused_error = (torch.cat([engine for _, _, engine in paths]) - truth).abs()
+    transformers_error = (torch.cat(forced[torch.bfloat16]) - truth).abs()
+    assert len(truth) == len(paths) * MAX_TOKENS
+    summary = (f"{arch}: |fused - fp32| mean {fused_error.mean():.4f} max {fused_error.max():.4f}; "
+               f"|transformers bf16 - fp32| mean {transformers_error.mean():.4f} max {transformers_error.max():.4f}")
+    print(summary)
+    assert fused_error.mean() <= 1.5 * transformers_error.mean() + 2e-3, summary
+    assert fused_error.max() <= 2 * transformers_error.max() + 0.05, summary

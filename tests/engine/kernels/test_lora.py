@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from pagedserve.engine.kernels.lora import LoraStepIndex, lora_add_reference, slot_segments
+from pagedserve.engine.kernels.lora import LoraStepIndex, lora_add_reference, shrink_splits, slot_segments
 from triton_interpreter import WORKER_FLAG, interpreter_results
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -28,6 +28,8 @@ INTERPRETER_CASES = {
     "one_row_fp16": ([1], 2, [70], 64, 16, "float16"),
     # More rows of one adapter than a row tile holds (17 > 16), next to base rows.
     "long_segment_fp32": ([0] * 17 + [-1] * 3, 2, [16, 16], 32, 4, "float32"),
+    # Two decode rows over 200 inputs: the shrink's K in 4 splits, the last one ragged (200 = 3 * 64 + 8).
+    "split_k_fp32": ([-1, 1, 0], 2, [24], 200, 8, "float32"),
 }
 
 
@@ -122,6 +124,18 @@ def test_grouped_kernels_match_reference_in_interpreter(name: str, interpreter_r
     tolerance = 1e-4 if INTERPRETER_CASES[name][-1] == "float32" else 2e-2
     assert result["max_error"] < tolerance, result
     assert result["base_rows_changed"] == 0.0
+
+
+@pytest.mark.parametrize("tiles, in_features, want_splits", [
+    (1, 14336, 32),  # batch 1 at the 8B down projection: 224 K tiles in 32 ranges of 7
+    (1, 4096, 32), (8, 4096, 32), (16, 4096, 16), (128, 4096, 2),
+    (256, 4096, 1),  # a long prompt: tiles enough without splitting
+    (1, 200, 4),  # 4 K tiles of 64, the last ragged
+])
+def test_shrink_splits_cover_k_with_no_empty_split(tiles: int, in_features: int, want_splits: int) -> None:
+    splits, k_per_split = shrink_splits(tiles, in_features, 64)
+    assert splits == want_splits and k_per_split % 64 == 0
+    assert (splits - 1) * k_per_split < in_features <= splits * k_per_split
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
