@@ -42,7 +42,7 @@ from pagedserve.engine.core.sampler import SampledBatch, Sampler
 from pagedserve.engine.core.scheduler import Scheduler, SchedulerOutput
 from pagedserve.engine.core.stats import EngineStats, SpecDecodeStats, StepStats
 from pagedserve.engine.core.step_cost import StepCostModel, StepShape
-from pagedserve.engine.spec.adaptive import SpeculationPlan, SpeculationRule
+from pagedserve.engine.spec.adaptive import MAX_SHADOWS_PER_STEP, SpeculationPlan, SpeculationRule
 from pagedserve.engine.spec.draft import DraftProposer
 from pagedserve.engine.spec.ngram import NgramProposer
 from pagedserve.engine.spec.verify import num_accepted
@@ -536,10 +536,15 @@ class LLMEngine:
             return None
         wanted: dict[str, int] | None = None  # request id -> proposals the rule asks for (None: k for all)
         if self._spec_rule is not None:
+            shadowing = isinstance(self._proposer, NgramProposer)
+            if shadowing:
+                self._settle_shadows(candidates)
             plan = self._plan_speculation(running, candidates)
             wanted = plan.num_tokens
             self._spec_stats.num_requests_held_back += len(candidates) - len(wanted)
             self._spec_stats.num_probes += plan.num_probes
+            if shadowing and plan.could_pay:
+                self._add_shadows([request for request in candidates if request.request_id not in wanted])
             if not wanted:
                 self._spec_stats.num_plain_steps_by_rule += 1
                 return None
@@ -558,6 +563,37 @@ class LLMEngine:
                 if not tokens:  # asked, it had none (no n-gram match): as a rejection of its first proposal
                     self._spec_rule.record(request_id, 0, 0)
         return {request_id: tokens for request_id, tokens in proposals.items() if tokens} or None
+
+    @staticmethod
+    def _num_known_tokens(request: Request) -> int:
+        """The request's tokens on the host: all but the placeholder of a token in flight."""
+        outputs = request.output_token_ids
+        return request.num_tokens - (1 if outputs and outputs[-1] == _PLACEHOLDER else 0)
+
+    def _settle_shadows(self, candidates: list[Request]) -> None:
+        """Score the shadow trials (engine/spec/adaptive.py) whose tokens have arrived."""
+        rule = self._spec_rule
+        for request in candidates:
+            if rule.has_shadow(request.request_id):
+                rule.settle_shadow(request.request_id, request.all_token_ids, self._num_known_tokens(request))
+
+    def _add_shadows(self, held_back: list[Request]) -> None:
+        """An n-gram lookup on the known tokens of up to MAX_SHADOWS_PER_STEP requests the rule held back this
+        step (those without a pending one, from a place that moves every step): what an ask would have given,
+        scored as their tokens arrive, with no device work and the step in flight left in flight."""
+        rule = self._spec_rule
+        budget = MAX_SHADOWS_PER_STEP
+        offset = self._num_steps_total % len(held_back) if held_back else 0
+        for request in held_back[offset:] + held_back[:offset]:
+            if budget == 0:
+                break
+            if rule.has_shadow(request.request_id):
+                continue
+            budget -= 1
+            num_known = self._num_known_tokens(request)
+            limit = request.token_limit - num_known - 1
+            tokens = self._proposer.propose(request.request_id, request.all_token_ids[:num_known], limit)
+            rule.add_shadow(request.request_id, num_known, tokens)
 
     def _plan_speculation(self, running: list[Request], candidates: list[Request]) -> SpeculationPlan:
         """The adaptive rule's plan for this step: the batch as the cost model sees it (every running request; the
