@@ -88,12 +88,15 @@ class RowsTiles:
 
 
 # Per-pair tiles by token count: (largest token count, tiles), from `bench/moe_bench.py --micro-only --tune` on
-# an H200 (Qwen3-30B-A3B layer: H 2048, I 768, k 8). Until a tune has run these are the one-row GEMM's best
-# narrow tiles (engine/kernels/decode_linear.py: 8 features x 1,024 deep at 4 warps on a 50 MB weight), split
-# between the gate and the up rows (8 + 8 rows x 512, 16 KB in flight a step), and for the down projection
-# 8 slots x 4 features x 256 (16 KB a step, I = 768 in three even steps): 768 and 512 programs at one token.
+# an H200 at f6ea6fb (Qwen3-30B-A3B layer: H 2048, I 768, k 8; docs/results/moe_h200_f6ea6fb.md). The op at one
+# token 24.1 us (3.13 TB/s of expert weights) where the untuned tiles (gate/up 8 x 512, down 4 x 256) took 25.9;
+# at 8 tokens 126.0 us where they took 139.2. Gate/up: 8 gate and 8 up rows a program, 512 deep at one token and
+# 1,024 from two; down: BLOCK_N features of one token for all its k experts.
 ROWS_TILES: tuple[tuple[int, RowsTiles], ...] = (
-    (8, RowsTiles(gate_up=RowsConfig(8, 512, 4, 3), down=RowsConfig(4, 256, 4, 3))),
+    (1, RowsTiles(gate_up=RowsConfig(8, 512, 4, 3), down=RowsConfig(2, 256, 4, 3))),
+    (2, RowsTiles(gate_up=RowsConfig(8, 1024, 4, 3), down=RowsConfig(8, 256, 8, 3))),
+    (4, RowsTiles(gate_up=RowsConfig(8, 1024, 4, 3), down=RowsConfig(16, 64, 4, 3))),
+    (8, RowsTiles(gate_up=RowsConfig(8, 1024, 4, 3), down=RowsConfig(8, 128, 4, 3))),
 )
 # FP8 weights (engine/kernels/moe/fp8.py), untuned: GEMM 1 steps twice as deep, so a step still brings 16 KB of
 # weights in flight (the one-row FP8 GEMM's measured tiles were 2,048 deep: decode_linear.py); GEMM 2 keeps
