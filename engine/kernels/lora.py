@@ -14,10 +14,14 @@ own R columns of `inter` (one expand over every slice). Ranks below R are zero-p
 every adapter; the scale is folded into B when an adapter is loaded into a slot.
 
 Rows are grouped by adapter without the host: `LoraStepIndex.build` sorts the token indices by slot on the
-device (base rows first), counts each slot's rows and where its segment starts. The Triton kernels take a
-program per (row tile, column tile, slot); a program past its slot's row count returns at once. Grids
-depend only on the number of rows and slots, and every per-step value is in a device tensor, so a decode
-step with adapters can be captured in a CUDA graph: the slot ids per row are the graph's input.
+device (base rows first), counts each slot's rows and where its segment starts, and cuts each segment into
+row tiles of `lora_block_m(T)` rows: a table of (slot, first row) per tile, whose length, cdiv(T, BLOCK_M) +
+slots, bounds the tiles any grouping needs. The Triton kernels take a program per (tile, column tile); a
+tile past the table's used part returns at once. (A grid per (row tile, column tile, slot) instead left all
+but one program in `slots` idle: at a 512-row step over 8 slots, 7 of 8 of the expand's 28,672 programs
+for a gate/up projection did nothing but start and return.) Grids depend only on the number of rows and slots,
+and every per-step value is in a device tensor, so a decode step with adapters can be captured in a CUDA
+graph: the slot ids per row are the graph's input.
 
 The PyTorch reference (`lora_add_reference`) computes the same per slot with index_select and an indexed add:
 CPU, and the oracle the kernels must match (tests run them under TRITON_INTERPRET=1). `lora_add` is a
@@ -43,12 +47,16 @@ class LoraStepIndex:
 
     `token_slots` [T] int32: the slot of each packed token, -1 for the base model. `sorted_ids` [T] int32:
     token indices sorted by slot (stable; the base rows first), `slot_counts` [L] int32: rows per slot,
-    `slot_starts` [L] int32: where each slot's rows begin in `sorted_ids`."""
+    `slot_starts` [L] int32: where each slot's rows begin in `sorted_ids`. `tile_slots` [cdiv(T, BLOCK_M) + L]
+    int32: the slot of each row tile of BLOCK_M = `lora_block_m(T)` rows (slot by slot, -1 past the last),
+    `tile_rows` [same] int32: the tile's first row within its slot's segment."""
 
     token_slots: torch.Tensor
     sorted_ids: torch.Tensor
     slot_counts: torch.Tensor
     slot_starts: torch.Tensor
+    tile_slots: torch.Tensor
+    tile_rows: torch.Tensor
 
     @classmethod
     def build(cls, token_slots: torch.Tensor, num_slots: int) -> "LoraStepIndex":
@@ -60,11 +68,20 @@ class LoraStepIndex:
         counts.scatter_add_(0, token_slots.clamp(min=0).long(), is_adapter.to(torch.int32))
         num_base = (~is_adapter).sum().to(torch.int32)
         starts = (torch.cumsum(counts, 0, dtype=torch.int32) - counts + num_base).to(torch.int32)
+        block_m = lora_block_m(token_slots.numel())
+        tiles = (counts.long() + block_m - 1) // block_m
+        tile_ends = torch.cumsum(tiles, 0)
+        tile = torch.arange(-(-token_slots.numel() // block_m) + num_slots, device=token_slots.device)
+        tile_slot = torch.searchsorted(tile_ends, tile, right=True)
+        used = tile_slot < num_slots
+        slot = tile_slot.clamp(max=num_slots - 1)
+        tile_rows = ((tile - (tile_ends[slot] - tiles[slot])) * block_m).to(torch.int32)
+        tile_slots = torch.where(used, slot, -1).to(torch.int32)
         # The row count changes every step: compiled layers that read these take it as a dynamic size from the
         # first graph on, rather than compiling a static graph and then recompiling.
-        torch._dynamo.maybe_mark_dynamic(token_slots, 0)
-        torch._dynamo.maybe_mark_dynamic(sorted_ids, 0)
-        return cls(token_slots, sorted_ids, counts, starts)
+        for tensor in (token_slots, sorted_ids, tile_slots, tile_rows):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return cls(token_slots, sorted_ids, counts, starts, tile_slots, tile_rows)
 
 
 def slot_segments(token_slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -95,21 +112,21 @@ if triton is not None:
 
     @triton.jit
     def _lora_shrink_kernel(
-        x_ptr, a_ptr, inter_ptr, sorted_ids_ptr, counts_ptr, starts_ptr,
+        x_ptr, a_ptr, inter_ptr, sorted_ids_ptr, counts_ptr, starts_ptr, tile_slots_ptr, tile_rows_ptr,
         K, N, num_col_tiles, k_per_split,
         stride_xm, stride_al, stride_an, stride_is, stride_im,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
+        tile = tl.program_id(0)
         pid_sn = tl.program_id(1)  # split * num_col_tiles + column tile
-        slot = tl.program_id(2)
+        slot = tl.load(tile_slots_ptr + tile)
+        if slot < 0:
+            return
         pid_n = pid_sn % num_col_tiles
         split = pid_sn // num_col_tiles
         count = tl.load(counts_ptr + slot)
-        if pid_m * BLOCK_M >= count:
-            return
         start = tl.load(starts_ptr + slot)
-        offsets = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offsets = tl.load(tile_rows_ptr + tile) + tl.arange(0, BLOCK_M)
         row_valid = offsets < count
         rows = tl.load(sorted_ids_ptr + start + offsets, mask=row_valid, other=0).to(tl.int64)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -133,17 +150,17 @@ if triton is not None:
 
     @triton.jit
     def _lora_expand_kernel(
-        inter_ptr, b_ptr, out_ptr, sorted_ids_ptr, counts_ptr, starts_ptr, slice_starts_ptr,
-        R, num_col_tiles,
+        inter_ptr, b_ptr, out_ptr, sorted_ids_ptr, counts_ptr, starts_ptr, tile_slots_ptr, tile_rows_ptr,
+        slice_starts_ptr, R, num_col_tiles,
         stride_im, stride_bl, stride_bn, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
+        tile = tl.program_id(0)
         pid_sn = tl.program_id(1)  # slice * num_col_tiles + column tile within the slice
-        slot = tl.program_id(2)
-        count = tl.load(counts_ptr + slot)
-        if pid_m * BLOCK_M >= count:
+        slot = tl.load(tile_slots_ptr + tile)
+        if slot < 0:
             return
+        count = tl.load(counts_ptr + slot)
         slice_index = pid_sn // num_col_tiles
         col_tile = pid_sn % num_col_tiles
         slice_start = tl.load(slice_starts_ptr + slice_index)
@@ -151,7 +168,7 @@ if triton is not None:
         if col_tile * BLOCK_N >= slice_end - slice_start:
             return
         start = tl.load(starts_ptr + slot)
-        offsets = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offsets = tl.load(tile_rows_ptr + tile) + tl.arange(0, BLOCK_M)
         row_valid = offsets < count
         rows = tl.load(sorted_ids_ptr + start + offsets, mask=row_valid, other=0).to(tl.int64)
         cols = slice_start + col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -172,7 +189,8 @@ if triton is not None:
         tl.store(out_ptrs, (previous.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_m(num_rows: int) -> int:
+def lora_block_m(num_rows: int) -> int:
+    """Rows a tile, by the step's row count (the index's tile table and the kernels agree on it)."""
     return 16 if num_rows <= 16 else 32 if num_rows <= 256 else 64
 
 
@@ -200,16 +218,17 @@ def lora_add_triton(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lo
     num_rows, in_features = x.shape
     if num_rows == 0:
         return
-    num_slots, stacked_rank, _ = lora_a.shape
+    stacked_rank = lora_a.shape[1]
     ieee = x.dtype == torch.float32
-    block_m = _block_m(num_rows)
+    block_m = lora_block_m(index.token_slots.numel())  # the tile table's
+    num_tiles = index.tile_slots.numel()
     block_n = min(64, max(16, triton.next_power_of_2(stacked_rank)))
     block_k = 64 if in_features >= 64 else 32
     col_tiles = triton.cdiv(stacked_rank, block_n)
     splits, k_per_split = shrink_splits(triton.cdiv(num_rows, block_m) * col_tiles, in_features, block_k)
     partial = torch.empty((splits, num_rows, stacked_rank), dtype=torch.float32, device=x.device)
-    _lora_shrink_kernel[(triton.cdiv(num_rows, block_m), col_tiles * splits, num_slots)](
-        x, lora_a, partial, index.sorted_ids, index.slot_counts, index.slot_starts,
+    _lora_shrink_kernel[(num_tiles, col_tiles * splits)](
+        x, lora_a, partial, index.sorted_ids, index.slot_counts, index.slot_starts, index.tile_slots, index.tile_rows,
         in_features, stacked_rank, col_tiles, k_per_split,
         x.stride(0), lora_a.stride(0), lora_a.stride(1), partial.stride(0), partial.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee,
@@ -219,8 +238,9 @@ def lora_add_triton(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lo
     num_slices = slice_starts.numel() - 1
     block_n = 64
     num_col_tiles = triton.cdiv(max_slice_size, block_n)
-    _lora_expand_kernel[(triton.cdiv(num_rows, block_m), num_slices * num_col_tiles, num_slots)](
-        inter, lora_b, out, index.sorted_ids, index.slot_counts, index.slot_starts, slice_starts,
+    _lora_expand_kernel[(num_tiles, num_slices * num_col_tiles)](
+        inter, lora_b, out, index.sorted_ids, index.slot_counts, index.slot_starts, index.tile_slots, index.tile_rows,
+        slice_starts,
         rank, num_col_tiles,
         inter.stride(0), lora_b.stride(0), lora_b.stride(1), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)), IEEE=ieee,
@@ -235,11 +255,12 @@ def uses_triton(x: torch.Tensor) -> bool:
 @torch.library.custom_op("pagedserve::lora_add", mutates_args=("out",))
 def lora_add(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
              token_slots: torch.Tensor, sorted_ids: torch.Tensor, slot_counts: torch.Tensor,
-             slot_starts: torch.Tensor, slice_starts: torch.Tensor, slice_sizes: list[int], rank: int) -> None:
+             slot_starts: torch.Tensor, tile_slots: torch.Tensor, tile_rows: torch.Tensor, slice_starts: torch.Tensor,
+             slice_sizes: list[int], rank: int) -> None:
     """`out += ` each adapter row's low-rank update (x [T, K], out [T, N]): the Triton kernels (CUDA), else
     the reference. Inference only. (Layers on CPU call the reference directly, with the step's grouping.)"""
     if uses_triton(x):
-        index = LoraStepIndex(token_slots, sorted_ids, slot_counts, slot_starts)
+        index = LoraStepIndex(token_slots, sorted_ids, slot_counts, slot_starts, tile_slots, tile_rows)
         lora_add_triton(x, out, lora_a, lora_b, index, slice_starts, max(slice_sizes), rank)
     else:
         lora_add_reference(x, out, lora_a, lora_b, slot_segments(token_slots), slice_sizes, rank)
@@ -247,6 +268,6 @@ def lora_add(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora_b: t
 
 @lora_add.register_fake
 def _(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor,
-      sorted_ids: torch.Tensor, slot_counts: torch.Tensor, slot_starts: torch.Tensor, slice_starts: torch.Tensor,
-      slice_sizes: list[int], rank: int) -> None:
+      sorted_ids: torch.Tensor, slot_counts: torch.Tensor, slot_starts: torch.Tensor, tile_slots: torch.Tensor,
+      tile_rows: torch.Tensor, slice_starts: torch.Tensor, slice_sizes: list[int], rank: int) -> None:
     return None

@@ -191,7 +191,8 @@ class LoraLayer(nn.Module):
             return out
         torch.ops.pagedserve.lora_add(flat_x, out.view(-1, out.shape[-1]), self.lora_a, self.lora_b,
                                       index.token_slots, index.sorted_ids, index.slot_counts, index.slot_starts,
-                                      self.slice_starts, self.slice_sizes, self.rank)
+                                      index.tile_slots, index.tile_rows, self.slice_starts, self.slice_sizes,
+                                      self.rank)
         return out
 
     def clear_slot(self, slot: int) -> None:

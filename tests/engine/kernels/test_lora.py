@@ -30,6 +30,8 @@ INTERPRETER_CASES = {
     "long_segment_fp32": ([0] * 17 + [-1] * 3, 2, [16, 16], 32, 4, "float32"),
     # Two decode rows over 200 inputs: the shrink's K in 4 splits, the last one ragged (200 = 3 * 64 + 8).
     "split_k_fp32": ([-1, 1, 0], 2, [24], 200, 8, "float32"),
+    # 300 rows in tiles of 64: three tiles of one slot, one of another, base rows between (tile table).
+    "many_tiles_fp32": ([1] * 150 + [-1] * 85 + [0] * 65, 2, [16], 32, 4, "float32"),
 }
 
 
@@ -156,6 +158,17 @@ def test_step_index_groups_rows_by_slot() -> None:
     assert index.slot_starts.tolist() == [2, 5, 5, 7]
     sorted_ids = index.sorted_ids.tolist()
     assert sorted_ids[2:5] == [2, 5, 6] and sorted_ids[5:7] == [0, 3]
+    # Tiles of 16 rows (7 rows): slot 0's one, slot 2's one; the table has cdiv(7, 16) + 4 entries.
+    assert index.tile_slots.tolist() == [0, 2, -1, -1, -1] and index.tile_rows.tolist()[:2] == [0, 0]
+
+
+def test_step_index_cuts_each_slots_rows_into_tiles() -> None:
+    """300 rows (tiles of 64): slot 1 with 150 rows takes 3 tiles, slot 3 with 64 one, slot 0 with 1 one; the
+    base's 85 none. The table (cdiv(300, 64) + 4 = 9 entries) lists them slot by slot, then -1."""
+    slots = torch.tensor([1] * 150 + [-1] * 85 + [3] * 64 + [0], dtype=torch.int32)
+    index = LoraStepIndex.build(slots[torch.randperm(300, generator=torch.Generator().manual_seed(0))], num_slots=4)
+    assert index.tile_slots.tolist() == [0, 1, 1, 1, 3, -1, -1, -1, -1]
+    assert index.tile_rows.tolist()[:5] == [0, 0, 64, 128, 0]
 
 
 def test_reference_adds_each_slots_update_to_its_rows_only() -> None:
