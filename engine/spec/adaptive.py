@@ -33,7 +33,7 @@ in its own tokens and no device work: the engine looks up the tokens it knows (`
 yet among them), and as the real tokens arrive `settle_shadow` scores the lookup as a verification would have
 (none found: an ask without proposals; else the proposals accepted until the first that differs from the token
 that came). So q and p follow the text as it turns from free to quoting and back, not only while the request is
-asked: with asks alone two misses in a row (an edited span) held a quoting request back until the next probe, and
+asked: with asks alone a few misses in a row (a span written anew) held a quoting request back until the next probe, and
 on the H200 the rule speculated in 13% of an editing workload's steps where asking every step gave 1.40x plain.
 One shadow a request at a time, at most MAX_SHADOWS_PER_STEP a step, and none in a step where even proposals that
 always come and are always accepted would not pay (`SpeculationPlan.could_pay`: large compute-bound batches).
@@ -41,10 +41,11 @@ A sampled request's tokens match a fixed proposal with the target's probability 
 sampling accepts it with: the score is unbiased for sampling too.
 
 Probing: a request whose acceptance collapsed (free text) gets no proposals, so nothing would ever show that it
-recovered (it starts quoting); shadow trials show it where the method has them, probes everywhere else. Every PROBE_INTERVAL_STEPS steps the rule plans the requests not asked in that
-long as if they had proposals and accepted them with probability at least PROBE_ACCEPTANCE, so they are tried
-again where an average acceptance would pay: never where only near-perfect acceptance pays (large compute-bound
-batches), so probing costs little there. Requests new to the rule count as not asked.
+recovered (it starts quoting); shadow trials show it where the method has them (they count as asks here), probes
+everywhere else. Every PROBE_INTERVAL_STEPS steps the rule plans the requests not asked in that long as if they had
+proposals and accepted them with probability at least PROBE_ACCEPTANCE, so they are tried again where an average
+acceptance would pay: never where only near-perfect acceptance pays (large compute-bound batches), so probing costs
+little there. Requests new to the rule count as not asked.
 
 Pure Python, no torch; owned by the engine, which calls `plan` before it asks for proposals (a step the rule keeps
 plain keeps its overlap with the step in flight), `record` with what each ask gave, `add_shadow` /
