@@ -283,8 +283,11 @@ class OpenAIIngress:
             if param is None:
                 word = str(first["msg"]).removeprefix("Value error, ").split(" ", 1)[0]
                 param = word if word in model_cls.model_fields or word in oai.UNSUPPORTED else None
+            # A field's error names it and echoes its value; a check of the whole body (its message names the
+            # fields) echoes nothing: its input is the whole body.
             details = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']} (got {e.get('input')!r:.80})" for e in errors
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r:.80})" if e["loc"]
+                else str(e["msg"]).removeprefix("Value error, ") for e in errors
             )
             raise bad_request(details, param) from None
 

@@ -254,7 +254,7 @@ class CompletionRequest(_SamplingFields):
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of other than n is not supported")
+            raise ValueError(f"best_of other than n is not supported (best_of {self.best_of}, n {self.n})")
         return self
 
     def prompts(self) -> list[str | list[int]]:

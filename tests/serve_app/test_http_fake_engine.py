@@ -145,6 +145,9 @@ def test_bad_bodies(service, client: httpx.Client) -> None:
     assert_error(client.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "x"}],
                                                             "top_logprobs": 2}), 400)
     assert_error(completion(client, "no-such-model"), 404, "model")
+    # A check of the whole body names its field and the values, and does not echo the body back.
+    error = assert_error(completion(client, model, best_of=3), 400, "best_of")
+    assert error["message"] == "best_of other than n is not supported (best_of 3, n 1)", error
     error = assert_error(completion(client, model, max_tokens=MAX_MODEL_LEN), 400, "max_tokens")
     assert str(MAX_MODEL_LEN) in error["message"] and str(MAX_MODEL_LEN + 4) in error["message"]
     assert_error(completion(client, model, prompt="x" * 5000), 413)
