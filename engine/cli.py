@@ -82,10 +82,20 @@ def _logit_bias(pairs: list[str] | None) -> dict[int, float] | None:
         raise InvalidRequestError(f"--logit-bias takes TOKEN_ID=BIAS, got {pairs}", param="logit_bias") from None
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown once: the engine options state EngineConfig's own (their parser default is None, meaning
+    "not given")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and "(default: " in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedserve", description="Paged-KV-cache continuous-batching LLM engine")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate completions for prompts", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gen = sub.add_parser("generate", help="generate completions for prompts", formatter_class=_HelpFormatter)
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several); '-' reads lines from stdin")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message with the chat template")
     gen.add_argument("--max-tokens", type=int, default=64)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from pagedserve.config.engine import ConfigError, EngineConfig
@@ -102,3 +104,16 @@ def test_the_kv_cache_dtype_reaches_every_surface_by_its_name():
     assert ServeArgs.from_args({"engine": {"kv_cache_dtype": "fp8"}}).engine.kv_cache_dtype == "fp8"
     with pytest.raises(ConfigError, match=r"EngineConfig.kv_cache_dtype='fp8_e5m2'"):
         ServeArgs.from_args({"engine": {"kv_cache_dtype": "fp8_e5m2"}})
+
+
+def test_generate_help_states_each_default_once():
+    """The engine options state EngineConfig's defaults themselves (their parser default None means "not
+    given"): the help shows that one, not argparse's None beside it; the CLI's own options show argparse's."""
+    from pagedserve.engine.cli import build_parser
+
+    parser = build_parser()
+    generate = parser._subparsers._group_actions[0].choices["generate"]
+    text = " ".join(generate.format_help().split())
+    assert not re.search(r"\(default: [^)]*\) \(default: ", text), re.search(r".{80}\(default: [^)]*\) \(default: ", text)
+    assert "--kv-cache-dtype" in text and "(default: auto)" in text
+    assert "hold the output to any JSON object (default: False)" in text  # a CLI option: argparse's
