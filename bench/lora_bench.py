@@ -135,9 +135,8 @@ def start_engine(model, tokenizer, args, **lora_args):
 
 def release_memory() -> None:
     """After the caller dropped its last reference to a shut-down engine: its KV cache and graphs freed, so the
-    next engine sizes its cache from the same free memory (a live one shrinks it: on the H200 at
-    f6ea6fb the LoRA engine, started while the base engine was still referenced, ran W1 about 10 sequences at a
-    time: 12,610 steps against the base's 387)."""
+    next engine sizes its cache from the same free memory (a live one shrinks it, and the run measures that, not
+    LoRA: docs/lora.md)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

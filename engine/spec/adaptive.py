@@ -33,8 +33,8 @@ in its own tokens and no device work: the engine looks up the tokens it knows (`
 yet among them), and as the real tokens arrive `settle_shadow` scores the lookup as a verification would have
 (none found: an ask without proposals; else the proposals accepted until the first that differs from the token
 that came). So q and p follow the text as it turns from free to quoting and back, not only while the request is
-asked: with asks alone a few misses in a row (a span written anew) held a quoting request back until the next probe, and
-on the H200 the rule speculated in 13% of an editing workload's steps where asking every step gave 1.40x plain.
+asked: with asks alone a few misses in a row (a span written anew) held a quoting request back until the next probe
+(docs/speculative.md, "Shadow trials", has what that cost on a GPU).
 One shadow a request at a time, at most MAX_SHADOWS_PER_STEP a step, and none in a step where even proposals that
 always come and are always accepted would not pay (`SpeculationPlan.could_pay`: large compute-bound batches).
 A sampled request's tokens match a fixed proposal with the target's probability of it, which is what rejection

@@ -165,7 +165,7 @@ def test_gpu_fused_moe_matches_transformers_experts_bf16(tiny_model_dir, arch):
     engine, from transformers in bf16 and from transformers in float32 (the truth), all under the same context.
     Comparing greedy paths instead fails without a bug: a bf16 near tie in a router's top k (Qwen3-MoE: 3 of 8
     experts, renormalized) moves the logits past any fixed tie margin, and the paths then compare different
-    contexts (on the H200 transformers' bf16 code itself parts from float32 on 5 of 12 prompts)."""
+    contexts (transformers' own bf16 code parts from float32 on 5 of these 12 prompts, on CPU)."""
     from tiny_models import forced_logprobs
 
     prompts = random_prompts(seed=2, count=12, low=20, high=100)

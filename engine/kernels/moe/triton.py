@@ -87,11 +87,10 @@ class RowsTiles:
     down: RowsConfig
 
 
-# Per-pair tiles by token count: (largest token count, tiles), from `bench/moe_bench.py --micro-only --tune` on
-# an H200 at f6ea6fb (Qwen3-30B-A3B layer: H 2048, I 768, k 8; docs/results/moe_h200_f6ea6fb.md). The op at one
-# token 24.1 us (3.13 TB/s of expert weights) where the untuned tiles (gate/up 8 x 512, down 4 x 256) took 25.9;
-# at 8 tokens 126.0 us where they took 139.2. Gate/up: 8 gate and 8 up rows a program, 512 deep at one token and
-# 1,024 from two; down: BLOCK_N features of one token for all its k experts.
+# Per-pair tiles by token count: (largest token count, tiles), the fastest of `bench/moe_bench.py --micro-only
+# --tune` on an H200 (Qwen3-30B-A3B layer: H 2048, I 768, k 8; the timings: docs/results/moe_h200_f6ea6fb.md).
+# Gate/up: 8 gate and 8 up rows a program, 512 deep at one token and 1,024 from two; down: BLOCK_N features of
+# one token for all its k experts.
 ROWS_TILES: tuple[tuple[int, RowsTiles], ...] = (
     (1, RowsTiles(gate_up=RowsConfig(8, 512, 4, 3), down=RowsConfig(2, 256, 4, 3))),
     (2, RowsTiles(gate_up=RowsConfig(8, 1024, 4, 3), down=RowsConfig(8, 256, 8, 3))),

@@ -228,9 +228,9 @@ def simulate_editing(shadows: bool, num_steps: int = 600) -> tuple[float, float]
 
 
 def test_shadow_trials_keep_a_quoting_request_speculating_across_edits():
-    """On the H200 the rule speculated in 13% of an editing workload's steps (0.75x plain) where asking every step
-    gave 1.40x: an edited span's misses held the request back until the next probe. With shadow lookups while held
-    back, quoting resumes within a few steps."""
+    """With asks alone, a span written anew (a few misses in a row) holds a quoting request back until the next
+    probe (docs/speculative.md: what that cost on a GPU). With shadow lookups while held back, quoting resumes
+    within a few steps."""
     with_asks_only = simulate_editing(shadows=False)  # (0.08, 1.22) when written: the H200's collapse
     with_shadows = simulate_editing(shadows=True)  # (0.50, 2.40)
     assert with_shadows[0] > 0.4 and with_shadows[1] > 2.0, with_shadows
