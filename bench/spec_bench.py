@@ -101,10 +101,10 @@ class StepTimer:
         step = engine.step
 
         def timed_step():
-            drafts_before = engine._spec_stats.num_drafts
+            drafts_before = engine._speculator.stats.num_drafts
             started = time.perf_counter()
             outputs = step()
-            kind = "verify" if engine._spec_stats.num_drafts != drafts_before else "plain"
+            kind = "verify" if engine._speculator.stats.num_drafts != drafts_before else "plain"
             self.times_s[kind].append(time.perf_counter() - started)
             return outputs
 

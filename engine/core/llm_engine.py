@@ -32,6 +32,7 @@ from pagedserve.engine.core.request import (
     CompletionOutput,
     Continuation,
     FinishReason,
+    PLACEHOLDER_TOKEN_ID,
     Logprob,
     Request,
     RequestOutput,
@@ -42,16 +43,10 @@ from pagedserve.engine.core.sampler import SampledBatch, Sampler
 from pagedserve.engine.core.scheduler import Scheduler, SchedulerOutput
 from pagedserve.engine.core.stats import EngineStats, SpecDecodeStats, StepStats
 from pagedserve.engine.core.step_cost import StepCostModel, StepShape
-from pagedserve.engine.spec.adaptive import MAX_SHADOWS_PER_STEP, SpeculationPlan, SpeculationRule
-from pagedserve.engine.spec.draft import DraftProposer
-from pagedserve.engine.spec.ngram import NgramProposer
+from pagedserve.engine.spec.speculator import Speculator
 from pagedserve.engine.spec.verify import num_accepted
 
 logger = logging.getLogger(__name__)
-
-# Stands for a sampled token still on its way from the device (never a valid id: an embedding lookup of
-# it fails loudly instead of computing on a wrong token).
-_PLACEHOLDER = -1
 
 
 @dataclass
@@ -137,14 +132,8 @@ class LLMEngine:
         self.max_model_len = settings.scheduler.max_model_len
         max_batch_tokens = settings.scheduler.max_batch_tokens
         max_num_seqs = settings.scheduler.max_num_seqs
-        speculative = settings.speculative
-        # The draft model and its cache first: the memory plan then counts them as taken.
-        self._proposer: NgramProposer | DraftProposer | None = None
-        if speculative.enabled and speculative.method == "draft":
-            self._proposer = DraftProposer.build(settings, self.runner, self.max_model_len)
-        elif speculative.enabled:
-            self._proposer = NgramProposer(speculative.num_tokens, speculative.prompt_lookup_min,
-                                           speculative.prompt_lookup_max)
+        # A draft model and its cache first: the memory plan then counts them as taken.
+        self._speculator = Speculator.build(settings, self.runner, self.max_model_len)
         self.memory_plan = self.runner.plan_memory(max_num_seqs, self.max_model_len, max_batch_tokens)
         logger.info(self.memory_plan.describe())
         self.runner.allocate_kv_cache(self.memory_plan.num_blocks)
@@ -162,8 +151,8 @@ class LLMEngine:
                                                **verify):
                 decode_graph_max_batch_size = max_graph_batch
                 verify_graph_max_batch_size = verify.get("verify_max_batch_size", 0)
-            if isinstance(self._proposer, DraftProposer):
-                self._proposer.capture_cuda_graphs(verify["verify_max_batch_size"], self.max_model_len)
+            if self._speculator is not None:
+                self._speculator.capture_cuda_graphs(verify["verify_max_batch_size"], self.max_model_len)
         self.kv_cache = KVCacheManager(
             settings.cache.block_size,
             [g.sliding_window for g in shape.groups],
@@ -190,13 +179,7 @@ class LLMEngine:
         self.last_step: StepStats | None = None
         self.async_scheduling = settings.async_scheduling
         self._in_flight: _InFlightStep | None = None
-        self._spec_disable_batch_size = speculative.disable_batch_size
-        # Within that bound, which requests speculate and with how many proposals (None: all of them, k each).
-        self._spec_rule = SpeculationRule(speculative.num_tokens) if speculative.enabled and speculative.adaptive \
-            else None
         self._asked_for_proposals = False  # this step's requests were asked for proposals
-        self._spec_stats = SpecDecodeStats.empty(speculative.num_tokens if speculative.enabled else 0)
-        self._said_spec_off_for_history = False
         # The model, tokenizer and caches are long-lived: keep them out of every future garbage
         # collection, which otherwise rescans them and costs milliseconds per step.
         gc.collect()
@@ -470,7 +453,7 @@ class LLMEngine:
                                  return_when="FIRST_COMPLETED")
         preparing_at = time.perf_counter()  # the host's work on the step to launch begins
         self._asked_for_proposals = False
-        output = self.scheduler.schedule(self._propose() if self._proposer is not None else None)
+        output = self.scheduler.schedule(self._propose() if self._speculator is not None else None)
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None and output.is_empty:
             self._deliver(in_flight)
@@ -483,10 +466,7 @@ class LLMEngine:
         if in_flight is not None:
             self._deliver(in_flight)
         if self._asked_for_proposals:
-            if launched is not None and launched.drafts:
-                self._spec_stats.num_spec_steps += 1
-            else:
-                self._spec_stats.num_steps_without_proposals += 1
+            self._speculator.record_step(launched is not None and bool(launched.drafts))
         if launched is not None:
             # Decodes and nothing in flight at its launch (a speculative step, the step after one, every step
             # without async scheduling): the decoding streams waited for its host work, and the cost model hears so.
@@ -499,7 +479,7 @@ class LLMEngine:
             self.scheduler.finish_step(output)
             for request in {r.request_id: r for r in launched.requests}.values():  # speculating: several rows
                 if not request.is_finished:
-                    request.output_token_ids.append(_PLACEHOLDER)
+                    request.output_token_ids.append(PLACEHOLDER_TOKEN_ID)
             if launched.sampled is not None:  # None: no request sampled (middle chunks of prompts)
                 # A speculative step is delivered at once: how many tokens it commits decides the next step.
                 if self.async_scheduling and not launched.drafts:
@@ -521,109 +501,19 @@ class LLMEngine:
         return self._collect_outputs()
 
     def _propose(self) -> dict[str, list[int]] | None:
-        """Proposals for this step's decoding requests, or None when the step does not speculate (more running
-        requests than `speculative_disable_batch_size`, none that may, or the adaptive rule finds that none
-        pays: engine/spec/adaptive.py). A step in flight is delivered first only when this one asks for proposals
+        """Proposals for this step's decoding requests, or None when the step does not speculate
+        (engine/spec/speculator.py). A step in flight is delivered first only when this one asks for proposals
         (they continue the real tokens, not placeholders): a step kept plain keeps its overlap with it."""
-        running = self.scheduler.running
-        if not running:
+        asks = self._speculator.plan(self.scheduler.running, self.scheduler.step_costs,
+                                     self.scheduler_settings.max_batch_tokens,
+                                     step_in_flight=self._in_flight is not None)
+        if asks is None:
             return None
-        if len(running) > self._spec_disable_batch_size:
-            self._spec_stats.num_steps_over_batch_size += 1
-            return None
-        candidates = [request for request in running if self._may_speculate(request)]
-        if not candidates:
-            return None
-        wanted: dict[str, int] | None = None  # request id -> proposals the rule asks for (None: k for all)
-        if self._spec_rule is not None:
-            shadowing = isinstance(self._proposer, NgramProposer)
-            if shadowing:
-                self._settle_shadows(candidates)
-            plan = self._plan_speculation(running, candidates)
-            wanted = plan.num_tokens
-            self._spec_stats.num_requests_held_back += len(candidates) - len(wanted)
-            self._spec_stats.num_probes += plan.num_probes
-            if shadowing and plan.could_pay:
-                self._add_shadows([request for request in candidates if request.request_id not in wanted])
-            if not wanted:
-                self._spec_stats.num_plain_steps_by_rule += 1
-                return None
-            candidates = [request for request in candidates if request.request_id in wanted]
         if self._in_flight is not None:
             in_flight, self._in_flight = self._in_flight, None
             self._deliver(in_flight)
-        candidates = [request for request in candidates if not request.is_finished]  # a delivered token ended it
-        limits = [r.token_limit - r.num_tokens - 1 for r in candidates]
-        if wanted is not None:
-            limits = [min(limit, wanted[r.request_id]) for r, limit in zip(candidates, limits)]
         self._asked_for_proposals = True
-        proposals = self._proposer.propose_batch(candidates, limits)
-        if self._spec_rule is not None:
-            for request_id, tokens in proposals.items():
-                if not tokens:  # asked, it had none (no n-gram match): as a rejection of its first proposal
-                    self._spec_rule.record(request_id, 0, 0)
-        return {request_id: tokens for request_id, tokens in proposals.items() if tokens} or None
-
-    @staticmethod
-    def _num_known_tokens(request: Request) -> int:
-        """The request's tokens on the host: all but the placeholder of a token in flight."""
-        outputs = request.output_token_ids
-        return request.num_tokens - (1 if outputs and outputs[-1] == _PLACEHOLDER else 0)
-
-    def _settle_shadows(self, candidates: list[Request]) -> None:
-        """Score the shadow trials (engine/spec/adaptive.py) whose tokens have arrived."""
-        rule = self._spec_rule
-        for request in candidates:
-            if rule.has_shadow(request.request_id):
-                rule.settle_shadow(request.request_id, request.all_token_ids, self._num_known_tokens(request))
-
-    def _add_shadows(self, held_back: list[Request]) -> None:
-        """An n-gram lookup on the known tokens of up to MAX_SHADOWS_PER_STEP requests the rule held back this
-        step (those without a pending one, from a place that moves every step): what an ask would have given,
-        scored as their tokens arrive, with no device work and the step in flight left in flight."""
-        rule = self._spec_rule
-        budget = MAX_SHADOWS_PER_STEP
-        offset = self._num_steps_total % len(held_back) if held_back else 0
-        for request in held_back[offset:] + held_back[:offset]:
-            if budget == 0:
-                break
-            if rule.has_shadow(request.request_id):
-                continue
-            budget -= 1
-            num_known = self._num_known_tokens(request)
-            limit = request.token_limit - num_known - 1
-            tokens = self._proposer.propose(request.request_id, request.all_token_ids[:num_known], limit)
-            rule.add_shadow(request.request_id, num_known, tokens)
-
-    def _plan_speculation(self, running: list[Request], candidates: list[Request]) -> SpeculationPlan:
-        """The adaptive rule's plan for this step: the batch as the cost model sees it (every running request; the
-        decodes' context; the prompt tokens still to compute, as many as a step takes)."""
-        num_context_tokens = num_prompt_tokens = 0
-        for request in running:
-            num_tokens = request.num_tokens
-            num_needed = num_tokens - request.num_computed_tokens
-            if num_needed == 1:
-                num_context_tokens += num_tokens
-            elif num_needed > 1:
-                num_prompt_tokens += num_needed
-        batch = StepShape(len(running), num_context_tokens,
-                          min(num_prompt_tokens, self.scheduler_settings.max_batch_tokens))
-        return self._spec_rule.plan([(r.request_id, r.token_limit - r.num_tokens - 1) for r in candidates], batch,
-                                    self.scheduler.step_costs, step_in_flight=self._in_flight is not None)
-
-    def _may_speculate(self, request: Request) -> bool:
-        """Decoding, past min_tokens, and sampled without reading earlier tokens: penalties, bad words and
-        grammar masks would need every proposal's own history (not built yet; such requests decode plainly)."""
-        params = request.sampling_params
-        if request.num_tokens - request.num_computed_tokens != 1 or request.num_tokens + 1 >= request.token_limit:
-            return False
-        if params.needs_token_history:
-            if not self._said_spec_off_for_history:
-                self._said_spec_off_for_history = True
-                logger.info("speculative decoding is off for requests with penalties, bad words or structured "
-                            "outputs (request %s and the like decode one token a step)", request.request_id)
-            return False
-        return request.num_output_tokens >= params.min_tokens
+        return self._speculator.propose(asks)
 
     @staticmethod
     def _needs_token_values(output: SchedulerOutput) -> bool:
@@ -739,14 +629,12 @@ class LLMEngine:
         max_tokens and logprobs hold for each; tokens after one that ends the request are dropped."""
         targets = sampled.token_ids[row:row + len(drafts) + 1]
         accepted = num_accepted(targets, drafts)
-        self._spec_stats.record(len(drafts), accepted)
-        if self._spec_rule is not None:
-            self._spec_rule.record(request.request_id, len(drafts), accepted)
+        self._speculator.record_verified(request.request_id, len(drafts), accepted)
         # A seeded request's generator drew a row per proposal: keep the draws of committed tokens only.
         self.sampler.settle(request.request_id, accepted + 1)
         for offset in range(accepted + 1):
             if offset > 0:
-                request.output_token_ids.append(_PLACEHOLDER)
+                request.output_token_ids.append(PLACEHOLDER_TOKEN_ID)
             self._accept_sampled(request, sampled, row + offset, now)
             if request.is_finished:
                 return
@@ -857,10 +745,8 @@ class LLMEngine:
         self.scheduler.finish_request(request, reason)
         request.metrics.finished_time = time.monotonic()
         self.sampler.forget(request.request_id)
-        if self._proposer is not None:
-            self._proposer.forget(request.request_id)
-        if self._spec_rule is not None:
-            self._spec_rule.forget(request.request_id)
+        if self._speculator is not None:
+            self._speculator.forget(request.request_id)
         self._finished_by_reason[reason.value] = self._finished_by_reason.get(reason.value, 0) + 1
         group = self._groups.get(request.parent_id or request.request_id)
         if group is not None:
@@ -918,8 +804,8 @@ class LLMEngine:
         """Stop the tensor-parallel worker ranks, if any, and let the collector reclaim this engine. Idempotent."""
         if self._grammar_compiler is not None:
             self._grammar_compiler.shutdown()
-        if isinstance(self._proposer, DraftProposer):
-            self._proposer.shutdown()
+        if self._speculator is not None:
+            self._speculator.shutdown()
         stop = getattr(self.runner, "shutdown", None)
         if stop is not None:
             stop()
@@ -955,7 +841,8 @@ class LLMEngine:
             last_step_num_prefill_tokens=self.last_step.num_prefill_tokens if self.last_step else 0,
             last_step_num_decode_tokens=self.last_step.num_decode_tokens if self.last_step else 0,
             max_batch_tokens=self.scheduler_settings.max_batch_tokens,
-            spec_decode=self._spec_stats.snapshot(),
+            spec_decode=(self._speculator.stats if self._speculator is not None
+                         else SpecDecodeStats.empty(0)).snapshot(),
             num_lora_slots=0 if lora is None else lora.settings.max_loras,
             lora_slot_names=() if lora is None else lora.slot_names(),
             lora_host_names=() if lora is None else lora.host_names(),

@@ -14,6 +14,9 @@ from typing import Any
 
 from pagedserve.engine.errors import InvalidRequestError
 
+# The id a request holds for its token in flight under async scheduling (the engine replaces it on delivery).
+PLACEHOLDER_TOKEN_ID = -1
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -294,6 +297,12 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Its tokens on the host: all but the placeholder of a token in flight."""
+        outputs = self.output_token_ids
+        return self.num_tokens - (1 if outputs and outputs[-1] == PLACEHOLDER_TOKEN_ID else 0)
 
     @property
     def is_finished(self) -> bool:

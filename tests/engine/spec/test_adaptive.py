@@ -313,7 +313,7 @@ def test_speculation_switched_on_and_off_mid_request_keeps_the_output(tiny_llama
     counts = engine.get_stats().spec_decode
     assert counts.num_spec_steps == 0 and counts.num_plain_steps_by_rule > 0 and counts.num_probes == 0
 
-    rule = engine._spec_rule
+    rule = engine._speculator.rule
     real_plan = rule.plan
     cycle = itertools.count()
 

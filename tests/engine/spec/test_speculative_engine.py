@@ -270,7 +270,7 @@ def test_draft_model_proposals_keep_the_output(tiny_model_dir, plain):
     assert completions(generate(llm, prompts, params)) == completions(generate(plain, prompts, params))
     counts = llm.engine.get_stats().spec_decode
     assert 0.5 <= counts.acceptance_rate < 1, counts
-    draft_cache = llm.engine._proposer.kv_cache
+    draft_cache = llm.engine._speculator.proposer.kv_cache
     draft_cache.check_invariants()
     assert draft_cache.num_free_blocks == draft_cache.num_total_blocks
 
