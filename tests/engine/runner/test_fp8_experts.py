@@ -203,4 +203,6 @@ def test_gpu_engine_with_fp8_experts_matches_transformers_on_the_dequantized_mod
     error = (torch.cat(ours) - torch.cat(theirs)).abs()
     summary = f"{source}: |engine - reference| over {len(error)} tokens: mean {error.mean():.4f}, max {error.max():.4f}"
     print(summary)
-    assert error.mean() <= 0.05 and error.max() <= 0.5, summary
+    # Bounds for wiring, not for rounding: a wrong scale, layout or expert is off by nats on most tokens; the
+    # FP8 activations' rounding moves a random tiny model's log-probabilities by hundredths (the figures print).
+    assert error.mean() <= 0.1 and error.max() <= 1.0, summary
