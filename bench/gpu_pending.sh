@@ -7,6 +7,7 @@
 #   bash bench/gpu_pending.sh spec           # issue 27: plain vs n-gram vs draft (adaptive rule with shadow
 #                                            # trials, and the constant rule); trains its models if missing
 #   bash bench/gpu_pending.sh moe            # issue 30: rows tiles tuned, batch 1, an 8-layer profile
+#   bash bench/gpu_pending.sh fp8_b1         # issue 25: one-row FP8 tiles (float16 products included), b1
 #   bash bench/gpu_pending.sh fp8kv_online   # attention GPU tests, W1 with FP8 weights + FP8 KV (issue 25),
 #                                            # issue 24's step-time prefill rule vs the constant bound
 #   bash bench/gpu_pending.sh tests_lora     # the wider GPU test set and the LoRA bar (the first stage before)
@@ -37,6 +38,14 @@ train_models() {  # the 42M target and a small draft, trained on Python's own te
 }
 
 case "${1:-}" in
+fp8_b1)  # issue 25's batch 1: the one-row FP8 tiles, float16-product candidates included; then b1 end to end
+    el r1; timeout 420 python3 bench/linear_bench.py --fp8 --sweep --rows 1 > "$OUT/linear_fp8.txt" 2>&1
+    el "r1 rc=$?"
+    el r2; timeout "$(left 570)" python3 bench/gpu_bench.py --skip-baseline --check-requests 0 --num-requests 16 --max-new-tokens 32 \
+        --quantization fp8 > "$OUT/fp8_b1.txt" 2>&1; el "r2 rc=$?"
+    echo "== linear"; grep -E "^\||m=1: cuBLAS|top 5" "$OUT/linear_fp8.txt" | tail -24
+    echo "== b1"; grep -v "INFO\|WARN\|Loading\|it/s" "$OUT/fp8_b1.txt" | tail -10
+    ;;
 tests_lora)
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
     train_models &

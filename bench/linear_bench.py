@@ -61,12 +61,15 @@ def copy_bandwidth_gbs() -> float:
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
-def candidates() -> list[SkinnyConfig]:
+def candidates(fp8: bool = False) -> list[SkinnyConfig]:
+    """Tiles to time; with `fp8`, also the multiply-and-sum tiles with float16 products (FP8 weights only)."""
     dot = [SkinnyConfig(bn, bk, w, s) for bn, bk, (w, s) in
            itertools.product((16, 32, 64), (128, 256, 512, 1024), ((4, 3), (4, 5), (8, 4)))]
     fma = [SkinnyConfig(bn, bk, w, s, use_dot=False) for bn, bk, (w, s) in
            itertools.product((8, 16, 32), (256, 512, 1024, 2048, 4096), ((4, 3), (8, 4)))]
-    return dot + fma
+    f16 = [SkinnyConfig(bn, bk, w, s, use_dot=False, f16_products=True) for bn, bk, (w, s) in
+           itertools.product((8, 16), (1024, 2048, 4096), ((4, 3), (8, 4)))] if fp8 else []
+    return dot + fma + f16
 
 
 def main() -> None:
@@ -106,7 +109,7 @@ def main() -> None:
                 ref = F.linear(x.float(), weights[0].float())
                 cublas_us = graph_time_us(lambda: [F.linear(x, w) for w in weights], copies)
             default = default_config(n, m, torch.cuda.get_device_properties(0).multi_processor_count, args.fp8)
-            configs = candidates() if args.sweep else [default]
+            configs = candidates(args.fp8) if args.sweep else [default]
             results = []
             for config in configs:
                 if not config.use_dot and m > 1:
@@ -148,7 +151,7 @@ def main() -> None:
     for name, m, cublas_us, default_us, best_us, best, weight_bytes in table:
         print(f"| {name} | {m} | {cublas_us:.1f} | {default_us:.1f} | {best_us:.1f} | {weight_bytes / cublas_us / 1e3:.0f} | "
               f"{weight_bytes / default_us / 1e3:.0f} | {best.block_n}x{best.block_k} w{best.num_warps} s{best.num_stages}"
-              f"{'' if best.use_dot else ' fma'} |")
+              f"{'' if best.use_dot else ' f16' if best.f16_products else ' fma'} |")
     print("\n| rows | argmax us | greedy_argmax us |")
     print("|---:|---:|---:|")
     for rows, plain_us, two_stage_us in argmax_rows:

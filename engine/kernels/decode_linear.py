@@ -51,6 +51,9 @@ class SkinnyConfig:
     num_warps: int
     num_stages: int
     use_dot: bool = True  # False: BLOCK_M rows by multiply-and-sum on CUDA cores (a single row)
+    # Multiply-and-sum over an FP8 weight with float16 products (`_accumulate_f16`): a candidate of `--sweep --fp8`
+    # until a GPU run says whether it reads faster; no default takes it.
+    f16_products: bool = False
 
 
 def default_config(out_features: int, num_rows: int = MAX_ROWS, num_sms: int | None = None,
@@ -101,6 +104,29 @@ if triton is not None:
         return acc + tl.sum(x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
 
     @triton.jit
+    def _accumulate_f16(acc, x, w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Multiply-and-sum over an e4m3 weight tile with float16 arithmetic: widening each weight to float32
+        costs two conversions (e4m3 -> f16 -> f32) at the conversion units' rate (an eighth of the FMA rate on
+        Hopper), which may bound a one-row step below the memory's rate; here each weight takes half a packed
+        e4m3 -> f16x2 conversion and a half-rate packed product, 8 products are summed in float16 and only
+        those sums are widened. Overflow-safe: the x step is divided by its largest magnitude first (|x| <= 1,
+        |w| <= 448: 8 products stay below 3,600), and the step's float32 sum multiplied back."""
+        xf = x.to(tl.float32)
+        x_max = tl.max(tl.abs(xf), axis=1)
+        x_scale = tl.where(x_max > 0.0, x_max, 1.0)
+        xs = (xf * (1.0 / x_scale)[:, None]).to(tl.float16)
+        products = xs[:, None, :] * w.to(tl.float16)[None, :, :]
+        eights = tl.sum(tl.reshape(products, [BLOCK_M, BLOCK_N, BLOCK_K // 8, 8]), axis=3)
+        return acc + tl.sum(eights.to(tl.float32), axis=2) * x_scale[:, None]
+
+    @triton.jit
+    def _step(acc, x, w, USE_DOT: tl.constexpr, F16_PRODUCTS: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        if F16_PRODUCTS:
+            return _accumulate_f16(acc, x, w, BLOCK_M, BLOCK_N, BLOCK_K)
+        return _accumulate(acc, x, w, USE_DOT)
+
+    @triton.jit
     def _skinny_gemm_kernel(
         x_ptr,
         w_ptr,
@@ -119,6 +145,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         USE_DOT: tl.constexpr,
+        F16_PRODUCTS: tl.constexpr,
         EVEN_K: tl.constexpr,
         USE_PDL: tl.constexpr,
     ):
@@ -138,7 +165,8 @@ if triton is not None:
             w = _load_weight_tile(w_ptrs, col_valid, ks, K, EVEN_K)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-            acc = _accumulate(acc, _load_x_tile(x_ptrs, row_valid, ks, K, EVEN_K), w, USE_DOT)
+            acc = _step(acc, _load_x_tile(x_ptrs, row_valid, ks, K, EVEN_K), w, USE_DOT, F16_PRODUCTS, BLOCK_M,
+                        BLOCK_N, BLOCK_K)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
             first_step = 1
@@ -146,7 +174,7 @@ if triton is not None:
             k_left = K - k_step * BLOCK_K
             x = _load_x_tile(x_ptrs, row_valid, ks, k_left, EVEN_K)
             w = _load_weight_tile(w_ptrs, col_valid, ks, k_left, EVEN_K)
-            acc = _accumulate(acc, x, w, USE_DOT)
+            acc = _step(acc, x, w, USE_DOT, F16_PRODUCTS, BLOCK_M, BLOCK_N, BLOCK_K)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         if HAS_W_SCALE:  # FP8 weight: one scale per output feature
@@ -174,6 +202,8 @@ def skinny_linear(
     if config is None:
         config = default_config(out_features, num_rows, _num_sms(_device_index(x)) if x.is_cuda else None,
                                 fp8_weight=weight_scale is not None)
+    if config.f16_products and (config.use_dot or weight_scale is None):
+        raise ValueError("f16_products is a multiply-and-sum tile (use_dot=False) over an FP8 weight")
     out = torch.empty((num_rows, out_features), dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return out
@@ -196,6 +226,7 @@ def skinny_linear(
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         USE_DOT=config.use_dot,
+        F16_PRODUCTS=config.f16_products,
         EVEN_K=in_features % config.block_k == 0,
         USE_PDL=use_pdl,
         num_warps=config.num_warps,
