@@ -14,7 +14,8 @@ from typing import Any
 
 from pagedserve.engine.errors import InvalidRequestError
 
-# The id a request holds for its token in flight under async scheduling (the engine replaces it on delivery).
+# The id a request holds for its token in flight under async scheduling (the engine replaces it on delivery):
+# never a valid id, so an embedding lookup of it fails loudly instead of computing on a wrong token.
 PLACEHOLDER_TOKEN_ID = -1
 
 
