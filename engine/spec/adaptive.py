@@ -218,10 +218,14 @@ class SpeculationRule:
         plain_rate = base_tokens / plain_s if plain_s > 0.0 else 0.0
         result = SpeculationPlan(plain_tokens_per_s=plain_rate)
         k = self.num_speculative_tokens
-        most_drafts = sum(max(0, min(k, limit)) for _, limit in candidates)
         per_draft_s = costs.per_draft_token_s
-        best_s = spec_fixed_s + per_draft_s * most_drafts
-        result.could_pay = most_drafts > 0 and (best_s <= 0.0 or (base_tokens + most_drafts) / best_s > plain_rate)
+        # With every proposal found and accepted, D of them commit N + D tokens in F + c D seconds: monotonic in D,
+        # so the best D among 1..k x candidates (at least as many as the limits allow) is an end; O(1), before
+        # any per-request work (a compute-bound step, where none pays, then costs the rule almost nothing).
+        result.could_pay = bool(candidates) and any(
+            spec_fixed_s + per_draft_s * drafts <= 0.0
+            or (base_tokens + drafts) / (spec_fixed_s + per_draft_s * drafts) > plain_rate
+            for drafts in (1, k * len(candidates)))
         if not result.could_pay:  # no acceptance pays: no need to weigh each request's
             return result
         # Each candidate's (id, p, q, most proposals, probed).
