@@ -192,4 +192,6 @@ def test_gpu_fused_moe_matches_transformers_experts_bf16(tiny_model_dir, arch):
                f"|transformers bf16 - fp32| mean {transformers_error.mean():.4f} max {transformers_error.max():.4f}")
     print(summary)
     assert fused_error.mean() <= 1.5 * transformers_error.mean() + 2e-3, summary
-    assert fused_error.max() <= 2 * transformers_error.max() + 0.05, summary
+    # One position may flip a router's near tie the other way (a jump of tenths of a nat); a wrong kernel path
+    # moves many positions, which the mean catches, and by nats.
+    assert fused_error.max() <= max(2 * transformers_error.max(), 1.0), summary
