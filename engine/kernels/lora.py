@@ -151,8 +151,8 @@ if triton is not None:
     @triton.jit
     def _lora_expand_kernel(
         inter_ptr, b_ptr, out_ptr, sorted_ids_ptr, counts_ptr, starts_ptr, tile_slots_ptr, tile_rows_ptr,
-        slice_starts_ptr, R, num_col_tiles,
-        stride_im, stride_bl, stride_bn, stride_om,
+        slice_starts_ptr, R, num_col_tiles, num_splits,
+        stride_is, stride_im, stride_bl, stride_bn, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
     ):
         tile = tl.program_id(0)
@@ -175,8 +175,12 @@ if triton is not None:
         col_valid = cols < slice_end
         rs = tl.arange(0, BLOCK_R)
         r_valid = rs < R
-        inter = tl.load(inter_ptr + rows[:, None] * stride_im + (slice_index * R + rs)[None, :],
-                        mask=row_valid[:, None] & r_valid[None, :], other=0.0)
+        # The shrink's partial sums over K (one, or the few rows' splits, added here in a fixed order).
+        inter_ptrs = inter_ptr + rows[:, None] * stride_im + (slice_index * R + rs)[None, :]
+        inter_mask = row_valid[:, None] & r_valid[None, :]
+        inter = tl.load(inter_ptrs, mask=inter_mask, other=0.0)
+        for split in range(1, num_splits):
+            inter += tl.load(inter_ptrs + split * stride_is, mask=inter_mask, other=0.0)
         b = tl.load(b_ptr + slot.to(tl.int64) * stride_bl + cols[:, None] * stride_bn + rs[None, :],
                     mask=col_valid[:, None] & r_valid[None, :], other=0.0)
         if IEEE:
@@ -195,6 +199,7 @@ def lora_block_m(num_rows: int) -> int:
 
 
 SHRINK_PROGRAMS = 256  # the shrink's working programs to aim for (about two an SM on an H100/H200)
+EXPAND_SUMS_MAX_BLOCK_M = 16  # tiles of at most this many rows add the shrink's splits in the expand
 MAX_SHRINK_SPLITS = 32
 
 
@@ -233,16 +238,19 @@ def lora_add_triton(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lo
         x.stride(0), lora_a.stride(0), lora_a.stride(1), partial.stride(0), partial.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee,
     )
-    # Base rows' entries are never written (garbage, summed too), and never read by the expand.
-    inter = partial[0] if splits == 1 else partial.sum(dim=0)
+    # A tile of few rows reads its rows' splits in the expand (a launch fewer at batch 1, where launches are the
+    # cost); more rows sum them first, once, rather than in every column tile of the expand. Base rows' entries
+    # are never written (garbage, summed too), and never read by the expand.
+    if splits > 1 and block_m > EXPAND_SUMS_MAX_BLOCK_M:
+        partial, splits = partial.sum(dim=0, keepdim=True), 1
     num_slices = slice_starts.numel() - 1
     block_n = 64
     num_col_tiles = triton.cdiv(max_slice_size, block_n)
     _lora_expand_kernel[(num_tiles, num_slices * num_col_tiles)](
-        inter, lora_b, out, index.sorted_ids, index.slot_counts, index.slot_starts, index.tile_slots, index.tile_rows,
+        partial, lora_b, out, index.sorted_ids, index.slot_counts, index.slot_starts, index.tile_slots, index.tile_rows,
         slice_starts,
-        rank, num_col_tiles,
-        inter.stride(0), lora_b.stride(0), lora_b.stride(1), out.stride(0),
+        rank, num_col_tiles, splits,
+        partial.stride(0), partial.stride(1), lora_b.stride(0), lora_b.stride(1), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)), IEEE=ieee,
     )
 

@@ -28,8 +28,11 @@ INTERPRETER_CASES = {
     "one_row_fp16": ([1], 2, [70], 64, 16, "float16"),
     # More rows of one adapter than a row tile holds (17 > 16), next to base rows.
     "long_segment_fp32": ([0] * 17 + [-1] * 3, 2, [16, 16], 32, 4, "float32"),
-    # Two decode rows over 200 inputs: the shrink's K in 4 splits, the last one ragged (200 = 3 * 64 + 8).
+    # Two decode rows over 200 inputs: the shrink's K in 4 splits, the last one ragged (200 = 3 * 64 + 8), added
+    # by the expand (tiles of 16 rows).
     "split_k_fp32": ([-1, 1, 0], 2, [24], 200, 8, "float32"),
+    # 20 rows (tiles of 32) over 256 inputs: 4 splits, summed before the expand.
+    "split_k_summed_fp32": ([0, 1, -1, 1] * 5, 2, [16, 8], 256, 4, "float32"),
     # 300 rows in tiles of 64: three tiles of one slot, one of another, base rows between (tile table).
     "many_tiles_fp32": ([1] * 150 + [-1] * 85 + [0] * 65, 2, [16], 32, 4, "float32"),
 }
