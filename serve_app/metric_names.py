@@ -63,6 +63,8 @@ REPLICA_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "counter", "Requests that could speculate, left out of a step by the adaptive rule.", ()),
     "pagedserve_spec_decode_probes": (
         "counter", "Requests whose acceptance had collapsed, tried again by the adaptive rule.", ()),
+    "pagedserve_spec_decode_shadow_trials": (
+        "counter", "N-gram lookups for requests the adaptive rule held back, scored as their tokens arrive.", ()),
     # vLLM-compatible histograms
     "vllm_time_to_first_token_seconds": ("histogram", "Arrival at the engine to first token.", ()),
     "vllm_inter_token_latency_seconds": ("histogram", "Time between consecutive output deltas, per token.", ()),

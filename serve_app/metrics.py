@@ -169,6 +169,7 @@ class ReplicaMetrics:
             "vllm_spec_decode_num_accepted_tokens": stats.spec_decode.num_accepted_tokens,
             "pagedserve_spec_decode_requests_held_back": stats.spec_decode.num_requests_held_back,
             "pagedserve_spec_decode_probes": stats.spec_decode.num_probes,
+            "pagedserve_spec_decode_shadow_trials": stats.spec_decode.num_shadow_trials,
             "pagedserve_lora_slot_loads": stats.num_lora_slot_loads_total,
         }
         spec = stats.spec_decode

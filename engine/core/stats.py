@@ -13,7 +13,8 @@ class SpecDecodeCounts:
     with requests that could speculate that the adaptive rule kept plain, steps that asked for proposals and got
     none to verify (no n-gram match, no room), steps with more running requests than
     `speculative_disable_batch_size` (none speculates); requests the rule left out of a step (whether or not
-    others speculated in it), and requests it tried again after their acceptance had collapsed (probes)."""
+    others speculated in it), requests it tried again after their acceptance had collapsed (probes), and the
+    n-gram lookups it made for held-back requests (shadow trials: no device work)."""
 
     num_drafts: int = 0
     num_draft_tokens: int = 0
@@ -25,6 +26,7 @@ class SpecDecodeCounts:
     num_steps_over_batch_size: int = 0
     num_requests_held_back: int = 0
     num_probes: int = 0
+    num_shadow_trials: int = 0
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -45,6 +47,7 @@ class SpecDecodeStats:
     num_steps_over_batch_size: int = 0
     num_requests_held_back: int = 0
     num_probes: int = 0
+    num_shadow_trials: int = 0
 
     @classmethod
     def empty(cls, num_speculative_tokens: int) -> "SpecDecodeStats":
@@ -61,7 +64,8 @@ class SpecDecodeStats:
         return SpecDecodeCounts(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
                                 tuple(self.num_accepted_tokens_per_pos), self.num_spec_steps,
                                 self.num_plain_steps_by_rule, self.num_steps_without_proposals,
-                                self.num_steps_over_batch_size, self.num_requests_held_back, self.num_probes)
+                                self.num_steps_over_batch_size, self.num_requests_held_back, self.num_probes,
+                                self.num_shadow_trials)
 
 
 @dataclass(frozen=True)

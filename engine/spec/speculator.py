@@ -165,6 +165,7 @@ class Speculator:
             if rule.has_shadow(request.request_id):
                 continue
             budget -= 1
+            self.stats.num_shadow_trials += 1
             num_known = request.num_known_tokens
             tokens = self.proposer.propose(request.request_id, request.all_token_ids[:num_known],
                                            request.token_limit - num_known - 1)

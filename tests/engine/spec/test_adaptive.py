@@ -337,9 +337,11 @@ def test_speculation_switched_on_and_off_mid_request_keeps_the_output(tiny_llama
     rule.record = lambda request_id, proposed, accepted: (recorded.append((request_id, proposed, accepted)),
                                                           real_record(request_id, proposed, accepted))
     rule.plan = lambda candidates, batch, model, step_in_flight: SpeculationPlan(could_pay=True)
-    before = engine.get_stats().spec_decode.num_spec_steps
+    before = engine.get_stats().spec_decode
     assert run(llm, prompts, params) == reference
-    assert engine.get_stats().spec_decode.num_spec_steps == before
+    after = engine.get_stats().spec_decode
+    assert after.num_spec_steps == before.num_spec_steps
+    assert after.num_shadow_trials - before.num_shadow_trials >= len(prompts) and before.num_shadow_trials == 0
     assert len({request_id for request_id, _, _ in recorded}) == len(prompts)
     assert any(proposed for _, proposed, _ in recorded) and any(accepted for _, _, accepted in recorded), recorded
     assert not rule._shadows  # finished requests leave none behind
