@@ -41,7 +41,7 @@ from pagedserve.engine.core.request import (
 )
 from pagedserve.engine.core.sampler import SampledBatch, Sampler
 from pagedserve.engine.core.scheduler import Scheduler, SchedulerOutput
-from pagedserve.engine.core.stats import EngineStats, SpecDecodeStats, StepStats
+from pagedserve.engine.core.stats import EngineStats, SpecDecodeCounts, StepStats
 from pagedserve.engine.core.step_cost import StepCostModel, StepShape
 from pagedserve.engine.spec.speculator import Speculator
 from pagedserve.engine.spec.verify import num_accepted
@@ -841,8 +841,7 @@ class LLMEngine:
             last_step_num_prefill_tokens=self.last_step.num_prefill_tokens if self.last_step else 0,
             last_step_num_decode_tokens=self.last_step.num_decode_tokens if self.last_step else 0,
             max_batch_tokens=self.scheduler_settings.max_batch_tokens,
-            spec_decode=(self._speculator.stats if self._speculator is not None
-                         else SpecDecodeStats.empty(0)).snapshot(),
+            spec_decode=self._speculator.stats.snapshot() if self._speculator is not None else SpecDecodeCounts(),
             num_lora_slots=0 if lora is None else lora.settings.max_loras,
             lora_slot_names=() if lora is None else lora.slot_names(),
             lora_host_names=() if lora is None else lora.host_names(),

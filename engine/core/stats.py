@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True)
+@dataclass
 class SpecDecodeCounts:
     """Speculative decoding since start (vLLM's spec_decode_* counters): verifications (`num_drafts`),
     proposed and accepted tokens, and accepted tokens by proposal position (index j: the (j+1)-th proposal).
@@ -14,33 +16,14 @@ class SpecDecodeCounts:
     none to verify (no n-gram match, no room), steps with more running requests than
     `speculative_disable_batch_size` (none speculates); requests the rule left out of a step (whether or not
     others speculated in it), requests it tried again after their acceptance had collapsed (probes), and the
-    n-gram lookups it made for held-back requests (shadow trials: no device work)."""
+    n-gram lookups it made for held-back requests (shadow trials: no device work).
+
+    The speculator counts into one (`record`, its fields); `snapshot()` is the copy `EngineStats` carries."""
 
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
-    num_accepted_tokens_per_pos: tuple[int, ...] = ()
-    num_spec_steps: int = 0
-    num_plain_steps_by_rule: int = 0
-    num_steps_without_proposals: int = 0
-    num_steps_over_batch_size: int = 0
-    num_requests_held_back: int = 0
-    num_probes: int = 0
-    num_shadow_trials: int = 0
-
-    @property
-    def acceptance_rate(self) -> float | None:
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
-
-
-@dataclass
-class SpecDecodeStats:
-    """The engine's running speculative counters (mutable); `snapshot()` for `EngineStats`."""
-
-    num_drafts: int
-    num_draft_tokens: int
-    num_accepted_tokens: int
-    num_accepted_tokens_per_pos: list[int]
+    num_accepted_tokens_per_pos: Sequence[int] = ()  # a list while counting, a tuple in a snapshot
     num_spec_steps: int = 0
     num_plain_steps_by_rule: int = 0
     num_steps_without_proposals: int = 0
@@ -50,22 +33,24 @@ class SpecDecodeStats:
     num_shadow_trials: int = 0
 
     @classmethod
-    def empty(cls, num_speculative_tokens: int) -> "SpecDecodeStats":
-        return cls(0, 0, 0, [0] * num_speculative_tokens)
+    def counting(cls, num_speculative_tokens: int) -> "SpecDecodeCounts":
+        """Zeroed counters for k = `num_speculative_tokens` positions."""
+        return cls(num_accepted_tokens_per_pos=[0] * num_speculative_tokens)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
 
     def record(self, num_proposed: int, num_accepted: int) -> None:
+        """A verification: `num_accepted` of its `num_proposed` proposals were accepted."""
         self.num_drafts += 1
         self.num_draft_tokens += num_proposed
         self.num_accepted_tokens += num_accepted
         for position in range(num_accepted):
             self.num_accepted_tokens_per_pos[position] += 1
 
-    def snapshot(self) -> SpecDecodeCounts:
-        return SpecDecodeCounts(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
-                                tuple(self.num_accepted_tokens_per_pos), self.num_spec_steps,
-                                self.num_plain_steps_by_rule, self.num_steps_without_proposals,
-                                self.num_steps_over_batch_size, self.num_requests_held_back, self.num_probes,
-                                self.num_shadow_trials)
+    def snapshot(self) -> "SpecDecodeCounts":
+        return dataclasses.replace(self, num_accepted_tokens_per_pos=tuple(self.num_accepted_tokens_per_pos))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pagedserve.config.resolve import ResolvedConfig
 from pagedserve.engine.core.request import Request
-from pagedserve.engine.core.stats import SpecDecodeStats
+from pagedserve.engine.core.stats import SpecDecodeCounts
 from pagedserve.engine.core.step_cost import StepCostModel, StepShape
 from pagedserve.engine.runner.model_runner import ModelRunner
 from pagedserve.engine.spec.adaptive import MAX_SHADOWS_PER_STEP, SpeculationRule
@@ -41,7 +41,7 @@ class Speculator:
         self.disable_batch_size = disable_batch_size
         # Within that bound, which requests speculate and with how many proposals (None: all of them, k each).
         self.rule = SpeculationRule(num_speculative_tokens) if adaptive else None
-        self.stats = SpecDecodeStats.empty(num_speculative_tokens)
+        self.stats = SpecDecodeCounts.counting(num_speculative_tokens)
         self._said_off_for_history = False
         self._num_plans = 0  # where the shadow lookups start among the held-back requests moves with it
 
