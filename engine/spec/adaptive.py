@@ -169,6 +169,11 @@ class SpeculationRule:
     def has_shadow(self, request_id: str) -> bool:
         return request_id in self._shadows
 
+    def shadow_start(self, request_id: str) -> int | None:
+        """Where in the request's tokens its pending shadow trial's first proposal would go (None: no trial)."""
+        shadow = self._shadows.get(request_id)
+        return None if shadow is None else shadow.start
+
     def add_shadow(self, request_id: str, start: int, tokens: list[int]) -> None:
         """A lookup for a request this step held back (module docstring): `tokens` would have been proposed to go
         at position `start` of its tokens (its known ones end there). None found: recorded now, as an ask
@@ -178,17 +183,18 @@ class SpeculationRule:
         else:
             self.record(request_id, 0, 0)
 
-    def settle_shadow(self, request_id: str, token_ids: Sequence[int], num_known: int) -> None:
-        """Score the request's pending shadow trial against its tokens (the first `num_known` of `token_ids` are
-        real) once they decide it: a proposal that differs from the token that came, or all of them matched."""
+    def settle_shadow(self, request_id: str, arrived: Sequence[int]) -> None:
+        """Score the request's pending shadow trial against `arrived`, its real tokens from `shadow_start` on (as
+        many as are known), once they decide it: a proposal that differs from the token that came, or all of them
+        matched."""
         shadow = self._shadows.get(request_id)
         if shadow is None:
             return
         matched = 0
-        for position, token in enumerate(shadow.tokens, start=shadow.start):
-            if position >= num_known:
+        for index, token in enumerate(shadow.tokens):
+            if index >= len(arrived):
                 return  # not decided yet
-            if token_ids[position] != token:
+            if arrived[index] != token:
                 break
             matched += 1
         del self._shadows[request_id]

@@ -149,8 +149,9 @@ class Speculator:
         """Score the shadow trials (engine/spec/adaptive.py) whose tokens have arrived."""
         rule = self.rule
         for request in candidates:
-            if rule.has_shadow(request.request_id):
-                rule.settle_shadow(request.request_id, request.all_token_ids, request.num_known_tokens)
+            start = rule.shadow_start(request.request_id)
+            if start is not None:  # the tokens since its lookup, not a copy of the whole sequence
+                rule.settle_shadow(request.request_id, request.token_ids_between(start, request.num_known_tokens))
 
     def _add_shadows(self, held_back: list[Request]) -> None:
         """An n-gram lookup on the known tokens of up to MAX_SHADOWS_PER_STEP requests the rule held back this
@@ -167,7 +168,7 @@ class Speculator:
             budget -= 1
             self.stats.num_shadow_trials += 1
             num_known = request.num_known_tokens
-            tokens = self.proposer.propose(request.request_id, request.all_token_ids[:num_known],
+            tokens = self.proposer.propose(request.request_id, request.token_ids_between(0, num_known),
                                            request.token_limit - num_known - 1)
             rule.add_shadow(request.request_id, num_known, tokens)
 

@@ -158,9 +158,10 @@ def test_shadow_trials_are_scored_as_a_verification_would_score_them():
     rule = SpeculationRule(3)
     tokens = [5, 6, 7, 8, 9, 10]
     rule.add_shadow("a", 2, [7, 8, 1])  # would go at positions 2, 3, 4: the third differs from what came
-    rule.settle_shadow("a", tokens, num_known=4)  # 7 and 8 matched, position 4 not known yet: undecided
+    assert rule.shadow_start("a") == 2
+    rule.settle_shadow("a", tokens[2:4])  # 7 and 8 matched, position 4 not known yet: undecided
     assert rule.has_shadow("a") and "a" not in rule._requests
-    rule.settle_shadow("a", tokens, num_known=5)
+    rule.settle_shadow("a", tokens[2:5])
     assert not rule.has_shadow("a")
     state = rule._requests["a"]
     # As record("a", 3, 2): two accepted, one rejection, an ask with proposals.
@@ -168,7 +169,7 @@ def test_shadow_trials_are_scored_as_a_verification_would_score_them():
                                                   (0.8 * 2 * 0.75 + 1) / (2 * 0.75 + 1)))
     assert state.last_ask_step == rule._num_steps
     rule.add_shadow("a", 5, [10])
-    rule.settle_shadow("a", tokens, num_known=6)  # all matched
+    rule.settle_shadow("a", tokens[5:6])  # all matched
     rule.add_shadow("a", 6, [])  # none found: an ask without proposals, at once
     assert not rule.has_shadow("a")
     twin = SpeculationRule(3)
@@ -212,7 +213,7 @@ def simulate_editing(shadows: bool, num_steps: int = 600) -> tuple[float, float]
             shadow = rule._shadows["r"]
             right = lookup(shadow.start, len(shadow.tokens))[1]
             truth = [0] * right + [1] * (len(shadow.tokens) - right)
-            rule.settle_shadow("r", [None] * shadow.start + truth, shadow.start + len(truth))
+            rule.settle_shadow("r", truth)
         plan = rule.plan([("r", 3)], StepShape(1, position), model, step_in_flight=in_flight)
         proposal: list[int] = []
         if plan.num_tokens:
