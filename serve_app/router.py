@@ -231,19 +231,24 @@ class FreeBlocksPolicy:
     def lora_tier(self, replica: ReplicaKey, lora_name: str) -> int:
         """How near the replica has the adapter: 0 in a device slot (`holds_lora`), 1 in host memory (a slot load
         is a copy), 2 neither (it reads the adapter's files first)."""
-        if self.holds_lora(replica, lora_name):
+        return self._lora_tier(replica, lora_name, self.lora_slots(replica))
+
+    def _lora_tier(self, replica: ReplicaKey, lora_name: str, slots: list[str]) -> int:
+        if lora_name in slots:
             return 0
         report = self._reports.get(replica)
         return 1 if report is not None and lora_name in report.lora_host_names else 2
 
     def _lora_rank_key(self, replica: ReplicaKey, lora_name: str) -> tuple[int, int]:
-        """(`lora_tier`, minus the free slots when it must load the adapter): lower is better."""
-        tier = self.lora_tier(replica, lora_name)
+        """(`lora_tier`, minus the free slots when it must load the adapter): lower is better. The slot view is
+        built once for both."""
+        slots = self.lora_slots(replica)
+        tier = self._lora_tier(replica, lora_name, slots)
         if tier == 0:
             return (0, 0)
         report = self._reports.get(replica)
         num_slots = report.num_lora_slots if report is not None else 0
-        return (tier, -max(0, num_slots - len(self.lora_slots(replica))))
+        return (tier, -max(0, num_slots - len(slots)))
 
     def estimated_free_blocks(self, replica: ReplicaKey) -> int | None:
         """Reported free blocks minus what was sent since that report (never below zero).
