@@ -343,6 +343,20 @@ def reset_peak_rss() -> bool:
 
 
 # ---- provenance --------------------------------------------------------------------------------
+def release_memory() -> None:
+    """After the caller shut an engine down and dropped its last reference to it (`del llm`, and any `engine =
+    llm.engine`): its KV cache and graphs freed, so the next engine in the process sizes its cache from the same
+    free memory. A reference still held shrinks the next engine's cache, and the run then measures that (two LoRA
+    W1 runs did: docs/lora.md)."""
+    import gc
+
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def git_commit(repo_dir: Path) -> str:
     """Short commit of `repo_dir`, with "+dirty" when tracked files differ from it."""
     try:

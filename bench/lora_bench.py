@@ -25,7 +25,6 @@ printed last; `--out` writes JSON.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BenchResult, RequestTiming, random_token_workload, summarize_timings  # noqa: E402
+from common import BenchResult, RequestTiming, random_token_workload, release_memory, summarize_timings  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -131,15 +130,6 @@ def start_engine(model, tokenizer, args, **lora_args):
     names = list(lora_args.get("lora_modules") or {})
     timed_generate(llm, warm, 4, [names[0], None] if names else None, "warm-up")
     return llm
-
-
-def release_memory() -> None:
-    """After the caller dropped its last reference to a shut-down engine: its KV cache and graphs freed, so the
-    next engine sizes its cache from the same free memory (a live one shrinks it, and the run measures that, not
-    LoRA: docs/lora.md)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def step_summary(steps) -> dict[str, Any]:

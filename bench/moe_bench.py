@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import sys
 import time
@@ -51,7 +50,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BenchResult, RequestTiming, Workload, random_token_workload, summarize_timings  # noqa: E402
+from common import (BenchResult, RequestTiming, Workload, random_token_workload, release_memory,  # noqa: E402
+                    summarize_timings)
 
 WORKLOADS = {  # name: (requests, min prompt, max prompt, new tokens)
     "w64": (64, 64, 512, 128),
@@ -496,9 +496,7 @@ def run_engine_workloads(model, tokenizer, backend: str, workloads: dict[str, Wo
         on_result(name, result)
     llm.engine.shutdown()  # the model back as it came (unswapped, uncompiled) for the next engine
     del llm
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_memory()
 
 
 # ---- batch-1 profile ----------------------------------------------------------------------------------------
@@ -693,9 +691,8 @@ def profile_batch1(model, tokenizer, backend: str, shape: Shape, args) -> list[d
         engine.step()
     engine.shutdown()  # the model back as it came for the next engine
     del llm
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    engine = None  # the helpers above share this name: emptied, so the engine can be collected now
+    release_memory()
     return results
 
 

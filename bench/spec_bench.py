@@ -40,9 +40,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import release_memory  # noqa: E402
 
 WORKLOADS = ("edit", "free")
 
@@ -289,17 +293,6 @@ def main() -> None:
         return {"workloads": by_workload, "parity": parity, "batches": by_batch,
                 "graphs_compiled": dynamo_graphs_compiled() - compiled_before}
 
-    def release(llm: LLM) -> None:
-        import gc
-
-        import torch
-
-        llm.engine.shutdown()
-        del llm
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
     rows: list[dict[str, Any]] = []
     parity: list[dict[str, Any]] = []
     compiles: dict[str, int] = {}
@@ -319,7 +312,9 @@ def main() -> None:
 
     plain = engine(None)
     base = measure(plain, "plain", sweep=True)
-    release(plain)
+    plain.engine.shutdown()
+    del plain  # the last reference: the next engine sizes its cache from the memory this one frees
+    release_memory()
     compiles["plain"] = base["graphs_compiled"]
     for workload, result in base["workloads"].items():
         rows.append({"workload": workload, "batch": 1, "method": "plain", **figures(result)})
@@ -335,7 +330,9 @@ def main() -> None:
         llm = engine(method_name, k, disable_batch_size=max_batch, adaptive=adaptive)
         method = f"{method_name} k={k}" + ("" if adaptive else " const")
         spec = measure(llm, method, sweep=(method_name, k) == sweep_method)
-        release(llm)
+        llm.engine.shutdown()
+        del llm
+        release_memory()
         compiles[method] = spec["graphs_compiled"]
         for (workload, batch), result, reference in (
                 [((w, 1), r, base["workloads"][w]) for w, r in spec["workloads"].items()]
