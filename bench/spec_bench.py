@@ -103,12 +103,14 @@ class StepTimer:
         self.times_s: dict[str, list[float]] = {"plain": [], "verify": []}
         self.num_verify_replays = 0
         step = engine.step
+        # The speculator's live counters (None: the plain engine, whose steps are all plain).
+        counts = engine._speculator.stats if engine._speculator is not None else None
 
         def timed_step():
-            drafts_before = engine._speculator.stats.num_drafts
+            drafts_before = counts.num_drafts if counts is not None else 0
             started = time.perf_counter()
             outputs = step()
-            kind = "verify" if engine._speculator.stats.num_drafts != drafts_before else "plain"
+            kind = "verify" if counts is not None and counts.num_drafts != drafts_before else "plain"
             self.times_s[kind].append(time.perf_counter() - started)
             return outputs
 
