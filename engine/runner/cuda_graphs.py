@@ -316,3 +316,85 @@ class _EagerReplay:
     @torch.inference_mode()
     def replay(self) -> None:
         self.graphs._forward(self.batch_size)
+
+
+class GreedyChainGraphs(DecodeGraphs):
+    """Greedy continuations in one graph: a catch-up of up to q tokens a sequence (padded as verification pads
+    them), its last row's greedy token, then `rounds` decode forwards, each fed the token the one before picked,
+    all on the device. A draft model's proposal round (engine/spec/draft.py) is one replay and one wait, where a
+    forward each would pay the host's step preparation, the input copy and the launch `rounds + 1` times over.
+
+    Sequence b proposes `wanted[b]` tokens: rounds past its `wanted[b] - 1` neither write its cache (slot -1)
+    nor grow its context (they repeat its last valid position), so they touch no block it was not given and
+    read no table entry past its blocks; their tokens are not read. Padding sequences want none. `pick` turns
+    float32 logits [B, vocab] into ids [B] (the sampler's greedy argmax).
+    """
+
+    def __init__(self, runner: "ModelRunner", max_batch_size: int, max_model_len: int, query_len: int, rounds: int,
+                 pick, logits: torch.Tensor | None = None) -> None:
+        super().__init__(runner, max_batch_size, max_model_len, query_len, logits=logits)
+        if runner.lora is not None:
+            raise ValueError("greedy chains run without LoRA adapters")
+        size, device = self.max_batch_size, runner.device
+        self.rounds, self.pick = rounds, pick
+        self.last_rows = torch.arange(query_len - 1, size * query_len, query_len, dtype=torch.long, device=device)
+        self.decode_query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=device)
+        self.decode_logits_indices = torch.arange(size, dtype=torch.long, device=device)
+        self.wanted = torch.zeros(size, dtype=torch.long, device=device)
+        self._wanted_host = torch.zeros(size, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.tokens = torch.zeros((rounds + 1, size), dtype=torch.long, device=device)  # the chain's output
+        self._table_width = blocks_for(max_model_len, runner.block_size)
+
+    def _forward(self, batch_size: int) -> torch.Tensor:
+        views, q = self.inputs.device, self.query_len
+        rows = batch_size * q
+        logits = self.runner.forward_logits(views.ids[:rows], views.positions[:rows], self._context(batch_size),
+                                            self.last_rows[:batch_size], out=self.logits[:batch_size])
+        self.tokens[0, :batch_size].copy_(self.pick(logits))
+        context_lens = views.seq_lens[:batch_size].long()  # each sequence's tokens, the catch-up's included
+        last_valid = (self.wanted[:batch_size] - 1).clamp(min=0)  # rounds that write a proposal's K/V
+        tables = [table[:batch_size] for table in views.tables]
+        block_size = self.runner.block_size
+        for round_index in range(1, self.rounds + 1):
+            steps = last_valid.clamp(max=round_index)
+            positions = context_lens + steps - 1  # a valid round feeds its token at context + round - 1
+            writes = steps == round_index
+            slots = []
+            for table in tables:
+                blocks = table.gather(1, (positions // block_size).clamp(max=self._table_width - 1)[:, None])[:, 0]
+                slots.append(torch.where(writes, blocks.long() * block_size + positions % block_size, -1))
+            metadata = AttentionMetadata(
+                query_start_loc=self.decode_query_start_loc[: batch_size + 1],
+                seq_lens=(positions + 1).to(torch.int32),
+                max_query_len=1,
+                max_seq_len=self.max_model_len,
+                block_size=block_size,
+                groups=[GroupAttentionMetadata(table, slot) for table, slot in zip(tables, slots)],
+                query_lens_cpu=[1] * batch_size,
+                seq_lens_cpu=[self.max_model_len] * batch_size,
+            )
+            logits = self.runner.forward_logits(self.tokens[round_index - 1, :batch_size], positions,
+                                                self.runner.forward_context(metadata),
+                                                self.decode_logits_indices[:batch_size], out=self.logits[:batch_size])
+            self.tokens[round_index, :batch_size].copy_(self.pick(logits))
+        return self.tokens
+
+    def can_run(self, step: "StepInput") -> bool:
+        """Any catch-up of 1 to q tokens a sequence whose context holds q tokens (the padding rows sit before
+        its new ones), with no token pending on the device."""
+        if not self._graphs or len(step.query_lens) > self.max_batch_size or step.pending_input_indices:
+            return False
+        return max(step.query_lens) <= self.query_len and min(step.seq_lens) >= self.query_len
+
+    def run_chain(self, step: "StepInput", wanted: list[int]) -> torch.Tensor:
+        """The chain's tokens [rounds + 1, B] on the device (a view of the graphs' output: read it before the
+        next replay); row r of sequence b is its proposal r, meaningful for r < wanted[b]."""
+        batch_size = len(step.query_lens)
+        padded = next(size for size in self.sizes if size >= batch_size)
+        self.inputs.pack(step, padded, self.runner.block_size, pending_on_device=False)
+        # One pinned buffer suffices: the caller waits for the tokens before it calls again, so the copy is done.
+        self._wanted_host[:batch_size] = torch.tensor(wanted, dtype=torch.long)
+        self._wanted_host[batch_size:padded] = 0
+        self.wanted[:padded].copy_(self._wanted_host[:padded], non_blocking=True)
+        self._graphs[padded][0].replay()
+        return self.tokens[:, :batch_size]

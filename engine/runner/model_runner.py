@@ -32,7 +32,7 @@ from pagedserve.engine.kernels.attention import get_attention_backend
 from pagedserve.engine.kernels.attention.base import FP8_KV_DTYPE, AttentionMetadata, GroupAttentionMetadata
 from pagedserve.engine.kernels.attention.hf_integration import LayerProbe, PagedForwardContext
 from pagedserve.engine.runner.compile import CompiledForward
-from pagedserve.engine.runner.cuda_graphs import DecodeGraphs
+from pagedserve.engine.runner.cuda_graphs import DecodeGraphs, GreedyChainGraphs
 from pagedserve.engine.kernels.decode_linear import use_decode_linear
 from pagedserve.engine.kernels.fused_projections import ProjectionFusion
 from pagedserve.engine.kernels.moe.experts import moe_blocks, use_fused_moe
@@ -111,6 +111,7 @@ class ModelRunner:
         self._set_checkpoint_kv_scales(loaded.kv_cache_scales)
         self._decode_graphs = None  # DecodeGraphs once captured
         self._verify_graphs = None  # DecodeGraphs of k + 1 tokens a sequence, with speculative decoding
+        self._chain_graphs = None  # GreedyChainGraphs: a draft model's proposal rounds
         self._supports_logits_to_keep = hasattr(self.model, "_supports_logits_to_keep") and bool(
             self.model._supports_logits_to_keep()
         )
@@ -379,6 +380,31 @@ class ModelRunner:
         self._decode_graphs = graphs
         return True
 
+    def capture_greedy_chain_graphs(self, max_batch_size: int, max_model_len: int, query_len: int, rounds: int,
+                                    pick: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+        """Decode graphs (`capture_cuda_graphs`), and graphs of a greedy chain in their pool and logits: a catch-up of
+        up to `query_len` tokens a sequence, then `rounds` decodes fed back on the device (`greedy_chain`). False
+        (eager) where the settings allow no graphs."""
+        if not self.capture_cuda_graphs(max_batch_size, max_model_len):
+            return False
+        decode = self._decode_graphs
+        chain = GreedyChainGraphs(self, max_batch_size, max_model_len, query_len, rounds, pick, logits=decode.logits)
+        chain.capture(decode.pool)
+        self._chain_graphs = chain
+        return True
+
+    @torch.inference_mode()
+    def greedy_chain(self, step: StepInput, wanted: list[int]) -> torch.Tensor | None:
+        """`step` (a catch-up) and the greedy chain after it in one graph replay: tokens [rounds + 1, B] on the
+        device, row r of sequence b its r-th greedy token after the step (meaningful for r < wanted[b]); read them
+        before the next call. None when no captured chain takes the step (the caller runs it eagerly)."""
+        chain = self._chain_graphs
+        if chain is None or not chain.can_run(step):
+            return None
+        if step.block_copies:
+            self._copy_blocks(step.block_copies)
+        return chain.run_chain(step, wanted)
+
     def shutdown(self) -> None:
         """Give the model back as it came: decoder layers compiled in place are made eager again, fused
         projections are split again and MoE experts take transformers' code again (a model passed in by the
@@ -393,7 +419,7 @@ class ModelRunner:
             self._fusion.undo()
         if self._moe is not None:
             self._moe.undo()
-        self._decode_graphs = self._verify_graphs = None
+        self._decode_graphs = self._verify_graphs = self._chain_graphs = None
 
     @torch.inference_mode()
     def execute(self, step: StepInput, previous_tokens: torch.Tensor | None = None) -> torch.Tensor:

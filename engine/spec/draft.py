@@ -10,7 +10,10 @@ Per request the proposer knows how many of its tokens have K/V in the draft cach
 round for a batch of requests is k forwards of the draft: the first catches each request up from that count to its
 last token (its whole prompt the first time; later the tokens committed since) and takes the logits of the last;
 each further forward feeds the previous proposals back, taken on the device (the runner's pending-token inputs), so
-the host waits once, for all k proposals. The K/V of proposals is written at positions past the committed tokens:
+the host waits once, for all k proposals. With CUDA graphs the usual round (a catch-up of at most k + 2 tokens a
+request) is one replay: the catch-up and the k - 1 forwards after it are captured together, the proposals fed back
+and the positions, context lengths and cache slots advanced on the device (engine/runner/cuda_graphs.py's
+`GreedyChainGraphs`); a round that starts with a prompt runs a forward at a time. The K/V of proposals is written at positions past the committed tokens:
 after a round the count stays at the committed tokens, and the next round's catch-up rewrites what verification
 rejected. The draft cache has its own block manager (no prefix caching), sized for `disable_batch_size` requests of
 `max_model_len` tokens; a request that finds no room is not proposed for (blocks of requests that did not ask this
@@ -75,11 +78,12 @@ class DraftProposer:
         return cls(runner, kv_cache, speculative.num_tokens)
 
     def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int) -> None:
-        """Decode graphs for the proposal forwards after the first (one token a request), and graphs of k + 2 rows a
-        request for the first one's usual catch-up (the last token of the round before, and the 1 to k + 1 tokens
-        verification committed since); a longer catch-up (a prompt) runs eagerly."""
-        self.runner.capture_cuda_graphs(max_batch_size, max_model_len, verify_query_len=self.num_speculative_tokens + 2,
-                                        verify_max_batch_size=max_batch_size)
+        """Graphs of a whole proposal round for the usual catch-up (the last token of the round before and the 1
+        to k + 1 tokens verification committed since: k + 2 rows a request) with the k - 1 forwards after it fed
+        back on the device (`ModelRunner.greedy_chain`), and decode graphs for the rounds after a longer catch-up
+        (a prompt), which runs eagerly."""
+        self.runner.capture_greedy_chain_graphs(max_batch_size, max_model_len, self.num_speculative_tokens + 2,
+                                                self.num_speculative_tokens - 1, greedy_argmax)
 
     def propose_batch(self, requests: Sequence[Request], max_tokens: Sequence[int]) -> dict[str, list[int]]:
         """Up to `min(k, max_tokens[i])` proposals for each request (every token known), by request id."""
@@ -91,6 +95,13 @@ class DraftProposer:
                 rows.append((request, wanted))
         if not rows:
             return {}
+        chain = self.runner.greedy_chain(self._step_input(rows, 0, []), [wanted for _, wanted in rows])
+        if chain is not None:  # one replay for the whole round
+            host = chain.tolist()
+            result = {request.request_id: [host[r][row] for r in range(wanted)]
+                      for row, (request, wanted) in enumerate(rows)}
+            self._settle(rows)
+            return result
         proposals: list[torch.Tensor] = []  # per forward: the proposal of each of its rows, on the device
         row_requests = rows
         previous: torch.Tensor | None = None
@@ -113,11 +124,14 @@ class DraftProposer:
             active = [entry for entry in active if entry[1] > len(result[entry[0].request_id])]
             for (request, _), token in zip(active, round_tokens):
                 result[request.request_id].append(token)
+        self._settle(rows)
+        return result
+
+    def _settle(self, rows: list[tuple[Request, int]]) -> None:
         for request, _ in rows:
             # The proposals' K/V is rewritten by the next round's catch-up, which starts at the last token at the
             # latest, so that it has a token to take logits from even if no proposal was verified meanwhile.
             self._num_computed[request.request_id] = request.num_tokens - 1
-        return result
 
     def _allocate(self, request: Request, wanted: int, asking: set[str]) -> bool:
         """Blocks for the request's catch-up and the K/V of its first `wanted - 1` proposals; when full, the

@@ -82,3 +82,48 @@ def test_graph_steps_take_the_device_tokens_in_and_outside_the_graph(tiny_model_
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
     assert run(cuda_graph_max_batch_size=2) == run(enable_cuda_graphs=False)
+
+
+def test_a_greedy_chain_writes_only_the_slots_its_sequences_were_given(tiny_model_dir) -> None:
+    """GreedyChainGraphs (a draft model's proposal round in one graph; its proposals are checked against eager
+    rounds in tests/engine/spec/test_speculative_engine.py): a sequence that wants fewer tokens than the chain
+    computes writes nothing past its last proposal and reads no table entry past its blocks, though its table row
+    holds stale block ids there. Here A (8 tokens, blocks 3 and 5, both full) wants 1 token: only its catch-up
+    writes; B (10 tokens, blocks 1, 2, 6) wants 3: its catch-up and rounds 1-2 write, round 3 does not."""
+    from graph_like_attention import GraphLikeReference
+    from pagedserve.engine.llm import LLM
+    from pagedserve.engine.runner.cuda_graphs import GreedyChainGraphs
+
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=BLOCK_SIZE, num_blocks=16)
+    runner = llm.engine.runner
+    runner.backend = GraphLikeReference()
+    a_tokens, b_tokens = [5, 9, 33, 7, 81, 12, 40, 41], [60, 61, 62, 63, 60, 61, 62, 63, 60, 61]
+    step = StepInput(token_ids=a_tokens[7:] + b_tokens[7:], positions=[7, 7, 8, 9], query_lens=[1, 3],
+                     seq_lens=[8, 10], block_tables=[[[3, 5], [1, 2, 6]]], logits_indices=[0, 3])
+    unwritten = 0.125  # finite: the context the writes attend to holds it
+
+    def run(rounds: int) -> list[torch.Tensor]:
+        """The caches after a chain of `rounds` over `step`, each as [slot, values]."""
+        chain = GreedyChainGraphs(runner, 2, llm.engine.max_model_len, query_len=4, rounds=rounds,
+                                  pick=lambda logits: logits.argmax(1))
+        chain.capture()
+        # Stale entries past A's blocks (7, 8) and B's (9) in the packed tables.
+        stale = StepInput(token_ids=[1, 2], positions=[4, 4], query_lens=[1, 1], seq_lens=[5, 5],
+                          block_tables=[[[3, 5, 7, 8], [1, 2, 6, 9]]], logits_indices=[0, 1])
+        chain.run_chain(stale, [1, 1])
+        for key_cache, value_cache in runner.kv_caches:
+            key_cache.fill_(unwritten)
+            value_cache.fill_(unwritten)
+        assert chain.run_chain(step, [1, 3]).shape == (rounds + 1, 2)
+        # [blocks, block_size, heads, dim] -> [slot, heads * dim]
+        return [cache.reshape(-1, BLOCK_SIZE, *cache.shape[2:]).flatten(2).flatten(0, 1).clone()
+                for pair in runner.kv_caches for cache in pair]
+
+    catch_up = {5 * BLOCK_SIZE + 3, 2 * BLOCK_SIZE + 3, 6 * BLOCK_SIZE, 6 * BLOCK_SIZE + 1}
+    rounds = {6 * BLOCK_SIZE + 2, 6 * BLOCK_SIZE + 3}  # B's proposals 1 and 2 at positions 10 and 11
+    alone = run(0)
+    for cache, cache_alone in zip(run(3), alone):
+        assert set(torch.nonzero((cache != unwritten).any(dim=1)).flatten().tolist()) == catch_up | rounds
+        # The rounds left the catch-up's K/V as it was (a round past a sequence's proposals writes nothing).
+        for slot in catch_up:
+            torch.testing.assert_close(cache[slot], cache_alone[slot])

@@ -9,15 +9,15 @@ statistical test compares unrelated seeds' token frequencies with and without sp
 from __future__ import annotations
 
 import collections
-import dataclasses
 
 import pytest
 import torch
 
 from pagedserve.engine.core.request import Continuation, SamplingParams
-from pagedserve.engine.kernels.attention.reference import ReferenceAttentionBackend
 from pagedserve.engine.llm import LLM
-from pagedserve.engine.runner.cuda_graphs import DecodeGraphs
+from pagedserve.engine.core.sampler import greedy_argmax
+from pagedserve.engine.runner.cuda_graphs import DecodeGraphs, GreedyChainGraphs
+from graph_like_attention import GraphLikeReference
 
 REPEATING = [
     [5, 9, 33, 7, 81, 12, 40, 41, 42, 5, 9, 33, 7, 81, 12, 40, 41, 42, 5, 9],
@@ -187,21 +187,6 @@ def test_penalties_decode_plainly_and_continuations_go_on(tiny_model_dir, plain)
     assert_accepted(llm)
 
 
-class _GraphLikeReference(ReferenceAttentionBackend):
-    """The reference attention as a graph replay meets it: host lengths are bounds, the real ones are in the
-    device tensors, and a negative slot writes nothing (what the Triton and flash kernels do)."""
-
-    def write_kv(self, key_cache, value_cache, key, value, slot_mapping, kv_scales=None):
-        keep = slot_mapping >= 0
-        super().write_kv(key_cache, value_cache, key[keep], value[keep], slot_mapping[keep], kv_scales)
-
-    def forward(self, query, key_cache, value_cache, metadata, group, **kwargs):
-        starts = metadata.query_start_loc.tolist()
-        metadata = dataclasses.replace(metadata, query_lens_cpu=[b - a for a, b in zip(starts, starts[1:])],
-                                       seq_lens_cpu=metadata.seq_lens.tolist())
-        return super().forward(query, key_cache, value_cache, metadata, group, **kwargs)
-
-
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_verification_in_graphs_equals_eager(tiny_model_dir, plain, arch):
     """Verification steps replay graphs of k + 1 rows a sequence (engine/runner/cuda_graphs.py): sequences
@@ -214,7 +199,7 @@ def test_verification_in_graphs_equals_eager(tiny_model_dir, plain, arch):
     k = 3
     llm = make_llm(tiny_model_dir(arch), speculative_method="ngram", num_speculative_tokens=k)
     runner = llm.engine.runner
-    runner.backend = _GraphLikeReference()
+    runner.backend = GraphLikeReference()
     replays = collections.Counter()
     for name, query_len in (("_decode_graphs", 1), ("_verify_graphs", k + 1)):
         graphs = DecodeGraphs(runner, 4, llm.engine.max_model_len, query_len)
@@ -258,6 +243,30 @@ def test_verification_graphs_on_gpu_equal_eager(tiny_model_dir, compile_layers):
     assert replayed
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_draft_rounds_replay_one_graph_on_gpu(tiny_model_dir):
+    """On a GPU the draft's usual proposal round is one captured chain (GreedyChainGraphs) over Triton attention:
+    greedy tokens in float32 equal plain eager decoding's, the chain replayed, and the draft cache gives back every
+    block."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = REPEATING + [REPEATING[0][3:]]
+    common = dict(dtype="float32", device="cuda", block_size=8, max_num_seqs=4, compile=False)
+    reference = generate(LLM(str(tiny_model_dir("llama")), enable_cuda_graphs=False, **common), prompts, params)
+    llm = LLM(str(tiny_model_dir("llama")), speculative_method="draft", speculative_model=str(tiny_model_dir("llama")),
+              num_speculative_tokens=3, speculative_adaptive=False, **common)
+    chain = llm.engine._speculator.proposer.runner._chain_graphs
+    assert chain is not None and chain.rounds == 2
+    replayed = []
+    run_chain = chain.run_chain
+    chain.run_chain = lambda step, wanted: replayed.append(len(wanted)) or run_chain(step, wanted)
+    assert completions(generate(llm, prompts, params)) == completions(reference)
+    assert_accepted(llm)
+    assert replayed
+    draft_cache = llm.engine._speculator.proposer.kv_cache
+    assert draft_cache.num_free_blocks == draft_cache.num_total_blocks
+
+
 def test_draft_model_proposals_keep_the_output(tiny_model_dir, plain):
     """speculative_method="draft", the model as its own draft: the greedy requests accept every proposal, the
     sampled one those its draws agree with (the rest are rejected: the residual path); the output is plain's,
@@ -271,6 +280,55 @@ def test_draft_model_proposals_keep_the_output(tiny_model_dir, plain):
     counts = llm.engine.get_stats().spec_decode
     assert 0.5 <= counts.acceptance_rate < 1, counts
     draft_cache = llm.engine._speculator.proposer.kv_cache
+    draft_cache.check_invariants()
+    assert draft_cache.num_free_blocks == draft_cache.num_total_blocks
+
+
+def test_draft_rounds_in_one_graph_propose_what_eager_rounds_do(tiny_model_dir, plain):
+    """With CUDA graphs a draft model's proposal round is one replay (GreedyChainGraphs: the catch-up and the k - 1
+    forwards after it, the proposals fed back and positions, lengths and cache slots advanced on the device). Off
+    CUDA its "graph" reruns the same device code over the static inputs: every round proposes what the rounds of a
+    forward each propose (padded batches, catch-ups of several tokens after rejections, fewer proposals wanted than
+    k near max_tokens), the output is plain's and the draft cache gives back every block."""
+    k = 3
+    greedy = SamplingParams(temperature=0, max_tokens=23, ignore_eos=True)
+    params = [greedy, SamplingParams(temperature=0.8, top_k=5, seed=3, max_tokens=23, ignore_eos=True), greedy]
+    prompts = [REPEATING[0], REPEATING[1], [7, 3, 99, 12, 5, 44, 81, 2, 19]]
+    config = dict(speculative_method="draft", speculative_model=str(tiny_model_dir("llama")), num_speculative_tokens=k)
+    logs: dict[str, list[list[list[int]]]] = {}
+
+    def logged(llm: LLM, name: str) -> LLM:
+        proposer = llm.engine._speculator.proposer
+        propose, logs[name] = proposer.propose_batch, []
+
+        def propose_batch(requests, limits):
+            proposals = propose(requests, limits)
+            logs[name].append([proposals.get(request.request_id) for request in requests])
+            return proposals
+
+        proposer.propose_batch = propose_batch
+        return llm
+
+    eager = logged(make_llm(tiny_model_dir("llama"), **config), "eager")
+    chained = logged(make_llm(tiny_model_dir("llama"), **config), "chained")
+    runner = chained.engine._speculator.proposer.runner
+    runner.backend = GraphLikeReference()
+    chain = GreedyChainGraphs(runner, 4, chained.engine.max_model_len, k + 2, k - 1, greedy_argmax)
+    chain.capture()
+    runs = []
+    run_chain = chain.run_chain
+    chain.run_chain = lambda step, wanted: runs.append((len(step.query_lens), max(step.query_lens), min(wanted))) \
+        or run_chain(step, wanted)
+    runner._chain_graphs = chain
+    reference = completions(generate(plain, prompts, params))
+    assert completions(generate(eager, prompts, params)) == reference
+    assert completions(generate(chained, prompts, params)) == reference
+    assert logs["chained"] == logs["eager"]
+    assert any(batch == 3 for batch, _, _ in runs), runs  # padded to 4
+    assert any(longest > 1 for _, longest, _ in runs), runs  # verification rejected something: a longer catch-up
+    assert any(fewest < k for _, _, fewest in runs), runs  # near max_tokens
+    assert len(runs) < len(logs["chained"])  # the first round of each request (its prompt) ran a forward at a time
+    draft_cache = chained.engine._speculator.proposer.kv_cache
     draft_cache.check_invariants()
     assert draft_cache.num_free_blocks == draft_cache.num_total_blocks
 
