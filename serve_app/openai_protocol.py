@@ -40,6 +40,10 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "verbosity": _neutral(),
     "service_tier": _neutral("auto", "default"),
     "store": _neutral(False),
+    "moderation": _neutral(),
+    # The prefix cache is in memory and automatic (OpenAI's implicit breakpoint); no lifetime is promised.
+    "prompt_cache_retention": _neutral("in_memory"),
+    "prompt_cache_options": lambda value: not value or value == {"mode": "implicit"},
 }
 
 
@@ -76,6 +80,14 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # OpenAI's padding of stream events: not implemented
+
+    @field_validator("include_obfuscation")
+    @classmethod
+    def _no_obfuscation(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("include_obfuscation is not supported by this server")
+        return value
 
 
 class JsonSchemaFormat(BaseModel):

@@ -1,0 +1,89 @@
+"""The edge of the HTTP API without a cluster: what `OpenAIIngress.parse_body` makes of a body (the 400 and the
+field it names). Found by probing a running `make serve` as an OpenAI-client user would."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+from typing import Any
+
+import pytest
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.filterwarnings("ignore:coroutine .*was never awaited:RuntimeWarning")
+from starlette.requests import Request  # noqa: E402
+
+from pagedserve.config.serve import ServeArgs  # noqa: E402
+from pagedserve.serve_app import openai_protocol as oai  # noqa: E402
+from pagedserve.serve_app.api_errors import APIError  # noqa: E402
+from pagedserve.serve_app.ingress import OpenAIIngress  # noqa: E402
+
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+def ingress() -> OpenAIIngress:
+    edge = OpenAIIngress.__new__(OpenAIIngress)  # parse_body reads only the body limit
+    edge.args = ServeArgs()
+    return edge
+
+
+def http_request(body: bytes, headers: dict[str, str] | None = None) -> Request:
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    raw_headers = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": raw_headers,
+             "query_string": b""}
+    return Request(scope, receive)
+
+
+def parse(payload: dict[str, Any], model_cls: type = oai.ChatCompletionRequest) -> Any:
+    request = http_request(json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    return asyncio.run(ingress().parse_body(request, model_cls))
+
+
+def refusal(payload: dict[str, Any], model_cls: type = oai.ChatCompletionRequest) -> APIError:
+    with pytest.raises(APIError) as error:
+        parse(payload, model_cls)
+    assert error.value.status_code == 400
+    return error.value
+
+
+@pytest.mark.parametrize("field, value", [
+    ("moderation", {"model": "omni-moderation-latest"}),
+    ("prompt_cache_retention", "24h"),
+    ("prompt_cache_options", {"ttl": "30m"}),
+])
+def test_openai_chat_fields_this_server_does_not_implement_are_refused_by_name(field: str, value: Any) -> None:
+    error = refusal({"messages": MESSAGES, field: value})
+    assert error.param == field and field in error.message
+
+
+@pytest.mark.parametrize("field, value", [("moderation", None), ("prompt_cache_retention", "in_memory"),
+                                          ("prompt_cache_retention", None), ("prompt_cache_options", None),
+                                          ("prompt_cache_options", {"mode": "implicit"})])
+def test_values_that_ask_for_what_the_server_does_are_accepted(field: str, value: Any) -> None:
+    parse({"messages": MESSAGES, field: value})
+
+
+def test_stream_obfuscation_is_refused_and_its_absence_accepted() -> None:
+    error = refusal({"messages": MESSAGES, "stream": True, "stream_options": {"include_obfuscation": True}})
+    assert error.param == "stream_options" and "include_obfuscation" in error.message
+    body = parse({"messages": MESSAGES, "stream": True,
+                  "stream_options": {"include_obfuscation": False, "include_usage": True}})
+    assert body.include_usage_in_stream
+
+
+def test_every_chat_parameter_of_the_openai_client_is_implemented_or_refused() -> None:
+    """A field the installed client can send is one the server reads or one `UNSUPPORTED` refuses; a new
+    OpenAI field is not silently ignored."""
+    openai = pytest.importorskip("openai")
+    from openai.resources.chat.completions import Completions
+
+    transport = {"self", "extra_headers", "extra_query", "extra_body", "timeout"}
+    sent = set(inspect.signature(Completions.create).parameters) - transport
+    known = set(oai.ChatCompletionRequest.model_fields) | set(oai.UNSUPPORTED)
+    assert sent <= known, f"openai {openai.__version__} sends {sorted(sent - known)}, which the server ignores"
