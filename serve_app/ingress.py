@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -68,6 +69,15 @@ fastapi_app = FastAPI(title="pagedserve", openapi_url=None, docs_url=None, redoc
 @fastapi_app.exception_handler(APIError)
 async def _api_error_handler(_: Request, exc: APIError) -> JSONResponse:
     return exc.response()
+
+
+@fastapi_app.exception_handler(StarletteHTTPException)
+async def _no_route_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """What no route takes (an unknown path: 404; a known one with another method: 405, its Allow header
+    kept) gets an OpenAI error body too, not Starlette's {"detail": ...}."""
+    message = f"{exc.detail}: {request.method} {request.url.path}"
+    return JSONResponse(oai.error_body(message, "invalid_request_error", exc.status_code),
+                        status_code=exc.status_code, headers=exc.headers)
 
 
 def _counts_rejections(

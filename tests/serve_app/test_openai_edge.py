@@ -1,5 +1,6 @@
 """The edge of the HTTP API without a cluster: what `OpenAIIngress.parse_body` makes of a body (the 400 and the
-field it names). Found by probing a running `make serve` as an OpenAI-client user would."""
+field it names), and the bodies of the routes' FastAPI app for requests no route takes (unknown path, wrong
+method). Found by probing a running `make serve` as an OpenAI-client user would."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import pytest
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.filterwarnings("ignore:coroutine .*was never awaited:RuntimeWarning")
+from fastapi.testclient import TestClient  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 
 from pagedserve.config.serve import ServeArgs  # noqa: E402
 from pagedserve.serve_app import openai_protocol as oai  # noqa: E402
 from pagedserve.serve_app.api_errors import APIError  # noqa: E402
-from pagedserve.serve_app.ingress import OpenAIIngress  # noqa: E402
+from pagedserve.serve_app.ingress import OpenAIIngress, fastapi_app  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
 
@@ -87,3 +89,14 @@ def test_every_chat_parameter_of_the_openai_client_is_implemented_or_refused() -
     sent = set(inspect.signature(Completions.create).parameters) - transport
     known = set(oai.ChatCompletionRequest.model_fields) | set(oai.UNSUPPORTED)
     assert sent <= known, f"openai {openai.__version__} sends {sorted(sent - known)}, which the server ignores"
+
+
+@pytest.mark.parametrize("method, path, status", [("GET", "/v1/completions", 405), ("PUT", "/v1/chat/completions", 405),
+                                                  ("POST", "/v1/models", 405), ("GET", "/v1/nope", 404),
+                                                  ("POST", "/v1/embeddings", 404)])
+def test_no_route_answers_with_an_openai_error_body(method: str, path: str, status: int) -> None:
+    response = TestClient(fastapi_app).request(method, path, json={})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == status and error["message"] and error["type"] == "invalid_request_error"
