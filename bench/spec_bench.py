@@ -203,7 +203,7 @@ def dynamo_graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="a folder written by bench/train_text_model.py")
     parser.add_argument("--k", default="3,5", help="ngram: num_speculative_tokens values, comma-separated ('' none)")
@@ -229,7 +229,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-memory-percent", type=float, default=0.9)
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
 

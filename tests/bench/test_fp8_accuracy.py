@@ -143,12 +143,10 @@ def test_perplexity_is_exp_of_the_mean_nll_over_windows(train_text_model, num_to
 
 # ---- the tiny preset end to end ------------------------------------------------------------------------------
 def test_tiny_preset_lowers_the_loss_and_its_folder_serves_the_fp8_report(
-        train_text_model, fp8_accuracy, tmp_path, one_thread) -> None:
+        train_text_model, fp8_accuracy, tiny_text_model_dir, tmp_path, one_thread) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = tmp_path / "tiny"
-    assert train_text_model.main(["--preset", "tiny", "--steps", "24", "--max-files", "30",
-                                  "--out-dir", str(model_dir), "--device", "cpu"]) == 0
+    model_dir = tiny_text_model_dir  # the tiny preset, 24 steps, 30 files (tests/bench/conftest.py)
     stats = json.loads((model_dir / "training.json").read_text())
     assert stats["num_steps"] == 24 and stats["tokens_seen"] == 24 * 8 * 64
     assert stats["final_loss"] < stats["initial_loss"] - 0.3
