@@ -40,6 +40,15 @@ class RouterSettings(BaseModel):
         description="A replica holding the prompt's prefix wins if its headroom is within this share of "
         "its total blocks (or within the request's own blocks, if more) of the best replica's headroom.",
     )
+    lora_affinity_tolerance: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="A replica with the request's LoRA adapter in a device slot (or in host memory) goes before "
+        "replicas that must load it only while its headroom is within this share of its total blocks (or within "
+        "the request's own blocks, if more) of the best replica's headroom: a hot adapter's requests spread to "
+        "another replica, which loads it, instead of filling its holders while the others idle. 1: always first.",
+    )
     initial_backoff_s: float = Field(0.02, gt=0.0, description="First retry delay while no replica has room.")
     max_routing_per_key: int = Field(
         4, ge=1, description="With api_keys: requests of one key that an ingress replica hands the router at once "

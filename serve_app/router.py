@@ -15,7 +15,10 @@ Two parts, split so the policy is testable without Ray:
   caches. A request for a LoRA adapter goes first to the replicas with room that hold it in one of their
   `max_loras` device slots, then to those with it in host memory, then to the rest (within the last two, the
   replicas with more free slots first, so new adapters spread over the replicas' slots; then by headroom); a
-  replica loads it into a slot when the request runs there. A replica this router just sent a request of the
+  replica loads it into a slot when the request runs there. Holding the adapter puts a replica first only
+  while its headroom is within `lora_affinity_tolerance` of its blocks (or the request's own blocks) of the
+  best: past that it goes by headroom after the rest, so a hot adapter's requests spread to a replica that
+  loads it too rather than fill its holders while the others idle. A replica this router just sent a request of the
   adapter to counts as holding it until a report taken `transit_grace_s` after that send (the request loads
   it there): otherwise the next requests, routed before that replica's report lists the adapter, would go by
   headroom and load it into the other replicas' slots too. Such sends fill the router's view of the
@@ -118,6 +121,7 @@ class FreeBlocksPolicy:
         settings = settings or RouterSettings()
         self.max_reservation_age_s = max_reservation_age_s
         self.affinity_tolerance = settings.affinity_tolerance
+        self.lora_affinity_tolerance = settings.lora_affinity_tolerance
         # A request sent at t reaches the replica a little later; only a report taken after t + grace
         # is trusted to include it.
         self.transit_grace_s = transit_grace_s
@@ -392,12 +396,17 @@ class FreeBlocksPolicy:
                 if headroom[owner] >= headroom[ranked[0]] - tolerance:
                     ranked.remove(owner)
                     ranked.insert(0, owner)
-        if demand.lora_name is not None:
+        if demand.lora_name is not None and ranked:
             # Adapter affinity first, among replicas with room only: one with the adapter in a device slot serves
             # it at once; then one with it in host memory (a copy into a slot); the rest read it first. A replica
             # that must load it goes by free slots next (a load into a free one evicts nothing another adapter's
             # requests come back for), so new adapters spread over the replicas' slots. Then the order above.
-            keys = {c: self._lora_rank_key(c, demand.lora_name) for c in ranked}
+            # A replica far behind the best in headroom loses that priority (it keeps its place by headroom after
+            # the rest): a hot adapter's requests then go to a replica with room that loads it too.
+            best = max(headroom.values())
+            keys = {c: self._lora_rank_key(c, demand.lora_name) if headroom[c] >= best - max(
+                self.lora_affinity_tolerance * self._reports[c].num_total_blocks, self.blocks_needed(c, demand))
+                else (3, 0) for c in ranked}
             ranked.sort(key=keys.__getitem__)
         ranked.extend(unknown)
         if not ranked:

@@ -220,13 +220,42 @@ def lora_report(free: int, total: int, at: float, slots: list[str] = (), host: l
 def test_lora_requests_go_first_to_replicas_holding_the_adapter(clock: FakeClock) -> None:
     policy = FreeBlocksPolicy(transit_grace_s=0.0, clock=clock)
     policy.update_report("a", report(90, 100, clock.now))
-    policy.update_report("b", lora_report(20, 100, clock.now, slots=["sql"], host=["sql"]))
+    policy.update_report("b", lora_report(50, 100, clock.now, slots=["sql"], host=["sql"]))
     policy.update_report("c", report(10, 100, clock.now))
     assert policy.decide(["a", "b", "c"], RoutingDemand(16, 16, lora_name="sql")).replicas == ["b", "a", "c"]
     # A replica without room is not chosen for holding the adapter; the base model ignores adapters.
-    assert policy.decide(["a", "b"], RoutingDemand(16, 400, lora_name="sql")).replicas == ["a"]
+    assert policy.decide(["a", "b"], RoutingDemand(16, 50 * 16, lora_name="sql")).replicas == ["a"]
     assert policy.decide(["a", "b"], RoutingDemand(16, 16)).replicas == ["a", "b"]
     assert policy.holds_lora("b", "sql") and not policy.holds_lora("a", "sql")  # the hit/miss metric's test
+
+
+def test_a_hot_adapter_spreads_once_its_holders_fall_behind_in_headroom(clock: FakeClock) -> None:
+    """`lora_affinity_tolerance`: holding the adapter puts a replica first only while its headroom is within that
+    share of its blocks (or within the request's own blocks) of the best; past it the replica with the most room
+    goes first (it loads the adapter too) and the holder ranks after the rest by headroom. 1.0: holders first
+    whenever they have room (the hot adapter's requests fill them while the others idle)."""
+    sql = RoutingDemand(16, 16, lora_name="sql")  # 2 blocks
+    policy = FreeBlocksPolicy(RouterSettings(lora_affinity_tolerance=0.5), transit_grace_s=0.0, clock=clock)
+    policy.update_report("a", lora_report(95, 100, clock.now))
+    policy.update_report("b", lora_report(60, 100, clock.now, slots=["sql"]))
+    policy.update_report("c", lora_report(44, 100, clock.now, host=["sql"]))
+    # Headroom a 93, b 58, c 42: b within 50 of the best holds it in a slot; c, 51 behind, only by headroom.
+    assert policy.decide(["a", "b", "c"], sql).replicas == ["b", "a", "c"]
+    clock.now += 1.0
+    policy.update_report("b", lora_report(43, 100, clock.now, slots=["sql"]))  # its sql requests piled up
+    assert policy.decide(["a", "b", "c"], sql).replicas == ["a", "c", "b"]
+    # Tolerance 0: within the request's own blocks of the best only.
+    strict = FreeBlocksPolicy(RouterSettings(lora_affinity_tolerance=0.0), transit_grace_s=0.0, clock=clock)
+    strict.update_report("a", lora_report(95, 100, clock.now))
+    strict.update_report("b", lora_report(93, 100, clock.now, slots=["sql"]))
+    assert strict.decide(["a", "b"], sql).replicas == ["b", "a"]
+    clock.now += 1.0
+    strict.update_report("b", lora_report(92, 100, clock.now, slots=["sql"]))
+    assert strict.decide(["a", "b"], sql).replicas == ["a", "b"]
+    always = FreeBlocksPolicy(RouterSettings(lora_affinity_tolerance=1.0), transit_grace_s=0.0, clock=clock)
+    always.update_report("a", lora_report(95, 100, clock.now))
+    always.update_report("b", lora_report(3, 100, clock.now, slots=["sql"]))
+    assert always.decide(["a", "b"], sql).replicas == ["b", "a"]
 
 
 def test_lora_affinity_goes_by_device_slots_then_host_memory_not_by_registration(clock: FakeClock) -> None:
