@@ -62,6 +62,19 @@ logger = logging.getLogger("ray.serve")
 RECENT_OUTPUT_S = 5.0
 # A stream's wait for its turn among the server-sent events shorter than this is not worth a timer.
 MIN_PAUSE_S = 0.002
+# Levels of nesting a request body may have (OpenAI allows 10 in a strict schema): a body of 500 decodes, but
+# pickling it for a replica then overflows Python's recursion limit.
+MAX_JSON_DEPTH = 128
+
+
+def _nesting_depth(value: Any) -> int:
+    """Levels of lists and objects in a decoded JSON value, counted without recursion."""
+    depth, level = 0, [value]
+    while level:
+        containers = [item for item in level if isinstance(item, (dict, list))]
+        depth += bool(containers)
+        level = [child for c in containers for child in (c.values() if isinstance(c, dict) else c)]
+    return depth
 
 fastapi_app = FastAPI(title="pagedserve", openapi_url=None, docs_url=None, redoc_url=None)
 
@@ -280,8 +293,12 @@ class OpenAIIngress:
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise bad_request(f"malformed JSON body: {exc}") from None
+        except RecursionError:  # the decoder recurses once per level of nesting
+            raise bad_request(f"the JSON body is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
         if not isinstance(payload, dict):
             raise bad_request("the JSON body must be an object")
+        if _nesting_depth(payload) > MAX_JSON_DEPTH:
+            raise bad_request(f"the JSON body is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
         try:
             return model_cls.model_validate(payload)
         except ValidationError as exc:

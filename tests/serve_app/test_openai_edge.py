@@ -100,3 +100,25 @@ def test_no_route_answers_with_an_openai_error_body(method: str, path: str, stat
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == status and error["message"] and error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("opener, closer", [("[", "]"), ('{"a":', "}")])
+def test_a_body_nested_past_the_json_decoders_depth_is_a_400(opener: str, closer: str) -> None:
+    depth = 100_000  # 600 KB: under the body limit, far past the decoder's recursion limit
+    body = ('{"messages": [{"role": "user", "content": "Hi"}], "metadata": ' + opener * depth + "1" + closer * depth
+            + "}").encode()
+    with pytest.raises(APIError) as error:
+        asyncio.run(ingress().parse_body(http_request(body), oai.ChatCompletionRequest))
+    assert error.value.status_code == 400 and "nested" in error.value.message
+
+
+def test_a_body_nested_past_the_limit_is_a_400_before_it_reaches_a_replica() -> None:
+    """980 levels decode, but pickling the request for the replica then raised RecursionError (a 503)."""
+    def schema(depth: int) -> dict[str, Any]:
+        return {"messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "deep", "schema": json.loads('{"type": "array", "items": ' * depth + "{}" + "}" * depth)}}}
+
+    with pytest.raises(APIError) as error:
+        parse(schema(490))
+    assert error.value.status_code == 400 and "nested" in error.value.message
+    assert parse(schema(40)).response_format.json_schema.schema_["type"] == "array"
