@@ -173,6 +173,8 @@ class DecodeGraphs:
     replay at the same time), at least [max_batch_size * q, vocab]; else one of `num_logit_rows` rows (at
     least max_batch_size * q) is allocated here."""
 
+    logit_rows_per_sequence: int | None = None  # rows of logits a sequence needs (None: all q, as verification)
+
     def __init__(self, runner: "ModelRunner", max_batch_size: int, max_model_len: int, query_len: int = 1,
                  logits: torch.Tensor | None = None, num_logit_rows: int = 0) -> None:
         self.runner = runner
@@ -191,11 +193,12 @@ class DecodeGraphs:
         # Every graph writes its float32 logits here: a graph's own output would stay allocated for as
         # long as the graph lives (36 graphs up to 512 rows of a 128k vocabulary held 3.3 GiB; this, 0.25).
         self._owns_logits = logits is None
+        logit_rows = size * (self.logit_rows_per_sequence or query_len)
         if logits is None:
-            logits = torch.empty((max(rows, num_logit_rows), runner.shape.vocab_size), dtype=torch.float32,
+            logits = torch.empty((max(logit_rows, num_logit_rows), runner.shape.vocab_size), dtype=torch.float32,
                                  device=device)
-        if logits.shape[0] < rows:
-            raise ValueError(f"a logits buffer of {logits.shape[0]} rows for graphs of up to {rows}")
+        if logits.shape[0] < logit_rows:
+            raise ValueError(f"a logits buffer of {logits.shape[0]} rows for graphs of up to {logit_rows}")
         self.logits = logits
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None  # the captured graphs' memory pool
@@ -329,6 +332,8 @@ class GreedyChainGraphs(DecodeGraphs):
     read no table entry past its blocks; their tokens are not read. Padding sequences want none. `pick` turns
     float32 logits [B, vocab] into ids [B] (the sampler's greedy argmax).
     """
+
+    logit_rows_per_sequence = 1  # each forward keeps its sequences' last rows only
 
     def __init__(self, runner: "ModelRunner", max_batch_size: int, max_model_len: int, query_len: int, rounds: int,
                  pick, logits: torch.Tensor | None = None) -> None:

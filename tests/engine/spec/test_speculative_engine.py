@@ -9,13 +9,13 @@ statistical test compares unrelated seeds' token frequencies with and without sp
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import pytest
 import torch
 
 from pagedserve.engine.core.request import Continuation, SamplingParams
 from pagedserve.engine.llm import LLM
-from pagedserve.engine.core.sampler import greedy_argmax
 from pagedserve.engine.runner.cuda_graphs import DecodeGraphs, GreedyChainGraphs
 from graph_like_attention import GraphLikeReference
 
@@ -311,15 +311,19 @@ def test_draft_rounds_in_one_graph_propose_what_eager_rounds_do(tiny_model_dir, 
 
     eager = logged(make_llm(tiny_model_dir("llama"), **config), "eager")
     chained = logged(make_llm(tiny_model_dir("llama"), **config), "chained")
-    runner = chained.engine._speculator.proposer.runner
+    proposer = chained.engine._speculator.proposer
+    runner = proposer.runner
     runner.backend = GraphLikeReference()
-    chain = GreedyChainGraphs(runner, 4, chained.engine.max_model_len, k + 2, k - 1, greedy_argmax)
-    chain.capture()
+    # What the engine does on a GPU (the settings here allow no graphs on a CPU): the draft's decode graphs and
+    # its chain graphs, sharing the decode graphs' logits.
+    runner.settings = dataclasses.replace(runner.settings, cuda_graphs=True)
+    proposer.capture_cuda_graphs(4, chained.engine.max_model_len)
+    chain = runner._chain_graphs
+    assert isinstance(chain, GreedyChainGraphs) and chain.logits is runner._decode_graphs.logits
     runs = []
     run_chain = chain.run_chain
     chain.run_chain = lambda step, wanted: runs.append((len(step.query_lens), max(step.query_lens), min(wanted))) \
         or run_chain(step, wanted)
-    runner._chain_graphs = chain
     reference = completions(generate(plain, prompts, params))
     assert completions(generate(eager, prompts, params)) == reference
     assert completions(generate(chained, prompts, params)) == reference
