@@ -22,6 +22,9 @@ from pagedserve.engine.errors import InvalidRequestError
 from pagedserve.serve_app.tool_calls import ToolPlan
 
 MAX_LOGPROBS = 20
+# The engine tokenizes a request's bad words on its step loop, twice each, and checks them all every step:
+# 20,000 held every other stream for 12 s on the demo model.
+MAX_BAD_WORDS = 256
 
 
 def _neutral(*values: Any) -> Callable[[Any], bool]:
@@ -157,7 +160,7 @@ class _SamplingFields(BaseModel):
     guided_grammar: str | None = None
     structured_outputs: StructuredOutputsField | None = None
     allowed_token_ids: list[int] | None = None
-    bad_words: list[str] | None = None
+    bad_words: list[str] | None = Field(None, max_length=MAX_BAD_WORDS)
     priority: int = Field(0, ge=-(2**63), le=2**63 - 1)  # lower served earlier; needs scheduling_policy priority
 
     @field_validator("logit_bias")

@@ -122,3 +122,12 @@ def test_a_body_nested_past_the_limit_is_a_400_before_it_reaches_a_replica() -> 
         parse(schema(490))
     assert error.value.status_code == 400 and "nested" in error.value.message
     assert parse(schema(40)).response_format.json_schema.schema_["type"] == "array"
+
+
+def test_bad_words_are_bounded() -> None:
+    """20,000 bad words held the engine's step loop (and every other stream) for 12 s while it tokenized them."""
+    words = [f"w{i}" for i in range(oai.MAX_BAD_WORDS + 1)]
+    for model_cls, base in ((oai.ChatCompletionRequest, {"messages": MESSAGES}), (oai.CompletionRequest, {"prompt": "x"})):
+        error = refusal({**base, "bad_words": words}, model_cls)
+        assert error.param == "bad_words" and str(oai.MAX_BAD_WORDS) in error.message
+        assert parse({**base, "bad_words": words[:-1]}, model_cls).bad_words == words[:-1]
