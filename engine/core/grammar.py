@@ -145,7 +145,8 @@ class GrammarCompiler:
                 # Standard separators, no free whitespace: a model cannot spend its tokens on blank space.
                 compiled = self._compiler.compile_json_schema(schema, any_whitespace=False)
             elif params.json_object:
-                compiled = self._compiler.compile_builtin_json_grammar()
+                # Any JSON object: xgrammar's built-in JSON grammar would take an array at the top level too.
+                compiled = self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=True)
             elif params.regex is not None:
                 compiled = self._compiler.compile_regex(params.regex)
             elif params.choice is not None:

@@ -94,6 +94,22 @@ def test_regex_choice_grammar_and_json_object(llm) -> None:
         assert isinstance(json.loads(any_json.outputs[0].text), dict)
 
 
+def test_json_object_takes_any_object_and_nothing_else(llm) -> None:
+    """`response_format: json_object` is OpenAI's JSON mode: any JSON object (nested values of every kind, free
+    whitespace), never an array or a scalar at the top level (xgrammar's built-in JSON grammar allows an array)."""
+    import xgrammar
+
+    compiled = llm.engine._grammars().compile(StructuredOutputsParams(json_object=True))
+
+    def accepts(text: str) -> bool:
+        return xgrammar.GrammarMatcher(compiled.grammar).accept_string(text)
+
+    for text in ['{}', '{"a": [1, {"b": null}], "c": "x", "d": -1.5e3, "e": true}', '{\n  "k": {}\n}']:
+        assert accepts(text), text
+    for text in ['[]', '[{"a": 1}]', '"text"', '3', 'null']:
+        assert not accepts(text), text
+
+
 def test_n_completions_each_follow_the_grammar(llm) -> None:
     output = llm.generate(["n"], constrained(SCHEMAS[1], n=4, temperature=1.0, seed=7), use_tqdm=False)[0]
     assert len(output.outputs) == 4
