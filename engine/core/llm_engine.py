@@ -311,13 +311,13 @@ class LLMEngine:
 
     def _bad_word_ids(self, words: list[str]) -> list[list[int]]:
         """Each bad word as token ids, alone and after a space (vLLM's rule: a word mid-text has its space)."""
-        encoded: list[list[int]] = []
+        encoded: dict[tuple[int, ...], None] = {}  # in order, each once (a list scan made many words quadratic)
         for word in words:
             for text in (word, " " + word.lstrip()):
-                ids = list(self.tokenizer.encode(text, add_special_tokens=False))
-                if ids and ids not in encoded:
-                    encoded.append(ids)
-        return encoded
+                ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids:
+                    encoded.setdefault(ids)
+        return [list(ids) for ids in encoded]
 
     def _grammars(self) -> GrammarCompiler:
         if self._grammar_compiler is None:
