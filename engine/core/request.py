@@ -8,6 +8,7 @@ sequence: the scheduler reads and advances `num_computed_tokens` until it catche
 from __future__ import annotations
 
 import enum
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,6 +128,17 @@ class SamplingParams:
             self.allowed_token_ids = list(self.allowed_token_ids)
         self.bad_words = list(self.bad_words or [])
         self._check()
+
+    @functools.cached_property
+    def logit_bias_tensors(self) -> tuple[Any, Any] | None:
+        """`logit_bias` as host tensors (token ids int64, biases float32), built once: the sampler adds them to the
+        request's rows every step without a Python loop over the entries."""
+        if not self.logit_bias:
+            return None
+        import torch
+
+        return (torch.tensor(list(self.logit_bias), dtype=torch.int64),
+                torch.tensor(list(self.logit_bias.values()), dtype=torch.float32))
 
     def _check(self) -> None:
         checks: list[tuple[bool, str, str]] = [

@@ -127,18 +127,18 @@ def _apply_token_constraints(logits: torch.Tensor, requests: list[Request]) -> N
     bad word whose other tokens end the output, -inf), in place, in the rows that ask for them."""
     vocab_size = logits.shape[1]
     device = logits.device
-    bias_rows: list[int] = []
-    bias_columns: list[int] = []
-    bias_values: list[float] = []
+    bias_rows: list[torch.Tensor] = []
+    bias_columns: list[torch.Tensor] = []
+    bias_values: list[torch.Tensor] = []
     banned_rows: list[int] = []
     banned_columns: list[int] = []
     for row, request in enumerate(requests):
         params = request.sampling_params
-        for token_id, bias in (params.logit_bias or {}).items():
-            if token_id < vocab_size:
-                bias_rows.append(row)
-                bias_columns.append(token_id)
-                bias_values.append(bias)
+        bias = params.logit_bias_tensors
+        if bias is not None:
+            bias_rows.append(torch.full_like(bias[0], row))
+            bias_columns.append(bias[0])
+            bias_values.append(bias[1])
         if params.allowed_token_ids is not None:
             allowed = torch.zeros(vocab_size, dtype=torch.bool, device=device)
             allowed[[t for t in params.allowed_token_ids if t < vocab_size]] = True
@@ -150,8 +150,11 @@ def _apply_token_constraints(logits: torch.Tensor, requests: list[Request]) -> N
                 banned_rows.append(row)
                 banned_columns.append(word[-1])
     if bias_rows:
-        index = (_rows_tensor(bias_rows, torch.int64, device), _rows_tensor(bias_columns, torch.int64, device))
-        logits.index_put_(index, _rows_tensor(bias_values, torch.float32, device), accumulate=True)
+        rows, columns, values = torch.cat(bias_rows), torch.cat(bias_columns), torch.cat(bias_values)
+        inside = columns < vocab_size
+        if not bool(inside.all()):
+            rows, columns, values = rows[inside], columns[inside], values[inside]
+        logits.index_put_((rows.to(device), columns.to(device)), values.to(device), accumulate=True)
     if banned_rows:
         index = (_rows_tensor(banned_rows, torch.int64, device), _rows_tensor(banned_columns, torch.int64, device))
         logits.index_put_(index, torch.tensor(float("-inf"), device=device))
