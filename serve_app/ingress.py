@@ -93,6 +93,16 @@ async def _no_route_handler(request: Request, exc: StarletteHTTPException) -> JS
                         status_code=exc.status_code, headers=exc.headers)
 
 
+@fastapi_app.exception_handler(Exception)
+async def _internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A bug (an exception no route turned into an `APIError`) still answers in OpenAI's shape, so a client's
+    SDK shows a message rather than failing to parse Starlette's plain-text 500; the traceback goes to the log
+    (Starlette raises the exception again after this response)."""
+    logger.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
+    message = f"internal server error ({type(exc).__name__}); the server logged it"
+    return JSONResponse(oai.error_body(message, "internal_server_error", 500), status_code=500)
+
+
 def _counts_rejections(
     route: Callable[[Any, Request], Awaitable[Response]],
 ) -> Callable[[Any, Request], Awaitable[Response]]:

@@ -131,3 +131,25 @@ def test_bad_words_are_bounded() -> None:
         error = refusal({**base, "bad_words": words}, model_cls)
         assert error.param == "bad_words" and str(oai.MAX_BAD_WORDS) in error.message
         assert parse({**base, "bad_words": words[:-1]}, model_cls).bad_words == words[:-1]
+
+
+def test_an_unhandled_exception_answers_500_with_an_openai_error_body() -> None:
+    """A bug in a route (an exception that is not an `APIError`) gets a 500 in OpenAI's shape, naming the exception
+    type only (no message or traceback, which the server logs), not Starlette's plain-text 500."""
+    from fastapi import FastAPI
+    from pagedserve.serve_app import ingress as ingress_module
+
+    handler = ingress_module._internal_error_handler
+    assert fastapi_app.exception_handlers[Exception] is handler
+    app = FastAPI()  # the same handler on an app with a failing route (the product's routes do not fail on cue)
+    app.add_exception_handler(Exception, handler)
+
+    @app.post("/v1/chat/completions")
+    async def failing() -> None:
+        raise KeyError("secret internals")
+
+    response = TestClient(app, raise_server_exceptions=False).post("/v1/chat/completions", json={})
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "internal_server_error" and error["code"] == 500
+    assert "KeyError" in error["message"] and "secret" not in error["message"]
