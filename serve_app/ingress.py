@@ -420,7 +420,7 @@ class OpenAIIngress:
 
     # Routes ------------------------------------------------------------------------------------------
 
-    @fastapi_app.get("/health")
+    @fastapi_app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' probes
     async def health(self) -> Response:
         """200 when an engine replica answers. Outputs received within the last RECENT_OUTPUT_S are that answer:
         a replica at max_ongoing_requests would queue a health call behind its generation requests for as

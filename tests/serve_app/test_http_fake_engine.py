@@ -93,6 +93,8 @@ def replica_free_blocks() -> dict[str, tuple[int, int]]:
 
 def test_models_and_health(service, client: httpx.Client) -> None:
     assert httpx.get(f"{service['base']}/health").json() == {"status": "ok"}
+    head = httpx.head(f"{service['base']}/health")  # a load balancer's probe
+    assert head.status_code == 200 and head.content == b""
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == service["model"]
 
