@@ -5,8 +5,9 @@
 #   bash bench/gpu_pending.sh lora_moe       # issue 29's 80% bar (LoRA GPU tests first); the MoE parity tests
 #                                            # (teacher-forced, float32 truth) of issue 30
 #   bash bench/gpu_pending.sh spec           # issue 27: its GPU tests (the draft's rounds in one graph), then plain
-#                                            # vs n-gram vs draft (adaptive rule with shadow trials, and the
-#                                            # constant rule); trains its models if missing
+#                                            # vs n-gram (k 3 and 8: an edit copies long spans) vs draft (k 3
+#                                            # and 5), adaptive rule with shadow trials, and the constant rule;
+#                                            # trains its models if missing
 #   bash bench/gpu_pending.sh moe            # issue 30: rows tiles tuned, batch 1, an 8-layer profile
 #   bash bench/gpu_pending.sh fp8_b1         # issue 25: one-row FP8 tiles (float16 products included), b1
 #   bash bench/gpu_pending.sh fp8kv_online   # attention GPU tests, W1 with FP8 weights + FP8 KV (issue 25),
@@ -78,8 +79,8 @@ spec)
     [ -f /tmp/draft/config.json ] || { el "models missing: training"; train_models; }
     el t1; timeout 120 $P -k "gpu or cuda" tests/engine/spec > "$OUT/t1_spec.txt" 2>&1; el "t1 rc=$?"
     grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/t1_spec.txt" | tail -6
-    el s1; timeout "$(left 570)" python3 bench/spec_bench.py --model /tmp/target --k 3 --draft-model /tmp/draft \
-        --draft-k 3 --batch-sizes 1,4,16,64 --num-prompts 4 --out "$OUT/spec.json" > "$OUT/spec.txt" 2>&1
+    el s1; timeout "$(left 570)" python3 bench/spec_bench.py --model /tmp/target --k 3,8 --draft-model /tmp/draft \
+        --draft-k 3,5 --batch-sizes 1,4,16,64 --num-prompts 4 --out "$OUT/spec.json" > "$OUT/spec.txt" 2>&1
     el "s1 rc=$?"
     grep -v "^\[\|INFO\|WARN\|Loading" "$OUT/spec.txt" | tail -45
     ;;
