@@ -65,8 +65,9 @@ class EngineConfig(BaseModel):
     kv_cache_dtype: KVCacheDType = Field(
         "auto", description="What the KV cache stores: auto, the model's dtype; fp8, float8 e4m3 (1 byte a value: "
         "twice the tokens in the same memory), written as value / scale clamped to +-448 and read as stored * "
-        "scale, with a float32 scale per layer for K and one for V, 1.0 for now (no calibration: values are "
-        "stored as they come, with e4m3's 3 mantissa bits). Triton attention needs compute capability 8.9+; the "
+        "scale, with a float32 scale per layer for K and one for V: the checkpoint's where it stores them "
+        "(self_attn.k_scale / v_scale), else 1.0 (no calibration of our own: values are stored as they come, with "
+        "e4m3's 3 mantissa bits). Triton attention needs compute capability 8.9+; the "
         "reference backend runs it anywhere, CPU included.",
     )
 
