@@ -16,7 +16,9 @@ finds it: a batch sweep on the edit workload (`--batch-sizes`, 1..64 at once) an
 free-generation requests of 64-256 prompt tokens submitted at once, at most `max_num_seqs` = the largest batch
 running), each plain, with the rule (the sweep's method) and with the constant rule (every request speculates:
 `speculative_adaptive=False`), both with `speculative_disable_batch_size` = the largest batch so that the bound
-decides nothing. Each row also says the share of steps that speculated and the requests the rule held back. Last,
+decides nothing. Each row also says the share of steps that speculated, the requests the rule held back, and the
+verifications launched before the one before them had delivered ("piped") with the requests whose rows in them were
+dropped on a wrong guess ("voided": engine/core/llm_engine.py, `_pipelined_step`). Last,
 the W1-like run as a user gets it: the rule with the product's default `speculative_disable_batch_size` (its row
 says "bound N"); the issue's target is that row: at most 3% below plain with speculation on. After each engine,
 the step cost model's fitted coefficients (what the rule decided by) are printed.
@@ -164,7 +166,7 @@ def run(llm, prompts: list[list[int]], max_tokens: int, batch_size: int, timer: 
     # What decided the steps: the share that speculated, and the adaptive rule's choices.
     decisions = {name: getattr(after, name) - getattr(spec_before, name) for name in (
         "num_spec_steps", "num_plain_steps_by_rule", "num_steps_without_proposals", "num_steps_over_batch_size",
-        "num_requests_held_back", "num_probes", "num_shadow_trials")}
+        "num_requests_held_back", "num_probes", "num_shadow_trials", "num_pipelined_steps", "num_pipelined_voids")}
     num_steps = after_stats.num_steps_total - before.num_steps_total
     return {
         "tokens": outputs,
@@ -376,12 +378,14 @@ def main(argv: list[str] | None = None) -> None:
         return "-" if value is None else format(value, spec)
 
     print(f"{'workload':<11} {'batch':>5} {'method':<16} {'tok/s':>9} {'speedup':>7} {'accept':>7} "
-          f"{'acc/verif':>9} {'spec%':>6} {'held':>6} {'shadow':>6} {'equal':>7} {'plain ms':>8} {'verif ms':>8} {'in graphs':>11}")
+          f"{'acc/verif':>9} {'spec%':>6} {'held':>6} {'shadow':>6} {'piped':>6} {'voided':>6} {'equal':>7} "
+          f"{'plain ms':>8} {'verif ms':>8} {'in graphs':>11}")
     for row in rows:
         print(f"{row['workload']:<11} {row['batch']:>5} {row['method']:<16} {row['output_tokens_per_s']:>9.1f} "
               f"{fmt(row.get('speedup'), '.2f'):>7} {fmt(row.get('acceptance_rate'), '.2f'):>7} "
               f"{fmt(row.get('accepted_per_verification'), '.2f'):>9} {fmt(row.get('spec_step_share'), '.0%'):>6} "
               f"{row.get('num_requests_held_back', 0):>6} {row.get('num_shadow_trials', 0):>6} "
+              f"{row.get('num_pipelined_steps', 0):>6} {row.get('num_pipelined_voids', 0):>6} "
               f"{row.get('outputs_equal', '-'):>7} "
               f"{fmt(row['plain_step_ms'], '.2f'):>8} {fmt(row['verify_step_ms'], '.2f'):>8} "
               f"{row['verify_steps_in_graphs']:>5}/{row['verify_steps']:<5}")

@@ -65,6 +65,11 @@ REPLICA_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "counter", "Requests whose acceptance had collapsed, tried again by the adaptive rule.", ()),
     "pagedserve_spec_decode_shadow_trials": (
         "counter", "N-gram lookups for requests the adaptive rule held back, scored as their tokens arrive.", ()),
+    "pagedserve_spec_decode_pipelined_steps": (
+        "counter", "Verification steps launched before the one before them delivered, on the guess that it accepts "
+        "every proposal and samples the token the n-gram lookup expects.", ()),
+    "pagedserve_spec_decode_pipelined_voids": (
+        "counter", "Requests whose rows in a pipelined verification step were dropped: the guess was wrong.", ()),
     # vLLM-compatible histograms
     "vllm_time_to_first_token_seconds": ("histogram", "Arrival at the engine to first token.", ()),
     "vllm_inter_token_latency_seconds": ("histogram", "Time between consecutive output deltas, per token.", ()),

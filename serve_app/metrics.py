@@ -170,6 +170,8 @@ class ReplicaMetrics:
             "pagedserve_spec_decode_requests_held_back": stats.spec_decode.num_requests_held_back,
             "pagedserve_spec_decode_probes": stats.spec_decode.num_probes,
             "pagedserve_spec_decode_shadow_trials": stats.spec_decode.num_shadow_trials,
+            "pagedserve_spec_decode_pipelined_steps": stats.spec_decode.num_pipelined_steps,
+            "pagedserve_spec_decode_pipelined_voids": stats.spec_decode.num_pipelined_voids,
             "pagedserve_lora_slot_loads": stats.num_lora_slot_loads_total,
         }
         spec = stats.spec_decode

@@ -40,7 +40,7 @@ from pagedserve.engine.core.request import (
     SamplingParams,
 )
 from pagedserve.engine.core.sampler import SampledBatch, Sampler
-from pagedserve.engine.core.scheduler import Scheduler, SchedulerOutput
+from pagedserve.engine.core.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from pagedserve.engine.core.stats import EngineStats, SpecDecodeCounts, StepStats
 from pagedserve.engine.core.step_cost import StepCostModel, StepShape
 from pagedserve.engine.spec.speculator import Speculator
@@ -75,6 +75,8 @@ class _InFlightStep:
     # Off CUDA the forward and sampling ran inside the launch: when they ended (the next step's launch, which
     # comes before this step's delivery under async scheduling, must not count as this step's time).
     computed_at: float | None = None
+    # A pipelined verification (`_pipelined_step`): requests whose rows were computed on a wrong guess, not delivered.
+    void: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -452,6 +454,13 @@ class LLMEngine:
                 wait_for_futures([g.grammar.future for g in self._compiling.values()], timeout=0.01,
                                  return_when="FIRST_COMPLETED")
         preparing_at = time.perf_counter()  # the host's work on the step to launch begins
+        if self._in_flight is not None and self._in_flight.drafts:
+            # A verification in flight: the next one goes out before its tokens arrive where it can; otherwise its
+            # tokens are needed (how many it commits decides the next step), so it is delivered first.
+            if self._pipelined_step(preparing_at):
+                return self._collect_outputs()
+            in_flight, self._in_flight = self._in_flight, None
+            self._deliver(in_flight)
         self._asked_for_proposals = False
         output = self.scheduler.schedule(self._propose() if self._speculator is not None else None)
         in_flight, self._in_flight = self._in_flight, None
@@ -481,8 +490,9 @@ class LLMEngine:
                 if not request.is_finished:
                     request.output_token_ids.append(PLACEHOLDER_TOKEN_ID)
             if launched.sampled is not None:  # None: no request sampled (middle chunks of prompts)
-                # A speculative step is delivered at once: how many tokens it commits decides the next step.
-                if self.async_scheduling and not launched.drafts:
+                # A speculative step is delivered at once (how many tokens it commits decides the next step), unless
+                # the next one can go out before it on a guess (`_pipelined_step`).
+                if self.async_scheduling and (not launched.drafts or self._may_pipeline(launched)):
                     self._in_flight = launched
                 else:
                     self._deliver(launched)
@@ -499,6 +509,104 @@ class LLMEngine:
                 prefill_token_budget=output.prefill_token_budget,
             )
         return self._collect_outputs()
+
+    def _may_pipeline(self, step: _InFlightStep) -> bool:
+        """Whether the verification `step` can have the next one launched before its tokens arrive: n-gram proposals;
+        every running request verifies in it, none waits to be scheduled; no request whose sampling reads earlier
+        tokens (penalties, bad words, grammars), draws from a seed (the next step would draw before this one's
+        draws are settled) or runs under an adapter; no sliding-window layers (their blocks are released by
+        position)."""
+        if self._speculator is None or not self._speculator.can_pipeline or self.kv_cache.has_sliding_groups:
+            return False
+        if self.scheduler.waiting or self._compiling or self._refused:
+            return False
+        running = self.scheduler.running
+        if len(step.drafts) != len(running) or any(r.request_id not in step.drafts for r in running):
+            return False
+        return all(r.sampling_params.seed is None and not r.sampling_params.needs_token_history
+                   and r.lora_name is None and not r.is_finished for r in running)
+
+    def _pipelined_step(self, preparing_at: float) -> bool:
+        """Launch the next verification while the one in flight (`self._in_flight`) runs, on the guess that it
+        accepts every proposal and samples the token the n-gram lookup expects after them: the next step's inputs
+        are that token and the proposals after it, all known to the host, at the positions that follow. Then
+        deliver the one in flight: a request whose guess held takes the new step as its next (the scheduler
+        counts it as it counts a step it scheduled); one whose guess failed has its rows dropped (`void`): their
+        K/V lies past its tokens and is written again before anything reads it. False (nothing launched) where
+        it cannot: the caller delivers the verification first, as without pipelining.
+
+        Why: a verification's tokens decide the next step, so without this the host prepares each step while the
+        device idles and the device runs it while the host waits (docs/speculative.md)."""
+        in_flight = self._in_flight
+        if not self._may_pipeline(in_flight):
+            return False
+        requests = list(self.scheduler.running)  # a copy: the delivery below removes the requests that end
+        guessed = self._speculator.propose_pipelined(requests, in_flight.drafts)
+        if guessed is None or sum(len(t) for t in guessed.values()) > self.scheduler_settings.max_batch_tokens:
+            return False
+        # The guess commits every proposal in flight: the guessed token sits where the last of them would put the
+        # request's newest token.
+        starts = {r.request_id: r.num_computed_tokens + len(in_flight.drafts[r.request_id]) for r in requests}
+        if not all(self.kv_cache.allocate_slots(r.request_id, starts[r.request_id], len(guessed[r.request_id]))
+                   for r in requests):
+            return False  # blocks taken for the others stay with them: the next steps use them
+        step_input = StepInput([], [], [], [], [[] for _ in range(self.kv_cache.num_groups)], [],
+                               self.kv_cache.take_pending_copies())
+        row_requests: list[Request] = []
+        for request in requests:
+            tokens, start = guessed[request.request_id], starts[request.request_id]
+            first = len(step_input.token_ids)
+            step_input.token_ids.extend(tokens)
+            step_input.positions.extend(range(start, start + len(tokens)))
+            step_input.query_lens.append(len(tokens))
+            step_input.seq_lens.append(start + len(tokens))
+            step_input.logits_indices.extend(range(first, first + len(tokens)))
+            for group, table in enumerate(self.kv_cache.block_tables(request.request_id)):
+                step_input.block_tables[group].append(table)
+            row_requests.extend([request] * len(tokens))
+        try:
+            logits = self.runner.execute(step_input)
+            sampled = self.sampler.sample_async(logits, row_requests)
+        except Exception as exc:  # noqa: BLE001 -- handed to the requests of this step
+            self._in_flight = None
+            self._deliver(in_flight)
+            self._fail_requests([r for r in requests if not r.is_finished], exc)
+            return True
+        first_rows: dict[str, int] = {}
+        for row, request in enumerate(row_requests):
+            first_rows.setdefault(request.request_id, row)
+        launched = _InFlightStep(row_requests, first_rows, sampled,
+                                 drafts={rid: tokens[1:] for rid, tokens in guessed.items()})
+        launched.shape = StepShape(num_seqs=len(requests), num_decode_context_tokens=sum(starts.values()),
+                                   num_draft_tokens=sum(len(t) - 1 for t in guessed.values()))
+        launched.prepared_at = preparing_at
+        if self._launch_computes:
+            launched.computed_at = time.perf_counter()
+        self._in_flight = None
+        self._deliver(in_flight)
+        adopted = SchedulerOutput()
+        for request in requests:
+            tokens, start = guessed[request.request_id], starts[request.request_id]
+            if not request.is_finished and request.num_computed_tokens == start and \
+                    request.output_token_ids[-1] == tokens[0]:
+                adopted.chunks.append(ScheduledChunk(request, start, len(tokens), samples=True,
+                                                     draft_token_ids=tokens[1:]))
+            else:
+                launched.void.add(request.request_id)
+        stats = self._speculator.stats
+        stats.num_pipelined_steps += 1
+        stats.num_pipelined_voids += len(launched.void)
+        self.scheduler.finish_step(adopted)
+        for chunk in adopted.chunks:
+            chunk.request.output_token_ids.append(PLACEHOLDER_TOKEN_ID)
+        if adopted.chunks:
+            self._speculator.record_step(True)
+            self._in_flight = launched
+        self._num_steps_total += 1
+        num_tokens = len(step_input.token_ids)
+        self.last_step = StepStats(num_prefill_tokens=0, num_decode_tokens=num_tokens, num_seqs=len(requests),
+                                   step_time_s=time.perf_counter() - preparing_at)
+        return True
 
     def _propose(self) -> dict[str, list[int]] | None:
         """Proposals for this step's decoding requests, or None when the step does not speculate
@@ -593,7 +701,7 @@ class LLMEngine:
             request = step.requests[row]
             drafts = step.drafts.get(request.request_id)
             if drafts is not None:
-                if not request.is_finished:
+                if not request.is_finished and request.request_id not in step.void:
                     self._accept_verified(request, drafts, sampled, row, now)
                 row += len(drafts) + 1
                 continue

@@ -16,7 +16,10 @@ class SpecDecodeCounts:
     none to verify (no n-gram match, no room), steps with more running requests than
     `speculative_disable_batch_size` (none speculates); requests the rule left out of a step (whether or not
     others speculated in it), requests it tried again after their acceptance had collapsed (probes), and the
-    n-gram lookups it made for held-back requests (shadow trials: no device work).
+    n-gram lookups it made for held-back requests (shadow trials: no device work). Pipelined verifications
+    (n-gram): steps launched while the verification before them was still on the device, on the guess that it
+    accepts every proposal and samples the token the lookup expects (`num_pipelined_steps`), and the requests whose
+    rows in such a step were dropped because the guess was wrong (`num_pipelined_voids`).
 
     The speculator counts into one (`record`, its fields); `snapshot()` is the copy `EngineStats` carries."""
 
@@ -31,6 +34,8 @@ class SpecDecodeCounts:
     num_requests_held_back: int = 0
     num_probes: int = 0
     num_shadow_trials: int = 0
+    num_pipelined_steps: int = 0
+    num_pipelined_voids: int = 0
 
     @classmethod
     def counting(cls, num_speculative_tokens: int) -> "SpecDecodeCounts":

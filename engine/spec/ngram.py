@@ -41,15 +41,32 @@ class NgramProposer:
         limit = self.num_speculative_tokens if max_tokens is None else min(self.num_speculative_tokens, max_tokens)
         if limit <= 0:
             return []
+        return self._lookup(self._index(request_id, token_ids), token_ids, limit)
+
+    def propose_after(self, request_id: str, token_ids: list[int], extension: list[int], max_tokens: int) -> list[int]:
+        """Up to `max_tokens` (not capped at k) tokens to follow `token_ids + extension`, where `token_ids` are the
+        request's known tokens and `extension` tokens it may have next (a verification in flight: its proposals).
+        The lookup finds the last n tokens among the known ones only; the extension is not indexed, so nothing
+        is taken back if it does not come."""
+        if max_tokens <= 0:
+            return []
+        return self._lookup(self._index(request_id, token_ids), token_ids + extension, max_tokens)
+
+    def _index(self, request_id: str, token_ids: list[int]) -> _Index:
+        """The request's maps, grown to cover `token_ids` (every n-gram that ends before the last token, so that a
+        token follows it)."""
         index = self._indexes.setdefault(request_id, _Index())
         num_tokens = len(token_ids)
         if num_tokens < index.num_indexed:  # tokens were taken back: start over (not expected)
             index = self._indexes[request_id] = _Index()
-        # Index every n-gram that ends before the last token (so that a token follows it).
         for end in range(max(index.num_indexed, 1), num_tokens):
             for n in range(self.prompt_lookup_min, min(self.prompt_lookup_max, end) + 1):
                 index.after.setdefault(n, {})[tuple(token_ids[end - n:end])] = end
         index.num_indexed = max(index.num_indexed, num_tokens)
+        return index
+
+    def _lookup(self, index: _Index, token_ids: list[int], limit: int) -> list[int]:
+        num_tokens = len(token_ids)
         for n in range(min(self.prompt_lookup_max, num_tokens), self.prompt_lookup_min - 1, -1):
             start = index.after.get(n, {}).get(tuple(token_ids[num_tokens - n:]))
             if start is not None:

@@ -109,6 +109,31 @@ class Speculator:
                     self.rule.record(request_id, 0, 0)
         return {request_id: tokens for request_id, tokens in proposals.items() if tokens} or None
 
+    @property
+    def can_pipeline(self) -> bool:
+        """Whether a verification can be followed by the next before its tokens arrive (n-gram: its proposals are a
+        lookup in tokens the host has; a draft model's would need the tokens on its device)."""
+        return isinstance(self.proposer, NgramProposer)
+
+    def propose_pipelined(self, requests: Sequence[Request], drafts: dict[str, list[int]]) -> dict[str, list[int]] | None:
+        """For a verification in flight (`drafts`: each request's proposals in it), the next step's tokens of each
+        request on the guess that it accepts them all: the token the lookup expects it to sample after them, then up
+        to as many proposals as it verifies now (at least one), by request id; None unless every request has them."""
+        if not self.can_pipeline:
+            return None
+        result = {}
+        for request in requests:
+            known = request.token_ids_between(0, request.num_known_tokens)
+            pending = drafts[request.request_id]
+            # The proposals after the guessed token stay within the length limit, as `propose`'s do.
+            limit = request.token_limit - (len(known) + len(pending) + 1) - 1
+            # As many proposals as the verification in flight has (the rule's choice for the request), at most.
+            tokens = self.proposer.propose_after(request.request_id, known, pending, min(limit, len(pending)) + 1)
+            if len(tokens) < 2:
+                return None
+            result[request.request_id] = tokens
+        return result
+
     def record_step(self, had_proposals: bool) -> None:
         """A step whose requests were asked went out, verifying proposals or (none came) plainly."""
         if had_proposals:

@@ -149,6 +149,51 @@ def test_sampled_distribution_is_preserved(tiny_model_dir, plain):
         assert total_variation < 0.15, (total_variation, got, want)
 
 
+def test_pipelined_verifications_keep_the_output(tiny_model_dir, plain):
+    """A verification whose requests all have proposals (n-gram, async scheduling) is followed by the next before
+    its tokens arrive, on the guess that it accepts them all and samples the token the lookup expects after them;
+    where the guess fails, the new step's rows are dropped (engine/core/llm_engine.py, `_pipelined_step`). Each
+    request alone, as a single user's stream runs: lengths, stop ids and stop strings ending inside accepted runs,
+    logprobs; the output is plain's, and steps were both kept and dropped."""
+    prompt = REPEATING[0]
+    full = generate(plain, [prompt], GREEDY)[0].outputs[0]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=2) for n in (1, 2, 3, 5, 8, 13, 40)]
+    params += [SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[token])
+               for token in sorted(set(full.token_ids))[:5]]
+    words = full.text.split()
+    params += [SamplingParams(temperature=0, max_tokens=40, stop=[" ".join(words[i:i + 2])], ignore_eos=True,
+                              include_stop_str_in_output=i % 2 == 0) for i in range(2, 20, 4)]
+    llm = make_llm(tiny_model_dir("llama"), speculative_method="ngram", num_speculative_tokens=3)
+    for request_params in params:
+        outputs, reference = (generate(engine, [prompt], request_params) for engine in (llm, plain))
+        if request_params.logprobs is not None:
+            assert_same_outputs(outputs, reference)
+        assert completions(outputs) == completions(reference), request_params
+    counts = llm.engine.get_stats().spec_decode
+    assert counts.num_pipelined_steps > counts.num_pipelined_voids > 0, counts
+    # Two at once: a step kept for one request can be dropped for the other (its rows skipped at delivery).
+    partly_dropped = []
+    deliver = llm.engine._deliver
+
+    def delivering(step):
+        if step.void and len(step.void) < len({request.request_id for request in step.requests}):
+            partly_dropped.append(step)
+        return deliver(step)
+
+    llm.engine._deliver = delivering
+    prompts, longer = [prompt, prompt[2:]], SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
+    assert completions(generate(llm, prompts, longer)) == completions(generate(plain, prompts, longer))
+    assert partly_dropped
+    # Unseeded sampling pipelines too (a seeded request never does: its draws are settled in order). Its tokens
+    # cannot be compared; a kept step's rows were sampled from the right context, with draws of their own.
+    sampled = SamplingParams(temperature=0.8, top_k=3, max_tokens=24, ignore_eos=True)
+    before = counts.num_pipelined_steps
+    for _ in range(4):
+        completion = generate(llm, [REPEATING[1]], sampled)[0].outputs[0]
+        assert len(completion.token_ids) == 24 and completion.finish_reason == "length"
+    assert llm.engine.get_stats().spec_decode.num_pipelined_steps > before
+
+
 def test_streaming_deltas_with_several_tokens_and_adaptive_batch_rule(tiny_model_dir, plain):
     # Four requests with a threshold of 2: plain steps first, speculative ones once two have finished.
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (6, 8, 40, 40)]
