@@ -18,7 +18,7 @@ from typing import Any
 
 from pagedserve.config.engine import ConfigError, EngineConfig
 from pagedserve.engine.core.request import StructuredOutputsParams
-from pagedserve.engine.errors import InvalidRequestError
+from pagedserve.engine.errors import InvalidRequestError, ModelLoadError
 
 
 def _flag(name: str) -> str:
@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ModelLoadError as exc:  # a path that is not there, a hub id unreachable: the user's to fix, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if args.chat:
         tokenizer = llm.get_tokenizer()
         prompts = [

@@ -27,5 +27,11 @@ class EngineDeadError(EngineError):
     """The engine's step loop died; no request can make progress until the engine is replaced."""
 
 
+class ModelLoadError(EngineError):
+    """The model, tokenizer or draft model a config names cannot be read: a path that is not there, a folder
+    that holds no model, a hub id that cannot be reached and is not cached. The message names the setting
+    and its value; the cause (transformers' error) is chained."""
+
+
 class RequestFailedError(EngineError):
     """One request failed inside the engine; the others go on."""

@@ -7,10 +7,13 @@ with news, the completions that changed, holding only their new text, token ids 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
+import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass, field
 
@@ -23,7 +26,7 @@ from pagedserve.config.resolve import ResolvedConfig, resolve
 from pagedserve.engine.core.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.core.grammar import GrammarCompiler, PendingGrammar
 from pagedserve.engine.core.limits import CONTEXT, KV_CACHE, check_fits, check_token_ids, too_large
-from pagedserve.engine.errors import EngineDeadError, InvalidRequestError
+from pagedserve.engine.errors import EngineDeadError, InvalidRequestError, ModelLoadError
 from pagedserve.engine.runner.loader import LoadedModel, dtype_name, load_model, read_model_config
 from pagedserve.engine.runner.model_runner import ModelRunner
 from pagedserve.engine.runner.platform import detect_platform, model_facts
@@ -47,6 +50,34 @@ from pagedserve.engine.spec.speculator import Speculator
 from pagedserve.engine.spec.verify import num_accepted
 
 logger = logging.getLogger(__name__)
+
+
+def _is_local_path(source: str) -> bool:
+    """A hub id is `name` or `org/name`; a source that starts like a path or has more parts is a local path."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
+
+
+def check_model_sources(config: EngineConfig) -> None:
+    """Raise ModelLoadError for a model, tokenizer or draft model given as a local path that is not there, before
+    anything loads (transformers would take it for a malformed hub id and say so)."""
+    fields = ["model", "tokenizer"] + (["speculative_model"] if config.speculative_method == "draft" else [])
+    for name in fields:
+        source = getattr(config, name)
+        if source is not None and _is_local_path(source) and not os.path.exists(source):
+            raise ModelLoadError(f"EngineConfig.{name}={source!r}: no such file or folder")
+
+
+@contextlib.contextmanager
+def model_load_errors(what: str) -> Iterator[None]:
+    """What transformers raises for a model it cannot read (OSError: files missing, the hub unreachable and
+    nothing cached; ValueError: files that are not a model) becomes a ModelLoadError naming `what` (the
+    setting and its value); a ConfigError (a setting the model does not allow) goes on as it is."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{what} cannot be loaded: {exc}") from exc
 
 
 @dataclass
@@ -114,7 +145,9 @@ class LLMEngine:
             settings = resolve(config, detect_platform(), model_facts(loaded.model.config),
                                device=loaded.device.type, dtype=dtype_name(loaded.dtype))
         else:
-            hf_config = read_model_config(config.model, config.revision, config.trust_remote_code)
+            check_model_sources(config)
+            with model_load_errors(f"EngineConfig.model={config.model!r}"):
+                hf_config = read_model_config(config.model, config.revision, config.trust_remote_code)
             settings = resolve(config, detect_platform(), model_facts(hf_config))
         logger.info(settings.describe())
         self.settings: ResolvedConfig = settings
@@ -124,7 +157,11 @@ class LLMEngine:
             # Rank 0 of a group it spawns: the runner mirrors every call onto the worker ranks.
             loaded, self.runner = start_tensor_parallel(settings)
         else:
-            loaded = loaded or load_model(settings.load)
+            if loaded is None:
+                what = f"EngineConfig.model={config.model!r}" + (
+                    "" if config.tokenizer is None else f" (or EngineConfig.tokenizer={config.tokenizer!r})")
+                with model_load_errors(what):
+                    loaded = load_model(settings.load)
             self.runner = ModelRunner(loaded, settings.runner, settings.cache)
         self.model_name = loaded.served_name
         self.tokenizer = loaded.tokenizer
@@ -135,7 +172,9 @@ class LLMEngine:
         max_batch_tokens = settings.scheduler.max_batch_tokens
         max_num_seqs = settings.scheduler.max_num_seqs
         # A draft model and its cache first: the memory plan then counts them as taken.
-        self._speculator = Speculator.build(settings, self.runner, self.max_model_len)
+        with (model_load_errors(f"EngineConfig.speculative_model={config.speculative_model!r}")
+              if config.speculative_method == "draft" else contextlib.nullcontext()):
+            self._speculator = Speculator.build(settings, self.runner, self.max_model_len)
         self.memory_plan = self.runner.plan_memory(max_num_seqs, self.max_model_len, max_batch_tokens)
         logger.info(self.memory_plan.describe())
         self.runner.allocate_kv_cache(self.memory_plan.num_blocks)

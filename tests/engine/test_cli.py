@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pagedserve.config.engine import EngineConfig
 from pagedserve.engine.cli import build_parser, main
 
@@ -37,3 +39,32 @@ def test_bad_flag_value_exits_with_the_field_named(tiny_model_dir, capsys):
     code = main(["generate", "--model", str(tiny_model_dir("llama")), "--max-memory-percent", "3"])
     assert code == 2
     assert "max_memory_percent=3.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["missing-path", "not-a-model", "hub-id-offline", "missing-tokenizer",
+                                  "missing-draft-model"])
+def test_a_model_that_cannot_be_loaded_is_one_error_line(case, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A model, tokenizer or draft model that cannot be read (a path that is not there, a folder that holds no
+    model, a hub id with no network and nothing cached) ends the CLI with one line naming the setting and
+    the value, and a non-zero status; it raised a transformers traceback (OSError, ValueError) before."""
+    import huggingface_hub.constants
+
+    model = str(tiny_model_dir("llama"))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("not a model\n")
+    flags, field, value = {
+        "missing-path": (["--model", str(tmp_path / "no-such-model")], "model", str(tmp_path / "no-such-model")),
+        "not-a-model": (["--model", str(tmp_path / "notes")], "model", str(tmp_path / "notes")),
+        # No network in the test: offline mode makes the hub answer at once, as an unreachable one does late.
+        "hub-id-offline": (["--model", "pagedserve-tests/no-such-model"], "model", "pagedserve-tests/no-such-model"),
+        "missing-tokenizer": (["--model", model, "--tokenizer", str(tmp_path / "no-tok")], "tokenizer",
+                              str(tmp_path / "no-tok")),
+        "missing-draft-model": (["--model", model, "--speculative-method", "draft", "--speculative-model",
+                                 str(tmp_path / "no-draft")], "speculative_model", str(tmp_path / "no-draft")),
+    }[case]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    code = main(["generate", *flags, "--prompt", "w5", "--max-tokens", "2", "--dtype", "float32"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.startswith("error: ") and f"EngineConfig.{field}={value!r}" in err, err
+    assert "Traceback" not in err
