@@ -18,7 +18,8 @@ running), each plain, with the rule (the sweep's method) and with the constant r
 `speculative_adaptive=False`), both with `speculative_disable_batch_size` = the largest batch so that the bound
 decides nothing. Each row also says the share of steps that speculated, the requests the rule held back, and the
 verifications launched before the one before them had delivered ("piped") with the requests whose rows in them were
-dropped on a wrong guess ("voided": engine/core/llm_engine.py, `_pipelined_step`). Last,
+dropped on a wrong guess ("voided": engine/core/llm_engine.py, `_pipelined_step`); the first n-gram k runs the
+batch-1 workloads once more with `speculative_pipelining=False` (method "... serial"). Last,
 the W1-like run as a user gets it: the rule with the product's default `speculative_disable_batch_size` (its row
 says "bound N"); the issue's target is that row: at most 3% below plain with speculation on. After each engine,
 the step cost model's fitted coefficients (what the rule decided by) are printed.
@@ -252,11 +253,12 @@ def main(argv: list[str] | None = None) -> None:
     max_batch = max([64, *batch_sizes])
     common = dict(dtype=args.dtype, max_memory_percent=args.max_memory_percent, max_num_seqs=max_batch)
 
-    def engine(method: str | None, k: int = 0, disable_batch_size: int | None = 8, adaptive: bool = True) -> LLM:
+    def engine(method: str | None, k: int = 0, disable_batch_size: int | None = 8, adaptive: bool = True,
+               pipelining: bool = True) -> LLM:
         """`disable_batch_size` None: the product's default bound."""
         if method is None:
             return LLM(str(args.model), **common)
-        speculative = dict(num_speculative_tokens=k, speculative_adaptive=adaptive)
+        speculative = dict(num_speculative_tokens=k, speculative_adaptive=adaptive, speculative_pipelining=pipelining)
         if disable_batch_size is not None:
             speculative["speculative_disable_batch_size"] = disable_batch_size
         if method == "draft":
@@ -329,14 +331,17 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"workload": sweep_row(batch)[0], "batch": sweep_row(batch)[1], "method": "plain",
                      **figures(result)})
     save()
-    # (method, k, adaptive): each with the rule; the sweep's method again with the constant rule.
-    runs = [(method_name, k, True) for method_name, k in methods]
+    # (method, k, adaptive, pipelining): each with the rule; the sweep's method again with the constant rule; the
+    # first n-gram k again without pipelined verifications (batch-1 workloads only: what pipelining gives).
+    runs = [(method_name, k, True, True) for method_name, k in methods]
     if not args.no_constant_rule and (batch_sizes or w1):
-        runs.insert(methods.index(sweep_method) + 1, (*sweep_method, False))
-    for method_name, k, adaptive in runs:
-        llm = engine(method_name, k, disable_batch_size=max_batch, adaptive=adaptive)
-        method = f"{method_name} k={k}" + ("" if adaptive else " const")
-        spec = measure(llm, method, sweep=(method_name, k) == sweep_method)
+        runs.insert(methods.index(sweep_method) + 1, (*sweep_method, False, True))
+    if ks:
+        runs.insert(1, ("ngram", ks[0], True, False))
+    for method_name, k, adaptive, pipelining in runs:
+        llm = engine(method_name, k, disable_batch_size=max_batch, adaptive=adaptive, pipelining=pipelining)
+        method = f"{method_name} k={k}" + ("" if adaptive else " const") + ("" if pipelining else " serial")
+        spec = measure(llm, method, sweep=(method_name, k) == sweep_method and pipelining)
         llm.engine.shutdown()
         del llm
         release_memory()

@@ -181,6 +181,12 @@ class EngineConfig(BaseModel):
         "how many tokens (up to num_speculative_tokens). False: every request that may speculates, in every step "
         "within speculative_disable_batch_size.",
     )
+    speculative_pipelining: bool = Field(
+        True, description="ngram: launch a verification before the one in flight delivers, on the guess that it "
+        "accepts every proposal (where every running request verifies and none samples from a seed or reads earlier "
+        "tokens); a wrong guess drops the new step's rows. False: each verification is delivered before the next "
+        "step is prepared.",
+    )
     # LoRA adapters (vLLM's names; docs/lora.md)
     enable_lora: bool = Field(
         False, description="Serve LoRA adapters over the base model (on when lora_modules names any; needed to "

@@ -237,6 +237,7 @@ class SpeculativeSettings:
     disable_batch_size: int = 0  # steps with more running requests than this do not speculate
     model: str | None = None  # draft: the draft model (path or hub id)
     adaptive: bool = True  # the per-step rule of engine/spec/adaptive.py decides within disable_batch_size
+    pipelining: bool = True  # ngram: a verification may be launched before the one in flight delivers
 
     @property
     def enabled(self) -> bool:
@@ -272,7 +273,7 @@ def resolve_speculative(config: EngineConfig) -> SpeculativeSettings:
     return SpeculativeSettings(method, config.num_speculative_tokens, config.prompt_lookup_min,
                                config.prompt_lookup_max, config.speculative_disable_batch_size,
                                config.speculative_model if method == "draft" else None,
-                               config.speculative_adaptive)
+                               config.speculative_adaptive, config.speculative_pipelining)
 
 
 @dataclass(frozen=True)

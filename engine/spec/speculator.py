@@ -36,8 +36,9 @@ class Asks:
 
 class Speculator:
     def __init__(self, proposer: NgramProposer | DraftProposer, num_speculative_tokens: int,
-                 disable_batch_size: int, adaptive: bool) -> None:
+                 disable_batch_size: int, adaptive: bool, pipelining: bool = True) -> None:
         self.proposer = proposer
+        self.pipelining = pipelining
         self.disable_batch_size = disable_batch_size
         # Within that bound, which requests speculate and with how many proposals (None: all of them, k each).
         self.rule = SpeculationRule(num_speculative_tokens) if adaptive else None
@@ -57,7 +58,8 @@ class Speculator:
         else:
             proposer = NgramProposer(speculative.num_tokens, speculative.prompt_lookup_min,
                                      speculative.prompt_lookup_max)
-        return cls(proposer, speculative.num_tokens, speculative.disable_batch_size, speculative.adaptive)
+        return cls(proposer, speculative.num_tokens, speculative.disable_batch_size, speculative.adaptive,
+                   speculative.pipelining)
 
     def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int) -> None:
         if isinstance(self.proposer, DraftProposer):
@@ -111,9 +113,10 @@ class Speculator:
 
     @property
     def can_pipeline(self) -> bool:
-        """Whether a verification can be followed by the next before its tokens arrive (n-gram: its proposals are a
-        lookup in tokens the host has; a draft model's would need the tokens on its device)."""
-        return isinstance(self.proposer, NgramProposer)
+        """Whether a verification can be followed by the next before its tokens arrive (`speculative_pipelining`,
+        n-gram: its proposals are a lookup in tokens the host has; a draft model's would need the tokens on its
+        device)."""
+        return self.pipelining and isinstance(self.proposer, NgramProposer)
 
     def propose_pipelined(self, requests: Sequence[Request], drafts: dict[str, list[int]]) -> dict[str, list[int]] | None:
         """For a verification in flight (`drafts`: each request's proposals in it), the next step's tokens of each

@@ -35,11 +35,14 @@ def test_every_phase_runs_and_reports(spec_bench, tiny_text_model_dir, tmp_path,
     for method in methods[:3]:  # the sweep and the W1-like run: plain, the rule and the constant rule
         assert {(w, b) for w, b, m in rows if m == method} >= {("edit sweep", 1), ("edit sweep", 2), ("W1-like", 64)}
     assert rows["edit", 1, "draft k=2"]["acceptance_rate"] == 1.0
+    # The same n-gram engine without pipelined verifications, at batch 1: it pipelines none, and the other does.
+    assert rows["edit", 1, "ngram k=2 serial"]["num_pipelined_steps"] == 0
+    assert rows["edit", 1, "ngram k=2 const"]["num_pipelined_steps"] > 0
     # The W1-like run with the product's default batch bound (issue 27's bar), against plain's.
     defaults = rows["W1-like", 64, "ngram k=2 bound 8"]
     assert defaults["speedup"] > 0 and defaults["outputs_equal"] == "4/4"
     # float32: speculation gives plain decoding's tokens (the parity pass finds no difference).
     assert all(not entry["divergences"] for entry in report["parity"]), report["parity"]
-    assert set(report["step_cost_models"]) == set(methods)
+    assert set(report["step_cost_models"]) == {*methods, "ngram k=2 serial"}
     table = capsys.readouterr().out
     assert "crossover (ngram k=2)" in table and "parity (draft k=2, edit, batch 1, top-2 logprobs): 1/1 equal" in table

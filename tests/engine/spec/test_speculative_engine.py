@@ -192,6 +192,10 @@ def test_pipelined_verifications_keep_the_output(tiny_model_dir, plain):
         completion = generate(llm, [REPEATING[1]], sampled)[0].outputs[0]
         assert len(completion.token_ids) == 24 and completion.finish_reason == "length"
     assert llm.engine.get_stats().spec_decode.num_pipelined_steps > before
+    serial = make_llm(tiny_model_dir("llama"), speculative_method="ngram", num_speculative_tokens=3,
+                      speculative_pipelining=False)
+    assert completions(generate(serial, [prompt], GREEDY)) == completions(generate(plain, [prompt], GREEDY))
+    assert serial.engine.get_stats().spec_decode.num_pipelined_steps == 0
 
 
 def test_streaming_deltas_with_several_tokens_and_adaptive_batch_rule(tiny_model_dir, plain):
