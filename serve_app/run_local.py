@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -37,18 +38,40 @@ def port_from_env(name: str, default: int) -> int:
     return int(value)
 
 
-def http_address(config_path: Path) -> tuple[str, int, str]:
-    """(host, port, route prefix) the config serves at; Serve's defaults where it says nothing."""
+def listen_address(config_path: Path) -> tuple[str, int]:
+    """(host, port) Serve's proxy binds for the config; Serve's defaults where it says nothing."""
     import yaml
 
     config: dict[str, Any] = yaml.safe_load(config_path.read_text()) or {}
     http = config.get("http_options") or {}
-    host = http.get("host") or "127.0.0.1"
+    return http.get("host") or "127.0.0.1", int(http.get("port") or 8000)
+
+
+def http_address(config_path: Path) -> tuple[str, int, str]:
+    """(host, port, route prefix) the config serves at, as a client on this machine reaches it."""
+    import yaml
+
+    host, port = listen_address(config_path)
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1"
+    config: dict[str, Any] = yaml.safe_load(config_path.read_text()) or {}
     applications = config.get("applications") or [{}]
     prefix = (applications[0].get("route_prefix") or "/").rstrip("/")
-    return host, int(http.get("port") or 8000), prefix
+    return host, port, prefix
+
+
+def check_http_port_free(host: str, port: int) -> None:
+    """Exit naming the address when something listens on it already (another `make serve`, say). Serve's proxy
+    binds with SO_REUSEPORT, so it would not fail: both services would listen, the kernel would deal the
+    connections between them, and the ready message would come from the other one's /health."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed connection's TIME_WAIT is no owner
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sys.exit(f"pagedserve: {host}:{port} is already in use ({exc.strerror}): another service (an earlier "
+                     f"`make serve`?) listens there; stop it, or set http_options.port in the config")
 
 
 def ready_message(base_url: str, metrics_url: str, dashboard_url: str) -> str:
@@ -84,6 +107,7 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
 def main(argv: list[str]) -> None:
     if not argv or argv[0].startswith("-"):
         sys.exit(__doc__)
+    check_http_port_free(*listen_address(Path(argv[0])))
     import ray
     from ray.serve.scripts import cli
 
