@@ -28,7 +28,7 @@ TOKEN_COUNT_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 
 
 REPLICA_TAGS = ("model", "model_name", "replica")
 FINISH_REASONS = ("stop", "length", "abort", "error")
-REJECTION_STATUSES = (400, 401, 404, 413, 429, 503)
+REJECTION_STATUSES = (400, 401, 404, 408, 413, 429, 500, 503)
 # What decided a step with requests that may speculate (engine/spec/adaptive.py; docs/speculative.md).
 SPEC_DECODE_DECISIONS = ("speculated", "plain_by_rule", "no_proposals", "over_batch_size")
 ROUTER_REFUSALS = ("queue_full", "queue_timeout", "too_large")
@@ -113,7 +113,8 @@ REPLICA_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 INGRESS_TAGS = ("model", "replica")
 INGRESS_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "pagedserve_rejected_requests": (
-        "counter", "Requests answered with an error before generating, by HTTP status (400, 401, 404, 413, 429, 503).",
+        "counter", "Requests answered with an error, by HTTP status: before generating (400, 401, 404, 413, 429, "
+        "503), or a non-streamed request past request_timeout_s (408) or failed in the engine (500).",
         ("reason",)),
     "pagedserve_resent_requests": (
         "counter", "Engine requests sent again because their replica (its process or its engine) was lost: from "
