@@ -264,8 +264,10 @@ def parse_args(argv: list[str] | None) -> tuple[Options, bool]:
     parser.add_argument(
         "--max-replicas", type=int, default=DEFAULT_MAX_REPLICAS, help="Serve autoscaling maximum = most GPU pods"
     )
-    parser.add_argument("--source", type=Path, default=REPO_ROOT / "config" / "serve.yaml")
-    parser.add_argument("--k8s-dir", type=Path, default=REPO_ROOT / "k8s")
+    parser.add_argument("--source", type=Path, default=REPO_ROOT / "config" / "serve.yaml",
+                        help="the Serve config the manifests embed (default: config/serve.yaml)")
+    parser.add_argument("--k8s-dir", type=Path, default=REPO_ROOT / "k8s",
+                        help="where the manifests are written (default: k8s/)")
     parsed = parser.parse_args(argv)
     options = Options(
         source=parsed.source,
