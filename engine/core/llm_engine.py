@@ -7,6 +7,7 @@ with news, the completions that changed, holding only their new text, token ids 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import gc
@@ -225,6 +226,11 @@ class LLMEngine:
         # collection, which otherwise rescans them and costs milliseconds per step.
         gc.collect()
         gc.freeze()
+        # Unfrozen at exit, so that the interpreter's last collection frees them: frozen, the cycles of Triton's
+        # nanobind objects outlive it, and nanobind reports them as leaks (some thirty lines on stderr). Once per
+        # process, however many engines it builds.
+        atexit.unregister(gc.unfreeze)
+        atexit.register(gc.unfreeze)
 
     def _warm_up(self, max_batch_tokens: int) -> None:
         started = time.perf_counter()
