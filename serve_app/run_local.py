@@ -5,7 +5,9 @@ random port that nothing prints. This starts that Ray first, with the export por
 ($PAGEDSERVE_METRICS_PORT, default 8080, the port KubeRay pods use) and the dashboard on
 $PAGEDSERVE_DASHBOARD_PORT (default 8265, Ray's), then runs `serve run` in this process (it keeps a Ray it
 finds initialized), and once the application's /health answers prints the OpenAI base URL, the metrics URL
-and the dashboard URL. Ctrl-C or SIGTERM to this process stops Serve and the local Ray.
+and the dashboard URL. Ctrl-C or SIGTERM to this process stops Serve and the local Ray. It refuses to start
+where something listens on the HTTP port already, and exits 1 with the reason when the application fails to
+deploy (Serve then stops trying).
 
     python -m pagedserve.serve_app.run_local config/serve.yaml [serve run options...]
 """
@@ -19,6 +21,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,19 +87,59 @@ def ready_message(base_url: str, metrics_url: str, dashboard_url: str) -> str:
     )
 
 
-def announce_when_ready(health_url: str, message: str, timeout_s: float = READY_TIMEOUT_S) -> None:
-    """Poll /health until it answers 200, then print `message` (a daemon thread: it never holds the exit)."""
+def deploy_failure(status: Any) -> str | None:
+    """What failed, from `serve.status()`, when an application is DEPLOY_FAILED (Serve has stopped trying);
+    else None. Each failed deployment's reason is the last line of its message (the exception raised)."""
+    for app in status.applications.values():
+        if app.status != "DEPLOY_FAILED":
+            continue
+        reasons = [f"{name}: {(deployment.message or '').strip().splitlines()[-1]}"
+                   for name, deployment in app.deployments.items()
+                   if deployment.status == "DEPLOY_FAILED" and (deployment.message or "").strip()]
+        return "; ".join(reasons) or app.message or "DEPLOY_FAILED"
+    return None
+
+
+def _serve_deploy_failure() -> str | None:
+    from ray import serve
+
+    return deploy_failure(serve.status())
+
+
+def _terminate_self() -> None:
+    # A real signal: it wakes `serve run`'s sleeping main thread (interrupt_main would not), and the SIGTERM
+    # handler raises the KeyboardInterrupt that `serve run` answers by shutting Serve down.
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def announce_when_ready(health_url: str, message: str, timeout_s: float = READY_TIMEOUT_S,
+                        read_deploy_failure: Callable[[], str | None] = _serve_deploy_failure,
+                        stop: Callable[[], None] = _terminate_self) -> bool:
+    """Poll /health until it answers 200, then print `message` and return True (a daemon thread: it never
+    holds the exit). Serve does not retry an application that failed to deploy (a model path that is not
+    there, say): that is printed with its reason and `stop` is called, rather than waiting out `timeout_s`
+    while the ingress answers 503."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(health_url, timeout=5) as response:
                 if response.status == 200:
                     print(message, flush=True)
-                    return
+                    return True
         except Exception:  # noqa: BLE001 - not up yet
             pass
+        try:
+            failure = read_deploy_failure()
+        except Exception:  # noqa: BLE001 - Serve not started yet
+            failure = None
+        if failure is not None:
+            print(f"\npagedserve: the application failed to deploy, and Serve does not retry it: {failure}\n"
+                  "(the log above has the whole error); stopping", flush=True)
+            stop()
+            return False
         time.sleep(1.0)
     print(f"pagedserve: {health_url} did not answer within {timeout_s:g} s; see the log above", flush=True)
+    return False
 
 
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
@@ -119,8 +162,20 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)  # after ray.init, which installs a handler of its own
     base_url = f"http://{host}:{port}{prefix}"
     message = ready_message(base_url, f"http://127.0.0.1:{metrics_port}/metrics", f"http://127.0.0.1:{dashboard_port}")
-    threading.Thread(target=announce_when_ready, args=(f"{base_url}/health", message), daemon=True).start()
-    cli.main(["run", *argv], prog_name="serve", standalone_mode=True)
+    failed = threading.Event()
+
+    def stop_failed() -> None:
+        failed.set()
+        _terminate_self()
+
+    threading.Thread(target=announce_when_ready, args=(f"{base_url}/health", message), kwargs={"stop": stop_failed},
+                     daemon=True).start()
+    try:
+        cli.main(["run", *argv], prog_name="serve", standalone_mode=True)
+    except SystemExit:
+        if failed.is_set():  # `serve run` exits 0 after the interrupt; a failed start is not a success
+            sys.exit(1)
+        raise
 
 
 if __name__ == "__main__":

@@ -49,3 +49,41 @@ def test_a_free_port_passes(tmp_path):
     port = sock.getsockname()[1]
     sock.close()
     run_local.check_http_port_free("127.0.0.1", port)  # nothing raised
+
+
+def test_an_application_that_failed_to_deploy_is_said_and_stops_the_service(capsys):
+    """Found with `engine.model` set to a path that is not there: Serve gave up on the engine replicas
+    (DEPLOY_FAILED) and stopped trying, yet `make serve` went on for its 30 minutes' wait, printing nothing
+    more, while the ingress answered 503 or held requests. It now says so, with the reason, and stops."""
+    stops = []
+    failure = "EngineReplica: ModelLoadError: EngineConfig.model='/models/missing': no such file or folder"
+    ready = run_local.announce_when_ready(f"http://127.0.0.1:{free_port()}/health", "READY", timeout_s=30,
+                                          read_deploy_failure=lambda: failure, stop=lambda: stops.append(True))
+    assert not ready and stops == [True]
+    out = capsys.readouterr().out
+    assert "failed to deploy" in out and failure in out and "READY" not in out
+
+
+def test_deploy_failure_is_read_from_serve_status():
+    from types import SimpleNamespace
+
+    def status(app_status: str, deployment_message: str):
+        deployment = SimpleNamespace(status=app_status, message=deployment_message)
+        app = SimpleNamespace(status=app_status, message="Failed to update the deployments ['EngineReplica'].",
+                              deployments={"EngineReplica": deployment})
+        return SimpleNamespace(applications={"pagedserve": app})
+
+    failed = status("DEPLOY_FAILED", "The deployment failed to start 3 times in a row.\nTraceback ...\n"
+                                     "pagedserve.engine.errors.ModelLoadError: EngineConfig.model='/x': no such file")
+    assert run_local.deploy_failure(failed) == (
+        "EngineReplica: pagedserve.engine.errors.ModelLoadError: EngineConfig.model='/x': no such file")
+    assert run_local.deploy_failure(status("DEPLOYING", "")) is None
+    assert run_local.deploy_failure(SimpleNamespace(applications={})) is None
+
+
+def free_port() -> int:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
