@@ -181,7 +181,7 @@ class OpenAIIngress:
         # registry as this ingress last saw it (serve_app/lora_registry.py; None without LoRA: no adapters).
         self._loras: dict[str, str | None] = {}
         self.lora_registry = lora_registry
-        self._info_lock = asyncio.Lock()
+        self._info_task: asyncio.Future | None = None  # the one call for the model's facts in flight
         context = serve.get_replica_context()
         self.metrics = IngressMetrics(
             model_name=serve_args.served_model_name,
@@ -214,17 +214,31 @@ class OpenAIIngress:
     # Plumbing ----------------------------------------------------------------------------------------
 
     async def model_info(self) -> ModelInfo:
-        if self._info is None:
-            async with self._info_lock:
-                if self._info is None:
-                    try:
-                        self._info = await self.replica.model_info.remote()
-                    except Exception as exc:
-                        raise routing_error(exc) from None
-                    self.metrics.set_model_name(self.args.served_model_name or self._info.model_name)
-                    if self.lora_registry is None:
-                        self._loras = {name: None for name in self._info.lora_names} | self._loras
-        return self._info
+        """The engine's facts (asked once, shared by every caller). A caller waits for them at most the router's
+        `queue_timeout_s`, then gets a 503: while no engine replica runs (starting, or failed to start) Serve holds
+        the call without an answer, and a request must not hang on it."""
+        if self._info is not None:
+            return self._info
+        task = self._info_task
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self._info_task = asyncio.ensure_future(self._fetch_model_info())
+        timeout_s = self.args.router.queue_timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(503, f"no engine replica answered within {timeout_s:g} s (still starting, or failed to "
+                           "start: see the Serve application's status)", "service_unavailable") from None
+
+    async def _fetch_model_info(self) -> ModelInfo:
+        try:
+            info = await self.replica.model_info.remote()
+        except Exception as exc:
+            raise routing_error(exc) from None
+        self.metrics.set_model_name(self.args.served_model_name or info.model_name)
+        if self.lora_registry is None:
+            self._loras = {name: None for name in info.lora_names} | self._loras
+        self._info = info
+        return info
 
     async def _lora_changed(self, old: LoraView | None, new: LoraView) -> None:
         """The registry's adapters become this ingress's; a registry that started anew (Serve replaced it)

@@ -153,3 +153,36 @@ def test_an_unhandled_exception_answers_500_with_an_openai_error_body() -> None:
     error = response.json()["error"]
     assert error["type"] == "internal_server_error" and error["code"] == 500
     assert "KeyError" in error["message"] and "secret" not in error["message"]
+
+
+def test_model_info_answers_503_in_bounded_time_while_no_engine_replica_answers() -> None:
+    """While no engine replica runs (starting, or its model failed to load) Serve holds a call to it without an
+    answer: /v1/models and every request that needs the model's facts hung until the HTTP timeout (found by
+    starting the service with a model path that does not exist). Each caller now waits at most the router's
+    queue_timeout_s for the one shared call, then gets a 503; the call goes on, and answers the next caller."""
+    from types import SimpleNamespace
+
+    from pagedserve.config.serve import RouterSettings
+
+    async def scenario() -> None:
+        answer = asyncio.get_running_loop().create_future()
+        calls = []
+
+        def remote():
+            calls.append(1)
+            return answer
+
+        edge = OpenAIIngress.__new__(OpenAIIngress)
+        edge.args = ServeArgs(router=RouterSettings(queue_timeout_s=0.2))
+        edge._info, edge._info_task, edge.lora_registry, edge._loras = None, None, None, {}
+        edge.replica = SimpleNamespace(model_info=SimpleNamespace(remote=remote))
+        edge.metrics = SimpleNamespace(set_model_name=lambda name: None)
+        for _ in range(2):
+            with pytest.raises(APIError) as error:
+                await asyncio.wait_for(edge.model_info(), 2.0)
+            assert error.value.status_code == 503 and "no engine replica answered within 0.2 s" in error.value.message
+        assert len(calls) == 1  # one call, shared, still waiting
+        answer.set_result(SimpleNamespace(model_name="m", lora_names=[]))
+        assert (await edge.model_info()).model_name == "m"
+
+    asyncio.run(scenario())
