@@ -647,6 +647,11 @@ class LLMEngine:
         if adopted.chunks:
             self._speculator.record_step(True)
             self._in_flight = launched
+            launched.follows_unobserved, self._launched_unobserved = self._launched_unobserved, False
+        else:
+            # Dropped whole, it still runs on the device before the next step: that one's time is not the cost
+            # model's to learn from.
+            self._launched_unobserved = True
         self._num_steps_total += 1
         num_tokens = len(step_input.token_ids)
         self.last_step = StepStats(num_prefill_tokens=0, num_decode_tokens=num_tokens, num_seqs=len(requests),
