@@ -652,8 +652,12 @@ class OpenAIIngress:
         plan: ToolPlan | None = None, tenant: Tenant | None = None,
     ) -> Response:
         tasks = [asyncio.ensure_future(self.calls.collect(r)) for r in requests]
+        gathered = asyncio.gather(*tasks)
+        # Cancelled inside wait_for (the client left, or the timeout), the gather ends with a CancelledError that
+        # nothing reads: asyncio would log it with a traceback.
+        gathered.add_done_callback(_retrieve)
         try:
-            outputs = await asyncio.wait_for(asyncio.gather(*tasks), timeout=self.args.request_timeout_s)
+            outputs = await asyncio.wait_for(gathered, timeout=self.args.request_timeout_s)
         except asyncio.TimeoutError:
             raise APIError(408, f"request took longer than {self.args.request_timeout_s:g}s", "timeout") from None
         except asyncio.CancelledError:

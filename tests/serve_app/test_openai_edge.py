@@ -186,3 +186,40 @@ def test_model_info_answers_503_in_bounded_time_while_no_engine_replica_answers(
         assert (await edge.model_info()).model_name == "m"
 
     asyncio.run(scenario())
+
+
+def test_a_client_that_leaves_a_full_response_logs_one_line_and_no_asyncio_error() -> None:
+    """A client that goes away before its (non-streamed) response is a normal event: one line and a count. The
+    gather of the prompts' calls, cancelled inside wait_for, ended with a CancelledError nobody read, which asyncio
+    logged as "_GatheringFuture exception was never retrieved" with a traceback (3 of 4 such disconnects in a load
+    of 64 requests with random cancels on the demo model)."""
+    import gc
+    from types import SimpleNamespace
+
+    async def scenario() -> list[dict]:
+        loop = asyncio.get_running_loop()
+        errors: list[dict] = []
+        loop.set_exception_handler(lambda _, context: errors.append(context))
+        left: list[str] = []
+
+        async def collect(_request):
+            await asyncio.sleep(60)
+
+        edge = OpenAIIngress.__new__(OpenAIIngress)
+        edge.args = ServeArgs()
+        edge.calls = SimpleNamespace(collect=collect)
+        edge.metrics = SimpleNamespace(client_left=lambda: left.append("left"))
+        handler = asyncio.ensure_future(edge.full_response(None, "m", "cmpl-1", [object(), object()], None, chat=False))
+        await asyncio.sleep(0.05)
+        handler.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+        for _ in range(3):
+            await asyncio.sleep(0)
+        gc.collect()
+        await asyncio.sleep(0)
+        assert left == ["left"]
+        return errors
+
+    errors = asyncio.run(scenario())
+    assert not errors, [e.get("message") for e in errors]
