@@ -294,6 +294,23 @@ def test_verification_graphs_on_gpu_equal_eager(tiny_model_dir, compile_layers):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pipelined_verifications_on_gpu_equal_eager(tiny_model_dir):
+    """Pipelined n-gram verifications on a GPU (launched before the one in flight delivers, replaying the verification
+    graphs while the sampled tokens of the step before are still on their way): each prompt alone, greedy float32
+    tokens equal plain eager decoding's, and steps were both kept and dropped."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    common = dict(dtype="float32", device="cuda", block_size=8, max_num_seqs=4, compile=False)
+    plain = LLM(str(tiny_model_dir("llama")), enable_cuda_graphs=False, **common)
+    llm = LLM(str(tiny_model_dir("llama")), speculative_method="ngram", num_speculative_tokens=3,
+              speculative_adaptive=False, **common)
+    for prompt in REPEATING:
+        assert completions(generate(llm, [prompt], params)) == completions(generate(plain, [prompt], params))
+    counts = llm.engine.get_stats().spec_decode
+    assert counts.num_pipelined_steps > counts.num_pipelined_voids > 0, counts
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_draft_rounds_replay_one_graph_on_gpu(tiny_model_dir):
     """On a GPU the draft's usual proposal round is one captured chain (GreedyChainGraphs) over Triton attention:
     greedy tokens in float32 equal plain eager decoding's, the chain replayed, and the draft cache gives back every
