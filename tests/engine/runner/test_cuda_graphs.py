@@ -94,7 +94,8 @@ def test_a_greedy_chain_writes_only_the_slots_its_sequences_were_given(tiny_mode
     from pagedserve.engine.llm import LLM
     from pagedserve.engine.runner.cuda_graphs import GreedyChainGraphs
 
-    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=BLOCK_SIZE, num_blocks=16)
+    # On the CPU on any machine: off CUDA the chain's "graph" reruns its forward over the static inputs.
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", device="cpu", block_size=BLOCK_SIZE, num_blocks=16)
     runner = llm.engine.runner
     runner.backend = GraphLikeReference()
     a_tokens, b_tokens = [5, 9, 33, 7, 81, 12, 40, 41], [60, 61, 62, 63, 60, 61, 62, 63, 60, 61]

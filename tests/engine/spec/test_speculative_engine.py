@@ -29,9 +29,11 @@ GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
 def make_llm(model_dir, **config) -> LLM:
     """The constant rule (`speculative_adaptive=False`): every step within the batch bound speculates, so every test
-    here exercises verification whatever this CPU's timings make the adaptive rule decide (test_adaptive.py)."""
+    here exercises verification whatever this CPU's timings make the adaptive rule decide (test_adaptive.py). On
+    the CPU on any machine: the "graphs" of the graph tests rerun their forward there (a GPU's capture takes no
+    host reads); the GPU tests below build their own engines."""
     return LLM(str(model_dir), dtype="float32",
-               **{"block_size": 8, "num_blocks": 96, "speculative_adaptive": False, **config})
+               **{"device": "cpu", "block_size": 8, "num_blocks": 96, "speculative_adaptive": False, **config})
 
 
 @pytest.fixture(scope="module")
