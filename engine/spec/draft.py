@@ -95,7 +95,8 @@ class DraftProposer:
                 rows.append((request, wanted))
         if not rows:
             return {}
-        chain = self.runner.greedy_chain(self._step_input(rows, 0, []), [wanted for _, wanted in rows])
+        first = self._step_input(rows, 0, [])  # built once: it takes the cache's pending block copies
+        chain = self.runner.greedy_chain(first, [wanted for _, wanted in rows])
         if chain is not None:  # one replay for the whole round
             host = chain.tolist()
             result = {request.request_id: [host[r][row] for r in range(wanted)]
@@ -106,13 +107,13 @@ class DraftProposer:
         row_requests = rows
         previous: torch.Tensor | None = None
         for round_index in range(max(wanted for _, wanted in rows)):
-            if round_index > 0:
+            if round_index == 0:
+                step = first
+            else:
                 # Rows whose request wants another proposal, each taking its previous one from the device.
                 sources = [row for row, (_, wanted) in enumerate(row_requests) if wanted > round_index]
                 row_requests = [row_requests[row] for row in sources]
-            else:
-                sources = []
-            step = self._step_input(row_requests, round_index, sources)
+                step = self._step_input(row_requests, round_index, sources)
             logits = self.runner.execute(step, previous)
             previous = greedy_argmax(logits)
             proposals.append(previous)
