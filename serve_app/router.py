@@ -390,12 +390,10 @@ class FreeBlocksPolicy:
                         key=lambda c: (-headroom[c], self.num_in_flight(c), self._num_prefixes_owned.get(c, 0)))
         if ranked and demand.prefix_key is not None:
             owner = self._prefix_owner.get(demand.prefix_key)
-            if owner in headroom and owner != ranked[0]:
-                tolerance = max(self.affinity_tolerance * self._reports[owner].num_total_blocks,
-                                self.blocks_needed(owner, demand))
-                if headroom[owner] >= headroom[ranked[0]] - tolerance:
-                    ranked.remove(owner)
-                    ranked.insert(0, owner)
+            if owner in headroom and owner != ranked[0] and self._near_best(
+                    owner, demand, headroom[owner], headroom[ranked[0]], self.affinity_tolerance):
+                ranked.remove(owner)
+                ranked.insert(0, owner)
         if demand.lora_name is not None and ranked:
             # Adapter affinity first, among replicas with room only: one with the adapter in a device slot serves
             # it at once; then one with it in host memory (a copy into a slot); the rest read it first. A replica
@@ -403,10 +401,10 @@ class FreeBlocksPolicy:
             # requests come back for), so new adapters spread over the replicas' slots. Then the order above.
             # A replica far behind the best in headroom loses that priority (it keeps its place by headroom after
             # the rest): a hot adapter's requests then go to a replica with room that loads it too.
-            best = max(headroom.values())
-            keys = {c: self._lora_rank_key(c, demand.lora_name) if headroom[c] >= best - max(
-                self.lora_affinity_tolerance * self._reports[c].num_total_blocks, self.blocks_needed(c, demand))
-                else (3, 0) for c in ranked}
+            best = max(headroom.values())  # ranked[0] may be a prefix owner by now
+            keys = {c: self._lora_rank_key(c, demand.lora_name)
+                    if self._near_best(c, demand, headroom[c], best, self.lora_affinity_tolerance) else (3, 0)
+                    for c in ranked}
             ranked.sort(key=keys.__getitem__)
         ranked.extend(unknown)
         if not ranked:
@@ -416,6 +414,13 @@ class FreeBlocksPolicy:
                 return RouteDecision("over_share")
             return RouteDecision("wait")
         return RouteDecision("route", ranked)
+
+    def _near_best(self, replica: ReplicaKey, demand: RoutingDemand, headroom: int, best: int, share: float) -> bool:
+        """Whether the replica's `headroom` is within `share` of its total blocks, or within the request's own
+        blocks if more, of the `best` headroom: how far an affinity (a cached prefix, a held adapter) may pull a
+        request from the replica with the most room."""
+        margin = max(share * self._reports[replica].num_total_blocks, self.blocks_needed(replica, demand))
+        return headroom >= best - margin
 
     def _note_demand(self, demand: RoutingDemand, replicas: list[ReplicaKey]) -> dict[str, int] | None:
         """Record what the demand's key wants now (what it holds plus this request); the active keys' peak
