@@ -110,6 +110,15 @@ class _InFlightStep:
     # A pipelined verification (`_pipelined_step`): requests whose rows were computed on a wrong guess, not delivered.
     void: set[str] = field(default_factory=set)
 
+    @classmethod
+    def of_rows(cls, requests: list[Request], sampled: SampledBatch | None,
+                drafts: dict[str, list[int]]) -> "_InFlightStep":
+        """A step whose sampled row i is `requests[i]`'s (a speculating request has consecutive rows)."""
+        first_rows: dict[str, int] = {}
+        for row, request in enumerate(requests):
+            first_rows.setdefault(request.request_id, row)
+        return cls(requests, first_rows, sampled, drafts=drafts)
+
 
 @dataclass
 class _RequestGroup:
@@ -617,11 +626,7 @@ class LLMEngine:
             self._deliver(in_flight)
             self._fail_requests([r for r in requests if not r.is_finished], exc)
             return True
-        first_rows: dict[str, int] = {}
-        for row, request in enumerate(row_requests):
-            first_rows.setdefault(request.request_id, row)
-        launched = _InFlightStep(row_requests, first_rows, sampled,
-                                 drafts={rid: tokens[1:] for rid, tokens in guessed.items()})
+        launched = _InFlightStep.of_rows(row_requests, sampled, {rid: tokens[1:] for rid, tokens in guessed.items()})
         launched.shape = StepShape(num_seqs=len(requests), num_decode_context_tokens=sum(starts.values()),
                                    num_draft_tokens=sum(len(t) - 1 for t in guessed.values()))
         launched.prepared_at = preparing_at
@@ -729,10 +734,7 @@ class LLMEngine:
         except Exception as exc:  # noqa: BLE001 -- handed to the requests of this step
             self._fail_requests([chunk.request for chunk in chunks], exc)
             return None
-        first_rows: dict[str, int] = {}
-        for row, request in enumerate(row_requests):
-            first_rows.setdefault(request.request_id, row)
-        return _InFlightStep(row_requests, first_rows, sampled, drafts=drafts)
+        return _InFlightStep.of_rows(row_requests, sampled, drafts)
 
     def _deliver(self, step: _InFlightStep) -> None:
         """Wait for a launched step's tokens on the host and put each in place of its placeholder (once)."""
