@@ -313,16 +313,17 @@ class OpenAIIngress:
             body.extend(piece)
             if len(body) > limit:
                 raise APIError(413, f"request body is over the limit of {limit} bytes", "invalid_request_error")
+        too_deep = f"the JSON body is nested too deeply (at most {MAX_JSON_DEPTH} levels)"
         try:
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise bad_request(f"malformed JSON body: {exc}") from None
         except RecursionError:  # the decoder recurses once per level of nesting
-            raise bad_request(f"the JSON body is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+            raise bad_request(too_deep) from None
         if not isinstance(payload, dict):
             raise bad_request("the JSON body must be an object")
         if _nesting_depth(payload) > MAX_JSON_DEPTH:
-            raise bad_request(f"the JSON body is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
+            raise bad_request(too_deep)
         try:
             return model_cls.model_validate(payload)
         except ValidationError as exc:
