@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BenchResult, RequestTiming, random_token_workload, release_memory, summarize_timings  # noqa: E402
+from gpu_bench import step_time_summary  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -178,7 +179,7 @@ def main() -> int:
         base = timed_generate(llm, workload.prompts, workload.max_new_tokens, None, "base model")
         base.details = step_summary(steps)
         results.append(base)
-        print(f"base: {base.output_tokens_per_s:,.0f} output tok/s", flush=True)
+        print(f"base: {base.output_tokens_per_s:,.0f} output tok/s; {step_time_summary(steps)}", flush=True)
         report["base_kv_blocks"] = llm.engine.memory_plan.num_blocks
         llm.engine.shutdown()
         del llm, steps
@@ -201,7 +202,7 @@ def main() -> int:
                               f"{len(names)} adapters, rank {args.rank}")
         lora.details = step_summary(steps)
         results.append(lora)
-        print(f"lora: {lora.output_tokens_per_s:,.0f} output tok/s", flush=True)
+        print(f"lora: {lora.output_tokens_per_s:,.0f} output tok/s; {step_time_summary(steps)}", flush=True)
         report["adapter_load"] = {
             "read_and_check_s": host_load_s,
             "device_slot_loads": manager.num_device_loads_total,

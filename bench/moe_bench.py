@@ -42,7 +42,7 @@ import contextlib
 import json
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,8 +50,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (BenchResult, RequestTiming, Workload, random_token_workload, release_memory,  # noqa: E402
-                    summarize_timings)
+from common import (BenchResult, RequestTiming, Workload, device_events, kernel_table,  # noqa: E402
+                    random_token_workload, release_memory, summarize_timings)
 
 WORKLOADS = {  # name: (requests, min prompt, max prompt, new tokens)
     "w64": (64, 64, 512, 128),
@@ -508,25 +508,6 @@ def expert_kernel_names() -> set[str]:
         return set()
     kernels = (moe_triton._gate_up_rows_kernel, moe_triton._down_rows_kernel, moe_triton._grouped_kernel)
     return {kernel.fn.__name__ for kernel in kernels}
-
-
-def device_events(prof) -> list[tuple[float, float, str]]:
-    """(start us, end us, name) of every kernel, copy and set the profiler saw on the device, in start order
-    (off CUDA, the CPU ops: only the script itself is being checked)."""
-    device_type = torch.autograd.DeviceType.CUDA if torch.cuda.is_available() else torch.autograd.DeviceType.CPU
-    return sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == device_type)
-
-
-def kernel_table(events: list[tuple[float, float, str]], num_steps: int) -> list[dict[str, Any]]:
-    """Per kernel name: calls and microseconds per step, share of all kernel time, mean microseconds a call.
-    (A kernel launched with programmatic dependent launch counts its wait for the one before as its time.)"""
-    durations: dict[str, list[float]] = defaultdict(list)
-    for start, end, name in events:
-        durations[name].append(end - start)
-    total = sum(sum(values) for values in durations.values()) or 1.0
-    table = [{"name": name, "per_step": len(values) / num_steps, "us_per_step": sum(values) / num_steps,
-              "share": sum(values) / total, "mean_us": sum(values) / len(values)} for name, values in durations.items()]
-    return sorted(table, key=lambda row: -row["us_per_step"])
 
 
 def layer_breakdown(events: list[tuple[float, float, str]], expert_names: set[str]) -> dict[str, Any] | None:

@@ -2,6 +2,8 @@
 
     python bench/profile_step.py --layers 32 --batch 1 --steps 40
     python bench/profile_step.py --batch 256 --steps 20 --cprofile
+    python bench/profile_step.py --batch 1 256 --adapters 8     # the same steps with base rows, then under 8 LoRA
+                                                                # adapters (request i under adapter i mod 8)
 
 The engine step's wall time against the GPU's busy time in the same steps (the union of torch.profiler's
 kernel and copy spans) says whether the step is bound by the device or by the host code around it.
@@ -13,12 +15,14 @@ import argparse
 import cProfile
 import pstats
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_events, kernel_table  # noqa: E402
 from gpu_bench import build_model, decode_step_profile, record_steps  # noqa: E402
 
 
@@ -67,6 +71,11 @@ def main() -> int:
     parser.add_argument("--engine-arg", action="append", default=[], help="EngineConfig override, key=value")
     parser.add_argument("--quantization", choices=["none", "fp8"], default="none",
                         help="fp8: the decoder linears as quantization='fp8' loads them (e4m3 weights)")
+    parser.add_argument("--adapters", type=int, default=0,
+                        help="also profile each batch under this many random LoRA adapters (PEFT files in a temporary "
+                             "folder, q/k/v/o and gate/up/down), beside its base rows on the same engine")
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--kernels", type=int, default=16, help="kernels listed per profiled batch (costliest first)")
     parser.add_argument("--single-tokens", type=int, default=0,
                         help="also time LLM.generate of one --context-token prompt and this many new tokens "
                              "(gpu_bench's batch-1 line), with where its time went")
@@ -85,6 +94,14 @@ def main() -> int:
         quantize_linears(model)
         torch.cuda.empty_cache()
     largest = max(args.batch)
+    adapter_names: list[str | None] = [None]
+    if args.adapters:
+        from lora_bench import write_adapters
+
+        adapter_folder = tempfile.TemporaryDirectory(prefix="profile-step-adapters-")
+        adapters = write_adapters(model, Path(adapter_folder.name), args.adapters, args.lora_rank)
+        overrides.update(lora_modules=adapters, max_loras=args.adapters, max_lora_rank=args.lora_rank)
+        adapter_names = [None, *adapters]
     llm = LLM.from_model(model, tokenizer, max_num_seqs=max(largest, 8), attention_backend=args.attention_backend,
                          cuda_graph_max_batch_size=max(largest, 8), enable_prefix_caching=False, **overrides)
     engine = llm.engine
@@ -95,10 +112,14 @@ def main() -> int:
     torch.cuda.synchronize()
     print(f"pinned 3-element tensor to the GPU: {(time.perf_counter() - started) / 200 * 1e6:.1f} us", flush=True)
     rows = []
-    for batch in args.batch:
+    runs = [(batch, lora) for batch in args.batch for lora in ([False, True] if args.adapters else [False])]
+    for batch, lora in runs:
+        label = f"{batch}, {args.adapters} adapters" if lora else str(batch)
+        prefix = f"b{batch}{'-lora' if lora else ''}"
         params = SamplingParams(temperature=0, max_tokens=args.steps * 3 + 20, ignore_eos=True)
         for i in range(batch):
-            engine.add_request(f"b{batch}-{i}", list(range(1000 + i, 1000 + i + args.context)), params)
+            engine.add_request(f"{prefix}-{i}", list(range(1000 + i, 1000 + i + args.context)), params,
+                               lora=adapter_names[1 + i % args.adapters] if lora else None)
         while engine.scheduler.waiting or any(not r.is_prefill_done for r in engine.scheduler.running):
             engine.step()
         for _ in range(5):
@@ -122,23 +143,27 @@ def main() -> int:
                 engine.step()
             torch.cuda.synchronize()
             profiler.disable()
-            print(f"--- host profile, batch {batch}")
+            print(f"--- host profile, batch {label}")
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
             pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=16), flush=True)
+        print(f"--- GPU kernels, batch {label}: {gpu_ms:.2f} ms busy a step")
+        print("| kernel | calls a step | us a step | share |")
+        print("|---|---:|---:|---:|")
+        for row in kernel_table(device_events(prof), args.steps)[:args.kernels]:
+            print(f"| {row['name'][:90]} | {row['per_step']:.0f} | {row['us_per_step']:.0f} | {row['share']:.1%} |")
         if args.trace:
             activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
             with torch.profiler.profile(activities=activities) as traced:
                 for _ in range(10):
                     engine.step()
                 torch.cuda.synchronize()
-            traced.export_chrome_trace(f"{args.trace}.{batch}.json")
+            traced.export_chrome_trace(f"{args.trace}.{batch}{'-lora' if lora else ''}.json")
             print(f"GPU idle between kernels in 10 steps: {gpu_idle_summary(traced)}", flush=True)
-        for request_id in [f"b{batch}-{i}" for i in range(batch)]:
+        for request_id in [f"{prefix}-{i}" for i in range(batch)]:
             engine.abort(request_id)
         while engine.has_unfinished_requests():
             engine.step()
-        rows.append((batch, step_ms, gpu_ms))
+        rows.append((label, batch, step_ms, gpu_ms))
     if args.single_tokens:
         engine_step = engine.step
         steps = record_steps(engine)
@@ -158,8 +183,8 @@ def main() -> int:
     print(f"{args.layers} layers, context {args.context}")
     print("| batch | engine step ms | GPU busy ms per step | GPU busy | tokens/s |")
     print("|---:|---:|---:|---:|---:|")
-    for batch, step_ms, gpu_ms in rows:
-        print(f"| {batch} | {step_ms:.2f} | {gpu_ms:.2f} | {gpu_ms / step_ms:.0%} | {batch * 1000 / step_ms:.0f} |")
+    for label, batch, step_ms, gpu_ms in rows:
+        print(f"| {label} | {step_ms:.2f} | {gpu_ms:.2f} | {gpu_ms / step_ms:.0%} | {batch * 1000 / step_ms:.0f} |")
     return 0
 
 
