@@ -32,7 +32,7 @@ import torch
 from pagedserve.cache.blocks import blocks_for
 from pagedserve.cache.kv_cache_manager import KVCacheManager
 from pagedserve.config.engine import ConfigError
-from pagedserve.config.resolve import CompileSettings, LoraSettings, ResolvedConfig
+from pagedserve.config.resolve import LoraSettings, ResolvedConfig
 
 from pagedserve.engine.core.request import Request
 from pagedserve.engine.core.sampler import greedy_argmax
@@ -52,13 +52,14 @@ class DraftProposer:
 
     @classmethod
     def build(cls, settings: ResolvedConfig, target: ModelRunner, max_model_len: int) -> "DraftProposer":
-        """Load `settings.speculative.model` beside the target (same device, dtype, attention backend and graphs; not
-        compiled: its layers would share torch.compile's caches with a target of the same class) and allocate its
-        cache. Called before the target plans its memory, which then counts the draft's as taken."""
+        """Load `settings.speculative.model` beside the target (same device, dtype, attention backend, graphs and
+        compile settings) and allocate its cache. Called before the target plans its memory, which then counts the
+        draft's as taken. A draft of the target's class shares torch.compile's cache of the compiled regions' code
+        (graphs are guarded on shapes, and parameters' shapes stay static: neither model's graphs go dynamic in the
+        other's sizes; the raised recompile limit holds both models' variants)."""
         speculative = settings.speculative
         load = dataclasses.replace(settings.load, model=speculative.model, tokenizer=None, quantization="none")
-        runner_settings = dataclasses.replace(settings.runner, compile=CompileSettings(enabled=False),
-                                              lora=LoraSettings())
+        runner_settings = dataclasses.replace(settings.runner, lora=LoraSettings())
         runner = ModelRunner(load_model(load), runner_settings, settings.cache)
         if runner.shape.vocab_size != target.shape.vocab_size:
             raise ConfigError(f"EngineConfig.speculative_model={speculative.model!r} has a vocabulary of "

@@ -352,6 +352,44 @@ def test_draft_model_proposals_keep_the_output(tiny_model_dir, plain):
     assert draft_cache.num_free_blocks == draft_cache.num_total_blocks
 
 
+RECORDING_BACKEND = "pagedserve_test_recording_backend"
+RECORDED_GRAPHS: list[list[tuple[str, tuple]]] = []  # per graph: (placeholder, shape) of its tensor inputs
+
+
+def recording_backend(graph_module, example_inputs):
+    RECORDED_GRAPHS.append([(node.name, tuple(node.meta["example_value"].shape)) for node in graph_module.graph.nodes
+                            if node.op == "placeholder" and isinstance(node.meta.get("example_value"), torch.Tensor)])
+    return graph_module.forward
+
+
+def test_compiled_draft_of_the_models_class_keeps_its_shapes_static(tiny_model_dir, plain, tmp_path):
+    """The draft is compiled as the model is; a draft of the same class with other sizes (2 layers, 1 KV head)
+    shares torch.compile's cache of the regions' code. Neither model's graphs take the other's sizes as dynamic
+    (only token counts are symbolic), and the output is plain's."""
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+    from tiny_models import build_tiny_model
+
+    if RECORDING_BACKEND not in _BACKENDS:
+        register_backend(recording_backend, name=RECORDING_BACKEND)
+    draft_dir = build_tiny_model("llama", tmp_path / "draft", seed=1, num_hidden_layers=2, num_key_value_heads=1)
+    RECORDED_GRAPHS.clear()
+    llm = make_llm(tiny_model_dir("llama"), speculative_method="draft", speculative_model=str(draft_dir),
+                   num_speculative_tokens=3, compile=True, compile_backend=RECORDING_BACKEND)
+    assert llm.engine.runner.is_compiled and llm.engine._speculator.proposer.runner.is_compiled
+    prompts = [REPEATING[0], [7, 3, 99, 12, 5]]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    assert completions(generate(llm, prompts, params)) == completions(generate(plain, prompts, params))
+    assert llm.engine.get_stats().spec_decode.num_drafts > 0
+    assert RECORDED_GRAPHS
+    hidden = llm.engine.runner.model.config.hidden_size
+    draft_hidden = llm.engine._speculator.proposer.runner.model.config.hidden_size
+    symbolic = [(name, shape) for graph in RECORDED_GRAPHS for name, shape in graph
+                if any(not isinstance(size, int) for size in shape[2:])]
+    assert not symbolic, symbolic  # [1, tokens, ...]: only the token count may be symbolic
+    widths = {shape[-1] for graph in RECORDED_GRAPHS for _, shape in graph if len(shape) > 2}
+    assert {hidden, draft_hidden} <= widths
+
+
 def test_draft_rounds_in_one_graph_propose_what_eager_rounds_do(tiny_model_dir, plain):
     """With CUDA graphs a draft model's proposal round is one replay (GreedyChainGraphs: the catch-up and the k - 1
     forwards after it, the proposals fed back and positions, lengths and cache slots advanced on the device). Off
