@@ -604,19 +604,13 @@ class LLMEngine:
         if not all(self.kv_cache.allocate_slots(r.request_id, starts[r.request_id], len(guessed[r.request_id]))
                    for r in requests):
             return False  # blocks taken for the others stay with them: the next steps use them
-        step_input = StepInput([], [], [], [], [[] for _ in range(self.kv_cache.num_groups)], [],
-                               self.kv_cache.take_pending_copies())
+        step_input = StepInput.empty(self.kv_cache.num_groups, self.kv_cache.take_pending_copies())
         row_requests: list[Request] = []
         for request in requests:
-            tokens, start = guessed[request.request_id], starts[request.request_id]
-            first = len(step_input.token_ids)
-            step_input.token_ids.extend(tokens)
-            step_input.positions.extend(range(start, start + len(tokens)))
-            step_input.query_lens.append(len(tokens))
-            step_input.seq_lens.append(start + len(tokens))
-            step_input.logits_indices.extend(range(first, first + len(tokens)))
-            for group, table in enumerate(self.kv_cache.block_tables(request.request_id)):
-                step_input.block_tables[group].append(table)
+            tokens = guessed[request.request_id]
+            # No sliding-window groups here (`_may_pipeline`): the tables hold no released blocks.
+            step_input.add_sequence(tokens, starts[request.request_id], self.kv_cache.block_tables(request.request_id),
+                                    logits="all")
             row_requests.extend([request] * len(tokens))
         try:
             logits = self.runner.execute(step_input)
@@ -803,48 +797,30 @@ class LLMEngine:
     def _build_step_input(self, output: SchedulerOutput, pending_rows: dict[str, int] | None = None) -> StepInput:
         """The step as plain lists. `pending_rows`: request id -> row of the step in flight, for requests
         whose last token is still a placeholder (its value is taken on the device)."""
-        token_ids: list[int] = []
-        positions: list[int] = []
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        logits_indices: list[int] = []
-        pending_indices: list[int] = []
-        pending_sources: list[int] = []
-        tables: list[list[list[int]]] = [[] for _ in range(self.kv_cache.num_groups)]
+        step = StepInput.empty(self.kv_cache.num_groups, output.block_copies)
         # Sliding-window groups mark released blocks as None; full-attention tables hold ids only and go as is.
         has_released = self.kv_cache.has_sliding_groups
         for chunk in output.chunks:
             request = chunk.request
             start = chunk.num_computed_tokens
             end = start + chunk.num_new_tokens
-            if chunk.draft_token_ids:  # speculative: the newest token (on the host) and the proposals
-                token_ids.append(request.output_token_ids[-1] if request.output_token_ids
-                                 else request.prompt_token_ids[-1])
-                token_ids.extend(chunk.draft_token_ids)
-                positions.extend(range(start, end))
-            elif chunk.num_new_tokens == 1 and end == request.num_tokens:  # a decode: the newest token
-                token_ids.append(request.output_token_ids[-1] if request.output_token_ids
-                                 else request.prompt_token_ids[-1])
-                positions.append(start)
+            if chunk.draft_token_ids or (chunk.num_new_tokens == 1 and end == request.num_tokens):
+                # A decode, or a verification: the newest token (on the host), then the proposals if any.
+                newest = request.output_token_ids[-1] if request.output_token_ids else request.prompt_token_ids[-1]
+                tokens = [newest, *chunk.draft_token_ids] if chunk.draft_token_ids else [newest]
             else:
-                token_ids.extend(request.token_ids_between(start, end))
-                positions.extend(range(start, end))
-            query_lens.append(chunk.num_new_tokens)
-            seq_lens.append(end)
-            if chunk.draft_token_ids:  # logits at every position: each verifies the proposal after it
-                logits_indices.extend(range(len(token_ids) - chunk.num_new_tokens, len(token_ids)))
-            elif chunk.samples:
-                logits_indices.append(len(token_ids) - 1)
-                if pending_rows:
-                    source = pending_rows.get(request.request_id)
-                    if source is not None and end == request.num_tokens:
-                        pending_indices.append(len(token_ids) - 1)
-                        pending_sources.append(source)
-            for group, table in enumerate(self.kv_cache.block_tables(request.request_id)):
-                tables[group].append([0 if block is None else block for block in table] if has_released else table)
-        return StepInput(token_ids, positions, query_lens, seq_lens, tables, logits_indices, output.block_copies,
-                         pending_indices, pending_sources,
-                         [chunk.request.lora_name for chunk in output.chunks] if output.lora_names else [])
+                tokens = request.token_ids_between(start, end)
+            # A verification takes logits at every position: each verifies the proposal after it.
+            step.add_sequence(tokens, start, self.kv_cache.block_tables(request.request_id),
+                              "all" if chunk.draft_token_ids else "last" if chunk.samples else "none", has_released)
+            if pending_rows and chunk.samples and not chunk.draft_token_ids:
+                source = pending_rows.get(request.request_id)
+                if source is not None and end == request.num_tokens:
+                    step.pending_input_indices.append(len(step.token_ids) - 1)
+                    step.pending_source_rows.append(source)
+        if output.lora_names:
+            step.lora_names = [chunk.request.lora_name for chunk in output.chunks]
+        return step
 
     def _accept_token(
         self,

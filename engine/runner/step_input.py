@@ -7,6 +7,7 @@ runner and the CUDA-graph path both build their tensors from it with the helpers
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -32,6 +33,44 @@ class StepInput:
     pending_source_rows: list[int] = field(default_factory=list)
     # LoRA: the adapter of each sequence (None: the base model); empty when no sequence of the step has one.
     lora_names: list[str | None] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, num_groups: int, block_copies: list[BlockCopy] | None = None) -> StepInput:
+        """A step of no sequences yet, for `add_sequence` to fill: one table list per KV group."""
+        return cls([], [], [], [], [[] for _ in range(num_groups)], [], [] if block_copies is None else block_copies)
+
+    def add_sequence(self, tokens: list[int], start: int, block_tables: list[list[int | None]],
+                     logits: Literal["none", "last", "all"] = "last", has_released: bool = False) -> None:
+        """Append one sequence: `tokens` at positions start.., so its context after the step is start +
+        len(tokens), and its table per KV group. `logits`: which of its positions are sampled: none (a prompt
+        chunk short of the end), the last, or all (a verification: each position scores the proposal after
+        it). `has_released`: the tables may hold None (a block released behind a sliding window), sent as 0;
+        without it they go as they are, shared with the cache, so the caller must not change them meanwhile."""
+        # Called for every sequence of every step, so kept lean: a decode (one token) appends its position
+        # rather than build a range, and a single KV group (the usual model) skips the loop over groups.
+        token_ids = self.token_ids
+        token_ids.extend(tokens)
+        count = len(tokens)
+        if count == 1:
+            self.positions.append(start)
+        else:
+            self.positions.extend(range(start, start + count))
+        self.query_lens.append(count)
+        self.seq_lens.append(start + count)
+        if logits == "last":
+            self.logits_indices.append(len(token_ids) - 1)
+        elif logits == "all":
+            end = len(token_ids)
+            self.logits_indices.extend(range(end - count, end))
+        groups = self.block_tables
+        if has_released:
+            for group, table in enumerate(block_tables):
+                groups[group].append([0 if block is None else block for block in table])
+        elif len(block_tables) == 1:
+            groups[0].append(block_tables[0])
+        else:
+            for group, table in enumerate(block_tables):
+                groups[group].append(table)
 
 
 def to_device(values: list[int] | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -91,16 +130,11 @@ def warm_up_steps(block_size: int, num_groups: int, num_blocks: int, max_model_l
 
     def step(rows: list[tuple[int, int, int]]) -> StepInput:
         """rows: (sequence, first position, new tokens)."""
-        positions = [p for _, start, count in rows for p in range(start, start + count)]
-        query_lens = [count for _, _, count in rows]
-        return StepInput(
-            token_ids=[(7 * p + 1) % 50 for p in positions],
-            positions=positions,
-            query_lens=query_lens,
-            seq_lens=[start + count for _, start, count in rows],
-            block_tables=[[group[s] for s, _, _ in rows] for group in tables],
-            logits_indices=[sum(query_lens[: i + 1]) - 1 for i in range(len(rows))],
-        )
+        step_input = StepInput.empty(num_groups)
+        for sequence, start, count in rows:
+            step_input.add_sequence([(7 * p + 1) % 50 for p in range(start, start + count)], start,
+                                    [group[sequence] for group in tables])
+        return step_input
 
     return [
         step([(0, 0, prompt_len)]),

@@ -23,7 +23,6 @@ round are given back first). Owned by the engine, which calls `forget` when a re
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 from collections.abc import Sequence
 
@@ -149,30 +148,20 @@ class DraftProposer:
     def _step_input(self, rows: list[tuple[Request, int]], round_index: int, sources: list[int]) -> StepInput:
         """The first forward: each request from its computed count to its last token. Later ones: one token a
         request, the previous forward's proposal (row `sources[i]` of it) at the next position."""
-        token_ids: list[int] = []
-        positions: list[int] = []
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        tables: list[list[list[int]]] = [[] for _ in range(self.kv_cache.num_groups)]
+        step = StepInput.empty(self.kv_cache.num_groups, self.kv_cache.take_pending_copies())
         for request, _ in rows:
-            num_tokens = request.num_tokens
+            tables = self.kv_cache.block_tables(request.request_id)
             if round_index == 0:
                 start = self._num_computed.get(request.request_id, 0)
-                token_ids.extend(request.token_ids_between(start, num_tokens))
-                positions.extend(range(start, num_tokens))
-                query_lens.append(num_tokens - start)
-                seq_lens.append(num_tokens)
+                step.add_sequence(request.token_ids_between(start, request.num_tokens), start, tables,
+                                  has_released=True)
             else:
-                token_ids.append(0)  # taken from the device (pending rows below)
-                positions.append(num_tokens + round_index - 1)
-                query_lens.append(1)
-                seq_lens.append(num_tokens + round_index)
-            for group, table in enumerate(self.kv_cache.block_tables(request.request_id)):
-                tables[group].append([0 if block is None else block for block in table])
-        logits_indices = [end - 1 for end in itertools.accumulate(query_lens)]
-        return StepInput(token_ids, positions, query_lens, seq_lens, tables, logits_indices,
-                         self.kv_cache.take_pending_copies(),
-                         pending_input_indices=list(range(len(sources))), pending_source_rows=sources)
+                # A placeholder: the token is taken from the device (pending rows below).
+                step.add_sequence([0], request.num_tokens + round_index - 1, tables, has_released=True)
+        # One token a row after the first forward: row i's token is packed index i.
+        step.pending_input_indices = list(range(len(sources)))
+        step.pending_source_rows = sources
+        return step
 
     def forget(self, request_id: str) -> None:
         self._num_computed.pop(request_id, None)
