@@ -77,7 +77,8 @@ lora_moe)  # the LoRA bar after the split-K shrink and the bench's freed base en
     el "l1 rc=$?"
     echo "== t1"; grep -E "^(FAILED|ERROR)|passed|failed|\|(fused|engine) - " "$OUT/t1_moe_parity.txt" | tail -14
     echo "== t2"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/t2_lora.txt" | tail -8
-    echo "== lora"; grep -v "INFO\|WARN\|Loading\|it/s\|warn" "$OUT/lora.txt" | tail -16
+    echo "== lora"; grep -v "INFO\|WARN\|Loading\|it/s\|warn" "$OUT/lora.txt" | tail -24
+    grep -i -m 3 "recompile_limit\|cache_size_limit" "$OUT/lora.txt"  # layers fallen back to eager
     ;;
 spec)
     [ -f /tmp/draft/config.json ] || { el "models missing: training"; train_models; }
@@ -106,6 +107,7 @@ lora_profile)  # the 8B shape's decode steps at 1 and 256 sequences, base rows t
     el p1; timeout 400 python3 bench/profile_step.py --batch 1 64 256 --adapters 8 --steps 20 --context 512 \
         > "$OUT/lora_profile.txt" 2>&1; el "p1 rc=$?"
     grep -E "^(---|\||batch 1)" "$OUT/lora_profile.txt" | tail -120
+    grep -i -m 3 "recompile_limit\|cache_size_limit" "$OUT/lora_profile.txt"  # layers fallen back to eager
     ;;
 moe)
     el m1; timeout 150 python3 bench/moe_bench.py --micro-only --tune --tokens 1,2,4,8 --micro-kernels rows \
