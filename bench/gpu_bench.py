@@ -202,11 +202,12 @@ def record_steps(engine) -> list:
 def triton_variants() -> int:
     """Variants of the engine's Triton kernels compiled so far in this process: one compiled inside a timed
     run costs its compilation (about a second) inside a step."""
-    from pagedserve.engine.kernels import decode_linear
+    from pagedserve.engine.kernels import decode_linear, lora
     from pagedserve.engine.kernels.attention import triton as triton_attention
 
     kernels = [triton_attention._paged_attention_kernel, triton_attention._write_kv_kernel,
-               triton_attention._combine_splits_kernel, getattr(decode_linear, "_skinny_gemm_kernel", None)]
+               triton_attention._combine_splits_kernel, getattr(decode_linear, "_skinny_gemm_kernel", None),
+               getattr(lora, "_lora_shrink_kernel", None), getattr(lora, "_lora_expand_kernel", None)]
     return sum(len(caches[0]) for kernel in kernels if kernel is not None
                for caches in getattr(kernel, "device_caches", {}).values())
 

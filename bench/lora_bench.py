@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BenchResult, RequestTiming, random_token_workload, release_memory, summarize_timings  # noqa: E402
-from gpu_bench import step_time_summary  # noqa: E402
+from gpu_bench import step_time_summary, triton_variants  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -197,12 +197,16 @@ def main() -> int:
         host_load_s = {name: manager._host[name].load_time_s for name in adapters if name in manager._host}
         names = list(adapters)
         steps = record_steps(llm.engine)
+        variants_before = triton_variants()
         lora = timed_generate(llm, workload.prompts, workload.max_new_tokens,
                               [names[i % len(names)] for i in range(workload.num_requests)],
                               f"{len(names)} adapters, rank {args.rank}")
         lora.details = step_summary(steps)
         results.append(lora)
-        print(f"lora: {lora.output_tokens_per_s:,.0f} output tok/s; {step_time_summary(steps)}", flush=True)
+        # A kernel variant compiled inside the timed run costs its compilation (about a second) inside a step.
+        print(f"lora: {lora.output_tokens_per_s:,.0f} output tok/s; Triton kernel variants compiled during the run: "
+              f"{triton_variants() - variants_before} ({triton_variants()} in the process); {step_time_summary(steps)}",
+              flush=True)
         report["adapter_load"] = {
             "read_and_check_s": host_load_s,
             "device_slot_loads": manager.num_device_loads_total,
