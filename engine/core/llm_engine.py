@@ -29,6 +29,7 @@ from pagedserve.engine.core.grammar import GrammarCompiler, PendingGrammar
 from pagedserve.engine.core.limits import CONTEXT, KV_CACHE, check_fits, check_token_ids, too_large
 from pagedserve.engine.errors import EngineDeadError, InvalidRequestError, ModelLoadError
 from pagedserve.engine.runner.loader import LoadedModel, dtype_name, load_model, read_model_config
+from pagedserve.engine.runner.lora import WARM_UP_ADAPTER
 from pagedserve.engine.runner.model_runner import ModelRunner
 from pagedserve.engine.runner.platform import detect_platform, model_facts
 from pagedserve.engine.runner.step_input import StepInput, warm_up_steps
@@ -245,7 +246,7 @@ class LLMEngine:
         started = time.perf_counter()
         num_blocks = self.memory_plan.num_blocks
         steps = warm_up_steps(self.settings.cache.block_size, len(num_blocks), min(num_blocks), self.max_model_len,
-                              max_batch_tokens)
+                              max_batch_tokens, WARM_UP_ADAPTER if self.runner.lora is not None else None)
         for step in steps:
             self.runner.execute(step)
         if self.device.type == "cuda":
@@ -566,16 +567,18 @@ class LLMEngine:
 
     def _may_pipeline(self, step: _InFlightStep) -> bool:
         """Whether the verification `step` can have the next one launched before its tokens arrive: n-gram proposals;
-        every running request verifies in it, none waits to be scheduled; no request whose sampling reads earlier
-        tokens (penalties, bad words, grammars), draws from a seed (the next step would draw before this one's
-        draws are settled) or runs under an adapter; no sliding-window layers (their blocks are released by
-        position)."""
+        every running request verifies in it (not one whose rows a pipelined step dropped: it has nothing in flight
+        to guess from, and its guess would be dropped again in every step while the others' held), none waits to be
+        scheduled; no request whose sampling reads earlier tokens (penalties, bad words, grammars), draws from a
+        seed (the next step would draw before this one's draws are settled) or runs under an adapter; no
+        sliding-window layers (their blocks are released by position)."""
         if self._speculator is None or not self._speculator.can_pipeline or self.kv_cache.has_sliding_groups:
             return False
         if self.scheduler.waiting or self._compiling or self._refused:
             return False
         running = self.scheduler.running
-        if len(step.drafts) != len(running) or any(r.request_id not in step.drafts for r in running):
+        if len(step.drafts) != len(running) or any(r.request_id not in step.drafts or r.request_id in step.void
+                                                   for r in running):
             return False
         return all(r.sampling_params.seed is None and not r.sampling_params.needs_token_history
                    and r.lora_name is None and not r.is_finished for r in running)

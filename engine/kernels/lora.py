@@ -110,7 +110,10 @@ def lora_add_reference(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor,
 
 if triton is not None:
 
-    @triton.jit
+    # Triton compiles a variant per pattern of a kernel's integer arguments (equal to 1, a multiple of 16); the
+    # split of K and the partial sums' stride change with the step's row count, so a step of a new pattern would
+    # compile (about a second) inside it. Left unspecialized, the variants are the row tiles (BLOCK_M) alone.
+    @triton.jit(do_not_specialize=["k_per_split", "stride_is"])
     def _lora_shrink_kernel(
         x_ptr, a_ptr, inter_ptr, sorted_ids_ptr, counts_ptr, starts_ptr, tile_slots_ptr, tile_rows_ptr,
         K, N, num_col_tiles, k_per_split,
@@ -148,7 +151,7 @@ if triton is not None:
         tl.store(inter_ptr + split.to(tl.int64) * stride_is + rows[:, None] * stride_im + cols[None, :], acc,
                  mask=row_valid[:, None] & col_valid[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_splits", "stride_is"])
     def _lora_expand_kernel(
         inter_ptr, b_ptr, out_ptr, sorted_ids_ptr, counts_ptr, starts_ptr, tile_slots_ptr, tile_rows_ptr,
         slice_starts_ptr, R, num_col_tiles, num_splits,

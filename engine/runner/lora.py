@@ -52,6 +52,10 @@ logger = logging.getLogger(__name__)
 
 # Projections that take an adapter (vLLM's and PEFT's usual targets on Llama-like decoder layers).
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# A name no adapter can take: the engine's warm-up steps at start-up run rows under it (slot 0, whatever it holds:
+# their output is thrown away), so that the layers' graphs with adapter rows (torch.compile's, static then dynamic)
+# and the LoRA kernels are compiled before the first request, not inside its steps.
+WARM_UP_ADAPTER = "<warm-up>"
 _PEFT_PREFIX = "base_model.model."
 _CONFIG_FILE = "adapter_config.json"
 _WEIGHTS_FILE = "adapter_model.safetensors"
@@ -360,6 +364,8 @@ class LoraManager:
         """Read and check an adapter and register it under `name` (ConfigError if it cannot run here)."""
         if name in self._paths:
             raise ConfigError(f"a LoRA adapter named {name!r} is already loaded")
+        if name == WARM_UP_ADAPTER:
+            raise ConfigError(f"{name!r} is reserved (the engine's warm-up); name the adapter otherwise")
         adapter = self._read(name, path)
         self._paths[name] = path
         self._ranks[name] = adapter.rank
@@ -430,8 +436,9 @@ class LoraManager:
     # ---- the device's slots --------------------------------------------------------------------
     def slots_for(self, names: Sequence[str | None]) -> list[int]:
         """The slot of each row's adapter (-1: the base model), loading adapters not on the device into free
-        or least recently used slots; the step's own adapters are never evicted for each other."""
-        wanted = list(dict.fromkeys(name for name in names if name is not None))
+        or least recently used slots; the step's own adapters are never evicted for each other. `WARM_UP_ADAPTER`
+        rows take slot 0 as it is."""
+        wanted = list(dict.fromkeys(name for name in names if name is not None and name != WARM_UP_ADAPTER))
         if len(wanted) > self.settings.max_loras:
             raise ValueError(f"a step with {len(wanted)} LoRA adapters, above max_loras={self.settings.max_loras} "
                              "(the scheduler keeps steps within it)")
@@ -439,7 +446,7 @@ class LoraManager:
             if name not in self._slot_of:
                 self._load_into_slot(name, self._free_slot(set(wanted)))
             self._slot_of.move_to_end(name)
-        return [-1 if name is None else self._slot_of[name] for name in names]
+        return [-1 if name is None else 0 if name == WARM_UP_ADAPTER else self._slot_of[name] for name in names]
 
     def _free_slot(self, keep: set[str]) -> int:
         for slot, holder in enumerate(self._slot_names):

@@ -113,14 +113,16 @@ def host_block_table_and_slots(
 
 
 def warm_up_steps(block_size: int, num_groups: int, num_blocks: int, max_model_len: int,
-                  max_batch_tokens: int) -> list[StepInput]:
+                  max_batch_tokens: int, lora_name: str | None = None) -> list[StepInput]:
     """A few small steps of the shapes serving meets first: an odd-length prefill, a mixed batch (one
     decode row, one prompt chunk after a cached prefix), eager decodes of 3 and of 1 sequence.
 
     Run once at start-up, they move lazy work out of the first requests: torch.compile traces a new
     shape and then recompiles with dynamic sizes, Triton compiles each specialisation of its kernels
     (an odd length, a length of 1), CUDA loads kernel modules on first use. They write to blocks no
-    request holds yet. Empty when the cache or the limits are too small for them.
+    request holds yet. Empty when the cache or the limits are too small for them. With `lora_name` (LoRA on),
+    the same steps again with the first sequence under that adapter: the layers' graphs with adapter rows
+    differ from those without.
     """
     prompt_len, chunk_start = 33, 16
     blocks_per_seq = blocks_for(prompt_len + 2, block_size)
@@ -128,17 +130,23 @@ def warm_up_steps(block_size: int, num_groups: int, num_blocks: int, max_model_l
         return []
     tables = [[list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(3)] for _ in range(num_groups)]
 
-    def step(rows: list[tuple[int, int, int]]) -> StepInput:
-        """rows: (sequence, first position, new tokens)."""
+    def step(rows: list[tuple[int, int, int]], lora: str | None) -> StepInput:
+        """rows: (sequence, first position, new tokens); sequence 0 under adapter `lora`."""
         step_input = StepInput.empty(num_groups)
         for sequence, start, count in rows:
             step_input.add_sequence([(7 * p + 1) % 50 for p in range(start, start + count)], start,
                                     [group[sequence] for group in tables])
+        if lora is not None:
+            step_input.lora_names = [lora if sequence == 0 else None for sequence, _, _ in rows]
         return step_input
 
-    return [
-        step([(0, 0, prompt_len)]),
-        step([(0, prompt_len, 1), (1, chunk_start, prompt_len - chunk_start)]),
-        step([(0, prompt_len + 1, 1), (1, prompt_len, 1), (2, 0, 1)]),
-        step([(1, prompt_len + 1, 1)]),
+    shapes = [
+        [(0, 0, prompt_len)],
+        [(0, prompt_len, 1), (1, chunk_start, prompt_len - chunk_start)],
+        [(0, prompt_len + 1, 1), (1, prompt_len, 1), (2, 0, 1)],
+        [(1, prompt_len + 1, 1)],
     ]
+    steps = [step(rows, None) for rows in shapes]
+    if lora_name is not None:  # the last shape has no sequence 0: no adapter row to warm
+        steps += [step(rows, lora_name) for rows in shapes[:-1]]
+    return steps

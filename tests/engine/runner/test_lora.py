@@ -174,6 +174,31 @@ def test_adapters_that_cannot_run_are_refused_naming_why(lora_setup, tmp_path):
     llm.engine.shutdown()
 
 
+def test_warm_up_compiles_the_layers_with_adapter_rows_before_the_first_request(lora_setup, monkeypatch):
+    """Start-up runs its warm-up steps again with a row under an adapter (WARM_UP_ADAPTER, slot 0), so the first
+    requests under adapters trace no new graph: the layers with adapter rows differ from those without (on a GPU a
+    compile of them stalled every request of the replica for seconds). The layers take the GPU's path here (the
+    `lora_add` op, no host grouping), whose graphs are the GPU's; the outputs are still peft's."""
+    import pagedserve.engine.runner.lora as runner_lora
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(runner_lora, "uses_triton", lambda tensor: True)
+    model_dir, adapters = lora_setup("llama")
+    llm = LLM(str(model_dir), dtype="float32", block_size=8, lora_modules=adapters, max_loras=3, compile=True,
+              compile_backend="eager")
+    traced_at_start = counters["stats"]["unique_graphs"]
+    assert llm.engine.runner.lora.slot_names() == ()  # the warm-up loaded no adapter
+    prompts = [list(range(5, 5 + n)) for n in (9, 30, 4, 17)]
+    names = ["all-r4", None, "mlp-o-r8", "qv-r8-rslora"]
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False, lora=names)
+    assert counters["stats"]["unique_graphs"] == traced_at_start, "a request under an adapter paid for a compilation"
+    for prompt, name, output in zip(prompts, names, outputs):
+        assert output.outputs[0].token_ids == merged_outputs(model_dir, adapters.get(name), [prompt])[0], name
+    llm.engine.shutdown()
+    with pytest.raises(ConfigError, match="reserved"):
+        LLM(str(model_dir), dtype="float32", lora_modules={runner_lora.WARM_UP_ADAPTER: adapters["all-r4"]})
+
+
 def test_async_engine_loads_serves_and_unloads_adapters_at_run_time(lora_setup):
     """The server's path: AsyncLLMEngine's commands reach the core between steps and reply when done."""
     import asyncio
