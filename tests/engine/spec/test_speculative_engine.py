@@ -200,6 +200,36 @@ def test_pipelined_verifications_keep_the_output(tiny_model_dir, plain):
     assert serial.engine.get_stats().spec_decode.num_pipelined_steps == 0
 
 
+def record_deliveries(llm: LLM) -> list:
+    """Each step the engine delivers, in order: (request ids of its rows, ids whose rows were dropped)."""
+    delivered = []
+    deliver = llm.engine._deliver
+
+    def delivering(step):
+        delivered.append((list(dict.fromkeys(r.request_id for r in step.requests)), set(step.void)))
+        return deliver(step)
+
+    llm.engine._deliver = delivering
+    return delivered
+
+
+def test_a_request_dropped_from_a_pipelined_step_gets_a_real_step_next(tiny_model_dir, plain):
+    """A request whose rows a pipelined step dropped has no verification in flight: the next step cannot be guessed
+    for it from the dropped step's proposals. It was, and its rows were dropped again in every step while another
+    request's guesses held (16 steps in a row here): it made no progress until the others' chain broke."""
+    llm = make_llm(tiny_model_dir("llama"), speculative_method="ngram", num_speculative_tokens=3)
+    delivered = record_deliveries(llm)
+    prompts = [REPEATING[0], REPEATING[0][2:], REPEATING[1]]
+    params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
+    assert completions(generate(llm, prompts, params)) == completions(generate(plain, prompts, params))
+    assert any(void and len(void) < len(ids) for ids, void in delivered), delivered  # steps partly dropped
+    last_dropped: dict[str, bool] = {}
+    for ids, void in delivered:
+        for request_id in ids:
+            assert not (last_dropped.get(request_id) and request_id in void), (request_id, delivered)
+            last_dropped[request_id] = request_id in void
+
+
 def test_streaming_deltas_with_several_tokens_and_adaptive_batch_rule(tiny_model_dir, plain):
     # Four requests with a threshold of 2: plain steps first, speculative ones once two have finished.
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (6, 8, 40, 40)]
