@@ -633,9 +633,10 @@ class LLMEngine:
         self._deliver(in_flight)
         adopted = SchedulerOutput()
         for request in requests:
+            if request.is_finished:  # it ended in the delivery (a stop, an error): skipped as finished, no void
+                continue
             tokens, start = guessed[request.request_id], starts[request.request_id]
-            if not request.is_finished and request.num_computed_tokens == start and \
-                    request.output_token_ids[-1] == tokens[0]:
+            if request.num_computed_tokens == start and request.output_token_ids[-1] == tokens[0]:
                 adopted.chunks.append(ScheduledChunk(request, start, len(tokens), samples=True,
                                                      draft_token_ids=tokens[1:]))
             else:

@@ -230,6 +230,30 @@ def test_a_request_dropped_from_a_pipelined_step_gets_a_real_step_next(tiny_mode
             last_dropped[request_id] = request_id in void
 
 
+def test_a_request_that_ends_is_no_pipelined_void(tiny_model_dir, plain):
+    """`num_pipelined_voids` counts requests dropped from a pipelined step because the guess was wrong (the
+    metric's meaning). A request that ends (here at a stop token) in the delivery of the verification before it
+    has its rows skipped as finished, whatever the guess: it was counted as a void."""
+    llm = make_llm(tiny_model_dir("llama"), speculative_method="ngram", num_speculative_tokens=3)
+    engine = llm.engine
+    num_ends_beside_a_pipelined_step = 0
+    for prompt in REPEATING:
+        full = generate(plain, [prompt], GREEDY)[0].outputs[0].token_ids
+        for stop_token in sorted(set(full)):
+            params = SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop_token])
+            engine.add_request("stops", prompt, params)
+            while engine.has_unfinished_requests():
+                before = engine.get_stats().spec_decode
+                ended = any(output.finished for output in engine.step())
+                after = engine.get_stats().spec_decode
+                if ended:  # the step that delivered its stop token: nothing else was dropped from a guess
+                    num_ends_beside_a_pipelined_step += after.num_pipelined_steps - before.num_pipelined_steps
+                    assert after.num_pipelined_voids == before.num_pipelined_voids, (prompt, stop_token)
+            engine.kv_cache.check_invariants()
+            assert engine.get_stats().num_free_blocks == engine.get_stats().num_total_blocks
+    assert num_ends_beside_a_pipelined_step > 0
+
+
 def test_streaming_deltas_with_several_tokens_and_adaptive_batch_rule(tiny_model_dir, plain):
     # Four requests with a threshold of 2: plain steps first, speculative ones once two have finished.
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (6, 8, 40, 40)]
