@@ -110,6 +110,8 @@ class _InFlightStep:
     computed_at: float | None = None
     # A pipelined verification (`_pipelined_step`): requests whose rows were computed on a wrong guess, not delivered.
     void: set[str] = field(default_factory=set)
+    # The next step went out before this one's delivery (a pipelined verification): its commits overlap that step.
+    is_followed: bool = False
 
     @classmethod
     def of_rows(cls, requests: list[Request], sampled: SampledBatch | None,
@@ -630,6 +632,7 @@ class LLMEngine:
         if self._launch_computes:
             launched.computed_at = time.perf_counter()
         self._in_flight = None
+        in_flight.is_followed = True
         self._deliver(in_flight)
         adopted = SchedulerOutput()
         for request in requests:
@@ -759,8 +762,9 @@ class LLMEngine:
                 self._accept_sampled(request, sampled, row, now)
             row += 1
         # A speculative step's commits run with nothing on the device (the next step waits for them): its time
-        # ends after them. A plain step's commits overlap the next step's device time.
-        self._observe_step_time(step, time.perf_counter() if step.drafts else received_at)
+        # ends after them. A plain step's commits overlap the next step's device time, as a speculative step's do
+        # when the next went out before its delivery (and on a CPU that launch computed the next step).
+        self._observe_step_time(step, time.perf_counter() if step.drafts and not step.is_followed else received_at)
 
     def _observe_step_time(self, step: _InFlightStep, finished_at: float) -> None:
         """Teach the scheduler's cost model the step's time as the decoding streams see it: from when it could

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import time
 
 import pytest
 import torch
 
 from pagedserve.engine.core.request import Continuation, SamplingParams
+from pagedserve.engine.core.step_cost import StepShape
 from pagedserve.engine.llm import LLM
 from pagedserve.engine.runner.cuda_graphs import DecodeGraphs, GreedyChainGraphs
 from graph_like_attention import GraphLikeReference
@@ -252,6 +254,35 @@ def test_a_request_that_ends_is_no_pipelined_void(tiny_model_dir, plain):
             engine.kv_cache.check_invariants()
             assert engine.get_stats().num_free_blocks == engine.get_stats().num_total_blocks
     assert num_ends_beside_a_pipelined_step > 0
+
+
+def test_pipelined_verification_times_are_their_own(tiny_model_dir):
+    """The step cost model learns each verification's time. One delivered after the next step went out (pipelined)
+    has its commits overlap that step, as a plain step's do: its time ends when its tokens arrive. It ended after
+    the next step's launch, which on a CPU computes that step: the verification that began a pipelined chain was
+    taught about two forwards (and the chain's last step about none)."""
+    forward_s = 0.1
+    llm = make_llm(tiny_model_dir("llama"), speculative_method="ngram", num_speculative_tokens=3)
+    engine = llm.engine
+    execute = engine.runner.execute
+    executions_s: list[float] = []
+
+    def slow_execute(*args, **kwargs):
+        started = time.perf_counter()
+        time.sleep(forward_s)  # a forward the host waits for, as a CPU's is
+        logits = execute(*args, **kwargs)
+        executions_s.append(time.perf_counter() - started)
+        return logits
+
+    engine.runner.execute = slow_execute
+    observed: list[tuple[StepShape, float]] = []
+    observe = engine.scheduler.observe_step
+    engine.scheduler.observe_step = lambda shape, seconds: observed.append((shape, seconds)) or observe(shape, seconds)
+    generate(llm, [REPEATING[0][2:]], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    assert engine.get_stats().spec_decode.num_pipelined_steps > 2
+    verifications_s = [seconds for shape, seconds in observed if shape.is_speculative]
+    longest_s = max(executions_s) + forward_s / 2  # one forward, with room for the host's work around it
+    assert all(forward_s <= seconds < longest_s for seconds in verifications_s), (verifications_s, executions_s)
 
 
 def test_streaming_deltas_with_several_tokens_and_adaptive_batch_rule(tiny_model_dir, plain):
