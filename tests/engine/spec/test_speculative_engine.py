@@ -256,6 +256,32 @@ def test_a_request_that_ends_is_no_pipelined_void(tiny_model_dir, plain):
     assert num_ends_beside_a_pipelined_step > 0
 
 
+def test_pipelined_verifications_under_memory_pressure(tiny_model_dir):
+    """A pipelined step whose guessed positions' blocks do not all fit launches nothing (the blocks taken for the
+    others stay with them) and the step is scheduled as usual, preempting where blocks run out. Three requests in
+    9 blocks of 8: the output and logprobs are plain's, and every block comes back."""
+    config = dict(num_blocks=9, block_size=8)
+    prompts = [REPEATING[0][2:], REPEATING[0][4:], REPEATING[1]]
+    params = SamplingParams(temperature=0, max_tokens=42, ignore_eos=True, logprobs=1)
+    reference = generate(make_llm(tiny_model_dir("llama"), **config), prompts, params)
+    llm = make_llm(tiny_model_dir("llama"), speculative_method="ngram", num_speculative_tokens=3, **config)
+    engine = llm.engine
+    refused_in_pipelined_steps = []
+    allocate_slots, pipelined_step = engine.kv_cache.allocate_slots, engine._pipelined_step
+
+    def pipelining(preparing_at):
+        engine.kv_cache.allocate_slots = lambda *args: allocate_slots(*args) or refused_in_pipelined_steps.append(args)
+        try:
+            return pipelined_step(preparing_at)
+        finally:
+            engine.kv_cache.allocate_slots = allocate_slots
+
+    engine._pipelined_step = pipelining
+    assert_same_outputs(generate(llm, prompts, params), reference)
+    assert refused_in_pipelined_steps and engine.get_stats().num_preemptions_total > 0
+    assert engine.get_stats().spec_decode.num_pipelined_steps > 0
+
+
 def test_pipelined_verification_times_are_their_own(tiny_model_dir):
     """The step cost model learns each verification's time. One delivered after the next step went out (pipelined)
     has its commits overlap that step, as a plain step's do: its time ends when its tokens arrive. It ended after
