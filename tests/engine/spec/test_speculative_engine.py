@@ -282,6 +282,27 @@ def test_pipelined_verifications_under_memory_pressure(tiny_model_dir):
     assert engine.get_stats().spec_decode.num_pipelined_steps > 0
 
 
+def test_pipelined_verifications_with_n_and_seeds(tiny_model_dir, plain):
+    """Forked completions (n > 1) pipeline like any request (each has its own tokens and blocks after the fork):
+    greedy, their output and logprobs are plain's. A seeded request never pipelines (its generator's draws are
+    settled in order), nor does a step it shares with unseeded ones; its tokens are plain's."""
+    llm = make_llm(tiny_model_dir("llama"), speculative_method="ngram", num_speculative_tokens=3)
+    forked = SamplingParams(n=2, temperature=0, max_tokens=40, ignore_eos=True, logprobs=1)
+    for prompt in REPEATING:
+        outputs, reference = generate(llm, [prompt], forked), generate(plain, [prompt], forked)
+        assert completions(outputs) == completions(reference)
+        for out, ref in zip(outputs[0].outputs, reference[0].outputs):
+            assert [entry.keys() for entry in out.logprobs] == [entry.keys() for entry in ref.logprobs]
+    assert llm.engine.get_stats().spec_decode.num_pipelined_steps > 0
+    seeded = [SamplingParams(temperature=0.7, top_k=4, seed=5, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0.7, top_k=4, max_tokens=30, ignore_eos=True)]
+    before = llm.engine.get_stats().spec_decode
+    outputs = generate(llm, [REPEATING[1], REPEATING[1]], seeded)
+    assert completions(outputs)[0] == completions(generate(plain, [REPEATING[1]], seeded[0]))[0]
+    after = llm.engine.get_stats().spec_decode
+    assert after.num_pipelined_steps == before.num_pipelined_steps and after.num_drafts > before.num_drafts
+
+
 def test_pipelined_verification_times_are_their_own(tiny_model_dir):
     """The step cost model learns each verification's time. One delivered after the next step went out (pipelined)
     has its commits overlap that step, as a plain step's do: its time ends when its tokens arrive. It ended after
