@@ -303,6 +303,39 @@ def test_pipelined_verifications_with_n_and_seeds(tiny_model_dir, plain):
     assert after.num_pipelined_steps == before.num_pipelined_steps and after.num_drafts > before.num_drafts
 
 
+@pytest.mark.parametrize("at_pipelined_step", [1, 2, 4])
+def test_abort_and_add_while_a_pipelined_step_is_in_flight(tiny_model_dir, plain, at_pipelined_step):
+    """Between steps, with a pipelined verification in flight (kept for the requests whose guess held): one of its
+    requests is aborted (a client that left: its blocks are freed now, its rows skipped at delivery), and a greedy
+    and a seeded request arrive (the next step is scheduled as usual). Every output that ran to its end is plain's
+    and every block comes back."""
+    llm = make_llm(tiny_model_dir("llama"), speculative_method="ngram", num_speculative_tokens=3)
+    engine = llm.engine
+    greedy = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, logprobs=1)
+    seeded = SamplingParams(temperature=0.7, top_k=4, seed=3, max_tokens=30, ignore_eos=True)
+    arrivals = {"greedy": (REPEATING[2], greedy), "seeded": (REPEATING[1], seeded)}
+    engine.add_request("kept", REPEATING[0][2:], greedy)
+    engine.add_request("aborted", REPEATING[0], greedy)
+    streamed: dict[str, list[int]] = collections.defaultdict(list)
+    num_pipelined_in_flight = 0
+    while engine.has_unfinished_requests():
+        before = engine.get_stats().spec_decode.num_pipelined_steps
+        for output in engine.step():
+            streamed[output.request_id] += output.outputs[0].token_ids
+        if engine._in_flight is not None and engine.get_stats().spec_decode.num_pipelined_steps > before:
+            num_pipelined_in_flight += 1
+            if num_pipelined_in_flight == at_pipelined_step:
+                assert engine.abort("aborted")
+                for request_id, (prompt, params) in arrivals.items():
+                    engine.add_request(request_id, prompt, params)
+    assert num_pipelined_in_flight >= at_pipelined_step
+    expected = {"kept": (REPEATING[0][2:], greedy), **arrivals}
+    for request_id, (prompt, params) in expected.items():
+        assert streamed[request_id] == generate(plain, [prompt], params)[0].outputs[0].token_ids, request_id
+    engine.kv_cache.check_invariants()
+    assert engine.get_stats().num_free_blocks == engine.get_stats().num_total_blocks
+
+
 def test_pipelined_verification_times_are_their_own(tiny_model_dir):
     """The step cost model learns each verification's time. One delivered after the next step went out (pipelined)
     has its commits overlap that step, as a plain step's do: its time ends when its tokens arrive. It ended after
