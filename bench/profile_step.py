@@ -75,6 +75,9 @@ def main() -> int:
                         help="also profile each batch under this many random LoRA adapters (PEFT files in a temporary "
                              "folder, q/k/v/o and gate/up/down), beside its base rows on the same engine")
     parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=0,
+                        help="each measured step also takes a new request's prompt of this many tokens (one new token, "
+                             "under the run's adapters when it has them): mixed steps, as under load")
     parser.add_argument("--kernels", type=int, default=16, help="kernels listed per profiled batch (costliest first)")
     parser.add_argument("--single-tokens", type=int, default=0,
                         help="also time LLM.generate of one --context-token prompt and this many new tokens "
@@ -124,15 +127,27 @@ def main() -> int:
             engine.step()
         for _ in range(5):
             engine.step()
+        prompts_added = 0
+
+        def step() -> None:
+            nonlocal prompts_added
+            if args.prompt_tokens:  # a new prompt each step, finished by the step after (one new token)
+                prompts_added += 1
+                engine.add_request(f"{prefix}-p{prompts_added}", [(7 * t + prompts_added) % 30000 + 100
+                                                                   for t in range(args.prompt_tokens)],
+                                   SamplingParams(temperature=0, max_tokens=1),
+                                   lora=adapter_names[1 + prompts_added % args.adapters] if lora else None)
+            engine.step()
+
         torch.cuda.synchronize()
         started = time.perf_counter()
         for _ in range(args.steps):
-            engine.step()
+            step()
         torch.cuda.synchronize()
         step_ms = (time.perf_counter() - started) / args.steps * 1000
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
-                engine.step()
+                step()
             torch.cuda.synchronize()
         busy_us = gpu_busy_us(prof) or sum(e.self_device_time_total for e in prof.key_averages())
         gpu_ms = busy_us / args.steps / 1000
@@ -180,7 +195,8 @@ def main() -> int:
             print(f"batch 1 end to end ({args.context}-token prompt, {args.single_tokens} new tokens): "
                   f"{args.single_tokens / wall_s:.1f} tok/s; {decode_step_profile(steps, wall_s)}", flush=True)
         engine.step = engine_step
-    print(f"{args.layers} layers, context {args.context}")
+    print(f"{args.layers} layers, context {args.context}"
+          + (f"; each step with a new {args.prompt_tokens}-token prompt" if args.prompt_tokens else ""))
     print("| batch | engine step ms | GPU busy ms per step | GPU busy | tokens/s |")
     print("|---:|---:|---:|---:|---:|")
     for label, batch, step_ms, gpu_ms in rows:
