@@ -41,23 +41,24 @@ def port_from_env(name: str, default: int) -> int:
     return int(value)
 
 
-def listen_address(config_path: Path) -> tuple[str, int]:
-    """(host, port) Serve's proxy binds for the config; Serve's defaults where it says nothing."""
+def read_config(config_path: Path) -> dict[str, Any]:
+    """The Serve config file, parsed (an empty file is an empty config)."""
     import yaml
 
-    config: dict[str, Any] = yaml.safe_load(config_path.read_text()) or {}
+    return yaml.safe_load(config_path.read_text()) or {}
+
+
+def listen_address(config: dict[str, Any]) -> tuple[str, int]:
+    """(host, port) Serve's proxy binds for the config; Serve's defaults where it says nothing."""
     http = config.get("http_options") or {}
     return http.get("host") or "127.0.0.1", int(http.get("port") or 8000)
 
 
-def http_address(config_path: Path) -> tuple[str, int, str]:
+def http_address(config: dict[str, Any]) -> tuple[str, int, str]:
     """(host, port, route prefix) the config serves at, as a client on this machine reaches it."""
-    import yaml
-
-    host, port = listen_address(config_path)
+    host, port = listen_address(config)
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1"
-    config: dict[str, Any] = yaml.safe_load(config_path.read_text()) or {}
     applications = config.get("applications") or [{}]
     prefix = (applications[0].get("route_prefix") or "/").rstrip("/")
     return host, port, prefix
@@ -150,13 +151,14 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
 def main(argv: list[str]) -> None:
     if not argv or argv[0].startswith("-"):
         sys.exit(__doc__)
-    check_http_port_free(*listen_address(Path(argv[0])))
+    config = read_config(Path(argv[0]))
+    check_http_port_free(*listen_address(config))
     import ray
     from ray.serve.scripts import cli
 
     metrics_port = port_from_env(METRICS_PORT_ENV, DEFAULT_METRICS_PORT)
     dashboard_port = port_from_env(DASHBOARD_PORT_ENV, DEFAULT_DASHBOARD_PORT)
-    host, port, prefix = http_address(Path(argv[0]))
+    host, port, prefix = http_address(config)
     ray.init(namespace="serve", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
              _metrics_export_port=metrics_port)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)  # after ray.init, which installs a handler of its own
