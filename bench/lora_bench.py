@@ -204,8 +204,9 @@ def main() -> int:
         lora.details = step_summary(steps)
         results.append(lora)
         # A kernel variant compiled inside the timed run costs its compilation (about a second) inside a step.
+        variants_after = triton_variants()
         print(f"lora: {lora.output_tokens_per_s:,.0f} output tok/s; Triton kernel variants compiled during the run: "
-              f"{triton_variants() - variants_before} ({triton_variants()} in the process); {step_time_summary(steps)}",
+              f"{variants_after - variants_before} ({variants_after} in the process); {step_time_summary(steps)}",
               flush=True)
         report["adapter_load"] = {
             "read_and_check_s": host_load_s,
