@@ -13,8 +13,9 @@
 #   bash bench/gpu_pending.sh fp8_b1         # issue 25: one-row FP8 tiles (float16 products included), b1
 #   bash bench/gpu_pending.sh fp8kv_online   # attention GPU tests, W1 with FP8 weights + FP8 KV (issue 25),
 #                                            # issue 24's step-time prefill rule vs the constant bound
-#   bash bench/gpu_pending.sh lora_profile   # issue 29: where a decode step under 8 adapters spends its time (kernel
-#                                            # tables of the same batch with base rows and with adapter rows)
+#   bash bench/gpu_pending.sh lora_profile   # issue 29: where a mixed step (256 decodes + a 2,048-token prompt) and
+#                                            # decode steps under 8 adapters spend their time (kernel tables of the
+#                                            # same batch with base rows and with adapter rows)
 #   bash bench/gpu_pending.sh tests_lora     # the wider GPU test set and the LoRA bar (the first stage before)
 #
 # A GPU host without internet (the device image) lacks pydantic, xgrammar and a few more: carry them as wheels
@@ -103,11 +104,16 @@ fp8kv_online)
     echo "== fp8kv"; grep -v "INFO\|WARN\|Loading\|it/s" "$OUT/fp8kv.txt" | tail -14
     echo "== online"; tail -n 16 "$OUT/online.txt"
     ;;
-lora_profile)  # the 8B shape's decode steps at 1 and 256 sequences, base rows then rows under 8 adapters
-    el p1; timeout 400 python3 bench/profile_step.py --batch 1 64 256 --adapters 8 --steps 20 --context 512 \
-        > "$OUT/lora_profile.txt" 2>&1; el "p1 rc=$?"
-    grep -E "^(---|\||batch 1)" "$OUT/lora_profile.txt" | tail -120
-    grep -i -m 3 "recompile_limit\|cache_size_limit" "$OUT/lora_profile.txt"  # layers fallen back to eager
+lora_profile)  # the 8B shape's steps, base rows then rows under 8 adapters: W1's mixed steps (256 decodes and a
+               # 2,048-token prompt, where LoRA W1 loses its time) first, then decode steps at 1 and 256 sequences
+    el p1; timeout 280 python3 bench/profile_step.py --batch 256 --adapters 8 --steps 10 --context 512 \
+        --prompt-tokens 2048 > "$OUT/lora_profile_mixed.txt" 2>&1; el "p1 rc=$?"
+    el p2; timeout "$(left 570)" python3 bench/profile_step.py --batch 1 256 --adapters 8 --steps 20 --context 512 \
+        > "$OUT/lora_profile.txt" 2>&1; el "p2 rc=$?"
+    for f in lora_profile_mixed lora_profile; do
+        echo "== $f"; grep -E "^(---|\||batch 1)" "$OUT/$f.txt" | tail -60
+        grep -i -m 3 "recompile_limit\|cache_size_limit" "$OUT/$f.txt"  # layers fallen back to eager
+    done
     ;;
 moe)
     el m1; timeout 150 python3 bench/moe_bench.py --micro-only --tune --tokens 1,2,4,8 --micro-kernels rows \
