@@ -13,6 +13,8 @@
 #   bash bench/gpu_pending.sh fp8_b1         # issue 25: one-row FP8 tiles (float16 products included), b1
 #   bash bench/gpu_pending.sh fp8kv_online   # attention GPU tests, W1 with FP8 weights + FP8 KV (issue 25),
 #                                            # issue 24's step-time prefill rule vs the constant bound
+#   bash bench/gpu_pending.sh mixed_profile  # issues 24/29: steps with prompt tokens (eager), host vs device time, the
+#                                            # host's profile, and the LoRA mixed step (base rows vs 8 adapters)
 #   bash bench/gpu_pending.sh lora_profile   # issue 29: where a mixed step (256 decodes + a 2,048-token prompt) and
 #                                            # decode steps under 8 adapters spend their time (kernel tables of the
 #                                            # same batch with base rows and with adapter rows)
@@ -103,6 +105,16 @@ fp8kv_online)
     echo "== t3"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/t3.txt" | tail -12
     echo "== fp8kv"; grep -v "INFO\|WARN\|Loading\|it/s" "$OUT/fp8kv.txt" | tail -14
     echo "== online"; tail -n 16 "$OUT/online.txt"
+    ;;
+mixed_profile)  # issues 24 and 29: the 8B shape's steps with prompt tokens (eager: no CUDA graph), host vs device;
+                # a 128-token prompt beside 1 and 64 decodes (host profile), then lora_profile's mixed steps
+    el p0; timeout 200 python3 bench/profile_step.py --batch 1 64 --steps 10 --context 512 --prompt-tokens 128 \
+        --cprofile --kernels 12 > "$OUT/mixed_profile.txt" 2>&1; el "p0 rc=$?"
+    grep -E "^(---|\|)" "$OUT/mixed_profile.txt" | tail -40
+    grep -A 32 "host profile, batch 64" "$OUT/mixed_profile.txt" | head -34
+    el p1; timeout "$(left 570)" python3 bench/profile_step.py --batch 256 --adapters 8 --steps 10 --context 512 \
+        --prompt-tokens 2048 > "$OUT/lora_profile_mixed.txt" 2>&1; el "p1 rc=$?"
+    grep -E "^(---|\|)" "$OUT/lora_profile_mixed.txt" | tail -44
     ;;
 lora_profile)  # the 8B shape's steps, base rows then rows under 8 adapters: W1's mixed steps (256 decodes and a
                # 2,048-token prompt, where LoRA W1 loses its time) first, then decode steps at 1 and 256 sequences

@@ -155,7 +155,7 @@ def main() -> int:
             profiler = cProfile.Profile()
             profiler.enable()
             for _ in range(args.steps):
-                engine.step()
+                step()
             torch.cuda.synchronize()
             profiler.disable()
             print(f"--- host profile, batch {label}")
