@@ -106,6 +106,19 @@ fp8kv_online)
     echo "== fp8kv"; grep -v "INFO\|WARN\|Loading\|it/s" "$OUT/fp8kv.txt" | tail -14
     echo "== online"; tail -n 16 "$OUT/online.txt"
     ;;
+mixed)  # steps with prompt tokens in CUDA graphs (MixedGraphs): GPU tests, the same mixed steps eager and from
+        # graphs (profile_step), then issue 24's online bench (compare docs/results/online_engine_h200_d9dfec0.md)
+    el t1; timeout 150 $P -k "gpu or cuda" tests/engine/runner/test_cuda_graphs.py > "$OUT/t1_mixed.txt" 2>&1
+    el "t1 rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/t1_mixed.txt" | tail -8
+    el p1; timeout 170 python3 bench/profile_step.py --batch 1 64 --steps 10 --context 512 --prompt-tokens 128 \
+        --kernels 0 --engine-arg cuda_graph_max_mixed_tokens=0 > "$OUT/mixed_eager.txt" 2>&1; el "p1 rc=$?"
+    el p2; timeout 170 python3 bench/profile_step.py --batch 1 64 --steps 10 --context 512 --prompt-tokens 128 \
+        --kernels 0 > "$OUT/mixed_graphs.txt" 2>&1; el "p2 rc=$?"
+    for f in mixed_eager mixed_graphs; do echo "== $f"; grep -E "captured|^\|" "$OUT/$f.txt" | tail -6; done
+    el o1; timeout "$(left 575)" python3 bench/online_engine_bench.py --rates 25 45 --prefill-bounds 2048 ratio:2 \
+        --duration-s 5 --max-drain-s 6 --out "$OUT/online.json" > "$OUT/online.txt" 2>&1; el "o1 rc=$?"
+    echo "== online"; tail -n 8 "$OUT/online.txt"
+    ;;
 mixed_profile)  # issues 24 and 29: the 8B shape's steps with prompt tokens (eager: no CUDA graph), host vs device;
                 # a 128-token prompt beside 1 and 64 decodes (host profile), then lora_profile's mixed steps
     el p0; timeout 200 python3 bench/profile_step.py --batch 1 64 --steps 10 --context 512 --prompt-tokens 128 \

@@ -125,6 +125,13 @@ class EngineConfig(BaseModel):
     )
     enable_cuda_graphs: bool = Field(True, description="Capture decode steps in CUDA graphs (GPU only).")
     cuda_graph_max_batch_size: int = Field(512, ge=1, le=4096, description="Largest decode batch captured.")
+    cuda_graph_max_mixed_tokens: int | Literal["auto"] = Field(
+        "auto", description="Steps with prompt tokens (prompt chunks and the decodes beside them) of up to this many "
+        "tokens replay CUDA graphs too, one per padded token count, where eagerly the host's kernel launches "
+        "would set their pace; 0: only decode steps are captured. auto: max_prefill_tokens_while_decoding plus "
+        "the largest decode batch captured (every step with decodes), within max_batch_tokens, where decode steps "
+        "are captured with the Triton attention backend.",
+    )
     fuse_projections: bool = Field(
         True, description="Run sibling projections of one input (q/k/v, gate/up) as one GEMM over their "
         "concatenated weights; no extra memory.",
@@ -228,6 +235,18 @@ class EngineConfig(BaseModel):
         if ratio is None or not 1.0 <= ratio <= 100.0:
             raise ValueError("must be 'auto', 'off' or a number in [1, 100]")
         return ratio
+
+    @field_validator("cuda_graph_max_mixed_tokens", mode="before")
+    @classmethod
+    def _mixed_tokens_in_range(cls, value: Any) -> Any:
+        """'auto' or an integer >= 0 (as text too: flags and `serve run` args arrive as strings)."""
+        if value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError("must be 'auto' or an integer >= 0 (0: only decode steps are captured)")
+        return value
 
     @field_validator("lora_modules", mode="before")
     @classmethod

@@ -222,6 +222,7 @@ class RunnerSettings:
     cuda_graph_max_batch_size: int
     tp_size: int
     compile: CompileSettings = field(default_factory=lambda: CompileSettings(enabled=False))
+    cuda_graph_max_mixed_tokens: int = 0  # capture steps with prompt tokens up to this many tokens (0: none)
     moe_backend: Literal["fused", "transformers"] = "transformers"  # experts of MoE blocks (engine/kernels/moe/)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
@@ -364,6 +365,38 @@ def resolve_fp8_checkpoint(config: EngineConfig, device: DeviceType, dtype: DTyp
     if unavailable is None:
         return "fp8", "the checkpoint stores FP8 weights and this GPU runs FP8 GEMMs"
     return "none", f"the checkpoint's FP8 weights are dequantized to {dtype} at load: {unavailable}"
+
+
+def resolve_mixed_graph_tokens(config: EngineConfig, cuda_graphs: bool, backend: str, max_batch_tokens: int,
+                               max_prefill_tokens_while_decoding: int | None, transformers_experts: bool,
+                               decided) -> int:
+    """`cuda_graph_max_mixed_tokens` (engine/runner/cuda_graphs.py `MixedGraphs`): 0 where steps with prompt tokens
+    cannot be captured (no decode graphs; an attention backend that sizes its launch from host lengths;
+    transformers' expert code, whose token routing reads counts on the host), else the configured count or auto's
+    (every step with decodes: the prompt bound plus the decode graphs' largest batch), within max_batch_tokens."""
+    requested = config.cuda_graph_max_mixed_tokens
+    if requested == 0:
+        return 0
+    why_not = None
+    if not cuda_graphs:
+        why_not = "decode steps are not captured"
+    elif backend != "triton":
+        why_not = f"the {backend} attention backend takes host lengths"
+    elif transformers_experts:
+        why_not = "transformers' expert code reads the routing on the host"
+    if why_not is not None:
+        if requested != "auto":
+            decided("cuda_graph_max_mixed_tokens", 0, why_not)
+        return 0
+    if requested == "auto":
+        prompt_bound = max_prefill_tokens_while_decoding or max_batch_tokens
+        tokens = min(max_batch_tokens, prompt_bound + min(config.cuda_graph_max_batch_size, config.max_num_seqs))
+        decided("cuda_graph_max_mixed_tokens", tokens, "the prompt bound beside decodes plus the largest decode graph")
+        return tokens
+    if requested > max_batch_tokens:
+        decided("cuda_graph_max_mixed_tokens", max_batch_tokens, "no step has more tokens than max_batch_tokens")
+        return max_batch_tokens
+    return requested
 
 
 def resolve_moe_backend(config: EngineConfig, device: DeviceType, platform: Platform) -> Literal["fused", "transformers"]:
@@ -513,13 +546,17 @@ def resolve(
     if config.enable_cuda_graphs and cuda_graphs_off is not None:
         decided("cuda_graphs", False, cuda_graphs_off)
 
+    moe_backend = resolve_moe_backend(config, device, platform)
+    mixed_tokens = resolve_mixed_graph_tokens(config, cuda_graphs_off is None, backend, max_batch_tokens,
+                                              max_prefill_tokens_while_decoding,
+                                              model.has_moe_experts and moe_backend != "fused", decided)
+
     async_scheduling = config.async_scheduling and config.tp_size == 1
     if config.async_scheduling and not async_scheduling:
         decided("async_scheduling", False, "tensor-parallel ranks run in step")
     speculative = resolve_speculative(config)
     programmatic_launch = config.programmatic_launch and device == "cuda" and platform.supports_programmatic_launch
     decode_linear = config.decode_linear and device == "cuda"
-    moe_backend = resolve_moe_backend(config, device, platform)
     fp8_experts = quantization == "fp8" and moe_backend == "fused"
     if quantization == "fp8" and model.has_moe_experts and not fp8_experts:
         decided("fp8_experts", False, "moe_backend='transformers' runs transformers' expert code, which takes the "
@@ -549,6 +586,7 @@ def resolve(
             device=device, dtype=dtype, attention_backend=backend, fuse_projections=config.fuse_projections,
             decode_linear=decode_linear, moe_backend=moe_backend, programmatic_launch=programmatic_launch,
             cuda_graphs=cuda_graphs_off is None, cuda_graph_max_batch_size=config.cuda_graph_max_batch_size,
+            cuda_graph_max_mixed_tokens=mixed_tokens,
             tp_size=config.tp_size, lora=lora,
             compile=CompileSettings(
                 enabled=compile_enabled, fullgraph=config.compile_fullgraph, dynamic=config.compile_dynamic,

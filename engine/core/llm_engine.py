@@ -195,18 +195,22 @@ class LLMEngine:
             self._warm_up(max_batch_tokens)
         decode_graph_max_batch_size = 0  # decode batches up to this size replay a CUDA graph
         verify_graph_max_batch_size = 0  # and verification batches up to this one
+        mixed_graph_max_tokens = 0  # and steps with prompt tokens of up to this many tokens
         if settings.runner.cuda_graphs:
             max_graph_batch = min(settings.runner.cuda_graph_max_batch_size, max_num_seqs)
             # Verification steps (1 + k tokens a sequence) replay graphs of their own, for the batches that speculate.
-            verify = {} if not settings.speculative.enabled else dict(
+            kinds = {} if not settings.speculative.enabled else dict(
                 verify_query_len=settings.speculative.num_tokens + 1,
                 verify_max_batch_size=min(max_graph_batch, settings.speculative.disable_batch_size))
+            if settings.runner.cuda_graph_max_mixed_tokens:
+                kinds.update(mixed_max_tokens=settings.runner.cuda_graph_max_mixed_tokens, max_num_seqs=max_num_seqs)
             if self.runner.capture_cuda_graphs(max_graph_batch, self.max_model_len, self.memory_plan.cuda_graph_bytes,
-                                               **verify):
+                                               **kinds):
                 decode_graph_max_batch_size = max_graph_batch
-                verify_graph_max_batch_size = verify.get("verify_max_batch_size", 0)
+                verify_graph_max_batch_size = kinds.get("verify_max_batch_size", 0)
+                mixed_graph_max_tokens = kinds.get("mixed_max_tokens", 0)
             if self._speculator is not None:
-                self._speculator.capture_cuda_graphs(verify["verify_max_batch_size"], self.max_model_len)
+                self._speculator.capture_cuda_graphs(kinds["verify_max_batch_size"], self.max_model_len)
         self.kv_cache = KVCacheManager(
             settings.cache.block_size,
             [g.sliding_window for g in shape.groups],
@@ -215,7 +219,8 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.scheduler_settings, self.kv_cache,
                                    StepCostModel(decode_graph_max_batch_size=decode_graph_max_batch_size,
-                                                 verify_graph_max_batch_size=verify_graph_max_batch_size))
+                                                 verify_graph_max_batch_size=verify_graph_max_batch_size,
+                                                 mixed_graph_max_tokens=mixed_graph_max_tokens))
         self._last_delivered_at: float | None = None  # when the latest delivered step's tokens reached the host
         self._launch_computes = self.device.type != "cuda"  # the launch returns with the step computed
         self._launched_unobserved = False  # a step no request sampled went out after the latest one that did

@@ -168,14 +168,17 @@ def _solve(matrix: list[list[float]], vector: list[float]) -> list[float]:
 class StepCostModel:
     """Step time by shape, fitted online (module docstring). `decode_graph_max_batch_size`: the largest decode
     batch the engine replays from a CUDA graph (0: none, every step eager); `verify_graph_max_batch_size`: the
-    same for verification steps (speculative decoding); the engine sets both once captured."""
+    same for verification steps (speculative decoding); `mixed_graph_max_tokens`: the most tokens of a step with
+    prompt tokens that replays a graph (0: they run eagerly); the engine sets them once captured."""
 
     def __init__(self, prior: StepCosts = PRIOR_STEP_COSTS, memory_steps: int = 512, prior_weight: float = 0.1,
                  num_seed_steps: int = 16, outlier_relative_error: float = 0.5,
-                 decode_graph_max_batch_size: int = 0, verify_graph_max_batch_size: int = 0) -> None:
+                 decode_graph_max_batch_size: int = 0, verify_graph_max_batch_size: int = 0,
+                 mixed_graph_max_tokens: int = 0) -> None:
         self.prior = prior
         self.decode_graph_max_batch_size = decode_graph_max_batch_size
         self.verify_graph_max_batch_size = verify_graph_max_batch_size
+        self.mixed_graph_max_tokens = mixed_graph_max_tokens
         self._decay = 1.0 - 1.0 / memory_steps
         self._prior_weight = prior_weight
         self._num_seed_steps = max(1, num_seed_steps)
@@ -199,8 +202,11 @@ class StepCostModel:
         self._weight_scale = 1.0
 
     def runs_graph(self, shape: StepShape) -> bool:
-        if shape.num_prompt_tokens or shape.num_seqs <= 0:
+        if shape.num_seqs <= 0:
             return False
+        if shape.num_prompt_tokens:  # mixed graphs take no proposals (their logits are one a sequence)
+            return (not shape.num_draft_tokens
+                    and shape.num_seqs + shape.num_prompt_tokens <= self.mixed_graph_max_tokens)
         limit = self.verify_graph_max_batch_size if shape.num_draft_tokens else self.decode_graph_max_batch_size
         return shape.num_seqs <= limit
 

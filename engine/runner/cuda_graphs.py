@@ -20,6 +20,16 @@ tables and cache slots are packed on the host into one pinned buffer laid out li
 graphs read. Tokens the previous step sampled on the device (async scheduling) are gathered inside the
 graph. So a decode step is a host->device copy and a replay, with no small copies and index kernels in
 front of it.
+
+Steps with prompt tokens (`MixedGraphs`): a prompt chunk beside decodes runs the same kernels as a decode step,
+only more rows, but eagerly it pays the host's launches of every layer's kernels (regional compilation leaves
+two compiled regions and the attention call a layer), which on a fast GPU take longer than the kernels of a
+small mixed step: a step with one 128-token prompt took 37 ms on an H200 where its kernels need about 4. The
+Triton attention kernel reads every per-sequence value from device tensors and sizes its grid from the token
+and sequence counts alone, so such a step is captured too, one graph per padded token count: its tokens first,
+then padding tokens that form one extra sequence of their own (positions from 0, their K/V not written, their
+context read from block 0), then empty sequences (no tokens) up to the graph's sequence count. Only the logits
+of the step's sampled positions are read.
 """
 
 from __future__ import annotations
@@ -42,6 +52,15 @@ if TYPE_CHECKING:
 
 
 logger = logging.getLogger(__name__)
+
+
+def mixed_capture_sizes(max_tokens: int) -> list[int]:
+    """Token counts of the mixed-step graphs: 16 to 128 by doubling, then every 64 to 1,024 and every 128 past
+    it (the padding waste stays under about 12%, a step's compute grows with its tokens), up to `max_tokens`."""
+    sizes = [size for size in (16, 32, 64, 128) if size < max_tokens]
+    sizes += list(range(192, min(1024, max_tokens - 1) + 1, 64))
+    sizes += list(range(1152, max_tokens, 128))
+    return sorted(set(sizes + [max_tokens]))
 
 
 def capture_sizes(max_batch_size: int) -> list[int]:
@@ -245,21 +264,8 @@ class DecodeGraphs:
             for batch_size in self.sizes:
                 self._graphs[batch_size] = (_EagerReplay(self, batch_size), self.logits[: batch_size * self.query_len])
             return 0
-        free_before = torch.cuda.mem_get_info(self.runner.device)[0] + self._own_bytes()
-        stream = torch.cuda.Stream(self.runner.device)
-        stream.wait_stream(torch.cuda.current_stream(self.runner.device))
-        with torch.cuda.stream(stream):
-            for batch_size in reversed(self.sizes):  # largest first: the smaller ones reuse its pool
-                self._forward(batch_size)  # warm-up outside the graph (kernel compilation)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    logits = self._forward(batch_size)
-                pool = graph.pool()
-                self._graphs[batch_size] = (graph, logits)
-        self.pool = pool
-        torch.cuda.current_stream(self.runner.device).wait_stream(stream)
-        torch.cuda.synchronize(self.runner.device)
-        used = free_before - torch.cuda.mem_get_info(self.runner.device)[0]
+        self.pool, used = capture_graphs(self.runner.device, self.sizes, self._forward, self._graphs, pool,
+                                         self._own_bytes())
         logger.info("captured %d %s graphs (batch sizes %s..%s), %.0f MiB", len(self._graphs),
                     "decode" if self.query_len == 1 else f"verification ({self.query_len} tokens a sequence)",
                     self.sizes[0], self.sizes[-1], used / 2**20)
@@ -310,15 +316,243 @@ class DecodeGraphs:
         return logits.index_select(0, self.inputs.device.logits_rows[:num_logits])
 
 
+def capture_graphs(device: torch.device, sizes: list[int], forward, graphs: dict, pool=None,
+                   own_bytes: int = 0) -> tuple[object, int]:
+    """Capture `forward(size)` for each size, largest first (the smaller ones reuse its pool), into `graphs`
+    as {size: (graph, output)}, in `pool` if given; returns the pool and the device memory the graphs took
+    (with `own_bytes`, their buffers allocated before)."""
+    free_before = torch.cuda.mem_get_info(device)[0] + own_bytes
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for size in reversed(sizes):
+            forward(size)  # warm-up outside the graph (kernel compilation)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                output = forward(size)
+            pool = graph.pool()
+            graphs[size] = (graph, output)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+    return pool, free_before - torch.cuda.mem_get_info(device)[0]
+
+
 class _EagerReplay:
     """A graph's stand-in off CUDA: `replay` runs the forward it would have captured."""
 
-    def __init__(self, graphs: DecodeGraphs, batch_size: int) -> None:
-        self.graphs, self.batch_size = graphs, batch_size
+    def __init__(self, graphs: "DecodeGraphs | MixedGraphs", size: int) -> None:
+        self.graphs, self.size = graphs, size
 
     @torch.inference_mode()
     def replay(self) -> None:
-        self.graphs._forward(self.batch_size)
+        self.graphs._forward(self.size)
+
+
+@dataclass
+class _MixedViews:
+    """Typed views of a mixed step's packed buffer (host or device): T token rows, S sequence rows."""
+
+    ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    pending: torch.Tensor  # int64 [T]: row of the previous step's sampled ids to take, or -1
+    slots: list[torch.Tensor]  # per group, int64 [T]; -1 skips the KV write (padding)
+    logits_rows: torch.Tensor  # int64 [S]: the step's logits indices, then row 0
+    query_start_loc: torch.Tensor  # int32 [S + 1]
+    seq_lens: torch.Tensor  # int32 [S]
+    tables: list[torch.Tensor]  # per group, int32 [S, max_blocks]
+
+
+class MixedInputs:
+    """A step with prompt tokens, packed for `MixedGraphs` (one buffer, one copy, as `DecodeInputs`).
+
+    Layout (bytes): int64 ids | positions | pending | slots of each group (`max_tokens` entries each) | logits
+    rows (`max_seqs`), then int32 query_start_loc (`max_seqs` + 1) | seq_lens | block table of each group
+    ([max_seqs, max_blocks]). A step copies the buffer up to its last used row of the last group's table. A step
+    of T tokens and B sequences padded to Tp tokens and Sp sequences: tokens T..Tp-1 are sequence B (positions 0..,
+    slots -1, its table row block 0), sequences after it have no tokens (context 0)."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, num_groups: int, max_blocks: int,
+                 device: torch.device) -> None:
+        self.max_tokens, self.max_seqs, self.num_groups, self.max_blocks = max_tokens, max_seqs, num_groups, max_blocks
+        self._int64_len = (3 + num_groups) * max_tokens + max_seqs
+        self._int32_len = 2 * max_seqs + 1 + num_groups * max_seqs * max_blocks
+        nbytes = 8 * self._int64_len + 4 * self._int32_len
+        on_gpu = device.type == "cuda"
+        self.device_buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self.device = self._views(self.device_buffer)
+        self._host_buffers = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=on_gpu) for _ in range(2)]
+        self._host = [self._numpy(self._views(buffer)) for buffer in self._host_buffers]
+        self._copied = [None, None] if on_gpu else None  # CUDA events of the last copy from each half
+        self._half = 0
+        for views in (self.device, *(self._views(buffer) for buffer in self._host_buffers)):
+            views.pending.fill_(-1)
+            for slots in views.slots:
+                slots.fill_(-1)
+
+    def _views(self, buffer: torch.Tensor) -> _MixedViews:
+        tokens, seqs, groups = self.max_tokens, self.max_seqs, self.num_groups
+        int64 = buffer[: 8 * self._int64_len].view(torch.int64)
+        int32 = buffer[8 * self._int64_len:].view(torch.int32)
+        slots_end = (3 + groups) * tokens
+        return _MixedViews(
+            ids=int64[:tokens], positions=int64[tokens: 2 * tokens], pending=int64[2 * tokens: 3 * tokens],
+            slots=[int64[(3 + g) * tokens: (4 + g) * tokens] for g in range(groups)],
+            logits_rows=int64[slots_end: slots_end + seqs],
+            query_start_loc=int32[: seqs + 1], seq_lens=int32[seqs + 1: 2 * seqs + 1],
+            tables=list(int32[2 * seqs + 1:].view(groups, seqs, self.max_blocks).unbind(0)),
+        )
+
+    @staticmethod
+    def _numpy(views: _MixedViews) -> dict:
+        return {name: getattr(views, name).numpy()
+                for name in ("ids", "positions", "pending", "logits_rows", "query_start_loc", "seq_lens")} | {
+            "slots": [t.numpy() for t in views.slots], "tables": [t.numpy() for t in views.tables]}
+
+    def pack(self, step: "StepInput", padded_tokens: int, padded_seqs: int, block_size: int,
+             pending_on_device: bool) -> None:
+        """Write `step` padded to `padded_tokens` tokens and `padded_seqs` sequences into the host buffer and copy it
+        to the device (asynchronously on the current stream). `pending_on_device`: the graph gathers the step's
+        pending tokens from the previous sampled ids; else their rows stay -1 (the caller fills them)."""
+        half = self._half
+        self._half ^= 1
+        if self._copied is not None and self._copied[half] is not None:
+            self._copied[half].synchronize()
+        host = self._host[half]
+        num_tokens, batch = len(step.token_ids), len(step.query_lens)
+        num_padding = padded_tokens - num_tokens
+        used_seqs = batch + (1 if num_padding else 0)
+        host["ids"][:num_tokens] = step.token_ids
+        host["ids"][num_tokens:padded_tokens] = 0
+        host["positions"][:num_tokens] = step.positions
+        host["positions"][num_tokens:padded_tokens] = np.arange(num_padding)
+        host["pending"][:padded_tokens] = -1
+        if pending_on_device and step.pending_input_indices:
+            host["pending"][step.pending_input_indices] = step.pending_source_rows
+        num_logits = len(step.logits_indices)
+        host["logits_rows"][:num_logits] = step.logits_indices
+        host["logits_rows"][num_logits:padded_seqs] = 0
+        starts = host["query_start_loc"]
+        starts[0] = 0
+        np.cumsum(step.query_lens, out=starts[1: batch + 1])
+        starts[batch + 1: padded_seqs + 1] = padded_tokens  # the padding sequence, then empty ones
+        host["seq_lens"][:batch] = step.seq_lens
+        host["seq_lens"][batch:padded_seqs] = 0
+        if num_padding:
+            host["seq_lens"][batch] = num_padding
+        seq_index = torch.from_numpy(np.repeat(np.arange(batch), step.query_lens))
+        positions = torch.as_tensor(step.positions, dtype=torch.long)
+        for group, tables in enumerate(step.block_tables):
+            _, slots = host_block_table_and_slots(tables, seq_index, positions, block_size, out=host["tables"][group])
+            host["slots"][group][:num_tokens] = slots.numpy()
+            host["slots"][group][num_tokens:padded_tokens] = -1
+            if num_padding:  # the padding sequence reads block 0 (any block: its outputs are not read)
+                host["tables"][group][batch, : blocks_for(num_padding, block_size)] = 0
+        last_table_start = 8 * self._int64_len + 4 * (2 * self.max_seqs + 1
+                                                       + (self.num_groups - 1) * self.max_seqs * self.max_blocks)
+        nbytes = last_table_start + 4 * used_seqs * self.max_blocks
+        self.device_buffer[:nbytes].copy_(self._host_buffers[half][:nbytes], non_blocking=True)
+        if self._copied is not None:
+            event = torch.cuda.Event()
+            event.record()
+            self._copied[half] = event
+
+
+class MixedGraphs:
+    """Graphs of steps with prompt tokens (module docstring): one per token count of `mixed_capture_sizes(max_tokens)`,
+    each for up to min(tokens, max_seqs + 1) sequences (the step's, and the padding sequence). `logits`: the float32
+    output every graph writes, shared with the decode graphs when it has rows enough."""
+
+    def __init__(self, runner: "ModelRunner", max_tokens: int, max_seqs: int, max_model_len: int,
+                 logits: torch.Tensor | None = None) -> None:
+        self.runner = runner
+        self.max_model_len = max_model_len
+        self.sizes = mixed_capture_sizes(max_tokens)
+        self.max_tokens = self.sizes[-1]
+        self.max_seqs = max_seqs
+        device = runner.device
+        self.inputs = MixedInputs(self.max_tokens, self.seqs_for(self.max_tokens), len(runner.shape.groups),
+                                  blocks_for(max_model_len, runner.block_size), device)
+        self.previous_tokens = torch.zeros(max_seqs, dtype=torch.long, device=device)
+        rows = self.seqs_for(self.max_tokens)
+        self._owns_logits = logits is None or logits.shape[0] < rows
+        self.logits = (torch.empty((rows, runner.shape.vocab_size), dtype=torch.float32, device=device)
+                       if self._owns_logits else logits)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.lora_slots = (torch.full((self.max_tokens,), -1, dtype=torch.int32, device=device)
+                           if runner.lora is not None else None)
+
+    def seqs_for(self, num_tokens: int) -> int:
+        """Sequences of the graph of `num_tokens` tokens: as many as tokens (each has one), at most the engine's
+        sequences and the padding one."""
+        return min(num_tokens, self.max_seqs + 1)
+
+    def _forward(self, num_tokens: int) -> torch.Tensor:
+        views = self.inputs.device
+        num_seqs = self.seqs_for(num_tokens)
+        pending = views.pending[:num_tokens]
+        gathered = self.previous_tokens.index_select(0, pending.clamp(min=0))
+        input_ids = torch.where(pending >= 0, gathered, views.ids[:num_tokens])
+        if self.lora_slots is not None:
+            self.runner.lora.set_step(self.lora_slots[:num_tokens])
+        metadata = AttentionMetadata(
+            query_start_loc=views.query_start_loc[: num_seqs + 1],
+            seq_lens=views.seq_lens[:num_seqs],
+            max_query_len=num_tokens,  # a bound (> 1: the kernels' prefill path)
+            max_seq_len=self.max_model_len,
+            block_size=self.runner.block_size,
+            groups=[GroupAttentionMetadata(table[:num_seqs], slots[:num_tokens])
+                    for table, slots in zip(views.tables, views.slots)],
+            query_lens_cpu=[num_tokens] * num_seqs,
+            seq_lens_cpu=[self.max_model_len] * num_seqs,
+        )
+        return self.runner.forward_logits(input_ids, views.positions[:num_tokens], self.runner.forward_context(metadata),
+                                          views.logits_rows[:num_seqs], out=self.logits[:num_seqs])
+
+    @torch.inference_mode()
+    def capture(self, pool=None) -> int:
+        """As `DecodeGraphs.capture`: a graph per token count, into `pool` if given; the device memory they took."""
+        if self.runner.device.type != "cuda":
+            for size in self.sizes:
+                self._graphs[size] = (_EagerReplay(self, size), self.logits[: self.seqs_for(size)])
+            return 0
+        own = [self.inputs.device_buffer, self.previous_tokens, *((self.logits,) if self._owns_logits else ())]
+        self.pool, used = capture_graphs(self.runner.device, self.sizes, self._forward, self._graphs, pool,
+                                         sum(t.numel() * t.element_size() for t in own))
+        logger.info("captured %d graphs of steps with prompt tokens (%s..%s tokens), %.0f MiB", len(self._graphs),
+                    self.sizes[0], self.sizes[-1], used / 2**20)
+        return used
+
+    def can_run(self, step: "StepInput") -> bool:
+        """A step with prompt tokens (decode-only steps are the decode graphs') of at most `max_tokens` tokens and
+        `max_seqs` sequences, each sampled at most once."""
+        if not self._graphs or len(step.token_ids) > self.max_tokens or len(step.query_lens) > self.max_seqs:
+            return False
+        if max(step.query_lens) <= 1:
+            return False
+        padded = next(size for size in self.sizes if size >= len(step.token_ids))
+        return len(step.logits_indices) <= self.seqs_for(padded)
+
+    def run(self, step: "StepInput", previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The step's logits, one row per `step.logits_indices` entry, as an eager step returns them."""
+        num_tokens = len(step.token_ids)
+        padded = next(size for size in self.sizes if size >= num_tokens)
+        graph, logits = self._graphs[padded]
+        in_graph = previous_tokens is not None and previous_tokens.numel() <= self.previous_tokens.numel()
+        self.inputs.pack(step, padded, self.seqs_for(padded), self.runner.block_size, pending_on_device=in_graph)
+        if self.lora_slots is not None:
+            token_slots = self.runner.lora.token_slots(step.lora_names, step.query_lens) if step.lora_names else None
+            slots = torch.full((padded,), -1, dtype=torch.int32)
+            if token_slots is not None:
+                slots[:num_tokens] = token_slots
+            self.lora_slots[:padded].copy_(slots.pin_memory() if self.lora_slots.is_cuda else slots, non_blocking=True)
+        if step.pending_input_indices:
+            if in_graph:
+                self.previous_tokens[: previous_tokens.numel()].copy_(previous_tokens)
+            else:
+                fill_pending_tokens(self.inputs.device.ids[:num_tokens], step, previous_tokens)
+        graph.replay()
+        return logits[: len(step.logits_indices)]
 
 
 class GreedyChainGraphs(DecodeGraphs):

@@ -32,7 +32,7 @@ from pagedserve.engine.kernels.attention import get_attention_backend
 from pagedserve.engine.kernels.attention.base import FP8_KV_DTYPE, AttentionMetadata, GroupAttentionMetadata
 from pagedserve.engine.kernels.attention.hf_integration import LayerProbe, PagedForwardContext
 from pagedserve.engine.runner.compile import CompiledForward
-from pagedserve.engine.runner.cuda_graphs import DecodeGraphs, GreedyChainGraphs
+from pagedserve.engine.runner.cuda_graphs import DecodeGraphs, GreedyChainGraphs, MixedGraphs
 from pagedserve.engine.kernels.decode_linear import use_decode_linear
 from pagedserve.engine.kernels.fused_projections import ProjectionFusion
 from pagedserve.engine.kernels.moe.experts import moe_blocks, use_fused_moe
@@ -112,6 +112,7 @@ class ModelRunner:
         self._decode_graphs = None  # DecodeGraphs once captured
         self._verify_graphs = None  # DecodeGraphs of k + 1 tokens a sequence, with speculative decoding
         self._chain_graphs = None  # GreedyChainGraphs: a draft model's proposal rounds
+        self._mixed_graphs = None  # MixedGraphs: steps with prompt tokens
         self._supports_logits_to_keep = hasattr(self.model, "_supports_logits_to_keep") and bool(
             self.model._supports_logits_to_keep()
         )
@@ -199,7 +200,8 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             if self.settings.cuda_graphs:
                 graphs = self.cuda_graph_reserve_bytes(min(self.settings.cuda_graph_max_batch_size, max_num_seqs),
-                                                       max_batch_tokens, activation_peak)
+                                                       max_batch_tokens, activation_peak,
+                                                       self.settings.cuda_graph_max_mixed_tokens, max_num_seqs)
         else:
             # CPU: no allocator statistics; estimate the step's working set from the model's widths.
             hidden = self.model.config.get_text_config().hidden_size
@@ -239,13 +241,16 @@ class ModelRunner:
         return MemoryPlan(total, budget, weights, activation_peak, kv_total, tuple(num_blocks), self.block_size,
                           cuda_graph_bytes=graphs, kv_cache_dtype=self.kv_cache_dtype_name)
 
-    def cuda_graph_reserve_bytes(self, max_graph_batch: int, max_batch_tokens: int, activation_peak: int) -> int:
-        """What the decode graphs will hold, set aside before the KV cache is sized: their one shared
-        float32 logits output, plus their private pool, which holds the temporaries of one forward of at
-        most `max_graph_batch` tokens, bounded by the profiled forward of `max_batch_tokens` tokens (scaled
-        up when a graph is larger). An upper bound: on the 8B shape, 1.09 GiB set aside for 0.59 GiB used."""
-        output = max_graph_batch * self.shape.vocab_size * 4
-        return output + int(activation_peak * max(1.0, max_graph_batch / max_batch_tokens))
+    def cuda_graph_reserve_bytes(self, max_graph_batch: int, max_batch_tokens: int, activation_peak: int,
+                                 mixed_max_tokens: int = 0, max_num_seqs: int = 0) -> int:
+        """What the decode graphs (and the mixed-step graphs of up to `mixed_max_tokens` tokens, in the same pool)
+        will hold, set aside before the KV cache is sized: their one shared float32 logits output (a row per
+        sequence a graph holds), plus their private pool, which holds the temporaries of one forward of at
+        most that many tokens, bounded by the profiled forward of `max_batch_tokens` tokens (scaled up when a
+        graph is larger). An upper bound: on the 8B shape, 1.09 GiB set aside for 0.59 GiB used (decode graphs)."""
+        rows = max(max_graph_batch, min(mixed_max_tokens, max_num_seqs + 1) if mixed_max_tokens else 0)
+        output = rows * self.shape.vocab_size * 4
+        return output + int(activation_peak * max(1.0, max(max_graph_batch, mixed_max_tokens) / max_batch_tokens))
 
     @torch.inference_mode()
     def _profile_activation_bytes(self, max_batch_tokens: int, max_num_seqs: int) -> int:
@@ -359,21 +364,29 @@ class ModelRunner:
         return isinstance(self._step_model, CompiledForward) and self._step_model.is_compiled
 
     def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int, reserved_bytes: int = 0,
-                            verify_query_len: int = 0, verify_max_batch_size: int = 0) -> bool:
+                            verify_query_len: int = 0, verify_max_batch_size: int = 0, mixed_max_tokens: int = 0,
+                            max_num_seqs: int = 0) -> bool:
         """Capture decode graphs where the settings allow it (resolution said why not); False (eager) otherwise.
         `reserved_bytes`: what the memory plan set aside for them (a warning if they took more).
         `verify_query_len` (k + 1) and `verify_max_batch_size`: also capture speculative verification graphs,
-        q = k + 1 tokens a sequence for up to that many sequences, in the decode graphs' pool and logits."""
+        q = k + 1 tokens a sequence for up to that many sequences, in the decode graphs' pool and logits.
+        `mixed_max_tokens` (and `max_num_seqs`): also graphs of steps with prompt tokens of up to that many
+        tokens (`MixedGraphs`), in the same pool and logits."""
         if not self.settings.cuda_graphs:
             return False
         verify = verify_query_len > 1 and verify_max_batch_size > 0
-        graphs = DecodeGraphs(self, max_batch_size, max_model_len,
-                              num_logit_rows=verify_query_len * verify_max_batch_size if verify else 0)
+        mixed = mixed_max_tokens > 0 and max_num_seqs > 0
+        logit_rows = max(verify_query_len * verify_max_batch_size if verify else 0,
+                         min(mixed_max_tokens, max_num_seqs + 1) if mixed else 0)
+        graphs = DecodeGraphs(self, max_batch_size, max_model_len, num_logit_rows=logit_rows)
         used = graphs.capture()
         if verify:
             self._verify_graphs = DecodeGraphs(self, verify_max_batch_size, max_model_len, verify_query_len,
                                                logits=graphs.logits)
             used += self._verify_graphs.capture(graphs.pool)
+        if mixed:
+            self._mixed_graphs = MixedGraphs(self, mixed_max_tokens, max_num_seqs, max_model_len, logits=graphs.logits)
+            used += self._mixed_graphs.capture(graphs.pool)
         if reserved_bytes and used > reserved_bytes:
             logger.warning("the CUDA graphs took %.0f MiB, more than the %.0f MiB the memory plan set aside",
                            used / 2**20, reserved_bytes / 2**20)
@@ -419,7 +432,7 @@ class ModelRunner:
             self._fusion.undo()
         if self._moe is not None:
             self._moe.undo()
-        self._decode_graphs = self._verify_graphs = self._chain_graphs = None
+        self._decode_graphs = self._verify_graphs = self._chain_graphs = self._mixed_graphs = None
 
     @torch.inference_mode()
     def execute(self, step: StepInput, previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -429,7 +442,7 @@ class ModelRunner:
         named by `step.pending_input_indices` (async scheduling)."""
         if step.block_copies:
             self._copy_blocks(step.block_copies)
-        for graphs in (self._decode_graphs, self._verify_graphs):
+        for graphs in (self._decode_graphs, self._verify_graphs, self._mixed_graphs):
             if graphs is not None and graphs.can_run(step):
                 return graphs.run(step, previous_tokens)
         context = self.forward_context(self._build_metadata(step))

@@ -413,7 +413,8 @@ def _worker_main(rank: int, settings: ResolvedConfig, host: str, port: int, time
             elif command == "allocate":
                 runner.allocate_kv_cache(payload)
             elif command == "graphs":
-                runner.capture_cuda_graphs(*payload)
+                *args, graph_kinds = payload
+                runner.capture_cuda_graphs(*args, **graph_kinds)
             elif command == "lora_add":  # rank 0 read and checked the same adapter first
                 runner.lora.add(*payload)
             elif command == "lora_remove":
@@ -484,10 +485,14 @@ class TensorParallelRunner:
     def allocate_kv_cache(self, num_blocks: tuple[int, ...]) -> None:
         self._mirrored("allocate", tuple(num_blocks), lambda: self.local.allocate_kv_cache(num_blocks))
 
-    def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int, reserved_bytes: int = 0) -> bool:
+    def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int, reserved_bytes: int = 0,
+                            **graph_kinds: int) -> bool:
+        """Every rank captures the same graphs (`ModelRunner.capture_cuda_graphs`; `graph_kinds`: its keywords
+        for the verification and mixed-step graphs): each step then replays the same graph on every rank."""
+        payload = (max_batch_size, max_model_len, reserved_bytes, graph_kinds)
         return self._mirrored(
-            "graphs", (max_batch_size, max_model_len, reserved_bytes),
-            lambda: self.local.capture_cuda_graphs(max_batch_size, max_model_len, reserved_bytes),
+            "graphs", payload,
+            lambda: self.local.capture_cuda_graphs(max_batch_size, max_model_len, reserved_bytes, **graph_kinds),
         )
 
     def execute(self, step: StepInput, previous_tokens: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
 
 from pagedserve.config.engine import ConfigError, EngineConfig
+from pydantic import ValidationError
 from pagedserve.config.resolve import (
     CPU_MAX_BATCH_TOKENS,
     GPU_MAX_BATCH_TOKENS,
@@ -90,8 +92,32 @@ def test_explicit_values_are_kept_and_only_autos_are_reported() -> None:
     auto = resolve(EngineConfig(), HOPPER, LLAMA)
     names = [line.split("=")[0] for line in auto.decisions]
     assert names == ["device", "dtype", "max_model_len", "max_batch_tokens", "max_prefill_tokens_while_decoding",
-                     "prefill_step_time_ratio", "attention_backend", "compile"]
+                     "prefill_step_time_ratio", "attention_backend", "compile", "cuda_graph_max_mixed_tokens"]
     assert auto.describe().startswith("resolved settings: device=cuda (a CUDA device is visible)")
+
+
+def test_steps_with_prompt_tokens_are_captured_where_decode_steps_are_with_triton() -> None:
+    """auto: every step with decodes (the prompt bound beside decodes plus the largest decode graph); off where
+    decode steps are not captured, with another attention backend, or with transformers' expert code."""
+    gpu = resolve(EngineConfig(), HOPPER, LLAMA)
+    expected = GPU_MAX_PREFILL_TOKENS_WHILE_DECODING + min(EngineConfig().max_num_seqs, 512)
+    assert gpu.runner.cuda_graph_max_mixed_tokens == expected
+    assert f"cuda_graph_max_mixed_tokens={expected} (" in gpu.describe()
+    assert resolve(EngineConfig(max_num_seqs=64), HOPPER, LLAMA).runner.cuda_graph_max_mixed_tokens == 2048 + 64
+    assert resolve(EngineConfig(max_batch_tokens=1024), HOPPER, LLAMA).runner.cuda_graph_max_mixed_tokens == 1024
+    assert resolve(EngineConfig(cuda_graph_max_mixed_tokens="300"), HOPPER, LLAMA).runner.cuda_graph_max_mixed_tokens == 300
+    assert resolve(EngineConfig(), CPU, LLAMA).runner.cuda_graph_max_mixed_tokens == 0
+    for config in (EngineConfig(cuda_graph_max_mixed_tokens=0), EngineConfig(enable_cuda_graphs=False),
+                   EngineConfig(attention_backend="reference")):
+        assert resolve(config, HOPPER, LLAMA).runner.cuda_graph_max_mixed_tokens == 0
+    refused = resolve(EngineConfig(cuda_graph_max_mixed_tokens=512, attention_backend="reference"), HOPPER, LLAMA)
+    assert "cuda_graph_max_mixed_tokens=0 (decode steps are not captured)" in refused.describe()
+    moe = dataclasses.replace(LLAMA, has_moe_experts=True)
+    assert resolve(EngineConfig(moe_backend="transformers"), HOPPER, moe).runner.cuda_graph_max_mixed_tokens == 0
+    assert resolve(EngineConfig(moe_backend="fused"), HOPPER, moe).runner.cuda_graph_max_mixed_tokens == expected
+    for bad in (-1, "many", True, 2.5):
+        with pytest.raises(ValidationError, match="cuda_graph_max_mixed_tokens"):
+            EngineConfig(cuda_graph_max_mixed_tokens=bad)
 
 
 def test_prefill_bound_while_decoding_is_none_on_cpu_and_a_constant_on_cuda() -> None:
