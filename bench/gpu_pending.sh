@@ -13,6 +13,8 @@
 #   bash bench/gpu_pending.sh fp8_b1         # issue 25: one-row FP8 tiles (float16 products included), b1
 #   bash bench/gpu_pending.sh fp8kv_online   # attention GPU tests, W1 with FP8 weights + FP8 KV (issue 25),
 #                                            # issue 24's step-time prefill rule vs the constant bound
+#   bash bench/gpu_pending.sh mixed          # mixed-step CUDA graphs: GPU tests, eager vs graphs, online bench
+#   bash bench/gpu_pending.sh w1_graphs      # base + LoRA W1 (issue 29), FP8 W1 (issue 25) with mixed-step graphs
 #   bash bench/gpu_pending.sh mixed_profile  # issues 24/29: steps with prompt tokens (eager), host vs device time, the
 #                                            # host's profile, and the LoRA mixed step (base rows vs 8 adapters)
 #   bash bench/gpu_pending.sh lora_profile   # issue 29: where a mixed step (256 decodes + a 2,048-token prompt) and
@@ -118,6 +120,14 @@ mixed)  # steps with prompt tokens in CUDA graphs (MixedGraphs): GPU tests, the 
     el o1; timeout "$(left 575)" python3 bench/online_engine_bench.py --rates 25 45 --prefill-bounds 2048 ratio:2 \
         --duration-s 5 --max-drain-s 6 --out "$OUT/online.json" > "$OUT/online.txt" 2>&1; el "o1 rc=$?"
     echo "== online"; tail -n 8 "$OUT/online.txt"
+    ;;
+w1_graphs)  # W1 with mixed-step graphs: base and LoRA W1 in one run (issue 29's bar), then W1 with FP8 weights
+            # (issue 25's 15,000 bar)
+    el l1; timeout 330 python3 bench/lora_bench.py --out "$OUT/lora.json" > "$OUT/lora.txt" 2>&1; el "l1 rc=$?"
+    echo "== lora"; grep -v "INFO\|WARN\|Loading\|it/s\|warn" "$OUT/lora.txt" | tail -24
+    el f1; timeout "$(left 575)" python3 bench/gpu_bench.py --skip-baseline --check-requests 0 --single-tokens 0 \
+        --quantization fp8 --out "$OUT/fp8_w1.json" > "$OUT/fp8_w1.txt" 2>&1; el "f1 rc=$?"
+    echo "== fp8 W1"; grep -v "INFO\|WARN\|Loading\|it/s" "$OUT/fp8_w1.txt" | tail -14
     ;;
 mixed_profile)  # issues 24 and 29: the 8B shape's steps with prompt tokens (eager: no CUDA graph), host vs device;
                 # a 128-token prompt beside 1 and 64 decodes (host profile), then lora_profile's mixed steps
