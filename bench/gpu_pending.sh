@@ -13,7 +13,8 @@
 #   bash bench/gpu_pending.sh fp8_b1         # issue 25: one-row FP8 tiles (float16 products included), b1
 #   bash bench/gpu_pending.sh fp8kv_online   # attention GPU tests, W1 with FP8 weights + FP8 KV (issue 25),
 #                                            # issue 24's step-time prefill rule vs the constant bound
-#   bash bench/gpu_pending.sh mixed          # mixed-step CUDA graphs: GPU tests, eager vs graphs, online bench
+#   bash bench/gpu_pending.sh mixed          # mixed-step CUDA graphs: GPU tests, the same steps eager vs from graphs
+#   bash bench/gpu_pending.sh online         # issue 24: engine-only online bench, prompt bound 2048 vs ratio 2
 #   bash bench/gpu_pending.sh w1_graphs      # base + LoRA W1 (issue 29), FP8 W1 (issue 25) with mixed-step graphs
 #   bash bench/gpu_pending.sh mixed_profile  # issues 24/29: steps with prompt tokens (eager), host vs device time, the
 #                                            # host's profile, and the LoRA mixed step (base rows vs 8 adapters)
@@ -109,7 +110,7 @@ fp8kv_online)
     echo "== online"; tail -n 16 "$OUT/online.txt"
     ;;
 mixed)  # steps with prompt tokens in CUDA graphs (MixedGraphs): GPU tests, the same mixed steps eager and from
-        # graphs (profile_step), then issue 24's online bench (compare docs/results/online_engine_h200_d9dfec0.md)
+        # graphs (profile_step)
     el t1; timeout 150 $P -k "gpu or cuda" tests/engine/runner/test_cuda_graphs.py > "$OUT/t1_mixed.txt" 2>&1
     el "t1 rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/t1_mixed.txt" | tail -8
     el p1; timeout 170 python3 bench/profile_step.py --batch 1 64 --steps 10 --context 512 --prompt-tokens 128 \
@@ -117,6 +118,8 @@ mixed)  # steps with prompt tokens in CUDA graphs (MixedGraphs): GPU tests, the 
     el p2; timeout 170 python3 bench/profile_step.py --batch 1 64 --steps 10 --context 512 --prompt-tokens 128 \
         --kernels 0 > "$OUT/mixed_graphs.txt" 2>&1; el "p2 rc=$?"
     for f in mixed_eager mixed_graphs; do echo "== $f"; grep -E "captured|^\|" "$OUT/$f.txt" | tail -6; done
+    ;;
+online)  # issue 24's engine-only online bench: the constant prompt bound and the step-time rule
     el o1; timeout "$(left 575)" python3 bench/online_engine_bench.py --rates 25 45 --prefill-bounds 2048 ratio:2 \
         --duration-s 5 --max-drain-s 6 --out "$OUT/online.json" > "$OUT/online.txt" 2>&1; el "o1 rc=$?"
     echo "== online"; tail -n 8 "$OUT/online.txt"
