@@ -302,8 +302,9 @@ class DecodeGraphs:
             slots += [-1] * (padded - len(slots))
             if self.query_len > 1:  # a sequence's q rows (padding ones too) take its adapter
                 slots = [slot for slot in slots for _ in range(self.query_len)]
-            self.lora_slots[:len(slots)].copy_(torch.tensor(slots, dtype=torch.int32, pin_memory=True),
-                                               non_blocking=True)
+            # Pinned on a GPU only: off CUDA (the CPU tests' stand-in graphs) there is no pinned memory.
+            host_slots = torch.tensor(slots, dtype=torch.int32, pin_memory=self.lora_slots.is_cuda)
+            self.lora_slots[:len(slots)].copy_(host_slots, non_blocking=True)
         if step.pending_input_indices:
             if in_graph:
                 self.previous_tokens[: previous_tokens.numel()].copy_(previous_tokens)
@@ -421,6 +422,10 @@ class MixedInputs:
         num_tokens, batch = len(step.token_ids), len(step.query_lens)
         num_padding = padded_tokens - num_tokens
         used_seqs = batch + (1 if num_padding else 0)
+        if blocks_for(num_padding, block_size) > self.max_blocks:
+            # Its context would run past its table row (on a GPU, into the next row or past the buffer's end).
+            raise ValueError(f"{num_padding} padding tokens need {blocks_for(num_padding, block_size)} blocks, more "
+                             f"than a table row's {self.max_blocks} (MixedGraphs.can_run refuses such steps)")
         host["ids"][:num_tokens] = step.token_ids
         host["ids"][num_tokens:padded_tokens] = 0
         host["positions"][:num_tokens] = step.positions
@@ -525,13 +530,17 @@ class MixedGraphs:
 
     def can_run(self, step: "StepInput") -> bool:
         """A step with prompt tokens (decode-only steps are the decode graphs') of at most `max_tokens` tokens and
-        `max_seqs` sequences, each sampled at most once."""
-        if not self._graphs or len(step.token_ids) > self.max_tokens or len(step.query_lens) > self.max_seqs:
+        `max_seqs` sequences, with no more logits rows (a verification's one a position) than its graph has
+        sequences, and whose padding is at most `max_model_len` tokens: the padding sequence's context is read
+        through one block-table row, as wide as `max_model_len`. Only a model length below the gap between two
+        captured sizes (under 128 tokens) meets that limit; such a step runs eagerly."""
+        num_tokens = len(step.token_ids)
+        if not self._graphs or num_tokens > self.max_tokens or len(step.query_lens) > self.max_seqs:
             return False
         if max(step.query_lens) <= 1:
             return False
-        padded = next(size for size in self.sizes if size >= len(step.token_ids))
-        return len(step.logits_indices) <= self.seqs_for(padded)
+        padded = next(size for size in self.sizes if size >= num_tokens)
+        return len(step.logits_indices) <= self.seqs_for(padded) and padded - num_tokens <= self.max_model_len
 
     def run(self, step: "StepInput", previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """The step's logits, one row per `step.logits_indices` entry, as an eager step returns them."""
