@@ -48,6 +48,10 @@ AUTO_ATTENTION_BACKEND_BY_CAPABILITY_MAJOR: dict[int, Literal["triton", "flash_p
 # Backends whose decode steps can be captured in CUDA graphs (every per-step value in device tensors).
 CAPTURABLE_ATTENTION_BACKENDS = ("triton", "flash_paged")
 
+# cuda_graph_max_mixed_tokens auto never captures larger steps: past a few thousand tokens a step's kernels outlast
+# the host's launches (and 128-token steps of sizes would make ~60 graphs to capture at start-up).
+AUTO_MAX_MIXED_GRAPH_TOKENS = 4096
+
 DEFAULT_MAX_MODEL_LEN = 4096  # a model whose config names no context length
 MAX_AUTO_MODEL_LEN = 32768  # auto never plans for longer contexts than this; set max_model_len to go past it
 
@@ -390,7 +394,8 @@ def resolve_mixed_graph_tokens(config: EngineConfig, cuda_graphs: bool, backend:
         return 0
     if requested == "auto":
         prompt_bound = max_prefill_tokens_while_decoding or max_batch_tokens
-        tokens = min(max_batch_tokens, prompt_bound + min(config.cuda_graph_max_batch_size, config.max_num_seqs))
+        tokens = min(max_batch_tokens, AUTO_MAX_MIXED_GRAPH_TOKENS,
+                     prompt_bound + min(config.cuda_graph_max_batch_size, config.max_num_seqs))
         decided("cuda_graph_max_mixed_tokens", tokens, "the prompt bound beside decodes plus the largest decode graph")
         return tokens
     if requested > max_batch_tokens:

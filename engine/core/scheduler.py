@@ -256,7 +256,7 @@ class Scheduler:
         tokens = prompt_tokens_within_ratio(costs, num_decoding, num_context_tokens, decode_runs_graph, ratio)
         # The deadlines, in service order: running prefills, then the queue from its head (as far as one can bind).
         step_without_prompt_s = costs.step_s(num_decoding + 1, num_context_tokens, 0,
-                                             runs_graph=num_decoding + 1 < model.mixed_graph_max_tokens)
+                                             runs_graph=num_decoding + 1 <= model.mixed_graph_max_tokens)
         deadline_from_now_s = config.ttft_target_s - self._clock()
         num_backlog_tokens = 0
         for request in itertools.chain(prefilling, itertools.islice(self.waiting, NUM_WAITING_DEADLINES)):
