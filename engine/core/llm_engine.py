@@ -208,7 +208,7 @@ class LLMEngine:
                                                **kinds):
                 decode_graph_max_batch_size = max_graph_batch
                 verify_graph_max_batch_size = kinds.get("verify_max_batch_size", 0)
-                mixed_graph_max_tokens = kinds.get("mixed_max_tokens", 0)
+                mixed_graph_max_tokens = self.runner.mixed_graph_max_tokens
             if self._speculator is not None:
                 self._speculator.capture_cuda_graphs(kinds["verify_max_batch_size"], self.max_model_len)
         self.kv_cache = KVCacheManager(

@@ -360,6 +360,11 @@ class ModelRunner:
         return logits.float() if out is None else out.copy_(logits)
 
     @property
+    def mixed_graph_max_tokens(self) -> int:
+        """The most tokens of a step with prompt tokens that replays a CUDA graph (0: none captured)."""
+        return self._mixed_graphs.max_tokens if self._mixed_graphs is not None else 0
+
+    @property
     def is_compiled(self) -> bool:
         return isinstance(self._step_model, CompiledForward) and self._step_model.is_compiled
 
@@ -385,8 +390,19 @@ class ModelRunner:
                                                logits=graphs.logits)
             used += self._verify_graphs.capture(graphs.pool)
         if mixed:
-            self._mixed_graphs = MixedGraphs(self, mixed_max_tokens, max_num_seqs, max_model_len, logits=graphs.logits)
-            used += self._mixed_graphs.capture(graphs.pool)
+            mixed_graphs = MixedGraphs(self, mixed_max_tokens, max_num_seqs, max_model_len, logits=graphs.logits)
+            try:
+                used += mixed_graphs.capture(graphs.pool)
+            except Exception as exc:  # noqa: BLE001 - a model whose larger steps cannot be captured still serves
+                # Capturing such a step failed (an op of this model or kernel that reads the device on the host):
+                # they run eagerly, as with cuda_graph_max_mixed_tokens=0; the decode graphs stand.
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                logger.warning("steps with prompt tokens could not be captured in CUDA graphs (%s: %s): they run "
+                               "eagerly; set cuda_graph_max_mixed_tokens=0 to skip the attempt",
+                               type(exc).__name__, exc)
+            else:
+                self._mixed_graphs = mixed_graphs
         if reserved_bytes and used > reserved_bytes:
             logger.warning("the CUDA graphs took %.0f MiB, more than the %.0f MiB the memory plan set aside",
                            used / 2**20, reserved_bytes / 2**20)

@@ -10,6 +10,7 @@ caching and block copies, preemption, n > 1, stop strings, speculative decoding 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -371,3 +372,30 @@ def test_random_steps_with_adapter_rows_from_graphs_equal_eager_steps(lora_model
     llm = LLM(str(model_dir), dtype="float32", device="cpu", block_size=BLOCK_SIZE, num_blocks=96, max_num_seqs=6,
               max_batch_tokens=48, lora_modules=adapters, max_loras=2)
     assert replay_random_steps(llm, seed=2, num_steps=40, adapters=[*adapters, None]) >= 15
+
+
+def test_a_model_whose_mixed_steps_cannot_be_captured_still_serves(tiny_model_dir, monkeypatch, caplog) -> None:
+    """A capture of steps with prompt tokens that fails (an op that reads the device on the host) leaves them eager,
+    with a warning naming the way out, while decode steps keep their graphs and the output stays eager's."""
+    from pagedserve.engine.runner.cuda_graphs import MixedGraphs
+
+    prompts = [list(range(5, 5 + n)) for n in (23, 9, 30)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    reference, _ = make_llm(tiny_model_dir("llama"), graphs=False, num_blocks=64, max_batch_tokens=24, max_num_seqs=4)
+    expected = [o.outputs[0].token_ids for o in generate(reference, prompts, params)]
+
+    def refuse(self, pool=None):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(MixedGraphs, "capture", refuse)
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", device="cpu", block_size=BLOCK_SIZE, num_blocks=64,
+              max_batch_tokens=24, max_num_seqs=4)
+    runner = llm.engine.runner
+    runner.backend = GraphLikeReference()
+    runner.settings = dataclasses.replace(runner.settings, cuda_graphs=True)
+    with caplog.at_level(logging.WARNING, logger="pagedserve.engine.runner.model_runner"):
+        assert runner.capture_cuda_graphs(4, llm.engine.max_model_len, mixed_max_tokens=24, max_num_seqs=4)
+    assert runner._mixed_graphs is None and runner.mixed_graph_max_tokens == 0
+    assert runner._decode_graphs is not None
+    assert "cuda_graph_max_mixed_tokens=0" in caplog.text and "stream is capturing" in caplog.text
+    assert [o.outputs[0].token_ids for o in generate(llm, prompts, params)] == expected
