@@ -118,6 +118,9 @@ mixed)  # steps with prompt tokens in CUDA graphs (MixedGraphs): GPU tests, the 
     el p2; timeout 170 python3 bench/profile_step.py --batch 1 64 --steps 10 --context 512 --prompt-tokens 128 \
         --kernels 0 > "$OUT/mixed_graphs.txt" 2>&1; el "p2 rc=$?"
     for f in mixed_eager mixed_graphs; do echo "== $f"; grep -E "captured|^\|" "$OUT/$f.txt" | tail -6; done
+    el w1; timeout "$(left 575)" python3 bench/gpu_bench.py --skip-baseline --check-requests 0 --single-tokens 0 \
+        --out "$OUT/w1.json" > "$OUT/w1.txt" 2>&1; el "w1 rc=$?"
+    echo "== W1 (bf16, mixed-step graphs; 9,659.4 at 8bd1563 without)"; grep -v "INFO\|WARN\|Loading\|it/s" "$OUT/w1.txt" | tail -12
     ;;
 online)  # issue 24's engine-only online bench: the constant prompt bound and the step-time rule
     el o1; timeout "$(left 575)" python3 bench/online_engine_bench.py --rates 25 45 --prefill-bounds 2048 ratio:2 \
