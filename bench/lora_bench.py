@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BenchResult, RequestTiming, random_token_workload, release_memory, summarize_timings  # noqa: E402
-from gpu_bench import step_time_summary, triton_variants  # noqa: E402
+from gpu_bench import record_steps, step_time_summary, triton_variants  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -82,22 +82,6 @@ def write_adapters(model, folder: Path, num_adapters: int, rank: int) -> dict[st
             "bias": "none", "use_rslora": False, "use_dora": False, "task_type": "CAUSAL_LM"}))
         paths[out.name] = str(out)
     return paths
-
-
-def record_steps(engine) -> list:
-    """From now on, the stats of every engine step that ran."""
-    steps: list = []
-    engine_step = engine.step
-
-    def step():
-        outputs = engine_step()
-        if engine.last_step is not None:
-            steps.append(engine.last_step)
-            engine.last_step = None
-        return outputs
-
-    engine.step = step
-    return steps
 
 
 def timed_generate(llm, prompts, max_new_tokens: int, lora, name: str) -> BenchResult:
