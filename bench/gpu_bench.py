@@ -125,7 +125,11 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
                    "attention_backend": args.attention_backend, "max_memory_percent": args.max_memory_percent,
                    "max_batch_tokens": args.max_batch_tokens, "enable_prefix_caching": False,
                    "compile": args.compile, "fuse_projections": args.fuse_projections,
-                   "programmatic_launch": args.programmatic_launch, "kv_cache_dtype": args.kv_cache_dtype}
+                   "programmatic_launch": args.programmatic_launch, "kv_cache_dtype": args.kv_cache_dtype,
+                   "cuda_graph_max_mixed_tokens": args.cuda_graph_max_mixed_tokens}
+    for item in args.engine_arg:
+        key, value = item.split("=", 1)
+        engine_args[key] = value
     started = time.perf_counter()
     try:
         llm = start_engine(model, tokenizer, args, **engine_args)
@@ -408,6 +412,10 @@ def main() -> int:
     parser.add_argument("--max-memory-percent", type=float, default=0.9)
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--engine-arg", action="append", default=[],
+                        help="another EngineConfig field, key=value (validated as a flag's text is)")
+    parser.add_argument("--cuda-graph-max-mixed-tokens", default="auto",
+                        help="EngineConfig.cuda_graph_max_mixed_tokens (0: steps with prompt tokens run eagerly)")
     parser.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
                         help="torch.compile the decoder layers (EngineConfig.compile; default: the engine's "
                              "choice, on for a GPU)")
