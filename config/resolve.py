@@ -31,11 +31,14 @@ GPU_MAX_BATCH_TOKENS = 8192
 # 4096 all kept the goodput SLOs to 45 req/s, 512 missed TTFT from 40; 2048 had the lowest ITL p99 there
 # (46.9 ms vs 54.0 unbounded). On CPU auto is no bound, as before the knob: nothing measured there asks for one.
 GPU_MAX_PREFILL_TOKENS_WHILE_DECODING = 2048
-# prefill_step_time_ratio auto on CUDA: None (off, the constant bound above alone). Measured on one H200 (d9dfec0,
-# bench/online_engine_bench.py --rates 25 40 45 --prefill-bounds 2048 ratio:2 ratio:3): every rule met the SLOs at
-# every rate and none had the lower ITL/TPOT p99 at every rate (docs/benchmarks.md), so the simpler constant stays.
-# On CPU auto is off.
-GPU_PREFILL_STEP_TIME_RATIO: float | None = None
+# prefill_step_time_ratio auto on CUDA where steps with prompt tokens replay CUDA graphs (cuda_graph_max_mixed_tokens):
+# 2. Measured on one H100 at 21cc4cf (bench/online_engine_bench.py --rates 25 40 45 --prefill-bounds 2048 ratio:2;
+# docs/benchmarks.md): both met the SLOs at every rate; ratio 2 kept ITL within issue 24's bounds of TPOT at every
+# rate (ITL/TPOT p50 0.77 / 1.03 / 1.01, p99 1.56 / 1.41 / 1.78 at 25 / 40 / 45 req/s) where 2048 did not (p99 2.98 /
+# 2.89 / 2.48), for 0.5-4.5% of output tok/s at those rates; W1 (a burst) is the same with either. Where those steps
+# run eagerly a step with any prompt token pays a fixed host cost that the ratio's budget cannot see, and on an H200
+# (d9dfec0, eager) no rule was better at every rate: off, the constant bound alone. On CPU auto is off.
+GPU_PREFILL_STEP_TIME_RATIO = 2.0
 # attention_backend auto on CUDA, by compute capability major (the GPU generation): the backend that
 # bench/attention_bench.py --backends triton flash_paged and bench/gpu_bench.py (W1, batch 1) measured faster
 # there, in one run. Triton everywhere until such a run says otherwise; a generation not listed gets Triton.
@@ -249,12 +252,13 @@ class SpeculativeSettings:
         return self.method != "none" and self.num_tokens > 0 and self.disable_batch_size > 0
 
 
-def resolve_prefill_step_time_ratio(config: EngineConfig, device: DeviceType) -> float | None:
-    """The ratio of the step-time budget rule, or None for off (auto: GPU_PREFILL_STEP_TIME_RATIO on CUDA)."""
+def resolve_prefill_step_time_ratio(config: EngineConfig, device: DeviceType, mixed_graphs: bool) -> float | None:
+    """The ratio of the step-time budget rule, or None for off (auto: GPU_PREFILL_STEP_TIME_RATIO on CUDA where steps
+    with prompt tokens replay CUDA graphs, `mixed_graphs`)."""
     if config.prefill_step_time_ratio == "off":
         return None
     if config.prefill_step_time_ratio == "auto":
-        return GPU_PREFILL_STEP_TIME_RATIO if device == "cuda" else None
+        return GPU_PREFILL_STEP_TIME_RATIO if device == "cuda" and mixed_graphs else None
     return float(config.prefill_step_time_ratio)
 
 
@@ -502,9 +506,6 @@ def resolve(
             decided("max_prefill_tokens_while_decoding", max_prefill_tokens_while_decoding, "default on cuda")
         else:
             decided("max_prefill_tokens_while_decoding", "none", f"no bound on {device}")
-    prefill_step_time_ratio = resolve_prefill_step_time_ratio(config, device)
-    if config.prefill_step_time_ratio == "auto":
-        decided("prefill_step_time_ratio", prefill_step_time_ratio or "off", f"default on {device}")
 
     quantization = config.quantization
     if model.fp8_checkpoint:
@@ -555,6 +556,12 @@ def resolve(
     mixed_tokens = resolve_mixed_graph_tokens(config, cuda_graphs_off is None, backend, max_batch_tokens,
                                               max_prefill_tokens_while_decoding,
                                               model.has_moe_experts and moe_backend != "fused", decided)
+    prefill_step_time_ratio = resolve_prefill_step_time_ratio(config, device, mixed_tokens > 0)
+    if config.prefill_step_time_ratio == "auto":
+        why = (f"default on {device}" if device != "cuda" else
+               "default where steps with prompt tokens replay CUDA graphs" if mixed_tokens else
+               "default where steps with prompt tokens run eagerly")
+        decided("prefill_step_time_ratio", prefill_step_time_ratio or "off", why)
 
     async_scheduling = config.async_scheduling and config.tp_size == 1
     if config.async_scheduling and not async_scheduling:

@@ -92,7 +92,7 @@ def test_explicit_values_are_kept_and_only_autos_are_reported() -> None:
     auto = resolve(EngineConfig(), HOPPER, LLAMA)
     names = [line.split("=")[0] for line in auto.decisions]
     assert names == ["device", "dtype", "max_model_len", "max_batch_tokens", "max_prefill_tokens_while_decoding",
-                     "prefill_step_time_ratio", "attention_backend", "compile", "cuda_graph_max_mixed_tokens"]
+                     "attention_backend", "compile", "cuda_graph_max_mixed_tokens", "prefill_step_time_ratio"]
     assert auto.describe().startswith("resolved settings: device=cuda (a CUDA device is visible)")
 
 
@@ -141,7 +141,14 @@ def test_prefill_bound_while_decoding_is_none_on_cpu_and_a_constant_on_cuda() ->
 def test_prefill_step_time_ratio_is_off_on_cpu_the_measured_constant_on_cuda_and_kept_when_set() -> None:
     assert resolve(EngineConfig(), CPU, LLAMA).scheduler.prefill_step_time_ratio is None
     assert "prefill_step_time_ratio=off (default on cpu)" in resolve(EngineConfig(), CPU, LLAMA).describe()
-    assert resolve(EngineConfig(), HOPPER, LLAMA).scheduler.prefill_step_time_ratio == GPU_PREFILL_STEP_TIME_RATIO
+    gpu = resolve(EngineConfig(), HOPPER, LLAMA)
+    assert gpu.scheduler.prefill_step_time_ratio == GPU_PREFILL_STEP_TIME_RATIO == 2.0
+    assert "prefill_step_time_ratio=2.0 (default where steps with prompt tokens replay CUDA graphs)" in gpu.describe()
+    # Where those steps run eagerly (no mixed-step graphs) the rule measured no better than the constant: off.
+    for config in (EngineConfig(cuda_graph_max_mixed_tokens=0), EngineConfig(enable_cuda_graphs=False)):
+        eager = resolve(config, HOPPER, LLAMA)
+        assert eager.scheduler.prefill_step_time_ratio is None
+        assert "prefill_step_time_ratio=off (default where steps with prompt tokens run eagerly)" in eager.describe()
     for platform in (CPU, HOPPER):
         for value, want in ((2, 2.0), ("2.5", 2.5), ("off", None)):
             settings = resolve(EngineConfig(prefill_step_time_ratio=value), platform, LLAMA).scheduler
