@@ -90,7 +90,8 @@ class EngineConfig(BaseModel):
     prefill_step_time_ratio: float | Literal["auto", "off"] = Field(
         "auto", description="A step that carries prompt tokens beside decodes may take at most this many times the "
         "decode-only step of the same batch (plus any fixed cost a step with prompt tokens brings, such as running "
-        "eagerly where cuda_graph_max_mixed_tokens does not capture it): its prompt tokens are the fewer of max_prefill_tokens_while_decoding and "
+        "eagerly where cuda_graph_max_mixed_tokens does not capture it): its prompt tokens are the fewer of "
+        "max_prefill_tokens_while_decoding and "
         "those whose time is at most (ratio - 1) decode steps, as predicted by a cost model the engine fits from "
         "its own step times (engine/core/step_cost.py), and never fewer than 64. When the waiting prompts would not "
         "get their first token within ttft_target_s at that rate, steps take as many prompt tokens as that needs, "

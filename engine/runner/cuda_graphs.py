@@ -24,7 +24,7 @@ front of it.
 Steps with prompt tokens (`MixedGraphs`): a prompt chunk beside decodes runs the same kernels as a decode step,
 only more rows, but eagerly it pays the host's launches of every layer's kernels (regional compilation leaves
 two compiled regions and the attention call a layer), which on a fast GPU take longer than the kernels of a
-small mixed step: a step with one 128-token prompt took 37 ms on an H200 where its kernels need about 4. The
+small mixed step (docs/kernels.md has the figures). The
 Triton attention kernel reads every per-sequence value from device tensors and sizes its grid from the token
 and sequence counts alone, so such a step is captured too, one graph per padded token count: its tokens first,
 then padding tokens that form one extra sequence of their own (positions from 0, their K/V not written, their
@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 def mixed_capture_sizes(max_tokens: int) -> list[int]:
     """Token counts of the mixed-step graphs: 16 to 128 by doubling, then every 64 up to `max_tokens` (a step's
-    compute grows with its tokens: W1's steps of ~2,500 tokens lost 2.3% to padding of up to 128)."""
+    compute grows with its tokens, so padding costs in proportion: docs/kernels.md)."""
     sizes = [size for size in (16, 32, 64, 128) if size < max_tokens]
     sizes += list(range(192, max_tokens, 64))
     return sorted(set(sizes + [max_tokens]))
@@ -304,16 +304,24 @@ class DecodeGraphs:
             # Pinned on a GPU only: off CUDA (the CPU tests' stand-in graphs) there is no pinned memory.
             host_slots = torch.tensor(slots, dtype=torch.int32, pin_memory=self.lora_slots.is_cuda)
             self.lora_slots[:len(slots)].copy_(host_slots, non_blocking=True)
-        if step.pending_input_indices:
-            if in_graph:
-                self.previous_tokens[: previous_tokens.numel()].copy_(previous_tokens)
-            else:
-                fill_pending_tokens(self.inputs.device.ids[:batch_size], step, previous_tokens)
+        feed_pending_tokens(step, previous_tokens, in_graph, self.previous_tokens, self.inputs.device.ids[:batch_size])
         graph.replay()
         num_logits = len(step.logits_indices)
         if is_in_order:
             return logits[:num_logits]
         return logits.index_select(0, self.inputs.device.logits_rows[:num_logits])
+
+
+def feed_pending_tokens(step: "StepInput", previous_tokens: torch.Tensor | None, in_graph: bool,
+                        graph_previous: torch.Tensor, ids: torch.Tensor) -> None:
+    """The step's tokens still on the device (async scheduling): into the graph's copy of the previous step's
+    sampled ids (`in_graph`: the graph gathers them), else straight into its input `ids` before the replay."""
+    if not step.pending_input_indices:
+        return
+    if in_graph:
+        graph_previous[: previous_tokens.numel()].copy_(previous_tokens)
+    else:
+        fill_pending_tokens(ids, step, previous_tokens)
 
 
 def capture_graphs(device: torch.device, sizes: list[int], forward, graphs: dict, pool=None,
@@ -510,7 +518,8 @@ class MixedGraphs:
             query_lens_cpu=[num_tokens] * num_seqs,
             seq_lens_cpu=[self.max_model_len] * num_seqs,
         )
-        return self.runner.forward_logits(input_ids, views.positions[:num_tokens], self.runner.forward_context(metadata),
+        context = self.runner.forward_context(metadata)
+        return self.runner.forward_logits(input_ids, views.positions[:num_tokens], context,
                                           views.logits_rows[:num_seqs], out=self.logits[:num_seqs])
 
     @torch.inference_mode()
@@ -554,11 +563,7 @@ class MixedGraphs:
             if token_slots is not None:
                 slots[:num_tokens] = token_slots
             self.lora_slots[:padded].copy_(slots.pin_memory() if self.lora_slots.is_cuda else slots, non_blocking=True)
-        if step.pending_input_indices:
-            if in_graph:
-                self.previous_tokens[: previous_tokens.numel()].copy_(previous_tokens)
-            else:
-                fill_pending_tokens(self.inputs.device.ids[:num_tokens], step, previous_tokens)
+        feed_pending_tokens(step, previous_tokens, in_graph, self.previous_tokens, self.inputs.device.ids[:num_tokens])
         graph.replay()
         return logits[: len(step.logits_indices)]
 

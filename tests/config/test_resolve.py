@@ -107,7 +107,8 @@ def test_steps_with_prompt_tokens_are_captured_where_decode_steps_are_with_trito
     assert resolve(EngineConfig(max_batch_tokens=1024), HOPPER, LLAMA).runner.cuda_graph_max_mixed_tokens == 1024
     unbounded = EngineConfig(max_prefill_tokens_while_decoding=8192, max_batch_tokens=8192)  # at most 4,096 (auto)
     assert resolve(unbounded, HOPPER, LLAMA).runner.cuda_graph_max_mixed_tokens == 4096
-    assert resolve(EngineConfig(cuda_graph_max_mixed_tokens="300"), HOPPER, LLAMA).runner.cuda_graph_max_mixed_tokens == 300
+    as_text = resolve(EngineConfig(cuda_graph_max_mixed_tokens="300"), HOPPER, LLAMA)  # a flag's value
+    assert as_text.runner.cuda_graph_max_mixed_tokens == 300
     assert resolve(EngineConfig(), CPU, LLAMA).runner.cuda_graph_max_mixed_tokens == 0
     for config in (EngineConfig(cuda_graph_max_mixed_tokens=0), EngineConfig(enable_cuda_graphs=False),
                    EngineConfig(attention_backend="reference")):
