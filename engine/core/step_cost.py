@@ -204,9 +204,8 @@ class StepCostModel:
     def runs_graph(self, shape: StepShape) -> bool:
         if shape.num_seqs <= 0:
             return False
-        if shape.num_prompt_tokens:  # mixed graphs take no proposals (their logits are one a sequence)
-            return (not shape.num_draft_tokens
-                    and shape.num_seqs + shape.num_prompt_tokens <= self.mixed_graph_max_tokens)
+        if shape.num_prompt_tokens:  # a mixed-step graph, within its token count (proposals included)
+            return shape.num_seqs + shape.num_prompt_tokens + shape.num_draft_tokens <= self.mixed_graph_max_tokens
         limit = self.verify_graph_max_batch_size if shape.num_draft_tokens else self.decode_graph_max_batch_size
         return shape.num_seqs <= limit
 

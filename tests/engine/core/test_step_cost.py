@@ -99,3 +99,16 @@ def test_prompt_tokens_within_ratio_and_to_drain():
     assert prompt_tokens_to_drain(costs, 0.010, 1000, 0.02) == float("inf")  # 1,000 tokens alone take 20 ms
     assert prompt_tokens_to_drain(costs, 0.010, 1000, -1.0) == float("inf")  # the deadline has passed
     assert prompt_tokens_to_drain(costs, 0.010, 0, 0.1) == 0
+
+
+def test_steps_with_prompt_tokens_count_as_graph_steps_within_the_mixed_graphs_tokens() -> None:
+    """Decode-only steps replay a graph up to the decode graphs' batch; steps with prompt tokens (verification rows
+    beside them included) up to the mixed-step graphs' token count; past either, or with none captured, eager."""
+    model = StepCostModel(decode_graph_max_batch_size=8, mixed_graph_max_tokens=64)
+    assert model.runs_graph(StepShape(num_seqs=8, num_decode_context_tokens=100))
+    assert not model.runs_graph(StepShape(num_seqs=9, num_decode_context_tokens=100))
+    assert model.runs_graph(StepShape(num_seqs=4, num_decode_context_tokens=100, num_prompt_tokens=60))
+    assert not model.runs_graph(StepShape(num_seqs=4, num_decode_context_tokens=100, num_prompt_tokens=61))
+    assert model.runs_graph(StepShape(num_seqs=4, num_prompt_tokens=50, num_draft_tokens=10))
+    assert not model.runs_graph(StepShape(num_seqs=4, num_prompt_tokens=50, num_draft_tokens=11))
+    assert not StepCostModel(decode_graph_max_batch_size=8).runs_graph(StepShape(num_seqs=1, num_prompt_tokens=8))
