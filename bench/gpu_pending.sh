@@ -14,6 +14,7 @@
 #   bash bench/gpu_pending.sh fp8kv_online   # attention GPU tests, W1 with FP8 weights + FP8 KV (issue 25),
 #                                            # issue 24's step-time prefill rule vs the constant bound
 #   bash bench/gpu_pending.sh mixed          # mixed-step CUDA graphs: GPU tests, the same steps eager vs from graphs
+#   bash bench/gpu_pending.sh mixed_big      # W1-sized mixed steps eager vs graphs (kernel tables), FP8 W1 with graphs
 #   bash bench/gpu_pending.sh online         # issue 24: engine-only online bench, prompt bound 2048 vs ratio 2
 #   bash bench/gpu_pending.sh w1_graphs      # base + LoRA W1 (issue 29), FP8 W1 (issue 25) with mixed-step graphs
 #   bash bench/gpu_pending.sh mixed_profile  # issues 24/29: steps with prompt tokens (eager), host vs device time, the
@@ -121,6 +122,17 @@ mixed)  # steps with prompt tokens in CUDA graphs (MixedGraphs): GPU tests, the 
     el w1; timeout "$(left 575)" python3 bench/gpu_bench.py --skip-baseline --check-requests 0 --single-tokens 0 \
         --out "$OUT/w1.json" > "$OUT/w1.txt" 2>&1; el "w1 rc=$?"
     echo "== W1 (bf16, mixed-step graphs; 9,659.4 at 8bd1563 without)"; grep -v "INFO\|WARN\|Loading\|it/s" "$OUT/w1.txt" | tail -12
+    ;;
+mixed_big)  # W1's large mixed steps (256 decodes + a 2,048-token prompt) eager vs from graphs: why they are slower
+            # replayed (W1 0.981 with mixed graphs on an H100); then W1 with FP8 weights and mixed graphs (issue 25)
+    for extra in "--engine-arg cuda_graph_max_mixed_tokens=0" ""; do
+        el "p $extra"; timeout 200 python3 bench/profile_step.py --batch 256 --steps 10 --context 512 \
+            --prompt-tokens 2048 --kernels 14 $extra > "$OUT/mixed_big.txt" 2>&1; el "rc=$?"
+        grep -E "captured|^(---|\|)" "$OUT/mixed_big.txt" | tail -22
+    done
+    el f1; timeout "$(left 575)" python3 bench/gpu_bench.py --skip-baseline --check-requests 0 --single-tokens 0 \
+        --quantization fp8 --out "$OUT/fp8_w1.json" > "$OUT/fp8_w1.txt" 2>&1; el "f1 rc=$?"
+    echo "== fp8 W1"; grep -v "INFO\|WARN\|Loading\|it/s" "$OUT/fp8_w1.txt" | tail -10
     ;;
 online)  # issue 24's engine-only online bench: the constant prompt bound and the step-time rule
     el o1; timeout "$(left 575)" python3 bench/online_engine_bench.py --rates 25 45 --prefill-bounds 2048 ratio:2 \
