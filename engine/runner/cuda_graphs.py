@@ -541,7 +541,7 @@ class MixedGraphs:
         `max_seqs` sequences, with no more logits rows (a verification's one a position) than its graph has
         sequences, and whose padding is at most `max_model_len` tokens: the padding sequence's context is read
         through one block-table row, as wide as `max_model_len`. Only a model length below the gap between two
-        captured sizes (under 128 tokens) meets that limit; such a step runs eagerly."""
+        captured sizes (at most 64 tokens) meets that limit; such a step runs eagerly."""
         num_tokens = len(step.token_ids)
         if not self._graphs or num_tokens > self.max_tokens or len(step.query_lens) > self.max_seqs:
             return False
