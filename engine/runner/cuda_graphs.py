@@ -82,6 +82,35 @@ class _Views:
     tables: list[torch.Tensor]  # per group, int32 [S, max_blocks]
 
 
+class _StagedUpload:
+    """A device buffer filled from two pinned host halves in turn (`DecodeInputs`, `MixedInputs`): the host packs a
+    step into a half while the copy from the other may still be queued; a half is written again only after the copy
+    from it has run (an event, long done by then)."""
+
+    def __init__(self, nbytes: int, device: torch.device) -> None:
+        on_gpu = device.type == "cuda"
+        self.device_buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self.host_buffers = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=on_gpu) for _ in range(2)]
+        self._copied = [None, None] if on_gpu else None  # CUDA events of the last copy from each half
+        self._half = 0
+
+    def next_half(self) -> int:
+        """The host half to pack the next step into (its earlier copy done)."""
+        half = self._half
+        self._half ^= 1
+        if self._copied is not None and self._copied[half] is not None:
+            self._copied[half].synchronize()
+        return half
+
+    def send(self, half: int, nbytes: int) -> None:
+        """Copy the half's first `nbytes` to the device buffer, asynchronously on the current stream."""
+        self.device_buffer[:nbytes].copy_(self.host_buffers[half][:nbytes], non_blocking=True)
+        if self._copied is not None:
+            event = torch.cuda.Event()
+            event.record()
+            self._copied[half] = event
+
+
 class DecodeInputs:
     """A decode step's inputs in one buffer: the host packs, one copy moves them, the graphs read views.
 
@@ -90,8 +119,7 @@ class DecodeInputs:
     B sequences copies the buffer up to row B of the last group's table (earlier groups' tables whole), so
     a small batch moves a few KiB. Block-table entries past a sequence's blocks may hold stale ids from
     earlier steps: the kernels read only the blocks that the context length covers, as with any padded
-    table. The host side is pinned and double-buffered: a half is written again only after the copy from
-    it has run (an event, long done by then).
+    table. The host side is pinned and double-buffered (`_StagedUpload`).
     """
 
     def __init__(self, max_batch_size: int, num_groups: int, max_blocks: int, device: torch.device,
@@ -100,18 +128,14 @@ class DecodeInputs:
         self.query_len = query_len
         self._int64_len = (4 + num_groups) * max_batch_size * query_len
         self._int32_len = max_batch_size + num_groups * max_batch_size * max_blocks
-        nbytes = 8 * self._int64_len + 4 * self._int32_len
-        on_gpu = device.type == "cuda"
-        self.device_buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self._upload = _StagedUpload(8 * self._int64_len + 4 * self._int32_len, device)
+        self.device_buffer = self._upload.device_buffer
         self.device = self._views(self.device_buffer)
-        self._host_buffers = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=on_gpu) for _ in range(2)]
-        host_views = [self._views(buffer) for buffer in self._host_buffers]
+        host_views = [self._views(buffer) for buffer in self._upload.host_buffers]
         self._host = [{name: getattr(v, name).numpy()
                        for name in ("ids", "positions", "pending", "logits_rows", "seq_lens")}
                       | {"slots": [t.numpy() for t in v.slots], "tables": [t.numpy() for t in v.tables]}
                       for v in host_views]
-        self._copied = [None, None] if on_gpu else None  # CUDA events of the last copy from each half
-        self._half = 0
         # The padding rows' context: q tokens, nothing written, no pending token.
         for views in (self.device, *host_views):
             views.seq_lens.fill_(query_len)
@@ -141,10 +165,7 @@ class DecodeInputs:
         graph gathers the step's pending tokens from the previous sampled ids; else their rows stay -1.
         Returns whether the step's logits indices are the graph's first rows in order (else `logits_rows`
         holds, for each, its padded row)."""
-        half = self._half
-        self._half ^= 1
-        if self._copied is not None and self._copied[half] is not None:
-            self._copied[half].synchronize()
+        half = self._upload.next_half()
         host = self._host[half]
         batch, q = len(step.query_lens), self.query_len
         num_rows = padded * q
@@ -176,12 +197,7 @@ class DecodeInputs:
             _, slots = host_block_table_and_slots(tables, token_seq_t, positions, block_size, out=host["tables"][group])
             host["slots"][group][:num_rows] = -1
             host["slots"][group][rows] = slots.numpy()
-        nbytes = self._bytes_for(batch)
-        self.device_buffer[:nbytes].copy_(self._host_buffers[half][:nbytes], non_blocking=True)
-        if self._copied is not None:
-            event = torch.cuda.Event()
-            event.record()
-            self._copied[half] = event
+        self._upload.send(half, self._bytes_for(batch))
         return bool(np.array_equal(logits_rows, np.arange(len(logits_rows))))
 
 
@@ -384,15 +400,11 @@ class MixedInputs:
         self.max_tokens, self.max_seqs, self.num_groups, self.max_blocks = max_tokens, max_seqs, num_groups, max_blocks
         self._int64_len = (3 + num_groups) * max_tokens + max_seqs
         self._int32_len = 2 * max_seqs + 1 + num_groups * max_seqs * max_blocks
-        nbytes = 8 * self._int64_len + 4 * self._int32_len
-        on_gpu = device.type == "cuda"
-        self.device_buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self._upload = _StagedUpload(8 * self._int64_len + 4 * self._int32_len, device)
+        self.device_buffer = self._upload.device_buffer
         self.device = self._views(self.device_buffer)
-        self._host_buffers = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=on_gpu) for _ in range(2)]
-        self._host = [self._numpy(self._views(buffer)) for buffer in self._host_buffers]
-        self._copied = [None, None] if on_gpu else None  # CUDA events of the last copy from each half
-        self._half = 0
-        for views in (self.device, *(self._views(buffer) for buffer in self._host_buffers)):
+        self._host = [self._numpy(self._views(buffer)) for buffer in self._upload.host_buffers]
+        for views in (self.device, *(self._views(buffer) for buffer in self._upload.host_buffers)):
             views.pending.fill_(-1)
             for slots in views.slots:
                 slots.fill_(-1)
@@ -421,10 +433,7 @@ class MixedInputs:
         """Write `step` padded to `padded_tokens` tokens and `padded_seqs` sequences into the host buffer and copy it
         to the device (asynchronously on the current stream). `pending_on_device`: the graph gathers the step's
         pending tokens from the previous sampled ids; else their rows stay -1 (the caller fills them)."""
-        half = self._half
-        self._half ^= 1
-        if self._copied is not None and self._copied[half] is not None:
-            self._copied[half].synchronize()
+        half = self._upload.next_half()
         host = self._host[half]
         num_tokens, batch = len(step.token_ids), len(step.query_lens)
         num_padding = padded_tokens - num_tokens
@@ -461,12 +470,7 @@ class MixedInputs:
                 host["tables"][group][batch, : blocks_for(num_padding, block_size)] = 0
         last_table_start = 8 * self._int64_len + 4 * (2 * self.max_seqs + 1
                                                        + (self.num_groups - 1) * self.max_seqs * self.max_blocks)
-        nbytes = last_table_start + 4 * used_seqs * self.max_blocks
-        self.device_buffer[:nbytes].copy_(self._host_buffers[half][:nbytes], non_blocking=True)
-        if self._copied is not None:
-            event = torch.cuda.Event()
-            event.record()
-            self._copied[half] = event
+        self._upload.send(half, last_table_start + 4 * used_seqs * self.max_blocks)
 
 
 class MixedGraphs:
