@@ -62,6 +62,12 @@ def mixed_capture_sizes(max_tokens: int) -> list[int]:
     return sorted(set(sizes + [max_tokens]))
 
 
+def mixed_graph_seqs(num_tokens: int, max_num_seqs: int) -> int:
+    """Sequences (and logits rows) of the mixed-step graph of `num_tokens` tokens: as many as tokens (each has
+    one), at most the engine's sequences and the padding one."""
+    return min(num_tokens, max_num_seqs + 1)
+
+
 def capture_sizes(max_batch_size: int) -> list[int]:
     """1, 2, 4, 8, then every 16 (the padding waste stays under 16 rows), up to `max_batch_size`."""
     sizes = [size for size in (1, 2, 4, 8) if size < max_batch_size]
@@ -499,9 +505,8 @@ class MixedGraphs:
                            if runner.lora is not None else None)
 
     def seqs_for(self, num_tokens: int) -> int:
-        """Sequences of the graph of `num_tokens` tokens: as many as tokens (each has one), at most the engine's
-        sequences and the padding one."""
-        return min(num_tokens, self.max_seqs + 1)
+        """Sequences of the graph of `num_tokens` tokens (`mixed_graph_seqs`)."""
+        return mixed_graph_seqs(num_tokens, self.max_seqs)
 
     def _forward(self, num_tokens: int) -> torch.Tensor:
         views = self.inputs.device

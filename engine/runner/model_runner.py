@@ -32,7 +32,7 @@ from pagedserve.engine.kernels.attention import get_attention_backend
 from pagedserve.engine.kernels.attention.base import FP8_KV_DTYPE, AttentionMetadata, GroupAttentionMetadata
 from pagedserve.engine.kernels.attention.hf_integration import LayerProbe, PagedForwardContext
 from pagedserve.engine.runner.compile import CompiledForward
-from pagedserve.engine.runner.cuda_graphs import DecodeGraphs, GreedyChainGraphs, MixedGraphs
+from pagedserve.engine.runner.cuda_graphs import DecodeGraphs, GreedyChainGraphs, MixedGraphs, mixed_graph_seqs
 from pagedserve.engine.kernels.decode_linear import use_decode_linear
 from pagedserve.engine.kernels.fused_projections import ProjectionFusion
 from pagedserve.engine.kernels.moe.experts import moe_blocks, use_fused_moe
@@ -248,7 +248,7 @@ class ModelRunner:
         sequence a graph holds), plus their private pool, which holds the temporaries of one forward of at
         most that many tokens, bounded by the profiled forward of `max_batch_tokens` tokens (scaled up when a
         graph is larger). An upper bound: on the 8B shape, 1.09 GiB set aside for 0.59 GiB used (decode graphs)."""
-        rows = max(max_graph_batch, min(mixed_max_tokens, max_num_seqs + 1) if mixed_max_tokens else 0)
+        rows = max(max_graph_batch, mixed_graph_seqs(mixed_max_tokens, max_num_seqs) if mixed_max_tokens else 0)
         output = rows * self.shape.vocab_size * 4
         return output + int(activation_peak * max(1.0, max(max_graph_batch, mixed_max_tokens) / max_batch_tokens))
 
@@ -382,7 +382,7 @@ class ModelRunner:
         verify = verify_query_len > 1 and verify_max_batch_size > 0
         mixed = mixed_max_tokens > 0 and max_num_seqs > 0
         logit_rows = max(verify_query_len * verify_max_batch_size if verify else 0,
-                         min(mixed_max_tokens, max_num_seqs + 1) if mixed else 0)
+                         mixed_graph_seqs(mixed_max_tokens, max_num_seqs) if mixed else 0)
         graphs = DecodeGraphs(self, max_batch_size, max_model_len, num_logit_rows=logit_rows)
         used = graphs.capture()
         if verify:
