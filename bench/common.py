@@ -59,6 +59,16 @@ class Workload:
         )
 
 
+def parse_engine_args(items: Sequence[str]) -> dict[str, Any]:
+    """`--engine-arg key=value` flags as EngineConfig keywords: true/false as booleans, digits as integers, the
+    rest as text (EngineConfig validates each as it validates a flag's text)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        overrides[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+    return overrides
+
+
 def random_token_workload(
     num_requests: int,
     min_prompt_len: int,

@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     RequestTiming,
     Workload,
     comparison_table,
+    parse_engine_args,
     random_token_workload,
     summarize_timings,
 )
@@ -127,9 +128,7 @@ def run_ours(model, tokenizer, workload: Workload, args) -> tuple[BenchResult, l
                    "compile": args.compile, "fuse_projections": args.fuse_projections,
                    "programmatic_launch": args.programmatic_launch, "kv_cache_dtype": args.kv_cache_dtype,
                    "cuda_graph_max_mixed_tokens": args.cuda_graph_max_mixed_tokens}
-    for item in args.engine_arg:
-        key, value = item.split("=", 1)
-        engine_args[key] = value
+    engine_args.update(parse_engine_args(args.engine_arg))
     started = time.perf_counter()
     try:
         llm = start_engine(model, tokenizer, args, **engine_args)
@@ -413,7 +412,7 @@ def main() -> int:
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--engine-arg", action="append", default=[],
-                        help="another EngineConfig field, key=value (validated as a flag's text is)")
+                        help="another EngineConfig field, key=value (true/false and digits converted)")
     parser.add_argument("--cuda-graph-max-mixed-tokens", default="auto",
                         help="EngineConfig.cuda_graph_max_mixed_tokens (0: steps with prompt tokens run eagerly)")
     parser.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,

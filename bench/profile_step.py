@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_events, kernel_table  # noqa: E402
+from common import device_events, kernel_table, parse_engine_args  # noqa: E402
 from gpu_bench import build_model, decode_step_profile, record_steps  # noqa: E402
 
 
@@ -86,10 +86,7 @@ def main() -> int:
     from pagedserve.engine.llm import LLM
     from pagedserve.engine.core.request import SamplingParams
 
-    overrides = {}
-    for item in args.engine_arg:
-        key, value = item.split("=", 1)
-        overrides[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+    overrides = parse_engine_args(args.engine_arg)
     model, tokenizer = build_model(args)
     if args.quantization == "fp8":
         from pagedserve.engine.kernels.fp8_linear import quantize_linears
