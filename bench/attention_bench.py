@@ -5,7 +5,11 @@ shuffled block table. Cases: decode of 256 sequences with ~600-token contexts (m
 as GB/s of K/V read against the measured copy bandwidth), a 2048-token prefill chunk over 512 cached
 tokens (compute-bound: TFLOP/s), small decode batches over long contexts (the split-KV path), and the
 fused K/V write. `--sweep` also times a few tile shapes per kernel. Prints a markdown table last, for
-docs/kernels.md. Usage: python bench/attention_bench.py [--sweep]
+docs/kernels.md. Usage: python bench/attention_bench.py [--sweep] [--kv-cache-dtype fp8]
+
+`--kv-cache-dtype fp8` runs the same cases over float8_e4m3fn caches (and W1's decode batch of 512 sequences
+in both): the decode rows' GB/s count the bytes the cache holds, so an FP8 kernel at the bf16 kernel's speed
+shows half its rate.
 
 `--batch1` times instead what one layer of a batch-1 decode step runs: the fused K/V write and
 attention (and the split merge) of one sequence, replayed in a CUDA graph as the engine's decode graphs
@@ -51,7 +55,9 @@ class PagedBatch:
 
 
 def make_batch(query_lens: list[int], seq_lens: list[int], device: torch.device, seed: int = 0,
-               block_size: int = BLOCK_SIZE) -> PagedBatch:
+               block_size: int = BLOCK_SIZE, cache_dtype: torch.dtype = DTYPE) -> PagedBatch:
+    """Random queries and caches over a shuffled block table; `cache_dtype` float8_e4m3fn: an FP8 cache (scales
+    1.0, the kernels' default when none is passed)."""
     generator = torch.Generator().manual_seed(seed)
     blocks_needed = [blocks_for(seq_len, block_size) for seq_len in seq_lens]
     num_blocks = sum(blocks_needed) + 16
@@ -84,17 +90,16 @@ def make_batch(query_lens: list[int], seq_lens: list[int], device: torch.device,
         query=torch.randn(num_tokens, NUM_HEADS, HEAD_DIM, device=device, dtype=DTYPE),
         key=torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, device=device, dtype=DTYPE),
         value=torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, device=device, dtype=DTYPE),
-        key_cache=torch.randn(cache_shape, device=device, dtype=DTYPE),
-        value_cache=torch.randn(cache_shape, device=device, dtype=DTYPE),
+        key_cache=torch.randn(cache_shape, device=device, dtype=DTYPE).to(cache_dtype),
+        value_cache=torch.randn(cache_shape, device=device, dtype=DTYPE).to(cache_dtype),
         metadata=metadata,
         group=group,
     )
 
 
 def kv_bytes_read(batch: PagedBatch) -> int:
-    element = torch.finfo(DTYPE).bits // 8
-    kv = sum(batch.metadata.seq_lens_cpu) * NUM_KV_HEADS * HEAD_DIM * 2 * element
-    return kv + 2 * batch.query.numel() * element  # plus the queries in and the outputs out
+    kv = sum(batch.metadata.seq_lens_cpu) * NUM_KV_HEADS * HEAD_DIM * 2 * batch.key_cache.element_size()
+    return kv + 2 * batch.query.numel() * batch.query.element_size()  # plus the queries in and the outputs out
 
 
 def attention_flops(batch: PagedBatch) -> int:
@@ -239,7 +244,11 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", choices=["triton", "flash_paged"], default=None,
                         help="only the side-by-side table of these backends (decode 1-512 x 1k-8k, prefill 2k+512)")
     parser.add_argument("--block-size", type=int, default=BLOCK_SIZE, help="the cache's block size (--backends)")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                        help="fp8: the main table's caches are float8_e4m3fn (auto: bf16); its decode rates count the "
+                             "bytes the cache holds")
     args = parser.parse_args()
+    cache_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else DTYPE
     device = torch.device("cuda")
     if args.backends:
         print_backend_table(args.backends, backend_rows(args.backends, device, args.block_size, args.max_model_len),
@@ -252,20 +261,24 @@ def main() -> None:
 
     copy_gbs = copy_bandwidth_gbs(device)
     decode_lens = torch.randint(500, 701, (256,), generator=generator).tolist()
+    w1_lens = torch.randint(300, 1281, (512,), generator=generator).tolist()  # W1's decodes: 64..1024 in, 256 out
+    dtype_name = "" if cache_dtype == DTYPE else " fp8"
     cases = {} if args.batch1 else {
-        "decode B=256 ctx~600": make_batch([1] * 256, decode_lens, device),
-        "prefill 2048 new + 512 cached": make_batch([2048], [2560], device),
-        "decode B=8 ctx 8192": make_batch([1] * 8, [8192] * 8, device),
-        "decode B=64 ctx 2048": make_batch([1] * 64, [2048] * 64, device),
-        "mixed 255 decode ctx~600 + 512-chunk over 1024": make_batch([1] * 255 + [512], decode_lens[:255] + [1536], device),
+        f"decode B=256 ctx~600{dtype_name}": make_batch([1] * 256, decode_lens, device, cache_dtype=cache_dtype),
+        f"decode B=512 ctx~800{dtype_name}": make_batch([1] * 512, w1_lens, device, cache_dtype=cache_dtype),
+        f"prefill 2048 new + 512 cached{dtype_name}": make_batch([2048], [2560], device, cache_dtype=cache_dtype),
+        f"decode B=8 ctx 8192{dtype_name}": make_batch([1] * 8, [8192] * 8, device, cache_dtype=cache_dtype),
+        f"decode B=64 ctx 2048{dtype_name}": make_batch([1] * 64, [2048] * 64, device, cache_dtype=cache_dtype),
+        f"mixed 255 decode ctx~600 + 512-chunk over 1024{dtype_name}": make_batch(
+            [1] * 255 + [512], decode_lens[:255] + [1536], device, cache_dtype=cache_dtype),
     }
     for case_name, batch in cases.items():
         is_decode = batch.metadata.max_query_len == 1
         ref = run_forward(reference, batch)()
         contenders = [("triton", fast), ("reference", reference)]
-        if args.sweep and case_name.startswith(("decode B=256", "prefill")):
+        if args.sweep and case_name.startswith(("decode B=256", "decode B=512", "prefill")):
             configs = (
-                [TileConfig(16, n, w, s) for n in (32, 64, 128) for w, s in ((2, 3), (4, 2), (4, 3))]
+                [TileConfig(16, n, w, s) for n in (32, 64, 128, 256) for w, s in ((2, 3), (4, 2), (4, 3), (8, 3))]
                 if is_decode
                 else [TileConfig(m, n, w, s) for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
             )

@@ -15,6 +15,8 @@
 #                                            # issue 24's step-time prefill rule vs the constant bound
 #   bash bench/gpu_pending.sh mixed          # mixed-step CUDA graphs: GPU tests, the same steps eager vs from graphs
 #   bash bench/gpu_pending.sh mixed_big      # W1-sized mixed steps eager vs graphs (kernel tables), FP8 W1 with graphs
+#   bash bench/gpu_pending.sh fp8kv_attn     # issue 25: the attention kernels over bf16 and FP8 caches, decode tiles
+#                                            # swept (W1's decode steps ran slower over an FP8 cache: 18.2 vs 16.7 ms)
 #   bash bench/gpu_pending.sh online         # issue 24: engine-only online bench, prompt bound 2048 vs ratio 2
 #   bash bench/gpu_pending.sh w1_graphs      # base + LoRA W1 (issue 29), FP8 W1 (issue 25) with mixed-step graphs
 #   bash bench/gpu_pending.sh mixed_profile  # issues 24/29: steps with prompt tokens (eager), host vs device time, the
@@ -133,6 +135,17 @@ mixed_big)  # W1's large mixed steps (256 decodes + a 2,048-token prompt) eager 
     el f1; timeout "$(left 575)" python3 bench/gpu_bench.py --skip-baseline --check-requests 0 --single-tokens 0 \
         --quantization fp8 --out "$OUT/fp8_w1.json" > "$OUT/fp8_w1.txt" 2>&1; el "f1 rc=$?"
     echo "== fp8 W1"; grep -v "INFO\|WARN\|Loading\|it/s" "$OUT/fp8_w1.txt" | tail -10
+    ;;
+fp8kv_attn)  # issue 25: W1's decode attention over an FP8 cache was slower than over bf16 though it reads half
+            # the bytes; the same cases, bf16 then FP8, with the decode and prefill tiles swept
+    for dtype in auto fp8; do
+        el "a $dtype"; timeout "$(( $(left 560) < 275 ? $(left 560) : 275 ))" python3 bench/attention_bench.py --sweep --kv-cache-dtype $dtype \
+            > "$OUT/attn_$dtype.txt" 2>&1; el "rc=$?"
+    done
+    grep -h "| triton |" "$OUT"/attn_auto.txt "$OUT"/attn_fp8.txt
+    grep -h "^| decode B=512\|^| decode B=256\|^| prefill" "$OUT"/attn_auto.txt "$OUT"/attn_fp8.txt | sort -t'|' -k2,2 -k4,4n \
+        | awk -F'|' '{key=$2; if (seen[key]++ < 6) print}'
+    grep -h "^| decode B=8 \|^| decode B=64\|^| mixed" "$OUT"/attn_auto.txt "$OUT"/attn_fp8.txt | grep -v write_kv
     ;;
 online)  # issue 24's engine-only online bench: the constant prompt bound and the step-time rule
     el o1; timeout "$(left 575)" python3 bench/online_engine_bench.py --rates 25 45 --prefill-bounds 2048 ratio:2 \
