@@ -130,7 +130,7 @@ mixed_big)  # W1's large mixed steps (256 decodes + a 2,048-token prompt) eager 
     for extra in "--engine-arg cuda_graph_max_mixed_tokens=0" ""; do
         el "p $extra"; timeout 200 python3 bench/profile_step.py --batch 256 --steps 10 --context 512 \
             --prompt-tokens 2048 --kernels 14 $extra > "$OUT/mixed_big.txt" 2>&1; el "rc=$?"
-        grep -E "captured|^(---|\|)" "$OUT/mixed_big.txt" | tail -22
+        grep -E "captured|tokens a step|^(---|\|)" "$OUT/mixed_big.txt" | tail -23
     done
     el f1; timeout "$(left 575)" python3 bench/gpu_bench.py --skip-baseline --check-requests 0 --single-tokens 0 \
         --quantization fp8 --out "$OUT/fp8_w1.json" > "$OUT/fp8_w1.txt" 2>&1; el "f1 rc=$?"

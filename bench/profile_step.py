@@ -125,6 +125,7 @@ def main() -> int:
         for _ in range(5):
             engine.step()
         prompts_added = 0
+        step_tokens: list[int] = []  # tokens each step scheduled: the timed and the profiled steps should match
 
         def step() -> None:
             nonlocal prompts_added
@@ -135,6 +136,8 @@ def main() -> int:
                                    SamplingParams(temperature=0, max_tokens=1),
                                    lora=adapter_names[1 + prompts_added % args.adapters] if lora else None)
             engine.step()
+            last = engine.last_step
+            step_tokens.append(0 if last is None else last.num_prefill_tokens + last.num_decode_tokens)
 
         torch.cuda.synchronize()
         started = time.perf_counter()
@@ -142,12 +145,15 @@ def main() -> int:
             step()
         torch.cuda.synchronize()
         step_ms = (time.perf_counter() - started) / args.steps * 1000
+        timed_tokens, step_tokens[:] = sum(step_tokens), []
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
                 step()
             torch.cuda.synchronize()
         busy_us = gpu_busy_us(prof) or sum(e.self_device_time_total for e in prof.key_averages())
         gpu_ms = busy_us / args.steps / 1000
+        print(f"tokens a step: {timed_tokens / args.steps:.0f} in the timed steps, {sum(step_tokens) / args.steps:.0f} "
+              "in the profiled ones (the GPU busy share compares them only where these match)", flush=True)
         if args.cprofile:
             profiler = cProfile.Profile()
             profiler.enable()
