@@ -18,6 +18,8 @@
 #   bash bench/gpu_pending.sh fp8kv_attn     # issue 25: the attention kernels over bf16 and FP8 caches, decode tiles
 #                                            # swept (W1's decode steps ran slower over an FP8 cache: 18.2 vs 16.7 ms)
 #   bash bench/gpu_pending.sh online         # issue 24: engine-only online bench, prompt bound 2048 vs ratio 2
+#   bash bench/gpu_pending.sh online_ratio   # issue 24: the step-time rule at ratio 2 (the default) vs 1.5 at 10, 25 and
+#                                            # 40 req/s: the served ITL p99 ran 2.3-2.5x TPOT p99 under ratio 2 (bound 2)
 #   bash bench/gpu_pending.sh w1_graphs      # base + LoRA W1 (issue 29), FP8 W1 (issue 25) with mixed-step graphs
 #   bash bench/gpu_pending.sh mixed_profile  # issues 24/29: steps with prompt tokens (eager), host vs device time, the
 #                                            # host's profile, and the LoRA mixed step (base rows vs 8 adapters)
@@ -151,6 +153,13 @@ online)  # issue 24's engine-only online bench: the constant prompt bound and th
     el o1; timeout "$(left 575)" python3 bench/online_engine_bench.py --rates 25 45 --prefill-bounds 2048 ratio:2 \
         --duration-s 5 --max-drain-s 6 --out "$OUT/online.json" > "$OUT/online.txt" 2>&1; el "o1 rc=$?"
     echo "== online"; tail -n 8 "$OUT/online.txt"
+    ;;
+online_ratio)  # issue 24: served on an H100 (bc56977), ITL p99 was 2.3-2.5x TPOT p99 at 10-30 req/s under ratio 2: the
+              # steps that carry prompt chunks, about twice a decode step, set ITL's p99. Ratio 1.5 against 2, same
+              # process; `tokens_per_delta` and the mixed/decode step percentiles say where the gaps come from
+    el o1; timeout "$(left 575)" python3 bench/online_engine_bench.py --rates 10 25 40 --prefill-bounds ratio:2 ratio:1.5 \
+        --duration-s 5 --max-drain-s 6 --out "$OUT/online_ratio.json" > "$OUT/online_ratio.txt" 2>&1; el "o1 rc=$?"
+    echo "== online ratio"; tail -n 10 "$OUT/online_ratio.txt"
     ;;
 w1_graphs)  # W1 with mixed-step graphs: base and LoRA W1 in one run (issue 29's bar), then W1 with FP8 weights
             # (issue 25's 15,000 bar)
