@@ -167,14 +167,15 @@ class ServeArgs(BaseModel):
     tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
         "auto", description="How `tool_choice: auto` completions are read for tool calls; auto: the format the "
         "model's chat template shows (serve_app/tool_calls.py).")
-    max_stream_events_per_s: float = Field(
-        1000.0, gt=0.0,
+    max_stream_events_per_s: float | None = Field(
+        None, gt=0.0,
         description="Budget of server-sent events per second one ingress replica writes, over all its streams "
         "(serve_app/event_pacer.py). Each event costs the ingress and Serve's HTTP proxy about the same whatever "
         "it holds, and the proxy carries every ingress replica's events of its node. Below the budget (bursts of "
         "50 ms worth included) nothing waits and every engine step's tokens go out at once; past it the streams "
         "take turns, each waiting about n_streams / this many seconds, and the tokens that arrive meanwhile go "
-        "out as one event (docs/deploy.md).",
+        "out as one event. None: 1,000 through Serve's Python proxy, 3,000 where Ray's HAProxy ingress carries "
+        "the streams (RAY_SERVE_ENABLE_HA_PROXY=1: a 3-4x cheaper event; docs/deploy.md).",
     )
     drain_timeout_s: float = Field(
         30.0, ge=0.0, description="A replica being removed (scale-down, redeploy) takes no new requests and is "

@@ -11,11 +11,26 @@ the budget nothing waits, and one engine step's tokens for every stream go out a
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 # A burst that goes out without waiting: a few engine steps of every stream at the budget's rate.
 BURST_S = 0.05
+
+# Events a second one ingress replica writes by default: through Serve's Python proxy (chosen on one H200 with
+# 4 ingress replicas, burst throughput beside steady-load gaps), and under Ray's HAProxy ingress, where an event
+# costs the ingress and HAProxy 3.3-4.5x less CPU than the ingress and the proxy (docs/deploy.md).
+PROXY_EVENTS_PER_S = 1000.0
+HAPROXY_EVENTS_PER_S = 3000.0
+
+
+def default_events_per_s(environ: Mapping[str, str] = os.environ) -> float:
+    """`max_stream_events_per_s` when the config leaves it unset: by how the streams leave this process. Ray reads
+    `RAY_SERVE_ENABLE_HA_PROXY` the same way (exactly "1"); the variable is set on every node of a cluster that
+    runs HAProxy, this replica's included. Direct ingress alone keeps the proxy's budget: requests to Serve's
+    HTTP port still take the Python proxy."""
+    return HAPROXY_EVENTS_PER_S if environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0") == "1" else PROXY_EVENTS_PER_S
 
 
 class EventPacer:

@@ -37,7 +37,7 @@ from pagedserve.engine.core.request import CompletionOutput, RequestOutput, Samp
 from pagedserve.serve_app import openai_protocol as oai
 from pagedserve.serve_app.api_errors import APIError, as_api_error, bad_request, routing_error
 from pagedserve.serve_app.chunk_format import ChunkFormat
-from pagedserve.serve_app.event_pacer import EventPacer
+from pagedserve.serve_app.event_pacer import HAPROXY_EVENTS_PER_S, EventPacer, default_events_per_s
 from pagedserve.serve_app.fair_queue import FairAdmission, FairQueue
 from pagedserve.serve_app.key_limiter import KeyBudgets
 from pagedserve.serve_app.lora_registry import LoraSubscription, LoraView
@@ -201,7 +201,11 @@ class OpenAIIngress:
             router.max_routing_per_key, router.max_queued_requests, router.queue_timeout_s, router.retry_after_s,
             share_retry_s=router.stats_period_s), on_turned_back=self.metrics.key_turned_back)
         self.calls = ReplicaCalls(requests, on_resend=self.metrics.resent)
-        self._pacer = EventPacer(serve_args.max_stream_events_per_s)  # every stream's events (see its module)
+        events_per_s = serve_args.max_stream_events_per_s or default_events_per_s()
+        self._pacer = EventPacer(events_per_s)  # every stream's events (see its module)
+        logger.info("server-sent events: at most %g a second over this replica's streams%s", events_per_s,
+                    "" if serve_args.max_stream_events_per_s else " (max_stream_events_per_s unset: "
+                    f"{'HAProxy' if events_per_s == HAPROXY_EVENTS_PER_S else 'Serve proxy'} default)")
         # The tokenizer now rather than with the first request: unpickling it imports transformers and torch
         # (seconds), which on a first burst stalled this replica's event loop and every request it held.
         self._prefetch: asyncio.Task | None = None

@@ -30,6 +30,11 @@ def test_bad_values_name_the_field() -> None:
         ServeArgs.from_args({"engine_overrides_by_rank": [{"bogus": 1}]})
     with pytest.raises(ConfigError, match="min_replicas"):
         ServeArgs.from_args({"autoscaling": {"min_replicas": 3, "max_replicas": 2}})
+    with pytest.raises(ConfigError, match="max_stream_events_per_s"):
+        ServeArgs.from_args({"max_stream_events_per_s": 0})
+    # Unset: the ingress picks the budget by the path its events take (serve_app/event_pacer.py).
+    assert ServeArgs.from_args({}).max_stream_events_per_s is None
+    assert ServeArgs.from_args({"max_stream_events_per_s": "2500"}).max_stream_events_per_s == 2500.0
 
 
 def test_overrides_by_rank() -> None:

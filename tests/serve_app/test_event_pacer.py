@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pagedserve.serve_app.event_pacer import EventPacer
+from pagedserve.serve_app.event_pacer import HAPROXY_EVENTS_PER_S, PROXY_EVENTS_PER_S, EventPacer, default_events_per_s
 from fake_clock import FakeClock  # beside this file (conftest puts the folder on sys.path)
 
 
@@ -40,3 +40,12 @@ def test_an_idle_budget_does_not_save_up_more_than_the_burst() -> None:
 def test_the_budget_must_be_positive() -> None:
     with pytest.raises(ValueError, match="events_per_s"):
         EventPacer(0.0)
+
+
+def test_the_default_budget_follows_the_path_the_events_take():
+    # Serve's Python proxy carries them unless Ray's HAProxy ingress is on (Ray's own test: exactly "1").
+    assert default_events_per_s({}) == PROXY_EVENTS_PER_S == 1000.0
+    assert default_events_per_s({"RAY_SERVE_ENABLE_HA_PROXY": "0"}) == PROXY_EVENTS_PER_S
+    assert default_events_per_s({"RAY_SERVE_ENABLE_HA_PROXY": "true"}) == PROXY_EVENTS_PER_S
+    assert default_events_per_s({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}) == PROXY_EVENTS_PER_S
+    assert default_events_per_s({"RAY_SERVE_ENABLE_HA_PROXY": "1"}) == HAPROXY_EVENTS_PER_S == 3000.0
