@@ -278,7 +278,8 @@ def main() -> None:
         contenders = [("triton", fast), ("reference", reference)]
         if args.sweep and case_name.startswith(("decode B=256", "decode B=512", "prefill")):
             configs = (
-                [TileConfig(16, n, w, s) for n in (32, 64, 128, 256) for w, s in ((2, 3), (4, 2), (4, 3), (8, 3))]
+                [TileConfig(16, n, w, s) for n in (32, 64, 128, 256)
+                 for w, s in ((1, 3), (2, 3), (2, 4), (2, 5), (4, 2), (4, 3), (8, 3))]
                 if is_decode
                 else [TileConfig(m, n, w, s) for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
             )
