@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
+# Read when ray is first imported: no Ray API call of this process starts a cluster by itself. Every test starts
+# and ends its own (tests/ray_harness.py); without this, a Serve router thread left in the test process by a
+# deployment handle called `ray.wait` after the last cluster ended and `ray.init()` began a new one as pytest
+# exited (a head node nobody would stop).
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
-import demo_background
-import triton_interpreter
-from tiny_models import build_tiny_model
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+import demo_background  # noqa: E402
+import triton_interpreter  # noqa: E402
+from tiny_models import build_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
