@@ -9,6 +9,8 @@
 #                                            # vs n-gram (k 3 and 8: an edit copies long spans) vs draft (k 3
 #                                            # and 5), adaptive rule with shadow trials, and the constant rule;
 #                                            # trains its models if missing
+#   bash bench/gpu_pending.sh spec_draft     # issue 27: draft decoding with a 2-layer draft of the target's width
+#                                            # (draft-shallow) against the 6-layer one, batch 1, in one call
 #   bash bench/gpu_pending.sh moe            # issue 30: rows tiles tuned, batch 1, an 8-layer profile
 #   bash bench/gpu_pending.sh fp8_b1         # issue 25: one-row FP8 tiles (float16 products included), b1
 #   bash bench/gpu_pending.sh fp8kv_online   # attention GPU tests, W1 with FP8 weights + FP8 KV (issue 25),
@@ -99,6 +101,20 @@ spec)
         --draft-k 3,5 --batch-sizes 1,4,16,64 --num-prompts 4 --out "$OUT/spec.json" > "$OUT/spec.txt" 2>&1
     el "s1 rc=$?"
     grep -v "^\[\|INFO\|WARN\|Loading" "$OUT/spec.txt" | tail -45
+    ;;
+spec_draft)  # issue 27's draft bar (1.5x on free generation): the 6-layer draft's round cost 1.84 ms against the
+            # target's 0.49 ms step (both launch-bound), so it lost at every k; a 2-layer draft costs about a sixth
+    [ -f /tmp/draft/config.json ] || { el "models missing: training"; train_models; }
+    [ -f /tmp/draft2/config.json ] || { el "draft-shallow"; timeout 120 python3 bench/train_text_model.py \
+        --preset draft-shallow --minutes 1.0 --out-dir /tmp/draft2 --tokenizer-from /tmp/target \
+        > "$OUT/train_draft2.log" 2>&1; el "rc=$?"; }
+    grep -h "perplexity\|parameters" "$OUT"/train_*.log | tail -6
+    for d in draft2 draft; do
+        el "s $d"; timeout "$(( $(left 570) / 2 + 60 ))" python3 bench/spec_bench.py --model /tmp/target --k "" \
+            --draft-model /tmp/$d --draft-k 3,5 --batch-sizes "" --w1-requests 0 --no-constant-rule \
+            --out "$OUT/spec_$d.json" > "$OUT/spec_$d.txt" 2>&1; el "rc=$?"
+        grep -v "^\[\|INFO\|WARN\|Loading" "$OUT/spec_$d.txt" | tail -16
+    done
     ;;
 fp8kv_online)
     el t3; timeout 240 $P -k "$GPU_TESTS" tests/engine/runner/test_fp8_kv_cache.py \
