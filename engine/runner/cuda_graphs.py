@@ -318,20 +318,26 @@ class DecodeGraphs:
         # (fill_pending_tokens, which also refuses pending tokens without previous ones).
         in_graph = previous_tokens is not None and previous_tokens.numel() <= self.max_batch_size
         is_in_order = self.inputs.pack(step, padded, self.runner.block_size, pending_on_device=in_graph)
-        if self.lora_slots is not None:
-            slots = self.runner.lora.slots_for(step.lora_names) if step.lora_names else []
-            slots += [-1] * (padded - len(slots))
-            if self.query_len > 1:  # a sequence's q rows (padding ones too) take its adapter
-                slots = [slot for slot in slots for _ in range(self.query_len)]
-            # Pinned on a GPU only: off CUDA (the CPU tests' stand-in graphs) there is no pinned memory.
-            host_slots = torch.tensor(slots, dtype=torch.int32, pin_memory=self.lora_slots.is_cuda)
-            self.lora_slots[:len(slots)].copy_(host_slots, non_blocking=True)
+        if self.lora_slots is not None:  # a sequence's q rows (padding ones too) take its adapter
+            upload_lora_slots(self.runner.lora, self.lora_slots, step.lora_names,
+                              [self.query_len] * len(step.lora_names), padded * self.query_len)
         feed_pending_tokens(step, previous_tokens, in_graph, self.previous_tokens, self.inputs.device.ids[:batch_size])
         graph.replay()
         num_logits = len(step.logits_indices)
         if is_in_order:
             return logits[:num_logits]
         return logits.index_select(0, self.inputs.device.logits_rows[:num_logits])
+
+
+def upload_lora_slots(lora, device_slots: torch.Tensor, lora_names, query_lens, num_rows: int) -> None:
+    """A graph's adapter slot per packed token (`device_slots[:num_rows]`, a graph input): each sequence's
+    `query_lens` rows take its adapter's slot (`lora.token_slots`, loading adapters not on the device), rows past
+    them and base-model rows -1. Pinned on a GPU only: off CUDA (the CPU tests' stand-in graphs) there is none."""
+    token_slots = lora.token_slots(lora_names, query_lens) if lora_names else None
+    slots = torch.full((num_rows,), -1, dtype=torch.int32, pin_memory=device_slots.is_cuda)
+    if token_slots is not None:
+        slots[:len(token_slots)] = token_slots
+    device_slots[:num_rows].copy_(slots, non_blocking=True)
 
 
 def feed_pending_tokens(step: "StepInput", previous_tokens: torch.Tensor | None, in_graph: bool,
@@ -567,11 +573,7 @@ class MixedGraphs:
         in_graph = previous_tokens is not None and previous_tokens.numel() <= self.previous_tokens.numel()
         self.inputs.pack(step, padded, self.seqs_for(padded), self.runner.block_size, pending_on_device=in_graph)
         if self.lora_slots is not None:
-            token_slots = self.runner.lora.token_slots(step.lora_names, step.query_lens) if step.lora_names else None
-            slots = torch.full((padded,), -1, dtype=torch.int32)
-            if token_slots is not None:
-                slots[:num_tokens] = token_slots
-            self.lora_slots[:padded].copy_(slots.pin_memory() if self.lora_slots.is_cuda else slots, non_blocking=True)
+            upload_lora_slots(self.runner.lora, self.lora_slots, step.lora_names, step.query_lens, padded)
         feed_pending_tokens(step, previous_tokens, in_graph, self.previous_tokens, self.inputs.device.ids[:num_tokens])
         graph.replay()
         return logits[: len(step.logits_indices)]
