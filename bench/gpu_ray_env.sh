@@ -11,9 +11,12 @@ if [ "${RAY_INSTALL:-1}" = 1 ]; then
     mkdir -p /tmp/raywhl
     cat /tmp/ray1/ray-*.part-* .ray2/ray-*.part-* > /tmp/raywhl/$W
     echo "b951b40965947a63615830916be04f26440d234de1e9a29dbf2155d03fa9ad2a  /tmp/raywhl/$W" | sha256sum -c - || exit 1
-    # One pip call: --target --upgrade replaces whole top-level folders, so a second call would drop some.
+    # One pip call: --target --upgrade replaces whole top-level folders, so a second call would drop some. A wheel
+    # in both folders (jsonschema, referencing, rpds-py) is passed once: pip refuses the same requirement twice.
+    wheels=(.ray2/*.whl)
+    for f in .whl/*.whl; do [ -e ".ray2/$(basename "$f")" ] || wheels+=("$f"); done
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        /tmp/raywhl/$W .ray2/*.whl .whl/*.whl || exit 1
+        /tmp/raywhl/$W "${wheels[@]}" || exit 1
     export PYTHONPATH=$PWD:/tmp/site PATH=/tmp/site/bin:$PATH
 else
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
