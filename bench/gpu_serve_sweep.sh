@@ -4,6 +4,8 @@
 #   uniform:  W1's prompts (random token ids, lengths uniform in 64..1024), 128 new tokens each
 #   sharegpt: random token ids, lognormal lengths of mean 200 in / 180 out (serve_bench.py's docstring)
 # One device call on a machine that has no internet:  bash bench/gpu_serve_sweep.sh
+# Behind Ray's HAProxy ingress instead of Serve's Python proxy (each ingress replica then writes up to 3,000
+# events/s, serve_app/event_pacer.py):  RAY_SERVE_ENABLE_HA_PROXY=1 bash bench/gpu_serve_sweep.sh
 # Ray as bench/gpu_serve_w1.sh installs it (bench/gpu_ray_env.sh: the wheels it expects, and where). The service
 # (bench/serve_w1_gpu.yaml) starts once, serves both sweeps, and gets SIGINT at the end (killed past 60 s).
 # Each sweep runs its rates upwards and stops after STOP_AFTER_MISS missed passes in a row, or before a pass
