@@ -18,6 +18,8 @@
 #                                            # (with bf16 weights FP8 KV gave 1.07x: the run is prefill-bound)
 #   bash bench/gpu_pending.sh moe_fp8        # issue 30: 128 requests and batch 1 with FP8 experts (the bf16 bound for
 #                                            # 128 requests, ~9,000 tok/s, is below the 2.5x bar; FP8 halves the bytes)
+#   bash bench/gpu_pending.sh moe_linear     # issue 30: one-row tiles for the MoE shape's attention projections (8.8 us
+#                                            # each in a batch-1 layer, 45-56% of the read rate) and LM head
 #   bash bench/gpu_pending.sh moe            # issue 30: rows tiles tuned, batch 1, an 8-layer profile
 #   bash bench/gpu_pending.sh fp8_b1         # issue 25: one-row FP8 tiles (float16 products included), b1
 #   bash bench/gpu_pending.sh fp8kv_online   # attention GPU tests, W1 with FP8 weights + FP8 KV (issue 25),
@@ -232,6 +234,12 @@ moe)
     el m3; timeout "$(left 560)" python3 bench/moe_bench.py --profile --layers 8 --out "$OUT/moe_profile.json" \
         > "$OUT/moe_profile.txt" 2>&1; el "m3 rc=$?"
     for f in moe_tune moe_b1 moe_profile; do echo "== $f"; grep -v "INFO\|WARN\|Loading" "$OUT/$f.txt" | tail -25; done
+    ;;
+moe_linear)  # issue 30's batch 1: a Qwen3-30B-A3B layer spent 8.8 us on each of q/k/v and o (21 and 17 MB) in the
+            # skinny kernel, 45-56% of the read rate; its tiles were tuned on Llama-3-8B's larger weights
+    el l1; timeout "$(left 570)" python3 bench/linear_bench.py --sweep --rows 1 --shapes moe_qkv moe_o moe_lm_head \
+        > "$OUT/moe_linear.txt" 2>&1; el "l1 rc=$?"
+    grep -E "m=1|top 5|^\|" "$OUT/moe_linear.txt" | tail -24
     ;;
 fp8_long)  # issue 25's long-context bar (1.3x) as a user serving long contexts in FP8 runs it: FP8 weights + FP8 KV
     for extra in "--quantization fp8 --kv-cache-dtype fp8" ""; do

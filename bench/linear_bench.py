@@ -27,7 +27,11 @@ from pagedserve.engine.core import sampler
 from pagedserve.engine.core.sampler import greedy_argmax
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
-          "lm_head": (128256, 4096)}
+          "lm_head": (128256, 4096),
+          # Qwen3-30B-A3B's attention (32 query heads and 4 KV heads of 128 over hidden 2048) and LM head: the
+          # small weights of a MoE model's one-row step (issue 30), not in the default list
+          "moe_qkv": (5120, 2048), "moe_o": (2048, 4096), "moe_lm_head": (151936, 2048)}
+DEFAULT_SHAPES = ("qkv", "o", "gate_up", "down", "lm_head")
 DTYPE = torch.bfloat16
 
 
@@ -77,7 +81,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--fp8", action="store_true", help="FP8 weights (e4m3, a scale per output feature)")
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), choices=list(SHAPES),
+                        help="Llama-3-8B's projections by default; moe_* are Qwen3-30B-A3B's attention and LM head")
     args = parser.parse_args()
     torch.manual_seed(0)
     l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
