@@ -349,9 +349,11 @@ class Scheduler:
 
     def _fit_drafts(self, request: Request, num_needed: int, budget: _StepBudget) -> list[int]:
         """The proposals a decoding request scores this step: as many as the budget and the request's length
-        limit allow, [] if its blocks cannot take them all (it then decodes one token, the usual way)."""
+        limit allow, [] if its blocks cannot take them all (it then decodes one token, the usual way). None for a
+        prompt's last token whose n > 1 completions fork from it: they sample from its logits, which a verification
+        does not give them."""
         drafts = self._drafts.get(request.request_id)
-        if not drafts or num_needed != 1:
+        if not drafts or num_needed != 1 or request.request_id in self._awaiting_fork:
             return []
         # Every committed token counts: the last proposal's bonus token must stay within the limit too.
         room = min(budget.tokens - 1, request.token_limit - request.num_tokens - 1)

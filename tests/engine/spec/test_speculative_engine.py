@@ -303,6 +303,29 @@ def test_pipelined_verifications_with_n_and_seeds(tiny_model_dir, plain):
     assert after.num_pipelined_steps == before.num_pipelined_steps and after.num_drafts > before.num_drafts
 
 
+def test_n_completions_forked_from_a_one_token_last_prompt_chunk(tiny_model_dir, plain):
+    """A prompt's last chunk of one token (here 17 = 8 + 8 + 1 under a budget of 8) is one token to compute, as a
+    decode is: its request may propose. Its n > 1 completions fork from that chunk's logits, which a verification's
+    rows did not give them: the forked one never got a first token, and the engine never finished."""
+    llm = make_llm(tiny_model_dir("llama"), speculative_method="ngram", num_speculative_tokens=3, max_batch_tokens=8)
+    engine = llm.engine
+    prompt, params = REPEATING[0][:17], SamplingParams(n=2, temperature=0, max_tokens=10, ignore_eos=True)
+    engine.add_request("forked", prompt, params)
+    streamed: dict[int, list[int]] = collections.defaultdict(list)
+    for _ in range(50):
+        if not engine.has_unfinished_requests():
+            break
+        for output in engine.step():
+            for completion in output.outputs:
+                streamed[completion.index] += completion.token_ids
+    assert not engine.has_unfinished_requests(), [(r.request_id, r.num_tokens) for r in engine.scheduler.running]
+    reference = generate(plain, [prompt], params)[0].outputs
+    assert [streamed[0], streamed[1]] == [completion.token_ids for completion in reference]
+    engine.kv_cache.check_invariants()
+    assert engine.get_stats().num_free_blocks == engine.get_stats().num_total_blocks
+    assert_accepted(llm)
+
+
 @pytest.mark.parametrize("at_pipelined_step", [1, 2, 4])
 def test_abort_and_add_while_a_pipelined_step_is_in_flight(tiny_model_dir, plain, at_pipelined_step):
     """Between steps, with a pipelined verification in flight (kept for the requests whose guess held): one of its
