@@ -892,6 +892,10 @@ class LLMEngine:
 
     def _finish_sequence(self, request: Request, reason: FinishReason) -> None:
         self.scheduler.finish_request(request, reason)
+        self._account_finished(request, reason)
+
+    def _account_finished(self, request: Request, reason: FinishReason) -> None:
+        """What the engine keeps of a finished sequence: its end time, the counters, its completion's last delta."""
         request.metrics.finished_time = time.monotonic()
         self.sampler.forget(request.request_id)
         if self._speculator is not None:
@@ -902,8 +906,12 @@ class LLMEngine:
             group.deltas.setdefault(request.completion_index, _Delta())
 
     def _finish_group(self, group: _RequestGroup, reason: FinishReason) -> None:
-        for request in group.sequences:
-            if not request.is_finished:
+        for request in [r for r in group.sequences if not r.is_finished]:
+            if request.is_finished:
+                # A completion that had not forked yet (n > 1, its prompt unfinished): the scheduler ended it with
+                # its parent, and it is counted and answered like the others.
+                self._account_finished(request, reason)
+            else:
                 self._finish_sequence(request, reason)
 
     def _collect_outputs(self) -> list[RequestOutput]:

@@ -149,6 +149,24 @@ def test_abort_frees_blocks_immediately(llm):
     assert_all_blocks_free(llm)
 
 
+def test_aborting_n_completions_before_they_fork_ends_and_counts_each(tiny_model_dir):
+    """n > 1 completions fork when the prompt's last chunk runs; one aborted before (mid-prompt) still ends every
+    completion, each answered with finish_reason abort and counted once."""
+    chunked = LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=8, num_blocks=64, max_batch_tokens=16)
+    engine = chunked.engine
+    engine.add_request("n3", PROMPTS[1] * 3, SamplingParams(n=3, max_tokens=5, ignore_eos=True))
+    engine.step()  # the first 16 of the prompt's 123 tokens
+    assert engine.abort("n3")
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    finished = [completion for output in outputs if output.finished for completion in output.outputs]
+    assert sorted(c.index for c in finished) == [0, 1, 2]
+    assert {c.finish_reason for c in finished} == {"abort"}
+    assert engine.get_stats().finished_by_reason == {"abort": 3}
+    assert_all_blocks_free(chunked)
+
+
 @pytest.mark.parametrize("engine_process", [False, True], ids=["thread-core", "process-core"])
 def test_async_engine_streams_deltas_and_frees_blocks_on_disconnect(tiny_model_dir, engine_process):
     engine = AsyncLLMEngine.from_kwargs(model=str(tiny_model_dir("llama")), dtype="float32", block_size=8,
