@@ -183,15 +183,17 @@ class _StopStringMatcher:
         self._held_text = ""  # a suffix of `_recent_text` not emitted yet
         self.matched_stop: str | None = None
 
-    def feed(self, text: str) -> tuple[str, str | None]:
-        """Returns (text safe to emit, the stop string matched in this piece or None)."""
+    def feed(self, text: str, matching: bool = True) -> tuple[str, str | None]:
+        """Returns (text safe to emit, the stop string matched in this piece or None). With `matching` false (the
+        completion is under its min_tokens) no stop string ends it, but text that may begin one is still held
+        back: a stop string that ends in a later piece is found whole."""
         if self.matched_stop is not None:
             raise RuntimeError(f"text fed after stop string {self.matched_stop!r} matched")
         if not self._stop_strings or not text:
             return text, None
         buffer = self._recent_text + text
         emit_from = len(self._recent_text) - len(self._held_text)
-        match = self._first_match(buffer)
+        match = self._first_match(buffer, len(self._recent_text)) if matching else None
         if match is not None:
             start, stop = match
             cut = start + len(stop) if self._include_stop_str else start
@@ -209,12 +211,12 @@ class _StopStringMatcher:
         held, self._held_text = self._held_text, ""
         return held
 
-    def _first_match(self, buffer: str) -> tuple[int, str] | None:
-        # No stop string lies wholly in `_recent_text` (it would have matched earlier), so every match
-        # found here ends in the new text.
+    def _first_match(self, buffer: str, new_from: int) -> tuple[int, str] | None:
+        """The first stop string to end in `buffer[new_from:]` (one lying wholly in the text before either matched
+        then, or was fed while matching was off: under min_tokens)."""
         best: tuple[int, int, str] | None = None  # (end, -length, stop)
         for stop in self._stop_strings:
-            start = buffer.find(stop)
+            start = buffer.find(stop, max(0, new_from - len(stop) + 1))
             if start >= 0:
                 candidate = (start + len(stop), -len(stop), stop)
                 if best is None or candidate < best:
@@ -262,14 +264,18 @@ class IncrementalDetokenizer:
         self._joined_text = ""
         self._num_joined_chunks = 0
         self._is_flushed = False
+        self._checks_stop = True  # whether the last token could end the completion at a stop string
 
-    def append(self, token_id: int) -> tuple[str, str | None]:
-        """Feed one generated token; returns (new text safe to emit, matched stop string or None)."""
+    def append(self, token_id: int, check_stop: bool = True) -> tuple[str, str | None]:
+        """Feed one generated token; returns (new text safe to emit, matched stop string or None). `check_stop`
+        false: no stop string may end the completion at this token (it is within min_tokens); one that ends at a
+        later token is found whole, as vLLM finds it."""
         if self._is_flushed:
             raise RuntimeError("append after flush: the completion is already finished")
         if self._matcher.matched_stop is not None:
             raise RuntimeError(f"append after stop string {self._matcher.matched_stop!r} matched")
-        text, stop = self._matcher.feed(self._stream.step(token_id))
+        self._checks_stop = check_stop
+        text, stop = self._matcher.feed(self._stream.step(token_id), check_stop)
         self._emit(text)
         return text, stop
 
@@ -279,7 +285,7 @@ class IncrementalDetokenizer:
             return ""
         self._is_flushed = True
         # The undecodable tail can still complete a stop string; then the text ends before it.
-        text, stop = self._matcher.feed(self._stream.flush())
+        text, stop = self._matcher.feed(self._stream.flush(), self._checks_stop)
         if stop is None:
             text += self._matcher.flush()
         self._emit(text)

@@ -431,8 +431,8 @@ class LLMEngine:
         recomputes a preempted request, and the next sampled token is the first new one."""
         request, detokenizer = group.sequences[0], group.detokenizers[0]
         done = list(continuation.output_token_ids)
-        for token_id in done:  # their text reached the client already; what is held back stays held
-            _, stop_string = detokenizer.append(token_id)
+        for num_out, token_id in enumerate(done, start=1):  # their text reached the client; what is held stays held
+            _, stop_string = detokenizer.append(token_id, check_stop=num_out > group.params.min_tokens)
             if stop_string is not None:
                 raise InvalidRequestError(f"the continuation already ends at stop string {stop_string!r}",
                                           param="continuation")
@@ -869,12 +869,15 @@ class LLMEngine:
             for tid, value in entry.items():
                 value.decoded_token = self.tokenizer.decode([tid])
             delta.logprobs.append(entry)
-        text, stop_string = group.detokenizers[request.completion_index].append(token_id)
+        num_out = request.num_output_tokens
+        # A stop string ends the completion only past min_tokens, as stop ids and EOS (the sampler masks those
+        # before it), and as vLLM does.
+        text, stop_string = group.detokenizers[request.completion_index].append(
+            token_id, check_stop=num_out > params.min_tokens)
         delta.text += text
 
         reason: FinishReason | None = None
         stop_reason: int | str | None = None
-        num_out = request.num_output_tokens
         can_stop = num_out >= params.min_tokens
         if stop_string is not None:
             reason, stop_reason = FinishReason.STOP, stop_string

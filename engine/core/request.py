@@ -96,7 +96,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     max_tokens: int | None = 16  # None: up to max_model_len
-    min_tokens: int = 0
+    min_tokens: int = 0  # no EOS, stop id or stop string ends a completion before it has this many tokens
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False

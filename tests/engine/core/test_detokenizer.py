@@ -304,3 +304,19 @@ def test_stop_string_split_over_short_pieces_at_the_start(include_stop: bool) ->
         assert results == [(".", None), ("\n", None), ("\n", ".\n\n")]
     else:
         assert results == [("", None), ("", None), ("", ".\n\n")]
+
+
+def test_stop_strings_wait_for_min_tokens() -> None:
+    """Under min_tokens (`matching` off) no stop string ends the text, text that may begin one is still held, a
+    stop string that ends in a later piece is found whole, and one that lay wholly in the earlier pieces is not
+    found again (vLLM's semantics)."""
+    from pagedserve.engine.core.detokenizer import _StopStringMatcher
+
+    matcher = _StopStringMatcher(["ab", "x"], include_stop_str_in_output=False)
+    assert matcher.feed("x", matching=False) == ("x", None)  # a whole stop string, under min_tokens
+    assert matcher.feed("a", matching=False) == ("", None)  # may begin "ab": held
+    assert matcher.feed("b", matching=True) == ("", "ab")  # ends now: found whole, the held "a" cut with it
+    matcher = _StopStringMatcher(["ab", "x"], include_stop_str_in_output=False)
+    assert matcher.feed("zx", matching=False) == ("zx", None)
+    assert matcher.feed("y", matching=True) == ("y", None)  # the earlier "x" is not found again
+    assert matcher.feed("x", matching=True) == ("", "x")

@@ -86,6 +86,27 @@ def test_stop_strings_are_cut_and_never_emitted(llm):
     assert tokenizer is not None
 
 
+
+def test_stop_strings_end_a_request_only_past_min_tokens(llm):
+    """A stop string met within min_tokens does not end the request (as a stop id or EOS there would not); one
+    met later does, with the text cut before it."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    free = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0].outputs[0]
+    tokenizer = llm.engine.tokenizer
+    early = tokenizer.decode(free.token_ids[1:2])  # the second token's text: a stop string under min_tokens 4
+    assert early.strip() and early in free.text
+    stopped = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[early]),
+                           use_tqdm=False)[0].outputs[0]
+    assert stopped.finish_reason == "stop" and len(stopped.token_ids) <= 2
+    waited = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[early],
+                                                       min_tokens=4), use_tqdm=False)[0].outputs[0]
+    assert waited.token_ids == free.token_ids[:len(waited.token_ids)] and len(waited.token_ids) > 4
+    later = free.text.find(early, len(tokenizer.decode(free.token_ids[:4])))
+    if later >= 0:  # the stop string comes again past min_tokens: the request ends there
+        assert (waited.finish_reason, waited.stop_reason, waited.text) == ("stop", early, free.text[:later])
+    else:
+        assert (waited.finish_reason, waited.text) == ("length", free.text)
+
 def test_greedy_logprobs_equal_transformers_scores(llm, hf_model):
     params = SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True)
     out = llm.generate([PROMPTS[1]], params, use_tqdm=False)[0].outputs[0]
