@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 # Read when ray is first imported: no Ray API call of this process starts a cluster by itself. Every test starts
@@ -62,3 +63,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     triton_interpreter.stop_background()
     demo_background.stop_background()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Serve's router threads outlive the last cluster (RAY_ENABLE_AUTO_CONNECT=0 above keeps them from starting a
+    new one) and log their failed metrics push to a stream pytest has closed: a traceback after the summary."""
+    logging.getLogger("ray.serve").disabled = True
