@@ -264,7 +264,6 @@ class IncrementalDetokenizer:
         self._joined_text = ""
         self._num_joined_chunks = 0
         self._is_flushed = False
-        self._checks_stop = True  # whether the last token could end the completion at a stop string
 
     def append(self, token_id: int, check_stop: bool = True) -> tuple[str, str | None]:
         """Feed one generated token; returns (new text safe to emit, matched stop string or None). `check_stop`
@@ -274,18 +273,18 @@ class IncrementalDetokenizer:
             raise RuntimeError("append after flush: the completion is already finished")
         if self._matcher.matched_stop is not None:
             raise RuntimeError(f"append after stop string {self._matcher.matched_stop!r} matched")
-        self._checks_stop = check_stop
         text, stop = self._matcher.feed(self._stream.step(token_id), check_stop)
         self._emit(text)
         return text, stop
 
-    def flush(self) -> str:
-        """At finish without a stop string: the held-back text (and any incomplete character, as U+FFFD)."""
+    def flush(self, check_stop: bool = True) -> str:
+        """At finish without a stop string: the held-back text (and any incomplete character, as U+FFFD).
+        `check_stop`: as for the last `append`."""
         if self._is_flushed or self._matcher.matched_stop is not None:
             return ""
         self._is_flushed = True
         # The undecodable tail can still complete a stop string; then the text ends before it.
-        text, stop = self._matcher.feed(self._stream.flush(), self._checks_stop)
+        text, stop = self._matcher.feed(self._stream.flush(), check_stop)
         if stop is None:
             text += self._matcher.flush()
         self._emit(text)

@@ -872,8 +872,9 @@ class LLMEngine:
         num_out = request.num_output_tokens
         # A stop string ends the completion only past min_tokens, as stop ids and EOS (the sampler masks those
         # before it), and as vLLM does.
-        text, stop_string = group.detokenizers[request.completion_index].append(
-            token_id, check_stop=num_out > params.min_tokens)
+        check_stop = num_out > params.min_tokens
+        detokenizer = group.detokenizers[request.completion_index]
+        text, stop_string = detokenizer.append(token_id, check_stop)
         delta.text += text
 
         reason: FinishReason | None = None
@@ -889,7 +890,7 @@ class LLMEngine:
             reason = FinishReason.LENGTH
         if reason is not None:
             if stop_string is None:
-                delta.text += group.detokenizers[request.completion_index].flush()
+                delta.text += detokenizer.flush(check_stop)
             request.stop_reason = stop_reason
             self._finish_sequence(request, reason)
 

@@ -349,7 +349,7 @@ class Scheduler:
 
     def _fit_drafts(self, request: Request, num_needed: int, budget: _StepBudget) -> list[int]:
         """The proposals a decoding request scores this step: as many as the budget and the request's length
-        limit allow, [] if its blocks cannot take them all (it then decodes one token, the usual way). None for a
+        limit allow, [] if its blocks cannot take them all (it then decodes one token, the usual way). [] too for a
         prompt's last token whose n > 1 completions fork from it: they sample from its logits, which a verification
         does not give them."""
         drafts = self._drafts.get(request.request_id)
