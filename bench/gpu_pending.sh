@@ -58,11 +58,15 @@ export PYTHONUNBUFFERED=1
 P="python3 -m pytest -p no:cacheprovider -q -rfEs --tb=short --durations=8"
 GPU_TESTS='(gpu or cuda) and not gpu_fused_moe'
 
-train_models() {  # the 42M target and a small draft, trained on Python's own text (bench/train_text_model.py)
-    timeout 170 python3 bench/train_text_model.py --preset target --minutes 1.5 --out-dir /tmp/target \
-        > "$OUT/train_target.log" 2>&1
-    timeout 100 python3 bench/train_text_model.py --preset draft --minutes 0.6 --out-dir /tmp/draft \
-        --tokenizer-from /tmp/target > "$OUT/train_draft.log" 2>&1
+# `train PRESET MINUTES DIR TIMEOUT_S`: one model trained on Python's own text (bench/train_text_model.py) into
+# /tmp/DIR, log $OUT/train_DIR.log; the drafts share the target's tokenizer (/tmp/target, trained first).
+train() {
+    local shared=(); [ "$1" = target ] || shared=(--tokenizer-from /tmp/target)
+    timeout "$4" python3 bench/train_text_model.py --preset "$1" --minutes "$2" --out-dir "/tmp/$3" "${shared[@]}" \
+        > "$OUT/train_$3.log" 2>&1; el "$1 rc=$?"
+}
+train_models() {  # the 42M target and a small draft, short budgets: what `spec` trains when they are missing
+    train target 1.5 target 170; train draft 0.6 draft 100
 }
 
 case "${1:-}" in
@@ -114,20 +118,13 @@ spec)
 spec_train)  # the n-gram bar (2x on the edit workload) needs a target that copies the passage: the H100's 1.5-minute
             # target accepted 0.30-0.78 where the H200's (d9dfec0) accepted 0.78-0.96. Train all three for longer here;
             # `spec` and `spec_draft` in the next call (idle release is 30 s: chain it) find them and skip training.
-    timeout 300 python3 bench/train_text_model.py --preset target --minutes 4 --out-dir /tmp/target \
-        > "$OUT/train_target.log" 2>&1; el "target rc=$?"
-    timeout 130 python3 bench/train_text_model.py --preset draft --minutes 1.5 --out-dir /tmp/draft \
-        --tokenizer-from /tmp/target > "$OUT/train_draft.log" 2>&1; el "draft rc=$?"
-    timeout "$(left 580)" python3 bench/train_text_model.py --preset draft-shallow --minutes 1.0 --out-dir /tmp/draft2 \
-        --tokenizer-from /tmp/target > "$OUT/train_draft2.log" 2>&1; el "draft-shallow rc=$?"
+    train target 4 target 300; train draft 1.5 draft 130; train draft-shallow 1.0 draft2 "$(left 580)"
     grep -h "perplexity\|parameters" "$OUT"/train_*.log | tail -6
     ;;
 spec_draft)  # issue 27's draft bar (1.5x on free generation): the 6-layer draft's round cost 1.84 ms against the
             # target's 0.49 ms step (both launch-bound), so it lost at every k; a 2-layer draft costs about a sixth
     [ -f /tmp/draft/config.json ] || { el "models missing: training"; train_models; }
-    [ -f /tmp/draft2/config.json ] || { el "draft-shallow"; timeout 120 python3 bench/train_text_model.py \
-        --preset draft-shallow --minutes 1.0 --out-dir /tmp/draft2 --tokenizer-from /tmp/target \
-        > "$OUT/train_draft2.log" 2>&1; el "rc=$?"; }
+    [ -f /tmp/draft2/config.json ] || train draft-shallow 1.0 draft2 120
     grep -h "perplexity\|parameters" "$OUT"/train_*.log | tail -6
     for d in draft2 draft; do
         el "s $d"; timeout "$(( $(left 570) / 2 + 60 ))" python3 bench/spec_bench.py --model /tmp/target --k "" \
