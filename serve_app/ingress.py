@@ -67,6 +67,16 @@ MIN_PAUSE_S = 0.002
 MAX_JSON_DEPTH = 128
 
 
+def _validation_detail(error: Any) -> str:
+    """One pydantic error as the 400's message words it: the field, the complaint, the value given."""
+    where = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":  # a field the request does not define: OpenAI's words
+        return f"{oai.UNRECOGNIZED}: {where}"
+    if not error["loc"]:  # a check of the whole body: its message names the fields; its input is the body
+        return str(error["msg"]).removeprefix("Value error, ")
+    return f"{where}: {error['msg']} (got {error.get('input')!r:.80})"
+
+
 def _nesting_depth(value: Any) -> int:
     """Levels of lists and objects in a decoded JSON value, counted without recursion."""
     depth, level = 0, [value]
@@ -341,10 +351,7 @@ class OpenAIIngress:
                 param = word if word in model_cls.model_fields or word in oai.UNSUPPORTED else None
             # A field's error names it and echoes its value; a check of the whole body (its message names the
             # fields) echoes nothing: its input is the whole body.
-            details = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r:.80})" if e["loc"]
-                else str(e["msg"]).removeprefix("Value error, ") for e in errors
-            )
+            details = "; ".join(_validation_detail(e) for e in errors)
             raise bad_request(details, param) from None
 
     async def check_model(self, model: str | None) -> str:

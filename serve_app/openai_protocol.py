@@ -2,9 +2,11 @@
 
 Requests are pydantic models with range checks, so a bad field is rejected once, here, with its name.
 A field OpenAI defines that this server does not implement is refused with a 400 naming it (`UNSUPPORTED`),
-never dropped; fields OpenAI does not define are ignored, as OpenAI's server does (vLLM's extensions among
-them are implemented: `guided_*`, `structured_outputs`, `allowed_token_ids`, `bad_words` ...). Responses are
-plain pydantic models serialized with `model_dump_json(exclude_none=...)` by the ingress.
+never dropped, and so is a top-level field no one defines (a misspelt `max_token`): "Unrecognized request
+argument supplied", as OpenAI's own server answers. vLLM's extensions that this server implements are read
+(`guided_*`, `structured_outputs`, `allowed_token_ids`, `bad_words`, `min_tokens` ...); one it does not (say
+`prompt_logprobs`) is refused like any unknown field rather than silently ignored. Responses are plain
+pydantic models serialized with `model_dump_json(exclude_none=...)` by the ingress.
 """
 
 from __future__ import annotations
@@ -50,12 +52,19 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
 }
 
 
+UNRECOGNIZED = "Unrecognized request argument supplied"  # OpenAI's words for a field it does not define
+
+
 def _refuse_unsupported(payload: Any, fields: tuple[str, ...]) -> Any:
-    if isinstance(payload, dict):
-        for name in fields:
-            if name in payload and not UNSUPPORTED[name](payload[name]):
-                raise ValueError(f"{name} is not supported by this server")
-    return payload
+    """`payload` without the `fields` whose values ask for nothing; a ValueError naming one that asks for more."""
+    if not isinstance(payload, dict):
+        return payload
+    for name in fields:
+        if name in payload and not UNSUPPORTED[name](payload[name]):
+            raise ValueError(f"{name} is not supported by this server")
+    present = [name for name in fields if name in payload]
+    # Dropped from a copy: the request model forbids fields it does not declare.
+    return {key: value for key, value in payload.items() if key not in present} if present else payload
 
 
 # Errors ----------------------------------------------------------------------------------------------
@@ -128,9 +137,10 @@ class StructuredOutputsField(BaseModel):
 
 
 class _SamplingFields(BaseModel):
-    """Fields shared by completions and chat completions; OpenAI names, vLLM extensions."""
+    """Fields shared by completions and chat completions; OpenAI names, vLLM extensions. Any other top-level
+    field is refused (pydantic's `extra_forbidden`, which the ingress words as OpenAI does)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     n: int = Field(1, ge=1, le=64)

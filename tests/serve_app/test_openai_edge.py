@@ -71,6 +71,27 @@ def test_values_that_ask_for_what_the_server_does_are_accepted(field: str, value
     parse({"messages": MESSAGES, field: value})
 
 
+@pytest.mark.parametrize("model_cls, base", [(oai.ChatCompletionRequest, {"messages": MESSAGES}),
+                                             (oai.CompletionRequest, {"prompt": "Hi"})])
+@pytest.mark.parametrize("field", ["max_token", "prompt_logprobs", "truncate_prompt_tokens"])
+def test_a_field_no_one_defines_is_refused_as_openai_refuses_it(model_cls: type, base: dict[str, Any],
+                                                                field: str) -> None:
+    """A misspelt field (or a vLLM extension this server lacks) was ignored: `max_token` 5 gave a full-length
+    answer. OpenAI's server answers 400 "Unrecognized request argument supplied"; so does this one."""
+    error = refusal({**base, field: 5}, model_cls)
+    assert error.param == field
+    assert error.message == f"Unrecognized request argument supplied: {field}"
+    assert error.error_type == "invalid_request_error"
+
+
+def test_an_unsupported_openai_field_asking_for_nothing_is_accepted_and_one_unknown_to_completions_refused() -> None:
+    """`store: false` on a chat request is OpenAI's and asks for nothing: accepted (dropped before the model
+    forbids undeclared fields). The completions API does not define it: refused as unrecognized."""
+    assert parse({"messages": MESSAGES, "store": False, "max_tokens": 3}).max_tokens == 3
+    error = refusal({"prompt": "Hi", "store": False}, oai.CompletionRequest)
+    assert error.param == "store" and "Unrecognized" in error.message
+
+
 def test_stream_obfuscation_is_refused_and_its_absence_accepted() -> None:
     error = refusal({"messages": MESSAGES, "stream": True, "stream_options": {"include_obfuscation": True}})
     assert error.param == "stream_options" and "include_obfuscation" in error.message
