@@ -29,8 +29,8 @@
 #   bash bench/gpu_pending.sh fp8kv_attn     # issue 25: the attention kernels over bf16 and FP8 caches, decode tiles
 #                                            # swept (W1's decode steps ran slower over an FP8 cache: 18.2 vs 16.7 ms)
 #   bash bench/gpu_pending.sh online         # issue 24: engine-only online bench, prompt bound 2048 vs ratio 2
-#   bash bench/gpu_pending.sh online_ratio   # issue 24: the step-time rule at ratio 2 (the default) vs 1.5 at 10, 25 and
-#                                            # 40 req/s: the served ITL p99 ran 2.3-2.5x TPOT p99 under ratio 2 (bound 2)
+#   bash bench/gpu_pending.sh online_ratio   # issue 24: the step-time rule at ratio 2 vs 1.5 (the default since an H100
+#                                            # run of this stage) at 10, 25 and 40 req/s
 #   bash bench/gpu_pending.sh w1_graphs      # base + LoRA W1 (issue 29), FP8 W1 (issue 25) with mixed-step graphs
 #   bash bench/gpu_pending.sh mixed_profile  # issues 24/29: steps with prompt tokens (eager), host vs device time, the
 #                                            # host's profile, and the LoRA mixed step (base rows vs 8 adapters)

@@ -96,7 +96,7 @@ class EngineConfig(BaseModel):
         "its own step times (engine/core/step_cost.py), and never fewer than 64. When the waiting prompts would not "
         "get their first token within ttft_target_s at that rate, steps take as many prompt tokens as that needs, "
         "up to max_prefill_tokens_while_decoding. off: the constant bound alone; auto: off on CPU, on CUDA "
-        "GPU_PREFILL_STEP_TIME_RATIO of config/resolve.py (2, measured with bench/online_engine_bench.py) where "
+        "GPU_PREFILL_STEP_TIME_RATIO of config/resolve.py (1.5, measured with bench/online_engine_bench.py) where "
         "steps with prompt tokens replay CUDA graphs, else off.",
     )
     ttft_target_s: float = Field(

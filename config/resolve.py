@@ -32,13 +32,15 @@ GPU_MAX_BATCH_TOKENS = 8192
 # (46.9 ms vs 54.0 unbounded). On CPU auto is no bound, as before the knob: nothing measured there asks for one.
 GPU_MAX_PREFILL_TOKENS_WHILE_DECODING = 2048
 # prefill_step_time_ratio auto on CUDA where steps with prompt tokens replay CUDA graphs (cuda_graph_max_mixed_tokens):
-# 2. Measured on one H100 at 21cc4cf (bench/online_engine_bench.py --rates 25 40 45 --prefill-bounds 2048 ratio:2;
-# docs/benchmarks.md): both met the SLOs at every rate; ratio 2 kept ITL within issue 24's bounds of TPOT at every
-# rate (ITL/TPOT p50 0.77 / 1.03 / 1.01, p99 1.56 / 1.41 / 1.78 at 25 / 40 / 45 req/s) where 2048 did not (p99 2.98 /
-# 2.89 / 2.48), for 0.5-4.5% of output tok/s at those rates; W1 (a burst) is the same with either. Where those steps
-# run eagerly a step with any prompt token pays a fixed host cost that the ratio's budget cannot see, and on an H200
-# (d9dfec0, eager) no rule was better at every rate: off, the constant bound alone. On CPU auto is off.
-GPU_PREFILL_STEP_TIME_RATIO = 2.0
+# 1.5. Measured on one H100 at 08f75c0 (bench/online_engine_bench.py --rates 10 25 40 --prefill-bounds ratio:2
+# ratio:1.5; docs/benchmarks.md): both met the SLOs at every rate; 1.5 kept ITL closer to TPOT at every rate (ITL /
+# TPOT p99 1.83 / 1.23 / 1.48 against 1.99 / 1.71 / 1.59 at 10 / 25 / 40 req/s; ITL p99 15.2 / 11.6 / 31.2 ms against
+# 18.8 / 20.5 / 31.1) for 0-2.4% of output tok/s and TTFT p99 +4-8%; served W1 (a burst) at 1.5 took 8,757 output tok/s
+# engine-side against 8,790 offline at 2. Ratio 2 had replaced the constant bound 2048 alone (21cc4cf: ITL / TPOT p99
+# 2.48-2.98 with the bound alone). Where those steps run eagerly a step with any prompt token pays a fixed host cost
+# that the ratio's budget cannot see, and on an H200 (d9dfec0, eager) no rule was better at every rate: off, the
+# constant bound alone. On CPU auto is off.
+GPU_PREFILL_STEP_TIME_RATIO = 1.5
 # attention_backend auto on CUDA, by compute capability major (the GPU generation): the backend that
 # bench/attention_bench.py --backends triton flash_paged and bench/gpu_bench.py (W1, batch 1) measured faster
 # there, in one run. Triton everywhere until such a run says otherwise; a generation not listed gets Triton.

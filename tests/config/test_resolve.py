@@ -143,8 +143,8 @@ def test_prefill_step_time_ratio_is_off_on_cpu_the_measured_constant_on_cuda_and
     assert resolve(EngineConfig(), CPU, LLAMA).scheduler.prefill_step_time_ratio is None
     assert "prefill_step_time_ratio=off (default on cpu)" in resolve(EngineConfig(), CPU, LLAMA).describe()
     gpu = resolve(EngineConfig(), HOPPER, LLAMA)
-    assert gpu.scheduler.prefill_step_time_ratio == GPU_PREFILL_STEP_TIME_RATIO == 2.0
-    assert "prefill_step_time_ratio=2.0 (default where steps with prompt tokens replay CUDA graphs)" in gpu.describe()
+    assert gpu.scheduler.prefill_step_time_ratio == GPU_PREFILL_STEP_TIME_RATIO == 1.5
+    assert "prefill_step_time_ratio=1.5 (default where steps with prompt tokens replay CUDA graphs)" in gpu.describe()
     # Where those steps run eagerly (no mixed-step graphs) the rule measured no better than the constant: off.
     for config in (EngineConfig(cuda_graph_max_mixed_tokens=0), EngineConfig(enable_cuda_graphs=False)):
         eager = resolve(config, HOPPER, LLAMA)
