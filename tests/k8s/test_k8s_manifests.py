@@ -252,6 +252,30 @@ def test_api_key_comes_from_the_example_secret(manifest: str) -> None:
                     assert other_reference["key"] in secrets[other_reference["name"]]["stringData"], where
 
 
+# Ray's HAProxy ingress: HAProxy on each node forwards to the ingress replicas' own HTTP ports, 30000-31000 by
+# default (RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT / _MAX_); Ray reads the switch on every node.
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+DIRECT_INGRESS_PORTS = range(30000, 31001)
+
+
+@pytest.mark.parametrize("manifest", RAY_MANIFESTS)
+def test_every_ray_container_runs_the_haproxy_ingress(manifest: str) -> None:
+    """Head and workers alike (a node without it would start Serve's Python proxy beside HAProxy's), and no Ray
+    worker port range over the ingress replicas' ports."""
+    for document in load_manifest(manifest):
+        if document["kind"] not in RAY_KINDS:
+            continue
+        cluster = ray_cluster_spec(document)
+        groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+        for where, group in groups:
+            env = _env(_container(group["template"]))
+            assert env.get(HAPROXY_ENV, {}).get("value") == "1", f"{manifest} {where}: {HAPROXY_ENV} not set to 1"
+            params = group.get("rayStartParams") or {}
+            low, high = int(params.get("min-worker-port", 10002)), int(params.get("max-worker-port", 19999))
+            assert high < DIRECT_INGRESS_PORTS.start or low > DIRECT_INGRESS_PORTS.stop - 1, (
+                f"{manifest} {where}: Ray worker ports {low}-{high} overlap the ingress replicas' 30000-31000")
+
+
 @pytest.mark.parametrize("manifest", RAY_MANIFESTS)
 def test_model_cache_volume_is_the_claim_and_the_cache_dirs(manifest: str) -> None:
     documents = load_manifest(manifest)
