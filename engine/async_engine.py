@@ -203,7 +203,14 @@ class AsyncLLMEngine:
             self.on_dead(reason)
             self._core.abandon()
             raise EngineDeadError(reason)
-        self._core.check_health()
+        try:
+            self._core.check_health()
+        except EngineDeadError as exc:
+            if self._dead_reason is None:  # found here first (a tensor-parallel worker gone while the core steps)
+                logger.error("engine is dead: %s", exc)
+                self.on_dead(str(exc))
+                self._core.abandon()
+            raise
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._core.shutdown(timeout_s)

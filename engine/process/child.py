@@ -124,7 +124,9 @@ def core_main(config: EngineConfig, commands: Connection, results: Connection, l
         return
     sender: ResultSender | None = None
     try:
-        results.send(("ready", Ready(engine.model_name, engine.tokenizer, engine.max_model_len, engine.get_stats())))
+        workers = getattr(engine.runner, "workers", ())  # tensor parallel: rank 0's worker processes
+        results.send(("ready", Ready(engine.model_name, engine.tokenizer, engine.max_model_len, engine.get_stats(),
+                                     tuple(process.pid for process in workers))))
         sender = ResultSender(results)
         if _serve(engine, commands, sender):
             sender.put(("stopped",))

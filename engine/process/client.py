@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing as mp
+import os
 import threading
 import weakref
 
@@ -63,6 +64,9 @@ class EngineCoreClient(QueuedCommands):
         self.tokenizer = ready.tokenizer
         self.max_model_len = ready.max_model_len
         self._initial_stats = ready.stats
+        # Watched from here, not only by the core: a core blocked in a collective whose peer died waits there
+        # (NCCL sees no dead peer on one host) and cannot check its workers itself.
+        self._worker_pids = ready.worker_pids
         logger.info("engine core process %d serves %s", self._process.pid, self.model_name)
 
     @property
@@ -108,10 +112,18 @@ class EngineCoreClient(QueuedCommands):
         self._reader.start()
 
     def check_health(self) -> None:
+        """`EngineDeadError` when the core is dead, or one of its tensor-parallel workers is: the core would
+        find that out itself only between steps, or inside a collective that notices (gloo's closed sockets;
+        NCCL waits out its timeout), and the caller then kills it (`abandon`)."""
         if self._dead_reason is not None:
             raise EngineDeadError(self._dead_reason)
-        if not self._stopping and not self._process.is_alive():
+        if self._stopping:
+            return
+        if not self._process.is_alive():
             raise EngineDeadError(f"the engine process exited (exit code {self._process.exitcode})")
+        for rank, pid in enumerate(self._worker_pids, start=1):
+            if not process_running(pid):
+                raise EngineDeadError(f"tensor-parallel worker rank {rank} (process {pid}) exited")
 
     def abandon(self) -> None:
         """Kill the core (hung in a kernel or a collective, it would hold the device forever)."""
@@ -189,6 +201,26 @@ class EngineCoreClient(QueuedCommands):
             self._dead_reason = reason
             logger.error("engine core is dead: %s", reason)
             sink.on_dead(reason)
+
+
+def process_running(pid: int) -> bool:
+    """Whether process `pid` exists and has not exited. A child of another process (the core's workers) that
+    exited stays a zombie until its parent reaps it, which a core blocked in a collective never does: on Linux
+    its state in /proc says so; elsewhere existence is all there is to ask."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # "pid (comm) state ...": the command may hold spaces and parentheses; the state follows the last ")".
+            return stat.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (not Linux): ask whether the process exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
 
 def _shutdown_at_exit(ref: weakref.ref) -> None:

@@ -25,6 +25,7 @@ class Ready:
     tokenizer: Any
     max_model_len: int
     stats: EngineStats
+    worker_pids: tuple[int, ...] = ()  # the core's tensor-parallel worker ranks (its children), if any
 
 
 _OUTPUT_FIELDS = tuple(f.name for f in dataclasses.fields(RequestOutput))

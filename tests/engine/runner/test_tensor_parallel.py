@@ -188,6 +188,50 @@ def test_worker_dead_before_joining_fails_start_up_at_once(model_dirs: dict[str,
     assert time.monotonic() - started < timeout_s / 2
 
 
+def test_server_sees_a_dead_worker_while_the_core_is_blocked_in_a_step(model_dirs: dict[str, Path]) -> None:
+    """NCCL on one host does not notice a dead peer: rank 0 (the engine core process) then waits inside the
+    collective until the group's timeout and checks nothing itself. The server's health check watches the
+    workers' processes: a worker gone while the core is blocked (SIGSTOP here, as a core inside a collective;
+    the worker then stays a zombie, unreaped) fails the streams and kills the core at the next check, well
+    before step_timeout_s."""
+    import asyncio as aio
+
+    from pagedserve.engine.async_engine import AsyncLLMEngine
+    from pagedserve.engine.process.client import process_running
+
+    config = _config(model_dirs["llama"], 2).model_copy(update={"engine_process": True, "step_timeout_s": 300.0})
+    engine = AsyncLLMEngine.from_config(config)
+    core_pid = engine._core.pid
+    (worker_pid,) = engine._core._worker_pids
+
+    async def scenario() -> None:
+        stream = engine.generate(PROMPTS[2], SamplingParams(max_tokens=400, ignore_eos=True), "long")
+        await stream.__anext__()
+        os.kill(core_pid, signal.SIGSTOP)
+        await engine.check_health()  # the worker still runs: healthy
+        os.kill(worker_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while process_running(worker_pid) and time.monotonic() < deadline:
+            await aio.sleep(0.05)
+        with pytest.raises(EngineDeadError, match=f"rank 1 \\(process {worker_pid}\\) exited"):
+            await engine.check_health()
+        with pytest.raises(EngineDeadError, match="rank 1"):
+            async for _ in stream:
+                pass
+
+    try:
+        aio.run(aio.wait_for(scenario(), 60))
+        deadline = time.monotonic() + 10
+        while process_running(core_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not process_running(core_pid), "the blocked core was not killed"
+    finally:
+        for pid in (core_pid, worker_pid):
+            if process_running(pid):
+                os.kill(pid, signal.SIGKILL)
+        engine.shutdown()
+
+
 def test_fp8_layers_cut_with_their_scales() -> None:
     """Column-parallel ranks keep their rows' scales (outputs: TP=1's columns); row-parallel ranks keep every
     row's scale (weights: TP=1's, cut), and their partial products, each from activations quantized per token
