@@ -745,6 +745,9 @@ class OpenAIIngress:
 
         async def events() -> AsyncIterator[bytes]:
             text_offsets: dict[int, int] = {}
+            # Chat choice index -> (token ids, logprobs) of text a tool stream holds back: they go out with the
+            # delta that finally carries that text, so the stream's logprobs cover every token, as the response's do.
+            held_tokens: dict[int, tuple[list[int], list[dict[int, Any]]]] = {}
             num_prompt_tokens = 0
             num_completion_tokens = 0
             is_complete = False
@@ -767,15 +770,19 @@ class OpenAIIngress:
                                 written.append(chunks.content(index, completion.text, completion.finish_reason))
                                 continue
                             delta, finish_reason = oai.ChatDelta(content=completion.text), completion.finish_reason
+                            token_ids, logprobs = completion.token_ids, completion.logprobs or []
                             if not is_plain_chat:
                                 tools = tool_streams.setdefault(index, ToolCallStream(plan))
                                 delta, finish_reason = tools.feed(completion.text, completion.finish_reason)
+                                held_ids, held_logprobs = held_tokens.pop(index, ([], []))
+                                token_ids, logprobs = held_ids + token_ids, held_logprobs + logprobs
                                 if delta is None:  # held back: it may be the start of a tool call
+                                    held_tokens[index] = (token_ids, logprobs)
                                     continue
                             written.append(chunks.choice(oai.ChatChunkChoice(
                                 index=index, delta=delta, finish_reason=finish_reason,
-                                logprobs=self.chat_logprobs(info, completion.token_ids, completion.logprobs or [],
-                                                            body.top_logprobs or 0) if body.logprobs else None,
+                                logprobs=self.chat_logprobs(info, token_ids, logprobs, body.top_logprobs or 0)
+                                if body.logprobs else None,
                             )))
                         elif body.logprobs is None:
                             written.append(chunks.text(index, completion.text, completion.finish_reason,

@@ -1,0 +1,109 @@
+"""The ingress's two answers to one request without a cluster: `OpenAIIngress.stream_response` and
+`full_response` over the same scripted engine deltas. The streamed events, joined, must say what the one
+response says (text, tool calls, finish reasons, logprobs, usage). Found by a randomized differential test
+of the service on a tiny model (stream vs one response, HTTP vs the offline engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.filterwarnings("ignore:coroutine .*was never awaited:RuntimeWarning")
+from pagedserve.config.serve import ServeArgs  # noqa: E402
+from pagedserve.engine.core.request import (  # noqa: E402
+    CompletionOutput,
+    Logprob,
+    RequestOutput,
+    SamplingParams,
+    merge_delta,
+)
+from pagedserve.serve_app import openai_protocol as oai  # noqa: E402
+from pagedserve.serve_app.ingress import OpenAIIngress  # noqa: E402
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"]}}}]
+
+
+class ScriptedCalls:
+    """`ReplicaCalls` as the response methods use it, answering each prompt with a fixed list of deltas."""
+
+    def __init__(self, deltas_by_prompt: list[list[RequestOutput]]) -> None:
+        self.deltas_by_prompt = deltas_by_prompt
+
+    async def open_streams(self, requests: list[Any]) -> list[int]:
+        return list(range(len(requests)))
+
+    async def merged(self, streams: list[int]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        for prompt_index in streams:
+            for delta in self.deltas_by_prompt[prompt_index]:
+                yield prompt_index, delta
+
+    async def collect(self, request: Any) -> RequestOutput:
+        output = None
+        for delta in self.deltas_by_prompt[int(request.request_id.rsplit("-", 1)[1])]:
+            output = merge_delta(output, delta)
+        return output
+
+    @staticmethod
+    def cancel(streams: list[Any]) -> None:
+        pass
+
+
+def delta(text: str, tokens: list[tuple[int, str]], finish_reason: str | None = None,
+          prompt_token_ids: list[int] | None = None) -> RequestOutput:
+    """One delta of completion 0: its text, and its (token id, decoded text) tokens, each with a logprob."""
+    logprobs = [{token: Logprob(-0.5, rank=1, decoded_token=decoded)} for token, decoded in tokens]
+    return RequestOutput("r", None, prompt_token_ids or [], [CompletionOutput(
+        0, text, [token for token, _ in tokens], logprobs=logprobs, finish_reason=finish_reason)],
+        finish_reason is not None)
+
+
+def edge(deltas_by_prompt: list[list[RequestOutput]]) -> OpenAIIngress:
+    ingress = OpenAIIngress.__new__(OpenAIIngress)
+    ingress.args = ServeArgs()
+    ingress.calls = ScriptedCalls(deltas_by_prompt)
+    ingress._pacer = SimpleNamespace(book=lambda: 0.0)
+    ingress.metrics = SimpleNamespace(client_left=lambda: None)
+    return ingress
+
+
+def both_answers(ingress: OpenAIIngress, body: Any, chat: bool, num_prompts: int = 1) -> tuple[dict, list[dict]]:
+    """(the one response's JSON, the stream's events before [DONE])."""
+    plan = body.tool_plan("hermes") if chat else None
+    requests = [SimpleNamespace(request_id=f"req-{i}", sampling_params=SamplingParams(n=body.n))
+                for i in range(num_prompts)]
+    info = SimpleNamespace(tokenizer=None)
+
+    async def run() -> tuple[bytes, bytes]:
+        full = await ingress.full_response(info, "m", "req", requests, body, chat=chat, plan=plan)
+        streamed = await ingress.stream_response(info, "m", "req", requests, body, chat=chat, plan=plan)
+        return full.body, b"".join([piece async for piece in streamed.body_iterator])
+
+    full, streamed = asyncio.run(run())
+    events = [line[len("data: "):] for line in streamed.decode().split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    return json.loads(full), [json.loads(event) for event in events[:-1]]
+
+
+def test_a_tool_stream_sends_the_logprobs_of_the_text_it_held_back() -> None:
+    """Under tool_choice required the stream holds the text back until the completion ends, then sends the calls
+    whole: its logprobs held only the last delta's tokens (2 of 20 on the tiny model), the response's all."""
+    body = oai.ChatCompletionRequest.model_validate({
+        "messages": [{"role": "user", "content": "Weather?"}], "tools": TOOLS, "tool_choice": "required",
+        "logprobs": True, "top_logprobs": 1, "stream": True})
+    deltas = [delta('[{"name": ', [(1, '[{"name'), (2, '": ')]), delta('"get_weather", ', [(3, '"get_weather", ')]),
+              delta('"parameters": {"city": "Oslo"}}]', [(4, '"parameters": '), (5, '{"city": "Oslo"}'), (6, "}]")],
+                    "stop", prompt_token_ids=[9, 9])]
+    full, events = both_answers(edge([deltas]), body, chat=True)
+    streamed = [token for event in events for choice in event["choices"]
+                for token in (choice.get("logprobs") or {}).get("content") or []]
+    assert full["choices"][0]["finish_reason"] == "tool_calls"
+    assert len(full["choices"][0]["logprobs"]["content"]) == 6
+    assert streamed == full["choices"][0]["logprobs"]["content"]
+
