@@ -789,13 +789,15 @@ class OpenAIIngress:
                                                        completion.stop_reason))
                         else:
                             offset = text_offsets.get(index, 0)
+                            logprobs = self.completion_logprobs(info, completion.token_ids,
+                                                                completion.logprobs or [], offset)
                             written.append(chunks.choice(oai.CompletionChoice(
                                 index=index, text=completion.text, finish_reason=completion.finish_reason,
-                                stop_reason=completion.stop_reason,
-                                logprobs=self.completion_logprobs(info, completion.token_ids,
-                                                                  completion.logprobs or [], offset),
-                            )))
-                            text_offsets[index] = offset + len(completion.text)
+                                stop_reason=completion.stop_reason, logprobs=logprobs)))
+                            # Offsets run on over the tokens' texts, as in one response, not over the delta's
+                            # text: a delta holds back the bytes of an unfinished character and cuts a stop
+                            # string, and how many tokens one delta holds depends on timing.
+                            text_offsets[index] = offset + sum(len(token) for token in logprobs.tokens)
                     if output.finished:
                         num_prompt_tokens += len(output.prompt_token_ids)
                         if output.error:

@@ -107,3 +107,18 @@ def test_a_tool_stream_sends_the_logprobs_of_the_text_it_held_back() -> None:
     assert len(full["choices"][0]["logprobs"]["content"]) == 6
     assert streamed == full["choices"][0]["logprobs"]["content"]
 
+
+def test_streamed_text_offsets_follow_the_tokens_as_the_response_does() -> None:
+    """A completion's text_offset counts the characters of the tokens before it. The stream began each delta at
+    the length of the text sent so far instead: a delta whose bytes do not finish a character has no text yet
+    (its token reads "\ufffd"), so the stream's offsets differed from the response's, and with them how the
+    deltas happened to be cut (they fold while a client reads slowly)."""
+    body = oai.CompletionRequest.model_validate({"prompt": "x", "logprobs": 0, "max_tokens": 4})
+    deltas = [delta("a", [(1, "a")]), delta("", [(2, "\ufffd")]), delta("\u00e9", [(3, "\ufffd")]),
+              delta("bc", [(4, "bc")], "length", prompt_token_ids=[9])]
+    full, events = both_answers(edge([deltas]), body, chat=False)
+    want = full["choices"][0]["logprobs"]
+    assert want["text_offset"] == [0, 1, 2, 3]
+    streamed = [choice["logprobs"] for event in events for choice in event["choices"]]
+    assert [offset for logprobs in streamed for offset in logprobs["text_offset"]] == want["text_offset"]
+    assert [token for logprobs in streamed for token in logprobs["tokens"]] == want["tokens"]
