@@ -292,6 +292,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="the baseline: bfloat16 on a GPU, float32 on CPU by default")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fast-accum", action="store_true",
+                        help="also the FP8 rows with _scaled_mm's fast accumulation (FAST_ACCUMULATION of "
+                             "engine/kernels/fp8_linear.py; the reference path on CPU ignores it)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.shape is not None and (args.heldout or not args.device.startswith("cuda")):
@@ -350,6 +353,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratio = fp8["perplexity"] / baseline["perplexity"]
         rows[-1].update(fp8, perplexity_ratio=ratio,
                         is_within_1_percent=within_fraction(fp8["perplexity"], baseline["perplexity"]))
+    if args.fast_accum:  # the same FP8 layers, their GEMMs with _scaled_mm's fast accumulation
+        from pagedserve.engine.kernels import fp8_linear
+
+        fp8_linear.FAST_ACCUMULATION = True
+        try:
+            for name, sequences in inputs.items():
+                comparison = LogitComparison()
+                for reference, test in zip(baseline_logits[name], all_logits(model, sequences), strict=True):
+                    comparison.add(reference, test)
+                rows.append({"weights": "fp8, fast accumulation", "inputs": f"{name}, {len(sequences)}x{args.seq_len}",
+                             "logits": comparison.summary()})
+            if heldout_ids is not None:
+                fast = perplexity(model, heldout_ids, args.seq_len, args.batch_size, args.eval_tokens)
+                rows[-1].update(fast, perplexity_ratio=fast["perplexity"] / baseline["perplexity"],
+                                is_within_1_percent=within_fraction(fast["perplexity"], baseline["perplexity"]))
+        finally:
+            fp8_linear.FAST_ACCUMULATION = False
     rows.extend(kv_rows)
 
     training_stats_path = None if args.model is None else args.model / STATS_FILE

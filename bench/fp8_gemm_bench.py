@@ -4,7 +4,7 @@ Llama-3-8B's projections as the engine runs them (q/k/v and gate/up fused, o, do
 shape and M: bf16 `F.linear`; the FP8 layer (per-token activation quantization by the Triton kernel of
 engine/kernels/fp8_quant.py, then `torch._scaled_mm` with row-wise scales: engine/kernels/fp8_linear.py);
 the quantization alone, by that kernel and by the PyTorch reference (eager); `_scaled_mm` alone on
-already quantized input. Times are CUDA-event medians (triton.testing.do_bench, so launch overhead
+already quantized input, with its default accumulation and with `use_fast_accum` (FAST_ACCUMULATION there). Times are CUDA-event medians (triton.testing.do_bench, so launch overhead
 shows at small M; the engine replays decode steps as CUDA graphs); TFLOP/s counts 2*M*N*K.
 
     python bench/fp8_gemm_bench.py --rows 16 64 256 512 2048 8192
@@ -35,8 +35,8 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     print("| projection | M | bf16 us | fp8 layer us | quantize (Triton) us | quantize (eager) us | _scaled_mm us | "
-          "bf16 TFLOP/s | fp8 layer TFLOP/s | fp8 / bf16 speed |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "_scaled_mm fast accum us | bf16 TFLOP/s | fp8 layer TFLOP/s | fp8 / bf16 speed |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, (n, k) in SHAPES.items():
         weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
         weight_q, weight_scale = quantize_weight(weight)
@@ -47,11 +47,13 @@ def main() -> None:
             layer_us = time_us(lambda: fp8_linear(x, weight_q, weight_scale, None, True))
             triton_us = time_us(lambda: quantize_rows_triton(x))
             eager_us = time_us(lambda: quantize_rows(x))
-            mm_us = time_us(lambda: torch._scaled_mm(x_q, weight_q.T, scale_a=x_scale,
-                                                     scale_b=weight_scale[None, :], out_dtype=torch.bfloat16))
+            mm_us, fast_us = (time_us(lambda: torch._scaled_mm(x_q, weight_q.T, scale_a=x_scale,
+                                                               scale_b=weight_scale[None, :],
+                                                               out_dtype=torch.bfloat16, use_fast_accum=fast))
+                              for fast in (False, True))
             flop = 2 * m * n * k
             print(f"| {name} | {m} | {bf16_us:.1f} | {layer_us:.1f} | {triton_us:.1f} | {eager_us:.1f} | "
-                  f"{mm_us:.1f} | {flop / bf16_us / 1e6:.0f} | {flop / layer_us / 1e6:.0f} | "
+                  f"{mm_us:.1f} | {fast_us:.1f} | {flop / bf16_us / 1e6:.0f} | {flop / layer_us / 1e6:.0f} | "
                   f"{bf16_us / layer_us:.2f}x |", flush=True)
 
 

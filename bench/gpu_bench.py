@@ -426,6 +426,9 @@ def main() -> int:
     parser.add_argument("--quantization", choices=["none", "bnb-4bit", "bnb-8bit", "fp8"], default="none",
                         help="quantize the random bf16 model's decoder linears before the run: bitsandbytes, or fp8 "
                         "(the layers quantization='fp8' loads)")
+    parser.add_argument("--fp8-fast-accum", action="store_true",
+                        help="FP8 GEMMs with _scaled_mm's fast accumulation (engine/kernels/fp8_linear.py "
+                             "FAST_ACCUMULATION; an experiment: off in the product until measured)")
     parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                         help="what the KV cache stores (EngineConfig.kv_cache_dtype): auto, the model's bf16; fp8, "
                         "e4m3 with per-layer scales of 1.0 (twice the tokens in the same memory)")
@@ -451,6 +454,11 @@ def main() -> int:
                         help="only write the model's config.json and tokenizer there (for a service with "
                              "load_format=dummy) and exit")
     args = parser.parse_args()
+    if args.fp8_fast_accum:
+        from pagedserve.engine.kernels import fp8_linear
+
+        fp8_linear.FAST_ACCUMULATION = True  # this process's FP8 GEMMs: the offline engine runs here
+        print("FP8 GEMMs with fast accumulation", flush=True)
     if args.write_model_dir is not None:
         write_model_dir(args.write_model_dir, args.layers)
         print(f"wrote {args.write_model_dir}")

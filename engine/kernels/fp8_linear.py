@@ -34,6 +34,12 @@ from pagedserve.engine.kernels.fp8_quant import FP8_DTYPE, FP8_MAX, MIN_SCALE, q
 logger = logging.getLogger(__name__)
 
 FP8_MIN_CAPABILITY = (9, 0)  # row-wise scaled _scaled_mm (see the module docstring)
+# `_scaled_mm(use_fast_accum=...)`: Hopper's FP8 tensor cores then keep partial sums in their own accumulator
+# instead of promoting them to float32 every few k-steps (CUTLASS's FP8FastAccum schedules; vLLM's and
+# TensorRT-LLM's FP8 GEMMs run so): faster, less exact over long K. Off until a GPU run weighs the speed
+# against the fidelity (`bash bench/gpu_pending.sh fp8_accum`); the benchmarks' `--fp8-fast-accum` turns it on
+# for their process. Read when a GEMM is traced or captured, like the shapes.
+FAST_ACCUMULATION = False
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +73,8 @@ def fp8_linear_scaled_mm(
     x_q, x_scale = quantize_rows_fp8(x)  # one kernel (engine/kernels/fp8_quant.py)
     # _scaled_mm wants the second operand column-major: weight.T of a row-major [N, K] weight is. The bias is
     # added after: row-wise scaling takes no bias in every torch build.
-    out = torch._scaled_mm(x_q, weight.T, scale_a=x_scale, scale_b=weight_scale[None, :].float(), out_dtype=x.dtype)
+    out = torch._scaled_mm(x_q, weight.T, scale_a=x_scale, scale_b=weight_scale[None, :].float(), out_dtype=x.dtype,
+                           use_fast_accum=FAST_ACCUMULATION)
     return out if bias is None else out + bias
 
 
