@@ -81,6 +81,10 @@ class SequenceGrammar:
     def accept_token(self, token_id: int) -> bool:
         return self.matcher.accept_token(token_id)
 
+    def is_terminated(self) -> bool:
+        """The matcher took a stop token: its language allows nothing more, and it has no next mask."""
+        return self.matcher.is_terminated()
+
 
 class PendingGrammar:
     """A compile in flight for one request: done when its future is, late after the time limit."""

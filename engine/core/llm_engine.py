@@ -886,6 +886,10 @@ class LLMEngine:
             reason = FinishReason.STOP
         elif can_stop and token_id in params.stop_token_ids:
             reason, stop_reason = FinishReason.STOP, token_id
+        elif request.grammar is not None and request.grammar.is_terminated():
+            # The constraint took its stop token (EOS under ignore_eos): nothing may follow, and asking the
+            # matcher for a next mask raises in the step, which failed every request of that step.
+            reason = FinishReason.STOP
         elif request.num_tokens >= request.token_limit:
             reason = FinishReason.LENGTH
         if reason is not None:

@@ -230,3 +230,27 @@ def test_async_scheduling_gives_the_synchronous_tokens_under_grammars(bpe_model_
         finally:
             engine.engine.shutdown()
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_constraint_that_took_eos_under_ignore_eos_ends_and_fails_no_one(bpe_model_dir, async_scheduling) -> None:
+    """With ignore_eos, EOS does not end a request, but the grammar that allowed it has terminated: the next
+    step asked its matcher for a mask, which raises, and that step failed every request in it (over HTTP, a
+    guided_choice with ignore_eos made every request batched beside it a 500). The request now ends there,
+    with the text and tokens it has without ignore_eos, and the free request beside it is untouched."""
+    engine = LLM(str(bpe_model_dir), num_blocks=256, max_num_seqs=16, async_scheduling=async_scheduling)
+    try:
+        choice = StructuredOutputsParams(choice=["Paris", "Oslo"])
+        free = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+        (want_free,) = engine.generate(["free"], free, use_tqdm=False)
+        outputs = [engine.generate(["choose", "free"], [SamplingParams(
+            n=2, max_tokens=24, temperature=1.0, seed=3, ignore_eos=ignore_eos, structured_outputs=choice),
+            free], use_tqdm=False) for ignore_eos in (False, True)]
+    finally:
+        engine.engine.shutdown()
+    (plain, _), (ignoring, beside) = outputs
+    assert ignoring.error is None and beside.error is None
+    assert [(c.text, c.token_ids, c.finish_reason) for c in ignoring.outputs] == [
+        (c.text, c.token_ids, c.finish_reason) for c in plain.outputs]
+    assert {c.text for c in ignoring.outputs} <= {"Paris", "Oslo"}
+    assert beside.outputs[0].token_ids == want_free.outputs[0].token_ids
