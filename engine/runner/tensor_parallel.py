@@ -44,9 +44,9 @@ Failure: ranks fail together. A worker that dies is seen before the next step (p
 or inside a collective (gloo's sockets close; the groups also carry a timeout), and rank 0 then
 raises `EngineDeadError` and stops the rest. NCCL on one host sees no dead peer: rank 0 would wait in the
 collective until the group's timeout, so a server whose core runs in its own process also watches the
-workers' processes from its health check (engine/process/client.py) and kills the blocked core. At start-up rank 0 watches the workers while it joins
-the group (gloo's rendezvous would wait the group's whole timeout for a rank that died before
-joining). A worker whose rank 0 disappears exits the same way.
+workers' processes from its health check (engine/process/client.py) and kills the blocked core. At
+start-up rank 0 watches the workers while it joins the group (gloo's rendezvous would wait the group's
+whole timeout for a rank that died before joining). A worker whose rank 0 disappears exits the same way.
 Shutdown: rank 0 sends "stop", and every rank tears the group down (`RankGroup.close`) before exiting.
 """
 
