@@ -70,6 +70,13 @@ def _json_values(text: str) -> list[Any] | None:
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
+def _content_before_calls(before: str, after: str) -> str | None:
+    """The content of a text with tool calls: what came before the first call (its trailing whitespace dropped;
+    a stream sends it as it comes, so its start is kept as written), then what is left after the calls."""
+    content = before.rstrip() + after.rstrip() if before.strip() else after.strip()
+    return content if content.strip() else None
+
+
 def parse_hermes(text: str, names: set[str]) -> tuple[str | None, list[ToolCall]]:
     """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Hermes, Qwen)."""
     calls = []
@@ -81,8 +88,8 @@ def parse_hermes(text: str, names: set[str]) -> tuple[str | None, list[ToolCall]
         calls += found
     if not calls:
         return text, []
-    content = _HERMES.sub("", text).strip()
-    return content or None, calls
+    first = text.index("<tool_call>")
+    return _content_before_calls(text[:first], _HERMES.sub("", text[first:])), calls
 
 
 def parse_llama3_json(text: str, names: set[str]) -> tuple[str | None, list[ToolCall]]:
@@ -104,8 +111,7 @@ def parse_mistral(text: str, names: set[str]) -> tuple[str | None, list[ToolCall
     found = _calls_from_objects(values[0], names, ("arguments", "parameters"))
     if not found:
         return text, []
-    content = text[:marker].strip()
-    return content or None, found
+    return _content_before_calls(text[:marker], ""), found
 
 
 TOOL_CALL_PARSERS: dict[str, Callable[[str, set[str]], tuple[str | None, list[ToolCall]]]] = {

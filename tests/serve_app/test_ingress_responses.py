@@ -73,9 +73,10 @@ def edge(deltas_by_prompt: list[list[RequestOutput]]) -> OpenAIIngress:
     return ingress
 
 
-def both_answers(ingress: OpenAIIngress, body: Any, chat: bool, num_prompts: int = 1) -> tuple[dict, list[dict]]:
+def both_answers(ingress: OpenAIIngress, body: Any, chat: bool, num_prompts: int = 1,
+                 parser: str = "hermes") -> tuple[dict, list[dict]]:
     """(the one response's JSON, the stream's events before [DONE])."""
-    plan = body.tool_plan("hermes") if chat else None
+    plan = body.tool_plan(parser) if chat else None
     requests = [SimpleNamespace(request_id=f"req-{i}", sampling_params=SamplingParams(n=body.n))
                 for i in range(num_prompts)]
     info = SimpleNamespace(tokenizer=None)
@@ -122,3 +123,30 @@ def test_streamed_text_offsets_follow_the_tokens_as_the_response_does() -> None:
     streamed = [choice["logprobs"] for event in events for choice in event["choices"]]
     assert [offset for logprobs in streamed for offset in logprobs["text_offset"]] == want["text_offset"]
     assert [token for logprobs in streamed for token in logprobs["tokens"]] == want["tokens"]
+
+
+@pytest.mark.parametrize("parser, text", [
+    ("hermes", 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'),
+    ("mistral", 'Checking.  [TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]'),
+])
+def test_an_auto_tool_call_after_some_content_streams_as_a_tool_call(parser: str, text: str) -> None:
+    """Under tool_choice auto a model may write a few words before its call. The one response read the call; the
+    stream sent everything as content once the text did not start like a call, and ended with finish_reason
+    stop. Now the stream sends the words, holds the text from the call's marker on, and ends with the call."""
+    body = oai.ChatCompletionRequest.model_validate({
+        "messages": [{"role": "user", "content": "Weather?"}], "tools": TOOLS, "tool_choice": "auto", "stream": True})
+    pieces = [text[i:i + 5] for i in range(0, len(text), 5)]
+    deltas = [delta(piece, [(i, piece)], "stop" if i == len(pieces) - 1 else None, prompt_token_ids=[9])
+              for i, piece in enumerate(pieces)]
+    ingress = edge([deltas])
+    ingress.args = ServeArgs(tool_call_parser=parser)
+    full, events = both_answers(ingress, body, chat=True, parser=parser)
+    message = full["choices"][0]["message"]
+    assert full["choices"][0]["finish_reason"] == "tool_calls" and message["tool_calls"]
+    choices = [choice for event in events for choice in event["choices"]]
+    content = "".join(choice["delta"].get("content") or "" for choice in choices)
+    calls = [(call["function"]["name"], call["function"]["arguments"])
+             for choice in choices for call in choice["delta"].get("tool_calls") or []]
+    assert content == message["content"]
+    assert calls == [(call["function"]["name"], call["function"]["arguments"]) for call in message["tool_calls"]]
+    assert [choice["finish_reason"] for choice in choices if choice.get("finish_reason")] == ["tool_calls"]
