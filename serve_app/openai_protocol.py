@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from pagedserve.engine.core.request import SamplingParams, StructuredOutputsParams
 from pagedserve.engine.errors import InvalidRequestError
@@ -93,12 +93,13 @@ class StreamOptions(BaseModel):
 
     include_usage: bool = False
     include_obfuscation: bool | None = None  # OpenAI's padding of stream events: not implemented
+    continuous_usage_stats: bool | None = None  # vLLM's usage in every chunk: not implemented
 
-    @field_validator("include_obfuscation")
+    @field_validator("include_obfuscation", "continuous_usage_stats")
     @classmethod
-    def _no_obfuscation(cls, value: bool | None) -> bool | None:
+    def _not_implemented(cls, value: bool | None, info: ValidationInfo) -> bool | None:
         if value:
-            raise ValueError("include_obfuscation is not supported by this server")
+            raise ValueError(f"{info.field_name} is not supported by this server")
         return value
 
 

@@ -100,6 +100,16 @@ def test_stream_obfuscation_is_refused_and_its_absence_accepted() -> None:
     assert body.include_usage_in_stream
 
 
+def test_continuous_usage_stats_is_refused_not_ignored() -> None:
+    """vLLM's stream_options.continuous_usage_stats (usage in every chunk) was accepted and dropped: a client
+    counting tokens from each chunk got none. It is refused by name; false asks for nothing and is accepted."""
+    for model_cls, base in ((oai.ChatCompletionRequest, {"messages": MESSAGES}), (oai.CompletionRequest, {"prompt": "x"})):
+        error = refusal({**base, "stream": True, "stream_options": {"continuous_usage_stats": True}}, model_cls)
+        assert error.param == "stream_options" and "continuous_usage_stats" in error.message
+        assert parse({**base, "stream": True, "stream_options": {"continuous_usage_stats": False}},
+                     model_cls).stream_options.continuous_usage_stats is False
+
+
 def test_every_chat_parameter_of_the_openai_client_is_implemented_or_refused() -> None:
     """A field the installed client can send is one the server reads or one `UNSUPPORTED` refuses; a new
     OpenAI field is not silently ignored."""
