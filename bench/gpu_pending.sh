@@ -14,6 +14,8 @@
 #                                            # on the same warm machine (the weights stay in /tmp there)
 #   bash bench/gpu_pending.sh spec_draft     # issue 27: draft decoding with a 2-layer draft of the target's width
 #                                            # (draft-shallow) against the 6-layer one, batch 1, in one call
+#   bash bench/gpu_pending.sh spec_deep_train  # issue 27: a 24-layer target and its 2-layer draft (~6 min), then in
+#   bash bench/gpu_pending.sh spec_deep        # the next call: draft and n-gram at batch 1 on that pair
 #   bash bench/gpu_pending.sh fp8_long       # issue 25: the long-context workload with FP8 weights + FP8 KV vs bf16
 #                                            # (with bf16 weights FP8 KV gave 1.07x: the run is prefill-bound)
 #   bash bench/gpu_pending.sh fp8_accum      # issue 25: _scaled_mm's fast accumulation: the GEMM table, then W1 with
@@ -61,12 +63,14 @@ export PYTHONUNBUFFERED=1
 P="python3 -m pytest -p no:cacheprovider -q -rfEs --tb=short --durations=8"
 GPU_TESTS='(gpu or cuda) and not gpu_fused_moe'
 
-# `train PRESET MINUTES DIR TIMEOUT_S`: one model trained on Python's own text (bench/train_text_model.py) into
-# /tmp/DIR, log $OUT/train_DIR.log; the drafts share the target's tokenizer (/tmp/target, trained first).
+# `train PRESET MINUTES DIR TIMEOUT_S [FLAGS...]`: one model trained on Python's own text (bench/train_text_model.py)
+# into /tmp/DIR, log $OUT/train_DIR.log; FLAGS go to the script. A draft shares its target's tokenizer: /tmp/target
+# (trained first) unless FLAGS name another with --tokenizer-from.
 train() {
-    local shared=(); [ "$1" = target ] || shared=(--tokenizer-from /tmp/target)
-    timeout "$4" python3 bench/train_text_model.py --preset "$1" --minutes "$2" --out-dir "/tmp/$3" "${shared[@]}" \
-        > "$OUT/train_$3.log" 2>&1; el "$1 rc=$?"
+    local preset=$1 minutes=$2 dir=$3 timeout_s=$4; shift 4
+    local shared=(); [ "$preset" = target ] || [[ " $* " == *" --tokenizer-from "* ]] || shared=(--tokenizer-from /tmp/target)
+    timeout "$timeout_s" python3 bench/train_text_model.py --preset "$preset" --minutes "$minutes" --out-dir "/tmp/$dir" \
+        "${shared[@]}" "$@" > "$OUT/train_$dir.log" 2>&1; el "$preset $dir rc=$?"
 }
 train_models() {  # the 42M target and a small draft, short budgets: what `spec` trains when they are missing
     train target 1.5 target 170; train draft 0.6 draft 100
@@ -123,6 +127,22 @@ spec_train)  # the n-gram bar (2x on the edit workload) needs a target that copi
             # `spec` and `spec_draft` in the next call (idle release is 30 s: chain it) find them and skip training.
     train target 4 target 300; train draft 1.5 draft 130; train draft-shallow 1.0 draft2 "$(left 580)"
     grep -h "perplexity\|parameters" "$OUT"/train_*.log | tail -6
+    ;;
+spec_deep_train)  # issue 27's draft bar where the draft is much cheaper than the target, as in practice (an 8B target
+                 # and a draft of a tenth of its layers or less): the 12-layer target's step (0.49 ms on an H100) and
+                 # any draft's are bound by kernel launches, so their cost ratio is their layer ratio. A 24-layer
+                 # target (~80M parameters) against the 2-layer draft: 12:1. `spec_deep` measures them next call.
+    train target 4 target24 300 --layers 24
+    train draft-shallow 1.0 draft24 "$(left 580)" --tokenizer-from /tmp/target24
+    grep -h "perplexity\|parameters" "$OUT"/train_target24.log "$OUT"/train_draft24.log | tail -4
+    ;;
+spec_deep)  # the pair of spec_deep_train (trained in the previous call on this machine): draft k 3 and 5 and n-gram
+            # k 8, batch 1, free generation and the edit workload
+    [ -f /tmp/draft24/config.json ] || { echo "run spec_deep_train first (same warm machine)"; exit 1; }
+    el s1; timeout "$(left 570)" python3 bench/spec_bench.py --model /tmp/target24 --k 8 --draft-model /tmp/draft24 \
+        --draft-k 3,5 --batch-sizes "" --w1-requests 0 --no-constant-rule --out "$OUT/spec_deep.json" \
+        > "$OUT/spec_deep.txt" 2>&1; el "s1 rc=$?"
+    grep -v "^\[\|INFO\|WARN\|Loading" "$OUT/spec_deep.txt" | tail -24
     ;;
 spec_draft)  # issue 27's draft bar (1.5x on free generation): the 6-layer draft's round cost 1.84 ms against the
             # target's 0.49 ms step (both launch-bound), so it lost at every k; a 2-layer draft costs about a sixth
