@@ -98,6 +98,7 @@ class RequestResult:
     ttft_s: float | None = None
     e2e_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
+    num_chunks: int = 0  # streamed chunks that carried text: more than one token each where deltas were merged
 
     @property
     def tpot_s(self) -> float | None:
@@ -205,6 +206,7 @@ async def one_request(
                 if payload.get("usage"):
                     result.num_output_tokens = payload["usage"]["completion_tokens"]
                 if payload.get("choices") and payload["choices"][0].get("text"):
+                    result.num_chunks += 1
                     if result.ttft_s is None:
                         result.ttft_s = now - started
                     elif last_chunk_s is not None:
@@ -302,6 +304,10 @@ class PassResult:
     itl_s: dict[str, float] | None
     max_send_lag_s: float = 0.0
     client_cpu_s: float = 0.0  # this process's CPU time over the pass: near wall_s, the client set the pace
+    # Output tokens per text chunk of the streamed requests (None: nothing streamed). 1.0: every engine step's
+    # token went out as its own event; more: the service merged deltas (event pacing, or a reader behind), and
+    # each merge shows as one longer ITL gap.
+    tokens_per_chunk: float | None = None
 
     @property
     def achieved_per_s(self) -> float:
@@ -345,8 +351,14 @@ def summarize_pass(
         ttft_s=p50_p99([r.ttft_s for r in ok if r.ttft_s is not None]),
         tpot_s=p50_p99([r.tpot_s for r in ok if r.tpot_s is not None]),
         itl_s=p50_p99([gap for r in ok for gap in r.itl_s]),
-        max_send_lag_s=max_send_lag_s, client_cpu_s=client_cpu_s,
+        max_send_lag_s=max_send_lag_s, client_cpu_s=client_cpu_s, tokens_per_chunk=tokens_per_chunk(ok),
     )
+
+
+def tokens_per_chunk(results: Sequence[RequestResult]) -> float | None:
+    """Output tokens over text chunks, over the requests that were streamed (None when none was)."""
+    streamed = [r for r in results if r.num_chunks]
+    return sum(r.num_output_tokens for r in streamed) / sum(r.num_chunks for r in streamed) if streamed else None
 
 
 @dataclass(frozen=True)
@@ -393,14 +405,17 @@ def _errors_cell(errors: dict[str, int]) -> str:
 def sweep_table(results: Sequence[PassResult], slo: Slo) -> str:
     """Markdown: one row per pass, the three p99 checks and the verdict last."""
     header = ["rate req/s", "ok / sent", "achieved req/s", "output tok/s", "TTFT p50 / p99 (ms)",
-              "TPOT p50 / p99 (ms)", "ITL p50 / p99 (ms)", "errors", f"TTFT p99 <= {slo.ttft_p99_s * 1000:g} ms",
+              "TPOT p50 / p99 (ms)", "ITL p50 / p99 (ms)", "tokens / chunk", "errors",
+              f"TTFT p99 <= {slo.ttft_p99_s * 1000:g} ms",
               f"TPOT p99 <= {slo.tpot_p99_s * 1000:g} ms", f"ITL p99 <= {slo.itl_p99_s * 1000:g} ms", "all SLOs"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---:"] * 7 + ["---"] * 5) + "|"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---:"] * 8 + ["---"] * 5) + "|"]
     for result in results:
         checks = slo.checks(result)
         cells = [f"{result.rate_per_s:g}", f"{result.num_ok} / {result.num_sent}", f"{result.achieved_per_s:.2f}",
                  f"{result.output_tokens_per_s:.1f}", _ms_pair(result.ttft_s), _ms_pair(result.tpot_s),
-                 _ms_pair(result.itl_s), _errors_cell(result.errors),
+                 _ms_pair(result.itl_s),
+                 "n/a" if result.tokens_per_chunk is None else f"{result.tokens_per_chunk:.2f}",
+                 _errors_cell(result.errors),
                  *("yes" if checks[name] else "no" for name in ("TTFT", "TPOT", "ITL")),
                  "**yes**" if result.meets(slo) else "no"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -687,6 +702,9 @@ def run(args: argparse.Namespace) -> tuple[str, list, int, float]:
     print(f"| TTFT p50 / p90 / p99 (ms) | {percentiles([r.ttft_s for r in ok if r.ttft_s is not None])} |")
     print(f"| TPOT p50 / p90 / p99 (ms) | {percentiles([r.tpot_s for r in ok if r.tpot_s is not None])} |")
     print(f"| ITL p50 / p90 / p99 (ms) | {percentiles([gap for r in ok for gap in r.itl_s])} |")
+    per_chunk = tokens_per_chunk(ok)
+    if per_chunk is not None:
+        print(f"| output tokens per text chunk | {per_chunk:.2f} |")
     print(f"| E2E p50 / p90 / p99 (ms) | {percentiles([r.e2e_s for r in ok])} |")
     if ok:
         print(f"| mean output tokens per request | {statistics.mean(r.num_output_tokens for r in ok):.1f} |")

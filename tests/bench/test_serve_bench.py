@@ -129,7 +129,9 @@ def test_unknown_workload_is_refused(serve_bench) -> None:
 
 # ---- one pass, the SLO verdict and the goodput ----------------------------------------------------------
 def ok_result(serve_bench, ttft_s: float, e2e_s: float, itl_s: list[float], num_tokens: int):
-    return serve_bench.RequestResult(ok=True, num_output_tokens=num_tokens, ttft_s=ttft_s, e2e_s=e2e_s, itl_s=itl_s)
+    """A streamed result: a chunk for the first token and one after each gap."""
+    return serve_bench.RequestResult(ok=True, num_output_tokens=num_tokens, ttft_s=ttft_s, e2e_s=e2e_s, itl_s=itl_s,
+                                     num_chunks=len(itl_s) + 1)
 
 
 def ok_results(serve_bench, ttft_s: float, tpot_s: float, itl_s: float, count: int = 100, num_tokens: int = 11):
@@ -204,6 +206,19 @@ def test_sweep_table_has_a_row_per_pass_and_the_verdicts(serve_bench) -> None:
     assert "TTFT p99 <= 1000" in lines[0] and "TPOT p99 <= 50" in lines[0] and "ITL p99 <= 100" in lines[0]
     assert lines[2].startswith("| 10 | 100 / 100 | 10.00 |") and lines[2].endswith("| yes | yes | yes | **yes** |")
     assert "| 90.0 / 90.0 |" in lines[3] and lines[3].endswith("| yes | no | no | no |")
+    assert "| tokens / chunk |" in lines[0] and "| 10.0 / 10.0 | 1.00 | none |" in lines[2]
+
+
+def test_tokens_per_chunk_counts_merged_deltas_and_only_streamed_requests(serve_bench) -> None:
+    """11 tokens in 11 chunks and 11 in 4 (deltas merged): 22 / 15; one-response results (no chunks) and failures
+    do not count; with no streamed result there is nothing to say."""
+    results = [ok_result(serve_bench, 0.1, 0.3, [0.02] * 10, 11), ok_result(serve_bench, 0.1, 0.3, [0.06] * 3, 11),
+               serve_bench.RequestResult(ok=True, num_output_tokens=50, e2e_s=1.0)]
+    assert serve_bench.tokens_per_chunk(results) == pytest.approx(22 / 15)
+    result = serve_bench.summarize_pass(1.0, workload_of(serve_bench, 4), results + [
+        serve_bench.RequestResult(ok=False, error="HTTP 503")], wall_s=1.0)
+    assert result.tokens_per_chunk == pytest.approx(22 / 15)
+    assert serve_bench.tokens_per_chunk(results[2:]) is None
 
 
 # ---- flags ---------------------------------------------------------------------------------------------
