@@ -101,14 +101,22 @@ def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
         logits -= _rows_tensor(presence, torch.float32, device).unsqueeze(1) * (counts > 0).float()
 
 
-def _apply_min_tokens(logits: torch.Tensor, requests: list[Request]) -> None:
-    """While a request has fewer than min_tokens outputs, its EOS and stop token ids cannot be sampled."""
+def _apply_min_tokens(logits: torch.Tensor, requests: list[Request], *, constrained: bool) -> None:
+    """While a request has fewer than min_tokens outputs, its EOS and stop token ids cannot be sampled.
+
+    `constrained` picks the rows: those without a grammar (before the other masks), or those under one
+    (after its mask). Under a grammar the ban holds only while the row has another token left: a grammar
+    that allows nothing but its end wins over min_tokens, and its completion ends there (the engine ends a
+    request whose matcher has terminated), where a full ban left no token and sampled one the grammar refuses.
+    """
     vocab_size = logits.shape[1]
     rows: list[int] = []
     columns: list[int] = []
     for row, request in enumerate(requests):
         params = request.sampling_params
         if request.num_output_tokens >= params.min_tokens:
+            continue
+        if (request.grammar is not None and not request.is_finished) != constrained:
             continue
         banned = set(params.stop_token_ids or [])
         if not params.ignore_eos:
@@ -117,9 +125,23 @@ def _apply_min_tokens(logits: torch.Tensor, requests: list[Request]) -> None:
             if 0 <= token_id < vocab_size:
                 rows.append(row)
                 columns.append(token_id)
-    if rows:
-        index = (_rows_tensor(rows, torch.int64, logits.device), _rows_tensor(columns, torch.int64, logits.device))
-        logits.index_put_(index, torch.tensor(float("-inf"), device=logits.device))
+    if not rows:
+        return
+    device = logits.device
+    if not constrained:
+        index = (_rows_tensor(rows, torch.int64, device), _rows_tensor(columns, torch.int64, device))
+        logits.index_put_(index, torch.tensor(float("-inf"), device=device))
+        return
+    # On the device, without a sync: per row, whether a token outside the ban is still allowed.
+    selected = sorted(set(rows))
+    position = {row: index for index, row in enumerate(selected)}
+    banned = torch.zeros(len(selected), vocab_size, dtype=torch.bool, device=device)
+    banned[_rows_tensor([position[row] for row in rows], torch.int64, device),
+           _rows_tensor(columns, torch.int64, device)] = True
+    selected_rows = _rows_tensor(selected, torch.int64, device)
+    row_logits = logits[selected_rows]
+    has_other = ((row_logits > float("-inf")) & ~banned).any(dim=1, keepdim=True)
+    logits[selected_rows] = row_logits.masked_fill(banned & has_other, float("-inf"))
 
 
 def _apply_token_constraints(logits: torch.Tensor, requests: list[Request]) -> None:
@@ -202,9 +224,9 @@ def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 def apply_logits_processing(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     """The logits each row is sampled from: a new float32 tensor; filtered tokens are -inf.
 
-    Order: repetition penalty, presence/frequency penalties, min_tokens, logit_bias, allowed_token_ids,
-    bad words, the grammar's mask, then for sampled rows only: temperature (at least 0.01), top-k, top-p,
-    min-p. Greedy rows (temperature 0) get everything before the temperature (as in vLLM and transformers'
+    Order: repetition penalty, presence/frequency penalties, min_tokens (rows under a grammar: after its
+    mask, see `_apply_min_tokens`), logit_bias, allowed_token_ids, bad words, the grammar's mask, then for
+    sampled rows only: temperature (at least 0.01), top-k, top-p, min-p. Greedy rows (temperature 0) get everything before the temperature (as in vLLM and transformers'
     generate) but nothing after, so with default parameters their argmax is exactly the argmax of the raw
     float32 logits. Neutral parameters leave a row untouched.
     """
@@ -213,9 +235,10 @@ def apply_logits_processing(logits: torch.Tensor, requests: list[Request]) -> to
         return processed
     device = processed.device
     _apply_penalties(processed, requests)
-    _apply_min_tokens(processed, requests)
+    _apply_min_tokens(processed, requests, constrained=False)
     _apply_token_constraints(processed, requests)
     _apply_grammars(processed, requests)
+    _apply_min_tokens(processed, requests, constrained=True)
 
     params = [r.sampling_params for r in requests]
     sampled_rows = [row for row, p in enumerate(params) if not p.is_greedy]

@@ -254,3 +254,34 @@ def test_a_constraint_that_took_eos_under_ignore_eos_ends_and_fails_no_one(bpe_m
         (c.text, c.token_ids, c.finish_reason) for c in plain.outputs]
     assert {c.text for c in ignoring.outputs} <= {"Paris", "Oslo"}
     assert beside.outputs[0].token_ids == want_free.outputs[0].token_ids
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_constraint_shorter_than_min_tokens_ends_where_it_ends(bpe_model_dir, async_scheduling) -> None:
+    """min_tokens masks EOS, and once a grammar allows nothing but EOS that left no token: one the grammar
+    refuses was sampled and the request failed ("token 0 breaks the request's choice", a 500 over HTTP). The
+    constraint wins: the request ends where its grammar does, as without min_tokens, and min_tokens still
+    holds for the free request beside it."""
+    engine = LLM(str(bpe_model_dir), num_blocks=256, max_num_seqs=16, async_scheduling=async_scheduling)
+    schema = {"type": "object", "properties": {"d": {"type": "integer", "minimum": 1, "maximum": 7}},
+              "required": ["d"]}
+    constraints = [StructuredOutputsParams(choice=["Paris", "Oslo"]), StructuredOutputsParams(json=schema)]
+    free = SamplingParams(max_tokens=16, min_tokens=10, temperature=0.0)
+    try:
+        (want_free,) = engine.generate(["free"], free, use_tqdm=False)
+        runs = [engine.generate(["choose", "json", "free"], [
+            SamplingParams(n=2, max_tokens=40, min_tokens=min_tokens, temperature=1.0, seed=3,
+                           structured_outputs=constraint) for constraint in constraints] + [free], use_tqdm=False)
+            for min_tokens in (0, 30)]
+    finally:
+        engine.engine.shutdown()
+    (*without, _), (*with_min_tokens, beside) = runs
+    for plain, held in zip(without, with_min_tokens):
+        assert held.error is None
+        assert [(c.text, c.token_ids, c.finish_reason) for c in held.outputs] == [
+            (c.text, c.token_ids, c.finish_reason) for c in plain.outputs]
+        assert all(c.finish_reason == "stop" and len(c.token_ids) < 30 for c in held.outputs)
+    assert {c.text for c in with_min_tokens[0].outputs} <= {"Paris", "Oslo"}
+    assert all(1 <= json.loads(c.text)["d"] <= 7 for c in with_min_tokens[1].outputs)
+    assert beside.error is None and beside.outputs[0].token_ids == want_free.outputs[0].token_ids
+    assert len(beside.outputs[0].token_ids) >= 10
