@@ -17,6 +17,8 @@ torch.compile treats it as one opaque kernel (as it treats the GEMM after it) an
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 try:
@@ -90,19 +92,40 @@ if triton is not None:
         tl.store(scale_ptr + row, scale)
 
 
-def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_rows` of a 2-D x (contiguous rows) by one Triton program per row."""
+@dataclass(frozen=True)
+class QuantTiles:
+    """How `_quantize_rows_kernel` reads a row: whole in one block (`block_k` None: the next power of two of the
+    row, read once) or in blocks of `block_k` (read twice: once for the largest magnitude, once to quantize,
+    the second time from L2), by `num_warps` warps (None: a warp per 1,024 elements of the block, 1 to 16)."""
+
+    block_k: int | None = None
+    num_warps: int | None = None
+
+
+def default_quant_tiles(num_features: int) -> QuantTiles:
+    """One pass up to MAX_ONE_PASS_K features, blocks of 4,096 above. On an H100 these read and wrote 1.5-1.6 TB/s
+    at 2,048 rows (4,096 and 14,336 features: 15.5 and 57.4 us), half the copy rate: `bench/fp8_gemm_bench.py
+    --quant-sweep` times the alternatives (more warps, two passes over smaller blocks)."""
+    return QuantTiles() if num_features <= MAX_ONE_PASS_K else QuantTiles(block_k=4096)
+
+
+def quantize_rows_triton(x: torch.Tensor, tiles: QuantTiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows` of a 2-D x (contiguous rows) by one Triton program per row (`tiles`: how; None, the
+    default for its width)."""
     num_rows, num_features = x.shape
     quantized = torch.empty((num_rows, num_features), dtype=FP8_DTYPE, device=x.device)
     scales = torch.empty((num_rows, 1), dtype=torch.float32, device=x.device)
     if num_rows == 0:
         return quantized, scales
-    one_pass = num_features <= MAX_ONE_PASS_K
-    block_k = triton.next_power_of_2(num_features) if one_pass else 4096
+    tiles = tiles or default_quant_tiles(num_features)
+    one_pass = tiles.block_k is None
+    if one_pass and num_features > MAX_ONE_PASS_K:
+        raise ValueError(f"a row of {num_features} features is over MAX_ONE_PASS_K ({MAX_ONE_PASS_K}) for one pass")
+    block_k = triton.next_power_of_2(num_features) if one_pass else tiles.block_k
     _quantize_rows_kernel[(num_rows,)](
         x, quantized, scales, num_features, x.stride(0), quantized.stride(0),
         FP8_MAX_VALUE=FP8_MAX, MIN_SCALE_VALUE=MIN_SCALE, BLOCK_K=block_k, ONE_PASS=one_pass,
-        num_warps=max(1, min(16, block_k // 1024)),
+        num_warps=tiles.num_warps or max(1, min(16, block_k // 1024)),
     )
     return quantized, scales
 

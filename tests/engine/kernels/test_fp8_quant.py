@@ -20,19 +20,23 @@ from triton_interpreter import WORKER_FLAG, interpreter_results
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
-# (rows, features, dtype): one pass up to 16384 features, two passes above
+# (rows, features, dtype[, block_k, num_warps]): by default one pass up to 16384 features, two passes above; the
+# tiles a sweep may pick (`QuantTiles`): two passes over small blocks with a ragged last one, other warp counts
 CASES = {"one_pass_ragged_bf16": (3, 100, "bfloat16"), "one_pass_fp32": (2, 64, "float32"),
-         "two_pass_bf16": (2, 16384 + 300, "bfloat16")}
+         "two_pass_bf16": (2, 16384 + 300, "bfloat16"), "two_pass_small_blocks": (3, 300, "bfloat16", 64, 1),
+         "one_pass_more_warps": (2, 100, "bfloat16", None, 8)}
 
 
-def run_case(rows: int, features: int, dtype_name: str, device: str) -> dict[str, int]:
-    from pagedserve.engine.kernels.fp8_quant import quantize_rows, quantize_rows_triton
+def run_case(rows: int, features: int, dtype_name: str, block_k: int | None = None, num_warps: int | None = None,
+             *, device: str) -> dict[str, int]:
+    from pagedserve.engine.kernels.fp8_quant import QuantTiles, quantize_rows, quantize_rows_triton
 
     generator = torch.Generator().manual_seed(rows * 7 + features)
     x = (torch.randn(rows, features, generator=generator) * 3).to(device, getattr(torch, dtype_name))
     x[-1] = 0  # a row of zeros keeps the floor scale and quantizes to zeros
     want_q, want_scale = quantize_rows(x)
-    got_q, got_scale = quantize_rows_triton(x)
+    tiles = None if block_k is None and num_warps is None else QuantTiles(block_k, num_warps)
+    got_q, got_scale = quantize_rows_triton(x, tiles)
     return {"values_differing": int((got_q.view(torch.uint8) != want_q.view(torch.uint8)).sum()),
             "values": got_q.numel(),
             "scales_differing": int((got_scale != want_scale).sum()),
@@ -56,8 +60,7 @@ def test_kernel_matches_the_reference_bit_for_bit_in_the_interpreter(interpreted
 @pytest.mark.skipif(not HAS_FP8_GPU, reason="needs a CUDA GPU with FP8 (compute capability 8.9+)")
 @pytest.mark.parametrize("case", sorted(CASES) + ["many_rows"])
 def test_kernel_matches_the_reference_bit_for_bit_on_the_gpu(case: str) -> None:
-    rows, features, dtype_name = CASES.get(case, (2048, 14336, "bfloat16"))
-    result = run_case(rows, features, dtype_name, "cuda")
+    result = run_case(*CASES.get(case, (2048, 14336, "bfloat16")), device="cuda")
     assert result["values_differing"] == 0 and result["scales_differing"] == 0 and result["scale_shape_ok"] == 1
 
 
