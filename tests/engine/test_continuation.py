@@ -47,6 +47,8 @@ def run(llm: LLM, params: SamplingParams, continuation: Continuation | None = No
         for output in engine.step():
             if output.request_id != request_id:
                 continue
+            # The prompt as sent, without the continued tokens: the service's usage counts it as prompt_tokens.
+            assert output.prompt_token_ids == PROMPT
             (completion,) = output.outputs
             assert len(completion.token_ids) <= 1, "one token a step for one request"
             if completion.token_ids:

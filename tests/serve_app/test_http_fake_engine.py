@@ -357,6 +357,7 @@ def test_a_request_whose_replica_is_lost_gets_its_whole_answer(
     # The marker now exists: the same prompt runs normally, and gives the same (deterministic) text.
     again = client.post("/v1/completions", json={**body, "stream": False, "stream_options": None})
     assert again.status_code == 200 and [c["text"] for c in again.json()["choices"]] == texts
+    assert usage == again.json()["usage"]  # the continued tokens are not counted as prompt tokens
     _wait_for_running_replicas(2)  # the lost replica was replaced
 
 

@@ -150,3 +150,104 @@ def test_an_auto_tool_call_after_some_content_streams_as_a_tool_call(parser: str
     assert content == message["content"]
     assert calls == [(call["function"]["name"], call["function"]["arguments"]) for call in message["tool_calls"]]
     assert [choice["finish_reason"] for choice in choices if choice.get("finish_reason")] == ["tool_calls"]
+
+
+class FakeEngineReplicas:
+    """Starts engine requests (as `ChannelHub.start` does) on one in-process `FakeAsyncEngine`; the first
+    request's replica is lost (ActorDiedError) after `lost_after` of its deltas."""
+
+    def __init__(self, engine: Any, lost_after: int | None) -> None:
+        self.engine = engine
+        self.lost_after = lost_after
+        self.calls: list[Any] = []
+
+    def start(self, request: Any) -> Any:
+        from ray.exceptions import ActorDiedError
+
+        lost_after = self.lost_after if not self.calls else None
+        self.calls.append(request)
+
+        async def items() -> AsyncIterator[RequestOutput]:
+            prompt = request.prompt if request.prompt_token_ids is None else request.prompt_token_ids
+            num_sent = 0
+            async for output in self.engine.generate(prompt, request.sampling_params, request.request_id,
+                                                     continuation=request.continuation):
+                if num_sent == lost_after:
+                    raise ActorDiedError()
+                yield output
+                num_sent += 1
+
+        return _Call(items())
+
+
+class _Call:
+    """A replica call as `ReplicaCalls` uses it: an async iterator with `cancel()`."""
+
+    def __init__(self, items: AsyncIterator[RequestOutput]) -> None:
+        self.items = items
+
+    def __aiter__(self) -> "_Call":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        return await self.items.__anext__()
+
+    def cancel(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_usage_of_a_continued_request_counts_the_prompt_once(tiny_model_path: str, monkeypatch, n: int) -> None:
+    """A request whose replica is lost mid-generation goes on elsewhere from the tokens received, sent as its
+    prompt plus those tokens: its usage must still count the original prompt as prompt_tokens and every token
+    generated once as completion_tokens, as for a request that never moved, streamed (include_usage) or not."""
+    from fake_engine import FakeAsyncEngine
+    from pagedserve.config.engine import EngineConfig
+    from pagedserve.serve_app import replica_calls
+    from pagedserve.serve_app.messages import GenerateRequest
+
+    monkeypatch.setattr(replica_calls, "RETRY_BACKOFF_S", 0.0)
+    engine = FakeAsyncEngine(EngineConfig(model=tiny_model_path, max_model_len=256, block_size=16, num_blocks=64))
+    prompt_ids = engine.tokenizer.encode("FAST tell me about paged caches")
+    max_tokens = 6
+
+    def answers(lost_after: int | None, stream: bool) -> tuple[list[str], dict, int]:
+        ingress = edge([])
+        replicas = FakeEngineReplicas(engine, lost_after)
+        ingress.calls = replica_calls.ReplicaCalls(replicas)
+        body = oai.CompletionRequest.model_validate({
+            "prompt": prompt_ids, "max_tokens": max_tokens, "n": n, "seed": 3, "stream": stream,
+            **({"stream_options": {"include_usage": True}} if stream else {})})
+        params = SamplingParams(n=n, max_tokens=max_tokens, seed=3)
+        requests = [GenerateRequest("req-0", prompt_ids, params, num_prompt_tokens=len(prompt_ids),
+                                    max_new_tokens=n * max_tokens, stream=stream, prompt_token_ids=prompt_ids)]
+        info = SimpleNamespace(tokenizer=engine.tokenizer)
+
+        async def run() -> bytes:
+            if not stream:
+                return (await ingress.full_response(info, "m", "req", requests, body, chat=False)).body
+            response = await ingress.stream_response(info, "m", "req", requests, body, chat=False)
+            return b"".join([piece async for piece in response.body_iterator])
+
+        raw = asyncio.run(run())
+        num_continued = sum(call.continuation is not None for call in replicas.calls)
+        if not stream:
+            full = json.loads(raw)
+            return [choice["text"] for choice in full["choices"]], full["usage"], num_continued
+        events = [line[len("data: "):] for line in raw.decode().split("\n\n") if line]
+        assert events[-1] == "[DONE]" and not any('"error"' in event for event in events), events
+        chunks = [json.loads(event) for event in events[:-1]]
+        texts = [""] * n
+        for chunk in chunks:
+            for choice in chunk["choices"]:
+                texts[choice["index"]] += choice["text"]
+        return texts, chunks[-1]["usage"], num_continued
+
+    want_texts, want_usage, _ = answers(None, stream=False)
+    assert want_usage == {"prompt_tokens": len(prompt_ids), "completion_tokens": n * max_tokens,
+                          "total_tokens": len(prompt_ids) + n * max_tokens}
+    for stream in (False, True):
+        # Non-streamed, the replica sends its first delta alone (the ingress waits for it): lost after it.
+        texts, usage, num_continued = answers(1 if not stream else 2, stream)
+        assert num_continued == n  # each completion went on elsewhere from the tokens it had
+        assert (texts, usage) == (want_texts, want_usage)
