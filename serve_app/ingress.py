@@ -341,6 +341,10 @@ class OpenAIIngress:
         try:
             return model_cls.model_validate(payload)
         except ValidationError as exc:
+            # A value of the wrong JSON type ("stream": "yes"): OpenAI's message, naming the field's path.
+            wrong_type = oai.json_type_error(model_cls, payload)
+            if wrong_type is not None:
+                raise bad_request(wrong_type[1], wrong_type[0]) from None
             errors = exc.errors()
             first = errors[0]
             # The top-level field: a union type adds its member's name to the location ("prompt.str"). A check

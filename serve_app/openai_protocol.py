@@ -1,6 +1,8 @@
 """OpenAI-compatible request, response, chunk and error models, and their mapping onto `SamplingParams`.
 
-Requests are pydantic models with range checks, so a bad field is rejected once, here, with its name.
+Requests are pydantic models with range checks, so a bad field is rejected once, here, with its name. They
+take JSON types strictly (a boolean is true or false, never "yes" or 1; an integer is a JSON integer; an integer
+is a number), and a value of another type is a 400 in OpenAI's words (`json_type_error`).
 A field OpenAI defines that this server does not implement is refused with a 400 naming it (`UNSUPPORTED`),
 never dropped, and so is a top-level field no one defines (a misspelt `max_token`): "Unrecognized request
 argument supplied", as OpenAI's own server answers. vLLM's extensions that this server implements are read
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import json
 import time
+import types
+import typing
 import uuid
 from collections.abc import Callable
 from typing import Any, Literal
@@ -88,7 +92,125 @@ def error_body(message: str, error_type: str, status_code: int, param: str | Non
 # Requests --------------------------------------------------------------------------------------------
 
 
-class StreamOptions(BaseModel):
+class _StrictRequest(BaseModel):
+    """A request model (or a part of one) that takes JSON types as they are: a boolean only as true/false, an
+    integer only as a JSON integer, a number as any JSON number, a string only as a string (pydantic's strict
+    mode). Lax mode took "stream": "yes", "n": "2" and "logprobs": 1 for a boolean, where OpenAI answers 400."""
+
+    model_config = ConfigDict(strict=True)
+
+
+_KIND_OF_SCALAR = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+_PLURAL = {"a boolean": "booleans", "an integer": "integers", "a number": "numbers", "a string": "strings",
+           "an object": "objects"}
+
+
+def _json_kind(value: Any) -> str:
+    """The JSON type of a decoded value, in OpenAI's words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal number"
+    return "a string" if isinstance(value, str) else "an array" if isinstance(value, list) else "an object"
+
+
+def _members(annotation: Any) -> tuple[Any, ...] | None:
+    """The members of a union annotation (`X | Y`, Optional), None for any other."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return None
+
+
+def _one_of(kinds: list[str]) -> str:
+    kinds = list(dict.fromkeys(kinds))
+    return kinds[0] if len(kinds) == 1 else "one of " + ", ".join(kinds[:-1]) + " or " + kinds[-1]
+
+
+def _describe(annotation: Any) -> str:
+    """What a JSON value of `annotation` is, in OpenAI's words ("a boolean", "an array of strings")."""
+    members = _members(annotation)
+    if members is not None:  # null is left out, as OpenAI leaves it out
+        return _one_of([_describe(m) for m in members if m is not type(None)])
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return _one_of([_json_kind(v) for v in typing.get_args(annotation)])
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        inner = _describe(item)
+        return "an array of " + _PLURAL.get(inner, inner.replace("an array", "arrays", 1))
+    if annotation in _KIND_OF_SCALAR:
+        return _KIND_OF_SCALAR[annotation]
+    return "an object"  # dict[...] or a model
+
+
+def _is_kind(annotation: Any, value: Any, first_item: bool = False) -> bool:
+    """Whether `value`'s JSON type is one `annotation` takes (with `first_item`, a list's first item's too: which
+    member of a union a list is read as, say `prompt` as token ids or as strings)."""
+    members = _members(annotation)
+    if members is not None:
+        return any(_is_kind(m, value, first_item) for m in members)
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    if origin is Literal:
+        return any(_json_kind(v) == _json_kind(value) for v in typing.get_args(annotation))
+    if origin is list:
+        return isinstance(value, list) and (not first_item or not value
+                                            or _is_kind(typing.get_args(annotation)[0], value[0]))
+    if annotation is bool or annotation is str:
+        return isinstance(value, annotation)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:  # an integer is a number
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, dict)  # dict[...] or a model
+
+
+def _first_type_error(annotation: Any, value: Any, path: str) -> tuple[str, str] | None:
+    """(path, message) of the first value within `value` whose JSON type `annotation` does not take there."""
+    if not _is_kind(annotation, value):
+        return path, f"Invalid type for '{path}': expected {_describe(annotation)}, but got {_json_kind(value)} instead."
+    members = _members(annotation)
+    if members is not None:  # look inside the member a value of this shape is read as
+        member = next((m for m in members if _is_kind(m, value, first_item=True)),
+                      next(m for m in members if _is_kind(m, value)))
+        return _first_type_error(member, value, path)
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        for index, element in enumerate(value):
+            if (found := _first_type_error(item, element, f"{path}[{index}]")) is not None:
+                return found
+    elif origin is dict:
+        _, item = typing.get_args(annotation)
+        for key, element in value.items():
+            if (found := _first_type_error(item, element, f"{path}.{key}")) is not None:
+                return found
+    elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return json_type_error(annotation, value, path)
+    return None
+
+
+def json_type_error(model_cls: type[BaseModel], payload: dict[str, Any], path: str = "") -> tuple[str, str] | None:
+    """(param, message) of the first field of a decoded JSON body whose JSON type the model does not take, in
+    OpenAI's words: "Invalid type for 'stream': expected a boolean, but got a string instead."; None if every
+    declared field's type fits (the body may still be refused for its values)."""
+    for name, field in model_cls.model_fields.items():
+        key = field.alias or name
+        if key in payload:
+            found = _first_type_error(field.annotation, payload[key], f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+    return None
+
+
+class StreamOptions(_StrictRequest):
     model_config = ConfigDict(extra="ignore")
 
     include_usage: bool = False
@@ -103,7 +225,7 @@ class StreamOptions(BaseModel):
         return value
 
 
-class JsonSchemaFormat(BaseModel):
+class JsonSchemaFormat(_StrictRequest):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     name: str = "response"
@@ -112,7 +234,7 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(_StrictRequest):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["text", "json_object", "json_schema"]
@@ -125,7 +247,7 @@ class ResponseFormat(BaseModel):
         return self
 
 
-class StructuredOutputsField(BaseModel):
+class StructuredOutputsField(_StrictRequest):
     """vLLM's `structured_outputs` request field."""
 
     model_config = ConfigDict(extra="ignore")
@@ -137,7 +259,7 @@ class StructuredOutputsField(BaseModel):
     json_object: bool | None = None
 
 
-class _SamplingFields(BaseModel):
+class _SamplingFields(_StrictRequest):
     """Fields shared by completions and chat completions; OpenAI names, vLLM extensions. Any other top-level
     field is refused (pydantic's `extra_forbidden`, which the ingress words as OpenAI does)."""
 
@@ -295,18 +417,18 @@ class CompletionRequest(_SamplingFields):
         return self._sampling_params(max_tokens, self.logprobs, self.constraint())
 
 
-class ToolCallFunction(BaseModel):
+class ToolCallFunction(_StrictRequest):
     name: str
     arguments: str
 
 
-class ToolCallModel(BaseModel):
+class ToolCallModel(_StrictRequest):
     id: str
     type: Literal["function"] = "function"
     function: ToolCallFunction
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_StrictRequest):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -345,7 +467,7 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-class FunctionDefinition(BaseModel):
+class FunctionDefinition(_StrictRequest):
     model_config = ConfigDict(extra="ignore")
 
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
@@ -354,18 +476,18 @@ class FunctionDefinition(BaseModel):
     strict: bool | None = None
 
 
-class ToolDefinition(BaseModel):
+class ToolDefinition(_StrictRequest):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class NamedFunction(BaseModel):
+class NamedFunction(_StrictRequest):
     name: str
 
 
-class NamedToolChoice(BaseModel):
+class NamedToolChoice(_StrictRequest):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["function"]
@@ -433,7 +555,7 @@ class ChatCompletionRequest(_SamplingFields):
         return self._sampling_params(max_tokens, logprobs, constraint or tool_constraint)
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_StrictRequest):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -449,7 +571,7 @@ class TokenizeRequest(BaseModel):
         return self
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_StrictRequest):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None

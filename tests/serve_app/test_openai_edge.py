@@ -110,6 +110,78 @@ def test_continuous_usage_stats_is_refused_not_ignored() -> None:
                      model_cls).stream_options.continuous_usage_stats is False
 
 
+CHAT, COMPLETION = (oai.ChatCompletionRequest, {"messages": MESSAGES}), (oai.CompletionRequest, {"prompt": "Hi"})
+
+
+@pytest.mark.parametrize("request_type, fields, param, message", [
+    (CHAT, {"stream": "yes"}, "stream", "expected a boolean, but got a string instead."),
+    (CHAT, {"stream": 1}, "stream", "expected a boolean, but got an integer instead."),
+    (CHAT, {"n": "2"}, "n", "expected an integer, but got a string instead."),
+    (CHAT, {"n": 2.0}, "n", "expected an integer, but got a decimal number instead."),
+    (CHAT, {"temperature": "0.5"}, "temperature", "expected a number, but got a string instead."),
+    (CHAT, {"temperature": True}, "temperature", "expected a number, but got a boolean instead."),
+    (CHAT, {"logprobs": 1}, "logprobs", "expected a boolean, but got an integer instead."),
+    (CHAT, {"seed": "7"}, "seed", "expected an integer, but got a string instead."),
+    (CHAT, {"max_tokens": "16"}, "max_tokens", "expected an integer, but got a string instead."),
+    (CHAT, {"logit_bias": {"123": "5"}}, "logit_bias.123", "expected a number, but got a string instead."),
+    (CHAT, {"stop": ["a", 1]}, "stop[1]", "expected a string, but got an integer instead."),
+    (CHAT, {"stop": 5}, "stop", "expected one of a string or an array of strings, but got an integer instead."),
+    (CHAT, {"stream": True, "stream_options": {"include_usage": "true"}}, "stream_options.include_usage",
+     "expected a boolean, but got a string instead."),
+    (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content",
+     "expected one of a string or an array of objects, but got an integer instead."),
+    (CHAT, {"tool_choice": 1}, "tool_choice", "expected one of a string or an object, but got an integer instead."),
+    (CHAT, {"parallel_tool_calls": "false"}, "parallel_tool_calls", "expected a boolean, but got a string instead."),
+    (CHAT, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strict": 1}}},
+     "response_format.json_schema.strict", "expected a boolean, but got an integer instead."),
+    (COMPLETION, {"echo": "false"}, "echo", "expected a boolean, but got a string instead."),
+    (COMPLETION, {"logprobs": True}, "logprobs", "expected an integer, but got a boolean instead."),
+    (COMPLETION, {"prompt": [1, "2"]}, "prompt[1]", "expected an integer, but got a string instead."),
+    (COMPLETION, {"prompt": [[1], [2, 3.5]]}, "prompt[1][1]", "expected an integer, but got a decimal number instead."),
+    (COMPLETION, {"prompt": 5}, "prompt", "expected one of a string, an array of integers, an array of strings or an "
+                                          "array of arrays of integers, but got an integer instead."),
+    (COMPLETION, {"ignore_eos": "true"}, "ignore_eos", "expected a boolean, but got a string instead."),
+    (COMPLETION, {"allowed_token_ids": ["1"]}, "allowed_token_ids[0]", "expected an integer, but got a string instead."),
+])
+def test_a_value_of_the_wrong_json_type_is_refused_as_openai_refuses_it(request_type: tuple, fields: dict[str, Any],
+                                                                       param: str, message: str) -> None:
+    """Pydantic's lax mode took "stream": "yes" for true, "n": "2" for 2 and "logprobs": 1 for true. OpenAI
+    answers 400 "Invalid type for 'stream': expected a boolean, but got a string instead."; so does this
+    server, naming the field's path (as OpenAI does, "messages[0].content")."""
+    model_cls, base = request_type
+    error = refusal({**base, **fields}, model_cls)
+    assert (error.param, error.message) == (param, f"Invalid type for '{param}': {message}")
+    assert error.error_type == "invalid_request_error"
+
+
+@pytest.mark.parametrize("request_type, fields", [
+    (CHAT, {"temperature": 1, "top_p": 1, "presence_penalty": 0, "frequency_penalty": -1, "repetition_penalty": 2}),
+    (CHAT, {"stop": "x", "seed": 7, "n": 2, "logit_bias": {"123": 5, "7": -2.5}, "max_tokens": 8}),
+    (CHAT, {"stop": ["x", "y"], "stream": True, "stream_options": {"include_usage": True}, "logprobs": True,
+            "top_logprobs": 2}),
+    (CHAT, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            "tool_choice": "required", "parallel_tool_calls": False}),
+    (CHAT, {"tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": "f"}}}),
+    (CHAT, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"},
+                                                                       "strict": True}}}),
+    (CHAT, {"response_format": {"type": "json_object"}, "stop": None, "seed": None, "temperature": None}),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                         {"role": "assistant", "content": None, "tool_calls": [
+                             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                         {"role": "tool", "content": "1", "tool_call_id": "c1"}]}),
+    (COMPLETION, {"prompt": ["Hi", "there"], "logprobs": 2, "echo": False, "best_of": 1}),
+    (COMPLETION, {"prompt": [1, 2, 3], "guided_choice": ["a", "b"], "min_tokens": 1}),
+    (COMPLETION, {"prompt": [[1, 2], [3]], "structured_outputs": {"json": {"type": "object"}}}),
+    (COMPLETION, {"guided_json": '{"type": "object"}', "allowed_token_ids": [1, 2], "bad_words": ["x"]}),
+])
+def test_what_clients_send_in_its_json_types_is_accepted(request_type: tuple, fields: dict[str, Any]) -> None:
+    """Strict about JSON types, not about what OpenAI takes: an integer is a number ("temperature": 1), `stop`
+    a string or a list, `prompt` any of its four forms, `tool_choice` a string or an object."""
+    model_cls, base = request_type
+    parse({**base, **fields}, model_cls)
+
+
 def test_every_chat_parameter_of_the_openai_client_is_implemented_or_refused() -> None:
     """A field the installed client can send is one the server reads or one `UNSUPPORTED` refuses; a new
     OpenAI field is not silently ignored."""
