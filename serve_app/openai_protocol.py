@@ -265,6 +265,19 @@ class _SamplingFields(_StrictRequest):
 
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_given(cls, payload: Any) -> Any:
+        """`null` for a field with a default means the default, as OpenAI's nullable parameters do (`"n": null`,
+        `"stream": null`, `"presence_penalty": null`: clients that serialize unset options send them so); a
+        required field stays required."""
+        if not isinstance(payload, dict):
+            return payload
+        defaulted = {name for name, info in cls.model_fields.items()
+                     if not info.is_required() and info.get_default(call_default_factory=False) is not None}
+        nulls = [key for key, value in payload.items() if value is None and key in defaulted]
+        return {key: value for key, value in payload.items() if key not in nulls} if nulls else payload
+
     model: str | None = None
     n: int = Field(1, ge=1, le=64)
     temperature: float | None = Field(None, ge=0.0, le=2.0)

@@ -326,3 +326,19 @@ def test_a_client_that_leaves_a_full_response_logs_one_line_and_no_asyncio_error
 
     errors = asyncio.run(scenario())
     assert not errors, [e.get("message") for e in errors]
+
+
+def test_null_for_a_field_with_a_default_means_the_default() -> None:
+    """OpenAI's parameters are nullable: clients that serialize unset options send `null`, which was a 400
+    ("expected an integer, but got null") for every field without None among its values. A required field stays
+    required."""
+    chat = parse({"messages": MESSAGES, "n": None, "stream": None, "presence_penalty": None, "frequency_penalty": None,
+                  "logprobs": None, "parallel_tool_calls": None, "temperature": None, "max_tokens": None})
+    assert (chat.n, chat.stream, chat.presence_penalty, chat.logprobs, chat.parallel_tool_calls) == (1, False, 0.0,
+                                                                                                    False, True)
+    assert chat.temperature is None and chat.max_tokens is None
+    completion = parse({"prompt": "Hi", "n": None, "echo": None, "max_tokens": None, "min_tokens": None},
+                       oai.CompletionRequest)
+    assert (completion.n, completion.echo, completion.max_tokens, completion.min_tokens) == (1, False, 16, 0)
+    assert refusal({"prompt": None}, oai.CompletionRequest).param == "prompt"
+    assert refusal({"messages": None}).param == "messages"
