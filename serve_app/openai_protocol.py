@@ -201,9 +201,10 @@ def json_type_error(model_cls: type[BaseModel], payload: dict[str, Any], path: s
     """(param, message) of the first field of a decoded JSON body whose JSON type the model does not take, in
     OpenAI's words: "Invalid type for 'stream': expected a boolean, but got a string instead."; None if every
     declared field's type fits (the body may still be refused for its values)."""
+    null_is_default = _defaulted_fields(model_cls) if issubclass(model_cls, _SamplingFields) else set()
     for name, field in model_cls.model_fields.items():
         key = field.alias or name
-        if key in payload:
+        if key in payload and not (payload[key] is None and name in null_is_default):
             found = _first_type_error(field.annotation, payload[key], f"{path}.{key}" if path else key)
             if found is not None:
                 return found
@@ -259,6 +260,12 @@ class StructuredOutputsField(_StrictRequest):
     json_object: bool | None = None
 
 
+def _defaulted_fields(model_cls: type[BaseModel]) -> set[str]:
+    """The fields whose default is not None: a request's `null` for one of them means that default."""
+    return {name for name, info in model_cls.model_fields.items()
+            if not info.is_required() and info.get_default(call_default_factory=False) is not None}
+
+
 class _SamplingFields(_StrictRequest):
     """Fields shared by completions and chat completions; OpenAI names, vLLM extensions. Any other top-level
     field is refused (pydantic's `extra_forbidden`, which the ingress words as OpenAI does)."""
@@ -273,8 +280,7 @@ class _SamplingFields(_StrictRequest):
         required field stays required."""
         if not isinstance(payload, dict):
             return payload
-        defaulted = {name for name, info in cls.model_fields.items()
-                     if not info.is_required() and info.get_default(call_default_factory=False) is not None}
+        defaulted = _defaulted_fields(cls)
         nulls = [key for key, value in payload.items() if value is None and key in defaulted]
         return {key: value for key, value in payload.items() if key not in nulls} if nulls else payload
 

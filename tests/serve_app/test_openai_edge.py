@@ -342,3 +342,6 @@ def test_null_for_a_field_with_a_default_means_the_default() -> None:
     assert (completion.n, completion.echo, completion.max_tokens, completion.min_tokens) == (1, False, 16, 0)
     assert refusal({"prompt": None}, oai.CompletionRequest).param == "prompt"
     assert refusal({"messages": None}).param == "messages"
+    # Refused for another field, the error names that one, not the null.
+    error = refusal({"messages": MESSAGES, "n": None, "temperature": 5})
+    assert error.param == "temperature" and "null" not in error.message
