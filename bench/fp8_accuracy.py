@@ -342,32 +342,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.cuda.empty_cache()
     path = fp8_path(model)
     print(f"FP8 weights: {num_quantized} linear layers through {path}", flush=True)
-    for name, sequences in inputs.items():
-        comparison = LogitComparison()
-        for reference, test in zip(baseline_logits[name], all_logits(model, sequences), strict=True):
-            comparison.add(reference, test)
-        rows.append({"weights": "fp8", "inputs": f"{name}, {len(sequences)}x{args.seq_len}",
-                     "logits": comparison.summary()})
-    if heldout_ids is not None:
-        fp8 = perplexity(model, heldout_ids, args.seq_len, args.batch_size, args.eval_tokens)
-        ratio = fp8["perplexity"] / baseline["perplexity"]
-        rows[-1].update(fp8, perplexity_ratio=ratio,
-                        is_within_1_percent=within_fraction(fp8["perplexity"], baseline["perplexity"]))
+    def fp8_rows(label: str) -> None:
+        """The FP8 model's logits against the baseline's per input, and its held-out perplexity, as rows."""
+        for name, sequences in inputs.items():
+            comparison = LogitComparison()
+            for reference, test in zip(baseline_logits[name], all_logits(model, sequences), strict=True):
+                comparison.add(reference, test)
+            rows.append({"weights": label, "inputs": f"{name}, {len(sequences)}x{args.seq_len}",
+                         "logits": comparison.summary()})
+        if heldout_ids is not None:
+            fp8 = perplexity(model, heldout_ids, args.seq_len, args.batch_size, args.eval_tokens)
+            rows[-1].update(fp8, perplexity_ratio=fp8["perplexity"] / baseline["perplexity"],
+                            is_within_1_percent=within_fraction(fp8["perplexity"], baseline["perplexity"]))
+
+    fp8_rows("fp8")
     if args.fast_accum:  # the same FP8 layers, their GEMMs with _scaled_mm's fast accumulation
         from pagedserve.engine.kernels import fp8_linear
 
         fp8_linear.FAST_ACCUMULATION = True
         try:
-            for name, sequences in inputs.items():
-                comparison = LogitComparison()
-                for reference, test in zip(baseline_logits[name], all_logits(model, sequences), strict=True):
-                    comparison.add(reference, test)
-                rows.append({"weights": "fp8, fast accumulation", "inputs": f"{name}, {len(sequences)}x{args.seq_len}",
-                             "logits": comparison.summary()})
-            if heldout_ids is not None:
-                fast = perplexity(model, heldout_ids, args.seq_len, args.batch_size, args.eval_tokens)
-                rows[-1].update(fast, perplexity_ratio=fast["perplexity"] / baseline["perplexity"],
-                                is_within_1_percent=within_fraction(fast["perplexity"], baseline["perplexity"]))
+            fp8_rows("fp8, fast accumulation")
         finally:
             fp8_linear.FAST_ACCUMULATION = False
     rows.extend(kv_rows)

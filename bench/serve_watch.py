@@ -43,6 +43,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from pagedserve.engine.process.liveness import process_running
+
 KV_USAGE = "ray_vllm_kv_cache_usage_perc"
 NUM_RUNNING = "ray_vllm_num_requests_running"
 REQUEST_SUCCESS = "ray_vllm_request_success_total"
@@ -158,19 +160,6 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
-def is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie has exited; only its parent has not read its status yet
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 class Prober:
     """A few short non-streamed completions in a loop, so a replica that came up after the load gets work."""
 
@@ -250,7 +239,7 @@ def wait_ready(args: argparse.Namespace) -> int:
         if has_model and num_in_state(replicas) >= args.replicas:
             print(f"service up after {elapsed_s:.0f} s: {state}", file=sys.stderr)
             return 0
-        if args.serve_pid and not is_alive(args.serve_pid):
+        if args.serve_pid and not process_running(args.serve_pid):
             print(f"serve run (pid {args.serve_pid}) exited after {elapsed_s:.0f} s: {state}", file=sys.stderr)
             return 1
         if elapsed_s > args.timeout_s:
@@ -321,7 +310,7 @@ def update_recovery(kill: KillRecord, sample: dict[str, Any]) -> None:
         finished = sample.get("metrics", {}).get(kill.replacement, {}).get("finished", {})
         if sum(finished.get(reason, 0.0) for reason in COMPLETED_REASONS) > 0:
             kill.replacement_first_finished_s = t_s
-    if kill.core_pids and kill.core_processes_gone_s is None and not any(is_alive(pid) for pid in kill.core_pids):
+    if kill.core_pids and kill.core_processes_gone_s is None and not any(process_running(pid) for pid in kill.core_pids):
         kill.core_processes_gone_s = t_s
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing as mp
-import os
 import threading
 import weakref
 
@@ -30,6 +29,7 @@ from pagedserve.engine.core.request import Continuation, SamplingParams
 from pagedserve.engine.core.stats import EngineStats
 from pagedserve.engine.errors import EngineDeadError
 from pagedserve.engine.process.child import core_main
+from pagedserve.engine.process.liveness import process_running
 from pagedserve.engine.process.wire import Ready, unpack_outputs
 
 logger = logging.getLogger(__name__)
@@ -201,26 +201,6 @@ class EngineCoreClient(QueuedCommands):
             self._dead_reason = reason
             logger.error("engine core is dead: %s", reason)
             sink.on_dead(reason)
-
-
-def process_running(pid: int) -> bool:
-    """Whether process `pid` exists and has not exited. A child of another process (the core's workers) that
-    exited stays a zombie until its parent reaps it, which a core blocked in a collective never does: on Linux
-    its state in /proc says so; elsewhere existence is all there is to ask."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            # "pid (comm) state ...": the command may hold spaces and parentheses; the state follows the last ")".
-            return stat.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc (not Linux): ask whether the process exists
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
 
 
 def _shutdown_at_exit(ref: weakref.ref) -> None:

@@ -197,7 +197,7 @@ def test_server_sees_a_dead_worker_while_the_core_is_blocked_in_a_step(model_dir
     import asyncio as aio
 
     from pagedserve.engine.async_engine import AsyncLLMEngine
-    from pagedserve.engine.process.client import process_running
+    from pagedserve.engine.process.liveness import process_running
 
     config = _config(model_dirs["llama"], 2).model_copy(update={"engine_process": True, "step_timeout_s": 300.0})
     engine = AsyncLLMEngine.from_config(config)
