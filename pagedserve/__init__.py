@@ -2,10 +2,11 @@
 
 The public face, as vLLM users know it::
 
-    from pagedserve import LLM, SamplingParams
+    from pagedserve import LLM, SamplingParams, StructuredOutputsParams
 
-`SamplingParams` and the errors are plain Python. `LLM`, `AsyncLLMEngine` and `EngineConfig` load on first
-use, so importing this package (the HTTP ingress does) pulls in neither torch nor pydantic.
+`SamplingParams`, `StructuredOutputsParams` and the errors are plain Python. `LLM`, `AsyncLLMEngine` and
+`EngineConfig` load on first use, so importing this package (the HTTP ingress does) pulls in neither torch nor
+pydantic.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isfile(os.path.join(_SOURCE_ROOT, "pyproject.toml")) and os.path.isdir(os.path.join(_SOURCE_ROOT, "engine")):
     __path__.append(_SOURCE_ROOT)  # noqa: F821 - a package's own __path__
 
-from pagedserve.engine.core.request import CompletionOutput, RequestOutput, SamplingParams
+from pagedserve.engine.core.request import CompletionOutput, RequestOutput, SamplingParams, StructuredOutputsParams
 from pagedserve.engine.errors import EngineDeadError, EngineError, InvalidRequestError, RequestTooLargeError
 
 if TYPE_CHECKING:
@@ -60,4 +61,5 @@ __all__ = [
     "RequestOutput",
     "RequestTooLargeError",
     "SamplingParams",
+    "StructuredOutputsParams",
 ]
