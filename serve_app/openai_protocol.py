@@ -575,7 +575,10 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class TokenizeRequest(_StrictRequest):
-    model_config = ConfigDict(extra="ignore")
+    """vLLM's POST /tokenize body. A field it does not declare (vLLM's `return_token_strs`, `chat_template`, a
+    misspelt `add_special_token`) is refused by name, as on the completion routes, rather than ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     prompt: str | None = None
@@ -591,7 +594,9 @@ class TokenizeRequest(_StrictRequest):
 
 
 class DetokenizeRequest(_StrictRequest):
-    model_config = ConfigDict(extra="ignore")
+    """vLLM's POST /detokenize body; other fields are refused by name."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     tokens: list[int]
@@ -735,21 +740,23 @@ class ModelCard(BaseModel):
     parent: str | None = None  # vLLM's: a LoRA adapter's base model
 
 
-class LoadLoraAdapterRequest(BaseModel):
-    """vLLM's POST /v1/load_lora_adapter body."""
+class LoadLoraAdapterRequest(_StrictRequest):
+    """vLLM's POST /v1/load_lora_adapter body; other fields (vLLM's `load_inplace`) are refused by name."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
 
 
-class UnloadLoraAdapterRequest(BaseModel):
-    """vLLM's POST /v1/unload_lora_adapter body (its lora_int_id is accepted and not needed)."""
+class UnloadLoraAdapterRequest(_StrictRequest):
+    """vLLM's POST /v1/unload_lora_adapter body (its lora_int_id is accepted and not needed); other fields are
+    refused by name."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None
 
 
 class ModelList(BaseModel):

@@ -84,6 +84,41 @@ def test_a_field_no_one_defines_is_refused_as_openai_refuses_it(model_cls: type,
     assert error.error_type == "invalid_request_error"
 
 
+@pytest.mark.parametrize("model_cls, base, field", [
+    (oai.TokenizeRequest, {"prompt": "Hi"}, "add_special_token"),  # misspelt: the specials were still added
+    (oai.TokenizeRequest, {"prompt": "Hi"}, "return_token_strs"),  # vLLM's, not implemented: no strings came back
+    (oai.DetokenizeRequest, {"tokens": [1]}, "skip_special_tokens"),
+    (oai.LoadLoraAdapterRequest, {"lora_name": "a", "lora_path": "/a"}, "load_inplace"),
+    (oai.UnloadLoraAdapterRequest, {"lora_name": "a"}, "lora_nam"),
+])
+def test_the_vllm_routes_refuse_a_field_they_do_not_define(model_cls: type, base: dict[str, Any], field: str) -> None:
+    """/tokenize, /detokenize and the LoRA routes ignored fields they do not declare, where the completion routes
+    refuse them (the README: honoured or refused, never ignored); they answer the same 400 now."""
+    error = refusal({**base, field: True}, model_cls)
+    assert (error.param, error.message) == (field, f"Unrecognized request argument supplied: {field}")
+
+
+@pytest.mark.parametrize("model_cls, body, param, message", [
+    (oai.LoadLoraAdapterRequest, {"lora_name": "a", "lora_path": 5}, "lora_path",
+     "expected a string, but got an integer instead."),
+    (oai.UnloadLoraAdapterRequest, {"lora_name": "a", "lora_int_id": "1"}, "lora_int_id",
+     "expected an integer, but got a string instead."),
+    (oai.TokenizeRequest, {"prompt": "Hi", "add_special_tokens": "false"}, "add_special_tokens",
+     "expected a boolean, but got a string instead."),
+])
+def test_the_vllm_routes_take_json_types_strictly(model_cls: type, body: dict[str, Any], param: str,
+                                                  message: str) -> None:
+    error = refusal(body, model_cls)
+    assert (error.param, error.message) == (param, f"Invalid type for '{param}': {message}")
+
+
+def test_what_vllm_clients_send_to_its_routes_is_accepted() -> None:
+    assert parse({"lora_name": "a", "lora_int_id": 3}, oai.UnloadLoraAdapterRequest).lora_name == "a"
+    assert parse({"lora_name": "a", "lora_path": "/a"}, oai.LoadLoraAdapterRequest).lora_path == "/a"
+    assert parse({"model": "m", "messages": MESSAGES, "add_generation_prompt": False}, oai.TokenizeRequest).messages
+    assert parse({"model": "m", "tokens": [1, 2]}, oai.DetokenizeRequest).tokens == [1, 2]
+
+
 def test_an_unsupported_openai_field_asking_for_nothing_is_accepted_and_one_unknown_to_completions_refused() -> None:
     """`store: false` on a chat request is OpenAI's and asks for nothing: accepted (dropped before the model
     forbids undeclared fields). The completions API does not define it: refused as unrecognized."""
