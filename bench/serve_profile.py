@@ -116,12 +116,19 @@ def parse_raw(path: Path) -> tuple[dict[str, int], collections.Counter, collecti
     return threads, self_counts, inclusive
 
 
+def default_py_spy() -> str:
+    """py-spy on PATH, else the one installed beside this interpreter: `.venv/bin/python bench/serve_profile.py`
+    with the venv not activated has no py-spy on PATH, though ray[default] put it in .venv/bin."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return shutil.which("py-spy") or (str(beside) if beside.is_file() else "py-spy")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate-hz", type=int, default=50, help="py-spy samples per second per process")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/out")) / "profile")
     parser.add_argument("--top", type=int, default=12, help="functions listed per process")
-    parser.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
+    parser.add_argument("--py-spy", default=default_py_spy())
     parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="-- then serve_bench.py's arguments")
     args = parser.parse_args()
     bench_args = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args

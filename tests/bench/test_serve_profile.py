@@ -71,3 +71,17 @@ def test_reads_busy_samples_per_thread_and_self_and_inclusive_counts(serve_profi
     assert inclusive["step (engine.py)"] == 40 and inclusive["run (loop.py)"] == 40
     assert inclusive["recurse (r.py)"] == 1  # a function twice in one stack counts once
     assert serve_profile.parse_raw(tmp_path / "missing.txt") == ({}, {}, {})
+
+
+def test_py_spy_is_found_beside_the_interpreter_when_the_venv_is_not_on_path(serve_profile, tmp_path,
+                                                                               monkeypatch) -> None:
+    """observability.md's `python bench/serve_profile.py`, run as `.venv/bin/python ...` without activating the
+    venv, failed with FileNotFoundError 'py-spy': ray[default] installs it in .venv/bin, which is not on PATH."""
+    interpreter = tmp_path / "bin" / "python"
+    interpreter.parent.mkdir()
+    interpreter.touch()
+    monkeypatch.setattr(sys, "executable", str(interpreter))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert serve_profile.default_py_spy() == "py-spy"  # nothing beside it: the name, for a clear error
+    (tmp_path / "bin" / "py-spy").touch()
+    assert serve_profile.default_py_spy() == str(tmp_path / "bin" / "py-spy")
