@@ -403,6 +403,12 @@ class LLMEngine:
                         if not matcher.accept_token(token_id):
                             raise InvalidRequestError(f"the continuation's token {token_id} breaks the "
                                                       f"{group.params.structured_outputs.kind}", param="continuation")
+                    if matcher.is_terminated():
+                        # It took its stop token (EOS, under ignore_eos too): nothing may follow, and the matcher
+                        # has no next mask, so scheduling it failed every request of its first step.
+                        raise InvalidRequestError(f"the continuation already ends the "
+                                                  f"{group.params.structured_outputs.kind} (its stop token)",
+                                                  param="continuation")
                     sequence.grammar = matcher
             except InvalidRequestError as exc:
                 del self._compiling[request_id]

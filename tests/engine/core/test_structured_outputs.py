@@ -145,6 +145,33 @@ def test_a_continuation_resumes_the_matcher(llm) -> None:
     assert whole.token_ids[:cut] + tokens == whole.token_ids
 
 
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_a_continuation_that_already_ended_its_grammar_is_refused_and_fails_no_one(llm, ignore_eos) -> None:
+    """A continuation whose tokens end with the grammar's stop token (the choice, then EOS) left a terminated
+    matcher on a scheduled request: its first step asked it for a mask, which raised and failed every request
+    of that step. It is refused, as a continuation that already ends at a stop string is, and the free request
+    beside it is untouched."""
+    engine = llm.engine
+    free = SamplingParams(max_tokens=8, temperature=0.0)
+    (want,) = llm.generate(["beside"], free, use_tqdm=False)
+    tokenizer = llm.get_tokenizer()
+    done = (*tokenizer.encode("yes", add_special_tokens=False), tokenizer.eos_token_id)
+    engine.add_request("ended", "resume", SamplingParams(
+        max_tokens=20, temperature=0.0, ignore_eos=ignore_eos,
+        structured_outputs=StructuredOutputsParams(choice=["yes", "no"])), continuation=Continuation(done))
+    engine.add_request("beside", "beside", free)
+    tokens: list[int] = []
+    refused: list[tuple[str, Exception]] = []
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            assert delta.request_id == "beside" and delta.error is None
+            tokens += delta.outputs[0].token_ids
+        refused += engine.take_refused()
+    assert [(rid, type(exc)) for rid, exc in refused] == [("ended", InvalidRequestError)]
+    assert "already ends the choice" in str(refused[0][1])
+    assert tokens == want.outputs[0].token_ids
+
+
 def test_bad_constraints_are_invalid_requests_and_the_engine_goes_on(llm) -> None:
     with pytest.raises(InvalidRequestError, match="invalid regex"):
         llm.generate(["x"], SamplingParams(structured_outputs=StructuredOutputsParams(regex="(((")), use_tqdm=False)
