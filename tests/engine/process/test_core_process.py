@@ -16,7 +16,6 @@ import subprocess
 import threading
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -25,30 +24,15 @@ from pagedserve.engine.async_engine import AsyncLLMEngine
 from pagedserve.engine.process.child import ResultSender
 from pagedserve.config.resolve import Platform, resolve_engine_process
 from pagedserve.engine.process.client import EngineCoreClient
+from pagedserve.engine.process.liveness import process_running
 from pagedserve.engine.process.wire import pack_outputs, unpack_outputs
 from pagedserve.engine.errors import EngineDeadError, RequestTooLargeError
 from pagedserve.engine.core.request import CompletionOutput, Logprob, RequestMetrics, RequestOutput, SamplingParams
 from pagedserve.engine.core.stats import StepStats
+from processes import wait_gone
 
 ARGS = {"dtype": "float32", "block_size": 8, "num_blocks": 64}
 PROMPTS = [list(range(20 + i, 40 + i)) for i in range(4)]
-
-
-def is_gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return True
-    return state in ("Z", "X")  # a zombie has exited; only its parent can reap it
-
-
-def wait_gone(pid: int, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if is_gone(pid):
-            return True
-        time.sleep(0.1)
-    return is_gone(pid)
 
 
 async def declared_dead(engine: AsyncLLMEngine, timeout_s: float = 20.0) -> EngineDeadError:
@@ -159,7 +143,7 @@ def test_the_core_exits_when_its_parent_is_killed(tiny_model_dir, tmp_path) -> N
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         child = int(parent.stdout.readline())
-        assert not is_gone(child)
+        assert process_running(child)
     finally:
         parent.kill()  # SIGKILL: no atexit, no shutdown; only the closed pipe tells the child
         parent.wait(30)
@@ -189,7 +173,7 @@ def test_a_hung_core_is_declared_dead_and_killed(tiny_model_dir) -> None:
         asyncio.run(asyncio.wait_for(scenario(), 60))
         assert wait_gone(pid, 10), "the hung core was not killed"
     finally:
-        if not is_gone(pid):
+        if process_running(pid):
             os.kill(pid, signal.SIGKILL)
         engine.shutdown()
 

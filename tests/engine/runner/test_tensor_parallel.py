@@ -198,6 +198,7 @@ def test_server_sees_a_dead_worker_while_the_core_is_blocked_in_a_step(model_dir
 
     from pagedserve.engine.async_engine import AsyncLLMEngine
     from pagedserve.engine.process.liveness import process_running
+    from processes import wait_gone
 
     config = _config(model_dirs["llama"], 2).model_copy(update={"engine_process": True, "step_timeout_s": 300.0})
     engine = AsyncLLMEngine.from_config(config)
@@ -210,9 +211,7 @@ def test_server_sees_a_dead_worker_while_the_core_is_blocked_in_a_step(model_dir
         os.kill(core_pid, signal.SIGSTOP)
         await engine.check_health()  # the worker still runs: healthy
         os.kill(worker_pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while process_running(worker_pid) and time.monotonic() < deadline:
-            await aio.sleep(0.05)
+        assert wait_gone(worker_pid, 10)  # a zombie at once: its parent, the core, is stopped
         with pytest.raises(EngineDeadError, match=f"rank 1 \\(process {worker_pid}\\) exited"):
             await engine.check_health()
         with pytest.raises(EngineDeadError, match="rank 1"):
@@ -221,10 +220,7 @@ def test_server_sees_a_dead_worker_while_the_core_is_blocked_in_a_step(model_dir
 
     try:
         aio.run(aio.wait_for(scenario(), 60))
-        deadline = time.monotonic() + 10
-        while process_running(core_pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not process_running(core_pid), "the blocked core was not killed"
+        assert wait_gone(core_pid, 10), "the blocked core was not killed"
     finally:
         for pid in (core_pid, worker_pid):
             if process_running(pid):
