@@ -13,6 +13,7 @@ pydantic models serialized with `model_dump_json(exclude_none=...)` by the ingre
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import types
@@ -63,10 +64,10 @@ def _refuse_unsupported(payload: Any, fields: tuple[str, ...]) -> Any:
     """`payload` without the `fields` whose values ask for nothing; a ValueError naming one that asks for more."""
     if not isinstance(payload, dict):
         return payload
-    for name in fields:
-        if name in payload and not UNSUPPORTED[name](payload[name]):
-            raise ValueError(f"{name} is not supported by this server")
     present = [name for name in fields if name in payload]
+    for name in present:
+        if not UNSUPPORTED[name](payload[name]):
+            raise ValueError(f"{name} is not supported by this server")
     # Dropped from a copy: the request model forbids fields it does not declare.
     return {key: value for key, value in payload.items() if key not in present} if present else payload
 
@@ -201,10 +202,11 @@ def json_type_error(model_cls: type[BaseModel], payload: dict[str, Any], path: s
     """(param, message) of the first field of a decoded JSON body whose JSON type the model does not take, in
     OpenAI's words: "Invalid type for 'stream': expected a boolean, but got a string instead."; None if every
     declared field's type fits (the body may still be refused for its values)."""
-    null_is_default = _defaulted_fields(model_cls) if issubclass(model_cls, _SamplingFields) else set()
+    if issubclass(model_cls, _SamplingFields):  # as the model reads it: a null there means the default
+        payload = _without_default_nulls(model_cls, payload)
     for name, field in model_cls.model_fields.items():
         key = field.alias or name
-        if key in payload and not (payload[key] is None and name in null_is_default):
+        if key in payload:
             found = _first_type_error(field.annotation, payload[key], f"{path}.{key}" if path else key)
             if found is not None:
                 return found
@@ -260,10 +262,19 @@ class StructuredOutputsField(_StrictRequest):
     json_object: bool | None = None
 
 
-def _defaulted_fields(model_cls: type[BaseModel]) -> set[str]:
-    """The fields whose default is not None: a request's `null` for one of them means that default."""
-    return {name for name, info in model_cls.model_fields.items()
-            if not info.is_required() and info.get_default(call_default_factory=False) is not None}
+@functools.cache
+def _defaulted_fields(model_cls: type[BaseModel]) -> frozenset[str]:
+    """The fields whose default is not None (once per model class: every request asks)."""
+    return frozenset(name for name, info in model_cls.model_fields.items()
+                     if not info.is_required() and info.get_default(call_default_factory=False) is not None)
+
+
+def _without_default_nulls(model_cls: type[BaseModel], payload: dict[str, Any]) -> dict[str, Any]:
+    """`payload` without the nulls of fields that have a default (a copy when there are some): `null` there means
+    that default, as OpenAI's nullable parameters do."""
+    defaulted = _defaulted_fields(model_cls)
+    nulls = [key for key, value in payload.items() if value is None and key in defaulted]
+    return {key: value for key, value in payload.items() if key not in nulls} if nulls else payload
 
 
 class _SamplingFields(_StrictRequest):
@@ -278,11 +289,7 @@ class _SamplingFields(_StrictRequest):
         """`null` for a field with a default means the default, as OpenAI's nullable parameters do (`"n": null`,
         `"stream": null`, `"presence_penalty": null`: clients that serialize unset options send them so); a
         required field stays required."""
-        if not isinstance(payload, dict):
-            return payload
-        defaulted = _defaulted_fields(cls)
-        nulls = [key for key, value in payload.items() if value is None and key in defaulted]
-        return {key: value for key, value in payload.items() if key not in nulls} if nulls else payload
+        return _without_default_nulls(cls, payload) if isinstance(payload, dict) else payload
 
     model: str | None = None
     n: int = Field(1, ge=1, le=64)
