@@ -63,10 +63,7 @@ class ToolCallStream:
         content, calls = plan.read(self.held)
         if not calls:
             return oai.ChatDelta(content=self.held), finish_reason
-        deltas = [oai.DeltaToolCall(index=i, id=call.id, type="function",
-                                    function=oai.DeltaFunction(name=call.name, arguments=call.arguments))
-                  for i, call in enumerate(calls)]
-        return oai.ChatDelta(content=content, tool_calls=deltas), "tool_calls" if finish_reason == "stop" else finish_reason
+        return _calls_delta(content, calls, finish_reason)
 
     def _content_then_calls(self, text: str, finish_reason: str | None) -> tuple[oai.ChatDelta | None, str | None]:
         """`auto` under a format whose calls may follow content: send the text before any marker (less its
@@ -83,11 +80,7 @@ class ToolCallStream:
             rest = (content or "")[self.num_sent:]
             if not calls:
                 return oai.ChatDelta(content=rest), finish_reason
-            deltas = [oai.DeltaToolCall(index=i, id=call.id, type="function",
-                                        function=oai.DeltaFunction(name=call.name, arguments=call.arguments))
-                      for i, call in enumerate(calls)]
-            return (oai.ChatDelta(content=rest or None, tool_calls=deltas),
-                    "tool_calls" if finish_reason == "stop" else finish_reason)
+            return _calls_delta(rest or None, calls, finish_reason)
         end = self.marker_at
         if end is None:  # hold back an end of the text that may be the start of the marker
             end = len(self.held) - next((k for k in range(min(len(marker) - 1, len(self.held)), 0, -1)
@@ -97,3 +90,12 @@ class ToolCallStream:
             return None, None
         delta, self.num_sent = ready[self.num_sent:], len(ready)
         return oai.ChatDelta(content=delta), None
+
+
+def _calls_delta(content: str | None, calls: list[ToolCall], finish_reason: str) -> tuple[oai.ChatDelta, str]:
+    """The last delta of a choice whose text held tool calls: the content left, every call whole, and the finish
+    reason as OpenAI gives it ("tool_calls" for a natural stop)."""
+    deltas = [oai.DeltaToolCall(index=i, id=call.id, type="function",
+                                function=oai.DeltaFunction(name=call.name, arguments=call.arguments))
+              for i, call in enumerate(calls)]
+    return oai.ChatDelta(content=content, tool_calls=deltas), "tool_calls" if finish_reason == "stop" else finish_reason
