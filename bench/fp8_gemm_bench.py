@@ -4,8 +4,9 @@ Llama-3-8B's projections as the engine runs them (q/k/v and gate/up fused, o, do
 shape and M: bf16 `F.linear`; the FP8 layer (per-token activation quantization by the Triton kernel of
 engine/kernels/fp8_quant.py, then `torch._scaled_mm` with row-wise scales: engine/kernels/fp8_linear.py);
 the quantization alone, by that kernel and by the PyTorch reference (eager); `_scaled_mm` alone on
-already quantized input, with its default accumulation and with `use_fast_accum` (FAST_ACCUMULATION there). Times are CUDA-event medians (triton.testing.do_bench, so launch overhead
-shows at small M; the engine replays decode steps as CUDA graphs); TFLOP/s counts 2*M*N*K.
+already quantized input, with its default accumulation and with `use_fast_accum` (FAST_ACCUMULATION there).
+Times are CUDA-event medians (triton.testing.do_bench, so launch overhead shows at small M; the engine
+replays decode steps as CUDA graphs); TFLOP/s counts 2*M*N*K.
 
     python bench/fp8_gemm_bench.py --rows 16 64 256 512 2048 8192
     python bench/fp8_gemm_bench.py --rows 2048 8192 --quant-sweep    # the quantization kernel's tiles
