@@ -226,9 +226,10 @@ def apply_logits_processing(logits: torch.Tensor, requests: list[Request]) -> to
 
     Order: repetition penalty, presence/frequency penalties, min_tokens (rows under a grammar: after its
     mask, see `_apply_min_tokens`), logit_bias, allowed_token_ids, bad words, the grammar's mask, then for
-    sampled rows only: temperature (at least 0.01), top-k, top-p, min-p. Greedy rows (temperature 0) get everything before the temperature (as in vLLM and transformers'
-    generate) but nothing after, so with default parameters their argmax is exactly the argmax of the raw
-    float32 logits. Neutral parameters leave a row untouched.
+    sampled rows only: temperature (at least 0.01), top-k, top-p, min-p. Greedy rows (temperature 0) get
+    everything before the temperature (as in vLLM and transformers' generate) but nothing after, so with
+    default parameters their argmax is exactly the argmax of the raw float32 logits. Neutral parameters leave
+    a row untouched.
     """
     processed = logits.to(torch.float32, copy=True)
     if not requests:
