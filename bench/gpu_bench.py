@@ -429,6 +429,10 @@ def main() -> int:
     parser.add_argument("--fp8-fast-accum", action="store_true",
                         help="FP8 GEMMs with _scaled_mm's fast accumulation (engine/kernels/fp8_linear.py "
                              "FAST_ACCUMULATION; an experiment: off in the product until measured)")
+    parser.add_argument("--no-fp8-mlp-fusion", action="store_true",
+                        help="FP8 MLPs unfused: SiLU * up, then the down projection's own quantization (engine/kernels/"
+                             "fp8_mlp.py FUSE_ACTIVATION_QUANTIZATION off in this process), for an A/B against the "
+                             "fused default (--save-tokens / --compare-tokens: same greedy tokens)")
     parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                         help="what the KV cache stores (EngineConfig.kv_cache_dtype): auto, the model's bf16; fp8, "
                         "e4m3 with per-layer scales of 1.0 (twice the tokens in the same memory)")
@@ -459,6 +463,11 @@ def main() -> int:
 
         fp8_linear.FAST_ACCUMULATION = True  # this process's FP8 GEMMs: the offline engine runs here
         print("FP8 GEMMs with fast accumulation", flush=True)
+    if args.no_fp8_mlp_fusion:
+        from pagedserve.engine.kernels import fp8_mlp
+
+        fp8_mlp.FUSE_ACTIVATION_QUANTIZATION = False  # read when the engine's runner is built, in this process
+        print("FP8 MLPs unfused", flush=True)
     if args.write_model_dir is not None:
         write_model_dir(args.write_model_dir, args.layers)
         print(f"wrote {args.write_model_dir}")

@@ -19,7 +19,9 @@ and embeddings stay in the model's dtype: their error shows in every logit, and 
 of many). An `Fp8Linear` is not an `nn.Linear`: projection fusion (engine/kernels/fused_projections.py) fuses
 FP8 siblings into one FP8 GEMM (weights and scales concatenated), and the one-row decode GEMM
 (engine/kernels/decode_linear.py) has an FP8-weight variant: one-token steps read the weight as FP8 and
-multiply it with unquantized activations (the weight read is the whole cost there).
+multiply it with unquantized activations (the weight read is the whole cost there). `fp8_gemm` takes rows
+already quantized: an FP8 gated MLP (engine/kernels/fp8_mlp.py) quantizes its down projection's input in the
+kernel of its activation.
 """
 
 from __future__ import annotations
@@ -60,10 +62,7 @@ def fp8_linear_reference(
 ) -> torch.Tensor:
     """What the FP8 GEMM computes, in plain PyTorch: per-token quantized x times the dequantized weight."""
     x_q, x_scale = quantize_rows(x)
-    product = (x_q.float() * x_scale) @ (weight.float() * weight_scale.float()[:, None]).T
-    if bias is not None:
-        product = product + bias.float()
-    return product.to(x.dtype)
+    return fp8_gemm(x_q, x_scale, weight, weight_scale, bias, x.dtype, use_scaled_mm=False)
 
 
 def fp8_linear_scaled_mm(
@@ -71,9 +70,23 @@ def fp8_linear_scaled_mm(
 ) -> torch.Tensor:
     """The FP8 GEMM on tensor cores: x [M, K] (any float dtype), weight [N, K] e4m3, scales [N]."""
     x_q, x_scale = quantize_rows_fp8(x)  # one kernel (engine/kernels/fp8_quant.py)
+    return fp8_gemm(x_q, x_scale, weight, weight_scale, bias, x.dtype, use_scaled_mm=True)
+
+
+def fp8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+             bias: torch.Tensor | None, out_dtype: torch.dtype, use_scaled_mm: bool) -> torch.Tensor:
+    """The product of rows already quantized (x_q [M, K] e4m3, x_scale [M, 1] float32: `quantize_rows`'
+    output) with an FP8 weight, in `out_dtype`: on tensor cores or as the reference's float32 product. The FP8
+    MLP (engine/kernels/fp8_mlp.py) quantizes its down projection's input in the activation's own kernel and
+    comes in here."""
+    if not use_scaled_mm:
+        product = (x_q.float() * x_scale) @ (weight.float() * weight_scale.float()[:, None]).T
+        if bias is not None:
+            product = product + bias.float()
+        return product.to(out_dtype)
     # _scaled_mm wants the second operand column-major: weight.T of a row-major [N, K] weight is. The bias is
     # added after: row-wise scaling takes no bias in every torch build.
-    out = torch._scaled_mm(x_q, weight.T, scale_a=x_scale, scale_b=weight_scale[None, :].float(), out_dtype=x.dtype,
+    out = torch._scaled_mm(x_q, weight.T, scale_a=x_scale, scale_b=weight_scale[None, :].float(), out_dtype=out_dtype,
                            use_fast_accum=FAST_ACCUMULATION)
     return out if bias is None else out + bias
 

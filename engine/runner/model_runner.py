@@ -34,6 +34,7 @@ from pagedserve.engine.kernels.attention.hf_integration import LayerProbe, Paged
 from pagedserve.engine.runner.compile import CompiledForward
 from pagedserve.engine.runner.cuda_graphs import DecodeGraphs, GreedyChainGraphs, MixedGraphs, mixed_graph_seqs
 from pagedserve.engine.kernels.decode_linear import use_decode_linear
+from pagedserve.engine.kernels.fp8_mlp import use_fp8_mlps
 from pagedserve.engine.kernels.fused_projections import ProjectionFusion
 from pagedserve.engine.kernels.moe.experts import moe_blocks, use_fused_moe
 from pagedserve.engine.runner.lora import LoraManager
@@ -100,6 +101,11 @@ class ModelRunner:
         # LoRA adapters over the (fused, one-row-GEMM) projections, before compilation sees the layers.
         self.lora = (LoraManager(self.model, settings.lora, self.dtype, self.device, loaded.shard_cuts)
                      if settings.lora.enabled else None)
+        # FP8 MLPs quantize the down projection's input in their activation's kernel (engine/kernels/fp8_mlp.py),
+        # after the layers above took their final classes; not with LoRA, whose adapters join the down projection.
+        inductor_compiled = settings.compile.enabled and settings.compile.backend == "inductor"
+        self._fp8_mlps = (use_fp8_mlps(self.model, self.dtype, inductor_compiled)
+                          if not settings.lora.enabled else None)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = cache.block_size
         is_fp8_cache = cache.kv_cache_dtype == "fp8_e4m3"
@@ -435,11 +441,13 @@ class ModelRunner:
         return chain.run_chain(step, wanted)
 
     def shutdown(self) -> None:
-        """Give the model back as it came: decoder layers compiled in place are made eager again, fused
-        projections are split again and MoE experts take transformers' code again (a model passed in by the
-        caller, `LLM.from_model`, is the caller's object)."""
+        """Give the model back as it came: decoder layers compiled in place are made eager again, FP8 MLPs take
+        their own forward again, fused projections are split again and MoE experts take transformers' code again
+        (a model passed in by the caller, `LLM.from_model`, is the caller's object)."""
         if isinstance(self._step_model, CompiledForward):
             self._step_model.uncompile()
+        if self._fp8_mlps is not None:
+            self._fp8_mlps.undo()
         if self.lora is not None:
             self.lora.layers.undo()
         if self._decode_linear is not None:
