@@ -426,9 +426,9 @@ def main() -> int:
     parser.add_argument("--quantization", choices=["none", "bnb-4bit", "bnb-8bit", "fp8"], default="none",
                         help="quantize the random bf16 model's decoder linears before the run: bitsandbytes, or fp8 "
                         "(the layers quantization='fp8' loads)")
-    parser.add_argument("--fp8-fast-accum", action="store_true",
-                        help="FP8 GEMMs with _scaled_mm's fast accumulation (engine/kernels/fp8_linear.py "
-                             "FAST_ACCUMULATION; an experiment: off in the product until measured)")
+    parser.add_argument("--no-fp8-fast-accum", action="store_true",
+                        help="FP8 GEMMs without _scaled_mm's fast accumulation (engine/kernels/fp8_linear.py "
+                             "FAST_ACCUMULATION off in this process; the product's default is on)")
     parser.add_argument("--no-fp8-mlp-fusion", action="store_true",
                         help="FP8 MLPs unfused: SiLU * up, then the down projection's own quantization (engine/kernels/"
                              "fp8_mlp.py FUSE_ACTIVATION_QUANTIZATION off in this process), for an A/B against the "
@@ -458,11 +458,11 @@ def main() -> int:
                         help="only write the model's config.json and tokenizer there (for a service with "
                              "load_format=dummy) and exit")
     args = parser.parse_args()
-    if args.fp8_fast_accum:
+    if args.no_fp8_fast_accum:
         from pagedserve.engine.kernels import fp8_linear
 
-        fp8_linear.FAST_ACCUMULATION = True  # this process's FP8 GEMMs: the offline engine runs here
-        print("FP8 GEMMs with fast accumulation", flush=True)
+        fp8_linear.FAST_ACCUMULATION = False  # this process's FP8 GEMMs: the offline engine runs here
+        print("FP8 GEMMs without fast accumulation", flush=True)
     if args.no_fp8_mlp_fusion:
         from pagedserve.engine.kernels import fp8_mlp
 

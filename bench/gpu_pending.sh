@@ -18,10 +18,6 @@
 #   bash bench/gpu_pending.sh spec_deep        # the next call: draft and n-gram at batch 1 on that pair
 #   bash bench/gpu_pending.sh fp8_long       # issue 25: the long-context workload with FP8 weights + FP8 KV vs bf16
 #                                            # (with bf16 weights FP8 KV gave 1.07x: the run is prefill-bound)
-#   bash bench/gpu_pending.sh fp8_accum      # issue 25: the activation quantization's tiles swept, then W1 with FP8
-#                                            # weights + KV with _scaled_mm's fast accumulation off and on (its GEMMs
-#                                            # 4-11% faster on an H100), then its logits error on the 8B shape (the
-#                                            # product keeps it off until this says)
 #   bash bench/gpu_pending.sh moe_fp8        # issue 30: 128 requests and batch 1 with FP8 experts (the bf16 bound for
 #                                            # 128 requests, ~9,000 tok/s, is below the 2.5x bar; FP8 halves the bytes)
 #   bash bench/gpu_pending.sh moe_linear     # issue 30: one-row tiles for the MoE shape's attention projections (8.8 us
@@ -272,21 +268,6 @@ fp8_long)  # issue 25's long-context bar (1.3x) as a user serving long contexts 
             $extra > "$OUT/long.txt" 2>&1; el "rc=$?"
         grep -E "decode steps|with prompt|^pagedserve: [0-9.]+ output|KV cache|largest batch" "$OUT/long.txt"
     done
-    ;;
-fp8_accum)  # issue 25: W1 with FP8 weights + KV ran at 1.34x bf16 on an H100 (bar 1.5x); its prompt steps gained only
-           # 1.4x. CUTLASS's FP8 fast-accumulation schedules (what vLLM runs) against _scaled_mm's default: the GEMMs
-           # alone 4-11% faster on an H100 (bench/fp8_gemm_bench.py, docs/benchmarks.md)
-    # The activations' quantization ran at 1.5-1.6 TB/s on an H100 (15-23% of an FP8 layer at 2,048 rows): its tiles
-    el q1; timeout 150 python3 bench/fp8_gemm_bench.py --rows 2048 8192 --quant-sweep > "$OUT/fp8_quant.txt" 2>&1
-    el "q1 rc=$?"; grep "^|" "$OUT/fp8_quant.txt"
-    for fast in "" --fp8-fast-accum; do
-        el "w1 $fast"; timeout 210 python3 bench/gpu_bench.py --skip-baseline --check-requests 0 --single-tokens 0 \
-            --quantization fp8 --kv-cache-dtype fp8 $fast > "$OUT/fp8_w1$fast.txt" 2>&1; el "rc=$?"
-        grep -E "^pagedserve: [0-9.]+ output|decode steps|with prompt" "$OUT/fp8_w1$fast.txt"
-    done
-    el a1; timeout "$(left 575)" python3 bench/fp8_accuracy.py --shape 8b --fast-accum --out "$OUT/fp8_accuracy.json" \
-        > "$OUT/fp8_accuracy.txt" 2>&1; el "a1 rc=$?"
-    tail -n 8 "$OUT/fp8_accuracy.txt"
     ;;
 moe_fp8)  # issue 30's 128-request bar with FP8 experts (and bf16 beside it in the same process), then batch 1
     el m1; timeout "$(left 570)" python3 bench/moe_bench.py --no-micro --workloads w128,b1 --backends fused \

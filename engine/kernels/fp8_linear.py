@@ -36,12 +36,13 @@ from pagedserve.engine.kernels.fp8_quant import FP8_DTYPE, FP8_MAX, MIN_SCALE, q
 logger = logging.getLogger(__name__)
 
 FP8_MIN_CAPABILITY = (9, 0)  # row-wise scaled _scaled_mm (see the module docstring)
-# `_scaled_mm(use_fast_accum=...)`: Hopper's FP8 tensor cores then keep partial sums in their own accumulator
-# instead of promoting them to float32 every few k-steps (CUTLASS's FP8FastAccum schedules; vLLM's and
-# TensorRT-LLM's FP8 GEMMs run so): faster, less exact over long K. Off until a GPU run weighs the speed
-# against the fidelity (`bash bench/gpu_pending.sh fp8_accum`); the benchmarks' `--fp8-fast-accum` turns it on
-# for their process. Read when a GEMM is traced or captured, like the shapes.
-FAST_ACCUMULATION = False
+# `_scaled_mm(use_fast_accum=...)`: Hopper's FP8 tensor cores keep partial sums in their own accumulator instead
+# of promoting them to float32 every few k-steps (CUTLASS's FP8FastAccum schedules; vLLM's and TensorRT-LLM's FP8
+# GEMMs run so). On an H100 it made W1's FP8 GEMMs 4-11% faster and W1 7% faster, and on a model trained on text
+# it left held-out perplexity where the promoted accumulation had it (docs/benchmarks.md, "FP8 GEMMs with fast
+# accumulation"). Read when a GEMM is traced or captured, like the shapes; the benchmarks' `--no-fp8-fast-accum`
+# turns it off for their process.
+FAST_ACCUMULATION = True
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

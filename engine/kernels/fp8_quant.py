@@ -32,6 +32,7 @@ FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 # A row of zeros would get scale 0; any positive floor keeps the division finite and the row zero.
 MIN_SCALE = 1e-12
 MAX_ONE_PASS_K = 16384  # features a row may have to be read once (Llama-3-8B's down projection: 14336)
+ONE_PASS_DEFAULT_K = 8192  # rows up to this many features are read once by default (`default_quant_tiles`)
 
 
 def quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,10 +104,11 @@ class QuantTiles:
 
 
 def default_quant_tiles(num_features: int) -> QuantTiles:
-    """One pass up to MAX_ONE_PASS_K features, blocks of 4,096 above. On an H100 these read and wrote 1.5-1.6 TB/s
-    at 2,048 rows (4,096 and 14,336 features: 15.5 and 57.4 us), half the copy rate: `bench/fp8_gemm_bench.py
-    --quant-sweep` times the alternatives (more warps, two passes over smaller blocks)."""
-    return QuantTiles() if num_features <= MAX_ONE_PASS_K else QuantTiles(block_k=4096)
+    """One pass up to `ONE_PASS_DEFAULT_K` features; wider rows in two passes over blocks of 2,048 by 16 warps. On
+    an H100 (`bench/fp8_gemm_bench.py --quant-sweep`) one pass was the fastest at 4,096 features, and at 14,336 (an
+    8B MLP's down projection) the blocks of 2,048 took 50.4 us instead of 57.0 at 2,048 rows and 155.9 instead of
+    192.0 at 8,192: a whole row in registers leaves a program too few rows in flight to cover the reads."""
+    return QuantTiles() if num_features <= ONE_PASS_DEFAULT_K else QuantTiles(block_k=2048, num_warps=16)
 
 
 def quantize_rows_triton(x: torch.Tensor, tiles: QuantTiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:

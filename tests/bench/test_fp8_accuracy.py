@@ -164,14 +164,14 @@ def test_tiny_preset_lowers_the_loss_and_its_folder_serves_the_fp8_report(
 
     out = tmp_path / "fp8.json"
     assert fp8_accuracy.main(["--model", str(model_dir), "--heldout", "--num-sequences", "2", "--seq-len", "32",
-                              "--eval-tokens", "2048", "--device", "cpu", "--fast-accum", "--out", str(out)]) == 0
+                              "--eval-tokens", "2048", "--device", "cpu", "--exact-accum", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["baseline_dtype"] == "float32" and report["fp8_path"].startswith("reference")
-    baseline, on_random, on_heldout, fast_random, fast_heldout, engine, kv_on_random, kv_on_heldout = report["rows"]
-    # --fast-accum's rows: the same layers again; the CPU reference has no accumulation mode, so the same figures.
-    assert fast_random["weights"] == fast_heldout["weights"] == "fp8, fast accumulation"
-    assert fast_heldout["perplexity"] == on_heldout["perplexity"]
-    assert fast_random["logits"] == on_random["logits"]
+    baseline, on_random, on_heldout, exact_random, exact_heldout, engine, kv_on_random, kv_on_heldout = report["rows"]
+    # --exact-accum's rows: the same layers again; the CPU reference has no accumulation mode, so the same figures.
+    assert exact_random["weights"] == exact_heldout["weights"] == "fp8, exact accumulation"
+    assert exact_heldout["perplexity"] == on_heldout["perplexity"]
+    assert exact_random["logits"] == on_random["logits"]
     assert on_random["logits"]["num_positions"] == on_heldout["logits"]["num_positions"] == 64
     assert 0 < on_heldout["logits"]["relative_error"] < 0.1
     assert on_heldout["perplexity_ratio"] == pytest.approx(on_heldout["perplexity"] / baseline["perplexity"])
