@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch._dynamo.exc import TorchDynamoException
 from transformers.activations import SiLUActivation
 
 from pagedserve.engine.kernels.fp8_linear import FP8_DTYPE, Fp8Linear, fp8_gemm
@@ -131,7 +132,12 @@ def inductor_matches_kernel(device: torch.device, dtype: torch.dtype) -> bool:
     up = torch.randn(gate.shape, generator=torch.Generator().manual_seed(1)) * 4
     gate, up = gate.to(device, dtype).view(256, -1), up.to(device, dtype).view(256, -1)
     compiled = torch.compile(silu_mul_reference, backend="inductor", dynamic=False, fullgraph=True)
-    want = compiled(gate, up)
+    try:
+        want = compiled(gate, up)
+    except TorchDynamoException as error:  # Inductor cannot compile here: the owner's compile falls back too
+        logger.warning("FP8 MLPs: Inductor failed on SiLU(gate) * up (%s); compiled layers keep the unfused MLP",
+                       type(error).__name__)
+        return False
     got = silu_mul_triton(gate, up, inductor=True)
     return torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
                        want.view(torch.int16 if dtype != torch.float32 else torch.int32))
