@@ -16,7 +16,9 @@ of unpaced events). `--bare` adds the floor: a FastAPI ingress on Serve with not
 constant chunks on the same step clock, so what the service costs above it is ours.
 
 Prints one row per run: events/s, tokens per content event (1.0: one event per engine step and stream; more:
-the pacing merged them), and each process's CPU microseconds per event and cores used. A process's cost per
+the pacing merged them), each process's CPU microseconds per event and cores used, and the percentiles of the
+gaps the clients saw between a stream's content events (each should be one step: the excess is the delay the
+service and the client added, issue 24's ITL tail). A process's cost per
 event falls as its event rate rises (its event loop serves more per wake-up), so compare rows of equal rates.
 On a shared machine absolute figures swing with the neighbours' load: compare rows of one call. With
 `--profile-s S`, py-spy (`--gil`: the thread holding the GIL, i.e. Python's CPU) then records the ingress
@@ -185,6 +187,9 @@ class Counts:
     num_content_events_of_done: int = 0
     is_measuring: bool = False
     errors: list[str] = field(default_factory=list)
+    # Seconds between a stream's consecutive content events inside the window: the fake engine steps every
+    # --step-ms, so what a gap holds beyond a step is the service's (and this client's) delay.
+    gaps_s: list[float] = field(default_factory=list)
 
 
 def service_processes(app_name: str, is_haproxy: bool = False) -> dict[str, list[psutil.Process]]:
@@ -235,6 +240,7 @@ async def stream_forever(session: aiohttp.ClientSession, model: str, prompt: str
             "stream": True, "stream_options": {"include_usage": True}}
     while not stop.is_set():
         num_content_events = 0
+        last_content_s: float | None = None
         async with session.post("v1/completions", json=body) as response:
             if response.status != 200:
                 counts.num_errors += 1
@@ -248,6 +254,10 @@ async def stream_forever(session: aiohttp.ClientSession, model: str, prompt: str
                     counts.num_events += 1
                 if line.startswith(b'data: {"id"') and b'"text"' in line:
                     num_content_events += 1
+                    now_s = time.perf_counter()
+                    if counts.is_measuring and last_content_s is not None:
+                        counts.gaps_s.append(now_s - last_content_s)
+                    last_content_s = now_s
                 elif b'"error"' in line:
                     counts.num_errors += 1
                     counts.errors.append(line[:200].decode(errors="replace"))
@@ -367,8 +377,8 @@ def main() -> None:
     print(f"\n{options.streams} streams of {options.max_tokens} tokens, engine steps of {options.step_ms:g} ms, "
           f"one ingress replica, via {path}, {options.duration_s:g} s measured; CPU us per event (cores used)\n")
     print("| max_stream_events_per_s | events/s | tokens/event | ingress | proxy | engine replica | client "
-          "| idle cores (ingress, proxy) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+          "| idle cores (ingress, proxy) | gap p50 / p90 / p99 / max (ms) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---|")
     for name, counts, cpu, idle_cores, wall_s in rows:
         events = max(counts.num_events, 1)
         tokens_per_event = counts.num_tokens_of_done / max(counts.num_content_events_of_done, 1)
@@ -376,7 +386,16 @@ def main() -> None:
                  for role in ("ingress", "proxy", "engine_replica", "client")]
         idle = f"{idle_cores['ingress']:.2f}, {idle_cores['proxy']:.2f}"
         print(f"| {name} | {counts.num_events / wall_s:,.0f} | {tokens_per_event:.2f} | " + " | ".join(cells)
-              + f" | {idle} |")
+              + f" | {idle} | {gap_cell(counts.gaps_s)} |")
+
+
+def gap_cell(gaps_s: list[float]) -> str:
+    """Percentiles of the clients' gaps between content events (nearest rank), in ms."""
+    if not gaps_s:
+        return "-"
+    ordered = sorted(gaps_s)
+    ranks = [ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in (0.5, 0.9, 0.99)]
+    return " / ".join(f"{value * 1000:.1f}" for value in [*ranks, ordered[-1]])
 
 
 if __name__ == "__main__":
