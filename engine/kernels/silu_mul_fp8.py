@@ -3,9 +3,11 @@ row's largest magnitude, the row in e4m3 and its float32 scale.
 
 Unfused, an FP8 MLP (engine/kernels/fp8_mlp.py) writes SiLU(gate) * up as a [M, I] tensor in the activation
 dtype (reading gate and up: 4 bytes a feature, writing 2) and `quantize_rows_fp8` reads it back (2 bytes) to
-write the e4m3 row (1) and a scale. `silu_mul_quantize_fp8` reads gate and up once (into registers, rows up to
-`MAX_ONE_PASS_K` features; longer rows are read twice, the second time from L2) and writes only the e4m3 row and
-its scale: the [M, I] round trip through memory is gone.
+write the e4m3 row (1) and a scale. `silu_mul_quantize_fp8` reads gate and up (4 bytes a feature) and writes
+only the e4m3 row and its scale: the [M, I] round trip through memory is gone. It reads a row as the quantization
+kernel does (`QuantTiles`, by default `default_quant_tiles`: short rows once into registers, wide ones twice over
+blocks, the second time from L2, computing the product again); `bench/fp8_gemm_bench.py --mlp-fusion` also times
+one pass, which keeps the product's arithmetic to once a value.
 
 It computes what the unfused path computes, bit for bit, in one of two ways (`inductor`), because the unfused
 product itself differs between eager PyTorch and torch.compile:
@@ -36,7 +38,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pagedserve.engine.kernels.fp8_quant import FP8_DTYPE, FP8_MAX, MAX_ONE_PASS_K, MIN_SCALE, quantize_rows
+from pagedserve.engine.kernels.fp8_quant import (
+    FP8_DTYPE,
+    FP8_MAX,
+    MAX_ONE_PASS_K,
+    MIN_SCALE,
+    QuantTiles,
+    default_quant_tiles,
+    quantize_rows,
+)
 
 try:
     import triton
@@ -46,7 +56,6 @@ try:
 except ImportError:  # CPU-only installs: the PyTorch reference runs
     triton = None
 
-TWO_PASS_BLOCK_K = 4096  # the block of a row read twice (as quantize_rows_fp8's default tiles)
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -165,10 +174,9 @@ if triton is not None:
 
 
 def silu_mul_quantize_triton(gate: torch.Tensor, up: torch.Tensor, inductor: bool = False,
-                             block_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                             tiles: QuantTiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`silu_mul_quantize_reference` of 2-D gate and up ([M, K] each, contiguous columns, rows of any stride) by
-    one Triton program per row; `block_k` None: one pass up to MAX_ONE_PASS_K features, two passes over blocks of
-    TWO_PASS_BLOCK_K above (tests pass smaller blocks)."""
+    one Triton program per row, reading rows by `tiles` (None: `default_quant_tiles`, as `quantize_rows_fp8`)."""
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.dim() != 2:
         raise ValueError(f"need 2-D gate and up of one shape and dtype, got {tuple(gate.shape)} {gate.dtype} and "
                          f"{tuple(up.shape)} {up.dtype}")
@@ -181,14 +189,15 @@ def silu_mul_quantize_triton(gate: torch.Tensor, up: torch.Tensor, inductor: boo
     scales = torch.empty((num_rows, 1), dtype=torch.float32, device=gate.device)
     if num_rows == 0:
         return quantized, scales
-    if block_k is None:
-        block_k = None if num_features <= MAX_ONE_PASS_K else TWO_PASS_BLOCK_K
-    one_pass = block_k is None
-    block = triton.next_power_of_2(num_features) if one_pass else block_k
+    tiles = tiles or default_quant_tiles(num_features)
+    one_pass = tiles.block_k is None
+    if one_pass and num_features > MAX_ONE_PASS_K:
+        raise ValueError(f"a row of {num_features} features is over MAX_ONE_PASS_K ({MAX_ONE_PASS_K}) for one pass")
+    block = triton.next_power_of_2(num_features) if one_pass else tiles.block_k
     _silu_mul_quantize_kernel[(num_rows,)](
         gate, up, quantized, scales, num_features, gate.stride(0), up.stride(0), quantized.stride(0),
         FP8_MAX_VALUE=FP8_MAX, MIN_SCALE_VALUE=MIN_SCALE, BLOCK_K=block, ONE_PASS=one_pass, INDUCTOR=inductor,
-        LIBDEVICE_EXP=not _IS_INTERPRETED, num_warps=max(1, min(16, block // 1024)),
+        LIBDEVICE_EXP=not _IS_INTERPRETED, num_warps=tiles.num_warps or max(1, min(16, block // 1024)),
     )
     return quantized, scales
 

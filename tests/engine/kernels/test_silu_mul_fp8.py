@@ -26,12 +26,14 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-# name: (rows, features, dtype, inductor numerics, block_k (None: the default tiles), how the values are made)
+# name: (rows, features, dtype, inductor numerics, block_k (None: the default tiles, `default_quant_tiles`: one pass
+# up to 8,192 features, two above), how the values are made)
 CASES = {
     "one_pass_ragged_bf16": (4, 100, "bfloat16", False, None, "randn"),
     "one_pass_fp16": (3, 96, "float16", False, None, "randn"),
     "one_pass_fp32": (2, 64, "float32", False, None, "randn"),
     "two_pass_bf16": (2, 16384 + 300, "bfloat16", False, None, "randn"),
+    "two_pass_default_8b_width_bf16": (2, 14336, "bfloat16", False, None, "randn"),
     "two_pass_small_blocks_bf16": (3, 300, "bfloat16", False, 64, "randn"),
     "inductor_bf16": (4, 100, "bfloat16", True, None, "randn"),
     "inductor_two_pass_fp16": (3, 300, "float16", True, 64, "randn"),
@@ -88,17 +90,22 @@ def _interpreter_reference(gate: torch.Tensor, up: torch.Tensor, inductor: bool)
 
 def run_case(rows: int, features: int, dtype_name: str, inductor: bool, block_k: int | None, how: str,
              *, device: str) -> dict[str, int]:
-    from pagedserve.engine.kernels.fp8_quant import quantize_rows
+    from pagedserve.engine.kernels.fp8_quant import MAX_ONE_PASS_K, QuantTiles, quantize_rows
     from pagedserve.engine.kernels.silu_mul_fp8 import silu_mul_quantize_triton, silu_mul_triton
 
     dtype = DTYPES[dtype_name]
     gate, up = make_inputs(rows, features, dtype, how, device)
     values = _interpreter_reference(gate, up, inductor)
     want_q, want_scale = quantize_rows(values)
-    got_q, got_scale = silu_mul_quantize_triton(gate, up, inductor, block_k)
-    result = {"values_differing": int((got_q.view(torch.uint8) != want_q.view(torch.uint8)).sum()),
-              "scales_differing": int((got_scale != want_scale).sum()),
-              "zero_row_ok": int(bool((got_q[-1].float() == 0).all()) or how == "every")}
+    result: dict[str, int] = {}
+    got_q, got_scale = silu_mul_quantize_triton(gate, up, inductor, None if block_k is None else QuantTiles(block_k))
+    if how == "randn" and features <= MAX_ONE_PASS_K:  # and read once, whatever the default tiles are
+        one_pass_q, one_pass_scale = silu_mul_quantize_triton(gate, up, inductor, QuantTiles())
+        result["one_pass_differing"] = int((one_pass_q.view(torch.uint8) != want_q.view(torch.uint8)).sum()
+                                           + (one_pass_scale != want_scale).sum())
+    result.update({"values_differing": int((got_q.view(torch.uint8) != want_q.view(torch.uint8)).sum()),
+                   "scales_differing": int((got_scale != want_scale).sum()),
+                   "zero_row_ok": int(bool((got_q[-1].float() == 0).all()) or how == "every")})
     if how != "views":
         got_values = silu_mul_triton(gate.contiguous(), up.contiguous(), inductor)
         result["products_differing"] = int((got_values.view(torch.uint8) != values.view(torch.uint8)).sum())
@@ -116,7 +123,7 @@ def interpreted() -> dict:
 def test_kernel_matches_the_reference_bit_for_bit_in_the_interpreter(interpreted: dict, case: str) -> None:
     result = interpreted[case]
     assert result == {**result, "values_differing": 0, "scales_differing": 0, "zero_row_ok": 1}
-    assert result.get("products_differing", 0) == 0
+    assert result.get("products_differing", 0) == 0 and result.get("one_pass_differing", 0) == 0
 
 
 def test_the_op_runs_the_unfused_reference_on_cpu_and_traces_under_compile() -> None:
@@ -172,13 +179,17 @@ def test_gpu_kernel_products_match_eager_and_inductor_for_every_gate_value(dtype
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_FP8_GPU, reason="needs a Hopper or newer GPU (compute capability 9.0+)")
-@pytest.mark.parametrize("features", [14336, 28672])  # Llama-3-8B's MLP (one pass), 70B's (two passes)
+@pytest.mark.parametrize("features", [14336, 28672])  # Llama-3-8B's MLP, 70B's
 def test_gpu_fused_mlp_quantization_equals_the_unfused_chain(features: int) -> None:
     """2,048 rows of gate and up as views of one GEMM output: the fused e4m3 rows and scales are the unfused
     chain's (SiLU * up eagerly or compiled, then `quantize_rows_fp8`), and so is the down projection's output."""
     from pagedserve.engine.kernels.fp8_linear import fp8_gemm, quantize_weight
-    from pagedserve.engine.kernels.fp8_quant import quantize_rows_fp8
-    from pagedserve.engine.kernels.silu_mul_fp8 import silu_mul_quantize_fp8, silu_mul_reference
+    from pagedserve.engine.kernels.fp8_quant import MAX_ONE_PASS_K, QuantTiles, quantize_rows_fp8
+    from pagedserve.engine.kernels.silu_mul_fp8 import (
+        silu_mul_quantize_fp8,
+        silu_mul_quantize_triton,
+        silu_mul_reference,
+    )
 
     rows = 2048 if features == 14336 else 256
     gate, up = make_inputs(rows, features, torch.bfloat16, "views", "cuda")
@@ -189,6 +200,10 @@ def test_gpu_fused_mlp_quantization_equals_the_unfused_chain(features: int) -> N
         got_q, got_scale = silu_mul_quantize_fp8(gate, up, inductor)
         assert int((got_q.view(torch.uint8) != want_q.view(torch.uint8)).sum()) == 0, inductor
         assert torch.equal(got_scale, want_scale), inductor
+        if features <= MAX_ONE_PASS_K:  # the tiles the benchmark also times
+            one_pass_q, one_pass_scale = silu_mul_quantize_triton(gate, up, inductor, QuantTiles())
+            assert torch.equal(one_pass_q.view(torch.uint8), want_q.view(torch.uint8))
+            assert torch.equal(one_pass_scale, want_scale)
         want = fp8_gemm(want_q, want_scale, weight, weight_scale, None, torch.bfloat16, use_scaled_mm=True)
         got = fp8_gemm(got_q, got_scale, weight, weight_scale, None, torch.bfloat16, use_scaled_mm=True)
         assert torch.equal(got, want), inductor
