@@ -138,7 +138,12 @@ def inductor_matches_kernel(device: torch.device, dtype: torch.dtype) -> bool:
         logger.warning("FP8 MLPs: Inductor failed on SiLU(gate) * up (%s); compiled layers keep the unfused MLP",
                        type(error).__name__)
         return False
-    got = silu_mul_triton(gate, up, inductor=True)
+    try:
+        got = silu_mul_triton(gate, up, inductor=True)
+    except Exception as error:  # noqa: BLE001 - a kernel that does not build here leaves the MLPs as they were
+        logger.warning("FP8 MLPs: the fused kernel failed (%s: %s); compiled layers keep the unfused MLP",
+                       type(error).__name__, error)
+        return False
     return torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
                        want.view(torch.int16 if dtype != torch.float32 else torch.int32))
 
@@ -151,8 +156,13 @@ def _same_as_own_forward(module: nn.Module, own_class: type, fused_class: type, 
     with torch.no_grad():
         want = module(rows)
         module.__class__ = fused_class
-        got = module(rows)
-    module.__class__ = own_class
+        try:
+            got = module(rows)
+        except Exception as error:  # noqa: BLE001 - a kernel that does not build here: the MLP keeps its forward
+            logger.warning("FP8 MLPs: the fused forward failed (%s: %s)", type(error).__name__, error)
+            return False
+        finally:
+            module.__class__ = own_class
     return torch.equal(got, want)
 
 

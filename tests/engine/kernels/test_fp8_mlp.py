@@ -130,6 +130,21 @@ def test_a_forward_that_computes_something_else_keeps_its_own(tmp_path) -> None:
     assert type(mlp) is ScaledMLP
 
 
+def test_a_fused_op_that_fails_here_leaves_every_mlp_its_own_forward(tmp_path, monkeypatch, caplog) -> None:
+    def broken(gate: torch.Tensor, up: torch.Tensor, inductor: bool):
+        raise RuntimeError("no kernel for this device")  # as a Triton kernel that does not build on a GPU
+
+    monkeypatch.setattr(fp8_mlp, "silu_mul_quantize_fp8", broken)
+    model = fp8_model(tmp_path, "llama")
+    with caplog.at_level(logging.WARNING, logger=fp8_mlp.__name__):
+        swap = use_fp8_mlps(model, torch.float32)
+    assert swap.modules == []
+    assert not any(isinstance(layer.mlp, FusedFp8MlpForward) for layer in model.model.layers)
+    assert "the fused forward failed (RuntimeError: no kernel for this device)" in caplog.text
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7]]))  # the model still runs
+
+
 def test_the_switch_turns_it_off(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(fp8_mlp, "FUSE_ACTIVATION_QUANTIZATION", False)
     model = fp8_model(tmp_path, "llama")
