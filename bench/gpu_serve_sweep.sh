@@ -91,7 +91,9 @@ trap 'exit 130' INT TERM
 
 if [ -n "$MODEL_DIR" ]; then python3 bench/gpu_bench.py --write-model-dir "$MODEL_DIR" || exit 1; fi
 echo "== starting the service ($YAML) after $(elapsed) s"
-# --address local: a Ray of its own, never one that `ray start` left on this machine.
+# --address local: a Ray of its own, never one that `ray start` left on this machine. Its metrics agents export
+# every second (Ray's default is slower), so that each pass's delays inside the service can be read after it.
+export RAY_metrics_report_interval_ms=${RAY_metrics_report_interval_ms:-1000}
 serve_run --address local "$YAML" > "$LOGS/serve.log" 2>&1 &
 SERVE_PID=$!
 up_started=$(date +%s)
@@ -103,6 +105,12 @@ until curl -sf -m 2 "$URL/v1/models" > /dev/null; do
 done
 echo "service up after $(( $(date +%s) - up_started )) s"
 grep -E "memory plan|compiled|captured|serving" "$LOGS/serve.log" | tail -4
+# The cluster's metrics agents (its session folder says where), for serve_bench's "inside the service" lines:
+# the stream channel's transit and the replicas' event loop lag per pass (bench/service_delays.py).
+METRICS_ARGS=$(python3 -c 'import pathlib, sys; sys.path.insert(0, "bench"); import service_delays
+print(" ".join("--metrics-url " + url for url in service_delays.discover_urls(pathlib.Path(sys.argv[1]))))' \
+    "${RAY_SESSION_DIR:-/tmp/ray/session_latest}" 2>/dev/null)
+echo "metrics: ${METRICS_ARGS:-none found}"
 
 remaining() { echo $(( BUDGET_S - $(elapsed) - STOP_RESERVE_S )); }
 sweep() {  # sweep NAME BUDGET_S DURATION_S RATES ARGS...: one serve_bench sweep, its table to $OUT/sweep_NAME.md
@@ -110,7 +118,8 @@ sweep() {  # sweep NAME BUDGET_S DURATION_S RATES ARGS...: one serve_bench sweep
     echo "== $name sweep: rates $rates, passes of $duration_s s, budget $budget_s s ($(elapsed) s in)"
     python3 bench/serve_bench.py --url "$URL" --sweep-rates $rates --duration-s "$duration_s" \
         --stop-after-miss "$STOP_AFTER_MISS" --sweep-budget-s "$budget_s" --warmup-requests "$WARMUP_REQUESTS" \
-        --request-timeout-s "$REQUEST_TIMEOUT_S" --vocab-size "$VOCAB_SIZE" --json-out "$OUT/sweep_$name.json" "$@" \
+        --request-timeout-s "$REQUEST_TIMEOUT_S" --vocab-size "$VOCAB_SIZE" --json-out "$OUT/sweep_$name.json" \
+        $METRICS_ARGS "$@" \
         2>&1 | tee "$OUT/sweep_$name.md"
 }
 

@@ -33,7 +33,9 @@ every request succeeded and TTFT p99 <= `--slo-ttft-p99-s`, TPOT p99 <= `--slo-t
 highest rate whose pass met them; "at least" when the fastest pass run did. Achieved req/s and
 output tok/s are over the pass's wall time, first request sent to last response. `--stop-after-miss N`
 ends the sweep after N missed passes in a row and `--sweep-budget-s` before a pass that would not end
-inside it; `--json-out` writes the rows.
+inside it; `--json-out` writes the rows. With `--metrics-url` (a Ray metrics agent's endpoint, one per node),
+each pass also says where tokens waited inside the service: the stream channel's transit and the ingress's and
+engine replica's event loop lag, p50 / p99 over the pass (bench/service_delays.py).
 
 With `--offline`, the same prompts and sampling run through `pagedserve.engine.llm.LLM` in this
 process after the HTTP run, and the table shows the service/offline output-token throughput ratio.
@@ -49,6 +51,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -78,6 +81,7 @@ from common import (  # noqa: E402
     random_token_workload,
     write_json,
 )
+import service_delays  # noqa: E402
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 WORDS = (
@@ -308,6 +312,8 @@ class PassResult:
     # token went out as its own event; more: the service merged deltas (event pacing, or a reader behind), and
     # each merge shows as one longer ITL gap.
     tokens_per_chunk: float | None = None
+    # Where tokens waited inside the service over the pass (bench/service_delays.py; None: no --metrics-url).
+    service_delays: dict[str, dict[str, Any]] | None = None
 
     @property
     def achieved_per_s(self) -> float:
@@ -458,9 +464,14 @@ async def sweep(args: argparse.Namespace, model: str, spec: WorkloadSpec, slo: S
                         f"the pass at {rate:g} req/s would end about {expected_end_s:.0f} s into the sweep, "
                         f"past --sweep-budget-s {args.sweep_budget_s:g}")
             workload = spec.build(len(arrivals_s), seed, max_model_len)
+            delays_before = await asyncio.to_thread(service_delays.snapshot, args.metrics_url)
             cpu_started_s = time.process_time()
             results, wall_s, max_lag_s = await send_on_schedule(session, args, model, workload, arrivals_s)
             result = summarize_pass(rate, workload, results, wall_s, max_lag_s, time.process_time() - cpu_started_s)
+            if args.metrics_url:
+                await asyncio.sleep(args.metrics_settle_s)  # the agents export every report interval
+                delays_after = await asyncio.to_thread(service_delays.snapshot, args.metrics_url)
+                result = dataclasses.replace(result, service_delays=service_delays.quantiles(delays_before, delays_after))
             passes.append(result)
             last_drain_s = max(0.0, wall_s - arrivals_s[-1])
             is_met = result.meets(slo)
@@ -469,6 +480,8 @@ async def sweep(args: argparse.Namespace, model: str, spec: WorkloadSpec, slo: S
             print(f"pass {index + 1}/{len(args.sweep_rates)}: {rate:g} req/s offered, {result.num_ok} / "
                   f"{result.num_sent} ok in {wall_s:.1f} s, TTFT / TPOT / ITL p99 {p99s_ms} ms, "
                   f"SLOs {'met' if is_met else 'missed'}", flush=True)
+            if result.service_delays is not None:
+                print(f"  inside the service: {service_delays.describe(result.service_delays)}", flush=True)
             consecutive_misses = 0 if is_met else consecutive_misses + 1
             if args.stop_after_miss and consecutive_misses >= args.stop_after_miss:
                 return passes, list(args.sweep_rates[index + 1:]), f"{consecutive_misses} missed passes in a row"
@@ -492,6 +505,9 @@ def run_sweep(args: argparse.Namespace) -> None:
     for p in lagging:
         print(f"note: at {p.rate_per_s:g} req/s the client sent up to {p.max_send_lag_s * 1000:.0f} ms late and used "
               f"{p.client_cpu_s:.1f} s of CPU in {p.wall_s:.1f} s: the client may have set the pace")
+    for p in passes:
+        if p.service_delays is not None:
+            print(f"inside the service at {p.rate_per_s:g} req/s: {service_delays.describe(p.service_delays)}")
     print(goodput.describe())
     if args.json_out:
         write_json(Path(args.json_out), {
@@ -613,6 +629,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sweep_group.add_argument("--stop-after-miss", type=int, default=0,
                              help="end the sweep after this many missed passes in a row (0: run every rate)")
     sweep_group.add_argument("--sweep-gap-s", type=float, default=2.0, help="idle time after each pass")
+    sweep_group.add_argument("--metrics-url", action="append", default=[],
+                             help="a Ray metrics agent's Prometheus endpoint (repeat per node): each pass also "
+                             "reports where tokens waited inside the service (bench/service_delays.py)")
+    sweep_group.add_argument("--metrics-settle-s", type=float, default=2.5,
+                             help="wait after a pass before reading the metrics (Ray's export interval)")
     sweep_group.add_argument("--sweep-budget-s", type=float, default=None,
                              help="start no pass expected (its sending time + the last pass's drain) to end "
                                   "later than this after the first pass started")

@@ -40,6 +40,7 @@ from pagedserve.serve_app.chunk_format import ChunkFormat
 from pagedserve.serve_app.event_pacer import HAPROXY_EVENTS_PER_S, EventPacer, default_events_per_s
 from pagedserve.serve_app.fair_queue import FairAdmission, FairQueue
 from pagedserve.serve_app.key_limiter import KeyBudgets
+from pagedserve.serve_app.loop_lag import watch_loop_lag
 from pagedserve.serve_app.lora_registry import LoraSubscription, LoraView
 from pagedserve.serve_app.metrics import IngressMetrics
 from pagedserve.serve_app.messages import GenerateRequest, ModelInfo, ReplicaError
@@ -220,7 +221,9 @@ class OpenAIIngress:
         # (seconds), which on a first burst stalled this replica's event loop and every request it held.
         self._prefetch: asyncio.Task | None = None
         self._lora_task: asyncio.Task | None = None
+        self._loop_lag_task: asyncio.Task | None = None  # every stream here is written from this loop (a metric)
         with contextlib.suppress(RuntimeError):  # no running loop: built outside a Serve replica
+            self._loop_lag_task = asyncio.get_running_loop().create_task(watch_loop_lag(self.metrics.loop_lag))
             self._prefetch = asyncio.get_running_loop().create_task(self._prefetch_model_info())
             if self._lora_subscription is not None:
                 self._lora_task = asyncio.get_running_loop().create_task(self._lora_subscription.run())

@@ -136,6 +136,16 @@ class ChannelOpen:
 
 
 @dataclass(frozen=True)
+class ChannelMessage:
+    """One message on a stream channel: every item the replica had for that ingress's requests since the
+    previous message, (request id, item) in order, and the replica's wall clock when it sent them (the ingress
+    measures the channel's transit against its own)."""
+
+    items: list[tuple[str, Any]]
+    sent_at_s: float
+
+
+@dataclass(frozen=True)
 class ReplicaError:
     """A request that failed on the replica; the ingress turns it into an OpenAI error body."""
 

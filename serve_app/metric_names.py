@@ -25,6 +25,11 @@ LATENCY_BUCKETS_S = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
                      10.0, 20.0, 40.0, 80.0, 160.0, 640.0]
 STEP_TIME_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
 TOKEN_COUNT_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+# Seconds a token waits in the service between the engine and the client (a stream channel's transit, an event
+# loop's lag): fine below 10 ms, where an engine step's gap sits, so a p99 shows whether a hop adds a step.
+DELAY_BUCKETS_S = [0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0]
+DELAY_HISTOGRAMS = ("pagedserve_stream_channel_delay_seconds", "pagedserve_replica_event_loop_lag_seconds",
+                    "pagedserve_ingress_event_loop_lag_seconds")
 
 REPLICA_TAGS = ("model", "model_name", "replica")
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -108,6 +113,9 @@ REPLICA_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "gauge", "Decode tokens / prefill tokens over the recent window (prefill floored at 1 token).", ()),
     "pagedserve_step_time_seconds": (
         "histogram", "Engine step time, by step kind (prefill, decode, mixed).", ("step_kind",)),
+    "pagedserve_replica_event_loop_lag_seconds": (
+        "histogram", "How late the engine replica's event loop woke from a 20 ms sleep (serve_app/loop_lag.py): "
+        "every stream's deltas pass through that loop, so a hold of it delays them all.", ()),
 }
 
 INGRESS_TAGS = ("model", "replica")
@@ -126,6 +134,12 @@ INGRESS_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "counter", "Messages received on the stream channels from the engine replicas (each carries every "
         "delta a replica produced for this ingress's requests since the previous one).", ()),
     "pagedserve_stream_channel_deltas": ("counter", "Request deltas received on the stream channels.", ()),
+    "pagedserve_stream_channel_delay_seconds": (
+        "histogram", "From an engine replica sending a stream channel message to this ingress receiving it (the "
+        "two processes' wall clocks: across nodes, as close as their clocks are kept).", ()),
+    "pagedserve_ingress_event_loop_lag_seconds": (
+        "histogram", "How late the ingress replica's event loop woke from a 20 ms sleep (serve_app/loop_lag.py): "
+        "every stream of the replica is written from that loop, so a hold of it delays them all.", ()),
     # Per API key, by its configured name (never the key): serve_app/tenants.py.
     "pagedserve_api_key_requests": (
         "counter", "Requests of an API key admitted past its limits (sent to the engine replicas).", ("api_key_name",)),

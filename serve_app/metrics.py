@@ -20,6 +20,8 @@ from pagedserve.engine.core.request import RequestOutput
 from pagedserve.engine.core.stats import EngineStats, StepStats
 from pagedserve.serve_app.metric_names import (
     API_KEY_LIMITS,
+    DELAY_BUCKETS_S,
+    DELAY_HISTOGRAMS,
     FINISH_REASONS,
     INGRESS_METRICS,
     INGRESS_TAGS,
@@ -64,6 +66,8 @@ def _buckets_for(name: str) -> list[float]:
         return [float(b) for b in TOKEN_COUNT_BUCKETS]
     if name == "pagedserve_step_time_seconds":
         return STEP_TIME_BUCKETS_S
+    if name in DELAY_HISTOGRAMS:
+        return DELAY_BUCKETS_S
     return LATENCY_BUCKETS_S
 
 
@@ -230,6 +234,9 @@ class ReplicaMetrics:
         return num_decode / max(num_prefill, 1)
 
     # -- one finished request --------------------------------------------------------------------
+    def loop_lag(self, lag_s: float) -> None:
+        self._metrics["pagedserve_replica_event_loop_lag_seconds"].observe(lag_s, tags=self._tags)
+
     def observe_request(self, timing: "RequestTiming", lora_name: str | None = None) -> None:
         m, tags = self._metrics, self._tags
         lora_tags = {**tags, "lora_name": lora_name or ""}
@@ -409,9 +416,13 @@ class IngressMetrics:
         self._metrics["pagedserve_api_key_rejected_requests"].inc(
             1, tags={**self._tags, "api_key_name": api_key_name, "reason": reason})
 
-    def channel_message(self, num_deltas: int) -> None:
+    def channel_message(self, num_deltas: int, delay_s: float) -> None:
         self._metrics["pagedserve_stream_channel_messages"].inc(1, tags=self._tags)
         self._metrics["pagedserve_stream_channel_deltas"].inc(num_deltas, tags=self._tags)
+        self._metrics["pagedserve_stream_channel_delay_seconds"].observe(delay_s, tags=self._tags)
+
+    def loop_lag(self, lag_s: float) -> None:
+        self._metrics["pagedserve_ingress_event_loop_lag_seconds"].observe(lag_s, tags=self._tags)
 
 
 class RouterMetrics:

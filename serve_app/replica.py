@@ -39,7 +39,8 @@ from pagedserve.serve_app.engine_protocol import ServingEngine
 from pagedserve.serve_app.errors import KeyOverShareError
 from pagedserve.serve_app.key_shares import CommittedBlocks
 from pagedserve.serve_app.lora_registry import LoraSubscription, LoraView
-from pagedserve.serve_app.messages import Accepted, ChannelOpen, GenerateRequest, ModelInfo, ReplicaError
+from pagedserve.serve_app.loop_lag import watch_loop_lag
+from pagedserve.serve_app.messages import Accepted, ChannelMessage, ChannelOpen, GenerateRequest, ModelInfo, ReplicaError
 from pagedserve.serve_app.stream_channel import Outboxes, for_the_wire
 
 logger = logging.getLogger("ray.serve")
@@ -104,6 +105,10 @@ class EngineReplica:
             model_name=serve_args.served_model_name or self.engine.model_name, replica=self.replica_tag
         )
         self.engine.add_step_listener(self.metrics.observe_step)
+        # Every stream's deltas pass through this replica's event loop: how late it runs (a metric).
+        self._loop_lag_task: asyncio.Task | None = None
+        with contextlib.suppress(RuntimeError):  # no running loop: built outside a Serve replica
+            self._loop_lag_task = asyncio.get_running_loop().create_task(watch_loop_lag(self.metrics.loop_lag))
         stats = self.engine.get_stats()
         self.metrics.observe(stats)
         self.block_size = stats.block_size
@@ -146,11 +151,11 @@ class EngineReplica:
         finally:
             self._committed_blocks.remove(request.request_id)
 
-    async def channel(self, channel: ChannelOpen) -> AsyncIterator[list[tuple[str, RequestOutput | ReplicaError]]]:
+    async def channel(self, channel: ChannelOpen) -> AsyncIterator[ChannelMessage]:
         """The stream channel to one ingress replica: each message holds every item its requests produced
         since the previous one, (request id, item) in order; it lasts until the ingress cancels it."""
-        async for items in self.outboxes.channel(channel.ingress_id):
-            yield items
+        async for message in self.outboxes.channel(channel.ingress_id):
+            yield message
 
     def serving_stats(self) -> dict[str, Any]:
         """Stream channels open, messages sent on them, requests ended by reason (stop, length, abort, error,

@@ -44,7 +44,7 @@ from ray.serve.handle import DeploymentHandle
 from pagedserve.engine.core.request import RequestOutput, merge_delta
 
 from pagedserve.serve_app.errors import ChannelLostError, KeyOverShareError
-from pagedserve.serve_app.messages import Accepted, ChannelOpen, GenerateRequest, ReplicaError
+from pagedserve.serve_app.messages import Accepted, ChannelMessage, ChannelOpen, GenerateRequest, ReplicaError
 
 logger = logging.getLogger("ray.serve")
 
@@ -117,12 +117,13 @@ class Outboxes:
     ingress is gone)."""
 
     def __init__(self, orphan_ttl_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
-                 channel_idle_s: float = CHANNEL_IDLE_S) -> None:
+                 channel_idle_s: float = CHANNEL_IDLE_S, wall_clock: Callable[[], float] = time.time) -> None:
         self._by_ingress: dict[str, Outbox] = {}
         self._unused_since: dict[str, float] = {}
         self.orphan_ttl_s = orphan_ttl_s
         self.channel_idle_s = channel_idle_s
         self._clock = clock
+        self._wall_clock = wall_clock  # stamps each message: the ingress compares it with its own
         self.num_messages_closed = 0  # messages and items of outboxes already gone, for the totals
         self.num_items_closed = 0
 
@@ -144,16 +145,16 @@ class Outboxes:
             outbox.num_requests -= 1
             self._drop_if_idle(ingress_id, outbox)
 
-    async def channel(self, ingress_id: str) -> AsyncIterator[list[tuple[str, Item]]]:
-        """The items of `ingress_id`'s requests, one list per message, for as long as the caller reads or
-        until `channel_idle_s` pass with nothing to send and no request of that ingress here."""
+    async def channel(self, ingress_id: str) -> AsyncIterator[ChannelMessage]:
+        """The items of `ingress_id`'s requests, one message of all that is waiting at a time, for as long as the
+        caller reads or until `channel_idle_s` pass with nothing to send and no request of that ingress here."""
         outbox = self.get(ingress_id)
         outbox.num_channels += 1
         try:
             while True:
                 items = await outbox.take(self.channel_idle_s)
                 if items:
-                    yield items
+                    yield ChannelMessage(items, self._wall_clock())
                 elif outbox.num_requests == 0:
                     return  # idle: end the call, so that a replica being removed can drain
         finally:
@@ -305,10 +306,13 @@ class ChannelHub:
     """The ingress end: starts engine requests and reads one channel per engine replica they land on."""
 
     def __init__(self, replica: DeploymentHandle, ingress_id: str | None = None,
-                 on_message: Callable[[int], None] | None = None) -> None:
+                 on_message: Callable[[int, float], None] | None = None,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.replica = replica
         self.ingress_id = ingress_id or f"ingress-{uuid.uuid4().hex[:12]}"
-        self.on_message = on_message  # called with the number of items of each channel message (metrics)
+        # Called with each channel message's number of items and its transit in seconds (metrics).
+        self.on_message = on_message
+        self._wall_clock = wall_clock
         self._calls: dict[str, ChanneledCall] = {}
         self._on_replica: dict[str, set[str]] = {}  # replica id -> ids of its requests from this ingress
         self._channels: dict[str, asyncio.Task] = {}
@@ -357,11 +361,12 @@ class ChannelHub:
             self._remote, "channel", ChannelOpen(self.ingress_id, replica_id), f"channel-{self.ingress_id}-{replica_id}")
         reason: BaseException | None = None  # None: the replica ended the channel (it was idle)
         try:
-            async for batch in stream:
+            async for message in stream:
                 self.num_messages += 1
                 if self.on_message is not None:
-                    self.on_message(len(batch))
-                for request_id, item in batch:
+                    # Clocks of two processes: clamped, as one a little behind the other would give a negative.
+                    self.on_message(len(message.items), max(0.0, self._wall_clock() - message.sent_at_s))
+                for request_id, item in message.items:
                     call = self._calls.get(request_id)
                     if call is not None:
                         call.inbox.put(item)

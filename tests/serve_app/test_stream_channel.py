@@ -166,6 +166,26 @@ def test_200_streams_take_one_message_per_step_per_ingress(make_replica):
     assert replica.serving_stats()["num_messages"] == sum(messages)
 
 
+def test_each_message_reports_its_items_and_its_transit_by_the_two_wall_clocks(make_replica):
+    replica = make_replica()
+    replica.outboxes._wall_clock = lambda: 1000.0  # the replica stamps each message when it sends it
+    seen: list[tuple[int, float]] = []
+
+    async def run() -> list[int]:
+        hub = ChannelHub(LocalHandle(replica), on_message=lambda items, delay_s: seen.append((items, delay_s)),
+                         wall_clock=lambda: 1000.25)
+        tokens, _ = await _tokens(ReplicaCalls(hub), _request("timed"))
+        # A receiving clock behind the sender's (another node's) gives no negative transit.
+        hub._wall_clock = lambda: 999.0
+        await _tokens(ReplicaCalls(hub), _request("behind"))
+        return tokens
+
+    assert len(asyncio.run(run())) == MAX_TOKENS
+    assert seen and sum(items for items, _ in seen) == 2 * MAX_TOKENS
+    delays = {delay_s for _, delay_s in seen}
+    assert delays == {0.25, 0.0}, delays
+
+
 def test_a_non_streaming_request_still_takes_two_items(make_replica):
     replica = make_replica()
 
