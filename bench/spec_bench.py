@@ -1,5 +1,6 @@
 """Speculative decoding (ngram, and draft with `--draft-model`) against plain decoding on a model trained on text
-(bench/train_text_model.py; its `--preset draft` trains a draft model on the same text and tokenizer).
+(bench/train_text_model.py; its `--preset draft --distill-from TARGET` trains a draft model on the target's
+predictions over the same text, with its tokenizer).
 
 Random weights accept nothing, so this needs a trained folder (its `heldout.jsonl` gives the texts). Two
 workloads at batch 1, greedy, each request alone:
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, required=True, help="a folder written by bench/train_text_model.py")
     parser.add_argument("--k", default="3,5", help="ngram: num_speculative_tokens values, comma-separated ('' none)")
     parser.add_argument("--draft-model", type=Path, default=None, help="a draft model (train_text_model.py --preset "
-                        "draft --tokenizer-from the target): also measure speculative_method='draft'")
+                        "draft --distill-from the target): also measure speculative_method='draft'")
     parser.add_argument("--draft-k", default="3", help="draft: num_speculative_tokens values, comma-separated")
     parser.add_argument("--prompt-lookup-max", type=int, default=4)
     parser.add_argument("--prompt-lookup-min", type=int, default=1)

@@ -26,3 +26,13 @@ def tiny_text_model_dir(tmp_path_factory) -> Path:
         torch.set_num_threads(threads)
         script.close()
     return model_dir
+
+
+@pytest.fixture()
+def one_thread():
+    """Torch on one thread for the test: a shared 2-core machine makes two threads spin against other load (0.5 s
+    a tiny step instead of 10 ms)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

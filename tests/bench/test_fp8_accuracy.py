@@ -26,15 +26,6 @@ def train_text_model(fp8_accuracy) -> ModuleType:
     return train_text_model
 
 
-@pytest.fixture()
-def one_thread():
-    # A shared 2-core machine makes two threads spin against other load (0.5 s a tiny step instead of 10 ms).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- comparisons ---------------------------------------------------------------------------------------------
 def test_relative_error_is_the_norm_of_the_difference_over_the_reference_norm(fp8_accuracy) -> None:
     reference = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0))
