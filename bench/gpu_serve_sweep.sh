@@ -25,7 +25,10 @@
 #       past 100 ms from 30 req/s on, so the first miss is expected inside them.
 #   sharegpt, the rest (~180 s and what uniform left): a pass is 15 s + its drain (its longest outputs,
 #       ~1,500 tokens at 20-30 ms, up to ~45 s) + 2 s, about 40-60 s: 3-4 passes of 20, 40, 60, 80, 100 req/s.
-# Every knob below is an environment variable; the defaults are the GPU run's.
+# Every knob below is an environment variable; the defaults are the GPU run's. YAML_SET="PATH=VALUE ..." serves a
+# copy of the YAML with values set (dotted paths, list items by index), e.g. an A/B of the stream channel's
+# transport or the prefill rule:
+#   YAML_SET="applications.0.args.stream_channel_transport=ray applications.0.args.engine.prefill_step_time_ratio=1.25"
 set -u
 if [ "${CPU:-0}" = 1 ]; then
     : "${RAY_INSTALL:=0}" "${YAML:=}" "${MODEL_DIR:=}" "${OUT:=/tmp/pagedserve-sweep-cpu}"
@@ -72,6 +75,22 @@ applications:
       router: {max_queued_requests: 256, queue_timeout_s: 120}
       engine: {model: null, enable_prefix_caching: false, engine_process: false}
 EOF
+fi
+if [ -n "${YAML_SET:-}" ]; then  # "PATH=VALUE ...": a copy of the YAML with those values set (YAML_SET below)
+    python3 - "$YAML" "$LOGS/serve_set.yaml" $YAML_SET <<'PY' || exit 1
+import sys, yaml
+source, target, *items = sys.argv[1:]
+document = yaml.safe_load(open(source))
+for item in items:
+    path, value = item.split("=", 1)
+    node, keys = document, path.split(".")
+    for key in keys[:-1]:
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+    node[keys[-1]] = yaml.safe_load(value)
+    print(f"YAML_SET: {path} = {node[keys[-1]]!r}")
+yaml.safe_dump(document, open(target, "w"), sort_keys=False)
+PY
+    YAML=$LOGS/serve_set.yaml
 fi
 HTTP_PORT=$(python3 -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["http_options"]["port"])' "$YAML")
 URL=http://127.0.0.1:$HTTP_PORT

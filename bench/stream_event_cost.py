@@ -341,6 +341,8 @@ def main() -> None:
     parser.add_argument("--bare", action="store_true",
                         help="one more row: a bare FastAPI SSE ingress on Serve (no pagedserve), the floor")
     parser.add_argument("--profile-s", type=float, default=0.0, help="py-spy the ingress this long after the window")
+    parser.add_argument("--transport", choices=["socket", "ray"], default="socket",
+                        help="the stream channel's transport (ServeArgs.stream_channel_transport)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--direct-ingress", action="store_true",
                       help="RAY_SERVE_ENABLE_DIRECT_INGRESS=1: clients connect to the ingress replica's own port")
@@ -358,6 +360,7 @@ def main() -> None:
                     "max_ongoing_requests": max(512, 2 * options.streams)}
             if cap > 0:
                 args["max_stream_events_per_s"] = cap
+            args["stream_channel_transport"] = options.transport
             with fake_engine_app(cluster, app_name, args) as base:
                 if options.direct_ingress:
                     base = direct_ingress_base(app_name)
@@ -375,7 +378,8 @@ def main() -> None:
     path = ("direct ingress (client -> ingress replica)" if options.direct_ingress
             else "HAProxy -> direct-ingress replica" if options.haproxy else "Serve's HTTP proxy")
     print(f"\n{options.streams} streams of {options.max_tokens} tokens, engine steps of {options.step_ms:g} ms, "
-          f"one ingress replica, via {path}, {options.duration_s:g} s measured; CPU us per event (cores used)\n")
+          f"one ingress replica, via {path}, stream channel over {options.transport}, {options.duration_s:g} s "
+          "measured; CPU us per event (cores used)\n")
     print("| max_stream_events_per_s | events/s | tokens/event | ingress | proxy | engine replica | client "
           "| idle cores (ingress, proxy) | gap p50 / p90 / p99 / max (ms) |")
     print("|---|---:|---:|---:|---:|---:|---:|---|---|")

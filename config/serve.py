@@ -167,6 +167,12 @@ class ServeArgs(BaseModel):
     tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
         "auto", description="How `tool_choice: auto` completions are read for tool calls; auto: the format the "
         "model's chat template shows (serve_app/tool_calls.py).")
+    stream_channel_transport: Literal["socket", "ray"] = Field(
+        "socket", description="How an engine replica's token deltas reach each ingress replica (the stream "
+        "channel, serve_app/stream_channel.py): socket, a TCP connection of its own per replica pair (loopback on "
+        "one node; the replica's node address across nodes; serve_app/channel_socket.py), falling back to ray for "
+        "a replica it cannot reach; ray, a Ray Serve streaming call (one more hop: about 1-2 ms at the median, more "
+        "at the tail).")
     max_stream_events_per_s: float | None = Field(
         None, gt=0.0,
         description="Budget of server-sent events per second one ingress replica writes, over all its streams "

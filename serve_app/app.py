@@ -74,7 +74,8 @@ def replica_options(serve_args: ServeArgs) -> dict[str, Any]:
     """Deployment options of `EngineReplica`: resources, concurrency, router, replicas or autoscaling.
 
     Serve's `max_ongoing_requests` is the configured one plus one stream channel per ingress replica
-    (serve_app/stream_channel.py): a replica full of requests still takes the channel their deltas need."""
+    (serve_app/stream_channel.py): a replica full of requests still takes the channel their deltas need (with the
+    Ray transport; over sockets, the default, the channel is no Serve call and the slot stays free)."""
     use_gpu = _uses_gpu(serve_args)
     actor_options: dict[str, Any] = {"num_cpus": serve_args.num_cpus_per_replica}
     if use_gpu:

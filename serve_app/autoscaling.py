@@ -1,8 +1,8 @@
 """Scale the engine replicas on what the engines report, not on Serve's count of ongoing calls.
 
 Serve's default rule counts calls in flight per replica; here that count is wrong twice over: each ingress
-keeps one stream channel open per engine replica (serve_app/stream_channel.py), a call that never ends and
-means no load, and a request that no replica has KV room for waits in the ingress's admission queue
+keeps one stream channel open per engine replica (serve_app/stream_channel.py), with the Ray transport a call
+that never ends and means no load, and a request that no replica has KV room for waits in the ingress's admission queue
 (serve_app/router.py) before any call exists. So each replica reports its engine's state to Serve
 (`EngineReplica.record_autoscaling_stats`, the `*_METRIC` names below), Serve's controller averages every
 signal over `look_back_period_s` and calls `EngineLoadPolicy`, which wants the largest of:

@@ -36,6 +36,7 @@ from pagedserve.engine.core.request import CompletionOutput, RequestOutput, Samp
 
 from pagedserve.serve_app import openai_protocol as oai
 from pagedserve.serve_app.api_errors import APIError, as_api_error, bad_request, routing_error
+from pagedserve.serve_app.channel_socket import node_ip
 from pagedserve.serve_app.chunk_format import ChunkFormat
 from pagedserve.serve_app.event_pacer import HAPROXY_EVENTS_PER_S, EventPacer, default_events_per_s
 from pagedserve.serve_app.fair_queue import FairAdmission, FairQueue
@@ -200,7 +201,8 @@ class OpenAIIngress:
             api_key_names=self.tenants.names,
         )
         self.channels = ChannelHub(replica, ingress_id=context.replica_id.unique_id if context is not None else None,
-                                   on_message=self.metrics.channel_message)
+                                   on_message=self.metrics.channel_message,
+                                   transport=serve_args.stream_channel_transport, node_ip=node_ip())
         self._lora_subscription: LoraSubscription | None = None
         if lora_registry is not None:
             subscriber = f"ingress:{context.replica_id.unique_id if context is not None else 'local'}"

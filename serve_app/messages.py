@@ -133,6 +133,9 @@ class ChannelOpen:
 
     ingress_id: str
     replica_id: str
+    # The ingress's node address ("": unknown), so the replica hands out a loopback address to an ingress on its
+    # own node and its node's address to one on another (serve_app/channel_socket.py).
+    ingress_node_ip: str = ""
 
 
 @dataclass(frozen=True)

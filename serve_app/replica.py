@@ -39,6 +39,7 @@ from pagedserve.serve_app.engine_protocol import ServingEngine
 from pagedserve.serve_app.errors import KeyOverShareError
 from pagedserve.serve_app.key_shares import CommittedBlocks
 from pagedserve.serve_app.lora_registry import LoraSubscription, LoraView
+from pagedserve.serve_app.channel_socket import ChannelAddress, ChannelServer, node_ip
 from pagedserve.serve_app.loop_lag import watch_loop_lag
 from pagedserve.serve_app.messages import Accepted, ChannelMessage, ChannelOpen, GenerateRequest, ModelInfo, ReplicaError
 from pagedserve.serve_app.stream_channel import Outboxes, for_the_wire
@@ -83,6 +84,7 @@ class EngineReplica:
         # What routers call this replica (ChannelOpen names it); unique across the deployment's lifetime.
         self.replica_id = context.replica_id.unique_id if context is not None else "local"
         self.outboxes = Outboxes()
+        self._channel_server = ChannelServer(self.outboxes, node_ip=node_ip())  # listens once an ingress asks
         self._finished_by_reason: collections.Counter[str] = collections.Counter()  # requests ended, by reason
         # Worst-case blocks of every request this replica holds (prompt + n * max_tokens), by API key too: the
         # engine's free blocks only show what is allocated so far, not what running requests will grow to.
@@ -150,6 +152,11 @@ class EngineReplica:
             yield
         finally:
             self._committed_blocks.remove(request.request_id)
+
+    async def channel_address(self, channel: ChannelOpen) -> ChannelAddress:
+        """Where `channel.ingress_id` reads this replica's stream channel over a TCP connection of its own
+        (serve_app/channel_socket.py): loopback for an ingress on this node, the node's address for another."""
+        return await self._channel_server.address_for(channel.ingress_node_ip)
 
     async def channel(self, channel: ChannelOpen) -> AsyncIterator[ChannelMessage]:
         """The stream channel to one ingress replica: each message holds every item its requests produced

@@ -2,9 +2,13 @@
 
 One Ray message per token per stream costs the replica's event loop and the ingress's more than the engine
 step that made the token, so with hundreds of streams the messages, not the GPU, set the pace. Here each
-ingress replica keeps one long-lived streaming call per engine replica (`EngineReplica.channel`), and every
-message on it carries all the deltas that engine replica produced for that ingress's requests since the
-last one: messages follow engine steps x ingress replicas, whatever the number of streams.
+ingress replica keeps one channel per engine replica, and every message on it carries all the deltas that
+engine replica produced for that ingress's requests since the last one: messages follow engine steps x
+ingress replicas, whatever the number of streams. A channel is a TCP connection of its own
+(serve_app/channel_socket.py: the ingress asks `EngineReplica.channel_address` where, then reads frames; one hop,
+0.2 ms where Ray's streaming call took 1-2 ms) or, with `stream_channel_transport: ray` or where no connection
+can be made, a long-lived Ray Serve streaming call (`EngineReplica.channel`). Both carry the same
+`ChannelMessage`s from the same outbox.
 
 Each engine request keeps a call of its own (`EngineReplica.submit`) for what is per request: routing by
 free blocks, Serve's ongoing-request count (back-pressure, autoscaling), the router's release of its
@@ -18,9 +22,9 @@ channel to each replica the first time a request lands there, and hands each del
 `Inbox`. A channel that fails ends every request of this ingress on that replica with `ChannelLostError`,
 which the ingress treats as a lost replica (the request goes on elsewhere).
 
-A channel is a call in flight, and a replica that Serve removes (scale-down, redeploy) waits for its calls
-to end before it exits. So the replica ends a channel itself once it has been idle for `CHANNEL_IDLE_S`
-with no request of that ingress left on it: a draining replica, which gets no new requests, drains. The
+A Ray channel is a call in flight, and a replica that Serve removes (scale-down, redeploy) waits for its calls
+to end before it exits. So the replica ends a channel itself (either transport) once it has been idle for
+`CHANNEL_IDLE_S` with no request of that ingress left on it: a draining replica, which gets no new requests, drains. The
 ingress opens a new channel when its next request lands there (or at once, if one landed while the old
 channel was closing).
 """
@@ -43,6 +47,7 @@ from ray.serve.handle import DeploymentHandle
 
 from pagedserve.engine.core.request import RequestOutput, merge_delta
 
+from pagedserve.serve_app import channel_socket
 from pagedserve.serve_app.errors import ChannelLostError, KeyOverShareError
 from pagedserve.serve_app.messages import Accepted, ChannelMessage, ChannelOpen, GenerateRequest, ReplicaError
 
@@ -307,9 +312,16 @@ class ChannelHub:
 
     def __init__(self, replica: DeploymentHandle, ingress_id: str | None = None,
                  on_message: Callable[[int, float], None] | None = None,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time, transport: str = "socket", node_ip: str = "") -> None:
         self.replica = replica
         self.ingress_id = ingress_id or f"ingress-{uuid.uuid4().hex[:12]}"
+        # "socket": each replica's channel over a TCP connection of its own (serve_app/channel_socket.py), falling
+        # back to the Ray call for a replica it cannot reach; "ray": the Ray call always.
+        if transport not in ("socket", "ray"):
+            raise ValueError(f"transport must be 'socket' or 'ray', got {transport!r}")
+        self.transport = transport
+        self.node_ip = node_ip
+        self._ray_only: set[str] = set()  # replicas whose socket could not be reached
         # Called with each channel message's number of items and its transit in seconds (metrics).
         self.on_message = on_message
         self._wall_clock = wall_clock
@@ -326,17 +338,17 @@ class ChannelHub:
         self._calls[request.request_id] = call
         return call
 
-    def _remote(self, method: str, message: Any, internal_request_id: str) -> Any:
-        """A streaming call, keyed for Ray's router bookkeeping (`on_request_completed`) by an id of its own:
-        every call made while serving one HTTP request shares the caller's id, and the router's block
-        reservations must never collide."""
+    def _remote(self, method: str, message: Any, internal_request_id: str, stream: bool = True) -> Any:
+        """A call (streaming unless `stream` is False), keyed for Ray's router bookkeeping (`on_request_completed`)
+        by an id of its own: every call made while serving one HTTP request shares the caller's id, and the
+        router's block reservations must never collide."""
 
         def call() -> Any:
             current = serve_context._get_serve_request_context()
             if current is not None:
                 serve_context._serve_request_context.set(
                     dataclasses.replace(current, _internal_request_id=internal_request_id))
-            return getattr(self.replica.options(stream=True), method).remote(message)
+            return getattr(self.replica.options(stream=stream), method).remote(message)
 
         return contextvars.copy_context().run(call)
 
@@ -354,14 +366,37 @@ class ChannelHub:
         if call.replica_id is not None:
             self._on_replica.get(call.replica_id, set()).discard(call.request_id)
 
-    async def _read_channel(self, replica_id: str) -> None:
-        # Opened outside any HTTP request's context: it outlives them all, and Serve cancels the calls an
-        # HTTP request made when its client disconnects.
-        stream = contextvars.Context().run(
-            self._remote, "channel", ChannelOpen(self.ingress_id, replica_id), f"channel-{self.ingress_id}-{replica_id}")
-        reason: BaseException | None = None  # None: the replica ended the channel (it was idle)
+    async def _messages(self, replica_id: str) -> AsyncIterator[ChannelMessage]:
+        """One replica's channel messages until it ends the channel (idle); raises if the channel is lost."""
+        opening = ChannelOpen(self.ingress_id, replica_id, self.node_ip)
+        call_id = f"channel-{self.ingress_id}-{replica_id}"
+        # Calls made outside any HTTP request's context: the channel outlives them all, and Serve cancels the
+        # calls an HTTP request made when its client disconnects.
+        if self.transport == "socket" and replica_id not in self._ray_only:
+            address = await contextvars.Context().run(self._remote, "channel_address", opening, call_id, False)
+            try:
+                reader, writer = await channel_socket.connect(address, self.ingress_id)
+            except (OSError, TimeoutError) as exc:
+                logger.warning("stream channel of replica %s: no connection to %s:%d (%s: %s); its messages come "
+                               "through Ray instead", replica_id, address.host, address.port, type(exc).__name__, exc)
+                self._ray_only.add(replica_id)
+            else:
+                async for message in channel_socket.read_messages(reader, writer):
+                    yield message
+                return
+        stream = contextvars.Context().run(self._remote, "channel", opening, call_id)
         try:
             async for message in stream:
+                yield message
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                stream.cancel()
+            raise
+
+    async def _read_channel(self, replica_id: str) -> None:
+        reason: BaseException | None = None  # None: the replica ended the channel (it was idle)
+        try:
+            async for message in self._messages(replica_id):
                 self.num_messages += 1
                 if self.on_message is not None:
                     # Clocks of two processes: clamped, as one a little behind the other would give a negative.
@@ -370,10 +405,6 @@ class ChannelHub:
                     call = self._calls.get(request_id)
                     if call is not None:
                         call.inbox.put(item)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                stream.cancel()
-            raise
         except Exception as exc:  # noqa: BLE001 - every request on that replica learns it below
             reason = ChannelLostError(f"the stream channel from replica {replica_id} failed: "
                                       f"{type(exc).__name__}: {exc}")

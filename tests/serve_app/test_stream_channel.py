@@ -9,6 +9,7 @@ tests/serve_app/test_http_fake_engine.py checks the same through Ray and HTTP.
 from __future__ import annotations
 
 import asyncio
+import logging
 import itertools
 import sys
 from pathlib import Path
@@ -73,6 +74,7 @@ class LocalHandle:
         self.replicas = {replica.replica_id: replica for replica in replicas}
         self._next = itertools.cycle(replicas)
         self.calls: list[LocalCall] = []
+        self.address_calls: list[Any] = []  # `channel_address` calls: the channels opened over sockets
 
     def options(self, **_: Any) -> "LocalHandle":
         return self
@@ -82,7 +84,15 @@ class LocalHandle:
 
         class Method:
             @staticmethod
-            def remote(message: Any) -> LocalCall:
+            def remote(message: Any) -> Any:
+                if method == "channel_address":  # a unary call to the replica its `ChannelOpen` names
+                    handle.address_calls.append(message)
+                    replica = handle.replicas.get(message.replica_id)
+                    if replica is None:
+                        async def lost():
+                            raise ChannelLostError(f"replica {message.replica_id} is no longer serving")
+                        return lost()
+                    return replica.channel_address(message)
                 if method == "channel":
                     replica = handle.replicas.get(message.replica_id)
                     if replica is None:
@@ -142,14 +152,15 @@ async def _tokens(calls: ReplicaCalls, request: GenerateRequest) -> tuple[list[i
     return tokens, count
 
 
-def test_200_streams_take_one_message_per_step_per_ingress(make_replica):
+@pytest.mark.parametrize("transport", ["socket", "ray"])
+def test_200_streams_take_one_message_per_step_per_ingress(make_replica, transport):
     replica = make_replica()
 
     async def run() -> tuple[list, list[int], list[int], int]:
         expected = await _expected_tokens(replica)
         steps_before = replica.engine.get_stats().num_steps_total
         handle = LocalHandle(replica)
-        hubs = [ChannelHub(handle, ingress_id=f"ingress{i}") for i in range(2)]
+        hubs = [ChannelHub(handle, ingress_id=f"ingress{i}", transport=transport) for i in range(2)]
         ingresses = [ReplicaCalls(hub) for hub in hubs]
         results = await asyncio.gather(*(_tokens(ingresses[i % 2], _request(f"req{i}")) for i in range(200)))
         num_steps = replica.engine.get_stats().num_steps_total - steps_before
@@ -159,7 +170,8 @@ def test_200_streams_take_one_message_per_step_per_ingress(make_replica):
     assert all(tokens == expected for tokens, _ in results)
     assert len(expected) == MAX_TOKENS
     num_items = sum(count for _, count in results)
-    assert num_items == 200 * MAX_TOKENS  # every delta reached its stream (a reader kept up: none merged)
+    # Every token reached its stream (above); a reader that fell behind (a loaded machine) got some deltas merged.
+    assert 0 < num_items <= 200 * MAX_TOKENS
     # One message per engine step and ingress, whatever the number of streams (not one per delta).
     assert all(1 <= count <= num_steps + 1 for count in messages), (messages, num_steps)
     assert num_steps <= MAX_TOKENS + 2
@@ -184,6 +196,34 @@ def test_each_message_reports_its_items_and_its_transit_by_the_two_wall_clocks(m
     assert seen and sum(items for items, _ in seen) == 2 * MAX_TOKENS
     delays = {delay_s for _, delay_s in seen}
     assert delays == {0.25, 0.0}, delays
+
+
+def test_a_replica_the_ingress_cannot_connect_to_sends_through_ray_instead(make_replica, caplog):
+    import socket
+
+    from pagedserve.serve_app.channel_socket import ChannelAddress
+
+    replica = make_replica()
+    with socket.socket() as probe:  # a port nobody listens on (as one a NetworkPolicy blocks)
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+
+    async def unreachable(channel):
+        return ChannelAddress("127.0.0.1", closed_port, b"\0" * 16)
+
+    replica.channel_address = unreachable
+
+    async def run() -> tuple[list[int], list[int], int]:
+        expected = await _expected_tokens(replica)
+        handle = LocalHandle(replica)
+        tokens, _ = await _tokens(ReplicaCalls(ChannelHub(handle)), _request("through-ray"))
+        return tokens, expected, sum(1 for call in handle.calls) - 1  # the request's own call, then channels
+
+    with caplog.at_level(logging.WARNING, logger="ray.serve"):
+        tokens, expected, num_ray_channels = asyncio.run(run())
+    assert tokens == expected
+    assert num_ray_channels >= 1
+    assert "its messages come through Ray instead" in caplog.text
 
 
 def test_a_non_streaming_request_still_takes_two_items(make_replica):
@@ -253,7 +293,8 @@ def test_an_outbox_nobody_reads_goes_after_its_ttl():
     assert set(outboxes._by_ingress) == {"alive"}
 
 
-def test_a_lost_channel_ends_its_requests_as_lost_and_they_go_on_elsewhere(make_replica, monkeypatch):
+@pytest.mark.parametrize("transport", ["socket", "ray"])
+def test_a_lost_channel_ends_its_requests_as_lost_and_they_go_on_elsewhere(make_replica, monkeypatch, transport):
     import pagedserve.serve_app.replica_calls as replica_calls
 
     monkeypatch.setattr(replica_calls, "RETRY_BACKOFF_S", 0.0)
@@ -262,7 +303,7 @@ def test_a_lost_channel_ends_its_requests_as_lost_and_they_go_on_elsewhere(make_
     async def run() -> tuple[list[int], list[int]]:
         expected = await _expected_tokens(first, 30)
         handle = LocalHandle(first, second)
-        hub = ChannelHub(handle)
+        hub = ChannelHub(handle, transport=transport)
         calls = ReplicaCalls(hub)
         (prompt,) = await calls.open_streams([_request("moving", max_tokens=30)])
         tokens: list[int] = []
@@ -270,8 +311,11 @@ def test_a_lost_channel_ends_its_requests_as_lost_and_they_go_on_elsewhere(make_
             tokens += item.outputs[0].token_ids
             if len(tokens) >= 3 and "r1" in handle.replicas:
                 del handle.replicas["r1"]  # r1 can no longer be reached ...
-                channel = handle.calls[1]  # (the first request's call, then r1's channel)
-                channel.cancel()  # ... and its channel call fails, as Ray ends a call to a dead replica
+                if transport == "ray":
+                    channel = handle.calls[1]  # (the first request's call, then r1's channel)
+                    channel.cancel()  # ... and its channel call fails, as Ray ends a call to a dead replica
+                else:
+                    first._channel_server.close()  # ... and its connections drop, as a dead process's do
         return tokens, expected
 
     tokens, expected = asyncio.run(run())
@@ -309,7 +353,9 @@ def test_an_inbox_merges_what_a_slow_reader_has_not_taken():
     assert end is not None and not isinstance(end, RequestOutput)
 
 
-def test_an_idle_channel_ends_so_its_replica_can_drain_and_requests_that_race_it_get_every_token(make_replica):
+@pytest.mark.parametrize("transport", ["socket", "ray"])
+def test_an_idle_channel_ends_so_its_replica_can_drain_and_requests_that_race_it_get_every_token(make_replica,
+                                                                                                  transport):
     """A replica ends an ingress's channel once no request of that ingress is left on it (after
     `channel_idle_s`; 1 ms here, so that requests keep landing while a channel is closing): each request
     still gets every token (the ingress reopens the channel for one that landed meanwhile), and in the end
@@ -320,7 +366,7 @@ def test_an_idle_channel_ends_so_its_replica_can_drain_and_requests_that_race_it
     async def run() -> tuple[list, list[int], int, int, int]:
         expected = await _expected_tokens(replica, 3)
         handle = LocalHandle(replica)
-        hub = ChannelHub(handle)
+        hub = ChannelHub(handle, transport=transport)
         calls = ReplicaCalls(hub)
 
         async def staggered(index: int) -> tuple[list[int], int]:
@@ -332,7 +378,7 @@ def test_an_idle_channel_ends_so_its_replica_can_drain_and_requests_that_race_it
             if replica.serving_stats()["num_channels"] == 0 and not hub._channels:
                 break
             await asyncio.sleep(0.01)
-        num_channels_opened = len(handle.calls) - 40
+        num_channels_opened = len(handle.calls) - 40 if transport == "ray" else len(handle.address_calls)
         return results, expected, replica.serving_stats()["num_channels"], len(hub._channels), num_channels_opened
 
     results, expected, open_on_replica, open_on_ingress, num_channels_opened = asyncio.run(run())

@@ -1,0 +1,93 @@
+"""serve_app/channel_socket.py: the stream channel over a TCP connection of its own (loopback only here)."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+
+from pagedserve.serve_app import channel_socket
+from pagedserve.serve_app.channel_socket import LOOPBACK, ChannelAddress, ChannelServer
+from pagedserve.serve_app.stream_channel import Outboxes
+
+
+def _server(node_ip: str = "") -> tuple[ChannelServer, Outboxes]:
+    outboxes = Outboxes(channel_idle_s=0.01, wall_clock=lambda: 5.0)
+    return ChannelServer(outboxes, node_ip=node_ip), outboxes
+
+
+def test_messages_arrive_in_order_and_an_idle_channel_ends_cleanly() -> None:
+    async def run() -> list:
+        server, outboxes = _server()
+        address = await server.address_for("")
+        with outboxes.request("ingress-a") as outbox:
+            outbox.put("req1", "first")
+            reader, writer = await channel_socket.connect(address, "ingress-a")
+            received = []
+            messages = channel_socket.read_messages(reader, writer)
+            received.append(await messages.__anext__())
+            outbox.put("req1", "second")
+            outbox.put("req2", "third")
+            received.append(await messages.__anext__())
+        # No request of that ingress left: after channel_idle_s the replica sends the end frame.
+        async for message in messages:
+            received.append(message)
+        server.close()
+        return received
+
+    first, second = asyncio.run(run())
+    assert first.items == [("req1", "first")] and first.sent_at_s == 5.0
+    assert second.items == [("req1", "second"), ("req2", "third")]
+
+
+def test_a_wrong_secret_is_closed_at_once_and_a_dropped_connection_is_a_lost_one() -> None:
+    async def run() -> tuple[type, type]:
+        server, outboxes = _server()
+        address = await server.address_for("")
+        forged = ChannelAddress(address.host, address.port, b"\0" * channel_socket.SECRET_BYTES)
+        with outboxes.request("ingress-a"):
+            reader, writer = await channel_socket.connect(forged, "ingress-a")
+            with pytest.raises(ConnectionError) as wrong:
+                await channel_socket.read_messages(reader, writer).__anext__()
+            reader, writer = await channel_socket.connect(address, "ingress-a")
+            pending = asyncio.ensure_future(channel_socket.read_messages(reader, writer).__anext__())
+            await asyncio.sleep(0.05)
+            assert server.num_connections == 1
+            server.close()  # as a replica's process dies: no end frame
+            with pytest.raises(ConnectionError) as dropped:
+                await pending
+        return type(wrong.value), type(dropped.value)
+
+    assert all(issubclass(kind, ConnectionError) for kind in asyncio.run(run()))
+
+
+def test_a_frame_cut_short_is_a_lost_connection_not_an_idle_end() -> None:
+    async def run() -> None:
+        async def half_frame(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(struct.pack("!I", 100) + b"x" * 10)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(half_frame, LOOPBACK, 0)
+        reader, writer = await asyncio.open_connection(LOOPBACK, server.sockets[0].getsockname()[1])
+        with pytest.raises(ConnectionResetError):
+            await channel_socket.read_messages(reader, writer).__anext__()
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_loopback_for_an_ingress_on_this_node_and_the_node_address_for_another() -> None:
+    async def run() -> tuple[str, str, str, int]:
+        server, _ = _server(node_ip="127.0.0.2")  # another loopback address stands for the node's own
+        same = await server.address_for("127.0.0.2")
+        unknown = await server.address_for("")
+        other = await server.address_for("10.1.2.3")
+        again = await server.address_for("10.1.2.4")
+        server.close()
+        return same.host, unknown.host, other.host, int(other.port == again.port and other.secret == same.secret)
+
+    same, unknown, other, reused = asyncio.run(run())
+    assert same == unknown == LOOPBACK
+    assert other == "127.0.0.2" and reused == 1  # one listener per address, one secret per replica
