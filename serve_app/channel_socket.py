@@ -18,7 +18,8 @@ channel's messages from that connection:
   fills (the writer's drain is the back-pressure: a reader behind makes the outbox's next message larger, not
   the queue longer). When the outbox has been idle `channel_idle_s` with no request of that ingress left, the
   replica sends an empty frame and closes, as it ends a Ray channel call: the ingress reads an idle channel.
-  A connection that ends without that frame is a lost replica (or a lost way to it).
+  A connection that ends without that frame is a lost replica (or a lost way to it). The replica watches for
+  the ingress's end closing too: its channel stops there at once, and what waits goes to the next one.
 
 Where no connection can be made (a firewall between nodes), the ingress falls back to the Ray channel call for
 that replica (serve_app/stream_channel.py, `ChannelHub`).
@@ -94,6 +95,24 @@ class ChannelServer:
             writer.close()
             return
         self._writers.add(writer)
+        sending = asyncio.get_running_loop().create_task(self._send(ingress_id, writer))
+        # The ingress sends nothing after the handshake, so this read ends only when its end of the connection
+        # closes or resets. The channel then stops at once, as a Ray channel call that the ingress cancels does:
+        # left to notice at its next write, it would take the outbox's next items into a connection nobody reads,
+        # items of requests that the ingress's next channel is there to carry.
+        closed = asyncio.get_running_loop().create_task(_until_closed(reader))
+        try:
+            await asyncio.wait((sending, closed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            sending.cancel()
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _send(self, ingress_id: str, writer: asyncio.StreamWriter) -> None:
+        """Frames of `ingress_id`'s outbox until it is idle (then the end frame) or the connection fails."""
         try:
             async with contextlib.aclosing(self._outboxes.channel(ingress_id)) as messages:
                 async for message in messages:
@@ -102,13 +121,8 @@ class ChannelServer:
                     await writer.drain()  # a reader behind: the next message gathers what waits meanwhile
             writer.write(_LENGTH.pack(0))  # idle: the end, as opposed to a connection lost
             await writer.drain()
-        except ConnectionError:
-            pass  # the ingress went away; its requests end by their own calls
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        except OSError:
+            pass  # the ingress, or the way to it, went away; its requests end by their own calls
 
     @property
     def num_connections(self) -> int:
@@ -121,6 +135,11 @@ class ChannelServer:
         self._servers.clear()
         for writer in list(self._writers):
             writer.transport.abort()
+
+
+async def _until_closed(reader: asyncio.StreamReader) -> None:
+    with contextlib.suppress(OSError):  # a reset, or a dead peer's timeout, ends it as a close does
+        await reader.read(1)
 
 
 def node_ip() -> str:

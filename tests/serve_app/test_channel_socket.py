@@ -62,6 +62,41 @@ def test_a_wrong_secret_is_closed_at_once_and_a_dropped_connection_is_a_lost_one
     assert all(issubclass(kind, ConnectionError) for kind in asyncio.run(run()))
 
 
+def test_a_connection_the_ingress_drops_stops_taking_items_so_its_next_connection_gets_them_all() -> None:
+    """The ingress's side of a channel can end while the replica lives (a failure of its own, a reset on the way):
+    the replica must stop taking that ingress's items then, not at its next write, or the items of a request that
+    lands there afterwards go into the dead connection and never reach the ingress's new one."""
+    async def run() -> tuple[int, list]:
+        server, outboxes = _server()
+        outboxes.channel_idle_s = 5.0  # no idle end during the test
+        address = await server.address_for("")
+        with outboxes.request("ingress-a") as outbox:
+            outbox.put("before", "a")
+            reader, writer = await channel_socket.connect(address, "ingress-a")
+            first = channel_socket.read_messages(reader, writer)
+            await first.__anext__()
+            await first.aclose()  # the ingress closes this connection; the replica and the request live on
+            for _ in range(100):
+                if server.num_connections == 0:
+                    break
+                await asyncio.sleep(0.01)
+            num_connections = server.num_connections
+            second = channel_socket.read_messages(*await channel_socket.connect(address, "ingress-a"))
+            received = []
+            for index in range(3):
+                outbox.put("after", index)
+                await asyncio.sleep(0.02)
+            async with asyncio.timeout(2):
+                while len(received) < 3:
+                    received += (await second.__anext__()).items
+        server.close()
+        return num_connections, received
+
+    num_connections, received = asyncio.run(run())
+    assert num_connections == 0
+    assert received == [("after", 0), ("after", 1), ("after", 2)]
+
+
 def test_a_frame_cut_short_is_a_lost_connection_not_an_idle_end() -> None:
     async def run() -> None:
         async def half_frame(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
