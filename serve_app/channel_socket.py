@@ -33,6 +33,7 @@ import hmac
 import logging
 import pickle
 import secrets
+import socket
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -47,6 +48,13 @@ _ID_LENGTH = struct.Struct("!H")
 HANDSHAKE_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
 LOOPBACK = "127.0.0.1"
+# The ingress only reads, so a replica whose host vanishes without a close (power, a cut network) would leave it
+# waiting on the connection for ever, and a request whose last delta was in flight with it (a Ray channel call
+# fails once Ray declares the node dead): TCP probes a connection silent this long and drops it after the probes
+# go unanswered, about 30 s in all.
+KEEPALIVE_IDLE_S = 10
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_PROBES = 4
 
 
 @dataclass(frozen=True)
@@ -155,14 +163,23 @@ async def connect(address: ChannelAddress, ingress_id: str) -> tuple[asyncio.Str
     """Open one replica's channel for `ingress_id` (raises OSError or TimeoutError where it cannot)."""
     async with asyncio.timeout(CONNECT_TIMEOUT_S):
         reader, writer = await asyncio.open_connection(address.host, address.port)
+    _keep_alive(writer.get_extra_info("socket"))
     name = ingress_id.encode()
     writer.write(address.secret + _ID_LENGTH.pack(len(name)) + name)
     return reader, writer
 
 
+def _keep_alive(connection: socket.socket) -> None:
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+                          ("TCP_KEEPCNT", KEEPALIVE_PROBES)):
+        if hasattr(socket, option):  # Linux's names; elsewhere the system's timers
+            connection.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 async def read_messages(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> AsyncIterator[ChannelMessage]:
     """The channel's messages until the replica ends it idle (the iterator ends); a connection that ends
-    otherwise raises `ConnectionError`."""
+    otherwise raises `OSError` (`ConnectionError`; `TimeoutError` where the keep-alive probes went unanswered)."""
     try:
         while True:
             try:

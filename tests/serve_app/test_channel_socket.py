@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 
 import pytest
@@ -95,6 +96,29 @@ def test_a_connection_the_ingress_drops_stops_taking_items_so_its_next_connectio
     num_connections, received = asyncio.run(run())
     assert num_connections == 0
     assert received == [("after", 0), ("after", 1), ("after", 2)]
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_KEEPIDLE"), reason="Linux's keep-alive timers")
+def test_the_ingress_probes_its_connection_so_a_replica_host_that_vanishes_silently_ends_it() -> None:
+    # Loopback always answers the probes; what is checked is that the kernel sends them, on the timers set.
+    async def run() -> tuple[int, ...]:
+        server, outboxes = _server()
+        address = await server.address_for("")
+        with outboxes.request("ingress-a"):
+            _, writer = await channel_socket.connect(address, "ingress-a")
+            connection = writer.get_extra_info("socket")
+            options = (connection.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                       *(connection.getsockopt(socket.IPPROTO_TCP, getattr(socket, name))
+                         for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT")))
+            writer.close()
+        server.close()
+        return options
+
+    keepalive, idle_s, interval_s, probes = asyncio.run(run())
+    assert keepalive == 1
+    assert (idle_s, interval_s, probes) == (channel_socket.KEEPALIVE_IDLE_S, channel_socket.KEEPALIVE_INTERVAL_S,
+                                             channel_socket.KEEPALIVE_PROBES)
+    assert idle_s + interval_s * probes <= 60  # dropped within a minute, not the system's two hours
 
 
 def test_a_frame_cut_short_is_a_lost_connection_not_an_idle_end() -> None:
