@@ -21,8 +21,8 @@ channel's messages from that connection:
   A connection that ends without that frame is a lost replica (or a lost way to it). The replica watches for
   the ingress's end closing too: its channel stops there at once, and what waits goes to the next one.
 
-Where no connection can be made (a firewall between nodes), the ingress falls back to the Ray channel call for
-that replica (serve_app/stream_channel.py, `ChannelHub`).
+Where no connection can be made (a firewall between nodes, a node address the replica cannot listen on), the
+ingress falls back to the Ray channel call for that replica (serve_app/stream_channel.py, `ChannelHub`).
 """
 
 from __future__ import annotations
@@ -78,14 +78,22 @@ class ChannelServer:
         self._lock = asyncio.Lock()
         self._writers: set[asyncio.StreamWriter] = set()  # the open connections
 
-    async def address_for(self, peer_node_ip: str) -> ChannelAddress:
+    async def address_for(self, peer_node_ip: str) -> ChannelAddress | None:
         """The address an ingress on `peer_node_ip` connects to: loopback from this node (or an unknown one), the
-        node's own address from another node. Listens there first if nobody asked for it yet."""
+        node's own address from another node. Listens there first if nobody asked for it yet; None where it
+        cannot (Ray's address for a node, given by hand or a NAT's, need not be one of its interfaces'): that
+        ingress takes the Ray channel call instead, as where it cannot connect."""
         host = LOOPBACK if not peer_node_ip or not self.node_ip or peer_node_ip == self.node_ip else self.node_ip
         async with self._lock:
             server = self._servers.get(host)
             if server is None:
-                server = self._servers[host] = await asyncio.start_server(self._serve, host, 0)
+                try:
+                    server = await asyncio.start_server(self._serve, host, 0)
+                except OSError as exc:
+                    logger.warning("stream channels cannot listen on %s (%s); ingresses that would connect there "
+                                   "take Ray calls", host, exc)
+                    return None
+                self._servers[host] = server
                 logger.info("stream channels over TCP on %s:%d", host, server.sockets[0].getsockname()[1])
         return ChannelAddress(host, server.sockets[0].getsockname()[1], self._secret)
 

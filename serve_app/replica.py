@@ -153,9 +153,10 @@ class EngineReplica:
         finally:
             self._committed_blocks.remove(request.request_id)
 
-    async def channel_address(self, channel: ChannelOpen) -> ChannelAddress:
+    async def channel_address(self, channel: ChannelOpen) -> ChannelAddress | None:
         """Where `channel.ingress_id` reads this replica's stream channel over a TCP connection of its own
-        (serve_app/channel_socket.py): loopback for an ingress on this node, the node's address for another."""
+        (serve_app/channel_socket.py): loopback for an ingress on this node, the node's address for another;
+        None where it cannot listen for it (then `channel`, a Ray call)."""
         return await self._channel_server.address_for(channel.ingress_node_ip)
 
     async def channel(self, channel: ChannelOpen) -> AsyncIterator[ChannelMessage]:

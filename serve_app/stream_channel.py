@@ -374,16 +374,12 @@ class ChannelHub:
         # calls an HTTP request made when its client disconnects.
         if self.transport == "socket" and replica_id not in self._ray_only:
             address = await contextvars.Context().run(self._remote, "channel_address", opening, call_id, False)
-            try:
-                reader, writer = await channel_socket.connect(address, self.ingress_id)
-            except (OSError, TimeoutError) as exc:
-                logger.warning("stream channel of replica %s: no connection to %s:%d (%s: %s); its messages come "
-                               "through Ray instead", replica_id, address.host, address.port, type(exc).__name__, exc)
-                self._ray_only.add(replica_id)
-            else:
-                async for message in channel_socket.read_messages(reader, writer):
+            connection = await self._connect(replica_id, address)
+            if connection is not None:
+                async for message in channel_socket.read_messages(*connection):
                     yield message
                 return
+            self._ray_only.add(replica_id)
         stream = contextvars.Context().run(self._remote, "channel", opening, call_id)
         try:
             async for message in stream:
@@ -392,6 +388,20 @@ class ChannelHub:
             with contextlib.suppress(Exception):
                 stream.cancel()
             raise
+
+    async def _connect(self, replica_id: str, address: channel_socket.ChannelAddress | None
+                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """The replica's channel connection, or None (logged) where it cannot listen for us or we cannot connect."""
+        if address is None:
+            logger.warning("stream channel of replica %s: it cannot listen for this node; its messages come through "
+                           "Ray instead", replica_id)
+            return None
+        try:
+            return await channel_socket.connect(address, self.ingress_id)
+        except (OSError, TimeoutError) as exc:
+            logger.warning("stream channel of replica %s: no connection to %s:%d (%s: %s); its messages come "
+                           "through Ray instead", replica_id, address.host, address.port, type(exc).__name__, exc)
+            return None
 
     async def _read_channel(self, replica_id: str) -> None:
         reason: BaseException | None = None  # None: the replica ended the channel (it was idle)

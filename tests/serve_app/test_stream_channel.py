@@ -226,6 +226,23 @@ def test_a_replica_the_ingress_cannot_connect_to_sends_through_ray_instead(make_
     assert "its messages come through Ray instead" in caplog.text
 
 
+def test_a_replica_that_cannot_listen_on_its_node_address_sends_through_ray_instead(make_replica, caplog):
+    # Ray's address for a node need not be one of its interfaces' (one given by hand, a NAT's): binding fails there.
+    replica = make_replica()
+    replica._channel_server.node_ip = "203.0.113.7"
+
+    async def run() -> tuple[list[int], list[int]]:
+        expected = await _expected_tokens(replica)
+        hub = ChannelHub(LocalHandle(replica), node_ip="198.51.100.9")  # an ingress on another node
+        tokens, _ = await _tokens(ReplicaCalls(hub), _request("through-ray"))
+        return tokens, expected
+
+    with caplog.at_level(logging.WARNING, logger="ray.serve"):
+        tokens, expected = asyncio.run(run())
+    assert tokens == expected
+    assert "cannot listen on 203.0.113.7" in caplog.text and "its messages come through Ray instead" in caplog.text
+
+
 def test_a_non_streaming_request_still_takes_two_items(make_replica):
     replica = make_replica()
 
