@@ -19,7 +19,8 @@ channel's messages from that connection:
   the queue longer). When the outbox has been idle `channel_idle_s` with no request of that ingress left, the
   replica sends an empty frame and closes, as it ends a Ray channel call: the ingress reads an idle channel.
   A connection that ends without that frame is a lost replica (or a lost way to it). The replica watches for
-  the ingress's end closing too: its channel stops there at once, and what waits goes to the next one.
+  the ingress's end closing too: its channel stops there at once, and what waits goes to the next one (which
+  also replaces a connection of that ingress whose end never came).
 
 Where no connection can be made (a firewall between nodes, a node address the replica cannot listen on), the
 ingress falls back to the Ray channel call for that replica (serve_app/stream_channel.py, `ChannelHub`).
@@ -77,6 +78,7 @@ class ChannelServer:
         self._servers: dict[str, asyncio.Server] = {}
         self._lock = asyncio.Lock()
         self._writers: set[asyncio.StreamWriter] = set()  # the open connections
+        self._sending: dict[str, asyncio.Task] = {}  # each ingress's channel: its newest connection's sender
 
     async def address_for(self, peer_node_ip: str) -> ChannelAddress | None:
         """The address an ingress on `peer_node_ip` connects to: loopback from this node (or an unknown one), the
@@ -111,7 +113,12 @@ class ChannelServer:
             writer.close()
             return
         self._writers.add(writer)
-        sending = asyncio.get_running_loop().create_task(self._send(ingress_id, writer))
+        # An ingress opens a channel only once it is done with its previous one, so one still here is stale (its
+        # end never reached this side: a connection left half open) and would take items the new one must carry.
+        stale = self._sending.get(ingress_id)
+        if stale is not None:
+            stale.cancel()
+        sending = self._sending[ingress_id] = asyncio.get_running_loop().create_task(self._send(ingress_id, writer))
         # The ingress sends nothing after the handshake, so this read ends only when its end of the connection
         # closes or resets. The channel then stops at once, as a Ray channel call that the ingress cancels does:
         # left to notice at its next write, it would take the outbox's next items into a connection nobody reads,
@@ -122,6 +129,8 @@ class ChannelServer:
         finally:
             closed.cancel()
             sending.cancel()
+            if self._sending.get(ingress_id) is sending:
+                del self._sending[ingress_id]
             self._writers.discard(writer)
             writer.close()
             with contextlib.suppress(Exception):

@@ -98,6 +98,35 @@ def test_a_connection_the_ingress_drops_stops_taking_items_so_its_next_connectio
     assert received == [("after", 0), ("after", 1), ("after", 2)]
 
 
+def test_an_ingress_s_new_connection_replaces_one_whose_end_never_reached_the_replica() -> None:
+    """The ingress opens a channel only once it is done with the previous one; where the end of that one never
+    reached the replica (a connection left half open on the way), the new one must still get every item."""
+    async def run() -> tuple[int, list]:
+        server, outboxes = _server()
+        outboxes.channel_idle_s = 5.0
+        address = await server.address_for("")
+        with outboxes.request("ingress-a") as outbox:
+            abandoned = await channel_socket.connect(address, "ingress-a")  # open, but nobody reads it any more
+            await asyncio.sleep(0.05)
+            second = channel_socket.read_messages(*await channel_socket.connect(address, "ingress-a"))
+            await asyncio.sleep(0.05)
+            received = []
+            for index in range(3):
+                outbox.put("after", index)
+                await asyncio.sleep(0.02)
+            async with asyncio.timeout(2):
+                while len(received) < 3:
+                    received += (await second.__anext__()).items
+            num_connections = server.num_connections
+            abandoned[1].close()
+        server.close()
+        return num_connections, received
+
+    num_connections, received = asyncio.run(run())
+    assert received == [("after", 0), ("after", 1), ("after", 2)]
+    assert num_connections == 1  # the replica closed the stale one
+
+
 @pytest.mark.skipif(not hasattr(socket, "TCP_KEEPIDLE"), reason="Linux's keep-alive timers")
 def test_the_ingress_probes_its_connection_so_a_replica_host_that_vanishes_silently_ends_it() -> None:
     # Loopback always answers the probes; what is checked is that the kernel sends them, on the timers set.
