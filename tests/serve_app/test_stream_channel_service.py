@@ -3,12 +3,15 @@
 
 Every stream's text must equal the engine's output, and the messages the replica sent to the ingresses
 must stay within steps x ingresses: one Ray message per token per stream would be 200 x MAX_TOKENS.
+That service's channels are sockets (the default); the Ray channel calls that an ingress falls back to get an
+application of their own (two engine replicas, one of which dies under a stream).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 import httpx
 import pytest
@@ -16,6 +19,7 @@ import pytest
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
+from ray_harness import fake_engine_app, wait_for  # noqa: E402
 
 NUM_STREAMS = 200
 MAX_TOKENS = 24
@@ -29,17 +33,19 @@ def service(two_ingress_service: dict) -> dict:
     return two_ingress_service
 
 
-async def _stream(client: httpx.AsyncClient, model: str, prompt: str) -> str:
-    body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
-    text = []
+async def _stream(client: httpx.AsyncClient, model: str, prompt: str, **fields: object) -> str | list[str]:
+    body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True, **fields}
+    n = int(fields.get("n", 1))
+    texts = [""] * n
     async with client.stream("POST", "/v1/completions", json=body) as response:
         assert response.status_code == 200, await response.aread()
         async for line in response.aiter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 chunk = json.loads(line[len("data: "):])
                 assert "error" not in chunk, chunk
-                text.append(chunk["choices"][0]["text"])
-    return "".join(text)
+                for choice in chunk["choices"]:
+                    texts[choice["index"]] += choice["text"]
+    return texts[0] if n == 1 else texts
 
 
 def test_200_streams_get_their_text_in_messages_that_follow_steps_not_streams(service):
@@ -75,3 +81,36 @@ def test_200_streams_get_their_text_in_messages_that_follow_steps_not_streams(se
     # step); one message per token per stream would be NUM_STREAMS * MAX_TOKENS.
     assert num_messages <= INGRESSES * (num_steps + 1), (num_messages, num_steps)
     assert num_steps < NUM_STREAMS * MAX_TOKENS / 10
+
+
+def test_streams_through_ray_channel_calls_complete_and_one_whose_replica_dies_goes_on(ray_cluster, tiny_model_path):
+    """`stream_channel_transport: ray`, the fallback where the channel's socket cannot connect, through Serve:
+    two engine replicas, streams on both, and one (n=2) whose replica's process ends after two tokens goes on on
+    the other from the tokens sent. Every stream gets the text a healthy replica gives, and the channel calls end
+    once idle (a replica that Serve removes waits for them)."""
+    args = {"model": tiny_model_path, "max_model_len": 512, "block_size": 16, "num_blocks": 1024,
+            "num_cpus_per_replica": 1, "num_replicas": 2, "router": {"stats_period_s": 0.5},
+            "stream_channel_transport": "ray"}
+    requests = [(f"Hello world {i}", 1) for i in range(8)] + [(f"DIEONCE {uuid.uuid4().hex[:8]} tell me", 2)]
+    # Seeded: a completion that goes on elsewhere samples as its index did there (seed + index), which the fake
+    # engine's tokens, made from the index, need.
+    fields = {"model": tiny_model_path, "max_tokens": MAX_TOKENS, "temperature": 0, "seed": 3}
+
+    async def streams(base: str) -> tuple[list, list]:
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            texts = await asyncio.gather(*(_stream(client, tiny_model_path, prompt, n=n, seed=3)
+                                           for prompt, n in requests))
+            expected = []
+            for prompt, n in requests:  # the marker exists now: no replica dies
+                response = await client.post("/v1/completions", json={**fields, "prompt": prompt, "n": n})
+                choices = [choice["text"] for choice in response.json()["choices"]]
+                expected.append(choices[0] if n == 1 else choices)
+            return texts, expected
+
+    with fake_engine_app(ray_cluster, "raychannel", args) as base:
+        texts, expected = asyncio.run(streams(base))
+        handle = serve.get_deployment_handle("EngineReplica", "raychannel")
+        # A few calls, routed to either replica: each says none of its channel calls is open.
+        wait_for(lambda: all(handle.serving_stats.remote().result()["num_channels"] == 0 for _ in range(4)), 20,
+                 "the engine replicas' channel calls to end once idle")
+    assert texts == expected
