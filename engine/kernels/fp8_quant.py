@@ -111,23 +111,44 @@ def default_quant_tiles(num_features: int) -> QuantTiles:
     return QuantTiles() if num_features <= ONE_PASS_DEFAULT_K else QuantTiles(block_k=2048, num_warps=16)
 
 
-def quantize_rows_triton(x: torch.Tensor, tiles: QuantTiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_rows` of a 2-D x (contiguous rows) by one Triton program per row (`tiles`: how; None, the
-    default for its width)."""
-    num_rows, num_features = x.shape
-    quantized = torch.empty((num_rows, num_features), dtype=FP8_DTYPE, device=x.device)
-    scales = torch.empty((num_rows, 1), dtype=torch.float32, device=x.device)
-    if num_rows == 0:
-        return quantized, scales
+@dataclass(frozen=True)
+class RowLaunch:
+    """How a one-program-per-row quantization kernel reads its rows: whole (`one_pass`, a block of the row's next
+    power of two) or in blocks of `block_k`, by `num_warps` warps."""
+
+    one_pass: bool
+    block_k: int
+    num_warps: int
+
+
+def row_launch(num_features: int, tiles: QuantTiles | None = None) -> RowLaunch:
+    """`tiles` (None: the default for the width) resolved for rows of `num_features` (needs Triton)."""
     tiles = tiles or default_quant_tiles(num_features)
     one_pass = tiles.block_k is None
     if one_pass and num_features > MAX_ONE_PASS_K:
         raise ValueError(f"a row of {num_features} features is over MAX_ONE_PASS_K ({MAX_ONE_PASS_K}) for one pass")
     block_k = triton.next_power_of_2(num_features) if one_pass else tiles.block_k
+    return RowLaunch(one_pass, block_k, tiles.num_warps or max(1, min(16, block_k // 1024)))
+
+
+def empty_quantized(num_rows: int, num_features: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs a row quantization kernel fills: e4m3 rows and their float32 scales ([M, 1])."""
+    return (torch.empty((num_rows, num_features), dtype=FP8_DTYPE, device=device),
+            torch.empty((num_rows, 1), dtype=torch.float32, device=device))
+
+
+def quantize_rows_triton(x: torch.Tensor, tiles: QuantTiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows` of a 2-D x (contiguous rows) by one Triton program per row (`tiles`: how; None, the
+    default for its width)."""
+    num_rows, num_features = x.shape
+    quantized, scales = empty_quantized(num_rows, num_features, x.device)
+    if num_rows == 0:
+        return quantized, scales
+    launch = row_launch(num_features, tiles)
     _quantize_rows_kernel[(num_rows,)](
         x, quantized, scales, num_features, x.stride(0), quantized.stride(0),
-        FP8_MAX_VALUE=FP8_MAX, MIN_SCALE_VALUE=MIN_SCALE, BLOCK_K=block_k, ONE_PASS=one_pass,
-        num_warps=tiles.num_warps or max(1, min(16, block_k // 1024)),
+        FP8_MAX_VALUE=FP8_MAX, MIN_SCALE_VALUE=MIN_SCALE, BLOCK_K=launch.block_k, ONE_PASS=launch.one_pass,
+        num_warps=launch.num_warps,
     )
     return quantized, scales
 

@@ -41,11 +41,11 @@ import torch.nn.functional as F
 from pagedserve.engine.kernels.fp8_quant import (
     FP8_DTYPE,
     FP8_MAX,
-    MAX_ONE_PASS_K,
     MIN_SCALE,
     QuantTiles,
-    default_quant_tiles,
+    empty_quantized,
     quantize_rows,
+    row_launch,
 )
 
 try:
@@ -185,19 +185,14 @@ def silu_mul_quantize_triton(gate: torch.Tensor, up: torch.Tensor, inductor: boo
     if gate.stride(1) != 1 or up.stride(1) != 1:
         raise ValueError("gate and up need contiguous columns")
     num_rows, num_features = gate.shape
-    quantized = torch.empty((num_rows, num_features), dtype=FP8_DTYPE, device=gate.device)
-    scales = torch.empty((num_rows, 1), dtype=torch.float32, device=gate.device)
+    quantized, scales = empty_quantized(num_rows, num_features, gate.device)
     if num_rows == 0:
         return quantized, scales
-    tiles = tiles or default_quant_tiles(num_features)
-    one_pass = tiles.block_k is None
-    if one_pass and num_features > MAX_ONE_PASS_K:
-        raise ValueError(f"a row of {num_features} features is over MAX_ONE_PASS_K ({MAX_ONE_PASS_K}) for one pass")
-    block = triton.next_power_of_2(num_features) if one_pass else tiles.block_k
+    launch = row_launch(num_features, tiles)
     _silu_mul_quantize_kernel[(num_rows,)](
         gate, up, quantized, scales, num_features, gate.stride(0), up.stride(0), quantized.stride(0),
-        FP8_MAX_VALUE=FP8_MAX, MIN_SCALE_VALUE=MIN_SCALE, BLOCK_K=block, ONE_PASS=one_pass, INDUCTOR=inductor,
-        LIBDEVICE_EXP=not _IS_INTERPRETED, num_warps=tiles.num_warps or max(1, min(16, block // 1024)),
+        FP8_MAX_VALUE=FP8_MAX, MIN_SCALE_VALUE=MIN_SCALE, BLOCK_K=launch.block_k, ONE_PASS=launch.one_pass,
+        INDUCTOR=inductor, LIBDEVICE_EXP=not _IS_INTERPRETED, num_warps=launch.num_warps,
     )
     return quantized, scales
 

@@ -18,6 +18,18 @@ def _server(node_ip: str = "") -> tuple[ChannelServer, Outboxes]:
     return ChannelServer(outboxes, node_ip=node_ip), outboxes
 
 
+async def _three_items_through(outbox, messages) -> list:
+    """Put three items one by one, and read them from `messages` (within 2 s)."""
+    received: list = []
+    for index in range(3):
+        outbox.put("after", index)
+        await asyncio.sleep(0.02)
+    async with asyncio.timeout(2):
+        while len(received) < 3:
+            received += (await messages.__anext__()).items
+    return received
+
+
 def test_messages_arrive_in_order_and_an_idle_channel_ends_cleanly() -> None:
     async def run() -> list:
         server, outboxes = _server()
@@ -83,13 +95,7 @@ def test_a_connection_the_ingress_drops_stops_taking_items_so_its_next_connectio
                 await asyncio.sleep(0.01)
             num_connections = server.num_connections
             second = channel_socket.read_messages(*await channel_socket.connect(address, "ingress-a"))
-            received = []
-            for index in range(3):
-                outbox.put("after", index)
-                await asyncio.sleep(0.02)
-            async with asyncio.timeout(2):
-                while len(received) < 3:
-                    received += (await second.__anext__()).items
+            received = await _three_items_through(outbox, second)
         server.close()
         return num_connections, received
 
@@ -110,13 +116,7 @@ def test_an_ingress_s_new_connection_replaces_one_whose_end_never_reached_the_re
             await asyncio.sleep(0.05)
             second = channel_socket.read_messages(*await channel_socket.connect(address, "ingress-a"))
             await asyncio.sleep(0.05)
-            received = []
-            for index in range(3):
-                outbox.put("after", index)
-                await asyncio.sleep(0.02)
-            async with asyncio.timeout(2):
-                while len(received) < 3:
-                    received += (await second.__anext__()).items
+            received = await _three_items_through(outbox, second)
             num_connections = server.num_connections
             abandoned[1].close()
         server.close()
