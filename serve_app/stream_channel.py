@@ -84,6 +84,9 @@ class Outbox:
         self._ready = asyncio.Event()
         self.num_requests = 0  # requests of this ingress running on the replica
         self.num_channels = 0  # open channel calls reading it (one, but for a moment when one replaces another)
+        # Bumped by each channel that opens: the ingress opens one only once it is done with the previous one, so
+        # an older channel still reading (its call's end has not reached this replica) must leave the items to it.
+        self.channel_generation = 0
         self.num_messages = 0
         self.num_items = 0
 
@@ -105,6 +108,13 @@ class Outbox:
         self.num_messages += 1
         self.num_items += len(items)
         return items
+
+    def put_back(self, items: list[tuple[str, Item]]) -> None:
+        """Items taken by a channel that will not send them, back in front of anything queued since."""
+        self._items[:0] = items
+        self.num_messages -= 1
+        self.num_items -= len(items)
+        self._ready.set()
 
     @property
     def is_unused(self) -> bool:
@@ -155,9 +165,15 @@ class Outboxes:
         caller reads or until `channel_idle_s` pass with nothing to send and no request of that ingress here."""
         outbox = self.get(ingress_id)
         outbox.num_channels += 1
+        outbox.channel_generation += 1
+        generation = outbox.channel_generation
         try:
             while True:
                 items = await outbox.take(self.channel_idle_s)
+                if outbox.channel_generation != generation:  # a newer channel of this ingress replaced this one
+                    if items:
+                        outbox.put_back(items)
+                    return
                 if items:
                     yield ChannelMessage(items, self._wall_clock())
                 elif outbox.num_requests == 0:

@@ -9,6 +9,7 @@ tests/serve_app/test_http_fake_engine.py checks the same through Ray and HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import itertools
 import sys
@@ -25,7 +26,7 @@ from pagedserve.serve_app.errors import ChannelLostError  # noqa: E402
 from pagedserve.serve_app.messages import GenerateRequest, ReplicaError  # noqa: E402
 from pagedserve.serve_app.replica import EngineReplica  # noqa: E402
 from pagedserve.serve_app.replica_calls import ReplicaCalls  # noqa: E402
-from pagedserve.serve_app.stream_channel import ChannelHub, Inbox  # noqa: E402
+from pagedserve.serve_app.stream_channel import ChannelHub, Inbox, Outboxes  # noqa: E402
 
 PROMPT = [5, 6, 7, 8, 9]
 MAX_TOKENS = 12
@@ -241,6 +242,32 @@ def test_a_replica_that_cannot_listen_on_its_node_address_sends_through_ray_inst
         tokens, expected = asyncio.run(run())
     assert tokens == expected
     assert "cannot listen on 203.0.113.7" in caplog.text and "its messages come through Ray instead" in caplog.text
+
+
+def test_a_newer_channel_of_an_ingress_takes_the_items_an_older_one_still_waiting_would_have_taken():
+    """The ingress opens a channel only once it is done with the previous one; where that one's end has not
+    reached the replica (a Ray channel call failed at the ingress, its reader still waiting here), the older
+    reader must leave every item to the newer one, whichever of the two wakes first."""
+    async def run() -> tuple[list, list, int]:
+        outboxes = Outboxes(channel_idle_s=5.0)
+        with outboxes.request("ingress-a") as outbox:
+            older = outboxes.channel("ingress-a")
+            older_next = asyncio.ensure_future(older.__anext__())
+            await asyncio.sleep(0.01)  # the older reader waits inside take()
+            newer = outboxes.channel("ingress-a")
+            newer_next = asyncio.ensure_future(newer.__anext__())
+            await asyncio.sleep(0.01)
+            for index in range(3):
+                outbox.put("req", index)
+            message = await asyncio.wait_for(newer_next, 2)
+            with contextlib.suppress(StopAsyncIteration):
+                await asyncio.wait_for(older_next, 2)  # it ended without a message
+            await newer.aclose()
+        return message.items, [older_next.exception() is not None], outbox.num_messages
+
+    items, older_ended, num_messages = asyncio.run(run())
+    assert items == [("req", 0), ("req", 1), ("req", 2)]
+    assert older_ended == [True] and num_messages == 1
 
 
 def test_a_non_streaming_request_still_takes_two_items(make_replica):
