@@ -23,7 +23,8 @@ channel's messages from that connection:
   also replaces a connection of that ingress whose end never came).
 
 Where no connection can be made (a firewall between nodes, a node address the replica cannot listen on), the
-ingress falls back to the Ray channel call for that replica (serve_app/stream_channel.py, `ChannelHub`).
+ingress falls back to the Ray channel call for that replica, and tries the socket again after `SOCKET_RETRY_S`
+(serve_app/stream_channel.py, `ChannelHub`).
 """
 
 from __future__ import annotations

@@ -57,6 +57,8 @@ Item = RequestOutput | ReplicaError
 
 # A replica ends an ingress's channel after this long with nothing to send and no request of that ingress.
 CHANNEL_IDLE_S = 0.5
+# After a replica's socket could not be reached, its channels go through Ray for this long before the next try.
+SOCKET_RETRY_S = 60.0
 
 
 def is_last(item: Any) -> bool:
@@ -337,7 +339,10 @@ class ChannelHub:
             raise ValueError(f"transport must be 'socket' or 'ray', got {transport!r}")
         self.transport = transport
         self.node_ip = node_ip
-        self._ray_only: set[str] = set()  # replicas whose socket could not be reached
+        # Replicas whose socket could not be reached, and when: their channels go through Ray for
+        # `SOCKET_RETRY_S` (a brief failure does not keep a replica on the slower path for good).
+        self._ray_only: dict[str, float] = {}
+        self._clock = time.monotonic
         # Called with each channel message's number of items and its transit in seconds (metrics).
         self.on_message = on_message
         self._wall_clock = wall_clock
@@ -388,14 +393,16 @@ class ChannelHub:
         call_id = f"channel-{self.ingress_id}-{replica_id}"
         # Calls made outside any HTTP request's context: the channel outlives them all, and Serve cancels the
         # calls an HTTP request made when its client disconnects.
-        if self.transport == "socket" and replica_id not in self._ray_only:
+        failed_at = self._ray_only.get(replica_id)
+        if self.transport == "socket" and (failed_at is None or self._clock() - failed_at > SOCKET_RETRY_S):
             address = await contextvars.Context().run(self._remote, "channel_address", opening, call_id, False)
             connection = await self._connect(replica_id, address)
             if connection is not None:
+                self._ray_only.pop(replica_id, None)
                 async for message in channel_socket.read_messages(*connection):
                     yield message
                 return
-            self._ray_only.add(replica_id)
+            self._ray_only[replica_id] = self._clock()
         stream = contextvars.Context().run(self._remote, "channel", opening, call_id)
         try:
             async for message in stream:

@@ -26,6 +26,7 @@ from pagedserve.serve_app.errors import ChannelLostError  # noqa: E402
 from pagedserve.serve_app.messages import GenerateRequest, ReplicaError  # noqa: E402
 from pagedserve.serve_app.replica import EngineReplica  # noqa: E402
 from pagedserve.serve_app.replica_calls import ReplicaCalls  # noqa: E402
+from pagedserve.serve_app import stream_channel  # noqa: E402
 from pagedserve.serve_app.stream_channel import ChannelHub, Inbox, Outboxes  # noqa: E402
 
 PROMPT = [5, 6, 7, 8, 9]
@@ -212,19 +213,37 @@ def test_a_replica_the_ingress_cannot_connect_to_sends_through_ray_instead(make_
     async def unreachable(channel):
         return ChannelAddress("127.0.0.1", closed_port, b"\0" * 16)
 
+    listening = replica.channel_address
     replica.channel_address = unreachable
+    replica.outboxes.channel_idle_s = 0.05
+    now = [0.0]
 
-    async def run() -> tuple[list[int], list[int], int]:
+    async def run() -> tuple[list[int], list[int], int, list[int], list[int]]:
         expected = await _expected_tokens(replica)
         handle = LocalHandle(replica)
-        tokens, _ = await _tokens(ReplicaCalls(ChannelHub(handle)), _request("through-ray"))
-        return tokens, expected, sum(1 for call in handle.calls) - 1  # the request's own call, then channels
+        hub = ChannelHub(handle)
+        hub._clock = lambda: now[0]
+        calls = ReplicaCalls(hub)
+        tokens, _ = await _tokens(calls, _request("through-ray"))
+        num_ray_channels = len(handle.calls) - 1  # the request's own call, then channels
+        # The replica can be reached again (the failure was brief): within SOCKET_RETRY_S its channels still go
+        # through Ray; past it the ingress tries the socket again, and stays there.
+        replica.channel_address = listening
+        await asyncio.sleep(0.2)  # the Ray channel ends idle
+        await _tokens(calls, _request("still-ray"))
+        sockets_before_retry = len([m for m in handle.address_calls])
+        now[0] += stream_channel.SOCKET_RETRY_S + 1
+        await asyncio.sleep(0.2)
+        again, _ = await _tokens(calls, _request("through-the-socket"))
+        return tokens, expected, num_ray_channels, again, [sockets_before_retry, len(handle.address_calls)]
 
     with caplog.at_level(logging.WARNING, logger="ray.serve"):
-        tokens, expected, num_ray_channels = asyncio.run(run())
-    assert tokens == expected
+        tokens, expected, num_ray_channels, again, address_calls = asyncio.run(run())
+    assert tokens == expected == again
     assert num_ray_channels >= 1
     assert "its messages come through Ray instead" in caplog.text
+    assert address_calls[0] == 1  # within SOCKET_RETRY_S the second request's channel went through Ray
+    assert address_calls[1] > address_calls[0]  # asked where to connect again after it
 
 
 def test_a_replica_that_cannot_listen_on_its_node_address_sends_through_ray_instead(make_replica, caplog):
