@@ -42,9 +42,12 @@ from pagedserve.serve_app.lora_registry import LoraSubscription, LoraView
 from pagedserve.serve_app.channel_socket import ChannelAddress, ChannelServer, node_ip
 from pagedserve.serve_app.loop_lag import watch_loop_lag
 from pagedserve.serve_app.messages import Accepted, ChannelMessage, ChannelOpen, GenerateRequest, ModelInfo, ReplicaError
-from pagedserve.serve_app.stream_channel import Outboxes, for_the_wire
+from pagedserve.serve_app.stream_channel import Outboxes, for_the_wire, is_last
 
 logger = logging.getLogger("ray.serve")
+
+# How long a request's call waits for its last item to leave on a channel (`EngineReplica.submit`).
+LAST_ITEM_SENT_TIMEOUT_S = 5.0
 
 # A request received within this long is listed in the routing stats (`recent_request_ids`): routers then know
 # the report counts it. Past the routers' transit grace (router.py), with room for a report's delay.
@@ -135,10 +138,25 @@ class EngineReplica:
                                     f"replica {self.replica_id}")
             return
         # Committed before the first await, so the next request's check counts this one.
+        last_sent: asyncio.Future | None = None
         with self._committed(request, num_blocks), self.outboxes.request(request.reply_to) as outbox:
             yield Accepted(self.replica_id)
             async for item in self._run(request):
-                outbox.put(request.request_id, for_the_wire(item) if isinstance(item, RequestOutput) else item)
+                item = for_the_wire(item) if isinstance(item, RequestOutput) else item
+                outbox.put(request.request_id, item)
+                if is_last(item):
+                    last_sent = outbox.when_sent(request.request_id)
+        if last_sent is not None:
+            # Serve drains a replica by waiting for its calls, and a socket channel is none: so this call ends once
+            # its last item is on its way to the ingress, not when it is queued (a replica removed right after
+            # would take it along). An ingress that never opens its channel again holds it no longer than this.
+            try:
+                async with asyncio.timeout(LAST_ITEM_SENT_TIMEOUT_S):
+                    await last_sent
+            except TimeoutError:
+                pass
+            finally:
+                outbox.forget_sent(request.request_id)
 
     def _blocks_of(self, request: GenerateRequest) -> int:
         """The request's worst case here: prompt + n * max_tokens, in blocks."""

@@ -91,6 +91,8 @@ class Outbox:
         self.channel_generation = 0
         self.num_messages = 0
         self.num_items = 0
+        # Requests waiting for their last item to be on its way (`when_sent`), by request id.
+        self._sent_waiters: dict[str, asyncio.Future] = {}
 
     def put(self, request_id: str, item: Item) -> None:
         self._items.append((request_id, item))
@@ -110,6 +112,24 @@ class Outbox:
         self.num_messages += 1
         self.num_items += len(items)
         return items
+
+    def when_sent(self, request_id: str) -> asyncio.Future:
+        """Done once a channel has handed on the request's last item (written to the ingress's connection, or
+        yielded to the Ray channel call): call it after putting that item, before the next await."""
+        future = self._sent_waiters.get(request_id)
+        if future is None:
+            future = self._sent_waiters[request_id] = asyncio.get_running_loop().create_future()
+        return future
+
+    def mark_sent(self, items: list[tuple[str, Item]]) -> None:
+        """`items` are on their way: the requests whose last item is among them stop waiting."""
+        for request_id, item in items:
+            if is_last(item) and (future := self._sent_waiters.pop(request_id, None)) is not None:
+                if not future.done():
+                    future.set_result(None)
+
+    def forget_sent(self, request_id: str) -> None:
+        self._sent_waiters.pop(request_id, None)
 
     def put_back(self, items: list[tuple[str, Item]]) -> None:
         """Items taken by a channel that will not send them, back in front of anything queued since."""
@@ -178,6 +198,7 @@ class Outboxes:
                     return
                 if items:
                     yield ChannelMessage(items, self._wall_clock())
+                    outbox.mark_sent(items)  # the reader asked for the next: these are written or with Ray
                 elif outbox.num_requests == 0:
                     return  # idle: end the call, so that a replica being removed can drain
         finally:

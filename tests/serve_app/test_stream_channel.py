@@ -9,6 +9,7 @@ tests/serve_app/test_http_fake_engine.py checks the same through Ray and HTTP.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextlib
 import logging
 import itertools
@@ -27,7 +28,7 @@ from pagedserve.serve_app.messages import GenerateRequest, ReplicaError  # noqa:
 from pagedserve.serve_app.replica import EngineReplica  # noqa: E402
 from pagedserve.serve_app.replica_calls import ReplicaCalls  # noqa: E402
 from pagedserve.serve_app import stream_channel  # noqa: E402
-from pagedserve.serve_app.stream_channel import ChannelHub, Inbox, Outboxes  # noqa: E402
+from pagedserve.serve_app.stream_channel import ChannelHub, Inbox, Outboxes, is_last  # noqa: E402
 
 PROMPT = [5, 6, 7, 8, 9]
 MAX_TOKENS = 12
@@ -287,6 +288,43 @@ def test_a_newer_channel_of_an_ingress_takes_the_items_an_older_one_still_waitin
     items, older_ended, num_messages = asyncio.run(run())
     assert items == [("req", 0), ("req", 1), ("req", 2)]
     assert older_ended == [True] and num_messages == 1
+
+
+def test_a_requests_call_ends_once_its_last_item_is_on_its_way_not_when_it_is_queued(make_replica, monkeypatch):
+    """Serve drains a replica by waiting for its calls, and a socket channel is none: a call that ended with its
+    last item still queued would let Serve stop the replica with it. With nobody reading the channel the call waits
+    (at most LAST_ITEM_SENT_TIMEOUT_S); with a reader it ends right after the reader took the last item."""
+    import time
+
+    from pagedserve.serve_app import replica as replica_module
+
+    monkeypatch.setattr(replica_module, "LAST_ITEM_SENT_TIMEOUT_S", 0.3)
+    replica = make_replica()
+    async def call_duration_s(read: bool) -> tuple[float, list[str]]:
+        ingress_id = f"ingress-{read}"  # an outbox of its own: the unread run leaves its items in its outbox
+        request = dataclasses.replace(_request(f"drained-{read}", max_tokens=3), reply_to=ingress_id)
+        events: list[str] = []
+        reader = None
+        if read:
+            async def read_channel() -> None:
+                async for message in replica.outboxes.channel(ingress_id):
+                    if any(is_last(item) for _, item in message.items):
+                        events.append("last item taken")
+
+            reader = asyncio.ensure_future(read_channel())
+        started = time.perf_counter()
+        async for _ in replica.submit(request):
+            pass
+        events.append("call ended")
+        duration_s = time.perf_counter() - started
+        if reader is not None:
+            reader.cancel()
+        return duration_s, events
+
+    unread_s, _ = asyncio.run(call_duration_s(read=False))
+    read_s, events = asyncio.run(call_duration_s(read=True))
+    assert unread_s >= 0.25
+    assert read_s < 0.25 and events == ["last item taken", "call ended"], events
 
 
 def test_a_non_streaming_request_still_takes_two_items(make_replica):
