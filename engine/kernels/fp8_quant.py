@@ -68,6 +68,12 @@ if triton is not None:
         return signed.to(tl.float32, bitcast=True).to(ELEMENT_TY)
 
     @triton.jit
+    def row_scale(amax, FP8_MAX_VALUE: tl.constexpr, MIN_SCALE_VALUE: tl.constexpr):
+        """A row's float32 scale from its largest magnitude: `max(amax / 448, 1e-12)` by IEEE's division, the rule
+        of `quantize_rows` (every row quantization kernel takes it from here)."""
+        return tl.maximum(tl.math.div_rn(amax, FP8_MAX_VALUE), MIN_SCALE_VALUE)
+
+    @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
                               FP8_MAX_VALUE: tl.constexpr, MIN_SCALE_VALUE: tl.constexpr,
                               BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
@@ -78,14 +84,14 @@ if triton is not None:
         if ONE_PASS:
             valid = cols < K
             x = tl.load(x_row + cols, mask=valid, other=0.0).to(tl.float32)
-            scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), FP8_MAX_VALUE), MIN_SCALE_VALUE)
+            scale = row_scale(tl.max(tl.abs(x), axis=0), FP8_MAX_VALUE, MIN_SCALE_VALUE)
             tl.store(q_row + cols, quantize_e4m3(x, scale, q_ptr.dtype.element_ty), mask=valid)
         else:
             amax = tl.zeros([BLOCK_K], dtype=tl.float32)
             for start in range(0, K, BLOCK_K):
                 valid = start + cols < K
                 amax = tl.maximum(amax, tl.abs(tl.load(x_row + start + cols, mask=valid, other=0.0).to(tl.float32)))
-            scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX_VALUE), MIN_SCALE_VALUE)
+            scale = row_scale(tl.max(amax, axis=0), FP8_MAX_VALUE, MIN_SCALE_VALUE)
             for start in range(0, K, BLOCK_K):
                 valid = start + cols < K
                 x = tl.load(x_row + start + cols, mask=valid, other=0.0).to(tl.float32)

@@ -52,7 +52,7 @@ try:
     import triton
     import triton.language as tl
 
-    from pagedserve.engine.kernels.fp8_quant import quantize_e4m3
+    from pagedserve.engine.kernels.fp8_quant import quantize_e4m3, row_scale
 except ImportError:  # CPU-only installs: the PyTorch reference runs
     triton = None
 
@@ -140,7 +140,7 @@ if triton is not None:
             valid = cols < K
             values = _silu_mul(tl.load(gate_row + cols, mask=valid, other=0.0),
                                tl.load(up_row + cols, mask=valid, other=0.0), act_ty, INDUCTOR, LIBDEVICE_EXP)
-            scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(values), axis=0), FP8_MAX_VALUE), MIN_SCALE_VALUE)
+            scale = row_scale(tl.max(tl.abs(values), axis=0), FP8_MAX_VALUE, MIN_SCALE_VALUE)
             tl.store(q_row + cols, quantize_e4m3(values, scale, q_ptr.dtype.element_ty), mask=valid)
         else:
             amax = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -150,7 +150,7 @@ if triton is not None:
                                    tl.load(up_row + start + cols, mask=valid, other=0.0), act_ty, INDUCTOR,
                                    LIBDEVICE_EXP)
                 amax = tl.maximum(amax, tl.abs(values))
-            scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX_VALUE), MIN_SCALE_VALUE)
+            scale = row_scale(tl.max(amax, axis=0), FP8_MAX_VALUE, MIN_SCALE_VALUE)
             for start in range(0, K, BLOCK_K):  # the same values again: the same loads, the same arithmetic
                 valid = start + cols < K
                 values = _silu_mul(tl.load(gate_row + start + cols, mask=valid, other=0.0),
